@@ -1,0 +1,34 @@
+"""brioche: a WebSocket server for asyncio with a Rust (tokio) core, modelled on Bun's API.
+
+>>> import brioche
+>>> from brioche import server, websocket
+>>> config = websocket.init().on_text(lambda ws, text: ws.send(text) and None)
+>>> srv = await server.handler(handler).websocket(config).port(0).serve()
+"""
+
+from brioche._brioche import (
+    BriocheError,
+    MessageBackpressured,
+    MessageDropped,
+    MessageSent,
+    WebSocket,
+    random_uuid_v7,
+)
+from brioche._server import Server
+from brioche import server, websocket
+from brioche.websocket import SendStatus
+
+__all__ = [
+    "BriocheError",
+    "MessageBackpressured",
+    "MessageDropped",
+    "MessageSent",
+    "SendStatus",
+    "Server",
+    "WebSocket",
+    "random_uuid_v7",
+    "server",
+    "websocket",
+]
+
+__version__ = "0.1.0"

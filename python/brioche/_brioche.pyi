@@ -1,0 +1,153 @@
+"""Type stubs for the Rust extension module ``brioche._brioche``."""
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar, final
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EVENT_OPEN: int
+EVENT_TEXT: int
+EVENT_BYTES: int
+EVENT_DRAIN: int
+EVENT_CLOSE: int
+EVENT_REQUEST: int
+EVENT_STOPPED: int
+
+class BriocheError(Exception):
+    """Root of the exceptions brioche raises."""
+
+class BindError(BriocheError, OSError):
+    """The server could not listen on the requested address."""
+
+@final
+class MessageSent:
+    """The message was queued and the socket is not congested."""
+
+    __match_args__: ClassVar[tuple[str]] = ("bytes_sent",)
+    def __init__(self, bytes_sent: int) -> None: ...
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes accepted (the UTF-8 length for text)."""
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class MessageBackpressured:
+    """The message was queued, but the socket is congested: slow down until ``on_drain``."""
+
+    __match_args__: ClassVar[tuple[()]] = ()
+    def __init__(self) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class MessageDropped:
+    """The message was discarded: the socket is not open or is over its backpressure limit."""
+
+    __match_args__: ClassVar[tuple[()]] = ()
+    def __init__(self) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+_SendStatus = MessageSent | MessageBackpressured | MessageDropped
+
+@final
+class WebSocket(Generic[T]):
+    """A server-side WebSocket connection. Every method is synchronous and never blocks."""
+
+    @property
+    def data(self) -> T:
+        """The context passed to ``server.upgrade``."""
+    @property
+    def ready_state(self) -> int:
+        """0 connecting, 1 open, 2 closing, 3 closed."""
+    @property
+    def remote_address(self) -> str:
+        """The client's IP address."""
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes accepted but not yet written to the kernel."""
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topics this socket is subscribed to."""
+    def send(self, message: str) -> _SendStatus:
+        """Queue a text message."""
+    def send_bytes(self, message: bytes | bytearray | memoryview) -> _SendStatus:
+        """Queue a binary message."""
+    def publish(self, topic: str, message: str) -> _SendStatus:
+        """Send text to the subscribers of ``topic`` (not to this socket unless publish_to_self)."""
+    def publish_bytes(self, topic: str, message: bytes | bytearray | memoryview) -> _SendStatus:
+        """Send bytes to the subscribers of ``topic``."""
+    def subscribe(self, topic: str) -> None:
+        """Subscribe to ``topic``; idempotent."""
+    def unsubscribe(self, topic: str) -> None:
+        """Unsubscribe from ``topic``."""
+    def is_subscribed(self, topic: str) -> bool:
+        """Whether this socket is subscribed to ``topic``."""
+    def cork(self, callback: Callable[[WebSocket[T]], R]) -> R:
+        """Run ``callback(self)``; what it sends is written in one go."""
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake with ``code`` and ``reason`` (at most 123 UTF-8 bytes)."""
+    def terminate(self) -> None:
+        """Drop the connection without a close frame."""
+    def ping(self, payload: str | bytes = b"") -> _SendStatus:
+        """Send a ping frame (payload at most 125 bytes)."""
+    def pong(self, payload: str | bytes = b"") -> _SendStatus:
+        """Send a pong frame (payload at most 125 bytes)."""
+    def _pause_reading(self, paused: bool) -> None: ...
+    def __class_getitem__(cls, item: Any) -> Any: ...
+
+@final
+class PendingRequest:
+    """An HTTP request waiting for its answer (internal: wrapped by ``server.Request``)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def query(self) -> str: ...
+    @property
+    def headers(self) -> list[tuple[str, str]]: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def remote_address(self) -> str: ...
+    @property
+    def is_websocket(self) -> bool: ...
+    @property
+    def upgraded(self) -> bool: ...
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None: ...
+    def upgrade(self, headers: list[tuple[str, str]], data: Any) -> bool: ...
+
+@final
+class Engine:
+    """One listening server inside the tokio runtime (internal: wrapped by ``brioche.Server``)."""
+
+    def __init__(
+        self,
+        hostname: str,
+        port: int,
+        *,
+        max_request_body_size: int,
+        max_payload_length: int,
+        backpressure_limit: int,
+        close_on_backpressure_limit: bool,
+        idle_timeout: int,
+        publish_to_self: bool,
+        send_pings: bool,
+        websockets_enabled: bool,
+    ) -> None: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def pending_websockets(self) -> int: ...
+    def fileno(self) -> int: ...
+    def drain(self) -> list[tuple[Any, ...]]: ...
+    def stop(self, close_active_connections: bool) -> None: ...
+    def publish(self, topic: str, message: str | bytes) -> _SendStatus: ...
+    def subscriber_count(self, topic: str) -> int: ...
+
+def random_uuid_v7() -> str:
+    """A random, time-ordered UUID (RFC 9562 version 7) as a string."""

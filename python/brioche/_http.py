@@ -1,0 +1,158 @@
+"""HTTP requests and responses as the handler sees them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json as _json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, final
+
+from brioche._brioche import PendingRequest
+
+__all__ = [
+    "Headers",
+    "Request",
+    "Response",
+    "bad_request",
+    "html",
+    "internal_error",
+    "json",
+    "not_found",
+    "ok",
+    "text",
+]
+
+
+@final
+class Headers(Mapping[str, str]):
+    """Read-only, case-insensitive HTTP headers; ``get_all`` returns every value of a name."""
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: tuple[tuple[str, str], ...] = tuple(items)
+        index: dict[str, str] = {}
+        for name, value in self._items:
+            key = name.lower()
+            # Repeated headers are joined with ", " as RFC 9110 section 5.3 allows.
+            index[key] = f"{index[key]}, {value}" if key in index else value
+        self._index = index
+
+    def __getitem__(self, name: str) -> str:
+        return self._index[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value sent for ``name``, in order."""
+        key = name.lower()
+        return [value for item, value in self._items if item.lower() == key]
+
+    def items_raw(self) -> tuple[tuple[str, str], ...]:
+        """The headers as received: ``(name, value)`` pairs, names in lowercase."""
+        return self._items
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._items)!r})"
+
+
+@final
+class Request:
+    """An HTTP request: ``method``, ``path``, ``query``, ``headers`` and the whole ``body``."""
+
+    __slots__ = ("_pending", "method", "path", "query", "headers", "body", "remote_address")
+
+    def __init__(self, pending: PendingRequest) -> None:
+        self._pending = pending
+        self.method: str = pending.method
+        self.path: str = pending.path
+        self.query: str = pending.query
+        self.headers: Headers = Headers(pending.headers)
+        self.body: bytes = pending.body
+        self.remote_address: str = pending.remote_address
+
+    @property
+    def is_websocket(self) -> bool:
+        """Whether this is a valid WebSocket handshake that ``upgrade`` can accept."""
+        return self._pending.is_websocket
+
+    def text(self) -> str:
+        """The body decoded as UTF-8."""
+        return self.body.decode("utf-8")
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return _json.loads(self.body)
+
+    def __repr__(self) -> str:
+        target = f"{self.path}?{self.query}" if self.query else self.path
+        return f"<Request {self.method} {target}>"
+
+
+@final
+@dataclasses.dataclass(frozen=True, slots=True)
+class Response:
+    """An HTTP response. ``body`` may be ``str`` (sent as UTF-8) or ``bytes``."""
+
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str | bytes = b""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.status, bool) or not isinstance(self.status, int):
+            raise TypeError(f"status must be an int, got {type(self.status).__name__}")
+        if not 200 <= self.status <= 599:
+            raise ValueError(f"status must be in 200..599, got {self.status}")
+        if not isinstance(self.body, (str, bytes)):
+            raise TypeError(f"body must be str or bytes, got {type(self.body).__name__}")
+        object.__setattr__(self, "headers", tuple((str(k), str(v)) for k, v in self.headers))
+
+    def with_header(self, name: str, value: str) -> Response:
+        """A copy with one more header."""
+        return dataclasses.replace(self, headers=(*self.headers, (name, value)))
+
+    def body_bytes(self) -> bytes:
+        return self.body.encode("utf-8") if isinstance(self.body, str) else self.body
+
+
+def text(body: str, status: int = 200) -> Response:
+    """A ``text/plain; charset=utf-8`` response."""
+    return Response(status, (("content-type", "text/plain; charset=utf-8"),), body)
+
+
+def html(body: str, status: int = 200) -> Response:
+    """A ``text/html; charset=utf-8`` response."""
+    return Response(status, (("content-type", "text/html; charset=utf-8"),), body)
+
+
+def json(value: Any, status: int = 200) -> Response:
+    """A JSON response of ``value`` (serialised with :func:`json.dumps`)."""
+    body = _json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return Response(status, (("content-type", "application/json"),), body)
+
+
+def ok() -> Response:
+    """200 with an empty body."""
+    return Response(200)
+
+
+def not_found() -> Response:
+    """404 Not Found."""
+    return text("Not Found", 404)
+
+
+def bad_request() -> Response:
+    """400 Bad Request."""
+    return text("Bad Request", 400)
+
+
+def internal_error() -> Response:
+    """500 Internal Server Error."""
+    return text("Internal Server Error", 500)

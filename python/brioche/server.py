@@ -1,0 +1,214 @@
+"""The HTTP side: configure a server, serve it, answer requests and upgrade them to WebSockets.
+
+>>> async def handler(request: server.Request, srv: brioche.Server[str]) -> server.Response | None:
+...     if request.path == "/ws":
+...         return server.upgrade(srv, request, [], brioche.random_uuid_v7(), server.bad_request)
+...     return server.text("hello")
+>>> srv = await server.handler(handler).websocket(ws_config).port(0).serve()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from brioche import websocket as _websocket
+from brioche._http import (
+    Headers,
+    Request,
+    Response,
+    bad_request,
+    html,
+    internal_error,
+    json,
+    not_found,
+    ok,
+    text,
+)
+from brioche._server import Server
+
+__all__ = [
+    "Config",
+    "Handler",
+    "Headers",
+    "Request",
+    "Response",
+    "Server",
+    "bad_request",
+    "handler",
+    "hostname",
+    "html",
+    "internal_error",
+    "json",
+    "max_request_body_size",
+    "not_found",
+    "ok",
+    "port",
+    "publish",
+    "run",
+    "serve",
+    "stop",
+    "subscriber_count",
+    "text",
+    "upgrade",
+    "websocket",
+]
+
+T = TypeVar("T")
+
+Handler: TypeAlias = Callable[
+    [Request, Server[T]], Awaitable[Response | None] | Response | None
+]
+"""``handler(request, server)``: return a ``Response``, or ``None`` after a successful upgrade."""
+
+
+def _default_port() -> int:
+    raw = os.environ.get("PORT")
+    if raw is None:
+        return 3000
+    try:
+        return _check_port(int(raw))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"$PORT must be a port number, got {raw!r}") from exc
+
+
+def _check_port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"port must be an int, got {type(value).__name__}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config(Generic[T]):
+    """A server that is not running yet. Each setter returns a new ``Config``."""
+
+    fetch: Handler[T]
+    websocket_config: _websocket.Config[T] | None = None
+    port_number: int | None = None
+    hostname_value: str = "0.0.0.0"
+    max_request_body_size_bytes: int = 1024 * 1024
+
+    def websocket(self, config: _websocket.Config[T]) -> Config[T]:
+        """Accept WebSockets with this configuration (handlers and limits)."""
+        if not isinstance(config, _websocket.Config):
+            raise TypeError(f"expected a websocket.Config, got {type(config).__name__}")
+        return dataclasses.replace(self, websocket_config=config)
+
+    def port(self, port: int) -> Config[T]:
+        """TCP port to listen on; 0 picks a free one (default: ``$PORT`` or 3000)."""
+        return dataclasses.replace(self, port_number=_check_port(port))
+
+    def hostname(self, hostname: str) -> Config[T]:
+        """Address to listen on (default ``"0.0.0.0"``)."""
+        if not isinstance(hostname, str) or not hostname:
+            raise ValueError("hostname must be a non-empty string")
+        return dataclasses.replace(self, hostname_value=hostname)
+
+    def max_request_body_size(self, size: int) -> Config[T]:
+        """Largest HTTP request body accepted, in bytes (default 1 MiB); larger gets 413."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"max_request_body_size must be an int >= 0, got {size!r}")
+        return dataclasses.replace(self, max_request_body_size_bytes=size)
+
+    async def serve(self) -> Server[T]:
+        """Start listening on the running event loop and return the started ``Server``."""
+        port_number = _default_port() if self.port_number is None else self.port_number
+        return Server._start(self, port_number, asyncio.get_running_loop())
+
+    def run(self) -> None:
+        """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return."""
+        asyncio.run(_serve_until_signalled(self))
+
+
+async def _serve_until_signalled(config: Config[Any]) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop_requested.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
+            pass
+    srv = await config.serve()
+    try:
+        await stop_requested.wait()
+    finally:
+        await srv.stop(close_active_connections=True)
+
+
+def handler(fn: Handler[T]) -> Config[T]:
+    """A server ``Config`` that answers every HTTP request with ``fn(request, server)``.
+
+    ``fn`` may be ``async def`` or a plain function. An exception in it gives a 500 response and a
+    log line on the ``brioche`` logger; the server carries on.
+    """
+    if not callable(fn):
+        raise TypeError(f"a handler must be callable, got {type(fn).__name__}")
+    return Config(fetch=fn)
+
+
+def websocket(config: Config[T], ws_config: _websocket.Config[T]) -> Config[T]:
+    """Module form of :meth:`Config.websocket`."""
+    return config.websocket(ws_config)
+
+
+def port(config: Config[T], port: int) -> Config[T]:
+    """Module form of :meth:`Config.port`."""
+    return config.port(port)
+
+
+def hostname(config: Config[T], hostname: str) -> Config[T]:
+    """Module form of :meth:`Config.hostname`."""
+    return config.hostname(hostname)
+
+
+def max_request_body_size(config: Config[T], size: int) -> Config[T]:
+    """Module form of :meth:`Config.max_request_body_size`."""
+    return config.max_request_body_size(size)
+
+
+async def serve(config: Config[T]) -> Server[T]:
+    """Module form of :meth:`Config.serve`."""
+    return await config.serve()
+
+
+def run(config: Config[Any]) -> None:
+    """Module form of :meth:`Config.run`."""
+    config.run()
+
+
+def upgrade(
+    srv: Server[T],
+    request: Request,
+    headers: Iterable[tuple[str, str]],
+    data: T,
+    fallback: Callable[[], Response],
+) -> Response | None:
+    """Upgrade ``request`` to a WebSocket carrying ``data``; ``None`` on success, else ``fallback()``.
+
+    ``headers`` are added to the ``101 Switching Protocols`` response.
+    """
+    if srv.upgrade(request, headers, data):
+        return None
+    return fallback()
+
+
+async def stop(srv: Server[Any], close_active_connections: bool = False) -> None:
+    """Module form of :meth:`Server.stop`."""
+    await srv.stop(close_active_connections)
+
+
+def publish(srv: Server[Any], topic: str, message: str | bytes) -> _websocket.SendStatus:
+    """Module form of :meth:`Server.publish`."""
+    return srv.publish(topic, message)
+
+
+def subscriber_count(srv: Server[Any], topic: str) -> int:
+    """Module form of :meth:`Server.subscriber_count`."""
+    return srv.subscriber_count(topic)

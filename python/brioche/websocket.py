@@ -1,0 +1,324 @@
+"""WebSocket configuration and the functions that act on a connected ``WebSocket``.
+
+A ``Config`` is built with :func:`init` and refined with setters; each setter returns a new,
+immutable ``Config``. Both styles work and mean the same::
+
+    config = websocket.init().on_text(on_text).idle_timeout(60)
+    config = websocket.idle_timeout(websocket.on_text(websocket.init(), on_text), 60)
+
+Every function below that takes a ``WebSocket`` first is also a method or property of it:
+``websocket.send(ws, "hi")`` is ``ws.send("hi")``, ``websocket.data(ws)`` is ``ws.data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from brioche._brioche import (
+    MessageBackpressured,
+    MessageDropped,
+    MessageSent,
+    WebSocket,
+)
+
+__all__ = [
+    "Config",
+    "SendStatus",
+    "WebSocket",
+    "backpressure_limit",
+    "buffered_amount",
+    "close",
+    "close_on_backpressure_limit",
+    "cork",
+    "data",
+    "idle_timeout",
+    "init",
+    "is_subscribed",
+    "max_payload_length",
+    "on_bytes",
+    "on_close",
+    "on_drain",
+    "on_open",
+    "on_text",
+    "ping",
+    "pong",
+    "publish",
+    "publish_bytes",
+    "publish_to_self",
+    "ready_state",
+    "remote_address",
+    "send",
+    "send_bytes",
+    "send_pings",
+    "subscribe",
+    "subscriptions",
+    "terminate",
+    "unsubscribe",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+SendStatus: TypeAlias = MessageSent | MessageBackpressured | MessageDropped
+"""What ``send``, ``send_bytes``, ``publish``, ``ping`` and ``pong`` report."""
+
+TextHandler: TypeAlias = Callable[[WebSocket[T], str], Awaitable[None] | None]
+BytesHandler: TypeAlias = Callable[[WebSocket[T], bytes], Awaitable[None] | None]
+SocketHandler: TypeAlias = Callable[[WebSocket[T]], Awaitable[None] | None]
+CloseHandler: TypeAlias = Callable[[WebSocket[T], int, str], Awaitable[None] | None]
+
+_MIB = 1024 * 1024
+
+
+def _check_handler(handler: object) -> None:
+    if not callable(handler):
+        raise TypeError(f"a handler must be callable, got {type(handler).__name__}")
+
+
+def _check_size(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config(Generic[T]):
+    """How the server treats its WebSockets: the handlers and the limits.
+
+    Create one with :func:`init`. ``T`` is the type of the per-connection context passed to
+    ``server.upgrade`` and read back with ``ws.data``.
+    """
+
+    on_text_message: TextHandler[T] | None = None
+    on_bytes_message: BytesHandler[T] | None = None
+    on_open_handler: SocketHandler[T] | None = None
+    on_close_handler: CloseHandler[T] | None = None
+    on_drain_handler: SocketHandler[T] | None = None
+    max_payload_length_bytes: int = 16 * _MIB
+    backpressure_limit_bytes: int = 16 * _MIB
+    close_on_backpressure: bool = False
+    idle_timeout_seconds: int = 120
+    publish_to_self_enabled: bool = False
+    send_pings_enabled: bool = True
+
+    def on_text(self, handler: TextHandler[T]) -> Config[T]:
+        """Call ``handler(ws, text)`` for every text message (``async def`` or plain)."""
+        _check_handler(handler)
+        return dataclasses.replace(self, on_text_message=handler)
+
+    def on_bytes(self, handler: BytesHandler[T]) -> Config[T]:
+        """Call ``handler(ws, data)`` for every binary message."""
+        _check_handler(handler)
+        return dataclasses.replace(self, on_bytes_message=handler)
+
+    def on_open(self, handler: SocketHandler[T]) -> Config[T]:
+        """Call ``handler(ws)`` once a connection is upgraded; it runs before any message."""
+        _check_handler(handler)
+        return dataclasses.replace(self, on_open_handler=handler)
+
+    def on_close(self, handler: CloseHandler[T]) -> Config[T]:
+        """Call ``handler(ws, code, reason)`` exactly once, after the last message.
+
+        ``code`` is the peer's close code, or 1006 when the connection ended without a close
+        frame (``terminate``, a vanished client, an idle timeout).
+        """
+        _check_handler(handler)
+        return dataclasses.replace(self, on_close_handler=handler)
+
+    def on_drain(self, handler: SocketHandler[T]) -> Config[T]:
+        """Call ``handler(ws)`` each time a backpressured socket has written all it had queued."""
+        _check_handler(handler)
+        return dataclasses.replace(self, on_drain_handler=handler)
+
+    def max_payload_length(self, max_payload_length: int) -> Config[T]:
+        """Largest incoming message in bytes (default 16 MiB); larger ones close with 1009."""
+        value = _check_size("max_payload_length", max_payload_length, minimum=1)
+        return dataclasses.replace(self, max_payload_length_bytes=value)
+
+    def backpressure_limit(self, backpressure_limit: int) -> Config[T]:
+        """Bytes a connection may have queued before sends are dropped (default 16 MiB, 0: none)."""
+        value = _check_size("backpressure_limit", backpressure_limit, minimum=0)
+        return dataclasses.replace(self, backpressure_limit_bytes=value)
+
+    def close_on_backpressure_limit(self, close_on_backpressure_limit: bool) -> Config[T]:
+        """Close the connection with 1008 when a send finds the backpressure limit exceeded."""
+        value = _check_bool("close_on_backpressure_limit", close_on_backpressure_limit)
+        return dataclasses.replace(self, close_on_backpressure=value)
+
+    def idle_timeout(self, idle_timeout: int) -> Config[T]:
+        """Seconds of silence from the client before the connection is closed (default 120, 0: off)."""
+        value = _check_size("idle_timeout", idle_timeout, minimum=0)
+        return dataclasses.replace(self, idle_timeout_seconds=value)
+
+    def publish_to_self(self, publish_to_self: bool) -> Config[T]:
+        """Whether ``ws.publish`` also reaches ``ws`` when it is subscribed (default False)."""
+        value = _check_bool("publish_to_self", publish_to_self)
+        return dataclasses.replace(self, publish_to_self_enabled=value)
+
+    def send_pings(self, send_pings: bool) -> Config[T]:
+        """Whether the server pings silent clients before the idle timeout (default True)."""
+        value = _check_bool("send_pings", send_pings)
+        return dataclasses.replace(self, send_pings_enabled=value)
+
+
+def init() -> Config[Any]:
+    """An empty ``Config``: no handlers, Bun's default limits.
+
+    >>> config = websocket.init().on_text(on_text).on_close(on_close)
+    """
+    return Config()
+
+
+def on_text(config: Config[T], handler: TextHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_text`."""
+    return config.on_text(handler)
+
+
+def on_bytes(config: Config[T], handler: BytesHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_bytes`."""
+    return config.on_bytes(handler)
+
+
+def on_open(config: Config[T], handler: SocketHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_open`."""
+    return config.on_open(handler)
+
+
+def on_close(config: Config[T], handler: CloseHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_close`."""
+    return config.on_close(handler)
+
+
+def on_drain(config: Config[T], handler: SocketHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_drain`."""
+    return config.on_drain(handler)
+
+
+def max_payload_length(config: Config[T], max_payload_length: int) -> Config[T]:
+    """Module form of :meth:`Config.max_payload_length`."""
+    return config.max_payload_length(max_payload_length)
+
+
+def backpressure_limit(config: Config[T], backpressure_limit: int) -> Config[T]:
+    """Module form of :meth:`Config.backpressure_limit`."""
+    return config.backpressure_limit(backpressure_limit)
+
+
+def close_on_backpressure_limit(config: Config[T], close_on_backpressure_limit: bool) -> Config[T]:
+    """Module form of :meth:`Config.close_on_backpressure_limit`."""
+    return config.close_on_backpressure_limit(close_on_backpressure_limit)
+
+
+def idle_timeout(config: Config[T], idle_timeout: int) -> Config[T]:
+    """Module form of :meth:`Config.idle_timeout`."""
+    return config.idle_timeout(idle_timeout)
+
+
+def publish_to_self(config: Config[T], publish_to_self: bool) -> Config[T]:
+    """Module form of :meth:`Config.publish_to_self`."""
+    return config.publish_to_self(publish_to_self)
+
+
+def send_pings(config: Config[T], send_pings: bool) -> Config[T]:
+    """Module form of :meth:`Config.send_pings`."""
+    return config.send_pings(send_pings)
+
+
+def send(ws: WebSocket[Any], message: str) -> SendStatus:
+    """Queue a text message; never blocks.
+
+    >>> match websocket.send(ws, "hello"):
+    ...     case MessageSent(bytes_sent=n): ...
+    ...     case MessageBackpressured() | MessageDropped(): ...
+    """
+    return ws.send(message)
+
+
+def send_bytes(ws: WebSocket[Any], message: bytes) -> SendStatus:
+    """Queue a binary message; never blocks."""
+    return ws.send_bytes(message)
+
+
+def publish(ws: WebSocket[Any], topic: str, message: str) -> SendStatus:
+    """Send a text message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``)."""
+    return ws.publish(topic, message)
+
+
+def publish_bytes(ws: WebSocket[Any], topic: str, message: bytes) -> SendStatus:
+    """Send a binary message to every subscriber of ``topic`` except ``ws``."""
+    return ws.publish_bytes(topic, message)
+
+
+def subscribe(ws: WebSocket[Any], topic: str) -> None:
+    """Subscribe ``ws`` to ``topic`` (idempotent)."""
+    ws.subscribe(topic)
+
+
+def unsubscribe(ws: WebSocket[Any], topic: str) -> None:
+    """Unsubscribe ``ws`` from ``topic``."""
+    ws.unsubscribe(topic)
+
+
+def is_subscribed(ws: WebSocket[Any], topic: str) -> bool:
+    """Whether ``ws`` is subscribed to ``topic``."""
+    return ws.is_subscribed(topic)
+
+
+def subscriptions(ws: WebSocket[Any]) -> list[str]:
+    """The topics ``ws`` is subscribed to."""
+    return ws.subscriptions
+
+
+def cork(ws: WebSocket[T], callback: Callable[[WebSocket[T]], R]) -> R:
+    """Run ``callback(ws)`` and write everything it sends in one go; returns its result."""
+    return ws.cork(callback)
+
+
+def data(ws: WebSocket[T]) -> T:
+    """The context given to ``server.upgrade`` for this connection."""
+    return ws.data
+
+
+def ready_state(ws: WebSocket[Any]) -> int:
+    """0 connecting, 1 open, 2 closing, 3 closed."""
+    return ws.ready_state
+
+
+def remote_address(ws: WebSocket[Any]) -> str:
+    """The client's IP address, e.g. ``"127.0.0.1"``."""
+    return ws.remote_address
+
+
+def buffered_amount(ws: WebSocket[Any]) -> int:
+    """Bytes accepted for this connection but not yet written to the kernel."""
+    return ws.buffered_amount
+
+
+def close(ws: WebSocket[Any], code: int = 1000, reason: str = "") -> None:
+    """Start the closing handshake; messages queued before it are still delivered."""
+    ws.close(code, reason)
+
+
+def terminate(ws: WebSocket[Any]) -> None:
+    """Drop the connection at once, without a close frame (the client sees 1006)."""
+    ws.terminate()
+
+
+def ping(ws: WebSocket[Any], payload: str | bytes = b"") -> SendStatus:
+    """Send a ping frame (payload up to 125 bytes)."""
+    return ws.ping(payload)
+
+
+def pong(ws: WebSocket[Any], payload: str | bytes = b"") -> SendStatus:
+    """Send an unsolicited pong frame (payload up to 125 bytes)."""
+    return ws.pong(payload)

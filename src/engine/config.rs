@@ -1,0 +1,62 @@
+//! Settings fixed when a server starts.
+
+use std::time::Duration;
+
+/// Per-connection WebSocket limits (Bun's names and defaults).
+#[derive(Clone, Debug)]
+pub struct WsLimits {
+    /// Largest incoming message; a larger one closes the connection with 1009.
+    pub max_payload_length: usize,
+    /// Bytes that may be queued before sends are dropped; 0 means no limit.
+    pub backpressure_limit: usize,
+    /// Whether a send that finds the limit exceeded also closes the connection.
+    pub close_on_backpressure_limit: bool,
+    /// Silence from the client after which the connection is closed; zero turns it off.
+    pub idle_timeout: Duration,
+    /// Whether `publish` from a socket also reaches that socket.
+    pub publish_to_self: bool,
+    /// Whether a silent client is pinged before the idle timeout closes it.
+    pub send_pings: bool,
+}
+
+impl Default for WsLimits {
+    fn default() -> Self {
+        Self {
+            max_payload_length: 16 * 1024 * 1024,
+            backpressure_limit: 16 * 1024 * 1024,
+            close_on_backpressure_limit: false,
+            idle_timeout: Duration::from_secs(120),
+            publish_to_self: false,
+            send_pings: true,
+        }
+    }
+}
+
+/// Everything a [`crate::engine::Server`] needs to start.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub max_request_body_size: usize,
+    /// Without a WebSocket config, upgrade requests are passed to the handler as plain HTTP.
+    pub websockets_enabled: bool,
+    pub ws: WsLimits,
+    /// How long a client may take to send its request headers (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// How long a server-initiated close waits for the client's close frame.
+    pub close_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            max_request_body_size: 1024 * 1024,
+            websockets_enabled: true,
+            ws: WsLimits::default(),
+            header_read_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! One WebSocket connection's shared state: what Python's `WebSocket` methods act on.
+//!
+//! Everything here is synchronous and non-blocking (short, uncontended mutexes at most): the
+//! Python thread calls it directly without releasing the GIL. The socket itself belongs to the
+//! connection's reader and writer tasks (`reader.rs`, `writer.rs`).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::frame::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
+use super::outbound::Outbound;
+use super::server::Shared;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReadyState {
+    Connecting = 0,
+    Open = 1,
+    Closing = 2,
+    Closed = 3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    Sent(usize),
+    Backpressured,
+    Dropped,
+}
+
+impl SendStatus {
+    /// Combine the outcomes of one publish (Bun's corrected rule, PR 32889): dropped if anyone
+    /// dropped it (or nobody got it), else backpressured if anyone is congested, else sent.
+    pub fn merge(self, other: SendStatus) -> SendStatus {
+        match (self, other) {
+            (SendStatus::Dropped, _) | (_, SendStatus::Dropped) => SendStatus::Dropped,
+            (SendStatus::Backpressured, _) | (_, SendStatus::Backpressured) => SendStatus::Backpressured,
+            (sent, _) => sent,
+        }
+    }
+}
+
+/// Events waiting for Python beyond which the reader stops reading from this socket.
+pub const MAX_INFLIGHT_MESSAGES: usize = 128;
+/// Bytes of messages waiting for Python beyond which the reader stops reading.
+pub const MAX_INFLIGHT_BYTES: usize = 1024 * 1024;
+
+pub struct Conn {
+    pub id: u64,
+    pub remote: IpAddr,
+    pub(crate) shared: Arc<Shared>,
+    state: AtomicU8,
+    pub out: Outbound,
+    subscriptions: Mutex<Vec<Arc<str>>>,
+    /// Close code and reason to report to `on_close` when the server ends the connection itself.
+    pub(crate) ending: Mutex<Option<(u16, String)>>,
+    pub(crate) terminated: AtomicBool,
+    /// Wakes the reader when `close` or `terminate` is called.
+    pub(crate) lifecycle: Notify,
+    inflight_messages: AtomicUsize,
+    inflight_bytes: AtomicUsize,
+    paused_by_app: AtomicBool,
+    pub(crate) resume_reading: Notify,
+}
+
+impl Conn {
+    pub(crate) fn new(id: u64, remote: IpAddr, shared: Arc<Shared>) -> Self {
+        Self {
+            id,
+            remote,
+            shared,
+            state: AtomicU8::new(ReadyState::Connecting as u8),
+            out: Outbound::default(),
+            subscriptions: Mutex::new(Vec::new()),
+            ending: Mutex::new(None),
+            terminated: AtomicBool::new(false),
+            lifecycle: Notify::new(),
+            inflight_messages: AtomicUsize::new(0),
+            inflight_bytes: AtomicUsize::new(0),
+            paused_by_app: AtomicBool::new(false),
+            resume_reading: Notify::new(),
+        }
+    }
+
+    pub fn ready_state(&self) -> ReadyState {
+        match self.state.load(Ordering::Acquire) {
+            0 => ReadyState::Connecting,
+            1 => ReadyState::Open,
+            2 => ReadyState::Closing,
+            _ => ReadyState::Closed,
+        }
+    }
+
+    pub(crate) fn set_state(&self, state: ReadyState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    fn transition(&self, from: ReadyState, to: ReadyState) -> bool {
+        self.state
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub fn send_text(&self, text: &str) -> SendStatus {
+        self.send_frame(OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes())), text.len())
+    }
+
+    pub fn send_binary(&self, data: &[u8]) -> SendStatus {
+        self.send_frame(OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data)), data.len())
+    }
+
+    pub fn ping(&self, payload: &[u8]) -> SendStatus {
+        self.send_frame(OutFrame::new(OP_PING, Bytes::copy_from_slice(payload)), payload.len())
+    }
+
+    pub fn pong(&self, payload: &[u8]) -> SendStatus {
+        self.send_frame(OutFrame::new(OP_PONG, Bytes::copy_from_slice(payload)), payload.len())
+    }
+
+    /// The backpressure rules of every send, publish recipient, ping and pong:
+    /// not open: dropped; over the limit *before* this frame: dropped (and closed if so
+    /// configured); otherwise queued, backpressured if the writer is waiting on the kernel.
+    pub fn send_frame(&self, frame: OutFrame, payload_len: usize) -> SendStatus {
+        if self.ready_state() != ReadyState::Open {
+            return SendStatus::Dropped;
+        }
+        let limits = &self.shared.config.ws;
+        if limits.backpressure_limit > 0 && self.out.buffered() > limits.backpressure_limit {
+            if limits.close_on_backpressure_limit {
+                self.end_abruptly(1008, "backpressure limit exceeded");
+            }
+            return SendStatus::Dropped;
+        }
+        if !self.out.push(frame, false) {
+            return SendStatus::Dropped;
+        }
+        if self.out.is_congested() {
+            SendStatus::Backpressured
+        } else {
+            SendStatus::Sent(payload_len)
+        }
+    }
+
+    /// Start the closing handshake. Frames queued before it are still written.
+    pub fn close(&self, code: u16, reason: &str) {
+        if self.transition(ReadyState::Open, ReadyState::Closing) {
+            self.out.push(OutFrame::close(code, reason), true);
+            self.lifecycle.notify_one();
+        }
+    }
+
+    /// Drop the connection now, without a close frame; `on_close` gets 1006.
+    pub fn terminate(&self) {
+        self.end_abruptly(1006, "");
+    }
+
+    /// Drop the connection now and report `code`/`reason` to `on_close`.
+    pub(crate) fn end_abruptly(&self, code: u16, reason: &str) {
+        let state = self.ready_state();
+        if state == ReadyState::Closed || self.terminated.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.ending.lock() = Some((code, reason.to_owned()));
+        self.set_state(ReadyState::Closing);
+        self.out.seal();
+        self.lifecycle.notify_one();
+    }
+
+    pub fn subscribe(self: &Arc<Self>, topic: &str) {
+        let mut subs = self.subscriptions.lock();
+        // Checked under the lock that `finish` takes, so a closed socket is subscribed to nothing.
+        if self.ready_state() == ReadyState::Closed {
+            return;
+        }
+        let (name, added) = self.shared.topics.subscribe(topic, self.id, self.clone());
+        if added {
+            subs.push(name);
+        }
+    }
+
+    pub fn unsubscribe(&self, topic: &str) {
+        let mut subs = self.subscriptions.lock();
+        if self.shared.topics.unsubscribe(topic, self.id) {
+            subs.retain(|t| &**t != topic);
+        }
+    }
+
+    pub fn is_subscribed(&self, topic: &str) -> bool {
+        self.shared.topics.is_subscribed(topic, self.id)
+    }
+
+    pub fn subscriptions(&self) -> Vec<Arc<str>> {
+        self.subscriptions.lock().clone()
+    }
+
+    pub fn publish_text(&self, topic: &str, text: &str) -> SendStatus {
+        let frame = OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes()));
+        self.shared.publish(topic, frame, text.len(), self.exclude_self())
+    }
+
+    pub fn publish_binary(&self, topic: &str, data: &[u8]) -> SendStatus {
+        let frame = OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data));
+        self.shared.publish(topic, frame, data.len(), self.exclude_self())
+    }
+
+    fn exclude_self(&self) -> Option<u64> {
+        (!self.shared.config.ws.publish_to_self).then_some(self.id)
+    }
+
+    /// Mark the connection closed and leave every topic. Called once, by the reader.
+    pub(crate) fn finish(&self) {
+        let mut subs = self.subscriptions.lock();
+        self.set_state(ReadyState::Closed);
+        for topic in subs.drain(..) {
+            self.shared.topics.unsubscribe(&topic, self.id);
+        }
+    }
+
+    // Read-side flow control: messages handed to the event queue but not yet taken by Python.
+
+    pub(crate) fn message_queued(&self, len: usize) {
+        self.inflight_messages.fetch_add(1, Ordering::Relaxed);
+        self.inflight_bytes.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Python took a message off the queue.
+    pub fn message_taken(&self, len: usize) {
+        let messages = self.inflight_messages.fetch_sub(1, Ordering::Relaxed);
+        let bytes = self.inflight_bytes.fetch_sub(len, Ordering::Relaxed);
+        // Only when the reader may be waiting; it re-checks the caps itself.
+        if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {
+            self.resume_reading.notify_one();
+        }
+    }
+
+    /// Python asks to stop (or resume) reading, e.g. while a suspended handler has events parked.
+    pub fn pause_reading(&self, paused: bool) {
+        self.paused_by_app.store(paused, Ordering::Relaxed);
+        if !paused {
+            self.resume_reading.notify_one();
+        }
+    }
+
+    pub(crate) fn reading_paused(&self) -> bool {
+        self.paused_by_app.load(Ordering::Relaxed)
+            || self.inflight_messages.load(Ordering::Relaxed) >= MAX_INFLIGHT_MESSAGES
+            || self.inflight_bytes.load(Ordering::Relaxed) >= MAX_INFLIGHT_BYTES
+    }
+}

@@ -1,0 +1,99 @@
+//! Server-to-client frames, encoded once.
+//!
+//! Server frames are never masked, so the bytes of a frame are the same for every recipient: a
+//! published message is encoded into one `OutFrame` whose payload `Bytes` is shared (a refcount,
+//! not a copy) by every subscriber's queue. The writer sends header and payload with one
+//! vectored write, so the payload is never copied into a per-connection buffer either.
+
+use bytes::Bytes;
+
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+#[derive(Clone, Debug)]
+pub struct OutFrame {
+    head: [u8; 10],
+    head_len: u8,
+    payload: Bytes,
+}
+
+impl OutFrame {
+    /// A final (unfragmented) frame with `opcode` carrying `payload`.
+    pub fn new(opcode: u8, payload: Bytes) -> Self {
+        let mut head = [0u8; 10];
+        head[0] = 0x80 | opcode;
+        let len = payload.len();
+        let head_len = if len < 126 {
+            head[1] = len as u8;
+            2
+        } else if len <= u16::MAX as usize {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        Self { head, head_len, payload }
+    }
+
+    /// Bytes that are already a complete frame (tungstenite's automatic replies).
+    pub fn raw(bytes: Bytes) -> Self {
+        Self { head: [0; 10], head_len: 0, payload: bytes }
+    }
+
+    pub fn close(code: u16, reason: &str) -> Self {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+        Self::new(OP_CLOSE, Bytes::from(payload))
+    }
+
+    pub fn head(&self) -> &[u8] {
+        &self.head[..self.head_len as usize]
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// What this frame adds to `buffered_amount`.
+    pub fn wire_len(&self) -> usize {
+        self.head_len as usize + self.payload.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(f: &OutFrame) -> Vec<u8> {
+        [f.head(), f.payload()].concat()
+    }
+
+    #[test]
+    fn encodes_the_three_length_forms() {
+        assert_eq!(wire(&OutFrame::new(OP_TEXT, Bytes::from_static(b"hi"))), b"\x81\x02hi");
+        let medium = OutFrame::new(OP_BINARY, Bytes::from(vec![7u8; 300]));
+        assert_eq!(medium.head(), &[0x82, 126, 0x01, 0x2C]);
+        assert_eq!(medium.wire_len(), 304);
+        let large = OutFrame::new(OP_BINARY, Bytes::from(vec![0u8; 70_000]));
+        assert_eq!(large.head(), &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    #[test]
+    fn close_frame_carries_code_and_reason() {
+        assert_eq!(wire(&OutFrame::close(4001, "bye")), b"\x88\x05\x0f\xa1bye");
+    }
+
+    #[test]
+    fn clones_share_the_payload() {
+        let f = OutFrame::new(OP_TEXT, Bytes::from(vec![b'x'; 1000]));
+        let g = f.clone();
+        assert_eq!(f.payload().as_ptr(), g.payload().as_ptr());
+    }
+}

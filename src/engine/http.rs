@@ -1,0 +1,176 @@
+//! HTTP/1.1 with hyper: every request goes to the Python handler through the event queue, and a
+//! handshake the handler accepts becomes a WebSocket connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::conn::{Conn, ReadyState};
+use super::events::{Event, HttpRequest};
+use super::handshake::{self, Handshake};
+use super::reader;
+use super::server::Shared;
+
+pub type Body = Full<Bytes>;
+
+/// The handler's answer to one request.
+pub enum Reply {
+    Respond(Response<Body>),
+    /// Switch to WebSocket, adding these headers to the 101 response.
+    Upgrade(Vec<(HeaderName, HeaderValue)>),
+}
+
+/// An invalid status or header from the handler.
+#[derive(Debug)]
+pub struct InvalidResponse(pub String);
+
+pub fn parse_headers(headers: &[(String, String)]) -> Result<Vec<(HeaderName, HeaderValue)>, InvalidResponse> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| InvalidResponse(format!("invalid header name {name:?}")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| InvalidResponse(format!("invalid value for header {name}")))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+pub fn build_response(status: u16, headers: &[(String, String)], body: Bytes) -> Result<Response<Body>, InvalidResponse> {
+    let status = StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| !s.is_informational())
+        .ok_or_else(|| InvalidResponse(format!("invalid status {status}")))?;
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let map = response.headers_mut();
+    for (name, value) in parse_headers(headers)? {
+        map.append(name, value);
+    }
+    Ok(response)
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Serve one TCP connection until it closes, is upgraded, or the server stops.
+pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
+    // Small messages must not wait for Nagle; every write the writer makes is already a batch.
+    let _ = stream.set_nodelay(true);
+    let service_shared = shared.clone();
+    let service = service_fn(move |req| handle(req, remote, service_shared.clone()));
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(shared.config.header_read_timeout);
+    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+async fn handle(mut req: Request<Incoming>, remote: SocketAddr, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+    let mut websocket_key = None;
+    if shared.config.websockets_enabled {
+        match handshake::classify(&req) {
+            Handshake::NotWebSocket => {}
+            Handshake::Invalid(status, why) => {
+                let mut response = plain(status, why);
+                if status == StatusCode::UPGRADE_REQUIRED {
+                    response.headers_mut().insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                }
+                return Ok(response);
+            }
+            Handshake::Valid(key) => websocket_key = Some(key),
+        }
+    }
+    let on_upgrade: Option<OnUpgrade> = websocket_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, shared.config.max_request_body_size).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<LengthLimitError>() => {
+            return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"));
+        }
+        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "Bad Request")),
+    };
+
+    let id = shared.next_id();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect();
+    let (reply, answer) = oneshot::channel();
+    shared.events.push(Event::Request(Box::new(HttpRequest {
+        id,
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers,
+        body,
+        remote,
+        is_websocket: on_upgrade.is_some(),
+        reply,
+    })));
+
+    match answer.await {
+        Ok(Reply::Respond(response)) => Ok(response),
+        Ok(Reply::Upgrade(extra)) => match (on_upgrade, websocket_key) {
+            (Some(on_upgrade), Some(key)) => {
+                let conn = shared.register(id, remote.ip());
+                shared.tracker.spawn(open_websocket(on_upgrade, conn));
+                let mut response = Response::new(Full::default());
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                let headers = response.headers_mut();
+                headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+                let accept = handshake::accept_key(key.as_bytes());
+                headers.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
+                for (name, value) in extra {
+                    headers.append(name, value);
+                }
+                Ok(response)
+            }
+            _ => Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")),
+        },
+        // The handler's side was dropped without an answer (the server is going away).
+        Err(_) => Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")),
+    }
+}
+
+async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
+    let stream = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+        Ok(Ok(parts)) => Some((parts.io.into_inner(), parts.read_buf)),
+        _ => None,
+    };
+    match stream {
+        Some((stream, read_buf)) => reader::run(conn, stream, read_buf).await,
+        None => {
+            conn.set_state(ReadyState::Closed);
+            conn.shared.unregister(conn.id);
+            conn.shared.events.push(Event::UpgradeFailed(conn.id));
+        }
+    }
+}

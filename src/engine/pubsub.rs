@@ -1,0 +1,174 @@
+//! Topic registry: topic name -> subscribers.
+//!
+//! Two levels of locks so that the registry is never a global bottleneck: the map of topics is
+//! behind a read-mostly `RwLock` (write-locked only to create or drop a topic), and each topic
+//! has its own `RwLock` over its subscribers. Publishing read-locks the map just long enough to
+//! clone the topic's `Arc`, then read-locks that one topic, so publishes to different topics (or
+//! to the same topic) proceed in parallel.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use rustc_hash::FxHashMap;
+
+struct Topic<S> {
+    subscribers: RwLock<FxHashMap<u64, S>>,
+}
+
+pub struct TopicRegistry<S> {
+    topics: RwLock<FxHashMap<Arc<str>, Arc<Topic<S>>>>,
+}
+
+impl<S> Default for TopicRegistry<S> {
+    fn default() -> Self {
+        Self { topics: RwLock::new(FxHashMap::default()) }
+    }
+}
+
+impl<S: Clone> TopicRegistry<S> {
+    fn topic(&self, name: &str) -> Option<Arc<Topic<S>>> {
+        self.topics.read().get(name).cloned()
+    }
+
+    /// Add subscriber `id`; returns the interned topic name and whether it was new.
+    pub fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
+        loop {
+            let existing = self.topics.read().get_key_value(name).map(|(k, t)| (k.clone(), t.clone()));
+            let (key, topic) = match existing {
+                Some(found) => found,
+                None => {
+                    let mut topics = self.topics.write();
+                    let key: Arc<str> = Arc::from(name);
+                    let topic = topics
+                        .entry(key.clone())
+                        .or_insert_with(|| Arc::new(Topic { subscribers: RwLock::new(FxHashMap::default()) }))
+                        .clone();
+                    (key, topic)
+                }
+            };
+            let mut subs = topic.subscribers.write();
+            // An empty topic may have been dropped from the map between the two locks; then
+            // subscribing to it would be lost, so start over with a fresh one.
+            if subs.is_empty() && !self.is_current(&key, &topic) {
+                continue;
+            }
+            let added = subs.insert(id, subscriber).is_none();
+            return (key, added);
+        }
+    }
+
+    fn is_current(&self, key: &str, topic: &Arc<Topic<S>>) -> bool {
+        self.topics.read().get(key).is_some_and(|t| Arc::ptr_eq(t, topic))
+    }
+
+    /// Remove subscriber `id`; returns whether it was subscribed. Empty topics are dropped.
+    pub fn unsubscribe(&self, name: &str, id: u64) -> bool {
+        let Some(topic) = self.topic(name) else { return false };
+        let now_empty = {
+            let mut subs = topic.subscribers.write();
+            if subs.remove(&id).is_none() {
+                return false;
+            }
+            subs.is_empty()
+        };
+        if now_empty {
+            let mut topics = self.topics.write();
+            // Re-check under the map lock: someone may have subscribed in between.
+            if topics.get(name).is_some_and(|t| Arc::ptr_eq(t, &topic) && t.subscribers.read().is_empty()) {
+                topics.remove(name);
+            }
+        }
+        true
+    }
+
+    pub fn is_subscribed(&self, name: &str, id: u64) -> bool {
+        self.topic(name).is_some_and(|t| t.subscribers.read().contains_key(&id))
+    }
+
+    pub fn subscriber_count(&self, name: &str) -> usize {
+        self.topic(name).map_or(0, |t| t.subscribers.read().len())
+    }
+
+    /// Call `f` for every subscriber of `name` while holding only that topic's read lock.
+    pub fn for_each(&self, name: &str, mut f: impl FnMut(u64, &S)) {
+        if let Some(topic) = self.topic(name) {
+            for (id, s) in topic.subscribers.read().iter() {
+                f(*id, s);
+            }
+        }
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.read().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn subscribe_is_idempotent_and_counts() {
+        let r = TopicRegistry::<u64>::default();
+        assert!(r.subscribe("chat", 1, 1).1);
+        assert!(!r.subscribe("chat", 1, 1).1);
+        r.subscribe("chat", 2, 2);
+        assert_eq!(r.subscriber_count("chat"), 2);
+        assert!(r.is_subscribed("chat", 2));
+        assert!(!r.is_subscribed("news", 2));
+    }
+
+    #[test]
+    fn unsubscribing_the_last_subscriber_drops_the_topic() {
+        let r = TopicRegistry::<u64>::default();
+        r.subscribe("a", 1, 1);
+        r.subscribe("b", 1, 1);
+        assert!(r.unsubscribe("a", 1));
+        assert!(!r.unsubscribe("a", 1));
+        assert_eq!(r.subscriber_count("a"), 0);
+        assert_eq!(r.topic_count(), 1);
+    }
+
+    #[test]
+    fn for_each_visits_every_subscriber_once() {
+        let r = TopicRegistry::<u64>::default();
+        for id in 0..100 {
+            r.subscribe("t", id, id * 10);
+        }
+        let mut seen = Vec::new();
+        r.for_each("t", |id, s| {
+            assert_eq!(*s, id * 10);
+            seen.push(id);
+        });
+        seen.sort_unstable();
+        assert_eq!(seen, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn concurrent_subscribe_and_unsubscribe_lose_nothing() {
+        let r = Arc::new(TopicRegistry::<u64>::default());
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let r = r.clone();
+                thread::spawn(move || {
+                    for i in 0..2_000u64 {
+                        let id = t * 1_000_000 + i;
+                        r.subscribe("hot", id, id);
+                        if i % 2 == 0 {
+                            assert!(r.unsubscribe("hot", id));
+                        }
+                        r.subscribe(&format!("t{t}"), id, id);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(r.subscriber_count("hot"), 4 * 1_000);
+        for t in 0..4 {
+            assert_eq!(r.subscriber_count(&format!("t{t}")), 2_000);
+        }
+    }
+}
