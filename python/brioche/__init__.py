@@ -14,11 +14,12 @@ from brioche._brioche import (
     WebSocket,
     random_uuid_v7,
 )
-from brioche._server import Server
+from brioche._server import BindError, Server
 from brioche import server, websocket
 from brioche.websocket import SendStatus
 
 __all__ = [
+    "BindError",
     "BriocheError",
     "MessageBackpressured",
     "MessageDropped",

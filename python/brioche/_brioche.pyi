@@ -17,9 +17,6 @@ EVENT_STOPPED: int
 class BriocheError(Exception):
     """Root of the exceptions brioche raises."""
 
-class BindError(BriocheError, OSError):
-    """The server could not listen on the requested address."""
-
 @final
 class MessageSent:
     """The message was queued and the socket is not congested."""

@@ -21,14 +21,14 @@ from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from brioche import _brioche
-from brioche._brioche import Engine, PendingRequest, WebSocket
+from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
 from brioche._http import Request, Response, internal_error
 
 if TYPE_CHECKING:
     from brioche.server import Config
     from brioche.websocket import SendStatus
 
-__all__ = ["Server"]
+__all__ = ["BindError", "Server"]
 
 T = TypeVar("T")
 
@@ -80,6 +80,10 @@ async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
     return await _continue(coro, yielded)
 
 
+class BindError(BriocheError, OSError):
+    """The server could not listen on the requested address; ``errno`` says why."""
+
+
 @final
 class Server(Generic[T]):
     """A running server. Returned by ``serve()``; also an async context manager.
@@ -92,6 +96,19 @@ class Server(Generic[T]):
         "_engine", "_config", "_loop", "_fd", "_handlers", "_busy", "_paused", "_stopped",
         "_stop_called", "_tasks", "_wake_thread", "hostname",
     )
+    _engine: Engine
+    _config: Config[T]
+    _loop: asyncio.AbstractEventLoop
+    _fd: int
+    _handlers: tuple[Callable[..., Any] | None, ...]
+    _busy: dict[WebSocket[T], deque[tuple[Any, ...]]]
+    _paused: set[WebSocket[T]]
+    _stopped: asyncio.Future[None]
+    _stop_called: bool
+    _tasks: set[asyncio.Future[Any]]
+    _wake_thread: threading.Thread | None
+    hostname: str
+    """The address the server listens on, as configured."""
 
     def __init__(self) -> None:
         raise TypeError("use `await server.handler(fn).serve()` to start a Server")
@@ -102,33 +119,37 @@ class Server(Generic[T]):
         from brioche.websocket import Config as WsConfig
 
         limits = ws if ws is not None else WsConfig()
-        engine = Engine(
-            config.hostname_value,
-            port,
-            max_request_body_size=config.max_request_body_size_bytes,
-            max_payload_length=limits.max_payload_length_bytes,
-            backpressure_limit=limits.backpressure_limit_bytes,
-            close_on_backpressure_limit=limits.close_on_backpressure,
-            idle_timeout=limits.idle_timeout_seconds,
-            publish_to_self=limits.publish_to_self_enabled,
-            send_pings=limits.send_pings_enabled,
-            websockets_enabled=ws is not None,
-        )
-        self: Server[T] = object.__new__(cls)
+        try:
+            engine = Engine(
+                config.hostname_value,
+                port,
+                max_request_body_size=config.max_request_body_size_bytes,
+                max_payload_length=limits.max_payload_length_bytes,
+                backpressure_limit=limits.backpressure_limit_bytes,
+                close_on_backpressure_limit=limits.close_on_backpressure,
+                idle_timeout=limits.idle_timeout_seconds,
+                publish_to_self=limits.publish_to_self_enabled,
+                send_pings=limits.send_pings_enabled,
+                websockets_enabled=ws is not None,
+            )
+        except OSError as exc:
+            where = f"{config.hostname_value}:{port}"
+            raise BindError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        self = object.__new__(cls)
         self._engine = engine
         self._config = config
         self._loop = loop
-        self.hostname: str = config.hostname_value
-        self._handlers: tuple[Callable[..., Any] | None, ...] = (
-            (limits.on_open_handler, limits.on_text_message, limits.on_bytes_message,
-             limits.on_drain_handler, limits.on_close_handler)
+        self.hostname = config.hostname_value
+        self._handlers = (
+            limits.on_open_handler, limits.on_text_message, limits.on_bytes_message,
+            limits.on_drain_handler, limits.on_close_handler,
         )
-        self._busy: dict[WebSocket[T], deque[tuple[Any, ...]]] = {}
-        self._paused: set[WebSocket[T]] = set()
-        self._stopped: asyncio.Future[None] = loop.create_future()
+        self._busy = {}
+        self._paused = set()
+        self._stopped = loop.create_future()
         self._stop_called = False
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._wake_thread: threading.Thread | None = None
+        self._tasks = set()
+        self._wake_thread = None
         self._fd = engine.fileno()
         try:
             loop.add_reader(self._fd, self._on_wake)

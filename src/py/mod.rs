@@ -1,0 +1,47 @@
+//! The PyO3 binding layer: thin wrappers that turn engine types into Python classes.
+
+mod engine;
+mod errors;
+mod request;
+mod status;
+mod websocket;
+
+use pyo3::prelude::*;
+
+pub use errors::BriocheError;
+
+/// Event kinds in the tuples `Engine.drain()` returns; `brioche._server` dispatches on them.
+pub const EVENT_OPEN: u8 = 0;
+pub const EVENT_TEXT: u8 = 1;
+pub const EVENT_BYTES: u8 = 2;
+pub const EVENT_DRAIN: u8 = 3;
+pub const EVENT_CLOSE: u8 = 4;
+pub const EVENT_REQUEST: u8 = 5;
+pub const EVENT_STOPPED: u8 = 6;
+
+/// A random, time-ordered UUID (RFC 9562 version 7) as a string.
+#[pyfunction]
+fn random_uuid_v7() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[pymodule]
+fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("BriocheError", py.get_type::<BriocheError>())?;
+    m.add_class::<status::MessageSent>()?;
+    m.add_class::<status::MessageBackpressured>()?;
+    m.add_class::<status::MessageDropped>()?;
+    m.add_class::<websocket::PyWebSocket>()?;
+    m.add_class::<request::PendingRequest>()?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_function(wrap_pyfunction!(random_uuid_v7, m)?)?;
+    m.add("EVENT_OPEN", EVENT_OPEN)?;
+    m.add("EVENT_TEXT", EVENT_TEXT)?;
+    m.add("EVENT_BYTES", EVENT_BYTES)?;
+    m.add("EVENT_DRAIN", EVENT_DRAIN)?;
+    m.add("EVENT_CLOSE", EVENT_CLOSE)?;
+    m.add("EVENT_REQUEST", EVENT_REQUEST)?;
+    m.add("EVENT_STOPPED", EVENT_STOPPED)?;
+    Ok(())
+}

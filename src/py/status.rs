@@ -1,0 +1,89 @@
+//! `MessageSent`, `MessageBackpressured`, `MessageDropped`: what a send reports.
+//!
+//! The two payload-free statuses are singletons created once, so reporting them costs a
+//! refcount increment instead of an allocation.
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+
+use crate::engine::SendStatus;
+
+/// The message was queued and the socket is not congested.
+#[pyclass(frozen, eq, hash, module = "brioche", name = "MessageSent")]
+#[derive(PartialEq, Eq, Hash)]
+pub struct MessageSent {
+    /// Payload bytes accepted (the UTF-8 length for text).
+    #[pyo3(get)]
+    bytes_sent: usize,
+}
+
+#[pymethods]
+impl MessageSent {
+    #[new]
+    fn new(bytes_sent: usize) -> Self {
+        Self { bytes_sent }
+    }
+
+    #[classattr]
+    fn __match_args__() -> (&'static str,) {
+        ("bytes_sent",)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("MessageSent(bytes_sent={})", self.bytes_sent)
+    }
+}
+
+/// The message was queued, but the socket is congested: slow down until `on_drain`.
+#[pyclass(frozen, eq, hash, module = "brioche", name = "MessageBackpressured")]
+#[derive(PartialEq, Eq, Hash)]
+pub struct MessageBackpressured;
+
+#[pymethods]
+impl MessageBackpressured {
+    #[new]
+    fn new() -> Self {
+        Self
+    }
+
+    #[classattr]
+    fn __match_args__() -> () {}
+
+    fn __repr__(&self) -> &'static str {
+        "MessageBackpressured()"
+    }
+}
+
+/// The message was discarded: the socket is not open, or is over its backpressure limit.
+#[pyclass(frozen, eq, hash, module = "brioche", name = "MessageDropped")]
+#[derive(PartialEq, Eq, Hash)]
+pub struct MessageDropped;
+
+#[pymethods]
+impl MessageDropped {
+    #[new]
+    fn new() -> Self {
+        Self
+    }
+
+    #[classattr]
+    fn __match_args__() -> () {}
+
+    fn __repr__(&self) -> &'static str {
+        "MessageDropped()"
+    }
+}
+
+static BACKPRESSURED: PyOnceLock<Py<MessageBackpressured>> = PyOnceLock::new();
+static DROPPED: PyOnceLock<Py<MessageDropped>> = PyOnceLock::new();
+
+pub fn to_py(py: Python<'_>, status: SendStatus) -> PyResult<Py<PyAny>> {
+    Ok(match status {
+        SendStatus::Sent(n) => Py::new(py, MessageSent { bytes_sent: n })?.into_any(),
+        SendStatus::Backpressured => BACKPRESSURED
+            .get_or_try_init(py, || Py::new(py, MessageBackpressured))?
+            .clone_ref(py)
+            .into_any(),
+        SendStatus::Dropped => DROPPED.get_or_try_init(py, || Py::new(py, MessageDropped))?.clone_ref(py).into_any(),
+    })
+}

@@ -1,0 +1,199 @@
+//! `brioche.WebSocket`: the Python face of one connection. Every method is synchronous and only
+//! touches the connection's queue and atomics, so it is safe and cheap to call from the loop.
+
+use std::sync::Arc;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyString, PyType};
+
+use super::errors::value_error;
+use super::status;
+use crate::engine::Conn;
+
+/// A server-side WebSocket connection.
+#[pyclass(frozen, weakref, module = "brioche", name = "WebSocket")]
+pub struct PyWebSocket {
+    pub(crate) conn: Arc<Conn>,
+    data: Py<PyAny>,
+}
+
+impl PyWebSocket {
+    pub fn new(conn: Arc<Conn>, data: Py<PyAny>) -> Self {
+        Self { conn, data }
+    }
+}
+
+/// Borrow the bytes of `bytes`, `bytearray`, `memoryview` or any buffer, copying only when the
+/// object could change under us.
+pub fn with_bytes<R>(obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(f(b.as_bytes()));
+    }
+    if let Ok(b) = obj.cast::<PyByteArray>() {
+        return Ok(f(&b.to_vec()));
+    }
+    let buffer = PyBuffer::<u8>::get(obj)?;
+    Ok(f(&buffer.to_vec(obj.py())?))
+}
+
+fn check_topic(topic: &str) -> PyResult<()> {
+    if topic.is_empty() {
+        return Err(value_error("a topic name must be a non-empty string".into()));
+    }
+    Ok(())
+}
+
+/// Close codes an endpoint may send (RFC 6455 section 7.4 and the IANA registry).
+fn check_close(code: u16, reason: &str) -> PyResult<()> {
+    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+        return Err(value_error(format!("close code {code} may not be sent; use 1000, 1001-1003, 1007-1014 or 3000-4999")));
+    }
+    if reason.len() > 123 {
+        return Err(value_error(format!("a close reason is at most 123 UTF-8 bytes, got {}", reason.len())));
+    }
+    Ok(())
+}
+
+fn control_payload(payload: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
+    let bytes = match payload {
+        None => Vec::new(),
+        Some(p) => match p.cast::<PyString>() {
+            Ok(s) => s.to_str()?.as_bytes().to_vec(),
+            Err(_) => with_bytes(p, <[u8]>::to_vec)?,
+        },
+    };
+    if bytes.len() > 125 {
+        return Err(value_error(format!("a ping or pong payload is at most 125 bytes, got {}", bytes.len())));
+    }
+    Ok(bytes)
+}
+
+#[pymethods]
+impl PyWebSocket {
+    /// The context passed to `server.upgrade`.
+    #[getter]
+    fn data(&self, py: Python<'_>) -> Py<PyAny> {
+        self.data.clone_ref(py)
+    }
+
+    /// 0 connecting, 1 open, 2 closing, 3 closed.
+    #[getter]
+    fn ready_state(&self) -> u8 {
+        self.conn.ready_state() as u8
+    }
+
+    /// The client's IP address.
+    #[getter]
+    fn remote_address(&self) -> String {
+        self.conn.remote.to_string()
+    }
+
+    /// Bytes accepted for this connection but not yet written to the kernel.
+    #[getter]
+    fn buffered_amount(&self) -> usize {
+        self.conn.out.buffered()
+    }
+
+    /// The topics this socket is subscribed to.
+    #[getter]
+    fn subscriptions(&self) -> Vec<String> {
+        self.conn.subscriptions().iter().map(|t| t.to_string()).collect()
+    }
+
+    /// Queue a text message.
+    fn send(&self, py: Python<'_>, message: &str) -> PyResult<Py<PyAny>> {
+        status::to_py(py, self.conn.send_text(message))
+    }
+
+    /// Queue a binary message.
+    fn send_bytes(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let sent = with_bytes(message, |b| self.conn.send_binary(b))?;
+        status::to_py(py, sent)
+    }
+
+    /// Send text to every subscriber of `topic` (not this socket unless `publish_to_self`).
+    fn publish(&self, py: Python<'_>, topic: &str, message: &str) -> PyResult<Py<PyAny>> {
+        check_topic(topic)?;
+        status::to_py(py, self.conn.publish_text(topic, message))
+    }
+
+    /// Send bytes to every subscriber of `topic` (not this socket unless `publish_to_self`).
+    fn publish_bytes(&self, py: Python<'_>, topic: &str, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        check_topic(topic)?;
+        let sent = with_bytes(message, |b| self.conn.publish_binary(topic, b))?;
+        status::to_py(py, sent)
+    }
+
+    /// Subscribe to `topic`; idempotent, and a no-op once the socket is closed.
+    fn subscribe(&self, topic: &str) -> PyResult<()> {
+        check_topic(topic)?;
+        self.conn.subscribe(topic);
+        Ok(())
+    }
+
+    /// Unsubscribe from `topic`.
+    fn unsubscribe(&self, topic: &str) -> PyResult<()> {
+        check_topic(topic)?;
+        self.conn.unsubscribe(topic);
+        Ok(())
+    }
+
+    /// Whether this socket is subscribed to `topic`.
+    fn is_subscribed(&self, topic: &str) -> PyResult<bool> {
+        check_topic(topic)?;
+        Ok(self.conn.is_subscribed(topic))
+    }
+
+    /// Run `callback(self)` and write everything it sends in one go; returns its result.
+    fn cork(slf: &Bound<'_, Self>, callback: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let conn = &slf.get().conn;
+        conn.out.cork();
+        let result = callback.call1((slf,));
+        conn.out.uncork();
+        Ok(result?.unbind())
+    }
+
+    /// Start the closing handshake; frames queued before it are still delivered.
+    #[pyo3(signature = (code = 1000, reason = ""))]
+    fn close(&self, code: u16, reason: &str) -> PyResult<()> {
+        check_close(code, reason)?;
+        self.conn.close(code, reason);
+        Ok(())
+    }
+
+    /// Drop the connection without a close frame (the client sees 1006).
+    fn terminate(&self) {
+        self.conn.terminate();
+    }
+
+    /// Send a ping frame (payload at most 125 bytes).
+    #[pyo3(signature = (payload = None))]
+    fn ping(&self, py: Python<'_>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        let payload = control_payload(payload)?;
+        status::to_py(py, self.conn.ping(&payload))
+    }
+
+    /// Send a pong frame (payload at most 125 bytes).
+    #[pyo3(signature = (payload = None))]
+    fn pong(&self, py: Python<'_>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        let payload = control_payload(payload)?;
+        status::to_py(py, self.conn.pong(&payload))
+    }
+
+    /// Stop (or resume) reading from the socket; used while a suspended handler has events parked.
+    fn _pause_reading(&self, paused: bool) {
+        self.conn.pause_reading(paused);
+    }
+
+    /// `WebSocket[T]` in annotations.
+    #[classmethod]
+    fn __class_getitem__(cls: &Bound<'_, PyType>, item: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let generic_alias = cls.py().import("types")?.getattr("GenericAlias")?;
+        Ok(generic_alias.call1((cls, item))?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<brioche.WebSocket #{} from {} state={}>", self.conn.id, self.conn.remote, self.conn.ready_state() as u8)
+    }
+}
