@@ -18,3 +18,6 @@ pub use config::{ServerConfig, WsLimits};
 pub use conn::{Conn, ReadyState, SendStatus};
 pub use events::{Event, EventQueue};
 pub use server::Server;
+
+#[cfg(test)]
+mod end_to_end_tests;

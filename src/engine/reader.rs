@@ -119,6 +119,9 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
         conn.terminated.store(true, Ordering::Release);
         conn.out.wake_writer.notify_one();
     }
+    // Unregistered before `on_close` can run, so `pending_websockets` there no longer counts it;
+    // `stop()` still waits for this task (and so for the flush below) through the tracker.
+    conn.shared.unregister(conn.id);
     conn.shared.events.push(Event::Close(conn.id, ending.code, ending.reason));
 
     let mut writer = writer;
@@ -127,7 +130,6 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
         conn.out.wake_writer.notify_one();
         let _ = writer.await;
     }
-    conn.shared.unregister(conn.id);
 }
 
 async fn read_loop(conn: &Arc<Conn>, mut ws: WebSocketStream<SocketIo>) -> Ending {
