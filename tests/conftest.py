@@ -1,0 +1,77 @@
+"""Shared fixtures: a real brioche server on 127.0.0.1:0 inside the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import brioche
+from brioche import server, websocket
+
+ServeFn = Callable[..., Awaitable[brioche.Server[Any]]]
+
+
+async def upgrade_ws_path(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+    """Upgrade ``/ws`` (with the query string as ``ws.data``); answer anything else with text."""
+    if request.path == "/ws":
+        return server.upgrade(srv, request, [], request.query or None, server.bad_request)
+    return server.text("ok")
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServeFn]:
+    """``await serve(ws_config, handler=..., **config)`` starts a server; all are stopped after."""
+    started: list[brioche.Server[Any]] = []
+
+    async def start(
+        ws_config: websocket.Config[Any] | None = None,
+        handler: server.Handler[Any] = upgrade_ws_path,
+        max_request_body_size: int | None = None,
+    ) -> brioche.Server[Any]:
+        config = server.handler(handler).hostname("127.0.0.1").port(0)
+        if ws_config is not None:
+            config = config.websocket(ws_config)
+        if max_request_body_size is not None:
+            config = config.max_request_body_size(max_request_body_size)
+        srv = await config.serve()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
+
+
+def ws_url(srv: brioche.Server[Any], path: str = "/ws") -> str:
+    return f"ws://127.0.0.1:{srv.port}{path}"
+
+
+class Recorder:
+    """Collects what handlers saw, and lets a test wait for it without sleeping."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, *event: Any) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, kind: str) -> list[tuple[Any, ...]]:
+        return [e[1:] for e in self.events if e[0] == kind]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()

@@ -1,0 +1,214 @@
+"""The public API's values: send statuses, UUIDs, immutable validated configs, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import brioche
+from brioche import MessageBackpressured, MessageDropped, MessageSent, server, websocket
+from conftest import ServeFn, upgrade_ws_path
+
+# -- send statuses ---------------------------------------------------------------------------
+
+
+def test_message_sent_equality_and_bytes_sent() -> None:
+    assert MessageSent(3) == MessageSent(3)
+    assert MessageSent(3) != MessageSent(4)
+    assert MessageSent(3).bytes_sent == 3
+    assert MessageSent(0) != MessageDropped()
+    assert MessageSent(3) != 3
+
+
+def test_message_sent_is_hashable() -> None:
+    assert hash(MessageSent(3)) == hash(MessageSent(3))
+    assert {MessageSent(3), MessageSent(3), MessageSent(4)} == {MessageSent(3), MessageSent(4)}
+    assert {MessageSent(1): "a"}[MessageSent(1)] == "a"
+
+
+def test_backpressured_and_dropped_are_equal_to_themselves_only() -> None:
+    assert MessageBackpressured() == MessageBackpressured()
+    assert MessageDropped() == MessageDropped()
+    assert MessageBackpressured() != MessageDropped()
+    assert hash(MessageBackpressured()) == hash(MessageBackpressured())
+    assert len({MessageDropped(), MessageDropped(), MessageBackpressured()}) == 2
+
+
+def describe(status: brioche.SendStatus) -> str:
+    match status:
+        case MessageSent(bytes_sent=n):
+            return f"sent {n}"
+        case MessageBackpressured():
+            return "backpressured"
+        case MessageDropped():
+            return "dropped"
+        case _:
+            return "unknown"
+
+
+def test_match_on_send_statuses() -> None:
+    assert describe(MessageSent(7)) == "sent 7"
+    assert describe(MessageBackpressured()) == "backpressured"
+    assert describe(MessageDropped()) == "dropped"
+
+
+def test_match_positional_bytes_sent() -> None:
+    match MessageSent(12):
+        case MessageSent(n):
+            assert n == 12
+        case _:
+            pytest.fail("MessageSent(n) did not match")
+
+
+# -- random_uuid_v7 --------------------------------------------------------------------------
+
+
+def test_random_uuid_v7_is_rfc9562_version_7() -> None:
+    value = brioche.random_uuid_v7()
+    assert isinstance(value, str)
+    parsed = uuid.UUID(value)
+    assert str(parsed) == value  # canonical lowercase 8-4-4-4-12 form
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122  # variant bits 10xx
+    assert value[14] == "7"
+    assert value[19] in "89ab"
+
+
+def test_random_uuid_v7_timestamp_is_now() -> None:
+    before = int(time.time() * 1000)
+    value = brioche.random_uuid_v7()
+    after = int(time.time() * 1000)
+    millis = int(value.replace("-", "")[:12], 16)
+    assert before - 2000 <= millis <= after + 2000
+
+
+def test_random_uuid_v7_values_are_unique_and_time_ordered() -> None:
+    values = [brioche.random_uuid_v7() for _ in range(100)]
+    assert len(set(values)) == 100
+    assert values == sorted(values)
+    assert all(uuid.UUID(v).version == 7 and uuid.UUID(v).variant == uuid.RFC_4122 for v in values)
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+    ws.send(text)
+
+
+def test_websocket_config_setters_return_new_objects() -> None:
+    base = websocket.init()
+    changed = base.idle_timeout(5).max_payload_length(1024).on_text(on_text).publish_to_self(True)
+    assert changed is not base
+    assert base == websocket.init()
+    assert base.idle_timeout_seconds == 120
+    assert base.on_text_message is None
+    assert changed.idle_timeout_seconds == 5
+    assert changed.max_payload_length_bytes == 1024
+    assert changed.on_text_message is on_text
+    assert changed.publish_to_self_enabled is True
+
+
+def test_websocket_config_is_frozen() -> None:
+    config = websocket.init()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.idle_timeout_seconds = 5  # type: ignore[misc]
+    assert config.idle_timeout_seconds == 120
+
+
+def test_server_config_setters_return_new_objects_and_it_is_frozen() -> None:
+    base = server.handler(upgrade_ws_path)
+    changed = base.port(1234).hostname("127.0.0.1").max_request_body_size(10)
+    assert (base.port_number, base.hostname_value, base.max_request_body_size_bytes) == (None, "0.0.0.0", 1024 * 1024)
+    assert (changed.port_number, changed.hostname_value, changed.max_request_body_size_bytes) == (1234, "127.0.0.1", 10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        changed.port_number = 1  # type: ignore[misc]
+
+
+def test_max_payload_length_negative_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        websocket.init().max_payload_length(-1)
+
+
+def test_idle_timeout_string_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        websocket.init().idle_timeout("x")  # type: ignore[arg-type]
+
+
+def test_on_text_non_callable_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        websocket.init().on_text(42)  # type: ignore[arg-type]
+
+
+def test_publish_to_self_int_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        websocket.init().publish_to_self(1)  # type: ignore[arg-type]
+
+
+def test_port_out_of_range_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        server.handler(upgrade_ws_path).port(70000)
+    with pytest.raises(ValueError):
+        server.handler(upgrade_ws_path).port(-1)
+
+
+def test_server_handler_non_callable_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        server.handler(42)  # type: ignore[arg-type]
+
+
+def test_module_function_style_equals_method_style() -> None:
+    c = websocket.init()
+    assert websocket.idle_timeout(c, 5) == c.idle_timeout(5)
+    assert websocket.on_text(c, on_text) == c.on_text(on_text)
+    assert websocket.max_payload_length(c, 10) == c.max_payload_length(10)
+    assert websocket.backpressure_limit(c, 10) == c.backpressure_limit(10)
+    assert websocket.close_on_backpressure_limit(c, True) == c.close_on_backpressure_limit(True)
+    assert websocket.publish_to_self(c, True) == c.publish_to_self(True)
+    assert websocket.send_pings(c, False) == c.send_pings(False)
+    s = server.handler(upgrade_ws_path)
+    assert server.port(s, 80) == s.port(80)
+    assert server.hostname(s, "127.0.0.1") == s.hostname("127.0.0.1")
+    assert server.websocket(s, c) == s.websocket(c)
+    assert server.max_request_body_size(s, 5) == s.max_request_body_size(5)
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_brioche_error_is_an_exception() -> None:
+    assert issubclass(brioche.BriocheError, Exception)
+
+
+async def test_binding_a_port_in_use_raises_os_error(serve: ServeFn) -> None:
+    first = await serve(websocket.init())
+    config = server.handler(upgrade_ws_path).hostname("127.0.0.1").port(first.port)
+    with pytest.raises(OSError):
+        second = await config.serve()
+        await second.stop()  # only reached if the bind wrongly succeeded
+
+
+# Beyond "raises an OSError": _brioche.pyi declares `class BindError(BriocheError, OSError)` for
+# "the server could not listen on the requested address", and callers that retry on another port
+# check `exc.errno == errno.EADDRINUSE` as they do with asyncio.create_server.
+
+
+async def test_binding_a_port_in_use_error_is_a_brioche_error(serve: ServeFn) -> None:
+    first = await serve(websocket.init())
+    config = server.handler(upgrade_ws_path).hostname("127.0.0.1").port(first.port)
+    with pytest.raises(OSError) as info:
+        await config.serve()
+    assert isinstance(info.value, brioche.BriocheError), type(info.value).__mro__
+
+
+async def test_binding_a_port_in_use_error_has_errno_eaddrinuse(serve: ServeFn) -> None:
+    first = await serve(websocket.init())
+    config = server.handler(upgrade_ws_path).hostname("127.0.0.1").port(first.port)
+    with pytest.raises(OSError) as info:
+        await config.serve()
+    assert info.value.errno == errno.EADDRINUSE, info.value

@@ -1,0 +1,58 @@
+"""Text and binary messages round-trip byte-exact through real sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+import brioche
+from brioche import MessageSent, websocket
+from conftest import Recorder, ServeFn, ws_url
+
+
+def echo_config(recorder: Recorder | None = None) -> websocket.Config[Any]:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        status = ws.send(text)
+        if recorder is not None:
+            recorder.add("sent", status)
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        ws.send_bytes(data)
+
+    return websocket.init().on_text(on_text).on_bytes(on_bytes)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["", "a", "héllo wörld ✓ 🥐", "x" * 125, "y" * 126, "z" * 65_536, "€" * (1024 * 1024 // 3)],
+    ids=["empty", "1-byte", "non-ascii", "125", "126", "64KiB", "1MiB-utf8"],
+)
+async def test_text_echo_is_exact(serve: ServeFn, message: str) -> None:
+    srv = await serve(echo_config())
+    async with connect(ws_url(srv), max_size=None) as client:
+        await client.send(message)
+        assert await client.recv() == message
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00", bytes(range(256)), b"\xff" * (1024 * 1024)],
+    ids=["empty", "1-byte", "all-byte-values", "1MiB"],
+)
+async def test_binary_echo_is_exact(serve: ServeFn, payload: bytes) -> None:
+    srv = await serve(echo_config())
+    async with connect(ws_url(srv), max_size=None) as client:
+        await client.send(payload)
+        reply = await client.recv()
+        assert isinstance(reply, bytes)
+        assert reply == payload
+
+
+async def test_send_reports_utf8_length(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    async with connect(ws_url(srv)) as client:
+        await client.send("héllo 🥐")
+        assert await client.recv() == "héllo 🥐"
+    assert recorder.of("sent") == [(MessageSent(len("héllo 🥐".encode())),)]

@@ -1,0 +1,421 @@
+"""Plain HTTP through the handler, and the handshakes the server refuses, over raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json as jsonlib
+import logging
+from typing import Any
+
+import pytest
+
+import brioche
+from brioche import server, websocket
+from conftest import Recorder, ServeFn
+
+TIMEOUT = 5
+
+HttpResult = tuple[int, dict[str, list[str]], bytes]
+
+
+async def read_response(reader: asyncio.StreamReader) -> HttpResult:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    status_line, *header_lines = head[:-4].decode("latin-1").split("\r\n")
+    version, status, *_ = status_line.split(" ", 2)
+    assert version == "HTTP/1.1", status_line
+    headers: dict[str, list[str]] = {}
+    for line in header_lines:
+        name, value = line.split(":", 1)
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    assert "transfer-encoding" not in headers, "these tests expect a Content-Length body"
+    length = int(headers.get("content-length", ["0"])[0])
+    body = await asyncio.wait_for(reader.readexactly(length), TIMEOUT) if length else b""
+    return int(status), headers, body
+
+
+async def http(
+    srv: brioche.Server[Any],
+    target: str,
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> HttpResult:
+    """One request on a fresh connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, target, method, headers, body))
+        await writer.drain()
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+def request_bytes(
+    srv: brioche.Server[Any],
+    target: str,
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{srv.port}"]
+    lines += [f"{k}: {v}" for k, v in headers or []]
+    if body or method in ("POST", "PUT"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# -- response helpers ------------------------------------------------------------------------
+
+ROUTES = {
+    "/text": lambda: server.text("héllo ✓"),
+    "/text-201": lambda: server.text("made", 201),
+    "/html": lambda: server.html("<p>héllo</p>"),
+    "/json": lambda: server.json({"a": 1, "b": [True, None], "c": "é"}),
+    "/ok": server.ok,
+    "/not_found": server.not_found,
+    "/bad_request": server.bad_request,
+    "/internal_error": server.internal_error,
+}
+
+
+async def route(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+    return ROUTES[request.path]()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "content_type", "body"),
+    [
+        ("/text", 200, "text/plain; charset=utf-8", "héllo ✓".encode()),
+        ("/text-201", 201, "text/plain; charset=utf-8", b"made"),
+        ("/html", 200, "text/html; charset=utf-8", "<p>héllo</p>".encode()),
+        ("/json", 200, "application/json", '{"a":1,"b":[true,null],"c":"é"}'.encode()),
+        ("/ok", 200, None, b""),
+        ("/not_found", 404, "text/plain; charset=utf-8", b"Not Found"),
+        ("/bad_request", 400, "text/plain; charset=utf-8", b"Bad Request"),
+        ("/internal_error", 500, "text/plain; charset=utf-8", b"Internal Server Error"),
+    ],
+    ids=["text", "text-201", "html", "json", "ok", "not_found", "bad_request", "internal_error"],
+)
+async def test_response_helpers_give_exact_status_type_and_body(
+    serve: ServeFn, path: str, status: int, content_type: str | None, body: bytes
+) -> None:
+    srv = await serve(handler=route)
+    got_status, headers, got_body = await http(srv, path)
+    assert got_status == status
+    assert headers.get("content-type") == ([content_type] if content_type else None)
+    assert headers["content-length"] == [str(len(body))]
+    assert got_body == body
+
+
+async def test_json_body_parses_back(serve: ServeFn) -> None:
+    srv = await serve(handler=route)
+    _, _, body = await http(srv, "/json")
+    assert jsonlib.loads(body) == {"a": 1, "b": [True, None], "c": "é"}
+
+
+async def test_custom_response_headers_are_sent(serve: ServeFn) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        return server.text("x").with_header("x-one", "1").with_header("set-cookie", "a=1").with_header(
+            "set-cookie", "b=2"
+        )
+
+    srv = await serve(handler=handler)
+    status, headers, body = await http(srv, "/")
+    assert (status, body) == (200, b"x")
+    assert headers["x-one"] == ["1"]
+    assert headers["set-cookie"] == ["a=1", "b=2"]
+
+
+# -- the request as the handler sees it ------------------------------------------------------
+
+
+async def test_request_fields_method_path_query_headers_body(serve: ServeFn, recorder: Recorder) -> None:
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add(
+            "request",
+            request.method,
+            request.path,
+            request.query,
+            request.headers["X-Foo"],
+            request.headers["x-foo"],
+            request.headers["X-FOO"],
+            "x-foo" in request.headers,
+            "X-Missing" in request.headers,
+            request.headers.get_all("x-multi"),
+            request.body,
+            request.remote_address,
+            request.is_websocket,
+        )
+        return server.ok()
+
+    srv = await serve(handler=handler)
+    body = b"hello\x00world\xff"
+    status, _, _ = await http(
+        srv,
+        "/some/path?a=1&b=two",
+        method="POST",
+        headers=[("X-Foo", "bar"), ("X-Multi", "1"), ("x-multi", "2")],
+        body=body,
+    )
+    assert status == 200
+    assert recorder.of("request") == [
+        ("POST", "/some/path", "a=1&b=two", "bar", "bar", "bar", True, False, ["1", "2"], body, "127.0.0.1", False)
+    ]
+
+
+async def test_request_without_query_has_empty_query_and_body(serve: ServeFn, recorder: Recorder) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("request", request.method, request.path, request.query, request.body)
+        return server.text(request.method)
+
+    srv = await serve(handler=handler)
+    status, _, body = await http(srv, "/plain")
+    assert (status, body) == (200, b"GET")
+    assert recorder.of("request") == [("GET", "/plain", "", b"")]
+
+
+async def test_sync_handler_works(serve: ServeFn) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        return server.text(f"sync {request.path}")
+
+    srv = await serve(handler=handler)
+    status, _, body = await http(srv, "/abc")
+    assert (status, body) == (200, b"sync /abc")
+
+
+async def test_keep_alive_connection_serves_several_requests(serve: ServeFn) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        return server.text(request.path)
+
+    srv = await serve(handler=handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        for i in range(3):
+            writer.write(request_bytes(srv, f"/r{i}"))
+            await writer.drain()
+            status, _, body = await read_response(reader)
+            assert (status, body) == (200, f"/r{i}".encode())
+    finally:
+        writer.close()
+
+
+# -- handler failures ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["sync", "async_before_await", "async_after_await"])
+async def test_handler_exception_gives_500_and_server_keeps_serving(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture, style: str
+) -> None:
+    def sync_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if request.path == "/boom":
+            raise RuntimeError("fetch exploded")
+        return server.text("fine")
+
+    async def async_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if style == "async_after_await":
+            await asyncio.sleep(0)
+        return sync_handler(request, srv)
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=sync_handler if style == "sync" else async_handler)
+    status, headers, body = await http(srv, "/boom")
+    assert (status, body) == (500, b"Internal Server Error")
+    assert headers["content-type"] == ["text/plain; charset=utf-8"]
+    status, _, body = await http(srv, "/next")
+    assert (status, body) == (200, b"fine")
+    assert any(
+        r.name == "brioche" and r.levelno == logging.ERROR and r.exc_info is not None
+        and str(r.exc_info[1]) == "fetch exploded"
+        for r in caplog.records
+    ), caplog.records
+
+
+async def test_handler_returning_none_without_upgrade_gives_500(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> None:
+        return None
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=handler)
+    status, _, body = await http(srv, "/nothing")
+    assert (status, body) == (500, b"Internal Server Error")
+    assert any(r.name == "brioche" and r.levelno == logging.ERROR for r in caplog.records)
+
+
+async def test_handler_returning_non_response_gives_500(serve: ServeFn) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> Any:
+        return "not a Response"
+
+    srv = await serve(handler=handler)
+    status, _, body = await http(srv, "/")
+    assert (status, body) == (500, b"Internal Server Error")
+
+
+# -- request body limit ----------------------------------------------------------------------
+
+
+async def test_body_over_max_request_body_size_gives_413(serve: ServeFn, recorder: Recorder) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("called", request.body)
+        return server.ok()
+
+    srv = await serve(handler=handler, max_request_body_size=16)
+    status, _, _ = await http(srv, "/upload", method="POST", body=b"x" * 17)
+    assert status == 413
+    assert recorder.of("called") == []
+
+
+async def test_body_of_exactly_max_request_body_size_is_accepted(serve: ServeFn, recorder: Recorder) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("called", request.body)
+        return server.ok()
+
+    srv = await serve(handler=handler, max_request_body_size=16)
+    status, _, _ = await http(srv, "/upload", method="POST", body=b"y" * 16)
+    assert status == 200
+    assert recorder.of("called") == [(b"y" * 16,)]
+
+
+# -- invalid WebSocket handshakes ------------------------------------------------------------
+
+KEY = ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+VERSION = ("Sec-WebSocket-Version", "13")
+UPGRADE = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+
+
+async def ws_server(serve: ServeFn) -> brioche.Server[Any]:
+    return await serve(websocket.init())
+
+
+async def test_handshake_without_key_gives_400(serve: ServeFn) -> None:
+    srv = await ws_server(serve)
+    status, _, _ = await http(srv, "/ws", headers=[*UPGRADE, VERSION])
+    assert status == 400
+
+
+async def test_handshake_with_invalid_key_gives_400(serve: ServeFn) -> None:
+    srv = await ws_server(serve)
+    status, _, _ = await http(srv, "/ws", headers=[*UPGRADE, VERSION, ("Sec-WebSocket-Key", "short")])
+    assert status == 400
+
+
+async def test_handshake_without_version_gives_426_with_version_header(serve: ServeFn) -> None:
+    srv = await ws_server(serve)
+    status, headers, _ = await http(srv, "/ws", headers=[*UPGRADE, KEY])
+    assert status == 426
+    assert headers.get("sec-websocket-version") == ["13"]
+
+
+async def test_handshake_with_version_8_gives_426(serve: ServeFn) -> None:
+    srv = await ws_server(serve)
+    status, headers, _ = await http(srv, "/ws", headers=[*UPGRADE, KEY, ("Sec-WebSocket-Version", "8")])
+    assert status == 426
+    assert headers.get("sec-websocket-version") == ["13"]
+
+
+async def test_post_with_upgrade_websocket_gives_400(serve: ServeFn) -> None:
+    srv = await ws_server(serve)
+    status, _, _ = await http(srv, "/ws", method="POST", headers=[*UPGRADE, KEY, VERSION])
+    assert status == 400
+
+
+async def test_valid_raw_handshake_gets_101_with_accept_key(serve: ServeFn) -> None:
+    srv = await ws_server(serve)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION]))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 101")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    assert headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 example
+    assert headers["upgrade"].lower() == "websocket"
+
+
+async def test_upgrade_of_plain_request_returns_false_and_fallback_response(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        recorder.add("upgrade", request.is_websocket, srv.upgrade(request))
+        return server.upgrade(srv, request, [("x-ignored", "1")], None, server.not_found)
+
+    srv = await serve(websocket.init(), handler=handler)
+    status, headers, body = await http(srv, "/ws")
+    assert (status, body) == (404, b"Not Found")
+    assert "x-ignored" not in headers
+    assert recorder.of("upgrade") == [(False, False)]
+
+
+async def test_upgrade_without_websocket_config_returns_fallback(serve: ServeFn, recorder: Recorder) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        recorder.add("upgrade", srv.upgrade(request))
+        return server.upgrade(srv, request, [], None, server.bad_request)
+
+    srv = await serve(None, handler=handler)  # no websocket config at all
+    status, _, body = await http(srv, "/ws", headers=[*UPGRADE, KEY, VERSION])
+    assert (status, body) == (400, b"Bad Request")
+    assert recorder.of("upgrade") == [(False,)]
+
+
+async def test_chunked_body_over_max_request_body_size_gives_413(serve: ServeFn, recorder: Recorder) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("called", request.body)
+        return server.ok()
+
+    srv = await serve(handler=handler, max_request_body_size=16)
+    chunked = b"a\r\n0123456789\r\na\r\nabcdefghij\r\n0\r\n\r\n"  # 20 bytes in two chunks
+    status, _, _ = await raw_exchange(
+        srv, b"PUT /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert status == 413
+    assert recorder.of("called") == []
+
+
+async def test_chunked_body_within_limit_is_reassembled(serve: ServeFn, recorder: Recorder) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("called", request.body)
+        return server.ok()
+
+    srv = await serve(handler=handler, max_request_body_size=16)
+    chunked = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    status, _, _ = await raw_exchange(
+        srv, b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert status == 200
+    assert recorder.of("called") == [(b"hello world",)]
+
+
+async def test_connection_after_413_never_parses_the_rejected_body_as_a_request(serve: ServeFn) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        return server.text(request.path)
+
+    srv = await serve(handler=handler, max_request_body_size=16)
+    smuggled = request_bytes(srv, "/smuggled")
+    body = smuggled + b"z" * (64 - len(smuggled))
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, "/upload", method="POST", body=body))
+        await writer.drain()
+        status, _, _ = await read_response(reader)
+        assert status == 413
+        try:
+            writer.write(request_bytes(srv, "/next"))
+            await writer.drain()
+            status, _, reply = await read_response(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # closing the connection after a 413 is fine
+        assert (status, reply) == (200, b"/next")
+    finally:
+        writer.close()
+
+
+async def raw_exchange(srv: brioche.Server[Any], raw: bytes) -> HttpResult:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await read_response(reader)
+    finally:
+        writer.close()

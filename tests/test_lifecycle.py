@@ -1,0 +1,629 @@
+"""A WebSocket's life seen from both ends: context, state, closing, control frames, handler rules."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import struct
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+
+import brioche
+from brioche import MessageDropped, MessageSent, server, websocket
+from conftest import Recorder, ServeFn, ws_url
+
+TIMEOUT = 5
+
+
+# -- a minimal raw WebSocket client, to see the frames the websockets library hides -----------
+
+
+async def raw_connect(srv: brioche.Server[Any], path: str = "/ws") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET {path} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{srv.port}\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            "\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return reader, writer
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One server frame: (opcode, payload). Server frames are unmasked and, here, unfragmented."""
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    assert b0 & 0x80, "expected a final frame"
+    assert not b1 & 0x80, "server frames must not be masked"
+    length = b1 & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), TIMEOUT))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await asyncio.wait_for(reader.readexactly(8), TIMEOUT))
+    payload = await asyncio.wait_for(reader.readexactly(length), TIMEOUT) if length else b""
+    return b0 & 0x0F, payload
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+# -- context, headers, address, state --------------------------------------------------------
+
+
+async def test_ws_data_is_the_upgrade_context(serve: ServeFn, recorder: Recorder) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("data", ws.data, websocket.data(ws))
+
+    srv = await serve(websocket.init().on_open(on_open))
+    async with connect(ws_url(srv, "/ws?room=42&user=ann")):
+        await recorder.wait_for(lambda: bool(recorder.of("data")), TIMEOUT)
+    assert recorder.of("data") == [("room=42&user=ann", "room=42&user=ann")]
+
+
+async def test_ws_data_is_the_same_object_passed_to_upgrade(serve: ServeFn, recorder: Recorder) -> None:
+    context = {"user": "ann", "ids": [1, 2, 3]}
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        return server.upgrade(srv, request, [], context, server.bad_request)
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("same", ws.data is context, websocket.data(ws) is context)
+        ws.send(text)
+
+    srv = await serve(websocket.init().on_text(on_text), handler=handler)
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "x"
+    assert recorder.of("same") == [(True, True)]
+
+
+async def test_upgrade_headers_appear_in_101_response(serve: ServeFn, recorder: Recorder) -> None:
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        sid = brioche.random_uuid_v7()
+        recorder.add("sid", sid)
+        return server.upgrade(srv, request, [("x-session", sid)], sid, server.internal_error)
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("data", ws.data)
+
+    srv = await serve(websocket.init().on_open(on_open), handler=handler)
+    async with connect(ws_url(srv)) as client:
+        await recorder.wait_for(lambda: bool(recorder.of("data")), TIMEOUT)
+        assert client.response is not None
+        assert client.response.status_code == 101
+        [(sid,)] = recorder.of("sid")
+        assert client.response.headers.get_all("x-session") == [sid]
+    assert recorder.of("data") == [(sid,)]
+
+
+async def test_remote_address_is_client_ip(serve: ServeFn, recorder: Recorder) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("addr", ws.remote_address, websocket.remote_address(ws))
+
+    srv = await serve(websocket.init().on_open(on_open))
+    async with connect(ws_url(srv)):
+        await recorder.wait_for(lambda: bool(recorder.of("addr")), TIMEOUT)
+    assert recorder.of("addr") == [("127.0.0.1", "127.0.0.1")]
+
+
+async def test_ready_state_is_1_while_open_and_3_in_on_close_and_after(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    sockets: list[brioche.WebSocket[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets.append(ws)
+        recorder.add("state", "open", ws.ready_state, websocket.ready_state(ws))
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("state", "text", ws.ready_state, websocket.ready_state(ws))
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("state", "close", ws.ready_state, websocket.ready_state(ws))
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("hi")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "hi"
+    await recorder.wait_for(lambda: len(recorder.of("state")) == 3, TIMEOUT)
+    assert recorder.of("state") == [("open", 1, 1), ("text", 1, 1), ("close", 3, 3)]
+    assert sockets[0].ready_state == 3
+
+
+# -- closing ---------------------------------------------------------------------------------
+
+
+async def test_client_close_code_and_reason_reach_on_close_once(serve: ServeFn, recorder: Recorder) -> None:
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.close(4000, "done")
+        assert client.close_code == 4000  # the server echoed the code
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    # Once every connection has ended no further on_close can be pending.
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+    assert recorder.of("close") == [(4000, "done")]
+
+
+async def test_server_close_code_and_reason_reach_client_and_on_close(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(4001, "bye")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("close me")
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(client.recv(), TIMEOUT)
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (4001, "bye")
+        assert (client.close_code, client.close_reason) == (4001, "bye")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+    assert [code for code, _ in recorder.of("close")] == [4001]
+
+
+async def test_module_close_function_closes_with_code(serve: ServeFn) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        websocket.close(ws, 4003, "module")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("close me")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert (client.close_code, client.close_reason) == (4003, "module")
+
+
+async def test_close_without_arguments_sends_1000_and_empty_reason(serve: ServeFn, recorder: Recorder) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close()
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert (client.close_code, client.close_reason) == (1000, "")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("close") == [(1000, "")]
+
+
+async def test_terminate_gives_client_1006(serve: ServeFn, recorder: Recorder) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.terminate()
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("die")
+        with pytest.raises(ConnectionClosedError) as info:
+            await asyncio.wait_for(client.recv(), TIMEOUT)
+        assert info.value.rcvd is None  # no close frame came
+        assert client.close_code == 1006
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+    assert recorder.of("close") == [(1006,)]
+
+
+async def test_terminate_module_function_gives_1006(serve: ServeFn, recorder: Recorder) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        websocket.terminate(ws)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("die")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert client.close_code == 1006
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("close") == [(1006,)]
+
+
+# -- control frames --------------------------------------------------------------------------
+
+
+async def test_server_ping_arrives_as_ping_frame(serve: ServeFn) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        assert ws.ping(b"abc") == MessageSent(3)
+        ws.send("after")
+
+    srv = await serve(websocket.init().on_open(on_open))
+    reader, writer = await raw_connect(srv)
+    try:
+        assert await read_frame(reader) == (0x9, b"abc")
+        assert await read_frame(reader) == (0x1, b"after")
+    finally:
+        writer.close()
+
+
+async def test_server_pong_arrives_as_pong_frame(serve: ServeFn) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        assert ws.pong(b"xyz") == MessageSent(3)
+        websocket.pong(ws, "é")
+        ws.send("after")
+
+    srv = await serve(websocket.init().on_open(on_open))
+    reader, writer = await raw_connect(srv)
+    try:
+        assert await read_frame(reader) == (0xA, b"xyz")
+        assert await read_frame(reader) == (0xA, "é".encode())
+        assert await read_frame(reader) == (0x1, b"after")
+    finally:
+        writer.close()
+
+
+async def test_raw_client_ping_gets_pong_with_same_payload(serve: ServeFn) -> None:
+    srv = await serve(websocket.init())
+    reader, writer = await raw_connect(srv)
+    try:
+        writer.write(client_frame(0x9, b"hey"))
+        await writer.drain()
+        assert await read_frame(reader) == (0xA, b"hey")
+    finally:
+        writer.close()
+
+
+async def test_client_ping_gets_pong(serve: ServeFn) -> None:
+    srv = await serve(websocket.init())
+    async with connect(ws_url(srv)) as client:
+        pong_waiter = await client.ping(b"hey")
+        latency = await asyncio.wait_for(pong_waiter, TIMEOUT)
+        assert latency >= 0
+
+
+# -- handler errors --------------------------------------------------------------------------
+
+
+async def test_exception_in_on_text_closes_that_connection_with_1011(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "boom":
+            raise RuntimeError("handler exploded")
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code)
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv, "/ws?a")) as bad, connect(ws_url(srv, "/ws?b")) as good:
+        await good.send("before")
+        assert await asyncio.wait_for(good.recv(), TIMEOUT) == "before"
+        await bad.send("boom")
+        with pytest.raises(ConnectionClosedError) as info:
+            await asyncio.wait_for(bad.recv(), TIMEOUT)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+        await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+        for i in range(3):
+            await good.send(f"after {i}")
+            assert await asyncio.wait_for(good.recv(), TIMEOUT) == f"after {i}"
+    assert recorder.of("close")[0] == ("a", 1011)
+    assert any(
+        r.name == "brioche" and r.levelno == logging.ERROR and r.exc_info is not None
+        and str(r.exc_info[1]) == "handler exploded"
+        for r in caplog.records
+    ), caplog.records
+
+
+@pytest.mark.parametrize("when", ["before_await", "after_await"])
+async def test_exception_in_async_on_text_closes_with_1011(serve: ServeFn, when: str) -> None:
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "boom":
+            if when == "after_await":
+                await asyncio.sleep(0)
+            raise RuntimeError("async handler exploded")
+        await asyncio.sleep(0)
+        ws.send(text)
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as bad, connect(ws_url(srv)) as good:
+        await bad.send("boom")
+        with pytest.raises(ConnectionClosedError) as info:
+            await asyncio.wait_for(bad.recv(), TIMEOUT)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+        for i in range(3):
+            await good.send(f"still {i}")
+            assert await asyncio.wait_for(good.recv(), TIMEOUT) == f"still {i}"
+
+
+async def test_exception_in_async_on_open_closes_with_1011(serve: ServeFn) -> None:
+    async def on_open(ws: brioche.WebSocket[Any]) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("open exploded")
+
+    srv = await serve(websocket.init().on_open(on_open))
+    async with connect(ws_url(srv)) as client:
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert client.close_code == 1011
+
+
+# -- ordering --------------------------------------------------------------------------------
+
+
+async def test_async_handlers_run_one_at_a_time_in_order(serve: ServeFn, recorder: Recorder) -> None:
+    count = 60
+
+    async def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open-start")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        recorder.add("open-end")
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        n = int(text)
+        recorder.add("start", n)
+        if n % 3 == 0:
+            await asyncio.sleep(0)
+        if n % 7 == 0:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(fut.set_result, None)
+            await fut
+        recorder.add("end", n)
+        ws.send(text)
+
+    async def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close-start", code)
+        await asyncio.sleep(0)
+        recorder.add("close-end", code)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        for i in range(count):
+            await client.send(str(i))
+        received = [await asyncio.wait_for(client.recv(), TIMEOUT) for _ in range(count)]
+        assert received == [str(i) for i in range(count)]
+    await recorder.wait_for(lambda: bool(recorder.of("close-end")), TIMEOUT)
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+
+    expected: list[tuple[Any, ...]] = [("open-start",), ("open-end",)]
+    for i in range(count):
+        expected += [("start", i), ("end", i)]
+    expected += [("close-start", 1000), ("close-end", 1000)]
+    assert recorder.events == expected
+
+
+async def _wait_until_unregistered(srv: brioche.Server[Any], recorder: Recorder) -> None:
+    """Return once the engine has queued every event of the connections that are gone.
+
+    A connection is unregistered only after its close event is queued, so a connection opened
+    after ``pending_websockets`` reaches 0 has its open event queued behind those: seeing that
+    open in a handler means Python has taken the earlier close event off the queue.
+    """
+    for _ in range(1000):  # bounded: at most ~5 s
+        if srv.pending_websockets == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert srv.pending_websockets == 0
+    async with connect(ws_url(srv, "/ws?barrier")):
+        await recorder.wait_for(lambda: ("open", "barrier") in recorder.events, TIMEOUT)
+
+
+@pytest.mark.parametrize("how", ["client_close", "server_terminate"])
+async def test_on_close_waits_for_a_suspended_handler(serve: ServeFn, recorder: Recorder, how: str) -> None:
+    release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", ws.data)
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("start", ws.data, text)
+        if how == "server_terminate":
+            ws.terminate()
+        await release
+        recorder.add("end", ws.data, text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv, "/ws?a")) as client:
+        # After terminate nothing more is read, so that case sends just one message.
+        messages = ["1", "2"] if how == "client_close" else ["1"]
+        for message in messages:
+            await client.send(message)
+        await recorder.wait_for(lambda: ("start", "a", "1") in recorder.events, TIMEOUT)
+        if how == "client_close":
+            await client.close(4000, "early")
+        else:
+            await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+    await _wait_until_unregistered(srv, recorder)
+    assert not release.done()
+    assert [e for e in recorder.events if e[1] == "a"] == [("open", "a"), ("start", "a", "1")]
+    release.set_result(None)
+    await recorder.wait_for(lambda: any(e[0] == "close" and e[1] == "a" for e in recorder.events), TIMEOUT)
+    code = 4000 if how == "client_close" else 1006
+    expected: list[tuple[Any, ...]] = [("open", "a")]
+    for message in messages:
+        expected += [("start", "a", message), ("end", "a", message)]
+    expected.append(("close", "a", code))
+    assert [e for e in recorder.events if e[1] == "a"] == expected
+
+
+async def test_exception_in_on_close_is_logged_and_server_keeps_working(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+        raise RuntimeError("close exploded")
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.close(4000, "x")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    async with connect(ws_url(srv)) as client:
+        await client.send("again")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "again"
+    assert any(
+        r.name == "brioche" and r.exc_info is not None and str(r.exc_info[1]) == "close exploded"
+        for r in caplog.records
+    )
+
+
+async def test_plain_sync_handlers_work(serve: ServeFn, recorder: Recorder) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open")
+        ws.send("welcome")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text)
+        ws.send(text.upper())
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("bytes", data)
+        ws.send_bytes(data[::-1])
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    config = websocket.init().on_open(on_open).on_text(on_text).on_bytes(on_bytes).on_close(on_close)
+    srv = await serve(config)
+    async with connect(ws_url(srv)) as client:
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "welcome"
+        await client.send("abc")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "ABC"
+        await client.send(b"\x01\x02\x03")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == b"\x03\x02\x01"
+        await client.close(1000, "fine")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.events == [("open",), ("text", "abc"), ("bytes", b"\x01\x02\x03"), ("close", 1000, "fine")]
+
+
+async def test_module_function_style_works(serve: ServeFn, recorder: Recorder) -> None:
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("status", websocket.send(ws, f"{websocket.data(ws)}:{text}"))
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("status", websocket.send_bytes(ws, data))
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    config = websocket.on_close(websocket.on_bytes(websocket.on_text(websocket.init(), on_text), on_bytes), on_close)
+    srv = await serve(config)
+    async with connect(ws_url(srv, "/ws?ctx")) as client:
+        await client.send("hi")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "ctx:hi"
+        await client.send(b"\x00\xff")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == b"\x00\xff"
+        await client.close(4010, "module style")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.events == [("status", MessageSent(6)), ("status", MessageSent(2)), ("close", 4010, "module style")]
+
+
+# -- argument validation ---------------------------------------------------------------------
+
+
+async def _run_in_on_text(serve: ServeFn, action: Any) -> tuple[str, Any]:
+    """Run ``action(ws)`` inside on_text; return ("ok", result) or ("raised", exception type)."""
+    outcome: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "act":
+            try:
+                outcome.set_result(("ok", action(ws)))
+            except Exception as exc:
+                outcome.set_result(("raised", type(exc)))
+        ws.send(f"open:{ws.ready_state}")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("act")
+        result = await asyncio.wait_for(outcome, TIMEOUT)
+        # A rejected call must leave the connection open and usable.
+        if result[0] == "raised":
+            assert await asyncio.wait_for(client.recv(), TIMEOUT) == "open:1"
+    return result
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2999, 5000])
+async def test_close_with_invalid_code_raises_value_error(serve: ServeFn, code: int) -> None:
+    assert await _run_in_on_text(serve, lambda ws: ws.close(code, "")) == ("raised", ValueError)
+
+
+async def test_close_reason_over_123_bytes_raises_value_error(serve: ServeFn) -> None:
+    reason = "é" * 62  # 124 UTF-8 bytes, 62 characters
+    assert await _run_in_on_text(serve, lambda ws: ws.close(1000, reason)) == ("raised", ValueError)
+
+
+async def test_close_reason_of_exactly_123_bytes_reaches_client(serve: ServeFn) -> None:
+    reason = "é" * 61 + "x"  # 123 UTF-8 bytes
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(4000, reason)
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert (client.close_code, client.close_reason) == (4000, reason)
+
+
+@pytest.mark.parametrize("method", ["ping", "pong"])
+async def test_control_payload_over_125_bytes_raises_value_error(serve: ServeFn, method: str) -> None:
+    payload = b"p" * 126
+    assert await _run_in_on_text(serve, lambda ws: getattr(ws, method)(payload)) == ("raised", ValueError)
+
+
+@pytest.mark.parametrize("method", ["ping", "pong"])
+async def test_control_payload_of_125_bytes_is_sent(serve: ServeFn, method: str) -> None:
+    payload = b"p" * 125
+    assert await _run_in_on_text(serve, lambda ws: getattr(ws, method)(payload)) == ("ok", MessageSent(125))
+
+
+async def test_send_after_close_returns_message_dropped(serve: ServeFn, recorder: Recorder) -> None:
+    sockets: list[brioche.WebSocket[Any]] = []
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        sockets.append(ws)
+        ws.close(1000, "closing")
+        recorder.add("after-close", ws.send("late"), ws.send_bytes(b"late"), ws.ping(b""), ws.pong(b""))
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("in-on-close", ws.send("late"), websocket.send_bytes(ws, b"late"))
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.recv(), TIMEOUT)  # no "late" message arrives first
+        assert client.close_code == 1000
+    await recorder.wait_for(lambda: bool(recorder.of("in-on-close")), TIMEOUT)
+    dropped = MessageDropped()
+    assert recorder.of("after-close") == [(dropped, dropped, dropped, dropped)]
+    assert recorder.of("in-on-close") == [(dropped, dropped)]
+    assert sockets[0].send("later still") == dropped

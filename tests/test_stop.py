@@ -1,0 +1,187 @@
+"""Stopping a server: refusing new connections, waiting for or closing open ones."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosedOK
+
+import brioche
+from brioche import server, websocket
+from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
+
+TIMEOUT = 5
+
+
+def echo_config(recorder: Recorder) -> websocket.Config[Any]:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code)
+
+    return websocket.init().on_text(on_text).on_close(on_close)
+
+
+async def echo(client: ClientConnection, message: str) -> None:
+    await client.send(message)
+    assert await asyncio.wait_for(client.recv(), TIMEOUT) == message
+
+
+async def assert_refused(srv: brioche.Server[Any]) -> None:
+    with pytest.raises(OSError):
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", srv.port), TIMEOUT)
+
+
+async def test_stop_refuses_new_connections(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+    await assert_refused(srv)
+    with pytest.raises(OSError):
+        async with connect(ws_url(srv), open_timeout=TIMEOUT):
+            pass
+
+
+async def test_stop_refuses_new_connections_while_a_client_is_open(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    async with connect(ws_url(srv, "/ws?old")) as old:
+        stopping = asyncio.create_task(srv.stop())
+        await echo(old, "after stop was called")  # the stop task has run its first step by now
+        await assert_refused(srv)
+        with pytest.raises(OSError):
+            async with connect(ws_url(srv), open_timeout=TIMEOUT):
+                pass
+        assert not stopping.done()
+    await asyncio.wait_for(stopping, TIMEOUT)
+
+
+async def test_open_client_keeps_echoing_after_stop(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    async with connect(ws_url(srv, "/ws?old")) as old:
+        stopping = asyncio.create_task(srv.stop())
+        for i in range(5):
+            await echo(old, f"message {i}")
+        await echo(old, "é" * 1000)
+        assert not stopping.done()
+    await asyncio.wait_for(stopping, TIMEOUT)
+    assert recorder.of("close") == [("old", 1000)]
+
+
+async def test_stop_completes_only_after_open_client_closes(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    client = await connect(ws_url(srv, "/ws?old"))
+    stopping = asyncio.create_task(srv.stop())
+    try:
+        await echo(client, "one")
+        assert not stopping.done()
+        await echo(client, "two")
+        assert not stopping.done()
+        assert recorder.of("close") == []
+    finally:
+        await client.close(4000, "leaving")
+    await asyncio.wait_for(stopping, TIMEOUT)
+    assert recorder.of("close") == [("old", 4000)]
+    assert srv.pending_websockets == 0
+
+
+async def test_stop_closing_active_connections_sends_1001_to_every_client(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    srv = await serve(echo_config(recorder))
+    async with connect(ws_url(srv, "/ws?a")) as a, connect(ws_url(srv, "/ws?b")) as b:
+        await echo(a, "a")
+        await echo(b, "b")
+        await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+        for client in (a, b):
+            with pytest.raises(ConnectionClosedOK) as info:
+                await asyncio.wait_for(client.recv(), TIMEOUT)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+            assert client.close_code == 1001
+    assert sorted(recorder.of("close")) == [("a", 1001), ("b", 1001)]
+    await assert_refused(srv)
+
+
+async def test_stop_closing_active_connections_can_follow_a_waiting_stop(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    srv = await serve(echo_config(recorder))
+    async with connect(ws_url(srv, "/ws?a")) as a:
+        waiting = asyncio.create_task(srv.stop())
+        await echo(a, "still here")
+        assert not waiting.done()
+        await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+        await asyncio.wait_for(a.wait_closed(), TIMEOUT)
+        assert a.close_code == 1001
+    await asyncio.wait_for(waiting, TIMEOUT)
+    assert recorder.of("close") == [("a", 1001)]
+
+
+async def test_async_with_serves_and_stops_on_exit(recorder: Recorder) -> None:
+    config = server.handler(upgrade_ws_path).websocket(echo_config(recorder)).hostname("127.0.0.1").port(0)
+    async with await config.serve() as srv:
+        assert isinstance(srv, brioche.Server)
+        assert srv.port > 0
+        client = await connect(ws_url(srv, "/ws?ctx"))
+        await echo(client, "inside")
+    # Leaving the block stopped the server and closed the client with 1001.
+    await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+    assert client.close_code == 1001
+    assert recorder.of("close") == [("ctx", 1001)]
+    await assert_refused(srv)
+
+
+async def test_async_with_stops_when_block_raises(recorder: Recorder) -> None:
+    config = server.handler(upgrade_ws_path).websocket(echo_config(recorder)).hostname("127.0.0.1").port(0)
+    with pytest.raises(KeyError):
+        async with await config.serve() as srv:
+            raise KeyError("boom")
+    await assert_refused(srv)
+
+
+async def test_pending_websockets_counts_open_sockets(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    assert srv.pending_websockets == 0
+    async with connect(ws_url(srv, "/ws?a")) as a:
+        await echo(a, "a")
+        assert srv.pending_websockets == 1
+        async with connect(ws_url(srv, "/ws?b")) as b:
+            await echo(b, "b")
+            assert srv.pending_websockets == 2
+        await recorder.wait_for(lambda: len(recorder.of("close")) == 1, TIMEOUT)
+        assert srv.pending_websockets == 1
+    await recorder.wait_for(lambda: len(recorder.of("close")) == 2, TIMEOUT)
+    assert srv.pending_websockets == 0
+
+
+async def test_pending_websockets_ignores_plain_http(serve: ServeFn) -> None:
+    srv = await serve(websocket.init())
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert srv.pending_websockets == 0
+    finally:
+        writer.close()
+
+
+async def test_stopping_twice_is_harmless(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    async with connect(ws_url(srv, "/ws?a")) as a:
+        await echo(a, "a")
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+    await asyncio.wait_for(srv.stop(), TIMEOUT)
+    await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+    await asyncio.wait_for(server.stop(srv), TIMEOUT)
+    assert recorder.of("close") == [("a", 1000)]
+    await assert_refused(srv)
+    # The `serve` fixture stops it once more at teardown.
+
+
+async def test_concurrent_stops_all_complete(serve: ServeFn) -> None:
+    srv = await serve(websocket.init())
+    await asyncio.wait_for(asyncio.gather(srv.stop(), srv.stop(), srv.stop(close_active_connections=True)), TIMEOUT)
