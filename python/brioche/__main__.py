@@ -1,0 +1,108 @@
+"""``python -m brioche``: a demo server with an echo page and a chat room.
+
+    python -m brioche                 # http://0.0.0.0:3000/  ($PORT overrides the port)
+    python -m brioche --port 8080 --host 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from importlib.resources import files
+
+import brioche
+from brioche import server, websocket
+
+CHAT = "chat"
+
+
+@dataclass(frozen=True)
+class Session:
+    """What each socket carries (``ws.data``): which demo it is for, and who it is."""
+
+    room: str | None
+    name: str
+    server: brioche.Server[Session]
+
+
+def _page() -> str:
+    return files("brioche").joinpath("demo.html").read_text(encoding="utf-8")
+
+
+def on_open(ws: brioche.WebSocket[Session]) -> None:
+    session = ws.data
+    if session.room is not None:
+        ws.subscribe(session.room)
+        ws.send(json.dumps({"system": f"you are {session.name}"}))
+        ws.publish(session.room, json.dumps({"system": f"{session.name} joined"}))
+
+
+def on_text(ws: brioche.WebSocket[Session], text: str) -> None:
+    session = ws.data
+    if session.room is None:
+        ws.send(text)
+    else:
+        # publish_to_self is on: the sender sees its own line, in order with everyone else's.
+        ws.publish(session.room, json.dumps({"from": session.name, "text": text}))
+
+
+def on_bytes(ws: brioche.WebSocket[Session], data: bytes) -> None:
+    ws.send_bytes(data)
+
+
+def on_close(ws: brioche.WebSocket[Session], code: int, reason: str) -> None:
+    session = ws.data
+    if session.room is not None:
+        # The socket is closed, so the server publishes on its behalf.
+        session.server.publish(session.room, json.dumps({"system": f"{session.name} left"}))
+
+
+def handler(request: server.Request, srv: brioche.Server[Session]) -> server.Response | None:
+    if request.path == "/echo":
+        return server.upgrade(srv, request, [], Session(None, "echo", srv), server.bad_request)
+    if request.path == "/chat":
+        name = "guest-" + brioche.random_uuid_v7()[-6:]
+        return server.upgrade(srv, request, [], Session(CHAT, name, srv), server.bad_request)
+    if request.path == "/":
+        return server.html(_page())
+    return server.not_found()
+
+
+def config() -> server.Config[Session]:
+    ws_config = (
+        websocket.init()
+        .on_open(on_open)
+        .on_text(on_text)
+        .on_bytes(on_bytes)
+        .on_close(on_close)
+        .publish_to_self(True)
+    )
+    return server.handler(handler).websocket(ws_config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m brioche", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")))
+    args = parser.parse_args()
+
+    async def run() -> None:
+        srv = await config().hostname(args.host).port(args.port).serve()
+        shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+        print(f"brioche demo listening on http://{shown}:{srv.port}/ (Ctrl+C to stop)", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await srv.stop(close_active_connections=True)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
