@@ -38,7 +38,9 @@ impl SendStatus {
     pub fn merge(self, other: SendStatus) -> SendStatus {
         match (self, other) {
             (SendStatus::Dropped, _) | (_, SendStatus::Dropped) => SendStatus::Dropped,
-            (SendStatus::Backpressured, _) | (_, SendStatus::Backpressured) => SendStatus::Backpressured,
+            (SendStatus::Backpressured, _) | (_, SendStatus::Backpressured) => {
+                SendStatus::Backpressured
+            }
             (sent, _) => sent,
         }
     }
@@ -106,19 +108,31 @@ impl Conn {
     }
 
     pub fn send_text(&self, text: &str) -> SendStatus {
-        self.send_frame(OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes())), text.len())
+        self.send_frame(
+            OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes())),
+            text.len(),
+        )
     }
 
     pub fn send_binary(&self, data: &[u8]) -> SendStatus {
-        self.send_frame(OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data)), data.len())
+        self.send_frame(
+            OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data)),
+            data.len(),
+        )
     }
 
     pub fn ping(&self, payload: &[u8]) -> SendStatus {
-        self.send_frame(OutFrame::new(OP_PING, Bytes::copy_from_slice(payload)), payload.len())
+        self.send_frame(
+            OutFrame::new(OP_PING, Bytes::copy_from_slice(payload)),
+            payload.len(),
+        )
     }
 
     pub fn pong(&self, payload: &[u8]) -> SendStatus {
-        self.send_frame(OutFrame::new(OP_PONG, Bytes::copy_from_slice(payload)), payload.len())
+        self.send_frame(
+            OutFrame::new(OP_PONG, Bytes::copy_from_slice(payload)),
+            payload.len(),
+        )
     }
 
     /// The backpressure rules of every send, publish recipient, ping and pong:
@@ -199,12 +213,14 @@ impl Conn {
 
     pub fn publish_text(&self, topic: &str, text: &str) -> SendStatus {
         let frame = OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes()));
-        self.shared.publish(topic, frame, text.len(), self.exclude_self())
+        self.shared
+            .publish(topic, frame, text.len(), self.exclude_self())
     }
 
     pub fn publish_binary(&self, topic: &str, data: &[u8]) -> SendStatus {
         let frame = OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data));
-        self.shared.publish(topic, frame, data.len(), self.exclude_self())
+        self.shared
+            .publish(topic, frame, data.len(), self.exclude_self())
     }
 
     fn exclude_self(&self) -> Option<u64> {

@@ -16,7 +16,11 @@ use super::http::Reply;
 use super::{Conn, Event, SendStatus, Server, ServerConfig, WsLimits};
 
 fn wait_readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) == 1 }
 }
@@ -48,7 +52,11 @@ fn run_app<T>(server: &Server, deadline: Duration, mut f: impl FnMut(Event) -> O
 }
 
 fn start(ws: WsLimits) -> Server {
-    Server::start(ServerConfig { ws, ..ServerConfig::default() }).unwrap()
+    Server::start(ServerConfig {
+        ws,
+        ..ServerConfig::default()
+    })
+    .unwrap()
 }
 
 #[test]
@@ -56,13 +64,21 @@ fn echo_roundtrip_and_client_close_code() {
     let server = start(WsLimits::default());
     let url = format!("ws://{}/ws", server.local_addr());
     let client = thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
             ws.send(Message::text("héllo")).await.unwrap();
             let reply = ws.next().await.unwrap().unwrap();
             assert_eq!(reply, Message::text("héllo"));
-            ws.close(Some(CloseFrame { code: CloseCode::Library(4000), reason: "done".into() })).await.unwrap();
+            ws.close(Some(CloseFrame {
+                code: CloseCode::Library(4000),
+                reason: "done".into(),
+            }))
+            .await
+            .unwrap();
             while ws.next().await.is_some() {}
         });
     });
@@ -106,7 +122,11 @@ fn raw_handshake(addr: std::net::SocketAddr) -> TcpStream {
         stream.read_exact(&mut byte).unwrap();
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     stream
 }
 
@@ -116,7 +136,10 @@ fn raw_handshake(addr: std::net::SocketAddr) -> TcpStream {
 #[test]
 fn paused_reader_backpressure_then_drain() {
     const LIMIT: usize = 1024 * 1024;
-    let server = start(WsLimits { backpressure_limit: LIMIT, ..WsLimits::default() });
+    let server = start(WsLimits {
+        backpressure_limit: LIMIT,
+        ..WsLimits::default()
+    });
     let addr = server.local_addr();
     // The handshake needs the app to answer the request, so it runs beside it.
     let handshake = thread::spawn(move || raw_handshake(addr));
@@ -149,7 +172,10 @@ fn paused_reader_backpressure_then_drain() {
         }
     }
     assert_eq!(statuses.first(), Some(&SendStatus::Sent(payload.len())));
-    assert!(statuses.contains(&SendStatus::Backpressured), "never backpressured: {statuses:?}");
+    assert!(
+        statuses.contains(&SendStatus::Backpressured),
+        "never backpressured: {statuses:?}"
+    );
     assert_eq!(statuses.last(), Some(&SendStatus::Dropped));
     assert!(conn.out.buffered() > LIMIT);
 
@@ -159,8 +185,13 @@ fn paused_reader_backpressure_then_drain() {
         let mut buf = vec![0u8; 256 * 1024];
         while total < accepted_bytes {
             let n = client.read(&mut buf).unwrap();
-            assert!(n > 0, "connection closed after {total} of {accepted_bytes} bytes");
-            assert!(buf[..n].iter().all(|b| matches!(*b, 7 | 0x82 | 127 | 0 | 1)));
+            assert!(
+                n > 0,
+                "connection closed after {total} of {accepted_bytes} bytes"
+            );
+            assert!(buf[..n]
+                .iter()
+                .all(|b| matches!(*b, 7 | 0x82 | 127 | 0 | 1)));
             total += n;
         }
         total

@@ -52,7 +52,10 @@ pub struct EventQueue {
 
 impl EventQueue {
     pub fn new() -> io::Result<Self> {
-        Ok(Self { events: Mutex::new(Vec::with_capacity(256)), wakeup: Wakeup::new()? })
+        Ok(Self {
+            events: Mutex::new(Vec::with_capacity(256)),
+            wakeup: Wakeup::new()?,
+        })
     }
 
     pub fn push(&self, event: Event) {

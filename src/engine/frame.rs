@@ -38,12 +38,20 @@ impl OutFrame {
             head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
             10
         };
-        Self { head, head_len, payload }
+        Self {
+            head,
+            head_len,
+            payload,
+        }
     }
 
     /// Bytes that are already a complete frame (tungstenite's automatic replies).
     pub fn raw(bytes: Bytes) -> Self {
-        Self { head: [0; 10], head_len: 0, payload: bytes }
+        Self {
+            head: [0; 10],
+            head_len: 0,
+            payload: bytes,
+        }
     }
 
     pub fn close(code: u16, reason: &str) -> Self {
@@ -77,7 +85,10 @@ mod tests {
 
     #[test]
     fn encodes_the_three_length_forms() {
-        assert_eq!(wire(&OutFrame::new(OP_TEXT, Bytes::from_static(b"hi"))), b"\x81\x02hi");
+        assert_eq!(
+            wire(&OutFrame::new(OP_TEXT, Bytes::from_static(b"hi"))),
+            b"\x81\x02hi"
+        );
         let medium = OutFrame::new(OP_BINARY, Bytes::from(vec![7u8; 300]));
         assert_eq!(medium.head(), &[0x82, 126, 0x01, 0x2C]);
         assert_eq!(medium.wire_len(), 304);

@@ -2,7 +2,9 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+use hyper::header::{
+    HeaderMap, HeaderValue, CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use hyper::{Method, Request, StatusCode, Version};
 use sha1::{Digest, Sha1};
 
@@ -32,17 +34,28 @@ pub fn classify<B>(req: &Request<B>) -> Handshake {
         return Handshake::Invalid(StatusCode::BAD_REQUEST, "WebSocket handshake must be a GET");
     }
     if req.version() != Version::HTTP_11 {
-        return Handshake::Invalid(StatusCode::BAD_REQUEST, "WebSocket handshake needs HTTP/1.1");
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "WebSocket handshake needs HTTP/1.1",
+        );
     }
     if !has_token(headers, CONNECTION, "upgrade") {
         return Handshake::Invalid(StatusCode::BAD_REQUEST, "missing Connection: Upgrade");
     }
     if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        return Handshake::Invalid(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version");
+        return Handshake::Invalid(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version",
+        );
     }
     match headers.get(SEC_WEBSOCKET_KEY) {
-        Some(key) if BASE64.decode(key.as_bytes()).is_ok_and(|k| k.len() == 16) => Handshake::Valid(key.clone()),
-        _ => Handshake::Invalid(StatusCode::BAD_REQUEST, "missing or invalid Sec-WebSocket-Key"),
+        Some(key) if BASE64.decode(key.as_bytes()).is_ok_and(|k| k.len() == 16) => {
+            Handshake::Valid(key.clone())
+        }
+        _ => Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "missing or invalid Sec-WebSocket-Key",
+        ),
     }
 }
 
@@ -59,7 +72,10 @@ mod tests {
     use super::*;
 
     fn request(headers: &[(&str, &str)]) -> Request<()> {
-        let mut b = Request::builder().method("GET").uri("/ws").version(Version::HTTP_11);
+        let mut b = Request::builder()
+            .method("GET")
+            .uri("/ws")
+            .version(Version::HTTP_11);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -75,7 +91,10 @@ mod tests {
 
     #[test]
     fn rfc_example_accept_key() {
-        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -92,9 +111,15 @@ mod tests {
     fn bad_version_is_426_and_bad_key_is_400() {
         let mut h = GOOD;
         h[2] = ("sec-websocket-version", "8");
-        assert!(matches!(classify(&request(&h)), Handshake::Invalid(StatusCode::UPGRADE_REQUIRED, _)));
+        assert!(matches!(
+            classify(&request(&h)),
+            Handshake::Invalid(StatusCode::UPGRADE_REQUIRED, _)
+        ));
         let mut h = GOOD;
         h[3] = ("sec-websocket-key", "short");
-        assert!(matches!(classify(&request(&h)), Handshake::Invalid(StatusCode::BAD_REQUEST, _)));
+        assert!(matches!(
+            classify(&request(&h)),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
     }
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE};
+use hyper::header::{
+    HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -36,7 +38,9 @@ pub enum Reply {
 #[derive(Debug)]
 pub struct InvalidResponse(pub String);
 
-pub fn parse_headers(headers: &[(String, String)]) -> Result<Vec<(HeaderName, HeaderValue)>, InvalidResponse> {
+pub fn parse_headers(
+    headers: &[(String, String)],
+) -> Result<Vec<(HeaderName, HeaderValue)>, InvalidResponse> {
     headers
         .iter()
         .map(|(name, value)| {
@@ -49,7 +53,11 @@ pub fn parse_headers(headers: &[(String, String)]) -> Result<Vec<(HeaderName, He
         .collect()
 }
 
-pub fn build_response(status: u16, headers: &[(String, String)], body: Bytes) -> Result<Response<Body>, InvalidResponse> {
+pub fn build_response(
+    status: u16,
+    headers: &[(String, String)],
+    body: Bytes,
+) -> Result<Response<Body>, InvalidResponse> {
     let status = StatusCode::from_u16(status)
         .ok()
         .filter(|s| !s.is_informational())
@@ -66,9 +74,10 @@ pub fn build_response(status: u16, headers: &[(String, String)], body: Bytes) ->
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -79,8 +88,12 @@ pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc
     let service_shared = shared.clone();
     let service = service_fn(move |req| handle(req, remote, service_shared.clone()));
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(shared.config.header_read_timeout);
-    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_read_timeout);
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => {}
@@ -91,7 +104,11 @@ pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc
     }
 }
 
-async fn handle(mut req: Request<Incoming>, remote: SocketAddr, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
     let mut websocket_key = None;
     if shared.config.websockets_enabled {
         match handshake::classify(&req) {
@@ -99,16 +116,22 @@ async fn handle(mut req: Request<Incoming>, remote: SocketAddr, shared: Arc<Shar
             Handshake::Invalid(status, why) => {
                 let mut response = plain(status, why);
                 if status == StatusCode::UPGRADE_REQUIRED {
-                    response.headers_mut().insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                    response
+                        .headers_mut()
+                        .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
                 }
                 return Ok(response);
             }
             Handshake::Valid(key) => websocket_key = Some(key),
         }
     }
-    let on_upgrade: Option<OnUpgrade> = websocket_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let on_upgrade: Option<OnUpgrade> =
+        websocket_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, shared.config.max_request_body_size).collect().await {
+    let body = match Limited::new(body, shared.config.max_request_body_size)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<LengthLimitError>() => {
             return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"));
@@ -120,7 +143,12 @@ async fn handle(mut req: Request<Incoming>, remote: SocketAddr, shared: Arc<Shar
     let headers = parts
         .headers
         .iter()
-        .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let (reply, answer) = oneshot::channel();
     shared.events.push(Event::Request(Box::new(HttpRequest {
@@ -147,16 +175,25 @@ async fn handle(mut req: Request<Incoming>, remote: SocketAddr, shared: Arc<Shar
                 headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
                 headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
                 let accept = handshake::accept_key(key.as_bytes());
-                headers.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
+                headers.insert(
+                    SEC_WEBSOCKET_ACCEPT,
+                    HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+                );
                 for (name, value) in extra {
                     headers.append(name, value);
                 }
                 Ok(response)
             }
-            _ => Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")),
+            _ => Ok(plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error",
+            )),
         },
         // The handler's side was dropped without an answer (the server is going away).
-        Err(_) => Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")),
+        Err(_) => Ok(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable",
+        )),
     }
 }
 

@@ -74,7 +74,11 @@ impl Outbound {
     pub fn take(&self, batch: &mut Vec<OutFrame>) -> Taken {
         let mut q = self.queue.lock();
         if q.frames.is_empty() {
-            return if q.sealed { Taken::Finished } else { Taken::Empty };
+            return if q.sealed {
+                Taken::Finished
+            } else {
+                Taken::Empty
+            };
         }
         if self.corked.load(Ordering::Acquire) > 0 && !q.sealed {
             return Taken::Empty;

@@ -21,7 +21,9 @@ pub struct TopicRegistry<S> {
 
 impl<S> Default for TopicRegistry<S> {
     fn default() -> Self {
-        Self { topics: RwLock::new(FxHashMap::default()) }
+        Self {
+            topics: RwLock::new(FxHashMap::default()),
+        }
     }
 }
 
@@ -33,7 +35,11 @@ impl<S: Clone> TopicRegistry<S> {
     /// Add subscriber `id`; returns the interned topic name and whether it was new.
     pub fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
         loop {
-            let existing = self.topics.read().get_key_value(name).map(|(k, t)| (k.clone(), t.clone()));
+            let existing = self
+                .topics
+                .read()
+                .get_key_value(name)
+                .map(|(k, t)| (k.clone(), t.clone()));
             let (key, topic) = match existing {
                 Some(found) => found,
                 None => {
@@ -41,7 +47,11 @@ impl<S: Clone> TopicRegistry<S> {
                     let key: Arc<str> = Arc::from(name);
                     let topic = topics
                         .entry(key.clone())
-                        .or_insert_with(|| Arc::new(Topic { subscribers: RwLock::new(FxHashMap::default()) }))
+                        .or_insert_with(|| {
+                            Arc::new(Topic {
+                                subscribers: RwLock::new(FxHashMap::default()),
+                            })
+                        })
                         .clone();
                     (key, topic)
                 }
@@ -58,12 +68,17 @@ impl<S: Clone> TopicRegistry<S> {
     }
 
     fn is_current(&self, key: &str, topic: &Arc<Topic<S>>) -> bool {
-        self.topics.read().get(key).is_some_and(|t| Arc::ptr_eq(t, topic))
+        self.topics
+            .read()
+            .get(key)
+            .is_some_and(|t| Arc::ptr_eq(t, topic))
     }
 
     /// Remove subscriber `id`; returns whether it was subscribed. Empty topics are dropped.
     pub fn unsubscribe(&self, name: &str, id: u64) -> bool {
-        let Some(topic) = self.topic(name) else { return false };
+        let Some(topic) = self.topic(name) else {
+            return false;
+        };
         let now_empty = {
             let mut subs = topic.subscribers.write();
             if subs.remove(&id).is_none() {
@@ -74,7 +89,10 @@ impl<S: Clone> TopicRegistry<S> {
         if now_empty {
             let mut topics = self.topics.write();
             // Re-check under the map lock: someone may have subscribed in between.
-            if topics.get(name).is_some_and(|t| Arc::ptr_eq(t, &topic) && t.subscribers.read().is_empty()) {
+            if topics
+                .get(name)
+                .is_some_and(|t| Arc::ptr_eq(t, &topic) && t.subscribers.read().is_empty())
+            {
                 topics.remove(name);
             }
         }
@@ -82,7 +100,8 @@ impl<S: Clone> TopicRegistry<S> {
     }
 
     pub fn is_subscribed(&self, name: &str, id: u64) -> bool {
-        self.topic(name).is_some_and(|t| t.subscribers.read().contains_key(&id))
+        self.topic(name)
+            .is_some_and(|t| t.subscribers.read().contains_key(&id))
     }
 
     pub fn subscriber_count(&self, name: &str) -> usize {

@@ -45,7 +45,11 @@ struct SocketIo {
 }
 
 impl AsyncRead for SocketIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.read).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -56,9 +60,15 @@ impl AsyncRead for SocketIo {
 }
 
 impl AsyncWrite for SocketIo {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         // A sealed queue (close sent, or ending) refuses replies, which is what RFC 6455 wants.
-        self.conn.out.push(OutFrame::raw(Bytes::copy_from_slice(buf)), false);
+        self.conn
+            .out
+            .push(OutFrame::raw(Bytes::copy_from_slice(buf)), false);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -81,11 +91,19 @@ struct Ending {
 
 impl Ending {
     fn abrupt(code: u16, reason: &str) -> Self {
-        Self { code, reason: reason.to_owned(), abrupt: true }
+        Self {
+            code,
+            reason: reason.to_owned(),
+            abrupt: true,
+        }
     }
 
     fn graceful(code: u16, reason: impl Into<String>) -> Self {
-        Self { code, reason: reason.into(), abrupt: false }
+        Self {
+            code,
+            reason: reason.into(),
+            abrupt: false,
+        }
     }
 }
 
@@ -98,8 +116,14 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
         .write_buffer_size(0)
         .max_message_size(Some(limits.max_payload_length))
         .max_frame_size(Some(limits.max_payload_length));
-    let io = SocketIo { read, conn: conn.clone(), last_read: Instant::now() };
-    let ws = WebSocketStream::from_partially_read(io, already_read.to_vec(), Role::Server, Some(config)).await;
+    let io = SocketIo {
+        read,
+        conn: conn.clone(),
+        last_read: Instant::now(),
+    };
+    let ws =
+        WebSocketStream::from_partially_read(io, already_read.to_vec(), Role::Server, Some(config))
+            .await;
 
     conn.set_state(ReadyState::Open);
     conn.shared.events.push(Event::Open(conn.clone()));
@@ -122,10 +146,15 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
     // Unregistered before `on_close` can run, so `pending_websockets` there no longer counts it;
     // `stop()` still waits for this task (and so for the flush below) through the tracker.
     conn.shared.unregister(conn.id);
-    conn.shared.events.push(Event::Close(conn.id, ending.code, ending.reason));
+    conn.shared
+        .events
+        .push(Event::Close(conn.id, ending.code, ending.reason));
 
     let mut writer = writer;
-    if tokio::time::timeout(FLUSH_AFTER_CLOSE, &mut writer).await.is_err() {
+    if tokio::time::timeout(FLUSH_AFTER_CLOSE, &mut writer)
+        .await
+        .is_err()
+    {
         conn.terminated.store(true, Ordering::Release);
         conn.out.wake_writer.notify_one();
         let _ = writer.await;
@@ -136,13 +165,21 @@ async fn read_loop(conn: &Arc<Conn>, mut ws: WebSocketStream<SocketIo>) -> Endin
     let limits = &conn.shared.config.ws;
     let idle = limits.idle_timeout;
     // With pings, a silent client is pinged at 3/4 of the timeout and has the rest to answer.
-    let ping_after = if limits.send_pings { idle * 3 / 4 } else { idle };
+    let ping_after = if limits.send_pings {
+        idle * 3 / 4
+    } else {
+        idle
+    };
     let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
     let mut pinged_at: Option<Instant> = None;
     let mut close_deadline: Option<Instant> = None;
     // One timer for the connection's life. Messages only update `last_read`; the timer is
     // re-armed when it fires (or the state changes), never per message.
-    let timer = sleep_until(if idle.is_zero() { far_future } else { Instant::now() + ping_after });
+    let timer = sleep_until(if idle.is_zero() {
+        far_future
+    } else {
+        Instant::now() + ping_after
+    });
     tokio::pin!(timer);
 
     loop {
@@ -237,7 +274,9 @@ fn fail(conn: &Conn, err: WsError) -> Ending {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
         WsError::Capacity(_) => (1009, "message too big"),
         WsError::Utf8(_) => (1007, "invalid UTF-8"),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return Ending::abrupt(1006, ""),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            return Ending::abrupt(1006, "")
+        }
         WsError::Protocol(ProtocolError::InvalidCloseSequence) => (1002, "protocol error"),
         WsError::Protocol(_) => (1002, "protocol error"),
         _ => return Ending::abrupt(1006, ""),

@@ -55,7 +55,13 @@ impl Shared {
     }
 
     /// Queue one shared frame to every subscriber of `topic` except `exclude`.
-    pub fn publish(&self, topic: &str, frame: OutFrame, payload_len: usize, exclude: Option<u64>) -> SendStatus {
+    pub fn publish(
+        &self,
+        topic: &str,
+        frame: OutFrame,
+        payload_len: usize,
+        exclude: Option<u64>,
+    ) -> SendStatus {
         let mut status: Option<SendStatus> = None;
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
@@ -73,10 +79,12 @@ pub struct Server {
 }
 
 fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
-    (host, port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, format!("{host} has no address")))
+    (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("{host} has no address"),
+        )
+    })
 }
 
 impl Server {
@@ -84,7 +92,11 @@ impl Server {
     pub fn start(config: ServerConfig) -> io::Result<Server> {
         let addr = resolve(&config.host, config.port)?;
         let _entered = runtime().enter();
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         let listener = socket.listen(4096)?;

@@ -19,7 +19,10 @@ impl Wakeup {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { read_fd: fd, write_fd: fd })
+        Ok(Self {
+            read_fd: fd,
+            write_fd: fd,
+        })
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -36,7 +39,10 @@ impl Wakeup {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
         }
-        Ok(Self { read_fd: fds[0], write_fd: fds[1] })
+        Ok(Self {
+            read_fd: fds[0],
+            write_fd: fds[1],
+        })
     }
 
     /// The descriptor that becomes readable after [`Wakeup::wake`].
@@ -84,7 +90,11 @@ mod tests {
     use super::*;
 
     fn readable(fd: RawFd) -> bool {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd, zero timeout.
         unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
     }

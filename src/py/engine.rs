@@ -9,7 +9,9 @@ use rustc_hash::FxHashMap;
 use super::request::PendingRequest;
 use super::status;
 use super::websocket::{with_bytes, PyWebSocket};
-use super::{EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT};
+use super::{
+    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
+};
 use crate::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
 
@@ -115,7 +117,11 @@ impl PyEngine {
                 Event::Text(id, text) => {
                     if let Some(ws) = sockets.get(&id) {
                         ws.get().conn.message_taken(text.len());
-                        out.append((EVENT_TEXT, ws.clone_ref(py), PyString::new(py, text.as_str())))?;
+                        out.append((
+                            EVENT_TEXT,
+                            ws.clone_ref(py),
+                            PyString::new(py, text.as_str()),
+                        ))?;
                     }
                 }
                 Event::Binary(id, data) => {
@@ -153,9 +159,16 @@ impl PyEngine {
     }
 
     /// Send `message` (text for `str`, binary otherwise) to every subscriber of `topic`.
-    fn publish(&self, py: Python<'_>, topic: &str, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    fn publish(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        message: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
         if topic.is_empty() {
-            return Err(PyValueError::new_err("a topic name must be a non-empty string"));
+            return Err(PyValueError::new_err(
+                "a topic name must be a non-empty string",
+            ));
         }
         let shared = self.server.shared();
         let sent = if let Ok(text) = message.cast::<PyString>() {

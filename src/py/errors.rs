@@ -6,7 +6,12 @@ use pyo3::PyErr;
 
 use crate::engine::http::InvalidResponse;
 
-create_exception!(brioche, BriocheError, PyException, "Root of the exceptions brioche raises.");
+create_exception!(
+    brioche,
+    BriocheError,
+    PyException,
+    "Root of the exceptions brioche raises."
+);
 
 impl From<InvalidResponse> for PyErr {
     #[cold]

@@ -86,7 +86,9 @@ impl PendingRequest {
             return Ok(false);
         }
         let headers = http::parse_headers(&headers)?;
-        let Some(reply) = self.reply.lock().take() else { return Ok(false) };
+        let Some(reply) = self.reply.lock().take() else {
+            return Ok(false);
+        };
         let engine = self.engine.get();
         engine.set_pending_data(self.id, data);
         if reply.send(Reply::Upgrade(headers)).is_err() {

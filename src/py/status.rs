@@ -5,6 +5,7 @@
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
 
 use crate::engine::SendStatus;
 
@@ -47,7 +48,9 @@ impl MessageBackpressured {
     }
 
     #[classattr]
-    fn __match_args__() -> () {}
+    fn __match_args__(py: Python<'_>) -> Py<PyTuple> {
+        PyTuple::empty(py).unbind()
+    }
 
     fn __repr__(&self) -> &'static str {
         "MessageBackpressured()"
@@ -67,7 +70,9 @@ impl MessageDropped {
     }
 
     #[classattr]
-    fn __match_args__() -> () {}
+    fn __match_args__(py: Python<'_>) -> Py<PyTuple> {
+        PyTuple::empty(py).unbind()
+    }
 
     fn __repr__(&self) -> &'static str {
         "MessageDropped()"
@@ -84,6 +89,9 @@ pub fn to_py(py: Python<'_>, status: SendStatus) -> PyResult<Py<PyAny>> {
             .get_or_try_init(py, || Py::new(py, MessageBackpressured))?
             .clone_ref(py)
             .into_any(),
-        SendStatus::Dropped => DROPPED.get_or_try_init(py, || Py::new(py, MessageDropped))?.clone_ref(py).into_any(),
+        SendStatus::Dropped => DROPPED
+            .get_or_try_init(py, || Py::new(py, MessageDropped))?
+            .clone_ref(py)
+            .into_any(),
     })
 }

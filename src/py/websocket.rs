@@ -39,7 +39,9 @@ pub fn with_bytes<R>(obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyRe
 
 fn check_topic(topic: &str) -> PyResult<()> {
     if topic.is_empty() {
-        return Err(value_error("a topic name must be a non-empty string".into()));
+        return Err(value_error(
+            "a topic name must be a non-empty string".into(),
+        ));
     }
     Ok(())
 }
@@ -47,10 +49,15 @@ fn check_topic(topic: &str) -> PyResult<()> {
 /// Close codes an endpoint may send (RFC 6455 section 7.4 and the IANA registry).
 fn check_close(code: u16, reason: &str) -> PyResult<()> {
     if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
-        return Err(value_error(format!("close code {code} may not be sent; use 1000, 1001-1003, 1007-1014 or 3000-4999")));
+        return Err(value_error(format!(
+            "close code {code} may not be sent; use 1000, 1001-1003, 1007-1014 or 3000-4999"
+        )));
     }
     if reason.len() > 123 {
-        return Err(value_error(format!("a close reason is at most 123 UTF-8 bytes, got {}", reason.len())));
+        return Err(value_error(format!(
+            "a close reason is at most 123 UTF-8 bytes, got {}",
+            reason.len()
+        )));
     }
     Ok(())
 }
@@ -64,7 +71,10 @@ fn control_payload(payload: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
         },
     };
     if bytes.len() > 125 {
-        return Err(value_error(format!("a ping or pong payload is at most 125 bytes, got {}", bytes.len())));
+        return Err(value_error(format!(
+            "a ping or pong payload is at most 125 bytes, got {}",
+            bytes.len()
+        )));
     }
     Ok(bytes)
 }
@@ -98,7 +108,11 @@ impl PyWebSocket {
     /// The topics this socket is subscribed to.
     #[getter]
     fn subscriptions(&self) -> Vec<String> {
-        self.conn.subscriptions().iter().map(|t| t.to_string()).collect()
+        self.conn
+            .subscriptions()
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
     }
 
     /// Queue a text message.
@@ -119,7 +133,12 @@ impl PyWebSocket {
     }
 
     /// Send bytes to every subscriber of `topic` (not this socket unless `publish_to_self`).
-    fn publish_bytes(&self, py: Python<'_>, topic: &str, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    fn publish_bytes(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        message: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
         let sent = with_bytes(message, |b| self.conn.publish_binary(topic, b))?;
         status::to_py(py, sent)
@@ -194,6 +213,11 @@ impl PyWebSocket {
     }
 
     fn __repr__(&self) -> String {
-        format!("<brioche.WebSocket #{} from {} state={}>", self.conn.id, self.conn.remote, self.conn.ready_state() as u8)
+        format!(
+            "<brioche.WebSocket #{} from {} state={}>",
+            self.conn.id,
+            self.conn.remote,
+            self.conn.ready_state() as u8
+        )
     }
 }

@@ -1,0 +1,53 @@
+# Every routine command in one place. `make demo` and `make test` are the two set-up commands
+# of the README: each installs what it needs on a fresh Debian machine with Rust and Python.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: demo test venv install system-deps rust-test py-test typecheck lint fmt bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(PY)
+
+# Build the extension (release profile) into the venv, with the test tools.
+install: $(PY)
+	$(PIP) install --quiet -e ".[test]"
+
+# Third-party clients the tests talk to: node's `ws` and headless Chromium, from Debian.
+system-deps:
+	@if ! command -v chromium >/dev/null || [ ! -d /usr/share/nodejs/ws ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws >/dev/null; \
+	fi
+
+demo: $(PY)
+	$(PIP) install --quiet .
+	$(PY) -m brioche
+
+rust-test:
+	cargo test --quiet
+
+typecheck: install
+	$(VENV)/bin/mypy --strict python/brioche examples
+
+py-test: install system-deps
+	$(VENV)/bin/pytest -q
+
+test: rust-test typecheck py-test
+
+lint: install
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+
+fmt:
+	cargo fmt
+
+bench: install
+	$(PY) benches/run.py
+
+clean:
+	rm -rf target $(VENV) python/brioche/*.so

@@ -1,0 +1,43 @@
+"""The demo page (``python -m brioche``) works in a real browser: headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from typing import Any
+
+import brioche
+from brioche import server
+from brioche.__main__ import config as demo_config
+from brioche.__main__ import handler as demo_handler
+from conftest import ServeFn
+
+
+async def test_demo_page_echoes_and_chats_in_headless_chromium(serve: ServeFn) -> None:
+    chromium = shutil.which("chromium")
+    assert chromium is not None, "chromium is not installed (make system-deps installs it)"
+    report: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.path == "/selftest-report":
+            report.set_result(request.json())
+            return server.ok()
+        return demo_handler(request, srv)
+
+    srv = await serve(demo_config().websocket_config, handler)
+    with tempfile.TemporaryDirectory() as profile:
+        browser = await asyncio.create_subprocess_exec(
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", f"--user-data-dir={profile}",
+            f"http://127.0.0.1:{srv.port}/?selftest=1",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            result = await asyncio.wait_for(report, 60)
+        finally:
+            browser.kill()
+            await browser.wait()
+    assert result["echo"] == "héllo from the browser"
+    assert result["chat"]["text"] == "hi room"
+    assert result["chat"]["from"].startswith("guest-")
