@@ -1,0 +1,155 @@
+"""Incoming limits and protocol violations: the server closes with the RFC 6455 code, then EOF."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError
+
+import brioche
+from brioche import websocket
+from conftest import Recorder, ServeFn, ws_url
+from rawws import (
+    OP_BINARY,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawWebSocket,
+    encode_frame,
+)
+
+
+def recording_echo(recorder: Recorder) -> websocket.Config[Any]:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text)
+        ws.send(text)
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("bytes", data)
+        ws.send_bytes(data)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    return websocket.init().on_text(on_text).on_bytes(on_bytes).on_close(on_close)
+
+
+async def test_oversized_message_closes_with_1009(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(recording_echo(recorder).max_payload_length(4))
+    async with connect(ws_url(srv)) as client:
+        await client.send("Hello!")
+        with pytest.raises(ConnectionClosedError) as closed:
+            await asyncio.wait_for(client.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1009
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1009,)]
+    assert recorder.of("text") == []
+
+
+async def test_oversized_binary_frame_closes_with_1009_then_eof(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(recording_echo(recorder).max_payload_length(4))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_bytes(b"12345")
+        close = await client.expect_close_then_eof()
+        assert close.close_code == 1009
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1009,)]
+    assert recorder.of("bytes") == []
+
+
+async def test_message_of_exactly_max_payload_length_is_accepted(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(recording_echo(recorder).max_payload_length(4))
+    async with connect(ws_url(srv)) as client:
+        await client.send("Hell")
+        assert await asyncio.wait_for(client.recv(), 5) == "Hell"
+        await client.send(b"\x00\x01\x02\x03")
+        assert await asyncio.wait_for(client.recv(), 5) == b"\x00\x01\x02\x03"
+        await client.send("€")  # 3 UTF-8 bytes
+        assert await asyncio.wait_for(client.recv(), 5) == "€"
+    assert recorder.of("text") == [("Hell",), ("€",)]
+
+
+async def test_fragmented_message_over_the_limit_closes_with_1009(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(recording_echo(recorder).max_payload_length(4))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_frame(OP_TEXT, b"abc", fin=False)
+        await client.send_frame(OP_CONTINUATION, b"de", fin=True)
+        close = await client.expect_close_then_eof()
+        assert close.close_code == 1009
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1009,)]
+    assert recorder.of("text") == []
+
+
+VIOLATIONS = {
+    "invalid-utf8-text": ([encode_frame(OP_TEXT, b"ok \xff\xfe")], 1007),
+    "invalid-utf8-across-fragments": (
+        [encode_frame(OP_TEXT, b"\xe2\x82", fin=False), encode_frame(OP_CONTINUATION, b"\x28")], 1007
+    ),
+    "unmasked-frame": ([encode_frame(OP_TEXT, b"hi", mask=False)], 1002),
+    "rsv1-set": ([encode_frame(OP_TEXT, b"hi", rsv=4)], 1002),
+    "rsv2-set": ([encode_frame(OP_BINARY, b"hi", rsv=2)], 1002),
+    "rsv3-set": ([encode_frame(OP_TEXT, b"hi", rsv=1)], 1002),
+    "reserved-data-opcode-0x3": ([encode_frame(0x3, b"hi")], 1002),
+    "reserved-control-opcode-0xb": ([encode_frame(0xB, b"hi")], 1002),
+    "fragmented-ping": ([encode_frame(OP_PING, b"hi", fin=False)], 1002),
+    "continuation-without-start": ([encode_frame(OP_CONTINUATION, b"hi")], 1002),
+    "control-frame-over-125-bytes": ([encode_frame(OP_PING, b"p" * 126)], 1002),
+    "new-message-inside-fragmented-one": (
+        [encode_frame(OP_TEXT, b"a", fin=False), encode_frame(OP_TEXT, b"b")], 1002
+    ),
+}
+
+
+@pytest.mark.parametrize("frames,code", list(VIOLATIONS.values()), ids=list(VIOLATIONS))
+async def test_protocol_violation_closes_with_code_then_eof_and_spares_other_clients(
+    serve: ServeFn, recorder: Recorder, frames: list[bytes], code: int
+) -> None:
+    srv = await serve(recording_echo(recorder))
+    async with connect(ws_url(srv)) as bystander, await RawWebSocket.connect(srv.port) as client:
+        await bystander.send("before")
+        assert await asyncio.wait_for(bystander.recv(), 5) == "before"
+
+        await client.send_raw(b"".join(frames))
+        close = await client.expect_close_then_eof()
+        assert close.close_code == code, close
+
+        await recorder.wait_for(lambda: bool(recorder.of("close")))
+        assert recorder.of("close") == [(code,)]
+        assert recorder.of("bytes") == []
+        await bystander.send("after")
+        assert await asyncio.wait_for(bystander.recv(), 5) == "after"
+    assert recorder.of("text") == [("before",), ("after",)], "the bad frames never reached a handler"
+
+
+async def test_fragmented_text_message_is_reassembled_and_delivered_once(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(recording_echo(recorder))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_frame(OP_TEXT, "hé".encode()[:2], fin=False)  # splits the é
+        await client.send_frame(OP_CONTINUATION, "hé".encode()[2:], fin=False)
+        await client.send_frame(OP_PING, b"mid")  # control frames may come between fragments
+        await client.send_frame(OP_CONTINUATION, b"llo", fin=True)
+        pong = await client.recv_frame()
+        assert (pong.opcode, pong.payload) == (OP_PONG, b"mid")
+        echo = await client.recv_frame()
+        assert (echo.opcode, echo.fin, echo.payload) == (OP_TEXT, True, "héllo".encode())
+        await client.send_text("next")
+        nxt = await client.recv_frame()
+        assert nxt.payload == b"next", "the fragments were delivered once"
+    assert recorder.of("text") == [("héllo",), ("next",)]
+
+
+async def test_fragmented_binary_message_is_reassembled(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(recording_echo(recorder))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_frame(OP_BINARY, b"\x00\x01", fin=False)
+        await client.send_frame(OP_CONTINUATION, b"", fin=False)
+        await client.send_frame(OP_CONTINUATION, b"\x02", fin=True)
+        echo = await client.recv_frame()
+        assert (echo.opcode, echo.payload) == (OP_BINARY, b"\x00\x01\x02")
+    assert recorder.of("bytes") == [(b"\x00\x01\x02",)]

@@ -1,0 +1,146 @@
+"""idle_timeout and send_pings: only the client's traffic keeps a connection alive.
+
+These tests measure elapsed time, so they wait on purpose (asyncio.sleep here is the point, not
+synchronisation). They use a 2 s timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+import brioche
+from brioche import websocket
+from conftest import Recorder, ServeFn, ws_url
+from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket
+
+IDLE = 2
+
+
+def config(recorder: Recorder, idle: int = IDLE, send_pings: bool = True) -> websocket.Config[Any]:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    return (
+        websocket.init()
+        .on_text(on_text)
+        .on_close(on_close)
+        .idle_timeout(idle)
+        .send_pings(send_pings)
+    )
+
+
+async def test_server_pings_a_silent_client_before_the_idle_timeout(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(config(recorder))
+    async with await RawWebSocket.connect(srv.port) as client:
+        start = time.monotonic()
+        frame = await client.recv_frame(timeout=IDLE + 1)
+        elapsed = time.monotonic() - start
+        assert frame.opcode == OP_PING
+        assert elapsed < IDLE, f"pinged after {elapsed:.2f}s, not before the {IDLE}s timeout"
+
+
+async def test_client_that_answers_pings_stays_connected(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(config(recorder))
+    # ping_interval=None: the client sends nothing of its own; it only answers the server's pings.
+    async with connect(ws_url(srv), ping_interval=None) as client:
+        await asyncio.sleep(IDLE * 2.25)
+        await client.send("still here")
+        assert await asyncio.wait_for(client.recv(), 5) == "still here"
+        assert recorder.of("close") == []
+
+
+async def test_client_that_never_answers_pings_is_dropped_with_1006(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(config(recorder))
+    async with await RawWebSocket.connect(srv.port) as client:
+        start = time.monotonic()
+        frames, how = await client.frames_until_end(timeout=IDLE + 3)
+        elapsed = time.monotonic() - start
+    assert how in ("eof", "reset")
+    assert [f.opcode for f in frames if f.opcode != OP_PING] == [], "dropped, no close frame"
+    assert len(frames) >= 1, "it was pinged first"
+    assert IDLE - 0.5 <= elapsed <= IDLE + 1, f"closed after {elapsed:.2f}s"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1006,)]
+
+
+async def test_without_pings_a_silent_client_is_closed_at_the_idle_timeout(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    srv = await serve(config(recorder, send_pings=False))
+    async with connect(ws_url(srv), ping_interval=None) as client:
+        start = time.monotonic()
+        await asyncio.wait_for(client.wait_closed(), IDLE + 3)
+        elapsed = time.monotonic() - start
+        assert client.close_code == 1006
+    assert IDLE - 0.5 <= elapsed <= IDLE + 1, f"closed after {elapsed:.2f}s"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1006,)]
+
+
+async def test_without_pings_no_ping_frame_is_ever_sent(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(config(recorder, send_pings=False))
+    async with await RawWebSocket.connect(srv.port) as client:
+        start = time.monotonic()
+        frames, how = await client.frames_until_end(timeout=IDLE + 3)
+        elapsed = time.monotonic() - start
+    assert frames == [], "no ping, no close frame: the connection is just dropped"
+    assert how in ("eof", "reset")
+    assert IDLE - 0.5 <= elapsed <= IDLE + 1, f"closed after {elapsed:.2f}s"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1006,)]
+
+
+async def test_idle_timeout_zero_never_closes_or_pings(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(config(recorder, idle=0))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await asyncio.sleep(2.5)
+        await client.send_text("alive")
+        frame = await client.recv_frame()
+        assert (frame.opcode, frame.payload) == (OP_TEXT, b"alive"), "no ping came before the echo"
+        assert recorder.of("close") == []
+
+
+async def test_server_traffic_does_not_keep_a_silent_client_alive(serve: ServeFn, recorder: Recorder) -> None:
+    async def tick(ws: brioche.WebSocket[Any]) -> None:
+        for i in range(100):  # at most 10 s
+            if ws.ready_state != 1:
+                return
+            ws.send(f"tick {i}")
+            await asyncio.sleep(0.1)
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(tick(ws))
+        tasks.add(task)
+
+    srv = await serve(config(recorder).on_open(on_open))
+    async with await RawWebSocket.connect(srv.port) as client:
+        start = time.monotonic()
+        frames, how = await client.frames_until_end(timeout=IDLE + 3)
+        elapsed = time.monotonic() - start
+    assert how in ("eof", "reset")
+    assert len([f for f in frames if f.opcode == OP_TEXT]) >= 10, "the server kept sending"
+    assert OP_CLOSE not in [f.opcode for f in frames]
+    assert elapsed <= IDLE + 1, f"closed after {elapsed:.2f}s"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1006,)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_client_messages_keep_a_connection_alive_without_pongs(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(config(recorder))
+    async with await RawWebSocket.connect(srv.port) as client:
+        for i in range(9):  # 4.5 s, more than twice the timeout, never answering a ping
+            await asyncio.sleep(0.5)
+            await client.send_text(f"m{i}")
+            frame = await client.recv_data_frame()
+            assert frame.payload == f"m{i}".encode()
+        assert recorder.of("close") == []
