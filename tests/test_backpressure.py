@@ -270,7 +270,9 @@ async def test_limit_applies_to_what_was_buffered_before_the_message(serve: Serv
         # Corked: nothing is written meanwhile, so buffered_amount is exactly what was queued.
         return [
             ws.send_bytes(bytes(996)), ws.buffered_amount,  # 4 + 996: exactly the limit
-            ws.send("x"), ws.buffered_amount,  # at the limit is not over it: accepted
+            # At the limit is not over it: accepted, but past the high-water mark (half the
+            # limit), so reported as backpressured.
+            ws.send("x"), ws.buffered_amount,
             ws.send("y"), ws.send_bytes(b"y"), ws.ping(), ws.pong(), ws.buffered_amount,  # over it
         ]
 
@@ -289,7 +291,7 @@ async def test_limit_applies_to_what_was_buffered_before_the_message(serve: Serv
         assert close.close_code == 1000, "nothing dropped was delivered"
     dropped = MessageDropped()
     assert recorder.of("corked") == [
-        ([MessageSent(996), 1000, MessageSent(1), 1003, dropped, dropped, dropped, dropped, 1003],)
+        ([MessageSent(996), 1000, MessageBackpressured(), 1003, dropped, dropped, dropped, dropped, 1003],)
     ]
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -26,17 +28,19 @@ async def test_demo_page_echoes_and_chats_in_headless_chromium(serve: ServeFn) -
         return demo_handler(request, srv)
 
     srv = await serve(demo_config().websocket_config, handler)
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still be writing the profile as the test ends.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = await asyncio.create_subprocess_exec(
             chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             "--no-first-run", f"--user-data-dir={profile}",
             f"http://127.0.0.1:{srv.port}/?selftest=1",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             result = await asyncio.wait_for(report, 60)
         finally:
-            browser.kill()
+            os.killpg(browser.pid, signal.SIGKILL)
             await browser.wait()
     assert result["echo"] == "héllo from the browser"
     assert result["chat"]["text"] == "hi room"

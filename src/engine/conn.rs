@@ -46,6 +46,16 @@ impl SendStatus {
     }
 }
 
+/// Queued bytes past which a socket reports `Backpressured` even before its writer has hit a
+/// full kernel buffer: 256 KiB, or half the backpressure limit when that is smaller.
+pub fn high_water_mark(backpressure_limit: usize) -> usize {
+    const DEFAULT: usize = 256 * 1024;
+    match backpressure_limit {
+        0 => DEFAULT,
+        limit => DEFAULT.min(limit / 2),
+    }
+}
+
 /// Events waiting for Python beyond which the reader stops reading from this socket.
 pub const MAX_INFLIGHT_MESSAGES: usize = 128;
 /// Bytes of messages waiting for Python beyond which the reader stops reading.
@@ -149,10 +159,19 @@ impl Conn {
             }
             return SendStatus::Dropped;
         }
+        // The writer runs on another thread, so a burst from one handler can queue far more
+        // than the kernel will take before the writer ever sees EAGAIN. Past the high-water
+        // mark the socket counts as congested at once (and `on_drain` follows when the queue
+        // empties), so a sender that waits for Backpressured does slow down before Dropped.
+        let buffered = self.out.buffered();
+        if !self.out.is_congested() && buffered >= high_water_mark(limits.backpressure_limit) {
+            self.out.set_congested();
+        }
+        let congested = self.out.is_congested();
         if !self.out.push(frame, false) {
             return SendStatus::Dropped;
         }
-        if self.out.is_congested() {
+        if congested {
             SendStatus::Backpressured
         } else {
             SendStatus::Sent(payload_len)
@@ -265,5 +284,26 @@ impl Conn {
         self.paused_by_app.load(Ordering::Relaxed)
             || self.inflight_messages.load(Ordering::Relaxed) >= MAX_INFLIGHT_MESSAGES
             || self.inflight_bytes.load(Ordering::Relaxed) >= MAX_INFLIGHT_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn high_water_mark_is_256_kib_or_half_the_limit() {
+        assert_eq!(high_water_mark(0), 256 * 1024);
+        assert_eq!(high_water_mark(16 * 1024 * 1024), 256 * 1024);
+        assert_eq!(high_water_mark(1000), 500);
+    }
+
+    #[test]
+    fn publish_outcome_merges_by_severity() {
+        use SendStatus::*;
+        assert_eq!(Sent(3).merge(Sent(3)), Sent(3));
+        assert_eq!(Sent(3).merge(Backpressured), Backpressured);
+        assert_eq!(Backpressured.merge(Dropped), Dropped);
+        assert_eq!(Dropped.merge(Sent(3)), Dropped);
     }
 }
