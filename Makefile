@@ -31,8 +31,10 @@ demo: $(PY)
 rust-test:
 	cargo test --quiet
 
+# The stub of the Rust module must match what it exports (stubtest), and everything is strict.
 typecheck: install
-	$(VENV)/bin/mypy --strict python/brioche examples
+	$(VENV)/bin/mypy --strict python/brioche examples tests
+	$(PY) -m mypy.stubtest brioche._brioche
 
 py-test: install system-deps
 	$(VENV)/bin/pytest -q

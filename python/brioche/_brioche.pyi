@@ -3,8 +3,14 @@
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar, final
 
-T = TypeVar("T")
-R = TypeVar("R")
+__all__ = [
+    "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
+    "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
+    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_REQUEST", "EVENT_STOPPED",
+]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 EVENT_OPEN: int
 EVENT_TEXT: int
@@ -22,11 +28,11 @@ class MessageSent:
     """The message was queued and the socket is not congested."""
 
     __match_args__: ClassVar[tuple[str]] = ("bytes_sent",)
-    def __init__(self, bytes_sent: int) -> None: ...
+    def __new__(cls, bytes_sent: int) -> MessageSent: ...
     @property
     def bytes_sent(self) -> int:
         """Payload bytes accepted (the UTF-8 length for text)."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -35,7 +41,7 @@ class MessageBackpressured:
 
     __match_args__: ClassVar[tuple[()]] = ()
     def __init__(self) -> None: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -44,17 +50,17 @@ class MessageDropped:
 
     __match_args__: ClassVar[tuple[()]] = ()
     def __init__(self) -> None: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 _SendStatus = MessageSent | MessageBackpressured | MessageDropped
 
 @final
-class WebSocket(Generic[T]):
+class WebSocket(Generic[_T]):
     """A server-side WebSocket connection. Every method is synchronous and never blocks."""
 
     @property
-    def data(self) -> T:
+    def data(self) -> _T:
         """The context passed to ``server.upgrade``."""
     @property
     def ready_state(self) -> int:
@@ -82,15 +88,15 @@ class WebSocket(Generic[T]):
         """Unsubscribe from ``topic``."""
     def is_subscribed(self, topic: str) -> bool:
         """Whether this socket is subscribed to ``topic``."""
-    def cork(self, callback: Callable[[WebSocket[T]], R]) -> R:
+    def cork(self, callback: Callable[[WebSocket[_T]], _R]) -> _R:
         """Run ``callback(self)``; what it sends is written in one go."""
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and ``reason`` (at most 123 UTF-8 bytes)."""
     def terminate(self) -> None:
         """Drop the connection without a close frame."""
-    def ping(self, payload: str | bytes = b"") -> _SendStatus:
+    def ping(self, payload: str | bytes | None = None) -> _SendStatus:
         """Send a ping frame (payload at most 125 bytes)."""
-    def pong(self, payload: str | bytes = b"") -> _SendStatus:
+    def pong(self, payload: str | bytes | None = None) -> _SendStatus:
         """Send a pong frame (payload at most 125 bytes)."""
     def _pause_reading(self, paused: bool) -> None: ...
     def __class_getitem__(cls, item: Any) -> Any: ...
@@ -122,8 +128,8 @@ class PendingRequest:
 class Engine:
     """One listening server inside the tokio runtime (internal: wrapped by ``brioche.Server``)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         hostname: str,
         port: int,
         *,
@@ -135,7 +141,7 @@ class Engine:
         publish_to_self: bool,
         send_pings: bool,
         websockets_enabled: bool,
-    ) -> None: ...
+    ) -> Engine: ...
     @property
     def port(self) -> int: ...
     @property
