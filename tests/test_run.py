@@ -1,0 +1,77 @@
+"""The blocking entry points: ``Config.run()`` and the ``python -m brioche`` demo, stopped by Ctrl+C."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def connect_when_listening(url: str) -> ClientConnection:
+    for _ in range(200):  # bounded: up to ~10 s for the interpreter to start
+        try:
+            return await connect(url)
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listening at {url}")
+
+
+async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with await connect_when_listening(f"ws://127.0.0.1:{port}/ws") as client:
+            await client.send("before ctrl-c")
+            assert await client.recv() == "before ctrl-c"
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(client.recv(), 10)
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 1001
+            else:
+                raise AssertionError("the connection stayed open after Ctrl+C")
+        out, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().strip() == "stopped cleanly"
+
+
+async def test_demo_module_prints_its_address_and_echoes() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "brioche", "--host", "127.0.0.1", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line
+        async with connect(f"ws://127.0.0.1:{match.group(1)}/echo") as client:
+            await client.send("héllo")
+            assert await client.recv() == "héllo"
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
