@@ -225,12 +225,26 @@ class Server(Generic[T]):
     def _on_wake(self) -> None:
         events = self._engine.drain()
         busy = self._busy
+        handlers = self._handlers
         for event in events:
             kind = event[0]
             if kind < _REQUEST:
                 ws = event[1]
                 if busy and ws in busy:
                     self._park(ws, event)
+                elif kind == _TEXT or kind == _BYTES:
+                    # The per-message path, inlined: a plain handler that returns None costs
+                    # one call here and nothing else.
+                    fn = handlers[kind]
+                    if fn is None:
+                        continue
+                    try:
+                        result = fn(ws, event[2])
+                    except Exception as exc:
+                        self._handler_failed(ws, kind, exc)
+                        continue
+                    if result is not None:
+                        self._await_result(ws, kind, result)
                 else:
                     self._dispatch(ws, event)
             elif kind == _REQUEST:
@@ -246,8 +260,16 @@ class Server(Generic[T]):
             return False
         try:
             result = fn(*event[1:])
-            if result is None:
-                return False
+        except Exception as exc:
+            self._handler_failed(ws, kind, exc)
+            return False
+        if result is None:
+            return False
+        return self._await_result(ws, kind, result)
+
+    def _await_result(self, ws: WebSocket[T], kind: int, result: object) -> bool:
+        """Finish a handler's awaitable result; True when it suspended and now runs as a task."""
+        try:
             if type(result) is _CoroutineType:
                 task = self._step(result)[1]
             elif isawaitable(result):
