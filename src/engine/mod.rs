@@ -6,6 +6,7 @@ pub mod events;
 pub mod frame;
 pub mod handshake;
 pub mod http;
+pub mod limit;
 pub mod outbound;
 pub mod pubsub;
 pub mod reader;

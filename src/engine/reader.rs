@@ -27,6 +27,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::conn::{Conn, ReadyState};
 use super::events::Event;
 use super::frame::{OutFrame, OP_CLOSE, OP_PING};
+use super::limit::MessageSizeGuard;
 use super::writer;
 
 /// How long the writer may keep flushing after the connection ended before it is cut off.
@@ -34,6 +35,8 @@ const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// tungstenite's default read buffer is 128 KiB per connection; most messages are small, and the
 /// buffer grows on demand for large frames.
 const READ_BUFFER: usize = 4 * 1024;
+/// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
+const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
 
 /// The read half as tungstenite sees it: reads come from the socket, writes go to the queue.
 struct SocketIo {
@@ -42,6 +45,11 @@ struct SocketIo {
     /// When the last byte arrived: the idle timer compares against it instead of being reset
     /// (a timer operation) on every read.
     last_read: Instant,
+    size_guard: MessageSizeGuard,
+    /// The size guard refused a message: the read error that follows means 1009.
+    too_big: bool,
+    /// Automatic replies are dropped while this much is queued (see `poll_write`).
+    reply_limit: usize,
 }
 
 impl AsyncRead for SocketIo {
@@ -54,6 +62,14 @@ impl AsyncRead for SocketIo {
         let polled = Pin::new(&mut self.read).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.last_read = Instant::now();
+            let this = &mut *self;
+            if !this.size_guard.scan(&buf.filled()[before..]) {
+                this.too_big = true;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "message too big",
+                )));
+            }
         }
         polled
     }
@@ -65,10 +81,15 @@ impl AsyncWrite for SocketIo {
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        // A sealed queue (close sent, or ending) refuses replies, which is what RFC 6455 wants.
-        self.conn
-            .out
-            .push(OutFrame::raw(Bytes::copy_from_slice(buf)), false);
+        // tungstenite writes only automatic pongs. A client that pings without reading must not
+        // grow the queue without bound: past the limit they are dropped, as RFC 6455 5.5.3
+        // allows (only the latest ping needs an answer). A sealed queue (close sent, or ending)
+        // refuses them anyway.
+        if self.conn.out.buffered() <= self.reply_limit {
+            self.conn
+                .out
+                .push(OutFrame::raw(Bytes::copy_from_slice(buf)), false);
+        }
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -120,6 +141,12 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
         read,
         conn: conn.clone(),
         last_read: Instant::now(),
+        size_guard: MessageSizeGuard::new(limits.max_payload_length),
+        too_big: false,
+        reply_limit: match limits.backpressure_limit {
+            0 => DEFAULT_REPLY_LIMIT,
+            limit => limit,
+        },
     };
     let ws =
         WebSocketStream::from_partially_read(io, already_read.to_vec(), Role::Server, Some(config))
@@ -260,6 +287,9 @@ async fn read_loop(conn: &Arc<Conn>, mut ws: WebSocketStream<SocketIo>) -> Endin
                         conn.out.push(reply, true);
                     }
                     return Ending::graceful(code, reason);
+                }
+                Some(Err(_)) if ws.get_ref().too_big => {
+                    return fail(conn, WsError::Capacity(CapacityError::MessageTooLong { size: 0, max_size: 0 }));
                 }
                 Some(Err(err)) => return fail(conn, err),
                 None => return Ending::abrupt(1006, ""),

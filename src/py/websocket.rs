@@ -46,11 +46,12 @@ fn check_topic(topic: &str) -> PyResult<()> {
     Ok(())
 }
 
-/// Close codes an endpoint may send (RFC 6455 section 7.4 and the IANA registry).
+/// Close codes an endpoint may send (RFC 6455 section 7.4 and the IANA registry), less 1014,
+/// which tungstenite (and so brioche) does not accept from a peer either.
 fn check_close(code: u16, reason: &str) -> PyResult<()> {
-    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+    if !matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999) {
         return Err(value_error(format!(
-            "close code {code} may not be sent; use 1000, 1001-1003, 1007-1014 or 3000-4999"
+            "close code {code} may not be sent; use 1000, 1001-1003, 1007-1013 or 3000-4999"
         )));
     }
     if reason.len() > 123 {
