@@ -187,6 +187,8 @@ class RawWebSocket:
         try:
             if rcvbuf is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            # A frame written in two pieces must not wait for the server's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), timeout)

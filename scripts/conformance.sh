@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# RFC 6455 conformance: the Autobahn|TestSuite fuzzing client, cases 1.* to 10.*, against a
+# brioche echo server (tests/autobahn_server.py) on 127.0.0.1.
+#
+#   scripts/conformance.sh [CASES]     # default: 1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.* (no 8.*)
+#
+# Installs wstest first when it is missing (setup.sh needs root or sudo; ~1 min on a fresh
+# machine). Exits with run.sh's status: 0 no FAILED case, 1 some FAILED, 2 harness problem
+# (server unreachable, no report), 3 not installed; 4 if the echo server would not start.
+# Reports (HTML + JSON per case) land in $AUTOBAHN_REPORTS (default /tmp/autobahn-reports).
+#
+# Env: AUTOBAHN_TOOLS (default ../shared/tools/autobahn next to the repo), AUTOBAHN_PREFIX
+# (default /opt/autobahn), PYTHON (default .venv/bin/python of the repo), and every variable
+# run.sh reads (AUTOBAHN_TIMEOUT, AUTOBAHN_EXCLUDE, ...).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="${AUTOBAHN_TOOLS:-$REPO/../shared/tools/autobahn}"
+PREFIX="${AUTOBAHN_PREFIX:-/opt/autobahn}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+CASES="${1:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*}"
+START_TIMEOUT=20   # seconds for the echo server to accept connections
+STOP_TIMEOUT=15    # seconds for it to exit after SIGTERM
+
+if [ ! -x "$TOOLS/run.sh" ]; then
+  echo "conformance: no Autobahn harness in $TOOLS (set AUTOBAHN_TOOLS)" >&2
+  exit 3
+fi
+if [ ! -x "$PYTHON" ]; then
+  echo "conformance: $PYTHON not found; run 'make install' first" >&2
+  exit 3
+fi
+
+# --- 1. wstest
+if [ ! -x "$PREFIX/venv/bin/wstest" ]; then
+  echo "conformance: wstest not installed, running $TOOLS/setup.sh"
+  t0=$(date +%s)
+  bash "$TOOLS/setup.sh"
+  echo "conformance: setup.sh took $(( $(date +%s) - t0 ))s"
+fi
+
+# --- 2. the echo server on a free port
+SERVER_PID=""
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 $(( STOP_TIMEOUT * 10 ))); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "conformance: echo server did not exit within ${STOP_TIMEOUT}s, killing it" >&2
+      kill -KILL "$SERVER_PID" 2>/dev/null || true
+    fi
+  fi
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+trap stop_server EXIT
+trap 'stop_server; exit 130' INT
+trap 'stop_server; exit 143' TERM
+
+free_port() {
+  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+accepts() {  # accepts PORT -> 0 when something accepts TCP connections on 127.0.0.1:PORT
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+PORT=""
+for attempt in 1 2 3; do  # the free port may be taken between free_port and bind: retry
+  candidate="$(free_port)"
+  "$PYTHON" "$REPO/tests/autobahn_server.py" "$candidate" &
+  SERVER_PID=$!
+  for _ in $(seq 1 $(( START_TIMEOUT * 10 ))); do
+    if accepts "$candidate"; then PORT="$candidate"; break; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$PORT" ] && break
+  echo "conformance: echo server did not start on port $candidate (attempt $attempt)" >&2
+  stop_server
+done
+if [ -z "$PORT" ]; then
+  exit 4
+fi
+echo "conformance: brioche echo server (pid $SERVER_PID) on 127.0.0.1:$PORT"
+
+# --- 3. the suite
+t0=$(date +%s)
+set +e
+bash "$TOOLS/run.sh" 127.0.0.1 "$PORT" "$CASES"
+status=$?
+set -e
+echo "conformance: run.sh took $(( $(date +%s) - t0 ))s, exit $status"
+
+# --- 4. stop the server (a crash during the run is a failure too)
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+  echo "conformance: the echo server died during the run" >&2
+  [ "$status" = 0 ] && status=2
+fi
+stop_server
+exit "$status"

@@ -1,0 +1,63 @@
+"""A brioche echo server for the Autobahn|TestSuite fuzzing client.
+
+    python tests/autobahn_server.py PORT
+
+Serves ws://127.0.0.1:PORT/ (any path) until SIGTERM or SIGINT, echoing every text and binary
+message unchanged. Messages up to 16 MiB (Autobahn 9.* sends exactly 16 MiB), no idle timeout.
+Prints nothing; errors from handlers go to the `brioche` logger (stderr) as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import brioche
+from brioche import server, websocket
+
+MIB = 1024 * 1024
+
+
+def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+    ws.send(text)
+
+
+def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+    ws.send_bytes(data)
+
+
+def ws_config() -> websocket.Config[Any]:
+    return (
+        websocket.init()
+        .on_text(on_text)
+        .on_bytes(on_bytes)
+        .max_payload_length(16 * MIB)
+        # 9.* queues up to 16 MiB echoes at once; never drop an echo for backpressure.
+        .backpressure_limit(0)
+        .idle_timeout(0)
+    )
+
+
+def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+    return server.upgrade(srv, request, [], None, server.bad_request)
+
+
+async def main(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    srv = await server.handler(handler).websocket(ws_config()).hostname("127.0.0.1").port(port).serve()
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(f"usage: {sys.argv[0]} PORT", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(main(int(sys.argv[1])))
