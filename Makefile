@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test venv install system-deps rust-test py-test typecheck lint fmt bench clean
+.PHONY: demo test venv install system-deps rust-test py-test typecheck conformance fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,15 @@ typecheck: install
 py-test: install system-deps
 	$(VENV)/bin/pytest -q
 
-test: rust-test typecheck py-test
+# RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use).
+conformance: install
+	bash scripts/conformance.sh
+
+# The hypothesis raw-socket fuzzer with 20x the CI's examples (~200,000; about 15 minutes).
+fuzz: install
+	BRIOCHE_FUZZ_SCALE=20 $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
+
+test: rust-test typecheck py-test conformance
 
 lint: install
 	cargo fmt --check

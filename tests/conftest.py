@@ -29,13 +29,14 @@ async def serve() -> AsyncIterator[ServeFn]:
     async def start(
         ws_config: websocket.Config[Any] | None = None,
         handler: server.Handler[Any] = upgrade_ws_path,
-        max_request_body_size: int | None = None,
+        **settings: Any,
     ) -> brioche.Server[Any]:
+        """``settings`` name server.Config setters: ``max_connections=2``, ``handshake_timeout=1``."""
         config = server.handler(handler).hostname("127.0.0.1").port(0)
         if ws_config is not None:
             config = config.websocket(ws_config)
-        if max_request_body_size is not None:
-            config = config.max_request_body_size(max_request_body_size)
+        for name, value in settings.items():
+            config = getattr(config, name)(value)
         srv = await config.serve()
         started.append(srv)
         return srv

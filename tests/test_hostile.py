@@ -7,6 +7,7 @@ hostile input echoes after it, and so does a connection opened afterwards.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import struct
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 import brioche
 from brioche import server, websocket
@@ -231,8 +233,8 @@ async def test_headers_over_the_limit_are_refused(serve: ServeFn, bystander_of: 
 async def test_incomplete_request_head_is_cut_after_the_header_read_timeout(
     serve: ServeFn, bystander_of: Any
 ) -> None:
-    """Slowloris: a head that never completes is dropped (10 s header_read_timeout)."""
-    srv = await serve(echo_config())
+    """Slowloris: a head that never completes is dropped after ``handshake_timeout``."""
+    srv = await serve(echo_config(), handshake_timeout=1)
     bystander = await bystander_of(srv)
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     try:
@@ -240,7 +242,7 @@ async def test_incomplete_request_head_is_cut_after_the_header_read_timeout(
         await writer.drain()
         await echo(bystander, "served while a head is pending")
         try:
-            rest = await asyncio.wait_for(reader.read(), 20)
+            rest = await asyncio.wait_for(reader.read(), 5)
         except ConnectionResetError:
             rest = b""
         assert rest == b"" or rest.startswith(b"HTTP/1.1 408"), rest
@@ -560,8 +562,10 @@ async def test_ping_flood_from_a_client_that_never_reads_is_bounded(
 #    valid code or abruptly, without hanging.
 # Whatever it sent must be well-formed server frames. A bystander echoes after every example.
 
-RANDOM_EXAMPLES = 7_000
-FRAME_EXAMPLES = 3_000
+# 10,000 examples in CI; `make fuzz` sets BRIOCHE_FUZZ_SCALE to run many more.
+_SCALE = int(os.environ.get("BRIOCHE_FUZZ_SCALE", "1"))
+RANDOM_EXAMPLES = 7_000 * _SCALE
+FRAME_EXAMPLES = 3_000 * _SCALE
 PROBE = b"probe \xe2\x9c\x93"
 
 
@@ -845,3 +849,32 @@ async def test_random_valid_conversations_are_echoed_exactly(
     finally:
         client.writer.transport.abort()
     await echo(fuzz_target.bystander, "bystander")
+
+
+async def test_headers_over_a_configured_limit_get_431(serve: ServeFn, bystander_of: Any) -> None:
+    srv = await serve(echo_config(), max_request_header_size=16 * 1024)
+    bystander = await bystander_of(srv)
+    small, _ = await exchange(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 4096 + b"\r\n\r\n")
+    assert responses(small)[0][1] == 200
+    big, how = await exchange(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 40_000 + b"\r\n\r\n")
+    assert how in ("eof", "reset")
+    assert responses(big)[0][1] == 431
+    await assert_still_serving(srv, bystander)
+
+
+async def test_handshakes_past_max_connections_get_503_until_one_closes(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    srv = await serve(echo_config(recorder), max_connections=2)
+    async with connect(ws_url(srv, "/ws?a")) as first, connect(ws_url(srv, "/ws?b")) as second:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(ws_url(srv, "/ws?c"), open_timeout=TIMEOUT)
+        assert refused.value.response.status_code == 503
+        await echo(first, "first still served")
+        await echo(second, "second still served")
+        # Plain HTTP is not limited.
+        answer, _ = await exchange(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert responses(answer)[0][1] == 200
+    await recorder.wait_for(lambda: srv.pending_websockets == 0 and len(recorder.of("close")) >= 2)
+    async with connect(ws_url(srv, "/ws?d")) as third:
+        await echo(third, "a freed slot is reused")

@@ -141,6 +141,9 @@ class Engine:
         publish_to_self: bool,
         send_pings: bool,
         websockets_enabled: bool,
+        handshake_timeout: float,
+        max_request_header_size: int,
+        max_connections: int,
     ) -> Engine: ...
     @property
     def port(self) -> int: ...

@@ -131,6 +131,9 @@ class Server(Generic[T]):
                 publish_to_self=limits.publish_to_self_enabled,
                 send_pings=limits.send_pings_enabled,
                 websockets_enabled=ws is not None,
+                handshake_timeout=config.handshake_timeout_seconds,
+                max_request_header_size=config.max_request_header_size_bytes,
+                max_connections=config.max_connections_value,
             )
         except OSError as exc:
             where = f"{config.hostname_value}:{port}"

@@ -39,11 +39,14 @@ __all__ = [
     "Server",
     "bad_request",
     "handler",
+    "handshake_timeout",
     "hostname",
     "html",
     "internal_error",
     "json",
+    "max_connections",
     "max_request_body_size",
+    "max_request_header_size",
     "not_found",
     "ok",
     "port",
@@ -92,6 +95,9 @@ class Config(Generic[T]):
     port_number: int | None = None
     hostname_value: str = "0.0.0.0"
     max_request_body_size_bytes: int = 1024 * 1024
+    max_request_header_size_bytes: int = 64 * 1024
+    handshake_timeout_seconds: float = 10.0
+    max_connections_value: int = 0
 
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
@@ -114,6 +120,24 @@ class Config(Generic[T]):
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"max_request_body_size must be an int >= 0, got {size!r}")
         return dataclasses.replace(self, max_request_body_size_bytes=size)
+
+    def max_request_header_size(self, size: int) -> Config[T]:
+        """Largest request line plus headers, in bytes (default 64 KiB); larger gets 431."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8192:
+            raise ValueError(f"max_request_header_size must be an int >= 8192, got {size!r}")
+        return dataclasses.replace(self, max_request_header_size_bytes=size)
+
+    def handshake_timeout(self, seconds: float) -> Config[T]:
+        """Seconds a client has to send its request headers (default 10); then it is cut off."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {seconds!r}")
+        return dataclasses.replace(self, handshake_timeout_seconds=float(seconds))
+
+    def max_connections(self, count: int) -> Config[T]:
+        """Most WebSockets open at once; past it handshakes get 503 (default 0: no limit)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"max_connections must be an int >= 0, got {count!r}")
+        return dataclasses.replace(self, max_connections_value=count)
 
     async def serve(self) -> Server[T]:
         """Start listening on the running event loop and return the started ``Server``."""
@@ -171,6 +195,21 @@ def hostname(config: Config[T], hostname: str) -> Config[T]:
 def max_request_body_size(config: Config[T], size: int) -> Config[T]:
     """Module form of :meth:`Config.max_request_body_size`."""
     return config.max_request_body_size(size)
+
+
+def max_request_header_size(config: Config[T], size: int) -> Config[T]:
+    """Module form of :meth:`Config.max_request_header_size`."""
+    return config.max_request_header_size(size)
+
+
+def handshake_timeout(config: Config[T], seconds: float) -> Config[T]:
+    """Module form of :meth:`Config.handshake_timeout`."""
+    return config.handshake_timeout(seconds)
+
+
+def max_connections(config: Config[T], count: int) -> Config[T]:
+    """Module form of :meth:`Config.max_connections`."""
+    return config.max_connections(count)
 
 
 async def serve(config: Config[T]) -> Server[T]:

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     pub ws: WsLimits,
     /// How long a client may take to send its request headers (slowloris guard).
     pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_size: usize,
+    /// Open WebSockets beyond which handshakes get 503 before reaching the handler; 0: no limit.
+    pub max_connections: usize,
     /// How long a server-initiated close waits for the client's close frame.
     pub close_timeout: Duration,
 }
@@ -56,6 +60,8 @@ impl Default for ServerConfig {
             websockets_enabled: true,
             ws: WsLimits::default(),
             header_read_timeout: Duration::from_secs(10),
+            max_header_size: 64 * 1024,
+            max_connections: 0,
             close_timeout: Duration::from_secs(5),
         }
     }

@@ -90,7 +90,9 @@ pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.header_read_timeout);
+        .header_read_timeout(shared.config.header_read_timeout)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(shared.config.max_header_size.max(8192));
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -122,9 +124,22 @@ async fn handle(
                 }
                 return Ok(response);
             }
-            Handshake::Valid(key) => websocket_key = Some(key),
+            Handshake::Valid(key) => {
+                if !shared.reserve_slot() {
+                    return Ok(plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Too many connections",
+                    ));
+                }
+                websocket_key = Some(key);
+            }
         }
     }
+    // A reserved slot passes to the connection on upgrade; any other outcome gives it back.
+    let slot = SlotGuard {
+        shared: &shared,
+        held: websocket_key.is_some(),
+    };
     let on_upgrade: Option<OnUpgrade> =
         websocket_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
@@ -167,6 +182,7 @@ async fn handle(
         Ok(Reply::Respond(response)) => Ok(response),
         Ok(Reply::Upgrade(extra)) => match (on_upgrade, websocket_key) {
             (Some(on_upgrade), Some(key)) => {
+                slot.hand_over();
                 let conn = shared.register(id, remote.ip());
                 shared.tracker.spawn(open_websocket(on_upgrade, conn));
                 let mut response = Response::new(Full::default());
@@ -194,6 +210,27 @@ async fn handle(
             StatusCode::SERVICE_UNAVAILABLE,
             "Service Unavailable",
         )),
+    }
+}
+
+/// A `max_connections` slot held while a handshake waits for the handler.
+struct SlotGuard<'a> {
+    shared: &'a Shared,
+    held: bool,
+}
+
+impl SlotGuard<'_> {
+    /// The connection now owns the slot; `Shared::unregister` gives it back.
+    fn hand_over(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.shared.release_slot();
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ pub struct Shared {
     pub events: EventQueue,
     pub topics: TopicRegistry<Arc<Conn>>,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
+    /// WebSockets open or being upgraded, counted only when `max_connections` is set.
+    websocket_slots: AtomicUsize,
     next_id: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     /// Every task of this server: the accept loop, HTTP connections, WebSocket connections.
@@ -47,7 +49,28 @@ impl Shared {
     }
 
     pub(crate) fn unregister(&self, id: u64) {
-        self.conns.lock().remove(&id);
+        if self.conns.lock().remove(&id).is_some() {
+            self.release_slot();
+        }
+    }
+
+    /// Take one of `max_connections` for a handshake; false when all are in use.
+    pub(crate) fn reserve_slot(&self) -> bool {
+        let max = self.config.max_connections;
+        if max == 0 {
+            return true;
+        }
+        self.websocket_slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used < max).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn release_slot(&self) {
+        if self.config.max_connections > 0 {
+            self.websocket_slots.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     pub fn open_websockets(&self) -> usize {
@@ -106,6 +129,7 @@ impl Server {
             events: EventQueue::new()?,
             topics: TopicRegistry::default(),
             conns: Mutex::new(FxHashMap::default()),
+            websocket_slots: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -42,7 +42,8 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (
         hostname, port, *, max_request_body_size, max_payload_length, backpressure_limit,
-        close_on_backpressure_limit, idle_timeout, publish_to_self, send_pings, websockets_enabled
+        close_on_backpressure_limit, idle_timeout, publish_to_self, send_pings, websockets_enabled,
+        handshake_timeout, max_request_header_size, max_connections
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -56,6 +57,9 @@ impl PyEngine {
         publish_to_self: bool,
         send_pings: bool,
         websockets_enabled: bool,
+        handshake_timeout: f64,
+        max_request_header_size: usize,
+        max_connections: usize,
     ) -> PyResult<Self> {
         let config = ServerConfig {
             host: hostname,
@@ -70,6 +74,12 @@ impl PyEngine {
                 publish_to_self,
                 send_pings,
             },
+            header_read_timeout: std::time::Duration::try_from_secs_f64(handshake_timeout)
+                .map_err(|_| {
+                    PyValueError::new_err("handshake_timeout must be a positive number of seconds")
+                })?,
+            max_header_size: max_request_header_size,
+            max_connections,
             ..ServerConfig::default()
         };
         let server = Server::start(config).map_err(super::errors::os_error)?;
