@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test venv install system-deps rust-test py-test typecheck conformance fuzz lint fmt bench clean
+.PHONY: demo test venv install system-deps rust-test valgrind py-test typecheck conformance fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ install: $(PY)
 
 # Third-party clients the tests talk to: node's `ws` and headless Chromium, from Debian.
 system-deps:
-	@if ! command -v chromium >/dev/null || [ ! -d /usr/share/nodejs/ws ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws >/dev/null; \
+	@if ! command -v chromium >/dev/null || ! command -v valgrind >/dev/null || [ ! -d /usr/share/nodejs/ws ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws valgrind >/dev/null; \
 	fi
 
 demo: $(PY)
@@ -30,6 +30,12 @@ demo: $(PY)
 
 rust-test:
 	cargo test --quiet
+
+# The engine's tests under valgrind's memcheck: no invalid access, no definitely lost block.
+valgrind: system-deps
+	@bin=$$(cargo test --no-run 2>&1 | sed -n 's/.*Executable unittests src\/lib.rs (\(.*\))/\1/p'); \
+	valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
+		$$bin --test-threads=1 --quiet
 
 # The stub of the Rust module must match what it exports (stubtest), and everything is strict.
 typecheck: install
@@ -47,7 +53,7 @@ conformance: install
 fuzz: install
 	BRIOCHE_FUZZ_SCALE=20 $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
 
-test: rust-test typecheck py-test conformance
+test: rust-test valgrind typecheck py-test conformance
 
 lint: install
 	cargo fmt --check
