@@ -127,6 +127,23 @@ async def test_protocol_violation_closes_with_code_then_eof_and_spares_other_cli
     assert recorder.of("text") == [("before",), ("after",)], "the bad frames never reached a handler"
 
 
+async def test_replies_to_messages_before_a_violation_go_out_before_the_close(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Valid messages that arrived just before a protocol error are handled and their echoes
+    delivered; only then does the close frame follow (Autobahn 3.2, 4.1.3, 5.15 want this)."""
+    srv = await serve(recording_echo(recorder))
+    async with await RawWebSocket.connect(srv.port) as client:
+        good = b"".join(encode_frame(OP_TEXT, b"hello %d" % i) for i in range(3))
+        await client.send_raw(good + encode_frame(OP_TEXT, b"bad", rsv=4))
+        frames, how = await client.frames_until_end()
+    assert [(f.opcode, f.payload) for f in frames[:3]] == [(OP_TEXT, b"hello %d" % i) for i in range(3)]
+    assert [f.close_code for f in frames[3:]] == [1002]
+    assert how == "eof"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1002,)]
+
+
 async def test_fragmented_text_message_is_reassembled_and_delivered_once(serve: ServeFn, recorder: Recorder) -> None:
     srv = await serve(recording_echo(recorder))
     async with await RawWebSocket.connect(srv.port) as client:

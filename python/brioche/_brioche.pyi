@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Generic, TypeVar, final
 __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
-    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_REQUEST", "EVENT_STOPPED",
+    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_REQUEST", "EVENT_STOPPED",
 ]
 
 _T = TypeVar("_T")
@@ -17,6 +17,7 @@ EVENT_TEXT: int
 EVENT_BYTES: int
 EVENT_DRAIN: int
 EVENT_CLOSE: int
+EVENT_FAIL: int
 EVENT_REQUEST: int
 EVENT_STOPPED: int
 

@@ -39,6 +39,7 @@ _TEXT = _brioche.EVENT_TEXT
 _BYTES = _brioche.EVENT_BYTES
 _DRAIN = _brioche.EVENT_DRAIN
 _CLOSE = _brioche.EVENT_CLOSE
+_FAIL = _brioche.EVENT_FAIL
 _REQUEST = _brioche.EVENT_REQUEST
 _STOPPED = _brioche.EVENT_STOPPED
 _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: "on_drain",
@@ -78,6 +79,11 @@ def _continue(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, An
 
 async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
     return await _continue(coro, yielded)
+
+
+def _close_for_protocol_error(ws: WebSocket[Any], code: int, reason: str) -> None:
+    """The client broke the protocol: close once the events before it were handled, in order."""
+    ws.close(code, reason)
 
 
 class BindError(BriocheError, OSError):
@@ -145,7 +151,7 @@ class Server(Generic[T]):
         self.hostname = config.hostname_value
         self._handlers = (
             limits.on_open_handler, limits.on_text_message, limits.on_bytes_message,
-            limits.on_drain_handler, limits.on_close_handler,
+            limits.on_drain_handler, limits.on_close_handler, _close_for_protocol_error,
         )
         self._busy = {}
         self._paused = set()

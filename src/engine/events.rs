@@ -37,6 +37,8 @@ pub enum Event {
     Binary(u64, Bytes),
     /// A congested connection has written everything it had queued.
     Drain(u64),
+    /// The client broke the protocol: close with this code once earlier events are handled.
+    Fail(u64, u16, &'static str),
     Close(u64, u16, String),
     Request(Box<HttpRequest>),
     /// A request was accepted for upgrade but the connection never opened.

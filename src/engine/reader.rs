@@ -30,6 +30,8 @@ use super::frame::{OutFrame, OP_CLOSE, OP_PING};
 use super::limit::MessageSizeGuard;
 use super::writer;
 
+/// How long the loop has to send the close frame for a protocol error before the reader does.
+const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
 /// How long the writer may keep flushing after the connection ended before it is cut off.
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// tungstenite's default read buffer is 128 KiB per connection; most messages are small, and the
@@ -108,6 +110,8 @@ struct Ending {
     reason: String,
     /// Cut the connection now instead of letting the writer flush what is queued.
     abrupt: bool,
+    /// A protocol error: the loop closes with `code` once earlier events are handled.
+    close_after_handlers: bool,
 }
 
 impl Ending {
@@ -116,6 +120,7 @@ impl Ending {
             code,
             reason: reason.to_owned(),
             abrupt: true,
+            close_after_handlers: false,
         }
     }
 
@@ -124,6 +129,7 @@ impl Ending {
             code,
             reason: reason.into(),
             abrupt: false,
+            close_after_handlers: false,
         }
     }
 }
@@ -159,6 +165,18 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
     }
 
     let ending = read_loop(&conn, ws).await;
+    if ending.close_after_handlers {
+        // Bounded: a loop that is stuck (or a handler that never returns) does not keep a
+        // broken connection half-open.
+        let handed_over = tokio::time::timeout(CLOSE_AFTER_HANDLERS, async {
+            while conn.ready_state() == ReadyState::Open {
+                conn.lifecycle.notified().await;
+            }
+        });
+        if handed_over.await.is_err() {
+            conn.close(ending.code, &ending.reason);
+        }
+    }
     let ending = match conn.ending.lock().take() {
         Some((code, reason)) => Ending::abrupt(code, &reason),
         None => ending,
@@ -311,8 +329,18 @@ fn fail(conn: &Conn, err: WsError) -> Ending {
         WsError::Protocol(_) => (1002, "protocol error"),
         _ => return Ending::abrupt(1006, ""),
     };
-    if matches!(conn.ready_state(), ReadyState::Open | ReadyState::Closing) {
-        conn.set_state(ReadyState::Closing);
+    if conn.ready_state() == ReadyState::Open {
+        // The messages that arrived before the violation are still waiting for their handlers,
+        // whose replies must go out before the close frame: the loop sends it, in order.
+        conn.shared.events.push(Event::Fail(conn.id, code, reason));
+        return Ending {
+            code,
+            reason: reason.to_owned(),
+            abrupt: false,
+            close_after_handlers: true,
+        };
+    }
+    if conn.ready_state() == ReadyState::Closing {
         conn.out.push(OutFrame::close(code, reason), true);
     }
     Ending::graceful(code, reason)

@@ -10,7 +10,8 @@ use super::request::PendingRequest;
 use super::status;
 use super::websocket::{with_bytes, PyWebSocket};
 use super::{
-    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
+    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED,
+    EVENT_TEXT,
 };
 use crate::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
@@ -143,6 +144,11 @@ impl PyEngine {
                 Event::Drain(id) => {
                     if let Some(ws) = sockets.get(&id) {
                         out.append((EVENT_DRAIN, ws.clone_ref(py)))?;
+                    }
+                }
+                Event::Fail(id, code, reason) => {
+                    if let Some(ws) = sockets.get(&id) {
+                        out.append((EVENT_FAIL, ws.clone_ref(py), code, reason))?;
                     }
                 }
                 Event::Close(id, code, reason) => {

@@ -16,8 +16,9 @@ pub const EVENT_TEXT: u8 = 1;
 pub const EVENT_BYTES: u8 = 2;
 pub const EVENT_DRAIN: u8 = 3;
 pub const EVENT_CLOSE: u8 = 4;
-pub const EVENT_REQUEST: u8 = 5;
-pub const EVENT_STOPPED: u8 = 6;
+pub const EVENT_FAIL: u8 = 5;
+pub const EVENT_REQUEST: u8 = 6;
+pub const EVENT_STOPPED: u8 = 7;
 
 /// A random, time-ordered UUID (RFC 9562 version 7) as a string.
 #[pyfunction]
@@ -41,6 +42,7 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVENT_BYTES", EVENT_BYTES)?;
     m.add("EVENT_DRAIN", EVENT_DRAIN)?;
     m.add("EVENT_CLOSE", EVENT_CLOSE)?;
+    m.add("EVENT_FAIL", EVENT_FAIL)?;
     m.add("EVENT_REQUEST", EVENT_REQUEST)?;
     m.add("EVENT_STOPPED", EVENT_STOPPED)?;
     Ok(())
