@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import server, websocket
@@ -48,6 +49,28 @@ async def serve() -> AsyncIterator[ServeFn]:
 
 def ws_url(srv: brioche.Server[Any], path: str = "/ws") -> str:
     return f"ws://127.0.0.1:{srv.port}{path}"
+
+
+async def echo(client: ClientConnection, message: str, timeout: float = 5) -> None:
+    """Send ``message`` and expect it straight back."""
+    await client.send(message)
+    assert await asyncio.wait_for(client.recv(), timeout) == message
+
+
+@pytest.fixture
+async def bystander_of() -> AsyncIterator[Callable[[brioche.Server[Any]], Awaitable[ClientConnection]]]:
+    """``bystander = await bystander_of(srv)``: a well-behaved client, echoing before the test."""
+    clients: list[ClientConnection] = []
+
+    async def open_one(srv: brioche.Server[Any]) -> ClientConnection:
+        client = await connect(ws_url(srv, "/ws?bystander"), open_timeout=5, ping_interval=None)
+        clients.append(client)
+        await echo(client, "bystander before")
+        return client
+
+    yield open_one
+    for client in clients:
+        await client.close()
 
 
 class Recorder:

@@ -11,7 +11,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from websockets.exceptions import ConnectionClosedError
 
 import brioche
 from brioche import MessageBackpressured, MessageDropped, MessageSent, server, websocket
-from conftest import Recorder, ServeFn, ws_url
+from conftest import Recorder, ServeFn, echo, ws_url
 from rawws import (
     OP_BINARY,
     OP_CLOSE,
@@ -39,10 +38,8 @@ from rawws import (
 TIMEOUT = 5
 ACCEPTED = (MessageSent, MessageBackpressured)
 
-
 def seen(recorder: Recorder, kind: str, data: Any) -> list[tuple[Any, ...]]:
     return [e[1:] for e in recorder.of(kind) if e[0] == data]
-
 
 def recording_echo(recorder: Recorder) -> websocket.Config[Any]:
     def on_open(ws: brioche.WebSocket[Any]) -> None:
@@ -59,33 +56,11 @@ def recording_echo(recorder: Recorder) -> websocket.Config[Any]:
 
     return websocket.init().on_open(on_open).on_text(on_text).on_bytes(on_bytes).on_close(on_close)
 
-
-async def echo(client: ClientConnection, message: str) -> None:
-    await client.send(message)
-    assert await asyncio.wait_for(client.recv(), TIMEOUT) == message
-
-
-@pytest.fixture
-async def bystander_of() -> AsyncIterator[Callable[[brioche.Server[Any]], Any]]:
-    clients: list[ClientConnection] = []
-
-    async def open_one(srv: brioche.Server[Any]) -> ClientConnection:
-        client = await connect(ws_url(srv, "/ws?bystander"), open_timeout=TIMEOUT, ping_interval=None)
-        clients.append(client)
-        await echo(client, "bystander before")
-        return client
-
-    yield open_one
-    for client in clients:
-        await client.close()
-
-
 def rst_close(client: RawWebSocket) -> None:
     """Close the client's socket with a TCP RST (SO_LINGER 0) instead of a FIN."""
     sock = client.writer.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.writer.transport.abort()
-
 
 # -- a client vanishing mid-frame ------------------------------------------------------------
 
@@ -96,7 +71,6 @@ HALF_FRAMES = {
     "half-a-fragmented-message": encode_frame(OP_TEXT, b"first", fin=False),
     "half-a-close-frame": encode_frame(OP_CLOSE, close_payload(1000, "bye"))[:6],
 }
-
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
 @pytest.mark.parametrize("half", list(HALF_FRAMES.values()), ids=list(HALF_FRAMES))
@@ -122,12 +96,10 @@ async def test_client_vanishing_mid_frame_gives_one_on_close_with_1006(
     assert seen(recorder, "close", "vanishing") == [(1006, "")]
     assert len(seen(recorder, "open", "vanishing")) == 1
 
-
 # -- a client vanishing during the handshake -------------------------------------------------
 
 UPGRADE = ("GET /ws?{} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-
 
 async def test_clients_vanishing_during_the_handshake_leave_nothing_behind(
     serve: ServeFn, recorder: Recorder, bystander_of: Any
@@ -174,9 +146,7 @@ async def test_clients_vanishing_during_the_handshake_leave_nothing_behind(
     closed = [e[0] for e in recorder.of("close") if e[0] != "bystander"]
     assert sorted(opened) == sorted(closed), "every socket that opened was closed exactly once"
 
-
 # -- handlers that raise ---------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("style", ["sync", "async-before-suspending", "async-after-suspending"])
 async def test_handler_that_raises_closes_only_its_connection_with_1011(
@@ -211,12 +181,10 @@ async def test_handler_that_raises_closes_only_its_connection_with_1011(
         await echo(bystander, f"bystander {i}")
     assert seen(recorder, "close", "bystander") == []
 
-
 # -- a handler that blocks the loop ----------------------------------------------------------
 
 BLOCK_SECONDS = 1.0
 MESSAGES_DURING_BLOCK = 300
-
 
 def read_echoes(sock: socket.socket, count: int, deadline: float) -> tuple[list[bytes], float]:
     """Read ``count`` data frames on a blocking socket; their payloads and when the first came."""
@@ -236,7 +204,6 @@ def read_echoes(sock: socket.socket, count: int, deadline: float) -> tuple[list[
         frames, buf = parse_frames(buf)
         payloads += [f.payload for f in frames if f.opcode not in (OP_PING, OP_PONG)]
     return payloads, first_at
-
 
 async def test_handler_blocking_the_loop_delays_other_clients_without_loss_or_reordering(
     serve: ServeFn, recorder: Recorder, bystander_of: Any
@@ -277,9 +244,7 @@ async def test_handler_blocking_the_loop_delays_other_clients_without_loss_or_re
         assert first_at >= unblocked_at[0], "an echo was sent while the loop was blocked"
     await echo(bystander, "bystander after")
 
-
 # -- a handler that never returns -------------------------------------------------------------
-
 
 async def test_handler_that_never_returns_holds_back_only_its_own_connection(
     serve: ServeFn, recorder: Recorder, bystander_of: Any
@@ -318,9 +283,7 @@ async def test_handler_that_never_returns_holds_back_only_its_own_connection(
             assert (frame.opcode, frame.payload) == (OP_TEXT, expected.encode())
     await echo(bystander, "bystander after")
 
-
 # -- stop() while messages are in flight ------------------------------------------------------
-
 
 async def read_all_then_answer_close(client: RawWebSocket, timeout: float = 30) -> tuple[list[bytes], int | None, str]:
     """Read every frame, answer the server's close frame, then read to EOF.
@@ -346,11 +309,9 @@ async def read_all_then_answer_close(client: RawWebSocket, timeout: float = 30) 
     how = await asyncio.wait_for(loop(), timeout)
     return payloads, code, how
 
-
 async def wait_open(recorder: Recorder, data: str) -> brioche.WebSocket[Any]:
     await recorder.wait_for(lambda: bool(seen(recorder, "open", data)))
     return seen(recorder, "open", data)[0][0]  # type: ignore[no-any-return]
-
 
 @pytest.mark.parametrize("count,size", [(2000, 4096), (200, 64 * 1024)])
 async def test_stop_closing_connections_delivers_every_accepted_message_then_1001(
@@ -381,12 +342,10 @@ async def test_stop_closing_connections_delivers_every_accepted_message_then_100
     assert [c[0] for c in seen(recorder, "close", "reader")] == [1001]
     await assert_closed_with_1001(bystander)
 
-
 async def assert_closed_with_1001(client: ClientConnection) -> None:
     """A well-behaved client was served to the end: a clean close with 1001 from stop()."""
     await asyncio.wait_for(client.wait_closed(), TIMEOUT)
     assert client.close_code == 1001
-
 
 async def test_stop_closing_connections_while_handlers_echo_loses_no_accepted_echo(
     serve: ServeFn, recorder: Recorder, bystander_of: Any
@@ -417,7 +376,6 @@ async def test_stop_closing_connections_while_handlers_echo_loses_no_accepted_ec
     assert code == 1001
     assert all(isinstance(s, MessageDropped) for _, s in statuses[len(accepted):])
     await assert_closed_with_1001(bystander)
-
 
 async def test_stop_without_closing_lets_a_reading_client_get_everything(
     serve: ServeFn, recorder: Recorder, bystander_of: Any

@@ -22,7 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
+from conftest import Recorder, ServeFn, echo, upgrade_ws_path, ws_url
 from rawws import (
     OP_BINARY,
     OP_CLOSE,
@@ -78,10 +78,6 @@ async def closed(recorder: Recorder, data: str) -> list[tuple[Any, ...]]:
     await recorder.wait_for(lambda: bool(seen(recorder, "close", data)))
     return seen(recorder, "close", data)
 
-
-async def echo(client: ClientConnection, message: str) -> None:
-    await client.send(message)
-    assert await asyncio.wait_for(client.recv(), TIMEOUT) == message
 
 
 async def assert_still_serving(srv: brioche.Server[Any], bystander: ClientConnection) -> None:
@@ -155,20 +151,6 @@ def upgrade_head(path: str = "/ws", version: str = "HTTP/1.1", extra: str = "") 
     ).encode()
 
 
-@pytest.fixture
-async def bystander_of() -> AsyncIterator[Callable[[brioche.Server[Any]], Any]]:
-    """``bystander = await bystander_of(srv)``: a well-behaved client, echoing before the test."""
-    clients: list[ClientConnection] = []
-
-    async def open_one(srv: brioche.Server[Any]) -> ClientConnection:
-        client = await connect(ws_url(srv, "/ws?bystander"), open_timeout=TIMEOUT, ping_interval=None)
-        clients.append(client)
-        await echo(client, "bystander before")
-        return client
-
-    yield open_one
-    for client in clients:
-        await client.close()
 
 
 # -- handshake -------------------------------------------------------------------------------
