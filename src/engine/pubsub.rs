@@ -11,10 +11,19 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 
-struct Topic<S> {
-    subscribers: RwLock<FxHashMap<u64, S>>,
+struct Subscribers<S> {
+    by_id: FxHashMap<u64, S>,
+    /// The last subscriber left and the topic is being dropped from the map: nobody may join
+    /// it any more (they create a fresh topic instead).
+    dead: bool,
 }
 
+struct Topic<S> {
+    subscribers: RwLock<Subscribers<S>>,
+}
+
+/// Lock order: no method holds the map lock and a topic's lock at the same time, so there is no
+/// order to get wrong.
 pub struct TopicRegistry<S> {
     topics: RwLock<FxHashMap<Arc<str>, Arc<Topic<S>>>>,
 }
@@ -32,46 +41,47 @@ impl<S: Clone> TopicRegistry<S> {
         self.topics.read().get(name).cloned()
     }
 
-    /// Add subscriber `id`; returns the interned topic name and whether it was new.
-    pub fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
-        loop {
-            let existing = self
-                .topics
-                .read()
-                .get_key_value(name)
-                .map(|(k, t)| (k.clone(), t.clone()));
-            let (key, topic) = match existing {
-                Some(found) => found,
-                None => {
-                    let mut topics = self.topics.write();
-                    let key: Arc<str> = Arc::from(name);
-                    let topic = topics
-                        .entry(key.clone())
-                        .or_insert_with(|| {
-                            Arc::new(Topic {
-                                subscribers: RwLock::new(FxHashMap::default()),
-                            })
-                        })
-                        .clone();
-                    (key, topic)
-                }
-            };
-            let mut subs = topic.subscribers.write();
-            // An empty topic may have been dropped from the map between the two locks; then
-            // subscribing to it would be lost, so start over with a fresh one.
-            if subs.is_empty() && !self.is_current(&key, &topic) {
-                continue;
-            }
-            let added = subs.insert(id, subscriber).is_none();
-            return (key, added);
+    fn topic_or_create(&self, name: &str) -> (Arc<str>, Arc<Topic<S>>) {
+        if let Some((key, topic)) = self.topics.read().get_key_value(name) {
+            return (key.clone(), topic.clone());
+        }
+        let mut topics = self.topics.write();
+        // Someone may have created it since the read lock was released.
+        if let Some((key, topic)) = topics.get_key_value(name) {
+            return (key.clone(), topic.clone());
+        }
+        let key: Arc<str> = Arc::from(name);
+        let topic = Arc::new(Topic {
+            subscribers: RwLock::new(Subscribers {
+                by_id: FxHashMap::default(),
+                dead: false,
+            }),
+        });
+        topics.insert(key.clone(), topic.clone());
+        (key, topic)
+    }
+
+    /// Drop `topic` from the map if it is still the entry for `name`.
+    fn forget(&self, name: &str, topic: &Arc<Topic<S>>) {
+        let mut topics = self.topics.write();
+        if topics.get(name).is_some_and(|t| Arc::ptr_eq(t, topic)) {
+            topics.remove(name);
         }
     }
 
-    fn is_current(&self, key: &str, topic: &Arc<Topic<S>>) -> bool {
-        self.topics
-            .read()
-            .get(key)
-            .is_some_and(|t| Arc::ptr_eq(t, topic))
+    /// Add subscriber `id`; returns the interned topic name and whether it was new.
+    pub fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
+        loop {
+            let (key, topic) = self.topic_or_create(name);
+            let mut subs = topic.subscribers.write();
+            if subs.dead {
+                drop(subs);
+                self.forget(name, &topic);
+                continue;
+            }
+            let added = subs.by_id.insert(id, subscriber.clone()).is_none();
+            return (key, added);
+        }
     }
 
     /// Remove subscriber `id`; returns whether it was subscribed. Empty topics are dropped.
@@ -79,39 +89,34 @@ impl<S: Clone> TopicRegistry<S> {
         let Some(topic) = self.topic(name) else {
             return false;
         };
-        let now_empty = {
+        {
             let mut subs = topic.subscribers.write();
-            if subs.remove(&id).is_none() {
+            if subs.by_id.remove(&id).is_none() {
                 return false;
             }
-            subs.is_empty()
-        };
-        if now_empty {
-            let mut topics = self.topics.write();
-            // Re-check under the map lock: someone may have subscribed in between.
-            if topics
-                .get(name)
-                .is_some_and(|t| Arc::ptr_eq(t, &topic) && t.subscribers.read().is_empty())
-            {
-                topics.remove(name);
+            if !subs.by_id.is_empty() {
+                return true;
             }
+            subs.dead = true;
         }
+        self.forget(name, &topic);
         true
     }
 
     pub fn is_subscribed(&self, name: &str, id: u64) -> bool {
         self.topic(name)
-            .is_some_and(|t| t.subscribers.read().contains_key(&id))
+            .is_some_and(|t| t.subscribers.read().by_id.contains_key(&id))
     }
 
     pub fn subscriber_count(&self, name: &str) -> usize {
-        self.topic(name).map_or(0, |t| t.subscribers.read().len())
+        self.topic(name)
+            .map_or(0, |t| t.subscribers.read().by_id.len())
     }
 
     /// Call `f` for every subscriber of `name` while holding only that topic's read lock.
     pub fn for_each(&self, name: &str, mut f: impl FnMut(u64, &S)) {
         if let Some(topic) = self.topic(name) {
-            for (id, s) in topic.subscribers.read().iter() {
+            for (id, s) in topic.subscribers.read().by_id.iter() {
                 f(*id, s);
             }
         }
