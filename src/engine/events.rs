@@ -2,7 +2,13 @@
 //!
 //! Tokio threads push and never wait for the GIL. The wake-up fd is written only when the queue
 //! goes from empty to non-empty, so a burst of N events costs one syscall and one loop wake-up.
+//!
+//! On a tokio worker the write is deferred further, to the moment the worker runs out of work
+//! (`on_thread_park`) or has queued `MAX_DEFERRED_EVENTS`: waking the loop thread in the middle of
+//! a poll cycle let it preempt the worker (on a shared core) after the first event of a burst,
+//! so every batch held one event and paid one context switch (see benches/PROFILE.md).
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,16 +53,52 @@ pub enum Event {
     Stopped,
 }
 
+/// Events a worker may queue before it wakes the loops it owes a wake-up, parked or not.
+const MAX_DEFERRED_EVENTS: usize = 64;
+
+#[derive(Default)]
+struct DeferredWakes {
+    wakeups: Vec<Arc<Wakeup>>,
+    events: usize,
+}
+
+impl DeferredWakes {
+    fn flush(&mut self) {
+        for wakeup in self.wakeups.drain(..) {
+            wakeup.wake();
+        }
+        self.events = 0;
+    }
+}
+
+thread_local! {
+    /// `Some` on tokio workers (see `runtime.rs`): their wake-ups wait for the worker to park.
+    static DEFERRED: RefCell<Option<DeferredWakes>> = const { RefCell::new(None) };
+}
+
+/// Make this thread defer its wake-ups until [`flush_deferred_wakes`] (the runtime's park hook).
+pub(crate) fn defer_wakes_on_this_thread() {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(DeferredWakes::default()));
+}
+
+pub(crate) fn flush_deferred_wakes() {
+    DEFERRED.with(|d| {
+        if let Some(deferred) = d.borrow_mut().as_mut() {
+            deferred.flush();
+        }
+    });
+}
+
 pub struct EventQueue {
     events: Mutex<Vec<Event>>,
-    wakeup: Wakeup,
+    wakeup: Arc<Wakeup>,
 }
 
 impl EventQueue {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             events: Mutex::new(Vec::with_capacity(256)),
-            wakeup: Wakeup::new()?,
+            wakeup: Arc::new(Wakeup::new()?),
         })
     }
 
@@ -67,9 +109,22 @@ impl EventQueue {
             events.push(event);
             was_empty
         };
-        if was_empty {
-            self.wakeup.wake();
-        }
+        DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            None => {
+                if was_empty {
+                    self.wakeup.wake();
+                }
+            }
+            Some(deferred) => {
+                if was_empty {
+                    deferred.wakeups.push(self.wakeup.clone());
+                }
+                deferred.events += 1;
+                if deferred.events >= MAX_DEFERRED_EVENTS {
+                    deferred.flush();
+                }
+            }
+        });
     }
 
     /// Move every queued event into `out` (which should be empty).
@@ -90,6 +145,37 @@ impl EventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn readable(fd: std::os::fd::RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn deferred_wake_waits_for_the_flush_or_the_event_cap() {
+        let q = EventQueue::new().unwrap();
+        defer_wakes_on_this_thread();
+        q.push(Event::Drain(1));
+        assert!(!readable(q.fd()), "deferred until the worker parks");
+        flush_deferred_wakes();
+        assert!(readable(q.fd()));
+        let mut out = Vec::new();
+        q.drain_into(&mut out);
+        assert!(!readable(q.fd()));
+        for id in 0..MAX_DEFERRED_EVENTS as u64 {
+            q.push(Event::Drain(id));
+        }
+        assert!(
+            readable(q.fd()),
+            "a worker that never parks still wakes the loop"
+        );
+        DEFERRED.with(|d| *d.borrow_mut() = None);
+    }
 
     #[test]
     fn batches_keep_order_and_wake_once_per_batch() {

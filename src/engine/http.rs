@@ -236,7 +236,8 @@ impl Drop for SlotGuard<'_> {
 
 async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
     let stream = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-        Ok(Ok(parts)) => Some((parts.io.into_inner(), parts.read_buf)),
+        // Copy the few bytes read past the head so hyper's read buffer is freed right here.
+        Ok(Ok(parts)) => Some((parts.io.into_inner(), parts.read_buf.to_vec())),
         _ => None,
     };
     match stream {

@@ -134,7 +134,10 @@ impl Ending {
     }
 }
 
-pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
+/// `already_read` is what hyper read past the request head: the start of the WebSocket stream.
+/// It is copied, not kept: it is a view of hyper's 8 KiB read buffer, which would otherwise stay
+/// allocated for the life of the connection.
+pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) {
     let (read, write) = stream.into_split();
     let writer = tokio::spawn(writer::run(conn.clone(), write));
     let limits = &conn.shared.config.ws;
@@ -155,8 +158,7 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Bytes) {
         },
     };
     let ws =
-        WebSocketStream::from_partially_read(io, already_read.to_vec(), Role::Server, Some(config))
-            .await;
+        WebSocketStream::from_partially_read(io, already_read, Role::Server, Some(config)).await;
 
     conn.set_state(ReadyState::Open);
     conn.shared.events.push(Event::Open(conn.clone()));

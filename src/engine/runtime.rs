@@ -19,6 +19,9 @@ pub fn runtime() -> &'static Runtime {
         Builder::new_multi_thread()
             .worker_threads(worker_threads())
             .thread_name("brioche-worker")
+            // Wake the asyncio loop once per poll cycle, not once per first event (events.rs).
+            .on_thread_start(crate::engine::events::defer_wakes_on_this_thread)
+            .on_thread_park(crate::engine::events::flush_deferred_wakes)
             .enable_all()
             .build()
             .expect("cannot start the tokio runtime")
