@@ -233,6 +233,13 @@ class Server(Generic[T]):
 
     def _on_wake(self) -> None:
         events = self._engine.drain()
+        try:
+            self._dispatch_batch(events)
+        finally:
+            # The writers of everything the handlers sent are woken once, here.
+            self._engine.end_batch()
+
+    def _dispatch_batch(self, events: list[tuple[Any, ...]]) -> None:
         busy = self._busy
         handlers = self._handlers
         for event in events:

@@ -5,7 +5,9 @@
 //! write. `buffered` counts bytes accepted but not yet handed to the kernel: it grows on push and
 //! shrinks by exactly what each write returned.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -26,7 +28,41 @@ pub struct Outbound {
     /// The writer could not hand everything to the kernel and is waiting for writability.
     congested: AtomicBool,
     corked: AtomicU32,
-    pub(crate) wake_writer: Notify,
+    pub(crate) wake_writer: Arc<Notify>,
+}
+
+thread_local! {
+    /// `Some` while this thread (the asyncio loop) dispatches a batch of events: writers are
+    /// woken once at the end of the batch instead of as each handler sends, so a tokio worker
+    /// sharing the core does not preempt the loop mid-batch (see benches/PROFILE.md).
+    static DEFERRED_WRITERS: RefCell<Option<Vec<Arc<Notify>>>> = const { RefCell::new(None) };
+}
+
+fn wake_writer(notify: &Arc<Notify>) {
+    let deferred = DEFERRED_WRITERS.with(|d| match d.borrow_mut().as_mut() {
+        Some(writers) => {
+            writers.push(notify.clone());
+            true
+        }
+        None => false,
+    });
+    if !deferred {
+        notify.notify_one();
+    }
+}
+
+/// Defer writer wake-ups on this thread until [`end_send_batch`].
+pub fn begin_send_batch() {
+    end_send_batch();
+    DEFERRED_WRITERS.with(|d| *d.borrow_mut() = Some(Vec::new()));
+}
+
+/// Wake every writer that was sent to since [`begin_send_batch`], and stop deferring.
+pub fn end_send_batch() {
+    let writers = DEFERRED_WRITERS.with(|d| d.borrow_mut().take());
+    for notify in writers.into_iter().flatten() {
+        notify.notify_one();
+    }
 }
 
 /// What [`Outbound::take`] found.
@@ -55,7 +91,7 @@ impl Outbound {
         };
         // Only the first frame of a batch wakes the writer; it takes the whole queue anyway.
         if (was_empty || seal) && self.corked.load(Ordering::Acquire) == 0 {
-            self.wake_writer.notify_one();
+            wake_writer(&self.wake_writer);
         }
         true
     }
@@ -174,6 +210,28 @@ mod tests {
         out.uncork();
         assert!(matches!(out.take(&mut batch), Taken::Frames));
         assert_eq!(batch.len(), 2);
+    }
+
+    #[test]
+    fn a_send_batch_wakes_each_writer_once_at_its_end() {
+        let out = Outbound::default();
+        begin_send_batch();
+        out.push(text("a"), false);
+        let waiter = out.wake_writer.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let woken = |rt: &tokio::runtime::Runtime| {
+            rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_millis(50), waiter.notified())
+                    .await
+                    .is_ok()
+            })
+        };
+        assert!(!woken(&rt), "deferred during the batch");
+        end_send_batch();
+        assert!(woken(&rt), "woken when the batch ends");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::{
     EVENT_TEXT,
 };
 use crate::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
+use crate::engine::outbound;
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -108,10 +109,12 @@ impl PyEngine {
     }
 
     /// Take every waiting event as `(kind, ...)` tuples, building the Python objects here, on
-    /// the loop thread.
+    /// the loop thread, and start a send batch: writers woken by the handlers' sends are woken
+    /// together at `end_batch()`.
     fn drain<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
         let py = slf.py();
         let this = slf.get();
+        outbound::begin_send_batch();
         let mut batch = std::mem::take(&mut *this.batch.lock());
         this.server.shared().events.drain_into(&mut batch);
         let out = PyList::empty(py);
@@ -167,6 +170,11 @@ impl PyEngine {
         drop(sockets);
         *this.batch.lock() = batch;
         Ok(out)
+    }
+
+    /// Wake the writers of everything sent since `drain()`.
+    fn end_batch(&self) {
+        outbound::end_send_batch();
     }
 
     /// Stop listening; see `Server.stop`.
