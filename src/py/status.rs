@@ -79,11 +79,22 @@ impl MessageDropped {
     }
 }
 
+/// `MessageSent` for the payload sizes most messages have, created once: statuses are frozen,
+/// so one shared instance per size saves an allocation on nearly every send.
+const CACHED_SIZES: usize = 1024;
+static SENT: PyOnceLock<Vec<Py<MessageSent>>> = PyOnceLock::new();
 static BACKPRESSURED: PyOnceLock<Py<MessageBackpressured>> = PyOnceLock::new();
 static DROPPED: PyOnceLock<Py<MessageDropped>> = PyOnceLock::new();
 
 pub fn to_py(py: Python<'_>, status: SendStatus) -> PyResult<Py<PyAny>> {
     Ok(match status {
+        SendStatus::Sent(n) if n <= CACHED_SIZES => SENT.get_or_try_init(py, || {
+            (0..=CACHED_SIZES)
+                .map(|bytes_sent| Py::new(py, MessageSent { bytes_sent }))
+                .collect()
+        })?[n]
+            .clone_ref(py)
+            .into_any(),
         SendStatus::Sent(n) => Py::new(py, MessageSent { bytes_sent: n })?.into_any(),
         SendStatus::Backpressured => BACKPRESSURED
             .get_or_try_init(py, || Py::new(py, MessageBackpressured))?
