@@ -836,7 +836,9 @@ async def test_random_valid_conversations_are_echoed_exactly(
 async def test_headers_over_a_configured_limit_get_431(serve: ServeFn, bystander_of: Any) -> None:
     srv = await serve(echo_config(), max_request_header_size=16 * 1024)
     bystander = await bystander_of(srv)
-    small, _ = await exchange(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 4096 + b"\r\n\r\n")
+    small, _ = await exchange(
+        srv.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-A: " + b"a" * 4096 + b"\r\n\r\n"
+    )
     assert responses(small)[0][1] == 200
     big, how = await exchange(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 40_000 + b"\r\n\r\n")
     assert how in ("eof", "reset")
