@@ -49,7 +49,7 @@ py-test: install system-deps
 conformance: install
 	bash scripts/conformance.sh
 
-# The hypothesis raw-socket fuzzer with 20x the CI's examples (~200,000; about 15 minutes).
+# The hypothesis raw-socket fuzzer with 20x the CI's examples (260,000; about 15 minutes).
 fuzz: install
 	BRIOCHE_FUZZ_SCALE=20 $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
 
