@@ -915,7 +915,7 @@ def main() -> int:
     (BENCHES / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     write_markdown(data, scenarios, specs, targets)
     make_charts()
-    log(f"done in {meta['wall_seconds'] / 60:.1f} min: benches/RESULTS.md, benches/results.json, "
+    log(f"done in {(time.monotonic() - t_start) / 60:.1f} min: benches/RESULTS.md, benches/results.json, "
         "benches/charts/")
     for t in targets:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
