@@ -13,17 +13,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::http::Reply;
+use super::wake::poll_readable;
 use super::{Conn, Event, SendStatus, Server, ServerConfig, WsLimits};
-
-fn wait_readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) == 1 }
-}
 
 /// Drain events until `f` returns `Some`, answering every request with an upgrade.
 fn run_app<T>(server: &Server, deadline: Duration, mut f: impl FnMut(Event) -> Option<T>) -> T {
@@ -32,7 +23,7 @@ fn run_app<T>(server: &Server, deadline: Duration, mut f: impl FnMut(Event) -> O
     let mut batch = Vec::new();
     loop {
         assert!(Instant::now() < end, "timed out waiting for events");
-        if !wait_readable(shared.events.fd(), Duration::from_millis(200)) {
+        if !poll_readable(shared.events.fd(), 200) {
             continue;
         }
         shared.events.drain_into(&mut batch);

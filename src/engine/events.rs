@@ -147,13 +147,7 @@ mod tests {
     use super::*;
 
     fn readable(fd: std::os::fd::RawFd) -> bool {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+        crate::engine::wake::poll_readable(fd, 0)
     }
 
     #[test]

@@ -102,10 +102,6 @@ impl Outbound {
         self.wake_writer.notify_one();
     }
 
-    pub fn is_sealed(&self) -> bool {
-        self.queue.lock().sealed
-    }
-
     /// Swap the queued frames into `batch` (which must be empty). Nothing is taken while corked.
     pub fn take(&self, batch: &mut Vec<OutFrame>) -> Taken {
         let mut q = self.queue.lock();

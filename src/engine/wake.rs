@@ -85,18 +85,24 @@ impl Drop for Wakeup {
     }
 }
 
+/// Whether `fd` becomes readable within `timeout_ms` (0: right now). For tests.
+#[cfg(test)]
+pub(crate) fn poll_readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) == 1 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn readable(fd: RawFd) -> bool {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+        poll_readable(fd, 0)
     }
 
     #[test]

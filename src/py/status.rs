@@ -35,49 +35,41 @@ impl MessageSent {
     }
 }
 
-/// The message was queued, but the socket is congested: slow down until `on_drain`.
-#[pyclass(frozen, eq, hash, module = "brioche", name = "MessageBackpressured")]
-#[derive(PartialEq, Eq, Hash)]
-pub struct MessageBackpressured;
+/// A status without a payload: a frozen, comparable class with an empty `__match_args__`.
+macro_rules! unit_status {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[pyclass(frozen, eq, hash, module = "brioche")]
+        #[derive(PartialEq, Eq, Hash)]
+        pub struct $name;
 
-#[pymethods]
-impl MessageBackpressured {
-    #[new]
-    fn new() -> Self {
-        Self
-    }
+        #[pymethods]
+        impl $name {
+            #[new]
+            fn new() -> Self {
+                Self
+            }
 
-    #[classattr]
-    fn __match_args__(py: Python<'_>) -> Py<PyTuple> {
-        PyTuple::empty(py).unbind()
-    }
+            #[classattr]
+            fn __match_args__(py: Python<'_>) -> Py<PyTuple> {
+                PyTuple::empty(py).unbind()
+            }
 
-    fn __repr__(&self) -> &'static str {
-        "MessageBackpressured()"
-    }
+            fn __repr__(&self) -> &'static str {
+                concat!(stringify!($name), "()")
+            }
+        }
+    };
 }
 
-/// The message was discarded: the socket is not open, or is over its backpressure limit.
-#[pyclass(frozen, eq, hash, module = "brioche", name = "MessageDropped")]
-#[derive(PartialEq, Eq, Hash)]
-pub struct MessageDropped;
-
-#[pymethods]
-impl MessageDropped {
-    #[new]
-    fn new() -> Self {
-        Self
-    }
-
-    #[classattr]
-    fn __match_args__(py: Python<'_>) -> Py<PyTuple> {
-        PyTuple::empty(py).unbind()
-    }
-
-    fn __repr__(&self) -> &'static str {
-        "MessageDropped()"
-    }
-}
+unit_status!(
+    /// The message was queued, but the socket is congested: slow down until `on_drain`.
+    MessageBackpressured
+);
+unit_status!(
+    /// The message was discarded: the socket is not open, or is over its backpressure limit.
+    MessageDropped
+);
 
 /// `MessageSent` for the payload sizes most messages have, created once: statuses are frozen,
 /// so one shared instance per size saves an allocation on nearly every send.
