@@ -42,6 +42,20 @@ def flood_until_stalled(sock: socket.socket) -> tuple[int, bytes]:
     raise AssertionError(f"the server kept reading all {MAX_MESSAGES} messages")
 
 
+async def resume_and_expect_everything(
+    sock: socket.socket, whole: int, tail: bytes, received: list[str], recorder: Recorder
+) -> None:
+    """Finish the frame in progress, send "end", and expect every message once, in order."""
+    sock.setblocking(True)
+    await asyncio.to_thread(sock.sendall, tail + encode_frame(OP_TEXT, b"end"))
+    expected = whole + (1 if tail else 0) + 1
+    await recorder.wait_for(lambda: len(received) >= expected, timeout=30)
+    numbers = [int(text[:8]) for text in received[:-1]]
+    assert numbers == list(range(len(numbers))), "messages arrive once each, in order"
+    assert received[-1] == "end"
+    assert len(received) == expected
+
+
 async def test_suspended_handler_stops_reading_and_loses_nothing(
     serve: ServeFn, recorder: Recorder
 ) -> None:
@@ -66,16 +80,9 @@ async def test_suspended_handler_stops_reading_and_loses_nothing(
         assert received == [], "the handler for 'hold' is still suspended"
 
         release.set()
-        sock.setblocking(True)
-        await asyncio.to_thread(sock.sendall, tail + encode_frame(OP_TEXT, b"end"))
-        expected = whole + (1 if tail else 0) + 1
-        await recorder.wait_for(lambda: len(received) >= expected, timeout=30)
+        await resume_and_expect_everything(sock, whole, tail, received, recorder)
     finally:
         sock.close()
-    numbers = [int(text[:8]) for text in received[:-1]]
-    assert numbers == list(range(len(numbers))), "messages arrive once each, in order"
-    assert received[-1] == "end"
-    assert len(received) == expected
 
 
 async def test_blocked_loop_stops_reading_at_the_queue_cap(serve: ServeFn, recorder: Recorder) -> None:
@@ -105,12 +112,6 @@ async def test_blocked_loop_stops_reading_at_the_queue_cap(serve: ServeFn, recor
         # The events the server queued for the blocked loop are capped per socket (128 messages
         # or 1 MiB); the rest waits in the kernel.
         assert whole * MESSAGE < 32 * 1024 * 1024, f"{whole} messages were accepted while stalled"
-        sock.setblocking(True)
-        await asyncio.to_thread(sock.sendall, tail + encode_frame(OP_TEXT, b"end"))
-        expected = whole + (1 if tail else 0) + 1
-        await recorder.wait_for(lambda: len(received) >= expected, timeout=30)
+        await resume_and_expect_everything(sock, whole, tail, received, recorder)
     finally:
         sock.close()
-    numbers = [int(text[:8]) for text in received[:-1]]
-    assert numbers == list(range(len(numbers)))
-    assert received[-1] == "end"
