@@ -428,17 +428,15 @@ async def test_invalid_close_code_from_the_client_gets_1002(
     await assert_still_serving(srv, bystander)
 
 
-# 1014 (Bad Gateway) is registered but tungstenite treats it as invalid on receipt, so brioche
-# neither accepts it from a peer nor lets an application send it (ws.close raises ValueError).
-VALID_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 3000, 3999,
-                     4000, 4999]
+VALID_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000,
+                     3999, 4000, 4999]
 
 
 @pytest.mark.parametrize("code", VALID_CLOSE_CODES)
 async def test_valid_close_code_from_the_client_is_echoed_and_reported(
     serve: ServeFn, recorder: Recorder, bystander_of: Any, code: int
 ) -> None:
-    """Every code brioche lets an application send (`ws.close` accepts 1000-1003, 1007-1013,
+    """Every code brioche lets an application send (`ws.close` accepts 1000-1003, 1007-1014,
     3000-4999) must also be accepted from a client."""
     srv = await serve(echo_config(recorder))
     bystander = await bystander_of(srv)

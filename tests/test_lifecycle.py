@@ -593,6 +593,17 @@ async def test_close_reason_of_exactly_123_bytes_reaches_client(serve: ServeFn) 
         assert (client.close_code, client.close_reason) == (4000, reason)
 
 
+async def test_close_with_1014_reaches_the_client(serve: ServeFn) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(1014, "bad gateway")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert (client.close_code, client.close_reason) == (1014, "bad gateway")
+
+
 @pytest.mark.parametrize("method", ["ping", "pong"])
 async def test_control_payload_over_125_bytes_raises_value_error(serve: ServeFn, method: str) -> None:
     payload = b"p" * 126

@@ -1,9 +1,12 @@
 //! One WebSocket connection's shared state: what Python's `WebSocket` methods act on.
 //!
-//! Everything here is synchronous and non-blocking (short, uncontended mutexes at most): the
-//! Python thread calls it directly without releasing the GIL. The socket itself belongs to the
-//! connection's reader and writer tasks (`reader.rs`, `writer.rs`).
+//! Everything here is synchronous and non-blocking (short, uncontended mutexes and non-blocking
+//! writes at most): the Python thread calls it directly without releasing the GIL. The socket
+//! belongs to the connection's task (`connection.rs`); other threads only write to it, through
+//! the outbound queue.
 
+use std::cell::RefCell;
+use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,9 +15,33 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::events::Event;
 use super::frame::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
-use super::outbound::Outbound;
+use super::outbound::{Flushed, Outbound, Pushed};
 use super::server::Shared;
+
+thread_local! {
+    /// `Some` while this thread (the asyncio loop) dispatches a batch of events: connections sent
+    /// to are flushed once, on this thread, when the batch ends, so a batch of replies is one
+    /// write per connection and needs no tokio task to wake (see benches/PROFILE.md).
+    static SEND_BATCH: RefCell<Option<Vec<Arc<Conn>>>> = const { RefCell::new(None) };
+}
+
+/// Defer flushes on this thread until [`end_send_batch`].
+pub fn begin_send_batch() {
+    end_send_batch();
+    SEND_BATCH.with(|b| *b.borrow_mut() = Some(Vec::new()));
+}
+
+/// Flush every connection sent to since [`begin_send_batch`], and stop deferring.
+pub fn end_send_batch() {
+    let Some(conns) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
+        return;
+    };
+    for conn in conns {
+        conn.flush_or_hand_over();
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -56,9 +83,9 @@ pub fn high_water_mark(backpressure_limit: usize) -> usize {
     }
 }
 
-/// Events waiting for Python beyond which the reader stops reading from this socket.
+/// Events waiting for Python beyond which the task stops reading from this socket.
 pub const MAX_INFLIGHT_MESSAGES: usize = 128;
-/// Bytes of messages waiting for Python beyond which the reader stops reading.
+/// Bytes of messages waiting for Python beyond which the task stops reading.
 pub const MAX_INFLIGHT_BYTES: usize = 1024 * 1024;
 
 pub struct Conn {
@@ -71,7 +98,7 @@ pub struct Conn {
     /// Close code and reason to report to `on_close` when the server ends the connection itself.
     pub(crate) ending: Mutex<Option<(u16, String)>>,
     pub(crate) terminated: AtomicBool,
-    /// Wakes the reader when `close` or `terminate` is called.
+    /// Wakes the connection task when `close` or `terminate` is called.
     pub(crate) lifecycle: Notify,
     inflight_messages: AtomicUsize,
     inflight_bytes: AtomicUsize,
@@ -117,28 +144,28 @@ impl Conn {
             .is_ok()
     }
 
-    pub fn send_text(&self, text: &str) -> SendStatus {
+    pub fn send_text(self: &Arc<Self>, text: &str) -> SendStatus {
         self.send_frame(
             OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes())),
             text.len(),
         )
     }
 
-    pub fn send_binary(&self, data: &[u8]) -> SendStatus {
+    pub fn send_binary(self: &Arc<Self>, data: &[u8]) -> SendStatus {
         self.send_frame(
             OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data)),
             data.len(),
         )
     }
 
-    pub fn ping(&self, payload: &[u8]) -> SendStatus {
+    pub fn ping(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
         self.send_frame(
             OutFrame::new(OP_PING, Bytes::copy_from_slice(payload)),
             payload.len(),
         )
     }
 
-    pub fn pong(&self, payload: &[u8]) -> SendStatus {
+    pub fn pong(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
         self.send_frame(
             OutFrame::new(OP_PONG, Bytes::copy_from_slice(payload)),
             payload.len(),
@@ -147,8 +174,8 @@ impl Conn {
 
     /// The backpressure rules of every send, publish recipient, ping and pong:
     /// not open: dropped; over the limit *before* this frame: dropped (and closed if so
-    /// configured); otherwise queued, backpressured if the writer is waiting on the kernel.
-    pub fn send_frame(&self, frame: OutFrame, payload_len: usize) -> SendStatus {
+    /// configured); otherwise queued, backpressured if the kernel's buffer is full.
+    pub fn send_frame(self: &Arc<Self>, frame: OutFrame, payload_len: usize) -> SendStatus {
         if self.ready_state() != ReadyState::Open {
             return SendStatus::Dropped;
         }
@@ -159,17 +186,19 @@ impl Conn {
             }
             return SendStatus::Dropped;
         }
-        // The writer runs on another thread, so a burst from one handler can queue far more
-        // than the kernel will take before the writer ever sees EAGAIN. Past the high-water
-        // mark the socket counts as congested at once (and `on_drain` follows when the queue
-        // empties), so a sender that waits for Backpressured does slow down before Dropped.
+        // Writes wait for the end of the handler batch, so a burst from one handler can queue
+        // far more than the kernel will take before a write ever sees EAGAIN. Past the
+        // high-water mark the socket counts as congested at once (and `on_drain` follows when
+        // the queue empties), so a sender that waits for Backpressured slows down before Dropped.
         let buffered = self.out.buffered();
         if !self.out.is_congested() && buffered >= high_water_mark(limits.backpressure_limit) {
             self.out.set_congested();
         }
         let congested = self.out.is_congested();
-        if !self.out.push(frame, false) {
-            return SendStatus::Dropped;
+        match self.out.push(frame, false) {
+            Pushed::Refused => return SendStatus::Dropped,
+            Pushed::First => self.schedule_flush(),
+            Pushed::Queued => {}
         }
         if congested {
             SendStatus::Backpressured
@@ -178,10 +207,51 @@ impl Conn {
         }
     }
 
+    /// Flush on this thread at the end of the current send batch, or have the task do it now.
+    fn schedule_flush(self: &Arc<Self>) {
+        let deferred = SEND_BATCH.with(|b| match b.borrow_mut().as_mut() {
+            Some(conns) => {
+                conns.push(self.clone());
+                true
+            }
+            None => false,
+        });
+        if !deferred {
+            self.out.wake_writer.notify_one();
+        }
+    }
+
+    /// Write what is queued from this thread; what the kernel will not take yet is left to the
+    /// connection task, which waits for writability.
+    pub(crate) fn flush_or_hand_over(&self) {
+        match self.flush() {
+            Ok(Flushed::Blocked) => self.out.wake_writer.notify_one(),
+            Ok(_) => {}
+            Err(_) => self.terminate(),
+        }
+    }
+
+    /// Write what is queued; `on_drain` is due when a congested queue empties.
+    pub(crate) fn flush(&self) -> io::Result<Flushed> {
+        let flushed = self.out.flush()?;
+        if flushed == Flushed::Done && self.out.is_congested() && self.out.clear_congested() {
+            self.shared.events.push(Event::Drain(self.id));
+        }
+        Ok(flushed)
+    }
+
+    /// Release one `cork`; the frames it held go out.
+    pub fn uncork(self: &Arc<Self>) {
+        if self.out.uncork() {
+            self.schedule_flush();
+        }
+    }
+
     /// Start the closing handshake. Frames queued before it are still written.
     pub fn close(&self, code: u16, reason: &str) {
         if self.transition(ReadyState::Open, ReadyState::Closing) {
             self.out.push(OutFrame::close(code, reason), true);
+            self.out.wake_writer.notify_one();
             self.lifecycle.notify_one();
         }
     }
@@ -199,6 +269,8 @@ impl Conn {
         }
         *self.ending.lock() = Some((code, reason.to_owned()));
         self.set_state(ReadyState::Closing);
+        // Nothing more is written from any thread; the task still holds the socket and closes it.
+        drop(self.out.detach());
         self.out.seal();
         self.lifecycle.notify_one();
     }
@@ -246,7 +318,7 @@ impl Conn {
         (!self.shared.config.ws.publish_to_self).then_some(self.id)
     }
 
-    /// Mark the connection closed and leave every topic. Called once, by the reader.
+    /// Mark the connection closed and leave every topic. Called once, by the connection task.
     pub(crate) fn finish(&self) {
         let mut subs = self.subscriptions.lock();
         self.set_state(ReadyState::Closed);
@@ -266,7 +338,7 @@ impl Conn {
     pub fn message_taken(&self, len: usize) {
         let messages = self.inflight_messages.fetch_sub(1, Ordering::Relaxed);
         let bytes = self.inflight_bytes.fetch_sub(len, Ordering::Relaxed);
-        // Only when the reader may be waiting; it re-checks the caps itself.
+        // Only when the task may be waiting; it re-checks the caps itself.
         if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {
             self.resume_reading.notify_one();
         }

@@ -45,15 +45,6 @@ impl OutFrame {
         }
     }
 
-    /// Bytes that are already a complete frame (tungstenite's automatic replies).
-    pub fn raw(bytes: Bytes) -> Self {
-        Self {
-            head: [0; 10],
-            head_len: 0,
-            payload: bytes,
-        }
-    }
-
     pub fn close(code: u16, reason: &str) -> Self {
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());

@@ -20,9 +20,9 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::conn::{Conn, ReadyState};
+use super::connection;
 use super::events::{Event, HttpRequest};
 use super::handshake::{self, Handshake};
-use super::reader;
 use super::server::Shared;
 
 pub type Body = Full<Bytes>;
@@ -241,7 +241,7 @@ async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
         _ => None,
     };
     match stream {
-        Some((stream, read_buf)) => reader::run(conn, stream, read_buf).await,
+        Some((stream, read_buf)) => connection::run(conn, stream, read_buf).await,
         None => {
             conn.set_state(ReadyState::Closed);
             conn.shared.unregister(conn.id);

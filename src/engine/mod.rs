@@ -2,18 +2,17 @@
 
 pub mod config;
 pub mod conn;
+pub mod connection;
 pub mod events;
 pub mod frame;
 pub mod handshake;
 pub mod http;
-pub mod limit;
+pub mod inbound;
 pub mod outbound;
 pub mod pubsub;
-pub mod reader;
 pub mod runtime;
 pub mod server;
 pub mod wake;
-pub mod writer;
 
 pub use config::{ServerConfig, WsLimits};
 pub use conn::{Conn, ReadyState, SendStatus};

@@ -1,131 +1,171 @@
-//! One connection's outbound queue and its exact byte accounting.
+//! One connection's outbound queue, its exact byte accounting, and the writes themselves.
 //!
-//! Producers (the Python thread's `send`, publishes, the reader's automatic replies) push frames;
-//! the connection's single writer takes the whole queue at once and writes it with one vectored
-//! write. `buffered` counts bytes accepted but not yet handed to the kernel: it grows on push and
+//! Producers (the Python thread's `send`, publishes, the connection task's automatic replies)
+//! push frames. Whoever flushes (the asyncio loop thread at the end of a dispatch batch, or the
+//! connection's task) writes under the queue's lock, so frames go out whole and in order from any
+//! thread. Writing on the loop thread saves a task wake-up per reply: the reply leaves in the
+//! same thread that produced it, as in a single-threaded server (benches/PROFILE.md, S2).
+//! `buffered` counts bytes accepted but not yet handed to the kernel: it grows on push and
 //! shrinks by exactly what each write returned.
 
 use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::frame::OutFrame;
 
+/// Frames with payloads up to this size are copied into one buffer and written with one
+/// `write`: a vectored write of many small slices costs the kernel more than the copy.
+const COALESCE_PAYLOAD: usize = 1024;
+/// At most this much is copied for one write.
+const COALESCE_BYTES: usize = 64 * 1024;
+
 #[derive(Default)]
 struct Queue {
     frames: Vec<OutFrame>,
+    /// Bytes of `frames[0]` already written.
+    written: usize,
     /// No more frames are accepted: a close frame was queued or the connection ended.
     sealed: bool,
+    /// The socket, while the connection is up; the connection task detaches it before closing.
+    socket: Option<Arc<TcpStream>>,
+    /// The write side is shut down: everything up to the seal is written.
+    shut_down: bool,
 }
 
 #[derive(Default)]
 pub struct Outbound {
     queue: Mutex<Queue>,
     buffered: AtomicUsize,
-    /// The writer could not hand everything to the kernel and is waiting for writability.
+    /// The kernel refused bytes, or the queue passed the high-water mark: sends report
+    /// `Backpressured` until everything is written.
     congested: AtomicBool,
     corked: AtomicU32,
-    pub(crate) wake_writer: Arc<Notify>,
+    /// Wakes the connection task to flush (or to wait for writability).
+    pub(crate) wake_writer: Notify,
+}
+
+/// What [`Outbound::push`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Refused,
+    Queued,
+    /// Queued into an empty, uncorked queue: a flush is due.
+    First,
+}
+
+/// What [`Outbound::flush`] left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued is written.
+    Done,
+    /// Frames wait for `uncork`.
+    Corked,
+    /// The kernel's buffer is full: the rest waits for writability.
+    Blocked,
+    /// The socket is gone (closed or terminated): nothing will be written.
+    Detached,
 }
 
 thread_local! {
-    /// `Some` while this thread (the asyncio loop) dispatches a batch of events: writers are
-    /// woken once at the end of the batch instead of as each handler sends, so a tokio worker
-    /// sharing the core does not preempt the loop mid-batch (see benches/PROFILE.md).
-    static DEFERRED_WRITERS: RefCell<Option<Vec<Arc<Notify>>>> = const { RefCell::new(None) };
-}
-
-fn wake_writer(notify: &Arc<Notify>) {
-    let deferred = DEFERRED_WRITERS.with(|d| match d.borrow_mut().as_mut() {
-        Some(writers) => {
-            writers.push(notify.clone());
-            true
-        }
-        None => false,
-    });
-    if !deferred {
-        notify.notify_one();
-    }
-}
-
-/// Defer writer wake-ups on this thread until [`end_send_batch`].
-pub fn begin_send_batch() {
-    end_send_batch();
-    DEFERRED_WRITERS.with(|d| *d.borrow_mut() = Some(Vec::new()));
-}
-
-/// Wake every writer that was sent to since [`begin_send_batch`], and stop deferring.
-pub fn end_send_batch() {
-    let writers = DEFERRED_WRITERS.with(|d| d.borrow_mut().take());
-    for notify in writers.into_iter().flatten() {
-        notify.notify_one();
-    }
-}
-
-/// What [`Outbound::take`] found.
-pub enum Taken {
-    Frames,
-    Empty,
-    /// Empty, and nothing more will come.
-    Finished,
+    /// Scratch space for coalescing small frames; one per thread that flushes.
+    static COALESCED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Outbound {
-    /// Queue `frame`; false if the queue is sealed. With `seal`, nothing is accepted after it.
-    pub fn push(&self, frame: OutFrame, seal: bool) -> bool {
-        let len = frame.wire_len();
-        let was_empty = {
-            let mut q = self.queue.lock();
-            if q.sealed {
-                return false;
-            }
-            q.sealed = seal;
-            // Counted under the lock so the writer never subtracts bytes it was not told about.
-            self.buffered.fetch_add(len, Ordering::Relaxed);
-            let was_empty = q.frames.is_empty();
-            q.frames.push(frame);
-            was_empty
-        };
-        // Only the first frame of a batch wakes the writer; it takes the whole queue anyway.
-        if (was_empty || seal) && self.corked.load(Ordering::Acquire) == 0 {
-            wake_writer(&self.wake_writer);
-        }
-        true
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        self.queue.lock().socket = Some(socket);
     }
 
-    /// Refuse every later frame, and wake the writer so it can finish.
+    /// Stop writing from any thread; the caller (the connection task) closes the socket.
+    pub fn detach(&self) -> Option<Arc<TcpStream>> {
+        self.queue.lock().socket.take()
+    }
+
+    /// Queue `frame`. With `seal`, nothing is accepted after it.
+    pub fn push(&self, frame: OutFrame, seal: bool) -> Pushed {
+        let len = frame.wire_len();
+        let mut q = self.queue.lock();
+        if q.sealed {
+            return Pushed::Refused;
+        }
+        q.sealed = seal;
+        // Counted under the lock so a flush never subtracts bytes it was not told about.
+        self.buffered.fetch_add(len, Ordering::Relaxed);
+        let first = q.frames.is_empty();
+        q.frames.push(frame);
+        if first && (self.corked.load(Ordering::Acquire) == 0 || seal) {
+            Pushed::First
+        } else {
+            Pushed::Queued
+        }
+    }
+
+    /// Refuse every later frame, and wake the connection task so it can finish.
     pub fn seal(&self) {
         self.queue.lock().sealed = true;
         self.wake_writer.notify_one();
     }
 
-    /// Swap the queued frames into `batch` (which must be empty). Nothing is taken while corked.
-    pub fn take(&self, batch: &mut Vec<OutFrame>) -> Taken {
-        let mut q = self.queue.lock();
-        if q.frames.is_empty() {
-            return if q.sealed {
-                Taken::Finished
-            } else {
-                Taken::Empty
-            };
+    /// Write what is queued until it is all written or the kernel refuses more. Never blocks
+    /// beyond the queue's lock, which is held only by another flush or a push.
+    pub fn flush(&self) -> io::Result<Flushed> {
+        let mut guard = self.queue.lock();
+        let Queue {
+            frames,
+            written,
+            sealed,
+            socket,
+            shut_down,
+        } = &mut *guard;
+        let Some(socket) = socket.as_deref() else {
+            return Ok(Flushed::Detached);
+        };
+        let fin_due = *sealed && !*shut_down;
+        if frames.is_empty() && !fin_due {
+            return Ok(Flushed::Done);
         }
-        if self.corked.load(Ordering::Acquire) > 0 && !q.sealed {
-            return Taken::Empty;
+        if self.corked.load(Ordering::Acquire) > 0 && !*sealed {
+            return Ok(Flushed::Corked);
         }
-        std::mem::swap(&mut q.frames, batch);
-        Taken::Frames
+        while !frames.is_empty() {
+            match write_some(socket, frames, *written) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.buffered.fetch_sub(n, Ordering::Relaxed);
+                    *written = advance(frames, *written + n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.congested.store(true, Ordering::Relaxed);
+                    return Ok(Flushed::Blocked);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // A burst can grow the queue large; an idle connection should not keep that.
+        if frames.capacity() > 64 {
+            *frames = Vec::new();
+        }
+        if *sealed && !*shut_down {
+            // The close frame (or the last frame before the end) is out: send FIN right away,
+            // so a client waiting for the end of the stream sees it without waiting for its own
+            // close frame to come back. The read side stays open for that frame.
+            *shut_down = true;
+            // SAFETY: the descriptor is open while `socket` is borrowed. A failure only means
+            // the peer is already gone.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
+        }
+        Ok(Flushed::Done)
     }
 
     pub fn is_empty(&self) -> bool {
         self.queue.lock().frames.is_empty()
-    }
-
-    /// The writer handed `n` bytes to the kernel.
-    pub fn wrote(&self, n: usize) {
-        self.buffered.fetch_sub(n, Ordering::Relaxed);
     }
 
     pub fn buffered(&self) -> usize {
@@ -149,11 +189,69 @@ impl Outbound {
         self.corked.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn uncork(&self) {
-        if self.corked.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.wake_writer.notify_one();
-        }
+    /// True when the last cork is released and frames are waiting.
+    pub fn uncork(&self) -> bool {
+        self.corked.fetch_sub(1, Ordering::AcqRel) == 1 && !self.is_empty()
     }
+}
+
+/// One write of the frames' next bytes: small frames copied into one buffer, a large frame
+/// written from its own payload without a copy.
+fn write_some(socket: &TcpStream, frames: &[OutFrame], written: usize) -> io::Result<usize> {
+    let first = &frames[0];
+    if first.payload().len() > COALESCE_PAYLOAD {
+        let head = first.head();
+        let slices = if written < head.len() {
+            [
+                IoSlice::new(&head[written..]),
+                IoSlice::new(first.payload()),
+            ]
+        } else {
+            [
+                IoSlice::new(&first.payload()[written - head.len()..]),
+                IoSlice::new(&[]),
+            ]
+        };
+        return socket.try_write_vectored(&slices);
+    }
+    COALESCED.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.clear();
+        let mut skip = written;
+        for frame in frames {
+            if frame.payload().len() > COALESCE_PAYLOAD
+                || buf.len() + frame.wire_len() > COALESCE_BYTES
+            {
+                break;
+            }
+            let head = frame.head();
+            if skip < head.len() {
+                buf.extend_from_slice(&head[skip..]);
+                buf.extend_from_slice(frame.payload());
+            } else {
+                buf.extend_from_slice(&frame.payload()[skip - head.len()..]);
+            }
+            skip = 0;
+        }
+        socket.try_write(&buf)
+    })
+}
+
+/// Drop the frames that `written` bytes (counted from the first frame's start) completed;
+/// returns how much of the new first frame is written.
+fn advance(frames: &mut Vec<OutFrame>, mut written: usize) -> usize {
+    let done = frames
+        .iter()
+        .take_while(|frame| {
+            let complete = written >= frame.wire_len();
+            if complete {
+                written -= frame.wire_len();
+            }
+            complete
+        })
+        .count();
+    frames.drain(..done);
+    written
 }
 
 #[cfg(test)]
@@ -167,67 +265,43 @@ mod tests {
     }
 
     #[test]
-    fn buffered_counts_wire_bytes_until_written() {
+    fn buffered_counts_wire_bytes_and_the_first_push_asks_for_a_flush() {
         let out = Outbound::default();
-        assert!(out.push(text("hello"), false)); // 2 + 5
-        assert!(out.push(text("hi"), false)); // 2 + 2
+        assert_eq!(out.push(text("hello"), false), Pushed::First); // 2 + 5
+        assert_eq!(out.push(text("hi"), false), Pushed::Queued); // 2 + 2
         assert_eq!(out.buffered(), 11);
-        let mut batch = Vec::new();
-        assert!(matches!(out.take(&mut batch), Taken::Frames));
-        assert_eq!(batch.len(), 2);
-        assert_eq!(out.buffered(), 11, "taken is not yet written");
-        out.wrote(7);
-        assert_eq!(out.buffered(), 4);
-        out.wrote(4);
-        assert_eq!(out.buffered(), 0);
+        assert_eq!(out.flush().unwrap(), Flushed::Detached, "no socket yet");
+        assert_eq!(out.buffered(), 11);
     }
 
     #[test]
-    fn sealing_rejects_later_frames_but_keeps_queued_ones() {
+    fn sealing_rejects_later_frames() {
         let out = Outbound::default();
-        assert!(out.push(text("a"), false));
-        assert!(out.push(OutFrame::close(1000, ""), true));
-        assert!(!out.push(text("late"), false));
-        let mut batch = Vec::new();
-        assert!(matches!(out.take(&mut batch), Taken::Frames));
-        assert_eq!(batch.len(), 2);
-        batch.clear();
-        assert!(matches!(out.take(&mut batch), Taken::Finished));
+        assert_eq!(out.push(text("a"), false), Pushed::First);
+        assert_eq!(out.push(OutFrame::close(1000, ""), true), Pushed::Queued);
+        assert_eq!(out.push(text("late"), false), Pushed::Refused);
     }
 
     #[test]
-    fn cork_holds_frames_until_uncorked() {
+    fn a_corked_queue_asks_for_a_flush_only_when_uncorked() {
         let out = Outbound::default();
         out.cork();
-        out.push(text("a"), false);
-        out.push(text("b"), false);
-        let mut batch = Vec::new();
-        assert!(matches!(out.take(&mut batch), Taken::Empty));
-        out.uncork();
-        assert!(matches!(out.take(&mut batch), Taken::Frames));
-        assert_eq!(batch.len(), 2);
+        assert_eq!(out.push(text("a"), false), Pushed::Queued);
+        assert!(out.uncork());
+        out.cork();
+        out.cork();
+        assert!(!out.uncork(), "still corked once");
     }
 
     #[test]
-    fn a_send_batch_wakes_each_writer_once_at_its_end() {
-        let out = Outbound::default();
-        begin_send_batch();
-        out.push(text("a"), false);
-        let waiter = out.wake_writer.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let woken = |rt: &tokio::runtime::Runtime| {
-            rt.block_on(async {
-                tokio::time::timeout(std::time::Duration::from_millis(50), waiter.notified())
-                    .await
-                    .is_ok()
-            })
-        };
-        assert!(!woken(&rt), "deferred during the batch");
-        end_send_batch();
-        assert!(woken(&rt), "woken when the batch ends");
+    fn advance_drops_completed_frames_and_keeps_the_offset() {
+        let mut frames = vec![text("abc"), text("de"), text("f")]; // 5, 4, 3 bytes
+        assert_eq!(advance(&mut frames, 7), 2);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(advance(&mut frames, 4), 0);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(advance(&mut frames, 3), 0);
+        assert!(frames.is_empty());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use super::{
     EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED,
     EVENT_TEXT,
 };
+use crate::engine::conn;
 use crate::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
-use crate::engine::outbound;
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -109,12 +109,12 @@ impl PyEngine {
     }
 
     /// Take every waiting event as `(kind, ...)` tuples, building the Python objects here, on
-    /// the loop thread, and start a send batch: writers woken by the handlers' sends are woken
-    /// together at `end_batch()`.
+    /// the loop thread, and start a send batch: what the handlers send is written, one write per
+    /// connection, at `end_batch()`.
     fn drain<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
         let py = slf.py();
         let this = slf.get();
-        outbound::begin_send_batch();
+        conn::begin_send_batch();
         let mut batch = std::mem::take(&mut *this.batch.lock());
         this.server.shared().events.drain_into(&mut batch);
         let out = PyList::empty(py);
@@ -172,9 +172,9 @@ impl PyEngine {
         Ok(out)
     }
 
-    /// Wake the writers of everything sent since `drain()`.
+    /// Write everything sent since `drain()`.
     fn end_batch(&self) {
-        outbound::end_send_batch();
+        conn::end_send_batch();
     }
 
     /// Stop listening; see `Server.stop`.

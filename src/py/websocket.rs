@@ -9,6 +9,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyString, PyType};
 
 use super::errors::value_error;
 use super::status;
+use crate::engine::inbound::is_valid_close_code;
 use crate::engine::Conn;
 
 /// A server-side WebSocket connection.
@@ -46,12 +47,11 @@ fn check_topic(topic: &str) -> PyResult<()> {
     Ok(())
 }
 
-/// Close codes an endpoint may send (RFC 6455 section 7.4 and the IANA registry), less 1014,
-/// which tungstenite (and so brioche) does not accept from a peer either.
+/// Close codes an endpoint may send: the same set brioche accepts from a peer.
 fn check_close(code: u16, reason: &str) -> PyResult<()> {
-    if !matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999) {
+    if !is_valid_close_code(code) {
         return Err(value_error(format!(
-            "close code {code} may not be sent; use 1000, 1001-1003, 1007-1013 or 3000-4999"
+            "close code {code} may not be sent; use 1000-1003, 1007-1014 or 3000-4999"
         )));
     }
     if reason.len() > 123 {
@@ -170,7 +170,7 @@ impl PyWebSocket {
         let conn = &slf.get().conn;
         conn.out.cork();
         let result = callback.call1((slf,));
-        conn.out.uncork();
+        conn.uncork();
         Ok(result?.unbind())
     }
 
