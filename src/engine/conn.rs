@@ -11,9 +11,11 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use std::task::Context;
+
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use super::events::Event;
 use super::frame::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
@@ -98,12 +100,23 @@ pub struct Conn {
     /// Close code and reason to report to `on_close` when the server ends the connection itself.
     pub(crate) ending: Mutex<Option<(u16, String)>>,
     pub(crate) terminated: AtomicBool,
-    /// Wakes the connection task when `close` or `terminate` is called.
-    pub(crate) lifecycle: Notify,
+    /// What the connection task is asked to look at (`signal::*`), and how to wake it. Flags and
+    /// one waker instead of a `Notify` each: the task stores no future per thing it waits for.
+    signals: AtomicU8,
+    task: AtomicWaker,
     inflight_messages: AtomicUsize,
     inflight_bytes: AtomicUsize,
     paused_by_app: AtomicBool,
-    pub(crate) resume_reading: Notify,
+}
+
+/// Reasons to wake a connection's task.
+pub(crate) mod signal {
+    /// `close` or `terminate` changed the state.
+    pub const STATE: u8 = 1;
+    /// Frames were queued for the task to write (or the loop thread hit a full kernel buffer).
+    pub const FLUSH: u8 = 2;
+    /// Python took messages or resumed reading: the read side may go on.
+    pub const RESUME: u8 = 4;
 }
 
 impl Conn {
@@ -117,12 +130,29 @@ impl Conn {
             subscriptions: Mutex::new(Vec::new()),
             ending: Mutex::new(None),
             terminated: AtomicBool::new(false),
-            lifecycle: Notify::new(),
+            signals: AtomicU8::new(0),
+            task: AtomicWaker::new(),
             inflight_messages: AtomicUsize::new(0),
             inflight_bytes: AtomicUsize::new(0),
             paused_by_app: AtomicBool::new(false),
-            resume_reading: Notify::new(),
         }
+    }
+
+    /// Ask the connection task to look at `what`, and wake it.
+    pub(crate) fn signal(&self, what: u8) {
+        self.signals.fetch_or(what, Ordering::AcqRel);
+        self.task.wake();
+    }
+
+    /// From the task itself: look at `what` on the next turn of its loop, without a wake-up.
+    pub(crate) fn mark(&self, what: u8) {
+        self.signals.fetch_or(what, Ordering::AcqRel);
+    }
+
+    /// The task takes its signals; later ones wake it through `cx`.
+    pub(crate) fn take_signals(&self, cx: &Context<'_>) -> u8 {
+        self.task.register(cx.waker());
+        self.signals.swap(0, Ordering::AcqRel)
     }
 
     pub fn ready_state(&self) -> ReadyState {
@@ -217,7 +247,7 @@ impl Conn {
             None => false,
         });
         if !deferred {
-            self.out.wake_writer.notify_one();
+            self.signal(signal::FLUSH);
         }
     }
 
@@ -225,7 +255,7 @@ impl Conn {
     /// connection task, which waits for writability.
     pub(crate) fn flush_or_hand_over(&self) {
         match self.flush() {
-            Ok(Flushed::Blocked) => self.out.wake_writer.notify_one(),
+            Ok(Flushed::Blocked) => self.signal(signal::FLUSH),
             Ok(_) => {}
             Err(_) => self.terminate(),
         }
@@ -251,8 +281,7 @@ impl Conn {
     pub fn close(&self, code: u16, reason: &str) {
         if self.transition(ReadyState::Open, ReadyState::Closing) {
             self.out.push(OutFrame::close(code, reason), true);
-            self.out.wake_writer.notify_one();
-            self.lifecycle.notify_one();
+            self.signal(signal::STATE | signal::FLUSH);
         }
     }
 
@@ -272,7 +301,7 @@ impl Conn {
         // Nothing more is written from any thread; the task still holds the socket and closes it.
         drop(self.out.detach());
         self.out.seal();
-        self.lifecycle.notify_one();
+        self.signal(signal::STATE);
     }
 
     pub fn subscribe(self: &Arc<Self>, topic: &str) {
@@ -340,7 +369,7 @@ impl Conn {
         let bytes = self.inflight_bytes.fetch_sub(len, Ordering::Relaxed);
         // Only when the task may be waiting; it re-checks the caps itself.
         if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {
-            self.resume_reading.notify_one();
+            self.signal(signal::RESUME);
         }
     }
 
@@ -348,7 +377,7 @@ impl Conn {
     pub fn pause_reading(&self, paused: bool) {
         self.paused_by_app.store(paused, Ordering::Relaxed);
         if !paused {
-            self.resume_reading.notify_one();
+            self.signal(signal::RESUME);
         }
     }
 

@@ -2,22 +2,25 @@
 //! into events, writes what the loop thread left queued, runs the idle timer and the close
 //! handshake, and owns the socket until the connection ends.
 //!
-//! One task, not a reader and a writer: a reply or a drain then costs no second task wake-up,
-//! and an idle connection is one small future (benches/PROFILE.md, S2 and S4).
+//! One task, not a reader and a writer: a reply or a drain costs no second task wake-up, and an
+//! idle connection is one small allocation (benches/PROFILE.md, S2 and S4).
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 
-use super::conn::{Conn, ReadyState};
+use super::conn::{signal, Conn, ReadyState};
 use super::events::Event;
 use super::frame::{OutFrame, OP_CLOSE, OP_PING, OP_PONG};
 use super::inbound::{Incoming, MessageReader, Violation};
@@ -41,6 +44,7 @@ thread_local! {
 }
 
 /// How the connection ended.
+#[derive(Clone)]
 struct Ending {
     code: u16,
     reason: String,
@@ -74,170 +78,333 @@ impl Ending {
 pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) {
     let stream = Arc::new(stream);
     conn.out.attach(stream.clone());
-    let mut reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
-
     conn.set_state(ReadyState::Open);
     conn.shared.events.push(Event::Open(conn.clone()));
     if conn.shared.closing_all.load(Ordering::Acquire) {
         conn.close(1001, "server shutting down");
     }
 
-    let mut ended = None;
+    let mut task = Task::new(conn, stream);
+    let timer = sleep_until(task.next_idle_check());
+    tokio::pin!(timer);
     if !already_read.is_empty() {
-        ended = feed(&conn, &mut reader, &already_read);
+        if let Some(ending) = feed(&task.conn, &mut task.reader, &already_read) {
+            task.end_reading(ending, timer.as_mut());
+        }
     }
     drop(already_read);
-    let ending = match ended {
-        Some(ending) => ending,
-        None => serve(&conn, &stream, &mut reader).await,
-    };
-    drop(reader);
+    std::future::poll_fn(|cx| task.poll(cx, timer.as_mut())).await;
 
-    if ending.close_after_handlers {
-        // Bounded: a loop that is stuck (or a handler that never returns) does not keep a
-        // broken connection half-open.
-        let deadline = Instant::now() + CLOSE_AFTER_HANDLERS;
-        if !write_until(&conn, &stream, deadline, |c| {
-            c.ready_state() != ReadyState::Open
-        })
-        .await
-        {
-            conn.close(ending.code, &ending.reason);
-        }
-    }
-    let ending = match conn.ending.lock().take() {
-        Some((code, reason)) => Ending::abrupt(code, &reason),
-        None => ending,
-    };
-
-    conn.finish();
-    conn.out.seal();
-    if ending.abrupt {
-        conn.terminated.store(true, Ordering::Release);
-    }
-    // Unregistered before `on_close` can run, so `pending_websockets` there no longer counts it;
-    // `stop()` still waits for this task (and so for the flush below) through the tracker.
-    conn.shared.unregister(conn.id);
-    conn.shared
-        .events
-        .push(Event::Close(conn.id, ending.code, ending.reason));
-    if !ending.abrupt {
-        let deadline = Instant::now() + FLUSH_AFTER_CLOSE;
-        write_until(&conn, &stream, deadline, |c| c.out.is_empty()).await;
-    }
     // No other thread writes once detached, so this is the last reference: the socket closes.
-    drop(conn.out.detach());
-    drop(stream);
+    drop(task.conn.out.detach());
 }
 
-/// The open connection: read, write, time out. Returns when the read side is over.
-async fn serve(conn: &Arc<Conn>, stream: &TcpStream, reader: &mut MessageReader) -> Ending {
-    let limits = &conn.shared.config.ws;
-    let idle = limits.idle_timeout;
-    // With pings, a silent client is pinged at 3/4 of the timeout and has the rest to answer.
-    let ping_after = if limits.send_pings {
-        idle * 3 / 4
-    } else {
-        idle
-    };
-    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-    let mut last_read = Instant::now();
-    let mut pinged_at: Option<Instant> = None;
-    let mut close_deadline: Option<Instant> = None;
-    let mut write_blocked = false;
-    // One timer for the connection's life. Reads only update `last_read`; the timer is re-armed
-    // when it fires (or the state changes), never per message.
-    let timer = sleep_until(if idle.is_zero() {
-        far_future
-    } else {
-        Instant::now() + ping_after
-    });
-    tokio::pin!(timer);
+enum Phase {
+    /// Reading, writing, timing out.
+    Open,
+    /// The client broke the protocol: the loop has until the timer to send the close frame
+    /// after the handlers of earlier messages (`ending` is used if it does not).
+    HandOver(Ending),
+    /// The connection has ended: writing what is queued until the timer.
+    Flushing,
+    Done,
+}
 
-    loop {
-        if conn.terminated.load(Ordering::Acquire) {
-            return Ending::abrupt(1006, "");
+/// The connection's state. One plain struct polled by hand rather than an `async` block with a
+/// `select!`: the future of every branch would be stored in it, and at 10,000 idle connections
+/// that was over a kilobyte each (benches S4).
+struct Task {
+    conn: Arc<Conn>,
+    stream: Arc<TcpStream>,
+    reader: MessageReader,
+    phase: Phase,
+    last_read: Instant,
+    pinged_at: Option<Instant>,
+    close_deadline: Option<Instant>,
+    /// The kernel refused bytes: wait for writability before flushing again.
+    write_blocked: bool,
+    paused: bool,
+}
+
+impl Task {
+    fn new(conn: Arc<Conn>, stream: Arc<TcpStream>) -> Self {
+        let reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
+        Self {
+            conn,
+            stream,
+            reader,
+            phase: Phase::Open,
+            last_read: Instant::now(),
+            pinged_at: None,
+            close_deadline: None,
+            write_blocked: false,
+            paused: false,
         }
-        let paused = conn.reading_paused();
-        if !paused && reader.stalled() {
-            // Frames that arrived while the loop was behind: parse them before reading more.
-            if let Some(ending) = feed(conn, reader, &[]) {
-                return ending;
-            }
-            continue;
+    }
+
+    /// With pings, a silent client is pinged at 3/4 of the timeout and has the rest to answer.
+    fn ping_after(&self) -> Duration {
+        let limits = &self.conn.shared.config.ws;
+        if limits.send_pings {
+            limits.idle_timeout * 3 / 4
+        } else {
+            limits.idle_timeout
         }
-        tokio::select! {
-            biased;
-            _ = conn.lifecycle.notified() => {
-                if close_deadline.is_none() && conn.ready_state() == ReadyState::Closing {
-                    let deadline = Instant::now() + conn.shared.config.close_timeout;
-                    close_deadline = Some(deadline);
-                    if deadline < timer.deadline() {
-                        timer.as_mut().reset(deadline);
+    }
+
+    fn next_idle_check(&self) -> Instant {
+        if self.conn.shared.config.ws.idle_timeout.is_zero() {
+            far_future()
+        } else {
+            Instant::now() + self.ping_after()
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+        // Each turn polls every source the phase waits on, so each has registered this task's
+        // waker by the time a turn with no progress returns Pending.
+        loop {
+            let signals = self.conn.take_signals(cx);
+            let step = match self.phase {
+                Phase::Open => match self.turn_open(cx, signals, timer.as_mut()) {
+                    Step::Done(ending) => {
+                        self.end_reading(ending, timer.as_mut());
+                        Step::Progress
                     }
-                }
-            }
-            _ = conn.out.wake_writer.notified(), if !write_blocked => {
-                match conn.flush() {
-                    Ok(flushed) => write_blocked = flushed == Flushed::Blocked,
-                    Err(_) => return Ending::abrupt(1006, ""),
-                }
-            }
-            ready = stream.writable(), if write_blocked => {
-                if ready.is_err() {
-                    return Ending::abrupt(1006, "");
-                }
-                match conn.flush() {
-                    Ok(flushed) => write_blocked = flushed == Flushed::Blocked,
-                    Err(_) => return Ending::abrupt(1006, ""),
-                }
-            }
-            _ = conn.resume_reading.notified(), if paused => {
-                // Time spent not reading is not the client's silence.
-                last_read = Instant::now();
-            }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if close_deadline.is_some_and(|d| now >= d) {
-                    return Ending::abrupt(1006, "");
-                }
-                if pinged_at.is_some_and(|at| last_read > at) {
-                    pinged_at = None;
-                }
-                let next = if idle.is_zero() {
-                    far_future
-                } else if paused {
-                    now + ping_after
-                } else if let Some(at) = pinged_at {
-                    let give_up = at + (idle - ping_after);
-                    if now >= give_up {
-                        return Ending::abrupt(1006, "idle timeout");
-                    }
-                    give_up
-                } else if now >= last_read + ping_after {
-                    if !limits.send_pings {
-                        return Ending::abrupt(1006, "idle timeout");
-                    }
-                    queue_reply(conn, OutFrame::new(OP_PING, Bytes::new()));
-                    pinged_at = Some(now);
-                    now + (idle - ping_after)
-                } else {
-                    last_read + ping_after
-                };
-                timer.as_mut().reset(close_deadline.map_or(next, |d| d.min(next)));
-            }
-            ready = stream.readable(), if !paused && !reader.stalled() => {
-                if ready.is_err() {
-                    return Ending::abrupt(1006, "");
-                }
-                match read(conn, stream, reader) {
-                    Read::Some => last_read = Instant::now(),
-                    Read::Nothing => {}
-                    Read::Ended(ending) => return ending,
-                }
+                    Step::Progress => Step::Progress,
+                    Step::Idle => Step::Idle,
+                },
+                Phase::HandOver(_) => self.turn_hand_over(cx, signals, timer.as_mut()),
+                Phase::Flushing => self.turn_flushing(cx, signals, timer.as_mut()),
+                Phase::Done => return Poll::Ready(()),
+            };
+            if matches!(step, Step::Idle) {
+                return Poll::Pending;
             }
         }
     }
+
+    fn turn_open(
+        &mut self,
+        cx: &mut Context<'_>,
+        signals: u8,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Step<Ending> {
+        let conn = self.conn.clone();
+        if conn.terminated.load(Ordering::Acquire) {
+            return Step::Done(Ending::abrupt(1006, ""));
+        }
+        if signals & signal::STATE != 0
+            && self.close_deadline.is_none()
+            && conn.ready_state() == ReadyState::Closing
+        {
+            let deadline = Instant::now() + conn.shared.config.close_timeout;
+            self.close_deadline = Some(deadline);
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
+        }
+        let mut step = match self.poll_write(cx, signals) {
+            Step::Done(()) => return Step::Done(Ending::abrupt(1006, "")),
+            Step::Progress => Step::Progress,
+            Step::Idle => Step::Idle,
+        };
+        if timer.as_mut().poll(cx).is_ready() {
+            if let Some(ending) = self.on_timer(timer.as_mut()) {
+                return Step::Done(ending);
+            }
+            // Re-armed: the next turn polls it again, which registers it.
+            step = Step::Progress;
+        }
+        let paused = conn.reading_paused();
+        if self.paused && !paused {
+            // Time spent not reading is not the client's silence.
+            self.last_read = Instant::now();
+        }
+        self.paused = paused;
+        if paused {
+            return step;
+        }
+        if self.reader.stalled() {
+            // Frames that arrived while the loop was behind: parse them before reading more.
+            return match feed(&conn, &mut self.reader, &[]) {
+                Some(ending) => Step::Done(ending),
+                None => Step::Progress,
+            };
+        }
+        match self.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => match read(&conn, &self.stream, &mut self.reader) {
+                Read::Some => {
+                    self.last_read = Instant::now();
+                    Step::Progress
+                }
+                Read::Nothing => Step::Progress,
+                Read::Ended(ending) => Step::Done(ending),
+            },
+            Poll::Ready(Err(_)) => Step::Done(Ending::abrupt(1006, "")),
+            Poll::Pending => step,
+        }
+    }
+
+    /// The idle timer (or the close deadline) fired: ping, give up, or re-arm.
+    fn on_timer(&mut self, timer: Pin<&mut Sleep>) -> Option<Ending> {
+        let limits = &self.conn.shared.config.ws;
+        let idle = limits.idle_timeout;
+        let ping_after = self.ping_after();
+        let now = Instant::now();
+        if self.close_deadline.is_some_and(|d| now >= d) {
+            return Some(Ending::abrupt(1006, ""));
+        }
+        if self.pinged_at.is_some_and(|at| self.last_read > at) {
+            self.pinged_at = None;
+        }
+        let next = if idle.is_zero() {
+            far_future()
+        } else if self.paused {
+            now + ping_after
+        } else if let Some(at) = self.pinged_at {
+            let give_up = at + (idle - ping_after);
+            if now >= give_up {
+                return Some(Ending::abrupt(1006, "idle timeout"));
+            }
+            give_up
+        } else if now >= self.last_read + ping_after {
+            if !limits.send_pings {
+                return Some(Ending::abrupt(1006, "idle timeout"));
+            }
+            queue_reply(&self.conn, OutFrame::new(OP_PING, Bytes::new()));
+            self.pinged_at = Some(now);
+            now + (idle - ping_after)
+        } else {
+            self.last_read + ping_after
+        };
+        timer.reset(self.close_deadline.map_or(next, |d| d.min(next)));
+        None
+    }
+
+    /// The read side is over: hand the close over to the loop, or finish.
+    fn end_reading(&mut self, ending: Ending, mut timer: Pin<&mut Sleep>) {
+        if ending.close_after_handlers {
+            // Bounded: a loop that is stuck (or a handler that never returns) does not keep a
+            // broken connection half-open.
+            timer.as_mut().reset(Instant::now() + CLOSE_AFTER_HANDLERS);
+            self.phase = Phase::HandOver(ending);
+        } else {
+            self.finish(ending, timer);
+        }
+    }
+
+    fn turn_hand_over(
+        &mut self,
+        cx: &mut Context<'_>,
+        signals: u8,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Step<()> {
+        let Phase::HandOver(ending) = &self.phase else {
+            unreachable!("called in the hand-over phase");
+        };
+        if self.conn.terminated.load(Ordering::Acquire)
+            || self.conn.ready_state() != ReadyState::Open
+        {
+            let ending = Ending {
+                close_after_handlers: false,
+                ..ending.clone()
+            };
+            self.finish(ending, timer);
+            return Step::Progress;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            self.conn.close(ending.code, &ending.reason);
+            return Step::Progress;
+        }
+        match self.poll_write(cx, signals) {
+            Step::Done(()) => {
+                self.conn.terminate();
+                Step::Progress
+            }
+            other => other,
+        }
+    }
+
+    /// Report the end to Python, then flush what is queued (unless the end is abrupt).
+    fn finish(&mut self, ending: Ending, mut timer: Pin<&mut Sleep>) {
+        let conn = &self.conn;
+        let ending = match conn.ending.lock().take() {
+            Some((code, reason)) => Ending::abrupt(code, &reason),
+            None => ending,
+        };
+        conn.finish();
+        conn.out.seal();
+        if ending.abrupt {
+            conn.terminated.store(true, Ordering::Release);
+        }
+        // Unregistered before `on_close` can run, so `pending_websockets` there no longer counts
+        // it; `stop()` still waits for this task (and so for the flush) through the tracker.
+        conn.shared.unregister(conn.id);
+        conn.shared
+            .events
+            .push(Event::Close(conn.id, ending.code, ending.reason));
+        if ending.abrupt {
+            self.phase = Phase::Done;
+        } else {
+            timer.as_mut().reset(Instant::now() + FLUSH_AFTER_CLOSE);
+            conn.mark(signal::FLUSH);
+            self.phase = Phase::Flushing;
+        }
+    }
+
+    fn turn_flushing(
+        &mut self,
+        cx: &mut Context<'_>,
+        signals: u8,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Step<()> {
+        if self.conn.terminated.load(Ordering::Acquire) || timer.as_mut().poll(cx).is_ready() {
+            self.phase = Phase::Done;
+            return Step::Progress;
+        }
+        match self.poll_write(cx, signals) {
+            Step::Done(()) => self.phase = Phase::Done,
+            Step::Progress if !self.write_blocked && self.conn.out.is_empty() => {
+                self.phase = Phase::Done
+            }
+            Step::Progress => {}
+            Step::Idle => return Step::Idle,
+        }
+        Step::Progress
+    }
+
+    /// Flush when asked to or when the socket turned writable. `Done` means the socket failed.
+    fn poll_write(&mut self, cx: &mut Context<'_>, signals: u8) -> Step<()> {
+        if self.write_blocked {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => self.write_blocked = false,
+                Poll::Ready(Err(_)) => return Step::Done(()),
+                Poll::Pending => return Step::Idle,
+            }
+        } else if signals & signal::FLUSH == 0 {
+            return Step::Idle;
+        }
+        match self.conn.flush() {
+            Ok(flushed) => {
+                self.write_blocked = flushed == Flushed::Blocked;
+                Step::Progress
+            }
+            Err(_) => Step::Done(()),
+        }
+    }
+}
+
+/// What one turn of a phase did.
+enum Step<T> {
+    Progress,
+    /// Nothing to do until a waker fires.
+    Idle,
+    Done(T),
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 enum Read {
@@ -326,7 +493,7 @@ fn feed(conn: &Arc<Conn>, reader: &mut MessageReader, data: &[u8]) -> Option<End
                     OutFrame::close(code, "")
                 };
                 conn.out.push(reply, true);
-                conn.out.wake_writer.notify_one();
+                conn.mark(signal::FLUSH);
             }
             closed = Some(Ending::graceful(code, reason));
             true
@@ -348,7 +515,7 @@ fn queue_reply(conn: &Conn, frame: OutFrame) {
     };
     if conn.out.buffered() <= limit {
         conn.out.push(frame, false);
-        conn.out.wake_writer.notify_one();
+        conn.mark(signal::FLUSH);
     }
 }
 
@@ -368,46 +535,39 @@ fn fail(conn: &Conn, violation: Violation) -> Ending {
     }
     if conn.ready_state() == ReadyState::Closing {
         conn.out.push(OutFrame::close(code, reason), true);
-        conn.out.wake_writer.notify_one();
+        conn.mark(signal::FLUSH);
     }
     Ending::graceful(code, reason)
 }
 
-/// Keep writing what is queued until `done` holds; false if the deadline passed, the
-/// connection was terminated or the socket failed first.
-async fn write_until(
-    conn: &Conn,
-    stream: &TcpStream,
-    deadline: Instant,
-    done: impl Fn(&Conn) -> bool,
-) -> bool {
-    let expired = sleep_until(deadline);
-    tokio::pin!(expired);
-    let mut blocked = false;
-    loop {
-        if conn.terminated.load(Ordering::Acquire) {
-            return false;
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn print_sizes() {
+        use super::*;
+        fn size_of_fut<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
         }
-        if !blocked {
-            match conn.flush() {
-                Ok(flushed) => blocked = flushed == Flushed::Blocked,
-                Err(_) => return false,
-            }
-        }
-        if done(conn) {
-            return true;
-        }
-        tokio::select! {
-            biased;
-            _ = conn.lifecycle.notified() => {}
-            _ = conn.out.wake_writer.notified(), if !blocked => {}
-            ready = stream.writable(), if blocked => {
-                if ready.is_err() {
-                    return false;
-                }
-                blocked = false;
-            }
-            _ = &mut expired => return false,
-        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (s, _) = listener.accept().await.unwrap();
+            let shared =
+                crate::engine::server::Server::start(crate::engine::ServerConfig::default())
+                    .unwrap();
+            let conn = shared.shared().register(1, addr.ip());
+            let fut = run(conn.clone(), s, Vec::new());
+            eprintln!("run future: {}", size_of_fut(&fut));
+            eprintln!("Conn: {}", std::mem::size_of::<Conn>());
+            eprintln!("TcpStream: {}", std::mem::size_of::<TcpStream>());
+            eprintln!("OutFrame: {}", std::mem::size_of::<OutFrame>());
+            eprintln!("MessageReader: {}", std::mem::size_of::<MessageReader>());
+            eprintln!("Sleep: {}", std::mem::size_of::<tokio::time::Sleep>());
+        });
     }
 }
