@@ -98,7 +98,8 @@ pub struct Conn {
     pub out: Outbound,
     subscriptions: Mutex<Vec<Arc<str>>>,
     /// Close code and reason to report to `on_close` when the server ends the connection itself.
-    pub(crate) ending: Mutex<Option<(u16, String)>>,
+    /// Boxed: set once at most, and every idle connection would carry its space otherwise.
+    pub(crate) ending: Mutex<Option<Box<(u16, String)>>>,
     pub(crate) terminated: AtomicBool,
     /// What the connection task is asked to look at (`signal::*`), and how to wake it. Flags and
     /// one waker instead of a `Notify` each: the task stores no future per thing it waits for.
@@ -296,7 +297,7 @@ impl Conn {
         if state == ReadyState::Closed || self.terminated.swap(true, Ordering::AcqRel) {
             return;
         }
-        *self.ending.lock() = Some((code, reason.to_owned()));
+        *self.ending.lock() = Some(Box::new((code, reason.to_owned())));
         self.set_state(ReadyState::Closing);
         // Nothing more is written from any thread; the task still holds the socket and closes it.
         drop(self.out.detach());

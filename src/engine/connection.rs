@@ -74,8 +74,10 @@ impl Ending {
     }
 }
 
-/// `already_read` is what hyper read past the request head: the start of the WebSocket stream.
-pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) {
+/// Open the connection and return its task. `already_read` is what hyper read past the request
+/// head: the start of the WebSocket stream. The setup runs here, not in the future, so the
+/// future holds only what the connection's life needs (benches S4).
+pub fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) -> impl Future<Output = ()> {
     let stream = Arc::new(stream);
     conn.out.attach(stream.clone());
     conn.set_state(ReadyState::Open);
@@ -83,20 +85,22 @@ pub async fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) {
     if conn.shared.closing_all.load(Ordering::Acquire) {
         conn.close(1001, "server shutting down");
     }
-
     let mut task = Task::new(conn, stream);
-    let timer = sleep_until(task.next_idle_check());
-    tokio::pin!(timer);
-    if !already_read.is_empty() {
-        if let Some(ending) = feed(&task.conn, &mut task.reader, &already_read) {
+    let first = if already_read.is_empty() {
+        None
+    } else {
+        feed(&task.conn, &mut task.reader, &already_read)
+    };
+    async move {
+        let timer = sleep_until(task.next_idle_check());
+        tokio::pin!(timer);
+        if let Some(ending) = first {
             task.end_reading(ending, timer.as_mut());
         }
+        std::future::poll_fn(|cx| task.poll(cx, timer.as_mut())).await;
+        // No other thread writes once detached, so this is the last reference: the socket closes.
+        drop(task.conn.out.detach());
     }
-    drop(already_read);
-    std::future::poll_fn(|cx| task.poll(cx, timer.as_mut())).await;
-
-    // No other thread writes once detached, so this is the last reference: the socket closes.
-    drop(task.conn.out.detach());
 }
 
 enum Phase {
@@ -330,7 +334,7 @@ impl Task {
     fn finish(&mut self, ending: Ending, mut timer: Pin<&mut Sleep>) {
         let conn = &self.conn;
         let ending = match conn.ending.lock().take() {
-            Some((code, reason)) => Ending::abrupt(code, &reason),
+            Some(ended) => Ending::abrupt(ended.0, &ended.1),
             None => ending,
         };
         conn.finish();
@@ -541,13 +545,16 @@ fn fail(conn: &Conn, violation: Violation) -> Ending {
 }
 
 #[cfg(test)]
-mod size_probe {
+mod tests {
+    use super::*;
+
+    fn size_of_future<F: Future>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every idle connection carries its task and its `Conn` (benches S4): keep them small.
     #[test]
-    fn print_sizes() {
-        use super::*;
-        fn size_of_fut<F: std::future::Future>(_: &F) -> usize {
-            std::mem::size_of::<F>()
-        }
+    fn an_idle_connection_stays_small() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -555,19 +562,18 @@ mod size_probe {
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (s, _) = listener.accept().await.unwrap();
-            let shared =
-                crate::engine::server::Server::start(crate::engine::ServerConfig::default())
-                    .unwrap();
-            let conn = shared.shared().register(1, addr.ip());
-            let fut = run(conn.clone(), s, Vec::new());
-            eprintln!("run future: {}", size_of_fut(&fut));
-            eprintln!("Conn: {}", std::mem::size_of::<Conn>());
-            eprintln!("TcpStream: {}", std::mem::size_of::<TcpStream>());
-            eprintln!("OutFrame: {}", std::mem::size_of::<OutFrame>());
-            eprintln!("MessageReader: {}", std::mem::size_of::<MessageReader>());
-            eprintln!("Sleep: {}", std::mem::size_of::<tokio::time::Sleep>());
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let (stream, _) = listener.accept().await.unwrap();
+            let server =
+                crate::engine::Server::start(crate::engine::ServerConfig::default()).unwrap();
+            let conn = server.shared().register(1, addr.ip());
+            let task = run(conn.clone(), stream, Vec::new());
+            assert!(size_of_future(&task) <= 352, "{}", size_of_future(&task));
+            assert!(
+                std::mem::size_of::<Conn>() <= 208,
+                "{}",
+                std::mem::size_of::<Conn>()
+            );
         });
     }
 }

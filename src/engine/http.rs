@@ -241,7 +241,12 @@ async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
         _ => None,
     };
     match stream {
-        Some((stream, read_buf)) => connection::run(conn, stream, read_buf).await,
+        // A task of its own, sized for the connection alone: this one, with the upgrade's
+        // state in it, ends here.
+        Some((stream, read_buf)) => {
+            let tracker = conn.shared.tracker.clone();
+            tracker.spawn(connection::run(conn, stream, read_buf));
+        }
         None => {
             conn.set_state(ReadyState::Closed);
             conn.shared.unregister(conn.id);

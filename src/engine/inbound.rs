@@ -77,7 +77,8 @@ pub struct MessageReader {
     max_payload: u64,
     /// The start of a frame that has not fully arrived. Unallocated between frames.
     pending: Vec<u8>,
-    fragmented: Option<Fragmented>,
+    /// Boxed: rare, and an idle connection should not carry its space.
+    fragmented: Option<Box<Fragmented>>,
     /// A close frame or a violation ended the stream: later bytes are ignored.
     done: bool,
     /// `deliver` asked to stop: `pending` may hold complete frames, parsed by the next `feed`.
@@ -231,11 +232,11 @@ impl MessageReader {
                 });
             }
             OP_TEXT | OP_BINARY => {
-                let mut message = Fragmented {
+                let mut message = Box::new(Fragmented {
                     text: opcode == OP_TEXT,
                     payload: Vec::with_capacity(payload.len()),
                     checked: 0,
-                };
+                });
                 unmask_into(&mut message.payload, payload, key);
                 message.check_utf8()?;
                 self.fragmented = Some(message);
