@@ -20,10 +20,26 @@ pub fn runtime() -> &'static Runtime {
             .worker_threads(worker_threads())
             .thread_name("brioche-worker")
             // Wake the asyncio loop once per poll cycle, not once per first event (events.rs).
-            .on_thread_start(crate::engine::events::defer_wakes_on_this_thread)
+            .on_thread_start(|| {
+                crate::engine::events::defer_wakes_on_this_thread();
+                yield_to_the_loop_on_wake_up();
+            })
             .on_thread_park(crate::engine::events::flush_deferred_wakes)
             .enable_all()
             .build()
             .expect("cannot start the tokio runtime")
     })
+}
+
+/// Make this (worker) thread SCHED_BATCH: same share of the CPU, but its wake-ups do not preempt
+/// the thread that is running. When the workers share a core with the asyncio loop (one CPU, or
+/// `taskset`), a socket turning readable then no longer interrupts a batch of handlers; the
+/// worker runs when the loop waits, and reads everything that arrived meanwhile in one go.
+fn yield_to_the_loop_on_wake_up() {
+    // SAFETY: plain syscall on the calling thread with a valid parameter struct. Unprivileged
+    // threads may always switch to SCHED_BATCH; if it fails the thread just stays SCHED_OTHER.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+    }
 }
