@@ -176,37 +176,40 @@ impl Conn {
     }
 
     pub fn send_text(self: &Arc<Self>, text: &str) -> SendStatus {
-        self.send_frame(
-            OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes())),
-            text.len(),
-        )
+        self.send_payload(OP_TEXT, text.as_bytes())
     }
 
     pub fn send_binary(self: &Arc<Self>, data: &[u8]) -> SendStatus {
-        self.send_frame(
-            OutFrame::new(OP_BINARY, Bytes::copy_from_slice(data)),
-            data.len(),
-        )
+        self.send_payload(OP_BINARY, data)
     }
 
     pub fn ping(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
-        self.send_frame(
-            OutFrame::new(OP_PING, Bytes::copy_from_slice(payload)),
-            payload.len(),
-        )
+        self.send_payload(OP_PING, payload)
     }
 
     pub fn pong(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
-        self.send_frame(
-            OutFrame::new(OP_PONG, Bytes::copy_from_slice(payload)),
-            payload.len(),
-        )
+        self.send_payload(OP_PONG, payload)
+    }
+
+    fn send_payload(self: &Arc<Self>, opcode: u8, payload: &[u8]) -> SendStatus {
+        self.send_with(payload.len(), |out| {
+            out.push_payload(opcode, payload, false)
+        })
+    }
+
+    /// Send one already-encoded frame (a publish shares it between recipients).
+    pub fn send_frame(self: &Arc<Self>, frame: &OutFrame, payload_len: usize) -> SendStatus {
+        self.send_with(payload_len, |out| out.push(frame, false))
     }
 
     /// The backpressure rules of every send, publish recipient, ping and pong:
     /// not open: dropped; over the limit *before* this frame: dropped (and closed if so
     /// configured); otherwise queued, backpressured if the kernel's buffer is full.
-    pub fn send_frame(self: &Arc<Self>, frame: OutFrame, payload_len: usize) -> SendStatus {
+    fn send_with(
+        self: &Arc<Self>,
+        payload_len: usize,
+        push: impl FnOnce(&Outbound) -> Pushed,
+    ) -> SendStatus {
         if self.ready_state() != ReadyState::Open {
             return SendStatus::Dropped;
         }
@@ -226,7 +229,7 @@ impl Conn {
             self.out.set_congested();
         }
         let congested = self.out.is_congested();
-        match self.out.push(frame, false) {
+        match push(&self.out) {
             Pushed::Refused => return SendStatus::Dropped,
             Pushed::First => self.schedule_flush(),
             Pushed::Queued => {}
@@ -281,7 +284,7 @@ impl Conn {
     /// Start the closing handshake. Frames queued before it are still written.
     pub fn close(&self, code: u16, reason: &str) {
         if self.transition(ReadyState::Open, ReadyState::Closing) {
-            self.out.push(OutFrame::close(code, reason), true);
+            self.out.push(&OutFrame::close(code, reason), true);
             self.signal(signal::STATE | signal::FLUSH);
         }
     }

@@ -496,7 +496,7 @@ fn feed(conn: &Arc<Conn>, reader: &mut MessageReader, data: &[u8]) -> Option<End
                 } else {
                     OutFrame::close(code, "")
                 };
-                conn.out.push(reply, true);
+                conn.out.push(&reply, true);
                 conn.mark(signal::FLUSH);
             }
             closed = Some(Ending::graceful(code, reason));
@@ -518,7 +518,7 @@ fn queue_reply(conn: &Conn, frame: OutFrame) {
         limit => limit,
     };
     if conn.out.buffered() <= limit {
-        conn.out.push(frame, false);
+        conn.out.push(&frame, false);
         conn.mark(signal::FLUSH);
     }
 }
@@ -538,7 +538,7 @@ fn fail(conn: &Conn, violation: Violation) -> Ending {
         };
     }
     if conn.ready_state() == ReadyState::Closing {
-        conn.out.push(OutFrame::close(code, reason), true);
+        conn.out.push(&OutFrame::close(code, reason), true);
         conn.mark(signal::FLUSH);
     }
     Ending::graceful(code, reason)

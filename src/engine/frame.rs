@@ -13,6 +13,25 @@ pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
+/// The header of a final, unmasked frame: its bytes and how many of them are used.
+pub fn encode_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    let mut head = [0u8; 10];
+    head[0] = 0x80 | opcode;
+    let head_len = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
+}
+
 #[derive(Clone, Debug)]
 pub struct OutFrame {
     head: [u8; 10],
@@ -23,24 +42,10 @@ pub struct OutFrame {
 impl OutFrame {
     /// A final (unfragmented) frame with `opcode` carrying `payload`.
     pub fn new(opcode: u8, payload: Bytes) -> Self {
-        let mut head = [0u8; 10];
-        head[0] = 0x80 | opcode;
-        let len = payload.len();
-        let head_len = if len < 126 {
-            head[1] = len as u8;
-            2
-        } else if len <= u16::MAX as usize {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
+        let (head, head_len) = encode_head(opcode, payload.len());
         Self {
             head,
-            head_len,
+            head_len: head_len as u8,
             payload,
         }
     }

@@ -8,7 +8,6 @@
 //! `buffered` counts bytes accepted but not yet handed to the kernel: it grows on push and
 //! shrinks by exactly what each write returned.
 
-use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -17,25 +16,69 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
-use super::frame::OutFrame;
+use bytes::Bytes;
 
-/// Frames with payloads up to this size are copied into one buffer and written with one
-/// `write`: a vectored write of many small slices costs the kernel more than the copy.
-const COALESCE_PAYLOAD: usize = 1024;
-/// At most this much is copied for one write.
-const COALESCE_BYTES: usize = 64 * 1024;
+use super::frame::{encode_head, OutFrame};
+
+/// Frames with payloads up to this size are copied into the queue's byte buffer as they are
+/// queued, as uWS corks them: a queued small frame is then a `memcpy`, with no refcount to take
+/// and drop per recipient, and a batch of them is one `send` with no gathering.
+const INLINE_PAYLOAD: usize = 1024;
+/// A flush that wrote at most this much was not part of a burst: the buffers go back to the
+/// allocator, so an idle connection holds none (benches S4). A busy one keeps them.
+const KEEP_BUFFERS_AFTER: usize = 256;
+/// First capacity of a connection's byte buffer.
+const INLINE_START: usize = 512;
+/// A byte buffer grown past this by a burst is not kept for the next one.
+const COALESCE_KEEP: usize = 64 * 1024;
+
+/// A run of the outbound stream.
+enum Chunk {
+    /// Small frames, encoded back to back.
+    Inline(Vec<u8>),
+    /// A large frame, written from its shared payload.
+    Frame(OutFrame),
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Inline(bytes) => bytes.len(),
+            Chunk::Frame(frame) => frame.wire_len(),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Queue {
-    frames: Vec<OutFrame>,
-    /// Bytes of `frames[0]` already written.
+    chunks: Vec<Chunk>,
+    /// Bytes of `chunks[0]` already written.
     written: usize,
+    /// A written-out byte buffer kept for the next batch (see `KEEP_BUFFERS_AFTER`).
+    spare: Vec<u8>,
     /// No more frames are accepted: a close frame was queued or the connection ended.
     sealed: bool,
     /// The socket, while the connection is up; the connection task detaches it before closing.
     socket: Option<Arc<TcpStream>>,
     /// The write side is shut down: everything up to the seal is written.
     shut_down: bool,
+}
+
+impl Queue {
+    /// The byte buffer at the end of the queue, for the next small frame.
+    fn inline_tail(&mut self) -> &mut Vec<u8> {
+        if !matches!(self.chunks.last(), Some(Chunk::Inline(_))) {
+            let mut bytes = std::mem::take(&mut self.spare);
+            if bytes.capacity() == 0 {
+                bytes.reserve(INLINE_START);
+            }
+            self.chunks.push(Chunk::Inline(bytes));
+        }
+        match self.chunks.last_mut() {
+            Some(Chunk::Inline(bytes)) => bytes,
+            _ => unreachable!("pushed above"),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -70,11 +113,6 @@ pub enum Flushed {
     Detached,
 }
 
-thread_local! {
-    /// Scratch space for coalescing small frames; one per thread that flushes.
-    static COALESCED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
 impl Outbound {
     pub fn attach(&self, socket: Arc<TcpStream>) {
         self.queue.lock().socket = Some(socket);
@@ -85,9 +123,36 @@ impl Outbound {
         self.queue.lock().socket.take()
     }
 
-    /// Queue `frame`. With `seal`, nothing is accepted after it.
-    pub fn push(&self, frame: OutFrame, seal: bool) -> Pushed {
-        let len = frame.wire_len();
+    /// Queue `frame` (a refcount for a large one, a copy for a small one). With `seal`,
+    /// nothing is accepted after it.
+    pub fn push(&self, frame: &OutFrame, seal: bool) -> Pushed {
+        if frame.payload().len() <= INLINE_PAYLOAD {
+            return self.push_with(frame.wire_len(), seal, |q| {
+                let bytes = q.inline_tail();
+                bytes.extend_from_slice(frame.head());
+                bytes.extend_from_slice(frame.payload());
+            });
+        }
+        self.push_with(frame.wire_len(), seal, |q| {
+            q.chunks.push(Chunk::Frame(frame.clone()))
+        })
+    }
+
+    /// Queue a final frame with `opcode` and `payload`, copying the payload.
+    pub fn push_payload(&self, opcode: u8, payload: &[u8], seal: bool) -> Pushed {
+        if payload.len() > INLINE_PAYLOAD {
+            let frame = OutFrame::new(opcode, Bytes::copy_from_slice(payload));
+            return self.push(&frame, seal);
+        }
+        let (head, head_len) = encode_head(opcode, payload.len());
+        self.push_with(head_len + payload.len(), seal, |q| {
+            let bytes = q.inline_tail();
+            bytes.extend_from_slice(&head[..head_len]);
+            bytes.extend_from_slice(payload);
+        })
+    }
+
+    fn push_with(&self, len: usize, seal: bool, append: impl FnOnce(&mut Queue)) -> Pushed {
         let mut q = self.queue.lock();
         if q.sealed {
             return Pushed::Refused;
@@ -95,8 +160,8 @@ impl Outbound {
         q.sealed = seal;
         // Counted under the lock so a flush never subtracts bytes it was not told about.
         self.buffered.fetch_add(len, Ordering::Relaxed);
-        let first = q.frames.is_empty();
-        q.frames.push(frame);
+        let first = q.chunks.is_empty();
+        append(&mut q);
         if first && (self.corked.load(Ordering::Acquire) == 0 || seal) {
             Pushed::First
         } else {
@@ -114,8 +179,9 @@ impl Outbound {
     pub fn flush(&self) -> io::Result<Flushed> {
         let mut guard = self.queue.lock();
         let Queue {
-            frames,
+            chunks,
             written,
+            spare,
             sealed,
             socket,
             shut_down,
@@ -124,18 +190,43 @@ impl Outbound {
             return Ok(Flushed::Detached);
         };
         let fin_due = *sealed && !*shut_down;
-        if frames.is_empty() && !fin_due {
+        if chunks.is_empty() && !fin_due {
             return Ok(Flushed::Done);
         }
         if self.corked.load(Ordering::Acquire) > 0 && !*sealed {
             return Ok(Flushed::Corked);
         }
-        while !frames.is_empty() {
-            match write_some(socket, frames, *written) {
+        let mut total = 0;
+        while let Some(chunk) = chunks.first() {
+            let result = match chunk {
+                Chunk::Inline(bytes) => socket.try_write(&bytes[*written..]),
+                Chunk::Frame(frame) => {
+                    let head = frame.head();
+                    if *written < head.len() {
+                        socket.try_write_vectored(&[
+                            IoSlice::new(&head[*written..]),
+                            IoSlice::new(frame.payload()),
+                        ])
+                    } else {
+                        socket.try_write(&frame.payload()[*written - head.len()..])
+                    }
+                }
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.buffered.fetch_sub(n, Ordering::Relaxed);
-                    *written = advance(frames, *written + n);
+                    total += n;
+                    *written += n;
+                    if *written == chunk.len() {
+                        *written = 0;
+                        if let Chunk::Inline(mut bytes) = chunks.remove(0) {
+                            if total > KEEP_BUFFERS_AFTER && bytes.capacity() <= COALESCE_KEEP {
+                                bytes.clear();
+                                *spare = bytes;
+                            }
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.congested.store(true, Ordering::Relaxed);
@@ -144,23 +235,24 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
-        // An idle connection keeps no queue allocation (benches S4); a busy one pays one
-        // allocation per flush, small next to the write.
-        *frames = Vec::new();
+        if total <= KEEP_BUFFERS_AFTER {
+            *chunks = Vec::new();
+            *spare = Vec::new();
+        }
         if *sealed && !*shut_down {
             // The close frame (or the last frame before the end) is out: send FIN right away,
             // so a client waiting for the end of the stream sees it without waiting for its own
             // close frame to come back. The read side stays open for that frame.
             *shut_down = true;
-            // SAFETY: the descriptor is open while `socket` is borrowed. A failure only means
-            // the peer is already gone.
+            // SAFETY: the descriptor is open while `socket` is borrowed. A failure only means the
+            // peer is already gone.
             unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
         }
         Ok(Flushed::Done)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.lock().frames.is_empty()
+        self.queue.lock().chunks.is_empty()
     }
 
     pub fn buffered(&self) -> usize {
@@ -190,65 +282,6 @@ impl Outbound {
     }
 }
 
-/// One write of the frames' next bytes: small frames copied into one buffer, a large frame
-/// written from its own payload without a copy.
-fn write_some(socket: &TcpStream, frames: &[OutFrame], written: usize) -> io::Result<usize> {
-    let first = &frames[0];
-    if first.payload().len() > COALESCE_PAYLOAD {
-        let head = first.head();
-        let slices = if written < head.len() {
-            [
-                IoSlice::new(&head[written..]),
-                IoSlice::new(first.payload()),
-            ]
-        } else {
-            [
-                IoSlice::new(&first.payload()[written - head.len()..]),
-                IoSlice::new(&[]),
-            ]
-        };
-        return socket.try_write_vectored(&slices);
-    }
-    COALESCED.with(|scratch| {
-        let mut buf = scratch.borrow_mut();
-        buf.clear();
-        let mut skip = written;
-        for frame in frames {
-            if frame.payload().len() > COALESCE_PAYLOAD
-                || buf.len() + frame.wire_len() > COALESCE_BYTES
-            {
-                break;
-            }
-            let head = frame.head();
-            if skip < head.len() {
-                buf.extend_from_slice(&head[skip..]);
-                buf.extend_from_slice(frame.payload());
-            } else {
-                buf.extend_from_slice(&frame.payload()[skip - head.len()..]);
-            }
-            skip = 0;
-        }
-        socket.try_write(&buf)
-    })
-}
-
-/// Drop the frames that `written` bytes (counted from the first frame's start) completed;
-/// returns how much of the new first frame is written.
-fn advance(frames: &mut Vec<OutFrame>, mut written: usize) -> usize {
-    let done = frames
-        .iter()
-        .take_while(|frame| {
-            let complete = written >= frame.wire_len();
-            if complete {
-                written -= frame.wire_len();
-            }
-            complete
-        })
-        .count();
-    frames.drain(..done);
-    written
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,8 +295,8 @@ mod tests {
     #[test]
     fn buffered_counts_wire_bytes_and_the_first_push_asks_for_a_flush() {
         let out = Outbound::default();
-        assert_eq!(out.push(text("hello"), false), Pushed::First); // 2 + 5
-        assert_eq!(out.push(text("hi"), false), Pushed::Queued); // 2 + 2
+        assert_eq!(out.push(&text("hello"), false), Pushed::First); // 2 + 5
+        assert_eq!(out.push(&text("hi"), false), Pushed::Queued); // 2 + 2
         assert_eq!(out.buffered(), 11);
         assert_eq!(out.flush().unwrap(), Flushed::Detached, "no socket yet");
         assert_eq!(out.buffered(), 11);
@@ -272,16 +305,16 @@ mod tests {
     #[test]
     fn sealing_rejects_later_frames() {
         let out = Outbound::default();
-        assert_eq!(out.push(text("a"), false), Pushed::First);
-        assert_eq!(out.push(OutFrame::close(1000, ""), true), Pushed::Queued);
-        assert_eq!(out.push(text("late"), false), Pushed::Refused);
+        assert_eq!(out.push(&text("a"), false), Pushed::First);
+        assert_eq!(out.push(&OutFrame::close(1000, ""), true), Pushed::Queued);
+        assert_eq!(out.push(&text("late"), false), Pushed::Refused);
     }
 
     #[test]
     fn a_corked_queue_asks_for_a_flush_only_when_uncorked() {
         let out = Outbound::default();
         out.cork();
-        assert_eq!(out.push(text("a"), false), Pushed::Queued);
+        assert_eq!(out.push(&text("a"), false), Pushed::Queued);
         assert!(out.uncork());
         out.cork();
         out.cork();
@@ -289,14 +322,50 @@ mod tests {
     }
 
     #[test]
-    fn advance_drops_completed_frames_and_keeps_the_offset() {
-        let mut frames = vec![text("abc"), text("de"), text("f")]; // 5, 4, 3 bytes
-        assert_eq!(advance(&mut frames, 7), 2);
-        assert_eq!(frames.len(), 2);
-        assert_eq!(advance(&mut frames, 4), 0);
-        assert_eq!(frames.len(), 1);
-        assert_eq!(advance(&mut frames, 3), 0);
-        assert!(frames.is_empty());
+    fn small_and_large_frames_go_out_in_order_and_an_idle_queue_keeps_no_buffer() {
+        use std::io::Read;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ours, mut theirs) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            (server, client)
+        });
+        let _guard = rt.enter();
+        let out = Outbound::default();
+        out.attach(Arc::new(ours));
+        let large = OutFrame::new(OP_TEXT, Bytes::from(vec![b'L'; 5000]));
+        let mut expected = Vec::new();
+        for frame in [
+            text("a"),
+            text("bc"),
+            large.clone(),
+            text("d"),
+            large.clone(),
+        ] {
+            out.push(&frame, false);
+            expected.extend_from_slice(frame.head());
+            expected.extend_from_slice(frame.payload());
+        }
+        assert_eq!(out.push_payload(OP_TEXT, b"e", false), Pushed::Queued);
+        expected.extend_from_slice(b"\x81\x01e");
+        // The socket may not be known writable yet: flush until it is all out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while out.buffered() > 0 && std::time::Instant::now() < deadline {
+            rt.block_on(tokio::task::yield_now());
+            out.flush().unwrap();
+        }
+        assert_eq!(out.buffered(), 0);
+        let mut got = vec![0; expected.len()];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(out.push(&text("f"), false), Pushed::First);
+        assert_eq!(out.flush().unwrap(), Flushed::Done);
+        let q = out.queue.lock();
+        assert_eq!((q.chunks.capacity(), q.spare.capacity()), (0, 0));
     }
 
     #[test]

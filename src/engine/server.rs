@@ -88,7 +88,7 @@ impl Shared {
         let mut status: Option<SendStatus> = None;
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
-                let sent = conn.send_frame(frame.clone(), payload_len);
+                let sent = conn.send_frame(&frame, payload_len);
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
             }
         });

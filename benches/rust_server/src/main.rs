@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use brioche::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
 use brioche::engine::http::{build_response, Reply};
-use brioche::engine::{Conn, Event, Server, ServerConfig};
+use brioche::engine::{conn, Conn, Event, Server, ServerConfig};
 use bytes::Bytes;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -82,6 +82,9 @@ fn main() {
     loop {
         wait_readable(shared.events.fd());
         shared.events.drain_into(&mut batch);
+        // As the Python bridge does: what this batch sends is written here, once per connection,
+        // when the batch ends.
+        conn::begin_send_batch();
         for event in batch.drain(..) {
             match event {
                 Event::Request(req) => {
@@ -141,5 +144,6 @@ fn main() {
                 other => handle_other(other, &conns),
             }
         }
+        conn::end_send_batch();
     }
 }
