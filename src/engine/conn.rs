@@ -17,32 +17,61 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
+use rustc_hash::FxHashMap;
+
+use super::arena::{Arena, ArenaWriter};
 use super::events::Event;
 use super::frame::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::outbound::{Flushed, Outbound, Pushed};
 use super::server::Shared;
 
+/// What one dispatch batch of the loop thread has sent.
+#[derive(Default)]
+struct SendBatch {
+    /// Connections to flush when the batch ends.
+    conns: Vec<Arc<Conn>>,
+    /// Each topic's published frames of this batch, encoded once (`arena.rs`).
+    arenas: FxHashMap<Box<str>, ArenaWriter>,
+}
+
 thread_local! {
     /// `Some` while this thread (the asyncio loop) dispatches a batch of events: connections sent
     /// to are flushed once, on this thread, when the batch ends, so a batch of replies is one
     /// write per connection and needs no tokio task to wake (see benches/PROFILE.md).
-    static SEND_BATCH: RefCell<Option<Vec<Arc<Conn>>>> = const { RefCell::new(None) };
+    static SEND_BATCH: RefCell<Option<SendBatch>> = const { RefCell::new(None) };
 }
 
 /// Defer flushes on this thread until [`end_send_batch`].
 pub fn begin_send_batch() {
     end_send_batch();
-    SEND_BATCH.with(|b| *b.borrow_mut() = Some(Vec::new()));
+    SEND_BATCH.with(|b| *b.borrow_mut() = Some(SendBatch::default()));
 }
 
 /// Flush every connection sent to since [`begin_send_batch`], and stop deferring.
 pub fn end_send_batch() {
-    let Some(conns) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
+    let Some(batch) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
         return;
     };
-    for conn in conns {
+    for conn in batch.conns {
         conn.flush_or_hand_over();
     }
+}
+
+/// Append `frame` to `topic`'s arena of the current batch: the arena and the frame's range in
+/// it. `None` outside a batch.
+pub(crate) fn append_to_batch(topic: &str, frame: &OutFrame) -> Option<(Arc<Arena>, usize, usize)> {
+    SEND_BATCH.with(|b| {
+        let mut batch = b.borrow_mut();
+        let batch = batch.as_mut()?;
+        let writer = match batch.arenas.get_mut(topic) {
+            Some(writer) => writer,
+            None => batch
+                .arenas
+                .entry(topic.into())
+                .or_default(),
+        };
+        Some(writer.append(&[frame.head(), frame.payload()]))
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +231,17 @@ impl Conn {
         self.send_with(payload_len, |out| out.push(frame, false))
     }
 
+    /// Send frames already encoded into `arena[start..end]` (a publish within a batch).
+    pub(crate) fn send_shared(
+        self: &Arc<Self>,
+        arena: &Arc<Arena>,
+        start: usize,
+        end: usize,
+        payload_len: usize,
+    ) -> SendStatus {
+        self.send_with(payload_len, |out| out.push_shared(arena, start, end))
+    }
+
     /// The backpressure rules of every send, publish recipient, ping and pong:
     /// not open: dropped; over the limit *before* this frame: dropped (and closed if so
     /// configured); otherwise queued, backpressured if the kernel's buffer is full.
@@ -244,8 +284,8 @@ impl Conn {
     /// Flush on this thread at the end of the current send batch, or have the task do it now.
     fn schedule_flush(self: &Arc<Self>) {
         let deferred = SEND_BATCH.with(|b| match b.borrow_mut().as_mut() {
-            Some(conns) => {
-                conns.push(self.clone());
+            Some(batch) => {
+                batch.conns.push(self.clone());
                 true
             }
             None => false,

@@ -18,19 +18,20 @@ use tokio::net::TcpStream;
 
 use bytes::Bytes;
 
+use super::arena::Arena;
 use super::frame::{encode_head, OutFrame};
 
 /// Frames with payloads up to this size are copied into the queue's byte buffer as they are
 /// queued, as uWS corks them: a queued small frame is then a `memcpy`, with no refcount to take
 /// and drop per recipient, and a batch of them is one `send` with no gathering.
-const INLINE_PAYLOAD: usize = 1024;
-/// A flush that wrote at most this much was not part of a burst: the buffers go back to the
-/// allocator, so an idle connection holds none (benches S4). A busy one keeps them.
+pub(crate) const INLINE_PAYLOAD: usize = 1024;
+/// A flush that wrote at most this much was not part of a burst: the queue's allocation goes
+/// back to the allocator, so an idle connection holds none (benches S4).
 const KEEP_BUFFERS_AFTER: usize = 256;
 /// First capacity of a connection's byte buffer.
 const INLINE_START: usize = 512;
-/// A byte buffer grown past this by a burst is not kept for the next one.
-const COALESCE_KEEP: usize = 64 * 1024;
+/// The most a byte buffer is sized for up front, from the previous burst.
+const INLINE_HINT_MAX: usize = 64 * 1024;
 
 /// A run of the outbound stream.
 enum Chunk {
@@ -38,6 +39,12 @@ enum Chunk {
     Inline(Vec<u8>),
     /// A large frame, written from its shared payload.
     Frame(OutFrame),
+    /// Published frames, encoded once for every subscriber.
+    Shared {
+        arena: Arc<Arena>,
+        start: usize,
+        end: usize,
+    },
 }
 
 impl Chunk {
@@ -45,6 +52,7 @@ impl Chunk {
         match self {
             Chunk::Inline(bytes) => bytes.len(),
             Chunk::Frame(frame) => frame.wire_len(),
+            Chunk::Shared { start, end, .. } => end - start,
         }
     }
 }
@@ -54,8 +62,9 @@ struct Queue {
     chunks: Vec<Chunk>,
     /// Bytes of `chunks[0]` already written.
     written: usize,
-    /// A written-out byte buffer kept for the next batch (see `KEEP_BUFFERS_AFTER`).
-    spare: Vec<u8>,
+    /// How much the last burst wrote: the next byte buffer starts that large, so a steady
+    /// stream of bursts allocates once per burst instead of growing each time.
+    inline_hint: u32,
     /// No more frames are accepted: a close frame was queued or the connection ended.
     sealed: bool,
     /// The socket, while the connection is up; the connection task detaches it before closing.
@@ -68,11 +77,9 @@ impl Queue {
     /// The byte buffer at the end of the queue, for the next small frame.
     fn inline_tail(&mut self) -> &mut Vec<u8> {
         if !matches!(self.chunks.last(), Some(Chunk::Inline(_))) {
-            let mut bytes = std::mem::take(&mut self.spare);
-            if bytes.capacity() == 0 {
-                bytes.reserve(INLINE_START);
-            }
-            self.chunks.push(Chunk::Inline(bytes));
+            let capacity = (self.inline_hint as usize).max(INLINE_START);
+            self.chunks
+                .push(Chunk::Inline(Vec::with_capacity(capacity)));
         }
         match self.chunks.last_mut() {
             Some(Chunk::Inline(bytes)) => bytes,
@@ -152,6 +159,28 @@ impl Outbound {
         })
     }
 
+    /// Queue `arena[start..end]`; extends the last queued range when this one follows it.
+    pub fn push_shared(&self, arena: &Arc<Arena>, start: usize, end: usize) -> Pushed {
+        self.push_with(end - start, false, |q| {
+            if let Some(Chunk::Shared {
+                arena: last,
+                end: last_end,
+                ..
+            }) = q.chunks.last_mut()
+            {
+                if Arc::ptr_eq(last, arena) && *last_end == start {
+                    *last_end = end;
+                    return;
+                }
+            }
+            q.chunks.push(Chunk::Shared {
+                arena: arena.clone(),
+                start,
+                end,
+            });
+        })
+    }
+
     fn push_with(&self, len: usize, seal: bool, append: impl FnOnce(&mut Queue)) -> Pushed {
         let mut q = self.queue.lock();
         if q.sealed {
@@ -181,7 +210,7 @@ impl Outbound {
         let Queue {
             chunks,
             written,
-            spare,
+            inline_hint,
             sealed,
             socket,
             shut_down,
@@ -197,9 +226,13 @@ impl Outbound {
             return Ok(Flushed::Corked);
         }
         let mut total = 0;
+        let mut inline_total = 0;
         while let Some(chunk) = chunks.first() {
             let result = match chunk {
                 Chunk::Inline(bytes) => socket.try_write(&bytes[*written..]),
+                Chunk::Shared { arena, start, end } => {
+                    socket.try_write(arena.slice(start + *written, *end))
+                }
                 Chunk::Frame(frame) => {
                     let head = frame.head();
                     if *written < head.len() {
@@ -217,15 +250,13 @@ impl Outbound {
                 Ok(n) => {
                     self.buffered.fetch_sub(n, Ordering::Relaxed);
                     total += n;
+                    if matches!(chunk, Chunk::Inline(_)) {
+                        inline_total += n;
+                    }
                     *written += n;
                     if *written == chunk.len() {
                         *written = 0;
-                        if let Chunk::Inline(mut bytes) = chunks.remove(0) {
-                            if total > KEEP_BUFFERS_AFTER && bytes.capacity() <= COALESCE_KEEP {
-                                bytes.clear();
-                                *spare = bytes;
-                            }
-                        }
+                        chunks.remove(0);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -237,7 +268,9 @@ impl Outbound {
         }
         if total <= KEEP_BUFFERS_AFTER {
             *chunks = Vec::new();
-            *spare = Vec::new();
+            *inline_hint = 0;
+        } else {
+            *inline_hint = inline_total.min(INLINE_HINT_MAX) as u32;
         }
         if *sealed && !*shut_down {
             // The close frame (or the last frame before the end) is out: send FIN right away,
@@ -365,7 +398,7 @@ mod tests {
         assert_eq!(out.push(&text("f"), false), Pushed::First);
         assert_eq!(out.flush().unwrap(), Flushed::Done);
         let q = out.queue.lock();
-        assert_eq!((q.chunks.capacity(), q.spare.capacity()), (0, 0));
+        assert_eq!((q.chunks.capacity(), q.inline_hint), (0, 0));
     }
 
     #[test]

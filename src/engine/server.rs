@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::ServerConfig;
-use super::conn::{Conn, SendStatus};
+use super::conn::{self, Conn, SendStatus};
 use super::events::{Event, EventQueue};
 use super::frame::OutFrame;
 use super::http;
+use super::outbound::INLINE_PAYLOAD;
 use super::pubsub::TopicRegistry;
 use super::runtime::runtime;
 
@@ -86,9 +87,19 @@ impl Shared {
         exclude: Option<u64>,
     ) -> SendStatus {
         let mut status: Option<SendStatus> = None;
+        // Within a dispatch batch a small frame is encoded once into the topic's arena, and
+        // each subscriber queues a range of it (`arena.rs`).
+        let shared = if frame.payload().len() <= INLINE_PAYLOAD {
+            conn::append_to_batch(topic, &frame)
+        } else {
+            None
+        };
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
-                let sent = conn.send_frame(&frame, payload_len);
+                let sent = match &shared {
+                    Some((arena, start, end)) => conn.send_shared(arena, *start, *end, payload_len),
+                    None => conn.send_frame(&frame, payload_len),
+                };
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
             }
         });
