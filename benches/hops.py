@@ -92,7 +92,7 @@ async def main() -> None:
     config = websocket.init().on_open(on_open).on_text(on_text).backpressure_limit(0)
     srv = await server.handler(handler).websocket(config).hostname("127.0.0.1").port(0).serve()
 
-    # Python -> Rust: ws.send encodes a frame and queues it for the writer.
+    # Python -> Rust: ws.send encodes a frame and queues it (written when the batch ends).
     sock = raw_connect(srv.port, "/ws?send")
     results["ws.send, 32 B (ns/call)"] = await asyncio.wait_for(send_cost, 30)
     sock.close()

@@ -236,7 +236,7 @@ class Server(Generic[T]):
         try:
             self._dispatch_batch(events)
         finally:
-            # The writers of everything the handlers sent are woken once, here.
+            # Everything the handlers sent is written here, one send per connection.
             self._engine.end_batch()
 
     def _dispatch_batch(self, events: list[tuple[Any, ...]]) -> None:
