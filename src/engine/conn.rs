@@ -10,13 +10,11 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-
 use std::task::Context;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-
 use rustc_hash::FxHashMap;
 
 use super::arena::{Arena, ArenaWriter};
@@ -65,10 +63,7 @@ pub(crate) fn append_to_batch(topic: &str, frame: &OutFrame) -> Option<(Arc<Aren
         let batch = batch.as_mut()?;
         let writer = match batch.arenas.get_mut(topic) {
             Some(writer) => writer,
-            None => batch
-                .arenas
-                .entry(topic.into())
-                .or_default(),
+            None => batch.arenas.entry(topic.into()).or_default(),
         };
         Some(writer.append(&[frame.head(), frame.payload()]))
     })
