@@ -160,8 +160,17 @@ impl Outbound {
     }
 
     /// Queue `arena[start..end]`; extends the last queued range when this one follows it.
+    ///
+    /// A congested queue gets a copy instead: a range keeps its whole arena alive, and a slow
+    /// reader must not keep a batch's arena (much larger than its share) for as long as it
+    /// does not read. See also `unshare`.
     pub fn push_shared(&self, arena: &Arc<Arena>, start: usize, end: usize) -> Pushed {
+        let congested = self.is_congested();
         self.push_with(end - start, false, |q| {
+            if congested {
+                q.inline_tail().extend_from_slice(arena.slice(start, end));
+                return;
+            }
             if let Some(Chunk::Shared {
                 arena: last,
                 end: last_end,
@@ -223,6 +232,7 @@ impl Outbound {
             return Ok(Flushed::Done);
         }
         if self.corked.load(Ordering::Acquire) > 0 && !*sealed {
+            unshare(chunks);
             return Ok(Flushed::Corked);
         }
         let mut total = 0;
@@ -261,6 +271,14 @@ impl Outbound {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.congested.store(true, Ordering::Relaxed);
+                    if *written > 0 && matches!(chunks[0], Chunk::Shared { .. }) {
+                        // Keep only the unwritten part of a partly written range.
+                        if let Chunk::Shared { start, .. } = &mut chunks[0] {
+                            *start += *written;
+                        }
+                        *written = 0;
+                    }
+                    unshare(chunks);
                     return Ok(Flushed::Blocked);
                 }
                 Err(e) => return Err(e),
@@ -312,6 +330,17 @@ impl Outbound {
     /// True when the last cork is released and frames are waiting.
     pub fn uncork(&self) -> bool {
         self.corked.fetch_sub(1, Ordering::AcqRel) == 1 && !self.is_empty()
+    }
+}
+
+/// Replace the arena ranges of a queue that must wait (for writability, or for `uncork`) by
+/// copies of their bytes, so the arenas are freed with their batch: what the queue holds is then
+/// what `buffered_amount` counts, whatever the reader does.
+fn unshare(chunks: &mut [Chunk]) {
+    for chunk in chunks.iter_mut() {
+        if let Chunk::Shared { arena, start, end } = chunk {
+            *chunk = Chunk::Inline(arena.slice(*start, *end).to_vec());
+        }
     }
 }
 
@@ -399,6 +428,47 @@ mod tests {
         assert_eq!(out.flush().unwrap(), Flushed::Done);
         let q = out.queue.lock();
         assert_eq!((q.chunks.capacity(), q.inline_hint), (0, 0));
+    }
+
+    #[test]
+    fn a_queue_that_must_wait_holds_copies_not_arenas() {
+        use crate::engine::arena::ArenaWriter;
+        let mut writer = ArenaWriter::default();
+        let (arena, start, end) = writer.append(&[b"\x81\x02hi"]);
+        drop(writer);
+        let out = Outbound::default();
+        out.cork();
+        out.push_shared(&arena, start, end);
+        assert_eq!(
+            Arc::strong_count(&arena),
+            2,
+            "an open queue shares the range"
+        );
+        // What a flush that has to wait (corked here, or blocked) does to the queue.
+        unshare(&mut out.queue.lock().chunks);
+        assert_eq!(
+            Arc::strong_count(&arena),
+            1,
+            "copied out, the arena is free"
+        );
+        out.set_congested();
+        out.push_shared(&arena, start, end);
+        assert_eq!(
+            Arc::strong_count(&arena),
+            1,
+            "a congested queue gets a copy"
+        );
+        let q = out.queue.lock();
+        let bytes: Vec<u8> = q
+            .chunks
+            .iter()
+            .flat_map(|c| match c {
+                Chunk::Inline(b) => b.clone(),
+                _ => panic!("only copies"),
+            })
+            .collect();
+        assert_eq!(bytes, b"\x81\x02hi\x81\x02hi");
+        assert_eq!(out.buffered(), 8);
     }
 
     #[test]
