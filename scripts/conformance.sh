@@ -9,13 +9,21 @@
 # (server unreachable, no report), 3 not installed; 4 if the echo server would not start.
 # Reports (HTML + JSON per case) land in $AUTOBAHN_REPORTS (default /tmp/autobahn-reports).
 #
-# Env: AUTOBAHN_TOOLS (default ../shared/tools/autobahn next to the repo), AUTOBAHN_PREFIX
+# Env: AUTOBAHN_TOOLS (default ../shared/tools/autobahn next to the repo, or next to the local
+# checkout it was cloned from, as in `git clone . /tmp/fresh`), AUTOBAHN_PREFIX
 # (default /opt/autobahn), PYTHON (default .venv/bin/python of the repo), and every variable
 # run.sh reads (AUTOBAHN_TIMEOUT, AUTOBAHN_EXCLUDE, ...).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${AUTOBAHN_TOOLS:-$REPO/../shared/tools/autobahn}"
+if [ -z "${AUTOBAHN_TOOLS:-}" ] && [ ! -x "$TOOLS/run.sh" ]; then
+  # A clone of a local checkout: the harness beside the checkout it came from.
+  ORIGIN="$(git -C "$REPO" remote get-url origin 2>/dev/null || true)"
+  if [ -d "$ORIGIN" ] && [ -x "$ORIGIN/../shared/tools/autobahn/run.sh" ]; then
+    TOOLS="$(cd "$ORIGIN/../shared/tools/autobahn" && pwd)"
+  fi
+fi
 PREFIX="${AUTOBAHN_PREFIX:-/opt/autobahn}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 CASES="${1:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*}"
