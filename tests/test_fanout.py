@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+from contextlib import AsyncExitStack
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -11,6 +12,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageBackpressured, MessageSent, websocket
 from conftest import Recorder, ServeFn, ws_url
+from rawws import RawWebSocket
 
 SUBSCRIBERS = 1_000
 PUBLISHES = 100
@@ -68,3 +70,40 @@ async def test_every_subscriber_receives_every_publish_in_order_once(serve: Serv
         assert wrong == [], f"{len(wrong)} subscribers got a wrong sequence, e.g. {received[wrong[0]][:5]}"
     finally:
         await asyncio.wait_for(asyncio.gather(*(c.close() for c in clients), return_exceptions=True), 20)
+
+
+async def test_a_burst_of_publishes_reaches_reading_and_stalled_subscribers_whole_and_in_order(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """One handler call publishes 200 KB to a topic: the frames are encoded once into the topic's
+    buffers of the batch (several, as they fill) and every subscriber's queue shares them. Each
+    subscriber, including one that reads only later, gets every frame, whole and in order."""
+    messages = [f"{i:04d}" + "x" * 996 for i in range(200)]
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.subscribe("burst")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("statuses", [ws.publish("burst", m) for m in messages])
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text))
+    async with AsyncExitStack() as stack:
+        readers = [
+            await stack.enter_async_context(connect(ws_url(srv, "/ws?reader"), max_size=None))
+            for _ in range(2)
+        ]
+        stalled = await stack.enter_async_context(
+            await RawWebSocket.connect(srv.port, "/ws?stalled", rcvbuf=4096)
+        )
+        stalled.pause_reading()
+        publisher = await stack.enter_async_context(connect(ws_url(srv, "/ws?publisher")))
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 4)
+        await publisher.send("go")
+        for reader in readers:
+            assert [await asyncio.wait_for(reader.recv(), 10) for _ in messages] == messages
+        stalled.resume_reading()
+        got = [(await stalled.recv_data_frame(timeout=10)).payload for _ in messages]
+        assert got == [m.encode() for m in messages]
+    ((statuses,),) = recorder.of("statuses")
+    assert set(statuses) <= {MessageSent(1000), MessageBackpressured()}

@@ -194,15 +194,14 @@ impl Task {
         signals: u8,
         mut timer: Pin<&mut Sleep>,
     ) -> Step<Ending> {
-        let conn = self.conn.clone();
-        if conn.terminated.load(Ordering::Acquire) {
+        if self.conn.terminated.load(Ordering::Acquire) {
             return Step::Done(Ending::abrupt(1006, ""));
         }
         if signals & signal::STATE != 0
             && self.close_deadline.is_none()
-            && conn.ready_state() == ReadyState::Closing
+            && self.conn.ready_state() == ReadyState::Closing
         {
-            let deadline = Instant::now() + conn.shared.config.close_timeout;
+            let deadline = Instant::now() + self.conn.shared.config.close_timeout;
             self.close_deadline = Some(deadline);
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
@@ -220,7 +219,7 @@ impl Task {
             // Re-armed: the next turn polls it again, which registers it.
             step = Step::Progress;
         }
-        let paused = conn.reading_paused();
+        let paused = self.conn.reading_paused();
         if self.paused && !paused {
             // Time spent not reading is not the client's silence.
             self.last_read = Instant::now();
@@ -231,13 +230,13 @@ impl Task {
         }
         if self.reader.stalled() {
             // Frames that arrived while the loop was behind: parse them before reading more.
-            return match feed(&conn, &mut self.reader, &[]) {
+            return match feed(&self.conn, &mut self.reader, &[]) {
                 Some(ending) => Step::Done(ending),
                 None => Step::Progress,
             };
         }
         match self.stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => match read(&conn, &self.stream, &mut self.reader) {
+            Poll::Ready(Ok(())) => match read(&self.conn, &self.stream, &mut self.reader) {
                 Read::Some => {
                     self.last_read = Instant::now();
                     Step::Progress

@@ -1,9 +1,9 @@
 //! Server-to-client frames, encoded once.
 //!
 //! Server frames are never masked, so the bytes of a frame are the same for every recipient: a
-//! published message is encoded into one `OutFrame` whose payload `Bytes` is shared (a refcount,
-//! not a copy) by every subscriber's queue. The writer sends header and payload with one
-//! vectored write, so the payload is never copied into a per-connection buffer either.
+//! published message is encoded once. A large frame's payload `Bytes` is shared (a refcount, not
+//! a copy) by every subscriber's queue and written from there; small frames are copied into the
+//! queue's byte buffer, or, for publishes within a batch, into the topic's arena (`arena.rs`).
 
 use bytes::Bytes;
 

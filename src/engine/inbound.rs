@@ -102,7 +102,8 @@ impl MessageReader {
     }
 
     /// Bytes held for an incomplete frame or message.
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.pending.len() + self.fragmented.as_ref().map_or(0, |f| f.payload.len())
     }
 

@@ -354,6 +354,21 @@ mod tests {
         OutFrame::new(OP_TEXT, Bytes::from_static(s.as_bytes()))
     }
 
+    /// A runtime, and both ends of a loopback TCP connection (ours for the queue).
+    fn socket_pair() -> (tokio::runtime::Runtime, TcpStream, std::net::TcpStream) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ours, theirs) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            (server, client)
+        });
+        (rt, ours, theirs)
+    }
+
     #[test]
     fn buffered_counts_wire_bytes_and_the_first_push_asks_for_a_flush() {
         let out = Outbound::default();
@@ -386,16 +401,7 @@ mod tests {
     #[test]
     fn small_and_large_frames_go_out_in_order_and_an_idle_queue_keeps_no_buffer() {
         use std::io::Read;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (ours, mut theirs) = rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().await.unwrap();
-            (server, client)
-        });
+        let (rt, ours, mut theirs) = socket_pair();
         let _guard = rt.enter();
         let out = Outbound::default();
         out.attach(Arc::new(ours));
@@ -433,10 +439,13 @@ mod tests {
     #[test]
     fn a_queue_that_must_wait_holds_copies_not_arenas() {
         use crate::engine::arena::ArenaWriter;
+        let (rt, ours, _theirs) = socket_pair();
+        let _guard = rt.enter();
         let mut writer = ArenaWriter::default();
         let (arena, start, end) = writer.append(&[b"\x81\x02hi"]);
         drop(writer);
         let out = Outbound::default();
+        out.attach(Arc::new(ours));
         out.cork();
         out.push_shared(&arena, start, end);
         assert_eq!(
@@ -444,12 +453,11 @@ mod tests {
             2,
             "an open queue shares the range"
         );
-        // What a flush that has to wait (corked here, or blocked) does to the queue.
-        unshare(&mut out.queue.lock().chunks);
+        assert_eq!(out.flush().unwrap(), Flushed::Corked);
         assert_eq!(
             Arc::strong_count(&arena),
             1,
-            "copied out, the arena is free"
+            "a waiting queue copies it out"
         );
         out.set_congested();
         out.push_shared(&arena, start, end);
@@ -469,6 +477,53 @@ mod tests {
             .collect();
         assert_eq!(bytes, b"\x81\x02hi\x81\x02hi");
         assert_eq!(out.buffered(), 8);
+    }
+
+    #[test]
+    fn a_range_cut_by_a_full_socket_is_copied_out_and_arrives_whole() {
+        use crate::engine::arena::ArenaWriter;
+        use std::io::Read;
+        let (rt, ours, mut theirs) = socket_pair();
+        let _guard = rt.enter();
+        // A small send buffer, so that one write cannot take the whole range.
+        let size: libc::c_int = 4096;
+        // SAFETY: a valid option value of the right size on an open socket.
+        unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (arena, start, end) = ArenaWriter::default().append(&[&payload]);
+        let out = Outbound::default();
+        out.attach(Arc::new(ours));
+        out.push_shared(&arena, start, end);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut flushed = Flushed::Blocked;
+        while out.buffered() == payload.len() && std::time::Instant::now() < deadline {
+            rt.block_on(tokio::task::yield_now());
+            flushed = out.flush().unwrap();
+        }
+        assert_eq!(flushed, Flushed::Blocked, "part written, the rest waits");
+        assert!(out.buffered() < payload.len());
+        assert_eq!(Arc::strong_count(&arena), 1, "the rest is a copy");
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; 200_000];
+            theirs.read_exact(&mut got).map(|()| got)
+        });
+        while out.buffered() > 0 && std::time::Instant::now() < deadline {
+            rt.block_on(tokio::task::yield_now());
+            out.flush().unwrap();
+        }
+        assert_eq!(out.buffered(), 0);
+        assert!(
+            reader.join().unwrap().unwrap() == payload,
+            "every byte once, in order"
+        );
     }
 
     #[test]
