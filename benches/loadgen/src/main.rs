@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::LocalSet;
+use tokio::task::{JoinHandle, LocalSet};
 use tokio::time::timeout;
 
 const OP_TEXT: u8 = 0x1;
@@ -364,12 +364,17 @@ async fn connect_many(
             Ws::connect(port, path, buf_size).await
         }));
     }
-    let mut conns = Vec::with_capacity(n);
+    gather(handles).await
+}
+
+/// Await `handles`: what succeeded, how many failed, and the first failure's message.
+async fn gather<T>(handles: Vec<JoinHandle<io::Result<T>>>) -> (Vec<T>, usize, String) {
+    let mut ok = Vec::with_capacity(handles.len());
     let mut errors = 0;
     let mut first_error = String::new();
     for h in handles {
         match h.await.unwrap() {
-            Ok(ws) => conns.push(ws),
+            Ok(value) => ok.push(value),
             Err(e) => {
                 errors += 1;
                 if first_error.is_empty() {
@@ -378,7 +383,7 @@ async fn connect_many(
             }
         }
     }
-    (conns, errors, first_error)
+    (ok, errors, first_error)
 }
 
 fn payload(size: usize, fill: u8) -> Vec<u8> {
@@ -822,20 +827,7 @@ async fn idle(a: &Args, port: u16, nofile: u64) {
             }
         }));
     }
-    let mut held = Vec::with_capacity(conns);
-    let mut errors = 0;
-    let mut first_error = String::new();
-    for h in handles {
-        match h.await.unwrap() {
-            Ok(s) => held.push(s),
-            Err(e) => {
-                errors += 1;
-                if first_error.is_empty() {
-                    first_error = e.to_string();
-                }
-            }
-        }
-    }
+    let (held, errors, first_error) = gather(handles).await;
     let connect_s = t0.elapsed().as_secs_f64();
     Json::default()
         .str("event", "ready")
