@@ -249,7 +249,8 @@ impl Conn {
             return SendStatus::Dropped;
         }
         let limits = &self.shared.config.ws;
-        if limits.backpressure_limit > 0 && self.out.buffered() > limits.backpressure_limit {
+        let buffered = self.out.buffered();
+        if limits.backpressure_limit > 0 && buffered > limits.backpressure_limit {
             if limits.close_on_backpressure_limit {
                 self.end_abruptly(1008, "backpressure limit exceeded");
             }
@@ -259,11 +260,11 @@ impl Conn {
         // far more than the kernel will take before a write ever sees EAGAIN. Past the
         // high-water mark the socket counts as congested at once (and `on_drain` follows when
         // the queue empties), so a sender that waits for Backpressured slows down before Dropped.
-        let buffered = self.out.buffered();
-        if !self.out.is_congested() && buffered >= high_water_mark(limits.backpressure_limit) {
+        let mut congested = self.out.is_congested();
+        if !congested && buffered >= high_water_mark(limits.backpressure_limit) {
             self.out.set_congested();
+            congested = true;
         }
-        let congested = self.out.is_congested();
         match push(&self.out) {
             Pushed::Refused => return SendStatus::Dropped,
             Pushed::First => self.schedule_flush(),

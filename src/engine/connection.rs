@@ -44,7 +44,6 @@ thread_local! {
 }
 
 /// How the connection ended.
-#[derive(Clone)]
 struct Ending {
     code: u16,
     reason: String,
@@ -303,21 +302,23 @@ impl Task {
         signals: u8,
         mut timer: Pin<&mut Sleep>,
     ) -> Step<()> {
-        let Phase::HandOver(ending) = &self.phase else {
-            unreachable!("called in the hand-over phase");
-        };
         if self.conn.terminated.load(Ordering::Acquire)
             || self.conn.ready_state() != ReadyState::Open
         {
+            let Phase::HandOver(ending) = std::mem::replace(&mut self.phase, Phase::Done) else {
+                unreachable!("called in the hand-over phase");
+            };
             let ending = Ending {
                 close_after_handlers: false,
-                ..ending.clone()
+                ..ending
             };
             self.finish(ending, timer);
             return Step::Progress;
         }
         if timer.as_mut().poll(cx).is_ready() {
-            self.conn.close(ending.code, &ending.reason);
+            if let Phase::HandOver(ending) = &self.phase {
+                self.conn.close(ending.code, &ending.reason);
+            }
             return Step::Progress;
         }
         match self.poll_write(cx, signals) {

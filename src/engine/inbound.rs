@@ -249,7 +249,14 @@ impl MessageReader {
                 if fin {
                     let message = self.fragmented.take().expect("present");
                     self.stalled |= !deliver(if message.text {
-                        Incoming::Text(utf8(message.payload)?)
+                        // Checked fragment by fragment: only a sequence cut at the end is left.
+                        if message.checked != message.payload.len() {
+                            return Err(Violation::InvalidUtf8);
+                        }
+                        // SAFETY: `check_utf8` found all of it valid UTF-8.
+                        Incoming::Text(unsafe {
+                            Utf8Bytes::from_bytes_unchecked(Bytes::from(message.payload))
+                        })
                     } else {
                         Incoming::Binary(Bytes::from(message.payload))
                     });
