@@ -1,23 +1,30 @@
 """The running server: the asyncio side of the bridge.
 
 The Rust engine owns the sockets. It pushes events into one queue per server and makes an eventfd
-readable when the queue goes from empty to non-empty; the loop calls ``_on_wake`` once for the
-whole batch. Handlers for one connection run one at a time and in order: an ``async`` handler is
-stepped eagerly, and only if it suspends does it become a task, with that connection's later
-events parked until it finishes.
+readable when the queue goes from empty to non-empty; the loop calls ``_on_wake``, which takes a
+bounded batch of events and dispatches each to its handler.
+
+Handlers for one connection run one at a time, in order, in that connection's own
+``contextvars.Context``. A plain handler is a direct call. An ``async`` handler runs in an
+``asyncio.Task`` from its first line (an eager task on 3.12+, so one that finishes without
+suspending costs no loop iteration); while that task is suspended, the connection's later events
+are parked behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import select
+import sys
 import threading
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from functools import partial
 from inspect import isawaitable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from brioche import _brioche
@@ -44,41 +51,78 @@ _REQUEST = _brioche.EVENT_REQUEST
 _STOPPED = _brioche.EVENT_STOPPED
 _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: "on_drain",
                 _CLOSE: "on_close"}
+_CLOSED = 3
 
 # A connection whose handler is suspended may have this many events parked behind it before the
 # engine stops reading from its socket (TCP backpressure to that client only).
 PARKED_EVENTS_LIMIT = 64
 
+# One wake-up dispatches at most this many events, and fewer when handlers are slow: a batch
+# that took longer than BATCH_SECONDS shrinks the next one to what fits in that time. Then the
+# loop runs its other callbacks and due timers before the next batch.
+MAX_BATCH_EVENTS = 256
+BATCH_SECONDS = 0.002
+
 _CoroutineType = types.CoroutineType
 
 
 @types.coroutine
-def _continue(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Hand a coroutine that was already stepped once to a Task, as if the Task had started it.
+def _in_context(
+    coro: Coroutine[Any, Any, Any], context: contextvars.Context
+) -> Generator[Any, Any, Any]:
+    """Run every step of ``coro`` inside ``context`` (3.10, whose Task cannot be given one).
 
-    The Task sees exactly what the coroutine yielded (a future, or None for a bare yield) and
-    sends or throws the outcome back through unchanged.
+    The Task sees exactly what the coroutine yields and sends or throws the outcome back.
     """
+    run = context.run
+    try:
+        yielded = run(coro.send, None)
+    except StopIteration as stop:
+        return stop.value
     while True:
         try:
             sent = yield yielded
         except GeneratorExit:
-            coro.close()
+            run(coro.close)
             raise
         except BaseException as exc:  # noqa: BLE001 - forwarded, including cancellation
             try:
-                yielded = coro.throw(exc)
+                yielded = run(coro.throw, exc)
             except StopIteration as stop:
                 return stop.value
         else:
             try:
-                yielded = coro.send(sent)
+                yielded = run(coro.send, sent)
             except StopIteration as stop:
                 return stop.value
 
 
-async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
-    return await _continue(coro, yielded)
+if sys.version_info >= (3, 12):
+
+    def _start_task(
+        coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: contextvars.Context
+    ) -> asyncio.Task[Any]:
+        # Eager: the first step runs now, inside the task, so a handler that finishes without
+        # suspending is done before this returns and costs no loop iteration.
+        return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
+
+elif sys.version_info >= (3, 11):
+
+    def _start_task(
+        coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: contextvars.Context
+    ) -> asyncio.Task[Any]:
+        return asyncio.Task(coro, loop=loop, context=context)
+
+else:
+
+    def _start_task(
+        coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: contextvars.Context
+    ) -> asyncio.Task[Any]:
+        return asyncio.Task(_in_context(coro, context), loop=loop)
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def _close_for_protocol_error(ws: WebSocket[Any], code: int, reason: str) -> None:
@@ -99,8 +143,9 @@ class Server(Generic[T]):
     """
 
     __slots__ = (
-        "_engine", "_config", "_loop", "_fd", "_handlers", "_busy", "_paused", "_stopped",
-        "_stop_called", "_tasks", "_wake_thread", "hostname",
+        "_engine", "_config", "_loop", "_fd", "_handlers", "_busy", "_running", "_paused",
+        "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_context",
+        "_batch_max", "_wake_thread", "hostname",
     )
     _engine: Engine
     _config: Config[T]
@@ -108,10 +153,15 @@ class Server(Generic[T]):
     _fd: int
     _handlers: tuple[Callable[..., Any] | None, ...]
     _busy: dict[WebSocket[T], deque[tuple[Any, ...]]]
+    _running: dict[WebSocket[T], asyncio.Task[Any]]
     _paused: set[WebSocket[T]]
     _stopped: asyncio.Future[None]
+    _engine_stopped: bool
     _stop_called: bool
-    _tasks: set[asyncio.Future[Any]]
+    _closing_all: bool
+    _tasks: set[asyncio.Task[Any]]
+    _context: contextvars.Context
+    _batch_max: int
     _wake_thread: threading.Thread | None
     hostname: str
     """The address the server listens on, as configured."""
@@ -154,10 +204,16 @@ class Server(Generic[T]):
             limits.on_drain_handler, limits.on_close_handler, _close_for_protocol_error,
         )
         self._busy = {}
+        self._running = {}
         self._paused = set()
         self._stopped = loop.create_future()
+        self._engine_stopped = False
         self._stop_called = False
+        self._closing_all = False
         self._tasks = set()
+        # Each HTTP request's handler runs in a copy of the context serve() was called in.
+        self._context = contextvars.copy_context()
+        self._batch_max = MAX_BATCH_EVENTS
         self._wake_thread = None
         self._fd = engine.fileno()
         try:
@@ -197,7 +253,10 @@ class Server(Generic[T]):
         """
         if self._config.websocket_config is None:
             return False
-        return request._pending.upgrade([(str(k), str(v)) for k, v in headers], data)
+        # The socket's handlers run in a copy of the context this is called in.
+        return request._pending.upgrade(
+            [(str(k), str(v)) for k, v in headers], data, contextvars.copy_context()
+        )
 
     def publish(self, topic: str, message: str | bytes) -> SendStatus:
         """Send ``message`` to every subscriber of ``topic``."""
@@ -208,11 +267,16 @@ class Server(Generic[T]):
         return self._engine.subscriber_count(topic)
 
     async def stop(self, close_active_connections: bool = False) -> None:
-        """Stop listening and wait until every connection has ended.
+        """Stop listening and wait until every connection and every handler task has ended.
 
-        With ``close_active_connections=True`` open WebSockets are closed with 1001; otherwise
-        they carry on until they close by themselves.
+        With ``close_active_connections=True`` open WebSockets are closed with 1001, and handler
+        tasks still suspended once their connection is closed are cancelled (``on_close`` still
+        runs, last); otherwise connections carry on until they close by themselves, and their
+        handlers until they finish.
         """
+        if close_active_connections and not self._closing_all:
+            self._closing_all = True
+            self._cancel_closed()
         if not self._stop_called:
             self._stop_called = True
             self._engine.stop(close_active_connections)
@@ -232,41 +296,58 @@ class Server(Generic[T]):
     # -- the bridge -------------------------------------------------------------------------
 
     def _on_wake(self) -> None:
-        events = self._engine.drain()
+        started = perf_counter()
+        events = self._engine.drain(self._batch_max)
         try:
             self._dispatch_batch(events)
         finally:
             # Everything the handlers sent is written here, one send per connection.
             self._engine.end_batch()
+            self._size_next_batch(len(events), perf_counter() - started)
+
+    def _size_next_batch(self, count: int, seconds: float) -> None:
+        if seconds > BATCH_SECONDS and count > 1:
+            self._batch_max = max(1, int(count * BATCH_SECONDS / seconds))
+        elif self._batch_max < MAX_BATCH_EVENTS and count >= self._batch_max:
+            self._batch_max = min(MAX_BATCH_EVENTS, self._batch_max * 2)
 
     def _dispatch_batch(self, events: list[tuple[Any, ...]]) -> None:
         busy = self._busy
         handlers = self._handlers
-        for event in events:
-            kind = event[0]
-            if kind < _REQUEST:
-                ws = event[1]
-                if busy and ws in busy:
-                    self._park(ws, event)
-                elif kind == _TEXT or kind == _BYTES:
-                    # The per-message path, inlined: a plain handler that returns None costs
-                    # one call here and nothing else.
-                    fn = handlers[kind]
-                    if fn is None:
-                        continue
-                    try:
-                        result = fn(ws, event[2])
-                    except Exception as exc:
-                        self._handler_failed(ws, kind, exc)
-                        continue
-                    if result is not None:
-                        self._await_result(ws, kind, result)
-                else:
-                    self._dispatch(ws, event)
-            elif kind == _REQUEST:
-                self._on_request(event[1])
-            elif kind == _STOPPED:
-                self._on_stopped()
+        remaining = iter(events)
+        try:
+            for event in remaining:
+                kind = event[0]
+                if kind < _REQUEST:
+                    ws = event[1]
+                    if busy and ws in busy:
+                        self._park(ws, event)
+                    elif kind == _TEXT or kind == _BYTES:
+                        # The per-message path, inlined: a plain handler that returns None costs
+                        # one call in the connection's context and nothing else.
+                        fn = handlers[kind]
+                        if fn is None:
+                            continue
+                        try:
+                            result = ws._context.run(fn, ws, event[2])
+                        except Exception as exc:
+                            self._handler_failed(ws, kind, exc)
+                            continue
+                        if result is not None:
+                            self._await_result(ws, kind, result)
+                    else:
+                        self._dispatch(ws, event)
+                elif kind == _REQUEST:
+                    self._on_request(event[1])
+                elif kind == _STOPPED:
+                    self._on_stopped()
+        except BaseException:
+            # KeyboardInterrupt, SystemExit...: propagate as from a task, but the events after
+            # it are still delivered, in order, once the loop runs again.
+            rest = list(remaining)
+            if rest:
+                self._loop.call_soon(self._dispatch_batch, rest)
+            raise
 
     def _dispatch(self, ws: WebSocket[T], event: tuple[Any, ...]) -> bool:
         """Run the handler for ``event``; True when it suspended and now runs as a task."""
@@ -275,7 +356,7 @@ class Server(Generic[T]):
         if fn is None:
             return False
         try:
-            result = fn(*event[1:])
+            result = ws._context.run(fn, *event[1:])
         except Exception as exc:
             self._handler_failed(ws, kind, exc)
             return False
@@ -283,57 +364,74 @@ class Server(Generic[T]):
             return False
         return self._await_result(ws, kind, result)
 
+    def _new_task(self, result: object, context: contextvars.Context) -> asyncio.Task[Any] | None:
+        """A task running ``result`` in ``context``, or None when it is not awaitable."""
+        if type(result) is _CoroutineType:
+            return _start_task(result, self._loop, context)
+        if isawaitable(result):
+            return _start_task(_await(result), self._loop, context)
+        return None
+
     def _await_result(self, ws: WebSocket[T], kind: int, result: object) -> bool:
-        """Finish a handler's awaitable result; True when it suspended and now runs as a task."""
-        try:
-            if type(result) is _CoroutineType:
-                task = self._step(result)[1]
-            elif isawaitable(result):
-                task = asyncio.ensure_future(result)
-            else:
-                return False
-        except Exception as exc:
-            self._handler_failed(ws, kind, exc)
-            return False
+        """Run a handler's awaitable result as a task; True when it is suspended."""
+        task = self._new_task(result, ws._context)
         if task is None:
+            return False
+        if task.done():
+            self._finished(ws, kind, task)
             return False
         if ws not in self._busy:
             self._busy[ws] = deque()
+        self._running[ws] = task
         self._tasks.add(task)
         task.add_done_callback(partial(self._handler_done, ws, kind))
+        if self._closing_all and ws.ready_state == _CLOSED:
+            task.cancel()
         return True
 
-    def _step(self, coro: Coroutine[Any, Any, Any]) -> tuple[Any, asyncio.Task[Any] | None]:
-        """Run ``coro`` until it first suspends: its result, or a task if it suspended.
+    def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
+        """Report how a handler task ended: an exception closes the connection with 1011."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        self._handler_failed(ws, kind, exc)
+        if not isinstance(exc, Exception):
+            raise exc
 
-        Most handlers finish without suspending, and then no task is created at all (a task per
-        message would dominate the cost of a small echo). Exceptions propagate.
-        """
-        try:
-            yielded = coro.send(None)
-        except StopIteration as stop:
-            return stop.value, None
-        return None, self._loop.create_task(_resume(coro, yielded))
-
-    def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Future[Any]) -> None:
+    def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled():
-            exc = task.exception()
-            if isinstance(exc, Exception):
-                self._handler_failed(ws, kind, exc)
-            elif exc is not None:
-                raise exc
-        parked = self._busy[ws]
-        while parked:
-            if self._dispatch(ws, parked.popleft()):
-                self._unpause_if_below_limit(ws, parked)
-                return
+        if self._running.get(ws) is task:
+            del self._running[ws]
+        try:
+            self._finished(ws, kind, task)
+        finally:
+            self._release(ws)
+            self._check_stopped()
+
+    def _release(self, ws: WebSocket[T]) -> None:
+        """Run the events parked behind a finished handler, until one suspends again."""
+        parked = self._busy.get(ws)
+        if parked is None:
+            return
+        try:
+            while parked:
+                if self._dispatch(ws, parked.popleft()):
+                    self._unpause_if_below_limit(ws, parked)
+                    return
+        except BaseException:
+            if ws not in self._running:
+                self._loop.call_soon(self._release, ws)
+            raise
         del self._busy[ws]
         self._unpause_if_below_limit(ws, parked)
 
     def _park(self, ws: WebSocket[T], event: tuple[Any, ...]) -> None:
         parked = self._busy[ws]
         parked.append(event)
+        if event[0] == _CLOSE and self._closing_all:
+            self._cancel_closed()
         if len(parked) >= PARKED_EVENTS_LIMIT and ws not in self._paused:
             self._paused.add(ws)
             ws._pause_reading(True)
@@ -342,6 +440,12 @@ class Server(Generic[T]):
         if len(parked) < PARKED_EVENTS_LIMIT and ws in self._paused:
             self._paused.discard(ws)
             ws._pause_reading(False)
+
+    def _cancel_closed(self) -> None:
+        """Cancel the suspended handlers of connections that are closed (stopping with close)."""
+        for ws, task in list(self._running.items()):
+            if ws.ready_state == _CLOSED:
+                task.cancel()
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
@@ -353,25 +457,26 @@ class Server(Generic[T]):
 
     def _on_request(self, pending: PendingRequest) -> None:
         request = Request(pending)
+        context = self._context.copy()
         try:
-            result = self._config.fetch(request, self)
-            task: asyncio.Future[Any] | None = None
-            if type(result) is _CoroutineType:
-                result, task = self._step(result)
-            elif isawaitable(result):
-                task = asyncio.ensure_future(result)
-            if task is not None:
-                self._tasks.add(task)
-                task.add_done_callback(partial(self._request_done, request))
-                return
+            result = context.run(self._config.fetch, request, self)
+            task = self._new_task(result, context)
         except Exception:
             logger.exception("handler raised for %r", request)
             self._reply(request, internal_error())
             return
-        self._reply(request, result)
+        if task is None:
+            self._reply(request, result)
+        elif task.done():
+            self._request_done(request, task)
+        else:
+            self._tasks.add(task)
+            task.add_done_callback(partial(self._request_done, request))
 
-    def _request_done(self, request: Request, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
+    def _request_done(self, request: Request, task: asyncio.Task[Any]) -> None:
+        if task in self._tasks:
+            self._tasks.discard(task)
+            self._check_stopped()
         if task.cancelled():
             self._reply(request, internal_error())
             return
@@ -379,6 +484,8 @@ class Server(Generic[T]):
         if exc is not None:
             logger.error("handler raised for %r", request, exc_info=exc)
             self._reply(request, internal_error())
+            if not isinstance(exc, Exception):
+                raise exc
             return
         self._reply(request, task.result())
 
@@ -401,9 +508,17 @@ class Server(Generic[T]):
             pending.respond(fallback.status, list(fallback.headers), fallback.body_bytes())
 
     def _on_stopped(self) -> None:
+        """Every connection has ended: stop watching, and finish once the handlers have."""
         if self._wake_thread is None:
             self._loop.remove_reader(self._fd)
-        if not self._stopped.done():
+        self._engine_stopped = True
+        if self._closing_all:
+            for task in list(self._tasks):
+                task.cancel()
+        self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        if self._engine_stopped and not self._tasks and not self._stopped.done():
             self._stopped.set_result(None)
 
     def _watch_fd(self) -> None:  # pragma: no cover - only for loops without add_reader
@@ -421,4 +536,3 @@ class Server(Generic[T]):
                 handled.clear()
                 self._loop.call_soon_threadsafe(wake)
                 handled.wait()
-

@@ -137,6 +137,12 @@ impl EventQueue {
         std::mem::swap(&mut *self.events.lock(), out);
     }
 
+    /// Make the loop call back although the queue may be empty: its consumer kept some of the
+    /// events it took for the next call.
+    pub fn wake(&self) {
+        self.wakeup.wake();
+    }
+
     pub fn fd(&self) -> std::os::fd::RawFd {
         self.wakeup.fd()
     }

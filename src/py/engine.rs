@@ -1,5 +1,7 @@
 //! `Engine`: one running server as Python sees it, and the loop side of the event bridge.
 
+use std::collections::VecDeque;
+
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -23,18 +25,25 @@ pub struct PyEngine {
     /// Open sockets by id. Only the loop thread touches it (with the GIL), so Python objects are
     /// created and dropped under the GIL and never by a tokio thread.
     sockets: Mutex<FxHashMap<u64, Py<PyWebSocket>>>,
-    /// `data` given to `upgrade`, held until the socket opens (or fails to).
-    pending_data: Mutex<FxHashMap<u64, Py<PyAny>>>,
-    /// The event batch buffer, reused so draining does not allocate.
-    batch: Mutex<Vec<Event>>,
+    /// What `upgrade` was given, held until the socket opens (or fails to).
+    pending_data: Mutex<FxHashMap<u64, Upgraded>>,
+    /// Events taken from the queue but not yet handed to Python: `drain` hands out at most
+    /// `max_events` per call. Its buffer is reused so draining does not allocate.
+    batch: Mutex<VecDeque<Event>>,
+}
+
+/// The `data` and `contextvars.Context` a socket gets when it opens.
+pub struct Upgraded {
+    pub data: Py<PyAny>,
+    pub context: Py<PyAny>,
 }
 
 impl PyEngine {
-    pub fn set_pending_data(&self, id: u64, data: Py<PyAny>) {
-        self.pending_data.lock().insert(id, data);
+    pub fn set_pending_data(&self, id: u64, upgraded: Upgraded) {
+        self.pending_data.lock().insert(id, upgraded);
     }
 
-    pub fn take_pending_data(&self, id: u64) -> Option<Py<PyAny>> {
+    pub fn take_pending_data(&self, id: u64) -> Option<Upgraded> {
         self.pending_data.lock().remove(&id)
     }
 }
@@ -89,7 +98,7 @@ impl PyEngine {
             server,
             sockets: Mutex::new(FxHashMap::default()),
             pending_data: Mutex::new(FxHashMap::default()),
-            batch: Mutex::new(Vec::with_capacity(256)),
+            batch: Mutex::new(VecDeque::with_capacity(256)),
         })
     }
 
@@ -108,23 +117,45 @@ impl PyEngine {
         self.server.shared().events.fd()
     }
 
-    /// Take every waiting event as `(kind, ...)` tuples, building the Python objects here, on
-    /// the loop thread, and start a send batch: what the handlers send is written, one write per
-    /// connection, at `end_batch()`.
-    fn drain<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
+    /// Take up to `max_events` waiting events as `(kind, ...)` tuples, building the Python
+    /// objects here, on the loop thread, and start a send batch: what the handlers send is
+    /// written, one write per connection, at `end_batch()`.
+    ///
+    /// Events past `max_events` stay here, with no Python object made for them yet, and the
+    /// wake-up fd is set again: the loop runs its other callbacks and timers before it calls
+    /// back for the rest, so a flood of events cannot starve it.
+    fn drain<'py>(slf: &Bound<'py, Self>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
         let py = slf.py();
         let this = slf.get();
         conn::begin_send_batch();
+        let events = &this.server.shared().events;
         let mut batch = std::mem::take(&mut *this.batch.lock());
-        this.server.shared().events.drain_into(&mut batch);
+        if batch.is_empty() {
+            // The usual case: swap the queue's buffer out whole (`VecDeque::from` a `Vec` and
+            // back again move no elements when it is empty).
+            let mut taken = Vec::from(batch);
+            events.drain_into(&mut taken);
+            batch = VecDeque::from(taken);
+        } else {
+            let mut taken = Vec::new();
+            events.drain_into(&mut taken);
+            batch.extend(taken);
+        }
+        let count = batch.len().min(max_events.max(1));
         let out = PyList::empty(py);
         let mut sockets = this.sockets.lock();
-        for event in batch.drain(..) {
+        for event in batch.drain(..count) {
             match event {
                 Event::Open(conn) => {
                     let id = conn.id;
-                    let data = this.take_pending_data(id).unwrap_or_else(|| py.None());
-                    let ws = Py::new(py, PyWebSocket::new(conn, data))?;
+                    let Upgraded { data, context } = match this.take_pending_data(id) {
+                        Some(upgraded) => upgraded,
+                        None => Upgraded {
+                            data: py.None(),
+                            context: new_context(py)?,
+                        },
+                    };
+                    let ws = Py::new(py, PyWebSocket::new(conn, data, context))?;
                     sockets.insert(id, ws.clone_ref(py));
                     out.append((EVENT_OPEN, ws))?;
                 }
@@ -168,6 +199,9 @@ impl PyEngine {
             }
         }
         drop(sockets);
+        if !batch.is_empty() {
+            events.wake();
+        }
         *this.batch.lock() = batch;
         Ok(out)
     }
@@ -211,6 +245,15 @@ impl PyEngine {
     fn subscriber_count(&self, topic: &str) -> usize {
         self.server.shared().topics.subscriber_count(topic)
     }
+}
+
+/// An empty `contextvars.Context`, for a socket opened without `upgrade` giving one.
+fn new_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    Ok(py
+        .import("contextvars")?
+        .getattr("Context")?
+        .call0()?
+        .unbind())
 }
 
 impl Drop for PyEngine {

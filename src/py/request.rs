@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
-use super::engine::PyEngine;
+use super::engine::{PyEngine, Upgraded};
 use crate::engine::events::HttpRequest;
 use crate::engine::http::{self, Reply};
 
@@ -79,9 +79,15 @@ impl PendingRequest {
         Ok(())
     }
 
-    /// Answer with `101 Switching Protocols`; `data` becomes the socket's `ws.data`.
+    /// Answer with `101 Switching Protocols`; `data` becomes the socket's `ws.data` and
+    /// `context` the `contextvars.Context` its handlers run in.
     /// False when this is not a WebSocket handshake, it was already answered, or the client left.
-    fn upgrade(&self, headers: Vec<(String, String)>, data: Py<PyAny>) -> PyResult<bool> {
+    fn upgrade(
+        &self,
+        headers: Vec<(String, String)>,
+        data: Py<PyAny>,
+        context: Py<PyAny>,
+    ) -> PyResult<bool> {
         if !self.is_websocket {
             return Ok(false);
         }
@@ -90,7 +96,7 @@ impl PendingRequest {
             return Ok(false);
         };
         let engine = self.engine.get();
-        engine.set_pending_data(self.id, data);
+        engine.set_pending_data(self.id, Upgraded { data, context });
         if reply.send(Reply::Upgrade(headers)).is_err() {
             drop(engine.take_pending_data(self.id));
             return Ok(false);

@@ -17,11 +17,18 @@ use crate::engine::Conn;
 pub struct PyWebSocket {
     pub(crate) conn: Arc<Conn>,
     data: Py<PyAny>,
+    /// The `contextvars.Context` every handler of this connection runs in: a copy of the one
+    /// `upgrade` was called in, so what the HTTP handler set reaches the socket's handlers.
+    context: Py<PyAny>,
 }
 
 impl PyWebSocket {
-    pub fn new(conn: Arc<Conn>, data: Py<PyAny>) -> Self {
-        Self { conn, data }
+    pub fn new(conn: Arc<Conn>, data: Py<PyAny>, context: Py<PyAny>) -> Self {
+        Self {
+            conn,
+            data,
+            context,
+        }
     }
 }
 
@@ -86,6 +93,12 @@ impl PyWebSocket {
     #[getter]
     fn data(&self, py: Python<'_>) -> Py<PyAny> {
         self.data.clone_ref(py)
+    }
+
+    /// The `contextvars.Context` this connection's handlers run in.
+    #[getter]
+    fn _context(&self, py: Python<'_>) -> Py<PyAny> {
+        self.context.clone_ref(py)
     }
 
     /// 0 connecting, 1 open, 2 closing, 3 closed.
