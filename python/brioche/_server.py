@@ -144,7 +144,8 @@ class Server(Generic[T]):
 
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_busy", "_running", "_paused",
-        "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_context",
+        "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
+        "_context",
         "_batch_max", "_wake_thread", "hostname",
     )
     _engine: Engine
@@ -160,6 +161,7 @@ class Server(Generic[T]):
     _stop_called: bool
     _closing_all: bool
     _tasks: set[asyncio.Task[Any]]
+    _close_tasks: set[asyncio.Task[Any]]
     _context: contextvars.Context
     _batch_max: int
     _wake_thread: threading.Thread | None
@@ -211,6 +213,7 @@ class Server(Generic[T]):
         self._stop_called = False
         self._closing_all = False
         self._tasks = set()
+        self._close_tasks = set()
         # Each HTTP request's handler runs in a copy of the context serve() was called in.
         self._context = contextvars.copy_context()
         self._batch_max = MAX_BATCH_EVENTS
@@ -330,8 +333,10 @@ class Server(Generic[T]):
                             continue
                         try:
                             result = ws._context.run(fn, ws, event[2])
-                        except Exception as exc:
+                        except BaseException as exc:
                             self._handler_failed(ws, kind, exc)
+                            if not isinstance(exc, Exception):
+                                raise
                             continue
                         if result is not None:
                             self._await_result(ws, kind, result)
@@ -357,8 +362,10 @@ class Server(Generic[T]):
             return False
         try:
             result = ws._context.run(fn, *event[1:])
-        except Exception as exc:
+        except BaseException as exc:
             self._handler_failed(ws, kind, exc)
+            if not isinstance(exc, Exception):
+                raise
             return False
         if result is None:
             return False
@@ -374,7 +381,12 @@ class Server(Generic[T]):
 
     def _await_result(self, ws: WebSocket[T], kind: int, result: object) -> bool:
         """Run a handler's awaitable result as a task; True when it is suspended."""
-        task = self._new_task(result, ws._context)
+        try:
+            task = self._new_task(result, ws._context)
+        except BaseException as exc:
+            # KeyboardInterrupt or SystemExit in an eager first step: the Task re-raises it.
+            self._handler_failed(ws, kind, exc)
+            raise
         if task is None:
             return False
         if task.done():
@@ -385,7 +397,10 @@ class Server(Generic[T]):
         self._running[ws] = task
         self._tasks.add(task)
         task.add_done_callback(partial(self._handler_done, ws, kind))
-        if self._closing_all and ws.ready_state == _CLOSED:
+        if kind == _CLOSE:
+            # on_close runs to its end, even while stopping: it is the connection's clean-up.
+            self._close_tasks.add(task)
+        elif self._closing_all and ws.ready_state == _CLOSED:
             task.cancel()
         return True
 
@@ -402,6 +417,7 @@ class Server(Generic[T]):
 
     def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._close_tasks.discard(task)
         if self._running.get(ws) is task:
             del self._running[ws]
         try:
@@ -444,11 +460,16 @@ class Server(Generic[T]):
     def _cancel_closed(self) -> None:
         """Cancel the suspended handlers of connections that are closed (stopping with close)."""
         for ws, task in list(self._running.items()):
-            if ws.ready_state == _CLOSED:
+            if ws.ready_state == _CLOSED and task not in self._close_tasks:
                 task.cancel()
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
+        if not isinstance(exc, Exception):
+            # KeyboardInterrupt, SystemExit...: the caller lets it propagate, which reports it.
+            if kind != _CLOSE:
+                ws.close(1011, "internal error")
+            return
         if kind == _CLOSE:
             logger.error("%s handler raised", name, exc_info=exc)
             return
@@ -513,7 +534,7 @@ class Server(Generic[T]):
             self._loop.remove_reader(self._fd)
         self._engine_stopped = True
         if self._closing_all:
-            for task in list(self._tasks):
+            for task in self._tasks - self._close_tasks:
                 task.cancel()
         self._check_stopped()
 
