@@ -8,6 +8,7 @@
 //! `buffered` counts bytes accepted but not yet handed to the kernel: it grows on push and
 //! shrinks by exactly what each write returned.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -59,7 +60,9 @@ impl Chunk {
 
 #[derive(Default)]
 struct Queue {
-    chunks: Vec<Chunk>,
+    /// A deque: a slow reader can have thousands of chunks queued, and each flush pops the
+    /// written ones off the front.
+    chunks: VecDeque<Chunk>,
     /// Bytes of `chunks[0]` already written.
     written: usize,
     /// How much the last burst wrote: the next byte buffer starts that large, so a steady
@@ -76,12 +79,12 @@ struct Queue {
 impl Queue {
     /// The byte buffer at the end of the queue, for the next small frame.
     fn inline_tail(&mut self) -> &mut Vec<u8> {
-        if !matches!(self.chunks.last(), Some(Chunk::Inline(_))) {
+        if !matches!(self.chunks.back(), Some(Chunk::Inline(_))) {
             let capacity = (self.inline_hint as usize).max(INLINE_START);
             self.chunks
-                .push(Chunk::Inline(Vec::with_capacity(capacity)));
+                .push_back(Chunk::Inline(Vec::with_capacity(capacity)));
         }
-        match self.chunks.last_mut() {
+        match self.chunks.back_mut() {
             Some(Chunk::Inline(bytes)) => bytes,
             _ => unreachable!("pushed above"),
         }
@@ -141,7 +144,7 @@ impl Outbound {
             });
         }
         self.push_with(frame.wire_len(), seal, |q| {
-            q.chunks.push(Chunk::Frame(frame.clone()))
+            q.chunks.push_back(Chunk::Frame(frame.clone()))
         })
     }
 
@@ -175,14 +178,14 @@ impl Outbound {
                 arena: last,
                 end: last_end,
                 ..
-            }) = q.chunks.last_mut()
+            }) = q.chunks.back_mut()
             {
                 if Arc::ptr_eq(last, arena) && *last_end == start {
                     *last_end = end;
                     return;
                 }
             }
-            q.chunks.push(Chunk::Shared {
+            q.chunks.push_back(Chunk::Shared {
                 arena: arena.clone(),
                 start,
                 end,
@@ -237,7 +240,7 @@ impl Outbound {
         }
         let mut total = 0;
         let mut inline_total = 0;
-        while let Some(chunk) = chunks.first() {
+        while let Some(chunk) = chunks.front() {
             let result = match chunk {
                 Chunk::Inline(bytes) => socket.try_write(&bytes[*written..]),
                 Chunk::Shared { arena, start, end } => {
@@ -266,7 +269,7 @@ impl Outbound {
                     *written += n;
                     if *written == chunk.len() {
                         *written = 0;
-                        chunks.remove(0);
+                        chunks.pop_front();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -285,7 +288,7 @@ impl Outbound {
             }
         }
         if total <= KEEP_BUFFERS_AFTER {
-            *chunks = Vec::new();
+            *chunks = VecDeque::new();
             *inline_hint = 0;
         } else {
             *inline_hint = inline_total.min(INLINE_HINT_MAX) as u32;
@@ -336,7 +339,7 @@ impl Outbound {
 /// Replace the arena ranges of a queue that must wait (for writability, or for `uncork`) by
 /// copies of their bytes, so the arenas are freed with their batch: what the queue holds is then
 /// what `buffered_amount` counts, whatever the reader does.
-fn unshare(chunks: &mut [Chunk]) {
+fn unshare(chunks: &mut VecDeque<Chunk>) {
     for chunk in chunks.iter_mut() {
         if let Chunk::Shared { arena, start, end } = chunk {
             *chunk = Chunk::Inline(arena.slice(*start, *end).to_vec());
