@@ -496,9 +496,12 @@ async def test_ping_flood_from_a_client_that_never_reads_is_bounded(
     answer only the latest ping (RFC 6455 5.5.3), or close it; anything but a queue far past
     ``backpressure_limit``."""
     sockets: dict[str, brioche.WebSocket[Any]] = {}
-    config = echo_config(recorder).backpressure_limit(FLOOD_LIMIT).on_open(
-        lambda ws: sockets.__setitem__(ws.data, ws)
-    )
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        recorder.poke()  # wakes the wait_for below, whichever of the two comes first
+
+    config = echo_config(recorder).backpressure_limit(FLOOD_LIMIT).on_open(on_open)
     srv = await serve(config)
     bystander = await bystander_of(srv)
     client = await RawWebSocket.connect(srv.port, "/ws?flood", rcvbuf=4096, limit=4096)
