@@ -6,7 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test venv install system-deps rust-test valgrind py-test typecheck conformance fuzz lint fmt bench clean
+# The other CPythons that requires-python (>=3.10) admits; the default one runs `py-test`.
+MATRIX_PYTHONS ?= 3.10 3.12 3.13
+MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
+
+.PHONY: demo test venv install system-deps rust-test valgrind py-test test-matrix $(MATRIX) typecheck conformance fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +49,14 @@ typecheck: install
 py-test: install system-deps
 	$(VENV)/bin/pytest -q
 
+# The suite but the load tests on each of MATRIX_PYTHONS, one after the other, each in its own
+# .venv-3.X and cargo target dir (target/py3.X); a missing interpreter fails the target.
+# `make test-py3.12` runs one.
+test-matrix: $(MATRIX)
+
+$(MATRIX): test-py%: system-deps
+	bash scripts/test-python.sh $*
+
 # RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use).
 conformance: install
 	bash scripts/conformance.sh
@@ -53,7 +65,7 @@ conformance: install
 fuzz: install
 	BRIOCHE_FUZZ_SCALE=20 $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
 
-test: rust-test valgrind typecheck py-test conformance
+test: rust-test valgrind typecheck py-test test-matrix conformance
 
 lint: install
 	cargo fmt --check
@@ -66,4 +78,4 @@ bench: install
 	$(PY) benches/run.py
 
 clean:
-	rm -rf target $(VENV) python/brioche/*.so
+	rm -rf target $(VENV) .venv-3.* python/brioche/*.so

@@ -25,6 +25,8 @@ from brioche import MessageBackpressured, MessageSent, websocket
 from conftest import Recorder, ServeFn, ws_url
 from rawws import OP_BINARY, OP_CLOSE, OP_TEXT, RawWebSocket, close_payload, numbered, poll_until
 
+pytestmark = pytest.mark.load
+
 TIMEOUT = 5
 
 
