@@ -9,12 +9,17 @@
 //! An arena is append-only and never reallocates: bytes below the writer's length are never
 //! written again, so flushes on other threads may read ranges that were queued (the queue's lock
 //! orders the write before the read) while the publishing thread appends beyond them.
+//!
+//! That rests on one rule, which the types enforce: an arena's bytes are read only through an
+//! [`ArenaRange`], and only [`ArenaWriter::append`] makes one, over bytes it has written. A
+//! range can shrink from the front or grow over the range that follows it in the same arena
+//! (written too), never over anything else.
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-pub struct Arena {
+pub(crate) struct Arena {
     ptr: NonNull<u8>,
     capacity: usize,
 }
@@ -31,13 +36,48 @@ impl Arena {
         let ptr = NonNull::new(unsafe { alloc(layout) }).expect("out of memory");
         Arc::new(Self { ptr, capacity })
     }
+}
 
-    /// Bytes `start..end`, which an `ArenaWriter` returned from `append` (so fully written).
-    pub fn slice(&self, start: usize, end: usize) -> &[u8] {
-        assert!(start <= end && end <= self.capacity);
-        // SAFETY: in bounds (checked), and written before the range was handed out; never
-        // written again.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), end - start) }
+/// Bytes of an arena that its writer has written: what a subscriber's queue holds of a publish.
+#[derive(Clone)]
+pub(crate) struct ArenaRange {
+    arena: Arc<Arena>,
+    start: usize,
+    end: usize,
+}
+
+impl ArenaRange {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: only `ArenaWriter::append` creates a range, over bytes it wrote and within the
+        // arena's capacity; `advance` and `extend` keep it inside written bytes; written bytes
+        // are never written again.
+        unsafe { std::slice::from_raw_parts(self.arena.ptr.as_ptr().add(self.start), self.len()) }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Forget the first `n` bytes (already written to the socket).
+    pub(crate) fn advance(&mut self, n: usize) {
+        assert!(n <= self.len(), "advance past the end of an arena range");
+        self.start += n;
+    }
+
+    /// Grow over `next` when it directly follows this range in the same arena.
+    pub(crate) fn extend(&mut self, next: &ArenaRange) -> bool {
+        if Arc::ptr_eq(&self.arena, &next.arena) && self.end == next.start {
+            self.end = next.end;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How many ranges (and writers) hold this range's arena.
+    #[cfg(test)]
+    pub(crate) fn arena_holders(&self) -> usize {
+        Arc::strong_count(&self.arena)
     }
 }
 
@@ -50,7 +90,7 @@ impl Drop for Arena {
 }
 
 /// The only writer of an arena (held by the publishing thread for one batch).
-pub struct ArenaWriter {
+pub(crate) struct ArenaWriter {
     arena: Arc<Arena>,
     len: usize,
 }
@@ -70,8 +110,8 @@ impl Default for ArenaWriter {
 }
 
 impl ArenaWriter {
-    /// Append `parts` as one run; the arena and the run's range in it.
-    pub fn append(&mut self, parts: &[&[u8]]) -> (Arc<Arena>, usize, usize) {
+    /// Append `parts` as one run, and return it.
+    pub(crate) fn append(&mut self, parts: &[&[u8]]) -> ArenaRange {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if self.arena.capacity - self.len < len {
             let capacity = (self.arena.capacity * 2).clamp(len.max(START), MAX.max(len));
@@ -91,7 +131,11 @@ impl ArenaWriter {
             }
             self.len += part.len();
         }
-        (self.arena.clone(), start, self.len)
+        ArenaRange {
+            arena: self.arena.clone(),
+            start,
+            end: self.len,
+        }
     }
 }
 
@@ -102,16 +146,35 @@ mod tests {
     #[test]
     fn runs_are_contiguous_until_an_arena_fills_and_stay_readable_after() {
         let mut writer = ArenaWriter::default();
-        let (a, s1, e1) = writer.append(&[b"ab", b"c"]);
-        let (b, s2, e2) = writer.append(&[b"de"]);
-        assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!((s1, e1, s2, e2), (0, 3, 3, 5));
-        assert_eq!(a.slice(s1, e2), b"abcde");
+        let mut a = writer.append(&[b"ab", b"c"]);
+        let b = writer.append(&[b"de"]);
+        assert_eq!((a.bytes(), b.bytes()), (&b"abc"[..], &b"de"[..]));
+        assert!(a.extend(&b), "consecutive runs of one arena join");
+        assert_eq!(a.bytes(), b"abcde");
         let big = vec![7u8; START];
-        let (c, s3, e3) = writer.append(&[&big]);
-        assert!(!Arc::ptr_eq(&a, &c), "a full arena is replaced, not grown");
-        assert_eq!(c.slice(s3, e3), &big[..]);
+        let c = writer.append(&[&big]);
+        assert!(!a.clone().extend(&c), "a full arena is replaced, not grown");
+        assert_eq!(c.bytes(), &big[..]);
         drop(writer);
-        assert_eq!(a.slice(0, 5), b"abcde", "ranges keep their arena alive");
+        a.advance(2);
+        assert_eq!(a.bytes(), b"cde", "ranges keep their arena alive");
+    }
+
+    #[test]
+    fn a_range_joins_only_the_run_that_follows_it() {
+        let mut writer = ArenaWriter::default();
+        let first = writer.append(&[b"ab"]);
+        let second = writer.append(&[b"cd"]);
+        let third = writer.append(&[b"ef"]);
+        assert!(!first.clone().extend(&third), "a gap is never covered");
+        assert!(!second.clone().extend(&first), "nor what comes before");
+        let other = ArenaWriter::default().append(&[b"gh"]);
+        assert!(!third.clone().extend(&other), "nor another arena");
+    }
+
+    #[test]
+    #[should_panic(expected = "advance past the end")]
+    fn a_range_cannot_advance_past_its_end() {
+        ArenaWriter::default().append(&[b"ab"]).advance(3);
     }
 }

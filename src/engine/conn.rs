@@ -17,7 +17,7 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
-use super::arena::{Arena, ArenaWriter};
+use super::arena::{ArenaRange, ArenaWriter};
 use super::events::Event;
 use super::frame::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::outbound::{Flushed, Outbound, Pushed};
@@ -55,9 +55,9 @@ pub fn end_send_batch() {
     }
 }
 
-/// Append `frame` to `topic`'s arena of the current batch: the arena and the frame's range in
-/// it. `None` outside a batch.
-pub(crate) fn append_to_batch(topic: &str, frame: &OutFrame) -> Option<(Arc<Arena>, usize, usize)> {
+/// Append `frame` to `topic`'s arena of the current batch and return its range there. `None`
+/// outside a batch.
+pub(crate) fn append_to_batch(topic: &str, frame: &OutFrame) -> Option<ArenaRange> {
     SEND_BATCH.with(|b| {
         let mut batch = b.borrow_mut();
         let batch = batch.as_mut()?;
@@ -226,15 +226,13 @@ impl Conn {
         self.send_with(payload_len, |out| out.push(frame, false))
     }
 
-    /// Send frames already encoded into `arena[start..end]` (a publish within a batch).
+    /// Send frames already encoded into a topic's arena (a publish within a batch).
     pub(crate) fn send_shared(
         self: &Arc<Self>,
-        arena: &Arc<Arena>,
-        start: usize,
-        end: usize,
+        range: &ArenaRange,
         payload_len: usize,
     ) -> SendStatus {
-        self.send_with(payload_len, |out| out.push_shared(arena, start, end))
+        self.send_with(payload_len, |out| out.push_shared(range))
     }
 
     /// The backpressure rules of every send, publish recipient, ping and pong:

@@ -1,6 +1,6 @@
 //! The PyO3-free core. Nothing here touches Python; `crate::py` wraps it.
 
-pub mod arena;
+pub(crate) mod arena;
 pub mod config;
 pub mod conn;
 pub mod connection;

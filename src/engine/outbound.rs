@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use bytes::Bytes;
 
-use super::arena::Arena;
+use super::arena::ArenaRange;
 use super::frame::{encode_head, OutFrame};
 
 /// Frames with payloads up to this size are copied into the queue's byte buffer as they are
@@ -41,11 +41,7 @@ enum Chunk {
     /// A large frame, written from its shared payload.
     Frame(OutFrame),
     /// Published frames, encoded once for every subscriber.
-    Shared {
-        arena: Arc<Arena>,
-        start: usize,
-        end: usize,
-    },
+    Shared(ArenaRange),
 }
 
 impl Chunk {
@@ -53,7 +49,7 @@ impl Chunk {
         match self {
             Chunk::Inline(bytes) => bytes.len(),
             Chunk::Frame(frame) => frame.wire_len(),
-            Chunk::Shared { start, end, .. } => end - start,
+            Chunk::Shared(range) => range.len(),
         }
     }
 }
@@ -162,34 +158,24 @@ impl Outbound {
         })
     }
 
-    /// Queue `arena[start..end]`; extends the last queued range when this one follows it.
+    /// Queue `range`; extends the last queued range when this one follows it.
     ///
     /// A congested queue gets a copy instead: a range keeps its whole arena alive, and a slow
     /// reader must not keep a batch's arena (much larger than its share) for as long as it
     /// does not read. See also `unshare`.
-    pub fn push_shared(&self, arena: &Arc<Arena>, start: usize, end: usize) -> Pushed {
+    pub(crate) fn push_shared(&self, range: &ArenaRange) -> Pushed {
         let congested = self.is_congested();
-        self.push_with(end - start, false, |q| {
+        self.push_with(range.len(), false, |q| {
             if congested {
-                q.inline_tail().extend_from_slice(arena.slice(start, end));
+                q.inline_tail().extend_from_slice(range.bytes());
                 return;
             }
-            if let Some(Chunk::Shared {
-                arena: last,
-                end: last_end,
-                ..
-            }) = q.chunks.back_mut()
-            {
-                if Arc::ptr_eq(last, arena) && *last_end == start {
-                    *last_end = end;
+            if let Some(Chunk::Shared(last)) = q.chunks.back_mut() {
+                if last.extend(range) {
                     return;
                 }
             }
-            q.chunks.push_back(Chunk::Shared {
-                arena: arena.clone(),
-                start,
-                end,
-            });
+            q.chunks.push_back(Chunk::Shared(range.clone()));
         })
     }
 
@@ -243,9 +229,7 @@ impl Outbound {
         while let Some(chunk) = chunks.front() {
             let result = match chunk {
                 Chunk::Inline(bytes) => socket.try_write(&bytes[*written..]),
-                Chunk::Shared { arena, start, end } => {
-                    socket.try_write(arena.slice(start + *written, *end))
-                }
+                Chunk::Shared(range) => socket.try_write(&range.bytes()[*written..]),
                 Chunk::Frame(frame) => {
                     let head = frame.head();
                     if *written < head.len() {
@@ -274,11 +258,9 @@ impl Outbound {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.congested.store(true, Ordering::Relaxed);
-                    if *written > 0 && matches!(chunks[0], Chunk::Shared { .. }) {
+                    if let Some(Chunk::Shared(range)) = chunks.front_mut() {
                         // Keep only the unwritten part of a partly written range.
-                        if let Chunk::Shared { start, .. } = &mut chunks[0] {
-                            *start += *written;
-                        }
+                        range.advance(*written);
                         *written = 0;
                     }
                     unshare(chunks);
@@ -341,8 +323,8 @@ impl Outbound {
 /// what `buffered_amount` counts, whatever the reader does.
 fn unshare(chunks: &mut VecDeque<Chunk>) {
     for chunk in chunks.iter_mut() {
-        if let Chunk::Shared { arena, start, end } = chunk {
-            *chunk = Chunk::Inline(arena.slice(*start, *end).to_vec());
+        if let Chunk::Shared(range) = chunk {
+            *chunk = Chunk::Inline(range.bytes().to_vec());
         }
     }
 }
@@ -445,30 +427,18 @@ mod tests {
         let (rt, ours, _theirs) = socket_pair();
         let _guard = rt.enter();
         let mut writer = ArenaWriter::default();
-        let (arena, start, end) = writer.append(&[b"\x81\x02hi"]);
+        let range = writer.append(&[b"\x81\x02hi"]);
         drop(writer);
         let out = Outbound::default();
         out.attach(Arc::new(ours));
         out.cork();
-        out.push_shared(&arena, start, end);
-        assert_eq!(
-            Arc::strong_count(&arena),
-            2,
-            "an open queue shares the range"
-        );
+        out.push_shared(&range);
+        assert_eq!(range.arena_holders(), 2, "an open queue shares the range");
         assert_eq!(out.flush().unwrap(), Flushed::Corked);
-        assert_eq!(
-            Arc::strong_count(&arena),
-            1,
-            "a waiting queue copies it out"
-        );
+        assert_eq!(range.arena_holders(), 1, "a waiting queue copies it out");
         out.set_congested();
-        out.push_shared(&arena, start, end);
-        assert_eq!(
-            Arc::strong_count(&arena),
-            1,
-            "a congested queue gets a copy"
-        );
+        out.push_shared(&range);
+        assert_eq!(range.arena_holders(), 1, "a congested queue gets a copy");
         let q = out.queue.lock();
         let bytes: Vec<u8> = q
             .chunks
@@ -501,10 +471,10 @@ mod tests {
             );
         }
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let (arena, start, end) = ArenaWriter::default().append(&[&payload]);
+        let range = ArenaWriter::default().append(&[&payload]);
         let out = Outbound::default();
         out.attach(Arc::new(ours));
-        out.push_shared(&arena, start, end);
+        out.push_shared(&range);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut flushed = Flushed::Blocked;
         while out.buffered() == payload.len() && std::time::Instant::now() < deadline {
@@ -513,7 +483,7 @@ mod tests {
         }
         assert_eq!(flushed, Flushed::Blocked, "part written, the rest waits");
         assert!(out.buffered() < payload.len());
-        assert_eq!(Arc::strong_count(&arena), 1, "the rest is a copy");
+        assert_eq!(range.arena_holders(), 1, "the rest is a copy");
         let reader = std::thread::spawn(move || {
             let mut got = vec![0; 200_000];
             theirs.read_exact(&mut got).map(|()| got)

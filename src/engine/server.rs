@@ -97,7 +97,7 @@ impl Shared {
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
                 let sent = match &shared {
-                    Some((arena, start, end)) => conn.send_shared(arena, *start, *end, payload_len),
+                    Some(range) => conn.send_shared(range, payload_len),
                     None => conn.send_frame(&frame, payload_len),
                 };
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
