@@ -1,12 +1,10 @@
 //! Deciding whether a request is a WebSocket handshake (RFC 6455 section 4.2.1).
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use hyper::header::{
     HeaderMap, HeaderValue, CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::{Method, Request, StatusCode, Version};
-use sha1::{Digest, Sha1};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 pub enum Handshake {
     /// No `Upgrade: websocket`: an ordinary HTTP request.
@@ -49,9 +47,7 @@ pub fn classify<B>(req: &Request<B>) -> Handshake {
         );
     }
     match headers.get(SEC_WEBSOCKET_KEY) {
-        Some(key) if BASE64.decode(key.as_bytes()).is_ok_and(|k| k.len() == 16) => {
-            Handshake::Valid(key.clone())
-        }
+        Some(key) if is_valid_key(key.as_bytes()) => Handshake::Valid(key.clone()),
         _ => Handshake::Invalid(
             StatusCode::BAD_REQUEST,
             "missing or invalid Sec-WebSocket-Key",
@@ -59,12 +55,20 @@ pub fn classify<B>(req: &Request<B>) -> Handshake {
     }
 }
 
+/// A 16-byte nonce in canonical base64: 22 characters of the alphabet, then `==`. The 22nd
+/// character carries the nonce's last 2 bits, so its low 4 bits are zero: one of `AQgw`.
+fn is_valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..21]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && b"AQgw".contains(&key[21])
+}
+
 /// `Sec-WebSocket-Accept` for a client's key.
 pub fn accept_key(key: &[u8]) -> String {
-    let mut sha = Sha1::new();
-    sha.update(key);
-    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    BASE64.encode(sha.finalize())
+    derive_accept_key(key)
 }
 
 #[cfg(test)]
@@ -95,6 +99,27 @@ mod tests {
             accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn keys_are_16_bytes_of_canonical_base64() {
+        for key in [
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "/+///////////////////w==",
+        ] {
+            assert!(is_valid_key(key.as_bytes()), "{key}");
+        }
+        for key in [
+            "dGhlIHNhbXBsZSBub25jZQ",   // no padding
+            "dGhlIHNhbXBsZSBub25jZR==", // non-zero trailing bits
+            "dGhlIHNhbXBsZSBub25j*Q==", // not the alphabet
+            "dGhlIHNhbXBsZSBub25jZQ=A", // bad padding
+            "dGhlIHNhbXBsZSBub25jZXk=", // 17 bytes
+            "",
+        ] {
+            assert!(!is_valid_key(key.as_bytes()), "{key}");
+        }
     }
 
     #[test]
