@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import time
@@ -212,3 +213,36 @@ async def test_binding_a_port_in_use_error_has_errno_eaddrinuse(serve: ServeFn) 
     with pytest.raises(OSError) as info:
         await config.serve()
     assert info.value.errno == errno.EADDRINUSE, info.value
+
+
+async def test_serve_resolves_the_hostname_with_the_loops_getaddrinfo() -> None:
+    """getaddrinfo blocks: serve() must look the name up through the loop (in its executor)."""
+    loop = asyncio.get_running_loop()
+    looked_up: list[object] = []
+    real = loop.getaddrinfo
+
+    async def recording_getaddrinfo(host: Any, port: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return await real(host, port, **kwargs)
+
+    loop.getaddrinfo = recording_getaddrinfo  # type: ignore[method-assign]
+    try:
+        srv = await server.handler(upgrade_ws_path).hostname("localhost").port(0).serve()
+        try:
+            assert looked_up == ["localhost"]
+            _, writer = await asyncio.open_connection("localhost", srv.port)
+            writer.close()
+        finally:
+            await srv.stop()
+        looked_up.clear()
+        literal = await server.handler(upgrade_ws_path).hostname("127.0.0.1").port(0).serve()
+        await literal.stop()
+        assert looked_up == [], "an IP literal needs no lookup"
+    finally:
+        del loop.getaddrinfo
+
+
+async def test_an_unresolvable_hostname_is_a_bind_error() -> None:
+    config = server.handler(upgrade_ws_path).hostname("no-such-host.invalid").port(0)
+    with pytest.raises(brioche.BindError, match="no-such-host.invalid"):
+        await config.serve()

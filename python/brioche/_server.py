@@ -172,14 +172,17 @@ class Server(Generic[T]):
         raise TypeError("use `await server.handler(fn).serve()` to start a Server")
 
     @classmethod
-    def _start(cls, config: Config[T], port: int, loop: asyncio.AbstractEventLoop) -> Server[T]:
+    def _start(
+        cls, config: Config[T], port: int, loop: asyncio.AbstractEventLoop, address: str
+    ) -> Server[T]:
+        """Listen on ``address`` (an IP literal: ``serve()`` resolved the configured hostname)."""
         ws = config.websocket_config
         from brioche.websocket import Config as WsConfig
 
         limits = ws if ws is not None else WsConfig()
         try:
             engine = Engine(
-                config.hostname_value,
+                address,
                 port,
                 max_request_body_size=config.max_request_body_size_bytes,
                 max_payload_length=limits.max_payload_length_bytes,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -28,7 +30,7 @@ from brioche._http import (
     ok,
     text,
 )
-from brioche._server import Server
+from brioche._server import BindError, Server
 
 __all__ = [
     "Config",
@@ -66,6 +68,22 @@ Handler: TypeAlias = Callable[
     [Request, Server[T]], Awaitable[Response | None] | Response | None
 ]
 """``handler(request, server)``: return a ``Response``, or ``None`` after a successful upgrade."""
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
+    """The address to bind for ``host``: looked up off the loop (getaddrinfo blocks), first one."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BindError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    if not infos:  # pragma: no cover - getaddrinfo raises rather than return nothing
+        raise BindError(0, f"cannot listen on {host}:{port}: it has no address")
+    return str(infos[0][4][0])
 
 
 def _default_port() -> int:
@@ -142,7 +160,9 @@ class Config(Generic[T]):
     async def serve(self) -> Server[T]:
         """Start listening on the running event loop and return the started ``Server``."""
         port_number = _default_port() if self.port_number is None else self.port_number
-        return Server._start(self, port_number, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        address = await _resolve(loop, self.hostname_value, port_number)
+        return Server._start(self, port_number, loop, address)
 
     def run(self) -> None:
         """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return."""

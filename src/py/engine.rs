@@ -46,6 +46,105 @@ impl PyEngine {
     pub fn take_pending_data(&self, id: u64) -> Option<Upgraded> {
         self.pending_data.lock().remove(&id)
     }
+
+    /// `event` as the tuple `drain` hands to Python (`None` for events Python does not see).
+    ///
+    /// The `sockets` lock is held only to look sockets up, never while a Python object is made
+    /// or dropped (which may run a finaliser that calls back in). On an error the event comes
+    /// back untouched, to be retried, except a request, whose reply is then dropped (the client
+    /// gets a 503).
+    fn event_to_py<'py>(
+        &self,
+        engine: &Bound<'py, Self>,
+        event: Event,
+    ) -> Result<Option<Bound<'py, PyAny>>, (PyErr, Option<Event>)> {
+        let py = engine.py();
+        if let Event::Request(request) = event {
+            let pending = PendingRequest::new(*request, engine.clone().unbind());
+            return Py::new(py, pending)
+                .and_then(|pending| (EVENT_REQUEST, pending).into_pyobject(py))
+                .map(|item| Some(item.into_any()))
+                .map_err(|err| (err, None));
+        }
+        match self.borrowed_event_to_py(py, &event) {
+            Ok(item) => Ok(item),
+            Err(err) => Err((err, Some(event))),
+        }
+    }
+
+    fn borrowed_event_to_py<'py>(
+        &self,
+        py: Python<'py>,
+        event: &Event,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let socket = |id: &u64| self.sockets.lock().get(id).map(|ws| ws.clone_ref(py));
+        let item = match event {
+            Event::Open(conn) => {
+                let id = conn.id;
+                let upgraded = self
+                    .pending_data
+                    .lock()
+                    .get(&id)
+                    .map(|up| (up.data.clone_ref(py), up.context.clone_ref(py)));
+                let (data, context) = match upgraded {
+                    Some(upgraded) => upgraded,
+                    None => (py.None(), new_context(py)?),
+                };
+                let ws = Py::new(py, PyWebSocket::new(conn.clone(), data, context))?;
+                let item = (EVENT_OPEN, ws.clone_ref(py)).into_pyobject(py)?;
+                let pending = self.take_pending_data(id);
+                let replaced = self.sockets.lock().insert(id, ws);
+                drop((pending, replaced));
+                item.into_any()
+            }
+            Event::Text(id, text) => {
+                let Some(ws) = socket(id) else {
+                    return Ok(None);
+                };
+                let text_obj = PyString::new(py, text.as_str());
+                let item = (EVENT_TEXT, ws.clone_ref(py), text_obj).into_pyobject(py)?;
+                ws.get().conn.message_taken(text.len());
+                item.into_any()
+            }
+            Event::Binary(id, data) => {
+                let Some(ws) = socket(id) else {
+                    return Ok(None);
+                };
+                let bytes = PyBytes::new(py, data);
+                let item = (EVENT_BYTES, ws.clone_ref(py), bytes).into_pyobject(py)?;
+                ws.get().conn.message_taken(data.len());
+                item.into_any()
+            }
+            Event::Drain(id) => match socket(id) {
+                Some(ws) => (EVENT_DRAIN, ws).into_pyobject(py)?.into_any(),
+                None => return Ok(None),
+            },
+            Event::Fail(id, code, reason) => match socket(id) {
+                Some(ws) => (EVENT_FAIL, ws, *code, *reason)
+                    .into_pyobject(py)?
+                    .into_any(),
+                None => return Ok(None),
+            },
+            Event::Close(id, code, reason) => match socket(id) {
+                Some(ws) => {
+                    let item = (EVENT_CLOSE, ws, *code, reason.as_str()).into_pyobject(py)?;
+                    // Forgotten only once Python has it, so on_close is never lost.
+                    let removed = self.sockets.lock().remove(id);
+                    drop(removed);
+                    item.into_any()
+                }
+                None => return Ok(None),
+            },
+            Event::UpgradeFailed(id) => {
+                let pending = self.take_pending_data(*id);
+                drop(pending);
+                return Ok(None);
+            }
+            Event::Stopped => (EVENT_STOPPED,).into_pyobject(py)?.into_any(),
+            Event::Request(_) => unreachable!("taken by event_to_py"),
+        };
+        Ok(Some(item))
+    }
 }
 
 #[pymethods]
@@ -58,6 +157,7 @@ impl PyEngine {
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         hostname: String,
         port: u16,
         max_request_body_size: usize,
@@ -93,7 +193,11 @@ impl PyEngine {
             max_connections,
             ..ServerConfig::default()
         };
-        let server = Server::start(config).map_err(super::errors::os_error)?;
+        // Binding touches no Python object: other Python threads may run meanwhile. (The
+        // hostname is an IP literal by now: `serve()` resolved it off the loop.)
+        let server = py
+            .detach(|| Server::start(config))
+            .map_err(super::errors::os_error)?;
         Ok(Self {
             server,
             sockets: Mutex::new(FxHashMap::default()),
@@ -141,74 +245,45 @@ impl PyEngine {
             events.drain_into(&mut taken);
             batch.extend(taken);
         }
-        let count = batch.len().min(max_events.max(1));
-        let out = PyList::empty(py);
-        let mut sockets = this.sockets.lock();
-        for event in batch.drain(..count) {
-            match event {
-                Event::Open(conn) => {
-                    let id = conn.id;
-                    let Upgraded { data, context } = match this.take_pending_data(id) {
-                        Some(upgraded) => upgraded,
-                        None => Upgraded {
-                            data: py.None(),
-                            context: new_context(py)?,
-                        },
-                    };
-                    let ws = Py::new(py, PyWebSocket::new(conn, data, context))?;
-                    sockets.insert(id, ws.clone_ref(py));
-                    out.append((EVENT_OPEN, ws))?;
-                }
-                Event::Text(id, text) => {
-                    if let Some(ws) = sockets.get(&id) {
-                        ws.get().conn.message_taken(text.len());
-                        out.append((
-                            EVENT_TEXT,
-                            ws.clone_ref(py),
-                            PyString::new(py, text.as_str()),
-                        ))?;
+        let mut left = batch.len().min(max_events.max(1));
+        let mut items = Vec::with_capacity(left);
+        let mut failed = None;
+        while left > 0 {
+            let Some(event) = batch.pop_front() else {
+                break;
+            };
+            left -= 1;
+            match this.event_to_py(slf, event) {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => {}
+                Err((err, event)) => {
+                    // Most likely a MemoryError: keep the event for the next call instead of
+                    // losing it, and hand Python what was made so far.
+                    if let Some(event) = event {
+                        batch.push_front(event);
                     }
+                    failed = Some(err);
+                    break;
                 }
-                Event::Binary(id, data) => {
-                    if let Some(ws) = sockets.get(&id) {
-                        ws.get().conn.message_taken(data.len());
-                        out.append((EVENT_BYTES, ws.clone_ref(py), PyBytes::new(py, &data)))?;
-                    }
-                }
-                Event::Drain(id) => {
-                    if let Some(ws) = sockets.get(&id) {
-                        out.append((EVENT_DRAIN, ws.clone_ref(py)))?;
-                    }
-                }
-                Event::Fail(id, code, reason) => {
-                    if let Some(ws) = sockets.get(&id) {
-                        out.append((EVENT_FAIL, ws.clone_ref(py), code, reason))?;
-                    }
-                }
-                Event::Close(id, code, reason) => {
-                    if let Some(ws) = sockets.remove(&id) {
-                        out.append((EVENT_CLOSE, ws, code, reason))?;
-                    }
-                }
-                Event::Request(request) => {
-                    let pending = Py::new(py, PendingRequest::new(*request, slf.clone().unbind()))?;
-                    out.append((EVENT_REQUEST, pending))?;
-                }
-                Event::UpgradeFailed(id) => drop(this.take_pending_data(id)),
-                Event::Stopped => out.append((EVENT_STOPPED,))?,
             }
         }
-        drop(sockets);
         if !batch.is_empty() {
             events.wake();
         }
         *this.batch.lock() = batch;
-        Ok(out)
+        if let Some(err) = failed {
+            if items.is_empty() {
+                return Err(err);
+            }
+            err.write_unraisable(py, Some(slf.as_any()));
+        }
+        PyList::new(py, items)
     }
 
     /// Write everything sent since `drain()`.
-    fn end_batch(&self) {
-        conn::end_send_batch();
+    fn end_batch(&self, py: Python<'_>) {
+        // Socket writes only: other Python threads may run meanwhile.
+        py.detach(conn::end_send_batch);
     }
 
     /// Stop listening; see `Server.stop`.

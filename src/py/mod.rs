@@ -26,7 +26,9 @@ fn random_uuid_v7() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-#[pymodule]
+/// `gil_used = true`: PyO3 0.30 declares free-threading support by default, and the bridge's
+/// maps and batches are audited only for the GIL's one-thread-at-a-time guarantee.
+#[pymodule(gil_used = true)]
 fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("BriocheError", py.get_type::<BriocheError>())?;
