@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import threading
@@ -404,3 +405,55 @@ async def test_stop_without_closing_lets_a_reading_client_get_everything(
     assert all(isinstance(s, ACCEPTED) for s in statuses)
     assert payloads == [numbered(i, 4096) for i in range(2000)]
     assert [c[0] for c in seen(recorder, "close", "reader")] == [1000]
+
+
+def send_back(ws: brioche.WebSocket[Any], text: str) -> None:
+    ws.send(text)
+
+
+async def test_a_panic_in_a_connection_task_releases_the_connection(
+    serve: ServeFn, recorder: Recorder, bystander_of: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the engine's connection task (tokio catches the panic) must not leak the socket,
+    keep the connection counted, or lose on_close: it ends like a handler error, with 1011."""
+    monkeypatch.setenv("BRIOCHE_TEST_HOOKS", "1")
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", ws)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code, reason)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(send_back).on_close(on_close))
+    bystander = await bystander_of(srv)
+    await recorder.wait_for(lambda: len(recorder.of("open")) == 1)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    client = await connect(ws_url(srv, "/ws?victim"), open_timeout=TIMEOUT, ping_interval=None)
+    await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
+    assert srv.pending_websockets == 2
+    victim = recorder.of("open")[1][0]
+
+    victim._inject_panic()
+
+    await recorder.wait_for(lambda: len(recorder.of("close")) == 1)
+    assert recorder.of("close") == [("victim", 1011, "internal error")]
+    assert srv.pending_websockets == 1
+    with pytest.raises(ConnectionClosedError) as closed:
+        await asyncio.wait_for(client.recv(), TIMEOUT)
+    assert closed.value.rcvd is None, "the socket is cut, without a close frame"
+    await client.close()
+    # The client's socket and the server's are both gone: back to the count before connecting.
+    assert await poll_until(lambda: len(os.listdir("/proc/self/fd")) == fds_before, TIMEOUT)
+    await echo(bystander, "bystander after")
+
+
+async def test_the_panic_hook_is_refused_outside_tests(
+    serve: ServeFn, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BRIOCHE_TEST_HOOKS", raising=False)
+    srv = await serve(websocket.init().on_open(lambda ws: recorder.add("open", ws)).on_text(send_back))
+    async with connect(ws_url(srv), open_timeout=TIMEOUT) as client:
+        await recorder.wait_for(lambda: bool(recorder.of("open")))
+        with pytest.raises(RuntimeError, match="BRIOCHE_TEST_HOOKS"):
+            recorder.of("open")[0][0]._inject_panic()
+        await echo(client, "still open")

@@ -142,6 +142,8 @@ pub(crate) mod signal {
     pub const FLUSH: u8 = 2;
     /// Python took messages or resumed reading: the read side may go on.
     pub const RESUME: u8 = 4;
+    /// A test asks the task to panic (`ws._inject_panic`), to check what a bug there leaves.
+    pub const PANIC: u8 = 128;
 }
 
 impl Conn {
@@ -167,6 +169,11 @@ impl Conn {
     pub(crate) fn signal(&self, what: u8) {
         self.signals.fetch_or(what, Ordering::AcqRel);
         self.task.wake();
+    }
+
+    /// Test hook: make the connection's task panic on its next turn.
+    pub fn inject_panic(&self) {
+        self.signal(signal::PANIC);
     }
 
     /// From the task itself: look at `what` on the next turn of its loop, without a wake-up.

@@ -127,6 +127,29 @@ struct Task {
     /// The kernel refused bytes: wait for writability before flushing again.
     write_blocked: bool,
     paused: bool,
+    /// `Event::Close` was pushed: the loop will deliver `on_close`.
+    reported: bool,
+}
+
+/// Every way out of a task releases the connection, a panic included (tokio catches it and
+/// drops the future): a task that ends without having reported the end closes the socket,
+/// unregisters the connection and delivers `on_close(1011)`, instead of leaving the descriptor
+/// attached, `pending_websockets` counting it and `on_close` never called.
+impl Drop for Task {
+    fn drop(&mut self) {
+        if self.reported {
+            return;
+        }
+        let conn = &self.conn;
+        conn.finish();
+        conn.out.seal();
+        conn.terminated.store(true, Ordering::Release);
+        drop(conn.out.detach());
+        conn.shared.unregister(conn.id);
+        conn.shared
+            .events
+            .push(Event::Close(conn.id, 1011, "internal error".to_owned()));
+    }
 }
 
 impl Task {
@@ -142,6 +165,7 @@ impl Task {
             close_deadline: None,
             write_blocked: false,
             paused: false,
+            reported: false,
         }
     }
 
@@ -168,6 +192,9 @@ impl Task {
         // waker by the time a turn with no progress returns Pending.
         loop {
             let signals = self.conn.take_signals(cx);
+            if signals & signal::PANIC != 0 {
+                panic!("connection {}: panic injected by a test", self.conn.id);
+            }
             let step = match self.phase {
                 Phase::Open => match self.turn_open(cx, signals, timer.as_mut()) {
                     Step::Done(ending) => {
@@ -348,6 +375,7 @@ impl Task {
         conn.shared
             .events
             .push(Event::Close(conn.id, ending.code, ending.reason));
+        self.reported = true;
         if ending.abrupt {
             self.phase = Phase::Done;
         } else {

@@ -214,6 +214,18 @@ impl PyWebSocket {
         status::to_py(py, self.conn.pong(&payload))
     }
 
+    /// Test hook: the connection's task panics on its next turn. Refused unless the environment
+    /// has `BRIOCHE_TEST_HOOKS=1`, so no application can trip it by accident.
+    fn _inject_panic(&self) -> PyResult<()> {
+        if std::env::var_os("BRIOCHE_TEST_HOOKS").is_none_or(|v| v != "1") {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "_inject_panic is a test hook: set BRIOCHE_TEST_HOOKS=1",
+            ));
+        }
+        self.conn.inject_panic();
+        Ok(())
+    }
+
     /// Stop (or resume) reading from the socket; used while a suspended handler has events parked.
     fn _pause_reading(&self, paused: bool) {
         self.conn.pause_reading(paused);
