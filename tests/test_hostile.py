@@ -227,10 +227,63 @@ async def test_incomplete_request_head_is_cut_after_the_header_read_timeout(
             rest = await asyncio.wait_for(reader.read(), 5)
         except ConnectionResetError:
             rest = b""
-        assert rest == b"" or rest.startswith(b"HTTP/1.1 408"), rest
+        assert rest.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), rest
     finally:
         writer.close()
     await assert_still_serving(srv, bystander)
+
+
+async def test_a_body_that_does_not_arrive_in_time_gets_408(serve: ServeFn, bystander_of: Any) -> None:
+    """The whole request, body included, must arrive within ``handshake_timeout``: a slow body
+    would otherwise hold a task and up to ``max_request_body_size`` for as long as it likes."""
+    srv = await serve(echo_config(), handshake_timeout=1)
+    bystander = await bystander_of(srv)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+        writer.write(b"x" * 10)
+        await writer.drain()
+        await echo(bystander, "served while a body is pending")
+        rest = await asyncio.wait_for(reader.read(), 5)
+        assert rest == b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    finally:
+        writer.close()
+    await assert_still_serving(srv, bystander)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_without_a_408(serve: ServeFn) -> None:
+    srv = await serve(echo_config(), handshake_timeout=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await asyncio.wait_for(reader.readexactly(length), 5)
+        # Nothing more sent: after the limit the connection just ends.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_handler_slower_than_handshake_timeout_still_answers(serve: ServeFn) -> None:
+    """The clock times the client's sending only, not the handler's work."""
+    async def slow(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        await asyncio.sleep(1.5)
+        return server.text(f"slow {len(request.body)}")
+
+    srv = await serve(echo_config(), handler=slow, handshake_timeout=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"slow 3"
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])

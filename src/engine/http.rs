@@ -2,8 +2,17 @@
 //! handshake the handler accepts becomes a WebSocket connection.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -81,20 +90,150 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     response
 }
 
+/// When the request being read must have fully arrived, head and body (`handshake_timeout`).
+/// Shared by a connection's IO (which enforces it) and its requests' handling (which stops the
+/// clock while the Python handler works, and starts it again for the next request).
+struct RequestClock {
+    limit: Duration,
+    /// `None` while a request's handler runs: only the client's sending is timed.
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl RequestClock {
+    fn start(&self) {
+        *self.deadline.lock() = Some(Instant::now() + self.limit);
+    }
+
+    fn stop(&self) {
+        *self.deadline.lock() = None;
+    }
+}
+
+/// The connection's socket as hyper sees it, with the request deadline: a client that has not
+/// sent its whole request in time gets `408 Request Timeout` and the connection is closed (one
+/// that sent nothing since the last response is closed without one, as an idle keep-alive).
+/// hyper's own header timeout ends the connection without a response and does not cover bodies.
+struct TimedIo {
+    io: TokioIo<TcpStream>,
+    clock: Arc<RequestClock>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes read since the clock last started: a request is under way.
+    read_since_start: bool,
+    timed_out: bool,
+}
+
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+impl TimedIo {
+    /// Whether the deadline has passed; arms the timer (and so a wake-up) when it has not.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = *self.clock.deadline.lock() else {
+            self.read_since_start = false;
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    fn time_out(&mut self) -> io::Error {
+        if !self.timed_out {
+            self.timed_out = true;
+            if self.read_since_start {
+                // Best effort: the client is slow, not necessarily gone, and a 408 tells it why.
+                let _ = self.io.inner().try_write(REQUEST_TIMEOUT);
+            }
+        }
+        io::ErrorKind::TimedOut.into()
+    }
+}
+
+impl AsyncRead for TimedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.timed_out || self.expired(cx) {
+            return Poll::Ready(Err(self.time_out()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(self.io.inner_mut()).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.read_since_start = true;
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for TimedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.timed_out {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        Pin::new(self.io.inner_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.timed_out {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        Pin::new(self.io.inner_mut()).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.inner().is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.io.inner_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.io.inner_mut()).poll_shutdown(cx)
+    }
+}
+
 /// Serve one TCP connection until it closes, is upgraded, or the server stops.
 pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
     // Small messages must not wait for Nagle; every write the writer makes is already a batch.
     let _ = stream.set_nodelay(true);
+    let clock = Arc::new(RequestClock {
+        limit: shared.config.header_read_timeout,
+        deadline: Mutex::new(None),
+    });
+    clock.start();
     let service_shared = shared.clone();
-    let service = service_fn(move |req| handle(req, remote, service_shared.clone()));
+    let service_clock = clock.clone();
+    let service =
+        service_fn(move |req| handle(req, remote, service_shared.clone(), service_clock.clone()));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.header_read_timeout)
         // hyper's floor for its read buffer is 8 KiB.
         .max_buf_size(shared.config.max_header_size.max(8192));
+    let io = TimedIo {
+        io: TokioIo::new(stream),
+        clock,
+        timer: None,
+        read_since_start: false,
+        timed_out: false,
+    };
     let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
     tokio::select! {
@@ -107,9 +246,22 @@ pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc
 }
 
 async fn handle(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     remote: SocketAddr,
     shared: Arc<Shared>,
+    clock: Arc<RequestClock>,
+) -> Result<Response<Body>, Infallible> {
+    let response = read_and_answer(req, remote, &shared, &clock).await;
+    // The next request on this connection has the whole limit again.
+    clock.start();
+    response
+}
+
+async fn read_and_answer(
+    mut req: Request<Incoming>,
+    remote: SocketAddr,
+    shared: &Arc<Shared>,
+    clock: &RequestClock,
 ) -> Result<Response<Body>, Infallible> {
     let mut websocket_key = None;
     if shared.config.websockets_enabled {
@@ -137,7 +289,7 @@ async fn handle(
     }
     // A reserved slot passes to the connection on upgrade; any other outcome gives it back.
     let slot = SlotGuard {
-        shared: &shared,
+        shared,
         held: websocket_key.is_some(),
     };
     let on_upgrade: Option<OnUpgrade> =
@@ -147,7 +299,11 @@ async fn handle(
         .collect()
         .await
     {
-        Ok(collected) => collected.to_bytes(),
+        Ok(collected) => {
+            // All of it arrived: the handler's time is not the client's.
+            clock.stop();
+            collected.to_bytes()
+        }
         Err(err) if err.is::<LengthLimitError>() => {
             return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"));
         }
@@ -235,9 +391,12 @@ impl Drop for SlotGuard<'_> {
 }
 
 async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
-    let stream = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+    let stream = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TimedIo>>()) {
         // Copy the few bytes read past the head so hyper's read buffer is freed right here.
-        Ok(Ok(parts)) => Some((parts.io.into_inner(), parts.read_buf.to_vec())),
+        Ok(Ok(parts)) => Some((
+            parts.io.into_inner().io.into_inner(),
+            parts.read_buf.to_vec(),
+        )),
         _ => None,
     };
     match stream {
