@@ -29,6 +29,8 @@ pub(crate) const INLINE_PAYLOAD: usize = 1024;
 /// A flush that wrote at most this much was not part of a burst: the queue's allocation goes
 /// back to the allocator, so an idle connection holds none (benches S4).
 const KEEP_BUFFERS_AFTER: usize = 256;
+/// Most pieces one gathering write takes (Linux allows 1024).
+const MAX_IOVECS: usize = 64;
 /// First capacity of a connection's byte buffer.
 const INLINE_START: usize = 512;
 /// The most a byte buffer is sized for up front, from the previous burst.
@@ -45,6 +47,16 @@ enum Chunk {
 }
 
 impl Chunk {
+    /// The bytes to write, in order (a large frame's head and its shared payload apart).
+    fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        let (first, second): (&[u8], &[u8]) = match self {
+            Chunk::Inline(bytes) => (bytes, &[]),
+            Chunk::Shared(range) => (range.bytes(), &[]),
+            Chunk::Frame(frame) => (frame.head(), frame.payload()),
+        };
+        [first, second].into_iter().filter(|part| !part.is_empty())
+    }
+
     fn len(&self) -> usize {
         match self {
             Chunk::Inline(bytes) => bytes.len(),
@@ -226,34 +238,50 @@ impl Outbound {
         }
         let mut total = 0;
         let mut inline_total = 0;
-        while let Some(chunk) = chunks.front() {
-            let result = match chunk {
-                Chunk::Inline(bytes) => socket.try_write(&bytes[*written..]),
-                Chunk::Shared(range) => socket.try_write(&range.bytes()[*written..]),
-                Chunk::Frame(frame) => {
-                    let head = frame.head();
-                    if *written < head.len() {
-                        socket.try_write_vectored(&[
-                            IoSlice::new(&head[*written..]),
-                            IoSlice::new(frame.payload()),
-                        ])
-                    } else {
-                        socket.try_write(&frame.payload()[*written - head.len()..])
+        while !chunks.is_empty() {
+            // Everything queued goes in one gathering write (up to MAX_IOVECS pieces): what a
+            // handler or a cork queued back to back reaches the client as one segment, and a
+            // queue of mixed chunks costs one syscall, not one per chunk.
+            let result = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut count = 0;
+                let mut skip = *written;
+                'gather: for chunk in chunks.iter() {
+                    for part in chunk.parts() {
+                        if skip >= part.len() {
+                            skip -= part.len();
+                            continue;
+                        }
+                        slices[count] = IoSlice::new(&part[skip..]);
+                        skip = 0;
+                        count += 1;
+                        if count == MAX_IOVECS {
+                            break 'gather;
+                        }
                     }
+                }
+                match count {
+                    1 => socket.try_write(&slices[0]),
+                    _ => socket.try_write_vectored(&slices[..count]),
                 }
             };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
+                Ok(mut n) => {
                     self.buffered.fetch_sub(n, Ordering::Relaxed);
                     total += n;
-                    if matches!(chunk, Chunk::Inline(_)) {
-                        inline_total += n;
-                    }
-                    *written += n;
-                    if *written == chunk.len() {
-                        *written = 0;
-                        chunks.pop_front();
+                    while n > 0 {
+                        let chunk = chunks.front().expect("the kernel took no more than queued");
+                        let step = n.min(chunk.len() - *written);
+                        if matches!(chunk, Chunk::Inline(_)) {
+                            inline_total += step;
+                        }
+                        n -= step;
+                        *written += step;
+                        if *written == chunk.len() {
+                            *written = 0;
+                            chunks.pop_front();
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
