@@ -1,7 +1,8 @@
 """One PNG per scenario from benches/results.json: benches/charts/S1.png ...
 
 Run by benches/run.py with the peers' venv (it has matplotlib): medians as bars, min–max as
-error bars, brioche's bars in its own colour, "n/a" where a server has no result.
+error bars, brioche's bars in its own colour, "n/a" where a server has no result; a server
+that does not run in a scenario (the handler variants run S1 and S2 only) has no bar there.
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ def main() -> None:
     quick = " (quick smoke run)" if data["settings"].get("quick") else ""
     for sc in data["scenarios"]:
         metrics = sc["metrics"]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.6), squeeze=False)
+        count = sum(1 for n in names if n in sc["results"])
+        width = max(6.5, 0.55 * count)  # the echo scenarios have the handler variants' rows too
+        fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.6 + 0.08 * count),
+                                 squeeze=False)
         for ax, m in zip(axes[0], metrics):
             xs, meds, lo, hi, cols, na = [], [], [], [], [], []
-            for i, n in enumerate(names):
-                cell = sc["results"].get(n, {})
+            shown = [n for n in names if n in sc["results"]]  # rows that ran in this scenario
+            for i, n in enumerate(shown):
+                cell = sc["results"][n]
                 s = cell.get(m["key"]) if "na" not in cell else None
                 xs.append(i)
                 cols.append(colour(n))
@@ -64,7 +69,7 @@ def main() -> None:
                     text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
                     ax.text(i, v, text, ha="center", va="bottom", fontsize=7)
             ax.set_xticks(xs)
-            ax.set_xticklabels([labels[n] for n in names], rotation=35, ha="right", fontsize=8)
+            ax.set_xticklabels([labels[n] for n in shown], rotation=35, ha="right", fontsize=8)
             better = "higher" if m["higher_is_better"] else "lower"
             ax.set_ylabel(f"{m['label']} ({m['unit']}), {better} is better", fontsize=9)
             ax.axhline(0, color="#333333", linewidth=0.6)

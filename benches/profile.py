@@ -99,10 +99,13 @@ def main() -> int:
     ap.add_argument("--no-perf", action="store_true")
     ap.add_argument("--no-pyspy", action="store_true")
     ap.add_argument("--no-stat", action="store_true")
+    ap.add_argument("--extra-server", action="append", default=[], metavar="NAME=PYTHON",
+                    help="another build of brioche, as in run.py; then --server NAME profiles it")
     ns = ap.parse_args()
     run.raise_nofile()
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    specs = {s.name: s for s in run.server_specs({}, None)}
+    extra = [(name, python) for name, _, python in (i.partition("=") for i in ns.extra_server)]
+    specs = {s.name: s for s in run.server_specs({}, None, extra)}
     spec = specs[ns.server]
     if spec.na:
         print(f"{ns.server} is not available: {spec.na}", file=sys.stderr)

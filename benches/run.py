@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks against the peers: one command reruns everything.
 
-    .venv/bin/python benches/run.py            # the full run (about 20-25 minutes)
-    .venv/bin/python benches/run.py --quick    # a short smoke run (about 3 minutes)
+    .venv/bin/python benches/run.py            # the full run (about 25 minutes)
+    .venv/bin/python benches/run.py --quick    # a short smoke run (about 4 minutes)
 
 What it does, in order:
 
@@ -13,7 +13,9 @@ What it does, in order:
 2. Every scenario, for every server: the server is pinned to CPU 0 (``taskset -c 0``), the load
    generator to CPU 1, both with RLIMIT_NOFILE raised to the hard limit. A warm-up run, then
    ``--repeats`` measured runs; the median and the min–max are reported. All servers run with the
-   same client in the same run.
+   same client in the same run. brioche's handler variants (an ``async def`` echo, await-free
+   and awaiting ``asyncio.sleep(0)``; the three modes on CPython 3.12 too, from ``.venv-3.12``)
+   run in S1 and S2 only; ``--extra-server NAME=PYTHON`` adds another build of brioche.
 3. ``benches/results.json`` (everything, raw runs included), ``benches/RESULTS.md`` (tables,
    machine, command, ratios to picows and Bun, targets) and ``benches/charts/S1.png``... .
 
@@ -50,6 +52,12 @@ OUT = BENCHES / "out"
 PEERS_VENV = BENCHES / ".venv-peers"
 PEERS_PY = PEERS_VENV / "bin" / "python"
 MAIN_PY = REPO / ".venv" / "bin" / "python"
+# brioche built for CPython 3.12 (`make test-py3.12` creates it): the async handler rows on 3.12,
+# whose eager tasks run a handler that does not suspend without a loop iteration.
+PY312 = REPO / ".venv-3.12" / "bin" / "python"
+# Printed by a brioche spec's probe: the interpreter's version and where brioche is imported from.
+BRIOCHE_PROBE = ("import brioche, os, sys; print(sys.version.split()[0]); "
+                 "print(os.path.dirname(os.path.abspath(brioche.__file__)))")
 LOADGEN = BENCHES / "loadgen" / "target" / "release" / "loadgen"
 RUST_SERVER = BENCHES / "rust_server" / "target" / "release" / "rust_server"
 SERVER_CPU = "0"
@@ -141,10 +149,10 @@ def peer_versions() -> dict[str, str]:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
-def extension_build() -> dict[str, Any]:
-    """Which build of the extension `.venv` imports: its file, mtime and hash (to notice a
-    rebuild by someone else while the run is going on)."""
-    r = sh([str(MAIN_PY), "-c", "import brioche._brioche as b; print(b.__file__)"])
+def extension_build(python: Path | str = MAIN_PY) -> dict[str, Any]:
+    """Which build of the extension `python` (default: `.venv`'s) imports: its file, mtime and
+    hash (to notice a rebuild by someone else while the run is going on)."""
+    r = sh([str(python), "-c", "import brioche._brioche as b; print(b.__file__)"])
     if r.returncode != 0:
         return {"error": tail(r.stderr, 1)}
     path = Path(r.stdout.strip())
@@ -207,21 +215,74 @@ class ServerSpec:
     probe: list[str] | None = None  # must exit 0 for the server to be usable
     note: str = ""
     na: str | None = None  # reason it is not available
+    scenarios: tuple[str, ...] | None = None  # the scenarios it runs in (None: all)
+    # brioche rows: the handler mode of brioche_server.py, the interpreter's version (from the
+    # probe), and "other-build" for a server given with --extra-server.
+    mode: str = ""
+    python: str = ""
+    kind: str = ""
+
+    def runs_in(self, scenario: str) -> bool:
+        return self.scenarios is None or scenario in self.scenarios
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "cmd": self.cmd, "note": self.note,
+                "status": "n/a" if self.na else "ok", "reason": self.na,
+                "scenarios": list(self.scenarios) if self.scenarios else None,
+                "mode": self.mode, "python": self.python, "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ServerSpec:
+        return cls(d["name"], d["label"], d["cmd"], None, d.get("note", ""),
+                   d.get("reason") if d.get("status") == "n/a" else None,
+                   tuple(d["scenarios"]) if d.get("scenarios") else None,
+                   d.get("mode", ""), d.get("python", ""), d.get("kind", ""))
 
     def argv(self, port: int) -> list[str]:
         return [a.replace("{port}", str(port)) for a in self.cmd]
 
 
-def server_specs(build_errors: dict[str, str], peers_error: str | None) -> list[ServerSpec]:
-    main_py, peers_py = str(MAIN_PY), str(PEERS_PY)
+# The handler modes of brioche_server.py, with their row labels.
+HANDLER_MODES = {"sync": "def on_text", "async": "async def on_text",
+                 "async-sleep0": "async def on_text + await sleep(0)"}
+# The handler variants only run the echo scenarios.
+ECHO_ONLY = ("S1", "S2")
+
+
+def brioche_spec(name: str, label: str, python: str, loop: str = "asyncio", mode: str = "sync",
+                 scenarios: tuple[str, ...] | None = None, kind: str = "",
+                 missing: str | None = None) -> ServerSpec:
+    note = "Python on_text: ws.send(text)" if mode == "sync" else f"{HANDLER_MODES[mode]}: ws.send(text)"
+    modules = "brioche, uvloop" if loop == "uvloop" else "brioche"
+    return ServerSpec(name, label, [python, "brioche_server.py", "{port}", loop, mode],
+                      [python, "-c", BRIOCHE_PROBE.replace("import brioche,", f"import {modules},")],
+                      note, na=missing if not Path(python).exists() else None,
+                      scenarios=scenarios, mode=mode, kind=kind)
+
+
+def server_specs(build_errors: dict[str, str], peers_error: str | None,
+                 extra: list[tuple[str, str]] | None = None) -> list[ServerSpec]:
+    """Every server, probed. `extra`: (name, python) of other builds of brioche (--extra-server),
+    each running brioche_server.py's sync echo on asyncio."""
+    main_py, peers_py, py312 = str(MAIN_PY), str(PEERS_PY), str(PY312)
+    no312 = ".venv-3.12 is missing (`make test-py3.12` creates it)"
     bun = bun_binary()
     specs = [
-        ServerSpec("brioche-asyncio", "brioche (asyncio)",
-                   [main_py, "brioche_server.py", "{port}", "asyncio"],
-                   [main_py, "-c", "import brioche"], "Python on_text: ws.send(text)"),
-        ServerSpec("brioche-uvloop", "brioche (uvloop)",
-                   [main_py, "brioche_server.py", "{port}", "uvloop"],
-                   [main_py, "-c", "import brioche, uvloop"], "Python on_text: ws.send(text)"),
+        brioche_spec("brioche-asyncio", "brioche (asyncio)", main_py),
+        # Right after the row they are compared with, so the two run close together in time.
+        *(brioche_spec(name, f"{name} (asyncio)", python, kind="other-build",
+                       missing=f"{python} does not exist") for name, python in extra or []),
+        brioche_spec("brioche-uvloop", "brioche (uvloop)", main_py, "uvloop"),
+        brioche_spec("brioche-asyncio-async", "brioche (asyncio, async on_text)", main_py,
+                     mode="async", scenarios=ECHO_ONLY),
+        brioche_spec("brioche-asyncio-sleep0", "brioche (asyncio, async on_text + sleep(0))",
+                     main_py, mode="async-sleep0", scenarios=ECHO_ONLY),
+        brioche_spec("brioche-py312-sync", "brioche (3.12, asyncio)", py312,
+                     scenarios=ECHO_ONLY, missing=no312),
+        brioche_spec("brioche-py312-async", "brioche (3.12, asyncio, async on_text)", py312,
+                     mode="async", scenarios=ECHO_ONLY, missing=no312),
+        brioche_spec("brioche-py312-sleep0", "brioche (3.12, asyncio, async on_text + sleep(0))",
+                     py312, mode="async-sleep0", scenarios=ECHO_ONLY, missing=no312),
         ServerSpec("rust-engine", "brioche engine, no Python",
                    [str(RUST_SERVER), "{port}"], None, "benches/rust_server",
                    na=build_errors.get("rust_server")),
@@ -250,6 +311,11 @@ def server_specs(build_errors: dict[str, str], peers_error: str | None) -> list[
                 r = sh(s.probe, timeout=60, cwd=SERVERS_DIR)
                 if r.returncode != 0:
                     s.na = f"cannot import: {tail(r.stderr, 1)}"
+                elif s.mode:
+                    version, where = (r.stdout.strip().splitlines() + ["", ""])[:2]
+                    s.python = version
+                    commit = sh(["git", "-C", where, "rev-parse", "--short", "HEAD"]).stdout.strip()
+                    s.note += f" (CPython {version}" + (f", brioche {commit})" if commit else ")")
             except (OSError, subprocess.SubprocessError) as exc:
                 s.na = f"cannot run: {exc}"
     return specs
@@ -668,13 +734,21 @@ def median_of(results: dict[str, dict[str, Any]], server: str, key: str) -> floa
     return float(cell[key]["median"])
 
 
-def evaluate_targets(scen: dict[str, Scenario]) -> list[dict[str, Any]]:
+# The async handler rows: (CPython, the async row, the sync row on the same interpreter). The
+# targets hold on 3.12 (eager tasks); on 3.11 (a plain Task per message) they are reported only.
+ASYNC_ROWS = (("3.12", "brioche-py312-async", "brioche-py312-sync", True),
+              ("3.11", "brioche-asyncio-async", "brioche-asyncio", False))
+
+
+def evaluate_targets(scen: dict[str, Scenario],
+                     specs: list[ServerSpec] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(target: str, who: str, value: float | None, ref: float | None, ok: bool | None,
-            detail: str) -> None:
+            detail: str, reported_only: bool = False) -> None:
         rows.append({"target": target, "server": who, "value": value, "reference": ref,
-                     "met": ok, "detail": detail})
+                     "met": None if reported_only else ok, "detail": detail,
+                     "reported_only": reported_only})
 
     for who in ("brioche-asyncio", "brioche-uvloop"):
         r1 = scen["S1"].results
@@ -709,6 +783,25 @@ def evaluate_targets(scen: dict[str, Scenario]) -> list[dict[str, Any]]:
         v, p = median_of(r5, who, "conns_per_s"), median_of(r5, "picows", "conns_per_s")
         add("S5 conn/s ≥ picows", who, v, p, None if v is None or p is None else v >= p,
             "n/a" if v is None or p is None else f"{v / p:.2f}× picows")
+    r1 = scen["S1"].results
+    # The sync handler against another build of brioche (--extra-server, e.g. the commit
+    # before a change): the same S1, in the same run.
+    for other in [s for s in specs or [] if s.kind == "other-build"]:
+        v, b = median_of(r1, "brioche-asyncio", "msgs_per_s"), median_of(r1, other.name, "msgs_per_s")
+        add(f"sync S1 within 5% of {other.name}", "brioche-asyncio", v, b,
+            None if v is None or b is None else v >= 0.95 * b,
+            "n/a" if v is None or b is None else f"{v / b:.3f}× {other.name} ({v:,.0f} vs {b:,.0f})")
+    for version, who, sync, is_target in ASYNC_ROWS:
+        v, p, sy = (median_of(r1, who, "msgs_per_s"), median_of(r1, "picows", "msgs_per_s"),
+                    median_of(r1, sync, "msgs_per_s"))
+        add(f"S1 async {version} ≥ 2× picows", who, v, p,
+            None if v is None or p is None else v >= 2 * p,
+            "n/a" if v is None or p is None else f"{v / p:.2f}× picows",
+            reported_only=not is_target)
+        add(f"S1 async {version} ≥ 0.4× sync", who, v, sy,
+            None if v is None or sy is None else v >= 0.4 * sy,
+            "n/a" if v is None or sy is None else f"{v / sy:.2f}× {sync}",
+            reported_only=not is_target)
     return rows
 
 
@@ -735,6 +828,9 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         f"built {meta['machine']['brioche_extension'].get('mtime', '?')} "
         f"(sha256 {meta['machine']['brioche_extension'].get('sha256', '?')})",
         "- peers: " + ", ".join(f"{k} {v}" for k, v in meta["machine"]["peers"].items()),
+        "- a scenario rerun later with `--merge` says so under its heading, with the machine and "
+        "the commit of the rerun when they were recorded: compare rows within one scenario, not "
+        "across scenarios of different runs",
         f"- each server pinned to CPU {SERVER_CPU} (`taskset -c {SERVER_CPU}`), the load generator "
         f"(`benches/loadgen`, Rust, one thread, raw frames) to CPU {CLIENT_CPU}; RLIMIT_NOFILE "
         f"raised to {meta['machine']['nofile_hard']} in both. brioche's tokio runtime sizes itself "
@@ -757,11 +853,22 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         lines.append(f"| {s.label} | `{what}`{' — ' + s.note if s.note else ''} | {status} |")
     for sc in scen:
         lines += ["", f"## {sc.id}: {sc.title}", "", sc.description.format(**cfg), ""]
+        labels = {s.name: s.label for s in specs}
         for rerun in meta.get("reruns", []):
             if sc.id in rerun["scenarios"]:
-                lines += [f"*Rerun on {rerun['date']} with `{rerun['command']}` (extension "
-                          f"sha256 {rerun['brioche_extension'].get('sha256', '?')}); the other "
-                          "scenarios are from the full run.*", ""]
+                at = f"brioche at {rerun['brioche_commit']}, " if "brioche_commit" in rerun else ""
+                if "cpu_model" in rerun:
+                    at = f"on {rerun['cpu_model']}, kernel {rerun['kernel']}; " + at
+                rerun_rows = rerun.get("servers") or list(sc.results)
+                if any(n not in rerun_rows for n in sc.results):
+                    rows = (": rows " + ", ".join(labels.get(n, n) for n in rerun_rows
+                                                  if n in sc.results)
+                            + "; the other rows, and the other scenarios, are from earlier runs")
+                else:
+                    rows = ("; every row of this scenario was rerun, the other scenarios are "
+                            "from earlier runs")
+                lines += [f"*Rerun on {rerun['date']} with `{rerun['command']}` ({at}extension "
+                          f"sha256 {rerun['brioche_extension'].get('sha256', '?')}){rows}.*", ""]
         if sc.id == "S2":
             lines += ["Closed loop: throughput = 100 / mean round trip, so p50 also measures how "
                       "much CPU each round trip costs the server. The client column shows when "
@@ -776,7 +883,9 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         lines += [header,
                   "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]
         for s in specs:
-            cell = sc.results.get(s.name, {"na": s.na or "not run"})
+            if s.name not in sc.results:
+                continue  # a row that does not run in this scenario (or was never run)
+            cell = sc.results[s.name]
             row = f"| {s.label} | " + " | ".join(cell_text(cell, m) for m in sc.metrics)
             for m in ratio_metrics:
                 row += (f" | {ratio(cell, sc.results.get('picows'), m)}"
@@ -794,12 +903,49 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
             for label, why in notes:
                 lines.append(f"- {label}: {why[:300]}")
         lines += ["", f"![{sc.id}](charts/{sc.id}.png)"]
+    lines += handler_variants(data, scen, specs)
     lines += ["", "## Targets", "", "| target | server | result | met |", "| --- | --- | --- | --- |"]
     for t in targets:
-        met = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        met = ("reported (no target)" if t.get("reported_only") else "n/a" if t["met"] is None
+               else "**met**" if t["met"] else "**missed**")
         lines.append(f"| {t['target']} | {t['server']} | {t['detail']} | {met} |")
     lines += ["", "Raw runs, settings and the machine: `benches/results.json`.", ""]
     (BENCHES / "RESULTS.md").write_text("\n".join(lines))
+
+
+def handler_variants(data: dict[str, Any], scen: list[Scenario],
+                     specs: list[ServerSpec]) -> list[str]:
+    """S1 and S2 of every brioche row on asyncio by CPython version and handler mode."""
+    by_id = {sc.id: sc.results for sc in scen}
+    if "S1" not in by_id or "S2" not in by_id:
+        return []
+    rows = [s for s in specs if s.mode and "uvloop" not in s.cmd
+            and (s.name in by_id["S1"] or s.name in by_id["S2"])]
+    if not any(s.mode != "sync" for s in rows):
+        return []
+    s1, s2 = by_id["S1"], by_id["S2"]
+    m1, p50, p99 = Metric("msgs_per_s", "", "msg/s", True), Metric("p50_us", "", "µs", False), \
+        Metric("p99_us", "", "µs", False)
+    sync_of = {s.python: s.name for s in rows if s.mode == "sync" and s.kind != "other-build"}
+    lines = ["", "## Handler variants", "",
+             "brioche's echo on asyncio by CPython version and `on_text` kind, from S1 and S2 "
+             "above. An `async def` handler runs as an asyncio Task: on 3.12 an eager one, which "
+             "finishes inside its constructor when the handler does not suspend; on 3.11 a plain "
+             "Task, whose first step waits for the next loop iteration. `+ sleep(0)` suspends "
+             "once per message, so each message takes a loop iteration and that connection's "
+             "later messages park behind it. \"÷ sync\" divides by the sync handler on the same "
+             "interpreter and build.", "",
+             "| CPython | build | on_text | S1 round trips/s | S1 ÷ sync | S1 ÷ picows | "
+             "S2 p50 (µs) | S2 p99 (µs) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in sorted(rows, key=lambda s: (s.python, s.kind, list(HANDLER_MODES).index(s.mode))):
+        c1, c2 = s1.get(s.name, {"na": "not run"}), s2.get(s.name, {"na": "not run"})
+        sync = s1.get(sync_of.get(s.python, ""))
+        build = s.name if s.kind == "other-build" else "this commit"
+        div_sync = "–" if s.kind == "other-build" or s.mode == "sync" else ratio(c1, sync, m1)
+        lines.append(f"| {s.python or '?'} | {build} | {HANDLER_MODES[s.mode]} | "
+                     f"{cell_text(c1, m1)} | {div_sync} | {ratio(c1, s1.get('picows'), m1)} | "
+                     f"{cell_text(c2, p50)} | {cell_text(c2, p99)} |")
+    return lines
 
 
 def make_charts() -> None:
@@ -814,6 +960,24 @@ def make_charts() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def report_only() -> int:
+    """RESULTS.md and the charts again from results.json, e.g. after a change to the report."""
+    data = json.loads((BENCHES / "results.json").read_text())
+    by_id = {o["id"]: o["results"] for o in data["scenarios"]}
+    for sc in SCENARIOS:
+        sc.results = by_id.get(sc.id, {})
+    scenarios = [sc for sc in SCENARIOS if sc.results]
+    specs = [ServerSpec.from_json(d) for d in data["servers"]]
+    all_scen = {sc.id: sc for sc in SCENARIOS}
+    data["targets"] = (evaluate_targets(all_scen, specs) if len(scenarios) == len(SCENARIOS)
+                       else [])
+    (BENCHES / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_markdown(data, scenarios, specs, data["targets"])
+    make_charts()
+    log("rewrote benches/RESULTS.md and benches/charts/ from benches/results.json")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 repeat, short runs)")
@@ -823,10 +987,26 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, help="measured runs per cell")
     ap.add_argument("--skip-setup", action="store_true", help="no pip install (still builds)")
     ap.add_argument("--merge", action="store_true",
-                    help="rerun only --scenarios and keep the other scenarios' results from the "
-                         "existing results.json (the report says which scenarios were rerun, when)")
+                    help="rerun only --scenarios (and only --servers) and keep every other cell "
+                         "from the existing results.json (the report says which scenarios and "
+                         "rows were rerun, when)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite RESULTS.md and charts/ from results.json")
+    ap.add_argument("--extra-server", action="append", default=[], metavar="NAME=PYTHON",
+                    help="also run brioche_server.py's sync echo on asyncio with another build "
+                         "of brioche, the one PYTHON imports (e.g. a git worktree of an older "
+                         "commit with its own venv); S1 adds the target 'sync S1 within 5%% of "
+                         "NAME'. Repeatable")
     ns = ap.parse_args()
+    extra: list[tuple[str, str]] = []
+    for item in ns.extra_server:
+        name, sep, python = item.partition("=")
+        if not sep or not name or not python:
+            ap.error(f"--extra-server wants NAME=PYTHON, not {item!r}")
+        extra.append((name, python))
     t_start = time.monotonic()
+    if ns.report_only:
+        return report_only()
     if ns.merge and (ns.quick or not ns.scenarios):
         ap.error("--merge reruns some --scenarios of a full run; it does not go with --quick")
     raise_nofile()
@@ -852,15 +1032,24 @@ def main() -> int:
 
     cfg = settings(ns.quick, ns.duration, ns.repeats)
     cfg["quick"] = ns.quick
-    specs = server_specs(build_errors, peers_error)
+    all_specs = server_specs(build_errors, peers_error, extra)
+    specs = all_specs
     if ns.servers:
         wanted = ns.servers.split(",")
-        specs = [s for s in specs if s.name in wanted]
+        unknown = set(wanted) - {s.name for s in all_specs}
+        if unknown:
+            ap.error(f"unknown --servers {', '.join(sorted(unknown))}; known: "
+                     + ", ".join(s.name for s in all_specs))
+        # --extra-server rows run even when --servers does not name them.
+        specs = [s for s in all_specs if s.name in wanted or s.kind == "other-build"]
     scenarios = [sc for sc in SCENARIOS if not ns.scenarios or sc.id in ns.scenarios.split(",")]
     for s in specs:
         log(f"server {s.name}: {'n/a: ' + s.na if s.na else 'ok'}")
+    # Every build of brioche this run uses, to notice one rebuilt during the run.
+    brioche_pythons = sorted({s.cmd[0] for s in specs if s.mode and not s.na})
+    builds_at_start = {py: extension_build(py) for py in brioche_pythons}
 
-    meta = {
+    meta: dict[str, Any] = {
         "command": " ".join([".venv/bin/python", "benches/run.py", *sys.argv[1:]]),
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine_info(peer_versions()),
@@ -868,6 +1057,8 @@ def main() -> int:
     for sc in scenarios:
         log(f"== {sc.id} {sc.title}")
         for s in specs:
+            if not s.runs_in(sc.id):
+                continue
             if s.na:
                 sc.results[s.name] = {"na": s.na, "runs": [], "errors": []}
                 continue
@@ -878,48 +1069,68 @@ def main() -> int:
 
     meta["wall_seconds"] = time.monotonic() - t_start
     meta["warnings"] = []
-    ext_end = extension_build()
-    if ext_end != meta["machine"]["brioche_extension"]:
-        meta["warnings"].append(
-            f"the brioche extension in .venv was rebuilt during the run (at start: "
-            f"{meta['machine']['brioche_extension']}, at the end: {ext_end}); servers started "
-            "after the rebuild ran the new build")
+    meta["machine"]["brioche_extensions"] = builds_at_start
+    for py, at_start in builds_at_start.items():
+        at_end = extension_build(py)
+        if at_end != at_start:
+            meta["warnings"].append(
+                f"the brioche extension that {py} imports was rebuilt during the run (at start: "
+                f"{at_start}, at the end: {at_end}); servers started after the rebuild ran the "
+                "new build")
     old_path = BENCHES / "results.json"
+    shown = specs
     if ns.merge and old_path.exists():
         old = json.loads(old_path.read_text())
         rerun = {"scenarios": [sc.id for sc in scenarios], "date": meta["date"],
                  "command": meta["command"], "wall_seconds": meta["wall_seconds"],
-                 "brioche_extension": meta["machine"]["brioche_extension"]}
+                 "brioche_commit": meta["machine"]["brioche_commit"],
+                 "cpu_model": meta["machine"]["cpu_model"], "kernel": meta["machine"]["kernel"],
+                 "brioche_extension": meta["machine"]["brioche_extension"],
+                 "brioche_extensions": builds_at_start,
+                 "servers": [s.name for s in specs]}
         old_by_id = {o["id"]: o for o in old["scenarios"]}
         for sc in SCENARIOS:
-            if sc not in scenarios and sc.id in old_by_id:
-                sc.results = old_by_id[sc.id]["results"]
+            kept = old_by_id.get(sc.id, {}).get("results", {})
+            if sc in scenarios:
+                # The rows rerun replace theirs; the other rows of the scenario are kept.
+                sc.results = {**{k: v for k, v in kept.items() if k not in sc.results},
+                              **sc.results}
+            else:
+                sc.results = kept
         scenarios = [sc for sc in SCENARIOS if sc.results]
+        # Rows: every server known now (probed just now), then those only the old results know
+        # (e.g. an --extra-server of an earlier run), brioche's rows first.
+        known = {s.name for s in all_specs}
+        shown = [*all_specs, *(ServerSpec.from_json(d) for d in old.get("servers", [])
+                               if d["name"] not in known)]
+        shown.sort(key=lambda s: not s.name.startswith("brioche"))
         meta = {**old["meta"], "reruns": [*old["meta"].get("reruns", []), rerun],
                 "warnings": [*old["meta"].get("warnings", []),
                              *(f"rerun of {', '.join(rerun['scenarios'])}: {w}"
                                for w in meta["warnings"])]}
         cfg = old["settings"]
+    shown = [s for s in shown if any(s.name in sc.results for sc in scenarios)]
     all_scen = {sc.id: sc for sc in SCENARIOS}
-    targets = evaluate_targets(all_scen) if len(scenarios) == len(SCENARIOS) else []
+    targets = evaluate_targets(all_scen, shown) if len(scenarios) == len(SCENARIOS) else []
     data = {
         "meta": meta,
         "settings": cfg,
-        "servers": [{"name": s.name, "label": s.label, "cmd": s.cmd, "note": s.note,
-                     "status": "n/a" if s.na else "ok", "reason": s.na} for s in specs],
+        "servers": [s.as_json() for s in shown],
         "scenarios": [{"id": sc.id, "title": sc.title, "description": sc.description,
                        "metrics": [vars(m) for m in sc.metrics], "results": sc.results}
                       for sc in scenarios],
         "targets": targets,
     }
     (BENCHES / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    write_markdown(data, scenarios, specs, targets)
+    write_markdown(data, scenarios, shown, targets)
     make_charts()
     log(f"done in {(time.monotonic() - t_start) / 60:.1f} min: benches/RESULTS.md, benches/results.json, "
         "benches/charts/")
     for t in targets:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        log(f"  {t['target']:<26} {t['server']:<16} {t['detail']:<40} {met}")
+        if t.get("reported_only"):
+            met = "reported"
+        log(f"  {t['target']:<34} {t['server']:<22} {t['detail']:<44} {met}")
     return 0
 
 

@@ -1,8 +1,15 @@
 """brioche bench server: one Python handler per message.
 
-usage: brioche_server.py PORT [asyncio|uvloop]
+usage: brioche_server.py PORT [asyncio|uvloop] [sync|async|async-sleep0]
   any path: echo (``ws.send(text)`` in ``on_text``);  /sub: subscribed to "bench";
   /pub: each text message is published to "bench" with ``srv.publish``.
+
+The handler mode says what ``on_text`` is (``on_open`` and ``on_bytes`` stay plain functions):
+  sync          ``def on_text``: a direct call per message (the default)
+  async         ``async def on_text`` that never awaits: a task per message that finishes in
+                its first step (eager on 3.12+, so no loop iteration; a plain Task before)
+  async-sleep0  ``async def on_text`` that awaits ``asyncio.sleep(0)`` before sending: every
+                message suspends once, and that connection's later messages park behind it
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from brioche import server, websocket
 from common import TOPIC, listening, setup
 
 SUB, PUB, ECHO = "sub", "pub", "echo"
+MODES = ("sync", "async", "async-sleep0")
 _srv: brioche.Server[str] | None = None
 
 
@@ -25,6 +33,23 @@ def on_open(ws: brioche.WebSocket[str]) -> None:
 
 
 def on_text(ws: brioche.WebSocket[str], text: str) -> None:
+    if ws.data == PUB:
+        assert _srv is not None
+        _srv.publish(TOPIC, text)
+    else:
+        ws.send(text)
+
+
+async def on_text_async(ws: brioche.WebSocket[str], text: str) -> None:
+    if ws.data == PUB:
+        assert _srv is not None
+        _srv.publish(TOPIC, text)
+    else:
+        ws.send(text)
+
+
+async def on_text_sleep0(ws: brioche.WebSocket[str], text: str) -> None:
+    await asyncio.sleep(0)
     if ws.data == PUB:
         assert _srv is not None
         _srv.publish(TOPIC, text)
@@ -43,20 +68,25 @@ def handler(request: server.Request, srv: brioche.Server[str]) -> server.Respons
     return server.text("brioche bench server")
 
 
-async def main(port: int, loop_name: str) -> None:
+async def main(port: int, loop_name: str, mode: str) -> None:
     global _srv
-    config = websocket.init().on_open(on_open).on_text(on_text).on_bytes(on_bytes)
+    text = {"sync": on_text, "async": on_text_async, "async-sleep0": on_text_sleep0}[mode]
+    config = websocket.init().on_open(on_open).on_text(text).on_bytes(on_bytes)
     _srv = await server.handler(handler).websocket(config).hostname("127.0.0.1").port(port).serve()
-    listening(f"brioche ({loop_name})", _srv.port)
+    version = ".".join(map(str, sys.version_info[:3]))
+    listening(f"brioche ({loop_name}, {mode} on_text, CPython {version})", _srv.port)
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
     port = setup()
     loop_name = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    mode = sys.argv[3] if len(sys.argv) > 3 else "sync"
+    if mode not in MODES:
+        sys.exit(f"unknown handler mode {mode!r}: one of {', '.join(MODES)}")
     if loop_name == "uvloop":
         import uvloop
 
-        uvloop.run(main(port, loop_name))
+        uvloop.run(main(port, loop_name, mode))
     else:
-        asyncio.run(main(port, loop_name))
+        asyncio.run(main(port, loop_name, mode))
