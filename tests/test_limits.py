@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -19,8 +24,11 @@ from rawws import (
     OP_PONG,
     OP_TEXT,
     RawWebSocket,
+    blocking_connect,
     encode_frame,
 )
+
+MIB = 1 << 20
 
 
 def recording_echo(recorder: Recorder) -> websocket.Config[Any]:
@@ -170,3 +178,100 @@ async def test_fragmented_binary_message_is_reassembled(serve: ServeFn, recorder
         echo = await client.recv_frame()
         assert (echo.opcode, echo.payload) == (OP_BINARY, b"\x00\x01\x02")
     assert recorder.of("bytes") == [(b"\x00\x01\x02",)]
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+: ``5`` in /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _in_flight(server_port: int, client_ports: set[int]) -> int:
+    """Bytes from these clients that the server has not read yet: the clients' send queues and
+    the server sockets' receive queues, from /proc/net/tcp."""
+    total = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+            tx_queue, rx_queue = (int(q, 16) for q in fields[4].split(":"))
+            if local in client_ports and remote == server_port:
+                total += tx_queue
+            elif local == server_port and remote in client_ports:
+                total += rx_queue
+    return total
+
+
+def _wait_until_read(server_port: int, socks: list[socket.socket], timeout: float = 10) -> None:
+    """Block until the server has read everything these sockets sent (the loop does not run)."""
+    ports = {s.getsockname()[1] for s in socks}
+    deadline = time.monotonic() + timeout
+    while _in_flight(server_port, ports) > 0:
+        assert time.monotonic() < deadline, f"the server did not read within {timeout} s"
+        time.sleep(0.005)
+
+
+async def test_large_frames_arriving_slowly_are_held_once_at_their_size(serve: ServeFn, recorder: Recorder) -> None:
+    """Eight connections each send a 16 MiB binary frame in pieces, all at the same time: the
+    server holds each in one buffer of the frame's size, reserved from the header, and hands it
+    on without a copy. The server runs in this process: its peak RSS grows by the eight frames
+    and at most 1 MiB each, while they are all partial and as they complete (before the loop
+    turns them into bytes objects, which it cannot do while this test blocks it). A buffer that
+    grew by doubling and was copied out once complete peaked at +159 MiB here."""
+    if not _reset_peak_rss():
+        pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
+    size, clients, piece = 16 * MIB, 8, 256 * 1024
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("bytes", len(data), data.count(0) == len(data))
+
+    srv = await serve(websocket.init().on_bytes(on_bytes).max_payload_length(size))
+    socks = list(await asyncio.gather(*(asyncio.to_thread(blocking_connect, srv.port) for _ in range(clients))))
+    key = os.urandom(4)
+    head = struct.pack(">BBQ", 0x82, 0x80 | 127, size) + key
+    masked = memoryview(key * (size // 4))  # a payload of zeros, masked
+
+    def send_all_but_the_last_byte(sock: socket.socket) -> None:
+        sock.sendall(head)
+        for at in range(0, size - 1, piece):
+            sock.sendall(masked[at:min(at + piece, size - 1)])
+
+    try:
+        assert _reset_peak_rss()
+        baseline = _status_kib("VmHWM")
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(clients) as pool:
+            await asyncio.gather(*(loop.run_in_executor(pool, send_all_but_the_last_byte, s) for s in socks))
+        # From here the loop is blocked on purpose: the engine's threads read and complete the
+        # frames, and no bytes object is made until the peak is measured.
+        _wait_until_read(srv.port, socks)
+        partial = _status_kib("VmHWM")
+        for sock in socks:
+            sock.sendall(masked[size - 1:])
+        _wait_until_read(srv.port, socks)
+        time.sleep(0.05)  # the last read's parse: microseconds
+        peak = _status_kib("VmHWM")
+        growth = (peak - baseline) * 1024
+        limit = clients * (size + MIB)
+        assert growth < limit, (
+            f"peak RSS +{growth / MIB:.0f} MiB for {clients} x 16 MiB frames "
+            f"(+{(partial - baseline) / 1024:.0f} MiB while partial; limit {limit / MIB:.0f} MiB)"
+        )
+        await recorder.wait_for(lambda: len(recorder.of("bytes")) == clients, timeout=20)
+        assert recorder.of("bytes") == [(size, True)] * clients
+    finally:
+        for sock in socks:
+            sock.close()
