@@ -5,8 +5,11 @@
 #   scripts/conformance.sh [CASES]     # default: 1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.* (no 8.*)
 #
 # Installs wstest first when it is missing (setup.sh needs root or sudo; ~1 min on a fresh
-# machine). Exits with run.sh's status: 0 no FAILED case, 1 some FAILED, 2 harness problem
-# (server unreachable, no report), 3 not installed; 4 if the echo server would not start.
+# machine). Stricter than run.sh, which fails only on FAILED: every case's behavior and close
+# behavior must be OK or INFORMATIONAL (the cases where the RFC leaves the choice open: 7.1.6,
+# 7.13.1, 7.13.2), so NON-STRICT, WRONG CODE, UNCLEAN or UNIMPLEMENTED fail the run too.
+# Exits 0 when every case is so, 1 when one is not, 2 harness problem (server unreachable, no
+# report), 3 not installed; 4 if the echo server would not start.
 # Reports (HTML + JSON per case) land in $AUTOBAHN_REPORTS (default /tmp/autobahn-reports).
 #
 # Env: AUTOBAHN_TOOLS (default ../shared/tools/autobahn next to the repo, or next to the local
@@ -26,6 +29,7 @@ if [ -z "${AUTOBAHN_TOOLS:-}" ] && [ ! -x "$TOOLS/run.sh" ]; then
 fi
 PREFIX="${AUTOBAHN_PREFIX:-/opt/autobahn}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+export AUTOBAHN_REPORTS="${AUTOBAHN_REPORTS:-/tmp/autobahn-reports}"  # run.sh writes there
 CASES="${1:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*}"
 START_TIMEOUT=20   # seconds for the echo server to accept connections
 STOP_TIMEOUT=15    # seconds for it to exit after SIGTERM
@@ -110,4 +114,25 @@ if ! kill -0 "$SERVER_PID" 2>/dev/null; then
   [ "$status" = 0 ] && status=2
 fi
 stop_server
+
+# --- 5. strict: nothing but OK and INFORMATIONAL, for the behavior and the close behavior
+if [ "$status" = 0 ]; then
+  set +e
+  "$PYTHON" - "$AUTOBAHN_REPORTS/index.json" <<'PY'
+import json, sys
+ALLOWED = {"OK", "INFORMATIONAL"}
+with open(sys.argv[1], encoding="utf-8") as f:
+    cases = {cid: r for agent in json.load(f).values() for cid, r in agent.items()}
+order = lambda cid: [int(p) if p.isdigit() else 0 for p in cid.split(".")]
+bad = [f"  {cid}: behavior {r.get('behavior')}, close {r.get('behaviorClose')}"
+       for cid, r in sorted(cases.items(), key=lambda kv: order(kv[0]))
+       if r.get("behavior") not in ALLOWED or r.get("behaviorClose") not in ALLOWED]
+if bad:
+    print(f"conformance: {len(bad)} of {len(cases)} cases neither OK nor INFORMATIONAL:", *bad, sep="\n")
+    sys.exit(1)
+print(f"conformance: all {len(cases)} cases OK or INFORMATIONAL")
+PY
+  status=$?
+  set -e
+fi
 exit "$status"
