@@ -102,7 +102,8 @@ impl PyEngine {
                     return Ok(None);
                 };
                 let text_obj = PyString::new(py, text.as_str());
-                let item = (EVENT_TEXT, ws.clone_ref(py), text_obj).into_pyobject(py)?;
+                let context = ws.get().context.clone_ref(py);
+                let item = (EVENT_TEXT, ws.clone_ref(py), text_obj, context).into_pyobject(py)?;
                 ws.get().conn.message_taken(text.len());
                 item.into_any()
             }
@@ -111,7 +112,8 @@ impl PyEngine {
                     return Ok(None);
                 };
                 let bytes = PyBytes::new(py, data);
-                let item = (EVENT_BYTES, ws.clone_ref(py), bytes).into_pyobject(py)?;
+                let context = ws.get().context.clone_ref(py);
+                let item = (EVENT_BYTES, ws.clone_ref(py), bytes, context).into_pyobject(py)?;
                 ws.get().conn.message_taken(data.len());
                 item.into_any()
             }

@@ -19,7 +19,7 @@ pub struct PyWebSocket {
     data: Py<PyAny>,
     /// The `contextvars.Context` every handler of this connection runs in: a copy of the one
     /// `upgrade` was called in, so what the HTTP handler set reaches the socket's handlers.
-    context: Py<PyAny>,
+    pub(crate) context: Py<PyAny>,
 }
 
 impl PyWebSocket {
