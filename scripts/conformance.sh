@@ -12,21 +12,13 @@
 # report), 3 not installed; 4 if the echo server would not start.
 # Reports (HTML + JSON per case) land in $AUTOBAHN_REPORTS (default /tmp/autobahn-reports).
 #
-# Env: AUTOBAHN_TOOLS (default ../shared/tools/autobahn next to the repo, or next to the local
-# checkout it was cloned from, as in `git clone . /tmp/fresh`), AUTOBAHN_PREFIX
-# (default /opt/autobahn), PYTHON (default .venv/bin/python of the repo), and every variable
-# run.sh reads (AUTOBAHN_TIMEOUT, AUTOBAHN_EXCLUDE, ...).
+# The harness lives beside this script, in scripts/autobahn/ (wstest's installer, the runner and
+# its summary). Env: AUTOBAHN_PREFIX (default /opt/autobahn), PYTHON (default .venv/bin/python
+# of the repo), and every variable run.sh reads (AUTOBAHN_TIMEOUT, AUTOBAHN_EXCLUDE, ...).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOLS="${AUTOBAHN_TOOLS:-$REPO/../shared/tools/autobahn}"
-if [ -z "${AUTOBAHN_TOOLS:-}" ] && [ ! -x "$TOOLS/run.sh" ]; then
-  # A clone of a local checkout: the harness beside the checkout it came from.
-  ORIGIN="$(git -C "$REPO" remote get-url origin 2>/dev/null || true)"
-  if [ -d "$ORIGIN" ] && [ -x "$ORIGIN/../shared/tools/autobahn/run.sh" ]; then
-    TOOLS="$(cd "$ORIGIN/../shared/tools/autobahn" && pwd)"
-  fi
-fi
+TOOLS="$REPO/scripts/autobahn"
 PREFIX="${AUTOBAHN_PREFIX:-/opt/autobahn}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 export AUTOBAHN_REPORTS="${AUTOBAHN_REPORTS:-/tmp/autobahn-reports}"  # run.sh writes there
@@ -34,10 +26,6 @@ CASES="${1:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*}"
 START_TIMEOUT=20   # seconds for the echo server to accept connections
 STOP_TIMEOUT=15    # seconds for it to exit after SIGTERM
 
-if [ ! -x "$TOOLS/run.sh" ]; then
-  echo "conformance: no Autobahn harness in $TOOLS (set AUTOBAHN_TOOLS)" >&2
-  exit 3
-fi
 if [ ! -x "$PYTHON" ]; then
   echo "conformance: $PYTHON not found; run 'make install' first" >&2
   exit 3
