@@ -22,10 +22,8 @@ async def upgrade_ws_path(request: server.Request, srv: brioche.Server[Any]) -> 
     return server.text("ok")
 
 
-@pytest.fixture
-async def serve() -> AsyncIterator[ServeFn]:
-    """``await serve(ws_config, handler=..., **config)`` starts a server; all are stopped after."""
-    started: list[brioche.Server[Any]] = []
+def server_starter(started: list[brioche.Server[Any]]) -> ServeFn:
+    """A ``serve`` function that appends each server it starts to ``started``."""
 
     async def start(
         ws_config: websocket.Config[Any] | None = None,
@@ -42,7 +40,14 @@ async def serve() -> AsyncIterator[ServeFn]:
         started.append(srv)
         return srv
 
-    yield start
+    return start
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServeFn]:
+    """``await serve(ws_config, handler=..., **config)`` starts a server; all are stopped after."""
+    started: list[brioche.Server[Any]] = []
+    yield server_starter(started)
     for srv in started:
         await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
 

@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import MessageBackpressured, server, websocket
-from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
+from conftest import Recorder, ServeFn, server_starter, ws_url
 from rawws import OP_CLOSE, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
 
 TIMEOUT = 5
@@ -49,21 +49,7 @@ def on_uvloop(scenario: Scenario) -> None:
     async def main() -> None:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         started: list[brioche.Server[Any]] = []
-
-        async def start(
-            ws_config: websocket.Config[Any] | None = None,
-            handler: server.Handler[Any] = upgrade_ws_path,
-            **settings: Any,
-        ) -> brioche.Server[Any]:
-            config = server.handler(handler).hostname("127.0.0.1").port(0)
-            if ws_config is not None:
-                config = config.websocket(ws_config)
-            for name, value in settings.items():
-                config = getattr(config, name)(value)
-            srv = await config.serve()
-            started.append(srv)
-            return srv
-
+        start = server_starter(started)
         try:
             await scenario(start, Recorder())
         finally:
