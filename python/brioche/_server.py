@@ -198,6 +198,8 @@ class Server(Generic[T]):
                 handshake_timeout=config.handshake_timeout_seconds,
                 max_request_header_size=config.max_request_header_size_bytes,
                 max_connections=config.max_connections_value,
+                message_timeout=limits.message_timeout_seconds,
+                max_incoming_bytes=config.max_incoming_bytes_value,
             )
         except OSError as exc:
             where = f"{config.hostname_value}:{port}"

@@ -47,6 +47,7 @@ __all__ = [
     "internal_error",
     "json",
     "max_connections",
+    "max_incoming_bytes",
     "max_request_body_size",
     "max_request_header_size",
     "not_found",
@@ -116,6 +117,7 @@ class Config(Generic[T]):
     max_request_header_size_bytes: int = 64 * 1024
     handshake_timeout_seconds: float = 10.0
     max_connections_value: int = 0
+    max_incoming_bytes_value: int = 1 << 30
 
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
@@ -146,7 +148,10 @@ class Config(Generic[T]):
         return dataclasses.replace(self, max_request_header_size_bytes=size)
 
     def handshake_timeout(self, seconds: float) -> Config[T]:
-        """Seconds a client has to send its request headers (default 10); then it is cut off."""
+        """Seconds a client has to send its whole request, head and body (default 10).
+
+        A request still incomplete then gets 408 and the connection is closed (slowloris guard).
+        """
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
             raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {seconds!r}")
         return dataclasses.replace(self, handshake_timeout_seconds=float(seconds))
@@ -156,6 +161,18 @@ class Config(Generic[T]):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"max_connections must be an int >= 0, got {count!r}")
         return dataclasses.replace(self, max_connections_value=count)
+
+    def max_incoming_bytes(self, size: int) -> Config[T]:
+        """Bytes all clients together may make the server hold (default 1 GiB, 0: no limit).
+
+        It counts messages still arriving and messages waiting for their handler. Past it, the
+        connections holding 64 KiB or more stop being read until it frees up (their clients
+        wait, held back by TCP), while those holding less go on; a paused client whose message
+        is still incomplete at its ``message_timeout`` is closed with 1008.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"max_incoming_bytes must be an int >= 0, got {size!r}")
+        return dataclasses.replace(self, max_incoming_bytes_value=size)
 
     async def serve(self) -> Server[T]:
         """Start listening on the running event loop and return the started ``Server``."""
@@ -230,6 +247,11 @@ def handshake_timeout(config: Config[T], seconds: float) -> Config[T]:
 def max_connections(config: Config[T], count: int) -> Config[T]:
     """Module form of :meth:`Config.max_connections`."""
     return config.max_connections(count)
+
+
+def max_incoming_bytes(config: Config[T], size: int) -> Config[T]:
+    """Module form of :meth:`Config.max_incoming_bytes`."""
+    return config.max_incoming_bytes(size)
 
 
 async def serve(config: Config[T]) -> Server[T]:

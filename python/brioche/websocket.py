@@ -37,6 +37,7 @@ __all__ = [
     "init",
     "is_subscribed",
     "max_payload_length",
+    "message_timeout",
     "on_bytes",
     "on_close",
     "on_drain",
@@ -108,6 +109,7 @@ class Config(Generic[T]):
     backpressure_limit_bytes: int = 16 * _MIB
     close_on_backpressure: bool = False
     idle_timeout_seconds: int = 120
+    message_timeout_seconds: float = 120.0
     publish_to_self_enabled: bool = False
     send_pings_enabled: bool = True
 
@@ -159,6 +161,17 @@ class Config(Generic[T]):
         """Seconds of silence from the client before the connection is closed (default 120, 0: off)."""
         value = _check_size("idle_timeout", idle_timeout, minimum=0)
         return dataclasses.replace(self, idle_timeout_seconds=value)
+
+    def message_timeout(self, seconds: float) -> Config[T]:
+        """Seconds a message may take from its first byte to its last (default 120, 0: off).
+
+        A client still sending one message past it is closed with 1008 ("message timeout"), and
+        the part received is dropped: a client that drips a large message cannot hold its buffer
+        for ever by sending a byte now and then (each byte resets the idle timer).
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise ValueError(f"message_timeout must be a number of seconds >= 0, got {seconds!r}")
+        return dataclasses.replace(self, message_timeout_seconds=float(seconds))
 
     def publish_to_self(self, publish_to_self: bool) -> Config[T]:
         """Whether ``ws.publish`` also reaches ``ws`` when it is subscribed (default False)."""
@@ -222,6 +235,11 @@ def close_on_backpressure_limit(config: Config[T], close_on_backpressure_limit: 
 def idle_timeout(config: Config[T], idle_timeout: int) -> Config[T]:
     """Module form of :meth:`Config.idle_timeout`."""
     return config.idle_timeout(idle_timeout)
+
+
+def message_timeout(config: Config[T], seconds: float) -> Config[T]:
+    """Module form of :meth:`Config.message_timeout`."""
+    return config.message_timeout(seconds)
 
 
 def publish_to_self(config: Config[T], publish_to_self: bool) -> Config[T]:

@@ -17,6 +17,10 @@ pub struct WsLimits {
     pub publish_to_self: bool,
     /// Whether a silent client is pinged before the idle timeout closes it.
     pub send_pings: bool,
+    /// How long a message (or control frame) may take from its first byte to its last before
+    /// the connection is closed with 1008; zero turns it off. Without it a client that drips
+    /// a large message holds its buffer for as long as it keeps dripping.
+    pub message_timeout: Duration,
 }
 
 impl Default for WsLimits {
@@ -28,6 +32,7 @@ impl Default for WsLimits {
             idle_timeout: Duration::from_secs(120),
             publish_to_self: false,
             send_pings: true,
+            message_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -49,6 +54,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a server-initiated close waits for the client's close frame.
     pub close_timeout: Duration,
+    /// Bytes all clients together may make the server hold in incomplete messages and in
+    /// messages waiting for Python (`budget.rs`); 0: no limit.
+    pub max_incoming_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +71,7 @@ impl Default for ServerConfig {
             max_header_size: 64 * 1024,
             max_connections: 0,
             close_timeout: Duration::from_secs(5),
+            max_incoming_bytes: 1 << 30,
         }
     }
 }

@@ -426,6 +426,11 @@ impl Conn {
         }
     }
 
+    /// Bytes of this connection's messages waiting for Python.
+    pub(crate) fn inflight_bytes(&self) -> usize {
+        self.inflight_bytes.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn reading_paused(&self) -> bool {
         self.paused_by_app.load(Ordering::Relaxed)
             || self.inflight_messages.load(Ordering::Relaxed) >= MAX_INFLIGHT_MESSAGES

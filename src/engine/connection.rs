@@ -23,7 +23,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use super::conn::{signal, Conn, ReadyState};
 use super::events::Event;
 use super::frame::{OutFrame, OP_CLOSE, OP_PING, OP_PONG};
-use super::inbound::{Incoming, MessageReader, Violation};
+use super::inbound::{Incoming, MessageReader};
 use super::outbound::Flushed;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
@@ -88,11 +88,12 @@ pub fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) -> impl Fu
     let first = if already_read.is_empty() {
         None
     } else {
-        feed(&task.conn, &mut task.reader, &already_read)
+        feed(&task.conn, &mut task.rx, &already_read)
     };
     async move {
         let timer = sleep_until(task.next_idle_check());
         tokio::pin!(timer);
+        task.arm_message_deadline(timer.as_mut());
         if let Some(ending) = first {
             task.end_reading(ending, timer.as_mut());
         }
@@ -119,16 +120,30 @@ enum Phase {
 struct Task {
     conn: Arc<Conn>,
     stream: Arc<TcpStream>,
-    reader: MessageReader,
+    rx: Receiver,
     phase: Phase,
     last_read: Instant,
     pinged_at: Option<Instant>,
     close_deadline: Option<Instant>,
     /// The kernel refused bytes: wait for writability before flushing again.
     write_blocked: bool,
+    /// Not reading because Python is behind or asked so (`Conn::reading_paused`).
     paused: bool,
+    /// Not reading because the server-wide budget is spent (`budget.rs`).
+    budget_paused: bool,
+    /// The budget's wake-up generation this task is registered in; `u64::MAX`: none.
+    budget_generation: u64,
     /// `Event::Close` was pushed: the loop will deliver `on_close`.
     reported: bool,
+}
+
+/// The read side: the parser, and what the frame or message being received costs.
+struct Receiver {
+    reader: MessageReader,
+    /// Bytes of the incomplete frame or message counted in the server's budget.
+    charged: usize,
+    /// When the frame or message being received began to arrive; `None` between messages.
+    since: Option<Instant>,
 }
 
 /// Every way out of a task releases the connection, a panic included (tokio catches it and
@@ -137,6 +152,7 @@ struct Task {
 /// attached, `pending_websockets` counting it and `on_close` never called.
 impl Drop for Task {
     fn drop(&mut self) {
+        self.release_budget();
         if self.reported {
             return;
         }
@@ -158,15 +174,71 @@ impl Task {
         Self {
             conn,
             stream,
-            reader,
+            rx: Receiver {
+                reader,
+                charged: 0,
+                since: None,
+            },
             phase: Phase::Open,
             last_read: Instant::now(),
             pinged_at: None,
             close_deadline: None,
             write_blocked: false,
             paused: false,
+            budget_paused: false,
+            budget_generation: u64::MAX,
             reported: false,
         }
+    }
+
+    /// When the frame or message being received must have arrived whole.
+    fn message_due(&self) -> Option<Instant> {
+        let timeout = self.conn.shared.config.ws.message_timeout;
+        match self.rx.since {
+            Some(since) if !timeout.is_zero() => Some(since + timeout),
+            _ => None,
+        }
+    }
+
+    /// Bring the timer forward to the message deadline, if that comes first.
+    fn arm_message_deadline(&self, mut timer: Pin<&mut Sleep>) {
+        if let Some(due) = self.message_due() {
+            if due < timer.deadline() {
+                timer.as_mut().reset(due);
+            }
+        }
+    }
+
+    /// Whether the server-wide budget asks this connection to stop reading. A paused task is
+    /// registered to be woken when the budget frees up.
+    fn budget_pauses(&mut self) -> bool {
+        let budget = &self.conn.shared.budget;
+        if !budget.pauses(self.rx.charged + self.conn.inflight_bytes()) {
+            return false;
+        }
+        if self.budget_generation == budget.generation() {
+            return true;
+        }
+        match budget.wait(&self.conn) {
+            Some(generation) => {
+                self.budget_generation = generation;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release_budget(&mut self) {
+        self.conn.shared.budget.release(self.rx.charged);
+        self.rx.charged = 0;
+    }
+
+    /// The message took longer than `message_timeout`: drop it and close with 1008.
+    fn message_timed_out(&mut self) -> Ending {
+        self.rx.reader.abandon();
+        self.rx.since = None;
+        self.release_budget();
+        refuse(&self.conn, 1008, "message timeout")
     }
 
     /// With pings, a silent client is pinged at 3/4 of the timeout and has the rest to answer.
@@ -246,25 +318,30 @@ impl Task {
             step = Step::Progress;
         }
         let paused = self.conn.reading_paused();
-        if self.paused && !paused {
+        let budget_paused = !paused && self.budget_pauses();
+        if (self.paused || self.budget_paused) && !(paused || budget_paused) {
             // Time spent not reading is not the client's silence.
             self.last_read = Instant::now();
         }
         self.paused = paused;
-        if paused {
+        self.budget_paused = budget_paused;
+        if paused || budget_paused {
             return step;
         }
-        if self.reader.stalled() {
+        if self.rx.reader.stalled() {
             // Frames that arrived while the loop was behind: parse them before reading more.
-            return match feed(&self.conn, &mut self.reader, &[]) {
+            let ended = feed(&self.conn, &mut self.rx, &[]);
+            self.arm_message_deadline(timer);
+            return match ended {
                 Some(ending) => Step::Done(ending),
                 None => Step::Progress,
             };
         }
         match self.stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => match read(&self.conn, &self.stream, &mut self.reader) {
+            Poll::Ready(Ok(())) => match read(&self.conn, &self.stream, &mut self.rx) {
                 Read::Some => {
                     self.last_read = Instant::now();
+                    self.arm_message_deadline(timer);
                     Step::Progress
                 }
                 Read::Nothing => Step::Progress,
@@ -284,12 +361,20 @@ impl Task {
         if self.close_deadline.is_some_and(|d| now >= d) {
             return Some(Ending::abrupt(1006, ""));
         }
+        if self.message_due().is_some_and(|due| now >= due) {
+            if !self.paused {
+                return Some(self.message_timed_out());
+            }
+            // Python is behind (or asked to pause): the client is not the one taking long.
+            // A pause by the budget does not count: the client is among those holding most.
+            self.rx.since = Some(now);
+        }
         if self.pinged_at.is_some_and(|at| self.last_read > at) {
             self.pinged_at = None;
         }
         let next = if idle.is_zero() {
             far_future()
-        } else if self.paused {
+        } else if self.paused || self.budget_paused {
             now + ping_after
         } else if let Some(at) = self.pinged_at {
             let give_up = at + (idle - ping_after);
@@ -307,7 +392,8 @@ impl Task {
         } else {
             self.last_read + ping_after
         };
-        timer.reset(self.close_deadline.map_or(next, |d| d.min(next)));
+        let next = self.close_deadline.map_or(next, |d| d.min(next));
+        timer.reset(self.message_due().map_or(next, |due| due.min(next)));
         None
     }
 
@@ -359,6 +445,8 @@ impl Task {
 
     /// Report the end to Python, then flush what is queued (unless the end is abrupt).
     fn finish(&mut self, ending: Ending, mut timer: Pin<&mut Sleep>) {
+        self.rx.reader.abandon();
+        self.release_budget();
         let conn = &self.conn;
         let ending = match conn.ending.lock().take() {
             Some(ended) => Ending::abrupt(ended.0, &ended.1),
@@ -446,7 +534,7 @@ enum Read {
 }
 
 /// Read and parse what the socket has, into this worker's buffer.
-fn read(conn: &Arc<Conn>, stream: &TcpStream, reader: &mut MessageReader) -> Read {
+fn read(conn: &Arc<Conn>, stream: &TcpStream, rx: &mut Receiver) -> Read {
     READ_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let mut got = Read::Nothing;
@@ -455,10 +543,17 @@ fn read(conn: &Arc<Conn>, stream: &TcpStream, reader: &mut MessageReader) -> Rea
                 Ok(0) => return Read::Ended(Ending::abrupt(1006, "")),
                 Ok(n) => {
                     got = Read::Some;
-                    if let Some(ending) = feed(conn, reader, &buf[..n]) {
+                    if let Some(ending) = feed(conn, rx, &buf[..n]) {
                         return Read::Ended(ending);
                     }
-                    if n < buf.len() || reader.stalled() || conn.reading_paused() {
+                    if n < buf.len()
+                        || rx.reader.stalled()
+                        || conn.reading_paused()
+                        || conn
+                            .shared
+                            .budget
+                            .pauses(rx.charged + conn.inflight_bytes())
+                    {
                         break;
                     }
                 }
@@ -495,16 +590,23 @@ fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Hand the messages in `data` to the loop; `Some` when the read side is over.
-fn feed(conn: &Arc<Conn>, reader: &mut MessageReader, data: &[u8]) -> Option<Ending> {
+fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
-    let parsed = reader.feed(data, &mut |message| match message {
+    // Bytes handed to the loop, and whether a message was completed (its deadline is over).
+    let mut queued = 0;
+    let mut completed = false;
+    let parsed = rx.reader.feed(data, &mut |message| match message {
         // Parsing stops at the message that reaches the in-flight caps; the rest waits.
         Incoming::Text(text) => {
+            queued += text.len();
+            completed = true;
             conn.message_queued(text.len());
             conn.shared.events.push(Event::Text(conn.id, text));
             !conn.reading_paused()
         }
         Incoming::Binary(data) => {
+            queued += data.len();
+            completed = true;
             conn.message_queued(data.len());
             conn.shared.events.push(Event::Binary(conn.id, data));
             !conn.reading_paused()
@@ -531,9 +633,19 @@ fn feed(conn: &Arc<Conn>, reader: &mut MessageReader, data: &[u8]) -> Option<End
             true
         }
     });
+    // Once per read, not per message: the budget is one counter shared by every thread.
+    let held = rx.reader.buffered();
+    conn.shared.budget.adjust(rx.charged, held + queued);
+    rx.charged = held;
+    if !rx.reader.receiving() {
+        rx.since = None;
+    } else if rx.since.is_none() || completed {
+        // A control frame in the middle of a message does not restart its clock.
+        rx.since = Some(Instant::now());
+    }
     match parsed {
         Ok(()) => closed,
-        Err(violation) => Some(fail(conn, violation)),
+        Err(violation) => Some(refuse(conn, violation.close_code(), violation.reason())),
     }
 }
 
@@ -551,9 +663,8 @@ fn queue_reply(conn: &Conn, frame: OutFrame) {
     }
 }
 
-/// Refuse the client's stream with the close code RFC 6455 asks for.
-fn fail(conn: &Conn, violation: Violation) -> Ending {
-    let (code, reason) = (violation.close_code(), violation.reason());
+/// Refuse the client's stream with `code`: the one RFC 6455 asks for a violation, or 1008.
+fn refuse(conn: &Conn, code: u16, reason: &'static str) -> Ending {
     if conn.ready_state() == ReadyState::Open {
         // The messages that arrived before the violation are still waiting for their handlers,
         // whose replies must go out before the close frame: the loop sends it, in order.

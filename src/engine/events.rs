@@ -53,6 +53,17 @@ pub enum Event {
     Stopped,
 }
 
+impl Event {
+    /// The payload bytes of a message event: what it holds of the server's incoming budget.
+    pub fn message_len(&self) -> usize {
+        match self {
+            Event::Text(_, text) => text.len(),
+            Event::Binary(_, data) => data.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Events a worker may queue before it wakes the loops it owes a wake-up, parked or not.
 const MAX_DEFERRED_EVENTS: usize = 64;
 

@@ -151,9 +151,8 @@ impl MessageReader {
         self.stalled
     }
 
-    /// Bytes held for an incomplete frame or message.
-    #[cfg(test)]
-    fn buffered(&self) -> usize {
+    /// Bytes held for an incomplete frame or message: what the server-wide budget counts.
+    pub fn buffered(&self) -> usize {
         usize::from(self.head_len)
             + self.partial.as_ref().map_or(0, |p| {
                 p.message.as_ref().map_or(0, |m| m.payload.len())
@@ -177,6 +176,23 @@ impl MessageReader {
     fn message_buffer(&self) -> *const u8 {
         self.message()
             .map_or(std::ptr::null(), |m| m.payload.as_ptr())
+    }
+
+    /// Whether a frame or message has started to arrive and has not all arrived.
+    pub fn receiving(&self) -> bool {
+        self.head_len > 0
+            || self
+                .partial
+                .as_ref()
+                .is_some_and(|p| p.message.is_some() || p.frame.is_some())
+    }
+
+    /// Give up on the stream (its message took too long): drop what is held, ignore the rest.
+    pub fn abandon(&mut self) {
+        self.done = true;
+        self.stalled = false;
+        self.partial = None;
+        self.head_len = 0;
     }
 
     fn message(&self) -> Option<&Message> {

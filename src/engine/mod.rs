@@ -1,6 +1,7 @@
 //! The PyO3-free core. Nothing here touches Python; `crate::py` wraps it.
 
 pub(crate) mod arena;
+pub(crate) mod budget;
 pub mod config;
 pub mod conn;
 pub mod connection;

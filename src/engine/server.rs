@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::budget::IncomingBudget;
 use super::config::ServerConfig;
 use super::conn::{self, Conn, SendStatus};
 use super::events::{Event, EventQueue};
@@ -26,6 +27,7 @@ pub struct Shared {
     pub config: ServerConfig,
     pub events: EventQueue,
     pub topics: TopicRegistry<Arc<Conn>>,
+    pub(crate) budget: IncomingBudget,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// WebSockets open or being upgraded, counted only when `max_connections` is set.
     websocket_slots: AtomicUsize,
@@ -136,6 +138,7 @@ impl Server {
         let listener = socket.listen(4096)?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
+            budget: IncomingBudget::new(config.max_incoming_bytes),
             config,
             events: EventQueue::new()?,
             topics: TopicRegistry::default(),

@@ -155,7 +155,8 @@ impl PyEngine {
     #[pyo3(signature = (
         hostname, port, *, max_request_body_size, max_payload_length, backpressure_limit,
         close_on_backpressure_limit, idle_timeout, publish_to_self, send_pings, websockets_enabled,
-        handshake_timeout, max_request_header_size, max_connections
+        handshake_timeout, max_request_header_size, max_connections, message_timeout,
+        max_incoming_bytes
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -173,7 +174,14 @@ impl PyEngine {
         handshake_timeout: f64,
         max_request_header_size: usize,
         max_connections: usize,
+        message_timeout: f64,
+        max_incoming_bytes: usize,
     ) -> PyResult<Self> {
+        let seconds = |name: &str, value: f64| {
+            std::time::Duration::try_from_secs_f64(value).map_err(|_| {
+                PyValueError::new_err(format!("{name} must be a number of seconds >= 0"))
+            })
+        };
         let config = ServerConfig {
             host: hostname,
             port,
@@ -186,13 +194,12 @@ impl PyEngine {
                 idle_timeout: std::time::Duration::from_secs(idle_timeout),
                 publish_to_self,
                 send_pings,
+                message_timeout: seconds("message_timeout", message_timeout)?,
             },
-            header_read_timeout: std::time::Duration::try_from_secs_f64(handshake_timeout)
-                .map_err(|_| {
-                    PyValueError::new_err("handshake_timeout must be a positive number of seconds")
-                })?,
+            header_read_timeout: seconds("handshake_timeout", handshake_timeout)?,
             max_header_size: max_request_header_size,
             max_connections,
+            max_incoming_bytes,
             ..ServerConfig::default()
         };
         // Binding touches no Python object: other Python threads may run meanwhile. (The
@@ -216,6 +223,13 @@ impl PyEngine {
     #[getter]
     fn pending_websockets(&self) -> usize {
         self.server.shared().open_websockets()
+    }
+
+    /// Bytes held in incomplete messages and in messages not yet handed to Python: what
+    /// `max_incoming_bytes` caps.
+    #[getter]
+    fn incoming_bytes(&self) -> usize {
+        self.server.shared().budget.held()
     }
 
     /// The descriptor the loop watches: readable when events are waiting.
@@ -250,14 +264,20 @@ impl PyEngine {
         let mut left = batch.len().min(max_events.max(1));
         let mut items = Vec::with_capacity(left);
         let mut failed = None;
+        // Bytes of messages now in Python's hands (or of sockets gone): off the server's budget.
+        let mut taken = 0;
         while left > 0 {
             let Some(event) = batch.pop_front() else {
                 break;
             };
             left -= 1;
+            let len = event.message_len();
             match this.event_to_py(slf, event) {
-                Ok(Some(item)) => items.push(item),
-                Ok(None) => {}
+                Ok(Some(item)) => {
+                    taken += len;
+                    items.push(item)
+                }
+                Ok(None) => taken += len,
                 Err((err, event)) => {
                     // Most likely a MemoryError: keep the event for the next call instead of
                     // losing it, and hand Python what was made so far.
@@ -269,6 +289,7 @@ impl PyEngine {
                 }
             }
         }
+        this.server.shared().budget.release(taken);
         if !batch.is_empty() {
             events.wake();
         }

@@ -1,0 +1,133 @@
+//! The server-wide cap on what clients can make the server hold: bytes of messages still
+//! arriving and of messages waiting for Python (`max_incoming_bytes`).
+//!
+//! Each connection is capped on its own (`max_payload_length`, the in-flight caps), but a
+//! thousand clients each dripping a large message stay under every one of those while together
+//! holding gigabytes. Past the budget, connections holding at least [`PAUSE_FLOOR`] stop reading
+//! (the kernel's buffers and then TCP flow control hold the rest, outside our memory) until the
+//! total falls back under it; a paused connection's message deadline keeps running, so a
+//! client that never finishes is closed with 1008 as it would be without the budget.
+//! Connections holding less keep reading, so small messages (a chat, a heartbeat) still flow
+//! while the big ones wait.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use super::conn::{signal, Conn};
+
+/// Connections holding less than this keep reading when the budget is exceeded. One read
+/// (64 KiB) may take a connection past it: the budget can be overrun by at most about twice
+/// this per connection, against a whole message's size without the floor.
+pub(crate) const PAUSE_FLOOR: usize = 64 * 1024;
+
+pub(crate) struct IncomingBudget {
+    /// `usize::MAX` when there is no limit.
+    limit: usize,
+    held: AtomicUsize,
+    /// Connections paused by the budget, resumed all at once when it frees up (each re-checks).
+    waiting: Mutex<Vec<Weak<Conn>>>,
+    any_waiting: AtomicBool,
+    /// Bumped at each wake-up: a connection whose registration predates it registers again.
+    generation: AtomicU64,
+}
+
+impl IncomingBudget {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit: if limit == 0 { usize::MAX } else { limit },
+            held: AtomicUsize::new(0),
+            waiting: Mutex::new(Vec::new()),
+            any_waiting: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Whether connections holding at least `holding` bytes should stop reading.
+    pub(crate) fn pauses(&self, holding: usize) -> bool {
+        holding >= PAUSE_FLOOR && self.held.load(Ordering::SeqCst) > self.limit
+    }
+
+    /// Move a holder's count from `before` to `after` bytes.
+    pub(crate) fn adjust(&self, before: usize, after: usize) {
+        if after > before {
+            self.held.fetch_add(after - before, Ordering::Relaxed);
+        } else if before > after {
+            self.release(before - after);
+        }
+    }
+
+    pub(crate) fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        // SeqCst with `wait`'s store and load: either the waiter sees the lower total or this
+        // sees the waiter, so no paused connection is forgotten.
+        let now = self.held.fetch_sub(bytes, Ordering::SeqCst) - bytes;
+        if now <= self.limit && self.any_waiting.load(Ordering::SeqCst) {
+            self.wake_all();
+        }
+    }
+
+    /// The generation a connection's registration is valid for.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Register `conn` to be resumed when the budget frees up. Returns the generation it is
+    /// registered in, or `None` when the budget freed up meanwhile and it may read at once.
+    pub(crate) fn wait(&self, conn: &Arc<Conn>) -> Option<u64> {
+        let generation = {
+            let mut waiting = self.waiting.lock();
+            waiting.push(Arc::downgrade(conn));
+            self.any_waiting.store(true, Ordering::SeqCst);
+            self.generation.load(Ordering::Acquire)
+        };
+        if self.held.load(Ordering::SeqCst) <= self.limit {
+            return None;
+        }
+        Some(generation)
+    }
+
+    fn wake_all(&self) {
+        let waiting = {
+            let mut waiting = self.waiting.lock();
+            self.any_waiting.store(false, Ordering::SeqCst);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            std::mem::take(&mut *waiting)
+        };
+        for conn in waiting.iter().filter_map(Weak::upgrade) {
+            conn.signal(signal::RESUME);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_holders_past_the_floor_pause_and_only_past_the_limit() {
+        let budget = IncomingBudget::new(1 << 20);
+        budget.adjust(0, 1 << 20);
+        assert!(!budget.pauses(PAUSE_FLOOR), "at the limit, not past it");
+        budget.adjust(0, 1);
+        assert!(budget.pauses(PAUSE_FLOOR));
+        assert!(!budget.pauses(PAUSE_FLOOR - 1));
+        budget.release(1);
+        assert!(!budget.pauses(usize::MAX));
+        assert_eq!(budget.held(), 1 << 20);
+    }
+
+    #[test]
+    fn no_limit_never_pauses() {
+        let budget = IncomingBudget::new(0);
+        budget.adjust(0, usize::MAX / 2);
+        assert!(!budget.pauses(usize::MAX / 2));
+    }
+}

@@ -1,0 +1,218 @@
+"""What a client can make the server hold in time and memory: `message_timeout` and the
+server-wide `max_incoming_bytes` budget, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+import brioche
+from brioche import server, websocket
+from conftest import Recorder, ServeFn, echo, ws_url
+from rawws import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawWebSocket,
+    blocking_connect,
+    encode_frame,
+    parse_frames,
+)
+from test_limits import _reset_peak_rss, _status_kib
+
+MIB = 1 << 20
+
+
+def recording_echo(recorder: Recorder) -> websocket.Config[Any]:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text)
+        ws.send(text)
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("bytes", len(data))
+        ws.send_bytes(data)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    return websocket.init().on_text(on_text).on_bytes(on_bytes).on_close(on_close)
+
+
+def test_the_settings_check_their_values_and_have_the_documented_defaults() -> None:
+    assert websocket.init().message_timeout_seconds == 120.0
+    assert websocket.init().message_timeout(0).message_timeout_seconds == 0.0
+    assert websocket.message_timeout(websocket.init(), 2.5).message_timeout_seconds == 2.5
+    for bad in (-1, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="message_timeout"):
+            websocket.init().message_timeout(bad)  # type: ignore[arg-type]
+    config: server.Config[Any] = server.handler(lambda request, srv: None)
+    assert config.max_incoming_bytes_value == 1 << 30
+    assert server.max_incoming_bytes(config, 0).max_incoming_bytes_value == 0
+    for bad_size in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_incoming_bytes"):
+            config.max_incoming_bytes(bad_size)  # type: ignore[arg-type]
+
+
+async def test_a_frame_dripped_past_the_message_timeout_closes_with_1008(serve: ServeFn, recorder: Recorder) -> None:
+    """A byte every 50 ms keeps the connection from ever being idle; the message deadline
+    still ends it, and the bytes received so far are dropped, not delivered."""
+    srv = await serve(recording_echo(recorder).message_timeout(0.5).idle_timeout(60))
+    async with await RawWebSocket.connect(srv.port) as client:
+        frame = encode_frame(OP_BINARY, b"x" * 1000)
+        closed = asyncio.ensure_future(client.expect_close_then_eof(timeout=10))
+        for i in range(200):  # 10 s of dripping at most; the deadline is 0.5 s
+            if closed.done():
+                break
+            await client.send_raw(frame[i:i + 1])
+            await asyncio.sleep(0.05)
+        close = await closed
+    assert close.close_code == 1008
+    assert close.close_reason == "message timeout"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1008, "message timeout")]
+    assert recorder.of("bytes") == []
+    assert srv._engine.incoming_bytes == 0
+
+
+async def test_pings_inside_a_fragmented_message_do_not_extend_its_deadline(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    srv = await serve(recording_echo(recorder).message_timeout(0.5).idle_timeout(60))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_frame(OP_TEXT, b"first fragment", fin=False)
+        ended = asyncio.ensure_future(client.frames_until_end(timeout=10))
+        for _ in range(100):  # every fragment and ping arrives whole; the last fragment never
+            if ended.done():
+                break
+            await client.send_frame(OP_CONTINUATION, b"more", fin=False)
+            await client.send_frame(OP_PING, b"still here")
+            await asyncio.sleep(0.05)
+        frames, how = await ended
+    *pongs, close = frames
+    assert how == "eof"
+    assert pongs and all((f.opcode, f.payload) == (OP_PONG, b"still here") for f in pongs)
+    assert (close.opcode, close.close_code) == (OP_CLOSE, 1008)
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1008, "message timeout")]
+    assert recorder.of("text") == []
+
+
+async def test_the_deadline_is_per_message(serve: ServeFn, recorder: Recorder) -> None:
+    """Eight messages each take 0.3 s of a 0.5 s deadline, 2.4 s in all: all are echoed."""
+    srv = await serve(recording_echo(recorder).message_timeout(0.5))
+    async with await RawWebSocket.connect(srv.port) as client:
+        for i in range(8):
+            frame = encode_frame(OP_TEXT, f"message {i}".encode())
+            for piece in (frame[:3], frame[3:6], frame[6:]):
+                await client.send_raw(piece)
+                await asyncio.sleep(0.1)
+            reply = await client.recv_data_frame()
+            assert (reply.opcode, reply.payload) == (OP_TEXT, f"message {i}".encode())
+        await client.send_close(1000)
+        assert (await client.expect_close_then_eof()).close_code == 1000
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("text") == [(f"message {i}",) for i in range(8)]
+    assert recorder.of("close") == [(1000, "")]
+
+
+def _close_code(sock: socket.socket) -> int | None:
+    """Read until the server's close frame; its code (None if the connection ended first)."""
+    buffer = b""
+    try:
+        for _ in range(10_000):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            frames, buffer = parse_frames(buffer + chunk)
+            for frame in frames:
+                if frame.opcode == OP_CLOSE:
+                    return frame.close_code
+    except OSError:
+        return None
+    return None
+
+
+async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_served(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """With a 64 MiB budget and a 2 s message timeout, 20 clients each start a 16 MiB message
+    and drip it at 5 MiB/s (10 MiB each by their deadline, 200 MiB together): the server stops
+    reading from them at the budget, a well-behaved client goes on getting its echoes, and each
+    dripper is closed with 1008 at its deadline. The server runs in this process: its peak RSS
+    grows by less than the budget plus 16 MiB. Without the budget it grew by about 200 MiB."""
+    if not _reset_peak_rss():
+        pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
+    budget, size, drippers, piece, interval = 64 * MIB, 16 * MIB, 20, 128 * 1024, 0.025
+    srv = await serve(
+        recording_echo(recorder).max_payload_length(size).message_timeout(2),
+        max_incoming_bytes=budget,
+    )
+    bystander = await connect(ws_url(srv, "/ws?bystander"), open_timeout=5, ping_interval=None)
+    await echo(bystander, "before")
+    socks = list(await asyncio.gather(*(asyncio.to_thread(blocking_connect, srv.port) for _ in range(drippers))))
+    for sock in socks:
+        sock.settimeout(15)  # bounds every send and recv below
+    key = os.urandom(4)
+    head = struct.pack(">BBQ", 0x82, 0x80 | 127, size) + key
+    masked = memoryview(key * (size // 4))  # 16 MiB of zeros, masked
+    stops = [threading.Event() for _ in socks]
+
+    def drip(sock: socket.socket, stop: threading.Event) -> None:
+        try:
+            sock.sendall(head)
+            for at in range(0, size - 1, piece):  # never the last byte
+                if stop.wait(interval):
+                    return
+                sock.sendall(masked[at:min(at + piece, size - 1)])
+        except OSError:
+            return  # the server closed it (or stopped reading for 15 s)
+
+    def read_close(sock: socket.socket, stop: threading.Event) -> int | None:
+        try:
+            return _close_code(sock)
+        finally:
+            stop.set()
+
+    echoes_while_full = 0
+    try:
+        assert _reset_peak_rss()
+        baseline = _status_kib("VmHWM")
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(2 * drippers) as pool:
+            for sock, stop in zip(socks, stops):
+                loop.run_in_executor(pool, drip, sock, stop)
+            codes = asyncio.gather(*(loop.run_in_executor(pool, read_close, s, e) for s, e in zip(socks, stops)))
+            for i in range(2000):  # paced: 20 s at most; the drippers end within about 3 s
+                if codes.done():
+                    break
+                await echo(bystander, f"during {i}")
+                await asyncio.sleep(0.01)
+                if srv._engine.incoming_bytes >= budget * 3 // 4:
+                    echoes_while_full += 1
+            assert await asyncio.wait_for(codes, 20) == [1008] * drippers
+        peak = _status_kib("VmHWM")
+    finally:
+        for stop in stops:
+            stop.set()
+        for sock in socks:
+            sock.close()
+    growth = (peak - baseline) * 1024
+    assert growth < budget + 16 * MIB, f"peak RSS +{growth / MIB:.0f} MiB with a {budget / MIB:.0f} MiB budget"
+    assert echoes_while_full > 0, "the well-behaved client got no echo while the budget was full"
+    await echo(bystander, "after")
+    await recorder.wait_for(lambda: len(recorder.of("close")) == drippers, timeout=10)
+    assert recorder.of("close") == [(1008, "message timeout")] * drippers
+    assert recorder.of("bytes") == []
+    await bystander.close()
+    assert srv._engine.incoming_bytes == 0
