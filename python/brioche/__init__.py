@@ -1,9 +1,11 @@
 """brioche: a WebSocket server for asyncio with a Rust (tokio) core, modelled on Bun's API.
 
+```pycon
 >>> import brioche
 >>> from brioche import server, websocket
 >>> config = websocket.init().on_text(lambda ws, text: ws.send(text) and None)
 >>> srv = await server.handler(handler).websocket(config).port(0).serve()
+```
 """
 
 from brioche._brioche import (

@@ -141,8 +141,10 @@ class BindError(BriocheError, OSError):
 class Server(Generic[T]):
     """A running server. Returned by ``serve()``; also an async context manager.
 
+    ```pycon
     >>> async with await server.handler(handler).port(0).serve() as srv:
     ...     print(srv.port)
+    ```
     """
 
     __slots__ = (

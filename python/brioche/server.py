@@ -1,10 +1,12 @@
 """The HTTP side: configure a server, serve it, answer requests and upgrade them to WebSockets.
 
+```pycon
 >>> async def handler(request: server.Request, srv: brioche.Server[str]) -> server.Response | None:
 ...     if request.path == "/ws":
 ...         return server.upgrade(srv, request, [], brioche.random_uuid_v7(), server.bad_request)
 ...     return server.text("hello")
 >>> srv = await server.handler(handler).websocket(ws_config).port(0).serve()
+```
 """
 
 from __future__ import annotations

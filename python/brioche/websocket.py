@@ -187,7 +187,9 @@ class Config(Generic[T]):
 def init() -> Config[Any]:
     """An empty ``Config``: no handlers, Bun's default limits.
 
+    ```pycon
     >>> config = websocket.init().on_text(on_text).on_close(on_close)
+    ```
     """
     return Config()
 
@@ -255,9 +257,11 @@ def send_pings(config: Config[T], send_pings: bool) -> Config[T]:
 def send(ws: WebSocket[Any], message: str) -> SendStatus:
     """Queue a text message; never blocks.
 
+    ```pycon
     >>> match websocket.send(ws, "hello"):
     ...     case MessageSent(bytes_sent=n): ...
     ...     case MessageBackpressured() | MessageDropped(): ...
+    ```
     """
     return ws.send(message)
 
