@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 MATRIX_PYTHONS ?= 3.10 3.12 3.13
 MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
 
-.PHONY: demo test venv install system-deps rust-test valgrind py-test test-matrix $(MATRIX) typecheck conformance fuzz lint fmt bench clean
+.PHONY: demo test docs venv install system-deps rust-test valgrind py-test test-matrix $(MATRIX) typecheck conformance fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +18,16 @@ $(PY):
 
 venv: $(PY)
 
-# Build the extension (release profile) into the venv, with the test tools.
+# Build the extension (release profile) into the venv, with the test and docs tools.
 install: $(PY)
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,docs]"
 
-# Third-party clients the tests talk to: node's `ws` and headless Chromium, from Debian.
+# Third-party clients the tests talk to: node's `ws` and headless Chromium, from Debian; nginx
+# and Caddy, which tests/test_docs.py runs the deployment page's proxy configurations in.
 system-deps:
-	@if ! command -v chromium >/dev/null || ! command -v valgrind >/dev/null || [ ! -d /usr/share/nodejs/ws ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws valgrind >/dev/null; \
+	@if ! command -v chromium >/dev/null || ! command -v valgrind >/dev/null || [ ! -d /usr/share/nodejs/ws ] \
+			|| ! command -v nginx >/dev/null || ! command -v caddy >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws valgrind nginx-light caddy >/dev/null; \
 	fi
 
 demo: $(PY)
@@ -65,7 +67,12 @@ conformance: install
 fuzz: install
 	BRIOCHE_FUZZ_SCALE=20 $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
 
-test: rust-test valgrind typecheck py-test test-matrix conformance
+# The documentation site (mkdocs.yml, docs/) into site/; any warning fails it.
+# `.venv/bin/mkdocs serve` serves it with live reload on http://127.0.0.1:8000/.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+test: rust-test valgrind typecheck docs py-test test-matrix conformance
 
 lint: install
 	cargo fmt --check
@@ -78,4 +85,4 @@ bench: install
 	$(PY) benches/run.py
 
 clean:
-	rm -rf target $(VENV) .venv-3.* python/brioche/*.so
+	rm -rf target site $(VENV) .venv-3.* python/brioche/*.so
