@@ -1,0 +1,363 @@
+"""Every code sample in docs/ is a file under examples/, and each one runs here over real sockets.
+
+The pages include the files with pymdownx.snippets (``--8<-- "examples/echo.py"``), so what a
+reader sees is what runs. Servers start in-process on 127.0.0.1, port 0, from the sample's
+``app`` config; scripts (a client, the production entry point) run as subprocesses. The proxy
+configurations run in a real nginx and a real Caddy in front of a sample server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ast
+import importlib.util
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import brioche
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = ROOT / "examples"
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$')
+
+
+def load(name: str) -> ModuleType:
+    """Import examples/<name>.py as a module of its own (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location(f"docs_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses with postponed annotations look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_listening(port: int, proc: asyncio.subprocess.Process | None = None) -> None:
+    for _ in range(200):  # bounded: about 10 s for a process to start
+        if proc is not None and proc.returncode is not None:
+            raise AssertionError(f"exited with {proc.returncode} before listening on {port}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError(f"nothing listening on {port}")
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[brioche.Server[Any]]]:
+    servers: list[brioche.Server[Any]] = []
+    yield servers
+    for srv in servers:
+        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
+
+
+async def serve(app: Any, servers: list[brioche.Server[Any]]) -> brioche.Server[Any]:
+    """Start a sample's ``app`` on 127.0.0.1 and a free port."""
+    srv: brioche.Server[Any] = await app.hostname("127.0.0.1").port(0).serve()
+    servers.append(srv)
+    return srv
+
+
+async def recv(client: ClientConnection) -> Any:
+    return await asyncio.wait_for(client.recv(), 5)
+
+
+# -- the pages --------------------------------------------------------------------------------
+
+
+def fences(page: Path) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block of a page."""
+    text = page.read_text(encoding="utf-8")
+    return re.findall(r"^```(\w*)[^\n]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def pages() -> list[Path]:
+    return sorted(p for p in DOCS.rglob("*.md") if not p.is_symlink())
+
+
+def test_every_code_block_of_the_docs_is_an_included_file() -> None:
+    """No sample is typed into a page: each code block includes a file (shell lines excepted)."""
+    for page in pages():
+        for lang, body in fences(page):
+            if lang in ("sh", "console"):
+                continue
+            lines = body.strip().splitlines()
+            assert len(lines) == 1 and INCLUDE.match(lines[0]), f"{page.name}: inline {lang} block"
+            assert (ROOT / INCLUDE.match(lines[0]).group(1)).is_file()  # type: ignore[union-attr]
+
+
+def test_every_example_file_is_shown_in_the_docs_and_tested_here() -> None:
+    included = {
+        m.group(1) for page in pages() for m in re.finditer(r'--8<-- "([^"]+)"', page.read_text())
+    }
+    this = Path(__file__).read_text(encoding="utf-8")
+    for path in sorted(EXAMPLES.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            rel = path.relative_to(ROOT).as_posix()
+            assert rel in included, f"{rel} is in no page"
+            assert rel == "examples/quickstart.py" or f'"{path.name}"' in this or \
+                f'load("{path.stem}")' in this, f"{rel} is not tested here"
+
+
+def test_docstring_examples_of_the_public_api_compile() -> None:
+    """The ``>>>`` fragments in the reference's docstrings are at least valid Python."""
+    import brioche._server
+    from brioche import server, websocket
+
+    objects: list[Any] = [brioche, server, websocket, brioche._server.Server]
+    objects += [getattr(websocket, n) for n in websocket.__all__]
+    objects += [getattr(server, n) for n in server.__all__]
+    found = 0
+    for obj in objects:
+        doc = getattr(obj, "__doc__", None) or ""
+        lines = [l.strip() for l in doc.splitlines() if l.strip().startswith((">>>", "..."))]
+        if lines:
+            found += 1
+            source = "\n".join(l[4:] for l in lines)
+            compile(source, repr(obj), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    assert found >= 4
+
+
+# -- getting started --------------------------------------------------------------------------
+
+
+async def test_echo(started: list[brioche.Server[Any]]) -> None:
+    srv = await serve(load("echo").app, started)
+    async with connect(f"ws://127.0.0.1:{srv.port}/ws") as client:
+        await client.send("héllo")
+        assert await recv(client) == "héllo"
+        await client.send(b"\x00\xff")
+        assert await recv(client) == b"\x00\xff"
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"http://127.0.0.1:{srv.port}/")
+    assert (reply.status_code, reply.text) == (200, "connect a WebSocket to /ws\n")
+
+
+async def test_client_script_against_the_echo_server(started: list[brioche.Server[Any]]) -> None:
+    srv = await serve(load("echo").app, started)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "client.py"), f"ws://127.0.0.1:{srv.port}/ws",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode() == "hello\nb'\\x00\\x01'\n"
+
+
+async def test_chat_rooms(started: list[brioche.Server[Any]]) -> None:
+    srv = await serve(load("chat").app, started)
+    url = f"ws://127.0.0.1:{srv.port}/rooms"
+    async with connect(f"{url}/lobby?name=ada") as ada:
+        assert json.loads(await recv(ada)) == {"joined": "ada"}
+        async with connect(f"{url}/other?name=eve") as eve:
+            assert json.loads(await recv(eve)) == {"joined": "eve"}
+            async with connect(f"{url}/lobby?name=bob") as bob:
+                assert json.loads(await recv(bob)) == {"joined": "bob"}
+                assert json.loads(await recv(ada)) == {"joined": "bob"}
+                await ada.send("hi")
+                for client in (ada, bob):
+                    assert json.loads(await recv(client)) == {"from": "ada", "text": "hi"}
+            assert json.loads(await recv(ada)) == {"left": "bob"}
+            await eve.send("anyone?")  # eve's room is her own: she saw nothing of the lobby
+            assert json.loads(await recv(eve)) == {"from": "eve", "text": "anyone?"}
+    for bad in ("/rooms/lobby", "/rooms/?name=ada", "/elsewhere?name=ada"):
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://127.0.0.1:{srv.port}{bad}")
+        assert refused.value.response.status_code == 400
+
+
+async def test_firehose_sends_everything_in_order_to_a_slow_reader(
+    started: list[brioche.Server[Any]],
+) -> None:
+    firehose = load("firehose")
+    drains = 0
+    pump = firehose.pump
+
+    def counting_pump(ws: brioche.WebSocket[Any]) -> None:
+        nonlocal drains
+        drains += 1
+        pump(ws)
+
+    app = firehose.app.websocket(firehose.app.websocket_config.on_drain(counting_pump))
+    srv = await serve(app, started)
+    count = 20_000  # about 20 MB: more than the socket buffers hold while the client sleeps
+    async with connect(f"ws://127.0.0.1:{srv.port}/", max_queue=4) as client:
+        await client.send(str(count))
+        await asyncio.sleep(0.5)
+        for n in range(count):
+            message = await recv(client)
+            assert message == f"{n} " + "x" * 1000
+        assert await recv(client) == "done"
+    assert drains >= 1  # it was backpressured and resumed from on_drain
+
+
+async def test_auth_routes_and_upgrade(started: list[brioche.Server[Any]]) -> None:
+    srv = await serve(load("auth").app, started)
+    base = f"127.0.0.1:{srv.port}"
+    async with httpx.AsyncClient() as http:
+        health = await http.get(f"http://{base}/health")
+        assert (health.status_code, health.json()) == (200, {"connections": 0})
+        echoed = await http.post(f"http://{base}/echo", content="body é")
+        assert (echoed.status_code, echoed.text) == (200, "body é")
+        assert (await http.get(f"http://{base}/nope")).status_code == 404
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(f"ws://{base}/ws", additional_headers=headers)
+        assert refused.value.response.status_code == 401
+        assert refused.value.response.body == b"who are you?\n"
+    headers = {"Authorization": "Bearer s3cret", "X-Request-Id": "r-42"}
+    async with connect(f"ws://{base}/ws", additional_headers=headers) as client:
+        assert client.response is not None and client.response.headers["x-user"] == "ada"
+        assert await recv(client) == "hello ada (request r-42)"
+        await client.send("one")
+        await client.send("two")
+        assert [await recv(client), await recv(client)] == ["ONE", "TWO"]
+
+
+# -- deployment -------------------------------------------------------------------------------
+
+
+async def test_production_script_serves_port_from_env_and_stops_on_sigterm() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "production.py"),
+        env={"PORT": str(port), "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        async with httpx.AsyncClient() as http:
+            reply = await http.get(f"http://127.0.0.1:{port}/healthz")
+        assert (reply.status_code, reply.text) == (200, "ok\n")
+        async with connect(f"ws://127.0.0.1:{port}/") as client:
+            await client.send("still here")
+            assert await recv(client) == "still here"
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await stop_process(proc)
+
+
+async def check_proxied(port: int) -> None:
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"http://127.0.0.1:{port}/healthz")
+    assert (reply.status_code, reply.text) == (200, "ok\n")
+    async with connect(f"ws://127.0.0.1:{port}/ws") as client:
+        for message in ("through the proxy", "x" * 100_000):
+            await client.send(message)
+            assert await recv(client) == message
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make system-deps)")
+async def test_nginx_config_proxies_websockets(
+    started: list[brioche.Server[Any]], tmp_path: Path
+) -> None:
+    srv = await serve(load("production").app, started)
+    port = free_port()
+    site = (EXAMPLES / "deploy" / "nginx.conf").read_text()
+    site = site.replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off; master_process off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        "events {}\n"
+        f"http {{ access_log off; client_body_temp_path {tmp_path}; proxy_temp_path {tmp_path};\n"
+        f"       include {tmp_path}/site.conf; }}\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        await check_proxied(port)
+    finally:
+        await stop_process(proc)
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed (make system-deps)")
+async def test_caddyfile_proxies_websockets(
+    started: list[brioche.Server[Any]], tmp_path: Path
+) -> None:
+    srv = await serve(load("production").app, started)
+    port = free_port()
+    site = (EXAMPLES / "deploy" / "Caddyfile").read_text()
+    site = site.replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}")
+    site = site.replace("example.com {", f"http://127.0.0.1:{port} {{")
+    (tmp_path / "Caddyfile").write_text("{\n\tadmin off\n}\n" + site)
+    home = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        "caddy", "run", "--adapter", "caddyfile", "--config", str(tmp_path / "Caddyfile"),
+        env={"PATH": "/usr/bin:/bin", **home},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        await check_proxied(port)
+    finally:
+        await stop_process(proc)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (EXAMPLES / "deploy" / "brioche.service").read_text()
+    assert "ExecStart=/srv/app/.venv/bin/python production.py" in unit
+    unit = unit.replace("/srv/app/.venv/bin/python", sys.executable)
+    unit = unit.replace("/srv/app", str(EXAMPLES))
+    (tmp_path / "brioche.service").write_text(unit)
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / "brioche.service")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "brioche.service" not in verified.stderr, verified.stderr
+
+
+def test_sysctl_settings_exist() -> None:
+    settings = [
+        line.partition("=")
+        for line in (EXAMPLES / "deploy" / "sysctl.conf").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert len(settings) == 3
+    for key, equals, value in settings:
+        assert equals and value.strip()
+        assert Path("/proc/sys", *key.strip().split(".")).exists(), key
