@@ -21,10 +21,10 @@ pub fn runtime() -> &'static Runtime {
             .thread_name("brioche-worker")
             // Wake the asyncio loop once per poll cycle, not once per first event (events.rs).
             .on_thread_start(|| {
-                crate::engine::events::defer_wakes_on_this_thread();
+                crate::engine::bridge::events::defer_wakes_on_this_thread();
                 yield_to_the_loop_on_wake_up();
             })
-            .on_thread_park(crate::engine::events::flush_deferred_wakes)
+            .on_thread_park(crate::engine::bridge::events::flush_deferred_wakes)
             .enable_all()
             .build()
             .expect("cannot start the tokio runtime")

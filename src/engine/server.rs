@@ -12,15 +12,15 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::budget::IncomingBudget;
+use super::bridge::events::{Event, EventQueue};
 use super::config::ServerConfig;
-use super::conn::{self, Conn, SendStatus};
-use super::events::{Event, EventQueue};
-use super::frame::OutFrame;
-use super::http;
-use super::outbound::INLINE_PAYLOAD;
-use super::pubsub::TopicRegistry;
+use super::http::serve;
+use super::pubsub::topics::TopicRegistry;
 use super::runtime::runtime;
+use super::ws::budget::IncomingBudget;
+use super::ws::conn::{self, Conn, SendStatus};
+use super::ws::encode::OutFrame;
+use super::ws::outbound::INLINE_PAYLOAD;
 
 /// State shared by the server's tasks and its connections.
 pub struct Shared {
@@ -191,7 +191,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
-                    shared.tracker.spawn(http::serve_connection(stream, remote, shared.clone()));
+                    shared.tracker.spawn(serve::serve_connection(stream, remote, shared.clone()));
                 }
                 // Out of descriptors or memory: back off instead of spinning on the error.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,

@@ -15,8 +15,8 @@ use super::{
     EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED,
     EVENT_TEXT,
 };
-use crate::engine::conn;
-use crate::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
+use crate::engine::ws::conn;
+use crate::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]

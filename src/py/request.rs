@@ -10,8 +10,8 @@ use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
 use super::engine::{PyEngine, Upgraded};
-use crate::engine::events::HttpRequest;
-use crate::engine::http::{self, Reply};
+use crate::engine::bridge::events::HttpRequest;
+use crate::engine::http::serve::{self as http, Reply};
 
 #[pyclass(frozen, module = "brioche", name = "PendingRequest")]
 pub struct PendingRequest {

@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use brioche::engine::frame::{OutFrame, OP_BINARY, OP_TEXT};
-use brioche::engine::http::{build_response, Reply};
-use brioche::engine::{conn, Conn, Event, Server, ServerConfig};
+use brioche::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
+use brioche::engine::http::serve::{build_response, Reply};
+use brioche::engine::ws::conn;
+use brioche::engine::{Conn, Event, Server, ServerConfig};
 use bytes::Bytes;
 
 #[derive(Clone, Copy, PartialEq)]

@@ -18,9 +18,9 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::conn::Conn;
-use super::http::Reply;
 use super::wake::Wakeup;
+use crate::engine::http::serve::Reply;
+use crate::engine::ws::conn::Conn;
 
 /// A request waiting for the Python handler's answer.
 pub struct HttpRequest {
@@ -164,7 +164,7 @@ mod tests {
     use super::*;
 
     fn readable(fd: std::os::fd::RawFd) -> bool {
-        crate::engine::wake::poll_readable(fd, 0)
+        crate::engine::bridge::wake::poll_readable(fd, 0)
     }
 
     #[test]

@@ -28,11 +28,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::conn::{Conn, ReadyState};
-use super::connection;
-use super::events::{Event, HttpRequest};
 use super::handshake::{self, Handshake};
-use super::server::Shared;
+use crate::engine::bridge::events::{Event, HttpRequest};
+use crate::engine::server::Shared;
+use crate::engine::ws::conn::{Conn, ReadyState};
+use crate::engine::ws::task;
 
 pub type Body = Full<Bytes>;
 
@@ -404,7 +404,7 @@ async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
         // state in it, ends here.
         Some((stream, read_buf)) => {
             let tracker = conn.shared.tracker.clone();
-            tracker.spawn(connection::run(conn, stream, read_buf));
+            tracker.spawn(task::run(conn, stream, read_buf));
         }
         None => {
             conn.set_state(ReadyState::Closed);

@@ -17,11 +17,11 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
-use super::arena::{ArenaRange, ArenaWriter};
-use super::events::Event;
-use super::frame::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
+use super::encode::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::outbound::{Flushed, Outbound, Pushed};
-use super::server::Shared;
+use crate::engine::bridge::events::Event;
+use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
+use crate::engine::server::Shared;
 
 /// What one dispatch batch of the loop thread has sent.
 #[derive(Default)]

@@ -21,10 +21,10 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{signal, Conn, ReadyState};
-use super::events::Event;
-use super::frame::{OutFrame, OP_CLOSE, OP_PING, OP_PONG};
-use super::inbound::{Incoming, MessageReader};
+use super::decode::{Incoming, MessageReader};
+use super::encode::{OutFrame, OP_CLOSE, OP_PING, OP_PONG};
 use super::outbound::Flushed;
+use crate::engine::bridge::events::Event;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
 const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);

@@ -19,8 +19,8 @@ use tokio::net::TcpStream;
 
 use bytes::Bytes;
 
-use super::arena::ArenaRange;
-use super::frame::{encode_head, OutFrame};
+use super::encode::{encode_head, OutFrame};
+use crate::engine::pubsub::arena::ArenaRange;
 
 /// Frames with payloads up to this size are copied into the queue's byte buffer as they are
 /// queued, as uWS corks them: a queued small frame is then a `memcpy`, with no refcount to take
@@ -360,7 +360,7 @@ fn unshare(chunks: &mut VecDeque<Chunk>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::frame::{OutFrame, OP_TEXT};
+    use crate::engine::ws::encode::{OutFrame, OP_TEXT};
     use bytes::Bytes;
 
     fn text(s: &'static str) -> OutFrame {
@@ -451,7 +451,7 @@ mod tests {
 
     #[test]
     fn a_queue_that_must_wait_holds_copies_not_arenas() {
-        use crate::engine::arena::ArenaWriter;
+        use crate::engine::pubsub::arena::ArenaWriter;
         let (rt, ours, _theirs) = socket_pair();
         let _guard = rt.enter();
         let mut writer = ArenaWriter::default();
@@ -482,7 +482,7 @@ mod tests {
 
     #[test]
     fn a_range_cut_by_a_full_socket_is_copied_out_and_arrives_whole() {
-        use crate::engine::arena::ArenaWriter;
+        use crate::engine::pubsub::arena::ArenaWriter;
         use std::io::Read;
         let (rt, ours, mut theirs) = socket_pair();
         let _guard = rt.enter();

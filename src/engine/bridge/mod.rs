@@ -1,0 +1,4 @@
+//! From tokio to the asyncio loop.
+
+pub mod events;
+pub mod wake;

@@ -1,0 +1,4 @@
+//! Topics and publishing.
+
+pub(crate) mod arena;
+pub mod topics;
