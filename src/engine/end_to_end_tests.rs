@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::bridge::events::Reply;
 use super::bridge::wake::poll_readable;
-use super::http::serve::Reply;
 use super::{Conn, Event, SendStatus, Server, ServerConfig, WsLimits};
 
 /// Drain events until `f` returns `Some`, answering every request with an upgrade.

@@ -8,10 +8,11 @@ pub mod runtime;
 pub mod server;
 pub mod ws;
 
-pub use bridge::events::{Event, EventQueue};
+pub use bridge::events::EventQueue;
 pub use config::{ServerConfig, WsLimits};
 pub use server::Server;
 pub use ws::conn::{Conn, ReadyState, SendStatus};
+pub use ws::Event;
 
 #[cfg(test)]
 mod end_to_end_tests;

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::bridge::events::{Event, EventQueue};
+use super::bridge::events::EventQueue;
 use super::config::ServerConfig;
 use super::http::serve;
 use super::pubsub::topics::TopicRegistry;
@@ -21,11 +21,12 @@ use super::ws::budget::IncomingBudget;
 use super::ws::conn::{self, Conn, SendStatus};
 use super::ws::encode::OutFrame;
 use super::ws::outbound::INLINE_PAYLOAD;
+use super::ws::Event;
 
 /// State shared by the server's tasks and its connections.
 pub struct Shared {
     pub config: ServerConfig,
-    pub events: EventQueue,
+    pub events: EventQueue<Arc<Conn>>,
     pub topics: TopicRegistry<Arc<Conn>>,
     pub(crate) budget: IncomingBudget,
     conns: Mutex<FxHashMap<u64, Arc<Conn>>>,

@@ -11,7 +11,8 @@ use tokio::sync::oneshot;
 
 use super::engine::{PyEngine, Upgraded};
 use crate::engine::bridge::events::HttpRequest;
-use crate::engine::http::serve::{self as http, Reply};
+use crate::engine::bridge::events::Reply;
+use crate::engine::http::serve as http;
 
 #[pyclass(frozen, module = "brioche", name = "PendingRequest")]
 pub struct PendingRequest {

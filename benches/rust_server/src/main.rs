@@ -10,7 +10,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use brioche::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
-use brioche::engine::http::serve::{build_response, Reply};
+use brioche::engine::bridge::events::Reply;
+use brioche::engine::http::serve::build_response;
 use brioche::engine::ws::conn;
 use brioche::engine::{Conn, Event, Server, ServerConfig};
 use bytes::Bytes;

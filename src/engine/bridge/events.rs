@@ -14,13 +14,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::Response;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::wake::Wakeup;
-use crate::engine::http::serve::Reply;
-use crate::engine::ws::conn::Conn;
+
+pub type Body = Full<Bytes>;
+
+/// The handler's answer to one request.
+pub enum Reply {
+    Respond(Response<Body>),
+    /// Switch to WebSocket, adding these headers to the 101 response.
+    Upgrade(Vec<(HeaderName, HeaderValue)>),
+}
 
 /// A request waiting for the Python handler's answer.
 pub struct HttpRequest {
@@ -37,8 +47,10 @@ pub struct HttpRequest {
     pub reply: oneshot::Sender<Reply>,
 }
 
-pub enum Event {
-    Open(Arc<Conn>),
+/// `C` is the connection handle an open WebSocket is handed over as (`ws::Event` names it):
+/// a parameter so that the bridge, below `ws/` in the engine's layers, needs nothing from it.
+pub enum Event<C> {
+    Open(C),
     Text(u64, Utf8Bytes),
     Binary(u64, Bytes),
     /// A congested connection has written everything it had queued.
@@ -53,7 +65,7 @@ pub enum Event {
     Stopped,
 }
 
-impl Event {
+impl<C> Event<C> {
     /// The payload bytes of a message event: what it holds of the server's incoming budget.
     pub fn message_len(&self) -> usize {
         match self {
@@ -100,12 +112,12 @@ pub(crate) fn flush_deferred_wakes() {
     });
 }
 
-pub struct EventQueue {
-    events: Mutex<Vec<Event>>,
+pub struct EventQueue<C> {
+    events: Mutex<Vec<Event<C>>>,
     wakeup: Arc<Wakeup>,
 }
 
-impl EventQueue {
+impl<C> EventQueue<C> {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             events: Mutex::new(Vec::with_capacity(256)),
@@ -113,7 +125,7 @@ impl EventQueue {
         })
     }
 
-    pub fn push(&self, event: Event) {
+    pub fn push(&self, event: Event<C>) {
         let was_empty = {
             let mut events = self.events.lock();
             let was_empty = events.is_empty();
@@ -143,7 +155,7 @@ impl EventQueue {
     /// The wake-up is cleared *before* taking the batch: an event pushed after the take then
     /// finds an empty queue and wakes the loop again, so no event waits for a wake-up that
     /// already happened.
-    pub fn drain_into(&self, out: &mut Vec<Event>) {
+    pub fn drain_into(&self, out: &mut Vec<Event<C>>) {
         self.wakeup.clear();
         std::mem::swap(&mut *self.events.lock(), out);
     }
@@ -169,7 +181,7 @@ mod tests {
 
     #[test]
     fn deferred_wake_waits_for_the_flush_or_the_event_cap() {
-        let q = EventQueue::new().unwrap();
+        let q = EventQueue::<()>::new().unwrap();
         defer_wakes_on_this_thread();
         q.push(Event::Drain(1));
         assert!(!readable(q.fd()), "deferred until the worker parks");
@@ -190,7 +202,7 @@ mod tests {
 
     #[test]
     fn batches_keep_order_and_wake_once_per_batch() {
-        let q = EventQueue::new().unwrap();
+        let q = EventQueue::<()>::new().unwrap();
         for id in 0..3 {
             q.push(Event::Drain(id));
         }

@@ -29,19 +29,11 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::handshake::{self, Handshake};
-use crate::engine::bridge::events::{Event, HttpRequest};
+use crate::engine::bridge::events::{Body, HttpRequest, Reply};
 use crate::engine::server::Shared;
 use crate::engine::ws::conn::{Conn, ReadyState};
 use crate::engine::ws::task;
-
-pub type Body = Full<Bytes>;
-
-/// The handler's answer to one request.
-pub enum Reply {
-    Respond(Response<Body>),
-    /// Switch to WebSocket, adding these headers to the 101 response.
-    Upgrade(Vec<(HeaderName, HeaderValue)>),
-}
+use crate::engine::ws::Event;
 
 /// An invalid status or header from the handler.
 #[derive(Debug)]

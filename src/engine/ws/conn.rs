@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 
 use super::encode::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::outbound::{Flushed, Outbound, Pushed};
-use crate::engine::bridge::events::Event;
+use super::Event;
 use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
 use crate::engine::server::Shared;
 

@@ -6,3 +6,6 @@ pub mod decode;
 pub mod encode;
 pub mod outbound;
 pub mod task;
+
+/// What a server's tasks hand to the asyncio loop: an opened connection comes as its `Conn`.
+pub type Event = crate::engine::bridge::events::Event<std::sync::Arc<conn::Conn>>;

@@ -24,7 +24,7 @@ use super::conn::{signal, Conn, ReadyState};
 use super::decode::{Incoming, MessageReader};
 use super::encode::{OutFrame, OP_CLOSE, OP_PING, OP_PONG};
 use super::outbound::Flushed;
-use crate::engine::bridge::events::Event;
+use super::Event;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
 const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
