@@ -30,8 +30,8 @@ use tokio::sync::oneshot;
 
 use super::handshake::{self, Handshake};
 use crate::engine::bridge::events::{Body, HttpRequest, Reply};
-use crate::engine::server::Shared;
 use crate::engine::ws::conn::{Conn, ReadyState};
+use crate::engine::ws::shared::Shared;
 use crate::engine::ws::task;
 use crate::engine::ws::Event;
 

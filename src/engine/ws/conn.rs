@@ -19,9 +19,9 @@ use rustc_hash::FxHashMap;
 
 use super::encode::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::outbound::{Flushed, Outbound, Pushed};
+use super::shared::Shared;
 use super::Event;
 use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
-use crate::engine::server::Shared;
 
 /// What one dispatch batch of the loop thread has sent.
 #[derive(Default)]

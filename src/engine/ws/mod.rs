@@ -5,6 +5,7 @@ pub mod conn;
 pub mod decode;
 pub mod encode;
 pub mod outbound;
+pub mod shared;
 pub mod task;
 
 /// What a server's tasks hand to the asyncio loop: an opened connection comes as its `Conn`.

@@ -686,6 +686,8 @@ fn refuse(conn: &Conn, code: u16, reason: &'static str) -> Ending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::config::ServerConfig;
+    use crate::engine::ws::shared::Shared;
 
     fn size_of_future<F: Future>(_: &F) -> usize {
         std::mem::size_of::<F>()
@@ -703,9 +705,8 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let _client = TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
-            let server =
-                crate::engine::Server::start(crate::engine::ServerConfig::default()).unwrap();
-            let conn = server.shared().register(1, addr.ip());
+            let shared = Arc::new(Shared::new(ServerConfig::default()).unwrap());
+            let conn = shared.register(1, addr.ip());
             let task = run(conn.clone(), stream, Vec::new());
             assert!(size_of_future(&task) <= 352, "{}", size_of_future(&task));
             assert!(
