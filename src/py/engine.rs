@@ -15,7 +15,7 @@ use super::{
     EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED,
     EVENT_TEXT,
 };
-use crate::engine::ws::conn;
+use crate::engine::ws::batch::{begin_send_batch, end_send_batch};
 use crate::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
 
@@ -247,7 +247,7 @@ impl PyEngine {
     fn drain<'py>(slf: &Bound<'py, Self>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
         let py = slf.py();
         let this = slf.get();
-        conn::begin_send_batch();
+        begin_send_batch();
         let events = &this.server.shared().events;
         let mut batch = std::mem::take(&mut *this.batch.lock());
         if batch.is_empty() {
@@ -306,7 +306,7 @@ impl PyEngine {
     /// Write everything sent since `drain()`.
     fn end_batch(&self, py: Python<'_>) {
         // Socket writes only: other Python threads may run meanwhile.
-        py.detach(conn::end_send_batch);
+        py.detach(end_send_batch);
     }
 
     /// Stop listening; see `Server.stop`.

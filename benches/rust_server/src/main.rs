@@ -12,7 +12,7 @@ use std::sync::Arc;
 use brioche::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
 use brioche::engine::bridge::events::Reply;
 use brioche::engine::http::serve::build_response;
-use brioche::engine::ws::conn;
+use brioche::engine::ws::batch;
 use brioche::engine::{Conn, Event, Server, ServerConfig};
 use bytes::Bytes;
 
@@ -86,7 +86,7 @@ fn main() {
         shared.events.drain_into(&mut batch);
         // As the Python bridge does: what this batch sends is written here, once per connection,
         // when the batch ends.
-        conn::begin_send_batch();
+        batch::begin_send_batch();
         for event in batch.drain(..) {
             match event {
                 Event::Request(req) => {
@@ -146,6 +146,6 @@ fn main() {
                 other => handle_other(other, &conns),
             }
         }
-        conn::end_send_batch();
+        batch::end_send_batch();
     }
 }

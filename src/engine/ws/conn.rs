@@ -5,7 +5,6 @@
 //! belongs to the connection's task (`connection.rs`); other threads only write to it, through
 //! the outbound queue.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -15,59 +14,13 @@ use std::task::Context;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use rustc_hash::FxHashMap;
 
+use super::batch;
 use super::encode::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::outbound::{Flushed, Outbound, Pushed};
 use super::shared::Shared;
 use super::Event;
-use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
-
-/// What one dispatch batch of the loop thread has sent.
-#[derive(Default)]
-struct SendBatch {
-    /// Connections to flush when the batch ends.
-    conns: Vec<Arc<Conn>>,
-    /// Each topic's published frames of this batch, encoded once (`arena.rs`).
-    arenas: FxHashMap<Box<str>, ArenaWriter>,
-}
-
-thread_local! {
-    /// `Some` while this thread (the asyncio loop) dispatches a batch of events: connections sent
-    /// to are flushed once, on this thread, when the batch ends, so a batch of replies is one
-    /// write per connection and needs no tokio task to wake (see benches/PROFILE.md).
-    static SEND_BATCH: RefCell<Option<SendBatch>> = const { RefCell::new(None) };
-}
-
-/// Defer flushes on this thread until [`end_send_batch`].
-pub fn begin_send_batch() {
-    end_send_batch();
-    SEND_BATCH.with(|b| *b.borrow_mut() = Some(SendBatch::default()));
-}
-
-/// Flush every connection sent to since [`begin_send_batch`], and stop deferring.
-pub fn end_send_batch() {
-    let Some(batch) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
-        return;
-    };
-    for conn in batch.conns {
-        conn.flush_or_hand_over();
-    }
-}
-
-/// Append `frame` to `topic`'s arena of the current batch and return its range there. `None`
-/// outside a batch.
-pub(crate) fn append_to_batch(topic: &str, frame: &OutFrame) -> Option<ArenaRange> {
-    SEND_BATCH.with(|b| {
-        let mut batch = b.borrow_mut();
-        let batch = batch.as_mut()?;
-        let writer = match batch.arenas.get_mut(topic) {
-            Some(writer) => writer,
-            None => batch.arenas.entry(topic.into()).or_default(),
-        };
-        Some(writer.append(&[frame.head(), frame.payload()]))
-    })
-}
+use crate::engine::pubsub::arena::ArenaRange;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -284,14 +237,7 @@ impl Conn {
 
     /// Flush on this thread at the end of the current send batch, or have the task do it now.
     fn schedule_flush(self: &Arc<Self>) {
-        let deferred = SEND_BATCH.with(|b| match b.borrow_mut().as_mut() {
-            Some(batch) => {
-                batch.conns.push(self.clone());
-                true
-            }
-            None => false,
-        });
-        if !deferred {
+        if !batch::flush_at_end(self) {
             self.signal(signal::FLUSH);
         }
     }

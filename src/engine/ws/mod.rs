@@ -1,5 +1,6 @@
 //! WebSocket connections.
 
+pub mod batch;
 pub(crate) mod budget;
 pub mod conn;
 pub mod decode;

@@ -11,8 +11,9 @@ use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::batch;
 use super::budget::IncomingBudget;
-use super::conn::{self, Conn, SendStatus};
+use super::conn::{Conn, SendStatus};
 use super::encode::OutFrame;
 use super::outbound::INLINE_PAYLOAD;
 use crate::engine::bridge::events::EventQueue;
@@ -105,7 +106,7 @@ impl Shared {
         // Within a dispatch batch a small frame is encoded once into the topic's arena, and
         // each subscriber queues a range of it (`arena.rs`).
         let shared = if frame.payload().len() <= INLINE_PAYLOAD {
-            conn::append_to_batch(topic, &frame)
+            batch::append_to_batch(topic, &frame)
         } else {
             None
         };
