@@ -16,7 +16,8 @@ use super::{
     EVENT_TEXT,
 };
 use crate::engine::ws::batch::{begin_send_batch, end_send_batch};
-use crate::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
+use crate::engine::ws::encode::OutFrame;
+use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
 use crate::engine::{Event, Server, ServerConfig, WsLimits};
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]

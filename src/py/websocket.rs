@@ -9,7 +9,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyString, PyType};
 
 use super::errors::value_error;
 use super::status;
-use crate::engine::ws::decode::is_valid_close_code;
+use crate::engine::ws::protocol::is_valid_close_code;
 use crate::engine::Conn;
 
 /// A server-side WebSocket connection.

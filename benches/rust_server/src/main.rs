@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use brioche::engine::ws::encode::{OutFrame, OP_BINARY, OP_TEXT};
+use brioche::engine::ws::encode::OutFrame;
+use brioche::engine::ws::protocol::{OP_BINARY, OP_TEXT};
 use brioche::engine::bridge::events::Reply;
 use brioche::engine::http::serve::build_response;
 use brioche::engine::ws::batch;

@@ -16,8 +16,9 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use super::batch;
-use super::encode::{OutFrame, OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
+use super::encode::OutFrame;
 use super::outbound::{Flushed, Outbound, Pushed};
+use super::protocol::{OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::shared::Shared;
 use super::Event;
 use crate::engine::pubsub::arena::ArenaRange;

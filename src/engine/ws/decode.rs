@@ -19,6 +19,11 @@
 use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::protocol::{
+    is_control, is_valid_close_code, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG,
+    OP_TEXT,
+};
+
 /// A complete message (or control frame) from the client.
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
@@ -54,23 +59,6 @@ impl Violation {
             Violation::TooBig => "message too big",
         }
     }
-}
-
-/// Close codes a peer may put on the wire (RFC 6455 7.4.1, the IANA registry up to 1014, and
-/// the ranges for libraries and applications). 1005, 1006 and 1015 are reserved for reporting.
-pub fn is_valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
-}
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
-
-fn is_control(opcode: u8) -> bool {
-    opcode & 0x8 != 0
 }
 
 /// The longest frame header: 2 bytes, a 64-bit length and the mask key.
@@ -703,18 +691,6 @@ mod tests {
                 Err(Violation::Protocol),
                 "{name}"
             );
-        }
-    }
-
-    #[test]
-    fn close_codes_follow_the_registry() {
-        for code in [
-            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999,
-        ] {
-            assert!(is_valid_close_code(code), "{code}");
-        }
-        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
-            assert!(!is_valid_close_code(code), "{code}");
         }
     }
 

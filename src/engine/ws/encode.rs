@@ -7,11 +7,7 @@
 
 use bytes::Bytes;
 
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+use super::protocol::OP_CLOSE;
 
 /// The header of a final, unmasked frame: its bytes and how many of them are used.
 pub fn encode_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
@@ -74,6 +70,7 @@ impl OutFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
 
     fn wire(f: &OutFrame) -> Vec<u8> {
         [f.head(), f.payload()].concat()

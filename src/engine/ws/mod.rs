@@ -6,6 +6,7 @@ pub mod conn;
 pub mod decode;
 pub mod encode;
 pub mod outbound;
+pub mod protocol;
 pub mod shared;
 pub mod task;
 

@@ -360,7 +360,8 @@ fn unshare(chunks: &mut VecDeque<Chunk>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::ws::encode::{OutFrame, OP_TEXT};
+    use crate::engine::ws::encode::OutFrame;
+    use crate::engine::ws::protocol::OP_TEXT;
     use bytes::Bytes;
 
     fn text(s: &'static str) -> OutFrame {

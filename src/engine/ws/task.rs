@@ -22,8 +22,9 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{signal, Conn, ReadyState};
 use super::decode::{Incoming, MessageReader};
-use super::encode::{OutFrame, OP_CLOSE, OP_PING, OP_PONG};
+use super::encode::OutFrame;
 use super::outbound::Flushed;
+use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
 use super::Event;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.

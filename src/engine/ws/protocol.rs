@@ -1,0 +1,35 @@
+//! What RFC 6455 fixes for both directions: opcodes (section 5.2) and close codes (7.4).
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+pub fn is_control(opcode: u8) -> bool {
+    opcode & 0x8 != 0
+}
+
+/// Close codes a peer may put on the wire (RFC 6455 7.4.1, the IANA registry up to 1014, and
+/// the ranges for libraries and applications). 1005, 1006 and 1015 are reserved for reporting.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_follow_the_registry() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
+            assert!(is_valid_close_code(code), "{code}");
+        }
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            assert!(!is_valid_close_code(code), "{code}");
+        }
+    }
+}
