@@ -15,10 +15,10 @@ use super::{
     EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED,
     EVENT_TEXT,
 };
-use crate::engine::ws::batch::{begin_send_batch, end_send_batch};
-use crate::engine::ws::encode::OutFrame;
-use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
-use crate::engine::{Event, Server, ServerConfig, WsLimits};
+use crate::engine::{
+    begin_send_batch, end_send_batch, Event, OutFrame, Server, ServerConfig, WsLimits, OP_BINARY,
+    OP_TEXT,
+};
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
 pub struct PyEngine {
@@ -230,7 +230,7 @@ impl PyEngine {
     /// `max_incoming_bytes` caps.
     #[getter]
     fn incoming_bytes(&self) -> usize {
-        self.server.shared().budget.held()
+        self.server.shared().incoming_bytes()
     }
 
     /// The descriptor the loop watches: readable when events are waiting.
@@ -342,7 +342,7 @@ impl PyEngine {
     }
 
     fn subscriber_count(&self, topic: &str) -> usize {
-        self.server.shared().topics.subscriber_count(topic)
+        self.server.shared().subscriber_count(topic)
     }
 }
 

@@ -4,7 +4,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::PyErr;
 
-use crate::engine::http::serve::InvalidResponse;
+use crate::engine::InvalidResponse;
 
 create_exception!(
     brioche,

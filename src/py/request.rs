@@ -10,9 +10,7 @@ use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
 use super::engine::{PyEngine, Upgraded};
-use crate::engine::bridge::events::HttpRequest;
-use crate::engine::bridge::events::Reply;
-use crate::engine::http::serve as http;
+use crate::engine::{build_response, parse_headers, HttpRequest, Reply};
 
 #[pyclass(frozen, module = "brioche", name = "PendingRequest")]
 pub struct PendingRequest {
@@ -72,7 +70,7 @@ impl PendingRequest {
 
     /// Answer with an HTTP response. A second answer is ignored.
     fn respond(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> PyResult<()> {
-        let response = http::build_response(status, &headers, Bytes::copy_from_slice(body))?;
+        let response = build_response(status, &headers, Bytes::copy_from_slice(body))?;
         if let Some(reply) = self.reply.lock().take() {
             // The client may be gone; then there is nobody to answer.
             let _ = reply.send(Reply::Respond(response));
@@ -92,7 +90,7 @@ impl PendingRequest {
         if !self.is_websocket {
             return Ok(false);
         }
-        let headers = http::parse_headers(&headers)?;
+        let headers = parse_headers(&headers)?;
         let Some(reply) = self.reply.lock().take() else {
             return Ok(false);
         };

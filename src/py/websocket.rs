@@ -9,8 +9,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyString, PyType};
 
 use super::errors::value_error;
 use super::status;
-use crate::engine::ws::protocol::is_valid_close_code;
-use crate::engine::Conn;
+use crate::engine::{is_valid_close_code, Conn};
 
 /// A server-side WebSocket connection.
 #[pyclass(frozen, weakref, module = "brioche", name = "WebSocket")]
@@ -116,7 +115,7 @@ impl PyWebSocket {
     /// Bytes accepted for this connection but not yet written to the kernel.
     #[getter]
     fn buffered_amount(&self) -> usize {
-        self.conn.out.buffered()
+        self.conn.buffered_amount()
     }
 
     /// The topics this socket is subscribed to.
@@ -181,7 +180,7 @@ impl PyWebSocket {
     /// Run `callback(self)` and write everything it sends in one go; returns its result.
     fn cork(slf: &Bound<'_, Self>, callback: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let conn = &slf.get().conn;
-        conn.out.cork();
+        conn.cork();
         let result = callback.call1((slf,));
         conn.uncork();
         Ok(result?.unbind())

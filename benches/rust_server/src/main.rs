@@ -9,12 +9,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use brioche::engine::ws::encode::OutFrame;
-use brioche::engine::ws::protocol::{OP_BINARY, OP_TEXT};
-use brioche::engine::bridge::events::Reply;
-use brioche::engine::http::serve::build_response;
-use brioche::engine::ws::batch;
-use brioche::engine::{Conn, Event, Server, ServerConfig};
+use brioche::engine::{
+    begin_send_batch, build_response, end_send_batch, Conn, Event, OutFrame, Reply, Server,
+    ServerConfig, OP_BINARY, OP_TEXT,
+};
 use bytes::Bytes;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -87,7 +85,7 @@ fn main() {
         shared.events.drain_into(&mut batch);
         // As the Python bridge does: what this batch sends is written here, once per connection,
         // when the batch ends.
-        batch::begin_send_batch();
+        begin_send_batch();
         for event in batch.drain(..) {
             match event {
                 Event::Request(req) => {
@@ -147,6 +145,6 @@ fn main() {
                 other => handle_other(other, &conns),
             }
         }
-        batch::end_send_batch();
+        end_send_batch();
     }
 }

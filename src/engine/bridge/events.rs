@@ -118,14 +118,14 @@ pub struct EventQueue<C> {
 }
 
 impl<C> EventQueue<C> {
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         Ok(Self {
             events: Mutex::new(Vec::with_capacity(256)),
             wakeup: Arc::new(Wakeup::new()?),
         })
     }
 
-    pub fn push(&self, event: Event<C>) {
+    pub(crate) fn push(&self, event: Event<C>) {
         let was_empty = {
             let mut events = self.events.lock();
             let was_empty = events.is_empty();

@@ -1,4 +1,4 @@
 //! From tokio to the asyncio loop.
 
-pub mod events;
-pub mod wake;
+pub(crate) mod events;
+pub(crate) mod wake;

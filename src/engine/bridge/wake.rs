@@ -6,14 +6,14 @@
 use std::io;
 use std::os::fd::RawFd;
 
-pub struct Wakeup {
+pub(crate) struct Wakeup {
     read_fd: RawFd,
     write_fd: RawFd,
 }
 
 impl Wakeup {
     #[cfg(target_os = "linux")]
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: eventfd takes no pointers; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -26,7 +26,7 @@ impl Wakeup {
     }
 
     #[cfg(not(target_os = "linux"))]
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid array of two descriptors for pipe to fill.
         if unsafe { libc::pipe(fds.as_mut_ptr()) } < 0 {
@@ -46,11 +46,11 @@ impl Wakeup {
     }
 
     /// The descriptor that becomes readable after [`Wakeup::wake`].
-    pub fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         self.read_fd
     }
 
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64. A full eventfd/pipe (EAGAIN) already means
         // "readable", which is all a wake-up has to achieve, so the result is ignored.
@@ -60,7 +60,7 @@ impl Wakeup {
     }
 
     /// Consume pending wake-ups so the descriptor stops being readable.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut buf = [0u8; 64];
         loop {
             // SAFETY: reads into a live, correctly sized buffer.

@@ -6,7 +6,7 @@ use hyper::header::{
 use hyper::{Method, Request, StatusCode, Version};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-pub enum Handshake {
+pub(crate) enum Handshake {
     /// No `Upgrade: websocket`: an ordinary HTTP request.
     NotWebSocket,
     /// Claims to be a WebSocket handshake but is malformed: answer with this status.
@@ -23,7 +23,7 @@ fn has_token(headers: &HeaderMap, name: hyper::header::HeaderName, token: &str) 
     })
 }
 
-pub fn classify<B>(req: &Request<B>) -> Handshake {
+pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     let headers = req.headers();
     if !has_token(headers, UPGRADE, "websocket") {
         return Handshake::NotWebSocket;
@@ -67,7 +67,7 @@ fn is_valid_key(key: &[u8]) -> bool {
 }
 
 /// `Sec-WebSocket-Accept` for a client's key.
-pub fn accept_key(key: &[u8]) -> String {
+pub(crate) fn accept_key(key: &[u8]) -> String {
     derive_accept_key(key)
 }
 

@@ -1,4 +1,4 @@
 //! HTTP/1.1 and the WebSocket handshake.
 
-pub mod handshake;
-pub mod serve;
+pub(crate) mod handshake;
+pub(crate) mod serve;

@@ -200,7 +200,7 @@ impl AsyncWrite for TimedIo {
 }
 
 /// Serve one TCP connection until it closes, is upgraded, or the server stops.
-pub async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
+pub(crate) async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
     // Small messages must not wait for Nagle; every write the writer makes is already a batch.
     let _ = stream.set_nodelay(true);
     let clock = Arc::new(RequestClock {

@@ -1,4 +1,4 @@
 //! Topics and publishing.
 
 pub(crate) mod arena;
-pub mod topics;
+pub(crate) mod topics;

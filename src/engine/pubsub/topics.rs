@@ -24,7 +24,7 @@ struct Topic<S> {
 
 /// Lock order: no method holds the map lock and a topic's lock at the same time, so there is no
 /// order to get wrong.
-pub struct TopicRegistry<S> {
+pub(crate) struct TopicRegistry<S> {
     topics: RwLock<FxHashMap<Arc<str>, Arc<Topic<S>>>>,
 }
 
@@ -70,7 +70,7 @@ impl<S: Clone> TopicRegistry<S> {
     }
 
     /// Add subscriber `id`; returns the interned topic name and whether it was new.
-    pub fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
+    pub(crate) fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
         loop {
             let (key, topic) = self.topic_or_create(name);
             let mut subs = topic.subscribers.write();
@@ -85,7 +85,7 @@ impl<S: Clone> TopicRegistry<S> {
     }
 
     /// Remove subscriber `id`; returns whether it was subscribed. Empty topics are dropped.
-    pub fn unsubscribe(&self, name: &str, id: u64) -> bool {
+    pub(crate) fn unsubscribe(&self, name: &str, id: u64) -> bool {
         let Some(topic) = self.topic(name) else {
             return false;
         };
@@ -103,18 +103,18 @@ impl<S: Clone> TopicRegistry<S> {
         true
     }
 
-    pub fn is_subscribed(&self, name: &str, id: u64) -> bool {
+    pub(crate) fn is_subscribed(&self, name: &str, id: u64) -> bool {
         self.topic(name)
             .is_some_and(|t| t.subscribers.read().by_id.contains_key(&id))
     }
 
-    pub fn subscriber_count(&self, name: &str) -> usize {
+    pub(crate) fn subscriber_count(&self, name: &str) -> usize {
         self.topic(name)
             .map_or(0, |t| t.subscribers.read().by_id.len())
     }
 
     /// Call `f` for every subscriber of `name` while holding only that topic's read lock.
-    pub fn for_each(&self, name: &str, mut f: impl FnMut(u64, &S)) {
+    pub(crate) fn for_each(&self, name: &str, mut f: impl FnMut(u64, &S)) {
         if let Some(topic) = self.topic(name) {
             for (id, s) in topic.subscribers.read().by_id.iter() {
                 f(*id, s);
@@ -122,7 +122,8 @@ impl<S: Clone> TopicRegistry<S> {
         }
     }
 
-    pub fn topic_count(&self) -> usize {
+    #[cfg(test)]
+    fn topic_count(&self) -> usize {
         self.topics.read().len()
     }
 }

@@ -42,7 +42,7 @@ pub enum SendStatus {
 impl SendStatus {
     /// Combine the outcomes of one publish (Bun's corrected rule, PR 32889): dropped if anyone
     /// dropped it (or nobody got it), else backpressured if anyone is congested, else sent.
-    pub fn merge(self, other: SendStatus) -> SendStatus {
+    pub(crate) fn merge(self, other: SendStatus) -> SendStatus {
         match (self, other) {
             (SendStatus::Dropped, _) | (_, SendStatus::Dropped) => SendStatus::Dropped,
             (SendStatus::Backpressured, _) | (_, SendStatus::Backpressured) => {
@@ -55,7 +55,7 @@ impl SendStatus {
 
 /// Queued bytes past which a socket reports `Backpressured` even before its writer has hit a
 /// full kernel buffer: 256 KiB, or half the backpressure limit when that is smaller.
-pub fn high_water_mark(backpressure_limit: usize) -> usize {
+pub(crate) fn high_water_mark(backpressure_limit: usize) -> usize {
     const DEFAULT: usize = 256 * 1024;
     match backpressure_limit {
         0 => DEFAULT,
@@ -64,16 +64,16 @@ pub fn high_water_mark(backpressure_limit: usize) -> usize {
 }
 
 /// Events waiting for Python beyond which the task stops reading from this socket.
-pub const MAX_INFLIGHT_MESSAGES: usize = 128;
+pub(crate) const MAX_INFLIGHT_MESSAGES: usize = 128;
 /// Bytes of messages waiting for Python beyond which the task stops reading.
-pub const MAX_INFLIGHT_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_INFLIGHT_BYTES: usize = 1024 * 1024;
 
 pub struct Conn {
     pub id: u64,
     pub remote: IpAddr,
     pub(crate) shared: Arc<Shared>,
     state: AtomicU8,
-    pub out: Outbound,
+    pub(crate) out: Outbound,
     subscriptions: Mutex<Vec<Arc<str>>>,
     /// Close code and reason to report to `on_close` when the server ends the connection itself.
     /// Boxed: set once at most, and every idle connection would carry its space otherwise.
@@ -141,6 +141,11 @@ impl Conn {
         self.signals.swap(0, Ordering::AcqRel)
     }
 
+    /// Bytes accepted for this connection but not yet written to the kernel.
+    pub fn buffered_amount(&self) -> usize {
+        self.out.buffered()
+    }
+
     pub fn ready_state(&self) -> ReadyState {
         match self.state.load(Ordering::Acquire) {
             0 => ReadyState::Connecting,
@@ -183,7 +188,7 @@ impl Conn {
     }
 
     /// Send one already-encoded frame (a publish shares it between recipients).
-    pub fn send_frame(self: &Arc<Self>, frame: &OutFrame, payload_len: usize) -> SendStatus {
+    pub(crate) fn send_frame(self: &Arc<Self>, frame: &OutFrame, payload_len: usize) -> SendStatus {
         self.send_with(payload_len, |out| out.push(frame, false))
     }
 
@@ -260,6 +265,11 @@ impl Conn {
             self.shared.events.push(Event::Drain(self.id));
         }
         Ok(flushed)
+    }
+
+    /// Hold what is sent until the matching `uncork`, so it goes out in one write.
+    pub fn cork(&self) {
+        self.out.cork();
     }
 
     /// Release one `cork`; the frames it held go out.

@@ -26,7 +26,7 @@ use super::protocol::{
 
 /// A complete message (or control frame) from the client.
 #[derive(Debug, PartialEq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     Text(Utf8Bytes),
     Binary(Bytes),
     Ping(Bytes),
@@ -37,14 +37,14 @@ pub enum Incoming {
 
 /// Why the client's stream was refused; each maps to the close code RFC 6455 asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Violation {
+pub(crate) enum Violation {
     Protocol,
     InvalidUtf8,
     TooBig,
 }
 
 impl Violation {
-    pub fn close_code(self) -> u16 {
+    pub(crate) fn close_code(self) -> u16 {
         match self {
             Violation::Protocol => 1002,
             Violation::InvalidUtf8 => 1007,
@@ -52,7 +52,7 @@ impl Violation {
         }
     }
 
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Violation::Protocol => "protocol error",
             Violation::InvalidUtf8 => "invalid UTF-8",
@@ -109,7 +109,7 @@ struct Partial {
     rest: Vec<u8>,
 }
 
-pub struct MessageReader {
+pub(crate) struct MessageReader {
     max_payload: u64,
     /// A frame or message that has not fully arrived. `None` between messages.
     partial: Option<Box<Partial>>,
@@ -123,7 +123,7 @@ pub struct MessageReader {
 }
 
 impl MessageReader {
-    pub fn new(max_payload: usize) -> Self {
+    pub(crate) fn new(max_payload: usize) -> Self {
         Self {
             max_payload: max_payload as u64,
             partial: None,
@@ -135,7 +135,7 @@ impl MessageReader {
     }
 
     /// The last `feed` stopped early; feed again (even nothing) to go on.
-    pub fn stalled(&self) -> bool {
+    pub(crate) fn stalled(&self) -> bool {
         self.stalled
     }
 
@@ -190,7 +190,7 @@ impl MessageReader {
     /// Parse `data`, the next bytes from the client, handing each complete message to `deliver`
     /// in order. On a violation the messages before it have been delivered and nothing after.
     /// When `deliver` returns false, parsing stops after that message and the rest is kept.
-    pub fn feed(
+    pub(crate) fn feed(
         &mut self,
         data: &[u8],
         deliver: &mut impl FnMut(Incoming) -> bool,

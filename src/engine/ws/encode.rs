@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::protocol::OP_CLOSE;
 
 /// The header of a final, unmasked frame: its bytes and how many of them are used.
-pub fn encode_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
+pub(crate) fn encode_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
     let mut head = [0u8; 10];
     head[0] = 0x80 | opcode;
     let head_len = if len < 126 {
@@ -46,23 +46,23 @@ impl OutFrame {
         }
     }
 
-    pub fn close(code: u16, reason: &str) -> Self {
+    pub(crate) fn close(code: u16, reason: &str) -> Self {
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());
         payload.extend_from_slice(reason.as_bytes());
         Self::new(OP_CLOSE, Bytes::from(payload))
     }
 
-    pub fn head(&self) -> &[u8] {
+    pub(crate) fn head(&self) -> &[u8] {
         &self.head[..self.head_len as usize]
     }
 
-    pub fn payload(&self) -> &[u8] {
+    pub(crate) fn payload(&self) -> &[u8] {
         &self.payload
     }
 
     /// What this frame adds to `buffered_amount`.
-    pub fn wire_len(&self) -> usize {
+    pub(crate) fn wire_len(&self) -> usize {
         self.head_len as usize + self.payload.len()
     }
 }

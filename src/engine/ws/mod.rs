@@ -1,14 +1,14 @@
 //! WebSocket connections.
 
-pub mod batch;
+pub(crate) mod batch;
 pub(crate) mod budget;
-pub mod conn;
-pub mod decode;
-pub mod encode;
-pub mod outbound;
-pub mod protocol;
-pub mod shared;
-pub mod task;
+pub(crate) mod conn;
+pub(crate) mod decode;
+pub(crate) mod encode;
+pub(crate) mod outbound;
+pub(crate) mod protocol;
+pub(crate) mod shared;
+pub(crate) mod task;
 
 /// What a server's tasks hand to the asyncio loop: an opened connection comes as its `Conn`.
 pub type Event = crate::engine::bridge::events::Event<std::sync::Arc<conn::Conn>>;

@@ -100,7 +100,7 @@ impl Queue {
 }
 
 #[derive(Default)]
-pub struct Outbound {
+pub(crate) struct Outbound {
     queue: Mutex<Queue>,
     buffered: AtomicUsize,
     /// The kernel refused bytes, or the queue passed the high-water mark: sends report
@@ -111,7 +111,7 @@ pub struct Outbound {
 
 /// What [`Outbound::push`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pushed {
+pub(crate) enum Pushed {
     Refused,
     Queued,
     /// Queued into an empty, uncorked queue: a flush is due.
@@ -120,7 +120,7 @@ pub enum Pushed {
 
 /// What [`Outbound::flush`] left behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flushed {
+pub(crate) enum Flushed {
     /// Everything queued is written.
     Done,
     /// Frames wait for `uncork`.
@@ -132,18 +132,18 @@ pub enum Flushed {
 }
 
 impl Outbound {
-    pub fn attach(&self, socket: Arc<TcpStream>) {
+    pub(crate) fn attach(&self, socket: Arc<TcpStream>) {
         self.queue.lock().socket = Some(socket);
     }
 
     /// Stop writing from any thread; the caller (the connection task) closes the socket.
-    pub fn detach(&self) -> Option<Arc<TcpStream>> {
+    pub(crate) fn detach(&self) -> Option<Arc<TcpStream>> {
         self.queue.lock().socket.take()
     }
 
     /// Queue `frame` (a refcount for a large one, a copy for a small one). With `seal`,
     /// nothing is accepted after it.
-    pub fn push(&self, frame: &OutFrame, seal: bool) -> Pushed {
+    pub(crate) fn push(&self, frame: &OutFrame, seal: bool) -> Pushed {
         if frame.payload().len() <= INLINE_PAYLOAD {
             return self.push_with(frame.wire_len(), seal, |q| {
                 let bytes = q.inline_tail();
@@ -157,7 +157,7 @@ impl Outbound {
     }
 
     /// Queue a final frame with `opcode` and `payload`, copying the payload.
-    pub fn push_payload(&self, opcode: u8, payload: &[u8], seal: bool) -> Pushed {
+    pub(crate) fn push_payload(&self, opcode: u8, payload: &[u8], seal: bool) -> Pushed {
         if payload.len() > INLINE_PAYLOAD {
             let frame = OutFrame::new(opcode, Bytes::copy_from_slice(payload));
             return self.push(&frame, seal);
@@ -209,13 +209,13 @@ impl Outbound {
     }
 
     /// Refuse every later frame.
-    pub fn seal(&self) {
+    pub(crate) fn seal(&self) {
         self.queue.lock().sealed = true;
     }
 
     /// Write what is queued until it is all written or the kernel refuses more. Never blocks
     /// beyond the queue's lock, which is held only by another flush or a push.
-    pub fn flush(&self) -> io::Result<Flushed> {
+    pub(crate) fn flush(&self) -> io::Result<Flushed> {
         let mut guard = self.queue.lock();
         let Queue {
             chunks,
@@ -315,33 +315,33 @@ impl Outbound {
         Ok(Flushed::Done)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.lock().chunks.is_empty()
     }
 
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.buffered.load(Ordering::Relaxed)
     }
 
-    pub fn is_congested(&self) -> bool {
+    pub(crate) fn is_congested(&self) -> bool {
         self.congested.load(Ordering::Relaxed)
     }
 
-    pub fn set_congested(&self) {
+    pub(crate) fn set_congested(&self) {
         self.congested.store(true, Ordering::Relaxed);
     }
 
     /// Clear congestion once everything is written; true if it was congested (drain is due).
-    pub fn clear_congested(&self) -> bool {
+    pub(crate) fn clear_congested(&self) -> bool {
         self.congested.swap(false, Ordering::Relaxed)
     }
 
-    pub fn cork(&self) {
+    pub(crate) fn cork(&self) {
         self.corked.fetch_add(1, Ordering::AcqRel);
     }
 
     /// True when the last cork is released and frames are waiting.
-    pub fn uncork(&self) -> bool {
+    pub(crate) fn uncork(&self) -> bool {
         self.corked.fetch_sub(1, Ordering::AcqRel) == 1 && !self.is_empty()
     }
 }

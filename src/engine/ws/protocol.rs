@@ -1,13 +1,13 @@
 //! What RFC 6455 fixes for both directions: opcodes (section 5.2) and close codes (7.4).
 
-pub const OP_CONTINUATION: u8 = 0x0;
+pub(crate) const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+pub(crate) const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_PING: u8 = 0x9;
+pub(crate) const OP_PONG: u8 = 0xA;
 
-pub fn is_control(opcode: u8) -> bool {
+pub(crate) fn is_control(opcode: u8) -> bool {
     opcode & 0x8 != 0
 }
 

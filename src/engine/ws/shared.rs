@@ -22,9 +22,9 @@ use crate::engine::pubsub::topics::TopicRegistry;
 
 /// State shared by the server's tasks and its connections.
 pub struct Shared {
-    pub config: ServerConfig,
+    pub(crate) config: ServerConfig,
     pub events: EventQueue<Arc<Conn>>,
-    pub topics: TopicRegistry<Arc<Conn>>,
+    pub(crate) topics: TopicRegistry<Arc<Conn>>,
     pub(crate) budget: IncomingBudget,
     pub(crate) conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// WebSockets open or being upgraded, counted only when `max_connections` is set.
@@ -92,6 +92,16 @@ impl Shared {
 
     pub fn open_websockets(&self) -> usize {
         self.conns.lock().len()
+    }
+
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.topics.subscriber_count(topic)
+    }
+
+    /// What `max_incoming_bytes` caps: bytes in incomplete messages and in messages not yet
+    /// handed to Python.
+    pub fn incoming_bytes(&self) -> usize {
+        self.budget.held()
     }
 
     /// Queue one shared frame to every subscriber of `topic` except `exclude`.

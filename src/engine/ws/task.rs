@@ -77,7 +77,11 @@ impl Ending {
 /// Open the connection and return its task. `already_read` is what hyper read past the request
 /// head: the start of the WebSocket stream. The setup runs here, not in the future, so the
 /// future holds only what the connection's life needs (benches S4).
-pub fn run(conn: Arc<Conn>, stream: TcpStream, already_read: Vec<u8>) -> impl Future<Output = ()> {
+pub(crate) fn run(
+    conn: Arc<Conn>,
+    stream: TcpStream,
+    already_read: Vec<u8>,
+) -> impl Future<Output = ()> {
     let stream = Arc::new(stream);
     conn.out.attach(stream.clone());
     conn.set_state(ReadyState::Open);
