@@ -19,7 +19,7 @@ pub(crate) fn runtime() -> &'static Runtime {
         Builder::new_multi_thread()
             .worker_threads(worker_threads())
             .thread_name("brioche-worker")
-            // Wake the asyncio loop once per poll cycle, not once per first event (events.rs).
+            // Wake the asyncio loop once per poll cycle, not per first event (bridge/events.rs).
             .on_thread_start(|| {
                 crate::engine::bridge::events::defer_wakes_on_this_thread();
                 yield_to_the_loop_on_wake_up();

@@ -6,7 +6,7 @@
 //! On a tokio worker the write is deferred further, to the moment the worker runs out of work
 //! (`on_thread_park`) or has queued `MAX_DEFERRED_EVENTS`: waking the loop thread in the middle of
 //! a poll cycle let it preempt the worker (on a shared core) after the first event of a burst,
-//! so every batch held one event and paid one context switch (see benches/PROFILE.md).
+//! so every batch held one event and paid one context switch.
 
 use std::cell::RefCell;
 use std::io;
@@ -95,7 +95,7 @@ impl DeferredWakes {
 }
 
 thread_local! {
-    /// `Some` on tokio workers (see `runtime.rs`): their wake-ups wait for the worker to park.
+    /// `Some` on tokio workers (`engine/runtime.rs`): their wake-ups wait for the worker to park.
     static DEFERRED: RefCell<Option<DeferredWakes>> = const { RefCell::new(None) };
 }
 

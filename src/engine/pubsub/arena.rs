@@ -4,7 +4,7 @@
 //! writes as is; this is the same idea. A topic's frames of a batch are appended to one arena,
 //! and a subscriber's queue holds a range of it. Consecutive publishes to a topic extend that
 //! range instead of adding a frame, so queuing a publish for a subscriber copies nothing, and
-//! the whole batch leaves in one `send` of bytes shared by all (benches S3).
+//! the whole batch leaves in one `send` of bytes shared by all.
 //!
 //! An arena is append-only and never reallocates: bytes below the writer's length are never
 //! written again, so flushes on other threads may read ranges that were queued (the queue's lock

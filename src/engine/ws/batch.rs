@@ -15,14 +15,14 @@ use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
 struct SendBatch {
     /// Connections to flush when the batch ends.
     conns: Vec<Arc<Conn>>,
-    /// Each topic's published frames of this batch, encoded once (`arena.rs`).
+    /// Each topic's published frames of this batch, encoded once (`pubsub/arena.rs`).
     arenas: FxHashMap<Box<str>, ArenaWriter>,
 }
 
 thread_local! {
     /// `Some` while this thread (the asyncio loop) dispatches a batch of events: connections sent
     /// to are flushed once, on this thread, when the batch ends, so a batch of replies is one
-    /// write per connection and needs no tokio task to wake (see benches/PROFILE.md).
+    /// write per connection and needs no tokio task to wake.
     static SEND_BATCH: RefCell<Option<SendBatch>> = const { RefCell::new(None) };
 }
 

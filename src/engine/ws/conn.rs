@@ -2,7 +2,7 @@
 //!
 //! Everything here is synchronous and non-blocking (short, uncontended mutexes and non-blocking
 //! writes at most): the Python thread calls it directly without releasing the GIL. The socket
-//! belongs to the connection's task (`connection.rs`); other threads only write to it, through
+//! belongs to the connection's task (`task.rs`); other threads only write to it, through
 //! the outbound queue.
 
 use std::io;

@@ -2,14 +2,22 @@
 //!
 //! Not tungstenite's codec, for memory: its `FrameCodec` owns a zero-filled read buffer per
 //! connection (4 KiB at the smallest useful size), resident for the connection's whole life even
-//! while it idles, which alone was over half of brioche's memory per idle socket (benches S4).
-//! Here the socket is read into one buffer per worker thread (`connection.rs`) and parsed in
-//! place. A frame that is there whole is unmasked from it into a buffer of its size. A frame
-//! that is not is received into its message's buffer as it arrives: reserved once, from the
-//! header, unmasked in place, and handed on as it is (`Bytes::from`), so a message being
-//! received costs its own size and no copy. Only an incomplete header (at most 14 bytes) is kept
-//! aside, inline, so an idle connection holds no buffer at all. The rules are the RFC's, checked
-//! by Autobahn's cases 1-10 in CI.
+//! while it idles, which alone was over half of brioche's memory per idle socket when brioche
+//! used it. Here the socket is read into one buffer per worker thread (`task.rs`) and parsed in
+//! place, and a connection keeps only what it has not handed on yet:
+//!
+//! - between messages, nothing on the heap: at most the start of a header (14 bytes) that has
+//!   not all arrived, kept inline;
+//! - a message in one frame that arrived whole: nothing kept; it is unmasked from the read
+//!   buffer into a buffer of its size, handed on as it is;
+//! - a message still arriving (or sent in fragments): its buffer, reserved from its frames'
+//!   headers (at most 1 MiB more than they declared when the fragments are many and small, see
+//!   `reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
+//!   on as it is (`Bytes::from`), with no copy;
+//! - while the loop is behind (the connection's in-flight caps are reached and `deliver` asks to
+//!   stop): the rest of that read, unparsed, copied aside until the loop catches up.
+//!
+//! The rules are the RFC's, checked by Autobahn's cases 1-10 in CI.
 //!
 //! Limits are enforced from frame headers, before any payload is buffered: a frame or a
 //! fragmented message that would exceed `max_payload_length` is refused as soon as its header
@@ -1071,8 +1079,8 @@ mod tests {
     }
 
     /// `cargo test --release parse_speed -- --ignored --nocapture`: 32-byte text messages in
-    /// 64 KiB reads (S1's shape, frames cut at read boundaries), and a 16 MiB frame streamed
-    /// through the same reads.
+    /// 64 KiB reads (an echo flood's shape, frames cut at read boundaries), and a 16 MiB frame
+    /// streamed through the same reads.
     #[test]
     #[ignore]
     fn parse_speed() {

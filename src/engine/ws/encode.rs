@@ -3,7 +3,8 @@
 //! Server frames are never masked, so the bytes of a frame are the same for every recipient: a
 //! published message is encoded once. A large frame's payload `Bytes` is shared (a refcount, not
 //! a copy) by every subscriber's queue and written from there; small frames are copied into the
-//! queue's byte buffer, or, for publishes within a batch, into the topic's arena (`arena.rs`).
+//! queue's byte buffer, or, for publishes within a batch, into the topic's arena
+//! (`pubsub/arena.rs`).
 
 use bytes::Bytes;
 

@@ -4,7 +4,7 @@
 //! push frames. Whoever flushes (the asyncio loop thread at the end of a dispatch batch, or the
 //! connection's task) writes under the queue's lock, so frames go out whole and in order from any
 //! thread. Writing on the loop thread saves a task wake-up per reply: the reply leaves in the
-//! same thread that produced it, as in a single-threaded server (benches/PROFILE.md, S2).
+//! same thread that produced it, as in a single-threaded server.
 //! `buffered` counts bytes accepted but not yet handed to the kernel: it grows on push and
 //! shrinks by exactly what each write returned.
 
@@ -27,7 +27,7 @@ use crate::engine::pubsub::arena::ArenaRange;
 /// and drop per recipient, and a batch of them is one `send` with no gathering.
 pub(crate) const INLINE_PAYLOAD: usize = 1024;
 /// A flush that wrote at most this much was not part of a burst: the queue's allocation goes
-/// back to the allocator, so an idle connection holds none (benches S4).
+/// back to the allocator, so an idle connection holds none.
 const KEEP_BUFFERS_AFTER: usize = 256;
 /// Most pieces one gathering write takes (Linux allows 1024).
 const MAX_IOVECS: usize = 64;

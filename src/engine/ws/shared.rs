@@ -114,7 +114,7 @@ impl Shared {
     ) -> SendStatus {
         let mut status: Option<SendStatus> = None;
         // Within a dispatch batch a small frame is encoded once into the topic's arena, and
-        // each subscriber queues a range of it (`arena.rs`).
+        // each subscriber queues a range of it (`pubsub/arena.rs`).
         let shared = if frame.payload().len() <= INLINE_PAYLOAD {
             batch::append_to_batch(topic, &frame)
         } else {

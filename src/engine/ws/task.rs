@@ -3,7 +3,7 @@
 //! handshake, and owns the socket until the connection ends.
 //!
 //! One task, not a reader and a writer: a reply or a drain costs no second task wake-up, and an
-//! idle connection is one small allocation (benches/PROFILE.md, S2 and S4).
+//! idle connection is one small allocation.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -35,8 +35,11 @@ const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
 /// The worker thread's read buffer. Sockets are read into it and parsed in place.
 const READ_BUFFER: usize = 64 * 1024;
-/// Reads per wake-up before other connections get their turn.
-const READS_PER_WAKE: usize = 16;
+/// Full reads in a row before the task looks at its signals, queued writes and timer again. Not
+/// a turn for other connections: the task then goes back to reading in the same poll. They get
+/// the worker when this poll's cooperative budget runs out (tokio's 128 units, one per
+/// readiness or timer poll) and `poll_read_ready` returns `Pending`.
+const READS_PER_TURN: usize = 16;
 
 thread_local! {
     /// One read buffer per worker thread instead of one per connection: an idle connection
@@ -76,7 +79,7 @@ impl Ending {
 
 /// Open the connection and return its task. `already_read` is what hyper read past the request
 /// head: the start of the WebSocket stream. The setup runs here, not in the future, so the
-/// future holds only what the connection's life needs (benches S4).
+/// future, most of an idle connection's memory, holds only what the connection's life needs.
 pub(crate) fn run(
     conn: Arc<Conn>,
     stream: TcpStream,
@@ -121,7 +124,7 @@ enum Phase {
 
 /// The connection's state. One plain struct polled by hand rather than an `async` block with a
 /// `select!`: the future of every branch would be stored in it, and at 10,000 idle connections
-/// that was over a kilobyte each (benches S4).
+/// that was over a kilobyte each.
 struct Task {
     conn: Arc<Conn>,
     stream: Arc<TcpStream>,
@@ -543,7 +546,7 @@ fn read(conn: &Arc<Conn>, stream: &TcpStream, rx: &mut Receiver) -> Read {
     READ_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let mut got = Read::Nothing;
-        for _ in 0..READS_PER_WAKE {
+        for _ in 0..READS_PER_TURN {
             match read_once(stream, &mut buf) {
                 Ok(0) => return Read::Ended(Ending::abrupt(1006, "")),
                 Ok(n) => {
@@ -698,7 +701,7 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// Every idle connection carries its task and its `Conn` (benches S4): keep them small.
+    /// Every idle connection carries its task and its `Conn`: they are most of its memory.
     #[test]
     fn an_idle_connection_stays_small() {
         let rt = tokio::runtime::Builder::new_current_thread()
