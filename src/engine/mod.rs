@@ -1,4 +1,23 @@
 //! The PyO3-free core. Nothing here touches Python; `crate::py` wraps it.
+//!
+//! Its parts, top to bottom. Each uses only parts on lower lines, never one on its own line or
+//! above (`layering_tests.rs` checks it), so there is no circle of imports:
+//!
+//! 1. `server.rs`: a listening server: binds, accepts, stops.
+//! 2. `http/`: hyper serves each TCP connection (`serve.rs`); a request the handler upgrades
+//!    (`handshake.rs` checks it) becomes a connection of `ws/`.
+//!    `runtime.rs`: the process-wide tokio runtime; its workers defer the bridge's wake-ups.
+//! 3. `ws/`: WebSocket connections. A connection's handle (`conn.rs`: what Python acts on, from
+//!    any thread) and its one task (`task.rs`: reads and parses with `decode.rs`, writes, times
+//!    out); its outbound queue (`outbound.rs`, frames from `encode.rs`); the loop thread's send
+//!    batch (`batch.rs`); what a server's connections share (`shared.rs`: settings, event
+//!    queue, topics, the open connections).
+//! 4. `bridge/`: the event queue from tokio to the asyncio loop and the fd that wakes the loop.
+//!    It carries connections to Python but sits below `ws/`: `Event` is generic over the
+//!    connection handle (`ws::Event` is the engine's).
+//!    `pubsub/`: topics and their subscribers, and the arenas a batch's publishes are encoded
+//!    into, once for every subscriber.
+//!    `config.rs`: settings fixed when a server starts.
 
 pub(crate) mod bridge;
 pub(crate) mod config;
@@ -22,3 +41,5 @@ pub use ws::Event;
 
 #[cfg(test)]
 mod end_to_end_tests;
+#[cfg(test)]
+mod layering_tests;

@@ -1,4 +1,5 @@
-//! From tokio to the asyncio loop.
+//! From the tokio threads to the asyncio loop: events queue up here, and the loop is woken
+//! once per batch of them.
 
 pub(crate) mod events;
 pub(crate) mod wake;

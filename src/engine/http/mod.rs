@@ -1,4 +1,4 @@
-//! HTTP/1.1 and the WebSocket handshake.
+//! HTTP/1.1 (hyper) up to the WebSocket upgrade: every request goes to the Python handler.
 
 pub(crate) mod handshake;
 pub(crate) mod serve;

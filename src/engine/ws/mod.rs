@@ -1,4 +1,5 @@
-//! WebSocket connections.
+//! WebSocket connections: framing (RFC 6455), each connection's task and handle, and the
+//! queues its replies leave through.
 
 pub(crate) mod batch;
 pub(crate) mod budget;
