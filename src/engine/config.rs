@@ -55,7 +55,7 @@ pub struct ServerConfig {
     /// How long a server-initiated close waits for the client's close frame.
     pub close_timeout: Duration,
     /// Bytes all clients together may make the server hold in incomplete messages and in
-    /// messages waiting for Python (`budget.rs`); 0: no limit.
+    /// messages waiting for Python (`ws/budget.rs`); 0: no limit.
     pub max_incoming_bytes: usize,
 }
 

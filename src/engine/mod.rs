@@ -11,7 +11,8 @@
 //!    any thread) and its one task (`task.rs`: reads and parses with `decode.rs`, writes, times
 //!    out); its outbound queue (`outbound.rs`, frames from `encode.rs`); the loop thread's send
 //!    batch (`batch.rs`); what a server's connections share (`shared.rs`: settings, event
-//!    queue, topics, the open connections).
+//!    queue, topics, the open connections) and the server-wide cap on what clients make it hold
+//!    (`budget.rs`).
 //! 4. `bridge/`: the event queue from tokio to the asyncio loop and the fd that wakes the loop.
 //!    It carries connections to Python but sits below `ws/`: `Event` is generic over the
 //!    connection handle (`ws::Event` is the engine's).

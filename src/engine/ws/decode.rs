@@ -148,7 +148,7 @@ impl MessageReader {
     }
 
     /// Bytes held for an incomplete frame or message: what the server-wide budget counts.
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         usize::from(self.head_len)
             + self.partial.as_ref().map_or(0, |p| {
                 p.message.as_ref().map_or(0, |m| m.payload.len())
@@ -175,7 +175,7 @@ impl MessageReader {
     }
 
     /// Whether a frame or message has started to arrive and has not all arrived.
-    pub fn receiving(&self) -> bool {
+    pub(crate) fn receiving(&self) -> bool {
         self.head_len > 0
             || self
                 .partial
@@ -184,7 +184,7 @@ impl MessageReader {
     }
 
     /// Give up on the stream (its message took too long): drop what is held, ignore the rest.
-    pub fn abandon(&mut self) {
+    pub(crate) fn abandon(&mut self) {
         self.done = true;
         self.stalled = false;
         self.partial = None;
