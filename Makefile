@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 MATRIX_PYTHONS ?= 3.10 3.12 3.13
 MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
 
-.PHONY: demo test docs venv install system-deps rust-test valgrind py-test test-matrix $(MATRIX) typecheck conformance fuzz lint fmt bench clean
+.PHONY: demo test docs venv install system-deps rust-test valgrind py-test test-matrix $(MATRIX) typecheck conformance test-portable fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +72,18 @@ fuzz: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-test: rust-test valgrind typecheck docs py-test test-matrix conformance
+# The portable path that builds off Linux take (a pipe wake-up, no SCHED_BATCH; platform.rs),
+# run here with BRIOCHE_PORTABLE=1: the engine's tests and the suites that exercise the bridge.
+# Then the engine is type-checked for macOS and FreeBSD (their std from rustup; no linking).
+PORTABLE_TARGETS := x86_64-apple-darwin x86_64-unknown-freebsd
+test-portable: install
+	BRIOCHE_PORTABLE=1 cargo test --quiet
+	BRIOCHE_PORTABLE=1 $(VENV)/bin/pytest -q -m "not load" tests/test_echo.py tests/test_lifecycle.py \
+		tests/test_stop.py tests/test_tasks.py tests/test_backpressure.py tests/test_flow_control.py
+	rustup target add $(PORTABLE_TARGETS)
+	cargo check --quiet $(addprefix --target ,$(PORTABLE_TARGETS))
+
+test: rust-test valgrind typecheck docs py-test test-matrix test-portable conformance
 
 lint: install
 	cargo fmt --check

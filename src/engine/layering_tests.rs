@@ -11,6 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["http", "runtime"],
     &["ws"],
     &["bridge", "config", "pubsub"],
+    &["platform"],
 ];
 
 fn layer(part: &str) -> usize {

@@ -19,10 +19,12 @@
 //!    `pubsub/`: topics and their subscribers, and the arenas a batch's publishes are encoded
 //!    into, once for every subscriber.
 //!    `config.rs`: settings fixed when a server starts.
+//! 5. `platform.rs`: what differs off Linux, and `BRIOCHE_PORTABLE=1` to run that path here.
 
 pub(crate) mod bridge;
 pub(crate) mod config;
 pub(crate) mod http;
+pub(crate) mod platform;
 pub(crate) mod pubsub;
 pub(crate) mod runtime;
 pub(crate) mod server;

@@ -35,11 +35,16 @@ pub(crate) fn runtime() -> &'static Runtime {
 /// the thread that is running. When the workers share a core with the asyncio loop (one CPU, or
 /// `taskset`), a socket turning readable then no longer interrupts a batch of handlers; the
 /// worker runs when the loop waits, and reads everything that arrived meanwhile in one go.
+/// Linux only: other systems have no such policy (`platform.rs`).
 fn yield_to_the_loop_on_wake_up() {
-    // SAFETY: plain syscall on the calling thread with a valid parameter struct. Unprivileged
-    // threads may always switch to SCHED_BATCH; if it fails the thread just stays SCHED_OTHER.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+    #[cfg(target_os = "linux")]
+    if !crate::engine::platform::portable() {
+        // SAFETY: plain syscall on the calling thread with a valid parameter struct.
+        // Unprivileged threads may always switch to SCHED_BATCH; if it fails the thread just
+        // stays SCHED_OTHER.
+        unsafe {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The wake-up the asyncio loop watches: an eventfd on Linux, a pipe elsewhere.
+//! The wake-up the asyncio loop watches: an eventfd on Linux, a pipe elsewhere (and on Linux
+//! with `BRIOCHE_PORTABLE=1`, `platform.rs`).
 //!
 //! Written at most once per batch (when the event queue goes from empty to non-empty), so its
 //! syscall cost is shared by every event in the batch.
@@ -12,8 +13,16 @@ pub(crate) struct Wakeup {
 }
 
 impl Wakeup {
-    #[cfg(target_os = "linux")]
     pub(crate) fn new() -> io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        if !crate::engine::platform::portable() {
+            return Self::eventfd();
+        }
+        Self::pipe()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn eventfd() -> io::Result<Self> {
         // SAFETY: eventfd takes no pointers; the result is checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -25,8 +34,7 @@ impl Wakeup {
         })
     }
 
-    #[cfg(not(target_os = "linux"))]
-    pub(crate) fn new() -> io::Result<Self> {
+    fn pipe() -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid array of two descriptors for pipe to fill.
         if unsafe { libc::pipe(fds.as_mut_ptr()) } < 0 {
@@ -105,14 +113,27 @@ mod tests {
         poll_readable(fd, 0)
     }
 
-    #[test]
-    fn wake_makes_fd_readable_until_cleared() {
-        let w = Wakeup::new().unwrap();
+    fn check(w: Wakeup) {
         assert!(!readable(w.fd()));
-        w.wake();
-        w.wake();
+        // More wake-ups than one read of `clear` takes from a pipe.
+        for _ in 0..100 {
+            w.wake();
+        }
         assert!(readable(w.fd()));
         w.clear();
         assert!(!readable(w.fd()));
+        w.wake();
+        assert!(readable(w.fd()));
+    }
+
+    #[test]
+    fn wake_makes_fd_readable_until_cleared() {
+        check(Wakeup::new().unwrap());
+    }
+
+    /// The portable path, whatever `BRIOCHE_PORTABLE` says.
+    #[test]
+    fn the_pipe_wakes_and_clears_too() {
+        check(Wakeup::pipe().unwrap());
     }
 }
