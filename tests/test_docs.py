@@ -251,6 +251,35 @@ async def test_auth_routes_and_upgrade(started: list[brioche.Server[Any]]) -> No
 # -- deployment -------------------------------------------------------------------------------
 
 
+async def test_metrics_serves_the_counters_to_prometheus(started: list[brioche.Server[Any]]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv = await serve(load("metrics").app, started)
+    async with connect(f"ws://127.0.0.1:{srv.port}/ws") as client:
+        for i in range(20):
+            await client.send(f"m{i:02}")
+            assert await recv(client) == f"m{i:02}"
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"http://127.0.0.1:{srv.port}/metrics")
+        refused = await http.get(f"http://127.0.0.1:{srv.port}/ws", headers={"Upgrade": "websocket"})
+        assert refused.status_code == 400
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+    }
+    assert samples[("brioche_messages_in_total", ())] == 20
+    assert samples[("brioche_messages_out_total", ())] == 20
+    assert samples[("brioche_bytes_in_total", ())] == 60
+    assert samples[("brioche_connections_opened_total", ())] == 1
+    assert samples[("brioche_closes_total", (("code", "1000"),))] == 1
+    assert samples[("brioche_open_connections", ())] == 0
+    assert samples[("brioche_handshakes_rejected_total", ())] == 0  # the 400 came after the scrape
+
+
+
 async def test_production_script_serves_port_from_env_and_stops_on_sigterm() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(

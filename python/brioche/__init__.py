@@ -16,7 +16,7 @@ from brioche._brioche import (
     WebSocket,
     random_uuid_v7,
 )
-from brioche._server import BindError, Server
+from brioche._server import BindError, Server, Stats
 from brioche import server, websocket
 from brioche.websocket import SendStatus
 
@@ -28,6 +28,7 @@ __all__ = [
     "MessageSent",
     "SendStatus",
     "Server",
+    "Stats",
     "WebSocket",
     "random_uuid_v7",
     "server",

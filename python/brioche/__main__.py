@@ -1,7 +1,7 @@
 """``python -m brioche``: a demo server with an echo page and a chat room.
 
     python -m brioche                 # http://0.0.0.0:3000/  ($PORT overrides the port)
-    python -m brioche --port 8080 --host 127.0.0.1
+    python -m brioche --port 8080 --host 127.0.0.1 --log-level INFO
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 from dataclasses import dataclass
 from importlib.resources import files
@@ -84,10 +85,29 @@ def config() -> server.Config[Session]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m brioche", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")))
+    parser = argparse.ArgumentParser(
+        prog="python -m brioche",
+        description="A demo server: an echo page at / (WebSocket /echo) and a chat room (/chat).",
+        epilog="Press Ctrl+C to stop: open connections are closed with 1001.",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT", "3000")),
+        help="port to listen on; 0 picks a free one (default: $PORT, else 3000)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of the brioche loggers printed to stderr; INFO shows refused handshakes, "
+        "protocol-error closes and idle timeouts (default: WARNING)",
+    )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("brioche").setLevel(args.log_level)
 
     async def run() -> None:
         srv = await config().hostname(args.host).port(args.port).serve()

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Generic, TypeVar, final
 __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
-    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_REQUEST", "EVENT_STOPPED",
+    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG",
 ]
 
 _T = TypeVar("_T")
@@ -21,6 +21,7 @@ EVENT_CLOSE: int
 EVENT_FAIL: int
 EVENT_REQUEST: int
 EVENT_STOPPED: int
+EVENT_LOG: int
 
 class BriocheError(Exception):
     """Root of the exceptions brioche raises."""
@@ -159,6 +160,7 @@ class Engine:
     def pending_websockets(self) -> int: ...
     @property
     def incoming_bytes(self) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
     def fileno(self) -> int: ...
     def drain(self, max_events: int) -> list[tuple[Any, ...]]: ...
     def end_batch(self) -> None: ...

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from functools import partial
 from inspect import isawaitable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, final
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
@@ -49,6 +49,7 @@ _CLOSE = _brioche.EVENT_CLOSE
 _FAIL = _brioche.EVENT_FAIL
 _REQUEST = _brioche.EVENT_REQUEST
 _STOPPED = _brioche.EVENT_STOPPED
+_LOG = _brioche.EVENT_LOG
 _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: "on_drain",
                 _CLOSE: "on_close"}
 _CLOSED = 3
@@ -135,6 +136,45 @@ def _close_for_protocol_error(ws: WebSocket[Any], code: int, reason: str) -> Non
 
 class BindError(BriocheError, OSError):
     """The server could not listen on the requested address; ``errno`` says why."""
+
+
+class Stats(TypedDict):
+    """What :meth:`Server.stats` returns: counts since the server started.
+
+    ``messages_out`` and ``bytes_out`` count messages queued for clients (sends and publish
+    deliveries, payload bytes), ``deliveries`` the publish deliveries among them, and
+    ``sends_backpressured`` those queued to a congested socket; ``sends_dropped`` counts sends
+    and deliveries refused. ``handshakes_rejected`` counts WebSocket handshakes the core refused
+    before the handler (400, 426, 503), ``requests_rejected`` HTTP requests it refused (400,
+    408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values.
+    """
+
+    connections_opened: int
+    connections_closed: int
+    messages_in: int
+    bytes_in: int
+    messages_out: int
+    bytes_out: int
+    publishes: int
+    deliveries: int
+    sends_backpressured: int
+    sends_dropped: int
+    handshakes_rejected: int
+    requests_rejected: int
+    closes_by_code: dict[int, int]
+    open_connections: int
+    incoming_bytes: int
+
+
+def _log_from_engine(name: str, level: int, message: str, args: tuple[Any, ...], left_out: int) -> None:
+    """A line from the core (rate-limited there), formatted only if its logger wants it."""
+    engine_logger = logging.getLogger(name)
+    if not engine_logger.isEnabledFor(level):
+        return
+    if left_out:
+        message += " (%d more like this in the last seconds were not logged)"
+        args = (*args, left_out)
+    engine_logger.log(level, message, *args)
 
 
 @final
@@ -256,6 +296,14 @@ class Server(Generic[T]):
         """WebSocket connections currently open (or being upgraded)."""
         return self._engine.pending_websockets
 
+    def stats(self) -> Stats:
+        """The server's counters since it started, kept by the core as it works.
+
+        Reading them costs a few microseconds; counting costs the hot path a plain add on a
+        counter only the counting thread writes. See :class:`Stats` for the keys.
+        """
+        return self._engine.stats()  # type: ignore[return-value]
+
     def upgrade(
         self, request: Request, headers: Iterable[tuple[str, str]] = (), data: T | None = None
     ) -> bool:
@@ -362,6 +410,8 @@ class Server(Generic[T]):
                     self._on_request(event[1])
                 elif kind == _STOPPED:
                     self._on_stopped()
+                elif kind == _LOG:
+                    _log_from_engine(*event[1:])
         except BaseException:
             # KeyboardInterrupt, SystemExit...: propagate as from a task, but the events after
             # it are still delivered, in order, once the loop runs again.

@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["end_to_end_tests", "layering_tests", "server"],
     &["http", "runtime"],
     &["ws"],
-    &["bridge", "config", "pubsub"],
+    &["bridge", "config", "pubsub", "stats"],
     &["platform"],
 ];
 

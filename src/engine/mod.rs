@@ -19,6 +19,7 @@
 //!    `pubsub/`: topics and their subscribers, and the arenas a batch's publishes are encoded
 //!    into, once for every subscriber.
 //!    `config.rs`: settings fixed when a server starts.
+//!    `stats.rs`: the counters of `srv.stats()`, sharded per thread.
 //! 5. `platform.rs`: what differs off Linux, and `BRIOCHE_PORTABLE=1` to run that path here.
 
 pub(crate) mod bridge;
@@ -28,14 +29,16 @@ pub(crate) mod platform;
 pub(crate) mod pubsub;
 pub(crate) mod runtime;
 pub(crate) mod server;
+pub(crate) mod stats;
 pub(crate) mod ws;
 
 // What the engine offers outside itself: `crate::py` and benches/rust_server (which links it
 // as a library) use these paths. Everything else is `pub(crate)` at most.
-pub use bridge::events::{HttpRequest, Reply};
+pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
 pub use config::{ServerConfig, WsLimits};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};
 pub use server::Server;
+pub use stats::Counter;
 pub use ws::batch::{begin_send_batch, end_send_batch};
 pub use ws::conn::{Conn, ReadyState, SendStatus};
 pub use ws::encode::OutFrame;

@@ -5,19 +5,19 @@ use std::collections::VecDeque;
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use rustc_hash::FxHashMap;
 
 use super::request::PendingRequest;
 use super::status;
 use super::websocket::{with_bytes, PyWebSocket};
 use super::{
-    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_OPEN, EVENT_REQUEST, EVENT_STOPPED,
-    EVENT_TEXT,
+    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN, EVENT_REQUEST,
+    EVENT_STOPPED, EVENT_TEXT,
 };
 use crate::engine::{
-    begin_send_batch, end_send_batch, Event, OutFrame, Server, ServerConfig, WsLimits, OP_BINARY,
-    OP_TEXT,
+    begin_send_batch, end_send_batch, Event, LogKind, LogRecord, OutFrame, Server, ServerConfig,
+    WsLimits, OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -144,6 +144,7 @@ impl PyEngine {
                 return Ok(None);
             }
             Event::Stopped => (EVENT_STOPPED,).into_pyobject(py)?.into_any(),
+            Event::Log(record) => log_record(py, record)?,
             Event::Request(_) => unreachable!("taken by event_to_py"),
         };
         Ok(Some(item))
@@ -224,6 +225,24 @@ impl PyEngine {
     #[getter]
     fn pending_websockets(&self) -> usize {
         self.server.shared().open_websockets()
+    }
+
+    /// The server's counters (see `Server.stats` for the keys).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let shared = self.server.shared();
+        let (counters, closes) = shared.stats();
+        let stats = PyDict::new(py);
+        for (name, value) in counters {
+            stats.set_item(name, value)?;
+        }
+        let by_code = PyDict::new(py);
+        for (code, count) in closes {
+            by_code.set_item(code, count)?;
+        }
+        stats.set_item("closes_by_code", by_code)?;
+        stats.set_item("open_connections", shared.open_websockets())?;
+        stats.set_item("incoming_bytes", shared.incoming_bytes())?;
+        Ok(stats)
     }
 
     /// Bytes held in incomplete messages and in messages not yet handed to Python: what
@@ -344,6 +363,40 @@ impl PyEngine {
     fn subscriber_count(&self, topic: &str) -> usize {
         self.server.shared().subscriber_count(topic)
     }
+}
+
+/// `(EVENT_LOG, logger name, level, format, args, left out)`: the loop formats it only if
+/// that logger is enabled for that level.
+fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, PyAny>> {
+    const INFO: u8 = 20;
+    const WARNING: u8 = 30;
+    let (logger, level, format) = match record.kind {
+        LogKind::HandshakeRejected => (
+            "brioche.http",
+            INFO,
+            "refused a WebSocket handshake from %s: %d, %s",
+        ),
+        LogKind::RequestRejected => ("brioche.http", INFO, "refused a request from %s: %d, %s"),
+        LogKind::ClientRefused => (
+            "brioche.ws",
+            INFO,
+            "closing the connection from %s with %d: %s",
+        ),
+        LogKind::IdleTimeout => ("brioche.ws", INFO, "closed the connection from %s (%d): %s"),
+        LogKind::BackpressureDrop => (
+            "brioche.ws",
+            WARNING,
+            "dropping messages to %s (%d): %s; more drops are not logged until its queue drains",
+        ),
+        LogKind::BackpressureClose => (
+            "brioche.ws",
+            WARNING,
+            "closed the connection to %s with %d: %s",
+        ),
+    };
+    let args = (record.peer.as_str(), record.code, record.reason);
+    let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
+    Ok(item.into_any())
 }
 
 /// An empty `contextvars.Context`, for a socket opened without `upgrade` giving one.

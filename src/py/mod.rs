@@ -19,6 +19,7 @@ pub const EVENT_CLOSE: u8 = 4;
 pub const EVENT_FAIL: u8 = 5;
 pub const EVENT_REQUEST: u8 = 6;
 pub const EVENT_STOPPED: u8 = 7;
+pub const EVENT_LOG: u8 = 8;
 
 /// A random, time-ordered UUID (RFC 9562 version 7) as a string.
 #[pyfunction]
@@ -47,5 +48,6 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVENT_FAIL", EVENT_FAIL)?;
     m.add("EVENT_REQUEST", EVENT_REQUEST)?;
     m.add("EVENT_STOPPED", EVENT_STOPPED)?;
+    m.add("EVENT_LOG", EVENT_LOG)?;
     Ok(())
 }

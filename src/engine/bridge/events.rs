@@ -63,6 +63,41 @@ pub enum Event<C> {
     UpgradeFailed(u64),
     /// The server stopped: its listener is closed and every connection has ended.
     Stopped,
+    /// A line for Python's `logging`.
+    Log(Box<LogRecord>),
+}
+
+/// What the engine logs (`Event::Log`), each kind limited on its own (`ws/report.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum LogKind {
+    /// A WebSocket handshake refused before the handler (400, 426, 503).
+    HandshakeRejected,
+    /// An HTTP request refused by the engine (408, 413, 431, malformed).
+    RequestRejected,
+    /// A connection closed for breaking the protocol or a limit (1002, 1007, 1008, 1009).
+    ClientRefused,
+    IdleTimeout,
+    /// Sends dropped because a connection's queue passed `backpressure_limit`.
+    BackpressureDrop,
+    /// A connection closed by `close_on_backpressure_limit`.
+    BackpressureClose,
+}
+
+pub(crate) const LOG_KINDS: usize = 6;
+
+/// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
+/// logger is enabled for its level.
+#[derive(Debug)]
+pub struct LogRecord {
+    pub kind: LogKind,
+    /// The client's address (no port for a WebSocket: `Conn` keeps only the IP).
+    pub peer: String,
+    /// The HTTP status or the close code.
+    pub code: u16,
+    pub reason: &'static str,
+    /// Lines of this kind left out (over the rate limit) since the last one.
+    pub left_out: u32,
 }
 
 impl<C> Event<C> {

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,7 +30,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::handshake::{self, Handshake};
-use crate::engine::bridge::events::{Body, HttpRequest, Reply};
+use crate::engine::bridge::events::{Body, HttpRequest, LogKind, Reply};
+use crate::engine::stats::Counter;
 use crate::engine::ws::conn::{Conn, ReadyState};
 use crate::engine::ws::shared::Shared;
 use crate::engine::ws::task;
@@ -89,6 +91,8 @@ struct RequestClock {
     limit: Duration,
     /// `None` while a request's handler runs: only the client's sending is timed.
     deadline: Mutex<Option<Instant>>,
+    /// A request was under way when the deadline passed (and got its 408).
+    expired_mid_request: AtomicBool,
 }
 
 impl RequestClock {
@@ -139,6 +143,9 @@ impl TimedIo {
             if self.read_since_start {
                 // Best effort: the client is slow, not necessarily gone, and a 408 tells it why.
                 let _ = self.io.inner().try_write(REQUEST_TIMEOUT);
+                self.clock
+                    .expired_mid_request
+                    .store(true, Ordering::Relaxed);
             }
         }
         io::ErrorKind::TimedOut.into()
@@ -206,6 +213,7 @@ pub(crate) async fn serve_connection(stream: TcpStream, remote: SocketAddr, shar
     let clock = Arc::new(RequestClock {
         limit: shared.config.header_read_timeout,
         deadline: Mutex::new(None),
+        expired_mid_request: AtomicBool::new(false),
     });
     clock.start();
     let service_shared = shared.clone();
@@ -219,7 +227,7 @@ pub(crate) async fn serve_connection(stream: TcpStream, remote: SocketAddr, shar
         .max_buf_size(shared.config.max_header_size.max(8192));
     let io = TimedIo {
         io: TokioIo::new(stream),
-        clock,
+        clock: clock.clone(),
         timer: None,
         read_since_start: false,
         timed_out: false,
@@ -228,13 +236,53 @@ pub(crate) async fn serve_connection(stream: TcpStream, remote: SocketAddr, shar
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => {}
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
         _ = shared.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            connection.await
+        }
+    };
+    if clock.expired_mid_request.load(Ordering::Relaxed) {
+        reject_request(
+            &shared,
+            remote,
+            StatusCode::REQUEST_TIMEOUT,
+            "request too slow",
+        );
+    } else if let Err(err) = served {
+        // hyper answered these itself (and closed the connection).
+        if err.is_parse_too_large() {
+            let (status, why) = if err.to_string().contains("uri") {
+                (StatusCode::URI_TOO_LONG, "request line too long")
+            } else {
+                (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head too large",
+                )
+            };
+            reject_request(&shared, remote, status, why);
+        } else if err.is_parse() {
+            reject_request(
+                &shared,
+                remote,
+                StatusCode::BAD_REQUEST,
+                "malformed request",
+            );
         }
     }
+}
+
+/// Count and log a request the engine answered with an error before any handler saw it.
+fn reject_request(shared: &Shared, remote: SocketAddr, status: StatusCode, why: &'static str) {
+    shared.stats.add(Counter::RequestsRejected, 1);
+    shared.log(LogKind::RequestRejected, remote, status.as_u16(), why);
+}
+
+/// Count and log a WebSocket handshake the engine refused before the handler saw it.
+fn reject_handshake(shared: &Shared, remote: SocketAddr, status: StatusCode, why: &'static str) {
+    shared.stats.add(Counter::HandshakesRejected, 1);
+    shared.log(LogKind::HandshakeRejected, remote, status.as_u16(), why);
 }
 
 async fn handle(
@@ -260,6 +308,7 @@ async fn read_and_answer(
         match handshake::classify(&req) {
             Handshake::NotWebSocket => {}
             Handshake::Invalid(status, why) => {
+                reject_handshake(shared, remote, status, why);
                 let mut response = plain(status, why);
                 if status == StatusCode::UPGRADE_REQUIRED {
                     response
@@ -270,6 +319,12 @@ async fn read_and_answer(
             }
             Handshake::Valid(key) => {
                 if !shared.reserve_slot() {
+                    reject_handshake(
+                        shared,
+                        remote,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "max_connections reached",
+                    );
                     return Ok(plain(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "Too many connections",
@@ -297,9 +352,17 @@ async fn read_and_answer(
             collected.to_bytes()
         }
         Err(err) if err.is::<LengthLimitError>() => {
-            return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large"));
+            let status = StatusCode::PAYLOAD_TOO_LARGE;
+            reject_request(shared, remote, status, "body over max_request_body_size");
+            return Ok(plain(status, "Payload Too Large"));
         }
-        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "Bad Request")),
+        Err(_) => {
+            // A body cut short by the request deadline is counted once, as a 408, below.
+            if !clock.expired_mid_request.load(Ordering::Relaxed) {
+                reject_request(shared, remote, StatusCode::BAD_REQUEST, "malformed body");
+            }
+            return Ok(plain(StatusCode::BAD_REQUEST, "Bad Request"));
+        }
     };
 
     let id = shared.next_id();

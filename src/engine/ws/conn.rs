@@ -21,6 +21,7 @@ use super::outbound::{Flushed, Outbound, Pushed};
 use super::protocol::{OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::shared::Shared;
 use super::Event;
+use crate::engine::bridge::events::LogKind;
 use crate::engine::pubsub::arena::ArenaRange;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,11 +167,15 @@ impl Conn {
     }
 
     pub fn send_text(self: &Arc<Self>, text: &str) -> SendStatus {
-        self.send_payload(OP_TEXT, text.as_bytes())
+        let status = self.send_payload(OP_TEXT, text.as_bytes());
+        self.shared.count_sends(status, 1, text.len());
+        status
     }
 
     pub fn send_binary(self: &Arc<Self>, data: &[u8]) -> SendStatus {
-        self.send_payload(OP_BINARY, data)
+        let status = self.send_payload(OP_BINARY, data);
+        self.shared.count_sends(status, 1, data.len());
+        status
     }
 
     pub fn ping(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
@@ -217,6 +222,19 @@ impl Conn {
         if limits.backpressure_limit > 0 && buffered > limits.backpressure_limit {
             if limits.close_on_backpressure_limit {
                 self.end_abruptly(1008, "backpressure limit exceeded");
+                self.shared.log(
+                    LogKind::BackpressureClose,
+                    self.remote,
+                    1008,
+                    "backpressure limit exceeded",
+                );
+            } else if self.out.first_drop() {
+                self.shared.log(
+                    LogKind::BackpressureDrop,
+                    self.remote,
+                    0,
+                    "backpressure limit exceeded",
+                );
             }
             return SendStatus::Dropped;
         }

@@ -106,6 +106,9 @@ pub(crate) struct Outbound {
     /// The kernel refused bytes, or the queue passed the high-water mark: sends report
     /// `Backpressured` until everything is written.
     congested: AtomicBool,
+    /// A send was dropped over the backpressure limit since the queue was last congestion-free:
+    /// the drop is logged once per such episode, not once per message.
+    dropping: AtomicBool,
     corked: AtomicU32,
 }
 
@@ -333,7 +336,13 @@ impl Outbound {
 
     /// Clear congestion once everything is written; true if it was congested (drain is due).
     pub(crate) fn clear_congested(&self) -> bool {
+        self.dropping.store(false, Ordering::Relaxed);
         self.congested.swap(false, Ordering::Relaxed)
+    }
+
+    /// A send is dropped over the limit: true if it is the first since the queue drained.
+    pub(crate) fn first_drop(&self) -> bool {
+        !self.dropping.swap(true, Ordering::Relaxed)
     }
 
     pub(crate) fn cork(&self) {

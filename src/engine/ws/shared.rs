@@ -16,9 +16,11 @@ use super::budget::IncomingBudget;
 use super::conn::{Conn, SendStatus};
 use super::encode::OutFrame;
 use super::outbound::INLINE_PAYLOAD;
-use crate::engine::bridge::events::EventQueue;
+use super::report::LogLimiter;
+use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
 use crate::engine::config::ServerConfig;
 use crate::engine::pubsub::topics::TopicRegistry;
+use crate::engine::stats::{Counter, Stats};
 
 /// State shared by the server's tasks and its connections.
 pub struct Shared {
@@ -26,6 +28,8 @@ pub struct Shared {
     pub events: EventQueue<Arc<Conn>>,
     pub(crate) topics: TopicRegistry<Arc<Conn>>,
     pub(crate) budget: IncomingBudget,
+    pub(crate) stats: Stats,
+    log_limiter: LogLimiter,
     pub(crate) conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// WebSockets open or being upgraded, counted only when `max_connections` is set.
     websocket_slots: AtomicUsize,
@@ -45,6 +49,8 @@ impl Shared {
             config,
             events: EventQueue::new()?,
             topics: TopicRegistry::default(),
+            stats: Stats::default(),
+            log_limiter: LogLimiter::default(),
             conns: Mutex::new(FxHashMap::default()),
             websocket_slots: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -104,6 +110,47 @@ impl Shared {
         self.budget.held()
     }
 
+    /// `srv.stats()`: every counter by name, and the connections closed by close code.
+    #[allow(clippy::type_complexity)]
+    pub fn stats(&self) -> (Vec<(&'static str, u64)>, Vec<(u16, u64)>) {
+        let counters = Counter::ALL
+            .iter()
+            .map(|&counter| (counter.name(), self.stats.get(counter)))
+            .collect();
+        (counters, self.stats.closes_by_code())
+    }
+
+    /// Hand a line to Python's `logging`, unless this kind is over its rate limit.
+    pub(crate) fn log(&self, kind: LogKind, peer: impl ToString, code: u16, reason: &'static str) {
+        if let Some(left_out) = self.log_limiter.admit(kind) {
+            self.events.push(Event::Log(Box::new(LogRecord {
+                kind,
+                peer: peer.to_string(),
+                code,
+                reason,
+                left_out,
+            })));
+        }
+    }
+
+    /// Count the outcome of sending `messages` messages of `payload_len` bytes each.
+    pub(crate) fn count_sends(&self, status: SendStatus, messages: u64, payload_len: usize) {
+        match status {
+            SendStatus::Dropped => self.stats.add(Counter::SendsDropped, messages),
+            SendStatus::Backpressured => {
+                self.stats.add(Counter::SendsBackpressured, messages);
+                self.count_out(messages, payload_len);
+            }
+            SendStatus::Sent(_) => self.count_out(messages, payload_len),
+        }
+    }
+
+    fn count_out(&self, messages: u64, payload_len: usize) {
+        self.stats.add(Counter::MessagesOut, messages);
+        self.stats
+            .add(Counter::BytesOut, messages * payload_len as u64);
+    }
+
     /// Queue one shared frame to every subscriber of `topic` except `exclude`.
     pub fn publish(
         &self,
@@ -120,15 +167,34 @@ impl Shared {
         } else {
             None
         };
+        // Counted here once per publish, not once per recipient: fan-out is the hot path.
+        let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
                 let sent = match &shared {
                     Some(range) => conn.send_shared(range, payload_len),
                     None => conn.send_frame(&frame, payload_len),
                 };
+                match sent {
+                    SendStatus::Sent(_) => queued += 1,
+                    SendStatus::Backpressured => backpressured += 1,
+                    SendStatus::Dropped => dropped += 1,
+                }
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
             }
         });
+        let stats = &self.stats;
+        stats.add(Counter::Publishes, 1);
+        if queued + backpressured > 0 {
+            stats.add(Counter::Deliveries, queued + backpressured);
+            self.count_out(queued + backpressured, payload_len);
+        }
+        if backpressured > 0 {
+            stats.add(Counter::SendsBackpressured, backpressured);
+        }
+        if dropped > 0 {
+            stats.add(Counter::SendsDropped, dropped);
+        }
         status.unwrap_or(SendStatus::Dropped)
     }
 }

@@ -26,6 +26,8 @@ use super::encode::OutFrame;
 use super::outbound::Flushed;
 use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
 use super::Event;
+use crate::engine::bridge::events::LogKind;
+use crate::engine::stats::Counter;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
 const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
@@ -89,6 +91,7 @@ pub(crate) fn run(
     conn.out.attach(stream.clone());
     conn.set_state(ReadyState::Open);
     conn.shared.events.push(Event::Open(conn.clone()));
+    conn.shared.stats.add(Counter::ConnectionsOpened, 1);
     if conn.shared.closing_all.load(Ordering::Acquire) {
         conn.close(1001, "server shutting down");
     }
@@ -173,6 +176,7 @@ impl Drop for Task {
         conn.shared
             .events
             .push(Event::Close(conn.id, 1011, "internal error".to_owned()));
+        conn.shared.stats.closed(1011);
     }
 }
 
@@ -239,6 +243,13 @@ impl Task {
     fn release_budget(&mut self) {
         self.conn.shared.budget.release(self.rx.charged);
         self.rx.charged = 0;
+    }
+
+    fn idle_timeout(&self) -> Ending {
+        let conn = &self.conn;
+        conn.shared
+            .log(LogKind::IdleTimeout, conn.remote, 1006, "idle timeout");
+        Ending::abrupt(1006, "idle timeout")
     }
 
     /// The message took longer than `message_timeout`: drop it and close with 1008.
@@ -387,12 +398,12 @@ impl Task {
         } else if let Some(at) = self.pinged_at {
             let give_up = at + (idle - ping_after);
             if now >= give_up {
-                return Some(Ending::abrupt(1006, "idle timeout"));
+                return Some(self.idle_timeout());
             }
             give_up
         } else if now >= self.last_read + ping_after {
             if !limits.send_pings {
-                return Some(Ending::abrupt(1006, "idle timeout"));
+                return Some(self.idle_timeout());
             }
             queue_reply(&self.conn, OutFrame::new(OP_PING, Bytes::new()));
             self.pinged_at = Some(now);
@@ -471,6 +482,7 @@ impl Task {
         conn.shared
             .events
             .push(Event::Close(conn.id, ending.code, ending.reason));
+        conn.shared.stats.closed(ending.code);
         self.reported = true;
         if ending.abrupt {
             self.phase = Phase::Done;
@@ -600,21 +612,21 @@ fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// Hand the messages in `data` to the loop; `Some` when the read side is over.
 fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
-    // Bytes handed to the loop, and whether a message was completed (its deadline is over).
+    // Messages and bytes handed to the loop (counted once per read, not per message).
     let mut queued = 0;
-    let mut completed = false;
+    let mut messages = 0u64;
     let parsed = rx.reader.feed(data, &mut |message| match message {
         // Parsing stops at the message that reaches the in-flight caps; the rest waits.
         Incoming::Text(text) => {
             queued += text.len();
-            completed = true;
+            messages += 1;
             conn.message_queued(text.len());
             conn.shared.events.push(Event::Text(conn.id, text));
             !conn.reading_paused()
         }
         Incoming::Binary(data) => {
             queued += data.len();
-            completed = true;
+            messages += 1;
             conn.message_queued(data.len());
             conn.shared.events.push(Event::Binary(conn.id, data));
             !conn.reading_paused()
@@ -645,9 +657,14 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     let held = rx.reader.buffered();
     conn.shared.budget.adjust(rx.charged, held + queued);
     rx.charged = held;
+    if messages > 0 {
+        conn.shared.stats.add(Counter::MessagesIn, messages);
+        conn.shared.stats.add(Counter::BytesIn, queued as u64);
+    }
+    // A message completed: the deadline of the one that started after it (if any) runs anew.
     if !rx.reader.receiving() {
         rx.since = None;
-    } else if rx.since.is_none() || completed {
+    } else if rx.since.is_none() || messages > 0 {
         // A control frame in the middle of a message does not restart its clock.
         rx.since = Some(Instant::now());
     }
@@ -673,6 +690,8 @@ fn queue_reply(conn: &Conn, frame: OutFrame) {
 
 /// Refuse the client's stream with `code`: the one RFC 6455 asks for a violation, or 1008.
 fn refuse(conn: &Conn, code: u16, reason: &'static str) -> Ending {
+    conn.shared
+        .log(LogKind::ClientRefused, conn.remote, code, reason);
     if conn.ready_state() == ReadyState::Open {
         // The messages that arrived before the violation are still waiting for their handlers,
         // whose replies must go out before the close frame: the loop sends it, in order.

@@ -1,0 +1,169 @@
+//! Counters a server keeps for `srv.stats()`.
+//!
+//! Counting must cost the hot path next to nothing: each thread that counts gets a shard of its
+//! own (a cache line per shard), which it updates with a plain load and store instead of a locked
+//! read-modify-write, and nobody else writes. `stats()` adds the shards up. Threads past the
+//! first `EXCLUSIVE_SHARDS` share the last shard, atomically. Sends and deliveries are counted
+//! once per call or per publish, not per recipient (`Shared::publish`).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+
+/// What is counted. The names are the keys of `srv.stats()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    ConnectionsOpened,
+    ConnectionsClosed,
+    MessagesIn,
+    BytesIn,
+    MessagesOut,
+    BytesOut,
+    Publishes,
+    Deliveries,
+    SendsBackpressured,
+    SendsDropped,
+    HandshakesRejected,
+    RequestsRejected,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 12] = [
+        Counter::ConnectionsOpened,
+        Counter::ConnectionsClosed,
+        Counter::MessagesIn,
+        Counter::BytesIn,
+        Counter::MessagesOut,
+        Counter::BytesOut,
+        Counter::Publishes,
+        Counter::Deliveries,
+        Counter::SendsBackpressured,
+        Counter::SendsDropped,
+        Counter::HandshakesRejected,
+        Counter::RequestsRejected,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectionsOpened => "connections_opened",
+            Counter::ConnectionsClosed => "connections_closed",
+            Counter::MessagesIn => "messages_in",
+            Counter::BytesIn => "bytes_in",
+            Counter::MessagesOut => "messages_out",
+            Counter::BytesOut => "bytes_out",
+            Counter::Publishes => "publishes",
+            Counter::Deliveries => "deliveries",
+            Counter::SendsBackpressured => "sends_backpressured",
+            Counter::SendsDropped => "sends_dropped",
+            Counter::HandshakesRejected => "handshakes_rejected",
+            Counter::RequestsRejected => "requests_rejected",
+        }
+    }
+}
+
+const COUNTERS: usize = Counter::ALL.len();
+/// Threads with a shard of their own: the tokio workers, the loop thread and a few more.
+const EXCLUSIVE_SHARDS: usize = 31;
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard([AtomicU64; COUNTERS]);
+
+thread_local! {
+    /// This thread's shard index, the same in every server; `usize::MAX` until first used.
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn shard_index() -> usize {
+    SHARD.with(|shard| {
+        let index = shard.get();
+        if index != usize::MAX {
+            return index;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let index = NEXT.fetch_add(1, Ordering::Relaxed).min(EXCLUSIVE_SHARDS);
+        shard.set(index);
+        index
+    })
+}
+
+pub(crate) struct Stats {
+    shards: Box<[Shard]>,
+    /// Connections closed, by the code `on_close` got. Once per connection: a lock is fine.
+    closes: Mutex<FxHashMap<u16, u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            shards: (0..=EXCLUSIVE_SHARDS).map(|_| Shard::default()).collect(),
+            closes: Mutex::new(FxHashMap::default()),
+        }
+    }
+}
+
+impl Stats {
+    pub(crate) fn add(&self, counter: Counter, n: u64) {
+        let index = shard_index();
+        let cell = &self.shards[index].0[counter as usize];
+        if index < EXCLUSIVE_SHARDS {
+            // Only this thread writes this shard: no locked instruction needed.
+            cell.store(cell.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        } else {
+            cell.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn closed(&self, code: u16) {
+        self.add(Counter::ConnectionsClosed, 1);
+        *self.closes.lock().entry(code).or_default() += 1;
+    }
+
+    pub(crate) fn get(&self, counter: Counter) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| shard.0[counter as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// `(code, count)` for every close code seen, in code order.
+    pub(crate) fn closes_by_code(&self) -> Vec<(u16, u64)> {
+        let mut closes: Vec<_> = self.closes.lock().iter().map(|(&c, &n)| (c, n)).collect();
+        closes.sort_unstable();
+        closes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_many_threads_add_up() {
+        let stats = std::sync::Arc::new(Stats::default());
+        let threads: Vec<_> = (0..40)
+            .map(|_| {
+                let stats = stats.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        stats.add(Counter::MessagesIn, 1);
+                        stats.add(Counter::BytesIn, 3);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(stats.get(Counter::MessagesIn), 40_000);
+        assert_eq!(stats.get(Counter::BytesIn), 120_000);
+        stats.closed(1000);
+        stats.closed(1006);
+        stats.closed(1000);
+        assert_eq!(stats.closes_by_code(), vec![(1000, 2), (1006, 1)]);
+        assert_eq!(stats.get(Counter::ConnectionsClosed), 3);
+    }
+}

@@ -1,0 +1,245 @@
+"""What the core counts (`srv.stats()`) and what it tells the `brioche` loggers, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+import brioche
+from brioche import MessageBackpressured, MessageDropped, websocket
+from conftest import Recorder, ServeFn, ws_url
+from rawws import OP_TEXT, RawWebSocket, SendRecord, encode_frame, fill, numbered
+
+
+def echo_config(recorder: Recorder) -> websocket.Config[Any]:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send(text)
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        ws.send_bytes(data)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    return websocket.init().on_text(on_text).on_bytes(on_bytes).on_close(on_close)
+
+
+def lines(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == name]
+
+
+async def test_a_thousand_echoes_are_a_thousand_in_and_a_thousand_out(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await serve(echo_config(recorder))
+    assert srv.stats()["connections_opened"] == 0
+    async with connect(ws_url(srv), ping_interval=None) as client:
+        for i in range(500):
+            await client.send(f"text {i:04}")  # 9 bytes
+            assert await client.recv() == f"text {i:04}"
+            await client.send(bytes(100))
+            assert await client.recv() == bytes(100)
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    stats = srv.stats()
+    assert {key: stats[key] for key in ("messages_in", "messages_out", "bytes_in", "bytes_out")} == {
+        "messages_in": 1000, "messages_out": 1000, "bytes_in": 500 * 109, "bytes_out": 500 * 109,
+    }
+    assert (stats["connections_opened"], stats["connections_closed"]) == (1, 1)
+    assert stats["closes_by_code"] == {1000: 1}
+    assert (stats["open_connections"], stats["incoming_bytes"]) == (0, 0)
+    assert (stats["publishes"], stats["deliveries"], stats["sends_dropped"]) == (0, 0, 0)
+
+
+async def test_publishes_count_once_and_deliveries_once_per_subscriber(serve: ServeFn, recorder: Recorder) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.subscribe("room")
+        recorder.add("open")
+
+    srv = await serve(echo_config(recorder).on_open(on_open))
+    clients = [await connect(ws_url(srv), ping_interval=None) for _ in range(3)]
+    await recorder.wait_for(lambda: len(recorder.of("open")) == 3)
+    for i in range(10):
+        srv.publish("room", f"news {i}")
+    srv.publish("nobody", "news")  # no subscriber: dropped, no delivery
+    for client in clients:
+        assert [await client.recv() for _ in range(10)] == [f"news {i}" for i in range(10)]
+        await client.close()
+    stats = srv.stats()
+    assert (stats["publishes"], stats["deliveries"]) == (11, 30)
+    assert (stats["messages_out"], stats["bytes_out"]) == (30, 30 * 6)
+    assert stats["sends_dropped"] == 0
+
+
+async def test_drops_and_backpressure_are_counted_and_drops_logged_once_per_episode(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that stops reading: every send is counted by its status, and the hundreds of
+    drops give one warning."""
+    caplog.set_level(logging.INFO, logger="brioche")
+    records: list[SendRecord] = []
+    done = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await fill(ws, (numbered(i, 64 * 1024) for i in range(300)), records=records)
+        done.set()
+
+    srv = await serve(websocket.init().on_text(on_text).backpressure_limit(1024 * 1024))
+    async with await RawWebSocket.connect(srv.port, rcvbuf=4096) as client:
+        client.pause_reading()
+        await client.send_text("go")
+        await asyncio.wait_for(done.wait(), 30)
+        stats = srv.stats()
+        dropped = sum(isinstance(r.status, MessageDropped) for r in records)
+        backpressured = sum(isinstance(r.status, MessageBackpressured) for r in records)
+        assert dropped > 100 and backpressured > 0
+        assert (stats["sends_dropped"], stats["sends_backpressured"]) == (dropped, backpressured)
+        assert stats["messages_out"] == 300 - dropped
+        assert lines(caplog, "brioche.ws") == [(
+            logging.WARNING,
+            "dropping messages to 127.0.0.1 (0): backpressure limit exceeded; "
+            "more drops are not logged until its queue drains",
+        )]
+
+
+async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="brioche")
+    srv = await serve(websocket.init(), max_request_body_size=10, max_connections=1)
+    port = srv.port
+
+    def exchange(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(request)
+            reply = b""
+            for _ in range(100):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+                if b"\r\n\r\n" in reply:
+                    break
+            return reply
+
+    upgrade = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    bad_version = await asyncio.to_thread(exchange, (upgrade + "Sec-WebSocket-Version: 8\r\n\r\n").encode())
+    assert bad_version.startswith(b"HTTP/1.1 426 ")
+    too_big = await asyncio.to_thread(exchange, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" + b"x" * 11)
+    assert too_big.startswith(b"HTTP/1.1 413 ")
+    many_headers = b"".join(b"X-H%d: v\r\n" % i for i in range(200))  # past hyper's 100
+    huge_head = await asyncio.to_thread(exchange, b"GET / HTTP/1.1\r\nHost: x\r\n" + many_headers + b"\r\n")
+    assert huge_head.startswith(b"HTTP/1.1 431 ")
+    async with connect(ws_url(srv), ping_interval=None):
+        full = await asyncio.to_thread(exchange, (upgrade + "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert full.startswith(b"HTTP/1.1 503 ")
+    stats = srv.stats()
+    assert (stats["handshakes_rejected"], stats["requests_rejected"]) == (2, 2)
+    logged = lines(caplog, "brioche.http")
+    assert sorted(logged) == sorted([
+        (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 426, unsupported Sec-WebSocket-Version"
+         % port_of(logged, 0)),
+        (logging.INFO, "refused a request from 127.0.0.1:%d: 413, body over max_request_body_size"
+         % port_of(logged, 1)),
+        (logging.INFO, "refused a request from 127.0.0.1:%d: 431, request head too large" % port_of(logged, 2)),
+        (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 503, max_connections reached"
+         % port_of(logged, 3)),
+    ])
+
+
+def port_of(logged: list[tuple[int, str]], i: int) -> int:
+    """The client port in the i-th line (ephemeral, so read back rather than predicted)."""
+    return int(logged[i][1].split("127.0.0.1:")[1].split(":")[0])
+
+
+async def test_protocol_errors_and_idle_timeouts_are_logged_per_connection(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="brioche")
+    srv = await serve(echo_config(recorder).idle_timeout(1).send_pings(False))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(encode_frame(OP_TEXT, b"unmasked", mask=False))
+        assert (await client.expect_close_then_eof()).close_code == 1002
+    async with await RawWebSocket.connect(srv.port) as silent:
+        _, how = await silent.frames_until_end(timeout=5)
+        assert how in ("eof", "reset")
+    await recorder.wait_for(lambda: len(recorder.of("close")) == 2)
+    assert lines(caplog, "brioche.ws") == [
+        (logging.INFO, "closing the connection from 127.0.0.1 with 1002: protocol error"),
+        (logging.INFO, "closed the connection from 127.0.0.1 (1006): idle timeout"),
+    ]
+    assert srv.stats()["closes_by_code"] == {1002: 1, 1006: 1}
+
+
+async def test_a_flood_of_bad_clients_gives_ten_lines_a_second_and_a_count_of_the_rest(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="brioche")
+    srv = await serve(websocket.init())
+    bad = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Version: 13\r\n\r\n").encode()  # no key: 400
+
+    def refused_once() -> None:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.sendall(bad)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+
+    async def flush_events() -> None:
+        # A request through the same queue: once it is answered, the lines before it are in.
+        async with connect(ws_url(srv), ping_interval=None):
+            pass
+
+    for _ in range(50):
+        await asyncio.to_thread(refused_once)
+    await flush_events()
+    first = len(lines(caplog, "brioche.http"))
+    assert 10 <= first <= 20, first  # 10 a second: the 50 fall in one second or two
+    await asyncio.sleep(1.1)  # the next second's allowance (the behaviour under test is time)
+    await asyncio.to_thread(refused_once)
+    await flush_events()
+    logged = [message for _, message in lines(caplog, "brioche.http")]
+    suffix = " more like this in the last seconds were not logged)"
+    left_out = [int(m.rsplit("(", 1)[1].removesuffix(suffix)) for m in logged if m.endswith(suffix)]
+    assert logged[-1].endswith(suffix), logged[-1]
+    # Every refusal is a line or is counted in one.
+    assert len(logged) + sum(left_out) == 51, (len(logged), left_out)
+    assert srv.stats()["handshakes_rejected"] == 51
+
+
+def test_the_demo_documents_its_options() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "brioche", "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for option in ("--host", "--port", "--log-level"):
+        assert option in done.stdout
+
+
+async def test_a_request_cut_off_by_the_deadline_is_one_408_refusal(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="brioche")
+    srv = await serve(websocket.init(), handshake_timeout=0.5)
+
+    def slow_head() -> bytes:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it")
+            reply = b""
+            for _ in range(100):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply
+
+    assert (await asyncio.to_thread(slow_head)).startswith(b"HTTP/1.1 408 ")
+    async with connect(ws_url(srv), ping_interval=None):  # through the same queue as the line
+        pass
+    assert srv.stats()["requests_rejected"] == 1
+    [(level, message)] = lines(caplog, "brioche.http")
+    assert level == logging.INFO
+    assert message.startswith("refused a request from 127.0.0.1:") and message.endswith(": 408, request too slow")
