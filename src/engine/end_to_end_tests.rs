@@ -123,7 +123,7 @@ fn raw_handshake(addr: std::net::SocketAddr) -> TcpStream {
 
 /// A client that stops reading drives sends from Sent to Backpressured to Dropped; once it
 /// reads again every accepted byte arrives, `buffered_amount` returns to zero and exactly one
-/// drain event fires.
+/// drain event fires before the client's close.
 #[test]
 fn paused_reader_backpressure_then_drain() {
     const LIMIT: usize = 1024 * 1024;
@@ -185,13 +185,22 @@ fn paused_reader_backpressure_then_drain() {
                 .all(|b| matches!(*b, 7 | 0x82 | 127 | 0 | 1)));
             total += n;
         }
+        // A masked close (1000) ends the connection: every drain due comes before its event.
+        client
+            .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+            .unwrap();
         total
     });
-    let drains = run_app(&server, Duration::from_secs(10), |event| match event {
-        Event::Drain(_) => Some(1),
+    let mut drains = 0;
+    let code = run_app(&server, Duration::from_secs(10), |event| match event {
+        Event::Drain(_) => {
+            drains += 1;
+            None
+        }
+        Event::Close(_, code, _) => Some(code),
         _ => None,
     });
-    assert_eq!(drains, 1);
+    assert_eq!((drains, code), (1, 1000));
     assert_eq!(reader.join().unwrap(), accepted_bytes);
     assert_eq!(conn.out.buffered(), 0);
     assert!(!conn.out.is_congested());
