@@ -168,14 +168,13 @@ GARBAGE = {
 
 
 @pytest.mark.parametrize("data", list(GARBAGE.values()), ids=list(GARBAGE))
-async def test_garbage_instead_of_http_gets_400_or_close(serve: ServeFn, bystander_of: Any, data: bytes) -> None:
+async def test_garbage_instead_of_http_gets_400_then_close(serve: ServeFn, bystander_of: Any, data: bytes) -> None:
     srv = await serve(echo_config())
     bystander = await bystander_of(srv)
     answer, how = await exchange(srv.port, data)
     assert how in ("eof", "reset"), f"the connection stayed open after garbage: {answer!r}"
-    if answer:
-        [(_, status, _)] = responses(answer)
-        assert status == 400, answer
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert responses(answer) == [("HTTP/1.1", 400, b"")], answer
     await assert_still_serving(srv, bystander)
 
 
@@ -185,9 +184,8 @@ async def test_request_line_over_the_limit_is_refused(serve: ServeFn, bystander_
     bystander = await bystander_of(srv)
     answer, how = await exchange(srv.port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert how in ("eof", "reset"), answer[:200]
-    if answer:
-        [(_, status, _)] = responses(answer)
-        assert status in (400, 414, 431), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), answer[:200]
+    assert responses(answer) == [("HTTP/1.1", 414, b"")], answer[:200]
     await assert_still_serving(srv, bystander)
 
 
@@ -206,9 +204,8 @@ async def test_headers_over_the_limit_are_refused(serve: ServeFn, bystander_of: 
         headers = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 1000) for i in range(1100))
     answer, how = await exchange(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
     assert how in ("eof", "reset"), answer[:200]
-    if answer:
-        [(_, status, _)] = responses(answer)
-        assert status in (400, 431), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:200]
+    assert responses(answer) == [("HTTP/1.1", 431, b"")], answer[:200]
     await assert_still_serving(srv, bystander)
 
 
