@@ -31,4 +31,5 @@ async def main() -> None:
     print(srv.port)
     await srv.stop()
 
-asyncio.run(main())
+if __name__ == "__main__":
+    asyncio.run(main())
