@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import socket
 import time
 from typing import Any
@@ -12,43 +13,68 @@ import pytest
 import brioche
 from brioche import MessageSent, server, websocket
 from conftest import Recorder, ServeFn
-from rawws import OP_BINARY, OP_TEXT, RawWebSocket, blocking_connect, encode_frame, parse_frames
+from rawws import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, blocking_connect, encode_frame, parse_frames
 
-# Between the sends inside a cork the loop is blocked this long: an uncorked writer (another
-# thread) would flush the first frame on its own in that time. Not synchronisation: a gap.
-GAP = 0.02
+PONG_SIZE = 4  # an unmasked pong echoing a 2-byte ping payload
 
 
-def send_three(ws: brioche.WebSocket[Any]) -> list[Any]:
+class PingBarrier:
+    """Between two sends inside a cork, make the server's connection task write on its own.
+
+    The callback blocks the loop; a client thread sends a ping, whose pong the server's task
+    queues after the frames sent so far and then flushes at once. Corked, that flush writes
+    nothing and ``buffered_amount`` grows by the pong; uncorked (or an inner uncork that let go
+    of the outer cork), the queue goes out and the first frame reaches the client alone. In a
+    handler the sends are deferred to the end of the batch anyway: the pong's flush is the one
+    write that a cork must hold back.
+    """
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[bytes] = queue.Queue()
+        self.pings = [b"p1", b"p2"]
+
+    def __call__(self, ws: brioche.WebSocket[Any]) -> None:
+        before = ws.buffered_amount
+        self.requests.put(b"ping now")
+        for _ in range(5000):  # at most 5 s, polled: the pong has no event on the loop thread
+            if ws.buffered_amount in (0, before + PONG_SIZE):
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"the server never queued the pong ({ws.buffered_amount} bytes queued)")
+
+    def client(self, sock: socket.socket, trigger: bytes) -> bytes:
+        """In a thread: send ``trigger``, a ping per barrier, then one blocking recv."""
+        sock.settimeout(5)
+        sock.sendall(trigger)
+        for payload in self.pings:
+            self.requests.get(timeout=5)
+            sock.sendall(encode_frame(OP_PING, payload))
+        return sock.recv(65536)
+
+
+def send_three(ws: brioche.WebSocket[Any], barrier: PingBarrier) -> list[Any]:
     statuses = [ws.send("one")]
-    time.sleep(GAP)
+    barrier(ws)
     statuses.append(ws.send("two"))
-    time.sleep(GAP)
+    barrier(ws)
     statuses.append(ws.send_bytes(b"three"))
     return statuses
 
 
-def send_three_nested(ws: brioche.WebSocket[Any]) -> list[Any]:
+def send_three_nested(ws: brioche.WebSocket[Any], barrier: PingBarrier) -> list[Any]:
     statuses = [ws.send("one")]
-    time.sleep(GAP)
+    barrier(ws)
     statuses.append(websocket.cork(ws, lambda w: w.send("two")))  # the inner uncork flushes nothing
-    time.sleep(GAP)
+    barrier(ws)
     statuses.append(ws.send_bytes(b"three"))
     return statuses
 
 
-def first_recv(sock: socket.socket, trigger: bytes) -> bytes:
-    """In a thread: send ``trigger``, then one blocking recv, which wakes at the first segment."""
-    sock.settimeout(5)
-    sock.sendall(trigger)
-    return sock.recv(65536)
-
-
-def send_three_with_a_publish(ws: brioche.WebSocket[Any]) -> list[Any]:
+def send_three_with_a_publish(ws: brioche.WebSocket[Any], barrier: PingBarrier) -> list[Any]:
     statuses = [ws.send("one")]
-    time.sleep(GAP)
+    barrier(ws)
     statuses.append(ws.data.publish("t", "two"))  # reaches ws, which is subscribed: corked too
-    time.sleep(GAP)
+    barrier(ws)
     statuses.append(ws.send_bytes(b"three"))
     return statuses
 
@@ -58,22 +84,23 @@ async def test_frames_sent_inside_cork_arrive_in_one_write(
     serve: ServeFn, recorder: Recorder, where: str
 ) -> None:
     tasks: set[asyncio.Task[None]] = set()
+    barrier = PingBarrier()
 
     async def later(ws: brioche.WebSocket[Any]) -> None:
         await asyncio.sleep(0)  # outside any handler now
-        recorder.add("statuses", ws.cork(send_three))
+        recorder.add("statuses", ws.cork(lambda w: send_three(w, barrier)))
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         if where == "task":
             task = asyncio.get_running_loop().create_task(later(ws))
             tasks.add(task)
         elif where == "handler":
-            recorder.add("statuses", ws.cork(send_three))
+            recorder.add("statuses", ws.cork(lambda w: send_three(w, barrier)))
         elif where == "nested":
-            recorder.add("statuses", ws.cork(send_three_nested))
+            recorder.add("statuses", ws.cork(lambda w: send_three_nested(w, barrier)))
         else:
             ws.subscribe("t")
-            recorder.add("statuses", ws.cork(send_three_with_a_publish))
+            recorder.add("statuses", ws.cork(lambda w: send_three_with_a_publish(w, barrier)))
 
     async def upgrade_with_server(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
         return server.upgrade(srv, request, [], srv, server.bad_request)  # ws.data is the server
@@ -81,12 +108,12 @@ async def test_frames_sent_inside_cork_arrive_in_one_write(
     srv = await serve(websocket.init().on_text(on_text), handler=upgrade_with_server)
     sock = await asyncio.to_thread(blocking_connect, srv.port)
     try:
-        data = await asyncio.to_thread(first_recv, sock, encode_frame(OP_TEXT, b"go"))
+        data = await asyncio.to_thread(barrier.client, sock, encode_frame(OP_TEXT, b"go"))
     finally:
         sock.close()
     frames, tail = parse_frames(data)
     assert [(f.opcode, f.payload) for f in frames] == [
-        (OP_TEXT, b"one"), (OP_TEXT, b"two"), (OP_BINARY, b"three")
+        (OP_TEXT, b"one"), (OP_PONG, b"p1"), (OP_TEXT, b"two"), (OP_PONG, b"p2"), (OP_BINARY, b"three")
     ], f"first recv got {data!r}"
     assert tail == b""
     await recorder.wait_for(lambda: bool(recorder.of("statuses")))
