@@ -32,8 +32,27 @@ async def echo(client: ClientConnection, message: str) -> None:
 
 
 async def assert_refused(srv: brioche.Server[Any]) -> None:
-    with pytest.raises(OSError):
+    """After ``stop()`` has returned: its listener is closed (Stopped follows the end of the
+    accept loop, which owns it), so the very first attempt is refused."""
+    with pytest.raises(ConnectionRefusedError):
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", srv.port), TIMEOUT)
+
+
+async def refused_soon(srv: brioche.Server[Any], attempts: int = 200) -> int:
+    """While ``stop()`` is still waiting for connections: the accept loop lets go of the listener
+    on a tokio worker, a moment after ``stop()`` was called. Connect (at most ``attempts`` times,
+    about 10 ms apart, within TIMEOUT) until refused; the attempts it took."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    for attempt in range(1, attempts + 1):
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", srv.port), TIMEOUT)
+        except ConnectionRefusedError:
+            return attempt
+        writer.close()
+        if asyncio.get_running_loop().time() >= deadline:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still accepting connections after {attempt} attempts")
 
 
 async def test_stop_refuses_new_connections(serve: ServeFn, recorder: Recorder) -> None:
@@ -50,7 +69,8 @@ async def test_stop_refuses_new_connections_while_a_client_is_open(serve: ServeF
     async with connect(ws_url(srv, "/ws?old")) as old:
         stopping = asyncio.create_task(srv.stop())
         await echo(old, "after stop was called")  # the stop task has run its first step by now
-        await assert_refused(srv)
+        await refused_soon(srv)
+        await assert_refused(srv)  # and from then on
         with pytest.raises(OSError):
             async with connect(ws_url(srv), open_timeout=TIMEOUT):
                 pass
