@@ -6,7 +6,9 @@ import asyncio
 import base64
 import logging
 import os
+import socket
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 import brioche
 from brioche import MessageDropped, MessageSent, server, websocket
 from conftest import Recorder, ServeFn, ws_url
+from rawws import OP_CLOSE, OP_TEXT, blocking_connect, close_payload, encode_frame, parse_frames
 
 TIMEOUT = 5
 
@@ -638,3 +641,65 @@ async def test_send_after_close_returns_message_dropped(serve: ServeFn, recorder
     assert recorder.of("after-close") == [(dropped, dropped, dropped, dropped)]
     assert recorder.of("in-on-close") == [(dropped, dropped)]
     assert sockets[0].send("later still") == dropped
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    """In a thread: every byte until the server's FIN."""
+    sock.settimeout(TIMEOUT)
+    chunks: list[bytes] = []
+    for _ in range(10_000):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    raise AssertionError("more than 10,000 reads")
+
+
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # tcpi_state values (include/net/tcp_states.h)
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def reset_by_peer(sock: socket.socket, data: bytes) -> bool:
+    """In a thread, after the peer's FIN: write ``data``; whether the peer answers with a reset
+    (it no longer holds the connection: the socket goes from CLOSE_WAIT to CLOSE) within 1 s."""
+    assert tcp_state(sock) == TCP_CLOSE_WAIT
+    sock.sendall(data)
+    for _ in range(100):  # recv() reports nothing after a FIN: poll the state for the RST
+        if tcp_state(sock) == TCP_CLOSE:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+async def test_client_that_never_answers_the_close_frame_is_cut_after_the_close_timeout(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The server's close frame goes unanswered: the server half-closes at once, then 5 s later
+    (the close timeout) lets go of the connection, and on_close reports 1006, not the code it
+    sent. A frame the client writes after that is answered with a reset."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(4001, "bye")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    sock = await asyncio.to_thread(blocking_connect, srv.port)
+    try:
+        await asyncio.to_thread(sock.sendall, encode_frame(OP_TEXT, b"close me"))
+        start = time.monotonic()
+        data = await asyncio.to_thread(read_until_eof, sock)  # reads, never answers
+        frames, tail = parse_frames(data)
+        assert [(f.opcode, f.close_code, f.close_reason) for f in frames] == [(OP_CLOSE, 4001, "bye")]
+        assert tail == b""
+        await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT + 3)
+        elapsed = time.monotonic() - start
+        assert 4.5 <= elapsed <= 6.5, f"on_close after {elapsed:.2f}s"
+        assert recorder.of("close") == [(1006, "")]
+        assert await asyncio.to_thread(reset_by_peer, sock, encode_frame(OP_CLOSE, close_payload(4001)))
+    finally:
+        sock.close()
