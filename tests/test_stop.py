@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -10,8 +11,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedOK
 
 import brioche
-from brioche import server, websocket
+from brioche import MessageBackpressured, server, websocket
 from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
+from rawws import OP_BINARY, RawWebSocket, fill, numbered, parse_frames
 
 TIMEOUT = 5
 
@@ -205,3 +207,36 @@ async def test_stopping_twice_is_harmless(serve: ServeFn, recorder: Recorder) ->
 async def test_concurrent_stops_all_complete(serve: ServeFn) -> None:
     srv = await serve(websocket.init())
     await asyncio.wait_for(asyncio.gather(srv.stop(), srv.stop(), srv.stop(close_active_connections=True)), TIMEOUT)
+
+
+async def test_stop_closing_active_connections_completes_when_a_client_never_reads(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A client that stopped reading with the server's queue behind a full TCP window: the 1001
+    close frame can never be written. stop(close_active_connections=True) still completes, once
+    the close timeout (5 s) has passed, and on_close reports 1006; the client gets no close frame."""
+    opened: list[brioche.WebSocket[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        opened.append(ws)
+        recorder.poke()
+
+    srv = await serve(echo_config(recorder).on_open(on_open))
+    async with await RawWebSocket.connect(srv.port, "/ws?stuck", rcvbuf=4096) as client:
+        client.pause_reading()
+        await recorder.wait_for(lambda: bool(opened), TIMEOUT)
+        [ws] = opened
+        records = await fill(ws, (numbered(i, 64 * 1024) for i in range(200)),
+                             stop_when=lambda status: isinstance(status, MessageBackpressured))
+        assert isinstance(records[-1].status, MessageBackpressured), records[-3:]
+        assert ws.buffered_amount > 0
+        start = time.monotonic()
+        await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT + 5)
+        elapsed = time.monotonic() - start
+        assert 4.5 <= elapsed <= 7, f"stop() took {elapsed:.2f}s"
+        assert recorder.of("close") == [("stuck", 1006)]
+        client.resume_reading()
+        data, how = await client.read_until_end(TIMEOUT)
+    frames, _ = parse_frames(data)
+    assert frames and all(f.opcode == OP_BINARY for f in frames), "data, then the end, no close frame"
+    assert how in ("eof", "reset")
