@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 import brioche
 from brioche import websocket
 from conftest import Recorder, ServeFn, ws_url
-from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket
+from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket, encode_frame
 
 IDLE = 2
 
@@ -154,3 +154,52 @@ async def test_client_messages_keep_a_connection_alive_without_pongs(serve: Serv
             frame = await client.recv_data_frame()
             assert frame.payload == f"m{i}".encode()
         assert recorder.of("close") == []
+
+
+def unread_by_server(server_port: int, client_port: int) -> int:
+    """The bytes of this connection in the server socket's receive queue (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in list(f)[1:]:
+            fields = line.split()
+            local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+            if (local, remote) == (server_port, client_port):
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no server socket for client port {client_port}")
+
+
+async def test_time_spent_not_reading_is_not_the_clients_silence(serve: ServeFn, recorder: Recorder) -> None:
+    """An async handler holds the first message while 100 more arrive: 64 parked events pause
+    reading. The client goes on sending, one message every 0.25 s for 2.5 s, none of which the
+    server reads. With a 1 s idle timeout and no pings the last read is 2.5 timeouts old when
+    the handler lets go, but the server was the one not reading: the connection lives, and every
+    message is echoed in order."""
+    release = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "hold":
+            await release.wait()
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(
+        websocket.init().on_text(on_text).on_close(on_close).idle_timeout(1).send_pings(False)
+    )
+    burst = ["hold"] + [f"m{i}" for i in range(100)]
+    paced = [f"t{i}" for i in range(10)]
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(b"".join(encode_frame(OP_TEXT, m.encode()) for m in burst))
+        for message in paced:
+            await asyncio.sleep(0.25)  # pacing the client: 10 x 0.25 s is 2.5 idle timeouts
+            await client.send_text(message)
+        unread = unread_by_server(srv.port, client.writer.get_extra_info("sockname")[1])
+        assert unread == sum(len(encode_frame(OP_TEXT, m.encode())) for m in paced), "paused"
+        release.set()
+        echoed = [(await client.recv_frame()).payload.decode() for _ in burst + paced]
+        assert echoed == burst + paced
+        await client.send_close(1000)
+        close = await client.expect_close_then_eof()
+        assert close.close_code == 1000
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1000,)]
