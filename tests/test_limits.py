@@ -94,6 +94,35 @@ async def test_fragmented_message_over_the_limit_closes_with_1009(serve: ServeFn
     assert recorder.of("text") == []
 
 
+async def test_default_limit_accepts_16_mib_and_closes_1009_one_byte_over(serve: ServeFn, recorder: Recorder) -> None:
+    """With no max_payload_length set: a 16 MiB message (one frame) is delivered; 16 MiB + 1,
+    in one frame or as a 16 MiB fragment and one more byte, closes with 1009."""
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("bytes", len(data), data[:1], data[-1:])
+        ws.send(str(len(data)))
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code)
+
+    srv = await serve(websocket.init().on_bytes(on_bytes).on_close(on_close))
+    async with await RawWebSocket.connect(srv.port, "/ws?fragments") as client:
+        await client.send_bytes(b"a" + b"\x00" * (16 * MIB - 2) + b"z")
+        assert (await client.recv_frame(timeout=10)).payload == str(16 * MIB).encode()
+        await client.send_frame(OP_BINARY, b"\x01" * (16 * MIB), fin=False)
+        await client.send_frame(OP_CONTINUATION, b"\x02")
+        close = await client.expect_close_then_eof(timeout=10)
+        assert close.close_code == 1009
+    async with await RawWebSocket.connect(srv.port, "/ws?one-frame") as client:
+        header = encode_frame(OP_BINARY, b"")[:2]  # FIN+binary, mask bit: the length comes next
+        await client.send_raw(bytes([header[0], 0x80 | 127]) + struct.pack(">Q", 16 * MIB + 1) + b"mask")
+        close = await client.expect_close_then_eof()
+        assert close.close_code == 1009
+    await recorder.wait_for(lambda: len(recorder.of("close")) == 2)
+    assert sorted(recorder.of("close")) == [("fragments", 1009), ("one-frame", 1009)]
+    assert recorder.of("bytes") == [(16 * MIB, b"a", b"z")]
+
+
 VIOLATIONS = {
     "invalid-utf8-text": ([encode_frame(OP_TEXT, b"ok \xff\xfe")], 1007),
     "invalid-utf8-across-fragments": (
