@@ -7,12 +7,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import server, websocket
 
 ServeFn = Callable[..., Awaitable[brioche.Server[Any]]]
+
+ASYNCIO_ONLY: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+BOTH_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    **ASYNCIO_ONLY,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests marked ``both_loops`` (the backpressure, drain, flow-control, stop and close
+    modules) run on the default asyncio loop and on uvloop, as ``[asyncio]`` and ``[uvloop]``;
+    the others on the default loop only (their ids keep no suffix)."""
+    return BOTH_LOOPS if item.get_closest_marker("both_loops") is not None else ASYNCIO_ONLY
 
 
 async def upgrade_ws_path(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:

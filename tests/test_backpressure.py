@@ -11,6 +11,7 @@ import struct
 from itertools import groupby
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -30,6 +31,8 @@ from rawws import (
     parse_frames,
     poll_until,
 )
+
+pytestmark = pytest.mark.both_loops
 
 SIZE = 64 * 1024
 LIMIT = 1024 * 1024

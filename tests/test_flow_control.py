@@ -14,10 +14,14 @@ import socket
 import threading
 from typing import Any
 
+import pytest
+
 import brioche
 from brioche import websocket
 from conftest import Recorder, ServeFn
 from rawws import OP_TEXT, blocking_connect, encode_frame
+
+pytestmark = pytest.mark.both_loops
 
 MESSAGE = 1024  # bytes per message
 MAX_MESSAGES = 100_000  # 100 MiB: far more than any kernel buffers on loopback

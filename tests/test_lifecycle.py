@@ -20,6 +20,8 @@ from brioche import MessageDropped, MessageSent, server, websocket
 from conftest import Recorder, ServeFn, ws_url
 from rawws import OP_CLOSE, OP_TEXT, blocking_connect, close_payload, encode_frame, parse_frames
 
+pytestmark = pytest.mark.both_loops
+
 TIMEOUT = 5
 
 

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedOK
 
@@ -14,6 +15,8 @@ import brioche
 from brioche import MessageBackpressured, server, websocket
 from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
 from rawws import OP_BINARY, RawWebSocket, fill, numbered, parse_frames
+
+pytestmark = pytest.mark.both_loops
 
 TIMEOUT = 5
 
@@ -240,3 +243,10 @@ async def test_stop_closing_active_connections_completes_when_a_client_never_rea
     frames, _ = parse_frames(data)
     assert frames and all(f.opcode == OP_BINARY for f in frames), "data, then the end, no close frame"
     assert how in ("eof", "reset")
+
+
+async def test_this_module_runs_on_both_loops(request: pytest.FixtureRequest) -> None:
+    """The both_loops marker: the [uvloop] variant of each test really runs on uvloop."""
+    loop = asyncio.get_running_loop()
+    assert request.node.name.endswith("[uvloop]") == isinstance(loop, uvloop.Loop), (request.node.name, loop)
+    assert request.node.name.endswith(("[asyncio]", "[uvloop]"))
