@@ -83,7 +83,7 @@ test-portable: install
 	rustup target add $(PORTABLE_TARGETS)
 	cargo check --quiet $(addprefix --target ,$(PORTABLE_TARGETS))
 
-test: rust-test valgrind typecheck docs py-test test-matrix test-portable conformance
+test: lint rust-test valgrind typecheck docs py-test test-matrix test-portable conformance
 
 lint: install
 	cargo fmt --check
