@@ -63,9 +63,10 @@ $(MATRIX): test-py%: system-deps
 conformance: install
 	bash scripts/conformance.sh
 
-# The hypothesis raw-socket fuzzer with 20x the CI's examples (260,000; about 15 minutes).
+# The hypothesis raw-socket fuzzer with 20x the CI's examples (260,000; about 15 minutes), random
+# on each run (profile "fuzz"); everywhere else the examples are the same each run (tests/conftest.py).
 fuzz: install
-	BRIOCHE_FUZZ_SCALE=20 $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
+	BRIOCHE_FUZZ_SCALE=20 BRIOCHE_HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_hostile.py -k "random_bytes or random_valid" -p no:timeout
 
 # The documentation site (mkdocs.yml, docs/) into site/; any warning fails it.
 # `.venv/bin/mkdocs serve` serves it with live reload on http://127.0.0.1:8000/.

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import settings
 from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import server, websocket
 
 ServeFn = Callable[..., Awaitable[brioche.Server[Any]]]
+
+# Hypothesis: the same examples on every run by default (`make test`, CI), so a failure there is
+# reproducible and a pass means the same thing each time; `make fuzz` selects "fuzz", random and
+# different on each run. BRIOCHE_HYPOTHESIS_PROFILE picks one.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("fuzz", derandomize=False, database=None)
+settings.load_profile(os.environ.get("BRIOCHE_HYPOTHESIS_PROFILE", "ci"))
 
 ASYNCIO_ONLY: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
 BOTH_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
