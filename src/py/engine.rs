@@ -58,6 +58,7 @@ impl PyEngine {
         &self,
         engine: &Bound<'py, Self>,
         event: Event,
+        ws: Option<Py<PyWebSocket>>,
     ) -> Result<Option<Bound<'py, PyAny>>, (PyErr, Option<Event>)> {
         let py = engine.py();
         if let Event::Request(request) = event {
@@ -67,18 +68,49 @@ impl PyEngine {
                 .map(|item| Some(item.into_any()))
                 .map_err(|err| (err, None));
         }
-        match self.borrowed_event_to_py(py, &event) {
+        match self.borrowed_event_to_py(py, &event, ws) {
             Ok(item) => Ok(item),
             Err(err) => Err((err, Some(event))),
         }
     }
 
+    /// The socket of each of `events` (`None` for an event with no open socket), pushed onto
+    /// `out`, all under one lock. It stops after an event that changes `sockets` once it is
+    /// made (an open or a close): the events after it must be looked up again.
+    fn look_up_sockets<'a>(
+        &self,
+        py: Python<'_>,
+        events: impl Iterator<Item = &'a Event>,
+        out: &mut Vec<Option<Py<PyWebSocket>>>,
+    ) {
+        let sockets = self.sockets.lock();
+        for event in events {
+            let (id, changes_sockets) = match event {
+                Event::Text(id, _)
+                | Event::Binary(id, _)
+                | Event::Drain(id)
+                | Event::Fail(id, ..) => (Some(id), false),
+                Event::Close(id, ..) => (Some(id), true),
+                Event::Open(_) => (None, true),
+                Event::Request(_) | Event::UpgradeFailed(_) | Event::Stopped | Event::Log(_) => {
+                    (None, false)
+                }
+            };
+            // A reference count taken, no object made: nothing here can call back into us.
+            out.push(id.and_then(|id| sockets.get(id)).map(|ws| ws.clone_ref(py)));
+            if changes_sockets {
+                break;
+            }
+        }
+    }
+
+    /// `ws` is the socket of `event`, from `look_up_sockets`.
     fn borrowed_event_to_py<'py>(
         &self,
         py: Python<'py>,
         event: &Event,
+        ws: Option<Py<PyWebSocket>>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let socket = |id: &u64| self.sockets.lock().get(id).map(|ws| ws.clone_ref(py));
         let item = match event {
             Event::Open(conn) => {
                 let id = conn.id;
@@ -98,8 +130,8 @@ impl PyEngine {
                 drop((pending, replaced));
                 item.into_any()
             }
-            Event::Text(id, text) => {
-                let Some(ws) = socket(id) else {
+            Event::Text(_, text) => {
+                let Some(ws) = ws else {
                     return Ok(None);
                 };
                 let text_obj = PyString::new(py, text.as_str());
@@ -108,8 +140,8 @@ impl PyEngine {
                 ws.get().conn.message_taken(text.len());
                 item.into_any()
             }
-            Event::Binary(id, data) => {
-                let Some(ws) = socket(id) else {
+            Event::Binary(_, data) => {
+                let Some(ws) = ws else {
                     return Ok(None);
                 };
                 let bytes = PyBytes::new(py, data);
@@ -118,17 +150,17 @@ impl PyEngine {
                 ws.get().conn.message_taken(data.len());
                 item.into_any()
             }
-            Event::Drain(id) => match socket(id) {
+            Event::Drain(_) => match ws {
                 Some(ws) => (EVENT_DRAIN, ws).into_pyobject(py)?.into_any(),
                 None => return Ok(None),
             },
-            Event::Fail(id, code, reason) => match socket(id) {
+            Event::Fail(_, code, reason) => match ws {
                 Some(ws) => (EVENT_FAIL, ws, *code, *reason)
                     .into_pyobject(py)?
                     .into_any(),
                 None => return Ok(None),
             },
-            Event::Close(id, code, reason) => match socket(id) {
+            Event::Close(id, code, reason) => match ws {
                 Some(ws) => {
                     let item = (EVENT_CLOSE, ws, *code, reason.as_str()).into_pyobject(py)?;
                     // Forgotten only once Python has it, so on_close is never lost.
@@ -283,16 +315,24 @@ impl PyEngine {
         }
         let mut left = batch.len().min(max_events.max(1));
         let mut items = Vec::with_capacity(left);
+        // The sockets of the next events, taken under one lock for as many as possible rather
+        // than one lock per event; consumed from the front, hence reversed.
+        let mut sockets = Vec::with_capacity(left);
         let mut failed = None;
         // Bytes of messages now in Python's hands (or of sockets gone): off the server's budget.
         let mut taken = 0;
         while left > 0 {
+            if sockets.is_empty() {
+                this.look_up_sockets(py, batch.iter().take(left), &mut sockets);
+                sockets.reverse();
+            }
             let Some(event) = batch.pop_front() else {
                 break;
             };
             left -= 1;
             let len = event.message_len();
-            match this.event_to_py(slf, event) {
+            let ws = sockets.pop().flatten();
+            match this.event_to_py(slf, event, ws) {
                 Ok(Some(item)) => {
                     taken += len;
                     items.push(item)
