@@ -630,6 +630,104 @@ async def test_base_exception_in_async_on_text_does_not_park_later_events(
     assert recorder.of("text")[:2] == [("boom",), ("after",)]
 
 
+# -- a connection's messages of one read: handled back to back in its context ------------------------
+
+
+async def _close_1011_then_end(client: RawWebSocket) -> None:
+    frame = await client.recv_data_frame(TIMEOUT)
+    assert (frame.opcode, frame.close_code) == (OP_CLOSE, 1011), frame
+    await client.send_close(1011)
+    await client.frames_until_end(TIMEOUT)
+
+
+async def test_plain_handlers_of_one_read_run_once_in_order_in_the_context_past_an_exception(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    texts = ["a", "b", "bad", "c", "d"]
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        count = COUNT_VAR.get(0) + 1
+        COUNT_VAR.set(count)
+        recorder.add("text", text, count)
+        if text == "bad":
+            raise ValueError("bad message")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, COUNT_VAR.get(0))
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    try:
+        # One write: the messages reach the loop back to back, in one batch.
+        await client.send_raw(b"".join(encode_frame(OP_TEXT, t.encode()) for t in texts))
+        await _close_1011_then_end(client)
+    finally:
+        await client.aclose()
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    # The exception closes the connection, but the messages already read still have their
+    # handlers run, each once, in order, and all see (and add to) the connection's context.
+    assert recorder.of("text") == [(t, n) for n, t in enumerate(texts, 1)]
+    assert recorder.of("close") == [(1011, len(texts))]
+
+
+async def test_a_plain_handler_returning_an_awaitable_holds_back_the_messages_after_it(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    async def finish(ws: brioche.WebSocket[Any], text: str) -> None:
+        await asyncio.sleep(0.05)
+        recorder.add("text", f"{text} done", COUNT_VAR.get(0))
+        ws.send(f"{text} done")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> Awaitable[None] | None:
+        count = COUNT_VAR.get(0) + 1
+        COUNT_VAR.set(count)
+        recorder.add("text", text, count)
+        if text == "wait":
+            return finish(ws, text)
+        ws.send(text)
+        return None
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(b"".join(encode_frame(OP_TEXT, t.encode()) for t in ["a", "wait", "b", "c"]))
+        replies = [(await client.recv_data_frame(TIMEOUT)).payload for _ in range(4)]
+    assert replies == [b"a", b"wait done", b"b", b"c"]
+    assert recorder.of("text") == [("a", 1), ("wait", 2), ("wait done", 2), ("b", 3), ("c", 4)]
+
+
+async def test_base_exception_in_a_plain_on_text_still_delivers_the_rest_of_the_read_once(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    texts = ["a", "boom", "b", "c"]
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text)
+        if text == "boom":
+            raise Boom("boom")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    try:
+        srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+        client = await RawWebSocket.connect(srv.port)
+        try:
+            await client.send_raw(b"".join(encode_frame(OP_TEXT, t.encode()) for t in texts))
+            await _close_1011_then_end(client)
+        finally:
+            await client.aclose()
+        await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    finally:
+        loop.set_exception_handler(previous)
+    assert recorder.of("text") == [(t,) for t in texts]
+    assert recorder.of("close") == [(1011,)]
+    assert [type(c.get("exception")) for c in reported] == [Boom]
+
+
 # -- a fair loop: timers fire on time while 500 connections flood it --------------------------------
 
 FLOOD_CONNECTIONS = 500
