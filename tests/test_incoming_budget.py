@@ -53,15 +53,20 @@ def test_the_settings_check_their_values_and_have_the_documented_defaults() -> N
     assert websocket.init().message_timeout_seconds == 120.0
     assert websocket.init().message_timeout(0).message_timeout_seconds == 0.0
     assert websocket.message_timeout(websocket.init(), 2.5).message_timeout_seconds == 2.5
-    for bad in (-1, float("nan"), "1", True):
+    for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="message_timeout"):
-            websocket.init().message_timeout(bad)  # type: ignore[arg-type]
+            websocket.init().message_timeout(bad)
+    for wrong in ("1", True, None):
+        with pytest.raises(TypeError, match="message_timeout"):
+            websocket.init().message_timeout(wrong)  # type: ignore[arg-type]
     config: server.Config[Any] = server.handler(lambda request, srv: None)
     assert config.max_incoming_bytes_value == 1 << 30
     assert server.max_incoming_bytes(config, 0).max_incoming_bytes_value == 0
-    for bad_size in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="max_incoming_bytes"):
-            config.max_incoming_bytes(bad_size)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_incoming_bytes"):
+        config.max_incoming_bytes(-1)
+    for wrong_type in (1.5, True):
+        with pytest.raises(TypeError, match="max_incoming_bytes"):
+            config.max_incoming_bytes(wrong_type)  # type: ignore[arg-type]
 
 
 async def test_a_frame_dripped_past_the_message_timeout_closes_with_1008(serve: ServeFn, recorder: Recorder) -> None:

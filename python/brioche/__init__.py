@@ -16,6 +16,8 @@ from brioche._brioche import (
     WebSocket,
     random_uuid_v7,
 )
+from brioche._enums import CloseCode, ReadyState
+from brioche._http import SocketAddress
 from brioche._server import BindError, Server, Stats
 from brioche import server, websocket
 from brioche.websocket import SendStatus
@@ -23,11 +25,14 @@ from brioche.websocket import SendStatus
 __all__ = [
     "BindError",
     "BriocheError",
+    "CloseCode",
     "MessageBackpressured",
     "MessageDropped",
     "MessageSent",
+    "ReadyState",
     "SendStatus",
     "Server",
+    "SocketAddress",
     "Stats",
     "WebSocket",
     "random_uuid_v7",

@@ -2,6 +2,7 @@
 
     python -m brioche                 # http://0.0.0.0:3000/  ($PORT overrides the port)
     python -m brioche --port 8080 --host 127.0.0.1 --log-level INFO
+    python -m brioche --uvloop        # on uvloop's event loop
 """
 
 from __future__ import annotations
@@ -105,21 +106,32 @@ def main() -> None:
         help="level of the brioche loggers printed to stderr; INFO shows refused handshakes, "
         "protocol-error closes and idle timeouts (default: WARNING)",
     )
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run on uvloop's event loop (pip install uvloop)"
+    )
     args = parser.parse_args()
+    loop_factory = None
+    if args.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            parser.error("--uvloop needs uvloop: pip install uvloop")
+        loop_factory = uvloop.new_event_loop
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("brioche").setLevel(args.log_level)
 
     async def run() -> None:
         srv = await config().hostname(args.host).port(args.port).serve()
         shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
-        print(f"brioche demo listening on http://{shown}:{srv.port}/ (Ctrl+C to stop)", flush=True)
+        on = "uvloop; " if args.uvloop else ""
+        print(f"brioche demo listening on http://{shown}:{srv.port}/ ({on}Ctrl+C to stop)", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
             await srv.stop(close_active_connections=True)
 
     try:
-        asyncio.run(run())
+        server.run_loop(run(), loop_factory)
     except KeyboardInterrupt:
         pass
 

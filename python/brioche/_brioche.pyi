@@ -4,10 +4,13 @@ from collections.abc import Callable
 from contextvars import Context
 from typing import Any, ClassVar, Generic, TypeVar, final
 
+from brioche._enums import ReadyState
+
 __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
-    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG",
+    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG", "EVENT_REQUEST",
+    "EVENT_STOPPED", "EVENT_LOG",
 ]
 
 _T = TypeVar("_T")
@@ -19,6 +22,8 @@ EVENT_BYTES: int
 EVENT_DRAIN: int
 EVENT_CLOSE: int
 EVENT_FAIL: int
+EVENT_PING: int
+EVENT_PONG: int
 EVENT_REQUEST: int
 EVENT_STOPPED: int
 EVENT_LOG: int
@@ -64,10 +69,15 @@ class WebSocket(Generic[_T]):
 
     @property
     def data(self) -> _T:
-        """The context passed to ``server.upgrade``."""
+        """The context passed to ``server.upgrade``, or what was assigned since."""
+    @data.setter
+    def data(self, value: _T) -> None: ...
     @property
-    def ready_state(self) -> int:
-        """0 connecting, 1 open, 2 closing, 3 closed."""
+    def subprotocol(self) -> str | None:
+        """The subprotocol chosen at the upgrade, ``None`` when none was."""
+    @property
+    def ready_state(self) -> ReadyState:
+        """``ReadyState.CONNECTING`` (0), ``OPEN`` (1), ``CLOSING`` (2) or ``CLOSED`` (3)."""
     @property
     def remote_address(self) -> str:
         """The client's IP address."""
@@ -77,8 +87,8 @@ class WebSocket(Generic[_T]):
     @property
     def subscriptions(self) -> list[str]:
         """The topics this socket is subscribed to."""
-    def send(self, message: str) -> _SendStatus:
-        """Queue a text message."""
+    def send(self, message: str | bytes | bytearray | memoryview, compress: bool = False) -> _SendStatus:
+        """Queue a message: text for a ``str``, binary for bytes-like (``compress`` is reserved)."""
     def send_bytes(self, message: bytes | bytearray | memoryview) -> _SendStatus:
         """Queue a binary message."""
     def publish(self, topic: str, message: str) -> _SendStatus:
@@ -125,11 +135,19 @@ class PendingRequest:
     @property
     def remote_address(self) -> str: ...
     @property
+    def remote_port(self) -> int: ...
+    @property
     def is_websocket(self) -> bool: ...
     @property
     def upgraded(self) -> bool: ...
     def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None: ...
-    def upgrade(self, headers: list[tuple[str, str]], data: Any, context: Context) -> bool: ...
+    def upgrade(
+        self,
+        headers: list[tuple[str, str]],
+        data: Any,
+        context: Context,
+        subprotocol: str | None = None,
+    ) -> bool: ...
 
 @final
 class Engine:
@@ -167,6 +185,7 @@ class Engine:
     def stop(self, close_active_connections: bool) -> None: ...
     def publish(self, topic: str, message: str | bytes) -> _SendStatus: ...
     def subscriber_count(self, topic: str) -> int: ...
+    def set_control_events(self, pings: bool, pongs: bool) -> None: ...
 
 def random_uuid_v7() -> str:
     """A random, time-ordered UUID (RFC 9562 version 7) as a string."""

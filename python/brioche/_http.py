@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json as _json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, final
+from typing import Any, Literal, NamedTuple, final
 
 from brioche._brioche import PendingRequest
 
@@ -13,6 +14,7 @@ __all__ = [
     "Headers",
     "Request",
     "Response",
+    "SocketAddress",
     "bad_request",
     "html",
     "internal_error",
@@ -21,6 +23,15 @@ __all__ = [
     "ok",
     "text",
 ]
+
+
+class SocketAddress(NamedTuple):
+    """A client's address, as ``srv.request_ip`` gives it (Bun's ``SocketAddress``)."""
+
+    address: str
+    """The IP address, e.g. ``"127.0.0.1"`` or ``"::1"``."""
+    family: Literal["IPv4", "IPv6"]
+    port: int
 
 
 @final
@@ -67,10 +78,17 @@ class Headers(Mapping[str, str]):
 class Request:
     """An HTTP request: ``method``, ``path``, ``query``, ``headers`` and the whole ``body``."""
 
-    __slots__ = ("_pending", "method", "path", "query", "headers", "body", "remote_address")
+    __slots__ = (
+        "_pending", "_timer", "_task", "_answered",
+        "method", "path", "query", "headers", "body", "remote_address",
+    )
 
     def __init__(self, pending: PendingRequest) -> None:
         self._pending = pending
+        # Kept for srv.timeout: its timer, and the handler's task that it cancels.
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._answered = False
         self.method: str = pending.method
         self.path: str = pending.path
         self.query: str = pending.query
@@ -82,6 +100,16 @@ class Request:
     def is_websocket(self) -> bool:
         """Whether this is a valid WebSocket handshake that ``upgrade`` can accept."""
         return self._pending.is_websocket
+
+    @property
+    def subprotocols(self) -> list[str]:
+        """The subprotocols the client offers (``Sec-WebSocket-Protocol``), in its order."""
+        return [
+            name.strip()
+            for value in self.headers.get_all("sec-websocket-protocol")
+            for name in value.split(",")
+            if name.strip()
+        ]
 
     def text(self) -> str:
         """The body decoded as UTF-8."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import select
 import sys
@@ -29,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, final
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
-from brioche._http import Request, Response, internal_error
+from brioche._http import Request, Response, SocketAddress, internal_error, text
 
 if TYPE_CHECKING:
-    from brioche.server import Config
+    from brioche.server import Config, Handler
+    from brioche.websocket import Config as WsConfig
     from brioche.websocket import SendStatus
 
 __all__ = ["BindError", "Server"]
@@ -47,12 +49,26 @@ _BYTES = _brioche.EVENT_BYTES
 _DRAIN = _brioche.EVENT_DRAIN
 _CLOSE = _brioche.EVENT_CLOSE
 _FAIL = _brioche.EVENT_FAIL
+_PING = _brioche.EVENT_PING
+_PONG = _brioche.EVENT_PONG
 _REQUEST = _brioche.EVENT_REQUEST
 _STOPPED = _brioche.EVENT_STOPPED
 _LOG = _brioche.EVENT_LOG
 _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: "on_drain",
-                _CLOSE: "on_close"}
+                _CLOSE: "on_close", _PING: "on_ping", _PONG: "on_pong"}
 _CLOSED = 3
+
+# The websocket settings the engine fixes when the server starts, by the setter that sets them:
+# `reload` refuses a config that differs in one of them rather than ignore it.
+_FIXED_AT_START = {
+    "max_payload_length": "max_payload_length_bytes",
+    "backpressure_limit": "backpressure_limit_bytes",
+    "close_on_backpressure_limit": "close_on_backpressure",
+    "idle_timeout": "idle_timeout_seconds",
+    "message_timeout": "message_timeout_seconds",
+    "publish_to_self": "publish_to_self_enabled",
+    "send_pings": "send_pings_enabled",
+}
 
 # A connection whose handler is suspended may have this many events parked behind it before the
 # engine stops reading from its socket (TCP backpressure to that client only).
@@ -193,6 +209,15 @@ class Stats(TypedDict):
     incoming_bytes: int
 
 
+def _handlers_of(config: WsConfig[Any]) -> tuple[Callable[..., Any] | None, ...]:
+    """The handlers by event kind: ``_dispatch`` indexes this tuple with the kind."""
+    return (
+        config.on_open_handler, config.on_text_message, config.on_bytes_message,
+        config.on_drain_handler, config.on_close_handler, _close_for_protocol_error,
+        config.on_ping_handler, config.on_pong_handler,
+    )
+
+
 def _log_from_engine(name: str, level: int, message: str, args: tuple[Any, ...], left_out: int) -> None:
     """A line from the core (rate-limited there), formatted only if its logger wants it."""
     engine_logger = logging.getLogger(name)
@@ -206,11 +231,13 @@ def _log_from_engine(name: str, level: int, message: str, args: tuple[Any, ...],
 
 @final
 class Server(Generic[T]):
-    """A running server. Returned by ``serve()``; also an async context manager.
+    """A running server. Returned by ``await serve()``; also an async context manager.
 
     ```pycon
-    >>> async with await server.handler(handler).port(0).serve() as srv:
-    ...     print(srv.port)
+    >>> srv = await server.handler(lambda request, srv: server.text("hi")).port(0).serve()
+    >>> srv.port > 0
+    True
+    >>> await srv.stop()
     ```
     """
 
@@ -278,9 +305,9 @@ class Server(Generic[T]):
         self._config = config
         self._loop = loop
         self.hostname = config.hostname_value
-        self._handlers = (
-            limits.on_open_handler, limits.on_text_message, limits.on_bytes_message,
-            limits.on_drain_handler, limits.on_close_handler, _close_for_protocol_error,
+        self._handlers = _handlers_of(limits)
+        engine.set_control_events(
+            limits.on_ping_handler is not None, limits.on_pong_handler is not None
         )
         self._busy = {}
         self._running = {}
@@ -332,19 +359,105 @@ class Server(Generic[T]):
         return self._engine.stats()  # type: ignore[return-value]
 
     def upgrade(
-        self, request: Request, headers: Iterable[tuple[str, str]] = (), data: T | None = None
+        self,
+        request: Request,
+        headers: Iterable[tuple[str, str]] = (),
+        data: T | None = None,
+        *,
+        subprotocol: str | None = None,
     ) -> bool:
         """Accept ``request`` as a WebSocket carrying ``data``; False if it cannot be upgraded.
 
         It cannot when it is not a WebSocket handshake, when it was already answered, or when the
-        server has no ``websocket`` config. ``headers`` go into the 101 response.
+        server has no ``websocket`` config. ``headers`` go into the 101 response. ``subprotocol``
+        is the one of ``request.subprotocols`` the server speaks (``ws.subprotocol``); one the
+        client did not offer is a ``ValueError``.
         """
-        if self._config.websocket_config is None:
+        if subprotocol is not None and not isinstance(subprotocol, str):
+            raise TypeError(f"subprotocol must be a str or None, got {type(subprotocol).__name__}")
+        pending = request._pending
+        if self._config.websocket_config is None or not pending.is_websocket:
             return False
+        extra = [(str(k), str(v)) for k, v in headers]
+        if subprotocol is not None:
+            offered = request.subprotocols
+            if subprotocol not in offered:
+                raise ValueError(
+                    f"the client did not offer the subprotocol {subprotocol!r} (it offered {offered!r})"
+                )
+            extra.append(("sec-websocket-protocol", subprotocol))
         # The socket's handlers run in a copy of the context this is called in.
-        return request._pending.upgrade(
-            [(str(k), str(v)) for k, v in headers], data, contextvars.copy_context()
-        )
+        return pending.upgrade(extra, data, contextvars.copy_context(), subprotocol)
+
+    def request_ip(self, request: Request) -> SocketAddress | None:
+        """The client's address, family and port for ``request`` (Bun's ``requestIP``).
+
+        ``None`` when the request did not come over TCP, as Bun answers ``null`` then.
+        """
+        address = request.remote_address
+        family = "IPv6" if ":" in address else "IPv4"
+        return SocketAddress(address, family, request._pending.remote_port)
+
+    def timeout(self, request: Request, seconds: float) -> None:
+        """Give the handler of ``request`` at most ``seconds`` from now to answer (0: no limit).
+
+        Bun's ``server.timeout``. The connection is idle while the handler works (the request was
+        read whole before it started), so this is its idle timeout: once it passes, the client
+        gets ``503 Service Unavailable`` and the handler's task, if still running, is cancelled.
+        Calling it again replaces the previous limit.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
+        if not 0 <= seconds < float("inf"):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        if request._timer is not None:
+            request._timer.cancel()
+            request._timer = None
+        if seconds and not request._answered and not request._pending.upgraded:
+            request._timer = self._loop.call_later(seconds, self._timed_out, request)
+
+    def reload(
+        self, *, handler: Handler[T] | None = None, websocket: WsConfig[T] | None = None
+    ) -> None:
+        """Use ``handler`` and ``websocket``'s handlers for the events to come (Bun's ``reload``).
+
+        Open connections stay open; their next events go to the new handlers, and events
+        already queued for a connection whose handler is still running as well. The limits of
+        ``websocket`` (``idle_timeout``, ``max_payload_length``...) are fixed when the server
+        starts: a config that changes one is a ``ValueError``, as is enabling websockets on a
+        server started without them.
+        """
+        from brioche.websocket import Config as WsConfig
+
+        if handler is None and websocket is None:
+            raise TypeError("reload() needs handler=, websocket= or both")
+        if handler is not None and not callable(handler):
+            raise TypeError(f"a handler must be callable, got {type(handler).__name__}")
+        config = self._config
+        if websocket is not None:
+            if not isinstance(websocket, WsConfig):
+                raise TypeError(f"expected a websocket.Config, got {type(websocket).__name__}")
+            current = config.websocket_config
+            if current is None:
+                raise ValueError(
+                    "this server was started without a websocket config: reload cannot enable "
+                    "websockets; stop it and serve again"
+                )
+            for setter, field in _FIXED_AT_START.items():
+                old, new = getattr(current, field), getattr(websocket, field)
+                if old != new:
+                    raise ValueError(
+                        f"reload cannot change {setter} ({old!r} -> {new!r}): it is fixed when "
+                        "the server starts; stop it and serve again to change it"
+                    )
+            config = dataclasses.replace(config, websocket_config=websocket)
+            self._handlers = _handlers_of(websocket)
+            self._engine.set_control_events(
+                websocket.on_ping_handler is not None, websocket.on_pong_handler is not None
+            )
+        if handler is not None:
+            config = dataclasses.replace(config, fetch=handler)
+        self._config = config
 
     def publish(self, topic: str, message: str | bytes) -> SendStatus:
         """Send ``message`` to every subscriber of ``topic``."""
@@ -371,6 +484,28 @@ class Server(Generic[T]):
         elif close_active_connections:
             self._engine.stop(True)
         await asyncio.shield(self._stopped)
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has stopped: ``stop()`` was called and everything ended."""
+        await asyncio.shield(self._stopped)
+
+    async def serve_forever(self) -> None:
+        """Serve until the server is stopped; cancelled, it stops it, closing connections with 1001.
+
+        ```pycon
+        >>> srv = await server.handler(lambda request, srv: server.text("hi")).port(0).serve()
+        >>> forever = asyncio.ensure_future(srv.serve_forever())
+        >>> await asyncio.sleep(0)
+        >>> forever.cancel()
+        True
+        >>> await srv.wait_closed()
+        ```
+        """
+        try:
+            await asyncio.shield(self._stopped)
+        except asyncio.CancelledError:
+            await self.stop(close_active_connections=True)
+            raise
 
     async def __aenter__(self) -> Server[T]:
         return self
@@ -600,6 +735,7 @@ class Server(Generic[T]):
         elif task.done():
             self._request_done(request, task)
         else:
+            request._task = task
             self._tasks.add(task)
             task.add_done_callback(partial(self._request_done, request))
 
@@ -619,10 +755,24 @@ class Server(Generic[T]):
             return
         self._reply(request, task.result())
 
+    def _timed_out(self, request: Request) -> None:
+        """``srv.timeout`` passed: answer 503, then cancel the handler that did not answer."""
+        request._timer = None
+        task = request._task
+        logger.warning("handler for %r did not answer within its timeout: 503", request)
+        self._reply(request, text("Service Unavailable", 503))
+        if task is not None:
+            task.cancel()
+
     def _reply(self, request: Request, result: object) -> None:
+        if request._timer is not None:
+            request._timer.cancel()
+            request._timer = None
         pending = request._pending
-        if pending.upgraded:
+        if pending.upgraded or request._answered:
             return
+        request._answered = True
+        request._task = None
         if result is None:
             logger.error("handler returned None for %r without upgrading it", request)
             result = internal_error()

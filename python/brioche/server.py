@@ -14,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Generic, TypeAlias, TypeVar
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from typing import Any, Generic, TypeAlias, TypeVar, final
 
 from brioche import websocket as _websocket
 from brioche._http import (
     Headers,
     Request,
     Response,
+    SocketAddress,
     bad_request,
     html,
     internal_error,
@@ -41,6 +44,8 @@ __all__ = [
     "Request",
     "Response",
     "Server",
+    "Serving",
+    "SocketAddress",
     "bad_request",
     "handler",
     "handshake_timeout",
@@ -56,12 +61,17 @@ __all__ = [
     "ok",
     "port",
     "publish",
+    "reload",
+    "request_ip",
     "run",
     "serve",
+    "serve_forever",
     "stop",
     "subscriber_count",
     "text",
+    "timeout",
     "upgrade",
+    "wait_closed",
     "websocket",
 ]
 
@@ -107,6 +117,24 @@ def _check_port(value: object) -> int:
     return value
 
 
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object) -> float:
+    """A number of seconds: a wrong type is a TypeError; NaN and infinities a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    return seconds
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config(Generic[T]):
     """A server that is not running yet. Each setter returns a new ``Config``."""
@@ -133,36 +161,36 @@ class Config(Generic[T]):
 
     def hostname(self, hostname: str) -> Config[T]:
         """Address to listen on (default ``"0.0.0.0"``)."""
-        if not isinstance(hostname, str) or not hostname:
+        if not isinstance(hostname, str):
+            raise TypeError(f"hostname must be a str, got {type(hostname).__name__}")
+        if not hostname:
             raise ValueError("hostname must be a non-empty string")
         return dataclasses.replace(self, hostname_value=hostname)
 
     def max_request_body_size(self, size: int) -> Config[T]:
         """Largest HTTP request body accepted, in bytes (default 1 MiB); larger gets 413."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"max_request_body_size must be an int >= 0, got {size!r}")
-        return dataclasses.replace(self, max_request_body_size_bytes=size)
+        value = _check_int("max_request_body_size", size, minimum=0)
+        return dataclasses.replace(self, max_request_body_size_bytes=value)
 
     def max_request_header_size(self, size: int) -> Config[T]:
         """Largest request line plus headers, in bytes (default 64 KiB); larger gets 431."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8192:
-            raise ValueError(f"max_request_header_size must be an int >= 8192, got {size!r}")
-        return dataclasses.replace(self, max_request_header_size_bytes=size)
+        value = _check_int("max_request_header_size", size, minimum=8192)
+        return dataclasses.replace(self, max_request_header_size_bytes=value)
 
     def handshake_timeout(self, seconds: float) -> Config[T]:
         """Seconds a client has to send its whole request, head and body (default 10).
 
         A request still incomplete then gets 408 and the connection is closed (slowloris guard).
         """
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        value = _check_seconds("handshake_timeout", seconds)
+        if not value > 0:
             raise ValueError(f"handshake_timeout must be a number of seconds > 0, got {seconds!r}")
-        return dataclasses.replace(self, handshake_timeout_seconds=float(seconds))
+        return dataclasses.replace(self, handshake_timeout_seconds=value)
 
     def max_connections(self, count: int) -> Config[T]:
         """Most WebSockets open at once; past it handshakes get 503 (default 0: no limit)."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"max_connections must be an int >= 0, got {count!r}")
-        return dataclasses.replace(self, max_connections_value=count)
+        value = _check_int("max_connections", count, minimum=0)
+        return dataclasses.replace(self, max_connections_value=value)
 
     def max_incoming_bytes(self, size: int) -> Config[T]:
         """Bytes all clients together may make the server hold (default 1 GiB, 0: no limit).
@@ -172,20 +200,84 @@ class Config(Generic[T]):
         wait, held back by TCP), while those holding less go on; a paused client whose message
         is still incomplete at its ``message_timeout`` is closed with 1008.
         """
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"max_incoming_bytes must be an int >= 0, got {size!r}")
-        return dataclasses.replace(self, max_incoming_bytes_value=size)
+        value = _check_int("max_incoming_bytes", size, minimum=0)
+        return dataclasses.replace(self, max_incoming_bytes_value=value)
 
-    async def serve(self) -> Server[T]:
-        """Start listening on the running event loop and return the started ``Server``."""
+    def serve(self) -> Serving[T]:
+        """Start listening on the running event loop.
+
+        Await it for the started ``Server``, or use it as an async context manager, which stops
+        the server (closing connections with 1001) on the way out, as ``websockets.serve`` does:
+
+        ```pycon
+        >>> config = server.handler(lambda request, srv: server.text("hi")).hostname("127.0.0.1")
+        >>> async with config.port(0).serve() as srv:
+        ...     print(srv.url.startswith("http://127.0.0.1:"))
+        True
+        ```
+        """
+        return Serving(self)
+
+    async def _start(self) -> Server[T]:
         port_number = _default_port() if self.port_number is None else self.port_number
         loop = asyncio.get_running_loop()
         address = await _resolve(loop, self.hostname_value, port_number)
         return Server._start(self, port_number, loop, address)
 
-    def run(self) -> None:
-        """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return."""
-        asyncio.run(_serve_until_signalled(self))
+    def run(self, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+        """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return.
+
+        ``loop_factory`` makes the event loop to serve on: ``uvloop.new_event_loop`` for uvloop
+        (default: asyncio's own loop).
+        """
+        run_loop(_serve_until_signalled(self), loop_factory)
+
+
+@final
+class Serving(Generic[T]):
+    """What ``serve()`` returns: await it for the ``Server``, or ``async with`` it.
+
+    ``async with`` stops the server on the way out, closing open connections with 1001.
+    """
+
+    __slots__ = ("_config", "_server")
+
+    def __init__(self, config: Config[T]) -> None:
+        self._config = config
+        self._server: Server[T] | None = None
+
+    def __await__(self) -> Generator[Any, None, Server[T]]:
+        return self._config._start().__await__()
+
+    async def __aenter__(self) -> Server[T]:
+        self._server = await self._config._start()
+        return self._server
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        srv, self._server = self._server, None
+        if srv is not None:
+            await srv.stop(close_active_connections=True)
+
+
+def run_loop(
+    main: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> None:
+    """``asyncio.run(main, loop_factory=...)``, also on 3.10, which has no loop_factory."""
+    if loop_factory is None:
+        asyncio.run(main)
+    elif sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main)
+    else:  # pragma: no cover - 3.10 only
+        loop = loop_factory()
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(main)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 async def _serve_until_signalled(config: Config[Any]) -> None:
@@ -256,14 +348,16 @@ def max_incoming_bytes(config: Config[T], size: int) -> Config[T]:
     return config.max_incoming_bytes(size)
 
 
-async def serve(config: Config[T]) -> Server[T]:
-    """Module form of :meth:`Config.serve`."""
-    return await config.serve()
+def serve(config: Config[T]) -> Serving[T]:
+    """Module form of :meth:`Config.serve`: ``await serve(config)`` or ``async with serve(config)``."""
+    return config.serve()
 
 
-def run(config: Config[Any]) -> None:
-    """Module form of :meth:`Config.run`."""
-    config.run()
+def run(
+    config: Config[Any], *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> None:
+    """Module form of :meth:`Config.run`: ``run(config, loop_factory=uvloop.new_event_loop)``."""
+    config.run(loop_factory=loop_factory)
 
 
 def upgrade(
@@ -272,14 +366,22 @@ def upgrade(
     headers: Iterable[tuple[str, str]],
     data: T,
     fallback: Callable[[], Response],
+    *,
+    subprotocol: str | None = None,
 ) -> Response | None:
     """Upgrade ``request`` to a WebSocket carrying ``data``; ``None`` on success, else ``fallback()``.
 
-    ``headers`` are added to the ``101 Switching Protocols`` response.
+    ``headers`` are added to the ``101 Switching Protocols`` response, and so is
+    ``subprotocol``, one of ``request.subprotocols`` (else ``ValueError``).
     """
-    if srv.upgrade(request, headers, data):
+    if srv.upgrade(request, headers, data, subprotocol=subprotocol):
         return None
     return fallback()
+
+
+def timeout(srv: Server[Any], request: Request, seconds: float) -> None:
+    """Module form of :meth:`Server.timeout`."""
+    srv.timeout(request, seconds)
 
 
 async def stop(srv: Server[Any], close_active_connections: bool = False) -> None:
@@ -290,6 +392,31 @@ async def stop(srv: Server[Any], close_active_connections: bool = False) -> None
 def publish(srv: Server[Any], topic: str, message: str | bytes) -> _websocket.SendStatus:
     """Module form of :meth:`Server.publish`."""
     return srv.publish(topic, message)
+
+
+def request_ip(srv: Server[Any], request: Request) -> SocketAddress | None:
+    """Module form of :meth:`Server.request_ip`."""
+    return srv.request_ip(request)
+
+
+def reload(
+    srv: Server[T],
+    *,
+    handler: Handler[T] | None = None,
+    websocket: _websocket.Config[T] | None = None,
+) -> None:
+    """Module form of :meth:`Server.reload`."""
+    srv.reload(handler=handler, websocket=websocket)
+
+
+async def serve_forever(srv: Server[Any]) -> None:
+    """Module form of :meth:`Server.serve_forever`."""
+    await srv.serve_forever()
+
+
+async def wait_closed(srv: Server[Any]) -> None:
+    """Module form of :meth:`Server.wait_closed`."""
+    await srv.wait_closed()
 
 
 def subscriber_count(srv: Server[Any], topic: str) -> int:

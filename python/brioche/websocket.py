@@ -13,9 +13,11 @@ Every function below that takes a ``WebSocket`` first is also a method or proper
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeAlias, TypeVar
 
+from brioche._enums import CloseCode, ReadyState
 from brioche._brioche import (
     MessageBackpressured,
     MessageDropped,
@@ -24,7 +26,9 @@ from brioche._brioche import (
 )
 
 __all__ = [
+    "CloseCode",
     "Config",
+    "ReadyState",
     "SendStatus",
     "WebSocket",
     "backpressure_limit",
@@ -42,6 +46,8 @@ __all__ = [
     "on_close",
     "on_drain",
     "on_open",
+    "on_ping",
+    "on_pong",
     "on_text",
     "ping",
     "pong",
@@ -53,6 +59,8 @@ __all__ = [
     "send",
     "send_bytes",
     "send_pings",
+    "set_data",
+    "subprotocol",
     "subscribe",
     "subscriptions",
     "terminate",
@@ -69,6 +77,7 @@ TextHandler: TypeAlias = Callable[[WebSocket[T], str], Awaitable[None] | None]
 BytesHandler: TypeAlias = Callable[[WebSocket[T], bytes], Awaitable[None] | None]
 SocketHandler: TypeAlias = Callable[[WebSocket[T]], Awaitable[None] | None]
 CloseHandler: TypeAlias = Callable[[WebSocket[T], int, str], Awaitable[None] | None]
+ControlHandler: TypeAlias = Callable[[WebSocket[T], bytes], Awaitable[None] | None]
 
 _MIB = 1024 * 1024
 
@@ -105,6 +114,8 @@ class Config(Generic[T]):
     on_open_handler: SocketHandler[T] | None = None
     on_close_handler: CloseHandler[T] | None = None
     on_drain_handler: SocketHandler[T] | None = None
+    on_ping_handler: ControlHandler[T] | None = None
+    on_pong_handler: ControlHandler[T] | None = None
     max_payload_length_bytes: int = 16 * _MIB
     backpressure_limit_bytes: int = 16 * _MIB
     close_on_backpressure: bool = False
@@ -142,6 +153,20 @@ class Config(Generic[T]):
         _check_handler(handler)
         return dataclasses.replace(self, on_drain_handler=handler)
 
+    def on_ping(self, handler: ControlHandler[T]) -> Config[T]:
+        """Call ``handler(ws, payload)`` for every ping from the client (Bun's ``ping``).
+
+        The server still answers each ping with a pong by itself. Without a handler, pings
+        are not handed to Python at all.
+        """
+        _check_handler(handler)
+        return dataclasses.replace(self, on_ping_handler=handler)
+
+    def on_pong(self, handler: ControlHandler[T]) -> Config[T]:
+        """Call ``handler(ws, payload)`` for every pong from the client (Bun's ``pong``)."""
+        _check_handler(handler)
+        return dataclasses.replace(self, on_pong_handler=handler)
+
     def max_payload_length(self, max_payload_length: int) -> Config[T]:
         """Largest incoming message in bytes (default 16 MiB); larger ones close with 1009."""
         value = _check_size("max_payload_length", max_payload_length, minimum=1)
@@ -169,8 +194,10 @@ class Config(Generic[T]):
         the part received is dropped: a client that drips a large message cannot hold its buffer
         for ever by sending a byte now and then (each byte resets the idle timer).
         """
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-            raise ValueError(f"message_timeout must be a number of seconds >= 0, got {seconds!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"message_timeout must be a number of seconds, got {type(seconds).__name__}")
+        if not 0 <= seconds < math.inf:
+            raise ValueError(f"message_timeout must be a finite number of seconds >= 0, got {seconds!r}")
         return dataclasses.replace(self, message_timeout_seconds=float(seconds))
 
     def publish_to_self(self, publish_to_self: bool) -> Config[T]:
@@ -219,6 +246,16 @@ def on_drain(config: Config[T], handler: SocketHandler[T]) -> Config[T]:
     return config.on_drain(handler)
 
 
+def on_ping(config: Config[T], handler: ControlHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_ping`."""
+    return config.on_ping(handler)
+
+
+def on_pong(config: Config[T], handler: ControlHandler[T]) -> Config[T]:
+    """Module form of :meth:`Config.on_pong`."""
+    return config.on_pong(handler)
+
+
 def max_payload_length(config: Config[T], max_payload_length: int) -> Config[T]:
     """Module form of :meth:`Config.max_payload_length`."""
     return config.max_payload_length(max_payload_length)
@@ -254,16 +291,21 @@ def send_pings(config: Config[T], send_pings: bool) -> Config[T]:
     return config.send_pings(send_pings)
 
 
-def send(ws: WebSocket[Any], message: str) -> SendStatus:
-    """Queue a text message; never blocks.
+def send(
+    ws: WebSocket[Any], message: str | bytes | bytearray | memoryview, compress: bool = False
+) -> SendStatus:
+    """Queue a message, text for a ``str``, binary for bytes-like (as Bun's ``send``); never blocks.
+
+    ``compress`` is reserved for permessage-deflate, which brioche does not negotiate yet.
 
     ```pycon
-    >>> match websocket.send(ws, "hello"):
-    ...     case MessageSent(bytes_sent=n): ...
-    ...     case MessageBackpressured() | MessageDropped(): ...
+    >>> def on_text(ws, text):
+    ...     match websocket.send(ws, text.upper()):
+    ...         case brioche.MessageSent(bytes_sent=n): print("sent", n)
+    ...         case brioche.MessageBackpressured() | brioche.MessageDropped(): print("later")
     ```
     """
-    return ws.send(message)
+    return ws.send(message, compress)
 
 
 def send_bytes(ws: WebSocket[Any], message: bytes) -> SendStatus:
@@ -307,13 +349,23 @@ def cork(ws: WebSocket[T], callback: Callable[[WebSocket[T]], R]) -> R:
 
 
 def data(ws: WebSocket[T]) -> T:
-    """The context given to ``server.upgrade`` for this connection."""
+    """The context given to ``server.upgrade`` for this connection, or what was set since."""
     return ws.data
 
 
-def ready_state(ws: WebSocket[Any]) -> int:
-    """0 connecting, 1 open, 2 closing, 3 closed."""
+def set_data(ws: WebSocket[T], value: T) -> None:
+    """Module form of ``ws.data = value``."""
+    ws.data = value
+
+
+def ready_state(ws: WebSocket[Any]) -> ReadyState:
+    """``ReadyState.CONNECTING`` (0), ``OPEN`` (1), ``CLOSING`` (2) or ``CLOSED`` (3)."""
     return ws.ready_state
+
+
+def subprotocol(ws: WebSocket[Any]) -> str | None:
+    """The subprotocol chosen at the upgrade, ``None`` when none was."""
+    return ws.subprotocol
 
 
 def remote_address(ws: WebSocket[Any]) -> str:

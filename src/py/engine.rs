@@ -12,8 +12,8 @@ use super::request::PendingRequest;
 use super::status;
 use super::websocket::{with_bytes, PyWebSocket};
 use super::{
-    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN, EVENT_REQUEST,
-    EVENT_STOPPED, EVENT_TEXT,
+    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN, EVENT_PING,
+    EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
 };
 use crate::engine::{
     begin_send_batch, end_send_batch, Event, LogKind, LogRecord, OutFrame, Server, ServerConfig,
@@ -33,10 +33,11 @@ pub struct PyEngine {
     batch: Mutex<VecDeque<Event>>,
 }
 
-/// The `data` and `contextvars.Context` a socket gets when it opens.
+/// The `data`, `contextvars.Context` and subprotocol a socket gets when it opens.
 pub struct Upgraded {
     pub data: Py<PyAny>,
     pub context: Py<PyAny>,
+    pub subprotocol: Option<String>,
 }
 
 impl PyEngine {
@@ -89,6 +90,8 @@ impl PyEngine {
                 Event::Text(id, _)
                 | Event::Binary(id, _)
                 | Event::Drain(id)
+                | Event::Ping(id, _)
+                | Event::Pong(id, _)
                 | Event::Fail(id, ..) => (Some(id), false),
                 Event::Close(id, ..) => (Some(id), true),
                 Event::Open(_) => (None, true),
@@ -114,16 +117,21 @@ impl PyEngine {
         let item = match event {
             Event::Open(conn) => {
                 let id = conn.id;
-                let upgraded = self
-                    .pending_data
-                    .lock()
-                    .get(&id)
-                    .map(|up| (up.data.clone_ref(py), up.context.clone_ref(py)));
-                let (data, context) = match upgraded {
+                let upgraded = self.pending_data.lock().get(&id).map(|up| {
+                    (
+                        up.data.clone_ref(py),
+                        up.context.clone_ref(py),
+                        up.subprotocol.clone(),
+                    )
+                });
+                let (data, context, subprotocol) = match upgraded {
                     Some(upgraded) => upgraded,
-                    None => (py.None(), new_context(py)?),
+                    None => (py.None(), new_context(py)?, None),
                 };
-                let ws = Py::new(py, PyWebSocket::new(conn.clone(), data, context))?;
+                let ws = Py::new(
+                    py,
+                    PyWebSocket::new(conn.clone(), data, context, subprotocol),
+                )?;
                 let item = (EVENT_OPEN, ws.clone_ref(py)).into_pyobject(py)?;
                 let pending = self.take_pending_data(id);
                 let replaced = self.sockets.lock().insert(id, ws);
@@ -152,6 +160,19 @@ impl PyEngine {
             }
             Event::Drain(_) => match ws {
                 Some(ws) => (EVENT_DRAIN, ws).into_pyobject(py)?.into_any(),
+                None => return Ok(None),
+            },
+            Event::Ping(_, payload) | Event::Pong(_, payload) => match ws {
+                Some(ws) => {
+                    let kind = if matches!(event, Event::Ping(..)) {
+                        EVENT_PING
+                    } else {
+                        EVENT_PONG
+                    };
+                    (kind, ws, PyBytes::new(py, payload))
+                        .into_pyobject(py)?
+                        .into_any()
+                }
                 None => return Ok(None),
             },
             Event::Fail(_, code, reason) => match ws {
@@ -398,6 +419,11 @@ impl PyEngine {
             })?
         };
         status::to_py(py, sent)
+    }
+
+    /// Whether clients' pings and pongs are handed to the loop (`on_ping`, `on_pong` are set).
+    fn set_control_events(&self, pings: bool, pongs: bool) {
+        self.server.shared().set_control_events(pings, pongs);
     }
 
     fn subscriber_count(&self, topic: &str) -> usize {

@@ -11,15 +11,18 @@ use pyo3::prelude::*;
 pub use errors::BriocheError;
 
 /// Event kinds in the tuples `Engine.drain()` returns; `brioche._server` dispatches on them.
+/// A connection's events come first, below `EVENT_REQUEST`, and index its handler tuple.
 pub const EVENT_OPEN: u8 = 0;
 pub const EVENT_TEXT: u8 = 1;
 pub const EVENT_BYTES: u8 = 2;
 pub const EVENT_DRAIN: u8 = 3;
 pub const EVENT_CLOSE: u8 = 4;
 pub const EVENT_FAIL: u8 = 5;
-pub const EVENT_REQUEST: u8 = 6;
-pub const EVENT_STOPPED: u8 = 7;
-pub const EVENT_LOG: u8 = 8;
+pub const EVENT_PING: u8 = 6;
+pub const EVENT_PONG: u8 = 7;
+pub const EVENT_REQUEST: u8 = 8;
+pub const EVENT_STOPPED: u8 = 9;
+pub const EVENT_LOG: u8 = 10;
 
 /// A random, time-ordered UUID (RFC 9562 version 7) as a string.
 #[pyfunction]
@@ -46,6 +49,8 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVENT_DRAIN", EVENT_DRAIN)?;
     m.add("EVENT_CLOSE", EVENT_CLOSE)?;
     m.add("EVENT_FAIL", EVENT_FAIL)?;
+    m.add("EVENT_PING", EVENT_PING)?;
+    m.add("EVENT_PONG", EVENT_PONG)?;
     m.add("EVENT_REQUEST", EVENT_REQUEST)?;
     m.add("EVENT_STOPPED", EVENT_STOPPED)?;
     m.add("EVENT_LOG", EVENT_LOG)?;

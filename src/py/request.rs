@@ -62,6 +62,12 @@ impl PendingRequest {
         self.remote.ip().to_string()
     }
 
+    /// The client's TCP port.
+    #[getter]
+    fn remote_port(&self) -> u16 {
+        self.remote.port()
+    }
+
     /// Whether `upgrade` succeeded.
     #[getter]
     fn upgraded(&self) -> bool {
@@ -81,11 +87,14 @@ impl PendingRequest {
     /// Answer with `101 Switching Protocols`; `data` becomes the socket's `ws.data` and
     /// `context` the `contextvars.Context` its handlers run in.
     /// False when this is not a WebSocket handshake, it was already answered, or the client left.
+    /// `subprotocol` is what `ws.subprotocol` reports; the caller puts it in `headers`.
+    #[pyo3(signature = (headers, data, context, subprotocol = None))]
     fn upgrade(
         &self,
         headers: Vec<(String, String)>,
         data: Py<PyAny>,
         context: Py<PyAny>,
+        subprotocol: Option<String>,
     ) -> PyResult<bool> {
         if !self.is_websocket {
             return Ok(false);
@@ -95,7 +104,14 @@ impl PendingRequest {
             return Ok(false);
         };
         let engine = self.engine.get();
-        engine.set_pending_data(self.id, Upgraded { data, context });
+        engine.set_pending_data(
+            self.id,
+            Upgraded {
+                data,
+                context,
+                subprotocol,
+            },
+        );
         if reply.send(Reply::Upgrade(headers)).is_err() {
             drop(engine.take_pending_data(self.id));
             return Ok(false);

@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyString, PyType};
 
 use super::errors::value_error;
@@ -15,20 +18,42 @@ use crate::engine::{is_valid_close_code, Conn};
 #[pyclass(frozen, weakref, module = "brioche", name = "WebSocket")]
 pub struct PyWebSocket {
     pub(crate) conn: Arc<Conn>,
-    data: Py<PyAny>,
+    /// Assignable (`ws.data = ...`), as in Bun. Only the loop thread touches it, with the GIL;
+    /// the lock is what a frozen class needs to change a field, and is never contended.
+    data: Mutex<Py<PyAny>>,
     /// The `contextvars.Context` every handler of this connection runs in: a copy of the one
     /// `upgrade` was called in, so what the HTTP handler set reaches the socket's handlers.
     pub(crate) context: Py<PyAny>,
+    subprotocol: Option<String>,
 }
 
 impl PyWebSocket {
-    pub fn new(conn: Arc<Conn>, data: Py<PyAny>, context: Py<PyAny>) -> Self {
+    pub fn new(
+        conn: Arc<Conn>,
+        data: Py<PyAny>,
+        context: Py<PyAny>,
+        subprotocol: Option<String>,
+    ) -> Self {
         Self {
             conn,
-            data,
+            data: Mutex::new(data),
             context,
+            subprotocol,
         }
     }
+}
+
+/// `brioche.ReadyState`'s members by value, looked up once.
+static READY_STATES: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
+
+fn ready_state_member(py: Python<'_>, state: u8) -> PyResult<Py<PyAny>> {
+    let members = READY_STATES.get_or_try_init(py, || {
+        let enum_type = py.import("brioche._enums")?.getattr("ReadyState")?;
+        (0u8..4)
+            .map(|value| enum_type.call1((value,)).map(Bound::unbind))
+            .collect::<PyResult<Vec<_>>>()
+    })?;
+    Ok(members[usize::from(state)].clone_ref(py))
 }
 
 /// Borrow the bytes of `bytes`, `bytearray`, `memoryview` or any buffer, copying only when the
@@ -88,10 +113,23 @@ fn control_payload(payload: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
 
 #[pymethods]
 impl PyWebSocket {
-    /// The context passed to `server.upgrade`.
+    /// The context passed to `server.upgrade`, or what was assigned since.
     #[getter]
     fn data(&self, py: Python<'_>) -> Py<PyAny> {
-        self.data.clone_ref(py)
+        self.data.lock().clone_ref(py)
+    }
+
+    #[setter]
+    fn set_data(&self, value: Py<PyAny>) {
+        let old = std::mem::replace(&mut *self.data.lock(), value);
+        // Dropped outside the lock: its finaliser may read `ws.data`.
+        drop(old);
+    }
+
+    /// The subprotocol chosen at the upgrade, `None` when none was.
+    #[getter]
+    fn subprotocol(&self) -> Option<&str> {
+        self.subprotocol.as_deref()
     }
 
     /// The `contextvars.Context` this connection's handlers run in.
@@ -100,10 +138,10 @@ impl PyWebSocket {
         self.context.clone_ref(py)
     }
 
-    /// 0 connecting, 1 open, 2 closing, 3 closed.
+    /// `ReadyState.CONNECTING` (0), `OPEN` (1), `CLOSING` (2) or `CLOSED` (3).
     #[getter]
-    fn ready_state(&self) -> u8 {
-        self.conn.ready_state() as u8
+    fn ready_state(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        ready_state_member(py, self.conn.ready_state() as u8)
     }
 
     /// The client's IP address.
@@ -128,9 +166,27 @@ impl PyWebSocket {
             .collect()
     }
 
-    /// Queue a text message.
-    fn send(&self, py: Python<'_>, message: &str) -> PyResult<Py<PyAny>> {
-        status::to_py(py, self.conn.send_text(message))
+    /// Queue a message: text for a `str`, binary for bytes-like, as Bun's `send`. `compress`
+    /// is reserved for permessage-deflate (not negotiated yet).
+    #[pyo3(signature = (message, compress = false))]
+    fn send(
+        &self,
+        py: Python<'_>,
+        message: &Bound<'_, PyAny>,
+        compress: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = compress;
+        // `str` first: the common case pays one type check, as the `&str` argument did.
+        let sent = match message.cast::<PyString>() {
+            Ok(text) => self.conn.send_text(text.to_str()?),
+            Err(_) => with_bytes(message, |b| self.conn.send_binary(b)).map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "send() takes a str or a bytes-like object, got {}",
+                    message.get_type().name().map_or("?".into(), |n| n.to_string())
+                ))
+            })?,
+        };
+        status::to_py(py, sent)
     }
 
     /// Queue a binary message.

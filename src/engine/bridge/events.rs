@@ -55,6 +55,10 @@ pub enum Event<C> {
     Binary(u64, Bytes),
     /// A congested connection has written everything it had queued.
     Drain(u64),
+    /// A ping from the client (already answered), pushed only while Python has an `on_ping`.
+    Ping(u64, Bytes),
+    /// A pong from the client, pushed only while Python has an `on_pong`.
+    Pong(u64, Bytes),
     /// The client broke the protocol: close with this code once earlier events are handled.
     Fail(u64, u16, &'static str),
     Close(u64, u16, String),

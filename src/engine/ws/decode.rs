@@ -38,7 +38,7 @@ pub(crate) enum Incoming {
     Text(Utf8Bytes),
     Binary(Bytes),
     Ping(Bytes),
-    Pong,
+    Pong(Bytes),
     /// The client's close frame: its code and reason, or `None` if it carried no code.
     Close(Option<(u16, String)>),
 }
@@ -382,10 +382,6 @@ impl MessageReader {
         payload: &[u8],
         deliver: &mut impl FnMut(Incoming) -> bool,
     ) -> Result<(), Violation> {
-        if header.opcode == OP_PONG {
-            self.stalled |= !deliver(Incoming::Pong);
-            return Ok(());
-        }
         let mut bytes = Vec::with_capacity(payload.len());
         unmask_into(&mut bytes, payload, header.key);
         let message = match header.opcode {
@@ -473,7 +469,7 @@ impl MessageReader {
     ) -> Result<(), Violation> {
         let message = match opcode {
             OP_PING => Incoming::Ping(Bytes::from(payload)),
-            OP_PONG => Incoming::Pong,
+            OP_PONG => Incoming::Pong(Bytes::from(payload)),
             OP_CLOSE => {
                 let close = match payload.len() {
                     0 => None,
@@ -1040,7 +1036,7 @@ mod tests {
         let expected = vec![
             text_of("hello"),
             Incoming::Ping(Bytes::from_static(b"ping")),
-            Incoming::Pong,
+            Incoming::Pong(Bytes::from_static(b"pong")),
             Incoming::Binary(Bytes::from(big.clone())),
             Incoming::Text(text.clone().into()),
             Incoming::Text(text[..10].to_owned().into()),
@@ -1112,7 +1108,7 @@ mod tests {
             let mut reader = MessageReader::new(16 << 20);
             for piece in big.chunks(64 * 1024) {
                 reader
-                    .feed(piece, &mut |m| std::hint::black_box(m) != Incoming::Pong)
+                    .feed(piece, &mut |m| !matches!(std::hint::black_box(m), Incoming::Pong(_)))
                     .unwrap();
             }
         }

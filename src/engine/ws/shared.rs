@@ -40,6 +40,10 @@ pub struct Shared {
     /// `stop(close_active_connections=True)` was called: sockets opening late close at once.
     pub(crate) closing_all: AtomicBool,
     pub(crate) stopping: AtomicBool,
+    /// Whether pings and pongs from clients go to the loop: only while it has a handler for
+    /// them, so that without one they cost a relaxed load and nothing else.
+    pub(crate) ping_events: AtomicBool,
+    pub(crate) pong_events: AtomicBool,
 }
 
 impl Shared {
@@ -58,7 +62,16 @@ impl Shared {
             tracker: TaskTracker::new(),
             closing_all: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            ping_events: AtomicBool::new(false),
+            pong_events: AtomicBool::new(false),
         })
+    }
+
+    /// Hand clients' pings and pongs to the loop from now on (or stop). Frames already parsed
+    /// are not affected: a removed handler may still see a few, which the loop ignores.
+    pub fn set_control_events(&self, pings: bool, pongs: bool) {
+        self.ping_events.store(pings, Ordering::Relaxed);
+        self.pong_events.store(pongs, Ordering::Relaxed);
     }
 
     pub(crate) fn next_id(&self) -> u64 {

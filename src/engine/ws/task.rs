@@ -636,10 +636,20 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
             !conn.reading_paused()
         }
         Incoming::Ping(payload) => {
+            if conn.shared.ping_events.load(Ordering::Relaxed) {
+                conn.shared
+                    .events
+                    .push(Event::Ping(conn.id, payload.clone()));
+            }
             queue_reply(conn, OutFrame::new(OP_PONG, payload));
             true
         }
-        Incoming::Pong => true,
+        Incoming::Pong(payload) => {
+            if conn.shared.pong_events.load(Ordering::Relaxed) {
+                conn.shared.events.push(Event::Pong(conn.id, payload));
+            }
+            true
+        }
         Incoming::Close(frame) => {
             let (code, reason) = frame.unwrap_or((1005, String::new()));
             if conn.ready_state() == ReadyState::Open {

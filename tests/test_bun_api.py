@@ -1,0 +1,278 @@
+"""Bun's API: ping and pong handlers, ``send`` of bytes, assignable ``ws.data``, ``srv.reload``,
+``srv.request_ip`` and ``srv.timeout``, over real sockets with the ``websockets`` client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+import brioche
+from brioche import _brioche, server, websocket
+from brioche._server import Server
+from conftest import Recorder, ServeFn, ws_url
+
+
+async def recv(client: Any) -> Any:
+    return await asyncio.wait_for(client.recv(), 5)
+
+
+def echo_text(ws: brioche.WebSocket[Any], text: str) -> None:
+    ws.send(text)
+
+
+# -- on_ping / on_pong -----------------------------------------------------------------------
+
+
+async def test_on_ping_gets_each_ping_in_order_with_messages_and_the_pong_still_goes_out(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("event", "text", text)
+        ws.send(text)
+
+    async def on_ping(ws: brioche.WebSocket[Any], payload: bytes) -> None:
+        recorder.add("event", "ping", payload)
+
+    srv = await serve(websocket.init().on_text(on_text).on_ping(on_ping))
+    async with connect(ws_url(srv), ping_interval=None) as client:
+        await client.send("a")
+        pong = await client.ping(b"\x00hello\xff")
+        await client.send("b")
+        await asyncio.wait_for(pong, 5)  # the automatic pong, with the ping's payload
+        assert await recv(client) == "a"
+        assert await recv(client) == "b"
+        await recorder.wait_for(lambda: len(recorder.of("event")) == 3, 5)
+    assert recorder.of("event") == [("text", "a"), ("ping", b"\x00hello\xff"), ("text", "b")]
+
+
+async def test_on_pong_gets_the_clients_answer_to_ws_ping(serve: ServeFn, recorder: Recorder) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.ping(b"are you there")
+
+    def on_pong(ws: brioche.WebSocket[Any], payload: bytes) -> None:
+        recorder.add("pong", payload)
+        ws.send("got " + payload.decode())
+
+    srv = await serve(websocket.on_pong(websocket.init().on_open(on_open), on_pong))
+    async with connect(ws_url(srv), ping_interval=None) as client:
+        assert await recv(client) == "got are you there"
+    assert recorder.of("pong") == [(b"are you there",)]
+
+
+async def test_without_ping_and_pong_handlers_no_control_event_reaches_python(
+    serve: ServeFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds: list[int] = []
+    dispatch = Server._dispatch_batch
+
+    def recording(self: Server[Any], events: list[tuple[Any, ...]]) -> None:
+        kinds.extend(event[0] for event in events)
+        dispatch(self, events)
+
+    monkeypatch.setattr(Server, "_dispatch_batch", recording)
+    srv = await serve(websocket.init().on_text(echo_text))
+    async with connect(ws_url(srv), ping_interval=None) as client:
+        await asyncio.wait_for(await client.ping(b"1"), 5)
+        await client.send("after the ping")
+        # The text comes after the ping on the wire: once it is echoed, the ping was parsed.
+        assert await recv(client) == "after the ping"
+    assert _brioche.EVENT_TEXT in kinds
+    assert _brioche.EVENT_PING not in kinds and _brioche.EVENT_PONG not in kinds
+
+
+# -- ws.send(str | bytes-like) ---------------------------------------------------------------
+
+
+async def test_send_takes_bytes_like_as_binary_and_str_as_text(serve: ServeFn) -> None:
+    statuses: list[brioche.SendStatus] = []
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        statuses.append(ws.send(text, compress=True))
+        statuses.append(ws.send(text.encode()))
+        statuses.append(ws.send(bytearray(b"ba")))
+        statuses.append(websocket.send(ws, memoryview(b"xmvx")[1:3]))
+        with pytest.raises(TypeError, match="str or a bytes-like object, got int"):
+            ws.send(12)  # type: ignore[arg-type]
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("héllo")
+        assert [await recv(client) for _ in range(4)] == ["héllo", "héllo".encode(), b"ba", b"mv"]
+    assert statuses == [brioche.MessageSent(6), brioche.MessageSent(6), brioche.MessageSent(2),
+                        brioche.MessageSent(2)]
+
+
+# -- ws.data ----------------------------------------------------------------------------------
+
+
+async def test_ws_data_is_assignable_and_each_connection_keeps_its_own(serve: ServeFn) -> None:
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.data = {"from upgrade": ws.data, "count": 0}
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        state = ws.data
+        websocket.set_data(ws, {**state, "count": state["count"] + 1})
+        ws.send(f"{ws.data['from upgrade']} {ws.data['count']}")
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text))
+    async with connect(ws_url(srv, "/ws?one")) as one, connect(ws_url(srv, "/ws?two")) as two:
+        for expected in ("one 1", "one 2"):
+            await one.send("x")
+            assert await recv(one) == expected
+        await two.send("x")
+        assert await recv(two) == "two 1"
+
+
+# -- srv.reload --------------------------------------------------------------------------------
+
+
+async def test_reload_swaps_the_http_and_websocket_handlers_without_dropping_a_connection(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    def on_text_v1(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send("v1 " + text)
+
+    def on_text_v2(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send("v2 " + text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    def on_ping(ws: brioche.WebSocket[Any], payload: bytes) -> None:
+        ws.send(b"ping " + payload)
+
+    def handler_v2(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.path == "/ws":
+            return server.upgrade(srv, request, [], None, server.bad_request)
+        return server.text("v2")
+
+    v1 = websocket.init().on_text(on_text_v1).on_close(on_close)
+    srv = await serve(v1)
+    async with httpx.AsyncClient() as http, connect(ws_url(srv), ping_interval=None) as client:
+        assert (await http.get(srv.url)).text == "ok"
+        await client.send("a")
+        assert await recv(client) == "v1 a"
+        await asyncio.wait_for(await client.ping(b"before"), 5)  # no on_ping yet: not seen
+
+        srv.reload(handler=handler_v2, websocket=websocket.init().on_text(on_text_v2).on_close(on_close)
+                   .on_ping(on_ping))
+
+        assert (await http.get(srv.url)).text == "v2"
+        await client.send("b")
+        assert await recv(client) == "v2 b"
+        await client.ping(b"after")
+        assert await recv(client) == b"ping after"
+        server.reload(srv, websocket=v1)
+        await client.send("c")
+        assert await recv(client) == "v1 c"
+    await recorder.wait_for(lambda: bool(recorder.of("close")), 5)
+    assert recorder.of("close") == [(1000,)]
+
+
+async def test_reload_refuses_what_cannot_change_live_with_a_clear_error(serve: ServeFn) -> None:
+    config = websocket.init().on_text(echo_text)
+    srv = await serve(config)
+    with pytest.raises(ValueError, match=r"reload cannot change idle_timeout \(120 -> 5\)"):
+        srv.reload(websocket=config.idle_timeout(5))
+    with pytest.raises(ValueError, match="max_payload_length"):
+        srv.reload(websocket=config.max_payload_length(10))
+    with pytest.raises(TypeError, match="handler=, websocket= or both"):
+        srv.reload()
+    with pytest.raises(TypeError, match="callable"):
+        srv.reload(handler=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="websocket.Config"):
+        srv.reload(websocket="on_text")  # type: ignore[arg-type]
+    plain = await serve(None)
+    with pytest.raises(ValueError, match="without a websocket config"):
+        plain.reload(websocket=config)
+    # Nothing was half-applied: the first server still echoes with its first config.
+    async with connect(ws_url(srv)) as client:
+        await client.send("same")
+        assert await recv(client) == "same"
+
+
+# -- srv.request_ip ----------------------------------------------------------------------------
+
+
+async def test_request_ip_gives_the_clients_address_family_and_port(serve: ServeFn) -> None:
+    seen: list[brioche.SocketAddress | None] = []
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        seen.append(srv.request_ip(request))
+        seen.append(server.request_ip(srv, request))
+        return server.upgrade(srv, request, [], None, server.bad_request)
+
+    srv = await serve(websocket.init().on_text(echo_text), handler=handler)
+    async with connect(ws_url(srv)) as client:
+        host, port = client.local_address[:2]
+        await client.send("x")
+        assert await recv(client) == "x"
+    expected = brioche.SocketAddress("127.0.0.1", "IPv4", port)
+    assert host == "127.0.0.1"
+    assert seen == [expected, expected]
+    assert seen[0] is not None and (seen[0].address, seen[0].family, seen[0].port) == tuple(expected)
+
+
+# -- srv.timeout -------------------------------------------------------------------------------
+
+
+async def test_timeout_answers_503_and_cancels_a_handler_that_did_not_answer_in_time(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    never = asyncio.Event()
+
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.path == "/fast":
+            srv.timeout(request, 0.2)
+            return server.text("fast")
+        srv.timeout(request, 10)
+        server.timeout(srv, request, 0.2)  # replaces the 10 s
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            recorder.add("cancelled", request.path)
+            raise
+        return server.text("never")
+
+    srv = await serve(None, handler=handler)
+    async with httpx.AsyncClient(timeout=5) as http:
+        slow = await http.get(srv.url + "slow")
+        assert (slow.status_code, slow.text) == (503, "Service Unavailable")
+        await recorder.wait_for(lambda: bool(recorder.of("cancelled")), 5)
+        assert recorder.of("cancelled") == [("/slow",)]
+        fast = await http.get(srv.url + "fast")
+        assert (fast.status_code, fast.text) == (200, "fast")
+
+
+async def test_timeout_zero_removes_the_limit(serve: ServeFn) -> None:
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        srv.timeout(request, 0.05)
+        srv.timeout(request, 0)
+        await asyncio.sleep(0.3)  # the slow handler under test, six times the removed limit
+        return server.text("late but answered")
+
+    srv = await serve(None, handler=handler)
+    async with httpx.AsyncClient(timeout=5) as http:
+        reply = await http.get(srv.url)
+    assert (reply.status_code, reply.text) == (200, "late but answered")
+
+
+async def test_timeout_checks_its_argument(serve: ServeFn) -> None:
+    errors: list[type[BaseException]] = []
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        for bad in (-1, float("nan"), float("inf"), "1", None):
+            try:
+                srv.timeout(request, bad)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as exc:
+                errors.append(type(exc))
+        return server.ok()
+
+    srv = await serve(None, handler=handler)
+    async with httpx.AsyncClient(timeout=5) as http:
+        assert (await http.get(srv.url)).status_code == 200
+    assert errors == [ValueError, ValueError, ValueError, TypeError, TypeError]
