@@ -161,7 +161,8 @@ async def test_demo_module_runs_on_uvloop_with_the_flag() -> None:
 
 def test_close_code_has_the_member_names_and_values_of_websockets() -> None:
     assert {m.name: m.value for m in brioche.CloseCode} == {m.name: m.value for m in WebsocketsCloseCode}
-    assert brioche.CloseCode.MESSAGE_TOO_BIG == 1009 and brioche.CloseCode(1001).name == "GOING_AWAY"
+    as_ints: list[int] = [brioche.CloseCode.MESSAGE_TOO_BIG, brioche.ReadyState.OPEN]
+    assert as_ints == [1009, 1] and brioche.CloseCode(1001).name == "GOING_AWAY"
     assert [(s.name, int(s)) for s in brioche.ReadyState] == [
         ("CONNECTING", 0), ("OPEN", 1), ("CLOSING", 2), ("CLOSED", 3)
     ]

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from functools import partial
 from inspect import isawaitable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, final
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
@@ -395,7 +395,7 @@ class Server(Generic[T]):
         ``None`` when the request did not come over TCP, as Bun answers ``null`` then.
         """
         address = request.remote_address
-        family = "IPv6" if ":" in address else "IPv4"
+        family: Literal["IPv4", "IPv6"] = "IPv6" if ":" in address else "IPv4"
         return SocketAddress(address, family, request._pending.remote_port)
 
     def timeout(self, request: Request, seconds: float) -> None:

@@ -182,7 +182,10 @@ impl PyWebSocket {
             Err(_) => with_bytes(message, |b| self.conn.send_binary(b)).map_err(|_| {
                 PyTypeError::new_err(format!(
                     "send() takes a str or a bytes-like object, got {}",
-                    message.get_type().name().map_or("?".into(), |n| n.to_string())
+                    message
+                        .get_type()
+                        .name()
+                        .map_or("?".into(), |n| n.to_string())
                 ))
             })?,
         };

@@ -1108,7 +1108,9 @@ mod tests {
             let mut reader = MessageReader::new(16 << 20);
             for piece in big.chunks(64 * 1024) {
                 reader
-                    .feed(piece, &mut |m| !matches!(std::hint::black_box(m), Incoming::Pong(_)))
+                    .feed(piece, &mut |m| {
+                        !matches!(std::hint::black_box(m), Incoming::Pong(_))
+                    })
                     .unwrap();
             }
         }
