@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import ast
+import contextlib
+import doctest
 import importlib.util
+import inspect
+import io
 import json
 import re
 import shutil
@@ -133,23 +137,64 @@ def test_every_example_file_is_shown_in_the_docs_and_tested_here() -> None:
                 f'load("{path.stem}")' in this, f"{rel} is not tested here"
 
 
-def test_docstring_examples_of_the_public_api_compile() -> None:
-    """The ``>>>`` fragments in the reference's docstrings are at least valid Python."""
+def documented() -> list[tuple[str, str]]:
+    """(name, docstring) of the public API: the modules, what they export, and their members."""
     import brioche._server
     from brioche import server, websocket
 
-    objects: list[Any] = [brioche, server, websocket, brioche._server.Server]
-    objects += [getattr(websocket, n) for n in websocket.__all__]
-    objects += [getattr(server, n) for n in server.__all__]
-    found = 0
-    for obj in objects:
-        doc = getattr(obj, "__doc__", None) or ""
-        lines = [l.strip() for l in doc.splitlines() if l.strip().startswith((">>>", "..."))]
-        if lines:
-            found += 1
-            source = "\n".join(l[4:] for l in lines)
-            compile(source, repr(obj), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    assert found >= 4
+    found: dict[int, tuple[str, str]] = {}
+
+    def add(name: str, obj: Any) -> None:
+        doc = obj.__doc__ if isinstance(obj, (type, ModuleType)) or callable(obj) or \
+            isinstance(obj, property) else None
+        if doc and id(obj) not in found:
+            found[id(obj)] = (name, doc)
+        if isinstance(obj, type) and obj.__module__.startswith("brioche"):
+            for member, value in vars(obj).items():
+                if not member.startswith("_"):
+                    add(f"{name}.{member}", value)
+
+    for module in (brioche, server, websocket):
+        add(module.__name__, module)
+        for export in module.__all__:
+            add(f"{module.__name__}.{export}", getattr(module, export))
+    add("brioche.Server", brioche._server.Server)
+    return list(found.values())
+
+
+async def run_docstring_examples(name: str, doc: str) -> int:
+    """Run the ``>>>`` examples of ``doc`` in order, in one namespace, top-level ``await``
+    allowed (as in ``python -m asyncio``), each one's output checked as doctest would."""
+    from brioche import server, websocket
+
+    # The examples sit in ```pycon fences; a fence line would read as expected output.
+    text = re.sub(r"^[ \t]*```\w*[ \t]*$", "", doc, flags=re.MULTILINE)
+    examples = doctest.DocTestParser().get_examples(text, name)
+    namespace: dict[str, Any] = {
+        "asyncio": asyncio, "brioche": brioche, "server": server, "websocket": websocket,
+    }
+    checker = doctest.OutputChecker()
+    for example in examples:
+        code = compile(example.source, name, "single", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = eval(code, namespace)  # noqa: S307 - the docstrings are ours
+            if code.co_flags & inspect.CO_COROUTINE:
+                await asyncio.wait_for(result, 10)
+        got = out.getvalue()
+        assert checker.check_output(example.want, got, doctest.ELLIPSIS), (
+            f"{name}: {example.source!r} printed {got!r}, expected {example.want!r}"
+        )
+    return len(examples)
+
+
+async def test_docstring_examples_of_the_public_api_run() -> None:
+    """Every ``>>>`` example in the reference's docstrings runs, and prints what it shows."""
+    ran = {name: await run_docstring_examples(name, doc) for name, doc in documented()}
+    with_examples = sorted(name for name, count in ran.items() if count)
+    for expected in ("brioche", "brioche.server", "brioche.Server", "brioche.server.Config.serve",
+                     "brioche.Server.serve_forever", "brioche.websocket.init", "brioche.CloseCode"):
+        assert expected in with_examples, with_examples
 
 
 # -- getting started --------------------------------------------------------------------------

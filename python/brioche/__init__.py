@@ -1,10 +1,23 @@
 """brioche: a WebSocket server for asyncio with a Rust (tokio) core, modelled on Bun's API.
 
+An echo server in upper case, and a client (``websockets``) that talks to it. The examples in
+these docstrings run as written, with top-level ``await`` as in ``python -m asyncio``; the
+others assume the first two lines of this one.
+
 ```pycon
 >>> import brioche
 >>> from brioche import server, websocket
->>> config = websocket.init().on_text(lambda ws, text: ws.send(text) and None)
->>> srv = await server.handler(handler).websocket(config).port(0).serve()
+>>> def on_text(ws, text):
+...     ws.send(text.upper())
+>>> def handler(request, srv):
+...     return server.upgrade(srv, request, [], None, server.bad_request)
+>>> config = server.handler(handler).websocket(websocket.init().on_text(on_text))
+>>> from websockets.asyncio.client import connect
+>>> async with config.hostname("127.0.0.1").port(0).serve() as srv:
+...     async with connect(f"ws://127.0.0.1:{srv.port}/") as client:
+...         await client.send("hello")
+...         print(await client.recv())
+HELLO
 ```
 """
 

@@ -5,7 +5,10 @@
 ...     if request.path == "/ws":
 ...         return server.upgrade(srv, request, [], brioche.random_uuid_v7(), server.bad_request)
 ...     return server.text("hello")
->>> srv = await server.handler(handler).websocket(ws_config).port(0).serve()
+>>> srv = await server.handler(handler).websocket(websocket.init()).port(0).serve()
+>>> srv.url.startswith("http://127.0.0.1:")
+True
+>>> await srv.stop()
 ```
 """
 

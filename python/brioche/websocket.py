@@ -215,7 +215,11 @@ def init() -> Config[Any]:
     """An empty ``Config``: no handlers, Bun's default limits.
 
     ```pycon
-    >>> config = websocket.init().on_text(on_text).on_close(on_close)
+    >>> def on_text(ws, text):
+    ...     ws.send(text)
+    >>> config = websocket.init().on_text(on_text).idle_timeout(60)
+    >>> config.idle_timeout_seconds, config.max_payload_length_bytes
+    (60, 16777216)
     ```
     """
     return Config()
