@@ -49,6 +49,74 @@ async def test_on_ping_gets_each_ping_in_order_with_messages_and_the_pong_still_
     assert recorder.of("event") == [("text", "a"), ("ping", b"\x00hello\xff"), ("text", "b")]
 
 
+async def test_pings_for_a_handler_count_as_messages_in_flight(serve: ServeFn, recorder: Recorder) -> None:
+    """A client pings faster than on_ping runs (here: while the loop is blocked): the core stops
+    reading it at the in-flight cap instead of queueing pings for Python without bound, and once
+    the loop runs again every ping is handled and answered."""
+    import threading
+
+    from rawws import OP_PING, OP_PONG, blocking_connect, encode_frame, parse_frames
+    from test_timeouts import unread_by_server
+
+    pings = 20_000  # 240 KB: more than one 64 KiB read, which the core may hold unparsed
+    seen: list[bytes] = []
+    unread_seen: list[int] = []
+    release = threading.Event()
+
+    def on_ping(ws: brioche.WebSocket[Any], payload: bytes) -> None:
+        if not seen:
+            release.wait(20)  # blocks the loop: nothing is taken from the queue meanwhile
+        seen.append(payload)
+        if len(seen) == pings:
+            recorder.add("all")
+
+    srv = await serve(websocket.init().on_ping(on_ping))
+    sock = await asyncio.to_thread(blocking_connect, srv.port)
+    client_port = sock.getsockname()[1]
+    flood = b"".join(encode_frame(OP_PING, b"%06d" % i) for i in range(pings))
+
+    def send_and_watch() -> None:
+        sock.sendall(flood)
+        # Bounded poll (5 s): the server's receive queue keeps what the core does not read. A
+        # core that reads on empties it within milliseconds; this one must hold it unchanged
+        # for 20 polls in a row (200 ms).
+        steady = 0
+        for _ in range(500):
+            unread = unread_by_server(srv.port, client_port)
+            steady = steady + 1 if unread > 0 and unread_seen[-1:] == [unread] else 0
+            unread_seen.append(unread)
+            if steady == 20:
+                break
+            threading.Event().wait(0.01)
+        release.set()
+
+    watcher = threading.Thread(target=send_and_watch)
+    watcher.start()
+    try:
+        await recorder.wait_for(lambda: bool(recorder.of("all")), timeout=30)
+    finally:
+        release.set()
+        watcher.join(10)
+    assert unread_seen[-21:] == [unread_seen[-1]] * 21 and unread_seen[-1] > 0, (
+        f"the core read on while Python was blocked: unread {unread_seen[-5:]}"
+    )
+    assert seen == [b"%06d" % i for i in range(pings)]
+
+    def pongs() -> list[bytes]:
+        got: list[bytes] = []
+        buffer = b""
+        sock.settimeout(10)
+        for _ in range(10_000):
+            frames, buffer = parse_frames(buffer + sock.recv(65536))
+            got += [f.payload for f in frames if f.opcode == OP_PONG]
+            if len(got) >= pings:
+                break
+        return got
+
+    assert await asyncio.to_thread(pongs) == [b"%06d" % i for i in range(pings)]
+    sock.close()
+
+
 async def test_on_pong_gets_the_clients_answer_to_ws_ping(serve: ServeFn, recorder: Recorder) -> None:
     def on_open(ws: brioche.WebSocket[Any]) -> None:
         ws.ping(b"are you there")

@@ -169,9 +169,10 @@ impl PyEngine {
                     } else {
                         EVENT_PONG
                     };
-                    (kind, ws, PyBytes::new(py, payload))
-                        .into_pyobject(py)?
-                        .into_any()
+                    let conn = ws.get().conn.clone();
+                    let item = (kind, ws, PyBytes::new(py, payload)).into_pyobject(py)?;
+                    conn.message_taken(payload.len());
+                    item.into_any()
                 }
                 None => return Ok(None),
             },

@@ -109,7 +109,7 @@ impl<C> Event<C> {
     pub fn message_len(&self) -> usize {
         match self {
             Event::Text(_, text) => text.len(),
-            Event::Binary(_, data) => data.len(),
+            Event::Binary(_, data) | Event::Ping(_, data) | Event::Pong(_, data) => data.len(),
             _ => 0,
         }
     }

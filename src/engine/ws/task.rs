@@ -616,14 +616,17 @@ fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// Hand the messages in `data` to the loop; `Some` when the read side is over.
 fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
-    // Messages and bytes handed to the loop (counted once per read, not per message).
+    // Bytes handed to the loop (for the budget), and data messages and their bytes (for the
+    // counters), added up once per read rather than per message.
     let mut queued = 0;
     let mut messages = 0u64;
+    let mut data_bytes = 0u64;
     let parsed = rx.reader.feed(data, &mut |message| match message {
         // Parsing stops at the message that reaches the in-flight caps; the rest waits.
         Incoming::Text(text) => {
             queued += text.len();
             messages += 1;
+            data_bytes += text.len() as u64;
             conn.message_queued(text.len());
             conn.shared.events.push(Event::Text(conn.id, text));
             !conn.reading_paused()
@@ -631,24 +634,33 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
         Incoming::Binary(data) => {
             queued += data.len();
             messages += 1;
+            data_bytes += data.len() as u64;
             conn.message_queued(data.len());
             conn.shared.events.push(Event::Binary(conn.id, data));
             !conn.reading_paused()
         }
+        // Handed to Python, a ping or pong is a message in flight like any other: a client
+        // pinging faster than its handler runs meets the same caps (and the budget).
         Incoming::Ping(payload) => {
-            if conn.shared.ping_events.load(Ordering::Relaxed) {
+            let to_python = conn.shared.ping_events.load(Ordering::Relaxed);
+            if to_python {
+                queued += payload.len();
+                conn.message_queued(payload.len());
                 conn.shared
                     .events
                     .push(Event::Ping(conn.id, payload.clone()));
             }
             queue_reply(conn, OutFrame::new(OP_PONG, payload));
-            true
+            !to_python || !conn.reading_paused()
         }
         Incoming::Pong(payload) => {
-            if conn.shared.pong_events.load(Ordering::Relaxed) {
-                conn.shared.events.push(Event::Pong(conn.id, payload));
+            if !conn.shared.pong_events.load(Ordering::Relaxed) {
+                return true;
             }
-            true
+            queued += payload.len();
+            conn.message_queued(payload.len());
+            conn.shared.events.push(Event::Pong(conn.id, payload));
+            !conn.reading_paused()
         }
         Incoming::Close(frame) => {
             let (code, reason) = frame.unwrap_or((1005, String::new()));
@@ -673,7 +685,7 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     rx.charged = held;
     if messages > 0 {
         conn.shared.stats.add(Counter::MessagesIn, messages);
-        conn.shared.stats.add(Counter::BytesIn, queued as u64);
+        conn.shared.stats.add(Counter::BytesIn, data_bytes);
     }
     // A message completed: the deadline of the one that started after it (if any) runs anew.
     if !rx.reader.receiving() {
