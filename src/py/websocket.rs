@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyString, PyType};
+use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyType};
 
 use super::errors::value_error;
 use super::status;
@@ -65,8 +65,17 @@ pub fn with_bytes<R>(obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyRe
     if let Ok(b) = obj.cast::<PyByteArray>() {
         return Ok(f(&b.to_vec()));
     }
-    let buffer = PyBuffer::<u8>::get(obj)?;
-    Ok(f(&buffer.to_vec(obj.py())?))
+    // Any other buffer (memoryview, array, mmap): copied out by `memoryview(obj).tobytes()`.
+    // pyo3's `PyBuffer` is not available: the buffer protocol joined the limited API (abi3) in
+    // 3.11. Same one copy as `PyBuffer::to_vec`, plus a memoryview (unless `obj` is one) and a
+    // bytes object; bytes and bytearray, the common cases, do not come here. Unlike `PyBuffer<u8>`
+    // it takes buffers of any item format (an `array('i')` is sent as its raw bytes).
+    let view = match obj.cast::<PyMemoryView>() {
+        Ok(view) => view.clone(),
+        Err(_) => PyMemoryView::from(obj)?,
+    };
+    let copy = view.call_method0(intern!(obj.py(), "tobytes"))?;
+    Ok(f(copy.cast::<PyBytes>()?.as_bytes()))
 }
 
 fn check_topic(topic: &str) -> PyResult<()> {
