@@ -27,6 +27,7 @@ from brioche._brioche import (
     MessageDropped,
     MessageSent,
     WebSocket,
+    __version__,
     random_uuid_v7,
 )
 from brioche._enums import CloseCode, ReadyState
@@ -48,9 +49,8 @@ __all__ = [
     "SocketAddress",
     "Stats",
     "WebSocket",
+    "__version__",
     "random_uuid_v7",
     "server",
     "websocket",
 ]
-
-__version__ = "0.1.0"

@@ -10,11 +10,14 @@ __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
     "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG", "EVENT_REQUEST",
-    "EVENT_STOPPED", "EVENT_LOG",
+    "EVENT_STOPPED", "EVENT_LOG", "__version__",
 ]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+
+__version__: str
+"""Cargo.toml's version, the one in the package metadata."""
 
 EVENT_OPEN: int
 EVENT_TEXT: int

@@ -43,6 +43,8 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<request::PendingRequest>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_function(wrap_pyfunction!(random_uuid_v7, m)?)?;
+    // Cargo.toml's version, which maturin also puts in the package metadata.
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("EVENT_OPEN", EVENT_OPEN)?;
     m.add("EVENT_TEXT", EVENT_TEXT)?;
     m.add("EVENT_BYTES", EVENT_BYTES)?;
