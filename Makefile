@@ -6,11 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-# The other CPythons that requires-python (>=3.10) admits; the default one runs `py-test`.
-MATRIX_PYTHONS ?= 3.10 3.12 3.13
+# Every CPython that requires-python (>=3.10) admits: the abi3 wheel is tested on each.
+MATRIX_PYTHONS ?= 3.10 3.11 3.12 3.13
 MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
 
-.PHONY: demo test docs venv install system-deps rust-test valgrind py-test test-matrix $(MATRIX) typecheck conformance test-portable fuzz lint fmt bench clean
+# maturin, ziglang, auditwheel and twine, at the versions pinned in scripts/wheel-tools.txt.
+TOOLS := .venv-tools
+
+.PHONY: demo test docs venv install system-deps rust-test valgrind py-test wheel test-matrix $(MATRIX) typecheck conformance test-portable fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,13 +54,38 @@ typecheck: install
 py-test: install system-deps
 	$(VENV)/bin/pytest -q
 
-# The suite but the load tests on each of MATRIX_PYTHONS, one after the other, each in its own
-# .venv-3.X and cargo target dir (target/py3.X); a missing interpreter fails the target.
-# `make test-py3.12` runs one.
+$(TOOLS)/bin/maturin: scripts/wheel-tools.txt
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip
+	$(TOOLS)/bin/pip install --quiet -r scripts/wheel-tools.txt
+	touch $@
+
+# dist/: one wheel for CPython 3.10+ on x86_64 glibc Linux, and the sdist.
+# - abi3 (pyo3 "abi3-py310", the Cargo feature "abi3" that pyproject.toml turns on): the
+#   extension uses only CPython's stable ABI of 3.10, so the one file loads on 3.10 to 3.13 and
+#   later (tag cp310-abi3); benches/RESULTS.md ("abi3") measures what that costs.
+# - manylinux2014 (glibc 2.17) by linking with zig against glibc 2.17's symbols, not with the
+#   host's glibc: the dependencies are pure Rust over libc (no C library, no OpenSSL), and Rust's
+#   std itself supports glibc 2.17, so nothing needs manylinux_2_28's newer glibc. The wheel
+#   installs on any glibc Linux of the last decade (CentOS 7, Debian 8, Ubuntu 14.04 on).
+# auditwheel checks the tag: it fails the target if the wheel needs a newer glibc than 2.17.
+wheel: $(TOOLS)/bin/maturin
+	rm -rf dist
+	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(TOOLS)/bin/maturin build --quiet --release --zig --compatibility manylinux2014 --out dist
+	$(TOOLS)/bin/maturin sdist --out dist
+	$(TOOLS)/bin/auditwheel show dist/*.whl | tee dist/auditwheel.txt
+	grep -q '"manylinux_2_17_x86_64"' dist/auditwheel.txt
+	rm dist/auditwheel.txt
+	$(TOOLS)/bin/twine check --strict dist/*
+
+# The suite but the load tests on each of MATRIX_PYTHONS, one after the other, each against the
+# abi3 wheel of `make wheel` installed in a new .venv-3.X (scripts/test-wheel.sh), not against
+# the source tree; a missing interpreter fails the target. `make test-py3.12` runs one.
 test-matrix: $(MATRIX)
 
-$(MATRIX): test-py%: system-deps
-	bash scripts/test-python.sh $*
+$(MATRIX): test-py%: wheel system-deps
+	bash scripts/test-wheel.sh $*
 
 # RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use).
 conformance: install
@@ -97,4 +125,4 @@ bench: install
 	$(PY) benches/run.py
 
 clean:
-	rm -rf target site $(VENV) .venv-3.* python/brioche/*.so
+	rm -rf target site dist $(VENV) $(TOOLS) .venv-3.* python/brioche/*.so
