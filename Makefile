@@ -116,7 +116,7 @@ test: lint rust-test valgrind typecheck docs py-test test-matrix test-portable c
 
 lint: install
 	cargo fmt --check
-	cargo clippy --all-targets --features python -- -D warnings
+	cargo clippy --all-targets --features abi3 -- -D warnings
 
 fmt:
 	cargo fmt
