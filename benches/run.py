@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -910,7 +911,30 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
                else "**met**" if t["met"] else "**missed**")
         lines.append(f"| {t['target']} | {t['server']} | {t['detail']} | {met} |")
     lines += ["", "Raw runs, settings and the machine: `benches/results.json`.", ""]
-    (BENCHES / "RESULTS.md").write_text("\n".join(lines))
+    out = BENCHES / "RESULTS.md"
+    # Sections other scripts write (benches/abi3.py: `<!-- abi3 -->` ... `<!-- /abi3 -->`) stay.
+    kept = kept_sections(out.read_text(encoding="utf-8")) if out.exists() else []
+    out.write_text("\n".join(lines + kept))
+
+
+KEPT_SECTION = re.compile(r"^<!-- ([a-z0-9-]+) -->\n.*?^<!-- /\1 -->\n", re.DOTALL | re.MULTILINE)
+
+
+def kept_sections(markdown: str) -> list[str]:
+    """The `<!-- NAME -->` ... `<!-- /NAME -->` blocks of RESULTS.md, which run.py does not write."""
+    return [m.group(0) for m in KEPT_SECTION.finditer(markdown)]
+
+
+def replace_kept_section(name: str, section: str) -> None:
+    """Put `section` into RESULTS.md as the block `name`, in place of the old one or at the end."""
+    out = BENCHES / "RESULTS.md"
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    block = f"<!-- {name} -->\n{section.rstrip()}\n<!-- /{name} -->\n"
+    for m in KEPT_SECTION.finditer(text):
+        if m.group(1) == name:
+            out.write_text(text[:m.start()] + block + text[m.end():], encoding="utf-8")
+            return
+    out.write_text(text.rstrip("\n") + "\n\n" + block, encoding="utf-8")
 
 
 def handler_variants(data: dict[str, Any], scen: list[Scenario],
