@@ -1,6 +1,6 @@
 """Type stubs for the Rust extension module ``brioche._brioche``."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import Context
 from typing import Any, ClassVar, Generic, TypeVar, final
 
@@ -174,7 +174,12 @@ class Engine:
         max_connections: int,
         message_timeout: float,
         max_incoming_bytes: int,
+        reuse_port: bool = False,
+        relay_path: str | None = None,
+        relay_peers: Sequence[str] = (),
     ) -> Engine: ...
+    @property
+    def relay_links(self) -> tuple[int, int] | None: ...
     @property
     def port(self) -> int: ...
     @property

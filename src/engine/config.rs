@@ -57,6 +57,18 @@ pub struct ServerConfig {
     /// Bytes all clients together may make the server hold in incomplete messages and in
     /// messages waiting for Python (`ws/budget.rs`); 0: no limit.
     pub max_incoming_bytes: usize,
+    /// Bind with `SO_REUSEPORT`, so that sibling processes (`server.workers(n)`) accept on the
+    /// same port and the kernel spreads connections over them.
+    pub reuse_port: bool,
+    /// Topics shared with sibling processes: where this one listens, and where they do.
+    pub relay: Option<RelayPaths>,
+}
+
+/// Unix socket paths of the topic relay between sibling processes (`ws/relay.rs`).
+#[derive(Clone, Debug)]
+pub struct RelayPaths {
+    pub listen: std::path::PathBuf,
+    pub peers: Vec<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +84,8 @@ impl Default for ServerConfig {
             max_connections: 0,
             close_timeout: Duration::from_secs(5),
             max_incoming_bytes: 1 << 30,
+            reuse_port: false,
+            relay: None,
         }
     }
 }

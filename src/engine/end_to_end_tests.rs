@@ -205,3 +205,58 @@ fn paused_reader_backpressure_then_drain() {
     assert_eq!(conn.out.buffered(), 0);
     assert!(!conn.out.is_congested());
 }
+
+/// Two servers linked by the topic relay (as two workers are): a publish on one reaches the
+/// other's subscriber, in order, and is not sent back to where it came from.
+#[test]
+fn relayed_publishes_reach_the_sibling_in_order() {
+    let dir = std::env::temp_dir().join(format!("brioche-relay-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a_path, b_path) = (dir.join("a.sock"), dir.join("b.sock"));
+    let sibling = |listen: &std::path::Path, peer: &std::path::Path| {
+        Server::start(ServerConfig {
+            relay: Some(super::RelayPaths {
+                listen: listen.into(),
+                peers: vec![peer.into()],
+            }),
+            ..ServerConfig::default()
+        })
+        .unwrap()
+    };
+    let a = sibling(&a_path, &b_path);
+    let b = sibling(&b_path, &a_path);
+    let linked = |s: &Server| {
+        let relay = s.shared().relay.as_ref().unwrap();
+        relay.receiving() == 1 && relay.sending() == 1
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while !(linked(&a) && linked(&b)) {
+        assert!(
+            Instant::now() < end,
+            "the relay never linked the two servers"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let addr = b.local_addr();
+    let client = thread::spawn(move || raw_handshake(addr));
+    let conn = run_app(&b, Duration::from_secs(10), |event| match event {
+        Event::Open(c) => Some(c),
+        _ => None,
+    });
+    let mut client = client.join().unwrap();
+    conn.subscribe("t");
+    for i in 0..100u8 {
+        let frame = super::OutFrame::new(super::OP_BINARY, vec![i].into());
+        // Nobody subscribes on `a`: the status says so, though `b`'s subscriber gets it.
+        assert_eq!(a.shared().publish("t", frame, 1, None), SendStatus::Dropped);
+    }
+    let mut got = [0u8; 300];
+    client.read_exact(&mut got).unwrap();
+    for (i, frame) in got.chunks(3).enumerate() {
+        assert_eq!(frame, [0x82, 1, i as u8]);
+    }
+    assert_eq!(a.shared().relay.as_ref().unwrap().dropped(), 0);
+    a.stop(true);
+    b.stop(true);
+    let _ = std::fs::remove_dir_all(&dir);
+}

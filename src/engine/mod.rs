@@ -12,7 +12,7 @@
 //!    out); its outbound queue (`outbound.rs`, frames from `encode.rs`); the loop thread's send
 //!    batch (`batch.rs`); what a server's connections share (`shared.rs`: settings, event
 //!    queue, topics, the open connections) and the server-wide cap on what clients make it hold
-//!    (`budget.rs`).
+//!    (`budget.rs`); the topics sibling worker processes share (`relay.rs`).
 //! 4. `bridge/`: the event queue from tokio to the asyncio loop and the fd that wakes the loop.
 //!    It carries connections to Python but sits below `ws/`: `Event` is generic over the
 //!    connection handle (`ws::Event` is the engine's).
@@ -35,7 +35,7 @@ pub(crate) mod ws;
 // What the engine offers outside itself: `crate::py` and benches/rust_server (which links it
 // as a library) use these paths. Everything else is `pub(crate)` at most.
 pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
-pub use config::{ServerConfig, WsLimits};
+pub use config::{RelayPaths, ServerConfig, WsLimits};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};
 pub use server::Server;
 pub use stats::Counter;

@@ -12,6 +12,7 @@ use super::config::ServerConfig;
 use super::http::serve;
 use super::runtime::runtime;
 use super::ws::conn::Conn;
+use super::ws::relay;
 use super::ws::shared::Shared;
 use super::ws::Event;
 
@@ -40,10 +41,16 @@ impl Server {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        if config.reuse_port {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(addr)?;
         let listener = socket.listen(4096)?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config)?);
+        if let Some(paths) = &shared.config.relay {
+            relay::start(&shared, paths)?;
+        }
         shared.tracker.spawn(accept_loop(listener, shared.clone()));
         Ok(Server { shared, local_addr })
     }

@@ -16,8 +16,8 @@ use super::{
     EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
 };
 use crate::engine::{
-    begin_send_batch, end_send_batch, Event, LogKind, LogRecord, OutFrame, Server, ServerConfig,
-    WsLimits, OP_BINARY, OP_TEXT,
+    begin_send_batch, end_send_batch, Event, LogKind, LogRecord, OutFrame, RelayPaths, Server,
+    ServerConfig, WsLimits, OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -212,7 +212,7 @@ impl PyEngine {
         hostname, port, *, max_request_body_size, max_payload_length, backpressure_limit,
         close_on_backpressure_limit, idle_timeout, publish_to_self, send_pings, websockets_enabled,
         handshake_timeout, max_request_header_size, max_connections, message_timeout,
-        max_incoming_bytes
+        max_incoming_bytes, reuse_port=false, relay_path=None, relay_peers=Vec::new()
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -232,6 +232,9 @@ impl PyEngine {
         max_connections: usize,
         message_timeout: f64,
         max_incoming_bytes: usize,
+        reuse_port: bool,
+        relay_path: Option<std::path::PathBuf>,
+        relay_peers: Vec<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, value: f64| {
             std::time::Duration::try_from_secs_f64(value).map_err(|_| {
@@ -256,6 +259,11 @@ impl PyEngine {
             max_header_size: max_request_header_size,
             max_connections,
             max_incoming_bytes,
+            reuse_port,
+            relay: relay_path.map(|listen| RelayPaths {
+                listen,
+                peers: relay_peers,
+            }),
             ..ServerConfig::default()
         };
         // Binding touches no Python object: other Python threads may run meanwhile. (The
@@ -274,6 +282,14 @@ impl PyEngine {
     #[getter]
     fn port(&self) -> u16 {
         self.server.local_addr().port()
+    }
+
+    /// `(receiving, sending)`: how many sibling workers' publishes reach this server, and how
+    /// many siblings its publishes reach; `None` without a relay.
+    #[getter]
+    fn relay_links(&self) -> Option<(usize, usize)> {
+        let relay = self.server.shared().relay.as_ref()?;
+        Some((relay.receiving(), relay.sending()))
     }
 
     #[getter]

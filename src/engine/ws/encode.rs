@@ -58,6 +58,10 @@ impl OutFrame {
         &self.head[..self.head_len as usize]
     }
 
+    pub(crate) fn opcode(&self) -> u8 {
+        self.head[0] & 0x0f
+    }
+
     pub(crate) fn payload(&self) -> &[u8] {
         &self.payload
     }

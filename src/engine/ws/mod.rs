@@ -8,6 +8,7 @@ pub(crate) mod decode;
 pub(crate) mod encode;
 pub(crate) mod outbound;
 pub(crate) mod protocol;
+pub(crate) mod relay;
 pub(crate) mod report;
 pub(crate) mod shared;
 pub(crate) mod task;

@@ -16,6 +16,7 @@ use super::budget::IncomingBudget;
 use super::conn::{Conn, SendStatus};
 use super::encode::OutFrame;
 use super::outbound::INLINE_PAYLOAD;
+use super::relay::Relay;
 use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
 use crate::engine::config::ServerConfig;
@@ -44,12 +45,15 @@ pub struct Shared {
     /// them, so that without one they cost a relaxed load and nothing else.
     pub(crate) ping_events: AtomicBool,
     pub(crate) pong_events: AtomicBool,
+    /// Sibling processes that share this server's topics (`server.workers(n)`).
+    pub relay: Option<Relay>,
 }
 
 impl Shared {
     pub(crate) fn new(config: ServerConfig) -> io::Result<Self> {
         Ok(Self {
             budget: IncomingBudget::new(config.max_incoming_bytes),
+            relay: config.relay.as_ref().map(|_| Relay::default()),
             config,
             events: EventQueue::new()?,
             topics: TopicRegistry::default(),
@@ -164,8 +168,23 @@ impl Shared {
             .add(Counter::BytesOut, messages * payload_len as u64);
     }
 
-    /// Queue one shared frame to every subscriber of `topic` except `exclude`.
+    /// Queue one shared frame to every subscriber of `topic` except `exclude`, and hand it to
+    /// the sibling processes, if any. The status tells about this process's subscribers only.
     pub fn publish(
+        &self,
+        topic: &str,
+        frame: OutFrame,
+        payload_len: usize,
+        exclude: Option<u64>,
+    ) -> SendStatus {
+        if let Some(relay) = &self.relay {
+            relay.forward(topic, &frame);
+        }
+        self.publish_local(topic, frame, payload_len, exclude)
+    }
+
+    /// `publish` to this process's subscribers only (what a sibling relayed).
+    pub(crate) fn publish_local(
         &self,
         topic: &str,
         frame: OutFrame,

@@ -1,0 +1,284 @@
+//! Topics shared between sibling processes (`server.workers(n)`): every publish is also written
+//! to each sibling over a Unix stream socket, and what a sibling writes is published here to the
+//! local subscribers only. No Python and no broker on the path.
+//!
+//! Each worker listens on its own socket path; each connects to every sibling's path and reads
+//! what that sibling publishes. A worker thus receives its siblings' publishes as soon as its own
+//! connections are up, which is what a (re)started worker waits for before it reports ready.
+//! Delivery is at most once, as with Redis pub/sub: a sibling that is down, or so far behind
+//! that `OUTLET_LIMIT` bytes wait for it, misses the publishes meanwhile.
+//!
+//! Wire format of one publish: topic length (u32 LE), payload length (u32 LE), opcode (u8),
+//! topic, payload.
+
+use std::io;
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+use super::encode::OutFrame;
+use super::shared::Shared;
+use crate::engine::config::RelayPaths;
+
+/// Bytes that may wait for one sibling before its publishes are dropped: a sibling this far
+/// behind (or stuck) must not make this process hold an unbounded backlog.
+const OUTLET_LIMIT: usize = 64 * 1024 * 1024;
+const HEADER: usize = 9;
+/// Reconnecting to a sibling that went away (restarted): fast at first, then every 200 ms.
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+const MAX_RETRY: Duration = Duration::from_millis(200);
+
+/// One sibling reading our publishes: what waits for it, and the wake-up of its writer task.
+struct Outlet {
+    pending: Mutex<BytesMut>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+pub struct Relay {
+    outlets: Mutex<Vec<Arc<Outlet>>>,
+    /// Siblings we receive from (our connections to them are up).
+    receiving: AtomicUsize,
+    /// Publishes not written to a sibling because `OUTLET_LIMIT` bytes were already waiting.
+    dropped: AtomicU64,
+}
+
+impl Relay {
+    /// Queue a publish for every sibling; the writer tasks send it. Called on the publishing
+    /// thread (the loop's, in a handler), so it only copies and signals.
+    pub(crate) fn forward(&self, topic: &str, frame: &OutFrame) {
+        let outlets = self.outlets.lock();
+        if outlets.is_empty() {
+            return;
+        }
+        let payload = frame.payload();
+        let size = HEADER + topic.len() + payload.len();
+        for outlet in outlets.iter() {
+            let mut pending = outlet.pending.lock();
+            if pending.len() + size > OUTLET_LIMIT {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            pending.reserve(size);
+            pending.put_u32_le(topic.len() as u32);
+            pending.put_u32_le(payload.len() as u32);
+            pending.put_u8(frame.opcode());
+            pending.put_slice(topic.as_bytes());
+            pending.put_slice(payload);
+            drop(pending);
+            outlet.ready.notify_one();
+        }
+    }
+
+    /// Siblings whose publishes reach us.
+    pub fn receiving(&self) -> usize {
+        self.receiving.load(Ordering::Acquire)
+    }
+
+    /// Siblings our publishes reach.
+    pub fn sending(&self) -> usize {
+        self.outlets.lock().len()
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Bind our socket (replacing the file a previous run of this worker left) and start the tasks:
+/// the accept loop for siblings, and one reader per sibling. Call inside the runtime.
+pub(crate) fn start(shared: &Arc<Shared>, config: &RelayPaths) -> io::Result<()> {
+    match std::fs::remove_file(&config.listen) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let listener = StdUnixListener::bind(&config.listen)?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
+    shared.tracker.spawn(accept_siblings(
+        listener,
+        config.listen.clone(),
+        shared.clone(),
+    ));
+    for peer in &config.peers {
+        shared
+            .tracker
+            .spawn(receive_from(peer.clone(), shared.clone()));
+    }
+    Ok(())
+}
+
+fn relay_of(shared: &Shared) -> &Relay {
+    shared
+        .relay
+        .as_ref()
+        .expect("relay tasks run only with a relay")
+}
+
+async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let outlet = Arc::new(Outlet { pending: Mutex::default(), ready: Notify::new() });
+                    relay_of(&shared).outlets.lock().push(outlet.clone());
+                    shared.tracker.spawn(feed(stream, outlet, shared.clone()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// Write our publishes to one sibling until it goes away or we stop.
+async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut probe = [0u8; 1];
+    let mut chunk = BytesMut::new();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            // A sibling never writes: readable means it closed (died or stopped).
+            _ = reader.read(&mut probe) => break,
+            _ = outlet.ready.notified() => {}
+        }
+        std::mem::swap(&mut chunk, &mut *outlet.pending.lock());
+        if !chunk.is_empty() && writer.write_all(&chunk).await.is_err() {
+            break;
+        }
+        chunk.clear();
+    }
+    relay_of(&shared)
+        .outlets
+        .lock()
+        .retain(|o| !Arc::ptr_eq(o, &outlet));
+}
+
+/// Receive one sibling's publishes, reconnecting whenever it goes away, until we stop.
+async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
+    let mut retry = FIRST_RETRY;
+    loop {
+        let connected = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            connected = UnixStream::connect(&path) => connected,
+        };
+        match connected {
+            Ok(stream) => {
+                retry = FIRST_RETRY;
+                let relay = relay_of(&shared);
+                relay.receiving.fetch_add(1, Ordering::AcqRel);
+                let stopped = tokio::select! {
+                    _ = shared.shutdown.cancelled() => true,
+                    _ = read_publishes(stream, &shared) => false,
+                };
+                relay.receiving.fetch_sub(1, Ordering::AcqRel);
+                if stopped {
+                    return;
+                }
+            }
+            Err(_) => {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(MAX_RETRY);
+            }
+        }
+    }
+}
+
+async fn read_publishes(mut stream: UnixStream, shared: &Shared) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        while let Some((topic, frame)) = next_publish(&mut buf) {
+            let len = frame.payload().len();
+            shared.publish_local(&topic, frame, len, None);
+        }
+    }
+}
+
+/// The next whole publish in `buf`, taken out of it.
+fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame)> {
+    if buf.len() < HEADER {
+        return None;
+    }
+    let topic_len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
+    let payload_len = u32::from_le_bytes(buf[4..8].try_into().unwrap()) as usize;
+    let total = HEADER + topic_len + payload_len;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return None;
+    }
+    let opcode = buf[8];
+    buf.advance(HEADER);
+    let topic = String::from_utf8_lossy(&buf.split_to(topic_len)).into_owned();
+    let payload = buf.split_to(payload_len).freeze();
+    Some((topic, OutFrame::new(opcode, payload)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
+
+    #[test]
+    fn publishes_round_trip_through_the_wire_format_split_anywhere() {
+        let relay = Relay::default();
+        let outlet = Arc::new(Outlet {
+            pending: Mutex::default(),
+            ready: Notify::new(),
+        });
+        relay.outlets.lock().push(outlet.clone());
+        relay.forward("chat", &OutFrame::new(OP_TEXT, "héllo".into()));
+        relay.forward("t", &OutFrame::new(OP_BINARY, vec![0u8; 70_000].into()));
+        let wire = outlet.pending.lock().split().freeze();
+        for cut in [0, 1, 9, 13, 20, wire.len() - 1] {
+            let mut buf = BytesMut::from(&wire[..cut]);
+            let mut got = Vec::new();
+            while let Some(p) = next_publish(&mut buf) {
+                got.push(p);
+            }
+            buf.extend_from_slice(&wire[cut..]);
+            while let Some(p) = next_publish(&mut buf) {
+                got.push(p);
+            }
+            assert!(buf.is_empty());
+            assert_eq!(got.len(), 2, "cut at {cut}");
+            assert_eq!(got[0].0, "chat");
+            assert_eq!(got[0].1.opcode(), OP_TEXT);
+            assert_eq!(got[0].1.payload(), "héllo".as_bytes());
+            assert_eq!(got[1].0, "t");
+            assert_eq!(got[1].1.opcode(), OP_BINARY);
+            assert_eq!(got[1].1.payload().len(), 70_000);
+        }
+    }
+
+    #[test]
+    fn a_sibling_too_far_behind_misses_publishes_instead_of_growing_the_backlog() {
+        let relay = Relay::default();
+        let outlet = Arc::new(Outlet {
+            pending: Mutex::default(),
+            ready: Notify::new(),
+        });
+        relay.outlets.lock().push(outlet.clone());
+        let big = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
+        relay.forward("t", &big);
+        relay.forward("t", &big);
+        assert_eq!(relay.dropped(), 1);
+        assert!(outlet.pending.lock().len() <= OUTLET_LIMIT);
+    }
+}
