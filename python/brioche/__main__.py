@@ -3,6 +3,7 @@
     python -m brioche                 # http://0.0.0.0:3000/  ($PORT overrides the port)
     python -m brioche --port 8080 --host 127.0.0.1 --log-level INFO
     python -m brioche --uvloop        # on uvloop's event loop
+    python -m brioche --workers 4     # four processes on one port, chat rooms shared
 """
 
 from __future__ import annotations
@@ -109,7 +110,16 @@ def main() -> None:
     parser.add_argument(
         "--uvloop", action="store_true", help="run on uvloop's event loop (pip install uvloop)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serve from this many processes on one port (SO_REUSEPORT), supervised by this one; "
+        "publishes reach every worker (default: 1)",
+    )
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     loop_factory = None
     if args.uvloop:
         try:
@@ -120,9 +130,28 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("brioche").setLevel(args.log_level)
 
+    shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    if args.workers > 1:
+
+        def ready(port: int) -> None:
+            on = "uvloop; " if args.uvloop else ""
+            print(
+                f"brioche demo listening on http://{shown}:{port}/ "
+                f"({args.workers} workers; {on}Ctrl+C to stop)",
+                flush=True,
+            )
+
+        # The workers unpickle the handlers by module name, and `spawn` does not re-import a
+        # package's __main__: take them from this file imported under its own name.
+        import importlib
+
+        demo = importlib.import_module("brioche.__main__")
+        config_ = demo.config().hostname(args.host).port(args.port).workers(args.workers)
+        server._run_workers(config_, loop_factory, ready)
+        return
+
     async def run() -> None:
         srv = await config().hostname(args.host).port(args.port).serve()
-        shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
         on = "uvloop; " if args.uvloop else ""
         print(f"brioche demo listening on http://{shown}:{srv.port}/ ({on}Ctrl+C to stop)", flush=True)
         try:

@@ -176,7 +176,7 @@ class Engine:
         max_incoming_bytes: int,
         reuse_port: bool = False,
         relay_path: str | None = None,
-        relay_peers: Sequence[str] = (),
+        relay_peers: Sequence[str] = ...,
     ) -> Engine: ...
     @property
     def relay_links(self) -> tuple[int, int] | None: ...

@@ -279,6 +279,7 @@ class Server(Generic[T]):
         from brioche.websocket import Config as WsConfig
 
         limits = ws if ws is not None else WsConfig()
+        slot = config.worker_slot
         try:
             engine = Engine(
                 address,
@@ -296,6 +297,9 @@ class Server(Generic[T]):
                 max_connections=config.max_connections_value,
                 message_timeout=limits.message_timeout_seconds,
                 max_incoming_bytes=config.max_incoming_bytes_value,
+                reuse_port=slot is not None,
+                relay_path=None if slot is None else slot.relay_path,
+                relay_peers=() if slot is None else slot.relay_peers,
             )
         except OSError as exc:
             where = f"{config.hostname_value}:{port}"

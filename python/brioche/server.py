@@ -39,6 +39,7 @@ from brioche._http import (
     text,
 )
 from brioche._server import BindError, Server
+from brioche._workers import WorkerSlot
 
 __all__ = [
     "Config",
@@ -76,6 +77,7 @@ __all__ = [
     "upgrade",
     "wait_closed",
     "websocket",
+    "workers",
 ]
 
 T = TypeVar("T")
@@ -151,6 +153,9 @@ class Config(Generic[T]):
     handshake_timeout_seconds: float = 10.0
     max_connections_value: int = 0
     max_incoming_bytes_value: int = 1 << 30
+    workers_count: int = 1
+    # Set by run(workers=n) in each worker's copy of the config (brioche._workers).
+    worker_slot: WorkerSlot | None = dataclasses.field(default=None, repr=False)
 
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
@@ -206,6 +211,19 @@ class Config(Generic[T]):
         value = _check_int("max_incoming_bytes", size, minimum=0)
         return dataclasses.replace(self, max_incoming_bytes_value=value)
 
+    def workers(self, count: int) -> Config[T]:
+        """Serve from ``count`` processes sharing the port (``SO_REUSEPORT``); ``run()`` only.
+
+        Each worker has its own loop and engine, and the kernel spreads connections over them.
+        Publishes reach every worker's subscribers. The process that calls ``run()`` supervises
+        them: it restarts a worker that dies and stops them all on SIGINT or SIGTERM. The
+        config is pickled to reach the workers, so its handlers must be module-level functions
+        of an importable module (or of the script). ``serve()`` refuses a config with more
+        than one worker. Default 1: ``run()`` serves in its own process.
+        """
+        value = _check_int("workers", count, minimum=1)
+        return dataclasses.replace(self, workers_count=value)
+
     def serve(self) -> Serving[T]:
         """Start listening on the running event loop.
 
@@ -219,6 +237,11 @@ class Config(Generic[T]):
         True
         ```
         """
+        if self.workers_count > 1:
+            raise ValueError(
+                "serve() runs one server on the running loop: workers(n) needs run(), which "
+                "starts and supervises the worker processes"
+            )
         return Serving(self)
 
     async def _start(self) -> Server[T]:
@@ -227,13 +250,24 @@ class Config(Generic[T]):
         address = await _resolve(loop, self.hostname_value, port_number)
         return Server._start(self, port_number, loop, address)
 
-    def run(self, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+    def run(
+        self,
+        *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+        workers: int | None = None,
+    ) -> None:
         """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return.
 
         ``loop_factory`` makes the event loop to serve on: ``uvloop.new_event_loop`` for uvloop
-        (default: asyncio's own loop).
+        (default: asyncio's own loop). ``workers`` overrides :meth:`workers`: with more than
+        one, this process starts that many worker processes, supervises them and returns once
+        they all stopped (a ``TypeError`` first if the config cannot be pickled).
         """
-        run_loop(_serve_until_signalled(self), loop_factory)
+        config = self if workers is None else self.workers(workers)
+        if config.workers_count == 1:
+            run_loop(_serve_until_signalled(config), loop_factory)
+            return
+        _run_workers(config, loop_factory, None)
 
 
 @final
@@ -281,6 +315,32 @@ def run_loop(
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _run_workers(
+    config: Config[Any],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    on_ready: Callable[[int], None] | None,
+) -> None:
+    """Resolve the hostname here (the workers bind what the parent reserved), then supervise."""
+    from brioche._workers import run_workers
+
+    port_number = _default_port() if config.port_number is None else config.port_number
+    address = _resolve_now(config.hostname_value, port_number)
+    run_workers(config, config.workers_count, address, port_number, loop_factory, on_ready)
+
+
+def _resolve_now(host: str, port: int) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BindError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return str(infos[0][4][0])
 
 
 async def _serve_until_signalled(config: Config[Any]) -> None:
@@ -357,10 +417,21 @@ def serve(config: Config[T]) -> Serving[T]:
 
 
 def run(
-    config: Config[Any], *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    config: Config[Any],
+    *,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    workers: int | None = None,
 ) -> None:
-    """Module form of :meth:`Config.run`: ``run(config, loop_factory=uvloop.new_event_loop)``."""
-    config.run(loop_factory=loop_factory)
+    """Module form of :meth:`Config.run`: ``run(config, loop_factory=uvloop.new_event_loop)``.
+
+    ``run(config, workers=4)`` serves from four supervised processes (see :meth:`Config.workers`).
+    """
+    config.run(loop_factory=loop_factory, workers=workers)
+
+
+def workers(config: Config[T], count: int) -> Config[T]:
+    """Module form of :meth:`Config.workers`."""
+    return config.workers(count)
 
 
 def upgrade(

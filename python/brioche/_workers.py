@@ -1,0 +1,356 @@
+"""``run(config, workers=n)``: n processes serving one port, supervised by the calling one.
+
+Each worker is a fresh interpreter (multiprocessing's ``spawn`` start method) with its own loop
+and its own engine, listening on the same port with ``SO_REUSEPORT``: the kernel spreads new
+connections over the workers. Never ``fork``: a forked child of a process whose tokio runtime
+has started inherits its locks but not its threads. ``spawn`` also behaves the same on every
+Python version and system; what it costs (an interpreter start and the app's imports, ~0.1-0.3 s
+per worker) is paid at start and at each restart only.
+
+The config reaches the workers pickled, so its handlers are pickled by reference: module-level
+functions of an importable module (or of the script, which ``spawn`` re-imports without running
+its ``if __name__ == "__main__":`` block). A lambda or a closure is refused before any worker
+starts. That is the same contract as uvicorn's ``"module:app"`` import string, without a second
+way to name an app.
+
+Topics are shared through the engine's relay (``src/engine/ws/relay.rs``): every publish is also
+written to each sibling over a Unix socket in a directory made for the run; no broker to run.
+
+The parent (this module, in the process that called ``run``) starts no event loop and no engine:
+it reserves the port, starts the workers, restarts one that dies (logging why, with a backoff),
+and on SIGINT or SIGTERM sends each worker SIGTERM, which closes its connections with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from brioche.server import Config
+
+__all__ = ["WorkerSlot", "run_workers"]
+
+logger = logging.getLogger("brioche")
+
+# A worker that dies within FAST_CRASH_SECONDS of its start crashed "fast". Restarts after fast
+# crashes back off (0, then 0.25 s doubling up to 4 s); after GIVE_UP_AFTER fast crashes in a row
+# of one worker, everything stops: a worker that cannot start will not start by retrying.
+FAST_CRASH_SECONDS = 5.0
+GIVE_UP_AFTER = 5
+# SIGTERM, then this long for the workers to close their connections (the clients' close
+# replies may take up to the 5 s close timeout), then SIGKILL.
+STOP_TIMEOUT = 10.0
+# A worker reports ready once its siblings' publishes reach it and its own reach them, or after
+# this long (a sibling may be down).
+LINK_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """What a worker needs besides the config: which one it is and where its siblings are."""
+
+    index: int
+    relay_path: str
+    relay_peers: tuple[str, ...]
+
+
+class WorkersFailed(RuntimeError):
+    """A worker kept crashing right after its start: the server was stopped."""
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen on) ``host:port`` with SO_REUSEPORT, which the workers bind too.
+
+    It picks the port when ``port`` is 0, fails early when the port is taken, and keeps the port
+    for this run while no worker is listening (all restarting): a socket bound but not listening
+    takes no connections.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker_main(
+    config: Config[Any],
+    slot: WorkerSlot,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    ready: multiprocessing.connection.Connection,
+) -> None:
+    # Ctrl+C reaches the whole process group; the parent turns it into one SIGTERM per worker,
+    # so each worker has a single way to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from brioche.server import run_loop
+
+    run_loop(_serve_worker(config, slot, ready), loop_factory)
+
+
+async def _serve_worker(
+    config: Config[Any], slot: WorkerSlot, ready: multiprocessing.connection.Connection
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop_requested.set)
+    srv = await config.serve()
+    try:
+        siblings = len(slot.relay_peers)
+        deadline = loop.time() + LINK_TIMEOUT
+        # Bounded poll: the relay's links come up in the engine's threads, with no event to await.
+        while srv._engine.relay_links != (siblings, siblings) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        ready.send(os.getpid())
+        ready.close()
+        await stop_requested.wait()
+    finally:
+        await srv.stop(close_active_connections=True)
+
+
+@dataclasses.dataclass(slots=True)
+class _Worker:
+    slot: WorkerSlot
+    process: BaseProcess | None = None
+    ready: multiprocessing.connection.Connection | None = None
+    started: float = 0.0
+    fast_crashes: int = 0
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+def run_workers(
+    config: Config[Any],
+    workers: int,
+    address: str,
+    port: int,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve ``config`` from ``workers`` processes until SIGINT or SIGTERM; see the module doc.
+
+    ``address`` is the resolved hostname. ``on_ready(port)`` is called once, when every worker
+    first reported ready (it logs at INFO when not given).
+    """
+    try:
+        pickle.dumps((config, loop_factory))
+    except Exception as exc:
+        raise TypeError(
+            "run(..., workers=n) starts each worker from a pickled config: its handlers must be "
+            "module-level functions of an importable module (or of the script), not lambdas or "
+            f"closures ({exc})"
+        ) from exc
+    from brioche._server import BindError
+
+    try:
+        reserved = _reserve_port(address, port)
+    except OSError as exc:
+        raise BindError(exc.errno, f"cannot listen on {address}:{port}: {exc.strerror or exc}") from exc
+    relay_dir = tempfile.mkdtemp(prefix="brioche-relay-")
+    try:
+        port = reserved.getsockname()[1]
+        paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
+        slots = [
+            WorkerSlot(i, paths[i], tuple(p for p in paths if p != paths[i])) for i in range(workers)
+        ]
+        worker_config = dataclasses.replace(config, port_number=port, workers_count=1)
+        _Supervisor(worker_config, slots, port, loop_factory, on_ready).run()
+    finally:
+        reserved.close()
+        shutil.rmtree(relay_dir, ignore_errors=True)
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        config: Config[Any],
+        slots: list[WorkerSlot],
+        port: int,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+        on_ready: Callable[[int], None] | None,
+    ) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.config = config
+        self.workers = [_Worker(slot) for slot in slots]
+        self.port = port
+        self.loop_factory = loop_factory
+        self.on_ready = on_ready
+        self.all_ready = False
+        self.signals = 0
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:  # pragma: no cover - the pipe is full: a wake-up is pending anyway
+            pass
+
+    def run(self) -> None:
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            for worker in self.workers:
+                self._start(worker)
+            self._supervise()
+        finally:
+            try:
+                self._stop_all()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+
+    def _start(self, worker: _Worker) -> None:
+        config = dataclasses.replace(self.config, worker_slot=worker.slot)
+        reader, writer = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=_worker_main,
+            args=(config, worker.slot, self.loop_factory, writer),
+            name=f"brioche-worker-{worker.slot.index}",
+        )
+        process.start()
+        writer.close()
+        worker.process, worker.ready = process, reader
+        worker.started = time.monotonic()
+        worker.restart_at = None
+
+    def _supervise(self) -> None:
+        while not self.signals:
+            waitables: list[Any] = [self.wake_r]
+            for worker in self.workers:
+                if worker.process is not None:
+                    waitables.append(worker.process.sentinel)
+                if worker.ready is not None:
+                    waitables.append(worker.ready)
+            due = [w.restart_at for w in self.workers if w.restart_at is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
+            multiprocessing.connection.wait(waitables, timeout)
+            if self.signals:
+                return
+            for worker in self.workers:
+                self._check(worker)
+
+    def _check(self, worker: _Worker) -> None:
+        if worker.ready is not None and worker.ready.poll():
+            try:
+                worker.ready.recv()
+                self._ready(worker)
+            except EOFError:
+                pass  # it died before it was ready: its sentinel says so
+            worker.ready.close()
+            worker.ready = None
+        process = worker.process
+        if process is not None and not process.is_alive():
+            process.join()
+            worker.process = None
+            if worker.ready is not None:
+                worker.ready.close()
+                worker.ready = None
+            lived = time.monotonic() - worker.started
+            worker.fast_crashes = worker.fast_crashes + 1 if lived < FAST_CRASH_SECONDS else 1
+            if worker.fast_crashes >= GIVE_UP_AFTER:
+                logger.error(
+                    "worker %d (pid %d) exited with %s within %.0f s of its start, %d times in a "
+                    "row: stopping the server",
+                    worker.slot.index, process.pid, _exit_reason(process.exitcode),
+                    FAST_CRASH_SECONDS, worker.fast_crashes,
+                )
+                raise WorkersFailed(
+                    f"worker {worker.slot.index} crashed {worker.fast_crashes} times in a row"
+                )
+            delay = 0.0 if worker.fast_crashes <= 1 else min(4.0, 0.25 * 2 ** (worker.fast_crashes - 2))
+            logger.warning(
+                "worker %d (pid %d) exited with %s; restarting it%s",
+                worker.slot.index, process.pid, _exit_reason(process.exitcode),
+                f" in {delay:.2f} s" if delay else "",
+            )
+            worker.restart_at = time.monotonic() + delay
+        if worker.restart_at is not None and time.monotonic() >= worker.restart_at:
+            worker.restarts += 1
+            self._start(worker)
+
+    def _ready(self, worker: _Worker) -> None:
+        assert worker.process is not None
+        if worker.restarts:
+            logger.info("worker %d restarted (pid %d)", worker.slot.index, worker.process.pid)
+        if self.all_ready or any(w.ready is not None and w is not worker for w in self.workers):
+            return
+        self.all_ready = True
+        if self.on_ready is not None:
+            self.on_ready(self.port)
+        else:
+            logger.info(
+                "%d workers listening on port %d (pids %s)",
+                len(self.workers), self.port,
+                ", ".join(str(w.process.pid) for w in self.workers if w.process is not None),
+            )
+
+    def _drain_wake_ups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _stop_all(self) -> None:
+        """SIGTERM each worker, wait for them up to STOP_TIMEOUT, then SIGKILL what is left.
+
+        More signals meanwhile change nothing: one Ctrl+C or `kill` is often delivered twice
+        (to the process and to its group, as `timeout` and terminals do).
+        """
+        running = [w.process for w in self.workers if w.process is not None]
+        for process in running:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while running and time.monotonic() < deadline:
+            self._drain_wake_ups()
+            multiprocessing.connection.wait(
+                [p.sentinel for p in running] + [self.wake_r], deadline - time.monotonic()
+            )
+            running = [p for p in running if p.is_alive()]
+        for process in running:
+            logger.warning(
+                "worker (pid %d) did not stop within %.0f s: killing it", process.pid, STOP_TIMEOUT
+            )
+            process.kill()
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.join()
+                worker.process = None
+            if worker.ready is not None:
+                worker.ready.close()
+                worker.ready = None

@@ -1,0 +1,237 @@
+"""``run(config, workers=n)``: worker processes on one port, topics shared, supervised.
+
+Each test starts ``tests/workers_app.py`` (the supervisor and its workers are real processes)
+and reads the supervisor's log lines for the port, the workers' pids and their restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+import brioche
+from brioche import server, websocket
+
+APP = Path(__file__).with_name("workers_app.py")
+LISTENING = re.compile(r"(\d+) workers listening on port (\d+) \(pids ([\d, ]+)\)")
+
+
+class Supervisor:
+    """The app's supervisor process and the lines it logged, read by a thread as they come."""
+
+    def __init__(self, workers: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APP), str(workers)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.pids: set[int] = set()
+        match = self.wait_for(LISTENING)
+        assert int(match[1]) == workers
+        self.port = int(match[2])
+        self.pids = {int(pid) for pid in match[3].split(", ")}
+        assert len(self.pids) == workers
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines:
+                    if match := pattern.search(line):
+                        return match
+                left = deadline - time.monotonic()
+                assert left > 0 and self.proc.poll() is None, (
+                    f"no line matching {pattern.pattern!r}; exit code {self.proc.poll()}; "
+                    f"log: {self.lines}"
+                )
+                self.changed.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        """SIGTERM the supervisor; SIGKILL it and every worker it reported if they linger."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        finally:
+            for pid in self.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.reader.join(5)
+
+
+@pytest.fixture
+def supervisor_of() -> Iterator[Any]:
+    started: list[Supervisor] = []
+
+    def start(workers: int) -> Supervisor:
+        sup = Supervisor(workers)
+        started.append(sup)
+        return sup
+
+    try:
+        yield start
+    finally:
+        for sup in started:
+            sup.stop()
+
+
+async def client_on(port: int) -> tuple[ClientConnection, int]:
+    """A connected client and the pid of the worker it landed on."""
+    ws = await connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10)
+    greeting = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(greeting, str) and greeting.startswith("pid ")
+    return ws, int(greeting[4:])
+
+
+async def clients_covering(port: int, pids: set[int], at_least: int) -> list[tuple[ClientConnection, int]]:
+    """Connect until every pid in ``pids`` has a client and ``at_least`` are connected.
+
+    The kernel spreads connections by a hash of their addresses; 60 misses in a row for one of
+    three workers has a probability of about 1e-10.
+    """
+    clients: list[tuple[ClientConnection, int]] = []
+    for _ in range(60):
+        clients.append(await client_on(port))
+        if len(clients) >= at_least and pids <= {pid for _, pid in clients}:
+            return clients
+    raise AssertionError(f"60 clients never reached all of {pids}: {[pid for _, pid in clients]}")
+
+
+async def receive(ws: ClientConnection, count: int) -> list[str]:
+    got = []
+    for _ in range(count):
+        message = await asyncio.wait_for(ws.recv(), 10)
+        assert isinstance(message, str)
+        got.append(message)
+    return got
+
+
+async def test_every_publish_reaches_every_client_of_every_worker(supervisor_of: Any) -> None:
+    sup = supervisor_of(3)
+    clients = await clients_covering(sup.port, sup.pids, at_least=9)
+    try:
+        per_client = 5
+        for i, (ws, _) in enumerate(clients):
+            for k in range(per_client):
+                await ws.send(f"{i}:{k}")
+        expected = sorted(f"{i}:{k}" for i in range(len(clients)) for k in range(per_client))
+        for ws, pid in clients:
+            got = await receive(ws, len(expected))
+            assert sorted(got) == expected, f"client on {pid}"
+            # One sender's messages keep their order, across workers too.
+            for i in range(len(clients)):
+                mine = [m for m in got if m.startswith(f"{i}:")]
+                assert mine == [f"{i}:{k}" for k in range(per_client)]
+        # Nothing more: each publish arrived once. A final marker from the first client comes
+        # next on every socket, right after what was counted.
+        await clients[0][0].send("end")
+        for ws, _ in clients:
+            assert await receive(ws, 1) == ["end"]
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+
+
+async def test_a_worker_killed_is_restarted_logged_and_serves_the_port(supervisor_of: Any) -> None:
+    sup = supervisor_of(2)
+    victim = min(sup.pids)
+    os.kill(victim, signal.SIGKILL)
+    died = sup.wait_for(re.compile(rf"WARNING brioche: worker (\d) \(pid {victim}\) exited with signal SIGKILL; restarting it$"))
+    restarted = sup.wait_for(re.compile(rf"INFO brioche: worker {died[1]} restarted \(pid (\d+)\)"))
+    new_pid = int(restarted[1])
+    survivor = (sup.pids - {victim}).pop()
+    sup.pids.add(new_pid)
+    clients = await clients_covering(sup.port, {new_pid, survivor}, at_least=2)
+    try:
+        assert {pid for _, pid in clients} == {new_pid, survivor}
+        on_new = next(ws for ws, pid in clients if pid == new_pid)
+        on_survivor = next(ws for ws, pid in clients if pid == survivor)
+        # Both directions of the relay are up again once the restarted worker said it is ready.
+        await on_new.send("from the new one")
+        await on_survivor.send("from the survivor")
+        for ws, _ in clients:
+            assert sorted(await receive(ws, 2)) == ["from the new one", "from the survivor"]
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_to_the_supervisor_closes_every_worker_s_clients_with_1001(
+    supervisor_of: Any, sig: signal.Signals
+) -> None:
+    sup = supervisor_of(2)
+    clients = await clients_covering(sup.port, sup.pids, at_least=4)
+    sup.proc.send_signal(sig)
+    for ws, pid in clients:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 15)
+        assert ws.close_code == 1001, f"client on {pid}"
+    assert await asyncio.to_thread(sup.proc.wait, 20) == 0
+    for pid in sup.pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not any("WARNING" in line or "Traceback" in line for line in sup.lines), sup.lines
+
+
+def hello(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+    return server.text("hi")
+
+
+def test_workers_are_for_run_only_and_checked_like_every_setter() -> None:
+    config = server.handler(hello).workers(2)
+    assert config.workers_count == 2
+    assert server.workers(config, 3).workers_count == 3
+    with pytest.raises(ValueError, match="workers\\(n\\) needs run\\(\\)"):
+        config.serve()
+    with pytest.raises(ValueError):
+        config.workers(0)
+    with pytest.raises(TypeError):
+        config.workers(True)
+
+
+def test_a_config_that_cannot_be_pickled_is_refused_before_any_worker_starts() -> None:
+    config: server.Config[Any] = server.handler(lambda request, srv: server.text("hi"))
+    config = config.hostname("127.0.0.1").port(0)
+    with pytest.raises(TypeError, match="module-level functions"):
+        server.run(config, workers=2)
+
+
+def test_a_taken_port_is_a_bind_error_before_any_worker_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = server.handler(hello).websocket(websocket.init()).hostname("127.0.0.1").port(port)
+        with pytest.raises(brioche.BindError):
+            server.run(config, workers=2)

@@ -1,0 +1,40 @@
+"""The app tests/test_workers.py serves with workers: ``python tests/workers_app.py N``.
+
+Every socket subscribes to ``all`` and is told which worker (pid) it landed on; a text message
+is published to ``all``, the sender included. Module-level handlers: the workers unpickle them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import brioche
+from brioche import server, websocket
+
+
+def on_open(ws: brioche.WebSocket[None]) -> None:
+    ws.subscribe("all")
+    ws.send(f"pid {os.getpid()}")
+
+
+def on_text(ws: brioche.WebSocket[None], text: str) -> None:
+    ws.publish("all", text)
+
+
+def handler(request: server.Request, srv: brioche.Server[None]) -> server.Response | None:
+    if srv.upgrade(request):
+        return None
+    return server.text(str(os.getpid()))
+
+
+config = (
+    server.handler(handler)
+    .websocket(websocket.init().on_open(on_open).on_text(on_text).publish_to_self(True))
+    .hostname("127.0.0.1")
+)
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    server.run(config.port(0), workers=int(sys.argv[1]))
