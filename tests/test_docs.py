@@ -350,6 +350,33 @@ async def test_production_script_serves_port_from_env_and_stops_on_sigterm() -> 
         await stop_process(proc)
 
 
+async def test_workers_script_shares_the_room_and_stops_on_sigterm() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "workers.py"),
+        env={"PORT": str(port), "WORKERS": "2", "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        # Every worker is ready (its relay links up) once the supervisor says so.
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert f"2 workers listening on port {port}" in line.decode(), line
+        clients = [await connect(f"ws://127.0.0.1:{port}/") for _ in range(8)]
+        await clients[0].send("hello, room")
+        for client in clients:
+            assert await recv(client) == "hello, room"
+        proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 15)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await stop_process(proc)
+
+
 async def check_proxied(port: int) -> None:
     async with httpx.AsyncClient() as http:
         reply = await http.get(f"http://127.0.0.1:{port}/healthz")
