@@ -125,7 +125,7 @@ def test_websocket_config_is_frozen() -> None:
 def test_server_config_setters_return_new_objects_and_it_is_frozen() -> None:
     base = server.handler(upgrade_ws_path)
     changed = base.port(1234).hostname("127.0.0.1").max_request_body_size(10)
-    assert (base.port_number, base.hostname_value, base.max_request_body_size_bytes) == (None, "0.0.0.0", 1024 * 1024)
+    assert (base.port_number, base.hostname_value, base.max_request_body_size_bytes) == (None, None, 1024 * 1024)
     assert (changed.port_number, changed.hostname_value, changed.max_request_body_size_bytes) == (1234, "127.0.0.1", 10)
     with pytest.raises(dataclasses.FrozenInstanceError):
         changed.port_number = 1  # type: ignore[misc]

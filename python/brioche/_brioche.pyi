@@ -83,7 +83,7 @@ class WebSocket(Generic[_T]):
         """``ReadyState.CONNECTING`` (0), ``OPEN`` (1), ``CLOSING`` (2) or ``CLOSED`` (3)."""
     @property
     def remote_address(self) -> str:
-        """The client's IP address."""
+        """The client's IP address; ``""`` over a Unix socket."""
     @property
     def buffered_amount(self) -> int:
         """Bytes accepted but not yet written to the kernel."""
@@ -158,7 +158,7 @@ class Engine:
 
     def __new__(
         cls,
-        hostname: str,
+        addresses: list[str],
         port: int,
         *,
         max_request_body_size: int,
@@ -177,11 +177,21 @@ class Engine:
         reuse_port: bool = False,
         relay_path: str | None = None,
         relay_peers: Sequence[str] = ...,
+        unix: str | None = None,
+        unix_mode: int | None = None,
+        fd: int | None = None,
     ) -> Engine: ...
     @property
     def relay_links(self) -> tuple[int, int] | None: ...
     @property
-    def port(self) -> int: ...
+    def port(self) -> int:
+        """The port listened on; 0 on a Unix socket."""
+    @property
+    def host(self) -> str | None:
+        """The first IP address listened on; ``None`` on a Unix socket."""
+    @property
+    def unix_path(self) -> str | None:
+        """The Unix socket's path; ``None`` on TCP."""
     @property
     def pending_websockets(self) -> int: ...
     @property

@@ -27,6 +27,7 @@ from functools import partial
 from inspect import isawaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, final
+from urllib.parse import quote
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
@@ -245,7 +246,7 @@ class Server(Generic[T]):
         "_engine", "_config", "_loop", "_fd", "_handlers", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
         "_context",
-        "_batch_max", "_wake_thread", "hostname",
+        "_batch_max", "_wake_thread", "hostname", "unix",
     )
     _engine: Engine
     _config: Config[T]
@@ -265,16 +266,28 @@ class Server(Generic[T]):
     _batch_max: int
     _wake_thread: threading.Thread | None
     hostname: str
-    """The address the server listens on, as configured."""
+    """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
+    on a Unix socket)."""
+    unix: str | None
+    """The Unix socket's path, ``None`` on TCP. A socket handed to ``sock()`` in Linux's
+    abstract namespace shows as ``"@name"``."""
 
     def __init__(self) -> None:
         raise TypeError("use `await server.handler(fn).serve()` to start a Server")
 
     @classmethod
     def _start(
-        cls, config: Config[T], port: int, loop: asyncio.AbstractEventLoop, address: str
+        cls,
+        config: Config[T],
+        port: int,
+        loop: asyncio.AbstractEventLoop,
+        addresses: list[str],
+        *,
+        unix: str | None = None,
+        fd: int | None = None,
     ) -> Server[T]:
-        """Listen on ``address`` (an IP literal: ``serve()`` resolved the configured hostname)."""
+        """Listen on ``addresses`` and ``port`` (IP literals: ``serve()`` resolved the configured
+        hostname), or on the Unix socket ``unix``, or on the bound socket ``fd``."""
         ws = config.websocket_config
         from brioche.websocket import Config as WsConfig
 
@@ -282,7 +295,7 @@ class Server(Generic[T]):
         slot = config.worker_slot
         try:
             engine = Engine(
-                address,
+                addresses,
                 port,
                 max_request_body_size=config.max_request_body_size_bytes,
                 max_payload_length=limits.max_payload_length_bytes,
@@ -300,15 +313,29 @@ class Server(Generic[T]):
                 reuse_port=slot is not None,
                 relay_path=None if slot is None else slot.relay_path,
                 relay_peers=() if slot is None else slot.relay_peers,
+                unix=unix,
+                unix_mode=config.unix_mode,
+                fd=fd,
             )
         except OSError as exc:
-            where = f"{config.hostname_value}:{port}"
+            if fd is not None:
+                where = f"file descriptor {fd}"
+            elif unix is not None:
+                where = unix
+            else:
+                where = f"{config.hostname_value or '0.0.0.0'}:{port}"
             raise BindError(exc.errno, f"cannot listen on {where}: {exc.strerror or exc}") from exc
         self = object.__new__(cls)
         self._engine = engine
         self._config = config
         self._loop = loop
-        self.hostname = config.hostname_value
+        self.unix = engine.unix_path
+        if self.unix is not None:
+            self.hostname = ""
+        elif fd is not None:
+            self.hostname = engine.host or ""
+        else:
+            self.hostname = config.hostname_value or "0.0.0.0"
         self._handlers = _handlers_of(limits)
         engine.set_control_events(
             limits.on_ping_handler is not None, limits.on_pong_handler is not None
@@ -340,13 +367,21 @@ class Server(Generic[T]):
 
     @property
     def port(self) -> int:
-        """The port the server listens on (the chosen one when configured with 0)."""
+        """The port the server listens on (the chosen one when configured with 0); 0 on a Unix
+        socket, which has none."""
         return self._engine.port
 
     @property
     def url(self) -> str:
-        """``http://host:port/`` for this server."""
-        host = "127.0.0.1" if self.hostname == "0.0.0.0" else self.hostname
+        """``http://host:port/`` for this server: a wildcard address gives its loopback
+        (``0.0.0.0``: ``127.0.0.1``, ``::``: ``[::1]``), an IPv6 address is bracketed. On a Unix
+        socket, ``http+unix://`` and the path percent-encoded (``http+unix://%2Ftmp%2Fapp.sock/``,
+        as requests-unixsocket spells it)."""
+        if self.unix is not None:
+            return f"http+unix://{quote(self.unix, safe='')}/"
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.hostname, self.hostname)
+        if ":" in host:
+            host = f"[{host}]"
         return f"http://{host}:{self.port}/"
 
     @property
@@ -399,6 +434,9 @@ class Server(Generic[T]):
         ``None`` when the request did not come over TCP, as Bun answers ``null`` then.
         """
         address = request.remote_address
+        if not address:
+            # A client of a Unix socket: no address.
+            return None
         family: Literal["IPv4", "IPv6"] = "IPv6" if ":" in address else "IPv4"
         return SocketAddress(address, family, request._pending.remote_port)
 

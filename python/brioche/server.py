@@ -70,10 +70,12 @@ __all__ = [
     "run",
     "serve",
     "serve_forever",
+    "sock",
     "stop",
     "subscriber_count",
     "text",
     "timeout",
+    "unix",
     "upgrade",
     "wait_closed",
     "websocket",
@@ -88,20 +90,30 @@ Handler: TypeAlias = Callable[
 """``handler(request, server)``: return a ``Response``, or ``None`` after a successful upgrade."""
 
 
-async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
-    """The address to bind for ``host``: looked up off the loop (getaddrinfo blocks), first one."""
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[str]:
+    """The addresses to bind for ``host``, every one it resolves to, in the resolver's order.
+
+    Looked up off the loop (getaddrinfo blocks). ``localhost`` is usually both ``127.0.0.1`` and
+    ``::1``: a client may try either, so the server listens on both, on one port.
+    """
     try:
         ipaddress.ip_address(host)
-        return host
+        return [host]
     except ValueError:
         pass
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise BindError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    if not infos:  # pragma: no cover - getaddrinfo raises rather than return nothing
+    # An IPv6 link-local address comes with a scope ("fe80::1%eth0"): the engine takes plain
+    # literals, so those are left out.
+    addresses = [
+        str(info[4][0]) for info in infos
+        if info[0] in (socket.AF_INET, socket.AF_INET6) and "%" not in str(info[4][0])
+    ]
+    if not addresses:
         raise BindError(0, f"cannot listen on {host}:{port}: it has no address")
-    return str(infos[0][4][0])
+    return list(dict.fromkeys(addresses))
 
 
 def _default_port() -> int:
@@ -147,7 +159,11 @@ class Config(Generic[T]):
     fetch: Handler[T]
     websocket_config: _websocket.Config[T] | None = None
     port_number: int | None = None
-    hostname_value: str = "0.0.0.0"
+    hostname_value: str | None = None
+    """``None``: not set, ``"0.0.0.0"`` unless ``unix`` or ``sock`` says where to listen."""
+    unix_path: str | None = None
+    unix_mode: int | None = None
+    listen_socket: socket.socket | int | None = None
     max_request_body_size_bytes: int = 1024 * 1024
     max_request_header_size_bytes: int = 64 * 1024
     handshake_timeout_seconds: float = 10.0
@@ -168,12 +184,51 @@ class Config(Generic[T]):
         return dataclasses.replace(self, port_number=_check_port(port))
 
     def hostname(self, hostname: str) -> Config[T]:
-        """Address to listen on (default ``"0.0.0.0"``)."""
+        """Address to listen on (default ``"0.0.0.0"``).
+
+        ``"::"`` takes IPv6 and IPv4 where the OS allows dual-stack sockets (Linux does). A name
+        is resolved when the server starts, and it listens on every address the name has, on
+        one port (``localhost``: ``127.0.0.1`` and ``::1``).
+        """
         if not isinstance(hostname, str):
             raise TypeError(f"hostname must be a str, got {type(hostname).__name__}")
         if not hostname:
             raise ValueError("hostname must be a non-empty string")
         return dataclasses.replace(self, hostname_value=hostname)
+
+    def unix(self, path: str | os.PathLike[str], mode: int | None = None) -> Config[T]:
+        """Listen on a Unix domain socket at ``path`` instead of a hostname and port.
+
+        A socket file already there that nobody accepts on (left by a server that crashed) is
+        replaced; one a server accepts on gives ``BindError``, and so does any other kind of
+        file, which is never removed. ``stop()`` removes the file, if it is still the one this
+        server created. ``mode`` (e.g. ``0o660``) sets its permissions before any client can
+        connect; without it the umask decides. Clients need write permission to connect.
+        """
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise ValueError(f"unix needs a non-empty path without NUL, got {path!r}")
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)
+                                 or not 0 <= mode <= 0o7777):
+            raise ValueError(f"mode must be a permission mode like 0o660, got {mode!r}")
+        return dataclasses.replace(self, unix_path=path, unix_mode=mode)
+
+    def sock(self, sock: socket.socket | int) -> Config[T]:
+        """Serve on a socket that is already bound, a ``socket.socket`` or a file descriptor.
+
+        For systemd socket activation (``LISTEN_FDS``) and process managers that bind for you.
+        A TCP (IPv4, IPv6) or Unix stream socket, bound, listening or not (the server calls
+        ``listen`` if needed). The server works on a duplicate of the descriptor, made when it
+        starts: yours stays open, yours to close; close it once ``serve()`` has returned so that
+        ``stop()`` really stops the listening (a listening socket closes with its last
+        descriptor). The socket is made non-blocking, a flag the duplicate shares. A Unix
+        socket's file is not removed at ``stop()``: whoever created it owns it.
+        """
+        if isinstance(sock, bool) or not isinstance(sock, (socket.socket, int)):
+            raise TypeError(f"sock must be a socket.socket or a file descriptor, got {type(sock).__name__}")
+        if isinstance(sock, int) and sock < 0:
+            raise ValueError(f"a file descriptor is >= 0, got {sock}")
+        return dataclasses.replace(self, listen_socket=sock)
 
     def max_request_body_size(self, size: int) -> Config[T]:
         """Largest HTTP request body accepted, in bytes (default 1 MiB); larger gets 413."""
@@ -245,10 +300,29 @@ class Config(Generic[T]):
         return Serving(self)
 
     async def _start(self) -> Server[T]:
-        port_number = _default_port() if self.port_number is None else self.port_number
         loop = asyncio.get_running_loop()
-        address = await _resolve(loop, self.hostname_value, port_number)
-        return Server._start(self, port_number, loop, address)
+        tcp_set = [name for name, value in (("hostname", self.hostname_value),
+                                            ("port", self.port_number)) if value is not None]
+        if self.listen_socket is not None:
+            others = [*tcp_set, *(["unix"] if self.unix_path is not None else [])]
+            if others:
+                given = " and ".join(f"{name}()" for name in others)
+                raise ValueError(f"sock() says where to listen: it cannot be combined with {given}")
+            fd = self.listen_socket
+            if isinstance(fd, socket.socket):
+                fd = fd.fileno()
+                if fd < 0:
+                    raise ValueError("sock() was given a closed socket")
+            return Server._start(self, 0, loop, [], fd=fd)
+        if self.unix_path is not None:
+            if tcp_set:
+                given = " and ".join(f"{name}()" for name in tcp_set)
+                raise ValueError(f"unix() replaces hostname() and port(): it cannot be combined with {given}")
+            return Server._start(self, 0, loop, [], unix=self.unix_path)
+        port_number = _default_port() if self.port_number is None else self.port_number
+        hostname = "0.0.0.0" if self.hostname_value is None else self.hostname_value
+        addresses = await _resolve(loop, hostname, port_number)
+        return Server._start(self, port_number, loop, addresses)
 
     def run(
         self,
@@ -325,8 +399,13 @@ def _run_workers(
     """Resolve the hostname here (the workers bind what the parent reserved), then supervise."""
     from brioche._workers import run_workers
 
+    if config.unix_path is not None or config.listen_socket is not None:
+        raise ValueError(
+            "workers(n) share a TCP port (SO_REUSEPORT): they cannot serve on unix() or sock()"
+        )
     port_number = _default_port() if config.port_number is None else config.port_number
-    address = _resolve_now(config.hostname_value, port_number)
+    hostname = "0.0.0.0" if config.hostname_value is None else config.hostname_value
+    address = _resolve_now(hostname, port_number)
     run_workers(config, config.workers_count, address, port_number, loop_factory, on_ready)
 
 
@@ -384,6 +463,16 @@ def port(config: Config[T], port: int) -> Config[T]:
 def hostname(config: Config[T], hostname: str) -> Config[T]:
     """Module form of :meth:`Config.hostname`."""
     return config.hostname(hostname)
+
+
+def unix(config: Config[T], path: str | os.PathLike[str], mode: int | None = None) -> Config[T]:
+    """Module form of :meth:`Config.unix`."""
+    return config.unix(path, mode)
+
+
+def sock(config: Config[T], sock: socket.socket | int) -> Config[T]:
+    """Module form of :meth:`Config.sock`."""
+    return config.sock(sock)
 
 
 def max_request_body_size(config: Config[T], size: int) -> Config[T]:

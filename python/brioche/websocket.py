@@ -373,7 +373,7 @@ def subprotocol(ws: WebSocket[Any]) -> str | None:
 
 
 def remote_address(ws: WebSocket[Any]) -> str:
-    """The client's IP address, e.g. ``"127.0.0.1"``."""
+    """The client's IP address, e.g. ``"127.0.0.1"``; ``""`` over a Unix socket."""
     return ws.remote_address
 
 

@@ -53,7 +53,7 @@ fn start(ws: WsLimits) -> Server {
 #[test]
 fn echo_roundtrip_and_client_close_code() {
     let server = start(WsLimits::default());
-    let url = format!("ws://{}/ws", server.local_addr());
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
     let client = thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -131,7 +131,7 @@ fn paused_reader_backpressure_then_drain() {
         backpressure_limit: LIMIT,
         ..WsLimits::default()
     });
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     // The handshake needs the app to answer the request, so it runs beside it.
     let handshake = thread::spawn(move || raw_handshake(addr));
     let conn = run_app(&server, Duration::from_secs(10), |event| match event {
@@ -237,7 +237,7 @@ fn relayed_publishes_reach_the_sibling_in_order() {
         );
         thread::sleep(Duration::from_millis(5));
     }
-    let addr = b.local_addr();
+    let addr = b.local_addr().unwrap();
     let client = thread::spawn(move || raw_handshake(addr));
     let conn = run_app(&b, Duration::from_secs(10), |event| match event {
         Event::Open(c) => Some(c),

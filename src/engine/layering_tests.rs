@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["http", "runtime"],
     &["ws"],
     &["bridge", "config", "pubsub", "stats"],
-    &["platform"],
+    &["net", "platform"],
 ];
 
 fn layer(part: &str) -> usize {

@@ -21,10 +21,12 @@
 //!    `config.rs`: settings fixed when a server starts.
 //!    `stats.rs`: the counters of `srv.stats()`, sharded per thread.
 //! 5. `platform.rs`: what differs off Linux, and `BRIOCHE_PORTABLE=1` to run that path here.
+//!    `net.rs`: a connection's socket, TCP or Unix (an enum), and who is on its other end.
 
 pub(crate) mod bridge;
 pub(crate) mod config;
 pub(crate) mod http;
+pub(crate) mod net;
 pub(crate) mod platform;
 pub(crate) mod pubsub;
 pub(crate) mod runtime;
@@ -37,7 +39,8 @@ pub(crate) mod ws;
 pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
 pub use config::{RelayPaths, ServerConfig, WsLimits};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};
-pub use server::Server;
+pub use net::{Peer, Remote};
+pub use server::{Address, Listen, Server};
 pub use stats::Counter;
 pub use ws::batch::{begin_send_batch, end_send_batch};
 pub use ws::conn::{Conn, ReadyState, SendStatus};

@@ -1,24 +1,86 @@
-//! A listening server: binding, the accept loop, and stop.
+//! A listening server: binding (TCP addresses, a Unix socket, or a socket handed in), the
+//! accept loops, and stop.
 
+use std::ffi::OsStr;
+use std::fs;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, UnixListener};
 
 use super::config::ServerConfig;
 use super::http::serve;
+use super::net::{Remote, Stream};
 use super::runtime::runtime;
 use super::ws::conn::Conn;
 use super::ws::relay;
 use super::ws::shared::Shared;
 use super::ws::Event;
 
+const BACKLOG: i32 = 4096;
+
+/// Where a server listens.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    /// Every one of these addresses, on one port. With port 0 the first picks a free port and
+    /// the others take the same one. `::` alone accepts IPv4 too where the OS allows it.
+    Tcp(Vec<IpAddr>, u16),
+    /// A Unix socket created at `path`: a stale one there (nobody accepts on it) is replaced,
+    /// and the file is removed at stop. `mode` sets its permissions before it accepts anyone;
+    /// `None` leaves them to the umask.
+    Unix { path: PathBuf, mode: Option<u32> },
+    /// A socket someone else bound (systemd, a process manager), TCP or Unix. It is
+    /// duplicated: the caller's descriptor stays the caller's to close. It is made
+    /// non-blocking (a flag its duplicate shares) and listened on if it is not yet. Its file,
+    /// for a Unix socket, is not removed at stop: this server did not create it.
+    Fd(RawFd),
+}
+
+/// An address the server listens on. An abstract Unix address (Linux) is shown as `@name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
 pub struct Server {
     shared: Arc<Shared>,
-    local_addr: SocketAddr,
+    addresses: Vec<Address>,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        /// The file this server created: held only to be removed when the listener goes.
+        _file: Option<SocketFile>,
+    },
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<(Stream, Remote)> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, remote) = listener.accept().await?;
+                // An IPv4 client of a dual-stack `::` arrives as `::ffff:a.b.c.d`: it is shown,
+                // and logged, as the IPv4 address it is.
+                let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+                Ok((Stream::Tcp(stream), Remote::Tcp(remote)))
+            }
+            Listener::Unix { listener, .. } => {
+                let (stream, _) = listener.accept().await?;
+                Ok((Stream::Unix(stream), Remote::Unix))
+            }
+        }
+    }
 }
 
 fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
@@ -31,32 +93,60 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 }
 
 impl Server {
-    /// Bind and start accepting on the shared runtime. Returns once the port is listening.
+    /// Bind `config.host` and `config.port` and start accepting on the shared runtime.
     pub fn start(config: ServerConfig) -> io::Result<Server> {
         let addr = resolve(&config.host, config.port)?;
+        Server::start_on(config, Listen::Tcp(vec![addr.ip()], addr.port()))
+    }
+
+    /// Bind `listen` and start accepting on the shared runtime. Returns once it is listening.
+    pub fn start_on(config: ServerConfig, listen: Listen) -> io::Result<Server> {
         let _entered = runtime().enter();
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        if config.reuse_port {
-            socket.set_reuseport(true)?;
-        }
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
-        let local_addr = listener.local_addr()?;
+        let reuse_port = config.reuse_port;
         let shared = Arc::new(Shared::new(config)?);
+        let mut listeners = Vec::new();
+        let mut addresses = Vec::new();
+        match listen {
+            Listen::Tcp(ips, port) => {
+                for listener in bind_tcp_all(&ips, port, reuse_port)? {
+                    addresses.push(Address::Tcp(listener.local_addr()?));
+                    listeners.push(Listener::Tcp(TcpListener::from_std(listener)?));
+                }
+            }
+            Listen::Unix { path, mode } => {
+                let (listener, file) = bind_unix(&path, mode)?;
+                addresses.push(Address::Unix(path));
+                listeners.push(Listener::Unix {
+                    listener: UnixListener::from_std(listener)?,
+                    _file: Some(file),
+                });
+            }
+            Listen::Fd(fd) => {
+                let (listener, address) = adopt(fd)?;
+                addresses.push(address);
+                listeners.push(listener);
+            }
+        }
         if let Some(paths) = &shared.config.relay {
             relay::start(&shared, paths)?;
         }
-        shared.tracker.spawn(accept_loop(listener, shared.clone()));
-        Ok(Server { shared, local_addr })
+        for listener in listeners {
+            shared.tracker.spawn(accept_loop(listener, shared.clone()));
+        }
+        Ok(Server { shared, addresses })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// The first TCP address listened on (`None` on a Unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addresses.iter().find_map(|address| match address {
+            Address::Tcp(addr) => Some(*addr),
+            Address::Unix(_) => None,
+        })
+    }
+
+    /// Every address listened on.
+    pub fn addresses(&self) -> &[Address] {
+        &self.addresses
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -64,7 +154,8 @@ impl Server {
     }
 
     /// Stop accepting; with `close_active`, close open WebSockets with 1001. `Event::Stopped`
-    /// follows once the listener is closed and every connection has ended.
+    /// follows once the listeners are closed (a Unix socket's file removed) and every
+    /// connection has ended.
     pub fn stop(&self, close_active: bool) {
         let shared = &self.shared;
         shared.shutdown.cancel();
@@ -86,7 +177,9 @@ impl Server {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// One listener's loop. It owns the listener: when it ends, the listener closes (and a socket
+/// file this server created is removed) before the tracker lets `Event::Stopped` out.
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
@@ -99,4 +192,245 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+fn bind_tcp(
+    addr: SocketAddr,
+    dual_stack: bool,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        set_reuse_port(&socket)?;
+    }
+    if addr.is_ipv6() {
+        // Explicit either way: the OS default (Linux's bindv6only) is the host's choice, not
+        // the application's. An OS that refuses dual-stack (OpenBSD) keeps `::` IPv6-only.
+        let _ = socket.set_only_v6(!dual_stack);
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Attempts at a common free port for several addresses (port 0): the port the first one got
+/// may be taken on another.
+const PORT_ATTEMPTS: usize = 8;
+
+fn bind_tcp_all(
+    ips: &[IpAddr],
+    port: u16,
+    reuse_port: bool,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    if ips.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "no address to listen on",
+        ));
+    }
+    // `::` takes IPv4 too unless an IPv4 address is also listed, which dual-stack would clash
+    // with on the same port.
+    let dual_stack = !ips.iter().any(IpAddr::is_ipv4);
+    let attempts = if port == 0 && ips.len() > 1 {
+        PORT_ATTEMPTS
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..attempts {
+        let mut listeners = Vec::with_capacity(ips.len());
+        let mut chosen = port;
+        let result = ips.iter().try_for_each(|ip| {
+            let addr = SocketAddr::new(*ip, chosen);
+            let listener = bind_tcp(addr, dual_stack && ip.is_unspecified(), reuse_port)?;
+            chosen = listener.local_addr()?.port();
+            listeners.push(listener);
+            Ok::<_, io::Error>(())
+        });
+        match result {
+            Ok(()) => return Ok(listeners),
+            Err(err) if err.kind() == io::ErrorKind::AddrInUse => last = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// A socket file this server created: removed when dropped, if it is still that file (and not
+/// one put there since by someone else).
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn is_still_there(&self) -> bool {
+        fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| meta.dev() == self.dev && meta.ino() == self.ino)
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.is_still_there() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn bind_unix(
+    path: &Path,
+    mode: Option<u32>,
+) -> io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
+    let address = SockAddr::unix(path).map_err(|_| {
+        invalid(
+            "the path is too long for a unix socket (sun_path: 108 bytes on Linux, 104 on macOS)",
+        )
+    })?;
+    remove_if_stale(path, &address)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&address)?;
+    let meta = fs::symlink_metadata(path)?;
+    let file = SocketFile {
+        path: path.to_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    if let Some(mode) = mode {
+        // Before listen: until then every connect is refused, so no client gets in through
+        // the umask's permissions.
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    }
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok((socket.into(), file))
+}
+
+/// Remove the socket file at `path` if no server listens on it any more (one that stopped
+/// without removing it, or crashed). A server that accepts, or whose backlog is full, keeps
+/// it: `EADDRINUSE`. Anything that is not a socket is never removed: `EEXIST`.
+fn remove_if_stale(path: &Path, address: &SockAddr) -> io::Result<()> {
+    let before = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    if !before.file_type().is_socket() {
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    // Non-blocking: a live server with a full backlog must not hang the caller.
+    probe.set_nonblocking(true)?;
+    match probe.connect(address) {
+        Err(err) if err.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) if err.kind() != io::ErrorKind::WouldBlock => return Err(err),
+        _ => return Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
+    }
+    // Only the file probed: one put there meanwhile is not known to be stale.
+    let stale = SocketFile {
+        path: path.to_owned(),
+        dev: before.dev(),
+        ino: before.ino(),
+    };
+    drop(stale);
+    Ok(())
+}
+
+/// Take over a socket bound elsewhere (systemd's `LISTEN_FDS`, a process manager).
+fn adopt(fd: RawFd) -> io::Result<(Listener, Address)> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: borrowed only to be duplicated; a descriptor that is not open fails the
+    // duplication with EBADF.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    let socket = Socket::from(owned);
+    let kind = socket.r#type().map_err(|err| match err.raw_os_error() {
+        Some(libc::ENOTSOCK) => invalid("the file descriptor is not a socket"),
+        _ => err,
+    })?;
+    if kind != Type::STREAM {
+        return Err(invalid("the socket must be a stream socket (SOCK_STREAM)"));
+    }
+    let local = socket.local_addr()?;
+    let address = if let Some(addr) = local.as_socket() {
+        if addr.port() == 0 {
+            return Err(invalid("the socket must be bound to an address"));
+        }
+        Address::Tcp(addr)
+    } else if local.is_unix() {
+        if let Some(path) = local.as_pathname() {
+            Address::Unix(path.to_owned())
+        } else if let Some(name) = local.as_abstract_namespace() {
+            let mut shown = b"@".to_vec();
+            shown.extend_from_slice(name);
+            Address::Unix(PathBuf::from(OsStr::from_bytes(&shown)))
+        } else {
+            return Err(invalid("the socket must be bound to an address"));
+        }
+    } else {
+        return Err(invalid(
+            "the socket must be a TCP (IPv4, IPv6) or Unix socket",
+        ));
+    };
+    if !is_listening(&socket)? {
+        socket.listen(BACKLOG)?;
+    }
+    socket.set_nonblocking(true)?;
+    let listener = match address {
+        Address::Tcp(_) => Listener::Tcp(TcpListener::from_std(socket.into())?),
+        Address::Unix(_) => Listener::Unix {
+            listener: UnixListener::from_std(socket.into())?,
+            _file: None,
+        },
+    };
+    Ok((listener, address))
+}
+
+/// `SO_REUSEPORT`: sibling processes (`server.workers(n)`) accept on one port.
+fn set_reuse_port(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid option value of the right size on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `listen` was called on it: listening again would reset a backlog set by whoever
+/// created it (systemd's `Backlog=`).
+fn is_listening(socket: &Socket) -> io::Result<bool> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and describe an int.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value != 0)
+}
+
+fn invalid(message: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
 }

@@ -16,8 +16,8 @@ use super::{
     EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
 };
 use crate::engine::{
-    begin_send_batch, end_send_batch, Event, LogKind, LogRecord, OutFrame, RelayPaths, Server,
-    ServerConfig, WsLimits, OP_BINARY, OP_TEXT,
+    begin_send_batch, end_send_batch, Address, Event, Listen, LogKind, LogRecord, OutFrame,
+    RelayPaths, Server, ServerConfig, WsLimits, OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -209,15 +209,16 @@ impl PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (
-        hostname, port, *, max_request_body_size, max_payload_length, backpressure_limit,
+        addresses, port, *, max_request_body_size, max_payload_length, backpressure_limit,
         close_on_backpressure_limit, idle_timeout, publish_to_self, send_pings, websockets_enabled,
         handshake_timeout, max_request_header_size, max_connections, message_timeout,
-        max_incoming_bytes, reuse_port=false, relay_path=None, relay_peers=Vec::new()
+        max_incoming_bytes, reuse_port=false, relay_path=None, relay_peers=Vec::new(), unix=None,
+        unix_mode=None, fd=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        hostname: String,
+        addresses: Vec<String>,
         port: u16,
         max_request_body_size: usize,
         max_payload_length: usize,
@@ -235,15 +236,35 @@ impl PyEngine {
         reuse_port: bool,
         relay_path: Option<std::path::PathBuf>,
         relay_peers: Vec<std::path::PathBuf>,
+        unix: Option<std::path::PathBuf>,
+        unix_mode: Option<u32>,
+        fd: Option<i32>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, value: f64| {
             std::time::Duration::try_from_secs_f64(value).map_err(|_| {
                 PyValueError::new_err(format!("{name} must be a number of seconds >= 0"))
             })
         };
+        // The addresses are IP literals by now: `serve()` resolved the hostname off the loop.
+        let listen = match (fd, unix) {
+            (Some(fd), _) => Listen::Fd(fd),
+            (None, Some(path)) => Listen::Unix {
+                path,
+                mode: unix_mode,
+            },
+            (None, None) => {
+                let ips = addresses
+                    .iter()
+                    .map(|address| {
+                        address.parse().map_err(|_| {
+                            PyValueError::new_err(format!("{address:?} is not an IP address"))
+                        })
+                    })
+                    .collect::<PyResult<_>>()?;
+                Listen::Tcp(ips, port)
+            }
+        };
         let config = ServerConfig {
-            host: hostname,
-            port,
             max_request_body_size,
             websockets_enabled,
             ws: WsLimits {
@@ -266,10 +287,9 @@ impl PyEngine {
             }),
             ..ServerConfig::default()
         };
-        // Binding touches no Python object: other Python threads may run meanwhile. (The
-        // hostname is an IP literal by now: `serve()` resolved it off the loop.)
+        // Binding touches no Python object: other Python threads may run meanwhile.
         let server = py
-            .detach(|| Server::start(config))
+            .detach(|| Server::start_on(config, listen))
             .map_err(super::errors::os_error)?;
         Ok(Self {
             server,
@@ -279,9 +299,28 @@ impl PyEngine {
         })
     }
 
+    /// The port listened on; 0 on a Unix socket.
     #[getter]
     fn port(&self) -> u16 {
-        self.server.local_addr().port()
+        self.server.local_addr().map_or(0, |addr| addr.port())
+    }
+
+    /// The first IP address listened on; `None` on a Unix socket.
+    #[getter]
+    fn host(&self) -> Option<String> {
+        self.server.local_addr().map(|addr| addr.ip().to_string())
+    }
+
+    /// The Unix socket's path; `None` on TCP.
+    #[getter]
+    fn unix_path(&self) -> Option<std::ffi::OsString> {
+        self.server
+            .addresses()
+            .iter()
+            .find_map(|bound| match bound {
+                Address::Unix(path) => Some(path.clone().into_os_string()),
+                Address::Tcp(_) => None,
+            })
     }
 
     /// `(receiving, sending)`: how many sibling workers' publishes reach this server, and how

@@ -33,6 +33,10 @@ pub fn value_error(message: String) -> PyErr {
 pub fn os_error(err: std::io::Error) -> PyErr {
     match err.raw_os_error() {
         Some(errno) => PyOSError::new_err((errno, err.to_string())),
+        // The engine's own refusals (a socket handed in that cannot serve): misuse, not the OS.
+        None if err.kind() == std::io::ErrorKind::InvalidInput => {
+            PyValueError::new_err(err.to_string())
+        }
         None => PyOSError::new_err(err.to_string()),
     }
 }

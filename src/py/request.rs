@@ -1,6 +1,5 @@
 //! `PendingRequest`: one HTTP request waiting for the Python handler's answer.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
@@ -10,7 +9,7 @@ use pyo3::types::PyBytes;
 use tokio::sync::oneshot;
 
 use super::engine::{PyEngine, Upgraded};
-use crate::engine::{build_response, parse_headers, HttpRequest, Reply};
+use crate::engine::{build_response, parse_headers, HttpRequest, Remote, Reply};
 
 #[pyclass(frozen, module = "brioche", name = "PendingRequest")]
 pub struct PendingRequest {
@@ -24,7 +23,7 @@ pub struct PendingRequest {
     #[pyo3(get)]
     headers: Vec<(String, String)>,
     body: Bytes,
-    remote: SocketAddr,
+    remote: Remote,
     #[pyo3(get)]
     is_websocket: bool,
     reply: Mutex<Option<oneshot::Sender<Reply>>>,
@@ -59,13 +58,16 @@ impl PendingRequest {
 
     #[getter]
     fn remote_address(&self) -> String {
-        self.remote.ip().to_string()
+        self.remote.peer().address()
     }
 
-    /// The client's TCP port.
+    /// The client's TCP port; 0 over a Unix socket.
     #[getter]
     fn remote_port(&self) -> u16 {
-        self.remote.port()
+        match self.remote {
+            Remote::Tcp(addr) => addr.port(),
+            Remote::Unix => 0,
+        }
     }
 
     /// Whether `upgrade` succeeded.

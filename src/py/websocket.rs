@@ -153,10 +153,10 @@ impl PyWebSocket {
         ready_state_member(py, self.conn.ready_state() as u8)
     }
 
-    /// The client's IP address.
+    /// The client's IP address, or `""` over a Unix socket.
     #[getter]
     fn remote_address(&self) -> String {
-        self.conn.remote.to_string()
+        self.conn.remote.address()
     }
 
     /// Bytes accepted for this connection but not yet written to the kernel.

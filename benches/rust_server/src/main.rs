@@ -73,7 +73,7 @@ fn main() {
         eprintln!("rust_server: cannot listen on 127.0.0.1:{port}: {e}");
         std::process::exit(1)
     });
-    println!("rust_server listening on {}", server.local_addr());
+    println!("rust_server listening on {}", server.local_addr().unwrap());
     let _ = std::io::stdout().flush();
 
     let shared = server.shared().clone();

@@ -10,7 +10,6 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::wake::Wakeup;
+use crate::engine::net::Remote;
 
 pub type Body = Full<Bytes>;
 
@@ -41,7 +41,7 @@ pub struct HttpRequest {
     pub query: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
-    pub remote: SocketAddr,
+    pub remote: Remote,
     /// A valid WebSocket handshake on a server that accepts WebSockets.
     pub is_websocket: bool,
     pub reply: oneshot::Sender<Reply>,

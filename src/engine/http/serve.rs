@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,11 +25,11 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::handshake::{self, Handshake};
 use crate::engine::bridge::events::{Body, HttpRequest, LogKind, Reply};
+use crate::engine::net::{Remote, Stream};
 use crate::engine::stats::Counter;
 use crate::engine::ws::conn::{Conn, ReadyState};
 use crate::engine::ws::shared::Shared;
@@ -110,7 +109,7 @@ impl RequestClock {
 /// that sent nothing since the last response is closed without one, as an idle keep-alive).
 /// hyper's own header timeout ends the connection without a response and does not cover bodies.
 struct TimedIo {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Stream>,
     clock: Arc<RequestClock>,
     timer: Option<Pin<Box<Sleep>>>,
     /// Bytes read since the clock last started: a request is under way.
@@ -206,10 +205,12 @@ impl AsyncWrite for TimedIo {
     }
 }
 
-/// Serve one TCP connection until it closes, is upgraded, or the server stops.
-pub(crate) async fn serve_connection(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
-    // Small messages must not wait for Nagle; every write the writer makes is already a batch.
-    let _ = stream.set_nodelay(true);
+/// Serve one connection (TCP or Unix) until it closes, is upgraded, or the server stops.
+pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc<Shared>) {
+    if let Stream::Tcp(tcp) = &stream {
+        // Small messages must not wait for Nagle; every write the writer makes is already a batch.
+        let _ = tcp.set_nodelay(true);
+    }
     let clock = Arc::new(RequestClock {
         limit: shared.config.header_read_timeout,
         deadline: Mutex::new(None),
@@ -274,20 +275,20 @@ pub(crate) async fn serve_connection(stream: TcpStream, remote: SocketAddr, shar
 }
 
 /// Count and log a request the engine answered with an error before any handler saw it.
-fn reject_request(shared: &Shared, remote: SocketAddr, status: StatusCode, why: &'static str) {
+fn reject_request(shared: &Shared, remote: Remote, status: StatusCode, why: &'static str) {
     shared.stats.add(Counter::RequestsRejected, 1);
     shared.log(LogKind::RequestRejected, remote, status.as_u16(), why);
 }
 
 /// Count and log a WebSocket handshake the engine refused before the handler saw it.
-fn reject_handshake(shared: &Shared, remote: SocketAddr, status: StatusCode, why: &'static str) {
+fn reject_handshake(shared: &Shared, remote: Remote, status: StatusCode, why: &'static str) {
     shared.stats.add(Counter::HandshakesRejected, 1);
     shared.log(LogKind::HandshakeRejected, remote, status.as_u16(), why);
 }
 
 async fn handle(
     req: Request<Incoming>,
-    remote: SocketAddr,
+    remote: Remote,
     shared: Arc<Shared>,
     clock: Arc<RequestClock>,
 ) -> Result<Response<Body>, Infallible> {
@@ -299,7 +300,7 @@ async fn handle(
 
 async fn read_and_answer(
     mut req: Request<Incoming>,
-    remote: SocketAddr,
+    remote: Remote,
     shared: &Arc<Shared>,
     clock: &RequestClock,
 ) -> Result<Response<Body>, Infallible> {
@@ -394,7 +395,7 @@ async fn read_and_answer(
         Ok(Reply::Upgrade(extra)) => match (on_upgrade, websocket_key) {
             (Some(on_upgrade), Some(key)) => {
                 slot.hand_over();
-                let conn = shared.register(id, remote.ip());
+                let conn = shared.register(id, remote.peer());
                 shared.tracker.spawn(open_websocket(on_upgrade, conn));
                 let mut response = Response::new(Full::default());
                 *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

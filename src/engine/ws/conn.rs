@@ -6,7 +6,6 @@
 //! the outbound queue.
 
 use std::io;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Context;
@@ -22,6 +21,7 @@ use super::protocol::{OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
 use super::shared::Shared;
 use super::Event;
 use crate::engine::bridge::events::LogKind;
+use crate::engine::net::Peer;
 use crate::engine::pubsub::arena::ArenaRange;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub(crate) const MAX_INFLIGHT_BYTES: usize = 1024 * 1024;
 
 pub struct Conn {
     pub id: u64,
-    pub remote: IpAddr,
+    pub remote: Peer,
     pub(crate) shared: Arc<Shared>,
     state: AtomicU8,
     pub(crate) out: Outbound,
@@ -102,7 +102,7 @@ pub(crate) mod signal {
 }
 
 impl Conn {
-    pub(crate) fn new(id: u64, remote: IpAddr, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(id: u64, remote: Peer, shared: Arc<Shared>) -> Self {
         Self {
             id,
             remote,

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::net::TcpStream;
 
 use bytes::Bytes;
 
 use super::encode::{encode_head, OutFrame};
+use crate::engine::net::Stream;
 use crate::engine::pubsub::arena::ArenaRange;
 
 /// Frames with payloads up to this size are copied into the queue's byte buffer as they are
@@ -79,7 +79,7 @@ struct Queue {
     /// No more frames are accepted: a close frame was queued or the connection ended.
     sealed: bool,
     /// The socket, while the connection is up; the connection task detaches it before closing.
-    socket: Option<Arc<TcpStream>>,
+    socket: Option<Arc<Stream>>,
     /// The write side is shut down: everything up to the seal is written.
     shut_down: bool,
 }
@@ -135,12 +135,12 @@ pub(crate) enum Flushed {
 }
 
 impl Outbound {
-    pub(crate) fn attach(&self, socket: Arc<TcpStream>) {
+    pub(crate) fn attach(&self, socket: Arc<Stream>) {
         self.queue.lock().socket = Some(socket);
     }
 
     /// Stop writing from any thread; the caller (the connection task) closes the socket.
-    pub(crate) fn detach(&self) -> Option<Arc<TcpStream>> {
+    pub(crate) fn detach(&self) -> Option<Arc<Stream>> {
         self.queue.lock().socket.take()
     }
 
@@ -378,7 +378,11 @@ mod tests {
     }
 
     /// A runtime, and both ends of a loopback TCP connection (ours for the queue).
-    fn socket_pair() -> (tokio::runtime::Runtime, TcpStream, std::net::TcpStream) {
+    fn socket_pair() -> (
+        tokio::runtime::Runtime,
+        tokio::net::TcpStream,
+        std::net::TcpStream,
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -427,7 +431,7 @@ mod tests {
         let (rt, ours, mut theirs) = socket_pair();
         let _guard = rt.enter();
         let out = Outbound::default();
-        out.attach(Arc::new(ours));
+        out.attach(Arc::new(Stream::Tcp(ours)));
         let large = OutFrame::new(OP_TEXT, Bytes::from(vec![b'L'; 5000]));
         let mut expected = Vec::new();
         for frame in [
@@ -468,7 +472,7 @@ mod tests {
         let range = writer.append(&[b"\x81\x02hi"]);
         drop(writer);
         let out = Outbound::default();
-        out.attach(Arc::new(ours));
+        out.attach(Arc::new(Stream::Tcp(ours)));
         out.cork();
         out.push_shared(&range);
         assert_eq!(range.arena_holders(), 2, "an open queue shares the range");
@@ -511,7 +515,7 @@ mod tests {
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let range = ArenaWriter::default().append(&[&payload]);
         let out = Outbound::default();
-        out.attach(Arc::new(ours));
+        out.attach(Arc::new(Stream::Tcp(ours)));
         out.push_shared(&range);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut flushed = Flushed::Blocked;

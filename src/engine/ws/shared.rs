@@ -2,7 +2,6 @@
 //! incoming budget and its open WebSockets. Every `Conn` holds it, which is why it lives with them.
 
 use std::io;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -20,6 +19,7 @@ use super::relay::Relay;
 use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
 use crate::engine::config::ServerConfig;
+use crate::engine::net::Peer;
 use crate::engine::pubsub::topics::TopicRegistry;
 use crate::engine::stats::{Counter, Stats};
 
@@ -82,7 +82,7 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn register(self: &Arc<Self>, id: u64, remote: IpAddr) -> Arc<Conn> {
+    pub(crate) fn register(self: &Arc<Self>, id: u64, remote: Peer) -> Arc<Conn> {
         let conn = Arc::new(Conn::new(id, remote, self.clone()));
         self.conns.lock().insert(id, conn.clone());
         conn

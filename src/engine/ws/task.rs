@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{signal, Conn, ReadyState};
@@ -27,6 +26,7 @@ use super::outbound::Flushed;
 use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
 use super::Event;
 use crate::engine::bridge::events::LogKind;
+use crate::engine::net::Stream;
 use crate::engine::stats::Counter;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
@@ -84,7 +84,7 @@ impl Ending {
 /// future, most of an idle connection's memory, holds only what the connection's life needs.
 pub(crate) fn run(
     conn: Arc<Conn>,
-    stream: TcpStream,
+    stream: Stream,
     already_read: Vec<u8>,
 ) -> impl Future<Output = ()> {
     let stream = Arc::new(stream);
@@ -130,7 +130,7 @@ enum Phase {
 /// that was over a kilobyte each.
 struct Task {
     conn: Arc<Conn>,
-    stream: Arc<TcpStream>,
+    stream: Arc<Stream>,
     rx: Receiver,
     phase: Phase,
     last_read: Instant,
@@ -181,7 +181,7 @@ impl Drop for Task {
 }
 
 impl Task {
-    fn new(conn: Arc<Conn>, stream: Arc<TcpStream>) -> Self {
+    fn new(conn: Arc<Conn>, stream: Arc<Stream>) -> Self {
         let reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
         Self {
             conn,
@@ -558,7 +558,7 @@ enum Read {
 }
 
 /// Read and parse what the socket has, into this worker's buffer.
-fn read(conn: &Arc<Conn>, stream: &TcpStream, rx: &mut Receiver) -> Read {
+fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
     READ_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         let mut got = Read::Nothing;
@@ -592,7 +592,7 @@ fn read(conn: &Arc<Conn>, stream: &TcpStream, rx: &mut Receiver) -> Read {
 /// One `recv`. A short read means the socket is drained for now: tokio is told so (through
 /// `WouldBlock` inside `try_io`), which saves the `recv` that would only return EAGAIN. tokio
 /// keeps readiness that arrived in the meantime, so no wake-up is lost.
-fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_once(stream: &Stream, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     let result = stream.try_io(Interest::READABLE, || {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the descriptor is open
@@ -756,11 +756,11 @@ mod tests {
         rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let _client = TcpStream::connect(addr).await.unwrap();
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let shared = Arc::new(Shared::new(ServerConfig::default()).unwrap());
-            let conn = shared.register(1, addr.ip());
-            let task = run(conn.clone(), stream, Vec::new());
+            let conn = shared.register(1, crate::engine::net::Peer::Ip(addr.ip()));
+            let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
             assert!(size_of_future(&task) <= 352, "{}", size_of_future(&task));
             assert!(
                 std::mem::size_of::<Conn>() <= 208,
