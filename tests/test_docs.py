@@ -452,6 +452,60 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "brioche.service" not in verified.stderr, verified.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="no systemd-socket-activate")
+async def test_socket_activation_serves_the_socket_systemd_passes() -> None:
+    port = free_port()
+    # systemd's own tool: binds, and on the first connection starts the script with the
+    # listening socket as fd 3 and LISTEN_PID, LISTEN_FDS set as systemd sets them.
+    proc = await asyncio.create_subprocess_exec(
+        "systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+        sys.executable, str(EXAMPLES / "socket_activation.py"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        async with httpx.AsyncClient() as http:
+            reply = await http.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert (reply.status_code, reply.text) == (200, "ok\n")
+        async with connect(f"ws://127.0.0.1:{port}/") as client:
+            await client.send("activated")
+            assert await recv(client) == "activated"
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await stop_process(proc)
+
+
+def test_socket_activation_refuses_to_start_without_a_socket() -> None:
+    ran = subprocess.run(
+        [sys.executable, str(EXAMPLES / "socket_activation.py")],
+        env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
+    )
+    assert ran.returncode == 1 and "expected one socket from systemd" in ran.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_socket_activated_units_verify(tmp_path: Path) -> None:
+    for name in ("brioche-activated.socket", "brioche-activated.service"):
+        unit = (EXAMPLES / "deploy" / name).read_text()
+        unit = unit.replace("/srv/app/.venv/bin/python", sys.executable)
+        unit = unit.replace("/srv/app", str(EXAMPLES))
+        (tmp_path / name).write_text(unit)
+    assert "ExecStart=" + sys.executable + " socket_activation.py" in (
+        tmp_path / "brioche-activated.service").read_text()
+    verified = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no",
+         str(tmp_path / "brioche-activated.socket"), str(tmp_path / "brioche-activated.service")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "brioche-activated" not in verified.stderr, verified.stderr
+
+
 def test_sysctl_settings_exist() -> None:
     settings = [
         line.partition("=")
