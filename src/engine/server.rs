@@ -434,3 +434,54 @@ fn is_listening(socket: &Socket) -> io::Result<bool> {
 fn invalid(message: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_addresses_listen_on_the_port_the_first_one_picked() {
+        let v6: IpAddr = "::1".parse().unwrap();
+        if std::net::TcpListener::bind((v6, 0)).is_err() {
+            eprintln!("skipped: no IPv6 loopback here");
+            return;
+        }
+        let ips = [IpAddr::from([127, 0, 0, 1]), v6];
+        let listeners = bind_tcp_all(&ips, 0, false).unwrap();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert_eq!(addrs.len(), 2);
+        assert_ne!(addrs[0].port(), 0);
+        assert_eq!(addrs[0].port(), addrs[1].port());
+        assert_eq!((addrs[0].ip(), addrs[1].ip()), (ips[0], ips[1]));
+        for addr in addrs {
+            std::net::TcpStream::connect(addr).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_descriptor_handed_in_is_duplicated_and_listened_on() {
+        let _entered = runtime().enter();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let (listener, address) = adopt(socket.as_raw_fd()).unwrap();
+        assert!(matches!(listener, Listener::Tcp(_)));
+        assert_eq!(
+            Address::Tcp(socket.local_addr().unwrap().as_socket().unwrap()),
+            address
+        );
+        assert!(
+            is_listening(&socket).unwrap(),
+            "listen applies to the shared socket"
+        );
+        // The caller's descriptor closes; the duplicate keeps the socket listening.
+        drop(socket);
+        let Address::Tcp(addr) = address else {
+            unreachable!()
+        };
+        std::net::TcpStream::connect(addr).unwrap();
+        drop(listener);
+        assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+}
