@@ -13,7 +13,7 @@ MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
 # maturin, ziglang, auditwheel and twine, at the versions pinned in scripts/wheel-tools.txt.
 TOOLS := .venv-tools
 
-.PHONY: demo test docs venv install system-deps rust-test valgrind py-test wheel test-matrix $(MATRIX) typecheck conformance test-portable fuzz lint fmt bench clean
+.PHONY: demo test docs venv install system-deps rust-test valgrind py-test py-test-load wheel test-matrix $(MATRIX) typecheck conformance test-portable fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ typecheck: install
 
 py-test: install system-deps
 	$(VENV)/bin/pytest -q
+
+# The load tests (marker `load`), from the source tree: `make test` runs everything else on each
+# CPython through test-matrix, from the wheel, so the default interpreter's run is not repeated.
+py-test-load: install system-deps
+	$(VENV)/bin/pytest -q -m load
 
 $(TOOLS)/bin/maturin: scripts/wheel-tools.txt
 	rm -rf $(TOOLS)
@@ -112,7 +117,7 @@ test-portable: install
 	rustup target add $(PORTABLE_TARGETS)
 	cargo check --quiet $(addprefix --target ,$(PORTABLE_TARGETS))
 
-test: lint rust-test valgrind typecheck docs py-test test-matrix test-portable conformance
+test: lint rust-test valgrind typecheck docs py-test-load test-matrix test-portable conformance
 
 lint: install
 	cargo fmt --check
