@@ -41,9 +41,12 @@ def main() -> None:
         metrics = sc["metrics"]
         count = sum(1 for n in names if n in sc["results"])
         width = max(6.5, 0.55 * count)  # the echo scenarios have the handler variants' rows too
-        fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.6 + 0.08 * count),
-                                 squeeze=False)
-        for ax, m in zip(axes[0], metrics):
+        # Up to three metrics side by side; more (S7's four cells) two to a row.
+        cols = len(metrics) if len(metrics) <= 3 else 2
+        rows = -(-len(metrics) // cols)
+        fig, axes = plt.subplots(rows, cols,
+                                 figsize=(width * cols, (4.6 + 0.08 * count) * rows), squeeze=False)
+        for ax, m in zip(axes.flat, metrics):
             xs, meds, lo, hi, cols, na = [], [], [], [], [], []
             shown = [n for n in names if n in sc["results"]]  # rows that ran in this scenario
             for i, n in enumerate(shown):

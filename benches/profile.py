@@ -4,6 +4,7 @@
     .venv/bin/python benches/profile.py                       # brioche (asyncio) under S1
     .venv/bin/python benches/profile.py --server rust-engine --scenario S3
     .venv/bin/python benches/profile.py --symbols             # brioche with an unstripped build
+    .venv/bin/python benches/profile.py --scenario S7-64k-binary   # S7's cells: S7-{64k,1m}-{binary,text}
 
 Same pinning as run.py (server on CPU 0, load generator on CPU 1). Two runs of the scenario:
 one under ``py-spy record --native`` (a flame graph and raw folded stacks) and one under
@@ -44,6 +45,10 @@ SCENARIO_ARGS = {
     "S1": ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32}),
     "S2": ("echo-latency", {"conns": 100, "size": 32}),
     "S3": ("fanout", {"conns": 1000, "window": 32, "size": 32}),
+    # S7's four cells.
+    **{f"S7-{tag}-{kind}": ("echo-throughput", {"conns": 10, "inflight": 4, "size": size,
+                                                "binary": int(kind == "binary")})
+       for tag, size in (("64k", 64 * 1024), ("1m", 1024 * 1024)) for kind in ("binary", "text")},
 }
 
 
@@ -156,7 +161,7 @@ def main() -> int:
                 "--format", fmt, "--output", str(path), "--pid", str(pid)])
             summary.append(f"[py-spy {fmt}] load during profile: "
                            + ", ".join(f"{k}={v}" for k, v in r.items()
-                                       if k in ("msgs_per_s", "deliveries_per_s", "p50_us")))
+                                       if k in ("msgs_per_s", "deliveries_per_s", "p50_us", "mb_per_s")))
         if folded.exists():
             summary += top_folded(folded)
         summary.append("")
@@ -165,7 +170,7 @@ def main() -> int:
         r = profiled("perf", lambda pid: ["perf", "record", "-g", "-F", "999", "-o", str(data),
                                           "-p", str(pid), "--", "sleep", str(ns.seconds)])
         summary.append("[perf] load during profile: " + ", ".join(
-            f"{k}={v}" for k, v in r.items() if k in ("msgs_per_s", "deliveries_per_s", "p50_us")))
+            f"{k}={v}" for k, v in r.items() if k in ("msgs_per_s", "deliveries_per_s", "p50_us", "mb_per_s")))
         rep = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--stdio",
                               "--percent-limit", "0.7", "--sort", "dso,sym", "-g", "none"],
                              capture_output=True, text=True)

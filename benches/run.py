@@ -509,7 +509,21 @@ class Scenario:
     description: str
     metrics: list[Metric]
     fresh_server_per_repeat: bool = False
+    # The servers it runs (None: every server that runs it; --extra-server rows always do).
+    servers: tuple[str, ...] | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def runs(self, spec: ServerSpec) -> bool:
+        return spec.runs_in(self.id) and (self.servers is None or spec.name in self.servers
+                                          or spec.kind == "other-build")
+
+
+# S7's cells: (metric key, label, payload bytes, binary).
+LARGE_CELLS = (("mbps_64k_binary", "64 KiB binary", 64 * 1024, True),
+               ("mbps_64k_text", "64 KiB text", 64 * 1024, False),
+               ("mbps_1m_binary", "1 MiB binary", 1024 * 1024, True),
+               ("mbps_1m_text", "1 MiB text", 1024 * 1024, False))
+LARGE_CONNS, LARGE_INFLIGHT = 10, 4
 
 
 SCENARIOS = [
@@ -537,16 +551,27 @@ SCENARIOS = [
              [Metric("conns_per_s", "connections/s", "conn/s", True),
               Metric("rss_growth_pct", "RSS growth, last 90% of cycles", "%", False)],
              fresh_server_per_repeat=True),
+    Scenario("S7", "Large messages",
+             f"{LARGE_CONNS} connections, each keeping {LARGE_INFLIGHT} messages in flight, "
+             "echoed; four runs per repeat: 64 KiB and 1 MiB messages (65,536 and 1,048,576 "
+             "bytes of payload), binary and text. MB/s of payload echoed (10^6 bytes a second, "
+             "one direction). {large_warmup_s} s unmeasured + {large_duration_s} s measured "
+             "each.",
+             [Metric(key, label, "MB/s", True) for key, label, _, _ in LARGE_CELLS],
+             servers=("brioche-asyncio", "brioche-uvloop", "rust-engine", "picows", "socketify",
+                      "bun")),
 ]
 
 
 def settings(quick: bool, duration: float | None, repeats: int | None) -> dict[str, Any]:
     if quick:
         s = {"repeats": 1, "warmup_s": 0.5, "duration_s": 1.5, "warm_run_s": 0.5,
-             "idle_conns": 1000, "churn_cycles": 3000, "churn_mark": 300}
+             "idle_conns": 1000, "churn_cycles": 3000, "churn_mark": 300,
+             "large_warmup_s": 0.5, "large_duration_s": 1.0}
     else:
         s = {"repeats": 3, "warmup_s": 1.0, "duration_s": 8.0, "warm_run_s": 2.0,
-             "idle_conns": 10_000, "churn_cycles": 50_000, "churn_mark": 5_000}
+             "idle_conns": 10_000, "churn_cycles": 50_000, "churn_mark": 5_000,
+             "large_warmup_s": 1.0, "large_duration_s": 4.0}
     if duration is not None:
         s["duration_s"] = duration
     if repeats is not None:
@@ -582,6 +607,32 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
             r["error"] = (f"delivery check failed: lost {r.get('lost')}, duplicated "
                           f"{r.get('duplicated')}, bad {r.get('bad_frames')}")
         return r
+    if sc.id == "S7":
+        # One loadgen run per cell; the cell's MB/s and the server's CPU are stored under its key.
+        out: dict[str, Any] = {"cells": {}}
+        warmup = 0.2 if warm else cfg.get("large_warmup_s", 1.0)
+        duration = cfg["warm_run_s"] if warm else cfg.get("large_duration_s", 4.0)
+        for key, _, size, binary in LARGE_CELLS:
+            sampler = CpuSampler(server.pid, warmup + 0.3, max(0.2, duration - 0.4))
+            sampler.start()
+            r = loadgen("echo-throughput", port,
+                        {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
+                         "binary": int(binary), "warmup": warmup, "duration": duration},
+                        warmup + duration + 60)
+            sampler.join(5)
+            if sampler.pct is not None:
+                r["server_cpu_pct"] = sampler.pct
+            out["cells"][key] = r
+            if "error" in r:
+                out["error"] = f"{key}: {r['error']}"
+                break
+            if r.get("bad_frames") or r.get("conn_errors"):
+                out["error"] = (f"{key}: {r.get('bad_frames')} bad frames, "
+                                f"{r.get('conn_errors')} connection errors")
+                break
+            out[key] = r["mb_per_s"]
+            time.sleep(0.5)
+        return out
     if sc.id == "S4":
         # Warm-up: a few connections opened and closed, so one-time allocations are done.
         loadgen("idle", port, {"conns": 100, "hold": 0}, 60)
@@ -698,7 +749,7 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
 
 
 def fmt(v: float, unit: str) -> str:
-    if unit in ("msg/s", "conn/s"):
+    if unit in ("msg/s", "conn/s", "MB/s"):
         return f"{v:,.0f}"
     if unit == "%":
         return f"{v:+.1f}"
@@ -784,6 +835,15 @@ def evaluate_targets(scen: dict[str, Scenario],
         v, p = median_of(r5, who, "conns_per_s"), median_of(r5, "picows", "conns_per_s")
         add("S5 conn/s ≥ picows", who, v, p, None if v is None or p is None else v >= p,
             "n/a" if v is None or p is None else f"{v / p:.2f}× picows")
+        r7 = scen["S7"].results
+        for key, label, _, _ in LARGE_CELLS:
+            v, p, b = (median_of(r7, who, key), median_of(r7, "picows", key),
+                       median_of(r7, "bun", key))
+            ref = None if p is None or b is None else max(p, b)
+            add(f"S7 {label} ≥ picows and Bun", who, v, ref,
+                None if v is None or ref is None else v >= ref,
+                "n/a" if v is None or p is None or b is None
+                else f"{v:,.0f} MB/s: {v / p:.2f}× picows, {v / b:.2f}× Bun")
     r1 = scen["S1"].results
     # The sync handler against another build of brioche (--extra-server, e.g. the commit
     # before a change): the same S1, in the same run.
@@ -1081,7 +1141,7 @@ def main() -> int:
     for sc in scenarios:
         log(f"== {sc.id} {sc.title}")
         for s in specs:
-            if not s.runs_in(sc.id):
+            if not sc.runs(s):
                 continue
             if s.na:
                 sc.results[s.name] = {"na": s.na, "runs": [], "errors": []}
@@ -1132,7 +1192,8 @@ def main() -> int:
                 "warnings": [*old["meta"].get("warnings", []),
                              *(f"rerun of {', '.join(rerun['scenarios'])}: {w}"
                                for w in meta["warnings"])]}
-        cfg = old["settings"]
+        # Settings added since the old run (e.g. S7's durations) come from this run.
+        cfg = {**cfg, **old["settings"]}
     shown = [s for s in shown if any(s.name in sc.results for sc in scenarios)]
     all_scen = {sc.id: sc for sc in SCENARIOS}
     targets = evaluate_targets(all_scen, shown) if len(scenarios) == len(SCENARIOS) else []

@@ -9,7 +9,7 @@
 //! the server now, then write a line to my stdin"; the last line is `{"event":"result",...}`.
 //!
 //! Scenarios (32-byte text messages unless `--size`):
-//!   echo-throughput  --conns 100 --inflight 16 --warmup S --duration S
+//!   echo-throughput  --conns 100 --inflight 16 --warmup S --duration S [--binary 1]
 //!   echo-latency     --conns 100 --warmup S --duration S            (one message in flight)
 //!   fanout           --conns 1000 --window 32 --warmup S --duration S   (/sub and /pub)
 //!   idle             --conns 10000 --concurrency 64 --hold S        (prints ready, waits)
@@ -77,7 +77,7 @@ fn usage(why: &str) -> ! {
     eprintln!(
         "usage: loadgen echo-throughput|echo-latency|fanout|idle|churn --port P [--conns N] \
          [--inflight K] [--window W] [--size B] [--warmup S] [--duration S] [--cycles N] \
-         [--mark N] [--concurrency C] [--hold S] [--max-seconds S] [--path /ws]"
+         [--mark N] [--concurrency C] [--hold S] [--max-seconds S] [--path /ws] [--binary 0|1]"
     );
     std::process::exit(2)
 }
@@ -412,7 +412,9 @@ async fn echo_throughput(a: &Args, port: u16) {
     if socks.len() < conns {
         return fail("echo-throughput", &format!("{conn_errors} connections failed: {first_error}"));
     }
-    let msg = frame(OP_TEXT, &payload(size, b'x'));
+    // Binary or text frames of `size` bytes (ASCII: valid UTF-8 however they are cut).
+    let opcode = if a.int("binary", 0) != 0 { OP_BINARY } else { OP_TEXT };
+    let msg = frame(opcode, &payload(size, b'x'));
     let burst: Rc<Vec<u8>> = Rc::new(msg.repeat(inflight));
     let received = Rc::new(Cell::new(0u64));
     let bad = Rc::new(Cell::new(0u64));
@@ -431,7 +433,7 @@ async fn echo_throughput(a: &Args, port: u16) {
                 let mut ok = 0usize;
                 let res = ws
                     .read_frames(|op, p| {
-                        if op == OP_TEXT && p.len() == size {
+                        if op == opcode && p.len() == size {
                             ok += 1;
                         } else {
                             bad.set(bad.get() + 1);
@@ -468,9 +470,11 @@ async fn echo_throughput(a: &Args, port: u16) {
         .num("conns", conns as f64)
         .num("inflight", inflight as f64)
         .num("size", size as f64)
+        .str("opcode", if opcode == OP_BINARY { "binary" } else { "text" })
         .num("seconds", elapsed)
         .num("messages", (c1 - c0) as f64)
         .num("msgs_per_s", (c1 - c0) as f64 / elapsed)
+        .num("mb_per_s", (c1 - c0) as f64 * size as f64 / elapsed / 1e6)
         .num("client_cpu_pct", client_cpu)
         .num("bad_frames", bad.get() as f64)
         .num("conn_errors", errors.get() as f64)
