@@ -45,6 +45,7 @@ pub use stats::Counter;
 pub use ws::batch::{begin_send_batch, end_send_batch};
 pub use ws::conn::{Conn, ReadyState, SendStatus};
 pub use ws::encode::OutFrame;
+pub use ws::outbound::INLINE_PAYLOAD;
 pub use ws::protocol::{is_valid_close_code, OP_BINARY, OP_TEXT};
 pub use ws::Event;
 

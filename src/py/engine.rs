@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use rustc_hash::FxHashMap;
 
 use super::request::PendingRequest;
+use super::shared::release_sent;
 use super::status;
 use super::websocket::{with_bytes, PyWebSocket};
 use super::{
@@ -376,6 +377,7 @@ impl PyEngine {
     fn drain<'py>(slf: &Bound<'py, Self>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
         let py = slf.py();
         let this = slf.get();
+        release_sent(py);
         begin_send_batch();
         let events = &this.server.shared().events;
         let mut batch = std::mem::take(&mut *this.batch.lock());
@@ -444,11 +446,14 @@ impl PyEngine {
     fn end_batch(&self, py: Python<'_>) {
         // Socket writes only: other Python threads may run meanwhile.
         py.detach(end_send_batch);
+        // The objects large frames were sent from, now written.
+        release_sent(py);
     }
 
     /// Stop listening; see `Server.stop`.
-    fn stop(&self, close_active_connections: bool) {
+    fn stop(&self, py: Python<'_>, close_active_connections: bool) {
         self.server.stop(close_active_connections);
+        release_sent(py);
     }
 
     /// Send `message` (text for `str`, binary otherwise) to every subscriber of `topic`.

@@ -3,6 +3,7 @@
 mod engine;
 mod errors;
 mod request;
+mod shared;
 mod status;
 mod websocket;
 

@@ -11,8 +11,11 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyType};
 
 use super::errors::value_error;
+use super::shared::shared_payload;
 use super::status;
-use crate::engine::{is_valid_close_code, Conn};
+use crate::engine::{
+    is_valid_close_code, Conn, SendStatus, INLINE_PAYLOAD, OP_BINARY, OP_TEXT,
+};
 
 /// A server-side WebSocket connection.
 #[pyclass(frozen, weakref, module = "brioche", name = "WebSocket")]
@@ -76,6 +79,27 @@ pub fn with_bytes<R>(obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyRe
     };
     let copy = view.call_method0(intern!(obj.py(), "tobytes"))?;
     Ok(f(copy.cast::<PyBytes>()?.as_bytes()))
+}
+
+/// Send `text`: a large one from the `str` object itself (see `shared.rs`), a small one copied.
+fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatus> {
+    let utf8 = text.to_str()?;
+    if utf8.len() <= INLINE_PAYLOAD {
+        return Ok(conn.send_text(utf8));
+    }
+    Ok(conn.send_owned(OP_TEXT, shared_payload(text.as_any(), utf8.as_bytes())))
+}
+
+/// Send binary `data`: a large `bytes` from the object itself (see `shared.rs`); anything else,
+/// or anything small, copied.
+fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>) -> PyResult<SendStatus> {
+    if let Ok(bytes) = data.cast::<PyBytes>() {
+        let payload = bytes.as_bytes();
+        if payload.len() > INLINE_PAYLOAD {
+            return Ok(conn.send_owned(OP_BINARY, shared_payload(data, payload)));
+        }
+    }
+    with_bytes(data, |b| conn.send_binary(b))
 }
 
 fn check_topic(topic: &str) -> PyResult<()> {
@@ -187,8 +211,8 @@ impl PyWebSocket {
         let _ = compress;
         // `str` first: the common case pays one type check, as the `&str` argument did.
         let sent = match message.cast::<PyString>() {
-            Ok(text) => self.conn.send_text(text.to_str()?),
-            Err(_) => with_bytes(message, |b| self.conn.send_binary(b)).map_err(|_| {
+            Ok(text) => send_text(&self.conn, text)?,
+            Err(_) => send_binary(&self.conn, message).map_err(|_| {
                 PyTypeError::new_err(format!(
                     "send() takes a str or a bytes-like object, got {}",
                     message
@@ -203,7 +227,7 @@ impl PyWebSocket {
 
     /// Queue a binary message.
     fn send_bytes(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let sent = with_bytes(message, |b| self.conn.send_binary(b))?;
+        let sent = send_binary(&self.conn, message)?;
         status::to_py(py, sent)
     }
 

@@ -178,6 +178,17 @@ impl Conn {
         status
     }
 
+    /// Send a final frame with `opcode` (text or binary) whose payload is already a `Bytes`: a
+    /// large one is queued as it is, without a copy (the Python layer shares the `bytes` or
+    /// `str` object itself this way).
+    pub fn send_owned(self: &Arc<Self>, opcode: u8, payload: Bytes) -> SendStatus {
+        let len = payload.len();
+        let frame = OutFrame::new(opcode, payload);
+        let status = self.send_with(len, |out| out.push(&frame, false));
+        self.shared.count_sends(status, 1, len);
+        status
+    }
+
     pub fn ping(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
         self.send_payload(OP_PING, payload)
     }

@@ -25,7 +25,7 @@ use crate::engine::pubsub::arena::ArenaRange;
 /// Frames with payloads up to this size are copied into the queue's byte buffer as they are
 /// queued, as uWS corks them: a queued small frame is then a `memcpy`, with no refcount to take
 /// and drop per recipient, and a batch of them is one `send` with no gathering.
-pub(crate) const INLINE_PAYLOAD: usize = 1024;
+pub const INLINE_PAYLOAD: usize = 1024;
 /// A flush that wrote at most this much was not part of a burst: the queue's allocation goes
 /// back to the allocator, so an idle connection holds none.
 const KEEP_BUFFERS_AFTER: usize = 256;
