@@ -560,20 +560,33 @@ fn utf8(bytes: Vec<u8>) -> Result<Utf8Bytes, Violation> {
 
 /// Append `payload` unmasked with `key`, the key as it stands at the payload's first byte.
 /// Within the reserved capacity: no reallocation.
+///
+/// One pass: each word is read from `payload`, unmasked and written once. Copying first and
+/// unmasking in place after read and wrote every byte twice; for a large message, whose buffer
+/// is not in the cache, that second pass was most of the cost (benches/PROFILE.md, S7).
 fn unmask_into(out: &mut Vec<u8>, payload: &[u8], key: [u8; 4]) {
+    let len = payload.len();
+    out.reserve(len);
     let start = out.len();
-    out.extend_from_slice(payload);
-    let data = &mut out[start..];
     let wide = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);
-    let mut chunks = data.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        let word = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
-        *byte ^= key[i & 3];
+    let src = payload.as_ptr();
+    // SAFETY: `reserve` made room for `len` more bytes after `start`; every byte in
+    // `start..start + len` is written below before the length covers it; reads stay in `payload`.
+    unsafe {
+        let dst = out.as_mut_ptr().add(start);
+        let mut i = 0;
+        while i + 8 <= len {
+            let word = src.add(i).cast::<u64>().read_unaligned() ^ wide;
+            dst.add(i).cast::<u64>().write_unaligned(word);
+            i += 8;
+        }
+        while i < len {
+            *dst.add(i) = *src.add(i) ^ key[i & 3];
+            i += 1;
+        }
+        out.set_len(start + len);
     }
 }
 
