@@ -13,9 +13,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyType};
 use super::errors::value_error;
 use super::shared::shared_payload;
 use super::status;
-use crate::engine::{
-    is_valid_close_code, Conn, SendStatus, INLINE_PAYLOAD, OP_BINARY, OP_TEXT,
-};
+use crate::engine::{is_valid_close_code, Conn, SendStatus, INLINE_PAYLOAD, OP_BINARY, OP_TEXT};
 
 /// A server-side WebSocket connection.
 #[pyclass(frozen, weakref, module = "brioche", name = "WebSocket")]
