@@ -2,7 +2,6 @@
 
 mod engine;
 mod errors;
-mod malloc;
 mod request;
 mod shared;
 mod status;
