@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub reuse_port: bool,
     /// Topics shared with sibling processes: where this one listens, and where they do.
     pub relay: Option<RelayPaths>,
+    /// Share topics with other processes through Redis (`broker/`); `None`: this process only.
+    pub redis: Option<RedisConfig>,
 }
 
 /// Unix socket paths of the topic relay between sibling processes (`ws/relay.rs`).
@@ -69,6 +71,44 @@ pub struct ServerConfig {
 pub struct RelayPaths {
     pub listen: std::path::PathBuf,
     pub peers: Vec<std::path::PathBuf>,
+}
+
+/// Where and how topics are shared with other processes: `server.pubsub_redis(url)`.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS), as the `redis` crate parses it.
+    pub url: String,
+    /// `SSUBSCRIBE`/`SPUBLISH` (Redis 7 sharded pub/sub) instead of `SUBSCRIBE`/`PUBLISH`.
+    pub sharded: bool,
+    /// Put before each topic to make its channel name, so that other users of the same Redis
+    /// are not mixed in.
+    pub namespace: String,
+}
+
+impl RedisConfig {
+    /// Refuse a URL the client could never connect with, before the server starts rather than
+    /// in a log line later.
+    pub fn check(&self) -> Result<(), String> {
+        use redis::IntoConnectionInfo;
+        if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
+            return Err("the Redis URL must start with redis:// or rediss://".into());
+        }
+        self.url
+            .as_str()
+            .into_connection_info()
+            .map(drop)
+            .map_err(|err| format!("invalid Redis URL: {err}"))
+    }
+}
+
+/// The URL may hold a password: never print it.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("sharded", &self.sharded)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerConfig {
@@ -86,6 +126,7 @@ impl Default for ServerConfig {
             max_incoming_bytes: 1 << 30,
             reuse_port: false,
             relay: None,
+            redis: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 /// `engine/mod.rs`'s order, top to bottom. The parts of one layer do not use each other.
 const LAYERS: &[&[&str]] = &[
     &["end_to_end_tests", "layering_tests", "server"],
-    &["http", "runtime"],
+    &["broker", "http", "runtime"],
     &["ws"],
     &["bridge", "config", "pubsub", "stats"],
     &["net", "platform"],

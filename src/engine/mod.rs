@@ -7,6 +7,11 @@
 //! 2. `http/`: hyper serves each TCP connection (`serve.rs`); a request the handler upgrades
 //!    (`handshake.rs` checks it) becomes a connection of `ws/`.
 //!    `runtime.rs`: the process-wide tokio runtime; its workers defer the bridge's wake-ups.
+//!    `broker/`: topics shared with other processes through Redis (`pubsub_redis`): the task
+//!    that owns a server's Redis link, publishes to it, subscribes while a topic has local
+//!    subscribers, and fans messages from other processes out with `ws::shared`. It needs
+//!    `ws/` for that fan-out, hence above it; what publishes and subscribes hand it is in
+//!    `pubsub/remote.rs`, below `ws/`.
 //! 3. `ws/`: WebSocket connections. A connection's handle (`conn.rs`: what Python acts on, from
 //!    any thread) and its one task (`task.rs`: reads and parses with `decode.rs`, writes, times
 //!    out); its outbound queue (`outbound.rs`, frames from `encode.rs`); the loop thread's send
@@ -16,14 +21,15 @@
 //! 4. `bridge/`: the event queue from tokio to the asyncio loop and the fd that wakes the loop.
 //!    It carries connections to Python but sits below `ws/`: `Event` is generic over the
 //!    connection handle (`ws::Event` is the engine's).
-//!    `pubsub/`: topics and their subscribers, and the arenas a batch's publishes are encoded
-//!    into, once for every subscriber.
+//!    `pubsub/`: topics and their subscribers, the arenas a batch's publishes are encoded
+//!    into, once for every subscriber, and the queues to the broker (`remote.rs`).
 //!    `config.rs`: settings fixed when a server starts.
 //!    `stats.rs`: the counters of `srv.stats()`, sharded per thread.
 //! 5. `platform.rs`: what differs off Linux, and `BRIOCHE_PORTABLE=1` to run that path here.
 //!    `net.rs`: a connection's socket, TCP or Unix (an enum), and who is on its other end.
 
 pub(crate) mod bridge;
+pub(crate) mod broker;
 pub(crate) mod config;
 pub(crate) mod http;
 pub(crate) mod net;
@@ -37,7 +43,7 @@ pub(crate) mod ws;
 // What the engine offers outside itself: `crate::py` and benches/rust_server (which links it
 // as a library) use these paths. Everything else is `pub(crate)` at most.
 pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
-pub use config::{RelayPaths, ServerConfig, WsLimits};
+pub use config::{RedisConfig, RelayPaths, ServerConfig, WsLimits};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};
 pub use net::{Peer, Remote};
 pub use server::{Address, Listen, Server};

@@ -16,9 +16,11 @@ use std::time::Duration;
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
+use super::broker;
 use super::config::ServerConfig;
 use super::http::serve;
 use super::net::{Remote, Stream};
+use super::pubsub::remote::Remote as RemoteTopics;
 use super::runtime::runtime;
 use super::ws::conn::Conn;
 use super::ws::relay;
@@ -95,6 +97,11 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 impl Server {
     /// Bind `config.host` and `config.port` and start accepting on the shared runtime.
     pub fn start(config: ServerConfig) -> io::Result<Server> {
+        if let Some(redis) = &config.redis {
+            redis
+                .check()
+                .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+        }
         let addr = resolve(&config.host, config.port)?;
         Server::start_on(config, Listen::Tcp(vec![addr.ip()], addr.port()))
     }
@@ -103,7 +110,15 @@ impl Server {
     pub fn start_on(config: ServerConfig, listen: Listen) -> io::Result<Server> {
         let _entered = runtime().enter();
         let reuse_port = config.reuse_port;
-        let shared = Arc::new(Shared::new(config)?);
+        let redis = config.redis.clone();
+        let (remote, inbox) = match redis {
+            Some(_) => {
+                let (remote, inbox) = RemoteTopics::new();
+                (Some(remote), Some(inbox))
+            }
+            None => (None, None),
+        };
+        let shared = Arc::new(Shared::new(config, remote)?);
         let mut listeners = Vec::new();
         let mut addresses = Vec::new();
         match listen {
@@ -132,6 +147,11 @@ impl Server {
         }
         for listener in listeners {
             shared.tracker.spawn(accept_loop(listener, shared.clone()));
+        }
+        if let (Some(redis), Some(inbox)) = (redis, inbox) {
+            shared
+                .tracker
+                .spawn(broker::run(shared.clone(), redis, inbox));
         }
         Ok(Server { shared, addresses })
     }

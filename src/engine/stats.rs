@@ -28,10 +28,17 @@ pub enum Counter {
     SendsDropped,
     HandshakesRejected,
     RequestsRejected,
+    /// Publishes handed to Redis for the other processes.
+    RedisPublished,
+    /// Publishes the other processes never got: Redis was down, the broker's queue was full,
+    /// or the write to Redis failed.
+    RedisPublishesLost,
+    /// Messages from other processes received through Redis (and fanned out here).
+    RedisReceived,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 15] = [
         Counter::ConnectionsOpened,
         Counter::ConnectionsClosed,
         Counter::MessagesIn,
@@ -44,6 +51,9 @@ impl Counter {
         Counter::SendsDropped,
         Counter::HandshakesRejected,
         Counter::RequestsRejected,
+        Counter::RedisPublished,
+        Counter::RedisPublishesLost,
+        Counter::RedisReceived,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +70,9 @@ impl Counter {
             Counter::SendsDropped => "sends_dropped",
             Counter::HandshakesRejected => "handshakes_rejected",
             Counter::RequestsRejected => "requests_rejected",
+            Counter::RedisPublished => "redis_published",
+            Counter::RedisPublishesLost => "redis_publishes_lost",
+            Counter::RedisReceived => "redis_received",
         }
     }
 }

@@ -86,16 +86,21 @@ pub enum LogKind {
     BackpressureDrop,
     /// A connection closed by `close_on_backpressure_limit`.
     BackpressureClose,
+    /// The Redis link of `pubsub_redis` was lost or could not be made: once per outage.
+    RedisDown,
+    /// The Redis link is back and resubscribed.
+    RedisUp,
 }
 
-pub(crate) const LOG_KINDS: usize = 6;
+pub(crate) const LOG_KINDS: usize = 8;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.
 #[derive(Debug)]
 pub struct LogRecord {
     pub kind: LogKind,
-    /// The client's address (no port for a WebSocket: `Conn` keeps only the IP).
+    /// The client's address (no port for a WebSocket: `Conn` keeps only the IP); for the
+    /// Redis kinds, the Redis server's address.
     pub peer: String,
     /// The HTTP status or the close code.
     pub code: u16,

@@ -22,6 +22,15 @@ struct Topic<S> {
     subscribers: RwLock<Subscribers<S>>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unsubscribed {
+    /// It was not subscribed.
+    No,
+    Yes,
+    /// It was the topic's last subscriber: the topic is gone.
+    Last,
+}
+
 /// Lock order: no method holds the map lock and a topic's lock at the same time, so there is no
 /// order to get wrong.
 pub(crate) struct TopicRegistry<S> {
@@ -69,8 +78,9 @@ impl<S: Clone> TopicRegistry<S> {
         }
     }
 
-    /// Add subscriber `id`; returns the interned topic name and whether it was new.
-    pub(crate) fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool) {
+    /// Add subscriber `id`; returns the interned topic name, whether it was new, and whether
+    /// it is the topic's only subscriber (the topic's first, which Redis must hear about).
+    pub(crate) fn subscribe(&self, name: &str, id: u64, subscriber: S) -> (Arc<str>, bool, bool) {
         loop {
             let (key, topic) = self.topic_or_create(name);
             let mut subs = topic.subscribers.write();
@@ -80,27 +90,33 @@ impl<S: Clone> TopicRegistry<S> {
                 continue;
             }
             let added = subs.by_id.insert(id, subscriber.clone()).is_none();
-            return (key, added);
+            let first = added && subs.by_id.len() == 1;
+            return (key, added, first);
         }
     }
 
-    /// Remove subscriber `id`; returns whether it was subscribed. Empty topics are dropped.
-    pub(crate) fn unsubscribe(&self, name: &str, id: u64) -> bool {
+    /// Remove subscriber `id`. Empty topics are dropped.
+    pub(crate) fn unsubscribe(&self, name: &str, id: u64) -> Unsubscribed {
         let Some(topic) = self.topic(name) else {
-            return false;
+            return Unsubscribed::No;
         };
         {
             let mut subs = topic.subscribers.write();
             if subs.by_id.remove(&id).is_none() {
-                return false;
+                return Unsubscribed::No;
             }
             if !subs.by_id.is_empty() {
-                return true;
+                return Unsubscribed::Yes;
             }
             subs.dead = true;
         }
         self.forget(name, &topic);
-        true
+        Unsubscribed::Last
+    }
+
+    /// Every topic with a subscriber now: what a new Redis connection subscribes to.
+    pub(crate) fn names(&self) -> Vec<Arc<str>> {
+        self.topics.read().keys().cloned().collect()
     }
 
     pub(crate) fn is_subscribed(&self, name: &str, id: u64) -> bool {
@@ -137,8 +153,8 @@ mod tests {
     fn subscribe_is_idempotent_and_counts() {
         let r = TopicRegistry::<u64>::default();
         assert!(r.subscribe("chat", 1, 1).1);
-        assert!(!r.subscribe("chat", 1, 1).1);
-        r.subscribe("chat", 2, 2);
+        assert_eq!(r.subscribe("chat", 1, 1), ("chat".into(), false, false));
+        assert_eq!(r.subscribe("chat", 2, 2), ("chat".into(), true, false));
         assert_eq!(r.subscriber_count("chat"), 2);
         assert!(r.is_subscribed("chat", 2));
         assert!(!r.is_subscribed("news", 2));
@@ -149,10 +165,15 @@ mod tests {
         let r = TopicRegistry::<u64>::default();
         r.subscribe("a", 1, 1);
         r.subscribe("b", 1, 1);
-        assert!(r.unsubscribe("a", 1));
-        assert!(!r.unsubscribe("a", 1));
+        assert!(r.subscribe("a", 2, 2).1);
+        assert_eq!(r.unsubscribe("a", 2), Unsubscribed::Yes);
+        assert_eq!(r.unsubscribe("a", 1), Unsubscribed::Last);
+        assert_eq!(r.unsubscribe("a", 1), Unsubscribed::No);
         assert_eq!(r.subscriber_count("a"), 0);
         assert_eq!(r.topic_count(), 1);
+        assert_eq!(r.names(), vec![Arc::<str>::from("b")]);
+        // A topic dropped and made again has a first subscriber again.
+        assert!(r.subscribe("a", 3, 3).2);
     }
 
     #[test]
@@ -181,7 +202,7 @@ mod tests {
                         let id = t * 1_000_000 + i;
                         r.subscribe("hot", id, id);
                         if i % 2 == 0 {
-                            assert!(r.unsubscribe("hot", id));
+                            assert_ne!(r.unsubscribe("hot", id), Unsubscribed::No);
                         }
                         r.subscribe(&format!("t{t}"), id, id);
                     }

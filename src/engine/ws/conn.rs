@@ -23,6 +23,7 @@ use super::Event;
 use crate::engine::bridge::events::LogKind;
 use crate::engine::net::Peer;
 use crate::engine::pubsub::arena::ArenaRange;
+use crate::engine::pubsub::topics::Unsubscribed;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -341,15 +342,18 @@ impl Conn {
         if self.ready_state() == ReadyState::Closed {
             return;
         }
-        let (name, added) = self.shared.topics.subscribe(topic, self.id, self.clone());
+        let (name, added, first) = self.shared.topics.subscribe(topic, self.id, self.clone());
         if added {
+            self.shared.subscribed(&name, first);
             subs.push(name);
         }
     }
 
     pub fn unsubscribe(&self, topic: &str) {
         let mut subs = self.subscriptions.lock();
-        if self.shared.topics.unsubscribe(topic, self.id) {
+        let outcome = self.shared.topics.unsubscribe(topic, self.id);
+        if outcome != Unsubscribed::No {
+            self.shared.unsubscribed(topic, outcome);
             subs.retain(|t| &**t != topic);
         }
     }
@@ -383,7 +387,8 @@ impl Conn {
         let mut subs = self.subscriptions.lock();
         self.set_state(ReadyState::Closed);
         for topic in subs.drain(..) {
-            self.shared.topics.unsubscribe(&topic, self.id);
+            let outcome = self.shared.topics.unsubscribe(&topic, self.id);
+            self.shared.unsubscribed(&topic, outcome);
         }
     }
 

@@ -66,6 +66,11 @@ impl OutFrame {
         &self.payload
     }
 
+    /// The payload, shared: what a publish hands on to Redis without copying it.
+    pub(crate) fn payload_bytes(&self) -> Bytes {
+        self.payload.clone()
+    }
+
     /// What this frame adds to `buffered_amount`.
     pub(crate) fn wire_len(&self) -> usize {
         self.head_len as usize + self.payload.len()

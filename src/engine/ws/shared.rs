@@ -20,7 +20,8 @@ use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
 use crate::engine::config::ServerConfig;
 use crate::engine::net::Peer;
-use crate::engine::pubsub::topics::TopicRegistry;
+use crate::engine::pubsub::remote::Remote;
+use crate::engine::pubsub::topics::{TopicRegistry, Unsubscribed};
 use crate::engine::stats::{Counter, Stats};
 
 /// State shared by the server's tasks and its connections.
@@ -28,6 +29,10 @@ pub struct Shared {
     pub(crate) config: ServerConfig,
     pub events: EventQueue<Arc<Conn>>,
     pub(crate) topics: TopicRegistry<Arc<Conn>>,
+    /// Topics shared with other processes through Redis (`pubsub_redis`): publishes are also
+    /// handed to it, and topics gaining their first or losing their last local subscriber
+    /// reported to it. `None` costs a publish one check.
+    pub(crate) remote: Option<Remote>,
     pub(crate) budget: IncomingBudget,
     pub(crate) stats: Stats,
     log_limiter: LogLimiter,
@@ -50,8 +55,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: ServerConfig) -> io::Result<Self> {
+    pub(crate) fn new(config: ServerConfig, remote: Option<Remote>) -> io::Result<Self> {
         Ok(Self {
+            remote,
             budget: IncomingBudget::new(config.max_incoming_bytes),
             relay: config.relay.as_ref().map(|_| Relay::default()),
             config,
@@ -117,6 +123,8 @@ impl Shared {
         self.conns.lock().len()
     }
 
+    /// Local subscribers only: those of other processes sharing the topic through Redis are
+    /// not known here.
     pub fn subscriber_count(&self, topic: &str) -> usize {
         self.topics.subscriber_count(topic)
     }
@@ -168,8 +176,32 @@ impl Shared {
             .add(Counter::BytesOut, messages * payload_len as u64);
     }
 
+    /// `conn` subscribed to `topic`; `first`: no one here was. Redis hears of the topic's
+    /// first subscriber only.
+    pub(crate) fn subscribed(&self, topic: &Arc<str>, first: bool) {
+        if first {
+            if let Some(remote) = &self.remote {
+                remote.topic_changed(topic.clone());
+            }
+        }
+    }
+
+    pub(crate) fn unsubscribed(&self, topic: &str, outcome: Unsubscribed) {
+        if outcome == Unsubscribed::Last {
+            if let Some(remote) = &self.remote {
+                remote.topic_changed(topic.into());
+            }
+        }
+    }
+
+    /// Whether this server shares topics through Redis and is connected now (0/1 in `stats()`).
+    pub fn redis_connected(&self) -> bool {
+        self.remote.as_ref().is_some_and(Remote::is_connected)
+    }
+
     /// Queue one shared frame to every subscriber of `topic` except `exclude`, and hand it to
-    /// the sibling processes, if any. The status tells about this process's subscribers only.
+    /// the other processes: through Redis if it is configured, else to the sibling workers, if
+    /// any. The status tells about this process's subscribers only.
     pub fn publish(
         &self,
         topic: &str,
@@ -177,13 +209,21 @@ impl Shared {
         payload_len: usize,
         exclude: Option<u64>,
     ) -> SendStatus {
-        if let Some(relay) = &self.relay {
+        self.stats.add(Counter::Publishes, 1);
+        if let Some(remote) = &self.remote {
+            // Counted as published by the broker once Redis has taken it. Redis reaches the
+            // sibling workers too: relaying as well would give them every message twice.
+            if !remote.publish(topic, frame.opcode(), frame.payload_bytes()) {
+                self.stats.add(Counter::RedisPublishesLost, 1);
+            }
+        } else if let Some(relay) = &self.relay {
             relay.forward(topic, &frame);
         }
         self.publish_local(topic, frame, payload_len, exclude)
     }
 
-    /// `publish` to this process's subscribers only (what a sibling relayed).
+    /// Queue one shared frame to every subscriber of `topic` here except `exclude`: a publish
+    /// of this process, or one from another process (relayed by a sibling, or through Redis).
     pub(crate) fn publish_local(
         &self,
         topic: &str,
@@ -216,7 +256,6 @@ impl Shared {
             }
         });
         let stats = &self.stats;
-        stats.add(Counter::Publishes, 1);
         if queued + backpressured > 0 {
             stats.add(Counter::Deliveries, queued + backpressured);
             self.count_out(queued + backpressured, payload_len);

@@ -758,7 +758,7 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
-            let shared = Arc::new(Shared::new(ServerConfig::default()).unwrap());
+            let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
             let conn = shared.register(1, crate::engine::net::Peer::Ip(addr.ip()));
             let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
             assert!(size_of_future(&task) <= 352, "{}", size_of_future(&task));

@@ -1,0 +1,355 @@
+//! Topics shared with other processes through Redis pub/sub (`server.pubsub_redis(url)`).
+//!
+//! One task per server owns the link: a single RESP3 connection (one socket) carries the
+//! `PUBLISH`es, the `SUBSCRIBE`s and, as pushes, the messages of the subscribed channels. A
+//! process usually runs one server; one that runs several gets one link per server, because
+//! each server has its own topics, namespace and stats, and sharing a link between them would
+//! mean routing every message to several registries for a case that is rare.
+//!
+//! - Publishes arrive from `Shared::publish` on a bounded queue (`pubsub/remote.rs`), which
+//!   never makes the loop thread wait; they go to Redis in pipelines, in the order they came,
+//!   each framed with this process's origin id and its sequence number.
+//! - A channel is subscribed only while the topic has local subscribers: `Conn` reports a
+//!   topic's first subscriber and its last leaving, and the task checks the registry itself
+//!   before it subscribes or unsubscribes, so reports that race each other cannot leave it
+//!   subscribed in vain or deaf.
+//! - Messages from Redis go to the local subscribers through `Shared::publish_local`; a
+//!   message of this process's own origin is dropped (its subscribers here had it already),
+//!   and so is one whose sequence number is not past the last one seen from its origin.
+//! - When the link drops, local delivery goes on; publishes are counted lost until the task
+//!   has reconnected (with backoff) and resubscribed. Redis pub/sub is at-most-once: nothing
+//!   is replayed. One log line says the link is down, one that it is back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
+    RedisResult, Value,
+};
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::sync::mpsc;
+
+use crate::engine::bridge::events::LogKind;
+use crate::engine::config::RedisConfig;
+use crate::engine::pubsub::remote::{self, Outgoing, RemoteInbox};
+use crate::engine::stats::Counter;
+use crate::engine::ws::encode::OutFrame;
+use crate::engine::ws::shared::Shared;
+
+/// Reconnection waits double from the first to the last: after Redis comes back, the link is
+/// back within `MAX_BACKOFF` plus a connect and a resubscribe.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// A Redis that accepts the connection but never answers is a Redis that is down.
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Pinged this often, so that a Redis gone without closing the socket (a machine gone) is
+/// noticed within `PING_EVERY` + `TIMEOUT` even when nothing is published.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Publishes (or topic changes) written to Redis in one pipeline.
+const BATCH: usize = 1024;
+/// Origins remembered for duplicate checks; each restarted process is a new one, so the map is
+/// emptied when it grows past this rather than growing for ever.
+const MAX_ORIGINS: usize = 4096;
+
+/// Run the link of `shared` until the server stops.
+pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: RemoteInbox) {
+    // Checked by `Server::start`: an error here cannot happen, and would leave topics local.
+    let Ok((client, peer)) = client(&config) else {
+        return;
+    };
+    let mut link = Link {
+        shared,
+        channel_prefix: config.namespace,
+        sharded: config.sharded,
+        subscribed: FxHashSet::default(),
+        last_seq: FxHashMap::default(),
+        seq: 0,
+    };
+    let shutdown = link.shared.shutdown.clone();
+    let mut backoff = MIN_BACKOFF;
+    let mut down = false;
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            connected = link.connect(&client) => connected,
+        };
+        let reason = match connected {
+            Ok((mut conn, mut pushes)) => {
+                link.remote().set_connected(true);
+                if down {
+                    link.shared.log(LogKind::RedisUp, &peer, 0, "resubscribed");
+                    down = false;
+                }
+                backoff = MIN_BACKOFF;
+                let ended = tokio::select! {
+                    _ = shutdown.cancelled() => None,
+                    lost = link.serve(&mut conn, &mut pushes, &mut inbox) => Some(lost),
+                };
+                link.remote().set_connected(false);
+                link.subscribed.clear();
+                match ended {
+                    None => return,
+                    Some(reason) => reason,
+                }
+            }
+            Err(reason) => reason,
+        };
+        if !down {
+            link.shared.log(LogKind::RedisDown, &peer, 0, reason);
+            down = true;
+        }
+        // Queued before the link dropped: never sent, and too old to send after the outage.
+        let mut lost = 0;
+        while inbox.outgoing.try_recv().is_ok() {
+            lost += 1;
+        }
+        link.shared.stats.add(Counter::RedisPublishesLost, lost);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The client for `config`'s URL, always on RESP3 (its pushes are what lets one connection
+/// both publish and subscribe), and the server's address for log lines (never the password).
+fn client(config: &RedisConfig) -> RedisResult<(Client, String)> {
+    let info = config.url.as_str().into_connection_info()?;
+    let peer = info.addr().to_string();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    Ok((Client::open(info.set_redis_settings(settings))?, peer))
+}
+
+struct Link {
+    shared: Arc<Shared>,
+    channel_prefix: String,
+    sharded: bool,
+    /// Topics subscribed on the current connection.
+    subscribed: FxHashSet<Arc<str>>,
+    /// The last sequence number delivered from each other process.
+    last_seq: FxHashMap<u64, u64>,
+    /// This process's sequence number: kept across reconnections, so that receivers see it
+    /// only grow.
+    seq: u64,
+}
+
+impl Link {
+    fn remote(&self) -> &remote::Remote {
+        self.shared
+            .remote
+            .as_ref()
+            .expect("the broker runs only for a server with a Remote")
+    }
+
+    fn channel(&self, topic: &str) -> String {
+        format!("{}{topic}", self.channel_prefix)
+    }
+
+    /// Connect and subscribe to every topic with local subscribers.
+    async fn connect(
+        &mut self,
+        client: &Client,
+    ) -> Result<(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>), &'static str> {
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_push_sender(push_tx);
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|_| "cannot connect")?;
+        let topics = self.shared.topics.names();
+        for chunk in topics.chunks(BATCH) {
+            self.change_subscriptions(&mut conn, chunk, &[])
+                .await
+                .map_err(|_| "cannot subscribe")?;
+        }
+        Ok((conn, pushes))
+    }
+
+    /// Serve the connection until it fails; returns why.
+    async fn serve(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        inbox: &mut RemoteInbox,
+    ) -> &'static str {
+        let mut outgoing = Vec::with_capacity(BATCH);
+        let mut topics = Vec::new();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.reset();
+        loop {
+            tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(push) => if !self.on_push(push) {
+                        return "connection lost";
+                    },
+                    None => return "connection lost",
+                },
+                n = inbox.outgoing.recv_many(&mut outgoing, BATCH) => {
+                    if n == 0 {
+                        // The server (and its `Remote`) is gone.
+                        return "server dropped";
+                    }
+                    if self.publish(conn, &mut outgoing).await.is_err() {
+                        return "publish failed";
+                    }
+                }
+                Some(topic) = inbox.topics.recv() => {
+                    topics.push(topic);
+                    while topics.len() < BATCH {
+                        match inbox.topics.try_recv() {
+                            Ok(topic) => topics.push(topic),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.reconcile(conn, &mut topics).await.is_err() {
+                        return "subscribe failed";
+                    }
+                }
+                _ = ping.tick() => {
+                    if redis::cmd("PING").exec_async(conn).await.is_err() {
+                        return "no answer to PING";
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write `batch` to Redis, in order, in one pipeline. On an error none of it counts as
+    /// published: some may have reached Redis, but nothing here can tell which.
+    async fn publish(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        batch: &mut Vec<Outgoing>,
+    ) -> RedisResult<()> {
+        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+        let origin = self.remote().origin;
+        let mut pipe = redis::pipe();
+        let count = batch.len() as u64;
+        for out in batch.drain(..) {
+            self.seq += 1;
+            let message = remote::encode(origin, self.seq, out.opcode, &out.payload);
+            pipe.cmd(command)
+                .arg(self.channel(&out.topic))
+                .arg(message.as_ref())
+                .ignore();
+        }
+        let written = pipe.exec_async(conn).await;
+        let counter = if written.is_ok() {
+            Counter::RedisPublished
+        } else {
+            Counter::RedisPublishesLost
+        };
+        self.shared.stats.add(counter, count);
+        written
+    }
+
+    /// Subscribe to the topics of `changed` that have local subscribers and are not subscribed
+    /// yet, and unsubscribe from those that have none and are. The registry decides, not the
+    /// order the reports came in.
+    async fn reconcile(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        changed: &mut Vec<Arc<str>>,
+    ) -> RedisResult<()> {
+        let mut join = Vec::new();
+        let mut leave = Vec::new();
+        let mut seen = FxHashSet::default();
+        for topic in changed.drain(..) {
+            if !seen.insert(topic.clone()) {
+                continue;
+            }
+            let wanted = self.shared.topics.subscriber_count(&topic) > 0;
+            match (wanted, self.subscribed.contains(&topic)) {
+                (true, false) => join.push(topic),
+                (false, true) => leave.push(topic),
+                _ => {}
+            }
+        }
+        self.change_subscriptions(conn, &join, &leave).await
+    }
+
+    /// One command per channel, in one pipeline: a `SUBSCRIBE` of several channels gets one
+    /// reply per channel, which the multiplexed connection would pair with later commands; and
+    /// an `SSUBSCRIBE` may name only channels of one hash slot.
+    async fn change_subscriptions(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        join: &[Arc<str>],
+        leave: &[Arc<str>],
+    ) -> RedisResult<()> {
+        if join.is_empty() && leave.is_empty() {
+            return Ok(());
+        }
+        let (subscribe, unsubscribe) = if self.sharded {
+            ("SSUBSCRIBE", "SUNSUBSCRIBE")
+        } else {
+            ("SUBSCRIBE", "UNSUBSCRIBE")
+        };
+        let mut pipe = redis::pipe();
+        for topic in join {
+            pipe.cmd(subscribe).arg(self.channel(topic)).ignore();
+        }
+        for topic in leave {
+            pipe.cmd(unsubscribe).arg(self.channel(topic)).ignore();
+        }
+        pipe.exec_async(conn).await?;
+        self.subscribed.extend(join.iter().cloned());
+        for topic in leave {
+            self.subscribed.remove(topic);
+        }
+        Ok(())
+    }
+
+    /// Handle one push from Redis; false when it says the connection is gone.
+    fn on_push(&mut self, push: PushInfo) -> bool {
+        match push.kind {
+            PushKind::Disconnection => return false,
+            PushKind::Message | PushKind::SMessage => {}
+            // Subscription replies, and anything else the connection may push: nothing to do.
+            _ => return true,
+        }
+        let mut data = push.data.into_iter();
+        let (Some(Value::BulkString(channel)), Some(Value::BulkString(message))) =
+            (data.next(), data.next())
+        else {
+            return true;
+        };
+        let Some(topic) = channel
+            .strip_prefix(self.channel_prefix.as_bytes())
+            .and_then(|topic| std::str::from_utf8(topic).ok())
+        else {
+            return true;
+        };
+        let Some(incoming) = remote::decode(Bytes::from(message)) else {
+            return true;
+        };
+        if incoming.origin == self.remote().origin {
+            return true;
+        }
+        if self.last_seq.len() >= MAX_ORIGINS && !self.last_seq.contains_key(&incoming.origin) {
+            self.last_seq.clear();
+        }
+        let last = self.last_seq.entry(incoming.origin).or_insert(0);
+        if incoming.seq <= *last {
+            return true;
+        }
+        *last = incoming.seq;
+        let stats = &self.shared.stats;
+        stats.add(Counter::RedisReceived, 1);
+        let len = incoming.payload.len();
+        let frame = OutFrame::new(incoming.opcode, incoming.payload);
+        self.shared.publish_local(topic, frame, len, None);
+        true
+    }
+}
