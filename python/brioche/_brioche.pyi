@@ -180,6 +180,9 @@ class Engine:
         unix: str | None = None,
         unix_mode: int | None = None,
         fd: int | None = None,
+        redis_url: str | None = None,
+        redis_sharded: bool = False,
+        redis_namespace: str = "brioche:",
     ) -> Engine: ...
     @property
     def relay_links(self) -> tuple[int, int] | None: ...

@@ -191,6 +191,13 @@ class Stats(TypedDict):
     and deliveries refused. ``handshakes_rejected`` counts WebSocket handshakes the core refused
     before the handler (400, 426, 503), ``requests_rejected`` HTTP requests it refused (400,
     408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values.
+
+    With :meth:`~brioche.server.Config.pubsub_redis`: ``redis_published`` counts publishes
+    written to Redis, ``redis_publishes_lost`` those the other processes never got (Redis down,
+    the core's queue to it full, or the write failed), ``redis_received`` messages from other
+    processes fanned out here (their deliveries count in ``deliveries``; ``publishes`` counts
+    this process's own), and ``redis_connected`` is 1 while connected and subscribed (always 0
+    without Redis).
     """
 
     connections_opened: int
@@ -205,9 +212,13 @@ class Stats(TypedDict):
     sends_dropped: int
     handshakes_rejected: int
     requests_rejected: int
+    redis_published: int
+    redis_publishes_lost: int
+    redis_received: int
     closes_by_code: dict[int, int]
     open_connections: int
     incoming_bytes: int
+    redis_connected: int
 
 
 def _handlers_of(config: WsConfig[Any]) -> tuple[Callable[..., Any] | None, ...]:
@@ -293,6 +304,7 @@ class Server(Generic[T]):
 
         limits = ws if ws is not None else WsConfig()
         slot = config.worker_slot
+        redis = config.pubsub_redis_value
         try:
             engine = Engine(
                 addresses,
@@ -316,6 +328,9 @@ class Server(Generic[T]):
                 unix=unix,
                 unix_mode=config.unix_mode,
                 fd=fd,
+                redis_url=redis.url if redis is not None else None,
+                redis_sharded=redis is not None and redis.sharded,
+                redis_namespace=redis.namespace if redis is not None else "brioche:",
             )
         except OSError as exc:
             if fd is not None:
@@ -502,11 +517,19 @@ class Server(Generic[T]):
         self._config = config
 
     def publish(self, topic: str, message: str | bytes) -> SendStatus:
-        """Send ``message`` to every subscriber of ``topic``."""
+        """Send ``message`` to every subscriber of ``topic``.
+
+        With :meth:`~brioche.server.Config.pubsub_redis` it also goes to the subscribers of the
+        other processes, through Redis; the status returned is this process's.
+        """
         return self._engine.publish(topic, message)
 
     def subscriber_count(self, topic: str) -> int:
-        """How many open connections are subscribed to ``topic``."""
+        """How many open connections of this server are subscribed to ``topic``.
+
+        With :meth:`~brioche.server.Config.pubsub_redis`, still this process's only: the
+        subscribers of other processes are not known here.
+        """
         return self._engine.subscriber_count(topic)
 
     async def stop(self, close_active_connections: bool = False) -> None:

@@ -65,6 +65,8 @@ __all__ = [
     "ok",
     "port",
     "publish",
+    "pubsub_redis",
+    "RedisPubSub",
     "reload",
     "request_ip",
     "run",
@@ -152,6 +154,16 @@ def _check_seconds(name: str, value: object) -> float:
     return seconds
 
 
+@final
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisPubSub:
+    """Where topics are shared with other processes: what :meth:`Config.pubsub_redis` sets."""
+
+    url: str
+    sharded: bool = False
+    namespace: str = "brioche:"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config(Generic[T]):
     """A server that is not running yet. Each setter returns a new ``Config``."""
@@ -172,6 +184,7 @@ class Config(Generic[T]):
     workers_count: int = 1
     # Set by run(workers=n) in each worker's copy of the config (brioche._workers).
     worker_slot: WorkerSlot | None = dataclasses.field(default=None, repr=False)
+    pubsub_redis_value: RedisPubSub | None = None
 
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
@@ -278,6 +291,33 @@ class Config(Generic[T]):
         """
         value = _check_int("workers", count, minimum=1)
         return dataclasses.replace(self, workers_count=value)
+    def pubsub_redis(
+        self, url: str, *, sharded: bool = False, namespace: str = "brioche:"
+    ) -> Config[T]:
+        """Share topics with every process (on any machine) using the same Redis at ``url``.
+
+        ``url`` is ``redis://[user:password@]host[:port][/db]``, or ``rediss://`` for TLS. Each
+        ``publish`` reaches this process's subscribers as before and, through Redis, those of
+        the other processes; the core holds one connection to Redis per server, subscribes to
+        a topic's channel (``namespace`` + topic) only while this process has subscribers to
+        it, and fans messages out to its sockets without Python. ``sharded=True`` uses Redis 7's
+        sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``) for Redis Cluster.
+
+        Delivery between processes is at most once: while Redis is unreachable, local delivery
+        goes on, publishes are lost for the other processes (``redis_publishes_lost`` in
+        :meth:`Server.stats`), and the core reconnects on its own. ``publish`` returns the
+        local outcome and ``subscriber_count`` counts this process's subscribers only.
+        """
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        if not url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"url must start with redis:// or rediss://, got {url.split(':')[0]!r}")
+        if not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be a bool, got {type(sharded).__name__}")
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        value = RedisPubSub(url, sharded, namespace)
+        return dataclasses.replace(self, pubsub_redis_value=value)
 
     def serve(self) -> Serving[T]:
         """Start listening on the running event loop.
@@ -498,6 +538,13 @@ def max_connections(config: Config[T], count: int) -> Config[T]:
 def max_incoming_bytes(config: Config[T], size: int) -> Config[T]:
     """Module form of :meth:`Config.max_incoming_bytes`."""
     return config.max_incoming_bytes(size)
+
+
+def pubsub_redis(
+    config: Config[T], url: str, *, sharded: bool = False, namespace: str = "brioche:"
+) -> Config[T]:
+    """Module form of :meth:`Config.pubsub_redis`."""
+    return config.pubsub_redis(url, sharded=sharded, namespace=namespace)
 
 
 def serve(config: Config[T]) -> Serving[T]:

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::engine::{
     begin_send_batch, end_send_batch, Address, Event, Listen, LogKind, LogRecord, OutFrame,
-    RelayPaths, Server, ServerConfig, WsLimits, OP_BINARY, OP_TEXT,
+    RedisConfig, RelayPaths, Server, ServerConfig, WsLimits, OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -214,7 +214,8 @@ impl PyEngine {
         close_on_backpressure_limit, idle_timeout, publish_to_self, send_pings, websockets_enabled,
         handshake_timeout, max_request_header_size, max_connections, message_timeout,
         max_incoming_bytes, reuse_port=false, relay_path=None, relay_peers=Vec::new(), unix=None,
-        unix_mode=None, fd=None
+        unix_mode=None, fd=None,
+        redis_url=None, redis_sharded=false, redis_namespace=String::from("brioche:")
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -240,6 +241,9 @@ impl PyEngine {
         unix: Option<std::path::PathBuf>,
         unix_mode: Option<u32>,
         fd: Option<i32>,
+        redis_url: Option<String>,
+        redis_sharded: bool,
+        redis_namespace: String,
     ) -> PyResult<Self> {
         let seconds = |name: &str, value: f64| {
             std::time::Duration::try_from_secs_f64(value).map_err(|_| {
@@ -265,7 +269,20 @@ impl PyEngine {
                 Listen::Tcp(ips, port)
             }
         };
+        let redis = match redis_url {
+            Some(url) => {
+                let redis = RedisConfig {
+                    url,
+                    sharded: redis_sharded,
+                    namespace: redis_namespace,
+                };
+                redis.check().map_err(PyValueError::new_err)?;
+                Some(redis)
+            }
+            None => None,
+        };
         let config = ServerConfig {
+            redis,
             max_request_body_size,
             websockets_enabled,
             ws: WsLimits {
@@ -352,6 +369,7 @@ impl PyEngine {
         stats.set_item("closes_by_code", by_code)?;
         stats.set_item("open_connections", shared.open_websockets())?;
         stats.set_item("incoming_bytes", shared.incoming_bytes())?;
+        stats.set_item("redis_connected", u8::from(shared.redis_connected()))?;
         Ok(stats)
     }
 
@@ -520,9 +538,39 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             WARNING,
             "closed the connection to %s with %d: %s",
         ),
+        LogKind::RedisDown => {
+            let format = "Redis pub/sub at %s is down (%s): other processes miss what this one \
+                          publishes, and it misses theirs, until it is back; reconnecting";
+            return redis_log(py, WARNING, format, record);
+        }
+        LogKind::RedisUp => {
+            let format = "Redis pub/sub at %s is back (%s): what was published meanwhile did \
+                          not cross between processes";
+            return redis_log(py, INFO, format, record);
+        }
     };
     let args = (record.peer.as_str(), record.code, record.reason);
     let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
+    Ok(item.into_any())
+}
+
+/// A Redis line: no code, only the address and what happened.
+fn redis_log<'py>(
+    py: Python<'py>,
+    level: u8,
+    format: &'static str,
+    record: &LogRecord,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = (record.peer.as_str(), record.reason);
+    let item = (
+        EVENT_LOG,
+        "brioche.redis",
+        level,
+        format,
+        args,
+        record.left_out,
+    )
+        .into_pyobject(py)?;
     Ok(item.into_any())
 }
 
