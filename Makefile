@@ -26,11 +26,12 @@ install: $(PY)
 	$(PIP) install --quiet -e ".[test,docs]"
 
 # Third-party clients the tests talk to: node's `ws` and headless Chromium, from Debian; nginx
-# and Caddy, which tests/test_docs.py runs the deployment page's proxy configurations in.
+# and Caddy, which tests/test_docs.py runs the deployment page's proxy configurations in;
+# redis-server, which tests/test_redis_pubsub.py shares topics between processes through.
 system-deps:
 	@if ! command -v chromium >/dev/null || ! command -v valgrind >/dev/null || [ ! -d /usr/share/nodejs/ws ] \
-			|| ! command -v nginx >/dev/null || ! command -v caddy >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws valgrind nginx-light caddy >/dev/null; \
+			|| ! command -v nginx >/dev/null || ! command -v caddy >/dev/null || ! command -v redis-server >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium node-ws valgrind nginx-light caddy redis-server >/dev/null; \
 	fi
 
 demo: $(PY)

@@ -1,0 +1,417 @@
+"""Topics across processes through a real ``redis-server`` (``pubsub_redis``).
+
+Each test starts its own ``redis-server`` on a free port (no persistence), a brioche server in
+this process and, where the issue says processes, a second one in a subprocess
+(``scripts/redis_peer.py``). Clients are real ``websockets`` clients; what Redis itself holds
+is read with ``redis-cli``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+import brioche
+from brioche import MessageSent, server, websocket
+from conftest import ServeFn, ws_url
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+    reason="redis-server is not installed (make system-deps)",
+)
+
+PEER = Path(__file__).parent / "scripts" / "redis_peer.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Redis:
+    """A ``redis-server`` of this test's own, killed and started again at will, same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != ["PONG"]:
+            assert self.process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
+
+    def cli(self, *args: str) -> list[str]:
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
+        return done.stdout.split()
+
+    def subscribers(self, channel: str, sharded: bool = False) -> int:
+        """How many connections Redis has subscribed to ``channel``: one per brioche server."""
+        out = self.cli("PUBSUB", "SHARDNUMSUB" if sharded else "NUMSUB", channel)
+        return int(out[1])
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    instance = Redis()
+    instance.start()
+    yield instance
+    if instance.process is not None:
+        instance.kill()
+
+
+async def until(predicate: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 10) -> float:
+    """Poll ``predicate`` (bounded in time); returns the seconds it took."""
+    start = time.monotonic()
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def subscribers(redis: Redis, channel: str, sharded: bool = False) -> int:
+    return await asyncio.to_thread(redis.subscribers, channel, sharded)
+
+
+class Collector:
+    """Everything a client receives, read as it arrives."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.messages: list[str] = []
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.client:
+            assert isinstance(message, str)
+            self.messages.append(message)
+
+    def starting(self, prefix: str) -> list[str]:
+        return [m for m in self.messages if m.startswith(prefix)]
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[[str], Awaitable[Collector]]]:
+    opened: list[Collector] = []
+
+    async def open_one(url: str) -> Collector:
+        client = await connect(url, open_timeout=5, ping_interval=None, max_queue=None)
+        opened.append(Collector(client))
+        return opened[-1]
+
+    yield open_one
+    for collector in opened:
+        await collector.client.close()
+        collector.task.cancel()
+
+
+class Peer:
+    """``scripts/redis_peer.py``: a brioche server in another process."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+
+    def url(self, path: str = "/ws") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
+    started: list[Peer] = []
+
+    async def start(*args: str) -> Peer:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(PEER), *args, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        started.append(Peer(process, int(line)))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.process.kill()
+        await one.process.wait()
+
+
+async def ask(control: ClientConnection, command: str) -> str:
+    """A command to a socket subscribed to nothing: its answer is the next message."""
+    await control.send(command)
+    answer = await asyncio.wait_for(control.recv(), 5)
+    assert isinstance(answer, str)
+    return answer
+
+
+async def peer_stats(control: ClientConnection) -> dict[str, Any]:
+    stats: dict[str, Any] = json.loads(await ask(control, "stats"))
+    return stats
+
+
+def topics_config() -> websocket.Config[Any]:
+    """What ``redis_peer.py`` serves: ``/ws?a,b`` subscribes on open; ``pub``/``unsub`` commands."""
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        for topic in (ws.data or "").split(","):
+            if topic:
+                ws.subscribe(topic)
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        command, _, rest = text.partition(" ")
+        if command == "pub":
+            topic, _, message = rest.partition(" ")
+            ws.publish(topic, message)
+        elif command == "unsub":
+            ws.unsubscribe(rest)
+
+    return websocket.init().on_open(on_open).on_text(on_text)
+
+
+async def test_two_processes_share_a_topic_exactly_once_and_in_order(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]], clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    srv = await serve(topics_config(), pubsub_redis=redis.url)
+    other = await peer(redis.url)
+    a_sub, a_pub = await clients(ws_url(srv, "/ws?chat")), await clients(ws_url(srv, "/ws?chat"))
+    b_sub, b_pub = await clients(other.url("/ws?chat")), await clients(other.url("/ws?chat"))
+    b_control = await connect(other.url(), open_timeout=5)
+    # One subscription per process, not per socket.
+    await until(_equals(redis, "brioche:chat", 2), "both processes to subscribe")
+    assert srv.stats()["redis_connected"] == 1
+    assert (await peer_stats(b_control))["redis_connected"] == 1
+
+    count = 1_000
+    for i in range(count):
+        await a_pub.client.send(f"pub chat a{i}")
+        await b_pub.client.send(f"pub chat b{i}")
+    a_expected = [f"a{i}" for i in range(count)]
+    b_expected = [f"b{i}" for i in range(count)]
+
+    def complete() -> bool:
+        return (
+            len(a_sub.messages) >= 2 * count
+            and len(b_sub.messages) >= 2 * count
+            and len(a_pub.messages) >= count
+            and len(b_pub.messages) >= count
+        )
+
+    await until(complete, "2,000 messages at each subscriber", 60)
+    # A marker behind everything else each side published: whatever a duplicate could be, it
+    # would have come before it.
+    await a_pub.client.send("pub chat a-end")
+    await b_pub.client.send("pub chat b-end")
+    await until(lambda: all("a-end" in c.messages and "b-end" in c.messages for c in (a_sub, b_sub)), "markers")
+    await until(lambda: "b-end" in a_pub.messages and "a-end" in b_pub.messages, "markers to publishers")
+    for subscriber in (a_sub, b_sub):
+        assert len(subscriber.messages) == 2 * count + 2
+        assert subscriber.starting("a") == a_expected + ["a-end"]
+        assert subscriber.starting("b") == b_expected + ["b-end"]
+    # publish_to_self off: a publisher gets the other process's messages, never its own.
+    assert a_pub.messages == b_expected + ["b-end"]
+    assert b_pub.messages == a_expected + ["a-end"]
+
+    stats = srv.stats()
+    assert stats["publishes"] == count + 1
+    assert stats["redis_published"] == count + 1
+    assert stats["redis_publishes_lost"] == 0
+    assert stats["redis_received"] == count + 1
+    remote_stats = await peer_stats(b_control)
+    assert (remote_stats["redis_published"], remote_stats["redis_received"]) == (count + 1, count + 1)
+    # Local subscribers only.
+    assert srv.subscriber_count("chat") == 2
+    await b_control.close()
+
+
+async def test_redis_restart_mid_stream(
+    redis: Redis,
+    serve: ServeFn,
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kill redis-server under a stream of publishes and start it again on the same port.
+
+    Local delivery never stops; the other process gets nothing twice and nothing out of order,
+    and has messages again within 5 s of Redis answering (the core's bound: its backoff, at most
+    1 s, then a connect and a resubscribe).
+    """
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    srv = await serve(topics_config(), pubsub_redis=redis.url)
+    other = await peer(redis.url)
+    local = await clients(ws_url(srv, "/ws?feed"))
+    remote = await clients(other.url("/ws?feed"))
+    await until(_equals(redis, "brioche:feed", 2), "both processes to subscribe")
+
+    published = 0
+    stop = asyncio.Event()
+
+    async def publisher() -> None:
+        nonlocal published
+        # A steady stream, one message every 2 ms: a pace, not a synchronisation.
+        while not stop.is_set() and published < 20_000:
+            assert srv.publish("feed", str(published)) == MessageSent(len(str(published)))
+            published += 1
+            await asyncio.sleep(0.002)
+
+    stream = asyncio.ensure_future(publisher())
+    await until(lambda: len(remote.messages) >= 50, "messages through Redis")
+    await asyncio.to_thread(redis.kill)
+    killed_at = published
+    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see Redis gone")
+    await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with Redis down")
+    assert int(remote.messages[-1]) < published
+    await asyncio.to_thread(redis.start)
+    restarted_at = published
+    took = await until(lambda: any(int(m) >= restarted_at for m in remote.messages), "remote delivery to resume")
+    assert took < 5
+    resumed_at = published
+    await until(lambda: published >= resumed_at + 100, "100 more publishes")
+    stop.set()
+    await stream
+    await until(lambda: len(local.messages) == published, "every local delivery")
+    await until(lambda: remote.messages[-1] == str(published - 1), "the last remote delivery")
+
+    assert local.messages == [str(i) for i in range(published)]
+    got = [int(m) for m in remote.messages]
+    assert got == sorted(set(got)), "duplicated or reordered"
+    assert len(got) < published, "messages published while Redis was down cannot have arrived"
+    # Once back, nothing is lost: from the first message after the restart on, all arrived.
+    first_back = next(i for i in got if i >= restarted_at)
+    assert got[got.index(first_back) :] == list(range(first_back, published))
+
+    await until(
+        lambda: srv.stats()["redis_published"] + srv.stats()["redis_publishes_lost"] == published,
+        "the queue to Redis to drain",
+    )
+    stats = srv.stats()
+    assert stats["redis_publishes_lost"] >= 1
+    assert stats["redis_connected"] == 1
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "brioche.redis"]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "is down" in lines[0][1] and f"127.0.0.1:{redis.port}" in lines[0][1]
+    assert "is back" in lines[1][1]
+
+
+async def test_sharded_namespaced_subscriptions_are_counted_per_server(
+    redis: Redis, clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    """Two servers in one process (one Redis connection each), sharded pub/sub, a namespace."""
+    config = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
+    config = config.websocket(topics_config()).hostname("127.0.0.1").port(0)
+    config = server.pubsub_redis(config, redis.url, sharded=True, namespace="t:")
+    first, second = await config.serve(), await config.serve()
+    try:
+        one = await clients(ws_url(first, "/ws?room"))
+        await until(_equals(redis, "t:room", 1, sharded=True), "the first server to subscribe")
+        two = await clients(ws_url(second, "/ws?room"))
+        await until(_equals(redis, "t:room", 2, sharded=True), "the second server to subscribe")
+        three = await clients(ws_url(first, "/ws?room"))
+        # A third socket, on the first server: no second subscription for that server. (Its
+        # subscription is made before its handshake completes: on_open runs first.)
+        assert first.subscriber_count("room") == 2
+        assert await subscribers(redis, "t:room", sharded=True) == 2
+        assert await subscribers(redis, "t:room") == 0
+        assert await subscribers(redis, "brioche:room", sharded=True) == 0
+
+        # Something else on the channel is not a brioche message: no client sees it.
+        await asyncio.to_thread(redis.cli, "SPUBLISH", "t:room", "not from brioche")
+        await two.client.send("pub room hello")
+        await until(lambda: one.messages == ["hello"] and three.messages == ["hello"], "hello on the first server")
+        assert two.messages == []
+        assert first.stats()["redis_received"] == 1
+        assert second.stats()["redis_published"] == 1
+
+        await one.client.close()
+        assert await subscribers(redis, "t:room", sharded=True) == 2
+        await three.client.send("unsub room")
+        await until(_equals(redis, "t:room", 1, sharded=True), "the first server to unsubscribe")
+        await two.client.close()
+        await until(_equals(redis, "t:room", 0, sharded=True), "the second server to unsubscribe")
+        assert first.subscriber_count("room") == second.subscriber_count("room") == 0
+    finally:
+        await first.stop(close_active_connections=True)
+        await second.stop(close_active_connections=True)
+
+
+def _equals(redis: Redis, channel: str, count: int, sharded: bool = False) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await subscribers(redis, channel, sharded) == count
+
+    return check
+
+
+async def test_unreachable_redis_keeps_local_delivery_and_logs_once(
+    serve: ServeFn, clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    redis = Redis()  # not started: nothing listens on its port yet
+    srv = await serve(topics_config(), pubsub_redis=redis.url)
+    subscriber = await clients(ws_url(srv, "/ws?news"))
+    await until(lambda: any(r.name == "brioche.redis" for r in caplog.records), "the outage to be logged")
+    for i in range(100):
+        assert srv.publish("news", f"n{i}") == MessageSent(len(f"n{i}"))
+    await until(lambda: len(subscriber.messages) == 100, "local delivery")
+    assert subscriber.messages == [f"n{i}" for i in range(100)]
+    stats = srv.stats()
+    assert (stats["redis_connected"], stats["redis_published"], stats["redis_publishes_lost"]) == (0, 0, 100)
+    try:
+        await asyncio.to_thread(redis.start)
+        await until(lambda: srv.stats()["redis_connected"] == 1, "the core to connect", 5)
+        await until(_equals(redis, "brioche:news", 1), "the subscription made on connecting")
+        srv.publish("news", "after")
+        await until(lambda: srv.stats()["redis_published"] == 1, "a publish through Redis")
+    finally:
+        redis.kill()
+    lines = [r.getMessage() for r in caplog.records if r.name == "brioche.redis"]
+    assert len(lines) == 2 and "is down" in lines[0] and "is back" in lines[1], lines
+
+
+async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn) -> None:
+    base = server.handler(lambda request, srv: None)
+    with pytest.raises(ValueError, match="redis:// or rediss://"):
+        base.pubsub_redis("http://127.0.0.1:6379")
+    with pytest.raises(TypeError):
+        base.pubsub_redis("redis://127.0.0.1", sharded="yes")  # type: ignore[arg-type]
+    assert server.pubsub_redis(base, "redis://h:1", namespace="x:") == base.pubsub_redis("redis://h:1", namespace="x:")
+    assert base.pubsub_redis("rediss://h").pubsub_redis_value == server.RedisPubSub("rediss://h", False, "brioche:")
+    with pytest.raises(ValueError, match="invalid Redis URL"):
+        await base.hostname("127.0.0.1").port(0).pubsub_redis("redis://127.0.0.1:notaport").serve()
+    srv = await serve()
+    stats = srv.stats()
+    assert {k: stats[k] for k in stats if k.startswith("redis_")} == {  # type: ignore[literal-required]
+        "redis_published": 0,
+        "redis_publishes_lost": 0,
+        "redis_received": 0,
+        "redis_connected": 0,
+    }
