@@ -327,7 +327,7 @@ async def test_sharded_namespaced_subscriptions_are_counted_per_server(
     redis: Redis, clients: Callable[[str], Awaitable[Collector]]
 ) -> None:
     """Two servers in one process (one Redis connection each), sharded pub/sub, a namespace."""
-    config = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
+    config: server.Config[Any] = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
     config = config.websocket(topics_config()).hostname("127.0.0.1").port(0)
     config = server.pubsub_redis(config, redis.url, sharded=True, namespace="t:")
     first, second = await config.serve(), await config.serve()
@@ -398,7 +398,7 @@ async def test_unreachable_redis_keeps_local_delivery_and_logs_once(
 
 
 async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn) -> None:
-    base = server.handler(lambda request, srv: None)
+    base: server.Config[Any] = server.handler(lambda request, srv: None)
     with pytest.raises(ValueError, match="redis:// or rediss://"):
         base.pubsub_redis("http://127.0.0.1:6379")
     with pytest.raises(TypeError):

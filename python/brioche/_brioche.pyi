@@ -182,7 +182,7 @@ class Engine:
         fd: int | None = None,
         redis_url: str | None = None,
         redis_sharded: bool = False,
-        redis_namespace: str = "brioche:",
+        redis_namespace: str = ...,
     ) -> Engine: ...
     @property
     def relay_links(self) -> tuple[int, int] | None: ...
