@@ -269,3 +269,55 @@ impl Shared {
         status.unwrap_or(SendStatus::Dropped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ws::protocol::OP_BINARY;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_publish_goes_to_redis_once_with_its_payload_shared_or_is_counted_lost() {
+        let (remote, mut inbox) = Remote::new();
+        let shared = Shared::new(ServerConfig::default(), Some(remote)).unwrap();
+        let payload = Bytes::from_static(b"\x00\x01payload");
+        let publish = || shared.publish("t", OutFrame::new(OP_BINARY, payload.clone()), 9, None);
+        // Not connected yet: lost at once, never queued behind the outage.
+        assert_eq!(publish(), SendStatus::Dropped);
+        assert_eq!(shared.stats.get(Counter::RedisPublishesLost), 1);
+        assert!(inbox.outgoing.try_recv().is_err());
+        shared.remote.as_ref().unwrap().set_connected(true);
+        publish();
+        let out = inbox.outgoing.try_recv().unwrap();
+        assert_eq!((&*out.topic, out.opcode), ("t", OP_BINARY));
+        assert_eq!(
+            out.payload.as_ptr(),
+            payload.as_ptr(),
+            "copied instead of shared"
+        );
+        assert_eq!(shared.stats.get(Counter::Publishes), 2);
+        assert_eq!(shared.stats.get(Counter::RedisPublishesLost), 1);
+    }
+
+    #[test]
+    fn redis_hears_of_a_topics_first_subscriber_and_its_last_only() {
+        let (remote, mut inbox) = Remote::new();
+        let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
+        let conns: Vec<_> = (1..=3)
+            .map(|id| shared.register(id, IpAddr::from([127, 0, 0, 1])))
+            .collect();
+        for conn in &conns {
+            conn.subscribe("room");
+        }
+        conns[0].unsubscribe("room");
+        conns[1].unsubscribe("room");
+        let mut reports = Vec::new();
+        while let Ok(topic) = inbox.topics.try_recv() {
+            reports.push(topic.to_string());
+        }
+        assert_eq!(reports, ["room"]);
+        conns[2].finish();
+        assert_eq!(&*inbox.topics.try_recv().unwrap(), "room");
+        assert!(inbox.topics.try_recv().is_err());
+    }
+}
