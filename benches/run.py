@@ -248,6 +248,9 @@ HANDLER_MODES = {"sync": "def on_text", "async": "async def on_text",
                  "async-sleep0": "async def on_text + await sleep(0)"}
 # The handler variants only run the echo scenarios.
 ECHO_ONLY = ("S1", "S2")
+# S6 compares brioche with itself: one process, and two sharing the topic through Redis.
+REDIS_ROW = "brioche-redis"
+S6_ROWS = ("brioche-asyncio", REDIS_ROW)
 
 
 def brioche_spec(name: str, label: str, python: str, loop: str = "asyncio", mode: str = "sync",
@@ -284,6 +287,8 @@ def server_specs(build_errors: dict[str, str], peers_error: str | None,
                      mode="async", scenarios=ECHO_ONLY, missing=no312),
         brioche_spec("brioche-py312-sleep0", "brioche (3.12, asyncio, async on_text + sleep(0))",
                      py312, mode="async-sleep0", scenarios=ECHO_ONLY, missing=no312),
+        brioche_spec(REDIS_ROW, "brioche (asyncio), 2 processes through Redis", main_py,
+                     scenarios=("S6",)),
         ServerSpec("rust-engine", "brioche engine, no Python",
                    [str(RUST_SERVER), "{port}"], None, "benches/rust_server",
                    na=build_errors.get("rust_server")),
@@ -305,6 +310,10 @@ def server_specs(build_errors: dict[str, str], peers_error: str | None,
                    [peers_py, "-c", "import aiohttp"]),
     ]
     for s in specs:
+        if s.name == REDIS_ROW:
+            s.note = "two brioche_server.py processes with pubsub_redis, and redis-server, on CPU " + SERVER_CPU
+            if shutil.which("redis-server") is None:
+                s.na = "redis-server is not installed (make system-deps)"
         if s.na is None and peers_error and peers_py in s.cmd:
             s.na = peers_error
         if s.na is None and s.probe is not None:
@@ -389,7 +398,7 @@ def settled_rss(pid: int, max_wait: float = 5.0) -> int | None:
 
 
 class RunningServer:
-    def __init__(self, spec: ServerSpec, logfile: Path) -> None:
+    def __init__(self, spec: ServerSpec, logfile: Path, env: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.port = free_port()
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +407,7 @@ class RunningServer:
             ["taskset", "-c", SERVER_CPU, *spec.argv(self.port)],
             cwd=SERVERS_DIR, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=raise_nofile, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
         )
         self.logfile = logfile
 
@@ -551,6 +560,16 @@ SCENARIOS = [
              [Metric("conns_per_s", "connections/s", "conn/s", True),
               Metric("rss_growth_pct", "RSS growth, last 90% of cycles", "%", False)],
              fresh_server_per_repeat=True),
+    Scenario("S6", "Cross-process fan-out",
+             "S3 across processes: 1,000 subscribers of one topic, 500 on each of two brioche "
+             "processes sharing it through a local redis-server (`pubsub_redis`), one publisher "
+             "on the first, at most 32 messages not yet delivered to everyone; deliveries/s "
+             "summed over subscribers, every subscriber's sequence checked (nothing lost, "
+             "duplicated or reordered). Against the same 1,000 subscribers in one process "
+             "without Redis (the brioche (asyncio) row). Both brioche processes and redis-server "
+             "share CPU " + SERVER_CPU + ".",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)],
+             servers=S6_ROWS),
     Scenario("S7", "Large messages",
              f"{LARGE_CONNS} connections, each keeping {LARGE_INFLIGHT} messages in flight, "
              "echoed; four runs per repeat: 64 KiB and 1 MiB messages (65,536 and 1,048,576 "
@@ -682,6 +701,89 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
                 r["rss_growth_pct"] = (end_rss / marks["rss_mark"] - 1.0) * 100.0
         return r
     raise ValueError(sc.id)
+
+
+def start_redis(logfile: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """A redis-server of the run's own on a free port, on the servers' CPU: (process, URL)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["taskset", "-c", SERVER_CPU, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=open(logfile, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    end = time.monotonic() + 10
+    while not port_open(port):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            proc.wait(5)
+            return None, f"redis-server did not start: {tail(logfile.read_text(errors='replace'), 2)}"
+        time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}"
+
+
+def run_s6_cell(spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    """S6 for one row: one brioche process, or two sharing the topic through Redis."""
+    cell: dict[str, Any] = {"runs": [], "errors": []}
+    logdir = OUT / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    redis: subprocess.Popen[bytes] | None = None
+    servers: list[RunningServer] = []
+    try:
+        env: dict[str, str] = {}
+        if spec.name == REDIS_ROW:
+            redis, url = start_redis(logdir / "S6-redis-server.log")
+            if redis is None:
+                cell["na"] = url
+                return cell
+            env["BRIOCHE_BENCH_REDIS"] = url
+        for k in range(2 if spec.name == REDIS_ROW else 1):
+            servers.append(RunningServer(spec, logdir / f"S6-{spec.name}-{k}.log", env))
+            err = servers[-1].wait_ready()
+            if err is not None:
+                cell["na"] = f"did not start: {err}"
+                return cell
+        ports = ",".join(str(s.port) for s in servers)
+
+        def run(warm: bool) -> dict[str, Any]:
+            warmup = 0.2 if warm else cfg["warmup_s"]
+            duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
+            r = loadgen("fanout", servers[0].port,
+                        {"conns": 1000, "window": 32, "size": 32, "warmup": warmup,
+                         "duration": duration, "sub-ports": ports}, warmup + duration + 60)
+            if "error" not in r and (r.get("lost") or r.get("duplicated") or r.get("bad_frames")
+                                     or r.get("out_of_window")):
+                r["error"] = (f"delivery check failed: lost {r.get('lost')}, duplicated "
+                              f"{r.get('duplicated')}, bad {r.get('bad_frames')}")
+            return r
+
+        run(warm=True)
+        time.sleep(1.0)
+        for rep in range(cfg["repeats"]):
+            r = run(warm=False)
+            if not all(s.alive() for s in servers):
+                r.setdefault("error", "a server died: " + "; ".join(s.log_tail() for s in servers))
+            cell["runs"].append(r)
+            if "error" in r:
+                cell["errors"].append(str(r["error"]))
+                log(f"  S6 {spec.name} run {rep + 1}: ERROR {r['error']}")
+                break
+            log(f"  S6 {spec.name} run {rep + 1}: deliveries_per_s={r['deliveries_per_s']:.1f}")
+            time.sleep(1.5)
+    finally:
+        for s in servers:
+            s.stop()
+        if redis is not None:
+            os.killpg(redis.pid, signal.SIGKILL)
+            redis.wait(5)
+    values = [r["deliveries_per_s"] for r in cell["runs"] if "error" not in r]
+    if values:
+        cell["deliveries_per_s"] = summarize(values)
+    values = [r["client_cpu_pct"] for r in cell["runs"] if "error" not in r and "client_cpu_pct" in r]
+    if values:
+        cell["client_cpu_pct"] = summarize(values)
+    if "deliveries_per_s" not in cell:
+        cell["na"] = cell["errors"][0] if cell["errors"] else "no successful run"
+    return cell
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -929,6 +1031,9 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
                 else:
                     rows = ("; every row of this scenario was rerun, the other scenarios are "
                             "from earlier runs")
+                load = rerun.get("loadavg_at_start")
+                if load:
+                    at += f"load average {load[0]} / {load[1]} / {load[2]} at its start, "
                 lines += [f"*Rerun on {rerun['date']} with `{rerun['command']}` ({at}extension "
                           f"sha256 {rerun['brioche_extension'].get('sha256', '?')}){rows}.*", ""]
         if sc.id == "S2":
@@ -964,7 +1069,14 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
             lines.append("")
             for label, why in notes:
                 lines.append(f"- {label}: {why[:300]}")
-        lines += ["", f"![{sc.id}](charts/{sc.id}.png)"]
+        if sc.id == "S6":
+            one, two = sc.results.get("brioche-asyncio", {}), sc.results.get(REDIS_ROW, {})
+            if "deliveries_per_s" in one and "deliveries_per_s" in two:
+                share = two["deliveries_per_s"]["median"] / one["deliveries_per_s"]["median"]
+                lines += ["", f"Two processes through Redis deliver {share:.2f}× what one process "
+                          "does alone (medians)."]
+        if (BENCHES / "charts" / f"{sc.id}.png").exists():
+            lines += ["", f"![{sc.id}](charts/{sc.id}.png)"]
     lines += handler_variants(data, scen, specs)
     lines += ["", "## Targets", "", "| target | server | result | met |", "| --- | --- | --- | --- |"]
     for t in targets:
@@ -1135,6 +1247,8 @@ def main() -> int:
     builds_at_start = {py: extension_build(py) for py in brioche_pythons}
 
     meta: dict[str, Any] = {
+        # How busy the (shared) machine already was: the 1, 5 and 15 minute load averages.
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "command": " ".join([".venv/bin/python", "benches/run.py", *sys.argv[1:]]),
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine_info(peer_versions()),
@@ -1148,7 +1262,7 @@ def main() -> int:
                 sc.results[s.name] = {"na": s.na, "runs": [], "errors": []}
                 continue
             log(f"{sc.id} {s.name}")
-            sc.results[s.name] = run_cell(sc, s, cfg)
+            sc.results[s.name] = run_s6_cell(s, cfg) if sc.id == "S6" else run_cell(sc, s, cfg)
             if "na" in sc.results[s.name]:
                 log(f"{sc.id} {s.name}: n/a: {sc.results[s.name]['na']}")
 
@@ -1172,7 +1286,8 @@ def main() -> int:
                  "cpu_model": meta["machine"]["cpu_model"], "kernel": meta["machine"]["kernel"],
                  "brioche_extension": meta["machine"]["brioche_extension"],
                  "brioche_extensions": builds_at_start,
-                 "servers": [s.name for s in specs]}
+                 "servers": [s.name for s in specs],
+                 "loadavg_at_start": meta["loadavg_at_start"]}
         old_by_id = {o["id"]: o for o in old["scenarios"]}
         for sc in SCENARIOS:
             kept = old_by_id.get(sc.id, {}).get("results", {})
@@ -1208,8 +1323,8 @@ def main() -> int:
         "targets": targets,
     }
     (BENCHES / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    write_markdown(data, scenarios, shown, targets)
     make_charts()
+    write_markdown(data, scenarios, shown, targets)
     log(f"done in {(time.monotonic() - t_start) / 60:.1f} min: benches/RESULTS.md, benches/results.json, "
         "benches/charts/")
     for t in targets:

@@ -3,6 +3,8 @@
 usage: brioche_server.py PORT [asyncio|uvloop] [sync|async|async-sleep0]
   any path: echo (``ws.send(text)`` in ``on_text``);  /sub: subscribed to "bench";
   /pub: each text message is published to "bench" with ``srv.publish``.
+With ``BRIOCHE_BENCH_REDIS=redis://...`` in the environment the topic is shared with the other
+processes using that Redis (``pubsub_redis``; S6).
 
 The handler mode says what ``on_text`` is (``on_open`` and ``on_bytes`` stay plain functions):
   sync          ``def on_text``: a direct call per message (the default)
@@ -15,6 +17,7 @@ The handler mode says what ``on_text`` is (``on_open`` and ``on_bytes`` stay pla
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import brioche
@@ -72,7 +75,11 @@ async def main(port: int, loop_name: str, mode: str) -> None:
     global _srv
     text = {"sync": on_text, "async": on_text_async, "async-sleep0": on_text_sleep0}[mode]
     config = websocket.init().on_open(on_open).on_text(text).on_bytes(on_bytes)
-    _srv = await server.handler(handler).websocket(config).hostname("127.0.0.1").port(port).serve()
+    server_config = server.handler(handler).websocket(config).hostname("127.0.0.1").port(port)
+    redis_url = os.environ.get("BRIOCHE_BENCH_REDIS")
+    if redis_url:
+        server_config = server_config.pubsub_redis(redis_url)
+    _srv = await server_config.serve()
     version = ".".join(map(str, sys.version_info[:3]))
     listening(f"brioche ({loop_name}, {mode} on_text, CPython {version})", _srv.port)
     await asyncio.Event().wait()

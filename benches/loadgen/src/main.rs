@@ -12,6 +12,7 @@
 //!   echo-throughput  --conns 100 --inflight 16 --warmup S --duration S [--binary 1]
 //!   echo-latency     --conns 100 --warmup S --duration S            (one message in flight)
 //!   fanout           --conns 1000 --window 32 --warmup S --duration S   (/sub and /pub)
+//!                    [--sub-ports P1,P2]  (subscribers spread over these servers; S6)
 //!   idle             --conns 10000 --concurrency 64 --hold S        (prints ready, waits)
 //!   churn            --cycles 50000 --mark 5000 --concurrency 32 --hold S
 
@@ -65,6 +66,17 @@ impl Args {
 
     fn int(&self, key: &str, default: usize) -> usize {
         self.num(key, default as f64) as usize
+    }
+
+    /// A comma-separated list of ports, or `default` alone.
+    fn ports(&self, key: &str, default: u16) -> Vec<u16> {
+        match self.0.get(key) {
+            None => vec![default],
+            Some(v) => v
+                .split(',')
+                .map(|p| p.parse().unwrap_or_else(|_| usage(&format!("--{key}: not a port list"))))
+                .collect(),
+        }
     }
 
     fn secs(&self, key: &str, default: f64) -> Duration {
@@ -641,7 +653,19 @@ async fn fanout(a: &Args, port: u16) {
     let warmup = a.secs("warmup", 1.0);
     let duration = a.secs("duration", 10.0);
     let t_connect = Instant::now();
-    let (subs, conn_errors, first_error) = connect_many(port, "/sub", subscribers, 64, 16 * 1024).await;
+    // S6 spreads the subscribers over several servers sharing the topic (`--sub-ports`); the
+    // publisher stays on `--port`.
+    let sub_ports = a.ports("sub-ports", port);
+    let (mut subs, mut conn_errors, mut first_error) = (Vec::new(), 0, String::new());
+    for (k, &p) in sub_ports.iter().enumerate() {
+        let n = subscribers / sub_ports.len() + usize::from(k < subscribers % sub_ports.len());
+        let (some, errors, first) = connect_many(p, "/sub", n, 64, 16 * 1024).await;
+        subs.extend(some);
+        conn_errors += errors;
+        if first_error.is_empty() {
+            first_error = first;
+        }
+    }
     if subs.len() < subscribers {
         return fail("fanout", &format!("{conn_errors} subscribers failed: {first_error}"));
     }
