@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageSent, server, websocket
 from conftest import ServeFn, ws_url
+from test_workers import Supervisor, clients_covering, receive
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -415,3 +416,25 @@ async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn
         "redis_received": 0,
         "redis_connected": 0,
     }
+
+
+async def test_workers_share_topics_through_redis_once(redis: Redis) -> None:
+    """``workers(2)`` with ``pubsub_redis``: publishes go through Redis, not also the relay."""
+    sup = Supervisor(2, redis.url)
+    try:
+        clients = await clients_covering(sup.port, sup.pids, 2)
+        await until(_equals(redis, "brioche:all", 2), "both workers to subscribe")
+        sender, sender_pid = clients[0]
+        other = next(ws for ws, pid in clients if pid != sender_pid)
+        messages = [f"w{i}" for i in range(100)]
+        for message in messages:
+            await sender.send(message)
+        # In order and once each on the other worker (through Redis) and on the sender's own
+        # (publish_to_self: local); a second copy through the relay would come before "end".
+        await sender.send("end")
+        for ws in (other, sender):
+            assert await receive(ws, 101) == messages + ["end"]
+        for ws, _ in clients:
+            await ws.close()
+    finally:
+        sup.stop()

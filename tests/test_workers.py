@@ -33,9 +33,9 @@ LISTENING = re.compile(r"(\d+) workers listening on port (\d+) \(pids ([\d, ]+)\
 class Supervisor:
     """The app's supervisor process and the lines it logged, read by a thread as they come."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(APP), str(workers)],
+            [sys.executable, str(APP), str(workers), *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []

@@ -1,4 +1,4 @@
-"""The app tests/test_workers.py serves with workers: ``python tests/workers_app.py N``.
+"""The app tests/test_workers.py serves with workers: ``python tests/workers_app.py N [REDIS_URL]``.
 
 Every socket subscribes to ``all`` and is told which worker (pid) it landed on; a text message
 is published to ``all``, the sender included. Module-level handlers: the workers unpickle them.
@@ -37,4 +37,6 @@ config = (
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) > 2:  # a Redis URL: topics shared through it (tests/test_redis_pubsub.py)
+        config = config.pubsub_redis(sys.argv[2])
     server.run(config.port(0), workers=int(sys.argv[1]))
