@@ -130,3 +130,28 @@ impl Default for ServerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RedisConfig;
+
+    fn redis(url: &str) -> RedisConfig {
+        RedisConfig {
+            url: url.into(),
+            sharded: false,
+            namespace: "brioche:".into(),
+        }
+    }
+
+    #[test]
+    fn redis_urls_are_checked_and_never_printed() {
+        assert!(redis("redis://127.0.0.1:6379/0").check().is_ok());
+        assert!(redis("redis://:secret@10.0.0.1").check().is_ok());
+        // TLS is built in (rustls with ring).
+        assert!(redis("rediss://cache.example:6380").check().is_ok());
+        assert!(redis("http://127.0.0.1").check().is_err());
+        assert!(redis("redis://127.0.0.1:notaport").check().is_err());
+        let printed = format!("{:?}", redis("redis://:secret@10.0.0.1"));
+        assert!(!printed.contains("secret"), "{printed}");
+    }
+}
