@@ -438,3 +438,52 @@ async def test_workers_share_topics_through_redis_once(redis: Redis) -> None:
             await ws.close()
     finally:
         sup.stop()
+
+
+def tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 it signed, made with the openssl CLI: (ca, cert, key)."""
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=brioche test CA",
+         "-keyout", str(ca_key), "-out", str(ca)],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr)],
+        ["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+         "-days", "1", "-extfile", str(ext), "-out", str(cert)],
+    ):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI to make a certificate")
+async def test_rediss_shares_topics_over_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    ca, cert, key = tls_files(tmp_path)
+    # rustls-native-certs reads the trusted roots from here when it is set.
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    config: server.Config[Any] = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
+    config = config.websocket(topics_config()).hostname("127.0.0.1").port(0).pubsub_redis(f"rediss://127.0.0.1:{port}")
+    first, second = await config.serve(), await config.serve()
+    try:
+        subscriber = await clients(ws_url(second, "/ws?secure"))
+        # A server subscribes to its topics before it counts itself connected.
+        for srv in (first, second):
+            await until(lambda: srv.stats()["redis_connected"] == 1, "a TLS connection to Redis")
+        first.publish("secure", "over TLS")
+        await until(lambda: subscriber.messages == ["over TLS"], "the message through rediss://")
+        assert second.stats()["redis_received"] == 1
+    finally:
+        await first.stop(close_active_connections=True)
+        await second.stop(close_active_connections=True)
+        process.kill()
+        process.wait(10)
