@@ -304,7 +304,7 @@ mod tests {
         let (remote, mut inbox) = Remote::new();
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
         let conns: Vec<_> = (1..=3)
-            .map(|id| shared.register(id, IpAddr::from([127, 0, 0, 1])))
+            .map(|id| shared.register(id, Peer::Ip([127, 0, 0, 1].into())))
             .collect();
         for conn in &conns {
             conn.subscribe("room");
