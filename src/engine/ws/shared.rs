@@ -319,5 +319,9 @@ mod tests {
         conns[2].finish();
         assert_eq!(&*inbox.topics.try_recv().unwrap(), "room");
         assert!(inbox.topics.try_recv().is_err());
+        // The registry holds each Conn, which holds Shared: unregistered, as their tasks would.
+        for conn in &conns {
+            shared.unregister(conn.id);
+        }
     }
 }
