@@ -55,8 +55,10 @@ GIVE_UP_AFTER = 5
 # replies may take up to the 5 s close timeout), then SIGKILL.
 STOP_TIMEOUT = 10.0
 # A worker reports ready once its siblings' publishes reach it and its own reach them, or after
-# this long (a sibling may be down).
-LINK_TIMEOUT = 5.0
+# this long (a sibling may be down). Generous: at a cold start on a loaded machine a sibling's
+# interpreter may take seconds to import, and a worker that reports ready before its links are
+# up loses the first publishes that cross them (seen in CI with 5 s).
+LINK_TIMEOUT = 30.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
