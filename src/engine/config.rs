@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::tls::TlsFiles;
+
 /// Per-connection WebSocket limits (Bun's names and defaults).
 #[derive(Clone, Debug)]
 pub struct WsLimits {
@@ -64,6 +66,8 @@ pub struct ServerConfig {
     pub relay: Option<RelayPaths>,
     /// Share topics with other processes through Redis (`broker/`); `None`: this process only.
     pub redis: Option<RedisConfig>,
+    /// Serve HTTPS and `wss://` with this certificate and key (read when the server starts).
+    pub tls: Option<TlsFiles>,
 }
 
 /// Unix socket paths of the topic relay between sibling processes (`ws/relay.rs`).
@@ -127,6 +131,7 @@ impl Default for ServerConfig {
             reuse_port: false,
             relay: None,
             redis: None,
+            tls: None,
         }
     }
 }

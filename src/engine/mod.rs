@@ -26,7 +26,8 @@
 //!    `config.rs`: settings fixed when a server starts.
 //!    `stats.rs`: the counters of `srv.stats()`, sharded per thread.
 //! 5. `platform.rs`: what differs off Linux, and `BRIOCHE_PORTABLE=1` to run that path here.
-//!    `net.rs`: a connection's socket, TCP or Unix (an enum), and who is on its other end.
+//!    `net.rs`: a connection's socket, TCP, TLS or Unix (an enum), and who is on its other end.
+//!    `tls.rs`: the certificate and key, read into a rustls config that `reload` can swap.
 
 pub(crate) mod bridge;
 pub(crate) mod broker;
@@ -38,6 +39,7 @@ pub(crate) mod pubsub;
 pub(crate) mod runtime;
 pub(crate) mod server;
 pub(crate) mod stats;
+pub(crate) mod tls;
 pub(crate) mod ws;
 
 // What the engine offers outside itself: `crate::py` and benches/rust_server (which links it
@@ -48,6 +50,7 @@ pub use http::serve::{build_response, parse_headers, InvalidResponse};
 pub use net::{Peer, Remote};
 pub use server::{Address, Listen, Server};
 pub use stats::Counter;
+pub use tls::{TlsConfigError, TlsFiles};
 pub use ws::batch::{begin_send_batch, end_send_batch};
 pub use ws::conn::{Conn, ReadyState, SendStatus};
 pub use ws::encode::OutFrame;

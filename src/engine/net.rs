@@ -1,7 +1,14 @@
-//! A connection's socket, TCP or Unix domain, and who is on its other end.
+//! A connection's socket, TCP, TLS over TCP, or Unix domain, and who is on its other end.
 //!
 //! An enum, not a trait object: every read and write is one well-predicted branch and then the
 //! same tokio call as before, so the TCP path pays no dynamic dispatch.
+//!
+//! TLS is a socket and its rustls session under a mutex, read and written with the same
+//! non-blocking calls as a plain socket: `try_write_vectored` encrypts what rustls accepts (at
+//! most its 64 KiB buffer) and writes the records out, `read_plain` reads records and decrypts
+//! into the caller's buffer. So the outbound queue encrypts under its own lock, from whichever
+//! thread flushes, and the connection task decrypts into its worker's read buffer, as they read
+//! and write a plain socket. The handshake itself is tokio-rustls's (`http/serve.rs`).
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -10,12 +17,19 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: the session is large (about 1 KiB), and the plain variants must not carry it.
+    Tls(Box<TlsSocket>),
 }
 
 impl Stream {
@@ -24,6 +38,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),
             Stream::Unix(s) => s.poll_read_ready(cx),
+            Stream::Tls(s) => s.tcp.poll_read_ready(cx),
         }
     }
 
@@ -32,6 +47,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.poll_write_ready(cx),
             Stream::Unix(s) => s.poll_write_ready(cx),
+            Stream::Tls(s) => s.tcp.poll_write_ready(cx),
         }
     }
 
@@ -44,6 +60,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_io(interest, f),
             Stream::Unix(s) => s.try_io(interest, f),
+            Stream::Tls(s) => s.tcp.try_io(interest, f),
         }
     }
 
@@ -52,6 +69,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_write(buf),
             Stream::Unix(s) => s.try_write(buf),
+            Stream::Tls(s) => s.try_write_vectored(&[IoSlice::new(buf)]),
         }
     }
 
@@ -60,7 +78,39 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.try_write_vectored(bufs),
             Stream::Unix(s) => s.try_write_vectored(bufs),
+            Stream::Tls(s) => s.try_write_vectored(bufs),
         }
+    }
+
+    /// Whether bytes accepted by a write are still waiting to reach the kernel (TLS records
+    /// rustls holds because the socket was full): then the caller must wait for writability
+    /// before it counts the queue as written. Never for a plain socket.
+    #[inline]
+    pub(crate) fn write_pending(&self) -> io::Result<bool> {
+        match self {
+            Stream::Tls(s) => s.write_pending(),
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether a TLS session holds plaintext that was decrypted but not yet read.
+    #[inline]
+    pub(crate) fn has_buffered_input(&self) -> bool {
+        match self {
+            Stream::Tls(s) => s.has_buffered_input(),
+            _ => false,
+        }
+    }
+
+    /// Close the write side once everything is written: TLS says `close_notify` first.
+    pub(crate) fn shutdown_write(&self) {
+        if let Stream::Tls(s) = self {
+            s.session.lock().send_close_notify();
+            let _ = s.write_pending();
+        }
+        // SAFETY: the descriptor is open while `self` is borrowed. A failure only means the
+        // peer is already gone.
+        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) };
     }
 }
 
@@ -70,6 +120,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.tcp.as_raw_fd(),
         }
     }
 }
@@ -84,6 +135,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => s.poll_read(cx, buf),
         }
     }
 }
@@ -97,6 +149,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => s.poll_write_vectored(cx, &[IoSlice::new(buf)]),
         }
     }
 
@@ -108,6 +161,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => s.poll_write_vectored(cx, bufs),
         }
     }
 
@@ -115,6 +169,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Unix(s) => s.is_write_vectored(),
+            Stream::Tls(_) => true,
         }
     }
 
@@ -122,6 +177,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => s.poll_flush(cx),
         }
     }
 
@@ -129,7 +185,252 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => {
+                if !s.close_notify_sent {
+                    s.close_notify_sent = true;
+                    s.session.lock().send_close_notify();
+                }
+                std::task::ready!(s.poll_flush(cx))?;
+                Pin::new(&mut s.tcp).poll_shutdown(cx)
+            }
         }
+    }
+}
+
+/// A TLS connection after its handshake: the socket and the session that encrypts for it.
+pub(crate) struct TlsSocket {
+    tcp: TcpStream,
+    /// Held for one read or one write: by the connection task while it decrypts, by whichever
+    /// thread flushes the outbound queue (under the queue's lock) while it encrypts.
+    session: Mutex<ServerConnection>,
+    /// The last read filled its buffer: rustls may hold more plaintext, which no readiness of
+    /// the socket will announce.
+    more_plaintext: AtomicBool,
+    close_notify_sent: bool,
+}
+
+/// Records read per `read_plain`, at most (rustls reads up to about 4 KiB of them at a time):
+/// the call stays bounded however fast the client sends.
+const TLS_READS_PER_CALL: usize = 64;
+
+impl TlsSocket {
+    /// `session` has finished its handshake on `tcp`.
+    pub(crate) fn new(tcp: TcpStream, mut session: ServerConnection) -> Self {
+        // Records that came in with the end of the handshake are decrypted now: later reads
+        // start from the socket's readiness, which will not announce them again.
+        let _ = session.process_new_packets();
+        Self {
+            tcp,
+            session: Mutex::new(session),
+            more_plaintext: AtomicBool::new(true),
+            close_notify_sent: false,
+        }
+    }
+
+    /// Whether plaintext may wait in the session: read before waiting for the socket.
+    #[inline]
+    pub(crate) fn has_buffered_input(&self) -> bool {
+        self.more_plaintext.load(Ordering::Relaxed)
+    }
+
+    /// Decrypt what has arrived into `buf`, without blocking. `Ok(0)` is the end of the
+    /// stream (a `close_notify`, or the peer closed); `WouldBlock` when nothing has arrived; a
+    /// TLS error (a bad record, a failed MAC) is `InvalidData`, after the alert is sent.
+    pub(crate) fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut session = self.session.lock();
+        let mut filled = 0;
+        let mut result = Ok(());
+        for _ in 0..TLS_READS_PER_CALL {
+            match session.reader().read(&mut buf[filled..]) {
+                Ok(n) => {
+                    filled += n;
+                    // 0 with room left: the peer's close_notify, nothing comes after it.
+                    if n == 0 || filled == buf.len() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed without close_notify: the end, as for a plain socket.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            match self.read_records(&mut session) {
+                Ok(0) => {
+                    // rustls now knows of the end: the next `reader().read` reports it.
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if let Err(err) = session.process_new_packets() {
+                // The alert rustls queued for it, best effort: the connection is over.
+                let _ = self.write_records(&mut session);
+                result = Err(io::Error::new(io::ErrorKind::InvalidData, err));
+                break;
+            }
+            if session.wants_write() {
+                // A reply the peer's records asked for (a key update): out with the next write
+                // if the socket is full now.
+                let _ = self.write_records(&mut session);
+            }
+        }
+        self.more_plaintext
+            .store(filled == buf.len() && filled > 0, Ordering::Relaxed);
+        match result {
+            Ok(()) => Ok(filled),
+            Err(_) if filled > 0 => Ok(filled),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One `recv` of records into the session. A short read tells tokio the socket is
+    /// drained, as the plain path's `recv` does.
+    fn read_records(&self, session: &mut ServerConnection) -> io::Result<usize> {
+        let mut got = None;
+        let result = self.tcp.try_io(Interest::READABLE, || {
+            let mut reader = FdReader {
+                fd: self.tcp.as_raw_fd(),
+                short: false,
+            };
+            let n = session.read_tls(&mut reader)?;
+            got = Some(n);
+            if reader.short && n > 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (result, got) {
+            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+            (result, _) => result,
+        }
+    }
+
+    /// Write the records rustls holds; `WouldBlock` if the socket took not all of them.
+    fn write_records(&self, session: &mut ServerConnection) -> io::Result<()> {
+        while session.wants_write() {
+            let mut writer = TcpWriter(&self.tcp);
+            match session.write_tls(&mut writer) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Encrypt what rustls's buffer takes of `bufs` and write out the records. `Ok(n)`: `n`
+    /// bytes of `bufs` are the session's now (sent, or waiting in it for writability);
+    /// `WouldBlock` when it took none because the socket is full.
+    pub(crate) fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut session = self.session.lock();
+        match self.write_records(&mut session) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        let n = session.writer().write_vectored(bufs)?;
+        match self.write_records(&mut session) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    /// Write the records waiting in the session; true if some still wait (the socket is full).
+    pub(crate) fn write_pending(&self) -> io::Result<bool> {
+        let mut session = self.session.lock();
+        match self.write_records(&mut session) {
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.read_plain(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.tcp.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.tcp.poll_write_ready(cx))?;
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if !self.write_pending()? {
+                return Poll::Ready(Ok(()));
+            }
+            std::task::ready!(self.tcp.poll_write_ready(cx))?;
+        }
+    }
+}
+
+/// rustls reads records through this: one `recv`, noting a short one.
+struct FdReader {
+    fd: RawFd,
+    short: bool,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the descriptor is open while
+        // the socket that lent it is borrowed.
+        let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.short = (n as usize) < buf.len();
+        Ok(n as usize)
+    }
+}
+
+/// rustls writes records through this: tokio's non-blocking writes, which clear the socket's
+/// readiness on `WouldBlock` so that `poll_write_ready` waits for the next one.
+struct TcpWriter<'a>(&'a TcpStream);
+
+impl Write for TcpWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

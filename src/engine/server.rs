@@ -142,6 +142,9 @@ impl Server {
                 listeners.push(listener);
             }
         }
+        if shared.tls.is_some() && addresses.iter().any(|a| matches!(a, Address::Unix(_))) {
+            return Err(invalid("TLS is served on TCP only, not on a Unix socket"));
+        }
         if let Some(paths) = &shared.config.relay {
             relay::start(&shared, paths)?;
         }
@@ -167,6 +170,15 @@ impl Server {
     /// Every address listened on.
     pub fn addresses(&self) -> &[Address] {
         &self.addresses
+    }
+
+    /// Read the certificate and key files again: connections from now on get them, open ones
+    /// keep theirs. On an error (`TlsConfigError`) the certificate in use stays.
+    pub fn reload_tls(&self) -> io::Result<()> {
+        match &self.shared.tls {
+            Some(certs) => certs.reload(),
+            None => Err(invalid("this server does not serve TLS")),
+        }
     }
 
     pub fn shared(&self) -> &Arc<Shared> {

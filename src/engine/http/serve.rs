@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,11 +26,13 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_rustls::TlsAcceptor;
 
 use super::handshake::{self, Handshake};
 use crate::engine::bridge::events::{Body, HttpRequest, LogKind, Reply};
-use crate::engine::net::{Remote, Stream};
+use crate::engine::net::{Remote, Stream, TlsSocket};
 use crate::engine::stats::Counter;
 use crate::engine::ws::conn::{Conn, ReadyState};
 use crate::engine::ws::shared::Shared;
@@ -205,7 +208,7 @@ impl AsyncWrite for TimedIo {
     }
 }
 
-/// Serve one connection (TCP or Unix) until it closes, is upgraded, or the server stops.
+/// Serve one connection (TCP, TLS or Unix) until it closes, is upgraded, or the server stops.
 pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc<Shared>) {
     if let Stream::Tcp(tcp) = &stream {
         // Small messages must not wait for Nagle; every write the writer makes is already a batch.
@@ -217,6 +220,18 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         expired_mid_request: AtomicBool::new(false),
     });
     clock.start();
+    let stream = match (&shared.tls, stream) {
+        (Some(certs), Stream::Tcp(tcp)) => {
+            // The handshake and the first request share `handshake_timeout`: a client that
+            // stalls in either holds the connection no longer than one that stalls in the other.
+            let deadline = clock.deadline.lock().expect("started above");
+            match accept_tls(tcp, certs.current(), deadline, &shared, remote).await {
+                Some(stream) => stream,
+                None => return,
+            }
+        }
+        (_, stream) => stream,
+    };
     let service_shared = shared.clone();
     let service_clock = clock.clone();
     let service =
@@ -270,6 +285,71 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
                 StatusCode::BAD_REQUEST,
                 "malformed request",
             );
+        }
+    }
+}
+
+/// The TLS handshake, by `deadline`. A client that speaks plain HTTP gets a plain 400 saying
+/// why; one that fails or stalls in the handshake is dropped, having cost at most rustls's
+/// bounded buffers (handshake messages over 64 KiB are refused) for at most the deadline.
+async fn accept_tls(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    deadline: Instant,
+    shared: &Shared,
+    remote: Remote,
+) -> Option<Stream> {
+    let handshake = async {
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await.ok()? == 0 {
+            return None;
+        }
+        // Every TLS connection opens with a handshake record (content type 22).
+        if first[0] != 0x16 {
+            if first[0].is_ascii_uppercase() {
+                refuse_plain_http(tcp, shared, remote).await;
+            }
+            return None;
+        }
+        let tls = TlsAcceptor::from(config).accept(tcp).await.ok()?;
+        let (tcp, session) = tls.into_inner();
+        Some(Stream::Tls(Box::new(TlsSocket::new(tcp, session))))
+    };
+    tokio::select! {
+        accepted = tokio::time::timeout_at(deadline, handshake) => accepted.ok().flatten(),
+        _ = shared.shutdown.cancelled() => None,
+    }
+}
+
+const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 50\r\n\r\n\
+This port speaks HTTPS: the request was plain HTTP";
+
+/// Answer a plain HTTP request on the TLS port, then close once the client has stopped
+/// sending (closing with its request unread would reset the connection, losing the answer).
+async fn refuse_plain_http(tcp: TcpStream, shared: &Shared, remote: Remote) {
+    reject_request(
+        shared,
+        remote,
+        StatusCode::BAD_REQUEST,
+        "plain HTTP on the TLS port",
+    );
+    if tcp.writable().await.is_err() || tcp.try_write(PLAIN_HTTP_ON_TLS).is_err() {
+        return;
+    }
+    // SAFETY: the descriptor is open while `tcp` is alive.
+    unsafe { libc::shutdown(tcp.as_raw_fd(), libc::SHUT_WR) };
+    let mut sink = [0u8; 4096];
+    // Bounded by bytes here and by the caller's deadline in time.
+    for _ in 0..16 {
+        if tcp.readable().await.is_err() {
+            return;
+        }
+        match tcp.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }

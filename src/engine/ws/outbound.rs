@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -233,6 +232,10 @@ impl Outbound {
         };
         let fin_due = *sealed && !*shut_down;
         if chunks.is_empty() && !fin_due {
+            // TLS records of an earlier flush may still wait for writability.
+            if socket.write_pending()? {
+                return Ok(Flushed::Blocked);
+            }
             return Ok(Flushed::Done);
         }
         if self.corked.load(Ordering::Acquire) > 0 && !*sealed {
@@ -300,6 +303,11 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
+        if socket.write_pending()? {
+            // TLS: the session took every byte but the socket not all its records yet.
+            self.congested.store(true, Ordering::Relaxed);
+            return Ok(Flushed::Blocked);
+        }
         if total <= KEEP_BUFFERS_AFTER {
             *chunks = VecDeque::new();
             *inline_hint = 0;
@@ -311,9 +319,7 @@ impl Outbound {
             // so a client waiting for the end of the stream sees it without waiting for its own
             // close frame to come back. The read side stays open for that frame.
             *shut_down = true;
-            // SAFETY: the descriptor is open while `socket` is borrowed. A failure only means the
-            // peer is already gone.
-            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
+            socket.shutdown_write();
         }
         Ok(Flushed::Done)
     }
@@ -372,6 +378,7 @@ mod tests {
     use crate::engine::ws::encode::OutFrame;
     use crate::engine::ws::protocol::OP_TEXT;
     use bytes::Bytes;
+    use std::os::fd::AsRawFd;
 
     fn text(s: &'static str) -> OutFrame {
         OutFrame::new(OP_TEXT, Bytes::from_static(s.as_bytes()))

@@ -23,6 +23,7 @@ use crate::engine::net::Peer;
 use crate::engine::pubsub::remote::Remote;
 use crate::engine::pubsub::topics::{TopicRegistry, Unsubscribed};
 use crate::engine::stats::{Counter, Stats};
+use crate::engine::tls::Certs;
 
 /// State shared by the server's tasks and its connections.
 pub struct Shared {
@@ -52,6 +53,8 @@ pub struct Shared {
     pub(crate) pong_events: AtomicBool,
     /// Sibling processes that share this server's topics (`server.workers(n)`).
     pub relay: Option<Relay>,
+    /// The certificate new TLS connections get; `None`: plain TCP.
+    pub tls: Option<Certs>,
 }
 
 impl Shared {
@@ -60,6 +63,7 @@ impl Shared {
             remote,
             budget: IncomingBudget::new(config.max_incoming_bytes),
             relay: config.relay.as_ref().map(|_| Relay::default()),
+            tls: config.tls.clone().map(Certs::new).transpose()?,
             config,
             events: EventQueue::new()?,
             topics: TopicRegistry::default(),

@@ -356,7 +356,14 @@ impl Task {
                 None => Step::Progress,
             };
         }
-        match self.stream.poll_read_ready(cx) {
+        // Plaintext a TLS session already decrypted is read first: the socket will not turn
+        // readable for it.
+        let ready = if self.stream.has_buffered_input() {
+            Poll::Ready(Ok(()))
+        } else {
+            self.stream.poll_read_ready(cx)
+        };
+        match ready {
             Poll::Ready(Ok(())) => match read(&self.conn, &self.stream, &mut self.rx) {
                 Read::Some => {
                     self.last_read = Instant::now();
@@ -593,6 +600,9 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
 /// `WouldBlock` inside `try_io`), which saves the `recv` that would only return EAGAIN. tokio
 /// keeps readiness that arrived in the meantime, so no wake-up is lost.
 fn read_once(stream: &Stream, buf: &mut [u8]) -> io::Result<usize> {
+    if let Stream::Tls(tls) = stream {
+        return tls.read_plain(buf);
+    }
     let mut got = 0;
     let result = stream.try_io(Interest::READABLE, || {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the descriptor is open
