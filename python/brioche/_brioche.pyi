@@ -183,9 +183,12 @@ class Engine:
         redis_url: str | None = None,
         redis_sharded: bool = False,
         redis_namespace: str = ...,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> Engine: ...
     @property
     def relay_links(self) -> tuple[int, int] | None: ...
+    def reload_tls(self) -> None: ...
     @property
     def port(self) -> int:
         """The port listened on; 0 on a Unix socket."""

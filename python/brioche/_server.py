@@ -331,6 +331,8 @@ class Server(Generic[T]):
                 redis_url=redis.url if redis is not None else None,
                 redis_sharded=redis is not None and redis.sharded,
                 redis_namespace=redis.namespace if redis is not None else "brioche:",
+                tls_cert=None if config.tls_files is None else config.tls_files[0],
+                tls_key=None if config.tls_files is None else config.tls_files[1],
             )
         except OSError as exc:
             if fd is not None:
@@ -388,7 +390,7 @@ class Server(Generic[T]):
 
     @property
     def url(self) -> str:
-        """``http://host:port/`` for this server: a wildcard address gives its loopback
+        """``http://host:port/`` (``https://`` with ``tls()``) for this server: a wildcard address gives its loopback
         (``0.0.0.0``: ``127.0.0.1``, ``::``: ``[::1]``), an IPv6 address is bracketed. On a Unix
         socket, ``http+unix://`` and the path percent-encoded (``http+unix://%2Ftmp%2Fapp.sock/``,
         as requests-unixsocket spells it)."""
@@ -397,7 +399,8 @@ class Server(Generic[T]):
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.hostname, self.hostname)
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}/"
+        scheme = "http" if self._config.tls_files is None else "https"
+        return f"{scheme}://{host}:{self.port}/"
 
     @property
     def pending_websockets(self) -> int:
@@ -472,6 +475,15 @@ class Server(Generic[T]):
             request._timer = None
         if seconds and not request._answered and not request._pending.upgraded:
             request._timer = self._loop.call_later(seconds, self._timed_out, request)
+
+    def reload_tls(self) -> None:
+        """Read the ``tls()`` certificate and key files again (a renewed certificate): the
+        connections accepted from now on get them; open ones keep the one they started with.
+
+        A file that cannot be used raises ``BriocheError`` and the certificate in use stays.
+        ``run()`` calls it on SIGHUP. A ``ValueError`` if the server does not serve TLS.
+        """
+        self._engine.reload_tls()
 
     def reload(
         self, *, handler: Handler[T] | None = None, websocket: WsConfig[T] | None = None

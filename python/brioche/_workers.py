@@ -113,6 +113,9 @@ def _worker_main(
     # Ctrl+C reaches the whole process group; the parent turns it into one SIGTERM per worker,
     # so each worker has a single way to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGHUP is the supervisor's "reload the certificate": until the loop handles it, a worker
+    # still starting must not die of it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from brioche.server import run_loop
 
     run_loop(_serve_worker(config, slot, ready), loop_factory)
@@ -125,6 +128,10 @@ async def _serve_worker(
     stop_requested = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop_requested.set)
     srv = await config.serve()
+    if config.tls_files is not None:
+        from brioche.server import _reload_tls_logged
+
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
     try:
         siblings = len(slot.relay_peers)
         deadline = loop.time() + LINK_TIMEOUT
@@ -218,10 +225,21 @@ class _Supervisor:
         except OSError:  # pragma: no cover - the pipe is full: a wake-up is pending anyway
             pass
 
+    def _on_hup(self, signum: int, frame: object) -> None:
+        """Each worker reloads its TLS certificate (``reload_tls``)."""
+        for worker in self.workers:
+            if worker.process is not None and worker.process.pid is not None:
+                try:
+                    os.kill(worker.process.pid, signal.SIGHUP)
+                except ProcessLookupError:  # pragma: no cover - it just exited
+                    pass
+
     def run(self) -> None:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
+        if self.config.tls_files is not None:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
         try:
             for worker in self.workers:
                 self._start(worker)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import logging
 import math
 import os
 import socket
@@ -38,6 +39,7 @@ from brioche._http import (
     ok,
     text,
 )
+from brioche._brioche import BriocheError
 from brioche._server import BindError, Server
 from brioche._workers import WorkerSlot
 
@@ -58,6 +60,7 @@ __all__ = [
     "internal_error",
     "json",
     "max_connections",
+    "tls",
     "max_incoming_bytes",
     "max_request_body_size",
     "max_request_header_size",
@@ -181,6 +184,7 @@ class Config(Generic[T]):
     handshake_timeout_seconds: float = 10.0
     max_connections_value: int = 0
     max_incoming_bytes_value: int = 1 << 30
+    tls_files: tuple[str, str] | None = None
     workers_count: int = 1
     # Set by run(workers=n) in each worker's copy of the config (brioche._workers).
     worker_slot: WorkerSlot | None = dataclasses.field(default=None, repr=False)
@@ -242,6 +246,22 @@ class Config(Generic[T]):
         if isinstance(sock, int) and sock < 0:
             raise ValueError(f"a file descriptor is >= 0, got {sock}")
         return dataclasses.replace(self, listen_socket=sock)
+
+    def tls(self, cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]) -> Config[T]:
+        """Serve HTTPS and ``wss://`` (TLS 1.2 and 1.3, ALPN ``http/1.1``) on the TCP port.
+
+        ``cert_file`` is PEM: the server's certificate, then the intermediates up to the root
+        (a "full chain"); ``key_file`` its unencrypted PEM key (PKCS#8, PKCS#1 or SEC1). Both
+        are read when the server starts: a missing file, an encrypted key or one that does not
+        match the certificate is a ``BriocheError`` from ``serve()``. ``srv.reload_tls()`` (or
+        SIGHUP under ``run()``) reads them again. ``handshake_timeout`` covers the TLS handshake
+        and the request together. Not with ``unix()``.
+        """
+        files = (os.fspath(cert_file), os.fspath(key_file))
+        for name, path in zip(("cert_file", "key_file"), files):
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"{name} must be a non-empty path, got {path!r}")
+        return dataclasses.replace(self, tls_files=files)
 
     def max_request_body_size(self, size: int) -> Config[T]:
         """Largest HTTP request body accepted, in bytes (default 1 MiB); larger gets 413."""
@@ -357,6 +377,8 @@ class Config(Generic[T]):
                     raise ValueError("sock() was given a closed socket")
             return Server._start(self, 0, loop, [], fd=fd)
         if self.unix_path is not None:
+            if self.tls_files is not None:
+                raise ValueError("tls() serves a TCP port: it cannot be combined with unix()")
             if tcp_set:
                 given = " and ".join(f"{name}()" for name in tcp_set)
                 raise ValueError(f"unix() replaces hostname() and port(): it cannot be combined with {given}")
@@ -475,10 +497,25 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
             pass
     srv = await config.serve()
+    if config.tls_files is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
+            pass
     try:
         await stop_requested.wait()
     finally:
         await srv.stop(close_active_connections=True)
+
+
+def _reload_tls_logged(srv: Server[Any]) -> None:
+    """SIGHUP: a renewed certificate for new connections; a bad one is logged, the old kept."""
+    try:
+        srv.reload_tls()
+    except BriocheError as exc:
+        logging.getLogger("brioche").error("SIGHUP: the TLS certificate was not reloaded: %s", exc)
+    else:
+        logging.getLogger("brioche").info("SIGHUP: TLS certificate reloaded")
 
 
 def handler(fn: Handler[T]) -> Config[T]:
@@ -530,6 +567,13 @@ def max_request_header_size(config: Config[T], size: int) -> Config[T]:
 def handshake_timeout(config: Config[T], seconds: float) -> Config[T]:
     """Module form of :meth:`Config.handshake_timeout`."""
     return config.handshake_timeout(seconds)
+
+
+def tls(
+    config: Config[T], cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]
+) -> Config[T]:
+    """Module form of :meth:`Config.tls`."""
+    return config.tls(cert_file, key_file)
 
 
 def max_connections(config: Config[T], count: int) -> Config[T]:

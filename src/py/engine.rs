@@ -18,7 +18,7 @@ use super::{
 };
 use crate::engine::{
     begin_send_batch, end_send_batch, Address, Event, Listen, LogKind, LogRecord, OutFrame,
-    RedisConfig, RelayPaths, Server, ServerConfig, WsLimits, OP_BINARY, OP_TEXT,
+    RedisConfig, RelayPaths, Server, ServerConfig, TlsFiles, WsLimits, OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -215,7 +215,7 @@ impl PyEngine {
         handshake_timeout, max_request_header_size, max_connections, message_timeout,
         max_incoming_bytes, reuse_port=false, relay_path=None, relay_peers=Vec::new(), unix=None,
         unix_mode=None, fd=None,
-        redis_url=None, redis_sharded=false, redis_namespace=String::from("brioche:")
+        redis_url=None, redis_sharded=false, redis_namespace=String::from("brioche:"), tls_cert=None, tls_key=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -244,6 +244,8 @@ impl PyEngine {
         redis_url: Option<String>,
         redis_sharded: bool,
         redis_namespace: String,
+        tls_cert: Option<std::path::PathBuf>,
+        tls_key: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, value: f64| {
             std::time::Duration::try_from_secs_f64(value).map_err(|_| {
@@ -303,6 +305,9 @@ impl PyEngine {
                 listen,
                 peers: relay_peers,
             }),
+            tls: tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| TlsFiles { cert, key }),
             ..ServerConfig::default()
         };
         // Binding touches no Python object: other Python threads may run meanwhile.
@@ -315,6 +320,12 @@ impl PyEngine {
             pending_data: Mutex::new(FxHashMap::default()),
             batch: Mutex::new(VecDeque::with_capacity(256)),
         })
+    }
+
+    /// Read the TLS certificate and key files again, for the connections to come.
+    fn reload_tls(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.server.reload_tls())
+            .map_err(super::errors::os_error)
     }
 
     /// The port listened on; 0 on a Unix socket.

@@ -31,6 +31,9 @@ pub fn value_error(message: String) -> PyErr {
 #[cold]
 #[inline(never)]
 pub fn os_error(err: std::io::Error) -> PyErr {
+    if let Some(tls) = crate::engine::TlsConfigError::of(&err) {
+        return BriocheError::new_err(tls.to_string());
+    }
     match err.raw_os_error() {
         Some(errno) => PyOSError::new_err((errno, err.to_string())),
         // The engine's own refusals (a socket handed in that cannot serve): misuse, not the OS.
