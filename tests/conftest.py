@@ -53,12 +53,13 @@ def server_starter(started: list[brioche.Server[Any]]) -> ServeFn:
         handler: server.Handler[Any] = upgrade_ws_path,
         **settings: Any,
     ) -> brioche.Server[Any]:
-        """``settings`` name server.Config setters: ``max_connections=2``, ``handshake_timeout=1``."""
+        """``settings`` name server.Config setters: ``max_connections=2``, ``handshake_timeout=1``;
+        a tuple is several arguments: ``tls=(cert_file, key_file)``."""
         config = server.handler(handler).hostname("127.0.0.1").port(0)
         if ws_config is not None:
             config = config.websocket(ws_config)
         for name, value in settings.items():
-            config = getattr(config, name)(value)
+            config = getattr(config, name)(*value) if isinstance(value, tuple) else getattr(config, name)(value)
         srv = await config.serve()
         started.append(srv)
         return srv
