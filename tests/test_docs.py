@@ -350,6 +350,60 @@ async def test_production_script_serves_port_from_env_and_stops_on_sigterm() -> 
         await stop_process(proc)
 
 
+async def test_tls_script_serves_wss_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    def issue(name: str) -> tuple[trustme.CA, Path, Path]:
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1")
+        cert, key = tmp_path / f"{name}-fullchain.pem", tmp_path / f"{name}-privkey.pem"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        return ca, cert, key
+
+    def trusting(ca: trustme.CA) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    first_ca, cert, key = issue("live")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "tls.py"),
+        env={"PORT": str(port), "TLS_CERT": str(cert), "TLS_KEY": str(key), "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(port, proc)
+        async with httpx.AsyncClient(verify=trusting(first_ca)) as http:
+            reply = await http.get(f"https://127.0.0.1:{port}/healthz")
+        assert (reply.status_code, reply.text) == (200, "ok\n")
+        async with connect(f"wss://127.0.0.1:{port}/", ssl=trusting(first_ca)) as client:
+            # Renewal: new files in place, then SIGHUP; this connection keeps its session.
+            renewed_ca, renewed_cert, renewed_key = issue("renewed")
+            renewed_cert.replace(cert)
+            renewed_key.replace(key)
+            proc.send_signal(signal.SIGHUP)
+            assert proc.stderr is not None
+            line = await asyncio.wait_for(proc.stderr.readline(), 10)
+            assert b"SIGHUP: TLS certificate reloaded" in line, line
+            async with connect(f"wss://127.0.0.1:{port}/", ssl=trusting(renewed_ca)) as renewed:
+                await renewed.send("renewed")
+                assert await recv(renewed) == "renewed"
+            await client.send("still here")
+            assert await recv(client) == "still here"
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await stop_process(proc)
+
+
 async def test_workers_script_shares_the_room_and_stops_on_sigterm() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
