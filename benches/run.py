@@ -224,6 +224,8 @@ class ServerSpec:
     kind: str = ""
 
     def runs_in(self, scenario: str) -> bool:
+        if scenario in TLS_SCENARIOS:
+            return self.name in TLS_SERVERS
         return self.scenarios is None or scenario in self.scenarios
 
     def as_json(self) -> dict[str, Any]:
@@ -251,6 +253,10 @@ ECHO_ONLY = ("S1", "S2")
 # S6 compares brioche with itself: one process, and two sharing the topic through Redis.
 REDIS_ROW = "brioche-redis"
 S6_ROWS = ("brioche-asyncio", REDIS_ROW)
+# S1 and S3 over TLS (wss://), and the plain scenario each repeats; the servers that run them,
+# with the same certificate (made by trustme in benches/out/tls) and the same client.
+TLS_SCENARIOS = {"S1T": "S1", "S3T": "S3"}
+TLS_SERVERS = ("brioche-asyncio", "bun")
 
 
 def brioche_spec(name: str, label: str, python: str, loop: str = "asyncio", mode: str = "sync",
@@ -395,6 +401,23 @@ def settled_rss(pid: int, max_wait: float = 5.0) -> int | None:
             return last[-1]
         time.sleep(0.25)
     return samples[-1] if samples else None
+
+
+def tls_files() -> dict[str, str]:
+    """A CA and a certificate for 127.0.0.1 it signs (PEM), made once per run with trustme."""
+    where = OUT / "tls"
+    files = {"ca": where / "ca.pem", "cert": where / "chain.pem", "key": where / "key.pem"}
+    if not all(f.exists() for f in files.values()):
+        where.mkdir(parents=True, exist_ok=True)
+        r = sh([str(MAIN_PY), "-c", (
+            "import sys, trustme; ca = trustme.CA(); leaf = ca.issue_cert('127.0.0.1'); "
+            "ca.cert_pem.write_to_path(sys.argv[1]); "
+            "open(sys.argv[2], 'wb').write(b''.join(b.bytes() for b in leaf.cert_chain_pems)); "
+            "leaf.private_key_pem.write_to_path(sys.argv[3])"),
+            *(str(files[k]) for k in ("ca", "cert", "key"))])
+        if r.returncode != 0:
+            raise RuntimeError(f"trustme (from .venv's test extras) failed: {tail(r.stderr)}")
+    return {k: str(v) for k, v in files.items()}
 
 
 class RunningServer:
@@ -553,6 +576,15 @@ SCENARIOS = [
              "(after a warm-up of 100 connections). Fresh server per repeat.",
              [Metric("kib_per_conn", "KiB per connection", "KiB", False)],
              fresh_server_per_repeat=True),
+    Scenario("S1T", "Echo throughput over TLS",
+             "S1 over wss:// (TLS 1.3 with the cipher suite the load generator's rustls client "
+             "prefers, the same ECDSA P-256 certificate for every server): 100 connections, 16 "
+             "messages of 32 bytes in flight each; round trips/s.",
+             [Metric("msgs_per_s", "round trips/s", "msg/s", True)]),
+    Scenario("S3T", "Fan-out over TLS",
+             "S3 over wss://: 1,000 subscribers of one topic, one publisher, at most 32 messages "
+             "not yet delivered to everyone; deliveries/s, every subscriber's sequence checked.",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
     Scenario("S5", "Connection churn",
              "connect, one echo, close handshake, repeated {churn_cycles:,} times by 32 concurrent "
              "clients; connections/s over all cycles, and server VmRSS after all cycles vs after "
@@ -602,25 +634,28 @@ def settings(quick: bool, duration: float | None, repeats: int | None) -> dict[s
 def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: bool) -> dict[str, Any]:
     """One run of a scenario against a started server: the loadgen's result, with metrics."""
     port = server.port
-    if sc.id in ("S1", "S2", "S3"):
+    scenario_id = TLS_SCENARIOS.get(sc.id, sc.id)
+    tls = {"ca": tls_files()["ca"]} if sc.id in TLS_SCENARIOS else {}
+    if scenario_id in ("S1", "S2", "S3"):
         warmup = 0.2 if warm else cfg["warmup_s"]
         duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
         timeout = warmup + duration + 60
         sampler = CpuSampler(server.pid, warmup + 0.5, max(0.2, duration - 0.6))
         sampler.start()
-        if sc.id == "S1":
+        if scenario_id == "S1":
             r = loadgen("echo-throughput", port, {"conns": 100, "inflight": 16, "size": 32,
-                                                  "warmup": warmup, "duration": duration}, timeout)
-        elif sc.id == "S2":
+                                                  "warmup": warmup, "duration": duration, **tls},
+                        timeout)
+        elif scenario_id == "S2":
             r = loadgen("echo-latency", port, {"conns": 100, "size": 32, "warmup": warmup,
                                                "duration": duration}, timeout)
         else:
             r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 32,
-                                         "warmup": warmup, "duration": duration}, timeout)
+                                         "warmup": warmup, "duration": duration, **tls}, timeout)
         sampler.join(5)
         if sampler.pct is not None:
             r["server_cpu_pct"] = sampler.pct
-        if sc.id != "S3":
+        if scenario_id != "S3":
             return r
         if "error" not in r and (r.get("lost") or r.get("duplicated") or r.get("bad_frames")
                                  or r.get("out_of_window")):
@@ -795,7 +830,10 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
     logdir = OUT / "logs"
 
     def start(tag: str) -> tuple[RunningServer | None, str | None]:
-        srv = RunningServer(spec, logdir / f"{sc.id}-{spec.name}-{tag}.log")
+        # The bench servers serve TLS when these are set (brioche's tls(), Bun's tls).
+        tls_env = ({"BENCH_TLS_CERT": tls_files()["cert"], "BENCH_TLS_KEY": tls_files()["key"]}
+                   if sc.id in TLS_SCENARIOS else None)
+        srv = RunningServer(spec, logdir / f"{sc.id}-{spec.name}-{tag}.log", tls_env)
         err = srv.wait_ready()
         if err is not None:
             srv.stop()
@@ -947,6 +985,15 @@ def evaluate_targets(scen: dict[str, Scenario],
                 None if v is None or ref is None else v >= ref,
                 "n/a" if v is None or p is None or b is None
                 else f"{v:,.0f} MB/s: {v / p:.2f}× picows, {v / b:.2f}× Bun")
+    for tls_id, plain_id in TLS_SCENARIOS.items():
+        if tls_id not in scen or not scen[tls_id].results:
+            continue
+        key = scen[tls_id].metrics[0].key
+        rt = scen[tls_id].results
+        v, b = median_of(rt, "brioche-asyncio", key), median_of(rt, "bun", key)
+        add(f"{plain_id} over TLS ≥ Bun", "brioche-asyncio", v, b,
+            None if v is None or b is None else v >= b,
+            "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
     r1 = scen["S1"].results
     # The sync handler against another build of brioche (--extra-server, e.g. the commit
     # before a change): the same S1, in the same run.
@@ -1045,7 +1092,7 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
             for m in sc.metrics)
         ratio_metrics = [m for m in sc.metrics if m.unit != "%"]
         header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
-        client = sc.id in ("S1", "S2", "S3")
+        client = sc.id in ("S1", "S2", "S3", *TLS_SCENARIOS)
         header += " | server CPU | client CPU |" if client else " |"
         lines += [header,
                   "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]

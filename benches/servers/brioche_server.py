@@ -79,6 +79,9 @@ async def main(port: int, loop_name: str, mode: str) -> None:
     redis_url = os.environ.get("BRIOCHE_BENCH_REDIS")
     if redis_url:
         server_config = server_config.pubsub_redis(redis_url)
+    if os.environ.get("BENCH_TLS_CERT"):
+        # benches/run.py's TLS scenarios (S1T, S3T).
+        server_config = server_config.tls(os.environ["BENCH_TLS_CERT"], os.environ["BENCH_TLS_KEY"])
     _srv = await server_config.serve()
     version = ".".join(map(str, sys.version_info[:3]))
     listening(f"brioche ({loop_name}, {mode} on_text, CPython {version})", _srv.port)

@@ -10,9 +10,14 @@ if (!port) {
   process.exit(2);
 }
 
+// benches/run.py's TLS scenarios (S1T, S3T) set these: the same certificate brioche gets.
+const certFile = process.env.BENCH_TLS_CERT;
+const keyFile = process.env.BENCH_TLS_KEY;
+
 const server = Bun.serve<Role, {}>({
   hostname: "127.0.0.1",
   port,
+  ...(certFile && keyFile ? { tls: { cert: Bun.file(certFile), key: Bun.file(keyFile) } } : {}),
   fetch(req, server) {
     const path = new URL(req.url).pathname;
     const role = path === "/sub" ? "sub" : path === "/pub" ? "pub" : "echo";

@@ -15,6 +15,9 @@
 //!                    [--sub-ports P1,P2]  (subscribers spread over these servers; S6)
 //!   idle             --conns 10000 --concurrency 64 --hold S        (prints ready, waits)
 //!   churn            --cycles 50000 --mark 5000 --concurrency 32 --hold S
+//!
+//! `--ca FILE` (PEM) speaks TLS (wss://) instead, trusting only that CA, with the server name
+//! 127.0.0.1; `--tls-version 1.2|1.3` pins the version (default: the highest both offer).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -24,7 +27,14 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, LocalSet};
 use tokio::time::timeout;
@@ -231,9 +241,97 @@ fn parse(buf: &[u8]) -> Option<(u8, usize, usize, usize)> {
     Some((opcode, at, at + len, at + len))
 }
 
+/// TLS for every connection when `--ca` is given.
+static TLS: OnceLock<Option<TlsConnector>> = OnceLock::new();
+
+fn tls_connector(a: &Args) -> Option<TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let ca = a.0.get("ca")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap_or_else(|e| usage(&format!("--ca: {e}"))) {
+        roots
+            .add(cert.unwrap_or_else(|e| usage(&format!("--ca: {e}"))))
+            .unwrap_or_else(|e| usage(&format!("--ca: {e}")));
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        match a.0.get("tls-version").map(String::as_str) {
+            None => rustls::ALL_VERSIONS,
+            Some("1.2") => &[&rustls::version::TLS12],
+            Some("1.3") => &[&rustls::version::TLS13],
+            Some(other) => usage(&format!("--tls-version: 1.2 or 1.3, not {other}")),
+        };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .expect("ring supports TLS 1.2 and 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Some(TlsConnector::from(Arc::new(config)))
+}
+
+/// A client socket: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    async fn connect(port: u16) -> io::Result<Stream> {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        match TLS.get().and_then(Option::as_ref) {
+            None => Ok(Stream::Plain(tcp)),
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::IpAddress(
+                    std::net::IpAddr::from([127, 0, 0, 1]).into(),
+                );
+                Ok(Stream::Tls(Box::new(connector.connect(name, tcp).await?)))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A client connection after the handshake, with its read buffer.
 struct Ws {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -250,8 +348,7 @@ impl Ws {
     }
 
     async fn handshake(port: u16, path: &str, buf_size: usize) -> io::Result<Ws> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.set_nodelay(true)?;
+        let mut stream = Stream::connect(port).await?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -342,12 +439,15 @@ impl Ws {
             let replies = std::mem::take(&mut self.replies);
             self.stream.write_all(&replies).await?;
         }
-        self.stream.write_all(bytes).await
+        self.stream.write_all(bytes).await?;
+        // tokio-rustls encrypts on write and sends on flush (a no-op for a plain socket).
+        self.stream.flush().await
     }
 
     /// Closing handshake from the client side, bounded in time.
     async fn close(mut self, wait: Duration) {
         let _ = self.stream.write_all(&close_frame()).await;
+        let _ = self.stream.flush().await;
         let _ = timeout(wait, async {
             while !self.closed {
                 if self.read_frames(|_, _| {}).await.is_err() {
@@ -731,7 +831,7 @@ async fn fanout(a: &Args, port: u16) {
             }
         });
     }
-    let (pub_read, mut pub_write) = publisher.stream.into_split();
+    let (pub_read, mut pub_write) = tokio::io::split(publisher.stream);
     // The publisher receives nothing but pings; drain its socket so it never stalls.
     tokio::task::spawn_local(async move {
         let mut r = pub_read;
@@ -749,7 +849,7 @@ async fn fanout(a: &Args, port: u16) {
                 &format!("only {} of {subscribers} subscribers synced", st.synced.get()),
             );
         }
-        if pub_write.write_all(&sync).await.is_err() {
+        if pub_write.write_all(&sync).await.is_err() || pub_write.flush().await.is_err() {
             return fail("fanout", "publisher connection lost during sync");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -773,7 +873,7 @@ async fn fanout(a: &Args, port: u16) {
                     encode(&mut out, OP_TEXT, &seq_payload(seq, size));
                 }
                 st.next_seq.set(next + room);
-                if pub_write.write_all(&out).await.is_err() {
+                if pub_write.write_all(&out).await.is_err() || pub_write.flush().await.is_err() {
                     return pub_write;
                 }
             }
@@ -993,6 +1093,7 @@ fn main() {
     }
     let port = port as u16;
     let nofile = raise_nofile();
+    assert!(TLS.set(tls_connector(&args)).is_ok(), "set once");
     let max_seconds = args.num("max-seconds", 300.0);
     {
         let scenario = scenario.clone();
