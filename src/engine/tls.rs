@@ -1,10 +1,11 @@
 //! TLS settings: the certificate chain and key read from PEM files into a rustls config, and
 //! the holder that lets `reload` swap them for the connections that come next.
 //!
-//! The crypto provider is ring, not aws-lc-rs: ring builds from C and assembly with only a C
-//! compiler (zig's, for the manylinux2014 wheel), where aws-lc-sys needs its own build system and
-//! has had glibc-version trouble under zig; both give AES-GCM and ChaCha20 with the same CPU
-//! acceleration on x86_64.
+//! The crypto provider is ring, not aws-lc-rs (rustls's default): ring is a small C and assembly
+//! build that `make wheel` links with zig for manylinux2014 (auditwheel passes it), while
+//! aws-lc-sys is a large one whose builds under `zig cc` broke (aws-lc-rs issue 993, fixed only
+//! in 2026 by its pull request 1103). Both give AES-GCM and ChaCha20-Poly1305 with the same CPU
+//! acceleration on x86_64; neither links OpenSSL.
 
 use std::fmt;
 use std::fs;
