@@ -93,9 +93,11 @@ test-matrix: $(MATRIX)
 $(MATRIX): test-py%: wheel system-deps
 	bash scripts/test-wheel.sh $*
 
-# RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use).
+# RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use),
+# over ws:// and then over wss:// (server.tls, a throwaway certificate).
 conformance: install
 	bash scripts/conformance.sh
+	AUTOBAHN_TLS=1 bash scripts/conformance.sh
 
 # The hypothesis raw-socket fuzzer with 20x the CI's examples (260,000; about 15 minutes), random
 # on each run (profile "fuzz"); everywhere else the examples are the same each run (tests/conftest.py).

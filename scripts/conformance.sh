@@ -3,6 +3,7 @@
 # brioche echo server (tests/autobahn_server.py) on 127.0.0.1.
 #
 #   scripts/conformance.sh [CASES]     # default: 1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.* (no 8.*)
+#   AUTOBAHN_TLS=1 scripts/conformance.sh   # the same over wss://, with a certificate trustme makes
 #
 # Installs wstest first when it is missing (setup.sh needs root or sudo; ~1 min on a fresh
 # machine). Stricter than run.sh, which fails only on FAILED: every case's behavior and close
@@ -61,6 +62,18 @@ trap stop_server EXIT
 trap 'stop_server; exit 130' INT
 trap 'stop_server; exit 143' TERM
 
+# --- over TLS: a throwaway certificate for 127.0.0.1 (trustme, from the test extras)
+TLS_ARGS=()
+if [ "${AUTOBAHN_TLS:-0}" = 1 ]; then
+  TLS_DIR="$(mktemp -d)"
+  trap 'stop_server; rm -rf "$TLS_DIR"' EXIT
+  "$PYTHON" -c 'import sys, trustme; leaf = trustme.CA().issue_cert("127.0.0.1"); open(sys.argv[1], "wb").write(b"".join(b.bytes() for b in leaf.cert_chain_pems)); leaf.private_key_pem.write_to_path(sys.argv[2])' \
+    "$TLS_DIR/chain.pem" "$TLS_DIR/key.pem"
+  TLS_ARGS=("$TLS_DIR/chain.pem" "$TLS_DIR/key.pem")
+  export AUTOBAHN_SCHEME=wss
+  export AUTOBAHN_REPORTS="${AUTOBAHN_REPORTS_TLS:-/tmp/autobahn-reports-tls}"
+fi
+
 free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
@@ -72,7 +85,7 @@ accepts() {  # accepts PORT -> 0 when something accepts TCP connections on 127.0
 PORT=""
 for attempt in 1 2 3; do  # the free port may be taken between free_port and bind: retry
   candidate="$(free_port)"
-  "$PYTHON" "$REPO/tests/autobahn_server.py" "$candidate" &
+  "$PYTHON" "$REPO/tests/autobahn_server.py" "$candidate" "${TLS_ARGS[@]}" &
   SERVER_PID=$!
   for _ in $(seq 1 $(( START_TIMEOUT * 10 ))); do
     if accepts "$candidate"; then PORT="$candidate"; break; fi

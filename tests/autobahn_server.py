@@ -1,8 +1,8 @@
 """A brioche echo server for the Autobahn|TestSuite fuzzing client.
 
-    python tests/autobahn_server.py PORT
+    python tests/autobahn_server.py PORT [CERT_FILE KEY_FILE]
 
-Serves ws://127.0.0.1:PORT/ (any path) until SIGTERM or SIGINT, echoing every text and binary
+Serves ws://127.0.0.1:PORT/ (any path; wss:// with a certificate and key) until SIGTERM or SIGINT, echoing every text and binary
 message unchanged. Messages up to 16 MiB (Autobahn 9.* sends exactly 16 MiB), no idle timeout.
 Prints nothing; errors from handlers go to the `brioche` logger (stderr) as usual.
 """
@@ -44,12 +44,15 @@ def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Respons
     return server.upgrade(srv, request, [], None, server.bad_request)
 
 
-async def main(port: int) -> None:
+async def main(port: int, tls: list[str]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    srv = await server.handler(handler).websocket(ws_config()).hostname("127.0.0.1").port(port).serve()
+    config = server.handler(handler).websocket(ws_config()).hostname("127.0.0.1").port(port)
+    if tls:
+        config = config.tls(tls[0], tls[1])
+    srv = await config.serve()
     try:
         await stop.wait()
     finally:
@@ -57,7 +60,7 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print(f"usage: {sys.argv[0]} PORT", file=sys.stderr)
+    if len(sys.argv) not in (2, 4):
+        print(f"usage: {sys.argv[0]} PORT [CERT_FILE KEY_FILE]", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
