@@ -318,11 +318,18 @@ async def test_sighup_under_run_reloads_the_certificate(tmp_dir: Path, certs: Ce
             raise AssertionError("the server never listened")
 
         await asyncio.wait_for(first_connection(), 30)
+        assert proc.stderr is not None
+        if workers > 1:
+            # Every worker has its certificate and its SIGHUP handler once the supervisor says
+            # they all listen; a worker still starting would read the renewed files itself.
+            while b"workers listening on port" not in (
+                line := await asyncio.wait_for(proc.stderr.readline(), 30)
+            ):
+                assert line, "the server's stderr ended"
         renewed = Certs(tmp_dir, "renewed")
         os.replace(renewed.cert_file, certs.cert_file)
         os.replace(renewed.key_file, certs.key_file)
         proc.send_signal(signal.SIGHUP)
-        assert proc.stderr is not None
         reloaded = 0
         while reloaded < workers:  # each worker says so; bounded by the timeout
             line = await asyncio.wait_for(proc.stderr.readline(), 10)
