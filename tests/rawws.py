@@ -166,6 +166,8 @@ class RawWebSocket:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        # The server's 101, head only: what a test checks of the negotiation.
+        self.response_head = b""
 
     @classmethod
     async def connect(
@@ -176,6 +178,7 @@ class RawWebSocket:
         rcvbuf: int | None = None,
         limit: int = 2**16,
         timeout: float = 5.0,
+        headers: Iterable[tuple[str, str]] = (),
     ) -> RawWebSocket:
         """Connect to 127.0.0.1:``port`` and upgrade ``path``.
 
@@ -198,13 +201,13 @@ class RawWebSocket:
             raise
         client = cls(reader, writer)
         try:
-            await asyncio.wait_for(client._handshake(path), timeout)
+            await asyncio.wait_for(client._handshake(path, headers), timeout)
         except BaseException:
             writer.close()
             raise
         return client
 
-    async def _handshake(self, path: str) -> None:
+    async def _handshake(self, path: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         key = base64.b64encode(os.urandom(16))
         request = (
             f"GET {path} HTTP/1.1\r\n"
@@ -213,12 +216,14 @@ class RawWebSocket:
             "Connection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key.decode()}\r\n"
             "Sec-WebSocket-Version: 13\r\n"
-            "\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in headers)
+            + "\r\n"
         ).encode()
         self.writer.write(request)
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         _check_upgrade_response(head, key)
+        self.response_head = head
 
     # -- sending ----------------------------------------------------------------------------
 

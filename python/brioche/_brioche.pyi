@@ -90,13 +90,18 @@ class WebSocket(Generic[_T]):
     @property
     def subscriptions(self) -> list[str]:
         """The topics this socket is subscribed to."""
+    @property
+    def per_message_deflate(self) -> bool:
+        """Whether the client negotiated permessage-deflate."""
     def send(self, message: str | bytes | bytearray | memoryview, compress: bool = False) -> _SendStatus:
-        """Queue a message: text for a ``str``, binary for bytes-like (``compress`` is reserved)."""
-    def send_bytes(self, message: bytes | bytearray | memoryview) -> _SendStatus:
+        """Queue a message: text for a ``str``, binary for bytes-like; ``compress`` if negotiated."""
+    def send_bytes(self, message: bytes | bytearray | memoryview, compress: bool = False) -> _SendStatus:
         """Queue a binary message."""
-    def publish(self, topic: str, message: str) -> _SendStatus:
+    def publish(self, topic: str, message: str, compress: bool = False) -> _SendStatus:
         """Send text to the subscribers of ``topic`` (not to this socket unless publish_to_self)."""
-    def publish_bytes(self, topic: str, message: bytes | bytearray | memoryview) -> _SendStatus:
+    def publish_bytes(
+        self, topic: str, message: bytes | bytearray | memoryview, compress: bool = False
+    ) -> _SendStatus:
         """Send bytes to the subscribers of ``topic``."""
     def subscribe(self, topic: str) -> None:
         """Subscribe to ``topic``; idempotent."""
@@ -185,6 +190,7 @@ class Engine:
         redis_namespace: str = ...,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        per_message_deflate: tuple[bool, bool, int, int] | None = None,
     ) -> Engine: ...
     @property
     def relay_links(self) -> tuple[int, int] | None: ...
@@ -207,7 +213,7 @@ class Engine:
     def drain(self, max_events: int) -> list[tuple[Any, ...]]: ...
     def end_batch(self) -> None: ...
     def stop(self, close_active_connections: bool) -> None: ...
-    def publish(self, topic: str, message: str | bytes) -> _SendStatus: ...
+    def publish(self, topic: str, message: str | bytes, compress: bool = False) -> _SendStatus: ...
     def subscriber_count(self, topic: str) -> int: ...
     def set_control_events(self, pings: bool, pongs: bool) -> None: ...
 

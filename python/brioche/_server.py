@@ -36,7 +36,7 @@ from brioche._http import Request, Response, SocketAddress, internal_error, text
 if TYPE_CHECKING:
     from brioche.server import Config, Handler
     from brioche.websocket import Config as WsConfig
-    from brioche.websocket import SendStatus
+    from brioche.websocket import DeflateOptions, SendStatus
 
 __all__ = ["BindError", "Server"]
 
@@ -69,6 +69,7 @@ _FIXED_AT_START = {
     "message_timeout": "message_timeout_seconds",
     "publish_to_self": "publish_to_self_enabled",
     "send_pings": "send_pings_enabled",
+    "per_message_deflate": "deflate_options",
 }
 
 # A connection whose handler is suspended may have this many events parked behind it before the
@@ -221,6 +222,18 @@ class Stats(TypedDict):
     redis_connected: int
 
 
+def _deflate_tuple(options: DeflateOptions | None) -> tuple[bool, bool, int, int] | None:
+    """``DeflateOptions`` as the engine takes them."""
+    if options is None:
+        return None
+    return (
+        options.server_no_context_takeover,
+        options.client_no_context_takeover,
+        options.server_max_window_bits,
+        options.client_max_window_bits,
+    )
+
+
 def _handlers_of(config: WsConfig[Any]) -> tuple[Callable[..., Any] | None, ...]:
     """The handlers by event kind: ``_dispatch`` indexes this tuple with the kind."""
     return (
@@ -333,6 +346,7 @@ class Server(Generic[T]):
                 redis_namespace=redis.namespace if redis is not None else "brioche:",
                 tls_cert=None if config.tls_files is None else config.tls_files[0],
                 tls_key=None if config.tls_files is None else config.tls_files[1],
+                per_message_deflate=_deflate_tuple(limits.deflate_options),
             )
         except OSError as exc:
             if fd is not None:
@@ -528,13 +542,14 @@ class Server(Generic[T]):
             config = dataclasses.replace(config, fetch=handler)
         self._config = config
 
-    def publish(self, topic: str, message: str | bytes) -> SendStatus:
+    def publish(self, topic: str, message: str | bytes, compress: bool = False) -> SendStatus:
         """Send ``message`` to every subscriber of ``topic``.
 
         With :meth:`~brioche.server.Config.pubsub_redis` it also goes to the subscribers of the
-        other processes, through Redis; the status returned is this process's.
+        other processes, through Redis; the status returned is this process's. ``compress`` as
+        ``ws.publish``'s.
         """
-        return self._engine.publish(topic, message)
+        return self._engine.publish(topic, message, compress)
 
     def subscriber_count(self, topic: str) -> int:
         """How many open connections of this server are subscribed to ``topic``.

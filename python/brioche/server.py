@@ -645,9 +645,11 @@ async def stop(srv: Server[Any], close_active_connections: bool = False) -> None
     await srv.stop(close_active_connections)
 
 
-def publish(srv: Server[Any], topic: str, message: str | bytes) -> _websocket.SendStatus:
+def publish(
+    srv: Server[Any], topic: str, message: str | bytes, compress: bool = False
+) -> _websocket.SendStatus:
     """Module form of :meth:`Server.publish`."""
-    return srv.publish(topic, message)
+    return srv.publish(topic, message, compress)
 
 
 def request_ip(srv: Server[Any], request: Request) -> SocketAddress | None:

@@ -28,6 +28,7 @@ from brioche._brioche import (
 __all__ = [
     "CloseCode",
     "Config",
+    "DeflateOptions",
     "ReadyState",
     "SendStatus",
     "WebSocket",
@@ -49,6 +50,7 @@ __all__ = [
     "on_ping",
     "on_pong",
     "on_text",
+    "per_message_deflate",
     "ping",
     "pong",
     "publish",
@@ -102,6 +104,40 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DeflateOptions:
+    """What the server accepts of a client's permessage-deflate offer (RFC 7692).
+
+    The defaults are the RFC's: context kept on both sides, 15-bit windows. The server answers
+    the first offer it can honour and declines the others (the connection then opens without
+    compression); see the README for the rules.
+
+    - ``server_no_context_takeover``: reset the server's compressor after every message, even
+      when the client does not ask. No compressor is kept per connection (the thread's is used),
+      and a ``publish`` is compressed once for all such subscribers, at some cost in ratio.
+    - ``client_no_context_takeover``: ask the client to reset its compressor after every
+      message, so no decompressor is kept per connection either.
+    - ``server_max_window_bits`` (9-15): the largest window the server compresses with. A
+      client asking for 8 is declined: zlib has no raw deflate with a 256-byte window.
+    - ``client_max_window_bits`` (9-15): the largest window the client may use; below 15,
+      offers that do not let the server limit it are declined. A client that offers 8 is
+      answered 8, and inflated with 9: zlib-based clients compress with 9 when told 8.
+    """
+
+    server_no_context_takeover: bool = False
+    client_no_context_takeover: bool = False
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 15
+
+    def __post_init__(self) -> None:
+        _check_bool("server_no_context_takeover", self.server_no_context_takeover)
+        _check_bool("client_no_context_takeover", self.client_no_context_takeover)
+        for name, low in (("server_max_window_bits", 9), ("client_max_window_bits", 9)):
+            value = _check_size(name, getattr(self, name), minimum=low)
+            if value > 15:
+                raise ValueError(f"{name} must be <= 15, got {value}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config(Generic[T]):
     """How the server treats its WebSockets: the handlers and the limits.
 
@@ -123,6 +159,7 @@ class Config(Generic[T]):
     message_timeout_seconds: float = 120.0
     publish_to_self_enabled: bool = False
     send_pings_enabled: bool = True
+    deflate_options: DeflateOptions | None = None
 
     def on_text(self, handler: TextHandler[T]) -> Config[T]:
         """Call ``handler(ws, text)`` for every text message (``async def`` or plain)."""
@@ -210,6 +247,24 @@ class Config(Generic[T]):
         value = _check_bool("send_pings", send_pings)
         return dataclasses.replace(self, send_pings_enabled=value)
 
+    def per_message_deflate(self, options: bool | DeflateOptions) -> Config[T]:
+        """Accept permessage-deflate offers (Bun's ``perMessageDeflate``; default False).
+
+        ``True`` is ``DeflateOptions()``. Messages from clients are inflated whenever they are
+        compressed; messages to clients are compressed only when sent with ``compress=True``
+        (``ws.send(msg, compress=True)``, ``publish``), as in Bun. ``ws.per_message_deflate``
+        tells whether a connection negotiated it.
+        """
+        if isinstance(options, bool):
+            value = DeflateOptions() if options else None
+        elif isinstance(options, DeflateOptions):
+            value = options
+        else:
+            raise TypeError(
+                f"per_message_deflate takes a bool or a DeflateOptions, got {type(options).__name__}"
+            )
+        return dataclasses.replace(self, deflate_options=value)
+
 
 def init() -> Config[Any]:
     """An empty ``Config``: no handlers, Bun's default limits.
@@ -295,12 +350,20 @@ def send_pings(config: Config[T], send_pings: bool) -> Config[T]:
     return config.send_pings(send_pings)
 
 
+def per_message_deflate(config: Config[T], options: bool | DeflateOptions) -> Config[T]:
+    """Module form of :meth:`Config.per_message_deflate`."""
+    return config.per_message_deflate(options)
+
+
 def send(
     ws: WebSocket[Any], message: str | bytes | bytearray | memoryview, compress: bool = False
 ) -> SendStatus:
     """Queue a message, text for a ``str``, binary for bytes-like (as Bun's ``send``); never blocks.
 
-    ``compress`` is reserved for permessage-deflate, which brioche does not negotiate yet.
+    With ``compress=True`` the message is compressed if the client negotiated permessage-deflate
+    (see :meth:`Config.per_message_deflate`), and sent as it is otherwise. ``MessageSent`` still
+    reports the message's own length; ``buffered_amount`` and the backpressure limit count the
+    compressed bytes.
 
     ```pycon
     >>> def on_text(ws, text):
@@ -312,19 +375,26 @@ def send(
     return ws.send(message, compress)
 
 
-def send_bytes(ws: WebSocket[Any], message: bytes) -> SendStatus:
-    """Queue a binary message; never blocks."""
-    return ws.send_bytes(message)
+def send_bytes(ws: WebSocket[Any], message: bytes, compress: bool = False) -> SendStatus:
+    """Queue a binary message; never blocks. ``compress`` as :func:`send`'s."""
+    return ws.send_bytes(message, compress)
 
 
-def publish(ws: WebSocket[Any], topic: str, message: str) -> SendStatus:
-    """Send a text message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``)."""
-    return ws.publish(topic, message)
+def publish(ws: WebSocket[Any], topic: str, message: str, compress: bool = False) -> SendStatus:
+    """Send a text message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``).
+
+    With ``compress=True`` it is compressed for the subscribers that negotiated
+    permessage-deflate: once for all those without server context takeover (per window size),
+    once per subscriber for the others; subscribers without deflate get it uncompressed.
+    """
+    return ws.publish(topic, message, compress)
 
 
-def publish_bytes(ws: WebSocket[Any], topic: str, message: bytes) -> SendStatus:
-    """Send a binary message to every subscriber of ``topic`` except ``ws``."""
-    return ws.publish_bytes(topic, message)
+def publish_bytes(
+    ws: WebSocket[Any], topic: str, message: bytes, compress: bool = False
+) -> SendStatus:
+    """Send a binary message to every subscriber of ``topic`` except ``ws``; ``compress`` as :func:`publish`'s."""
+    return ws.publish_bytes(topic, message, compress)
 
 
 def subscribe(ws: WebSocket[Any], topic: str) -> None:

@@ -23,6 +23,37 @@ pub struct WsLimits {
     /// the connection is closed with 1008; zero turns it off. Without it a client that drips
     /// a large message holds its buffer for as long as it keeps dripping.
     pub message_timeout: Duration,
+    /// permessage-deflate (RFC 7692) as the server accepts it; `None`: never negotiated.
+    pub deflate: Option<DeflateConfig>,
+}
+
+/// What the server accepts of a client's permessage-deflate offers (`http/handshake.rs`
+/// negotiates it, `ws/deflate.rs` runs it). Window bits are base-2 logarithms of the LZ77 window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeflateConfig {
+    /// Reset the compressor after every message, even when the client does not ask: no window
+    /// kept per connection between sends, and a publish is compressed once for all.
+    pub server_no_context_takeover: bool,
+    /// Ask the client to reset its compressor after every message: the server keeps no
+    /// inflate window between the client's messages.
+    pub client_no_context_takeover: bool,
+    /// Largest window the server compresses with, 9-15 (zlib has no raw deflate with 8).
+    pub server_max_window_bits: u8,
+    /// Largest window the client may compress with, 9-15 (clients refuse to be told 8, which
+    /// zlib cannot compress with). Below 15, offers that do not let the server limit it are
+    /// declined.
+    pub client_max_window_bits: u8,
+}
+
+impl Default for DeflateConfig {
+    fn default() -> Self {
+        Self {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+        }
+    }
 }
 
 impl Default for WsLimits {
@@ -35,6 +66,7 @@ impl Default for WsLimits {
             publish_to_self: false,
             send_pings: true,
             message_timeout: Duration::from_secs(120),
+            deflate: None,
         }
     }
 }

@@ -17,8 +17,9 @@ use super::{
     EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
 };
 use crate::engine::{
-    begin_send_batch, end_send_batch, Address, Event, Listen, LogKind, LogRecord, OutFrame,
-    RedisConfig, RelayPaths, Server, ServerConfig, TlsFiles, WsLimits, OP_BINARY, OP_TEXT,
+    begin_send_batch, end_send_batch, Address, DeflateConfig, Event, Listen, LogKind, LogRecord,
+    OutFrame, RedisConfig, RelayPaths, Server, ServerConfig, TlsFiles, WsLimits, OP_BINARY,
+    OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -215,7 +216,8 @@ impl PyEngine {
         handshake_timeout, max_request_header_size, max_connections, message_timeout,
         max_incoming_bytes, reuse_port=false, relay_path=None, relay_peers=Vec::new(), unix=None,
         unix_mode=None, fd=None,
-        redis_url=None, redis_sharded=false, redis_namespace=String::from("brioche:"), tls_cert=None, tls_key=None
+        redis_url=None, redis_sharded=false, redis_namespace=String::from("brioche:"), tls_cert=None, tls_key=None,
+        per_message_deflate=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -246,6 +248,7 @@ impl PyEngine {
         redis_namespace: String,
         tls_cert: Option<std::path::PathBuf>,
         tls_key: Option<std::path::PathBuf>,
+        per_message_deflate: Option<(bool, bool, u8, u8)>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, value: f64| {
             std::time::Duration::try_from_secs_f64(value).map_err(|_| {
@@ -295,6 +298,14 @@ impl PyEngine {
                 publish_to_self,
                 send_pings,
                 message_timeout: seconds("message_timeout", message_timeout)?,
+                deflate: per_message_deflate.map(|(snct, cnct, server_bits, client_bits)| {
+                    DeflateConfig {
+                        server_no_context_takeover: snct,
+                        client_no_context_takeover: cnct,
+                        server_max_window_bits: server_bits.clamp(9, 15),
+                        client_max_window_bits: client_bits.clamp(9, 15),
+                    }
+                }),
             },
             header_read_timeout: seconds("handshake_timeout", handshake_timeout)?,
             max_header_size: max_request_header_size,
@@ -485,12 +496,15 @@ impl PyEngine {
         release_sent(py);
     }
 
-    /// Send `message` (text for `str`, binary otherwise) to every subscriber of `topic`.
+    /// Send `message` (text for `str`, binary otherwise) to every subscriber of `topic`;
+    /// `compress` as `WebSocket.publish`'s.
+    #[pyo3(signature = (topic, message, compress = false))]
     fn publish(
         &self,
         py: Python<'_>,
         topic: &str,
         message: &Bound<'_, PyAny>,
+        compress: bool,
     ) -> PyResult<Py<PyAny>> {
         if topic.is_empty() {
             return Err(PyValueError::new_err(
@@ -501,11 +515,11 @@ impl PyEngine {
         let sent = if let Ok(text) = message.cast::<PyString>() {
             let text = text.to_str()?;
             let frame = OutFrame::new(OP_TEXT, bytes::Bytes::copy_from_slice(text.as_bytes()));
-            shared.publish(topic, frame, text.len(), None)
+            shared.publish_with(topic, frame, text.len(), None, compress)
         } else {
             with_bytes(message, |data| {
                 let frame = OutFrame::new(OP_BINARY, bytes::Bytes::copy_from_slice(data));
-                shared.publish(topic, frame, data.len(), None)
+                shared.publish_with(topic, frame, data.len(), None, compress)
             })?
         };
         status::to_py(py, sent)

@@ -90,6 +90,17 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
 
 /// Send binary `data`: a large `bytes` from the object itself (see `shared.rs`); anything else,
 /// or anything small, copied.
+/// `send`'s error for a message that is neither `str` nor bytes-like.
+fn send_type_error(message: &Bound<'_, PyAny>) -> PyErr {
+    PyTypeError::new_err(format!(
+        "send() takes a str or a bytes-like object, got {}",
+        message
+            .get_type()
+            .name()
+            .map_or("?".into(), |n| n.to_string())
+    ))
+}
+
 fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>) -> PyResult<SendStatus> {
     if let Ok(bytes) = data.cast::<PyBytes>() {
         let payload = bytes.as_bytes();
@@ -197,8 +208,8 @@ impl PyWebSocket {
             .collect()
     }
 
-    /// Queue a message: text for a `str`, binary for bytes-like, as Bun's `send`. `compress`
-    /// is reserved for permessage-deflate (not negotiated yet).
+    /// Queue a message: text for a `str`, binary for bytes-like, as Bun's `send`. With
+    /// `compress`, compressed if the client negotiated permessage-deflate.
     #[pyo3(signature = (message, compress = false))]
     fn send(
         &self,
@@ -206,45 +217,78 @@ impl PyWebSocket {
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        let _ = compress;
         // `str` first: the common case pays one type check, as the `&str` argument did.
+        let conn = &self.conn;
         let sent = match message.cast::<PyString>() {
-            Ok(text) => send_text(&self.conn, text)?,
-            Err(_) => send_binary(&self.conn, message).map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "send() takes a str or a bytes-like object, got {}",
-                    message
-                        .get_type()
-                        .name()
-                        .map_or("?".into(), |n| n.to_string())
-                ))
-            })?,
+            Ok(text) if compress => conn.send_text_compressed(text.to_str()?),
+            Ok(text) => send_text(conn, text)?,
+            Err(_) if compress => with_bytes(message, |b| conn.send_binary_compressed(b))
+                .map_err(|_| send_type_error(message))?,
+            Err(_) => send_binary(conn, message).map_err(|_| send_type_error(message))?,
         };
         status::to_py(py, sent)
     }
 
-    /// Queue a binary message.
-    fn send_bytes(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let sent = send_binary(&self.conn, message)?;
+    /// Queue a binary message (compressed with `compress`, if negotiated).
+    #[pyo3(signature = (message, compress = false))]
+    fn send_bytes(
+        &self,
+        py: Python<'_>,
+        message: &Bound<'_, PyAny>,
+        compress: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let sent = if compress {
+            with_bytes(message, |b| self.conn.send_binary_compressed(b))?
+        } else {
+            send_binary(&self.conn, message)?
+        };
         status::to_py(py, sent)
     }
 
-    /// Send text to every subscriber of `topic` (not this socket unless `publish_to_self`).
-    fn publish(&self, py: Python<'_>, topic: &str, message: &str) -> PyResult<Py<PyAny>> {
+    /// Send text to every subscriber of `topic` (not this socket unless `publish_to_self`);
+    /// with `compress`, compressed for those that negotiated permessage-deflate.
+    #[pyo3(signature = (topic, message, compress = false))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        message: &str,
+        compress: bool,
+    ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
-        status::to_py(py, self.conn.publish_text(topic, message))
+        let sent = if compress {
+            self.conn
+                .publish_compressed(topic, OP_TEXT, message.as_bytes())
+        } else {
+            self.conn.publish_text(topic, message)
+        };
+        status::to_py(py, sent)
     }
 
     /// Send bytes to every subscriber of `topic` (not this socket unless `publish_to_self`).
+    #[pyo3(signature = (topic, message, compress = false))]
     fn publish_bytes(
         &self,
         py: Python<'_>,
         topic: &str,
         message: &Bound<'_, PyAny>,
+        compress: bool,
     ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
-        let sent = with_bytes(message, |b| self.conn.publish_binary(topic, b))?;
+        let sent = with_bytes(message, |b| {
+            if compress {
+                self.conn.publish_compressed(topic, OP_BINARY, b)
+            } else {
+                self.conn.publish_binary(topic, b)
+            }
+        })?;
         status::to_py(py, sent)
+    }
+
+    /// Whether the client negotiated permessage-deflate (the 101 accepted its offer).
+    #[getter]
+    fn per_message_deflate(&self) -> bool {
+        self.conn.deflate_negotiated()
     }
 
     /// Subscribe to `topic`; idempotent, and a no-op once the socket is closed.

@@ -348,8 +348,10 @@ impl Link {
         let stats = &self.shared.stats;
         stats.add(Counter::RedisReceived, 1);
         let len = incoming.payload.len();
-        let frame = OutFrame::new(incoming.opcode, incoming.payload);
-        self.shared.publish_local(topic, frame, len, None);
+        // RSV1 in the opcode byte: the publisher asked for compression (permessage-deflate).
+        let compress = incoming.opcode & 0x40 != 0;
+        let frame = OutFrame::new(incoming.opcode & 0x0f, incoming.payload);
+        self.shared.publish_local(topic, frame, len, None, compress);
         true
     }
 }

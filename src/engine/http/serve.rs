@@ -19,7 +19,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
+    SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -422,6 +423,10 @@ async fn read_and_answer(
     };
     let on_upgrade: Option<OnUpgrade> =
         websocket_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let deflate = match (&websocket_key, &shared.config.ws.deflate) {
+        (Some(_), Some(config)) => handshake::negotiate_deflate(req.headers(), config),
+        _ => None,
+    };
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, shared.config.max_request_body_size)
         .collect()
@@ -475,7 +480,8 @@ async fn read_and_answer(
         Ok(Reply::Upgrade(extra)) => match (on_upgrade, websocket_key) {
             (Some(on_upgrade), Some(key)) => {
                 slot.hand_over();
-                let conn = shared.register(id, remote.peer());
+                let (params, extensions) = deflate.unzip();
+                let conn = shared.register(id, remote.peer(), params);
                 shared.tracker.spawn(open_websocket(on_upgrade, conn));
                 let mut response = Response::new(Full::default());
                 *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -487,6 +493,9 @@ async fn read_and_answer(
                     SEC_WEBSOCKET_ACCEPT,
                     HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
                 );
+                if let Some(extensions) = extensions {
+                    headers.insert(SEC_WEBSOCKET_EXTENSIONS, extensions);
+                }
                 for (name, value) in extra {
                     headers.append(name, value);
                 }

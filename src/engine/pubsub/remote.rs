@@ -131,8 +131,9 @@ pub(crate) fn decode(mut message: Bytes) -> Option<Incoming> {
         return None;
     }
     let opcode = message[1];
-    // Text or binary only: a control opcode from Redis must not reach a client's stream.
-    if !matches!(opcode, 1 | 2) {
+    // Text or binary only: a control opcode from Redis must not reach a client's stream. RSV1
+    // (0x40) may ride along: the publisher asked for permessage-deflate.
+    if !matches!(opcode & !0x40, 1 | 2) {
         return None;
     }
     let origin = u64::from_le_bytes(message[2..10].try_into().ok()?);

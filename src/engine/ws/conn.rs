@@ -15,9 +15,10 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use super::batch;
+use super::deflate::{self, DeflateParams, Deflater};
 use super::encode::OutFrame;
 use super::outbound::{Flushed, Outbound, Pushed};
-use super::protocol::{OP_BINARY, OP_PING, OP_PONG, OP_TEXT};
+use super::protocol::{OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RSV1};
 use super::shared::Shared;
 use super::Event;
 use crate::engine::bridge::events::LogKind;
@@ -88,6 +89,16 @@ pub struct Conn {
     inflight_messages: AtomicUsize,
     inflight_bytes: AtomicUsize,
     paused_by_app: AtomicBool,
+    /// permessage-deflate, when negotiated. Boxed: most connections have none.
+    pub(crate) deflate: Option<Box<ConnDeflate>>,
+}
+
+/// A connection's side of permessage-deflate.
+pub(crate) struct ConnDeflate {
+    pub(crate) params: DeflateParams,
+    /// Its own compressor, for context takeover only. Held while a message is compressed *and*
+    /// queued, so the client sees messages in the order the window took them in.
+    compressor: Mutex<Deflater>,
 }
 
 /// Reasons to wake a connection's task.
@@ -103,7 +114,12 @@ pub(crate) mod signal {
 }
 
 impl Conn {
-    pub(crate) fn new(id: u64, remote: Peer, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        remote: Peer,
+        shared: Arc<Shared>,
+        deflate: Option<DeflateParams>,
+    ) -> Self {
         Self {
             id,
             remote,
@@ -118,6 +134,15 @@ impl Conn {
             inflight_messages: AtomicUsize::new(0),
             inflight_bytes: AtomicUsize::new(0),
             paused_by_app: AtomicBool::new(false),
+            deflate: deflate.map(|params| {
+                Box::new(ConnDeflate {
+                    params,
+                    compressor: Mutex::new(Deflater::new(
+                        params.server_max_window_bits,
+                        params.server_no_context_takeover,
+                    )),
+                })
+            }),
         }
     }
 
@@ -188,6 +213,46 @@ impl Conn {
         let status = self.send_with(len, |out| out.push(&frame, false));
         self.shared.count_sends(status, 1, len);
         status
+    }
+
+    /// `send_text`, compressed if permessage-deflate was negotiated (Bun's `compress`).
+    pub fn send_text_compressed(self: &Arc<Self>, text: &str) -> SendStatus {
+        let status = self.send_compressed(OP_TEXT, text.as_bytes());
+        self.shared.count_sends(status, 1, text.len());
+        status
+    }
+
+    /// `send_binary`, compressed if permessage-deflate was negotiated.
+    pub fn send_binary_compressed(self: &Arc<Self>, data: &[u8]) -> SendStatus {
+        let status = self.send_compressed(OP_BINARY, data);
+        self.shared.count_sends(status, 1, data.len());
+        status
+    }
+
+    /// Whether the client negotiated permessage-deflate.
+    pub fn deflate_negotiated(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Compress and queue one data message. `Sent` reports `payload`'s length, as given; the
+    /// queue (`buffered_amount`, the limits) counts the compressed frame.
+    pub(crate) fn send_compressed(self: &Arc<Self>, opcode: u8, payload: &[u8]) -> SendStatus {
+        let Some(deflate) = &self.deflate else {
+            return self.send_payload(opcode, payload);
+        };
+        if deflate.params.stateless() {
+            // Nothing carries over between messages: the thread's compressor serves every
+            // such connection, and none holds one of its own.
+            let bits = deflate.params.server_max_window_bits;
+            return self.send_with(payload.len(), |out| {
+                deflate::with_shared_deflater(bits, |deflater| {
+                    push_compressed(out, deflater, opcode, payload)
+                })
+            });
+        }
+        self.send_with(payload.len(), |out| {
+            push_compressed(out, &mut deflate.compressor.lock(), opcode, payload)
+        })
     }
 
     pub fn ping(self: &Arc<Self>, payload: &[u8]) -> SendStatus {
@@ -378,6 +443,14 @@ impl Conn {
             .publish(topic, frame, data.len(), self.exclude_self())
     }
 
+    /// `publish_text` or `publish_binary`, compressed for the subscribers that negotiated
+    /// permessage-deflate.
+    pub fn publish_compressed(&self, topic: &str, opcode: u8, payload: &[u8]) -> SendStatus {
+        let frame = OutFrame::new(opcode, Bytes::copy_from_slice(payload));
+        self.shared
+            .publish_with(topic, frame, payload.len(), self.exclude_self(), true)
+    }
+
     fn exclude_self(&self) -> Option<u64> {
         (!self.shared.config.ws.publish_to_self).then_some(self.id)
     }
@@ -427,6 +500,30 @@ impl Conn {
             || self.inflight_messages.load(Ordering::Relaxed) >= MAX_INFLIGHT_MESSAGES
             || self.inflight_bytes.load(Ordering::Relaxed) >= MAX_INFLIGHT_BYTES
     }
+}
+
+/// Payloads up to this size are compressed into the thread's scratch buffer and copied into the
+/// queue; larger ones into a buffer of their own, queued without a copy.
+const COMPRESS_IN_SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static COMPRESSED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn push_compressed(out: &Outbound, deflater: &mut Deflater, opcode: u8, payload: &[u8]) -> Pushed {
+    if payload.len() > COMPRESS_IN_SCRATCH {
+        let mut compressed = Vec::new();
+        deflater.compress(payload, &mut compressed);
+        return out.push(
+            &OutFrame::new(opcode | RSV1, Bytes::from(compressed)),
+            false,
+        );
+    }
+    COMPRESSED.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        deflater.compress(payload, &mut scratch);
+        out.push_payload(opcode | RSV1, &scratch, false)
+    })
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@
 use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use super::deflate::{DeflateParams, InflateError, Inflater};
 use super::protocol::{
     is_control, is_valid_close_code, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG,
     OP_TEXT,
@@ -49,13 +50,15 @@ pub(crate) enum Violation {
     Protocol,
     InvalidUtf8,
     TooBig,
+    /// A compressed message that is not a valid deflate stream.
+    BadDeflate,
 }
 
 impl Violation {
     pub(crate) fn close_code(self) -> u16 {
         match self {
             Violation::Protocol => 1002,
-            Violation::InvalidUtf8 => 1007,
+            Violation::InvalidUtf8 | Violation::BadDeflate => 1007,
             Violation::TooBig => 1009,
         }
     }
@@ -65,8 +68,15 @@ impl Violation {
             Violation::Protocol => "protocol error",
             Violation::InvalidUtf8 => "invalid UTF-8",
             Violation::TooBig => "message too big",
+            Violation::BadDeflate => "invalid compressed data",
         }
     }
+}
+
+thread_local! {
+    /// A compressed message that arrived in one read is unmasked here, then inflated into a
+    /// buffer of its own: the compressed bytes need no allocation per message.
+    static INFLATE_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The longest frame header: 2 bytes, a 64-bit length and the mask key.
@@ -80,6 +90,8 @@ const GROWTH_STEP: usize = 1 << 20;
 struct Header {
     fin: bool,
     opcode: u8,
+    /// RSV1 on a message's first frame: the message is compressed (permessage-deflate).
+    compressed: bool,
     len: usize,
     key: [u8; 4],
     /// The header's own length.
@@ -89,6 +101,8 @@ struct Header {
 /// A data message being received, from its first frame's header to its last frame's end.
 struct Message {
     text: bool,
+    /// Its payload is deflated: checked and handed on once inflated, at its end.
+    compressed: bool,
     /// The payload so far, unmasked. Reserved from the headers, and handed on as it is.
     payload: Vec<u8>,
     /// How much of a text payload is known to be valid UTF-8: checked as bytes arrive, so
@@ -128,6 +142,8 @@ pub(crate) struct MessageReader {
     done: bool,
     /// `deliver` asked to stop: what was left unparsed is parsed by the next `feed`.
     stalled: bool,
+    /// permessage-deflate was negotiated: its decompressor. Boxed, as most connections have none.
+    inflater: Option<Box<Inflater>>,
 }
 
 impl MessageReader {
@@ -139,7 +155,13 @@ impl MessageReader {
             head_len: 0,
             done: false,
             stalled: false,
+            inflater: None,
         }
+    }
+
+    /// Accept compressed messages (RSV1) as negotiated.
+    pub(crate) fn inflate_with(&mut self, params: &DeflateParams) {
+        self.inflater = Some(Box::new(Inflater::new(params)));
     }
 
     /// The last `feed` stopped early; feed again (even nothing) to go on.
@@ -327,9 +349,17 @@ impl MessageReader {
             buf[1] & 0x80 != 0,
             buf[1] & 0x7F,
         );
+        let mut compressed = false;
         if buf[0] & 0x70 != 0 || !masked {
-            // No extension was negotiated, and RFC 6455 5.1 requires clients to mask.
-            return Err(Violation::Protocol);
+            // RFC 6455 5.1 requires clients to mask. The only extension is permessage-deflate:
+            // RSV1 on the first frame of a data message, once negotiated (RFC 7692 6.1).
+            compressed = masked
+                && buf[0] & 0x70 == 0x40
+                && self.inflater.is_some()
+                && matches!(opcode, OP_TEXT | OP_BINARY);
+            if !compressed {
+                return Err(Violation::Protocol);
+            }
         }
         let control = match opcode {
             OP_CONTINUATION | OP_TEXT | OP_BINARY => false,
@@ -368,6 +398,7 @@ impl MessageReader {
         Ok(Some(Header {
             fin,
             opcode,
+            compressed,
             // At most `max_payload` (a usize) for data frames, 125 for control frames.
             len: len as usize,
             key: buf[size - 4..size].try_into().expect("4 bytes"),
@@ -382,6 +413,16 @@ impl MessageReader {
         payload: &[u8],
         deliver: &mut impl FnMut(Incoming) -> bool,
     ) -> Result<(), Violation> {
+        if header.compressed {
+            let message = INFLATE_INPUT.with(|input| {
+                let mut input = input.borrow_mut();
+                input.clear();
+                unmask_into(&mut input, payload, header.key);
+                self.inflate(header.opcode == OP_TEXT, &input)
+            })?;
+            self.stalled |= !deliver(message);
+            return Ok(());
+        }
         let mut bytes = Vec::with_capacity(payload.len());
         unmask_into(&mut bytes, payload, header.key);
         let message = match header.opcode {
@@ -412,6 +453,7 @@ impl MessageReader {
                 .map_err(|_| Violation::TooBig)?;
             partial.message = Some(Message {
                 text: header.opcode == OP_TEXT,
+                compressed: header.compressed,
                 payload,
                 checked: 0,
             });
@@ -455,9 +497,34 @@ impl MessageReader {
             self.control(frame.opcode, frame.control, deliver)?;
         } else if frame.fin {
             let message = partial.message.take().expect("present");
-            self.stalled |= !deliver(message.finish()?);
+            let message = if message.compressed {
+                self.inflate(message.text, &message.payload)?
+            } else {
+                message.finish()?
+            };
+            self.stalled |= !deliver(message);
         }
         Ok(n)
+    }
+
+    /// A compressed message's payload, inflated and checked: the limit holds on what it inflates
+    /// to, and text is valid UTF-8 once inflated.
+    fn inflate(&mut self, text: bool, payload: &[u8]) -> Result<Incoming, Violation> {
+        let inflater = self
+            .inflater
+            .as_mut()
+            .expect("only negotiated RSV1 gets here");
+        let bytes = inflater
+            .inflate(payload, self.max_payload as usize)
+            .map_err(|e| match e {
+                InflateError::TooBig => Violation::TooBig,
+                InflateError::Invalid => Violation::BadDeflate,
+            })?;
+        Ok(if text {
+            Incoming::Text(utf8(bytes)?)
+        } else {
+            Incoming::Binary(Bytes::from(bytes))
+        })
     }
 
     /// A complete control frame, `payload` unmasked.
@@ -497,7 +564,7 @@ impl MessageReader {
 
 impl Message {
     fn check_utf8(&mut self) -> Result<(), Violation> {
-        if !self.text {
+        if !self.text || self.compressed {
             return Ok(());
         }
         match std::str::from_utf8(&self.payload[self.checked..]) {
@@ -644,6 +711,73 @@ mod tests {
             );
             assert_eq!(reader.buffered(), 0);
         }
+    }
+
+    fn deflate_params() -> DeflateParams {
+        DeflateParams {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+        }
+    }
+
+    #[test]
+    fn rsv1_is_a_compressed_message_only_once_negotiated() {
+        use crate::engine::ws::deflate::Deflater;
+        let text = "{\"user\":\"alice\",\"text\":\"h\u{e9}llo\"}".repeat(300);
+        let mut deflater = Deflater::new(15, false);
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        deflater.compress(text.as_bytes(), &mut first);
+        deflater.compress(text.as_bytes(), &mut second);
+        // Whole, then fragmented (RSV1 on the first frame only), a ping in between; in pieces.
+        let stream = [
+            frame(0xC1, &first),
+            frame(0x41, &second[..3]),
+            frame(0x89, b"p"),
+            frame(0x80, &second[3..]),
+            frame(0x82, b"plain"),
+        ]
+        .concat();
+        for step in [1, 7, 4096] {
+            let mut reader = MessageReader::new(1 << 20);
+            reader.inflate_with(&deflate_params());
+            let (got, result) = feed_in_pieces(&mut reader, &stream, step, |_, _| {});
+            assert_eq!(result, Ok(()));
+            assert_eq!(
+                got,
+                vec![
+                    text_of(&text),
+                    Incoming::Ping(Bytes::from_static(b"p")),
+                    text_of(&text),
+                    Incoming::Binary(Bytes::from_static(b"plain")),
+                ],
+                "step {step}"
+            );
+        }
+        // Not negotiated, on a continuation, on a control frame, RSV2 or RSV3: refused.
+        let mut reader = MessageReader::new(1 << 20);
+        assert_eq!(
+            read_all(&mut reader, &frame(0xC1, &first)).1,
+            Err(Violation::Protocol)
+        );
+        for bad in [
+            [frame(0x41, &first), frame(0xC0, b"")].concat(),
+            frame(0xC9, b""),
+            frame(0xA1, &first),
+            frame(0x91, &first),
+        ] {
+            let mut reader = MessageReader::new(1 << 20);
+            reader.inflate_with(&deflate_params());
+            assert_eq!(read_all(&mut reader, &bad).1, Err(Violation::Protocol));
+        }
+        // The limit holds on the inflated size.
+        let mut reader = MessageReader::new(text.len() - 1);
+        reader.inflate_with(&deflate_params());
+        assert_eq!(
+            read_all(&mut reader, &frame(0xC1, &first)).1,
+            Err(Violation::TooBig)
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@ use bytes::Bytes;
 
 use super::protocol::OP_CLOSE;
 
-/// The header of a final, unmasked frame: its bytes and how many of them are used.
+/// The header of a final, unmasked frame: its bytes and how many of them are used. `opcode` may
+/// carry `protocol::RSV1`, for a compressed message.
 pub(crate) fn encode_head(opcode: u8, len: usize) -> ([u8; 10], usize) {
     let mut head = [0u8; 10];
     head[0] = 0x80 | opcode;

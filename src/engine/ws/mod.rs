@@ -5,6 +5,7 @@ pub(crate) mod batch;
 pub(crate) mod budget;
 pub(crate) mod conn;
 pub(crate) mod decode;
+pub(crate) mod deflate;
 pub(crate) mod encode;
 pub(crate) mod outbound;
 pub(crate) mod protocol;

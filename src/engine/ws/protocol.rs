@@ -6,6 +6,9 @@ pub const OP_BINARY: u8 = 0x2;
 pub(crate) const OP_CLOSE: u8 = 0x8;
 pub(crate) const OP_PING: u8 = 0x9;
 pub(crate) const OP_PONG: u8 = 0xA;
+/// The first reserved bit: a compressed message (permessage-deflate, RFC 7692 6). Server frames
+/// carry it in the byte their opcode is in, so it rides along with the opcode where one is taken.
+pub(crate) const RSV1: u8 = 0x40;
 
 pub(crate) fn is_control(opcode: u8) -> bool {
     opcode & 0x8 != 0

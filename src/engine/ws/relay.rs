@@ -25,6 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use super::encode::OutFrame;
+use super::protocol::RSV1;
 use super::shared::Shared;
 use crate::engine::config::RelayPaths;
 
@@ -54,7 +55,8 @@ pub struct Relay {
 impl Relay {
     /// Queue a publish for every sibling; the writer tasks send it. Called on the publishing
     /// thread (the loop's, in a handler), so it only copies and signals.
-    pub(crate) fn forward(&self, topic: &str, frame: &OutFrame) {
+    /// `compress` (the publisher asked for permessage-deflate) travels as RSV1 in the opcode byte.
+    pub(crate) fn forward(&self, topic: &str, frame: &OutFrame, compress: bool) {
         let outlets = self.outlets.lock();
         if outlets.is_empty() {
             return;
@@ -70,7 +72,7 @@ impl Relay {
             pending.reserve(size);
             pending.put_u32_le(topic.len() as u32);
             pending.put_u32_le(payload.len() as u32);
-            pending.put_u8(frame.opcode());
+            pending.put_u8(frame.opcode() | if compress { RSV1 } else { 0 });
             pending.put_slice(topic.as_bytes());
             pending.put_slice(payload);
             drop(pending);
@@ -204,15 +206,15 @@ async fn read_publishes(mut stream: UnixStream, shared: &Shared) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        while let Some((topic, frame)) = next_publish(&mut buf) {
+        while let Some((topic, frame, compress)) = next_publish(&mut buf) {
             let len = frame.payload().len();
-            shared.publish_local(&topic, frame, len, None);
+            shared.publish_local(&topic, frame, len, None, compress);
         }
     }
 }
 
 /// The next whole publish in `buf`, taken out of it.
-fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame)> {
+fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame, bool)> {
     if buf.len() < HEADER {
         return None;
     }
@@ -227,7 +229,11 @@ fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame)> {
     buf.advance(HEADER);
     let topic = String::from_utf8_lossy(&buf.split_to(topic_len)).into_owned();
     let payload = buf.split_to(payload_len).freeze();
-    Some((topic, OutFrame::new(opcode, payload)))
+    Some((
+        topic,
+        OutFrame::new(opcode & !RSV1, payload),
+        opcode & RSV1 != 0,
+    ))
 }
 
 #[cfg(test)]
@@ -243,8 +249,12 @@ mod tests {
             ready: Notify::new(),
         });
         relay.outlets.lock().push(outlet.clone());
-        relay.forward("chat", &OutFrame::new(OP_TEXT, "héllo".into()));
-        relay.forward("t", &OutFrame::new(OP_BINARY, vec![0u8; 70_000].into()));
+        relay.forward("chat", &OutFrame::new(OP_TEXT, "héllo".into()), false);
+        relay.forward(
+            "t",
+            &OutFrame::new(OP_BINARY, vec![0u8; 70_000].into()),
+            true,
+        );
         let wire = outlet.pending.lock().split().freeze();
         for cut in [0, 1, 9, 13, 20, wire.len() - 1] {
             let mut buf = BytesMut::from(&wire[..cut]);
@@ -261,9 +271,11 @@ mod tests {
             assert_eq!(got[0].0, "chat");
             assert_eq!(got[0].1.opcode(), OP_TEXT);
             assert_eq!(got[0].1.payload(), "héllo".as_bytes());
+            assert!(!got[0].2, "not to be compressed");
             assert_eq!(got[1].0, "t");
             assert_eq!(got[1].1.opcode(), OP_BINARY);
             assert_eq!(got[1].1.payload().len(), 70_000);
+            assert!(got[1].2, "to be compressed");
         }
     }
 
@@ -276,8 +288,8 @@ mod tests {
         });
         relay.outlets.lock().push(outlet.clone());
         let big = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
-        relay.forward("t", &big);
-        relay.forward("t", &big);
+        relay.forward("t", &big, false);
+        relay.forward("t", &big, false);
         assert_eq!(relay.dropped(), 1);
         assert!(outlet.pending.lock().len() <= OUTLET_LIMIT);
     }

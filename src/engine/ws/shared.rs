@@ -13,8 +13,10 @@ use tokio_util::task::TaskTracker;
 use super::batch;
 use super::budget::IncomingBudget;
 use super::conn::{Conn, SendStatus};
+use super::deflate::{self, DeflateParams};
 use super::encode::OutFrame;
 use super::outbound::INLINE_PAYLOAD;
+use super::protocol::RSV1;
 use super::relay::Relay;
 use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
@@ -92,8 +94,13 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn register(self: &Arc<Self>, id: u64, remote: Peer) -> Arc<Conn> {
-        let conn = Arc::new(Conn::new(id, remote, self.clone()));
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        id: u64,
+        remote: Peer,
+        deflate: Option<DeflateParams>,
+    ) -> Arc<Conn> {
+        let conn = Arc::new(Conn::new(id, remote, self.clone(), deflate));
         self.conns.lock().insert(id, conn.clone());
         conn
     }
@@ -213,17 +220,34 @@ impl Shared {
         payload_len: usize,
         exclude: Option<u64>,
     ) -> SendStatus {
+        self.publish_with(topic, frame, payload_len, exclude, false)
+    }
+
+    /// `publish`; with `compress`, compressed for the subscribers that negotiated
+    /// permessage-deflate. Those without context takeover on the server's side share one
+    /// compressed frame per window size; the others' own compressors each compress it (their
+    /// windows differ); subscribers without deflate get the frame as it is. `compress` travels
+    /// to the other processes as RSV1 in the opcode byte.
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        frame: OutFrame,
+        payload_len: usize,
+        exclude: Option<u64>,
+        compress: bool,
+    ) -> SendStatus {
         self.stats.add(Counter::Publishes, 1);
         if let Some(remote) = &self.remote {
             // Counted as published by the broker once Redis has taken it. Redis reaches the
             // sibling workers too: relaying as well would give them every message twice.
-            if !remote.publish(topic, frame.opcode(), frame.payload_bytes()) {
+            let opcode = frame.opcode() | if compress { RSV1 } else { 0 };
+            if !remote.publish(topic, opcode, frame.payload_bytes()) {
                 self.stats.add(Counter::RedisPublishesLost, 1);
             }
         } else if let Some(relay) = &self.relay {
-            relay.forward(topic, &frame);
+            relay.forward(topic, &frame, compress);
         }
-        self.publish_local(topic, frame, payload_len, exclude)
+        self.publish_local(topic, frame, payload_len, exclude, compress)
     }
 
     /// Queue one shared frame to every subscriber of `topic` here except `exclude`: a publish
@@ -234,8 +258,11 @@ impl Shared {
         frame: OutFrame,
         payload_len: usize,
         exclude: Option<u64>,
+        compress: bool,
     ) -> SendStatus {
         let mut status: Option<SendStatus> = None;
+        // The frame compressed once per server window size, for stateless subscribers.
+        let mut compressed: [Option<OutFrame>; 7] = Default::default();
         // Within a dispatch batch a small frame is encoded once into the topic's arena, and
         // each subscriber queues a range of it (`pubsub/arena.rs`).
         let shared = if frame.payload().len() <= INLINE_PAYLOAD {
@@ -247,9 +274,20 @@ impl Shared {
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
-                let sent = match &shared {
-                    Some(range) => conn.send_shared(range, payload_len),
-                    None => conn.send_frame(&frame, payload_len),
+                let sent = match (&conn.deflate, &shared) {
+                    (Some(deflate), _) if compress => {
+                        let params = &deflate.params;
+                        if params.stateless() {
+                            let bits = params.server_max_window_bits.clamp(9, 15);
+                            let once = compressed[usize::from(bits - 9)]
+                                .get_or_insert_with(|| compress_once(&frame, bits));
+                            conn.send_frame(once, payload_len)
+                        } else {
+                            conn.send_compressed(frame.opcode(), frame.payload())
+                        }
+                    }
+                    (_, Some(range)) => conn.send_shared(range, payload_len),
+                    (_, None) => conn.send_frame(&frame, payload_len),
                 };
                 match sent {
                     SendStatus::Sent(_) => queued += 1,
@@ -272,6 +310,15 @@ impl Shared {
         }
         status.unwrap_or(SendStatus::Dropped)
     }
+}
+
+/// `frame` compressed with no context, for every subscriber whose server window is `bits`.
+fn compress_once(frame: &OutFrame, bits: u8) -> OutFrame {
+    let mut payload = Vec::new();
+    deflate::with_shared_deflater(bits, |deflater| {
+        deflater.compress(frame.payload(), &mut payload)
+    });
+    OutFrame::new(frame.opcode() | RSV1, bytes::Bytes::from(payload))
 }
 
 #[cfg(test)]
@@ -308,7 +355,7 @@ mod tests {
         let (remote, mut inbox) = Remote::new();
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
         let conns: Vec<_> = (1..=3)
-            .map(|id| shared.register(id, Peer::Ip([127, 0, 0, 1].into())))
+            .map(|id| shared.register(id, Peer::Ip([127, 0, 0, 1].into()), None))
             .collect();
         for conn in &conns {
             conn.subscribe("room");

@@ -182,7 +182,10 @@ impl Drop for Task {
 
 impl Task {
     fn new(conn: Arc<Conn>, stream: Arc<Stream>) -> Self {
-        let reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
+        let mut reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
+        if let Some(deflate) = &conn.deflate {
+            reader.inflate_with(&deflate.params);
+        }
         Self {
             conn,
             stream,
@@ -769,11 +772,12 @@ mod tests {
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
-            let conn = shared.register(1, crate::engine::net::Peer::Ip(addr.ip()));
+            let conn = shared.register(1, crate::engine::net::Peer::Ip(addr.ip()), None);
             let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
-            assert!(size_of_future(&task) <= 352, "{}", size_of_future(&task));
+            // Each carries one pointer for permessage-deflate (8 bytes), `None` unless negotiated.
+            assert!(size_of_future(&task) <= 360, "{}", size_of_future(&task));
             assert!(
-                std::mem::size_of::<Conn>() <= 208,
+                std::mem::size_of::<Conn>() <= 216,
                 "{}",
                 std::mem::size_of::<Conn>()
             );

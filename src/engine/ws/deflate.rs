@@ -1,0 +1,312 @@
+//! permessage-deflate (RFC 7692): one connection's compressor and decompressor, as negotiated
+//! by `http/handshake.rs`.
+//!
+//! Each message is one raw deflate stream segment ended by a sync flush, whose trailing
+//! `00 00 ff ff` is stripped on the wire and appended again before inflating (section 7.2). With
+//! context takeover the LZ77 window carries over from one message to the next, so the
+//! compressor must see messages in the order they go on the wire: `Conn` holds it under a lock
+//! taken around compressing and queueing together.
+//!
+//! Without context takeover nothing carries over between messages, so a connection holds no zlib
+//! state of its own for that direction: each thread keeps one compressor (and decompressor) per
+//! window size, reset after every message, that all such connections use (uWS's shared
+//! compressor). With context takeover the connection's own state is created on first use and
+//! kept: about 256 KiB for a compressor at 15 window bits (`2^(bits+2) + 2^(memLevel+9)`), about
+//! 2^bits plus a few KiB for a decompressor. A connection that never sends (or receives) a
+//! compressed message holds neither.
+
+use std::cell::RefCell;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// What one connection negotiated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DeflateParams {
+    /// The server resets its compressor after every message.
+    pub(crate) server_no_context_takeover: bool,
+    /// The client resets its compressor after every message: so does the server's decompressor.
+    pub(crate) client_no_context_takeover: bool,
+    /// The window the server compresses with, 9-15.
+    pub(crate) server_max_window_bits: u8,
+    /// The window the client was allowed, 8-15.
+    pub(crate) client_max_window_bits: u8,
+}
+
+impl DeflateParams {
+    /// Whether messages compressed for one such connection fit another: the compressor keeps
+    /// nothing between messages, and its window is no larger than the other allowed.
+    pub(crate) fn stateless(&self) -> bool {
+        self.server_no_context_takeover
+    }
+}
+
+/// The end of a sync flush: an empty stored block's length and its complement.
+const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
+
+/// zlib's default level, as uWS (and so Bun) compresses.
+const LEVEL: u32 = 6;
+
+pub(crate) struct Deflater {
+    window_bits: u8,
+    reset_each_message: bool,
+    stream: Option<Compress>,
+}
+
+impl Deflater {
+    pub(crate) fn new(window_bits: u8, reset_each_message: bool) -> Self {
+        Self {
+            window_bits,
+            reset_each_message,
+            stream: None,
+        }
+    }
+
+    /// One message's compressed payload, into `out` (cleared first).
+    pub(crate) fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        if payload.is_empty() {
+            // zlib emits nothing for a second sync flush in a row; an empty stored block (the
+            // client appends the rest of it) is what an empty message compresses to.
+            out.push(0);
+            return;
+        }
+        let bits = self.window_bits.clamp(9, 15);
+        let stream = self.stream.get_or_insert_with(|| {
+            Compress::new_with_window_bits(Compression::new(LEVEL), false, bits)
+        });
+        out.reserve(payload.len() / 2 + 64);
+        let start = stream.total_in();
+        loop {
+            let consumed = (stream.total_in() - start) as usize;
+            stream
+                .compress_vec(&payload[consumed..], out, FlushCompress::Sync)
+                .expect("deflating memory into memory does not fail");
+            // The flush is complete once all input is taken and it did not fill the output.
+            if (stream.total_in() - start) as usize == payload.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        debug_assert!(out.ends_with(&TAIL));
+        out.truncate(out.len().saturating_sub(TAIL.len()));
+        if self.reset_each_message {
+            stream.reset();
+        }
+    }
+}
+
+/// Why a compressed message was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InflateError {
+    /// It inflates past the limit: refused there, the rest never inflated.
+    TooBig,
+    /// Not a valid deflate stream.
+    Invalid,
+}
+
+thread_local! {
+    /// This thread's compressors and decompressors for messages without context takeover, by
+    /// window bits (9-15), created on first use.
+    static SHARED_DEFLATERS: RefCell<[Option<Deflater>; 7]> = const { RefCell::new([None, None, None, None, None, None, None]) };
+    static SHARED_INFLATERS: RefCell<[Option<Decompress>; 7]> = const { RefCell::new([None, None, None, None, None, None, None]) };
+}
+
+/// Run `f` with this thread's compressor for `bits`, reset after each message.
+pub(crate) fn with_shared_deflater<R>(bits: u8, f: impl FnOnce(&mut Deflater) -> R) -> R {
+    let bits = bits.clamp(9, 15);
+    SHARED_DEFLATERS.with(|all| {
+        let mut all = all.borrow_mut();
+        f(all[usize::from(bits - 9)].get_or_insert_with(|| Deflater::new(bits, true)))
+    })
+}
+
+pub(crate) struct Inflater {
+    window_bits: u8,
+    reset_each_message: bool,
+    stream: Option<Decompress>,
+}
+
+impl Inflater {
+    pub(crate) fn new(params: &DeflateParams) -> Self {
+        Self {
+            // zlib has no raw deflate with a 256-byte window: a client told 8 compresses with 9.
+            window_bits: params.client_max_window_bits.clamp(9, 15),
+            reset_each_message: params.client_no_context_takeover,
+            stream: None,
+        }
+    }
+
+    /// Inflate one message's payload; past `limit` bytes of output it stops and refuses it.
+    pub(crate) fn inflate(&mut self, input: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
+        let bits = self.window_bits;
+        if self.reset_each_message {
+            return SHARED_INFLATERS.with(|all| {
+                let mut all = all.borrow_mut();
+                let stream = all[usize::from(bits - 9)]
+                    .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
+                inflate_message(stream, input, limit, true)
+            });
+        }
+        let stream = self
+            .stream
+            .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
+        inflate_message(stream, input, limit, false)
+    }
+}
+
+fn inflate_message(
+    stream: &mut Decompress,
+    input: &[u8],
+    limit: usize,
+    reset: bool,
+) -> Result<Vec<u8>, InflateError> {
+    {
+        // A first guess for text: a few times the input, never past the limit.
+        let first = input
+            .len()
+            .saturating_mul(4)
+            .clamp(256, 64 * 1024)
+            .min(limit.saturating_add(1));
+        let mut out = Vec::new();
+        out.try_reserve_exact(first)
+            .map_err(|_| InflateError::TooBig)?;
+        let result = inflate_into(stream, input, &mut out, limit);
+        if result.is_err() || reset {
+            stream.reset(false);
+        }
+        result.map(|()| out)
+    }
+}
+
+fn inflate_into(
+    stream: &mut Decompress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(), InflateError> {
+    for part in [input, &TAIL[..]] {
+        let mut pos = 0;
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() > limit {
+                    return Err(InflateError::TooBig);
+                }
+                // Doubling, but never room for more than one byte past the limit: a bomb is
+                // refused once it has produced that byte, whatever it would inflate to.
+                let room = out.capacity().max(4096).min(limit + 1 - out.len());
+                out.try_reserve_exact(room)
+                    .map_err(|_| InflateError::TooBig)?;
+            }
+            let (in_before, out_before) = (stream.total_in(), out.len());
+            let status = stream
+                .decompress_vec(&part[pos..], out, FlushDecompress::Sync)
+                .map_err(|_| InflateError::Invalid)?;
+            let consumed = (stream.total_in() - in_before) as usize;
+            pos += consumed;
+            if status == Status::StreamEnd {
+                // A final block ends the stream: what follows it (the tail we appended) is not
+                // part of it, and the next message starts a new one, as its sender's does.
+                stream.reset(false);
+                return if out.len() > limit {
+                    Err(InflateError::TooBig)
+                } else {
+                    Ok(())
+                };
+            }
+            if pos == part.len() && out.len() < out.capacity() {
+                break;
+            }
+            if consumed == 0 && out.len() == out_before {
+                return Err(InflateError::Invalid);
+            }
+        }
+    }
+    if out.len() > limit {
+        return Err(InflateError::TooBig);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(client_bits: u8, client_reset: bool) -> DeflateParams {
+        DeflateParams {
+            server_no_context_takeover: false,
+            client_no_context_takeover: client_reset,
+            server_max_window_bits: 15,
+            client_max_window_bits: client_bits,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_with_and_without_context_takeover() {
+        let messages: Vec<Vec<u8>> = vec![
+            br#"{"type":"chat","user":"alice","text":"hello"}"#.to_vec(),
+            br#"{"type":"chat","user":"alice","text":"hello"}"#.to_vec(),
+            Vec::new(),
+            (0..100_000u32).map(|i| (i % 7) as u8).collect(),
+        ];
+        for reset in [false, true] {
+            let mut deflater = Deflater::new(15, reset);
+            let mut inflater = Inflater::new(&params(15, reset));
+            let mut out = Vec::new();
+            let mut sizes = Vec::new();
+            for message in &messages {
+                deflater.compress(message, &mut out);
+                assert!(!out.ends_with(&TAIL));
+                sizes.push(out.len());
+                assert_eq!(&inflater.inflate(&out, 1 << 20).unwrap(), message);
+            }
+            // With the window kept, a repeated message is a back-reference: a few bytes.
+            assert_eq!(sizes[1] < sizes[0] / 3, !reset, "{sizes:?}");
+        }
+    }
+
+    #[test]
+    fn a_bomb_stops_one_byte_past_the_limit() {
+        let mut deflater = Deflater::new(15, false);
+        let mut bomb = Vec::new();
+        deflater.compress(&vec![0u8; 10 << 20], &mut bomb);
+        assert!(bomb.len() < 12 * 1024, "{}", bomb.len());
+        let mut inflater = Inflater::new(&params(15, false));
+        assert_eq!(inflater.inflate(&bomb, 1 << 20), Err(InflateError::TooBig));
+        let mut inflater = Inflater::new(&params(15, false));
+        assert_eq!(inflater.inflate(&bomb, 10 << 20).unwrap().len(), 10 << 20);
+    }
+
+    #[test]
+    fn garbage_is_invalid() {
+        let mut inflater = Inflater::new(&params(15, false));
+        assert_eq!(
+            inflater.inflate(&[0xff, 0xff, 0xff, 0xff], 1000),
+            Err(InflateError::Invalid)
+        );
+    }
+
+    #[test]
+    fn a_final_block_ends_the_stream_and_the_next_message_starts_anew() {
+        // What a sender that finishes each message (BFINAL) instead of flushing sends.
+        let mut inflater = Inflater::new(&params(15, false));
+        for text in [&b"first"[..], b"second"] {
+            let mut c = Compress::new_with_window_bits(Compression::new(6), false, 15);
+            let mut out = Vec::with_capacity(100);
+            c.compress_vec(text, &mut out, FlushCompress::Finish)
+                .unwrap();
+            assert_eq!(inflater.inflate(&out, 1000).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn a_client_told_8_bits_is_inflated_with_9() {
+        let mut deflater = Deflater::new(9, false);
+        let text: Vec<u8> = (0..5000u32)
+            .map(|i| b"abcdefghij"[(i * i % 10) as usize])
+            .collect();
+        let mut out = Vec::new();
+        deflater.compress(&text, &mut out);
+        let mut inflater = Inflater::new(&params(8, false));
+        assert_eq!(inflater.inflate(&out, 1 << 20).unwrap(), text);
+    }
+}
