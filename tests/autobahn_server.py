@@ -4,6 +4,9 @@
 
 Serves ws://127.0.0.1:PORT/ (any path; wss:// with a certificate and key) until SIGTERM or SIGINT, echoing every text and binary
 message unchanged. Messages up to 16 MiB (Autobahn 9.* sends exactly 16 MiB), no idle timeout.
+permessage-deflate is accepted as offered (12.* and 13.* offer it; 1.* to 10.* do not, and run
+against the same server) and every echo asks to be compressed, so the clients that negotiated it
+get compressed echoes.
 Prints nothing; errors from handlers go to the `brioche` logger (stderr) as usual.
 """
 
@@ -21,11 +24,11 @@ MIB = 1024 * 1024
 
 
 def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-    ws.send(text)
+    ws.send(text, compress=True)
 
 
 def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
-    ws.send_bytes(data)
+    ws.send_bytes(data, compress=True)
 
 
 def ws_config() -> websocket.Config[Any]:
@@ -37,6 +40,7 @@ def ws_config() -> websocket.Config[Any]:
         # 9.* queues up to 16 MiB echoes at once; never drop an echo for backpressure.
         .backpressure_limit(0)
         .idle_timeout(0)
+        .per_message_deflate(True)
     )
 
 

@@ -45,3 +45,5 @@ async def test_demo_page_echoes_and_chats_in_headless_chromium(serve: ServeFn) -
     assert result["echo"] == "héllo from the browser"
     assert result["chat"]["text"] == "hi room"
     assert result["chat"]["from"].startswith("guest-")
+    # Chromium offers permessage-deflate; the demo accepts it and compresses what it sends.
+    assert result["extensions"] == {"echo": "permessage-deflate", "chat": "permessage-deflate"}

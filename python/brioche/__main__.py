@@ -39,28 +39,30 @@ def on_open(ws: brioche.WebSocket[Session]) -> None:
     session = ws.data
     if session.room is not None:
         ws.subscribe(session.room)
-        ws.send(json.dumps({"system": f"you are {session.name}"}))
-        ws.publish(session.room, json.dumps({"system": f"{session.name} joined"}))
+        ws.send(json.dumps({"system": f"you are {session.name}"}), compress=True)
+        ws.publish(session.room, json.dumps({"system": f"{session.name} joined"}), compress=True)
 
 
 def on_text(ws: brioche.WebSocket[Session], text: str) -> None:
     session = ws.data
     if session.room is None:
-        ws.send(text)
+        ws.send(text, compress=True)
     else:
         # publish_to_self is on: the sender sees its own line, in order with everyone else's.
-        ws.publish(session.room, json.dumps({"from": session.name, "text": text}))
+        ws.publish(session.room, json.dumps({"from": session.name, "text": text}), compress=True)
 
 
 def on_bytes(ws: brioche.WebSocket[Session], data: bytes) -> None:
-    ws.send_bytes(data)
+    ws.send_bytes(data, compress=True)
 
 
 def on_close(ws: brioche.WebSocket[Session], code: int, reason: str) -> None:
     session = ws.data
     if session.room is not None:
         # The socket is closed, so the server publishes on its behalf.
-        session.server.publish(session.room, json.dumps({"system": f"{session.name} left"}))
+        session.server.publish(
+            session.room, json.dumps({"system": f"{session.name} left"}), compress=True
+        )
 
 
 def handler(request: server.Request, srv: brioche.Server[Session]) -> server.Response | None:
@@ -82,6 +84,8 @@ def config() -> server.Config[Session]:
         .on_bytes(on_bytes)
         .on_close(on_close)
         .publish_to_self(True)
+        # Browsers offer it: messages to them are compressed (compress=True above).
+        .per_message_deflate(True)
     )
     return server.handler(handler).websocket(ws_config)
 

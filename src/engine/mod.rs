@@ -5,7 +5,8 @@
 //!
 //! 1. `server.rs`: a listening server: binds, accepts, stops.
 //! 2. `http/`: hyper serves each TCP connection (`serve.rs`); a request the handler upgrades
-//!    (`handshake.rs` checks it) becomes a connection of `ws/`.
+//!    (`handshake.rs` checks it, and picks the permessage-deflate offer to accept) becomes a
+//!    connection of `ws/`.
 //!    `runtime.rs`: the process-wide tokio runtime; its workers defer the bridge's wake-ups.
 //!    `broker/`: topics shared with other processes through Redis (`pubsub_redis`): the task
 //!    that owns a server's Redis link, publishes to it, subscribes while a topic has local
@@ -14,7 +15,8 @@
 //!    `pubsub/remote.rs`, below `ws/`.
 //! 3. `ws/`: WebSocket connections. A connection's handle (`conn.rs`: what Python acts on, from
 //!    any thread) and its one task (`task.rs`: reads and parses with `decode.rs`, writes, times
-//!    out); its outbound queue (`outbound.rs`, frames from `encode.rs`); the loop thread's send
+//!    out; `deflate.rs` (de)compresses for permessage-deflate); its outbound queue (`outbound.rs`,
+//!    frames from `encode.rs`); the loop thread's send
 //!    batch (`batch.rs`); what a server's connections share (`shared.rs`: settings, event
 //!    queue, topics, the open connections) and the server-wide cap on what clients make it hold
 //!    (`budget.rs`); the topics sibling worker processes share (`relay.rs`).
