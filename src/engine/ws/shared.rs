@@ -274,8 +274,14 @@ impl Shared {
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
-                let sent = match (&conn.deflate, &shared) {
-                    (Some(deflate), _) if compress => {
+                // `compress` first: a plain publish does not even look at the connection's field.
+                let deflate = if compress {
+                    conn.deflate.as_deref()
+                } else {
+                    None
+                };
+                let sent = match (deflate, &shared) {
+                    (Some(deflate), _) => {
                         let params = &deflate.params;
                         if params.stateless() {
                             let bits = params.server_max_window_bits.clamp(9, 15);
