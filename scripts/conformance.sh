@@ -23,7 +23,7 @@ TOOLS="$REPO/scripts/autobahn"
 PREFIX="${AUTOBAHN_PREFIX:-/opt/autobahn}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 export AUTOBAHN_REPORTS="${AUTOBAHN_REPORTS:-/tmp/autobahn-reports}"  # run.sh writes there
-CASES="${1:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*}"
+CASES="${1:-1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*,12.*,13.*}"
 START_TIMEOUT=20   # seconds for the echo server to accept connections
 STOP_TIMEOUT=15    # seconds for it to exit after SIGTERM
 
