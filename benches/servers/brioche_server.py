@@ -12,6 +12,10 @@ The handler mode says what ``on_text`` is (``on_open`` and ``on_bytes`` stay pla
                 its first step (eager on 3.12+, so no loop iteration; a plain Task before)
   async-sleep0  ``async def on_text`` that awaits ``asyncio.sleep(0)`` before sending: every
                 message suspends once, and that connection's later messages park behind it
+  deflate       ``sync`` with permessage-deflate accepted and every echo and publish sent with
+                ``compress=True``, negotiated as Bun's ``perMessageDeflate: true`` is (no context
+                takeover either way: its shared compressor and decompressor), for the same work
+                on both sides; Bun sends with ``send(msg, true)``, ``publish(topic, msg, true)``
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from brioche import server, websocket
 from common import TOPIC, listening, setup
 
 SUB, PUB, ECHO = "sub", "pub", "echo"
-MODES = ("sync", "async", "async-sleep0")
+MODES = ("sync", "async", "async-sleep0", "deflate")
 _srv: brioche.Server[str] | None = None
 
 
@@ -60,6 +64,14 @@ async def on_text_sleep0(ws: brioche.WebSocket[str], text: str) -> None:
         ws.send(text)
 
 
+def on_text_deflate(ws: brioche.WebSocket[str], text: str) -> None:
+    if ws.data == PUB:
+        assert _srv is not None
+        _srv.publish(TOPIC, text, compress=True)
+    else:
+        ws.send(text, compress=True)
+
+
 def on_bytes(ws: brioche.WebSocket[str], data: bytes) -> None:
     ws.send_bytes(data)
 
@@ -73,8 +85,12 @@ def handler(request: server.Request, srv: brioche.Server[str]) -> server.Respons
 
 async def main(port: int, loop_name: str, mode: str) -> None:
     global _srv
-    text = {"sync": on_text, "async": on_text_async, "async-sleep0": on_text_sleep0}[mode]
+    text = {"sync": on_text, "async": on_text_async, "async-sleep0": on_text_sleep0,
+            "deflate": on_text_deflate}[mode]
     config = websocket.init().on_open(on_open).on_text(text).on_bytes(on_bytes)
+    if mode == "deflate":
+        config = config.per_message_deflate(websocket.DeflateOptions(
+            server_no_context_takeover=True, client_no_context_takeover=True))
     server_config = server.handler(handler).websocket(config).hostname("127.0.0.1").port(port)
     redis_url = os.environ.get("BRIOCHE_BENCH_REDIS")
     if redis_url:

@@ -1,10 +1,12 @@
 // Bun bench server: Bun.serve with websocket handlers and server.publish.
 //
-// usage: bun run bun_server.ts PORT
+// usage: bun run bun_server.ts PORT [deflate]
 //   any path: echo;  /sub: subscribed to "bench";  /pub: messages are published to "bench".
+//   deflate: perMessageDeflate: true, and every echo and publish asks to be compressed.
 type Role = { role: "echo" | "sub" | "pub" };
 
 const port = Number(process.argv[2]);
+const deflate = process.argv[3] === "deflate";
 if (!port) {
   console.error("usage: bun run bun_server.ts PORT");
   process.exit(2);
@@ -25,7 +27,7 @@ const server = Bun.serve<Role, {}>({
     return new Response("bun bench server");
   },
   websocket: {
-    perMessageDeflate: false,
+    perMessageDeflate: deflate,
     idleTimeout: 120,
     maxPayloadLength: 16 * 1024 * 1024,
     backpressureLimit: 16 * 1024 * 1024,
@@ -33,8 +35,8 @@ const server = Bun.serve<Role, {}>({
       if (ws.data.role === "sub") ws.subscribe("bench");
     },
     message(ws, message) {
-      if (ws.data.role === "pub") server.publish("bench", message);
-      else ws.send(message);
+      if (ws.data.role === "pub") server.publish("bench", message, deflate);
+      else ws.send(message, deflate);
     },
   },
 });

@@ -18,6 +18,12 @@
 //!
 //! `--ca FILE` (PEM) speaks TLS (wss://) instead, trusting only that CA, with the server name
 //! 127.0.0.1; `--tls-version 1.2|1.3` pins the version (default: the highest both offer).
+//!
+//! `--deflate 1` (echo-throughput, echo-latency, fanout): every connection offers
+//! permessage-deflate as Chromium does (`permessage-deflate; client_max_window_bits`) and fails
+//! if the server does not accept it; messages are JSON-like text (compressible) instead of a
+//! repeated byte, sent compressed (each on its own: no context, which is always allowed), and
+//! the server's compressed frames are inflated before they are checked.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -25,6 +31,8 @@ use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use std::pin::Pin;
@@ -46,6 +54,14 @@ const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const RSV1: u8 = 0x40;
+
+/// `--deflate 1`: offer, send and inflate permessage-deflate.
+static DEFLATE: OnceLock<bool> = OnceLock::new();
+
+fn deflate_on() -> bool {
+    *DEFLATE.get().unwrap_or(&false)
+}
 
 // ----------------------------------------------------------------------------------------------
 // Arguments and output
@@ -202,20 +218,70 @@ fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 
 fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(payload.len() + 14);
-    encode(&mut v, opcode, payload);
+    encode_message(&mut v, opcode, payload);
     v
+}
+
+/// Append one data message: compressed (RSV1, no context) with `--deflate 1`.
+fn encode_message(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    if !deflate_on() {
+        return encode(out, opcode, payload);
+    }
+    thread_local! {
+        static COMPRESSOR: RefCell<Compress> =
+            RefCell::new(Compress::new_with_window_bits(Compression::new(6), false, 15));
+    }
+    let mut compressed = Vec::with_capacity(payload.len() + 64);
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        c.reset();
+        c.compress_vec(payload, &mut compressed, FlushCompress::Sync).unwrap();
+    });
+    assert!(compressed.ends_with(&[0, 0, 0xff, 0xff]), "sync flush fits in the buffer");
+    compressed.truncate(compressed.len() - 4);
+    encode(out, opcode | RSV1, &compressed);
+}
+
+/// Text of `size` bytes: JSON-like with `--deflate 1` (what compression is for), else `fill`.
+fn payload_text(size: usize, fill: u8) -> Vec<u8> {
+    if !deflate_on() {
+        return payload(size, fill);
+    }
+    let mut p = Vec::with_capacity(size + 128);
+    let mut i = 0u64;
+    while p.len() < size {
+        let _ = write!(
+            StringSink(&mut p),
+            r#"{{"id":{i},"type":"message","room":"lobby","user":"user{}","text":"hello from the benchmark","ts":17000{:05}}},"#,
+            i % 7,
+            i * 37 % 100_000
+        );
+        i += 1;
+    }
+    p.truncate(size);
+    p
+}
+
+struct StringSink<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for StringSink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
 }
 
 fn close_frame() -> Vec<u8> {
     frame(OP_CLOSE, &1000u16.to_be_bytes())
 }
 
-/// A complete server frame at the start of `buf`: (opcode, payload range, frame length).
+/// A complete server frame at the start of `buf`: (opcode with RSV1, payload range, frame
+/// length).
 fn parse(buf: &[u8]) -> Option<(u8, usize, usize, usize)> {
     if buf.len() < 2 {
         return None;
     }
-    let opcode = buf[0] & 0x0f;
+    let opcode = buf[0] & (0x0f | RSV1);
     let masked = buf[1] & 0x80 != 0;
     let (len, mut at) = match buf[1] & 0x7f {
         126 => {
@@ -338,6 +404,9 @@ struct Ws {
     /// Control replies (pongs) waiting to be written by the scenario's next write.
     replies: Vec<u8>,
     closed: bool,
+    /// permessage-deflate was negotiated: the decompressor (context kept, which also reads a
+    /// server that resets its own), and where a message is inflated to.
+    inflater: Option<Box<(Decompress, Vec<u8>)>>,
 }
 
 impl Ws {
@@ -349,10 +418,15 @@ impl Ws {
 
     async fn handshake(port: u16, path: &str, buf_size: usize) -> io::Result<Ws> {
         let mut stream = Stream::connect(port).await?;
+        let offer = if deflate_on() {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         stream.write_all(req.as_bytes()).await?;
         let mut buf = vec![0u8; buf_size.max(1024)];
@@ -371,6 +445,25 @@ impl Ws {
                     let head = String::from_utf8_lossy(&buf[..pos.min(80)]).into_owned();
                     return Err(io::Error::new(io::ErrorKind::InvalidData, head));
                 }
+                let head = String::from_utf8_lossy(&buf[..pos]).to_ascii_lowercase();
+                let inflater = if deflate_on() {
+                    let Some(line) = head
+                        .lines()
+                        .find(|l| l.starts_with("sec-websocket-extensions:"))
+                        .filter(|l| l.contains("permessage-deflate"))
+                    else {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "permessage-deflate not negotiated",
+                        ));
+                    };
+                    NEGOTIATED.with(|n| {
+                        n.borrow_mut().get_or_insert_with(|| line[25..].trim().to_owned());
+                    });
+                    Some(Box::new((Decompress::new_with_window_bits(false, 15), Vec::new())))
+                } else {
+                    None
+                };
                 return Ok(Ws {
                     stream,
                     buf,
@@ -378,6 +471,7 @@ impl Ws {
                     end,
                     replies: Vec::new(),
                     closed: false,
+                    inflater,
                 });
             }
         }
@@ -413,7 +507,21 @@ impl Ws {
         let mut count = 0;
         while let Some((op, from, to, len)) = parse(&self.buf[self.start..self.end]) {
             let base = self.start;
-            match op {
+            let compressed = op & RSV1 != 0;
+            match op & 0x0f {
+                OP_TEXT | OP_BINARY if compressed => {
+                    let op = op & 0x0f;
+                    match &mut self.inflater {
+                        Some(state) => {
+                            let (inflater, out) = &mut **state;
+                            inflate(inflater, &self.buf[base + from..base + to], out);
+                            f(op, out);
+                        }
+                        // Not negotiated: a frame the checks count as bad.
+                        None => f(0, &[]),
+                    }
+                    count += 1;
+                }
                 OP_TEXT | OP_BINARY => {
                     f(op, &self.buf[base + from..base + to]);
                     count += 1;
@@ -456,6 +564,40 @@ impl Ws {
             }
         })
         .await;
+    }
+}
+
+thread_local! {
+    /// The first `Sec-WebSocket-Extensions` a server answered (reported in the result).
+    static NEGOTIATED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+fn negotiated() -> String {
+    NEGOTIATED.with(|n| n.borrow().clone().unwrap_or_default())
+}
+
+/// One message's payload, inflated into `out` (the 4-byte tail appended, as RFC 7692 says).
+fn inflate(inflater: &mut Decompress, input: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    for part in [input, &[0, 0, 0xff, 0xff][..]] {
+        let mut pos = 0;
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity().max(4096));
+            }
+            let before = inflater.total_in();
+            if inflater
+                .decompress_vec(&part[pos..], out, FlushDecompress::Sync)
+                .is_err()
+            {
+                out.clear();
+                return;
+            }
+            pos += (inflater.total_in() - before) as usize;
+            if pos == part.len() && out.len() < out.capacity() {
+                break;
+            }
+        }
     }
 }
 
@@ -526,7 +668,7 @@ async fn echo_throughput(a: &Args, port: u16) {
     }
     // Binary or text frames of `size` bytes (ASCII: valid UTF-8 however they are cut).
     let opcode = if a.int("binary", 0) != 0 { OP_BINARY } else { OP_TEXT };
-    let msg = frame(opcode, &payload(size, b'x'));
+    let msg = frame(opcode, &payload_text(size, b'x'));
     let burst: Rc<Vec<u8>> = Rc::new(msg.repeat(inflight));
     let received = Rc::new(Cell::new(0u64));
     let bad = Rc::new(Cell::new(0u64));
@@ -579,6 +721,7 @@ async fn echo_throughput(a: &Args, port: u16) {
     Json::default()
         .str("event", "result")
         .str("scenario", "echo-throughput")
+        .str("deflate", &negotiated())
         .num("conns", conns as f64)
         .num("inflight", inflight as f64)
         .num("size", size as f64)
@@ -606,7 +749,7 @@ async fn echo_latency(a: &Args, port: u16) {
     if socks.len() < conns {
         return fail("echo-latency", &format!("{conn_errors} connections failed: {first_error}"));
     }
-    let msg = Rc::new(frame(OP_TEXT, &payload(size, b'y')));
+    let msg = Rc::new(frame(OP_TEXT, &payload_text(size, b'y')));
     let samples: Rc<RefCell<Vec<u32>>> = Rc::new(RefCell::new(Vec::with_capacity(1 << 20)));
     let measuring = Rc::new(Cell::new(false));
     let stop = Rc::new(Cell::new(false));
@@ -671,6 +814,7 @@ async fn echo_latency(a: &Args, port: u16) {
     Json::default()
         .str("event", "result")
         .str("scenario", "echo-latency")
+        .str("deflate", &negotiated())
         .num("conns", conns as f64)
         .num("size", size as f64)
         .num("seconds", elapsed)
@@ -735,6 +879,9 @@ impl Fanout {
 
 fn seq_payload(seq: u64, size: usize) -> Vec<u8> {
     let mut p = format!("m{seq:020}").into_bytes();
+    if deflate_on() {
+        p.extend_from_slice(&payload_text(size.max(21) - 21, b'.'));
+    }
     p.resize(size.max(21), b'.');
     p
 }
@@ -870,7 +1017,7 @@ async fn fanout(a: &Args, port: u16) {
                 }
                 out.clear();
                 for seq in next..next + room {
-                    encode(&mut out, OP_TEXT, &seq_payload(seq, size));
+                    encode_message(&mut out, OP_TEXT, &seq_payload(seq, size));
                 }
                 st.next_seq.set(next + room);
                 if pub_write.write_all(&out).await.is_err() || pub_write.flush().await.is_err() {
@@ -898,6 +1045,7 @@ async fn fanout(a: &Args, port: u16) {
     Json::default()
         .str("event", "result")
         .str("scenario", "fanout")
+        .str("deflate", &negotiated())
         .num("subscribers", subscribers as f64)
         .num("window", window as f64)
         .num("size", size as f64)
@@ -1087,6 +1235,7 @@ fn fail(scenario: &str, why: &str) {
 
 fn main() {
     let (scenario, args) = Args::parse();
+    let _ = DEFLATE.set(args.int("deflate", 0) != 0);
     let port = args.int("port", 0);
     if port == 0 || port > u16::MAX as usize {
         usage("--port is required");
