@@ -169,6 +169,10 @@ mod tests {
         assert!(decode(Bytes::from_static(b"hello from redis-cli")).is_none());
         assert!(decode(Bytes::from_static(b"\x01short")).is_none());
         assert!(decode(encode(1, 1, 8, b"\x03\xe8")).is_none());
+        // A publish with compress=True: RSV1 rides with text or binary, never with control.
+        assert_eq!(decode(encode(1, 1, 0x41, b"x")).unwrap().opcode, 0x41);
+        assert!(decode(encode(1, 1, 0x48, b"")).is_none());
+        assert!(decode(encode(1, 1, 0x21, b"")).is_none());
     }
 
     #[test]
