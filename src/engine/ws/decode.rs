@@ -79,6 +79,9 @@ thread_local! {
     static INFLATE_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The most `INFLATE_INPUT` keeps between messages.
+const INFLATE_INPUT_KEEP: usize = 256 * 1024;
+
 /// The longest frame header: 2 bytes, a 64-bit length and the mask key.
 const MAX_HEAD: usize = 14;
 
@@ -418,7 +421,12 @@ impl MessageReader {
                 let mut input = input.borrow_mut();
                 input.clear();
                 unmask_into(&mut input, payload, header.key);
-                self.inflate(header.opcode == OP_TEXT, &input)
+                let message = self.inflate(header.opcode == OP_TEXT, &input);
+                if input.capacity() > INFLATE_INPUT_KEEP {
+                    // A large one-off: the thread does not keep its size.
+                    *input = Vec::new();
+                }
+                message
             })?;
             self.stalled |= !deliver(message);
             return Ok(());

@@ -33,8 +33,8 @@ pub(crate) struct DeflateParams {
 }
 
 impl DeflateParams {
-    /// Whether messages compressed for one such connection fit another: the compressor keeps
-    /// nothing between messages, and its window is no larger than the other allowed.
+    /// Whether the server keeps nothing between messages: a message compressed for one such
+    /// connection fits every other with the same server window.
     pub(crate) fn stateless(&self) -> bool {
         self.server_no_context_takeover
     }
