@@ -94,7 +94,8 @@ $(MATRIX): test-py%: wheel system-deps
 	bash scripts/test-wheel.sh $*
 
 # RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use),
-# over ws:// and then over wss:// (server.tls, a throwaway certificate).
+# over ws:// with the permessage-deflate cases 12 and 13, then 1-10 over wss:// (server.tls, a
+# throwaway certificate).
 conformance: install
 	bash scripts/conformance.sh
 	AUTOBAHN_TLS=1 bash scripts/conformance.sh
