@@ -13,7 +13,7 @@ MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
 # maturin, ziglang, auditwheel and twine, at the versions pinned in scripts/wheel-tools.txt.
 TOOLS := .venv-tools
 
-.PHONY: demo test docs venv install system-deps rust-test valgrind py-test py-test-load wheel test-matrix $(MATRIX) typecheck conformance test-portable check-targets fuzz lint fmt bench clean
+.PHONY: demo test docs venv install system-deps rust-test valgrind py-test py-test-load wheel test-matrix $(MATRIX) typecheck conformance conformance-deflate test-portable check-targets fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,11 +94,16 @@ $(MATRIX): test-py%: wheel system-deps
 	bash scripts/test-wheel.sh $*
 
 # RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use),
-# over ws:// with the permessage-deflate cases 12 and 13, then 1-10 over wss:// (server.tls, a
-# throwaway certificate).
+# over ws:// (the server offering permessage-deflate) and over wss:// (server.tls, a throwaway
+# certificate). The deflate cases 12 and 13 take 10-17 minutes, nearly all in wstest, which CI's
+# 25-minute budget cannot hold: `make conformance-deflate` runs them (all 216 OK when landed).
+CORE_CASES := 1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*
 conformance: install
-	bash scripts/conformance.sh
+	bash scripts/conformance.sh "$(CORE_CASES)"
 	AUTOBAHN_TLS=1 bash scripts/conformance.sh
+
+conformance-deflate: install
+	bash scripts/conformance.sh "12.*,13.*"
 
 # The hypothesis raw-socket fuzzer with 20x the CI's examples (260,000; about 15 minutes), random
 # on each run (profile "fuzz"); everywhere else the examples are the same each run (tests/conftest.py).
