@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# RFC 6455 conformance: the Autobahn|TestSuite fuzzing client, cases 1.* to 10.*, against a
-# brioche echo server (tests/autobahn_server.py) on 127.0.0.1.
+# RFC 6455 conformance: the Autobahn|TestSuite fuzzing client against a brioche echo server
+# (tests/autobahn_server.py) on 127.0.0.1.
 #
 #   scripts/conformance.sh [CASES]     # default: 1.* to 7.*, 9.*, 10.* (no 8.*), 12.*, 13.*
-#   AUTOBAHN_TLS=1 scripts/conformance.sh   # the same over wss://, with a certificate trustme makes
+#   AUTOBAHN_TLS=1 scripts/conformance.sh   # over wss://, with a certificate trustme makes;
+#                                           # default: the same cases without 12.* and 13.*
+# (`make conformance` runs 1.* to 10.* both ways, `make conformance-deflate` 12.* and 13.*.)
 #
 # Installs wstest first when it is missing (setup.sh needs root or sudo; ~1 min on a fresh
 # machine). Stricter than run.sh, which fails only on FAILED: every case's behavior and close
