@@ -13,13 +13,11 @@ MATRIX := $(addprefix test-py,$(MATRIX_PYTHONS))
 # maturin, ziglang, auditwheel and twine, at the versions pinned in scripts/wheel-tools.txt.
 TOOLS := .venv-tools
 
-.PHONY: demo test docs venv install system-deps rust-test valgrind py-test py-test-load wheel test-matrix $(MATRIX) typecheck conformance conformance-deflate test-portable check-targets fuzz lint fmt bench clean
+.PHONY: demo test docs install system-deps rust-test valgrind py-test py-test-load wheel test-matrix $(MATRIX) typecheck conformance conformance-deflate test-portable check-targets fuzz lint fmt bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-
-venv: $(PY)
 
 # Build the extension (release profile) into the venv, with the test and docs tools.
 install: $(PY)
@@ -100,7 +98,7 @@ $(MATRIX): test-py%: wheel system-deps
 CORE_CASES := 1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*
 conformance: install
 	bash scripts/conformance.sh "$(CORE_CASES)"
-	AUTOBAHN_TLS=1 bash scripts/conformance.sh
+	AUTOBAHN_TLS=1 bash scripts/conformance.sh "$(CORE_CASES)"
 
 conformance-deflate: install
 	bash scripts/conformance.sh "12.*,13.*"
