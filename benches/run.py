@@ -436,13 +436,14 @@ def tls_files() -> dict[str, str]:
 
 
 class RunningServer:
-    def __init__(self, spec: ServerSpec, logfile: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, spec: ServerSpec, logfile: Path, env: dict[str, str] | None = None,
+                 cpus: str = SERVER_CPU) -> None:
         self.spec = spec
         self.port = free_port()
         logfile.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(logfile, "w")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *spec.argv(self.port)],
+            ["taskset", "-c", cpus, *spec.argv(self.port)],
             cwd=SERVERS_DIR, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=raise_nofile, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
@@ -453,12 +454,14 @@ class RunningServer:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, timeout: float = 30.0) -> str | None:
+    def wait_ready(self, timeout: float = 30.0, log_line: str | None = None) -> str | None:
+        """None once the port accepts (and, with `log_line`, once the log has that line), else
+        why not."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 return f"exited with {self.proc.returncode}: {self.log_tail()}"
-            if port_open(self.port):
+            if port_open(self.port) and (log_line is None or log_line in self.log_text()):
                 time.sleep(0.3)  # let it finish starting (the probe connection is closed)
                 return None
             time.sleep(0.1)
@@ -467,12 +470,15 @@ class RunningServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def log_tail(self) -> str:
+    def log_text(self) -> str:
         self._log.flush()
         try:
-            return tail(self.logfile.read_text(errors="replace"), 2)[-300:]
+            return self.logfile.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self) -> str:
+        return tail(self.log_text(), 2)[-300:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

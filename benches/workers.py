@@ -14,39 +14,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import LOADGEN, MAIN_PY, SERVERS_DIR, free_port, loadgen, port_open, raise_nofile  # noqa: E402
+from run import LOADGEN, MAIN_PY, OUT, RunningServer, ServerSpec, loadgen  # noqa: E402
 
 
-def serve(workers: int, cpus: str) -> tuple[subprocess.Popen[str], int]:
-    port = free_port()
+def serve(workers: int, cpus: str) -> RunningServer:
+    """run.py's server start (its own process group, log in benches/out/logs), on `cpus`."""
     if workers == 1:
-        argv = [str(MAIN_PY), "brioche_server.py", str(port)]
+        cmd = [str(MAIN_PY), "brioche_server.py", "{port}"]
     else:
-        argv = [str(MAIN_PY), "brioche_workers_server.py", str(port), str(workers)]
-    proc = subprocess.Popen(["taskset", "-c", cpus, *argv], cwd=SERVERS_DIR, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=raise_nofile)
-    if workers > 1:
-        # Ready when the supervisor logs that every worker is: read its lines, bounded.
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 30
-        for line in proc.stderr:
-            if "workers listening" in line or time.monotonic() > deadline:
-                break
-    deadline = time.monotonic() + 30
-    while not port_open(port):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    return proc, port
+        cmd = [str(MAIN_PY), "brioche_workers_server.py", "{port}", str(workers)]
+    spec = ServerSpec(f"workers-{workers}", f"workers={workers}", cmd)
+    srv = RunningServer(spec, OUT / "logs" / f"workers-{workers}.log", cpus=cpus)
+    # With workers, ready once the supervisor logs that every worker listens: the port accepts
+    # from the first one on, and S1's connections would all go to it.
+    err = srv.wait_ready(log_line="workers listening" if workers > 1 else None)
+    if err is not None:
+        srv.stop()
+        raise RuntimeError(f"the server did not start: {err}")
+    return srv
 
 
 def s1(port: int, duration: float) -> float:
@@ -69,20 +59,15 @@ def main() -> int:
     loads: list[float] = []
     for repeat in range(ns.repeats):
         for workers in (1, 2):
-            proc, port = serve(workers, ns.server_cpus)
+            srv = serve(workers, ns.server_cpus)
             try:
                 loads.append(os.getloadavg()[0])
-                value = s1(port, ns.duration)
+                value = s1(srv.port, ns.duration)
                 results[workers].append(value)
                 print(f"repeat {repeat + 1}, workers={workers}: {value:,.0f} round trips/s "
                       f"(load average {loads[-1]:.2f})", flush=True)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                srv.stop()
     summary = {f"workers={w}": {"median": statistics.median(v), "min": min(v), "max": max(v)}
                for w, v in results.items()}
     summary["load_average_1min"] = {"median": statistics.median(loads), "max": max(loads)}
