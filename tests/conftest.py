@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -68,12 +69,50 @@ def server_starter(started: list[brioche.Server[Any]]) -> ServeFn:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[ServeFn]:
-    """``await serve(ws_config, handler=..., **config)`` starts a server; all are stopped after."""
-    started: list[brioche.Server[Any]] = []
-    yield server_starter(started)
-    for srv in started:
+async def started() -> AsyncIterator[list[brioche.Server[Any]]]:
+    """The servers a test started (see ``serve_config``); all are stopped after it."""
+    servers: list[brioche.Server[Any]] = []
+    yield servers
+    for srv in servers:
         await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
+
+
+async def serve_config(config: server.Config[Any], started: list[brioche.Server[Any]]) -> brioche.Server[Any]:
+    """Serve a config a test made whole (a Unix socket, a socket handed in, a sample's app)."""
+    srv = await config.serve()
+    started.append(srv)
+    return srv
+
+
+@pytest.fixture
+def serve(started: list[brioche.Server[Any]]) -> ServeFn:
+    """``await serve(ws_config, handler=..., **config)`` starts a server; all are stopped after."""
+    return server_starter(started)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a subprocess told which port to take."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_listening(port: int, proc: asyncio.subprocess.Process | None = None) -> None:
+    """Until something accepts on 127.0.0.1:``port`` (about 10 s at most); fails early if
+    ``proc`` exits first."""
+    for _ in range(200):
+        if proc is not None and proc.returncode is not None:
+            raise AssertionError(f"exited with {proc.returncode} before listening on {port}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError(f"nothing listening on {port}")
 
 
 def ws_url(srv: brioche.Server[Any], path: str = "/ws") -> str:

@@ -19,8 +19,8 @@ from websockets.frames import CloseCode as WebsocketsCloseCode
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
-from test_run import connect_when_listening, free_port
+from conftest import Recorder, ServeFn, free_port, upgrade_ws_path, ws_url
+from test_run import connect_when_listening
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
 

@@ -19,10 +19,8 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,6 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import brioche
+from conftest import free_port, serve_config, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -50,27 +49,6 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_listening(port: int, proc: asyncio.subprocess.Process | None = None) -> None:
-    for _ in range(200):  # bounded: about 10 s for a process to start
-        if proc is not None and proc.returncode is not None:
-            raise AssertionError(f"exited with {proc.returncode} before listening on {port}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise AssertionError(f"nothing listening on {port}")
-
-
 async def stop_process(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.terminate()
@@ -81,19 +59,9 @@ async def stop_process(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-@pytest.fixture
-async def started() -> AsyncIterator[list[brioche.Server[Any]]]:
-    servers: list[brioche.Server[Any]] = []
-    yield servers
-    for srv in servers:
-        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
-
-
 async def serve(app: Any, servers: list[brioche.Server[Any]]) -> brioche.Server[Any]:
     """Start a sample's ``app`` on 127.0.0.1 and a free port."""
-    srv: brioche.Server[Any] = await app.hostname("127.0.0.1").port(0).serve()
-    servers.append(srv)
-    return srv
+    return await serve_config(app.hostname("127.0.0.1").port(0), servers)
 
 
 async def recv(client: ClientConnection) -> Any:

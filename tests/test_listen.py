@@ -8,7 +8,6 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,7 +19,7 @@ from websockets.asyncio.client import connect, unix_connect
 import brioche
 from brioche import server, websocket
 
-from conftest import Recorder, echo, upgrade_ws_path
+from conftest import Recorder, echo, serve_config, upgrade_ws_path
 
 TIMEOUT = 5
 
@@ -39,14 +38,6 @@ def _ipv6_loopback() -> str | None:
 
 NO_IPV6 = _ipv6_loopback()
 needs_ipv6 = pytest.mark.skipif(NO_IPV6 is not None, reason=NO_IPV6 or "")
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[list[brioche.Server[Any]]]:
-    servers: list[brioche.Server[Any]] = []
-    yield servers
-    for srv in servers:
-        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
 
 
 def echo_config(recorder: Recorder) -> websocket.Config[Any]:
@@ -73,12 +64,6 @@ def app(recorder: Recorder) -> server.Config[Any]:
     return server.handler(recording_handler(recorder)).websocket(echo_config(recorder))
 
 
-async def serve(config: server.Config[Any], started: list[brioche.Server[Any]]) -> brioche.Server[Any]:
-    srv = await config.serve()
-    started.append(srv)
-    return srv
-
-
 async def refused(host: str, port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection(host, port)
@@ -96,7 +81,7 @@ async def refused(host: str, port: int) -> bool:
 async def test_ipv6_loopback_serves_clients_and_its_url_is_bracketed(
     started: list[brioche.Server[Any]], recorder: Recorder
 ) -> None:
-    srv = await serve(app(recorder).hostname("::1").port(0), started)
+    srv = await serve_config(app(recorder).hostname("::1").port(0), started)
     assert srv.hostname == "::1"
     assert srv.url == f"http://[::1]:{srv.port}/"
     async with httpx.AsyncClient() as http:
@@ -113,7 +98,7 @@ async def test_ipv6_loopback_serves_clients_and_its_url_is_bracketed(
 async def test_the_ipv6_wildcard_takes_ipv4_clients_too(
     started: list[brioche.Server[Any]], recorder: Recorder
 ) -> None:
-    srv = await serve(app(recorder).hostname("::").port(0), started)
+    srv = await serve_config(app(recorder).hostname("::").port(0), started)
     assert srv.url == f"http://[::1]:{srv.port}/"
     async with connect(f"ws://[::1]:{srv.port}/ws") as client:
         await echo(client, "IPv6 client")
@@ -146,7 +131,7 @@ async def test_a_name_with_several_addresses_listens_on_each_on_one_port(
         ]
 
     monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
-    srv = await serve(app(recorder).hostname("both.test").port(0), started)
+    srv = await serve_config(app(recorder).hostname("both.test").port(0), started)
     assert asked == [("both.test", 0)]
     assert srv.hostname == "both.test" and srv.url == f"http://both.test:{srv.port}/"
     for host in ("127.0.0.1", "[::1]"):
@@ -158,7 +143,7 @@ async def test_a_name_with_several_addresses_listens_on_each_on_one_port(
 
 
 async def test_an_address_already_taken_is_a_bind_error(started: list[brioche.Server[Any]], recorder: Recorder) -> None:
-    srv = await serve(app(recorder).hostname("127.0.0.1").port(0), started)
+    srv = await serve_config(app(recorder).hostname("127.0.0.1").port(0), started)
     with pytest.raises(brioche.BindError) as raised:
         await app(recorder).hostname("127.0.0.1").port(srv.port).serve()
     assert raised.value.errno == errno.EADDRINUSE
@@ -176,7 +161,7 @@ async def test_a_unix_socket_serves_http_and_websocket_clients(
     started: list[brioche.Server[Any]], recorder: Recorder, tmp_path: Path
 ) -> None:
     path = tmp_path / "app.sock"
-    srv = await serve(server.unix(app(recorder), path), started)
+    srv = await serve_config(server.unix(app(recorder), path), started)
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
     assert (srv.unix, srv.port, srv.hostname) == (str(path), 0, "")
     assert srv.url == "http+unix://" + quote(str(path), safe="") + "/"
@@ -197,7 +182,7 @@ async def test_stop_removes_the_socket_file(
     started: list[brioche.Server[Any]], recorder: Recorder, tmp_path: Path
 ) -> None:
     path = tmp_path / "app.sock"
-    srv = await serve(app(recorder).unix(str(path)), started)
+    srv = await serve_config(app(recorder).unix(str(path)), started)
     await srv.stop()
     assert not path.exists()
 
@@ -206,7 +191,7 @@ async def test_stop_leaves_a_file_it_did_not_create(
     started: list[brioche.Server[Any]], recorder: Recorder, tmp_path: Path
 ) -> None:
     path = tmp_path / "app.sock"
-    srv = await serve(app(recorder).unix(path), started)
+    srv = await serve_config(app(recorder).unix(path), started)
     # Someone replaced the socket file (a new deployment, say): it is theirs.
     path.unlink()
     path.write_text("not ours")
@@ -222,7 +207,7 @@ async def test_a_stale_socket_file_is_replaced(
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(str(path))
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
-    srv = await serve(app(recorder).unix(path), started)
+    srv = await serve_config(app(recorder).unix(path), started)
     async with unix_connect(str(path), "ws://localhost/ws") as client:
         await echo(client, "replaced")
     await srv.stop()
@@ -233,7 +218,7 @@ async def test_a_socket_a_server_accepts_on_is_never_taken_over(
     started: list[brioche.Server[Any]], recorder: Recorder, tmp_path: Path
 ) -> None:
     path = tmp_path / "app.sock"
-    first = await serve(app(recorder).unix(path), started)
+    first = await serve_config(app(recorder).unix(path), started)
     with pytest.raises(brioche.BindError) as raised:
         await app(recorder).unix(path).serve()
     assert raised.value.errno == errno.EADDRINUSE and str(path) in str(raised.value)
@@ -273,10 +258,10 @@ async def test_the_socket_file_mode_is_the_umask_s_or_the_one_given(
 ) -> None:
     umask = os.umask(0o022)
     os.umask(umask)
-    default = await serve(app(recorder).unix(tmp_path / "default.sock"), started)
+    default = await serve_config(app(recorder).unix(tmp_path / "default.sock"), started)
     assert default.unix is not None
     assert stat.S_IMODE(os.lstat(default.unix).st_mode) == 0o777 & ~umask
-    given = await serve(app(recorder).unix(tmp_path / "given.sock", mode=0o600), started)
+    given = await serve_config(app(recorder).unix(tmp_path / "given.sock", mode=0o600), started)
     assert given.unix is not None
     assert stat.S_IMODE(os.lstat(given.unix).st_mode) == 0o600
     async with unix_connect(given.unix, "ws://localhost/ws") as client:
@@ -312,7 +297,7 @@ async def test_sock_serves_on_a_bound_tcp_socket_and_listens_on_it(
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = await serve(server.sock(app(recorder), sock), started)
+    srv = await serve_config(server.sock(app(recorder), sock), started)
     # Our duplicate keeps it listening: the caller may (and should) close theirs.
     sock.close()
     assert (srv.port, srv.hostname, srv.unix) == (port, "127.0.0.1", None)
@@ -331,7 +316,7 @@ async def test_sock_takes_a_listening_unix_socket_by_descriptor_and_leaves_its_f
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(path))
     sock.listen(16)
-    srv = await serve(app(recorder).sock(sock.fileno()), started)
+    srv = await serve_config(app(recorder).sock(sock.fileno()), started)
     assert (srv.unix, srv.port) == (str(path), 0)
     async with unix_connect(str(path), "ws://localhost/ws") as client:
         await echo(client, "by descriptor")
@@ -346,7 +331,7 @@ async def test_sock_takes_a_listening_unix_socket_by_descriptor_and_leaves_its_f
 async def test_sock_takes_an_ipv6_socket(started: list[brioche.Server[Any]], recorder: Recorder) -> None:
     with socket.socket(socket.AF_INET6) as sock:
         sock.bind(("::1", 0))
-        srv = await serve(app(recorder).sock(sock), started)
+        srv = await serve_config(app(recorder).sock(sock), started)
     assert srv.url == f"http://[::1]:{srv.port}/"
     async with connect(f"ws://[::1]:{srv.port}/ws") as client:
         await echo(client, "v6")

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import MessageSent, server, websocket
-from conftest import ServeFn, ws_url
+from conftest import ServeFn, free_port, ws_url
 from test_workers import Supervisor, clients_covering, receive
 
 pytestmark = pytest.mark.skipif(
@@ -34,13 +33,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 PEER = Path(__file__).parent / "scripts" / "redis_peer.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Redis:

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, upgrade_ws_path
+from conftest import Recorder, ServeFn, free_port, upgrade_ws_path
 
 NODE_PATH = "/usr/share/nodejs"
 
@@ -293,11 +293,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_sighup_under_run_reloads_the_certificate(tmp_dir: Path, certs: Certs, workers: int) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     script = tmp_dir / "app.py"
     script.write_text(RUN_SCRIPT)
     proc = await asyncio.create_subprocess_exec(
