@@ -25,10 +25,38 @@ def node_or_fail() -> str:
     return node
 
 
+# The byte lengths of the messages echo_client.js sends, in order.
+EXPECTED_LENGTHS = [5, len("héllo wörld ✓ 🥐".encode()), 0, 70000, 7, 0, 256, 200000]
+
+
+async def run_node_echo_client(url: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run echo_client.js against ``url`` (``env`` added to the environment); its report,
+    checked to say every echo came back byte-exact."""
+    node = node_or_fail()
+    proc = await asyncio.create_subprocess_exec(
+        node,
+        str(SCRIPT),
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_PATH": NODE_PATH, **(env or {})},
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, f"node failed: stdout={stdout.decode()!r} stderr={stderr.decode()!r}"
+    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert result["ok"] is True, result
+    assert [r["length"] for r in result["results"]] == EXPECTED_LENGTHS
+    return result
+
+
 async def test_node_ws_client_echo_is_byte_exact_and_close_reaches_on_close(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    node = node_or_fail()
 
     def on_open(ws: brioche.WebSocket[Any]) -> None:
         recorder.add("open", ws.remote_address)
@@ -45,28 +73,8 @@ async def test_node_ws_client_echo_is_byte_exact_and_close_reaches_on_close(
         recorder.add("close", code, reason)
 
     srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_bytes(on_bytes).on_close(on_close))
-    proc = await asyncio.create_subprocess_exec(
-        node,
-        str(SCRIPT),
-        ws_url(srv),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NODE_PATH": NODE_PATH},
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, f"node failed: stdout={stdout.decode()!r} stderr={stderr.decode()!r}"
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
-
-    assert result["ok"] is True, result
+    result = await run_node_echo_client(ws_url(srv))
     assert [r["index"] for r in result["results"]] == list(range(EXPECTED_MESSAGES))
-    assert [r["length"] for r in result["results"]] == [
-        5, len("héllo wörld ✓ 🥐".encode()), 0, 70000, 7, 0, 256, 200000
-    ]
     assert result["close"]["code"] == 4002  # the server echoes the client's close code
 
     await recorder.wait_for(lambda: bool(recorder.of("close")), 5)

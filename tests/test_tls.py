@@ -8,9 +8,7 @@ presented the chain it was given.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import ssl
 import sys
@@ -27,9 +25,8 @@ from websockets.exceptions import ConnectionClosed
 import brioche
 from brioche import server, websocket
 from conftest import Recorder, ServeFn, free_port, upgrade_ws_path
-
-NODE_PATH = "/usr/share/nodejs"
-
+from test_demo_page import assert_demo_worked, demo_selftest_in_chromium
+from test_node_client import run_node_echo_client
 
 class Certs:
     """A CA and a server certificate for 127.0.0.1 it signs, as PEM files in ``directory``."""
@@ -343,29 +340,11 @@ async def test_sighup_under_run_reloads_the_certificate(tmp_dir: Path, certs: Ce
 
 
 async def test_node_ws_client_over_wss(serve: ServeFn, certs: Certs, recorder: Recorder) -> None:
-    node = shutil.which("node") or shutil.which("nodejs")
-    assert node is not None and Path(NODE_PATH, "ws").is_dir(), "apt-get install -y nodejs node-ws"
     srv = await serve(echo_config(recorder), tls=certs.files)
     ca_file = Path(certs.cert_file).parent / "ca.pem"
     certs.ca.cert_pem.write_to_path(str(ca_file))
-    proc = await asyncio.create_subprocess_exec(
-        node, str(Path(__file__).parent / "js" / "echo_client.js"), wss_url(srv),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        # node trusts the test CA, and only for this process.
-        env={**os.environ, "NODE_PATH": NODE_PATH, "NODE_EXTRA_CA_CERTS": str(ca_file)},
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, f"node failed: stdout={stdout.decode()!r} stderr={stderr.decode()!r}"
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
-    assert result["ok"] is True, result
-    assert [r["length"] for r in result["results"]] == [
-        5, len("héllo wörld ✓ 🥐".encode()), 0, 70000, 7, 0, 256, 200000
-    ]
+    # node trusts the test CA, and only for this process.
+    result = await run_node_echo_client(wss_url(srv), {"NODE_EXTRA_CA_CERTS": str(ca_file)})
     assert result["close"]["code"] == 4002
     await recorder.wait_for(lambda: bool(recorder.of("close")), 5)
     assert recorder.of("close") == [(4002, "node bye")]
@@ -378,40 +357,13 @@ async def test_demo_page_over_https_and_wss_in_headless_chromium(serve: ServeFn,
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from brioche.__main__ import config as demo_config
-    from brioche.__main__ import handler as demo_handler
-
-    chromium = shutil.which("chromium")
-    assert chromium is not None, "chromium is not installed (make system-deps installs it)"
-    report: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
-        if request.path == "/selftest-report":
-            report.set_result(request.json())
-            return server.ok()
-        return demo_handler(request, srv)
-
-    srv = await serve(demo_config().websocket_config, handler, tls=certs.files)
     # Chromium trusts the test certificate's key, and only in this run: the hash of its SPKI.
     leaf = x509.load_pem_x509_certificate(certs.leaf.cert_chain_pems[0].bytes())
     spki = leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        browser = await asyncio.create_subprocess_exec(
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--no-first-run", f"--user-data-dir={profile}",
-            f"--ignore-certificate-errors-spki-list={pin}",
-            f"https://127.0.0.1:{srv.port}/?selftest=1",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            result = await asyncio.wait_for(report, 60)
-        finally:
-            os.killpg(browser.pid, signal.SIGKILL)
-            await browser.wait()
-    assert result["echo"] == "héllo from the browser"
-    assert result["chat"]["text"] == "hi room"
-    assert result["chat"]["from"].startswith("guest-")
+    result = await demo_selftest_in_chromium(
+        serve, "https", [f"--ignore-certificate-errors-spki-list={pin}"], tls=certs.files
+    )
+    assert_demo_worked(result)
