@@ -98,6 +98,25 @@ def free_port() -> int:
         return port
 
 
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+: ``5`` in clear_refs); whether it could."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 async def wait_listening(port: int, proc: asyncio.subprocess.Process | None = None) -> None:
     """Until something accepts on 127.0.0.1:``port`` (about 10 s at most); fails early if
     ``proc`` exits first."""

@@ -17,9 +17,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, echo
+from conftest import Recorder, ServeFn, echo, reset_peak_rss, status_kib
 from rawws import (
     OP_BINARY,
     OP_CLOSE,
@@ -32,23 +31,14 @@ from rawws import (
     encode_frame,
     parse_frames,
 )
+from test_limits import recording_echo as limits_echo
 
 MIB = 1 << 20
 
 
 def recording_echo(recorder: Recorder) -> websocket.Config[Any]:
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        recorder.add("text", text)
-        ws.send(text)
-
-    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
-        recorder.add("bytes", len(data))
-        ws.send_bytes(data)
-
-    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
-        recorder.add("close", code, reason)
-
-    return websocket.init().on_text(on_text).on_bytes(on_bytes).on_close(on_close)
+    """test_limits' recording echo, with each close's reason recorded too."""
+    return limits_echo(recorder).on_close(lambda ws, code, reason: recorder.add("close", code, reason))
 
 
 def test_the_settings_check_their_values_and_have_the_documented_defaults() -> None:
@@ -150,14 +140,6 @@ def _close_code(sock: socket.socket) -> int | None:
     return None
 
 
-def _status_kib_of(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
-
-
 async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_served() -> None:
     """With a 64 MiB budget and a 2 s message timeout, 20 clients each start a 16 MiB message
     and drip it at 5 MiB/s (10 MiB each by their deadline, 200 MiB together): the server stops
@@ -173,10 +155,7 @@ async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_s
     try:
         assert proc.stdout is not None
         port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-        try:
-            with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
+        if not reset_peak_rss(proc.pid):
             pytest.skip("the peak RSS of another process cannot be reset here")
         await _drip_against(proc.pid, port, budget, size, drippers, piece, interval)
     finally:
@@ -226,9 +205,8 @@ async def _drip_against(pid: int, port: int, budget: int, size: int, drippers: i
 
     echoes_while_full = 0
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        baseline = _status_kib_of(pid, "VmHWM")
+        assert reset_peak_rss(pid)
+        baseline = status_kib("VmHWM", pid)
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(2 * drippers) as pool:
             for sock, stop in zip(socks, stops):
@@ -242,7 +220,7 @@ async def _drip_against(pid: int, port: int, budget: int, size: int, drippers: i
                     echoes_while_full += 1
                 await asyncio.sleep(0.01)
             assert await asyncio.wait_for(codes, 20) == [1008] * drippers
-        peak = _status_kib_of(pid, "VmHWM")
+        peak = status_kib("VmHWM", pid)
     finally:
         for stop in stops:
             stop.set()

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosedError
 
 import brioche
 from brioche import websocket
-from conftest import Recorder, ServeFn, ws_url
+from conftest import Recorder, ServeFn, reset_peak_rss, status_kib, ws_url
 from rawws import (
     OP_BINARY,
     OP_CONTINUATION,
@@ -209,24 +209,6 @@ async def test_fragmented_binary_message_is_reassembled(serve: ServeFn, recorder
     assert recorder.of("bytes") == [(b"\x00\x01\x02",)]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux 4.0+: ``5`` in /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def _in_flight(server_port: int, client_ports: set[int]) -> int:
     """Bytes from these clients that the server has not read yet: the clients' send queues and
     the server sockets' receive queues, from /proc/net/tcp."""
@@ -260,7 +242,7 @@ async def test_large_frames_arriving_slowly_are_held_once_at_their_size(serve: S
     and at most 1 MiB each, while they are all partial and as they complete (before the loop
     turns them into bytes objects, which it cannot do while this test blocks it). A buffer that
     grew by doubling and was copied out once complete peaked at +159 MiB here."""
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
     size, clients, piece = 16 * MIB, 8, 256 * 1024
 
@@ -279,20 +261,20 @@ async def test_large_frames_arriving_slowly_are_held_once_at_their_size(serve: S
             sock.sendall(masked[at:min(at + piece, size - 1)])
 
     try:
-        assert _reset_peak_rss()
-        baseline = _status_kib("VmHWM")
+        assert reset_peak_rss()
+        baseline = status_kib("VmHWM")
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(clients) as pool:
             await asyncio.gather(*(loop.run_in_executor(pool, send_all_but_the_last_byte, s) for s in socks))
         # From here the loop is blocked on purpose: the engine's threads read and complete the
         # frames, and no bytes object is made until the peak is measured.
         _wait_until_read(srv.port, socks)
-        partial = _status_kib("VmHWM")
+        partial = status_kib("VmHWM")
         for sock in socks:
             sock.sendall(masked[size - 1:])
         _wait_until_read(srv.port, socks)
         time.sleep(0.05)  # the last read's parse: microseconds
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         growth = (peak - baseline) * 1024
         limit = clients * (size + MIB)
         assert growth < limit, (
