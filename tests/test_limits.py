@@ -273,7 +273,11 @@ async def test_large_frames_arriving_slowly_are_held_once_at_their_size(serve: S
         for sock in socks:
             sock.sendall(masked[size - 1:])
         _wait_until_read(srv.port, socks)
-        time.sleep(0.05)  # the last read's parse: microseconds
+        # The engine counts a message in once it has parsed it and queued it for Python.
+        deadline = time.monotonic() + 10
+        while srv.stats()["messages_in"] < clients:
+            assert time.monotonic() < deadline, f"{srv.stats()['messages_in']} of {clients} frames parsed in 10 s"
+            time.sleep(0.001)
         peak = status_kib("VmHWM")
         growth = (peak - baseline) * 1024
         limit = clients * (size + MIB)
