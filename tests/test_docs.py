@@ -59,6 +59,17 @@ async def stop_process(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
+async def sigterm_closes_with_1001(proc: asyncio.subprocess.Process, clients: list[ClientConnection]) -> None:
+    """SIGTERM ``proc``: each client is closed with 1001, then the process exits with 0."""
+    proc.send_signal(signal.SIGTERM)
+    for client in clients:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(client.recv(), 15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()
+
+
 async def serve(app: Any, servers: list[brioche.Server[Any]]) -> brioche.Server[Any]:
     """Start a sample's ``app`` on 127.0.0.1 and a free port."""
     return await serve_config(app.hostname("127.0.0.1").port(0), servers)
@@ -308,12 +319,7 @@ async def test_production_script_serves_port_from_env_and_stops_on_sigterm() -> 
         async with connect(f"ws://127.0.0.1:{port}/") as client:
             await client.send("still here")
             assert await recv(client) == "still here"
-            proc.send_signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-        _, err = await asyncio.wait_for(proc.communicate(), 10)
-        assert proc.returncode == 0, err.decode()
+            await sigterm_closes_with_1001(proc, [client])
     finally:
         await stop_process(proc)
 
@@ -362,12 +368,7 @@ async def test_tls_script_serves_wss_reloads_on_sighup_and_stops_on_sigterm(tmp_
                 assert await recv(renewed) == "renewed"
             await client.send("still here")
             assert await recv(client) == "still here"
-            proc.send_signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-        _, err = await asyncio.wait_for(proc.communicate(), 10)
-        assert proc.returncode == 0, err.decode()
+            await sigterm_closes_with_1001(proc, [client])
     finally:
         await stop_process(proc)
 
@@ -388,13 +389,7 @@ async def test_workers_script_shares_the_room_and_stops_on_sigterm() -> None:
         await clients[0].send("hello, room")
         for client in clients:
             assert await recv(client) == "hello, room"
-        proc.send_signal(signal.SIGTERM)
-        for client in clients:
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(client.recv(), 15)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-        assert proc.returncode == 0, err.decode()
+        await sigterm_closes_with_1001(proc, clients)
     finally:
         await stop_process(proc)
 
@@ -492,12 +487,7 @@ async def test_socket_activation_serves_the_socket_systemd_passes() -> None:
         async with connect(f"ws://127.0.0.1:{port}/") as client:
             await client.send("activated")
             assert await recv(client) == "activated"
-            proc.send_signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-        _, err = await asyncio.wait_for(proc.communicate(), 10)
-        assert proc.returncode == 0, err.decode()
+            await sigterm_closes_with_1001(proc, [client])
     finally:
         await stop_process(proc)
 
