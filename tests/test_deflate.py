@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosedError
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 import brioche
@@ -22,7 +21,7 @@ from brioche import MessageSent, websocket
 from brioche.websocket import DeflateOptions
 
 from conftest import Recorder, ServeFn, ws_url
-from rawws import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_TEXT, RawWebSocket
+from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket
 
 TAIL = b"\x00\x00\xff\xff"
 JSON = '{"type":"chat","room":"lobby","user":"alice","text":"hello, hello, hello"}'
