@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 import brioche
 from brioche import MessageBackpressured, MessageDropped, websocket
 from conftest import Recorder, ServeFn, ws_url
+from test_hostile import exchange as hostile_exchange
 from rawws import OP_TEXT, RawWebSocket, SendRecord, encode_frame, fill, numbered
 
 
@@ -228,18 +229,8 @@ async def test_a_request_cut_off_by_the_deadline_is_one_408_refusal(
     caplog.set_level(logging.INFO, logger="brioche")
     srv = await serve(websocket.init(), handshake_timeout=0.5)
 
-    def slow_head() -> bytes:
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it")
-            reply = b""
-            for _ in range(100):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-            return reply
-
-    assert (await asyncio.to_thread(slow_head)).startswith(b"HTTP/1.1 408 ")
+    reply, how = await hostile_exchange(srv.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it")
+    assert reply.startswith(b"HTTP/1.1 408 ") and how == "eof"
     async with connect(ws_url(srv), ping_interval=None):  # through the same queue as the line
         pass
     assert srv.stats()["requests_rejected"] == 1
