@@ -108,6 +108,42 @@ async def test_drops_and_backpressure_are_counted_and_drops_logged_once_per_epis
         )]
 
 
+async def test_a_close_for_the_backpressure_limit_is_counted_and_logged_once(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close_on_backpressure_limit: the send that finds the limit exceeded ends the connection,
+    on_close gets 1008, and one warning says so (the sends after it are dropped, not logged)."""
+    caplog.set_level(logging.INFO, logger="brioche")
+    records: list[SendRecord] = []
+    done = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await fill(ws, (numbered(i, 64 * 1024) for i in range(300)), records=records)
+        done.set()
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    config = (
+        websocket.init().on_text(on_text).on_close(on_close)
+        .backpressure_limit(1024 * 1024).close_on_backpressure_limit(True)
+    )
+    srv = await serve(config)
+    async with await RawWebSocket.connect(srv.port, rcvbuf=4096) as client:
+        client.pause_reading()
+        await client.send_text("go")
+        await asyncio.wait_for(done.wait(), 30)
+        await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1008, "backpressure limit exceeded")]
+    dropped = sum(isinstance(r.status, MessageDropped) for r in records)
+    assert dropped > 100
+    stats = srv.stats()
+    assert (stats["sends_dropped"], stats["closes_by_code"]) == (dropped, {1008: 1})
+    assert lines(caplog, "brioche.ws") == [(
+        logging.WARNING, "closed the connection to 127.0.0.1 with 1008: backpressure limit exceeded",
+    )]
+
+
 async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
     serve: ServeFn, caplog: pytest.LogCaptureFixture
 ) -> None:
