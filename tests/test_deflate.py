@@ -20,7 +20,7 @@ import brioche
 from brioche import MessageSent, websocket
 from brioche.websocket import DeflateOptions
 
-from conftest import Recorder, ServeFn, ws_url
+from conftest import Recorder, ServeFn, reset_peak_rss, status_kib, ws_url
 from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket
 
 TAIL = b"\x00\x00\xff\xff"
@@ -197,6 +197,33 @@ async def test_a_decompression_bomb_is_closed_with_1009_from_a_10_kib_frame(
         assert close.close_code == 1009
     await recorder.wait_for(lambda: bool(recorder.of("close")))
     assert recorder.of("close") == [(1009, "message too big")]
+
+
+async def test_a_bomb_is_refused_without_inflating_the_rest(serve: ServeFn, recorder: Recorder) -> None:
+    """1 MiB on the wire inflating to 1 GiB, against a 2 MiB limit: the server stops at the
+    limit. It runs in this process, whose peak RSS grows by far less than the 1 GiB a server
+    inflating the whole message would hold."""
+    if not reset_peak_rss():
+        pytest.skip("the peak RSS cannot be reset here (/proc/self/clear_refs)")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(1024 * 1024)
+    bomb = b"".join(compressor.compress(chunk) for _ in range(1024))
+    bomb += compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert bomb.endswith(TAIL) and len(bomb) < 2 * 1024 * 1024
+    bomb = bomb[:-4]
+    config = echo_config().max_payload_length(2 * 1024 * 1024)
+    config = config.on_close(lambda ws, code, reason: recorder.add("close", code, reason))
+    srv = await serve(config)
+    raw = await RawWebSocket.connect(srv.port, headers=[("Sec-WebSocket-Extensions", "permessage-deflate")])
+    async with raw:
+        assert reset_peak_rss()
+        baseline = status_kib("VmHWM")
+        await raw.send_frame(OP_BINARY, bomb, rsv=4)
+        assert (await raw.expect_close_then_eof()).close_code == 1009
+        growth_mib = (status_kib("VmHWM") - baseline) / 1024
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1009, "message too big")]
+    assert growth_mib < 64, f"peak RSS +{growth_mib:.0f} MiB for a bomb refused at 2 MiB"
 
 
 @pytest.mark.parametrize(
