@@ -32,6 +32,7 @@ from urllib.parse import quote
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
 from brioche._http import Request, Response, SocketAddress, internal_error, text
+from brioche.websocket import _check_seconds
 
 if TYPE_CHECKING:
     from brioche.server import Config, Handler
@@ -480,10 +481,7 @@ class Server(Generic[T]):
         gets ``503 Service Unavailable`` and the handler's task, if still running, is cancelled.
         Calling it again replaces the previous limit.
         """
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
-        if not 0 <= seconds < float("inf"):
-            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        seconds = _check_seconds("timeout", seconds)
         if request._timer is not None:
             request._timer.cancel()
             request._timer = None

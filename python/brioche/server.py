@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import math
 import os
 import socket
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import Any, Generic, TypeAlias, TypeVar, final
 
 from brioche import websocket as _websocket
+from brioche.websocket import _check_bool, _check_seconds, _check_size
 from brioche._http import (
     Headers,
     Request,
@@ -139,24 +139,6 @@ def _check_port(value: object) -> int:
     return value
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_seconds(name: str, value: object) -> float:
-    """A number of seconds: a wrong type is a TypeError; NaN and infinities a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds):
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
-    return seconds
-
-
 @final
 @dataclasses.dataclass(frozen=True, slots=True)
 class RedisPubSub:
@@ -265,12 +247,12 @@ class Config(Generic[T]):
 
     def max_request_body_size(self, size: int) -> Config[T]:
         """Largest HTTP request body accepted, in bytes (default 1 MiB); larger gets 413."""
-        value = _check_int("max_request_body_size", size, minimum=0)
+        value = _check_size("max_request_body_size", size, minimum=0)
         return dataclasses.replace(self, max_request_body_size_bytes=value)
 
     def max_request_header_size(self, size: int) -> Config[T]:
         """Largest request line plus headers, in bytes (default 64 KiB); larger gets 431."""
-        value = _check_int("max_request_header_size", size, minimum=8192)
+        value = _check_size("max_request_header_size", size, minimum=8192)
         return dataclasses.replace(self, max_request_header_size_bytes=value)
 
     def handshake_timeout(self, seconds: float) -> Config[T]:
@@ -285,7 +267,7 @@ class Config(Generic[T]):
 
     def max_connections(self, count: int) -> Config[T]:
         """Most WebSockets open at once; past it handshakes get 503 (default 0: no limit)."""
-        value = _check_int("max_connections", count, minimum=0)
+        value = _check_size("max_connections", count, minimum=0)
         return dataclasses.replace(self, max_connections_value=value)
 
     def max_incoming_bytes(self, size: int) -> Config[T]:
@@ -296,7 +278,7 @@ class Config(Generic[T]):
         wait, held back by TCP), while those holding less go on; a paused client whose message
         is still incomplete at its ``message_timeout`` is closed with 1008.
         """
-        value = _check_int("max_incoming_bytes", size, minimum=0)
+        value = _check_size("max_incoming_bytes", size, minimum=0)
         return dataclasses.replace(self, max_incoming_bytes_value=value)
 
     def workers(self, count: int) -> Config[T]:
@@ -309,7 +291,7 @@ class Config(Generic[T]):
         of an importable module (or of the script). ``serve()`` refuses a config with more
         than one worker. Default 1: ``run()`` serves in its own process.
         """
-        value = _check_int("workers", count, minimum=1)
+        value = _check_size("workers", count, minimum=1)
         return dataclasses.replace(self, workers_count=value)
     def pubsub_redis(
         self, url: str, *, sharded: bool = False, namespace: str = "brioche:"
@@ -334,8 +316,7 @@ class Config(Generic[T]):
             raise TypeError(f"url must be a str, got {type(url).__name__}")
         if not url.startswith(("redis://", "rediss://")):
             raise ValueError(f"url must start with redis:// or rediss://, got {url.split(':')[0]!r}")
-        if not isinstance(sharded, bool):
-            raise TypeError(f"sharded must be a bool, got {type(sharded).__name__}")
+        _check_bool("sharded", sharded)
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         value = RedisPubSub(url, sharded, namespace)

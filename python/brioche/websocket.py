@@ -103,6 +103,16 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _check_seconds(name: str, value: object) -> float:
+    """A duration: a wrong type is a TypeError; a negative one, NaN and infinity a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeflateOptions:
     """What the server accepts of a client's permessage-deflate offer (RFC 7692).
@@ -231,11 +241,8 @@ class Config(Generic[T]):
         the part received is dropped: a client that drips a large message cannot hold its buffer
         for ever by sending a byte now and then (each byte resets the idle timer).
         """
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise TypeError(f"message_timeout must be a number of seconds, got {type(seconds).__name__}")
-        if not 0 <= seconds < math.inf:
-            raise ValueError(f"message_timeout must be a finite number of seconds >= 0, got {seconds!r}")
-        return dataclasses.replace(self, message_timeout_seconds=float(seconds))
+        value = _check_seconds("message_timeout", seconds)
+        return dataclasses.replace(self, message_timeout_seconds=value)
 
     def publish_to_self(self, publish_to_self: bool) -> Config[T]:
         """Whether ``ws.publish`` also reaches ``ws`` when it is subscribed (default False)."""
