@@ -88,8 +88,6 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
     Ok(conn.send_owned(OP_TEXT, shared_payload(text.as_any(), utf8.as_bytes())))
 }
 
-/// Send binary `data`: a large `bytes` from the object itself (see `shared.rs`); anything else,
-/// or anything small, copied.
 /// `send`'s error for a message that is neither `str` nor bytes-like.
 fn send_type_error(message: &Bound<'_, PyAny>) -> PyErr {
     PyTypeError::new_err(format!(
@@ -101,7 +99,12 @@ fn send_type_error(message: &Bound<'_, PyAny>) -> PyErr {
     ))
 }
 
-fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>) -> PyResult<SendStatus> {
+/// Send binary `data`: compressed with `compress` (if negotiated); otherwise a large `bytes` from
+/// the object itself (see `shared.rs`), anything else, or anything small, copied.
+fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyResult<SendStatus> {
+    if compress {
+        return with_bytes(data, |b| conn.send_binary_compressed(b));
+    }
     if let Ok(bytes) = data.cast::<PyBytes>() {
         let payload = bytes.as_bytes();
         if payload.len() > INLINE_PAYLOAD {
@@ -222,9 +225,7 @@ impl PyWebSocket {
         let sent = match message.cast::<PyString>() {
             Ok(text) if compress => conn.send_text_compressed(text.to_str()?),
             Ok(text) => send_text(conn, text)?,
-            Err(_) if compress => with_bytes(message, |b| conn.send_binary_compressed(b))
-                .map_err(|_| send_type_error(message))?,
-            Err(_) => send_binary(conn, message).map_err(|_| send_type_error(message))?,
+            Err(_) => send_binary(conn, message, compress).map_err(|_| send_type_error(message))?,
         };
         status::to_py(py, sent)
     }
@@ -237,12 +238,7 @@ impl PyWebSocket {
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        let sent = if compress {
-            with_bytes(message, |b| self.conn.send_binary_compressed(b))?
-        } else {
-            send_binary(&self.conn, message)?
-        };
-        status::to_py(py, sent)
+        status::to_py(py, send_binary(&self.conn, message, compress)?)
     }
 
     /// Send text to every subscriber of `topic` (not this socket unless `publish_to_self`);
