@@ -144,33 +144,6 @@ else:
         return asyncio.Task(_in_context(coro, context), loop=loop)
 
 
-def _handle_messages(
-    fn: Callable[..., Any], ws: WebSocket[Any], kind: int, events: list[tuple[Any, ...]], i: int
-) -> tuple[int, Any, BaseException | None]:
-    """Call ``fn`` for ``events[i]`` and for the ``kind`` messages of ``ws`` right after it.
-
-    Run in ``ws``'s context, entered once for them all rather than once per message. Returns
-    the index of the first event not handled, the last handler's result and its exception. It
-    stops after a handler that returned something, since that may have to become a task, and a
-    task cannot start inside the context it is to run in; and after one that raised, which the
-    caller reports outside the connection's context, as for a single message.
-    """
-    count = len(events)
-    try:
-        while True:
-            payload = events[i][2]
-            # Before the call: a message whose handler was called is never handled again.
-            i += 1
-            result = fn(ws, payload)
-            if result is not None or i == count:
-                return i, result, None
-            event = events[i]
-            if event[0] != kind or event[1] is not ws:
-                return i, None, None
-    except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
-        return i, None, exc
-
-
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
@@ -631,12 +604,9 @@ class Server(Generic[T]):
     def _dispatch_batch(self, events: list[tuple[Any, ...]]) -> None:
         busy = self._busy
         handlers = self._handlers
-        count = len(events)
-        i = 0
+        remaining = iter(events)
         try:
-            while i < count:
-                event = events[i]
-                i += 1
+            for event in remaining:
                 kind = event[0]
                 if kind < _REQUEST:
                     ws = event[1]
@@ -644,30 +614,19 @@ class Server(Generic[T]):
                         self._park(ws, event)
                     elif kind == _TEXT or kind == _BYTES:
                         # The per-message path, inlined: a plain handler that returns None costs
-                        # one call, and the connection's context is entered once for the run of
-                        # its messages that follow back to back (as those of one read do).
+                        # one call in the connection's context and nothing else.
                         fn = handlers[kind]
                         if fn is None:
                             continue
-                        # event[3] is ws._context, put in the tuple by the engine: cheaper than
-                        # the property on the per-message path.
-                        if i < count and events[i][0] == kind and events[i][1] is ws:
-                            i, result, exc = event[3].run(
-                                _handle_messages, fn, ws, kind, events, i - 1
-                            )
-                            if exc is not None:
-                                self._handler_failed(ws, kind, exc)
-                                if not isinstance(exc, Exception):
-                                    raise exc
-                                continue
-                        else:
-                            try:
-                                result = event[3].run(fn, ws, event[2])
-                            except BaseException as exc:
-                                self._handler_failed(ws, kind, exc)
-                                if not isinstance(exc, Exception):
-                                    raise
-                                continue
+                        try:
+                            # event[3] is ws._context, put in the tuple by the engine: cheaper
+                            # than the property on the per-message path.
+                            result = event[3].run(fn, ws, event[2])
+                        except BaseException as exc:
+                            self._handler_failed(ws, kind, exc)
+                            if not isinstance(exc, Exception):
+                                raise
+                            continue
                         if result is not None:
                             self._await_result(ws, kind, result)
                     else:
@@ -681,8 +640,9 @@ class Server(Generic[T]):
         except BaseException:
             # KeyboardInterrupt, SystemExit...: propagate as from a task, but the events after
             # it are still delivered, in order, once the loop runs again.
-            if i < count:
-                self._loop.call_soon(self._dispatch_batch, events[i:])
+            rest = list(remaining)
+            if rest:
+                self._loop.call_soon(self._dispatch_batch, rest)
             raise
 
     def _dispatch(self, ws: WebSocket[T], event: tuple[Any, ...]) -> bool:
