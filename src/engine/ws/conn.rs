@@ -193,14 +193,17 @@ impl Conn {
     }
 
     pub fn send_text(self: &Arc<Self>, text: &str) -> SendStatus {
-        let status = self.send_payload(OP_TEXT, text.as_bytes());
-        self.shared.count_sends(status, 1, text.len());
-        status
+        self.counted(self.send_payload(OP_TEXT, text.as_bytes()), text.len())
     }
 
     pub fn send_binary(self: &Arc<Self>, data: &[u8]) -> SendStatus {
-        let status = self.send_payload(OP_BINARY, data);
-        self.shared.count_sends(status, 1, data.len());
+        self.counted(self.send_payload(OP_BINARY, data), data.len())
+    }
+
+    /// A message sent by the application is counted in `stats()`; pings, pongs and publishes
+    /// (counted once for all recipients) are not counted here.
+    fn counted(&self, status: SendStatus, payload_len: usize) -> SendStatus {
+        self.shared.count_send(status, payload_len);
         status
     }
 
@@ -210,23 +213,17 @@ impl Conn {
     pub fn send_owned(self: &Arc<Self>, opcode: u8, payload: Bytes) -> SendStatus {
         let len = payload.len();
         let frame = OutFrame::new(opcode, payload);
-        let status = self.send_with(len, |out| out.push(&frame, false));
-        self.shared.count_sends(status, 1, len);
-        status
+        self.counted(self.send_with(len, |out| out.push(&frame, false)), len)
     }
 
     /// `send_text`, compressed if permessage-deflate was negotiated (Bun's `compress`).
     pub fn send_text_compressed(self: &Arc<Self>, text: &str) -> SendStatus {
-        let status = self.send_compressed(OP_TEXT, text.as_bytes());
-        self.shared.count_sends(status, 1, text.len());
-        status
+        self.counted(self.send_compressed(OP_TEXT, text.as_bytes()), text.len())
     }
 
     /// `send_binary`, compressed if permessage-deflate was negotiated.
     pub fn send_binary_compressed(self: &Arc<Self>, data: &[u8]) -> SendStatus {
-        let status = self.send_compressed(OP_BINARY, data);
-        self.shared.count_sends(status, 1, data.len());
-        status
+        self.counted(self.send_compressed(OP_BINARY, data), data.len())
     }
 
     /// Whether the client negotiated permessage-deflate.

@@ -169,22 +169,20 @@ impl Shared {
         }
     }
 
-    /// Count the outcome of sending `messages` messages of `payload_len` bytes each.
-    pub(crate) fn count_sends(&self, status: SendStatus, messages: u64, payload_len: usize) {
+    /// Count the outcome of sending one message of `payload_len` bytes.
+    pub(crate) fn count_send(&self, status: SendStatus, payload_len: usize) {
+        let bytes = payload_len as u64;
         match status {
-            SendStatus::Dropped => self.stats.add(Counter::SendsDropped, messages),
-            SendStatus::Backpressured => {
-                self.stats.add(Counter::SendsBackpressured, messages);
-                self.count_out(messages, payload_len);
-            }
-            SendStatus::Sent(_) => self.count_out(messages, payload_len),
+            SendStatus::Dropped => self.stats.add(Counter::SendsDropped, 1),
+            SendStatus::Backpressured => self.stats.add_all([
+                (Counter::SendsBackpressured, 1),
+                (Counter::MessagesOut, 1),
+                (Counter::BytesOut, bytes),
+            ]),
+            SendStatus::Sent(_) => self
+                .stats
+                .add_all([(Counter::MessagesOut, 1), (Counter::BytesOut, bytes)]),
         }
-    }
-
-    fn count_out(&self, messages: u64, payload_len: usize) {
-        self.stats.add(Counter::MessagesOut, messages);
-        self.stats
-            .add(Counter::BytesOut, messages * payload_len as u64);
     }
 
     /// `conn` subscribed to `topic`; `first`: no one here was. Redis hears of the topic's
@@ -303,17 +301,14 @@ impl Shared {
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
             }
         });
-        let stats = &self.stats;
-        if queued + backpressured > 0 {
-            stats.add(Counter::Deliveries, queued + backpressured);
-            self.count_out(queued + backpressured, payload_len);
-        }
-        if backpressured > 0 {
-            stats.add(Counter::SendsBackpressured, backpressured);
-        }
-        if dropped > 0 {
-            stats.add(Counter::SendsDropped, dropped);
-        }
+        let delivered = queued + backpressured;
+        self.stats.add_all([
+            (Counter::Deliveries, delivered),
+            (Counter::MessagesOut, delivered),
+            (Counter::BytesOut, delivered * payload_len as u64),
+            (Counter::SendsBackpressured, backpressured),
+            (Counter::SendsDropped, dropped),
+        ]);
         status.unwrap_or(SendStatus::Dropped)
     }
 }

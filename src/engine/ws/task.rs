@@ -697,8 +697,10 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     conn.shared.budget.adjust(rx.charged, held + queued);
     rx.charged = held;
     if messages > 0 {
-        conn.shared.stats.add(Counter::MessagesIn, messages);
-        conn.shared.stats.add(Counter::BytesIn, data_bytes);
+        conn.shared.stats.add_all([
+            (Counter::MessagesIn, messages),
+            (Counter::BytesIn, data_bytes),
+        ]);
     }
     // A message completed: the deadline of the one that started after it (if any) runs anew.
     if !rx.reader.receiving() {
