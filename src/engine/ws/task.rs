@@ -637,43 +637,36 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
     let parsed = rx.reader.feed(data, &mut |message| match message {
         // Parsing stops at the message that reaches the in-flight caps; the rest waits.
         Incoming::Text(text) => {
-            queued += text.len();
             messages += 1;
             data_bytes += text.len() as u64;
-            conn.message_queued(text.len());
-            conn.shared.events.push(Event::Text(conn.id, text));
-            !conn.reading_paused()
+            hand_over(conn, text.len(), Event::Text(conn.id, text), &mut queued)
         }
         Incoming::Binary(data) => {
-            queued += data.len();
             messages += 1;
             data_bytes += data.len() as u64;
-            conn.message_queued(data.len());
-            conn.shared.events.push(Event::Binary(conn.id, data));
-            !conn.reading_paused()
+            hand_over(conn, data.len(), Event::Binary(conn.id, data), &mut queued)
         }
         // Handed to Python, a ping or pong is a message in flight like any other: a client
         // pinging faster than its handler runs meets the same caps (and the budget).
         Incoming::Ping(payload) => {
-            let to_python = conn.shared.ping_events.load(Ordering::Relaxed);
-            if to_python {
-                queued += payload.len();
-                conn.message_queued(payload.len());
-                conn.shared
-                    .events
-                    .push(Event::Ping(conn.id, payload.clone()));
-            }
+            let go_on = !conn.shared.ping_events.load(Ordering::Relaxed)
+                || hand_over(
+                    conn,
+                    payload.len(),
+                    Event::Ping(conn.id, payload.clone()),
+                    &mut queued,
+                );
             queue_reply(conn, OutFrame::new(OP_PONG, payload));
-            !to_python || !conn.reading_paused()
+            go_on
         }
         Incoming::Pong(payload) => {
-            if !conn.shared.pong_events.load(Ordering::Relaxed) {
-                return true;
-            }
-            queued += payload.len();
-            conn.message_queued(payload.len());
-            conn.shared.events.push(Event::Pong(conn.id, payload));
-            !conn.reading_paused()
+            !conn.shared.pong_events.load(Ordering::Relaxed)
+                || hand_over(
+                    conn,
+                    payload.len(),
+                    Event::Pong(conn.id, payload),
+                    &mut queued,
+                )
         }
         Incoming::Close(frame) => {
             let (code, reason) = frame.unwrap_or((1005, String::new()));
@@ -713,6 +706,15 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
         Ok(()) => closed,
         Err(violation) => Some(refuse(conn, violation.close_code(), violation.reason())),
     }
+}
+
+/// Queue a message of `len` bytes for the loop, counted in flight (and in `queued`, for the
+/// budget); false when the in-flight caps now stop parsing.
+fn hand_over(conn: &Conn, len: usize, event: Event, queued: &mut usize) -> bool {
+    *queued += len;
+    conn.message_queued(len);
+    conn.shared.events.push(event);
+    !conn.reading_paused()
 }
 
 /// An automatic reply (pong, keep-alive ping). A client that pings but never reads must not grow
