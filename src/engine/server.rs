@@ -234,7 +234,8 @@ fn bind_tcp(
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     if reuse_port {
-        set_reuse_port(&socket)?;
+        // Sibling processes (`server.workers(n)`) accept on one port.
+        socket.set_reuse_port(true)?;
     }
     if addr.is_ipv6() {
         // Explicit either way: the OS default (Linux's bindv6only) is the host's choice, not
@@ -421,25 +422,6 @@ fn adopt(fd: RawFd) -> io::Result<(Listener, Address)> {
         },
     };
     Ok((listener, address))
-}
-
-/// `SO_REUSEPORT`: sibling processes (`server.workers(n)`) accept on one port.
-fn set_reuse_port(socket: &Socket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid option value of the right size on an open socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Whether `listen` was called on it: listening again would reset a backlog set by whoever

@@ -378,7 +378,6 @@ mod tests {
     use crate::engine::ws::encode::OutFrame;
     use crate::engine::ws::protocol::OP_TEXT;
     use bytes::Bytes;
-    use std::os::fd::AsRawFd;
 
     fn text(s: &'static str) -> OutFrame {
         OutFrame::new(OP_TEXT, Bytes::from_static(s.as_bytes()))
@@ -508,17 +507,9 @@ mod tests {
         let (rt, ours, mut theirs) = socket_pair();
         let _guard = rt.enter();
         // A small send buffer, so that one write cannot take the whole range.
-        let size: libc::c_int = 4096;
-        // SAFETY: a valid option value of the right size on an open socket.
-        unsafe {
-            libc::setsockopt(
-                ours.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(4096)
+            .unwrap();
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let range = ArenaWriter::default().append(&[&payload]);
         let out = Outbound::default();
