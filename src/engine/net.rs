@@ -42,25 +42,23 @@ impl Stream {
         }
     }
 
+    /// Read what arrived into `buf`, without blocking: `WouldBlock` when nothing has, `Ok(0)`
+    /// at the end of the stream. Over TLS, the plaintext of the records that arrived.
+    #[inline]
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => read_drained(s, |fd| recv(fd, buf)),
+            Stream::Unix(s) => read_drained(s, |fd| recv(fd, buf)),
+            Stream::Tls(s) => s.read_plain(buf),
+        }
+    }
+
     #[inline]
     pub(crate) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Tcp(s) => s.poll_write_ready(cx),
             Stream::Unix(s) => s.poll_write_ready(cx),
             Stream::Tls(s) => s.tcp.poll_write_ready(cx),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn try_io<R>(
-        &self,
-        interest: Interest,
-        f: impl FnOnce() -> io::Result<R>,
-    ) -> io::Result<R> {
-        match self {
-            Stream::Tcp(s) => s.try_io(interest, f),
-            Stream::Unix(s) => s.try_io(interest, f),
-            Stream::Tls(s) => s.tcp.try_io(interest, f),
         }
     }
 
@@ -290,26 +288,13 @@ impl TlsSocket {
         }
     }
 
-    /// One `recv` of records into the session. A short read tells tokio the socket is
-    /// drained, as the plain path's `recv` does.
+    /// One `recv` of records into the session.
     fn read_records(&self, session: &mut ServerConnection) -> io::Result<usize> {
-        let mut got = None;
-        let result = self.tcp.try_io(Interest::READABLE, || {
-            let mut reader = FdReader {
-                fd: self.tcp.as_raw_fd(),
-                short: false,
-            };
+        read_drained(&self.tcp, |fd| {
+            let mut reader = FdReader { fd, short: false };
             let n = session.read_tls(&mut reader)?;
-            got = Some(n);
-            if reader.short && n > 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match (result, got) {
-            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
-            (result, _) => result,
-        }
+            Ok((n, reader.short))
+        })
     }
 
     /// Write the records rustls holds; `WouldBlock` if the socket took not all of them.
@@ -397,6 +382,61 @@ impl TlsSocket {
     }
 }
 
+/// The sockets a `Stream` reads from, with tokio's readiness.
+trait Readiness: AsRawFd {
+    fn try_read_io<R>(&self, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+impl Readiness for TcpStream {
+    #[inline]
+    fn try_read_io<R>(&self, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        self.try_io(Interest::READABLE, f)
+    }
+}
+
+impl Readiness for UnixStream {
+    #[inline]
+    fn try_read_io<R>(&self, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        self.try_io(Interest::READABLE, f)
+    }
+}
+
+/// One read from `socket` (`read` gives the bytes it got and whether the read was short). A
+/// short read means the socket is drained for now: tokio is told so (through `WouldBlock`
+/// inside `try_io`), which saves the `recv` that would only return EAGAIN. tokio keeps
+/// readiness that arrived in the meantime, so no wake-up is lost.
+#[inline]
+fn read_drained(
+    socket: &impl Readiness,
+    read: impl FnOnce(RawFd) -> io::Result<(usize, bool)>,
+) -> io::Result<usize> {
+    let mut got = None;
+    let result = socket.try_read_io(|| {
+        let (n, short) = read(socket.as_raw_fd())?;
+        got = Some(n);
+        if short && n > 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, got) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (result, _) => result,
+    }
+}
+
+/// One `recv` into `buf`: the bytes it got, and whether it left `buf` room (a short read).
+#[inline]
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the descriptor is open while the
+    // socket that lent it is borrowed.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((n as usize, (n as usize) < buf.len()))
+}
+
 /// rustls reads records through this: one `recv`, noting a short one.
 struct FdReader {
     fd: RawFd,
@@ -405,14 +445,9 @@ struct FdReader {
 
 impl Read for FdReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the descriptor is open while
-        // the socket that lent it is borrowed.
-        let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.short = (n as usize) < buf.len();
-        Ok(n as usize)
+        let (n, short) = recv(self.fd, buf)?;
+        self.short = short;
+        Ok(n)
     }
 }
 

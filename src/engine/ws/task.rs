@@ -8,7 +8,6 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::Interest;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{signal, Conn, ReadyState};
@@ -573,7 +571,7 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
         let mut buf = buf.borrow_mut();
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
-            match read_once(stream, &mut buf) {
+            match stream.read(&mut buf) {
                 Ok(0) => return Read::Ended(Ending::abrupt(1006, "")),
                 Ok(n) => {
                     got = Read::Some;
@@ -597,33 +595,6 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
         }
         got
     })
-}
-
-/// One `recv`. A short read means the socket is drained for now: tokio is told so (through
-/// `WouldBlock` inside `try_io`), which saves the `recv` that would only return EAGAIN. tokio
-/// keeps readiness that arrived in the meantime, so no wake-up is lost.
-fn read_once(stream: &Stream, buf: &mut [u8]) -> io::Result<usize> {
-    if let Stream::Tls(tls) = stream {
-        return tls.read_plain(buf);
-    }
-    let mut got = 0;
-    let result = stream.try_io(Interest::READABLE, || {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes, and the descriptor is open
-        // for as long as `stream` is borrowed.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        got = n as usize;
-        if got > 0 && got < buf.len() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(got)
-    });
-    match result {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
-    }
 }
 
 /// Hand the messages in `data` to the loop; `Some` when the read side is over.
