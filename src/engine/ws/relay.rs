@@ -241,14 +241,19 @@ mod tests {
     use super::*;
     use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
 
-    #[test]
-    fn publishes_round_trip_through_the_wire_format_split_anywhere() {
+    fn relay_with_one_sibling() -> (Relay, Arc<Outlet>) {
         let relay = Relay::default();
         let outlet = Arc::new(Outlet {
             pending: Mutex::default(),
             ready: Notify::new(),
         });
         relay.outlets.lock().push(outlet.clone());
+        (relay, outlet)
+    }
+
+    #[test]
+    fn publishes_round_trip_through_the_wire_format_split_anywhere() {
+        let (relay, outlet) = relay_with_one_sibling();
         relay.forward("chat", &OutFrame::new(OP_TEXT, "héllo".into()), false);
         relay.forward(
             "t",
@@ -281,12 +286,7 @@ mod tests {
 
     #[test]
     fn a_sibling_too_far_behind_misses_publishes_instead_of_growing_the_backlog() {
-        let relay = Relay::default();
-        let outlet = Arc::new(Outlet {
-            pending: Mutex::default(),
-            ready: Notify::new(),
-        });
-        relay.outlets.lock().push(outlet.clone());
+        let (relay, outlet) = relay_with_one_sibling();
         let big = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
         relay.forward("t", &big, false);
         relay.forward("t", &big, false);
