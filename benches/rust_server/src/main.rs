@@ -83,6 +83,10 @@ fn main() {
     loop {
         wait_readable(shared.events.fd());
         shared.events.drain_into(&mut batch);
+        // As the Python bridge does: the batch's messages are taken off the incoming budget,
+        // or once `max_incoming_bytes` (1 GiB) had passed through, connections holding 64 KiB
+        // or more would stop reading for good.
+        shared.incoming_taken(batch.iter().map(Event::message_len).sum());
         // As the Python bridge does: what this batch sends is written here, once per connection,
         // when the batch ends.
         begin_send_batch();

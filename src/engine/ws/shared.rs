@@ -146,6 +146,13 @@ impl Shared {
         self.budget.held()
     }
 
+    /// Messages of `bytes` in all left the event queue for the application (or were dropped
+    /// with their socket): off the incoming budget. Whoever drains the queue calls it, once per
+    /// batch rather than per message: the budget is one counter every worker thread shares.
+    pub fn incoming_taken(&self, bytes: usize) {
+        self.budget.release(bytes);
+    }
+
     /// `srv.stats()`: every counter by name, and the connections closed by close code.
     #[allow(clippy::type_complexity)]
     pub fn stats(&self) -> (Vec<(&'static str, u64)>, Vec<(u16, u64)>) {
