@@ -35,14 +35,12 @@ use std::time::{Duration, Instant};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, LocalSet};
 use tokio::time::timeout;
@@ -337,60 +335,19 @@ fn tls_connector(a: &Args) -> Option<TlsConnector> {
     Some(TlsConnector::from(Arc::new(config)))
 }
 
-/// A client socket: plain TCP, or TLS over it.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// A client socket: plain TCP (`Left`), or TLS over it (`Right`).
+type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
-impl Stream {
-    async fn connect(port: u16) -> io::Result<Stream> {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-        tcp.set_nodelay(true)?;
-        match TLS.get().and_then(Option::as_ref) {
-            None => Ok(Stream::Plain(tcp)),
-            Some(connector) => {
-                let name = rustls::pki_types::ServerName::IpAddress(
-                    std::net::IpAddr::from([127, 0, 0, 1]).into(),
-                );
-                Ok(Stream::Tls(Box::new(connector.connect(name, tcp).await?)))
-            }
-        }
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+async fn connect(port: u16) -> io::Result<Stream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    match TLS.get().and_then(Option::as_ref) {
+        None => Ok(Either::Left(tcp)),
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::IpAddress(
+                std::net::IpAddr::from([127, 0, 0, 1]).into(),
+            );
+            Ok(Either::Right(Box::new(connector.connect(name, tcp).await?)))
         }
     }
 }
@@ -417,7 +374,7 @@ impl Ws {
     }
 
     async fn handshake(port: u16, path: &str, buf_size: usize) -> io::Result<Ws> {
-        let mut stream = Stream::connect(port).await?;
+        let mut stream = connect(port).await?;
         let offer = if deflate_on() {
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
         } else {
