@@ -255,6 +255,19 @@ fn relayed_publishes_reach_the_sibling_in_order() {
     for (i, frame) in got.chunks(3).enumerate() {
         assert_eq!(frame, [0x82, 1, i as u8]);
     }
+    // And nothing after them: a sibling that relayed what it was relayed would send each
+    // publish back, the two would pass it to and fro, and the subscriber would get it again.
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let more = client.read(&mut [0; 1]);
+    assert!(
+        more.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "a publish came back: {more:?}"
+    );
     assert_eq!(a.shared().relay.as_ref().unwrap().dropped(), 0);
     a.stop(true);
     b.stop(true);
