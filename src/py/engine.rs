@@ -468,7 +468,7 @@ impl PyEngine {
                 }
             }
         }
-        this.server.shared().budget.release(taken);
+        this.server.shared().incoming_taken(taken);
         if !batch.is_empty() {
             events.wake();
         }
