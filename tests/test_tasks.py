@@ -32,7 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageBackpressured, server, websocket
 from conftest import Recorder, ServeFn, server_starter, ws_url
-from rawws import OP_CLOSE, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
+from rawws import OP_BINARY, OP_CLOSE, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
 
 TIMEOUT = 5
 
@@ -640,12 +640,15 @@ async def _close_1011_then_end(client: RawWebSocket) -> None:
     await client.frames_until_end(TIMEOUT)
 
 
+@pytest.mark.parametrize("opcode", [OP_TEXT, OP_BINARY], ids=["text", "binary"])
 async def test_plain_handlers_of_one_read_run_once_in_order_in_the_context_past_an_exception(
-    serve: ServeFn, recorder: Recorder
+    serve: ServeFn, recorder: Recorder, opcode: int
 ) -> None:
     texts = ["a", "b", "bad", "c", "d"]
 
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+    def on_message(ws: brioche.WebSocket[Any], message: str | bytes) -> None:
+        text = message if isinstance(message, str) else message.decode()
+        assert isinstance(message, str) == (opcode == OP_TEXT)
         count = COUNT_VAR.get(0) + 1
         COUNT_VAR.set(count)
         recorder.add("text", text, count)
@@ -655,11 +658,12 @@ async def test_plain_handlers_of_one_read_run_once_in_order_in_the_context_past_
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", code, COUNT_VAR.get(0))
 
-    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    srv = await serve(websocket.init().on_text(on_message).on_bytes(on_message).on_close(on_close))
     client = await RawWebSocket.connect(srv.port)
     try:
-        # One write: the messages reach the loop back to back, in one batch.
-        await client.send_raw(b"".join(encode_frame(OP_TEXT, t.encode()) for t in texts))
+        # One write: the messages reach the loop back to back, in one batch (one run, which
+        # the engine hands over as one event: the handler is still called once per message).
+        await client.send_raw(b"".join(encode_frame(opcode, t.encode()) for t in texts))
         await _close_1011_then_end(client)
     finally:
         await client.aclose()

@@ -9,8 +9,8 @@ from brioche._enums import ReadyState
 __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
-    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG", "EVENT_REQUEST",
-    "EVENT_STOPPED", "EVENT_LOG", "__version__",
+    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG", "EVENT_TEXT_RUN",
+    "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG", "__version__",
 ]
 
 _T = TypeVar("_T")
@@ -27,6 +27,8 @@ EVENT_CLOSE: int
 EVENT_FAIL: int
 EVENT_PING: int
 EVENT_PONG: int
+EVENT_TEXT_RUN: int
+EVENT_BYTES_RUN: int
 EVENT_REQUEST: int
 EVENT_STOPPED: int
 EVENT_LOG: int
@@ -208,6 +210,8 @@ class Engine:
     def pending_websockets(self) -> int: ...
     @property
     def incoming_bytes(self) -> int: ...
+    @property
+    def drained(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
     def fileno(self) -> int: ...
     def drain(self, max_events: int) -> list[tuple[Any, ...]]: ...

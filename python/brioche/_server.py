@@ -22,7 +22,7 @@ import sys
 import threading
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
 from functools import partial
 from inspect import isawaitable
 from time import perf_counter
@@ -53,12 +53,16 @@ _CLOSE = _brioche.EVENT_CLOSE
 _FAIL = _brioche.EVENT_FAIL
 _PING = _brioche.EVENT_PING
 _PONG = _brioche.EVENT_PONG
+_TEXT_RUN = _brioche.EVENT_TEXT_RUN
+_BYTES_RUN = _brioche.EVENT_BYTES_RUN
 _REQUEST = _brioche.EVENT_REQUEST
 _STOPPED = _brioche.EVENT_STOPPED
 _LOG = _brioche.EVENT_LOG
 _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: "on_drain",
                 _CLOSE: "on_close", _PING: "on_ping", _PONG: "on_pong"}
 _CLOSED = 3
+# The message kind of each run kind.
+_KIND_OF_RUN = {_TEXT_RUN: _TEXT, _BYTES_RUN: _BYTES}
 
 # The websocket settings the engine fixes when the server starts, by the setter that sets them:
 # `reload` refuses a config that differs in one of them rather than ignore it.
@@ -214,7 +218,21 @@ def _handlers_of(config: WsConfig[Any]) -> tuple[Callable[..., Any] | None, ...]
         config.on_open_handler, config.on_text_message, config.on_bytes_message,
         config.on_drain_handler, config.on_close_handler, _close_for_protocol_error,
         config.on_ping_handler, config.on_pong_handler,
+        config.on_text_message, config.on_bytes_message,
     )
+
+
+def _call_each(fn: Callable[..., Any], ws: object, messages: Iterator[object]) -> object:
+    """Call ``fn(ws, message)`` for each of ``messages`` until one returns something.
+
+    Run in the connection's context, once for a run of its messages: what is left of
+    ``messages`` (an iterator) is the caller's once this returns or raises.
+    """
+    for message in messages:
+        result = fn(ws, message)
+        if result is not None:
+            return result
+    return None
 
 
 def _log_from_engine(name: str, level: int, message: str, args: tuple[Any, ...], left_out: int) -> None:
@@ -589,7 +607,7 @@ class Server(Generic[T]):
         finally:
             # Everything the handlers sent is written here, one send per connection.
             self._engine.end_batch()
-            self._size_next_batch(len(events), perf_counter() - started)
+            self._size_next_batch(self._engine.drained, perf_counter() - started)
 
     def _size_next_batch(self, count: int, seconds: float) -> None:
         if not count:
@@ -629,6 +647,8 @@ class Server(Generic[T]):
                             continue
                         if result is not None:
                             self._await_result(ws, kind, result)
+                    elif kind == _TEXT_RUN or kind == _BYTES_RUN:
+                        self._dispatch_run(ws, event)
                     else:
                         self._dispatch(ws, event)
                 elif kind == _REQUEST:
@@ -644,6 +664,49 @@ class Server(Generic[T]):
             if rest:
                 self._loop.call_soon(self._dispatch_batch, rest)
             raise
+
+    def _dispatch_run(self, ws: WebSocket[T], run: tuple[Any, ...]) -> None:
+        """A run of one connection's messages: its context is entered once, not per message."""
+        kind = _KIND_OF_RUN[run[0]]
+        fn = self._handlers[kind]
+        if fn is None:
+            return
+        context = run[3]
+        messages = iter(run[2])
+        while True:
+            try:
+                result = context.run(_call_each, fn, ws, messages)
+            except BaseException as exc:
+                self._handler_failed(ws, kind, exc)
+                if not isinstance(exc, Exception):
+                    self._park_rest(ws, kind, messages, context)
+                    raise
+                continue
+            if result is None:
+                return
+            # Outside the context: the task enters it itself.
+            try:
+                suspended = self._await_result(ws, kind, result)
+            except BaseException:
+                self._park_rest(ws, kind, messages, context)
+                raise
+            if suspended:
+                self._park_rest(ws, kind, messages, context)
+                return
+
+    def _park_rest(
+        self, ws: WebSocket[T], kind: int, messages: Iterator[object], context: contextvars.Context
+    ) -> None:
+        """The messages of a run after a suspended handler (or a ``BaseException``) wait their turn."""
+        rest = [(kind, ws, message, context) for message in messages]
+        if not rest:
+            return
+        if ws not in self._busy:
+            # Nothing is running for ws (a BaseException): the loop picks them up when it runs again.
+            self._busy[ws] = deque()
+            self._loop.call_soon(self._release, ws)
+        for event in rest:
+            self._park(ws, event)
 
     def _dispatch(self, ws: WebSocket[T], event: tuple[Any, ...]) -> bool:
         """Run the handler for ``event``; True when it suspended and now runs as a task."""
@@ -738,6 +801,11 @@ class Server(Generic[T]):
         self._unpause_if_below_limit(ws, parked)
 
     def _park(self, ws: WebSocket[T], event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == _TEXT_RUN or kind == _BYTES_RUN:
+            # Parked message by message: `_release` dispatches them one at a time.
+            self._park_rest(ws, _KIND_OF_RUN[kind], iter(event[2]), event[3])
+            return
         parked = self._busy[ws]
         parked.append(event)
         if event[0] == _CLOSE and self._closing_all:

@@ -1,6 +1,7 @@
 //! `Engine`: one running server as Python sees it, and the loop side of the event bridge.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
@@ -13,8 +14,8 @@ use super::shared::release_sent;
 use super::status;
 use super::websocket::{with_bytes, PyWebSocket};
 use super::{
-    EVENT_BYTES, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN, EVENT_PING,
-    EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
+    EVENT_BYTES, EVENT_BYTES_RUN, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN,
+    EVENT_PING, EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT, EVENT_TEXT_RUN,
 };
 use crate::engine::{
     begin_send_batch, end_send_batch, Address, DeflateConfig, Event, Listen, LogKind, LogRecord,
@@ -33,6 +34,9 @@ pub struct PyEngine {
     /// Events taken from the queue but not yet handed to Python: `drain` hands out at most
     /// `max_events` per call. Its buffer is reused so draining does not allocate.
     batch: Mutex<VecDeque<Event>>,
+    /// How many events the last `drain` took: a run of messages is one item of its list but
+    /// counts here (and against `max_events`) once per message.
+    drained: AtomicUsize,
 }
 
 /// The `data`, `contextvars.Context` and subprotocol a socket gets when it opens.
@@ -107,6 +111,67 @@ impl PyEngine {
                 break;
             }
         }
+    }
+
+    /// `first` and the messages of the same kind from the same connection right behind it in
+    /// `batch` (at most `left` of them), as one `(EVENT_*_RUN, ws, [message, ...], context)`:
+    /// Python then enters the connection's context once for the run and calls the handler in a
+    /// loop of its own, instead of unpacking one tuple per message. `None` when no message of
+    /// the run follows `first` (it is made as a lone event). The followers stay in `batch`;
+    /// `Ok((item, n))`: the caller takes the first `n` of them off.
+    fn message_run<'py>(
+        &self,
+        py: Python<'py>,
+        first: &Event,
+        ws: &Py<PyWebSocket>,
+        batch: &VecDeque<Event>,
+        left: usize,
+    ) -> PyResult<Option<(Bound<'py, PyAny>, usize)>> {
+        let same = |event: &&Event| match (first, event) {
+            (Event::Text(a, _), Event::Text(b, _)) | (Event::Binary(a, _), Event::Binary(b, _)) => {
+                a == b
+            }
+            _ => false,
+        };
+        let followers = batch.iter().take(left).take_while(same).count();
+        if followers == 0 {
+            return Ok(None);
+        }
+        let run = std::iter::once(first).chain(batch.iter().take(followers));
+        let (kind, messages) = match first {
+            Event::Text(..) => (
+                EVENT_TEXT_RUN,
+                PyList::new(
+                    py,
+                    run.map(|event| match event {
+                        Event::Text(_, text) => PyString::new(py, text.as_str()).into_any(),
+                        _ => unreachable!("a run is of one kind"),
+                    }),
+                )?,
+            ),
+            Event::Binary(..) => (
+                EVENT_BYTES_RUN,
+                PyList::new(
+                    py,
+                    run.map(|event| match event {
+                        Event::Binary(_, data) => PyBytes::new(py, data).into_any(),
+                        _ => unreachable!("a run is of one kind"),
+                    }),
+                )?,
+            ),
+            _ => return Ok(None),
+        };
+        let socket = ws.get();
+        let context = socket.context.clone_ref(py);
+        let item = (kind, ws.clone_ref(py), messages, context).into_pyobject(py)?;
+        let bytes = first.message_len()
+            + batch
+                .iter()
+                .take(followers)
+                .map(Event::message_len)
+                .sum::<usize>();
+        socket.conn.messages_taken(1 + followers, bytes);
+        Ok(Some((item.into_any(), followers)))
     }
 
     /// `ws` is the socket of `event`, from `look_up_sockets`.
@@ -330,6 +395,7 @@ impl PyEngine {
             sockets: Mutex::new(FxHashMap::default()),
             pending_data: Mutex::new(FxHashMap::default()),
             batch: Mutex::new(VecDeque::with_capacity(256)),
+            drained: AtomicUsize::new(0),
         })
     }
 
@@ -402,6 +468,13 @@ impl PyEngine {
         self.server.shared().incoming_bytes()
     }
 
+    /// How many events (messages, opens, closes...) the last `drain()` took, for sizing the
+    /// next: its list holds fewer items when it has runs of messages.
+    #[getter]
+    fn drained(&self) -> usize {
+        self.drained.load(Ordering::Relaxed)
+    }
+
     /// The descriptor the loop watches: readable when events are waiting.
     fn fileno(&self) -> i32 {
         self.server.shared().events.fd()
@@ -409,7 +482,8 @@ impl PyEngine {
 
     /// Take up to `max_events` waiting events as `(kind, ...)` tuples, building the Python
     /// objects here, on the loop thread, and start a send batch: what the handlers send is
-    /// written, one write per connection, at `end_batch()`.
+    /// written, one write per connection, at `end_batch()`. A connection's messages of one
+    /// kind that come back to back are one tuple (`EVENT_TEXT_RUN`, `EVENT_BYTES_RUN`).
     ///
     /// Events past `max_events` stay here, with no Python object made for them yet, and the
     /// wake-up fd is set again: the loop runs its other callbacks and timers before it calls
@@ -433,6 +507,7 @@ impl PyEngine {
             batch.extend(taken);
         }
         let mut left = batch.len().min(max_events.max(1));
+        let wanted = left;
         let mut items = Vec::with_capacity(left);
         // The sockets of the next events, taken under one lock for as many as possible rather
         // than one lock per event; consumed from the front, hence reversed.
@@ -451,6 +526,27 @@ impl PyEngine {
             left -= 1;
             let len = event.message_len();
             let ws = sockets.pop().flatten();
+            if let Some(socket) = &ws {
+                match this.message_run(py, &event, socket, &batch, left) {
+                    Ok(Some((item, followers))) => {
+                        taken += len;
+                        for follower in batch.drain(..followers) {
+                            taken += follower.message_len();
+                            // Their sockets, if looked up yet, are `socket` again.
+                            drop(sockets.pop());
+                        }
+                        left -= followers;
+                        items.push(item);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        batch.push_front(event);
+                        failed = Some(err);
+                        break;
+                    }
+                }
+            }
             match this.event_to_py(slf, event, ws) {
                 Ok(Some(item)) => {
                     taken += len;
@@ -469,6 +565,7 @@ impl PyEngine {
             }
         }
         this.server.shared().incoming_taken(taken);
+        this.drained.store(wanted - left, Ordering::Relaxed);
         if !batch.is_empty() {
             events.wake();
         }

@@ -21,9 +21,13 @@ pub const EVENT_CLOSE: u8 = 4;
 pub const EVENT_FAIL: u8 = 5;
 pub const EVENT_PING: u8 = 6;
 pub const EVENT_PONG: u8 = 7;
-pub const EVENT_REQUEST: u8 = 8;
-pub const EVENT_STOPPED: u8 = 9;
-pub const EVENT_LOG: u8 = 10;
+/// Several text (binary) messages in a row from one connection: `(kind, ws, [message, ...],
+/// context)`, so that Python enters the connection's context once for all of them.
+pub const EVENT_TEXT_RUN: u8 = 8;
+pub const EVENT_BYTES_RUN: u8 = 9;
+pub const EVENT_REQUEST: u8 = 10;
+pub const EVENT_STOPPED: u8 = 11;
+pub const EVENT_LOG: u8 = 12;
 
 /// A random, time-ordered UUID (RFC 9562 version 7) as a string.
 #[pyfunction]
@@ -54,6 +58,8 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVENT_FAIL", EVENT_FAIL)?;
     m.add("EVENT_PING", EVENT_PING)?;
     m.add("EVENT_PONG", EVENT_PONG)?;
+    m.add("EVENT_TEXT_RUN", EVENT_TEXT_RUN)?;
+    m.add("EVENT_BYTES_RUN", EVENT_BYTES_RUN)?;
     m.add("EVENT_REQUEST", EVENT_REQUEST)?;
     m.add("EVENT_STOPPED", EVENT_STOPPED)?;
     m.add("EVENT_LOG", EVENT_LOG)?;

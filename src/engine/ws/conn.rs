@@ -471,7 +471,12 @@ impl Conn {
 
     /// Python took a message off the queue.
     pub fn message_taken(&self, len: usize) {
-        let messages = self.inflight_messages.fetch_sub(1, Ordering::Relaxed);
+        self.messages_taken(1, len);
+    }
+
+    /// Python took `count` messages of `len` bytes in all off the queue (a run of them).
+    pub fn messages_taken(&self, count: usize, len: usize) {
+        let messages = self.inflight_messages.fetch_sub(count, Ordering::Relaxed);
         let bytes = self.inflight_bytes.fetch_sub(len, Ordering::Relaxed);
         // Only when the task may be waiting; it re-checks the caps itself.
         if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {
