@@ -739,7 +739,12 @@ class Server(Generic[T]):
     def _await_result(self, ws: WebSocket[T], kind: int, result: object) -> bool:
         """Run a handler's awaitable result as a task; True when it is suspended."""
         try:
-            task = self._new_task(result, ws._context)
+            # A coroutine (an `async def` handler's result) straight to its task: this is the
+            # per-message path of such handlers.
+            if type(result) is _CoroutineType:
+                task = _start_task(result, self._loop, ws._context)
+            else:
+                task = self._new_task(result, ws._context)
         except BaseException as exc:
             # KeyboardInterrupt or SystemExit in an eager first step: the Task re-raises it.
             self._handler_failed(ws, kind, exc)
@@ -747,7 +752,9 @@ class Server(Generic[T]):
         if task is None:
             return False
         if task.done():
-            self._finished(ws, kind, task)
+            # Finished in its eager first step (3.12+): report it only if it raised.
+            if not task.cancelled() and task.exception() is not None:
+                self._finished(ws, kind, task)
             return False
         if ws not in self._busy:
             self._busy[ws] = deque()
