@@ -31,6 +31,10 @@ use crate::engine::stats::Counter;
 const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
 /// How long queued frames may keep flushing after the connection ended before it is cut off.
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
+/// How long, and for how many bytes, a connection that ended cleanly reads and throws away what
+/// the client still sends (`Phase::Lingering`).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
 /// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
 const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
 /// The worker thread's read buffer. Sockets are read into it and parsed in place.
@@ -120,6 +124,12 @@ enum Phase {
     HandOver(Ending),
     /// The connection has ended: writing what is queued until the timer.
     Flushing,
+    /// Written out, and the write side shut (FIN after the close frame): what the client still
+    /// sends is read and thrown away (bytes so far) until it closes its side too, within
+    /// `LINGER` and `LINGER_BYTES`. Closing a socket with unread bytes in the kernel sends a
+    /// RST instead, and a client's TCP stack that gets the RST drops what it had not yet handed
+    /// to the client: the close frame and its code.
+    Lingering(usize),
     Done,
 }
 
@@ -298,6 +308,7 @@ impl Task {
                 },
                 Phase::HandOver(_) => self.turn_hand_over(cx, signals, timer.as_mut()),
                 Phase::Flushing => self.turn_flushing(cx, signals, timer.as_mut()),
+                Phase::Lingering(_) => self.turn_lingering(cx, timer.as_mut()),
                 Phase::Done => return Poll::Ready(()),
             };
             if matches!(step, Step::Idle) {
@@ -518,10 +529,41 @@ impl Task {
         match self.poll_write(cx, signals) {
             Step::Done(()) => self.phase = Phase::Done,
             Step::Progress if !self.write_blocked && self.conn.out.is_empty() => {
-                self.phase = Phase::Done
+                timer.as_mut().reset(Instant::now() + LINGER);
+                self.phase = Phase::Lingering(0);
             }
             Step::Progress => {}
             Step::Idle => return Step::Idle,
+        }
+        Step::Progress
+    }
+
+    fn turn_lingering(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Step<()> {
+        if self.conn.terminated.load(Ordering::Acquire) || timer.as_mut().poll(cx).is_ready() {
+            self.phase = Phase::Done;
+            return Step::Progress;
+        }
+        match self.stream.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => {
+                self.phase = Phase::Done;
+                return Step::Progress;
+            }
+            Poll::Pending => return Step::Idle,
+        }
+        let Phase::Lingering(discarded) = &mut self.phase else {
+            unreachable!("called in the lingering phase");
+        };
+        let over = READ_BUF.with(|buf| match self.stream.read(&mut buf.borrow_mut()) {
+            Ok(0) => true,
+            Ok(n) => {
+                *discarded += n;
+                *discarded >= LINGER_BYTES
+            }
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        });
+        if over {
+            self.phase = Phase::Done;
         }
         Step::Progress
     }
