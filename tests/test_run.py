@@ -64,7 +64,9 @@ async def test_demo_module_prints_its_address_and_echoes() -> None:
             await client.send("héllo")
             assert await client.recv() == "héllo"
         proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.wait(), 30)  # a bound: a loaded CI machine is slow to exit
+        # communicate: both pipes are read meanwhile, so the demo never blocks writing to them.
+        _, err = await asyncio.wait_for(proc.communicate(), 30)  # a bound: a loaded CI machine is slow to exit
+        assert proc.returncode == 0, err.decode()
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -429,11 +429,31 @@ def run_loop(
         try:
             asyncio.set_event_loop(loop)
             loop.run_until_complete(main)
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
         finally:
-            asyncio.set_event_loop(None)
-            loop.close()
+            # As asyncio.run does: a KeyboardInterrupt leaves `main` pending, and cancelling it
+            # runs its clean-up (`finally: await srv.stop(...)`) instead of leaving it to be
+            # closed, unfinished, by the garbage collector.
+            try:
+                _cancel_all_tasks(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:  # pragma: no cover - 3.10 only
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {"message": "unhandled exception during shutdown", "exception": task.exception(), "task": task}
+            )
 
 
 def _run_workers(
