@@ -741,6 +741,7 @@ class Server(Generic[T]):
 
     def _await_result(self, ws: WebSocket[T], kind: int, result: object) -> bool:
         """Run a handler's awaitable result as a task; True when it is suspended."""
+        task: asyncio.Task[Any] | None
         try:
             # A coroutine (an `async def` handler's result) straight to its task: this is the
             # per-message path of such handlers.
