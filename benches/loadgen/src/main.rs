@@ -13,8 +13,11 @@
 //!   echo-latency     --conns 100 --warmup S --duration S            (one message in flight)
 //!   fanout           --conns 1000 --window 32 --warmup S --duration S   (/sub and /pub)
 //!                    [--sub-ports P1,P2]  (subscribers spread over these servers; S6)
+//!                    [--slow K]  (K of them stop reading once subscribed; S10)
 //!   idle             --conns 10000 --concurrency 64 --hold S        (prints ready, waits)
-//!   churn            --cycles 50000 --mark 5000 --concurrency 32 --hold S
+//!   churn            --cycles 50000 --mark 5000 --concurrency 32 --hold S [--echo 0]
+//!                    (connect, one echo unless --echo 0, close; after --mark cycles the
+//!                    connect-to-101 time of every handshake is recorded: handshake_p50_us...)
 //!
 //! `--ca FILE` (PEM) speaks TLS (wss://) instead, trusting only that CA, with the server name
 //! 127.0.0.1; `--tls-version 1.2|1.3` pins the version (default: the highest both offer).
@@ -374,6 +377,7 @@ impl Ws {
     }
 
     async fn handshake(port: u16, path: &str, buf_size: usize) -> io::Result<Ws> {
+        let t_connect = Instant::now();
         let mut stream = connect(port).await?;
         let offer = if deflate_on() {
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
@@ -421,6 +425,7 @@ impl Ws {
                 } else {
                     None
                 };
+                record_handshake(t_connect.elapsed());
                 return Ok(Ws {
                     stream,
                     buf,
@@ -531,6 +536,20 @@ thread_local! {
 
 fn negotiated() -> String {
     NEGOTIATED.with(|n| n.borrow().clone().unwrap_or_default())
+}
+
+thread_local! {
+    /// Connect-to-101 times (ns) of the handshakes completed while it is `Some` (S9's churn
+    /// after its warm-up part).
+    static HANDSHAKES: RefCell<Option<Vec<u32>>> = const { RefCell::new(None) };
+}
+
+fn record_handshake(took: Duration) {
+    HANDSHAKES.with(|h| {
+        if let Some(v) = h.borrow_mut().as_mut() {
+            v.push(took.as_nanos().min(u32::MAX as u128) as u32);
+        }
+    });
 }
 
 /// One message's payload, inflated into `out` (the 4-byte tail appended, as RFC 7692 says).
@@ -856,6 +875,9 @@ async fn fanout(a: &Args, port: u16) {
     let size = a.int("size", 32).max(21);
     let warmup = a.secs("warmup", 1.0);
     let duration = a.secs("duration", 10.0);
+    // S10: the first `slow` subscribers stop reading once subscribed; the window, the
+    // deliveries and the checks are the other (fast) subscribers'.
+    let slow = a.int("slow", 0).min(subscribers.saturating_sub(1));
     let t_connect = Instant::now();
     // S6 spreads the subscribers over several servers sharing the topic (`--sub-ports`); the
     // publisher stays on `--port`.
@@ -879,7 +901,7 @@ async fn fanout(a: &Args, port: u16) {
     };
     let connect_s = t_connect.elapsed().as_secs_f64();
     let st = Rc::new(Fanout {
-        subscribers,
+        subscribers: subscribers - slow,
         window,
         next_seq: Cell::new(0),
         oldest: Cell::new(0),
@@ -893,7 +915,13 @@ async fn fanout(a: &Args, port: u16) {
         sub_errors: Cell::new(0),
     });
     let expected: Rc<RefCell<Vec<u64>>> = Rc::new(RefCell::new(vec![0; subscribers]));
+    let slow_readers = SlowReaders::default();
+    let mut slow_tasks = Vec::new();
     for (i, mut ws) in subs.into_iter().enumerate() {
+        if i < slow {
+            slow_tasks.push(tokio::task::spawn_local(slow_reader(ws, st.clone(), slow_readers.clone())));
+            continue;
+        }
         let (st, expected) = (st.clone(), expected.clone());
         tokio::task::spawn_local(async move {
             let mut synced = false;
@@ -998,7 +1026,13 @@ async fn fanout(a: &Args, port: u16) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let total = st.next_seq.get();
-    let missing: u64 = expected.borrow().iter().map(|&e| total.saturating_sub(e)).sum();
+    let missing: u64 = expected.borrow()[slow..].iter().map(|&e| total.saturating_sub(e)).sum();
+    // Now the slow readers read what the server kept for them (or learn it closed them).
+    slow_readers.drain.set(true);
+    slow_readers.wake.notify_waiters();
+    for t in slow_tasks {
+        let _ = t.await;
+    }
     Json::default()
         .str("event", "result")
         .str("scenario", "fanout")
@@ -1019,7 +1053,47 @@ async fn fanout(a: &Args, port: u16) {
         .num("bad_frames", st.sub_errors.get() as f64)
         .num("connect_s", connect_s)
         .num("sync_s", sync_s)
+        .num("slow", slow as f64)
+        .num("slow_received", slow_readers.received.get() as f64)
+        .num("slow_closed", slow_readers.closed.get() as f64)
         .emit();
+}
+
+/// S10's slow subscribers: what they got when they finally read, and how many the server closed.
+#[derive(Clone, Default)]
+struct SlowReaders {
+    drain: Rc<Cell<bool>>,
+    wake: Rc<Notify>,
+    received: Rc<Cell<u64>>,
+    closed: Rc<Cell<u64>>,
+}
+
+/// A subscriber that reads until it is subscribed (a sync message), then not at all until the
+/// publishing is over: the server's queue for it grows to whatever limit the server sets. Then
+/// it reads what is left, at most 5 s (1 s of silence ends it earlier), counting the messages.
+async fn slow_reader(mut ws: Ws, st: Rc<Fanout>, sr: SlowReaders) {
+    let mut synced = false;
+    while !synced {
+        let res = ws.read_frames(|_, p| synced |= p.first() == Some(&b's')).await;
+        if res.is_err() || ws.closed {
+            return;
+        }
+    }
+    st.synced.set(st.synced.get() + 1);
+    while !sr.drain.get() {
+        sr.wake.notified().await;
+    }
+    let t0 = Instant::now();
+    while !ws.closed && t0.elapsed() < Duration::from_secs(5) {
+        let mut got = 0u64;
+        match timeout(Duration::from_secs(1), ws.read_frames(|_, p| got += u64::from(parse_seq(p).is_some()))).await {
+            Ok(Ok(_)) => sr.received.set(sr.received.get() + got),
+            _ => break,
+        }
+    }
+    if ws.closed {
+        sr.closed.set(sr.closed.get() + 1);
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1087,22 +1161,25 @@ async fn idle(a: &Args, port: u16, nofile: u64) {
 // ----------------------------------------------------------------------------------------------
 // S5: connection churn
 
-/// One cycle: connect, one echo, closing handshake.
-async fn churn_cycle(port: u16, path: &str, msg: &[u8]) -> io::Result<()> {
+/// One cycle: connect, one echo (unless `msg` is `None`: S9 times the handshake alone), closing
+/// handshake.
+async fn churn_cycle(port: u16, path: &str, msg: Option<&[u8]>) -> io::Result<()> {
     let mut ws = Ws::connect(port, path, 1024).await?;
-    ws.send(msg).await?;
-    timeout(HANDSHAKE_TIMEOUT, async {
-        let mut got = 0;
-        while got == 0 {
-            got += ws.read_frames(|_, _| {}).await?;
-            if ws.closed && got == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before echo"));
+    if let Some(msg) = msg {
+        ws.send(msg).await?;
+        timeout(HANDSHAKE_TIMEOUT, async {
+            let mut got = 0;
+            while got == 0 {
+                got += ws.read_frames(|_, _| {}).await?;
+                if ws.closed && got == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before echo"));
+                }
             }
-        }
-        Ok(())
-    })
-    .await
-    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "echo timeout")))?;
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "echo timeout")))?;
+    }
     ws.close(Duration::from_secs(2)).await;
     Ok(())
 }
@@ -1113,9 +1190,9 @@ struct ChurnStats {
     first_error: RefCell<String>,
 }
 
-async fn churn_phase(port: u16, path: &'static str, cycles: u64, concurrency: usize, size: usize, st: Rc<ChurnStats>) -> f64 {
+async fn churn_phase(port: u16, path: &'static str, cycles: u64, concurrency: usize, size: usize, echo: bool, st: Rc<ChurnStats>) -> f64 {
     let claimed = Rc::new(Cell::new(0u64));
-    let msg = Rc::new(frame(OP_TEXT, &payload(size, b'c')));
+    let msg = Rc::new(echo.then(|| frame(OP_TEXT, &payload(size, b'c'))));
     let t0 = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
@@ -1123,7 +1200,7 @@ async fn churn_phase(port: u16, path: &'static str, cycles: u64, concurrency: us
         workers.push(tokio::task::spawn_local(async move {
             while claimed.get() < cycles {
                 claimed.set(claimed.get() + 1);
-                match churn_cycle(port, path, &msg).await {
+                match churn_cycle(port, path, msg.as_deref()).await {
                     Ok(()) => st.ok.set(st.ok.get() + 1),
                     Err(e) => {
                         st.errors.set(st.errors.get() + 1);
@@ -1149,13 +1226,14 @@ async fn churn(a: &Args, port: u16) {
     let concurrency = a.int("concurrency", 32);
     let size = a.int("size", 32);
     let hold = a.secs("hold", 60.0);
+    let echo = a.int("echo", 1) != 0;
     let path: &'static str = Box::leak(a.0.get("path").cloned().unwrap_or("/ws".into()).into());
     let st = Rc::new(ChurnStats {
         ok: Cell::new(0),
         errors: Cell::new(0),
         first_error: RefCell::new(String::new()),
     });
-    let t1 = churn_phase(port, path, mark, concurrency, size, st.clone()).await;
+    let t1 = churn_phase(port, path, mark, concurrency, size, echo, st.clone()).await;
     let ok1 = st.ok.get();
     Json::default()
         .str("event", "mark")
@@ -1165,8 +1243,12 @@ async fn churn(a: &Args, port: u16) {
         .num("seconds", t1)
         .emit();
     wait_for_runner(hold).await;
-    let t2 = churn_phase(port, path, cycles - mark, concurrency, size, st.clone()).await;
+    // The first `mark` cycles are the warm-up of the handshake times.
+    HANDSHAKES.with(|h| *h.borrow_mut() = Some(Vec::with_capacity((cycles - mark) as usize)));
+    let t2 = churn_phase(port, path, cycles - mark, concurrency, size, echo, st.clone()).await;
     let ok = st.ok.get();
+    let mut hs = HANDSHAKES.with(|h| h.borrow_mut().take()).unwrap_or_default();
+    hs.sort_unstable();
     Json::default()
         .str("event", "result")
         .str("scenario", "churn")
@@ -1179,6 +1261,12 @@ async fn churn(a: &Args, port: u16) {
         .num("conns_per_s", ok as f64 / (t1 + t2))
         .num("conns_per_s_first", ok1 as f64 / t1)
         .num("conns_per_s_rest", (ok - ok1) as f64 / t2)
+        .num("echo", f64::from(u8::from(echo)))
+        .num("handshakes_timed", hs.len() as f64)
+        .num("handshake_p50_us", percentile(&hs, 0.50))
+        .num("handshake_p90_us", percentile(&hs, 0.90))
+        .num("handshake_p99_us", percentile(&hs, 0.99))
+        .num("handshake_max_us", hs.last().map_or(f64::NAN, |&x| x as f64 / 1000.0))
         .emit();
 }
 
