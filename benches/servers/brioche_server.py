@@ -27,7 +27,7 @@ import sys
 import brioche
 from brioche import server, websocket
 
-from common import TOPIC, listening, setup
+from common import TOPIC, backpressure_limit, listening, setup
 
 SUB, PUB, ECHO = "sub", "pub", "echo"
 MODES = ("sync", "async", "async-sleep0", "deflate")
@@ -87,7 +87,10 @@ async def main(port: int, loop_name: str, mode: str) -> None:
     global _srv
     text = {"sync": on_text, "async": on_text_async, "async-sleep0": on_text_sleep0,
             "deflate": on_text_deflate}[mode]
-    config = websocket.init().on_open(on_open).on_text(text).on_bytes(on_bytes)
+    # Over the limit, sends to that connection are dropped and it stays open: what Bun's
+    # backpressureLimit and socketify's max_backpressure do with closeOnBackpressureLimit off.
+    config = (websocket.init().on_open(on_open).on_text(text).on_bytes(on_bytes)
+              .backpressure_limit(backpressure_limit()).close_on_backpressure_limit(False))
     if mode == "deflate":
         config = config.per_message_deflate(websocket.DeflateOptions(
             server_no_context_takeover=True, client_no_context_takeover=True))

@@ -12,6 +12,10 @@ if (!port) {
   process.exit(2);
 }
 
+// Bytes queued for one socket before sends to it are dropped (it stays open): 16 MiB unless
+// benches/run.py sets a smaller one (S10), as for the Python servers (servers/common.py).
+const backpressureLimit = Number(process.env.BENCH_BACKPRESSURE_LIMIT ?? 16 * 1024 * 1024);
+
 // benches/run.py's TLS scenarios (S1T, S3T) set these: the same certificate brioche gets.
 const certFile = process.env.BENCH_TLS_CERT;
 const keyFile = process.env.BENCH_TLS_KEY;
@@ -30,7 +34,8 @@ const server = Bun.serve<Role, {}>({
     perMessageDeflate: deflate,
     idleTimeout: 120,
     maxPayloadLength: 16 * 1024 * 1024,
-    backpressureLimit: 16 * 1024 * 1024,
+    backpressureLimit,
+    closeOnBackpressureLimit: false,
     open(ws) {
       if (ws.data.role === "sub") ws.subscribe("bench");
     },

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
 TOPIC = "bench"
+
+
+def backpressure_limit() -> int:
+    """Bytes queued for one connection before sends to it are dropped (brioche, socketify; Bun's
+    bun_server.ts reads the same variable): 16 MiB, the servers' default, unless benches/run.py
+    sets a smaller one (S10, to reach it within a short run)."""
+    return int(os.environ.get("BENCH_BACKPRESSURE_LIMIT", 16 * 1024 * 1024))
 
 
 def setup() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from socketify import App, CompressOptions, OpCode
 
-from common import TOPIC, listening, setup
+from common import TOPIC, backpressure_limit, listening, setup
 
 MIB = 1024 * 1024
 
@@ -18,7 +18,8 @@ def main(port: int) -> None:
     base = {
         "compression": CompressOptions.DISABLED,
         "max_payload_length": 16 * MIB,
-        "max_backpressure": 16 * MIB,
+        "max_backpressure": backpressure_limit(),
+        "close_on_backpressure_limit": False,
         "idle_timeout": 120,
     }
 
