@@ -69,7 +69,9 @@ def main() -> None:
                 ax.text(i, top * 0.02, "n/a", ha="center", va="bottom", fontsize=8, rotation=90)
             for i, v in enumerate(meds):
                 if i not in na:
-                    text = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
+                    # Ratios and seconds (S9, S10) need two decimals to tell 0.95 from 1.
+                    text = (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10
+                            else f"{v:.2f}")
                     ax.text(i, v, text, ha="center", va="bottom", fontsize=7)
             ax.set_xticks(xs)
             ax.set_xticklabels([labels[n] for n in shown], rotation=35, ha="right", fontsize=8)

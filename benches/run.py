@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmarks against the peers: one command reruns everything.
 
-    .venv/bin/python benches/run.py            # the full run (about 25 minutes)
-    .venv/bin/python benches/run.py --quick    # a short smoke run (about 4 minutes)
+    .venv/bin/python benches/run.py            # the full run (about 38 minutes)
+    .venv/bin/python benches/run.py --quick    # a short smoke run (about 6 minutes)
 
 What it does, in order:
 
@@ -564,6 +564,8 @@ class Scenario:
     fresh_server_per_repeat: bool = False
     # The servers it runs (None: every server that runs it; --extra-server rows always do).
     servers: tuple[str, ...] | None = None
+    # The metrics with "÷ picows" and "÷ Bun" columns (None: every one not in %).
+    compared: tuple[str, ...] | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def runs(self, spec: ServerSpec) -> bool:
@@ -577,6 +579,12 @@ LARGE_CELLS = (("mbps_64k_binary", "64 KiB binary", 64 * 1024, True),
                ("mbps_1m_binary", "1 MiB binary", 1024 * 1024, True),
                ("mbps_1m_text", "1 MiB text", 1024 * 1024, False))
 LARGE_CONNS, LARGE_INFLIGHT = 10, 4
+# S10: messages big enough, and a limit small enough, for the slow reader's queue to reach the
+# limit within a run (at 32 bytes it would take minutes); the same for every server.
+SLOW_SIZE, SLOW_LIMIT_MIB = 1024, 1
+# S10's rows: those with a fan-out path of their own (benches/rust_server has no limit to set).
+SLOW_SERVERS = ("brioche-asyncio", "brioche-uvloop", "picows", "socketify", "bun", "websockets",
+                "aiohttp")
 
 
 SCENARIOS = [
@@ -649,6 +657,31 @@ SCENARIOS = [
              # Not rust-engine: benches/rust_server never releases the server's incoming budget
              # (the bridge's drain() does), so its large echoes stall once it is spent.
              servers=("brioche-asyncio", "brioche-uvloop", "picows", "socketify", "bun")),
+    Scenario("S9", "Connection rate",
+             "connect, upgrade, close handshake (no message), repeated {rate_cycles:,} times by "
+             "32 concurrent clients; handshakes/s and the time from the TCP connect to the 101 "
+             "response (p50, p99) over all but the first {rate_mark:,} cycles. Then, on the "
+             "same server, {idle_conns:,} connections opened 64 at a time and kept (each with "
+             "one echo, as in S4): seconds until all are open. Fresh server per repeat.",
+             [Metric("handshakes_per_s", "handshakes/s", "conn/s", True),
+              Metric("handshake_p50_us", "connect→101 p50", "µs", False),
+              Metric("handshake_p99_us", "connect→101 p99", "µs", False),
+              Metric("open_s", "open all idle", "s", False)],
+             fresh_server_per_repeat=True,
+             compared=("handshakes_per_s", "handshake_p99_us", "open_s")),
+    Scenario("S10", "Broadcast with a slow reader",
+             "S3's fan-out with {slow_size:,}-byte messages, twice per repeat on the same server: "
+             "1,000 subscribers all reading, then 999 reading and one that stops reading once "
+             "subscribed; the publisher keeps at most 32 messages not yet delivered to every "
+             "reading subscriber. Deliveries/s to the reading subscribers in each run (their "
+             "sequences checked), the second ÷ the first, and how far the server's peak RSS in "
+             "the second run exceeds its peak in the first (VmRSS sampled every 20 ms). Every "
+             "server is given a backpressure limit of {slow_limit_mib} MiB where it has one.",
+             [Metric("deliveries_per_s_all", "deliveries/s, all reading", "msg/s", True),
+              Metric("deliveries_per_s_slow", "deliveries/s, one slow", "msg/s", True),
+              Metric("slow_ratio", "one slow ÷ all reading", "×", True),
+              Metric("rss_over_mib", "peak RSS over the first run's", "MiB", False)],
+             servers=SLOW_SERVERS, compared=("deliveries_per_s_slow",)),
 ]
 
 
@@ -656,11 +689,14 @@ def settings(quick: bool, duration: float | None, repeats: int | None) -> dict[s
     if quick:
         s = {"repeats": 1, "warmup_s": 0.5, "duration_s": 1.5, "warm_run_s": 0.5,
              "idle_conns": 1000, "churn_cycles": 3000, "churn_mark": 300,
+             "rate_cycles": 3000, "rate_mark": 300,
              "large_warmup_s": 0.5, "large_duration_s": 1.0}
     else:
         s = {"repeats": 3, "warmup_s": 1.0, "duration_s": 8.0, "warm_run_s": 2.0,
              "idle_conns": 10_000, "churn_cycles": 50_000, "churn_mark": 5_000,
+             "rate_cycles": 20_000, "rate_mark": 2_000,
              "large_warmup_s": 1.0, "large_duration_s": 4.0}
+    s["slow_size"], s["slow_limit_mib"] = SLOW_SIZE, SLOW_LIMIT_MIB
     if duration is not None:
         s["duration_s"] = duration
     if repeats is not None:
@@ -699,13 +735,7 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
         sampler.join(5)
         if sampler.pct is not None:
             r["server_cpu_pct"] = sampler.pct
-        if scenario_id not in ("S3", "S3d"):
-            return r
-        if "error" not in r and (r.get("lost") or r.get("duplicated") or r.get("bad_frames")
-                                 or r.get("out_of_window")):
-            r["error"] = (f"delivery check failed: lost {r.get('lost')}, duplicated "
-                          f"{r.get('duplicated')}, bad {r.get('bad_frames')}")
-        return r
+        return check_deliveries(r) if scenario_id in ("S3", "S3d") else r
     if sc.id == "S7":
         # One loadgen run per cell; the cell's MB/s and the server's CPU are stored under its key.
         out: dict[str, Any] = {"cells": {}}
@@ -744,20 +774,19 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
             seen["ready"] = event
             seen["after"] = settled_rss(server.pid)
 
-        conns = cfg["idle_conns"]
-        r = loadgen("idle", port, {"conns": conns, "concurrency": 64, "hold": 60, **deflate}, 180,
-                    at_ready)
+        r = open_idle(port, cfg["idle_conns"], deflate, at_ready)
         after = seen.get("after")
-        connected = r.get("connected") or 0
         r["rss_before_kib"], r["rss_after_kib"] = before, after
         if "error" not in r:
             if before is None or after is None:
                 r["error"] = "server exited"
-            elif connected < conns:
-                r["error"] = f"only {connected} of {conns} connected ({r.get('first_error')})"
             else:
-                r["kib_per_conn"] = (after - before) / connected
+                r["kib_per_conn"] = (after - before) / r["connected"]
         return r
+    if sc.id == "S9":
+        return connection_rate(server, cfg)
+    if sc.id == "S10":
+        return slow_reader(server, cfg, warm)
     if sc.id == "S5":
         marks: dict[str, Any] = {}
 
@@ -782,6 +811,103 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
                 r["rss_growth_pct"] = (end_rss / marks["rss_mark"] - 1.0) * 100.0
         return r
     raise ValueError(sc.id)
+
+
+def check_deliveries(r: dict[str, Any], lost_is_error: bool = True) -> dict[str, Any]:
+    """A fan-out result with an error if a subscriber's sequence broke (nothing lost, duplicated
+    or out of order)."""
+    lost = r.get("lost") if lost_is_error else 0
+    if "error" not in r and (lost or r.get("duplicated") or r.get("bad_frames")
+                             or r.get("out_of_window")):
+        r["error"] = (f"delivery check failed: lost {r.get('lost')}, duplicated "
+                      f"{r.get('duplicated')}, bad {r.get('bad_frames')}")
+    return r
+
+
+def open_idle(port: int, conns: int, extra: dict[str, Any] | None = None,
+              at_ready: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`conns` connections opened 64 at a time, each with one echo, and held until `at_ready`
+    (measuring the server with all of them open) returns; the loadgen's result."""
+    r = loadgen("idle", port, {"conns": conns, "concurrency": 64, "hold": 60, **(extra or {})},
+                180, at_ready)
+    connected = r.get("connected") or 0
+    if "error" not in r and connected < conns:
+        r["error"] = f"only {connected} of {conns} connected ({r.get('first_error')})"
+    return r
+
+
+def connection_rate(server: RunningServer, cfg: dict[str, Any]) -> dict[str, Any]:
+    """S9: S5's churn without the echo (the handshake and the close alone), then S4's opening of
+    the idle connections, timed."""
+    r = loadgen("churn", server.port, {"cycles": cfg["rate_cycles"], "mark": cfg["rate_mark"],
+                                       "concurrency": 32, "echo": 0, "hold": 60}, 300)
+    if "error" in r:
+        return r
+    if r.get("errors"):
+        r["error"] = f"{r['errors']} failed cycles ({r.get('first_error')})"
+        return r
+    r["handshakes_per_s"] = r["conns_per_s_rest"]
+    time.sleep(0.5)
+    idle = open_idle(server.port, cfg["idle_conns"])
+    r["idle"] = idle
+    if "error" in idle:
+        r["error"] = f"idle: {idle['error']}"
+    else:
+        r["open_s"] = idle["connect_s"]
+    return r
+
+
+class PeakRss(threading.Thread):
+    """The highest VmRSS of a process from start() to done(), sampled every `every` seconds."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.kib: int | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            v = rss_kib(self.pid)
+            if v is not None:
+                self.kib = max(self.kib or 0, v)
+            self._done.wait(self.every)
+
+    def done(self) -> int | None:
+        self._done.set()
+        self.join(5)
+        return self.kib
+
+
+def slow_reader(server: RunningServer, cfg: dict[str, Any], warm: bool) -> dict[str, Any]:
+    """S10: the fan-out with every subscriber reading, then with one that does not, on the same
+    server; the deliveries/s of the reading ones and the server's peak RSS in each."""
+    warmup = 0.2 if warm else cfg["warmup_s"]
+    duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
+    args = {"conns": 1000, "window": 32, "size": cfg["slow_size"], "warmup": warmup,
+            "duration": duration}
+    runs: dict[str, Any] = {}
+    for name, slow in (("all", 0), ("slow", 1)):
+        peak = PeakRss(server.pid)
+        peak.start()
+        # A server that holds everyone back for the slow reader (aiohttp awaits each send) has
+        # fast subscribers still missing messages when the client gives up: reported, not an
+        # error, since nothing was lost or reordered.
+        r = check_deliveries(loadgen("fanout", server.port, {**args, "slow": slow},
+                                     warmup + duration + 60), lost_is_error=slow == 0)
+        r["rss_peak_kib"] = peak.done()
+        runs[name] = r
+        if "error" in r:
+            return {**runs, "error": f"{name}: {r['error']}"}
+        time.sleep(1.0)
+    every, one_slow = runs["all"], runs["slow"]
+    out = {**runs, "deliveries_per_s_all": every["deliveries_per_s"],
+           "deliveries_per_s_slow": one_slow["deliveries_per_s"]}
+    if every["deliveries_per_s"]:
+        out["slow_ratio"] = one_slow["deliveries_per_s"] / every["deliveries_per_s"]
+    if every["rss_peak_kib"] is not None and one_slow["rss_peak_kib"] is not None:
+        out["rss_over_mib"] = (one_slow["rss_peak_kib"] - every["rss_peak_kib"]) / 1024
+    return out
 
 
 def start_redis(logfile: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
@@ -831,11 +957,7 @@ def run_s6_cell(spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, Any]:
             r = loadgen("fanout", servers[0].port,
                         {"conns": 1000, "window": 32, "size": 32, "warmup": warmup,
                          "duration": duration, "sub-ports": ports}, warmup + duration + 60)
-            if "error" not in r and (r.get("lost") or r.get("duplicated") or r.get("bad_frames")
-                                     or r.get("out_of_window")):
-                r["error"] = (f"delivery check failed: lost {r.get('lost')}, duplicated "
-                              f"{r.get('duplicated')}, bad {r.get('bad_frames')}")
-            return r
+            return check_deliveries(r)
 
         run(warm=True)
         time.sleep(1.0)
@@ -876,10 +998,13 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
     logdir = OUT / "logs"
 
     def start(tag: str) -> tuple[RunningServer | None, str | None]:
-        # The bench servers serve TLS when these are set (brioche's tls(), Bun's tls).
-        tls_env = ({"BENCH_TLS_CERT": tls_files()["cert"], "BENCH_TLS_KEY": tls_files()["key"]}
-                   if sc.id in TLS_SCENARIOS else None)
-        srv = RunningServer(spec, logdir / f"{sc.id}-{spec.name}-{tag}.log", tls_env)
+        env: dict[str, str] = {}
+        if sc.id in TLS_SCENARIOS:
+            # The bench servers serve TLS when these are set (brioche's tls(), Bun's tls).
+            env = {"BENCH_TLS_CERT": tls_files()["cert"], "BENCH_TLS_KEY": tls_files()["key"]}
+        if sc.id == "S10":
+            env["BENCH_BACKPRESSURE_LIMIT"] = str(cfg["slow_limit_mib"] * 1024 * 1024)
+        srv = RunningServer(spec, logdir / f"{sc.id}-{spec.name}-{tag}.log", env)
         err = srv.wait_ready()
         if err is not None:
             srv.stop()
@@ -973,6 +1098,13 @@ def median_of(results: dict[str, dict[str, Any]], server: str, key: str) -> floa
     return float(cell[key]["median"])
 
 
+def min_of(results: dict[str, dict[str, Any]], server: str, key: str) -> float | None:
+    cell = results.get(server, {})
+    if "na" in cell or key not in cell:
+        return None
+    return float(cell[key]["min"])
+
+
 # The async handler rows: (CPython, the async row, the sync row on the same interpreter). The
 # targets hold on 3.12 (eager tasks); on 3.11 (a plain Task per message) they are reported only.
 ASYNC_ROWS = (("3.12", "brioche-py312-async", "brioche-py312-sync", True),
@@ -1022,6 +1154,42 @@ def evaluate_targets(scen: dict[str, Scenario],
         v, p = median_of(r5, who, "conns_per_s"), median_of(r5, "picows", "conns_per_s")
         add("S5 conn/s ≥ picows", who, v, p, None if v is None or p is None else v >= p,
             "n/a" if v is None or p is None else f"{v / p:.2f}× picows")
+        r9 = scen["S9"].results
+        for key, label, higher in (("handshakes_per_s", "handshakes/s", True),
+                                   ("handshake_p99_us", "connect→101 p99", False),
+                                   ("open_s", "time to open the idle connections", False)):
+            v, b = median_of(r9, who, key), median_of(r9, "bun", key)
+            ok = None if v is None or b is None else (v >= b if higher else v <= b)
+            if v is None or b is None:
+                detail = "n/a"
+            elif key == "open_s":
+                detail = f"{v:.2f} s vs {b:.2f} s"
+            elif key == "handshake_p99_us":
+                detail = f"{v:,.0f} µs vs {b:,.0f} µs"
+            else:
+                detail = f"{v / b:.2f}× Bun"
+            add(f"S9 {label} {'≥' if higher else '≤'} Bun", who, v, b, ok, detail)
+        r10 = scen["S10"].results
+        v, b = (median_of(r10, who, "deliveries_per_s_slow"),
+                median_of(r10, "bun", "deliveries_per_s_slow"))
+        add("S10 one slow: deliveries/s ≥ Bun", who, v, b,
+            None if v is None or b is None else v >= b,
+            "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
+        worst = min_of(r10, who, "slow_ratio")
+        add("S10 one slow within 10% of all reading", who, worst, 0.9,
+            None if worst is None else worst >= 0.9,
+            "n/a" if worst is None else f"{median_of(r10, who, 'slow_ratio'):.2f}× "
+                                        f"(worst run {worst:.2f}×)")
+        over, limit = median_of(r10, who, "rss_over_mib"), SLOW_LIMIT_MIB
+        # Bounded by the limit only says something in runs where the limit was reached: where
+        # the server dropped some of the slow reader's messages or closed it.
+        reached = [r for r in r10.get(who, {}).get("runs", []) if "error" not in r
+                   and (r["slow"].get("slow_closed") or r["slow"].get("slow_received", 0)
+                        < r["slow"].get("total_published", 0))]
+        add("S10 peak RSS growth ≤ backpressure limit", who, over, limit,
+            None if over is None or not reached else over <= limit,
+            "n/a" if over is None else f"+{over:.1f} MiB, limit {limit} MiB" + (
+                "" if reached else " (not reached: the slow reader got every message)"))
         r7 = scen["S7"].results
         for key, label, _, _ in LARGE_CELLS:
             v, p, b = (median_of(r7, who, key), median_of(r7, "picows", key),
@@ -1109,7 +1277,9 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         what = " ".join(Path(a).name if "/" in a else a for a in s.cmd).replace("{port}", "PORT")
         lines.append(f"| {s.label} | `{what}`{' — ' + s.note if s.note else ''} | {status} |")
     for sc in scen:
-        lines += ["", f"## {sc.id}: {sc.title}", "", sc.description.format(**cfg), ""]
+        lines += ["", f"## {sc.id}: {sc.title}", "", sc.description.format(**cfg), "",
+                  f"Rerun it alone: `.venv/bin/python benches/run.py --scenarios {sc.id} "
+                  "--merge`.", ""]
         labels = {s.name: s.label for s in specs}
         for rerun in meta.get("reruns", []):
             if sc.id in rerun["scenarios"]:
@@ -1136,7 +1306,8 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         header = "| server | " + " | ".join(
             f"{m.label} ({m.unit}, {'higher' if m.higher_is_better else 'lower'} is better)"
             for m in sc.metrics)
-        ratio_metrics = [m for m in sc.metrics if m.unit != "%"]
+        ratio_metrics = [m for m in sc.metrics if m.unit != "%"
+                         and (sc.compared is None or m.key in sc.compared)]
         header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
         client = sc.id in ("S1", "S2", "S3", "S1d", "S3d", *TLS_SCENARIOS)
         header += " | server CPU | client CPU |" if client else " |"
@@ -1168,6 +1339,8 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
                 share = two["deliveries_per_s"]["median"] / one["deliveries_per_s"]["median"]
                 lines += ["", f"Two processes through Redis deliver {share:.2f}× what one process "
                           "does alone (medians)."]
+        if sc.id == "S10":
+            lines += slow_reader_notes(sc, specs, cfg)
         if (BENCHES / "charts" / f"{sc.id}.png").exists():
             lines += ["", f"![{sc.id}](charts/{sc.id}.png)"]
     lines += handler_variants(data, scen, specs)
@@ -1201,6 +1374,45 @@ def replace_kept_section(name: str, section: str) -> None:
             out.write_text(text[:m.start()] + block + text[m.end():], encoding="utf-8")
             return
     out.write_text(text.rstrip("\n") + "\n\n" + block, encoding="utf-8")
+
+
+# What each server does with a subscriber that does not read, as its bench server is set up.
+SLOW_READER_POLICY = {
+    "brioche": "queues up to `backpressure_limit`, then drops the sends to that connection "
+               "(`close_on_backpressure_limit(False)`)",
+    "bun": "queues up to `backpressureLimit`, then drops (`closeOnBackpressureLimit: false`)",
+    "socketify": "queues up to `max_backpressure`, then drops (`close_on_backpressure_limit: "
+                 "False`)",
+    "picows": "no limit: `transport.send` queues in the event loop's transport without bound",
+    "websockets": "no limit: `broadcast` writes to every open connection whatever its buffer "
+                  "holds",
+    "aiohttp": "no drop: each `await send_str` waits for that subscriber's buffer to drain, so "
+               "the publisher waits for the slow reader",
+}
+
+
+def slow_reader_notes(sc: Scenario, specs: list[ServerSpec], cfg: dict[str, Any]) -> list[str]:
+    """Under S10's table: each server's policy, and what its slow reader got when it read at
+    last (the last measured run)."""
+    lines = ["", "| server | with a reader that does not read | the slow reader got (last run) "
+             "| reading subscribers' messages missing at the end |", "| --- | --- | --- | --- |"]
+    for s in specs:
+        cell = sc.results.get(s.name)
+        if cell is None:
+            continue
+        policy = next((v for k, v in SLOW_READER_POLICY.items() if s.name.startswith(k)), "?")
+        runs = [r for r in cell.get("runs", []) if "slow" in r and "error" not in r]
+        got = missing = "–"
+        if runs:
+            last = runs[-1]["slow"]
+            got = (f"{last.get('slow_received', 0):,} of {last.get('total_published', 0):,}"
+                   + (", then closed by the server" if last.get("slow_closed") else ""))
+            missing = f"{last.get('lost', 0):,}"
+        lines.append(f"| {s.label} | {policy} | {got} | {missing} |")
+    return lines + ["", f"A limit of {cfg['slow_limit_mib']} MiB of {cfg['slow_size']:,}-byte "
+                    "messages is reached after a few seconds of publishing (the kernel's socket "
+                    "buffers hold some first): the slow reader's count shows whether the server "
+                    "dropped (fewer than published) or kept everything."]
 
 
 def handler_variants(data: dict[str, Any], scen: list[Scenario],
