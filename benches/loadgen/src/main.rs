@@ -14,6 +14,8 @@
 //!   fanout           --conns 1000 --window 32 --warmup S --duration S   (/sub and /pub)
 //!                    [--sub-ports P1,P2]  (subscribers spread over these servers; S6)
 //!                    [--slow K]  (K of them stop reading once subscribed; S10)
+//!   topics           --topics 10000 --per-topic 10 --conns 2000 --churners 100 --window 64
+//!                    (/t/a,b,... subscribers, "#t7 ..." on /pub, "+x"/"-x" churners; S8)
 //!   idle             --conns 10000 --concurrency 64 --hold S        (prints ready, waits)
 //!   churn            --cycles 50000 --mark 5000 --concurrency 32 --hold S [--echo 0]
 //!                    (connect, one echo unless --echo 0, close; after --mark cycles the
@@ -585,13 +587,23 @@ async fn connect_many(
     concurrency: usize,
     buf_size: usize,
 ) -> (Vec<Ws>, usize, String) {
+    connect_paths(port, vec![path.to_owned(); n], concurrency, buf_size).await
+}
+
+/// Open one connection to each of `paths`, at most `concurrency` handshakes at a time.
+async fn connect_paths(
+    port: u16,
+    paths: Vec<String>,
+    concurrency: usize,
+    buf_size: usize,
+) -> (Vec<Ws>, usize, String) {
     let sem = Rc::new(Semaphore::new(concurrency.max(1)));
-    let mut handles = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut handles = Vec::with_capacity(paths.len());
+    for path in paths {
         let sem = sem.clone();
         handles.push(tokio::task::spawn_local(async move {
             let _permit = sem.acquire().await.unwrap();
-            Ws::connect(port, path, buf_size).await
+            Ws::connect(port, &path, buf_size).await
         }));
     }
     gather(handles).await
@@ -1097,6 +1109,197 @@ async fn slow_reader(mut ws: Ws, st: Rc<Fanout>, sr: SlowReaders) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// S8: many topics
+
+/// Send `text` and wait for the server to answer it (the topics path answers every message),
+/// within the handshake timeout.
+async fn ask(ws: &mut Ws, text: &str) -> io::Result<()> {
+    ws.send(&frame(OP_TEXT, text.as_bytes())).await?;
+    timeout(HANDSHAKE_TIMEOUT, async {
+        let mut got = 0;
+        while got == 0 {
+            got += ws.read_frames(|_, _| {}).await?;
+            if ws.closed && got == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the answer"));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer")))
+}
+
+/// `--topics` topics with `--per-topic` subscribers each, spread over `--conns` connections
+/// (`/t/a,b,...`), one publisher sending to the topics in turn ("#t7 m..." on `/pub`) with at
+/// most `--window` messages not yet delivered to all of a topic's subscribers, and `--churners`
+/// more connections that subscribe to a topic of their own and unsubscribe again, one request
+/// at a time, each answered by the server. Deliveries/s and (un)subscribes/s.
+async fn topics(a: &Args, port: u16) {
+    let topics = a.int("topics", 10_000).max(1);
+    let per_topic = a.int("per-topic", 10).max(1);
+    let conns = a.int("conns", 2_000).max(per_topic);
+    let churners = a.int("churners", 100);
+    let window = a.int("window", 64).max(1) as u64;
+    let size = a.int("size", 32).max(21);
+    let warmup = a.secs("warmup", 1.0);
+    let duration = a.secs("duration", 10.0);
+    // Subscription s is topic s / per_topic on connection s % conns: every topic on
+    // `per_topic` different connections, every connection with the same number of topics.
+    let mut paths: Vec<String> = vec!["/t/".to_owned(); conns];
+    for s in 0..topics * per_topic {
+        let path = &mut paths[s % conns];
+        if path.len() > 3 {
+            path.push(',');
+        }
+        let _ = write!(path, "t{}", s / per_topic);
+    }
+    let t_connect = Instant::now();
+    let (mut subs, errors, first_error) = connect_paths(port, paths, 64, 16 * 1024).await;
+    if subs.len() < conns {
+        return fail("topics", &format!("{errors} subscribers failed: {first_error}"));
+    }
+    // An answer to a request means the subscriptions of the path are in place (the servers
+    // handle a connection's open before its messages).
+    for ws in subs.iter_mut() {
+        if let Err(e) = ask(ws, "-sync").await {
+            return fail("topics", &format!("subscriber not ready: {e}"));
+        }
+    }
+    let churn_paths = (0..churners).map(|i| format!("/t/c{i}")).collect();
+    let (churn_conns, errors, first_error) = connect_paths(port, churn_paths, 64, 4096).await;
+    if churn_conns.len() < churners {
+        return fail("topics", &format!("{errors} churners failed: {first_error}"));
+    }
+    let publisher = match Ws::connect(port, "/pub", 4096).await {
+        Ok(ws) => ws,
+        Err(e) => return fail("topics", &format!("publisher: {e}")),
+    };
+    let connect_s = t_connect.elapsed().as_secs_f64();
+    let st = Rc::new(Fanout {
+        subscribers: per_topic,
+        window,
+        next_seq: Cell::new(0),
+        oldest: Cell::new(0),
+        counts: RefCell::new(vec![0; window as usize]),
+        advanced: Notify::new(),
+        deliveries: Cell::new(0),
+        synced: Cell::new(0),
+        lost: Cell::new(0),
+        duplicated: Cell::new(0),
+        out_of_window: Cell::new(0),
+        sub_errors: Cell::new(0),
+    });
+    for mut ws in subs {
+        let st = st.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                let res = ws
+                    .read_frames(|_, p| {
+                        let seq = p.iter().position(|&b| b == b' ').and_then(|at| parse_seq(&p[at + 1..]));
+                        match seq {
+                            Some(seq) => {
+                                st.deliveries.set(st.deliveries.get() + 1);
+                                st.delivered(seq);
+                            }
+                            None => st.sub_errors.set(st.sub_errors.get() + 1),
+                        }
+                    })
+                    .await;
+                if !ws.replies.is_empty() {
+                    let _ = ws.send(&[]).await;
+                }
+                if res.is_err() || ws.closed {
+                    return;
+                }
+            }
+        });
+    }
+    let stop = Rc::new(Cell::new(false));
+    let churn_ops = Rc::new(Cell::new(0u64));
+    let churn_errors = Rc::new(Cell::new(0u64));
+    for (i, mut ws) in churn_conns.into_iter().enumerate() {
+        let (stop, ops, errors) = (stop.clone(), churn_ops.clone(), churn_errors.clone());
+        tokio::task::spawn_local(async move {
+            let (sub, unsub) = (format!("+k{i}"), format!("-k{i}"));
+            while !stop.get() {
+                for req in [&sub, &unsub] {
+                    if ask(&mut ws, req).await.is_err() {
+                        errors.set(errors.get() + 1);
+                        return;
+                    }
+                    ops.set(ops.get() + 1);
+                }
+            }
+        });
+    }
+    let (pub_read, mut pub_write) = tokio::io::split(publisher.stream);
+    tokio::task::spawn_local(async move {
+        let mut r = pub_read;
+        let mut buf = vec![0u8; 4096];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let publishing = {
+        let (st, stop) = (st.clone(), stop.clone());
+        tokio::task::spawn_local(async move {
+            let mut out = Vec::with_capacity(64 * 1024);
+            let mut msg = Vec::with_capacity(size + 16);
+            while !stop.get() {
+                let (oldest, next) = (st.oldest.get(), st.next_seq.get());
+                let room = oldest + st.window - next;
+                if room == 0 {
+                    st.advanced.notified().await;
+                    continue;
+                }
+                out.clear();
+                for seq in next..next + room {
+                    msg.clear();
+                    let _ = write!(StringSink(&mut msg), "#t{} ", seq % topics as u64);
+                    msg.extend_from_slice(&seq_payload(seq, size));
+                    encode(&mut out, OP_TEXT, &msg);
+                }
+                st.next_seq.set(next + room);
+                if pub_write.write_all(&out).await.is_err() || pub_write.flush().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(warmup).await;
+    let (d0, p0, c0, t0, cpu0) =
+        (st.deliveries.get(), st.next_seq.get(), churn_ops.get(), Instant::now(), cpu_secs());
+    tokio::time::sleep(duration).await;
+    let (d1, p1, c1) = (st.deliveries.get(), st.next_seq.get(), churn_ops.get());
+    let elapsed = t0.elapsed().as_secs_f64();
+    let client_cpu = (cpu_secs() - cpu0) / elapsed * 100.0;
+    stop.set(true);
+    st.advanced.notify_one();
+    let _ = publishing.await;
+    let t_drain = Instant::now();
+    while st.oldest.get() < st.next_seq.get() && t_drain.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Json::default()
+        .str("event", "result")
+        .str("scenario", "topics")
+        .num("topics", topics as f64)
+        .num("per_topic", per_topic as f64)
+        .num("conns", conns as f64)
+        .num("churners", churners as f64)
+        .num("window", window as f64)
+        .num("seconds", elapsed)
+        .num("publishes_per_s", (p1 - p0) as f64 / elapsed)
+        .num("deliveries_per_s", (d1 - d0) as f64 / elapsed)
+        .num("churn_ops_per_s", (c1 - c0) as f64 / elapsed)
+        .num("churn_errors", churn_errors.get() as f64)
+        .num("client_cpu_pct", client_cpu)
+        .num("undelivered", (st.next_seq.get() - st.oldest.get()) as f64)
+        .num("out_of_window", st.out_of_window.get() as f64)
+        .num("bad_frames", st.sub_errors.get() as f64)
+        .num("connect_s", connect_s)
+        .emit();
+}
+
+// ----------------------------------------------------------------------------------------------
 // S4: idle connections
 
 async fn idle(a: &Args, port: u16, nofile: u64) {
@@ -1311,6 +1514,7 @@ fn main() {
             "echo-throughput" => echo_throughput(&args, port).await,
             "echo-latency" => echo_latency(&args, port).await,
             "fanout" => fanout(&args, port).await,
+            "topics" => topics(&args, port).await,
             "idle" => idle(&args, port, nofile).await,
             "churn" => churn(&args, port).await,
             other => usage(&format!("unknown scenario {other}")),
