@@ -2,7 +2,8 @@
 
 usage: brioche_server.py PORT [asyncio|uvloop] [sync|async|async-sleep0]
   any path: echo (``ws.send(text)`` in ``on_text``);  /sub: subscribed to "bench";
-  /pub: each text message is published to "bench" with ``srv.publish``.
+  /pub: each text message is published to "bench" with ``srv.publish``;
+  /t/a,b,c: subscribed to a, b and c, "+x"/"-x" (un)subscribe (S8; the sync mode only).
 With ``BRIOCHE_BENCH_REDIS=redis://...`` in the environment the topic is shared with the other
 processes using that Redis (``pubsub_redis``; S6).
 
@@ -27,7 +28,8 @@ import sys
 import brioche
 from brioche import server, websocket
 
-from common import TOPIC, backpressure_limit, listening, setup
+from common import (TOPIC, TOPICS_PATH, backpressure_limit, listening, publish_topic, setup,
+                    topics_of)
 
 SUB, PUB, ECHO = "sub", "pub", "echo"
 MODES = ("sync", "async", "async-sleep0", "deflate")
@@ -37,13 +39,26 @@ _srv: brioche.Server[str] | None = None
 def on_open(ws: brioche.WebSocket[str]) -> None:
     if ws.data == SUB:
         ws.subscribe(TOPIC)
+    elif ws.data.startswith(TOPICS_PATH):
+        for topic in topics_of(ws.data):
+            ws.subscribe(topic)
 
 
 def on_text(ws: brioche.WebSocket[str], text: str) -> None:
-    if ws.data == PUB:
+    # The echo first: S1's path pays one comparison, as before S8's topics.
+    role = ws.data
+    if role == ECHO:
+        ws.send(text)
+    elif role == PUB:
         assert _srv is not None
-        _srv.publish(TOPIC, text)
-    else:
+        _srv.publish(publish_topic(text), text)
+    elif role == SUB:
+        ws.send(text)
+    elif text[:1] == "+":
+        ws.subscribe(text[1:])
+        ws.send(text)
+    elif text[:1] == "-":
+        ws.unsubscribe(text[1:])
         ws.send(text)
 
 
@@ -77,7 +92,9 @@ def on_bytes(ws: brioche.WebSocket[str], data: bytes) -> None:
 
 
 def handler(request: server.Request, srv: brioche.Server[str]) -> server.Response | None:
-    role = SUB if request.path == "/sub" else PUB if request.path == "/pub" else ECHO
+    path = request.path
+    role = (SUB if path == "/sub" else PUB if path == "/pub"
+            else path if path.startswith(TOPICS_PATH) else ECHO)
     if srv.upgrade(request, data=role):
         return None
     return server.text("brioche bench server")

@@ -7,6 +7,20 @@ import resource
 import sys
 
 TOPIC = "bench"
+# S8: `/t/a,b,c` subscribes to the topics a, b and c; on it "+x" subscribes to x, "-x"
+# unsubscribes, each answered with the same text once done. On `/pub` a message "#x ..." is
+# published whole to the topic x (any other message to TOPIC).
+TOPICS_PATH = "/t/"
+
+
+def topics_of(path: str) -> list[str]:
+    """The topics of an S8 path (`/t/a,b,c`)."""
+    return path[len(TOPICS_PATH):].split(",")
+
+
+def publish_topic(text: str) -> str:
+    """The topic a message on `/pub` goes to: x for "#x ...", else TOPIC."""
+    return text[1:text.index(" ")] if text[:1] == "#" else TOPIC
 
 
 def backpressure_limit() -> int:

@@ -1,18 +1,22 @@
 """websockets (asyncio implementation) bench server.
 
 usage: websockets_server.py PORT
-  any path: echo;  /sub: subscribed to "bench";  /pub: messages are ``broadcast`` to /sub.
+  any path: echo;  /sub: subscribed to "bench";  /pub: messages are ``broadcast`` to /sub
+  ("#x ..." to the subscribers of x);  /t/a,b,c: subscribed to a, b and c, "+x"/"-x"
+  (un)subscribe (S8). websockets has no topics: a dict of sets here.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from common import listening, setup
+from common import TOPICS_PATH, listening, setup, topics_of
 
 subscribers: set[ServerConnection] = set()
+by_topic: defaultdict[str, set[ServerConnection]] = defaultdict(set)
 
 
 async def handler(ws: ServerConnection) -> None:
@@ -25,7 +29,27 @@ async def handler(ws: ServerConnection) -> None:
             subscribers.discard(ws)
     elif path == "/pub":
         async for message in ws:
-            broadcast(subscribers, message)
+            if isinstance(message, str) and message[:1] == "#":
+                broadcast(by_topic.get(message[1:message.index(" ")], ()), message)
+            else:
+                broadcast(subscribers, message)
+    elif path.startswith(TOPICS_PATH):
+        topics = set(topics_of(path))
+        for topic in topics:
+            by_topic[topic].add(ws)
+        try:
+            async for message in ws:
+                text = str(message)
+                if text[:1] == "+":
+                    topics.add(text[1:])
+                    by_topic[text[1:]].add(ws)
+                elif text[:1] == "-":
+                    topics.discard(text[1:])
+                    by_topic[text[1:]].discard(ws)
+                await ws.send(text)
+        finally:
+            for topic in topics:
+                by_topic[topic].discard(ws)
     else:
         async for message in ws:
             await ws.send(message)
