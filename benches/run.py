@@ -582,8 +582,9 @@ LARGE_CONNS, LARGE_INFLIGHT = 10, 4
 # S10: messages big enough, and a limit small enough, for the slow reader's queue to reach the
 # limit within a run (at 32 bytes it would take minutes); the same for every server.
 SLOW_SIZE, SLOW_LIMIT_MIB = 1024, 1
-# S10's rows: those with a fan-out path of their own (benches/rust_server has no limit to set).
-SLOW_SERVERS = ("brioche-asyncio", "brioche-uvloop", "picows", "socketify", "bun", "websockets",
+# The rows with a bench server in servers/ (benches/rust_server has neither S8's topic paths nor
+# a backpressure limit to set for S10).
+APP_SERVERS = ("brioche-asyncio", "brioche-uvloop", "picows", "socketify", "bun", "websockets",
                 "aiohttp")
 
 
@@ -657,6 +658,17 @@ SCENARIOS = [
              # Not rust-engine: benches/rust_server never releases the server's incoming budget
              # (the bridge's drain() does), so its large echoes stall once it is spent.
              servers=("brioche-asyncio", "brioche-uvloop", "picows", "socketify", "bun")),
+    Scenario("S8", "Many topics",
+             "{topics:,} topics with 10 subscribers each, spread over {topic_conns:,} "
+             "connections (each subscribed to its topics through its path), one publisher "
+             "sending 32-byte messages to the topics in turn with at most 64 not yet delivered "
+             "to all of a topic's subscribers, and {topic_churners:,} more connections (5% as "
+             "many) each subscribing to a topic of its own and unsubscribing again, one request "
+             "at a time, answered by the server. Deliveries/s, and subscribes plus unsubscribes "
+             "a second.",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True),
+              Metric("churn_ops_per_s", "subscribe+unsubscribe/s", "msg/s", True)],
+             servers=APP_SERVERS),
     Scenario("S9", "Connection rate",
              "connect, upgrade, close handshake (no message), repeated {rate_cycles:,} times by "
              "32 concurrent clients; handshakes/s and the time from the TCP connect to the 101 "
@@ -681,7 +693,7 @@ SCENARIOS = [
               Metric("deliveries_per_s_slow", "deliveries/s, one slow", "msg/s", True),
               Metric("slow_ratio", "one slow ÷ all reading", "×", True),
               Metric("rss_over_mib", "peak RSS over the first run's", "MiB", False)],
-             servers=SLOW_SERVERS, compared=("deliveries_per_s_slow",)),
+             servers=APP_SERVERS, compared=("deliveries_per_s_slow",)),
 ]
 
 
@@ -690,11 +702,13 @@ def settings(quick: bool, duration: float | None, repeats: int | None) -> dict[s
         s = {"repeats": 1, "warmup_s": 0.5, "duration_s": 1.5, "warm_run_s": 0.5,
              "idle_conns": 1000, "churn_cycles": 3000, "churn_mark": 300,
              "rate_cycles": 3000, "rate_mark": 300,
+             "topics": 2000, "topic_conns": 400, "topic_churners": 20,
              "large_warmup_s": 0.5, "large_duration_s": 1.0}
     else:
         s = {"repeats": 3, "warmup_s": 1.0, "duration_s": 8.0, "warm_run_s": 2.0,
              "idle_conns": 10_000, "churn_cycles": 50_000, "churn_mark": 5_000,
              "rate_cycles": 20_000, "rate_mark": 2_000,
+             "topics": 10_000, "topic_conns": 2_000, "topic_churners": 100,
              "large_warmup_s": 1.0, "large_duration_s": 4.0}
     s["slow_size"], s["slow_limit_mib"] = SLOW_SIZE, SLOW_LIMIT_MIB
     if duration is not None:
@@ -709,7 +723,7 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
     port = server.port
     scenario_id = TLS_SCENARIOS.get(sc.id, sc.id)
     tls = {"ca": tls_files()["ca"]} if sc.id in TLS_SCENARIOS else {}
-    if scenario_id in ("S1", "S2", "S3", "S1d", "S3d"):
+    if scenario_id in ("S1", "S2", "S3", "S1d", "S3d", "S8"):
         warmup = 0.2 if warm else cfg["warmup_s"]
         duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
         timeout = warmup + duration + 60
@@ -726,6 +740,17 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
             r = loadgen("echo-throughput", port, {"conns": 100, "inflight": 16, "size": 1024,
                                                   "deflate": 1, "warmup": warmup,
                                                   "duration": duration}, timeout)
+        elif sc.id == "S8":
+            r = loadgen("topics", port, {"topics": cfg["topics"], "per-topic": 10,
+                                         "conns": cfg["topic_conns"],
+                                         "churners": cfg["topic_churners"], "window": 64,
+                                         "size": 32, "warmup": warmup, "duration": duration},
+                        timeout)
+            if "error" not in r and (r.get("undelivered") or r.get("bad_frames")
+                                     or r.get("out_of_window") or r.get("churn_errors")):
+                r["error"] = (f"check failed: {r.get('undelivered')} messages not delivered to "
+                              f"all, {r.get('bad_frames')} bad frames, "
+                              f"{r.get('churn_errors')} churners failed")
         elif sc.id == "S3d":
             r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 1024, "deflate": 1,
                                          "warmup": warmup, "duration": duration}, timeout)
@@ -1154,6 +1179,12 @@ def evaluate_targets(scen: dict[str, Scenario],
         v, p = median_of(r5, who, "conns_per_s"), median_of(r5, "picows", "conns_per_s")
         add("S5 conn/s ≥ picows", who, v, p, None if v is None or p is None else v >= p,
             "n/a" if v is None or p is None else f"{v / p:.2f}× picows")
+        r8 = scen["S8"].results
+        for key, label in (("deliveries_per_s", "deliveries/s"),
+                           ("churn_ops_per_s", "subscribe+unsubscribe/s")):
+            v, b = median_of(r8, who, key), median_of(r8, "bun", key)
+            add(f"S8 {label} ≥ Bun", who, v, b, None if v is None or b is None else v >= b,
+                "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
         r9 = scen["S9"].results
         for key, label, higher in (("handshakes_per_s", "handshakes/s", True),
                                    ("handshake_p99_us", "connect→101 p99", False),
@@ -1260,11 +1291,12 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         f"(`benches/loadgen`, Rust, one thread, raw frames) to CPU {CLIENT_CPU}; RLIMIT_NOFILE "
         f"raised to {meta['machine']['nofile_hard']} in both. brioche's tokio runtime sizes itself "
         "to the CPUs it may use: one worker thread, sharing CPU 0 with the Python thread.",
-        "- S1–S3 also show the CPU used during the measured window, in % of one CPU: the server "
-        "(all its threads, from /proc) and the client (getrusage). A client near 100% means the "
-        "number is a floor for that server, not its ceiling.",
+        "- S1–S3 and S8 also show the CPU used during the measured window, in % of one CPU: the "
+        "server (all its threads, from /proc) and the client (getrusage). A client near 100% "
+        "means the number is a floor for that server, not its ceiling.",
         f"- per cell: a warm-up run, then {cfg['repeats']} measured run(s) "
-        f"(S1–S3: {cfg['warmup_s']} s unmeasured + {cfg['duration_s']} s measured each); "
+        f"(S1–S3, S8 and S10: {cfg['warmup_s']} s unmeasured + {cfg['duration_s']} s measured "
+        "each); "
         "**median** (min–max).",
         "",
         "## Servers",
@@ -1309,7 +1341,7 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         ratio_metrics = [m for m in sc.metrics if m.unit != "%"
                          and (sc.compared is None or m.key in sc.compared)]
         header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
-        client = sc.id in ("S1", "S2", "S3", "S1d", "S3d", *TLS_SCENARIOS)
+        client = sc.id in ("S1", "S2", "S3", "S1d", "S3d", "S8", *TLS_SCENARIOS)
         header += " | server CPU | client CPU |" if client else " |"
         lines += [header,
                   "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]
@@ -1485,7 +1517,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 repeat, short runs)")
     ap.add_argument("--servers", help="comma-separated subset, e.g. brioche-asyncio,picows,bun")
     ap.add_argument("--scenarios", help="comma-separated subset, e.g. S1,S3")
-    ap.add_argument("--duration", type=float, help="measured seconds per S1–S3 run")
+    ap.add_argument("--duration", type=float, help="measured seconds per S1–S3, S8 and S10 run")
     ap.add_argument("--repeats", type=int, help="measured runs per cell")
     ap.add_argument("--skip-setup", action="store_true", help="no pip install (still builds)")
     ap.add_argument("--merge", action="store_true",
