@@ -667,7 +667,7 @@ SCENARIOS = [
              "at a time, answered by the server. Deliveries/s, and subscribes plus unsubscribes "
              "a second.",
              [Metric("deliveries_per_s", "deliveries/s", "msg/s", True),
-              Metric("churn_ops_per_s", "subscribe+unsubscribe/s", "msg/s", True)],
+              Metric("churn_ops_per_s", "subscribe+unsubscribe/s", "op/s", True)],
              servers=APP_SERVERS),
     Scenario("S9", "Connection rate",
              "connect, upgrade, close handshake (no message), repeated {rate_cycles:,} times by "
@@ -1086,7 +1086,7 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
 
 
 def fmt(v: float, unit: str) -> str:
-    if unit in ("msg/s", "conn/s", "MB/s"):
+    if unit in ("msg/s", "conn/s", "op/s", "MB/s"):
         return f"{v:,.0f}"
     if unit == "%":
         return f"{v:+.1f}"
