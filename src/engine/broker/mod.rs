@@ -6,6 +6,13 @@
 //! each server has its own topics, namespace and stats, and sharing a link between them would
 //! mean routing every message to several registries for a case that is rare.
 //!
+//! Sharded pub/sub on a Redis Cluster is the exception to one socket: a shard channel lives on
+//! the master of its hash slot, and any other node answers `MOVED`. There the link is the
+//! `redis` crate's cluster connection (one RESP3 connection per master, routed by slot, `MOVED`
+//! followed by refreshing its slot map, which also moves the subscriptions of a slot that
+//! changed hands). Whether the URL's node is in a cluster is asked on each connection
+//! (`INFO cluster`), so a standalone Redis 7 keeps the one connection.
+//!
 //! - Publishes arrive from `Shared::publish` on a bounded queue (`pubsub/remote.rs`), which
 //!   never makes the loop thread wait; they go to Redis in pipelines, in the order they came,
 //!   each framed with this process's origin id and its sequence number.
@@ -15,19 +22,28 @@
 //!   subscribed in vain or deaf.
 //! - Messages from Redis go to the local subscribers through `Shared::publish_local`; a
 //!   message of this process's own origin is dropped (its subscribers here had it already),
-//!   and so is one whose sequence number is not past the last one seen from its origin.
+//!   and so is one whose sequence number is not past the last one seen from its origin (on a
+//!   cluster, from its origin in that hash slot: one origin's slots are published to, and
+//!   arrive, on separate connections, in order only slot by slot).
 //! - When the link drops, local delivery goes on; publishes are counted lost until the task
 //!   has reconnected (with backoff) and resubscribed. Redis pub/sub is at-most-once: nothing
-//!   is replayed. One log line says the link is down, one that it is back.
+//!   is replayed. One log line says the link is down, one that it is back. On a cluster, losing
+//!   any node's connection drops the whole link, although the crate would repair that node
+//!   alone: what it publishes and receives meanwhile would otherwise be lost without a count
+//!   or a log line.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::try_join_all;
 use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{
-    AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
-    RedisResult, Value,
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion,
+    PushInfo, PushKind, RedisResult, Value,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
@@ -50,14 +66,15 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Publishes (or topic changes) written to Redis in one pipeline.
 const BATCH: usize = 1024;
-/// Origins remembered for duplicate checks; each restarted process is a new one, so the map is
-/// emptied when it grows past this rather than growing for ever.
-const MAX_ORIGINS: usize = 4096;
+/// Origins (on a cluster, origins in a slot) remembered for duplicate checks; each restarted
+/// process is a new one, so the map is emptied when it grows past this rather than growing for
+/// ever.
+const MAX_SEQUENCES: usize = 64 * 1024;
 
 /// Run the link of `shared` until the server stops.
 pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: RemoteInbox) {
     // Checked by `Server::start`: an error here cannot happen, and would leave topics local.
-    let Ok((client, peer)) = client(&config) else {
+    let Ok((client, info, peer)) = client(&config) else {
         return;
     };
     let mut link = Link {
@@ -66,6 +83,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         sharded: config.sharded,
         subscribed: FxHashSet::default(),
         last_seq: FxHashMap::default(),
+        cluster: false,
         seq: 0,
     };
     let shutdown = link.shared.shutdown.clone();
@@ -74,7 +92,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
     loop {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            connected = link.connect(&client) => connected,
+            connected = link.connect(&client, &info) => connected,
         };
         let reason = match connected {
             Ok((mut conn, mut pushes)) => {
@@ -116,15 +134,51 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
 }
 
 /// The client for `config`'s URL, always on RESP3 (its pushes are what lets one connection
-/// both publish and subscribe), and the server's address for log lines (never the password).
-fn client(config: &RedisConfig) -> RedisResult<(Client, String)> {
+/// both publish and subscribe), what a cluster client is made of, and the server's address for
+/// log lines (never the password).
+fn client(config: &RedisConfig) -> RedisResult<(Client, ConnectionInfo, String)> {
     let info = config.url.as_str().into_connection_info()?;
     let peer = info.addr().to_string();
     let settings = info
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
-    Ok((Client::open(info.set_redis_settings(settings))?, peer))
+    let info = info.set_redis_settings(settings);
+    Ok((Client::open(info.clone())?, info, peer))
+}
+
+/// The connection of a link.
+enum Conn {
+    /// A standalone Redis; or any node of a cluster for plain pub/sub, whose `PUBLISH` reaches
+    /// every node.
+    Node(MultiplexedConnection),
+    /// A cluster with sharded pub/sub.
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Run `pipe`, routed by the crate on a cluster.
+    async fn exec(&mut self, pipe: &Pipeline) -> RedisResult<()> {
+        match self {
+            Conn::Node(conn) => pipe.exec_async(conn).await,
+            Conn::Cluster(conn) => pipe.exec_async(conn).await,
+        }
+    }
+}
+
+/// Whether `conn`'s node is part of a Redis Cluster. A Redis that refuses `INFO` (some hosted
+/// ones rename it) is taken for a single node: were it a cluster after all, a channel of
+/// another node would get `MOVED`, which fails the link, and the next connection asks again.
+async fn in_cluster(conn: &mut MultiplexedConnection) -> RedisResult<bool> {
+    match redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(conn)
+        .await
+    {
+        Ok(info) => Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1")),
+        Err(e) if e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() => Err(e),
+        Err(_) => Ok(false),
+    }
 }
 
 struct Link {
@@ -133,8 +187,10 @@ struct Link {
     sharded: bool,
     /// Topics subscribed on the current connection.
     subscribed: FxHashSet<Arc<str>>,
-    /// The last sequence number delivered from each other process.
-    last_seq: FxHashMap<u64, u64>,
+    /// The last sequence number delivered from each other process (and slot, on a cluster).
+    last_seq: FxHashMap<(u64, Option<Slot>), u64>,
+    /// Connected to a cluster, with sharded pub/sub.
+    cluster: bool,
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
@@ -156,16 +212,42 @@ impl Link {
     async fn connect(
         &mut self,
         client: &Client,
-    ) -> Result<(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>), &'static str> {
+        info: &ConnectionInfo,
+    ) -> Result<(Conn, mpsc::UnboundedReceiver<PushInfo>), &'static str> {
         let (push_tx, pushes) = mpsc::unbounded_channel();
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
             .set_push_sender(push_tx);
-        let mut conn = client
+        let mut node = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|_| "cannot connect")?;
+        let cluster = self.sharded && in_cluster(&mut node).await.map_err(|_| "cannot connect")?;
+        let (mut conn, pushes) = if cluster {
+            // The node's own connection goes, and with it its pushes: its `Disconnection` as
+            // it closes is not the link's.
+            drop(node);
+            let (push_tx, pushes) = mpsc::unbounded_channel();
+            let conn = ClusterClientBuilder::new([info.clone()])
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(push_tx)
+                .connection_timeout(TIMEOUT)
+                .response_timeout(TIMEOUT)
+                .build()
+                .map_err(|_| "cannot connect")?
+                .get_async_connection()
+                .await
+                .map_err(|_| "cannot connect")?;
+            (Conn::Cluster(conn), pushes)
+        } else {
+            (Conn::Node(node), pushes)
+        };
+        if self.cluster != cluster {
+            // Sequences are kept by slot on a cluster, by origin alone elsewhere.
+            self.last_seq.clear();
+            self.cluster = cluster;
+        }
         let topics = self.shared.topics.names();
         for chunk in topics.chunks(BATCH) {
             self.change_subscriptions(&mut conn, chunk, &[])
@@ -178,7 +260,7 @@ impl Link {
     /// Serve the connection until it fails; returns why.
     async fn serve(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
         inbox: &mut RemoteInbox,
     ) -> &'static str {
@@ -217,7 +299,8 @@ impl Link {
                     }
                 }
                 _ = ping.tick() => {
-                    if redis::cmd("PING").exec_async(conn).await.is_err() {
+                    // On a cluster, the crate sends it to every node.
+                    if conn.exec(redis::pipe().cmd("PING")).await.is_err() {
                         return "no answer to PING";
                     }
                 }
@@ -225,26 +308,41 @@ impl Link {
         }
     }
 
-    /// Write `batch` to Redis, in order, in one pipeline. On an error none of it counts as
-    /// published: some may have reached Redis, but nothing here can tell which.
-    async fn publish(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        batch: &mut Vec<Outgoing>,
-    ) -> RedisResult<()> {
+    /// Write `batch` to Redis, in order, in one pipeline; on a cluster, in one pipeline per
+    /// hash slot (the crate refuses a pipeline across slots), all at once, each in order: a
+    /// topic's publishes stay in order, and those of topics on different masters never had an
+    /// order a subscriber could see. On an error none of it counts as published: some may have
+    /// reached Redis, but nothing here can tell which.
+    async fn publish(&mut self, conn: &mut Conn, batch: &mut Vec<Outgoing>) -> RedisResult<()> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let origin = self.remote().origin;
-        let mut pipe = redis::pipe();
         let count = batch.len() as u64;
+        let mut pipes: FxHashMap<Option<Slot>, Pipeline> = FxHashMap::default();
         for out in batch.drain(..) {
             self.seq += 1;
             let message = remote::encode(origin, self.seq, out.opcode, &out.payload);
-            pipe.cmd(command)
-                .arg(self.channel(&out.topic))
+            let channel = self.channel(&out.topic);
+            let slot = matches!(conn, Conn::Cluster(_)).then(|| Slot::for_key(&channel));
+            pipes
+                .entry(slot)
+                .or_insert_with(redis::pipe)
+                .cmd(command)
+                .arg(channel)
                 .arg(message.as_ref())
                 .ignore();
         }
-        let written = pipe.exec_async(conn).await;
+        let written = match conn {
+            Conn::Node(conn) => match pipes.values().next() {
+                Some(pipe) => pipe.exec_async(conn).await,
+                None => Ok(()),
+            },
+            Conn::Cluster(conn) => try_join_all(pipes.values().map(|pipe| {
+                let mut conn = conn.clone();
+                async move { pipe.exec_async(&mut conn).await }
+            }))
+            .await
+            .map(|_| ()),
+        };
         let counter = if written.is_ok() {
             Counter::RedisPublished
         } else {
@@ -257,11 +355,7 @@ impl Link {
     /// Subscribe to the topics of `changed` that have local subscribers and are not subscribed
     /// yet, and unsubscribe from those that have none and are. The registry decides, not the
     /// order the reports came in.
-    async fn reconcile(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        changed: &mut Vec<Arc<str>>,
-    ) -> RedisResult<()> {
+    async fn reconcile(&mut self, conn: &mut Conn, changed: &mut Vec<Arc<str>>) -> RedisResult<()> {
         let mut join = Vec::new();
         let mut leave = Vec::new();
         let mut seen = FxHashSet::default();
@@ -281,10 +375,11 @@ impl Link {
 
     /// One command per channel, in one pipeline: a `SUBSCRIBE` of several channels gets one
     /// reply per channel, which the multiplexed connection would pair with later commands; and
-    /// an `SSUBSCRIBE` may name only channels of one hash slot.
+    /// an `SSUBSCRIBE` may name only channels of one hash slot. On a cluster, one command per
+    /// channel too, all at once, each routed by the crate to its slot's master.
     async fn change_subscriptions(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         join: &[Arc<str>],
         leave: &[Arc<str>],
     ) -> RedisResult<()> {
@@ -296,14 +391,33 @@ impl Link {
         } else {
             ("SUBSCRIBE", "UNSUBSCRIBE")
         };
-        let mut pipe = redis::pipe();
-        for topic in join {
-            pipe.cmd(subscribe).arg(self.channel(topic)).ignore();
+        match conn {
+            Conn::Node(conn) => {
+                let mut pipe = redis::pipe();
+                for topic in join {
+                    pipe.cmd(subscribe).arg(self.channel(topic)).ignore();
+                }
+                for topic in leave {
+                    pipe.cmd(unsubscribe).arg(self.channel(topic)).ignore();
+                }
+                pipe.exec_async(conn).await?;
+            }
+            Conn::Cluster(conn) => {
+                let joins = join.iter().map(|topic| (true, self.channel(topic)));
+                let leaves = leave.iter().map(|topic| (false, self.channel(topic)));
+                try_join_all(joins.chain(leaves).map(|(join, channel)| {
+                    let mut conn = conn.clone();
+                    async move {
+                        if join {
+                            conn.ssubscribe(channel).await
+                        } else {
+                            conn.sunsubscribe(channel).await
+                        }
+                    }
+                }))
+                .await?;
+            }
         }
-        for topic in leave {
-            pipe.cmd(unsubscribe).arg(self.channel(topic)).ignore();
-        }
-        pipe.exec_async(conn).await?;
         self.subscribed.extend(join.iter().cloned());
         for topic in leave {
             self.subscribed.remove(topic);
@@ -337,10 +451,14 @@ impl Link {
         if incoming.origin == self.remote().origin {
             return true;
         }
-        if self.last_seq.len() >= MAX_ORIGINS && !self.last_seq.contains_key(&incoming.origin) {
+        let key = (
+            incoming.origin,
+            self.cluster.then(|| Slot::for_key(&channel)),
+        );
+        if self.last_seq.len() >= MAX_SEQUENCES && !self.last_seq.contains_key(&key) {
             self.last_seq.clear();
         }
-        let last = self.last_seq.entry(incoming.origin).or_insert(0);
+        let last = self.last_seq.entry(key).or_insert(0);
         if incoming.seq <= *last {
             return true;
         }
