@@ -1,0 +1,385 @@
+"""Sharded pub/sub on a real Redis Cluster of three masters (``pubsub_redis(sharded=True)``).
+
+Each test starts its own cluster: three ``redis-server`` processes in cluster mode on free ports
+(client and bus ports both chosen, so nothing depends on port + 10000), each in a directory of
+its own under the test's temp dir, slots assigned by hand (``CLUSTER ADDSLOTSRANGE``) and the
+nodes introduced with ``CLUSTER MEET``. Brioche is given the URL of the first node only: the
+other masters are found through the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+import brioche
+from brioche import MessageSent, server
+from conftest import free_port, serve_config, upgrade_ws_path, ws_url
+from test_redis_pubsub import Collector, Peer, Redis, clients, peer, peer_stats, redis, topics_config, until
+
+__all__ = ["clients", "peer", "redis"]  # fixtures, used by name
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+    reason="redis-server is not installed (make system-deps)",
+)
+
+SLOTS = 16384
+# The three masters' slots, as redis-cli --cluster create would split them.
+RANGES = [(0, 5460), (5461, 10922), (10923, 16383)]
+NAMESPACE = "c:"
+
+
+def crc16(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), Redis Cluster's key hash."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def slot(key: str) -> int:
+    """The hash slot of ``key`` (no hash tags in these tests' names)."""
+    assert "{" not in key
+    return crc16(key.encode()) % SLOTS
+
+
+def owner(key: str) -> int:
+    """Which of the three masters serves ``key``'s slot."""
+    return next(i for i, (low, high) in enumerate(RANGES) if low <= slot(key) <= high)
+
+
+def topics_per_master(count: int) -> list[str]:
+    """``count`` topics on each master, in master order: t0, t1, ... picked by their channel's slot."""
+    chosen: list[list[str]] = [[] for _ in RANGES]
+    for i in range(1000):
+        topic = f"t{i}"
+        if len(chosen[owner(NAMESPACE + topic)]) < count:
+            chosen[owner(NAMESPACE + topic)].append(topic)
+        if all(len(c) == count for c in chosen):
+            return [topic for per_master in chosen for topic in per_master]
+    raise AssertionError("1,000 names did not cover three masters")
+
+
+def test_crc16_matches_redis_reference() -> None:
+    # The check value of CRC16/XMODEM, and the example of the Redis Cluster specification.
+    assert crc16(b"123456789") == 0x31C3
+    assert slot("foo") == 12182
+
+
+class Node:
+    """One ``redis-server`` in cluster mode, killed and started again at will, same ports and dir."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.bus_port = free_port()
+        self.directory = directory
+        directory.mkdir()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--cluster-port", str(self.bus_port),
+             "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "2000", "--dir", str(self.directory), "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != ["PONG"]:
+            assert self.process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
+
+    def cli(self, *args: str) -> list[str]:
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
+        return done.stdout.split()
+
+    def info(self, section: str) -> dict[str, str]:
+        fields = (line.partition(":") for line in self.cli("INFO", section) + self.cli("CLUSTER", "INFO"))
+        return {key: value for key, _, value in fields if value}
+
+
+class Cluster:
+    def __init__(self, directory: Path) -> None:
+        self.nodes = [Node(directory / f"node{i}") for i in range(len(RANGES))]
+        self.url = f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        for node, (low, high) in zip(self.nodes, RANGES):
+            assert node.cli("CLUSTER", "ADDSLOTSRANGE", str(low), str(high)) == ["OK"]
+        for node in self.nodes[1:]:
+            assert self.nodes[0].cli("CLUSTER", "MEET", "127.0.0.1", str(node.port), str(node.bus_port)) == ["OK"]
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every node sees all three masters, every slot served and the cluster up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [node.info("cluster") for node in self.nodes]
+            if all(
+                i.get("cluster_state") == "ok"
+                and i.get("cluster_known_nodes") == "3"
+                and i.get("cluster_slots_ok") == str(SLOTS)
+                for i in infos
+            ):
+                return
+            assert time.monotonic() < deadline, f"cluster not ok within {timeout} s: {infos}"
+            time.sleep(0.05)
+
+    def node_of(self, topic: str) -> Node:
+        return self.nodes[owner(NAMESPACE + topic)]
+
+    def shard_subscribers(self, topic: str) -> int:
+        """Connections subscribed to ``topic``'s channel, asked of the master that serves it."""
+        out = self.node_of(topic).cli("PUBSUB", "SHARDNUMSUB", NAMESPACE + topic)
+        return int(out[1])
+
+    def spublish_calls(self) -> list[int]:
+        calls = []
+        for node in self.nodes:
+            stat = node.info("commandstats").get("cmdstat_spublish", "calls=0,")
+            calls.append(int(stat.split(",")[0].removeprefix("calls=")))
+        return calls
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    instance = Cluster(tmp_path)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        for node in instance.nodes:
+            if node.process is not None:
+                node.kill()
+
+
+async def serve_sharded(started: list[brioche.Server[Any]], url: str) -> brioche.Server[Any]:
+    config = server.handler(upgrade_ws_path).hostname("127.0.0.1").port(0).websocket(topics_config())
+    return await serve_config(config.pubsub_redis(url, sharded=True, namespace=NAMESPACE), started)
+
+
+def all_subscribed(cluster: Cluster, topics: list[str], count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        counts = await asyncio.gather(*(asyncio.to_thread(cluster.shard_subscribers, t) for t in topics))
+        return all(c == count for c in counts)
+
+    return check
+
+
+async def test_two_processes_share_topics_on_three_masters_exactly_once_and_in_order(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]], clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    """Topics on every master, the URL of one: fails where MOVED is not followed."""
+    topics = topics_per_master(2)
+    assert [owner(NAMESPACE + t) for t in topics] == [0, 0, 1, 1, 2, 2]
+    assert len({slot(NAMESPACE + t) for t in topics}) == 6
+    query = ",".join(topics)
+    srv = await serve_sharded(started, cluster.url)
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    a_sub, a_pub = await clients(ws_url(srv, f"/ws?{query}")), await clients(ws_url(srv, f"/ws?{query}"))
+    b_sub, b_pub = await clients(other.url(f"/ws?{query}")), await clients(other.url(f"/ws?{query}"))
+    b_control = await connect(other.url(), open_timeout=5)
+    # One subscription per process, on the master of each channel's slot.
+    await until(all_subscribed(cluster, topics, 2), "both processes to subscribe on every master", 15)
+    assert srv.stats()["redis_connected"] == 1
+    assert (await peer_stats(b_control))["redis_connected"] == 1
+    calls_before = await asyncio.to_thread(cluster.spublish_calls)
+
+    count = 1_000
+    for i in range(count):
+        topic = topics[i % len(topics)]
+        await a_pub.client.send(f"pub {topic} a {topic} {i}")
+        await b_pub.client.send(f"pub {topic} b {topic} {i}")
+
+    def expected(publisher: str, topic: str) -> list[str]:
+        return [f"{publisher} {topic} {i}" for i in range(count) if topics[i % len(topics)] == topic]
+
+    def complete() -> bool:
+        return (
+            len(a_sub.messages) >= 2 * count
+            and len(b_sub.messages) >= 2 * count
+            and len(a_pub.messages) >= count
+            and len(b_pub.messages) >= count
+        )
+
+    await until(complete, "2,000 messages at each subscriber", 60)
+    # A marker per topic behind everything each side published on it: a duplicate would have
+    # come before it.
+    for topic in topics:
+        await a_pub.client.send(f"pub {topic} a {topic} end")
+        await b_pub.client.send(f"pub {topic} b {topic} end")
+    ends = {f"{p} {t} end" for p in "ab" for t in topics}
+    await until(lambda: all(ends <= set(c.messages) for c in (a_sub, b_sub)), "markers")
+    await until(
+        lambda: {f"b {t} end" for t in topics} <= set(a_pub.messages)
+        and {f"a {t} end" for t in topics} <= set(b_pub.messages),
+        "markers to publishers",
+    )
+    for subscriber in (a_sub, b_sub):
+        assert len(subscriber.messages) == 2 * count + 2 * len(topics)
+        for topic in topics:
+            for publisher in "ab":
+                got = subscriber.starting(f"{publisher} {topic} ")
+                assert got == expected(publisher, topic) + [f"{publisher} {topic} end"], (publisher, topic)
+    # publish_to_self off: a publisher gets the other process's messages, never its own.
+    assert len(a_pub.messages) == len(b_pub.messages) == count + len(topics)
+    for topic in topics:
+        assert a_pub.starting(f"b {topic} ") == expected("b", topic) + [f"b {topic} end"]
+        assert b_pub.starting(f"a {topic} ") == expected("a", topic) + [f"a {topic} end"]
+    assert a_pub.starting("a ") == b_pub.starting("b ") == []
+
+    published = count + len(topics)
+    stats = srv.stats()
+    assert stats["publishes"] == published
+    assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_received"]) == (published, 0, published)
+    remote_stats = await peer_stats(b_control)
+    assert (remote_stats["redis_published"], remote_stats["redis_publishes_lost"]) == (published, 0)
+    assert remote_stats["redis_received"] == published
+    # Each master got the publishes of its own channels, from both processes, once each.
+    calls = [after - before for after, before in zip(await asyncio.to_thread(cluster.spublish_calls), calls_before)]
+    per_master = [2 * sum(1 for i in range(count) if owner(NAMESPACE + topics[i % len(topics)]) == m) + 4 for m in range(3)]
+    assert calls == per_master
+    await b_control.close()
+
+
+async def test_subscriptions_are_counted_per_process_on_each_master(
+    cluster: Cluster, started: list[brioche.Server[Any]], clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    """A channel is subscribed, on its own master, only while the process has local subscribers."""
+    topics = topics_per_master(1)
+    srv = await serve_sharded(started, cluster.url)
+    first = [await clients(ws_url(srv, f"/ws?{t}")) for t in topics]
+    await until(all_subscribed(cluster, topics, 1), "a subscription on every master", 15)
+    second = [await clients(ws_url(srv, f"/ws?{t}")) for t in topics]
+    assert [srv.subscriber_count(t) for t in topics] == [2, 2, 2]
+    assert [await asyncio.to_thread(cluster.shard_subscribers, t) for t in topics] == [1, 1, 1]
+    for client in first:
+        await client.client.close()
+    await until(lambda: [srv.subscriber_count(t) for t in topics] == [1, 1, 1], "the first sockets to go")
+    assert [await asyncio.to_thread(cluster.shard_subscribers, t) for t in topics] == [1, 1, 1]
+    for client in second:
+        await client.client.close()
+    await until(all_subscribed(cluster, topics, 0), "every master to see the channel left")
+
+
+async def test_a_master_restart_mid_stream(
+    cluster: Cluster,
+    started: list[brioche.Server[Any]],
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kill the master of one topic (not the URL's node) under a stream of publishes, start it again.
+
+    Local delivery never stops; the other process gets nothing twice and nothing out of order,
+    and has messages again within 5 s of the cluster being whole; one line says the link is
+    down, one that it is back.
+    """
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    topic = topics_per_master(1)[2]
+    victim = cluster.node_of(topic)
+    assert victim is cluster.nodes[2]
+    srv = await serve_sharded(started, cluster.url)
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    local = await clients(ws_url(srv, f"/ws?{topic}"))
+    remote = await clients(other.url(f"/ws?{topic}"))
+    await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
+
+    published = 0
+    stop = asyncio.Event()
+
+    async def publisher() -> None:
+        nonlocal published
+        # A steady stream, one message every 2 ms: a pace, not a synchronisation.
+        while not stop.is_set() and published < 30_000:
+            assert srv.publish(topic, str(published)) == MessageSent(len(str(published)))
+            published += 1
+            await asyncio.sleep(0.002)
+
+    stream = asyncio.ensure_future(publisher())
+    await until(lambda: len(remote.messages) >= 50, "messages through the cluster")
+    await asyncio.to_thread(victim.kill)
+    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see the master gone")
+    killed_at = published
+    await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with a master down")
+    await asyncio.to_thread(victim.start)
+    await asyncio.to_thread(cluster.wait_ok)
+    restarted_at = published
+    # The core's bound once the cluster is whole again: its backoff (at most 1 s), a connect and
+    # a resubscribe.
+    took = await until(lambda: any(int(m) >= restarted_at for m in remote.messages), "remote delivery to resume")
+    assert took < 5
+    resumed_at = published
+    await until(lambda: published >= resumed_at + 100, "100 more publishes")
+    stop.set()
+    await stream
+    await until(lambda: len(local.messages) == published, "every local delivery")
+    await until(lambda: remote.messages[-1] == str(published - 1), "the last remote delivery")
+
+    assert local.messages == [str(i) for i in range(published)]
+    got = [int(m) for m in remote.messages]
+    assert got == sorted(set(got)), "duplicated or reordered"
+    assert len(got) < published, "messages published while the master was down cannot have arrived"
+    first_back = next(i for i in got if i >= restarted_at)
+    assert got[got.index(first_back) :] == list(range(first_back, published))
+
+    await until(
+        lambda: srv.stats()["redis_published"] + srv.stats()["redis_publishes_lost"] == published,
+        "the queue to Redis to drain",
+    )
+    stats = srv.stats()
+    assert stats["redis_publishes_lost"] >= 1
+    assert stats["redis_connected"] == 1
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "brioche.redis"]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "is down" in lines[0][1] and "is back" in lines[1][1]
+
+
+async def test_standalone_redis_with_sharded_keeps_one_connection(
+    redis: Redis, started: list[brioche.Server[Any]], clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``sharded=True`` on a Redis that is not a cluster: SSUBSCRIBE/SPUBLISH on its one connection."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    first = await serve_sharded(started, redis.url)
+    second = await serve_sharded(started, redis.url)
+    topics = topics_per_master(1)
+    subscriber = await clients(ws_url(second, f"/ws?{','.join(topics)}"))
+
+    async def subscribed() -> bool:
+        out = await asyncio.to_thread(redis.cli, "PUBSUB", "SHARDNUMSUB", *(NAMESPACE + t for t in topics))
+        return out[1::2] == ["1"] * len(topics)
+
+    await until(subscribed, "the subscriptions on the standalone Redis")
+    await until(lambda: first.stats()["redis_connected"] == 1, "the first server to connect")
+    for topic in topics:
+        first.publish(topic, f"on {topic}")
+    await until(lambda: len(subscriber.messages) == len(topics), "the messages through Redis")
+    assert subscriber.messages == [f"on {t}" for t in topics]
+    assert (first.stats()["redis_published"], second.stats()["redis_received"]) == (3, 3)
+    # One connection per server, none left from asking whether it is a cluster; and redis-cli's.
+    info = await asyncio.to_thread(redis.cli, "INFO", "clients")
+    assert "connected_clients:3" in info
+    assert [r.getMessage() for r in caplog.records if r.name == "brioche.redis"] == []
