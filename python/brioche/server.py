@@ -303,9 +303,10 @@ class Config(Generic[T]):
         the other processes; the core holds one connection to Redis per server, subscribes to
         a topic's channel (``namespace`` + topic) only while this process has subscribers to
         it, and fans messages out to its sockets without Python. ``sharded=True`` uses Redis 7's
-        sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``), sent to the node of ``url``: a Redis
-        Cluster of several shards answers MOVED for the channels of other nodes' slots, which
-        the core does not follow yet.
+        sharded pub/sub (``SSUBSCRIBE``/``SPUBLISH``): on a Redis Cluster, ``url`` names any
+        node, and each channel goes to the master of its hash slot (one connection per master,
+        MOVED followed; order is kept per publisher and topic); on a standalone Redis, the one
+        connection.
 
         Delivery between processes is at most once: while Redis is unreachable, local delivery
         goes on, publishes are lost for the other processes (``redis_publishes_lost`` in
