@@ -156,6 +156,33 @@ class Cluster:
         out = self.node_of(topic).cli("PUBSUB", "SHARDNUMSUB", NAMESPACE + topic)
         return int(out[1])
 
+    def slot_owner_seen_by(self, node: Node, slot: int) -> int | None:
+        """The port of the master that ``node`` says serves ``slot`` (``CLUSTER NODES``)."""
+        out = subprocess.run(["redis-cli", "-p", str(node.port), "CLUSTER", "NODES"], capture_output=True, text=True, timeout=5)
+        for line in out.stdout.splitlines():
+            fields = line.split()
+            for token in fields[8:]:
+                if token.startswith("["):
+                    continue  # a slot being migrated or imported
+                low, _, high = token.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return int(fields[1].split("@")[0].rpartition(":")[2])
+        return None
+
+    def move_slot(self, slot: int, source: Node, target: Node) -> None:
+        """Give ``slot`` (with no keys) from ``source`` to ``target``, as a resharding does."""
+        source_id, target_id = source.cli("CLUSTER", "MYID")[0], target.cli("CLUSTER", "MYID")[0]
+        assert target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id) == ["OK"]
+        assert source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id) == ["OK"]
+        assert source.cli("CLUSTER", "COUNTKEYSINSLOT", str(slot)) == ["0"]
+        others = [node for node in self.nodes if node not in (source, target)]
+        for node in (target, source, *others):
+            assert node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == ["OK"]
+        deadline = time.monotonic() + 10
+        while any(self.slot_owner_seen_by(node, slot) != target.port for node in self.nodes):
+            assert time.monotonic() < deadline, "the nodes did not agree on the slot's new master within 10 s"
+            time.sleep(0.05)
+
     def spublish_calls(self) -> list[int]:
         calls = []
         for node in self.nodes:
@@ -283,6 +310,59 @@ async def test_subscriptions_are_counted_per_process_on_each_master(
     for client in second:
         await client.client.close()
     await until(all_subscribed(cluster, topics, 0), "every master to see the channel left")
+
+
+async def test_a_slot_moved_to_another_master_is_followed_without_an_outage(
+    cluster: Cluster,
+    started: list[brioche.Server[Any]],
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A subscribed channel's slot moves to another master (``CLUSTER SETSLOT``, a resharding).
+
+    The old master ends the slot's subscriptions (a ``sunsubscribe`` push) and answers MOVED to
+    its publishes: each process subscribes again on the new master and its publishes follow
+    there, with no outage, nothing lost, nothing twice, in order.
+    """
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    topic = topics_per_master(1)[2]
+    moved = slot(NAMESPACE + topic)
+    source, target = cluster.nodes[2], cluster.nodes[0]
+    assert cluster.node_of(topic) is source
+    srv = await serve_sharded(started, cluster.url)
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    local = await clients(ws_url(srv, f"/ws?{topic}"))
+    remote = await clients(other.url(f"/ws?{topic}"))
+    await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
+
+    def subscribed_on(node: Node) -> int:
+        return int(node.cli("PUBSUB", "SHARDNUMSUB", NAMESPACE + topic)[1])
+
+    for i in range(100):
+        srv.publish(topic, f"before {i}")
+    await until(lambda: len(remote.messages) == 100, "100 messages before the move")
+    await asyncio.to_thread(cluster.move_slot, moved, source, target)
+
+    async def resubscribed() -> bool:
+        return await asyncio.to_thread(subscribed_on, target) == 2
+
+    await until(resubscribed, "both processes to subscribe on the new master")
+    for i in range(100):
+        srv.publish(topic, f"after {i}")
+    for i in range(100):
+        await remote.client.send(f"pub {topic} back {i}")
+    # The peer's socket publishes "back": publish_to_self is off, so it gets only srv's.
+    await until(lambda: len(remote.messages) == 200, "the messages after the move")
+    await until(lambda: len(local.messages) == 200 + 100, "the other process's messages")
+    expected = [f"before {i}" for i in range(100)] + [f"after {i}" for i in range(100)]
+    assert remote.messages == expected
+    assert local.starting("b") == expected[:100] + [f"back {i}" for i in range(100)]
+    assert local.starting("after ") == expected[100:]
+    stats = srv.stats()
+    assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_received"]) == (200, 0, 100)
+    assert stats["redis_connected"] == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "brioche.redis"] == []
 
 
 async def test_a_master_restart_mid_stream(

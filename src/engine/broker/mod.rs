@@ -9,9 +9,11 @@
 //! Sharded pub/sub on a Redis Cluster is the exception to one socket: a shard channel lives on
 //! the master of its hash slot, and any other node answers `MOVED`. There the link is the
 //! `redis` crate's cluster connection (one RESP3 connection per master, routed by slot, `MOVED`
-//! followed by refreshing its slot map, which also moves the subscriptions of a slot that
-//! changed hands). Whether the URL's node is in a cluster is asked on each connection
-//! (`INFO cluster`), so a standalone Redis 7 keeps the one connection.
+//! followed by refreshing its slot map). A slot given to another master takes its
+//! subscriptions with it only through the link: the old master ends them with a push, which
+//! the crate takes as final, and the link subscribes again. Whether the URL's node is in a
+//! cluster is asked on each connection (`INFO cluster`), so a standalone Redis 7 keeps the one
+//! connection.
 //!
 //! - Publishes arrive from `Shared::publish` on a bounded queue (`pubsub/remote.rs`), which
 //!   never makes the loop thread wait; they go to Redis in pipelines, in the order they came,
@@ -266,15 +268,21 @@ impl Link {
     ) -> &'static str {
         let mut outgoing = Vec::with_capacity(BATCH);
         let mut topics = Vec::new();
+        let mut ended = Vec::new();
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.reset();
         loop {
             tokio::select! {
                 push = pushes.recv() => match push {
-                    Some(push) => if !self.on_push(push) {
-                        return "connection lost";
-                    },
+                    Some(push) => {
+                        if !self.on_push(push, &mut ended) {
+                            return "connection lost";
+                        }
+                        if !ended.is_empty() && self.reconcile(conn, &mut ended).await.is_err() {
+                            return "subscribe failed";
+                        }
+                    }
                     None => return "connection lost",
                 },
                 n = inbox.outgoing.recv_many(&mut outgoing, BATCH) => {
@@ -425,11 +433,36 @@ impl Link {
         Ok(())
     }
 
-    /// Handle one push from Redis; false when it says the connection is gone.
-    fn on_push(&mut self, push: PushInfo) -> bool {
+    /// The topic of a channel of this link's namespace.
+    fn topic<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.channel_prefix.as_bytes())
+            .and_then(|topic| std::str::from_utf8(topic).ok())
+    }
+
+    /// Handle one push from Redis; false when it says the connection is gone. A topic whose
+    /// subscription may have ended without this link asking goes to `ended`.
+    fn on_push(&mut self, push: PushInfo, ended: &mut Vec<Arc<str>>) -> bool {
         match push.kind {
             PushKind::Disconnection => return false,
             PushKind::Message | PushKind::SMessage => {}
+            // A master that gives a slot away ends that slot's shard subscriptions itself, and
+            // the crate, which counts the push as confirmed, would not renew them: the registry
+            // decides again, and the crate follows the `MOVED` to the new master. The
+            // confirmations of this link's own `SUNSUBSCRIBE`s come here too: the registry sees
+            // those topics unwanted and nothing is sent, or wanted again since, and the
+            // repeated `SSUBSCRIBE` is a no-op for Redis.
+            PushKind::SUnsubscribe if self.cluster => {
+                let channel = match push.data.first() {
+                    Some(Value::BulkString(channel)) => channel,
+                    _ => return true,
+                };
+                if let Some(topic) = self.topic(channel) {
+                    self.subscribed.remove(topic);
+                    ended.push(Arc::from(topic));
+                }
+                return true;
+            }
             // Subscription replies, and anything else the connection may push: nothing to do.
             _ => return true,
         }
@@ -439,10 +472,7 @@ impl Link {
         else {
             return true;
         };
-        let Some(topic) = channel
-            .strip_prefix(self.channel_prefix.as_bytes())
-            .and_then(|topic| std::str::from_utf8(topic).ok())
-        else {
+        let Some(topic) = self.topic(&channel) else {
             return true;
         };
         let Some(incoming) = remote::decode(Bytes::from(message)) else {
