@@ -438,6 +438,29 @@ async def test_a_master_restart_mid_stream(
     assert "is down" in lines[0][1] and "is back" in lines[1][1]
 
 
+async def test_plain_pubsub_on_a_cluster_crosses_nodes(
+    cluster: Cluster,
+    started: list[brioche.Server[Any]],
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+) -> None:
+    """Without ``sharded``: PUBLISH on one node reaches a subscriber on another (Redis forwards it)."""
+    config = server.handler(upgrade_ws_path).hostname("127.0.0.1").port(0).websocket(topics_config())
+    srv = await serve_config(config.pubsub_redis(cluster.url, namespace=NAMESPACE), started)
+    other = await peer(f"redis://127.0.0.1:{cluster.nodes[2].port}", NAMESPACE)
+    subscriber = await clients(other.url("/ws?plain"))
+
+    def subscribed() -> bool:
+        return cluster.nodes[2].cli("PUBSUB", "NUMSUB", NAMESPACE + "plain")[1] == "1"
+
+    await until(lambda: asyncio.to_thread(subscribed), "the subscription on the third node")
+    for i in range(100):
+        srv.publish("plain", f"p{i}")
+    await until(lambda: len(subscriber.messages) == 100, "100 messages across nodes")
+    assert subscriber.messages == [f"p{i}" for i in range(100)]
+    assert (srv.stats()["redis_published"], srv.stats()["redis_publishes_lost"]) == (100, 0)
+
+
 async def test_standalone_redis_with_sharded_keeps_one_connection(
     redis: Redis, started: list[brioche.Server[Any]], clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture
 ) -> None:
