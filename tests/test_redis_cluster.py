@@ -223,6 +223,8 @@ async def test_two_processes_share_topics_on_three_masters_exactly_once_and_in_o
     topics = topics_per_master(2)
     assert [owner(NAMESPACE + t) for t in topics] == [0, 0, 1, 1, 2, 2]
     assert len({slot(NAMESPACE + t) for t in topics}) == 6
+    for topic in topics:
+        assert cluster.nodes[0].cli("CLUSTER", "KEYSLOT", NAMESPACE + topic) == [str(slot(NAMESPACE + topic))]
     query = ",".join(topics)
     srv = await serve_sharded(started, cluster.url)
     other = await peer(cluster.url, NAMESPACE, "sharded")
