@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -155,11 +156,18 @@ def main() -> None:
         return
 
     async def run() -> None:
+        # Ctrl+C and SIGTERM are handled by the loop, not left to KeyboardInterrupt: they stop
+        # the server the same way on every loop and CPython, and a SIGINT the parent process
+        # ignored (a shell's background job, some CI runners) still stops the demo.
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop_requested.set)
         srv = await config().hostname(args.host).port(args.port).serve()
         on = "uvloop; " if args.uvloop else ""
         print(f"brioche demo listening on http://{shown}:{srv.port}/ ({on}Ctrl+C to stop)", flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop_requested.wait()
         finally:
             await srv.stop(close_active_connections=True)
 
