@@ -83,17 +83,12 @@ wheel: $(TOOLS)/bin/maturin
 	rm dist/auditwheel.txt
 	$(TOOLS)/bin/twine check --strict dist/*
 
-# The suite but the load tests on each of MATRIX_PYTHONS, each against the abi3 wheel of
-# `make wheel` installed in a new .venv-3.X (scripts/test-wheel.sh), not against the source
-# tree; a missing interpreter fails the target. `make test-py3.12` runs one. Two interpreters
-# at a time, each one's output printed whole when it is done: the suites wait on sockets,
-# subprocesses and timers more than they use a CPU, and one after the other they took 14 of
-# CI's 25 minutes. The wheel is built once, before (WHEEL_DEP is empty in the inner make).
-WHEEL_DEP ?= wheel
-test-matrix: wheel system-deps
-	$(MAKE) --no-print-directory -j2 --output-sync=target WHEEL_DEP= $(MATRIX)
+# The suite but the load tests on each of MATRIX_PYTHONS, one after the other, each against the
+# abi3 wheel of `make wheel` installed in a new .venv-3.X (scripts/test-wheel.sh), not against
+# the source tree; a missing interpreter fails the target. `make test-py3.12` runs one.
+test-matrix: $(MATRIX)
 
-$(MATRIX): test-py%: $(WHEEL_DEP) system-deps
+$(MATRIX): test-py%: wheel system-deps
 	bash scripts/test-wheel.sh $*
 
 # RFC 6455 conformance: the Autobahn fuzzing client, cases 1-10 (installs wstest on first use),
