@@ -285,6 +285,16 @@ SETTERS: list[tuple[str, Setter, object, object]] = [
     ("handshake_timeout", HTTP.handshake_timeout, "1", 0),
     ("max_connections", HTTP.max_connections, True, -1),
     ("max_incoming_bytes", HTTP.max_incoming_bytes, None, -1),
+    ("unix path", HTTP.unix, b"/tmp/app.sock", ""),
+    ("unix mode", lambda mode: HTTP.unix("/tmp/app.sock", mode), "0o660", 0o10000),
+    ("sock", HTTP.sock, "3", -1),
+    ("tls cert_file", lambda path: HTTP.tls(path, "key.pem"), b"cert.pem", ""),
+    ("tls key_file", lambda path: HTTP.tls("cert.pem", path), 1, ""),
+    ("workers", HTTP.workers, "2", 0),
+    ("url", HTTP.pubsub_redis, None, "http://127.0.0.1:6379"),
+    ("sharded", lambda sharded: HTTP.pubsub_redis("redis://127.0.0.1", sharded=sharded), 1, None),
+    ("namespace", lambda ns: HTTP.pubsub_redis("redis://127.0.0.1", namespace=ns), b"app:", None),
+    ("per_message_deflate", WS.per_message_deflate, 1, None),
 ]
 
 

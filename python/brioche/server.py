@@ -139,6 +139,16 @@ def _check_port(value: object) -> int:
     return value
 
 
+def _check_path(name: str, value: object) -> str:
+    """A filesystem path given as ``str`` or ``os.PathLike[str]``: TypeError for anything else."""
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str or os.PathLike[str] path, got {type(value).__name__}")
+    if not path or "\0" in path:
+        raise ValueError(f"{name} must be a non-empty path without NUL, got {path!r}")
+    return path
+
+
 @final
 @dataclasses.dataclass(frozen=True, slots=True)
 class RedisPubSub:
@@ -204,12 +214,12 @@ class Config(Generic[T]):
         server created. ``mode`` (e.g. ``0o660``) sets its permissions before any client can
         connect; without it the umask decides. Clients need write permission to connect.
         """
-        path = os.fspath(path)
-        if not isinstance(path, str) or not path or "\0" in path:
-            raise ValueError(f"unix needs a non-empty path without NUL, got {path!r}")
-        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)
-                                 or not 0 <= mode <= 0o7777):
-            raise ValueError(f"mode must be a permission mode like 0o660, got {mode!r}")
+        path = _check_path("unix path", path)
+        if mode is not None:
+            if isinstance(mode, bool) or not isinstance(mode, int):
+                raise TypeError(f"unix mode must be an int like 0o660, got {type(mode).__name__}")
+            if not 0 <= mode <= 0o7777:
+                raise ValueError(f"unix mode must be a permission mode in 0..0o7777, got {mode!r}")
         return dataclasses.replace(self, unix_path=path, unix_mode=mode)
 
     def sock(self, sock: socket.socket | int) -> Config[T]:
@@ -226,7 +236,7 @@ class Config(Generic[T]):
         if isinstance(sock, bool) or not isinstance(sock, (socket.socket, int)):
             raise TypeError(f"sock must be a socket.socket or a file descriptor, got {type(sock).__name__}")
         if isinstance(sock, int) and sock < 0:
-            raise ValueError(f"a file descriptor is >= 0, got {sock}")
+            raise ValueError(f"sock takes a file descriptor >= 0, got {sock}")
         return dataclasses.replace(self, listen_socket=sock)
 
     def tls(self, cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]) -> Config[T]:
@@ -239,10 +249,7 @@ class Config(Generic[T]):
         SIGHUP under ``run()``) reads them again. ``handshake_timeout`` covers the TLS handshake
         and the request together. Not with ``unix()``.
         """
-        files = (os.fspath(cert_file), os.fspath(key_file))
-        for name, path in zip(("cert_file", "key_file"), files):
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"{name} must be a non-empty path, got {path!r}")
+        files = (_check_path("tls cert_file", cert_file), _check_path("tls key_file", key_file))
         return dataclasses.replace(self, tls_files=files)
 
     def max_request_body_size(self, size: int) -> Config[T]:
