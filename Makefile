@@ -61,8 +61,8 @@ typecheck: install
 py-test: install system-deps
 	$(VENV)/bin/pytest -q
 
-# The load tests (marker `load`), from the source tree: `make test` runs everything else on each
-# CPython through test-matrix, from the wheel, so the default interpreter's run is not repeated.
+# The load tests (marker `load`: thousands of connections, soaks, the hypothesis fuzzers), once,
+# with .venv's interpreter: `make test` runs everything else on each CPython through test-matrix.
 py-test-load: install system-deps
 	$(VENV)/bin/pytest -q -m load
 

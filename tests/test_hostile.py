@@ -793,6 +793,9 @@ def fuzz_settings(max_examples: int) -> settings:
     )
 
 
+# Marked `load` with the soaks: the fuzzer exercises the engine's parser, the same on every
+# CPython, so the default interpreter runs it once rather than each of the matrix's four.
+@pytest.mark.load
 @fuzz_settings(RANDOM_EXAMPLES)
 @given(data=hostile_bytes)
 async def test_random_bytes_after_the_handshake_never_hang_the_server(fuzz_target: FuzzTarget, data: bytes) -> None:
@@ -837,6 +840,7 @@ def encode_conversation(
     return bytes(out), pongs
 
 
+@pytest.mark.load
 @fuzz_settings(FRAME_EXAMPLES)
 @given(items=valid_conversation(), seed=st.integers(0, 2**32 - 1))
 async def test_random_valid_conversations_are_echoed_exactly(
