@@ -401,6 +401,30 @@ def blocking_connect(port: int, path: str = "/ws", timeout: float = 5.0) -> sock
     return sock
 
 
+# -- a client socket's TCP state: FIN or reset --------------------------------------------------
+
+# tcpi_state values (include/net/tcp_states.h): after the server's FIN the client's socket is in
+# CLOSE_WAIT; after a reset, in CLOSE.
+TCP_ESTABLISHED, TCP_CLOSE, TCP_CLOSE_WAIT = 1, 7, 8
+
+
+def tcp_state(sock: socket.socket) -> int:
+    state: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return state
+
+
+def read_until_eof(sock: socket.socket, timeout: float = 5) -> bytes:
+    """In a thread: every byte until the server's FIN."""
+    sock.settimeout(timeout)
+    chunks: list[bytes] = []
+    for _ in range(10_000):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    raise AssertionError("more than 10,000 reads")
+
+
 # -- server-side helpers for tests that stall a client -------------------------------------------
 
 

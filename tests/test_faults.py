@@ -27,6 +27,8 @@ from rawws import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED,
     RawWebSocket,
     blocking_connect,
     close_payload,
@@ -34,6 +36,7 @@ from rawws import (
     numbered,
     parse_frames,
     poll_until,
+    tcp_state,
 )
 
 TIMEOUT = 5
@@ -461,10 +464,6 @@ async def test_the_panic_hook_is_refused_outside_tests(
 
 # -- a clean close while the client is still sending: FIN and a lingering read, not a RST ------------
 
-TCP_ESTABLISHED = 1
-TCP_CLOSE_WAIT = 8
-
-
 async def test_a_close_while_the_client_still_sends_is_a_fin_not_a_reset(serve: ServeFn, recorder: Recorder) -> None:
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", code)
@@ -473,10 +472,6 @@ async def test_a_close_while_the_client_still_sends_is_a_fin_not_a_reset(serve: 
     client = await RawWebSocket.connect(srv.port)
     sock = client.writer.get_extra_info("socket")
 
-    def tcp_state() -> int:
-        state: int = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        return state
-
     try:
         # A frame declared 4 MiB long is refused (1009) at its header, with far more of its body
         # already on its way than the server reads at once: bytes it will never parse.
@@ -484,14 +479,14 @@ async def test_a_close_while_the_client_still_sends_is_a_fin_not_a_reset(serve: 
         client.writer.write(header + b"x" * 300_000)
         await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
         assert recorder.of("close") == [(1009,)]
-        assert await poll_until(lambda: tcp_state() != TCP_ESTABLISHED, TIMEOUT), "no FIN from the server"
+        assert await poll_until(lambda: tcp_state(sock) != TCP_ESTABLISHED, TIMEOUT), "no FIN from the server"
         frame = await client.recv_data_frame(TIMEOUT)
         assert (frame.opcode, frame.close_code) == (OP_CLOSE, 1009), frame
         # The server shut its side (FIN) and goes on reading what the client sends, instead of
         # closing a socket with unread bytes, which answers with a RST: a client's TCP stack
         # may then drop the close frame before the client reads it, and its sends fail.
-        assert tcp_state() == TCP_CLOSE_WAIT
+        assert tcp_state(sock) == TCP_CLOSE_WAIT
         await client.send_close(1009)
-        assert tcp_state() == TCP_CLOSE_WAIT
+        assert tcp_state(sock) == TCP_CLOSE_WAIT
     finally:
         await client.aclose()

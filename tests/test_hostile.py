@@ -30,12 +30,17 @@ from rawws import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    TCP_CLOSE_WAIT,
+    TCP_ESTABLISHED,
     Frame,
     RawWebSocket,
     close_payload,
     encode_frame,
     mask_payload,
     parse_frames,
+    poll_until,
+    read_until_eof,
+    tcp_state,
 )
 
 TIMEOUT = 5
@@ -206,6 +211,33 @@ async def test_headers_over_the_limit_are_refused(serve: ServeFn, bystander_of: 
     assert how in ("eof", "reset"), answer[:200]
     assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:200]
     assert responses(answer) == [("HTTP/1.1", 431, b"")], answer[:200]
+    await assert_still_serving(srv, bystander)
+
+
+async def test_a_refused_request_is_closed_with_a_fin_while_the_client_still_sends(
+    serve: ServeFn, bystander_of: Any
+) -> None:
+    """The 431 goes out while the client is still sending its head. Closing a socket with the
+    rest unread would answer with a reset, which can make the client's TCP stack drop the 431
+    before it is read (the flake this test replaced): the server shuts its side (FIN) and
+    reads and throws away what still comes, until the client closes too."""
+    srv = await serve(echo_config())
+    bystander = await bystander_of(srv)
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+
+    try:
+        # 700 KB of head: past hyper's 408 KiB limit, with bytes it never reads still coming.
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 700_000
+        await asyncio.to_thread(sock.sendall, head)
+        assert await poll_until(lambda: tcp_state(sock) != TCP_ESTABLISHED, TIMEOUT), "no FIN from the server"
+        # FIN, not a reset (which leaves the socket in TCP_CLOSE).
+        assert tcp_state(sock) == TCP_CLOSE_WAIT
+        await asyncio.to_thread(sock.sendall, b"a" * 65536)
+        answer = await asyncio.to_thread(read_until_eof, sock)
+        assert responses(answer) == [("HTTP/1.1", 431, b"")], answer[:200]
+        assert tcp_state(sock) == TCP_CLOSE_WAIT
+    finally:
+        sock.close()
     await assert_still_serving(srv, bystander)
 
 

@@ -18,7 +18,18 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 import brioche
 from brioche import MessageDropped, MessageSent, server, websocket
 from conftest import Recorder, ServeFn, ws_url
-from rawws import OP_CLOSE, OP_TEXT, blocking_connect, close_payload, encode_frame, parse_frames
+from rawws import (
+    OP_CLOSE,
+    OP_TEXT,
+    TCP_CLOSE,
+    TCP_CLOSE_WAIT,
+    blocking_connect,
+    close_payload,
+    encode_frame,
+    parse_frames,
+    read_until_eof,
+    tcp_state,
+)
 
 pytestmark = pytest.mark.both_loops
 
@@ -643,25 +654,6 @@ async def test_send_after_close_returns_message_dropped(serve: ServeFn, recorder
     assert recorder.of("after-close") == [(dropped, dropped, dropped, dropped)]
     assert recorder.of("in-on-close") == [(dropped, dropped)]
     assert sockets[0].send("later still") == dropped
-
-
-def read_until_eof(sock: socket.socket) -> bytes:
-    """In a thread: every byte until the server's FIN."""
-    sock.settimeout(TIMEOUT)
-    chunks: list[bytes] = []
-    for _ in range(10_000):
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-    raise AssertionError("more than 10,000 reads")
-
-
-TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # tcpi_state values (include/net/tcp_states.h)
-
-
-def tcp_state(sock: socket.socket) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
 def reset_by_peer(sock: socket.socket, data: bytes) -> bool:

@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -380,6 +381,39 @@ impl TlsSocket {
             std::task::ready!(self.tcp.poll_write_ready(cx))?;
         }
     }
+}
+
+/// How long, and for how many bytes, a connection the server ends reads and throws away what
+/// the client still sends. Closing a socket with unread bytes in the kernel answers with a
+/// reset, and a reset can make the client's TCP stack drop the answer it has not read yet
+/// (a close frame, a 431): the server shuts its side and lingers instead, as nginx does.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+pub(crate) const LINGER_BYTES: usize = 1024 * 1024;
+
+/// Shut the write side of `stream`, then read and discard until the client closes its side,
+/// for at most `LINGER` and `LINGER_BYTES`: the async form of the WebSocket task's lingering
+/// phase, for connections that end outside it (an HTTP request the server refused).
+pub(crate) async fn linger(stream: &Stream) {
+    stream.shutdown_write();
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut discarded = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while discarded < LINGER_BYTES {
+            if std::future::poll_fn(|cx| stream.poll_read_ready(cx))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            match stream.read(&mut sink) {
+                Ok(0) => return,
+                Ok(n) => discarded += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// The sockets a `Stream` reads from, with tokio's readiness.

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::handshake::{self, Handshake};
 use crate::engine::bridge::events::{Body, HttpRequest, LogKind, Reply};
-use crate::engine::net::{Remote, Stream, TlsSocket};
+use crate::engine::net::{linger, Remote, Stream, TlsSocket};
 use crate::engine::stats::Counter;
 use crate::engine::ws::conn::{Conn, ReadyState};
 use crate::engine::ws::shared::Shared;
@@ -113,18 +112,31 @@ impl RequestClock {
 /// that sent nothing since the last response is closed without one, as an idle keep-alive).
 /// hyper's own header timeout ends the connection without a response and does not cover bodies.
 struct TimedIo {
-    io: TokioIo<Stream>,
+    /// `None` once taken: by the upgrade, or by `Drop` to hand back for a lingering close.
+    io: Option<TokioIo<Stream>>,
     clock: Arc<RequestClock>,
     timer: Option<Pin<Box<Sleep>>>,
     /// Bytes read since the clock last started: a request is under way.
     read_since_start: bool,
     timed_out: bool,
+    /// The client closed its side: closing ours cannot reset anything it still sends.
+    saw_eof: bool,
+    /// Where the socket goes when hyper drops it before the client closed its side (a refused
+    /// request, a timeout): `serve_connection` closes it with `net::linger`.
+    give_back: Option<oneshot::Sender<Stream>>,
 }
 
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 impl TimedIo {
+    fn stream(&mut self) -> &mut Stream {
+        self.io
+            .as_mut()
+            .expect("taken only by the upgrade and Drop")
+            .inner_mut()
+    }
+
     /// Whether the deadline has passed; arms the timer (and so a wake-up) when it has not.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(deadline) = *self.clock.deadline.lock() else {
@@ -145,7 +157,7 @@ impl TimedIo {
             self.timed_out = true;
             if self.read_since_start {
                 // Best effort: the client is slow, not necessarily gone, and a 408 tells it why.
-                let _ = self.io.inner().try_write(REQUEST_TIMEOUT);
+                let _ = self.stream().try_write(REQUEST_TIMEOUT);
                 self.clock
                     .expired_mid_request
                     .store(true, Ordering::Relaxed);
@@ -165,9 +177,12 @@ impl AsyncRead for TimedIo {
             return Poll::Ready(Err(self.time_out()));
         }
         let before = buf.filled().len();
-        let polled = Pin::new(self.io.inner_mut()).poll_read(cx, buf);
+        let room = buf.remaining() > 0;
+        let polled = Pin::new(self.stream()).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.read_since_start = true;
+        } else if room && matches!(polled, Poll::Ready(Ok(()))) {
+            self.saw_eof = true;
         }
         polled
     }
@@ -182,7 +197,7 @@ impl AsyncWrite for TimedIo {
         if self.timed_out {
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
-        Pin::new(self.io.inner_mut()).poll_write(cx, buf)
+        Pin::new(self.stream()).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -193,19 +208,32 @@ impl AsyncWrite for TimedIo {
         if self.timed_out {
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
-        Pin::new(self.io.inner_mut()).poll_write_vectored(cx, bufs)
+        Pin::new(self.stream()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.inner().is_write_vectored()
+        self.io
+            .as_ref()
+            .is_some_and(|io| io.inner().is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.io.inner_mut()).poll_flush(cx)
+        Pin::new(self.stream()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.io.inner_mut()).poll_shutdown(cx)
+        Pin::new(self.stream()).poll_shutdown(cx)
+    }
+}
+
+impl Drop for TimedIo {
+    fn drop(&mut self) {
+        if self.saw_eof {
+            return;
+        }
+        if let (Some(io), Some(give_back)) = (self.io.take(), self.give_back.take()) {
+            let _ = give_back.send(io.into_inner());
+        }
     }
 }
 
@@ -242,24 +270,40 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         .timer(TokioTimer::new())
         // hyper's floor for its read buffer is 8 KiB.
         .max_buf_size(shared.config.max_header_size.max(8192));
+    let (give_back, mut given_back) = oneshot::channel();
     let io = TimedIo {
-        io: TokioIo::new(stream),
+        io: Some(TokioIo::new(stream)),
         clock: clock.clone(),
         timer: None,
         read_since_start: false,
         timed_out: false,
+        saw_eof: false,
+        give_back: Some(give_back),
     };
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        _ = shared.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let served = {
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        tokio::select! {
+            served = connection.as_mut() => served,
+            _ = shared.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
         }
+        // The connection, and with it the socket unless upgraded, is dropped here.
     };
+    // try_recv, not await: an upgraded socket is elsewhere by now, and its sender with it.
+    if let Ok(stream) = given_back.try_recv() {
+        // hyper ended the connection before the client closed its side: typically a refusal
+        // (431, 400, 408) sent while the client was still sending. Not while stopping: stop()
+        // must not wait on clients.
+        tokio::select! {
+            () = linger(&stream) => {}
+            () = shared.shutdown.cancelled() => {}
+        }
+    }
     if clock.expired_mid_request.load(Ordering::Relaxed) {
         reject_request(
             &shared,
@@ -326,8 +370,8 @@ const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close
 content-type: text/plain; charset=utf-8\r\ncontent-length: 50\r\n\r\n\
 This port speaks HTTPS: the request was plain HTTP";
 
-/// Answer a plain HTTP request on the TLS port, then close once the client has stopped
-/// sending (closing with its request unread would reset the connection, losing the answer).
+/// Answer a plain HTTP request on the TLS port, then close with `linger` (closing with its
+/// request unread would reset the connection, losing the answer).
 async fn refuse_plain_http(tcp: TcpStream, shared: &Shared, remote: Remote) {
     reject_request(
         shared,
@@ -338,21 +382,7 @@ async fn refuse_plain_http(tcp: TcpStream, shared: &Shared, remote: Remote) {
     if tcp.writable().await.is_err() || tcp.try_write(PLAIN_HTTP_ON_TLS).is_err() {
         return;
     }
-    // SAFETY: the descriptor is open while `tcp` is alive.
-    unsafe { libc::shutdown(tcp.as_raw_fd(), libc::SHUT_WR) };
-    let mut sink = [0u8; 4096];
-    // Bounded by bytes here and by the caller's deadline in time.
-    for _ in 0..16 {
-        if tcp.readable().await.is_err() {
-            return;
-        }
-        match tcp.try_read(&mut sink) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-        }
-    }
+    linger(&Stream::Tcp(tcp)).await;
 }
 
 /// Count and log a request the engine answered with an error before any handler saw it.
@@ -538,10 +568,10 @@ impl Drop for SlotGuard<'_> {
 async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
     let stream = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TimedIo>>()) {
         // Copy the few bytes read past the head so hyper's read buffer is freed right here.
-        Ok(Ok(parts)) => Some((
-            parts.io.into_inner().io.into_inner(),
-            parts.read_buf.to_vec(),
-        )),
+        Ok(Ok(parts)) => parts.io.into_inner().io.take().map(|io| {
+            let read_buf = parts.read_buf.to_vec();
+            (io.into_inner(), read_buf)
+        }),
         _ => None,
     };
     match stream {

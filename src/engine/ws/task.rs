@@ -24,17 +24,13 @@ use super::outbound::Flushed;
 use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
 use super::Event;
 use crate::engine::bridge::events::LogKind;
-use crate::engine::net::Stream;
+use crate::engine::net::{Stream, LINGER, LINGER_BYTES};
 use crate::engine::stats::Counter;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
 const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
 /// How long queued frames may keep flushing after the connection ended before it is cut off.
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
-/// How long, and for how many bytes, a connection that ended cleanly reads and throws away what
-/// the client still sends (`Phase::Lingering`).
-const LINGER: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 1024 * 1024;
 /// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
 const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
 /// The worker thread's read buffer. Sockets are read into it and parsed in place.
