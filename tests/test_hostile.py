@@ -112,7 +112,8 @@ async def exchange(port: int, data: bytes, timeout: float = TIMEOUT) -> tuple[by
             for _ in range(100_000):
                 try:
                     chunk = await reader.read(65536)
-                except ConnectionResetError:
+                except (ConnectionResetError, BrokenPipeError):
+                    # asyncio hands a failed write's error to the reader too.
                     return "reset"
                 if not chunk:
                     return "eof"
