@@ -674,6 +674,65 @@ async def test_plain_handlers_of_one_read_run_once_in_order_in_the_context_past_
     assert recorder.of("close") == [(1011, len(texts))]
 
 
+class AsyncHandlers:
+    """Async handlers as bound methods: on 3.12+ they take the same eager path as functions."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    async def on_message(self, ws: brioche.WebSocket[Any], message: str | bytes) -> None:
+        text = message if isinstance(message, str) else message.decode()
+        count = COUNT_VAR.get(0) + 1
+        COUNT_VAR.set(count)
+        self.recorder.add("text", text, count)
+        if text == "bad":
+            raise ValueError("bad message")
+        if text == "wait":
+            await asyncio.sleep(0.01)
+            assert COUNT_VAR.get(0) == count
+        ws.send(text)
+
+
+@pytest.mark.parametrize("opcode", [OP_TEXT, OP_BINARY], ids=["text", "binary"])
+@pytest.mark.parametrize("shape", ["function", "method"])
+async def test_async_handlers_of_one_read_run_once_in_order_in_the_context_past_an_exception(
+    serve: ServeFn, recorder: Recorder, opcode: int, shape: str
+) -> None:
+    texts = ["a", "b", "wait", "c", "bad", "d", "wait", "e"]
+
+    async def on_message(ws: brioche.WebSocket[Any], message: str | bytes) -> None:
+        await AsyncHandlers.on_message(handlers, ws, message)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, COUNT_VAR.get(0))
+
+    handlers = AsyncHandlers(recorder)
+    fn = handlers.on_message if shape == "method" else on_message
+    srv = await serve(websocket.init().on_text(fn).on_bytes(fn).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    try:
+        # One write: one run. Most handlers finish in their first step; "wait" suspends, so
+        # the rest of the run waits behind its task; "bad" raises, which closes with 1011 after
+        # the messages already read have had their handlers run.
+        await client.send_raw(b"".join(encode_frame(opcode, t.encode()) for t in texts))
+        replies = []
+        for _ in range(len(texts)):
+            frame = await client.recv_data_frame(TIMEOUT)
+            if frame.opcode == OP_CLOSE:
+                assert frame.close_code == 1011, frame
+                break
+            replies.append(frame.payload.decode())
+        await client.send_close(1011)
+        await client.frames_until_end(TIMEOUT)
+    finally:
+        await client.aclose()
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("text") == [(t, n) for n, t in enumerate(texts, 1)]
+    assert recorder.of("close") == [(1011, len(texts))]
+    # What was sent before the close frame: every reply up to "bad", in order.
+    assert replies == texts[: texts.index("bad")]
+
+
 async def test_a_plain_handler_returning_an_awaitable_holds_back_the_messages_after_it(
     serve: ServeFn, recorder: Recorder
 ) -> None:

@@ -24,7 +24,7 @@ import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
 from functools import partial
-from inspect import isawaitable
+from inspect import CO_COROUTINE, isawaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, final
 from urllib.parse import quote
@@ -133,6 +133,17 @@ if sys.version_info >= (3, 12):
         # suspending is done before this returns and costs no loop iteration.
         return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
 
+    def _only_makes_coroutines(fn: object) -> bool:
+        """True when calling ``fn`` runs none of its code, only makes a coroutine.
+
+        That is an ``async def`` function, or a bound method of one. Such a handler's coroutine
+        can be made outside the connection's context and go straight into an eager task, which
+        enters the context itself (``Server._dispatch_eager``).
+        """
+        if type(fn) is types.MethodType:
+            fn = fn.__func__
+        return type(fn) is types.FunctionType and bool(fn.__code__.co_flags & CO_COROUTINE)
+
 elif sys.version_info >= (3, 11):
 
     def _start_task(
@@ -140,12 +151,24 @@ elif sys.version_info >= (3, 11):
     ) -> asyncio.Task[Any]:
         return asyncio.Task(coro, loop=loop, context=context)
 
+    def _only_makes_coroutines(fn: object) -> bool:
+        # Without eager tasks a task's first step costs a loop iteration: no fast path to take.
+        return False
+
 else:
 
     def _start_task(
         coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: contextvars.Context
     ) -> asyncio.Task[Any]:
         return asyncio.Task(_in_context(coro, context), loop=loop)
+
+    def _only_makes_coroutines(fn: object) -> bool:
+        return False
+
+
+# asyncio.Task as Any: `_dispatch_eager`, only taken on 3.12+, passes `eager_start`, which the
+# type checker's older Pythons do not know.
+_AnyTask: Any = asyncio.Task
 
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
@@ -222,6 +245,11 @@ def _handlers_of(config: WsConfig[Any]) -> tuple[Callable[..., Any] | None, ...]
     )
 
 
+def _eager_of(handlers: tuple[Callable[..., Any] | None, ...]) -> tuple[bool, ...]:
+    """Per event kind, whether its handler's messages take ``Server._dispatch_eager``."""
+    return tuple(fn is not None and _only_makes_coroutines(fn) for fn in handlers)
+
+
 def _call_each(fn: Callable[..., Any], ws: object, messages: Iterator[object]) -> object:
     """Call ``fn(ws, message)`` for each of ``messages`` until one returns something.
 
@@ -259,7 +287,7 @@ class Server(Generic[T]):
     """
 
     __slots__ = (
-        "_engine", "_config", "_loop", "_fd", "_handlers", "_busy", "_running", "_paused",
+        "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
         "_context",
         "_batch_max", "_wake_thread", "hostname", "unix",
@@ -269,6 +297,7 @@ class Server(Generic[T]):
     _loop: asyncio.AbstractEventLoop
     _fd: int
     _handlers: tuple[Callable[..., Any] | None, ...]
+    _eager: tuple[bool, ...]
     _busy: dict[WebSocket[T], deque[tuple[Any, ...]]]
     _running: dict[WebSocket[T], asyncio.Task[Any]]
     _paused: set[WebSocket[T]]
@@ -360,6 +389,7 @@ class Server(Generic[T]):
         else:
             self.hostname = config.hostname_value or "0.0.0.0"
         self._handlers = _handlers_of(limits)
+        self._eager = _eager_of(self._handlers)
         engine.set_control_events(
             limits.on_ping_handler is not None, limits.on_pong_handler is not None
         )
@@ -524,6 +554,7 @@ class Server(Generic[T]):
                     )
             config = dataclasses.replace(config, websocket_config=websocket)
             self._handlers = _handlers_of(websocket)
+            self._eager = _eager_of(self._handlers)
             self._engine.set_control_events(
                 websocket.on_ping_handler is not None, websocket.on_pong_handler is not None
             )
@@ -625,6 +656,7 @@ class Server(Generic[T]):
     def _dispatch_batch(self, events: list[tuple[Any, ...]]) -> None:
         busy = self._busy
         handlers = self._handlers
+        eager = self._eager
         remaining = iter(events)
         try:
             for event in remaining:
@@ -638,6 +670,9 @@ class Server(Generic[T]):
                         # one call in the connection's context and nothing else.
                         fn = handlers[kind]
                         if fn is None:
+                            continue
+                        if eager[kind]:
+                            self._dispatch_eager(ws, kind, fn, iter((event[2],)), event[3])
                             continue
                         try:
                             # event[3] is ws._context, put in the tuple by the engine: cheaper
@@ -676,6 +711,9 @@ class Server(Generic[T]):
             return
         context = run[3]
         messages = iter(run[2])
+        if self._eager[kind]:
+            self._dispatch_eager(ws, kind, fn, messages, context)
+            return
         while True:
             try:
                 result = context.run(_call_each, fn, ws, messages)
@@ -696,6 +734,46 @@ class Server(Generic[T]):
             if suspended:
                 self._park_rest(ws, kind, messages, context)
                 return
+
+    def _dispatch_eager(
+        self,
+        ws: WebSocket[T],
+        kind: int,
+        fn: Callable[..., Any],
+        messages: Iterator[object],
+        context: contextvars.Context,
+    ) -> None:
+        """Messages for an ``async def`` handler on 3.12+ (``_only_makes_coroutines``).
+
+        Each coroutine is made here, outside the connection's context (making it runs none of the
+        handler's code), and goes straight into an eager task, which enters the context itself: no
+        ``context.run`` and no frame of ours around each task. The path of S1's await-free async
+        handler; PROFILE.md has what it saves.
+        """
+        loop = self._loop
+        for message in messages:
+            try:
+                task = _AnyTask(fn(ws, message), loop=loop, context=context, eager_start=True)
+            except BaseException as exc:
+                # A TypeError from the call (the handler's signature), or a KeyboardInterrupt or
+                # SystemExit from the eager first step, which the Task re-raises.
+                self._handler_failed(ws, kind, exc)
+                if not isinstance(exc, Exception):
+                    self._park_rest(ws, kind, messages, context)
+                    raise
+                continue
+            if task.done():
+                if task.cancelled() or task.exception() is None:
+                    continue
+                try:
+                    self._finished(ws, kind, task)
+                except BaseException:
+                    self._park_rest(ws, kind, messages, context)
+                    raise
+                continue
+            self._track(ws, kind, task)
+            self._park_rest(ws, kind, messages, context)
+            return
 
     def _park_rest(
         self, ws: WebSocket[T], kind: int, messages: Iterator[object], context: contextvars.Context
@@ -760,6 +838,11 @@ class Server(Generic[T]):
             if not task.cancelled() and task.exception() is not None:
                 self._finished(ws, kind, task)
             return False
+        self._track(ws, kind, task)
+        return True
+
+    def _track(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
+        """A suspended handler task: ws's later events wait behind it, and stop() waits for it."""
         if ws not in self._busy:
             self._busy[ws] = deque()
         self._running[ws] = task
@@ -770,7 +853,6 @@ class Server(Generic[T]):
             self._close_tasks.add(task)
         elif self._closing_all and ws.ready_state == _CLOSED:
             task.cancel()
-        return True
 
     def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         """Report how a handler task ended: an exception closes the connection with 1011."""
