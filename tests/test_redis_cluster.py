@@ -5,6 +5,9 @@ Each test starts its own cluster: three ``redis-server`` processes in cluster mo
 its own under the test's temp dir, slots assigned by hand (``CLUSTER ADDSLOTSRANGE``) and the
 nodes introduced with ``CLUSTER MEET``. Brioche is given the URL of the first node only: the
 other masters are found through the cluster.
+
+``cluster_of`` makes the variants: nodes that listen on TLS only (``rediss://``, certificates
+from trustme), and a replica for each master, for failovers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from websockets.asyncio.client import connect
 
 import brioche
@@ -90,22 +94,49 @@ def test_crc16_matches_redis_reference() -> None:
     assert slot("foo") == 12182
 
 
-class Node:
-    """One ``redis-server`` in cluster mode, killed and started again at will, same ports and dir."""
+class Tls:
+    """A CA and a certificate for 127.0.0.1 it signs (trustme), as the PEM files redis-server reads."""
 
     def __init__(self, directory: Path) -> None:
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1")
+        self.ca_file, self.cert_file, self.key_file = directory / "ca.pem", directory / "node.pem", directory / "node.key"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        leaf.cert_chain_pems[0].write_to_path(str(self.cert_file))
+        leaf.private_key_pem.write_to_path(str(self.key_file))
+
+
+class Node:
+    """One ``redis-server`` in cluster mode, killed and started again at will, same ports and dir.
+
+    With ``tls``, it listens on its TLS port only (``port`` is that port), and the cluster bus and
+    replication between nodes are TLS too; clients are not asked for a certificate.
+    """
+
+    def __init__(self, directory: Path, tls: Tls | None = None, node_timeout_ms: int = 2000) -> None:
         self.port = free_port()
         self.bus_port = free_port()
         self.directory = directory
-        directory.mkdir()
+        self.tls = tls
+        self.node_timeout_ms = node_timeout_ms
+        directory.mkdir(parents=True)
         self.process: subprocess.Popen[bytes] | None = None
+        self.id = ""
 
     def start(self) -> None:
+        if self.tls is None:
+            listen = ["--port", str(self.port)]
+        else:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cluster", "yes", "--tls-replication", "yes",
+                      "--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file),
+                      "--tls-ca-cert-file", str(self.tls.ca_file), "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--cluster-port", str(self.bus_port),
+            ["redis-server", *listen, "--cluster-port", str(self.bus_port),
              "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "2000", "--dir", str(self.directory), "--save", "",
-             "--appendonly", "no"],
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(self.directory), "--save", "",
+             "--appendonly", "no",
+             # A replica's first sync starts at once instead of waiting 5 s for other replicas to join it.
+             "--repl-diskless-sync-delay", "0"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -114,26 +145,41 @@ class Node:
             assert self.process.poll() is None, "redis-server exited"
             assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
             time.sleep(0.02)
+        self.id = self.cli("CLUSTER", "MYID")[0]
 
     def kill(self) -> None:
+        """SIGKILL: the node gets no chance to tell anyone."""
         assert self.process is not None
         self.process.kill()
         self.process.wait(10)
         self.process = None
 
+    def cli_text(self, *args: str) -> str:
+        tls = [] if self.tls is None else ["--tls", "--cacert", str(self.tls.ca_file)]
+        done = subprocess.run(["redis-cli", *tls, "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
+        return done.stdout
+
     def cli(self, *args: str) -> list[str]:
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
-        return done.stdout.split()
+        return self.cli_text(*args).split()
 
     def info(self, section: str) -> dict[str, str]:
         fields = (line.partition(":") for line in self.cli("INFO", section) + self.cli("CLUSTER", "INFO"))
         return {key: value for key, _, value in fields if value}
 
+    def replicas_seen(self) -> set[tuple[str, str]]:
+        """(replica id, its master's id) for each replica ``CLUSTER NODES`` lists here."""
+        lines = (line.split() for line in self.cli_text("CLUSTER", "NODES").splitlines())
+        return {(f[0], f[3]) for f in lines if len(f) > 3 and "slave" in f[2].split(",")}
+
 
 class Cluster:
-    def __init__(self, directory: Path) -> None:
-        self.nodes = [Node(directory / f"node{i}") for i in range(len(RANGES))]
-        self.url = f"redis://127.0.0.1:{self.nodes[0].port}"
+    """Three masters (``nodes[0:3]``, serving ``RANGES``) and, with ``replicas``, a replica of each
+    (``nodes[3 + i]`` of ``nodes[i]``)."""
+
+    def __init__(self, directory: Path, tls: Tls | None = None, replicas: bool = False, node_timeout_ms: int = 2000) -> None:
+        count = len(RANGES) * (2 if replicas else 1)
+        self.nodes = [Node(directory / f"node{i}", tls, node_timeout_ms) for i in range(count)]
+        self.url = f"{'redis' if tls is None else 'rediss'}://127.0.0.1:{self.nodes[0].port}"
 
     def start(self) -> None:
         for node in self.nodes:
@@ -143,15 +189,27 @@ class Cluster:
         for node in self.nodes[1:]:
             assert self.nodes[0].cli("CLUSTER", "MEET", "127.0.0.1", str(node.port), str(node.bus_port)) == ["OK"]
         self.wait_ok()
+        masters, replicas = self.nodes[: len(RANGES)], self.nodes[len(RANGES) :]
+        for replica, master in zip(replicas, masters):
+            assert replica.cli("CLUSTER", "REPLICATE", master.id) == ["OK"]
+        # A failover needs the replica in sync (or it holds data too old to be elected) and the
+        # masters that vote to know whose replica it is.
+        expected = {(replica.id, master.id) for replica, master in zip(replicas, masters)}
+        deadline = time.monotonic() + 30
+        while not all(r.info("replication").get("master_link_status") == "up" for r in replicas) or not all(
+            node.replicas_seen() == expected for node in self.nodes
+        ):
+            assert time.monotonic() < deadline, "the replicas were not in sync and known to all within 30 s"
+            time.sleep(0.05)
 
     def wait_ok(self, timeout: float = 30) -> None:
-        """Until every node sees all three masters, every slot served and the cluster up."""
+        """Until every running node knows every node, sees every slot served and the cluster up."""
         deadline = time.monotonic() + timeout
         while True:
-            infos = [node.info("cluster") for node in self.nodes]
+            infos = [node.info("cluster") for node in self.nodes if node.process is not None]
             if all(
                 i.get("cluster_state") == "ok"
-                and i.get("cluster_known_nodes") == "3"
+                and i.get("cluster_known_nodes") == str(len(self.nodes))
                 and i.get("cluster_slots_ok") == str(SLOTS)
                 for i in infos
             ):
@@ -169,8 +227,7 @@ class Cluster:
 
     def slot_owner_seen_by(self, node: Node, slot: int) -> int | None:
         """The port of the master that ``node`` says serves ``slot`` (``CLUSTER NODES``)."""
-        out = subprocess.run(["redis-cli", "-p", str(node.port), "CLUSTER", "NODES"], capture_output=True, text=True, timeout=5)
-        for line in out.stdout.splitlines():
+        for line in node.cli_text("CLUSTER", "NODES").splitlines():
             fields = line.split()
             for token in fields[8:]:
                 if token.startswith("["):
@@ -203,15 +260,36 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    instance = Cluster(tmp_path)
+def cluster_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Cluster]]:
+    """``cluster_of(tls=True, replicas=True, node_timeout_ms=1000)`` starts a cluster; all are
+    killed after the test. With ``tls``, its CA is what rustls trusts, in this process and in the
+    peers it starts (rustls-native-certs reads ``SSL_CERT_FILE``)."""
+    made: list[Cluster] = []
+
+    def make(tls: bool = False, replicas: bool = False, node_timeout_ms: int = 2000) -> Cluster:
+        directory = tmp_path / f"cluster{len(made)}"
+        certs = None
+        if tls:
+            directory.mkdir()
+            certs = Tls(directory)
+            monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file))
+        made.append(Cluster(directory, certs, replicas, node_timeout_ms))
+        made[-1].start()
+        return made[-1]
+
     try:
-        instance.start()
-        yield instance
+        yield make
     finally:
-        for node in instance.nodes:
-            if node.process is not None:
-                node.kill()
+        for instance in made:
+            for node in instance.nodes:
+                if node.process is not None:
+                    node.kill()
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, cluster_of: Callable[..., Cluster]) -> Cluster:
+    """Three masters on plain TCP; on TLS only for a test parametrized ``indirect`` with "tls"."""
+    return cluster_of(tls=getattr(request, "param", "plain") == "tls")
 
 
 async def serve_sharded(started: list[brioche.Server[Any]], url: str) -> brioche.Server[Any]:
@@ -378,6 +456,28 @@ async def test_a_slot_moved_to_another_master_is_followed_without_an_outage(
     assert [r.getMessage() for r in caplog.records if r.name == "brioche.redis"] == []
 
 
+class Stream:
+    """Publishes of "0", "1", ... on ``topic`` from ``srv``, one every 2 ms (a pace, not a
+    synchronisation), each accepted locally, until ``stop`` is set or ``limit`` is reached."""
+
+    def __init__(self, srv: brioche.Server[Any], topic: str, limit: int = 30_000) -> None:
+        self.published = 0
+        self.stop = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(srv, topic, limit))
+
+    async def _run(self, srv: brioche.Server[Any], topic: str, limit: int) -> None:
+        while not self.stop.is_set() and self.published < limit:
+            message = str(self.published)
+            assert srv.publish(topic, message) == MessageSent(len(message))
+            self.published += 1
+            await asyncio.sleep(0.002)
+
+    async def check_recovery(
+        self, srv: brioche.Server[Any], local: Collector, remote: Collector, back_at: int, caplog: pytest.LogCaptureFixture
+    ) -> int:
+        return await check_recovery(srv, local, remote, lambda: self.published, self.stop, self.task, back_at, caplog)
+
+
 async def test_a_master_restart_mid_stream(
     cluster: Cluster,
     started: list[brioche.Server[Any]],
@@ -401,31 +501,20 @@ async def test_a_master_restart_mid_stream(
     remote = await clients(other.url(f"/ws?{topic}"))
     await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
 
-    published = 0
-    stop = asyncio.Event()
-
-    async def publisher() -> None:
-        nonlocal published
-        # A steady stream, one message every 2 ms: a pace, not a synchronisation.
-        while not stop.is_set() and published < 30_000:
-            assert srv.publish(topic, str(published)) == MessageSent(len(str(published)))
-            published += 1
-            await asyncio.sleep(0.002)
-
-    stream = asyncio.ensure_future(publisher())
+    stream = Stream(srv, topic)
     await until(lambda: len(remote.messages) >= 50, "messages through the cluster")
     await asyncio.to_thread(victim.kill)
     await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see the master gone")
-    killed_at = published
+    killed_at = stream.published
     await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with a master down")
     await asyncio.to_thread(victim.start)
     await asyncio.to_thread(cluster.wait_ok)
-    restarted_at = published
+    restarted_at = stream.published
     # The core's bound once the cluster is whole again: its backoff (at most 1 s), a connect and
     # a resubscribe.
     took = await until(lambda: any(int(m) >= restarted_at for m in remote.messages), "remote delivery to resume")
     assert took < 5
-    await check_recovery(srv, local, remote, lambda: published, stop, stream, restarted_at, caplog)
+    await stream.check_recovery(srv, local, remote, restarted_at, caplog)
 
 
 async def test_plain_pubsub_on_a_cluster_crosses_nodes(
