@@ -305,10 +305,16 @@ def all_subscribed(cluster: Cluster, topics: list[str], count: int) -> Callable[
     return check
 
 
+@pytest.mark.parametrize("cluster", ["plain", "tls"], indirect=True)
 async def test_two_processes_share_topics_on_three_masters_exactly_once_and_in_order(
     cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]], clients: Callable[[str], Awaitable[Collector]]
 ) -> None:
-    """Topics on every master, the URL of one: fails where MOVED is not followed."""
+    """Topics on every master, the URL of one: fails where MOVED is not followed.
+
+    "tls": ``rediss://`` to a cluster whose nodes listen on TLS ports only, so every connection
+    to a master found through the cluster (not only the URL's node) is TLS, checked against the
+    test's CA.
+    """
     topics = topics_per_master(2)
     assert [owner(NAMESPACE + t) for t in topics] == [0, 0, 1, 1, 2, 2]
     assert len({slot(NAMESPACE + t) for t in topics}) == 6
