@@ -52,6 +52,11 @@ SLOTS = 16384
 # The three masters' slots, as redis-cli --cluster create would split them.
 RANGES = [(0, 5460), (5461, 10922), (10923, 16383)]
 NAMESPACE = "c:"
+# After a failover (every node sees the replica as master), the seconds until the other process
+# has the topic's messages again. The core's worst case: a subscribe still trying the dead
+# master on the slot map from before the failover (its timeout, 2 s), its backoff (at most 1 s),
+# then a connect and a resubscribe; the rest is room for a loaded machine.
+RECOVERY_BOUND = 5
 
 
 def crc16(data: bytes) -> int:
@@ -216,6 +221,16 @@ class Cluster:
                 return
             assert time.monotonic() < deadline, f"cluster not ok within {timeout} s: {infos}"
             time.sleep(0.05)
+
+    def wait_promoted(self, heir: Node, timeout: float = 10) -> None:
+        """Until every running node says ``heir``, a replica, now serves its master's slots, and
+        the cluster is whole again."""
+        low, high = RANGES[self.nodes.index(heir) - len(RANGES)]
+        deadline = time.monotonic() + timeout
+        while not all(self.slot_owner_seen_by(n, s) == heir.port for n in self.nodes if n.process for s in (low, high)):
+            assert time.monotonic() < deadline, f"the replica was not promoted within {timeout} s"
+            time.sleep(0.05)
+        self.wait_ok(timeout)
 
     def node_of(self, topic: str) -> Node:
         return self.nodes[owner(NAMESPACE + topic)]
@@ -521,6 +536,48 @@ async def test_a_master_restart_mid_stream(
     took = await until(lambda: any(int(m) >= restarted_at for m in remote.messages), "remote delivery to resume")
     assert took < 5
     await stream.check_recovery(srv, local, remote, restarted_at, caplog)
+
+
+@pytest.mark.parametrize("victim", [2], ids=["another-master"])
+async def test_a_master_killed_for_good_is_replaced_by_its_replica(
+    cluster_of: Callable[..., Cluster],
+    started: list[brioche.Server[Any]],
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+    caplog: pytest.LogCaptureFixture,
+    victim: int,
+) -> None:
+    """SIGKILL the master of one topic, in a cluster with a replica per master, and never start it
+    again: its replica is elected in its place (``cluster-node-timeout`` 1 s).
+
+    Local delivery never stops; the other process has the topic's messages again within
+    ``RECOVERY_BOUND`` of every node seeing the replica as master, gets nothing twice and
+    nothing out of order, and both processes are subscribed on the new master.
+    """
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    cluster = cluster_of(replicas=True, node_timeout_ms=1000)
+    topic = topics_per_master(1)[victim]
+    dead, heir = cluster.nodes[victim], cluster.nodes[len(RANGES) + victim]
+    assert cluster.node_of(topic) is dead
+    srv = await serve_sharded(started, cluster.url)
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    local = await clients(ws_url(srv, f"/ws?{topic}"))
+    remote = await clients(other.url(f"/ws?{topic}"))
+    await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
+
+    stream = Stream(srv, topic)
+    await until(lambda: len(remote.messages) >= 50, "messages through the cluster")
+    await asyncio.to_thread(dead.kill)
+    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see the master gone")
+    killed_at = stream.published
+    await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with a master down")
+    await asyncio.to_thread(cluster.wait_promoted, heir)
+    promoted_at = stream.published
+    took = await until(lambda: any(int(m) >= promoted_at for m in remote.messages), "remote delivery to resume", 10)
+    assert took < RECOVERY_BOUND
+    await stream.check_recovery(srv, local, remote, promoted_at, caplog)
+    channel = NAMESPACE + topic
+    assert await asyncio.to_thread(heir.cli, "PUBSUB", "SHARDNUMSUB", channel) == [channel, "2"]
 
 
 async def test_plain_pubsub_on_a_cluster_crosses_nodes(
