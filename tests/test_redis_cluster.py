@@ -538,7 +538,7 @@ async def test_a_master_restart_mid_stream(
     await stream.check_recovery(srv, local, remote, restarted_at, caplog)
 
 
-@pytest.mark.parametrize("victim", [2], ids=["another-master"])
+@pytest.mark.parametrize("victim", [2, 0], ids=["another-master", "the-urls-node"])
 async def test_a_master_killed_for_good_is_replaced_by_its_replica(
     cluster_of: Callable[..., Cluster],
     started: list[brioche.Server[Any]],
@@ -553,6 +553,7 @@ async def test_a_master_killed_for_good_is_replaced_by_its_replica(
     Local delivery never stops; the other process has the topic's messages again within
     ``RECOVERY_BOUND`` of every node seeing the replica as master, gets nothing twice and
     nothing out of order, and both processes are subscribed on the new master.
+    "the-urls-node": the master gone is the node of the servers' URL.
     """
     caplog.set_level(logging.INFO, logger="brioche.redis")
     cluster = cluster_of(replicas=True, node_timeout_ms=1000)

@@ -13,7 +13,9 @@
 //! subscriptions with it only through the link: the old master ends them with a push, which
 //! the crate takes as final, and the link subscribes again. Whether the URL's node is in a
 //! cluster is asked on each connection (`INFO cluster`), so a standalone Redis 7 keeps the one
-//! connection.
+//! connection. The URL names one node, which may be the one that died (its replica promoted in
+//! its place): each cluster connection notes the nodes `CLUSTER SLOTS` lists, and when the URL's
+//! node no longer answers, the link reconnects through those.
 //!
 //! - Publishes arrive from `Shared::publish` on a bounded queue (`pubsub/remote.rs`), which
 //!   never makes the loop thread wait; they go to Redis in pipelines, in the order they came,
@@ -44,8 +46,8 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion,
-    PushInfo, PushKind, RedisResult, Value,
+    AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
+    ProtocolVersion, PushInfo, PushKind, RedisResult, Value,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
@@ -86,6 +88,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         subscribed: FxHashSet::default(),
         last_seq: FxHashMap::default(),
         cluster: false,
+        nodes: Vec::new(),
         seq: 0,
     };
     let shutdown = link.shared.shutdown.clone();
@@ -183,6 +186,57 @@ async fn in_cluster(conn: &mut MultiplexedConnection) -> RedisResult<bool> {
     }
 }
 
+/// Every node, master or replica, that `CLUSTER SLOTS` lists, as `info` with its address: the
+/// same TLS settings, credentials and protocol.
+async fn cluster_nodes(
+    conn: &mut ClusterConnection,
+    info: &ConnectionInfo,
+) -> RedisResult<Vec<ConnectionInfo>> {
+    let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    Ok(listed_nodes(ranges, info))
+}
+
+/// The nodes of a `CLUSTER SLOTS` answer, each once. One listed without an address is left
+/// out: "" stands for the node that answered, which the crate does not say, and "?" for one
+/// not known yet.
+fn listed_nodes(ranges: Vec<Value>, info: &ConnectionInfo) -> Vec<ConnectionInfo> {
+    let mut seen = FxHashSet::default();
+    let mut nodes = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else { continue };
+        // The first two are the range's first and last slot.
+        for node in range.into_iter().skip(2) {
+            let Value::Array(node) = node else { continue };
+            let (Some(Value::BulkString(host)), Some(Value::Int(port))) =
+                (node.first(), node.get(1))
+            else {
+                continue;
+            };
+            let (Ok(host), Ok(port)) = (std::str::from_utf8(host), u16::try_from(*port)) else {
+                continue;
+            };
+            if host.is_empty() || host == "?" || !seen.insert((host.to_owned(), port)) {
+                continue;
+            }
+            let addr = match info.addr() {
+                ConnectionAddr::TcpTls {
+                    insecure,
+                    tls_params,
+                    ..
+                } => ConnectionAddr::TcpTls {
+                    host: host.to_owned(),
+                    port,
+                    insecure: *insecure,
+                    tls_params: tls_params.clone(),
+                },
+                _ => ConnectionAddr::Tcp(host.to_owned(), port),
+            };
+            nodes.push(info.clone().set_addr(addr));
+        }
+    }
+    nodes
+}
+
 struct Link {
     shared: Arc<Shared>,
     channel_prefix: String,
@@ -193,6 +247,8 @@ struct Link {
     last_seq: FxHashMap<(u64, Option<Slot>), u64>,
     /// Connected to a cluster, with sharded pub/sub.
     cluster: bool,
+    /// The cluster's nodes, masters and replicas, as the last cluster connection listed them.
+    nodes: Vec<ConnectionInfo>,
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
@@ -221,30 +277,51 @@ impl Link {
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
             .set_push_sender(push_tx);
-        let mut node = client
+        let seeds = match client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(|_| "cannot connect")?;
-        let cluster = self.sharded && in_cluster(&mut node).await.map_err(|_| "cannot connect")?;
-        let (mut conn, pushes) = if cluster {
-            // The node's own connection goes, and with it its pushes: its `Disconnection` as
-            // it closes is not the link's.
-            drop(node);
-            let (push_tx, pushes) = mpsc::unbounded_channel();
-            let conn = ClusterClientBuilder::new([info.clone()])
-                .use_protocol(ProtocolVersion::RESP3)
-                .push_sender(push_tx)
-                .connection_timeout(TIMEOUT)
-                .response_timeout(TIMEOUT)
-                .build()
-                .map_err(|_| "cannot connect")?
-                .get_async_connection()
-                .await
-                .map_err(|_| "cannot connect")?;
-            (Conn::Cluster(conn), pushes)
-        } else {
-            (Conn::Node(node), pushes)
+        {
+            Ok(mut node) => {
+                if !(self.sharded && in_cluster(&mut node).await.map_err(|_| "cannot connect")?) {
+                    return self.subscribe_all(Conn::Node(node), pushes).await;
+                }
+                // The node's own connection goes, and with it its pushes: its `Disconnection` as
+                // it closes is not the link's.
+                vec![info.clone()]
+            }
+            // The URL's node may be gone for good (a master whose replica took its place is not
+            // restarted), while the rest of the cluster is up: the URL was only a way in.
+            Err(_) if self.cluster && !self.nodes.is_empty() => self.nodes.clone(),
+            Err(_) => return Err("cannot connect"),
         };
+        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let mut conn = ClusterClientBuilder::new(seeds)
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(push_tx)
+            .connection_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT)
+            .build()
+            .map_err(|_| "cannot connect")?
+            .get_async_connection()
+            .await
+            .map_err(|_| "cannot connect")?;
+        // On no answer, the nodes found before still serve: a cluster's nodes change a few at a
+        // time, so most of an older list still leads in.
+        if let Ok(nodes) = cluster_nodes(&mut conn, info).await {
+            if !nodes.is_empty() {
+                self.nodes = nodes;
+            }
+        }
+        self.subscribe_all(Conn::Cluster(conn), pushes).await
+    }
+
+    /// Subscribe `conn` to every topic with local subscribers.
+    async fn subscribe_all(
+        &mut self,
+        mut conn: Conn,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+    ) -> Result<(Conn, mpsc::UnboundedReceiver<PushInfo>), &'static str> {
+        let cluster = matches!(conn, Conn::Cluster(_));
         if self.cluster != cluster {
             // Sequences are kept by slot on a cluster, by origin alone elsewhere.
             self.last_seq.clear();
@@ -501,5 +578,55 @@ impl Link {
         let frame = OutFrame::new(incoming.opcode & 0x0f, incoming.payload);
         self.shared.publish_local(topic, frame, len, None, compress);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(first: i64, last: i64, nodes: &[(&str, i64)]) -> Value {
+        let mut range = vec![Value::Int(first), Value::Int(last)];
+        for (host, port) in nodes {
+            range.push(Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(*port),
+                Value::BulkString(b"id".to_vec()),
+            ]));
+        }
+        Value::Array(range)
+    }
+
+    #[test]
+    fn the_nodes_of_cluster_slots_keep_the_urls_tls_and_credentials() {
+        let ranges = vec![
+            range(0, 5460, &[("10.0.0.1", 6380), ("10.0.0.4", 6380)]),
+            range(5461, 10922, &[("", 6380), ("?", 6380)]),
+            range(10923, 16000, &[("10.0.0.3", 6380), ("10.0.0.1", 6380)]),
+            range(16001, 16383, &[("10.0.0.3", 6380)]),
+        ];
+        let info = "rediss://user:secret@redis.example:6390"
+            .into_connection_info()
+            .unwrap();
+        let nodes = listed_nodes(ranges, &info);
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.1:6380", "10.0.0.4:6380", "10.0.0.3:6380"]);
+        for node in &nodes {
+            assert!(matches!(
+                node.addr(),
+                ConnectionAddr::TcpTls {
+                    insecure: false,
+                    ..
+                }
+            ));
+            let redis = node.redis_settings();
+            assert_eq!(
+                (redis.username(), redis.password()),
+                (Some("user"), Some("secret"))
+            );
+        }
+        let plain = "redis://127.0.0.1:7000".into_connection_info().unwrap();
+        let nodes = listed_nodes(vec![range(0, 16383, &[("127.0.0.1", 7001)])], &plain);
+        assert!(matches!(nodes[0].addr(), ConnectionAddr::Tcp(host, 7001) if host == "127.0.0.1"));
     }
 }
