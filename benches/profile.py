@@ -5,6 +5,7 @@
     .venv/bin/python benches/profile.py --server rust-engine --scenario S3
     .venv/bin/python benches/profile.py --symbols             # brioche with an unstripped build
     .venv/bin/python benches/profile.py --scenario S7-64k-binary   # S7's cells: S7-{64k,1m}-{binary,text}
+    .venv/bin/python benches/profile.py --server bun --scenario S3T   # over TLS: S1T, S3T
 
 Same pinning as run.py (server on CPU 0, load generator on CPU 1). Two runs of the scenario:
 one under ``py-spy record --native`` (a flame graph and raw folded stacks) and one under
@@ -45,6 +46,9 @@ SCENARIO_ARGS = {
     "S1": ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32}),
     "S2": ("echo-latency", {"conns": 100, "size": 32}),
     "S3": ("fanout", {"conns": 1000, "window": 32, "size": 32}),
+    # S1 and S3 over TLS, as run.py's S1T and S3T (the load generator gets the CA: "ca" below).
+    "S1T": ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32, "ca": None}),
+    "S3T": ("fanout", {"conns": 1000, "window": 32, "size": 32, "ca": None}),
     # S7's four cells.
     **{f"S7-{tag}-{kind}": ("echo-throughput", {"conns": 10, "inflight": 4, "size": size,
                                                 "binary": int(kind == "binary")})
@@ -120,11 +124,17 @@ def main() -> int:
         spec.cmd = [str(py) if a == str(run.MAIN_PY) else a for a in spec.cmd]
     tag = f"{ns.server}-{ns.scenario}" + ("-sym" if ns.symbols else "")
     scenario, args = SCENARIO_ARGS[ns.scenario]
+    server_env: dict[str, str] = {}
+    if "ca" in args:
+        # The bench servers serve TLS when these are set, as in run.py's S1T and S3T.
+        files = run.tls_files()
+        args = {**args, "ca": files["ca"]}
+        server_env = {"BENCH_TLS_CERT": files["cert"], "BENCH_TLS_KEY": files["key"]}
     pyspy = run.PEERS_VENV / "bin" / "py-spy"
     summary: list[str] = [f"{tag}: {' '.join(spec.cmd)}", ""]
 
     def profiled(tool: str, cmd_for_pid) -> dict:  # type: ignore[no-untyped-def]
-        server = run.RunningServer(spec, PROFILE_DIR / f"{tag}-{tool}-server.log")
+        server = run.RunningServer(spec, PROFILE_DIR / f"{tag}-{tool}-server.log", server_env)
         try:
             err = server.wait_ready()
             if err:
