@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""S1 (echo throughput) for several builds or handler modes of brioche, interleaved.
+
+    .venv/bin/python benches/ab.py new=.venv-3.12/bin/python:async \\
+        old=/tmp/v312-old/bin/python:async sync=.venv-3.12/bin/python:sync [--rounds 10]
+
+Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
+async-sleep0). Every round starts each variant once (run.py's server start, CPU 0; load
+generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
+every other round, so the drift of a shared machine falls on all of them. Prints each run's
+rate and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on
+the machine moves less than the rate), then per variant the medians, and per pair of variants
+the median of the per-round ratios. Traffic: 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import OUT, CpuSampler, RunningServer, ServerSpec, loadgen  # noqa: E402
+
+WARMUP, DURATION = 1.5, 4.0
+
+
+def measure(name: str, python: str, mode: str) -> tuple[float, float]:
+    """One run: round trips/s and server CPU µs per round trip."""
+    spec = ServerSpec(name, name, [python, "brioche_server.py", "{port}", "asyncio", mode])
+    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log")
+    err = srv.wait_ready()
+    if err is not None:
+        srv.stop()
+        raise RuntimeError(f"{name} did not start: {err}")
+    try:
+        sampler = CpuSampler(srv.pid, WARMUP + 0.5, DURATION - 0.6)
+        sampler.start()
+        r = loadgen("echo-throughput", srv.port, {"conns": 100, "inflight": 16, "size": 32,
+                                                  "warmup": WARMUP, "duration": DURATION}, 70)
+        sampler.join(5)
+    finally:
+        srv.stop()
+    if "error" in r:
+        raise RuntimeError(f"{name}: {r['error']}")
+    rate = float(r["msgs_per_s"])
+    cpu = sampler.pct if sampler.pct is not None else float("nan")
+    return rate, cpu / 100 / rate * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="+", metavar="NAME=PYTHON:MODE")
+    ap.add_argument("--rounds", type=int, default=10)
+    ns = ap.parse_args()
+    variants: dict[str, tuple[str, str]] = {}
+    for item in ns.variants:
+        name, _, rest = item.partition("=")
+        python, _, mode = rest.rpartition(":")
+        if not name or not python or mode not in ("sync", "async", "async-sleep0"):
+            ap.error(f"want NAME=PYTHON:MODE, not {item!r}")
+        variants[name] = (str(Path(python).resolve()), mode)
+    rates: dict[str, list[float]] = {n: [] for n in variants}
+    cpus: dict[str, list[float]] = {n: [] for n in variants}
+    for rnd in range(ns.rounds):
+        order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
+        for name in order:
+            rate, cpu = measure(name, *variants[name])
+            rates[name].append(rate)
+            cpus[name].append(cpu)
+            print(f"round {rnd + 1} {name}: {rate:,.0f} msg/s, {cpu:.3f} CPU µs/msg "
+                  f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+    print()
+    for name in variants:
+        print(f"{name}: rate median {statistics.median(rates[name]):,.0f} "
+              f"({min(rates[name]):,.0f}-{max(rates[name]):,.0f}), CPU µs/msg median "
+              f"{statistics.median(cpus[name]):.3f} ({min(cpus[name]):.3f}-{max(cpus[name]):.3f})")
+    for a, b in itertools.combinations(variants, 2):
+        by_rate = statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+        by_cpu = statistics.median(y / x for x, y in zip(cpus[a], cpus[b]))
+        print(f"{a} ÷ {b}: rate {by_rate:.3f}× (median of per-round ratios), "
+              f"per CPU-second {by_cpu:.3f}×")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
