@@ -62,7 +62,8 @@ def main() -> int:
         python, _, mode = rest.rpartition(":")
         if not name or not python or mode not in ("sync", "async", "async-sleep0"):
             ap.error(f"want NAME=PYTHON:MODE, not {item!r}")
-        variants[name] = (str(Path(python).resolve()), mode)
+        # Absolute, not resolved: a venv's python is a symlink to the base interpreter.
+        variants[name] = (os.path.abspath(python), mode)
     rates: dict[str, list[float]] = {n: [] for n in variants}
     cpus: dict[str, list[float]] = {n: [] for n in variants}
     for rnd in range(ns.rounds):
