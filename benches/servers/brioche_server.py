@@ -17,6 +17,9 @@ The handler mode says what ``on_text`` is (``on_open`` and ``on_bytes`` stay pla
                 ``compress=True``, negotiated as Bun's ``perMessageDeflate: true`` is (no context
                 takeover either way: its shared compressor and decompressor), for the same work
                 on both sides; Bun sends with ``send(msg, true)``, ``publish(topic, msg, true)``
+  deflate-takeover  ``deflate`` with brioche's default ``per_message_deflate(True)``: context
+                takeover both ways, so each connection keeps its compressor and decompressor
+                (S4d's second brioche row: what that default costs per connection)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from common import (TOPIC, TOPICS_PATH, backpressure_limit, listening, publish_t
                     topics_of)
 
 SUB, PUB, ECHO = "sub", "pub", "echo"
-MODES = ("sync", "async", "async-sleep0", "deflate")
+MODES = ("sync", "async", "async-sleep0", "deflate", "deflate-takeover")
 _srv: brioche.Server[str] | None = None
 
 
@@ -103,7 +106,7 @@ def handler(request: server.Request, srv: brioche.Server[str]) -> server.Respons
 async def main(port: int, loop_name: str, mode: str) -> None:
     global _srv
     text = {"sync": on_text, "async": on_text_async, "async-sleep0": on_text_sleep0,
-            "deflate": on_text_deflate}[mode]
+            "deflate": on_text_deflate, "deflate-takeover": on_text_deflate}[mode]
     # Over the limit, sends to that connection are dropped and it stays open: what Bun's
     # backpressureLimit and socketify's max_backpressure do with closeOnBackpressureLimit off.
     config = (websocket.init().on_open(on_open).on_text(text).on_bytes(on_bytes)
@@ -111,6 +114,8 @@ async def main(port: int, loop_name: str, mode: str) -> None:
     if mode == "deflate":
         config = config.per_message_deflate(websocket.DeflateOptions(
             server_no_context_takeover=True, client_no_context_takeover=True))
+    elif mode == "deflate-takeover":
+        config = config.per_message_deflate(True)
     server_config = server.handler(handler).websocket(config).hostname("127.0.0.1").port(port)
     redis_url = os.environ.get("BRIOCHE_BENCH_REDIS")
     if redis_url:
