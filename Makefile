@@ -137,13 +137,16 @@ test-portable: install
 	BRIOCHE_PORTABLE=1 $(VENV)/bin/pytest -q -m "not load" tests/test_echo.py tests/test_lifecycle.py \
 		tests/test_stop.py tests/test_tasks.py tests/test_backpressure.py tests/test_flow_control.py
 
-# Type-check the crate for macOS and FreeBSD (their std from rustup). Not in `make test`: since
-# rustls arrived, ring's build script compiles C for the target, which needs a C cross-compiler
-# (clang with the target's SDK or sysroot) that this machine does not have.
+# Type-check the crate for macOS and FreeBSD (their std from rustup). ring's build script compiles
+# C for the target: zig (the ziglang wheel of .venv-tools) is that C compiler, through
+# scripts/zig-cc.sh. Not in `make test`: it downloads two targets' std with rustup, which a CI
+# machine may not reach (crates.io is not the Rust distribution server).
 PORTABLE_TARGETS := x86_64-apple-darwin x86_64-unknown-freebsd
-check-targets:
+check-targets: $(TOOLS)/bin/maturin
 	rustup target add $(PORTABLE_TARGETS)
-	cargo check --quiet $(addprefix --target ,$(PORTABLE_TARGETS))
+	CC_x86_64_apple_darwin=$(CURDIR)/scripts/zig-cc.sh AR_x86_64_apple_darwin=$(CURDIR)/scripts/zig-ar.sh \
+	CC_x86_64_unknown_freebsd=$(CURDIR)/scripts/zig-cc.sh AR_x86_64_unknown_freebsd=$(CURDIR)/scripts/zig-ar.sh \
+		cargo check --quiet $(addprefix --target ,$(PORTABLE_TARGETS))
 
 test: lint rust-test valgrind typecheck docs py-test-load test-matrix test-portable conformance
 
