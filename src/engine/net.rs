@@ -10,6 +10,7 @@
 //! thread flushes, and the connection task decrypts into its worker's read buffer, as they read
 //! and write a plain socket. The handshake itself is tokio-rustls's (`http/serve.rs`).
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
@@ -390,12 +391,15 @@ impl TlsSocket {
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 pub(crate) const LINGER_BYTES: usize = 1024 * 1024;
 
+thread_local! {
+    static SINK: RefCell<Box<[u8]>> = RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
+}
+
 /// Shut the write side of `stream`, then read and discard until the client closes its side,
 /// for at most `LINGER` and `LINGER_BYTES`: the async form of the WebSocket task's lingering
 /// phase, for connections that end outside it (an HTTP request the server refused).
 pub(crate) async fn linger(stream: &Stream) {
     stream.shutdown_write();
-    let mut sink = vec![0u8; 16 * 1024];
     let mut discarded = 0;
     let _ = tokio::time::timeout(LINGER, async {
         while discarded < LINGER_BYTES {
@@ -405,7 +409,9 @@ pub(crate) async fn linger(stream: &Stream) {
             {
                 return;
             }
-            match stream.read(&mut sink) {
+            // One sink per worker thread, not a buffer per lingering connection: a crowd of
+            // refused clients must not cost 16 KiB each.
+            match SINK.with(|sink| stream.read(&mut sink.borrow_mut()[..])) {
                 Ok(0) => return,
                 Ok(n) => discarded += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
