@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -96,6 +97,12 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def ignore_sigint() -> None:
+    """A ``preexec_fn``: the child starts with SIGINT ignored, as a shell's background job (and
+    some CI runners) start it; a server that handles the signal itself must still stop on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def status_kib(field: str, pid: int | str = "self") -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import free_port
+from conftest import free_port, ignore_sigint
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
 
@@ -50,16 +50,12 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly() ->
     assert out.decode().strip() == "stopped cleanly"
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 async def test_demo_module_prints_its_address_and_echoes() -> None:
     # Started with SIGINT ignored, as a shell's background job (and some CI runners) start it:
     # Ctrl+C still stops the demo, which handles the signal itself.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "brioche", "--host", "127.0.0.1", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_ignore_sigint,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigint,
     )
     try:
         assert proc.stdout is not None
