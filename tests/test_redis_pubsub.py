@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageSent, server, websocket
 from conftest import ServeFn, free_port, ws_url
-from test_workers import Supervisor, clients_covering, receive
+from test_workers import AppSupervisor, clients_covering, receive
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
@@ -432,7 +432,7 @@ async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn
 
 async def test_workers_share_topics_through_redis_once(redis: Redis) -> None:
     """``workers(2)`` with ``pubsub_redis``: publishes go through Redis, not also the relay."""
-    sup = Supervisor(2, redis.url)
+    sup = AppSupervisor(2, redis.url)
     try:
         clients = await clients_covering(sup.port, sup.pids, 2)
         await until(_equals(redis, "brioche:all", 2), "both workers to subscribe")

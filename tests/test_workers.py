@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +27,65 @@ import brioche
 from brioche import server, websocket
 
 APP = Path(__file__).with_name("workers_app.py")
-LISTENING = re.compile(r"(\d+) workers listening on port (\d+) \(pids ([\d, ]+)\)")
+LISTENING = re.compile(r"(?P<workers>\d+) workers listening on port (?P<port>\d+) \(pids (?P<pids>[\d, ]+)\)")
+
+
+def spawned_children(parent: int) -> set[int]:
+    """The pids of the processes ``parent`` started with multiprocessing's ``spawn``: its workers.
+
+    Its other child, multiprocessing's resource tracker, is told apart by its command line.
+    """
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:  # it exited meanwhile
+            continue
+        # After the command name, which may hold spaces and parentheses: state, then ppid.
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.add(int(entry))
+    return pids
 
 
 class Supervisor:
-    """The app's supervisor process and the lines it logged, read by a thread as they come."""
+    """A supervisor process started with ``argv``, the lines it printed (stdout and stderr) read
+    by a thread as they come, and its workers.
 
-    def __init__(self, workers: int, *args: str) -> None:
+    It is ready once it printed a line matching ``listening``, whose ``port`` group is the port
+    it serves; its workers are then the processes it spawned.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        listening: re.Pattern[str],
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(APP), str(workers), *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
         )
         self.lines: list[str] = []
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self.pids: set[int] = set()
-        match = self.wait_for(LISTENING)
-        assert int(match[1]) == workers
-        self.port = int(match[2])
-        self.pids = {int(pid) for pid in match[3].split(", ")}
-        assert len(self.pids) == workers
+        try:
+            self.listening = self.wait_for(listening)
+            self.port = int(self.listening["port"])
+            self.pids = spawned_children(self.proc.pid)
+        except BaseException:
+            self.stop()
+            raise
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             with self.changed:
                 self.lines.append(line.rstrip("\n"))
                 self.changed.notify_all()
@@ -71,7 +105,7 @@ class Supervisor:
                 self.changed.wait(min(left, 0.5))
 
     def stop(self) -> None:
-        """SIGTERM the supervisor; SIGKILL it and every worker it reported if they linger."""
+        """SIGTERM the supervisor; SIGKILL it and every worker it spawned if they linger."""
         try:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -89,12 +123,27 @@ class Supervisor:
             self.reader.join(5)
 
 
+class AppSupervisor(Supervisor):
+    """``tests/workers_app.py`` with ``workers`` workers; ``args`` follow on its command line."""
+
+    def __init__(self, workers: int, *args: str) -> None:
+        super().__init__([sys.executable, str(APP), str(workers), *args], LISTENING)
+        try:
+            # An operator reads the pids off this line: they must be the workers, all of them.
+            assert int(self.listening["workers"]) == workers
+            assert {int(pid) for pid in self.listening["pids"].split(", ")} == self.pids
+            assert len(self.pids) == workers
+        except BaseException:
+            self.stop()
+            raise
+
+
 @pytest.fixture
 def supervisor_of() -> Iterator[Any]:
     started: list[Supervisor] = []
 
     def start(workers: int) -> Supervisor:
-        sup = Supervisor(workers)
+        sup = AppSupervisor(workers)
         started.append(sup)
         return sup
 
