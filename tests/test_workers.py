@@ -1,7 +1,8 @@
 """``run(config, workers=n)``: worker processes on one port, topics shared, supervised.
 
 Each test starts ``tests/workers_app.py`` (the supervisor and its workers are real processes)
-and reads the supervisor's log lines for the port, the workers' pids and their restarts.
+and reads the supervisor's log lines for the port, the workers' pids and their restarts; one
+starts the demo, ``python -m brioche --workers 2``, the same way.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import server, websocket
+from conftest import ignore_sigint
 
 APP = Path(__file__).with_name("workers_app.py")
 LISTENING = re.compile(r"(?P<workers>\d+) workers listening on port (?P<port>\d+) \(pids (?P<pids>[\d, ]+)\)")
@@ -162,15 +166,21 @@ async def client_on(port: int) -> tuple[ClientConnection, int]:
     return ws, int(greeting[4:])
 
 
-async def clients_covering(port: int, pids: set[int], at_least: int) -> list[tuple[ClientConnection, int]]:
-    """Connect until every pid in ``pids`` has a client and ``at_least`` are connected.
+async def clients_covering(
+    port: int,
+    pids: set[int],
+    at_least: int,
+    connect_one: Callable[[int], Awaitable[tuple[ClientConnection, int]]] = client_on,
+) -> list[tuple[ClientConnection, int]]:
+    """Connect (with ``connect_one``) until every pid in ``pids`` has a client and ``at_least``
+    are connected.
 
     The kernel spreads connections by a hash of their addresses; 60 misses in a row for one of
     three workers has a probability of about 1e-10.
     """
     clients: list[tuple[ClientConnection, int]] = []
     for _ in range(60):
-        clients.append(await client_on(port))
+        clients.append(await connect_one(port))
         if len(clients) >= at_least and pids <= {pid for _, pid in clients}:
             return clients
     raise AssertionError(f"60 clients never reached all of {pids}: {[pid for _, pid in clients]}")
@@ -251,6 +261,85 @@ async def test_a_signal_to_the_supervisor_closes_every_worker_s_clients_with_100
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not any("WARNING" in line or "Traceback" in line for line in sup.lines), sup.lines
+
+
+DEMO_LISTENING = re.compile(
+    r"^brioche demo listening on http://127\.0\.0\.1:(?P<port>\d+)/ \(2 workers; Ctrl\+C to stop\)$"
+)
+
+
+def accepting_worker(port: int, client: ClientConnection, pids: set[int]) -> int:
+    """Which of ``pids`` holds the server end of ``client``'s connection to 127.0.0.1:``port``.
+
+    The demo does not tell a client which worker it landed on, so the kernel is asked: the
+    socket's inode in /proc/net/tcp, then the worker with a descriptor on it. A handshake that
+    completed was accepted, so the inode is set and in that worker's descriptor table.
+    """
+    client_port = client.local_address[1]
+    ends = f"0100007F:{port:04X} 0100007F:{client_port:04X} 01"  # local, remote, ESTABLISHED
+    with open("/proc/net/tcp") as f:
+        inodes = [line.split()[9] for line in f if " ".join(line.split()[1:4]) == ends]
+    assert len(inodes) == 1 and inodes[0] != "0", (client_port, inodes)
+    socket_link = f"socket:[{inodes[0]}]"
+    holders = []
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == socket_link:
+                    holders.append(pid)
+            except FileNotFoundError:  # a descriptor closed meanwhile
+                pass
+    assert len(holders) == 1, (socket_link, holders)
+    return holders[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_the_demo_with_two_workers_serves_its_page_and_echo_then_stops_on_a_signal(
+    sig: signal.Signals,
+) -> None:
+    # Started with SIGINT ignored, as from a shell's background job: the supervisor's own
+    # handler must still take it.
+    argv = [sys.executable, "-m", "brioche", "--host", "127.0.0.1", "--port", "0", "--workers", "2"]
+    sup = Supervisor(argv, DEMO_LISTENING, preexec_fn=ignore_sigint)
+    clients: list[tuple[ClientConnection, int]] = []
+    try:
+        assert len(sup.pids) == 2, sup.pids
+
+        async with httpx.AsyncClient() as http:
+            page = await http.get(f"http://127.0.0.1:{sup.port}/", timeout=10)
+        assert (page.status_code, page.headers["content-type"]) == (200, "text/html; charset=utf-8")
+        assert page.text == files("brioche").joinpath("demo.html").read_text(encoding="utf-8")
+
+        async def echo_client_on(port: int) -> tuple[ClientConnection, int]:
+            ws = await connect(f"ws://127.0.0.1:{port}/echo", open_timeout=10)
+            return ws, accepting_worker(port, ws, sup.pids)
+
+        clients = await clients_covering(sup.port, sup.pids, 2, echo_client_on)
+        for i, (ws, pid) in enumerate(clients):
+            await ws.send(f"héllo {i}")
+            assert await asyncio.wait_for(ws.recv(), 10) == f"héllo {i}", f"client on {pid}"
+
+        sup.proc.send_signal(sig)
+        for ws, pid in clients:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 15)
+            assert closed.value.rcvd is not None, f"client on {pid}"
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "server shutting down")
+        # run() returns once every worker stopped, and the demo's main() with it: a clean exit.
+        assert await asyncio.to_thread(sup.proc.wait, 20) == 0
+        for pid in sup.pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", sup.port)
+        # Everything the demo printed, once its output closed: its address, no warning, no traceback.
+        await asyncio.to_thread(sup.reader.join, 10)
+        assert not sup.reader.is_alive()
+        assert sup.lines == [sup.listening[0]]
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+        sup.stop()
 
 
 def hello(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
