@@ -336,29 +336,36 @@ async def test_redis_restart_mid_stream(
     assert f"127.0.0.1:{redis.port}" in lines[0][1]
 
 
-async def test_sharded_namespaced_subscriptions_are_counted_per_server(
-    redis: Redis, clients: Callable[[str], Awaitable[Collector]]
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
+async def test_namespaced_subscriptions_are_counted_per_server(
+    redis: Redis, clients: Callable[[str], Awaitable[Collector]], sharded: bool
 ) -> None:
-    """Two servers in one process (one Redis connection each), sharded pub/sub, a namespace."""
+    """Two servers in one process (one Redis connection each), plain or sharded pub/sub, a
+    namespace: a server holds one subscription to a channel while its topic has local
+    subscribers, however many, and none once the last has left."""
     config: server.Config[Any] = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
     config = config.websocket(topics_config()).hostname("127.0.0.1").port(0)
-    config = server.pubsub_redis(config, redis.url, sharded=True, namespace="t:")
+    config = server.pubsub_redis(config, redis.url, sharded=sharded, namespace="t:")
     first, second = await config.serve(), await config.serve()
+
+    def room_count(count: int) -> Callable[[], Awaitable[bool]]:
+        return _equals(redis, "t:room", count, sharded)
+
     try:
         one = await clients(ws_url(first, "/ws?room"))
-        await until(_equals(redis, "t:room", 1, sharded=True), "the first server to subscribe")
+        await until(room_count(1), "the first server to subscribe")
         two = await clients(ws_url(second, "/ws?room"))
-        await until(_equals(redis, "t:room", 2, sharded=True), "the second server to subscribe")
+        await until(room_count(2), "the second server to subscribe")
         three = await clients(ws_url(first, "/ws?room"))
         # A third socket, on the first server: no second subscription for that server. (Its
         # subscription is made before its handshake completes: on_open runs first.)
         assert first.subscriber_count("room") == 2
-        assert await subscribers(redis, "t:room", sharded=True) == 2
-        assert await subscribers(redis, "t:room") == 0
-        assert await subscribers(redis, "brioche:room", sharded=True) == 0
+        assert await subscribers(redis, "t:room", sharded) == 2
+        assert await subscribers(redis, "t:room", not sharded) == 0
+        assert await subscribers(redis, "brioche:room", sharded) == 0
 
         # Something else on the channel is not a brioche message: no client sees it.
-        await asyncio.to_thread(redis.cli, "SPUBLISH", "t:room", "not from brioche")
+        await asyncio.to_thread(redis.cli, "SPUBLISH" if sharded else "PUBLISH", "t:room", "not from brioche")
         await two.client.send("pub room hello")
         await until(lambda: one.messages == ["hello"] and three.messages == ["hello"], "hello on the first server")
         assert two.messages == []
@@ -366,11 +373,11 @@ async def test_sharded_namespaced_subscriptions_are_counted_per_server(
         assert second.stats()["redis_published"] == 1
 
         await one.client.close()
-        assert await subscribers(redis, "t:room", sharded=True) == 2
+        assert await subscribers(redis, "t:room", sharded) == 2
         await three.client.send("unsub room")
-        await until(_equals(redis, "t:room", 1, sharded=True), "the first server to unsubscribe")
+        await until(room_count(1), "the first server to unsubscribe")
         await two.client.close()
-        await until(_equals(redis, "t:room", 0, sharded=True), "the second server to unsubscribe")
+        await until(room_count(0), "the second server to unsubscribe")
         assert first.subscriber_count("room") == second.subscriber_count("room") == 0
     finally:
         await first.stop(close_active_connections=True)
