@@ -351,6 +351,16 @@ async def test_namespaced_subscriptions_are_counted_per_server(
     def room_count(count: int) -> Callable[[], Awaitable[bool]]:
         return _equals(redis, "t:room", count, sharded)
 
+    async def settled(srv: brioche.Server[Any], marker: str) -> None:
+        """Until every subscription change ``srv`` made so far has reached Redis.
+
+        Nothing to poll for when a change must not happen: a server's link sends its changes
+        in order on one connection, so once a topic subscribed now is counted, what came before
+        it is done too.
+        """
+        await clients(ws_url(srv, f"/ws?{marker}"))
+        await until(_equals(redis, f"t:{marker}", 1, sharded), f"the {marker} subscription")
+
     try:
         one = await clients(ws_url(first, "/ws?room"))
         await until(room_count(1), "the first server to subscribe")
@@ -360,6 +370,7 @@ async def test_namespaced_subscriptions_are_counted_per_server(
         # A third socket, on the first server: no second subscription for that server. (Its
         # subscription is made before its handshake completes: on_open runs first.)
         assert first.subscriber_count("room") == 2
+        await settled(first, "marker1")
         assert await subscribers(redis, "t:room", sharded) == 2
         assert await subscribers(redis, "t:room", not sharded) == 0
         assert await subscribers(redis, "brioche:room", sharded) == 0
@@ -373,6 +384,8 @@ async def test_namespaced_subscriptions_are_counted_per_server(
         assert second.stats()["redis_published"] == 1
 
         await one.client.close()
+        await until(lambda: first.subscriber_count("room") == 1, "the first server to see one leave")
+        await settled(first, "marker2")
         assert await subscribers(redis, "t:room", sharded) == 2
         await three.client.send("unsub room")
         await until(room_count(1), "the first server to unsubscribe")
