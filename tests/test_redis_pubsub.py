@@ -392,6 +392,23 @@ async def test_namespaced_subscriptions_are_counted_per_server(
         await two.client.close()
         await until(room_count(0), "the second server to unsubscribe")
         assert first.subscriber_count("room") == second.subscriber_count("room") == 0
+
+        # The topic's first subscriber again, after its last left: subscribed again, and
+        # delivered to.
+        again = await clients(ws_url(first, "/ws?room"))
+        await until(room_count(1), "the first server to subscribe again")
+        second.publish("room", "again")
+        await until(lambda: again.messages == ["again"], "a publish through the renewed subscription")
+
+        # The last subscriber leaving as a new one arrives, their reports racing either way:
+        # the server stays subscribed, not deaf.
+        await again.client.close()
+        replacement = await clients(ws_url(first, "/ws?room"))
+        await until(lambda: first.subscriber_count("room") == 1, "the first server to see the last one leave")
+        await settled(first, "marker3")
+        assert await subscribers(redis, "t:room", sharded) == 1
+        second.publish("room", "replaced")
+        await until(lambda: replacement.messages == ["replaced"], "a publish to the replacement")
     finally:
         await first.stop(close_active_connections=True)
         await second.stop(close_active_connections=True)
