@@ -500,6 +500,32 @@ class Stream:
         return await check_recovery(srv, local, remote, lambda: self.published, self.stop, self.task, back_at, caplog)
 
 
+async def stream_then_kill(
+    cluster: Cluster,
+    started: list[brioche.Server[Any]],
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+    topic: str,
+    victim: Node,
+) -> tuple[brioche.Server[Any], Collector, Collector, Stream]:
+    """Two processes subscribed to ``topic``, a ``Stream`` of publishes flowing between them,
+    then ``victim`` SIGKILLed: returns once the core saw the link go down and local delivery went
+    on for 100 more messages."""
+    srv = await serve_sharded(started, cluster.url)
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    local = await clients(ws_url(srv, f"/ws?{topic}"))
+    remote = await clients(other.url(f"/ws?{topic}"))
+    await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
+
+    stream = Stream(srv, topic)
+    await until(lambda: len(remote.messages) >= 50, "messages through the cluster")
+    await asyncio.to_thread(victim.kill)
+    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see the master gone")
+    killed_at = stream.published
+    await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with a master down")
+    return srv, local, remote, stream
+
+
 async def test_a_master_restart_mid_stream(
     cluster: Cluster,
     started: list[brioche.Server[Any]],
@@ -517,18 +543,7 @@ async def test_a_master_restart_mid_stream(
     topic = topics_per_master(1)[2]
     victim = cluster.node_of(topic)
     assert victim is cluster.nodes[2]
-    srv = await serve_sharded(started, cluster.url)
-    other = await peer(cluster.url, NAMESPACE, "sharded")
-    local = await clients(ws_url(srv, f"/ws?{topic}"))
-    remote = await clients(other.url(f"/ws?{topic}"))
-    await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
-
-    stream = Stream(srv, topic)
-    await until(lambda: len(remote.messages) >= 50, "messages through the cluster")
-    await asyncio.to_thread(victim.kill)
-    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see the master gone")
-    killed_at = stream.published
-    await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with a master down")
+    srv, local, remote, stream = await stream_then_kill(cluster, started, peer, clients, topic, victim)
     await asyncio.to_thread(victim.start)
     await asyncio.to_thread(cluster.wait_ok)
     restarted_at = stream.published
@@ -561,18 +576,7 @@ async def test_a_master_killed_for_good_is_replaced_by_its_replica(
     topic = topics_per_master(1)[victim]
     dead, heir = cluster.nodes[victim], cluster.nodes[len(RANGES) + victim]
     assert cluster.node_of(topic) is dead
-    srv = await serve_sharded(started, cluster.url)
-    other = await peer(cluster.url, NAMESPACE, "sharded")
-    local = await clients(ws_url(srv, f"/ws?{topic}"))
-    remote = await clients(other.url(f"/ws?{topic}"))
-    await until(all_subscribed(cluster, [topic], 2), "both processes to subscribe", 15)
-
-    stream = Stream(srv, topic)
-    await until(lambda: len(remote.messages) >= 50, "messages through the cluster")
-    await asyncio.to_thread(dead.kill)
-    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to see the master gone")
-    killed_at = stream.published
-    await until(lambda: len(local.messages) >= killed_at + 100, "local delivery with a master down")
+    srv, local, remote, stream = await stream_then_kill(cluster, started, peer, clients, topic, dead)
     await asyncio.to_thread(cluster.wait_promoted, heir)
     promoted_at = stream.published
     took = await until(lambda: any(int(m) >= promoted_at for m in remote.messages), "remote delivery to resume", 10)
