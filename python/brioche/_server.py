@@ -718,10 +718,7 @@ class Server(Generic[T]):
             try:
                 result = context.run(_call_each, fn, ws, messages)
             except BaseException as exc:
-                self._handler_failed(ws, kind, exc)
-                if not isinstance(exc, Exception):
-                    self._park_rest(ws, kind, messages, context)
-                    raise
+                self._failed_in_run(ws, kind, exc, messages, context)
                 continue
             if result is None:
                 return
@@ -757,10 +754,7 @@ class Server(Generic[T]):
             except BaseException as exc:
                 # A TypeError from the call (the handler's signature), or a KeyboardInterrupt or
                 # SystemExit from the eager first step, which the Task re-raises.
-                self._handler_failed(ws, kind, exc)
-                if not isinstance(exc, Exception):
-                    self._park_rest(ws, kind, messages, context)
-                    raise
+                self._failed_in_run(ws, kind, exc, messages, context)
                 continue
             if task.done():
                 # A result or a cancellation: `_exception` (asyncio's own field, in its C and
@@ -777,6 +771,21 @@ class Server(Generic[T]):
             self._track(ws, kind, task)
             self._park_rest(ws, kind, messages, context)
             return
+
+    def _failed_in_run(
+        self,
+        ws: WebSocket[T],
+        kind: int,
+        exc: BaseException,
+        messages: Iterator[object],
+        context: contextvars.Context,
+    ) -> None:
+        """A handler of a run raised: report it (an Exception closes with 1011, and the run goes
+        on); anything else parks the rest of the run and propagates."""
+        self._handler_failed(ws, kind, exc)
+        if not isinstance(exc, Exception):
+            self._park_rest(ws, kind, messages, context)
+            raise exc
 
     def _park_rest(
         self, ws: WebSocket[T], kind: int, messages: Iterator[object], context: contextvars.Context
