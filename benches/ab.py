@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""S1 (echo throughput) for several builds or handler modes of brioche, interleaved.
+"""S1 (echo throughput), or one S7 cell, for several builds or handler modes of brioche and for
+the peers, interleaved.
 
     .venv/bin/python benches/ab.py new=.venv-3.12/bin/python:async \\
         old=/tmp/v312-old/bin/python:async sync=.venv-3.12/bin/python:sync [--rounds 10]
+    .venv/bin/python benches/ab.py --cell 1m-binary brioche=.venv/bin/python:sync \\
+        picows=peer:picows bun=peer:bun
 
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
-async-sleep0). Every round starts each variant once (run.py's server start, CPU 0; load
+async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
+``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each) or one of S7's
+(64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
 rate and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on
@@ -23,14 +28,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import OUT, CpuSampler, RunningServer, ServerSpec, loadgen  # noqa: E402
+from run import (  # noqa: E402
+    LARGE_CELLS, LARGE_CONNS, LARGE_INFLIGHT, OUT, CpuSampler, RunningServer, ServerSpec, loadgen,
+    server_specs,
+)
 
 WARMUP, DURATION = 1.5, 4.0
+S1 = {"conns": 100, "inflight": 16, "size": 32}
+CELLS = {"s1": S1, **{
+    label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
+        {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size, "binary": int(binary)}
+    for _, label, size, binary in LARGE_CELLS}}
 
 
-def measure(name: str, python: str, mode: str) -> tuple[float, float]:
-    """One run: round trips/s and server CPU µs per round trip."""
-    spec = ServerSpec(name, name, [python, "brioche_server.py", "{port}", "asyncio", mode])
+def measure(name: str, spec: ServerSpec, cell: dict[str, int]) -> tuple[float, float]:
+    """One run: messages/s and server CPU µs per message."""
     srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log")
     err = srv.wait_ready()
     if err is not None:
@@ -39,8 +51,8 @@ def measure(name: str, python: str, mode: str) -> tuple[float, float]:
     try:
         sampler = CpuSampler(srv.pid, WARMUP + 0.5, DURATION - 0.6)
         sampler.start()
-        r = loadgen("echo-throughput", srv.port, {"conns": 100, "inflight": 16, "size": 32,
-                                                  "warmup": WARMUP, "duration": DURATION}, 70)
+        r = loadgen("echo-throughput", srv.port,
+                    {**cell, "warmup": WARMUP, "duration": DURATION}, 70)
         sampler.join(5)
     finally:
         srv.stop()
@@ -55,24 +67,36 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", metavar="NAME=PYTHON:MODE")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--cell", choices=sorted(CELLS), default="s1")
     ns = ap.parse_args()
-    variants: dict[str, tuple[str, str]] = {}
+    peers: dict[str, ServerSpec] | None = None
+    variants: dict[str, ServerSpec] = {}
     for item in ns.variants:
         name, _, rest = item.partition("=")
         python, _, mode = rest.rpartition(":")
+        if name and python == "peer":
+            if peers is None:
+                peers = {s.name: s for s in server_specs({}, None)}
+            if mode not in peers or peers[mode].na:
+                ap.error(f"no usable peer {mode!r}: {peers[mode].na if mode in peers else ''}")
+            variants[name] = peers[mode]
+            continue
         if not name or not python or mode not in ("sync", "async", "async-sleep0"):
-            ap.error(f"want NAME=PYTHON:MODE, not {item!r}")
+            ap.error(f"want NAME=PYTHON:MODE or NAME=peer:SERVER, not {item!r}")
         # Absolute, not resolved: a venv's python is a symlink to the base interpreter.
-        variants[name] = (os.path.abspath(python), mode)
+        variants[name] = ServerSpec(name, name, [os.path.abspath(python), "brioche_server.py",
+                                                 "{port}", "asyncio", mode])
     rates: dict[str, list[float]] = {n: [] for n in variants}
     cpus: dict[str, list[float]] = {n: [] for n in variants}
     for rnd in range(ns.rounds):
         order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
         for name in order:
-            rate, cpu = measure(name, *variants[name])
+            rate, cpu = measure(name, variants[name], CELLS[ns.cell])
             rates[name].append(rate)
             cpus[name].append(cpu)
-            print(f"round {rnd + 1} {name}: {rate:,.0f} msg/s, {cpu:.3f} CPU µs/msg "
+            size = CELLS[ns.cell]["size"]
+            print(f"round {rnd + 1} {name}: {rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), "
+                  f"{cpu:.3f} CPU µs/msg ({cpu * 1000 / size:.3f} ns/B) "
                   f"(load average {os.getloadavg()[0]:.2f})", flush=True)
     print()
     for name in variants:
