@@ -386,6 +386,7 @@ impl PyEngine {
                 .map(|(cert, key)| TlsFiles { cert, key }),
             ..ServerConfig::default()
         };
+        super::malloc::tune_for_large_messages();
         // Binding touches no Python object: other Python threads may run meanwhile.
         let server = py
             .detach(|| Server::start_on(config, listen))

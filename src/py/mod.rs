@@ -2,6 +2,7 @@
 
 mod engine;
 mod errors;
+mod malloc;
 mod request;
 mod shared;
 mod status;
