@@ -13,6 +13,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -52,6 +53,20 @@ impl Stream {
             Stream::Tcp(s) => read_drained(s, |fd| recv(fd, buf)),
             Stream::Unix(s) => read_drained(s, |fd| recv(fd, buf)),
             Stream::Tls(s) => s.read_plain(buf),
+        }
+    }
+
+    /// `read` into memory not written yet (a message buffer's spare room), on a plain socket.
+    /// `None` over TLS: rustls hands out plaintext by copying it out of its own buffer, into
+    /// initialised memory only, so there is no copy to save there.
+    #[inline]
+    pub(crate) fn read_uninit(&self, buf: &mut [MaybeUninit<u8>]) -> Option<io::Result<usize>> {
+        let (ptr, len) = (buf.as_mut_ptr().cast::<u8>(), buf.len());
+        // SAFETY (both): `buf` is valid for writes of `len` bytes, and recv writes only bytes.
+        match self {
+            Stream::Tcp(s) => Some(read_drained(s, |fd| unsafe { recv_raw(fd, ptr, len) })),
+            Stream::Unix(s) => Some(read_drained(s, |fd| unsafe { recv_raw(fd, ptr, len) })),
+            Stream::Tls(_) => None,
         }
     }
 
@@ -468,13 +483,23 @@ fn read_drained(
 /// One `recv` into `buf`: the bytes it got, and whether it left `buf` room (a short read).
 #[inline]
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the descriptor is open while the
-    // socket that lent it is borrowed.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// `recv` into `len` bytes at `ptr`, which need not be initialised.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+#[inline]
+unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<(usize, bool)> {
+    // SAFETY: as the caller promised; the descriptor is open while the socket that lent it is
+    // borrowed.
+    let n = unsafe { libc::recv(fd, ptr.cast(), len, 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((n as usize, (n as usize) < buf.len()))
+    Ok((n as usize, (n as usize) < len))
 }
 
 /// rustls reads records through this: one `recv`, noting a short one.

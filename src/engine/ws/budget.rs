@@ -53,6 +53,11 @@ impl IncomingBudget {
         holding >= PAUSE_FLOOR && self.held.load(Ordering::SeqCst) > self.limit
     }
 
+    /// How much more may be held before the budget is exceeded (`usize::MAX` without one).
+    pub(crate) fn headroom(&self) -> usize {
+        self.limit.saturating_sub(self.held.load(Ordering::Relaxed))
+    }
+
     /// Move a holder's count from `before` to `after` bytes.
     pub(crate) fn adjust(&self, before: usize, after: usize) {
         if after > before {

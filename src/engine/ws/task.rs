@@ -40,6 +40,14 @@ const READ_BUFFER: usize = 64 * 1024;
 /// the worker when this poll's cooperative budget runs out (tokio's 128 units, one per
 /// readiness or timer poll) and `poll_read_ready` returns `Pending`.
 const READS_PER_TURN: usize = 16;
+/// A data frame with at least this much still to come is read straight into its message's
+/// buffer (`MessageReader::direct_room`), not copied there out of the read buffer.
+const DIRECT_MIN: usize = READ_BUFFER / 2;
+/// The most one such read takes: one connection's large message does not hold the worker for
+/// much longer than a full read buffer would. Below this when the incoming budget has less room
+/// left, but never below `READ_BUFFER`, so a read takes the budget past its limit by no more
+/// than before (`budget::PAUSE_FLOOR`).
+const DIRECT_MAX: usize = 1024 * 1024;
 
 thread_local! {
     /// One read buffer per worker thread instead of one per connection: an idle connection
@@ -97,7 +105,7 @@ pub(crate) fn run(
     let first = if already_read.is_empty() {
         None
     } else {
-        feed(&task.conn, &mut task.rx, &already_read)
+        feed(&task.conn, &mut task.rx, Input::Bytes(&already_read))
     };
     async move {
         let timer = sleep_until(task.next_idle_check());
@@ -357,7 +365,7 @@ impl Task {
         }
         if self.rx.reader.stalled() {
             // Frames that arrived while the loop was behind: parse them before reading more.
-            let ended = feed(&self.conn, &mut self.rx, &[]);
+            let ended = feed(&self.conn, &mut self.rx, Input::Bytes(&[]));
             self.arm_message_deadline(timer);
             return match ended {
                 Some(ending) => Step::Done(ending),
@@ -609,14 +617,29 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
         let mut buf = buf.borrow_mut();
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
-            match stream.read(&mut buf) {
+            let max = conn.shared.budget.headroom().clamp(READ_BUFFER, DIRECT_MAX);
+            let (result, direct) = match rx.reader.direct_room(DIRECT_MIN, max) {
+                Some(room) => {
+                    let len = room.len();
+                    match stream.read_uninit(room) {
+                        Some(result) => (result, Some(len)),
+                        None => (stream.read(&mut buf), None),
+                    }
+                }
+                None => (stream.read(&mut buf), None),
+            };
+            match result {
                 Ok(0) => return Read::Ended(Ending::abrupt(1006, "")),
                 Ok(n) => {
                     got = Read::Some;
-                    if let Some(ending) = feed(conn, rx, &buf[..n]) {
+                    let input = match direct {
+                        Some(_) => Input::Direct(n),
+                        None => Input::Bytes(&buf[..n]),
+                    };
+                    if let Some(ending) = feed(conn, rx, input) {
                         return Read::Ended(ending);
                     }
-                    if n < buf.len()
+                    if n < direct.unwrap_or(buf.len())
                         || rx.reader.stalled()
                         || conn.reading_paused()
                         || conn
@@ -635,15 +658,23 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
     })
 }
 
-/// Hand the messages in `data` to the loop; `Some` when the read side is over.
-fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
+/// What a read brought.
+enum Input<'a> {
+    /// Bytes in the read buffer.
+    Bytes(&'a [u8]),
+    /// This many bytes read straight into the room `MessageReader::direct_room` gave.
+    Direct(usize),
+}
+
+/// Hand the messages a read completed to the loop; `Some` when the read side is over.
+fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
     // Bytes handed to the loop (for the budget), and data messages and their bytes (for the
     // counters), added up once per read rather than per message.
     let mut queued = 0;
     let mut messages = 0u64;
     let mut data_bytes = 0u64;
-    let parsed = rx.reader.feed(data, &mut |message| match message {
+    let mut deliver = |message| match message {
         // Parsing stops at the message that reaches the in-flight caps; the rest waits.
         Incoming::Text(text) => {
             messages += 1;
@@ -693,7 +724,11 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, data: &[u8]) -> Option<Ending> {
             closed = Some(Ending::graceful(code, reason));
             true
         }
-    });
+    };
+    let parsed = match input {
+        Input::Bytes(data) => rx.reader.feed(data, &mut deliver),
+        Input::Direct(n) => rx.reader.direct_received(n, &mut deliver),
+    };
     // Once per read, not per message: the budget is one counter shared by every thread.
     let held = rx.reader.buffered();
     conn.shared.budget.adjust(rx.charged, held + queued);
