@@ -264,7 +264,8 @@ async def test_a_signal_to_the_supervisor_closes_every_worker_s_clients_with_100
 
 
 DEMO_LISTENING = re.compile(
-    r"^brioche demo listening on http://127\.0\.0\.1:(?P<port>\d+)/ \(2 workers; Ctrl\+C to stop\)$"
+    r"^brioche demo listening on http://127\.0\.0\.1:(?P<port>\d+)/ "
+    r"\(2 workers, pids (?P<pids>\d+ \d+); Ctrl\+C to stop\)$"
 )
 
 
@@ -303,6 +304,8 @@ async def test_the_demo_with_two_workers_serves_its_page_and_echo_then_stops_on_
     sup = Supervisor(argv, DEMO_LISTENING, preexec_fn=ignore_sigint)
     clients: list[tuple[ClientConnection, int]] = []
     try:
+        # The pids it printed are the processes it spawned.
+        assert {int(pid) for pid in sup.listening["pids"].split()} == sup.pids
         assert len(sup.pids) == 2, sup.pids
 
         async with httpx.AsyncClient() as http:

@@ -138,11 +138,11 @@ def main() -> None:
     shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
     if args.workers > 1:
 
-        def ready(port: int) -> None:
+        def ready(port: int, pids: list[int]) -> None:
             on = "uvloop; " if args.uvloop else ""
             print(
                 f"brioche demo listening on http://{shown}:{port}/ "
-                f"({args.workers} workers; {on}Ctrl+C to stop)",
+                f"({args.workers} workers, pids {' '.join(map(str, pids))}; {on}Ctrl+C to stop)",
                 flush=True,
             )
 

@@ -162,12 +162,12 @@ def run_workers(
     address: str,
     port: int,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
-    on_ready: Callable[[int], None] | None = None,
+    on_ready: Callable[[int, list[int]], None] | None = None,
 ) -> None:
     """Serve ``config`` from ``workers`` processes until SIGINT or SIGTERM; see the module doc.
 
-    ``address`` is the resolved hostname. ``on_ready(port)`` is called once, when every worker
-    first reported ready (it logs at INFO when not given).
+    ``address`` is the resolved hostname. ``on_ready(port, pids)`` is called once, when every
+    worker first reported ready, with the workers' pids (it logs at INFO when not given).
     """
     try:
         pickle.dumps((config, loop_factory))
@@ -204,7 +204,7 @@ class _Supervisor:
         slots: list[WorkerSlot],
         port: int,
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
-        on_ready: Callable[[int], None] | None,
+        on_ready: Callable[[int, list[int]], None] | None,
     ) -> None:
         self.context = multiprocessing.get_context("spawn")
         self.config = config
@@ -329,13 +329,13 @@ class _Supervisor:
         if self.all_ready or any(w.ready is not None and w is not worker for w in self.workers):
             return
         self.all_ready = True
+        pids = [w.process.pid for w in self.workers if w.process is not None]
         if self.on_ready is not None:
-            self.on_ready(self.port)
+            self.on_ready(self.port, pids)
         else:
             logger.info(
                 "%d workers listening on port %d (pids %s)",
-                len(self.workers), self.port,
-                ", ".join(str(w.process.pid) for w in self.workers if w.process is not None),
+                len(self.workers), self.port, ", ".join(map(str, pids)),
             )
 
     def _drain_wake_ups(self) -> None:

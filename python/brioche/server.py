@@ -467,7 +467,7 @@ def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:  # pragma: no co
 def _run_workers(
     config: Config[Any],
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
-    on_ready: Callable[[int], None] | None,
+    on_ready: Callable[[int, list[int]], None] | None,
 ) -> None:
     """Resolve the hostname here (the workers bind what the parent reserved), then supervise."""
     from brioche._workers import run_workers
