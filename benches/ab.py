@@ -34,14 +34,17 @@ from run import (  # noqa: E402
 )
 
 WARMUP, DURATION = 1.5, 4.0
-S1 = {"conns": 100, "inflight": 16, "size": 32}
-CELLS = {"s1": S1, **{
+# Each cell: the load generator's scenario, its arguments, and the rate it reports.
+S1 = ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32}, "msgs_per_s")
+S3 = ("fanout", {"conns": 1000, "window": 32, "size": 32}, "deliveries_per_s")
+CELLS = {"s1": S1, "s3": S3, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
-        {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size, "binary": int(binary)}
+        ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
+                             "binary": int(binary)}, "msgs_per_s")
     for _, label, size, binary in LARGE_CELLS}}
 
 
-def measure(name: str, spec: ServerSpec, cell: dict[str, int]) -> tuple[float, float]:
+def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str]) -> tuple[float, float]:
     """One run: messages/s and server CPU µs per message."""
     srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log")
     err = srv.wait_ready()
@@ -51,14 +54,14 @@ def measure(name: str, spec: ServerSpec, cell: dict[str, int]) -> tuple[float, f
     try:
         sampler = CpuSampler(srv.pid, WARMUP + 0.5, DURATION - 0.6)
         sampler.start()
-        r = loadgen("echo-throughput", srv.port,
-                    {**cell, "warmup": WARMUP, "duration": DURATION}, 70)
+        scenario, args, _ = cell
+        r = loadgen(scenario, srv.port, {**args, "warmup": WARMUP, "duration": DURATION}, 70)
         sampler.join(5)
     finally:
         srv.stop()
     if "error" in r:
         raise RuntimeError(f"{name}: {r['error']}")
-    rate = float(r["msgs_per_s"])
+    rate = float(r[cell[2]])
     cpu = sampler.pct if sampler.pct is not None else float("nan")
     return rate, cpu / 100 / rate * 1e6
 
@@ -94,7 +97,7 @@ def main() -> int:
             rate, cpu = measure(name, variants[name], CELLS[ns.cell])
             rates[name].append(rate)
             cpus[name].append(cpu)
-            size = CELLS[ns.cell]["size"]
+            size = CELLS[ns.cell][1]["size"]
             print(f"round {rnd + 1} {name}: {rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), "
                   f"{cpu:.3f} CPU µs/msg ({cpu * 1000 / size:.3f} ns/B) "
                   f"(load average {os.getloadavg()[0]:.2f})", flush=True)
