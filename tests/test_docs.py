@@ -70,7 +70,7 @@ async def sigterm_closes_with_1001(
     """
     proc.send_signal(signal.SIGTERM)
     for client in clients:
-        late: list[str] = []
+        late: list[Any] = []
         with pytest.raises(ConnectionClosed) as closed:
             for _ in range(len(stragglers) + 1):
                 late.append(await asyncio.wait_for(client.recv(), 15))

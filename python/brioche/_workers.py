@@ -329,7 +329,7 @@ class _Supervisor:
         if self.all_ready or any(w.ready is not None and w is not worker for w in self.workers):
             return
         self.all_ready = True
-        pids = [w.process.pid for w in self.workers if w.process is not None]
+        pids = [w.process.pid for w in self.workers if w.process is not None and w.process.pid]
         if self.on_ready is not None:
             self.on_ready(self.port, pids)
         else:

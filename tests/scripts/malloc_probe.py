@@ -32,7 +32,7 @@ def mapped(size: int) -> bool:
     assert block
     after = libc.mallinfo2().hblks
     libc.free(block)
-    return after > before
+    return bool(after > before)
 
 
 def kept_after_burst() -> int:
@@ -52,7 +52,9 @@ def probe() -> dict[str, object]:
 
 async def main() -> None:
     if sys.argv[1] == "serve":
-        config = server.handler(lambda request, srv: server.not_found()).hostname("127.0.0.1").port(0)
+        config: server.Config[None] = (
+            server.handler(lambda request, srv: server.not_found()).hostname("127.0.0.1").port(0)
+        )
         async with config.serve():
             print(json.dumps(probe()))
     else:
