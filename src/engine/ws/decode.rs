@@ -13,7 +13,8 @@
 //! - a message still arriving (or sent in fragments): its buffer, reserved from its frames'
 //!   headers (at most 1 MiB more than they declared when the fragments are many and small, see
 //!   `reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
-//!   on as it is (`Bytes::from`), with no copy;
+//!   on as it is (`Bytes::from`), with no copy. While a large part of a frame is still to come,
+//!   the socket is read straight into that buffer (`direct_room`) and unmasked there;
 //! - while the loop is behind (the connection's in-flight caps are reached and `deliver` asks to
 //!   stop): the rest of that read, unparsed, copied aside until the loop catches up.
 //!
@@ -1052,8 +1053,6 @@ mod tests {
         assert_eq!(reader.buffered(), 0);
     }
 
-    /// Feed `data` in pieces of `step` bytes, calling `check(reader, bytes fed so far)` after
-    /// each; the messages delivered and the first error.
     /// Read `data` as the connection task does: into a read buffer of `step` bytes, or straight
     /// into the message's buffer whenever `direct_room(min, max)` offers room.
     fn read_like_a_socket(
@@ -1135,6 +1134,8 @@ mod tests {
         assert!(reader.direct_room(1, 1).is_none() && !reader.receiving());
     }
 
+    /// Feed `data` in pieces of `step` bytes, calling `check(reader, bytes fed so far)` after
+    /// each; the messages delivered and the first error.
     fn feed_in_pieces(
         reader: &mut MessageReader,
         data: &[u8],
