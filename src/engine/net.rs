@@ -406,8 +406,19 @@ impl TlsSocket {
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 pub(crate) const LINGER_BYTES: usize = 1024 * 1024;
 
+/// The thread's read buffer (`with_read_buf`).
+pub(crate) const READ_BUFFER: usize = 64 * 1024;
+
 thread_local! {
-    static SINK: RefCell<Box<[u8]>> = RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
+    /// One read buffer per worker thread instead of one per connection: an idle connection
+    /// holds no read buffer at all (uWS does the same with its loop's receive buffer). The
+    /// connection tasks parse in it; lingering connections read into it and throw it away.
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUFFER].into_boxed_slice());
+}
+
+/// Run `f` with this thread's read buffer. Not reentrant: `f` must not call it again.
+pub(crate) fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF.with(|buf| f(&mut buf.borrow_mut()))
 }
 
 /// Shut the write side of `stream`, then read and discard until the client closes its side,
@@ -424,9 +435,9 @@ pub(crate) async fn linger(stream: &Stream) {
             {
                 return;
             }
-            // One sink per worker thread, not a buffer per lingering connection: a crowd of
-            // refused clients must not cost 16 KiB each.
-            match SINK.with(|sink| stream.read(&mut sink.borrow_mut()[..])) {
+            // The thread's buffer, not one per lingering connection: a crowd of refused clients
+            // must not cost a buffer each.
+            match with_read_buf(|buf| stream.read(buf)) {
                 Ok(0) => return,
                 Ok(n) => discarded += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -5,7 +5,6 @@
 //! One task, not a reader and a writer: a reply or a drain costs no second task wake-up, and an
 //! idle connection is one small allocation.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -24,7 +23,7 @@ use super::outbound::Flushed;
 use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
 use super::Event;
 use crate::engine::bridge::events::LogKind;
-use crate::engine::net::{Stream, LINGER, LINGER_BYTES};
+use crate::engine::net::{with_read_buf, Stream, LINGER, LINGER_BYTES, READ_BUFFER};
 use crate::engine::stats::Counter;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
@@ -33,8 +32,6 @@ const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
 const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
-/// The worker thread's read buffer. Sockets are read into it and parsed in place.
-const READ_BUFFER: usize = 64 * 1024;
 /// Full reads in a row before the task looks at its signals, queued writes and timer again. Not
 /// a turn for other connections: the task then goes back to reading in the same poll. They get
 /// the worker when this poll's cooperative budget runs out (tokio's 128 units, one per
@@ -48,12 +45,6 @@ const DIRECT_MIN: usize = READ_BUFFER / 2;
 /// left, but never below `READ_BUFFER`, so a read takes the budget past its limit by no more
 /// than before (`budget::PAUSE_FLOOR`).
 const DIRECT_MAX: usize = 1024 * 1024;
-
-thread_local! {
-    /// One read buffer per worker thread instead of one per connection: an idle connection
-    /// holds no read buffer at all (uWS does the same with its loop's receive buffer).
-    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUFFER].into_boxed_slice());
-}
 
 /// How the connection ended.
 struct Ending {
@@ -558,7 +549,7 @@ impl Task {
         let Phase::Lingering(discarded) = &mut self.phase else {
             unreachable!("called in the lingering phase");
         };
-        let over = READ_BUF.with(|buf| match self.stream.read(&mut buf.borrow_mut()) {
+        let over = with_read_buf(|buf| match self.stream.read(buf) {
             Ok(0) => true,
             Ok(n) => {
                 *discarded += n;
@@ -613,8 +604,7 @@ enum Read {
 
 /// Read and parse what the socket has, into this worker's buffer.
 fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
-    READ_BUF.with(|buf| {
-        let mut buf = buf.borrow_mut();
+    with_read_buf(|buf| {
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
             let max = conn.shared.budget.headroom().clamp(READ_BUFFER, DIRECT_MAX);
@@ -623,10 +613,10 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
                     let len = room.len();
                     match stream.read_uninit(room) {
                         Some(result) => (result, Some(len)),
-                        None => (stream.read(&mut buf), None),
+                        None => (stream.read(buf), None),
                     }
                 }
-                None => (stream.read(&mut buf), None),
+                None => (stream.read(buf), None),
             };
             match result {
                 Ok(0) => return Read::Ended(Ending::abrupt(1006, "")),
