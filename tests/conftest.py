@@ -91,12 +91,21 @@ def serve(started: list[brioche.Server[Any]]) -> ServeFn:
     return server_starter(started)
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a subprocess told which port to take."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 now, for a subprocess told which port to take, and not one
+    given before in this run: the kernel may hand a port it has just handed out (and that nobody
+    has bound yet) again, and a cluster asks for a dozen before its nodes start."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+    raise AssertionError("the kernel gave only ports this run had been given already")
 
 
 def ignore_sigint() -> None:

@@ -150,6 +150,10 @@ class Node:
             assert self.process.poll() is None, "redis-server exited"
             assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
             time.sleep(0.02)
+        # Another process's server on the port (this one then exits, unable to bind) would
+        # answer too, and the test would drive someone else's cluster.
+        pid = self.info("server").get("process_id")
+        assert pid == str(self.process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
         self.id = self.cli("CLUSTER", "MYID")[0]
 
     def kill(self) -> None:
@@ -259,9 +263,9 @@ class Cluster:
     def move_slot(self, slot: int, source: Node, target: Node) -> None:
         """Give ``slot`` (with no keys) from ``source`` to ``target``, as a resharding does."""
         source_id, target_id = source.cli("CLUSTER", "MYID")[0], target.cli("CLUSTER", "MYID")[0]
-        # The new master must hold the cluster's highest epoch, or a ping the old master sent
-        # before its SETSLOT, still on its way, wins the slot back and the nodes then tell the
-        # new master to give it up (seen once with two suites running at once).
+        # The new master must hold the cluster's highest epoch, as `redis-cli --cluster reshard`
+        # makes sure: otherwise a ping the old master sent before its SETSLOT, still on its way,
+        # can win the slot back.
         assert target.cli("CLUSTER", "BUMPEPOCH")[0] in ("BUMPED", "STILL")
         assert target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id) == ["OK"]
         assert source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id) == ["OK"]

@@ -54,6 +54,10 @@ class Redis:
             assert self.process.poll() is None, "redis-server exited"
             assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
             time.sleep(0.02)
+        # Another process's server on the port (this one then exits, unable to bind) answers too.
+        fields = (line.partition(":") for line in self.cli("INFO", "server"))
+        pid = {key: value for key, _, value in fields}.get("process_id")
+        assert pid == str(self.process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
 
     def kill(self) -> None:
         assert self.process is not None
