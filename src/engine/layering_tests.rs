@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["broker", "http", "runtime"],
     &["ws"],
     &["bridge", "config", "pubsub", "stats"],
-    &["net", "platform", "tls"],
+    &["mask", "net", "platform", "tls"],
 ];
 
 fn layer(part: &str) -> usize {

@@ -28,6 +28,8 @@
 //!    `config.rs`: settings fixed when a server starts.
 //!    `stats.rs`: the counters of `srv.stats()`, sharded per thread.
 //! 5. `platform.rs`: what differs off Linux, and `BRIOCHE_PORTABLE=1` to run that path here.
+//!    `mask.rs`: the client's masking, undone by a copy the bytes make anyway, and
+//!    `MaskedBytes`, a binary message handed on still masked, to be unmasked that way.
 //!    `net.rs`: a connection's socket, TCP, TLS or Unix (an enum), and who is on its other end.
 //!    `tls.rs`: the certificate and key, read into a rustls config that `reload` can swap.
 
@@ -35,6 +37,7 @@ pub(crate) mod bridge;
 pub(crate) mod broker;
 pub(crate) mod config;
 pub(crate) mod http;
+pub(crate) mod mask;
 pub(crate) mod net;
 pub(crate) mod platform;
 pub(crate) mod pubsub;
@@ -49,6 +52,7 @@ pub(crate) mod ws;
 pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
 pub use config::{DeflateConfig, RedisConfig, RelayPaths, ServerConfig, WsLimits};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};
+pub use mask::MaskedBytes;
 pub use net::{Peer, Remote};
 pub use server::{Address, Listen, Server};
 pub use stats::Counter;

@@ -1,10 +1,12 @@
 //! `Engine`: one running server as Python sees it, and the loop side of the event bridge.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use rustc_hash::FxHashMap;
@@ -19,8 +21,8 @@ use super::{
 };
 use crate::engine::{
     begin_send_batch, end_send_batch, Address, DeflateConfig, Event, Listen, LogKind, LogRecord,
-    OutFrame, RedisConfig, RelayPaths, Server, ServerConfig, TlsFiles, WsLimits, OP_BINARY,
-    OP_TEXT,
+    MaskedBytes, OutFrame, RedisConfig, RelayPaths, Server, ServerConfig, TlsFiles, WsLimits,
+    OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -149,16 +151,15 @@ impl PyEngine {
                     }),
                 )?,
             ),
-            Event::Binary(..) => (
-                EVENT_BYTES_RUN,
-                PyList::new(
-                    py,
-                    run.map(|event| match event {
-                        Event::Binary(_, data) => PyBytes::new(py, data).into_any(),
+            Event::Binary(..) => {
+                let messages = run
+                    .map(|event| match event {
+                        Event::Binary(_, data) => py_bytes(py, data),
                         _ => unreachable!("a run is of one kind"),
-                    }),
-                )?,
-            ),
+                    })
+                    .collect::<PyResult<Vec<_>>>()?;
+                (EVENT_BYTES_RUN, PyList::new(py, messages)?)
+            }
             _ => return Ok(None),
         };
         let socket = ws.get();
@@ -219,7 +220,7 @@ impl PyEngine {
                 let Some(ws) = ws else {
                     return Ok(None);
                 };
-                let bytes = PyBytes::new(py, data);
+                let bytes = py_bytes(py, data)?;
                 let context = ws.get().context.clone_ref(py);
                 let item = (EVENT_BYTES, ws.clone_ref(py), bytes, context).into_pyobject(py)?;
                 ws.get().conn.message_taken(data.len());
@@ -710,5 +711,24 @@ impl Drop for PyEngine {
     fn drop(&mut self) {
         // Nobody can handle this server's events any more: stop it rather than leak its sockets.
         self.server.stop(true);
+    }
+}
+
+/// A `bytes` of a binary message: a copy, which also unmasks it if it came still masked
+/// (`MaskedBytes`), in the same pass.
+fn py_bytes<'py>(py: Python<'py>, data: &MaskedBytes) -> PyResult<Bound<'py, PyBytes>> {
+    if let Some(plain) = data.as_unmasked() {
+        return Ok(PyBytes::new(py, plain));
+    }
+    let len = data.len();
+    // SAFETY: a new `bytes` of `len` bytes whose contents CPython leaves for its maker to fill
+    // before anyone else sees it (`PyBytes::new_with` does the same, but fills it with zeros
+    // first: a pass of its own). `copy_to` writes every byte.
+    unsafe {
+        let ptr = ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t);
+        let bytes = Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked::<PyBytes>();
+        let buffer = ffi::PyBytes_AsString(ptr).cast::<MaybeUninit<u8>>();
+        data.copy_to(std::slice::from_raw_parts_mut(buffer, len));
+        Ok(bytes)
     }
 }

@@ -128,6 +128,7 @@ fn main() {
                 Event::Binary(id, data) => {
                     if let Some((conn, role)) = conns.get(&id) {
                         conn.message_taken(data.len());
+                        let data = data.into_bytes();
                         if *role == Role::Pub {
                             let frame = OutFrame::new(OP_BINARY, data.clone());
                             shared.publish(TOPIC, frame, data.len(), None);

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::wake::Wakeup;
+use crate::engine::mask::MaskedBytes;
 use crate::engine::net::Remote;
 
 pub type Body = Full<Bytes>;
@@ -52,7 +53,8 @@ pub struct HttpRequest {
 pub enum Event<C> {
     Open(C),
     Text(u64, Utf8Bytes),
-    Binary(u64, Bytes),
+    /// Possibly still masked (`MaskedBytes`): unmasked by the copy that hands it to Python.
+    Binary(u64, MaskedBytes),
     /// A congested connection has written everything it had queued.
     Drain(u64),
     /// A ping from the client (already answered), pushed only while Python has an `on_ping`.
@@ -114,7 +116,8 @@ impl<C> Event<C> {
     pub fn message_len(&self) -> usize {
         match self {
             Event::Text(_, text) => text.len(),
-            Event::Binary(_, data) | Event::Ping(_, data) | Event::Pong(_, data) => data.len(),
+            Event::Binary(_, data) => data.len(),
+            Event::Ping(_, data) | Event::Pong(_, data) => data.len(),
             _ => 0,
         }
     }

@@ -14,7 +14,9 @@
 //!   headers (at most 1 MiB more than they declared when the fragments are many and small, see
 //!   `reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
 //!   on as it is (`Bytes::from`), with no copy. While a large part of a frame is still to come,
-//!   the socket is read straight into that buffer (`direct_room`) and unmasked there;
+//!   the socket is read straight into that buffer (`direct_room`) and unmasked there. A binary
+//!   message in one frame is the exception: it stays masked and is handed on with its key
+//!   (`MaskedBytes`), to be unmasked by the copy that hands it to Python (`engine/mask.rs`);
 //! - while the loop is behind (the connection's in-flight caps are reached and `deliver` asks to
 //!   stop): the rest of that read, unparsed, copied aside until the loop catches up.
 //!
@@ -30,6 +32,8 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::engine::mask::{copy_unmasked, unmask_in_place, MaskedBytes};
+
 use super::deflate::{DeflateParams, InflateError, Inflater};
 use super::protocol::{
     is_control, is_valid_close_code, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG,
@@ -40,7 +44,7 @@ use super::protocol::{
 #[derive(Debug, PartialEq)]
 pub(crate) enum Incoming {
     Text(Utf8Bytes),
-    Binary(Bytes),
+    Binary(MaskedBytes),
     Ping(Bytes),
     Pong(Bytes),
     /// The client's close frame: its code and reason, or `None` if it carried no code.
@@ -109,11 +113,17 @@ struct Message {
     text: bool,
     /// Its payload is deflated: checked and handed on once inflated, at its end.
     compressed: bool,
-    /// The payload so far, unmasked. Reserved from the headers, and handed on as it is.
+    /// The payload so far, unmasked unless `mask` says otherwise. Reserved from the headers,
+    /// and handed on as it is.
     payload: Vec<u8>,
     /// How much of a text payload is known to be valid UTF-8: checked as bytes arrive, so
     /// invalid text fails at the byte that breaks it, not at the end of its frame or message.
     checked: usize,
+    /// A binary message in one frame (not compressed) is kept as it came, masked with this
+    /// key, and handed on masked (`MaskedBytes`): the copy into Python's `bytes` unmasks it
+    /// in the same pass, where unmasking here would be a pass of its own over a payload that,
+    /// when large, has left the cache by then.
+    mask: Option<[u8; 4]>,
 }
 
 /// A frame whose header has arrived and whose payload has not, or not all of it.
@@ -285,7 +295,8 @@ impl MessageReader {
     }
 
     /// `n` bytes (more than 0) were read into the room `direct_room` gave: unmask them where they
-    /// are and go on as `feed` would, delivering the message if they end it.
+    /// are (unless the message is kept masked) and go on as `feed` would, delivering the message
+    /// if they end it.
     pub(crate) fn direct_received(
         &mut self,
         n: usize,
@@ -299,7 +310,9 @@ impl MessageReader {
         // SAFETY: the caller's read initialised the first `n` bytes of the spare room (checked
         // above to be within the capacity).
         unsafe { message.payload.set_len(start + n) };
-        unmask_in_place(&mut message.payload[start..], frame.key);
+        if message.mask.is_none() {
+            unmask_in_place(&mut message.payload[start..], frame.key);
+        }
         let result = message.check_utf8().and_then(|()| self.advance(n, deliver));
         self.settle(result)
     }
@@ -470,7 +483,7 @@ impl MessageReader {
             let message = INFLATE_INPUT.with(|input| {
                 let mut input = input.borrow_mut();
                 input.clear();
-                unmask_into(&mut input, payload, header.key);
+                copy_unmasked(&mut input, payload, header.key);
                 let message = self.inflate(header.opcode == OP_TEXT, &input);
                 if input.capacity() > INFLATE_INPUT_KEEP {
                     // A large one-off: the thread does not keep its size.
@@ -482,10 +495,10 @@ impl MessageReader {
             return Ok(());
         }
         let mut bytes = Vec::with_capacity(payload.len());
-        unmask_into(&mut bytes, payload, header.key);
+        copy_unmasked(&mut bytes, payload, header.key);
         let message = match header.opcode {
             OP_TEXT => Incoming::Text(utf8(bytes)?),
-            OP_BINARY => Incoming::Binary(Bytes::from(bytes)),
+            OP_BINARY => Incoming::Binary(Bytes::from(bytes).into()),
             opcode => return self.control(opcode, bytes, deliver),
         };
         self.stalled |= !deliver(message);
@@ -509,11 +522,13 @@ impl MessageReader {
             payload
                 .try_reserve_exact(header.len)
                 .map_err(|_| Violation::TooBig)?;
+            let whole_binary = header.opcode == OP_BINARY && header.fin && !header.compressed;
             partial.message = Some(Message {
                 text: header.opcode == OP_TEXT,
                 compressed: header.compressed,
                 payload,
                 checked: 0,
+                mask: whole_binary.then_some(header.key),
             });
         }
         partial.frame = Some(Receiving {
@@ -536,14 +551,18 @@ impl MessageReader {
         let frame = partial.frame.as_mut().expect("a frame is being received");
         let n = frame.remaining.min(data.len());
         if is_control(frame.opcode) {
-            unmask_into(&mut frame.control, &data[..n], frame.key);
+            copy_unmasked(&mut frame.control, &data[..n], frame.key);
         } else {
             let message = partial
                 .message
                 .as_mut()
                 .expect("started with its first frame");
-            unmask_into(&mut message.payload, &data[..n], frame.key);
-            message.check_utf8()?;
+            if message.mask.is_some() {
+                message.payload.extend_from_slice(&data[..n]);
+            } else {
+                copy_unmasked(&mut message.payload, &data[..n], frame.key);
+                message.check_utf8()?;
+            }
         }
         self.advance(n, deliver)?;
         Ok(n)
@@ -594,7 +613,7 @@ impl MessageReader {
         Ok(if text {
             Incoming::Text(utf8(bytes)?)
         } else {
-            Incoming::Binary(Bytes::from(bytes))
+            Incoming::Binary(Bytes::from(bytes).into())
         })
     }
 
@@ -650,7 +669,11 @@ impl Message {
     /// The whole message, in the buffer it was received into.
     fn finish(self) -> Result<Incoming, Violation> {
         if !self.text {
-            return Ok(Incoming::Binary(Bytes::from(self.payload)));
+            let key = self.mask.unwrap_or_default();
+            return Ok(Incoming::Binary(MaskedBytes::masked(
+                Bytes::from(self.payload),
+                key,
+            )));
         }
         // Checked as it arrived: only a sequence cut at the very end can be left.
         if self.checked != self.payload.len() {
@@ -694,54 +717,6 @@ fn utf8(bytes: Vec<u8>) -> Result<Utf8Bytes, Violation> {
     }
     // SAFETY: validated just above.
     Ok(unsafe { Utf8Bytes::from_bytes_unchecked(Bytes::from(bytes)) })
-}
-
-/// Append `payload` unmasked with `key`, the key as it stands at the payload's first byte.
-/// Within the reserved capacity: no reallocation.
-///
-/// One pass: each word is read from `payload`, unmasked and written once. Copying first and
-/// unmasking in place after read and wrote every byte twice; for a large message, whose buffer
-/// is not in the cache, that second pass was most of the cost (benches/PROFILE.md, S7).
-fn unmask_into(out: &mut Vec<u8>, payload: &[u8], key: [u8; 4]) {
-    let len = payload.len();
-    out.reserve(len);
-    let start = out.len();
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
-    let src = payload.as_ptr();
-    // SAFETY: `reserve` made room for `len` more bytes after `start`; every byte in
-    // `start..start + len` is written below before the length covers it; reads stay in `payload`.
-    unsafe {
-        let dst = out.as_mut_ptr().add(start);
-        let mut i = 0;
-        while i + 8 <= len {
-            let word = src.add(i).cast::<u64>().read_unaligned() ^ wide;
-            dst.add(i).cast::<u64>().write_unaligned(word);
-            i += 8;
-        }
-        while i < len {
-            *dst.add(i) = *src.add(i) ^ key[i & 3];
-            i += 1;
-        }
-        out.set_len(start + len);
-    }
-}
-
-/// Unmask `buf` where it is, `key` as it stands at its first byte (a direct read's bytes, still
-/// in the cache).
-fn unmask_in_place(buf: &mut [u8], key: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
-    let mut words = buf.chunks_exact_mut(8);
-    for word in &mut words {
-        let unmasked = u64::from_ne_bytes((&*word).try_into().expect("8 bytes")) ^ wide;
-        word.copy_from_slice(&unmasked.to_ne_bytes());
-    }
-    for (i, byte) in words.into_remainder().iter_mut().enumerate() {
-        *byte ^= key[i & 3];
-    }
 }
 
 #[cfg(test)]
@@ -793,7 +768,7 @@ mod tests {
             assert_eq!(result, Ok(()));
             assert_eq!(
                 got,
-                vec![Incoming::Binary(Bytes::from(payload))],
+                vec![Incoming::Binary(Bytes::from(payload).into())],
                 "len {len}"
             );
             assert_eq!(reader.buffered(), 0);
@@ -837,7 +812,7 @@ mod tests {
                     text_of(&text),
                     Incoming::Ping(Bytes::from_static(b"p")),
                     text_of(&text),
-                    Incoming::Binary(Bytes::from_static(b"plain")),
+                    Incoming::Binary(Bytes::from_static(b"plain").into()),
                 ],
                 "step {step}"
             );
@@ -894,7 +869,7 @@ mod tests {
                     text("hello"),
                     Incoming::Ping(Bytes::from_static(b"p")),
                     text("h\u{e9}llo"),
-                    Incoming::Binary(Bytes::from(vec![9; 200])),
+                    Incoming::Binary(Bytes::from(vec![9; 200]).into()),
                 ],
                 "step {step}"
             );
@@ -1127,7 +1102,10 @@ mod tests {
         stream.extend(frame(0x81, &text));
         let mut reader = MessageReader::new(1 << 20);
         let (got, result, direct) = read_like_a_socket(&mut reader, &stream, 8_192, (1, 16_384));
-        assert_eq!(got, vec![Incoming::Binary(Bytes::from_static(b"first"))]);
+        assert_eq!(
+            got,
+            vec![Incoming::Binary(Bytes::from_static(b"first").into())]
+        );
         assert_eq!(result, Err(Violation::InvalidUtf8));
         // It failed in the read that brought byte 70,000 (reads of 16 KiB), not at the frame's end.
         assert!(direct < 70_000 + 16_384, "{direct}");
@@ -1161,7 +1139,8 @@ mod tests {
     fn pointer(message: &Incoming) -> *const u8 {
         match message {
             Incoming::Text(text) => text.as_str().as_ptr(),
-            Incoming::Binary(data) | Incoming::Ping(data) => data.as_ptr(),
+            Incoming::Binary(data) => data.as_ptr(),
+            Incoming::Ping(data) => data.as_ptr(),
             _ => std::ptr::null(),
         }
     }
@@ -1190,7 +1169,7 @@ mod tests {
                 let expected = if first == 0x81 {
                     Incoming::Text(text.clone().into())
                 } else {
-                    Incoming::Binary(Bytes::from(binary.clone()))
+                    Incoming::Binary(Bytes::from(binary.clone()).into())
                 };
                 assert_eq!(got, vec![expected], "step {step}");
                 // Handed on as it was received: no copy at the end.
@@ -1198,6 +1177,41 @@ mod tests {
                 assert_eq!(reader.held(), 0);
             }
         }
+    }
+
+    #[test]
+    fn a_binary_message_in_one_frame_stays_masked_until_it_is_copied_out() {
+        let binary: Vec<u8> = (0..70_001u32).map(|i| (i * 31) as u8).collect();
+        let mut fragmented = frame(0x02, &binary[..30_001]);
+        fragmented.extend(frame(0x80, &binary[30_001..]));
+        let mut direct = MessageReader::new(1 << 20);
+        let (from_direct, result, _) =
+            read_like_a_socket(&mut direct, &frame(0x82, &binary), 4_096, (1, 16_384));
+        assert_eq!(result, Ok(()));
+        for (what, data, step, masked) in [
+            ("one frame, in pieces", frame(0x82, &binary), 4_093, true),
+            (
+                "one frame, in one read",
+                frame(0x82, &binary),
+                1 << 20,
+                false,
+            ),
+            ("fragmented", fragmented, 4_093, false),
+        ] {
+            let mut reader = MessageReader::new(1 << 20);
+            let (got, result) = feed_in_pieces(&mut reader, &data, step, |_, _| {});
+            assert_eq!(result, Ok(()));
+            let [Incoming::Binary(payload)] = &got[..] else {
+                panic!("{what}: {got:?}")
+            };
+            assert_eq!(payload.as_unmasked().is_none(), masked, "{what}");
+            assert_eq!(payload.clone().into_bytes(), binary, "{what}");
+        }
+        let [Incoming::Binary(payload)] = &from_direct[..] else {
+            panic!("read straight in: {from_direct:?}")
+        };
+        assert!(payload.as_unmasked().is_none(), "read straight in");
+        assert_eq!(payload.clone().into_bytes(), binary, "read straight in");
     }
 
     #[test]
@@ -1283,7 +1297,10 @@ mod tests {
             }
         }
         assert!(growths <= 24, "{growths} growths");
-        assert_eq!(got, vec![Incoming::Binary(Bytes::from(vec![7; 4 << 20]))]);
+        assert_eq!(
+            got,
+            vec![Incoming::Binary(Bytes::from(vec![7; 4 << 20]).into())]
+        );
     }
 
     #[test]
@@ -1352,10 +1369,10 @@ mod tests {
             text_of("hello"),
             Incoming::Ping(Bytes::from_static(b"ping")),
             Incoming::Pong(Bytes::from_static(b"pong")),
-            Incoming::Binary(Bytes::from(big.clone())),
+            Incoming::Binary(Bytes::from(big.clone()).into()),
             Incoming::Text(text.clone().into()),
             Incoming::Text(text[..10].to_owned().into()),
-            Incoming::Binary(Bytes::new()),
+            Incoming::Binary(Bytes::new().into()),
             Incoming::Close(Some((1000, "done".into()))),
         ];
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
