@@ -3,9 +3,10 @@
 //! Every byte a client sends is XORed with its frame's 4-byte key. Undoing that is a pass over
 //! the payload, and a large payload is not in the cache: a pass of its own costs about what a
 //! copy does. So it rides on a copy the bytes make anyway: out of the worker's read buffer
-//! (`ws/decode.rs`), or, for a large binary message in one frame that was read straight into its
-//! own buffer, into the Python `bytes` the handler gets (`MaskedBytes`, unmasked on the loop
-//! thread by the copy that makes that object).
+//! (`ws/decode.rs`), or, for a binary message in one frame that did not arrive in one read
+//! (received into its own buffer, a large one straight from the socket), into the Python
+//! `bytes` the handler gets (`MaskedBytes`, unmasked on the loop thread by the copy that makes
+//! that object).
 
 use std::mem::MaybeUninit;
 
