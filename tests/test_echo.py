@@ -50,6 +50,20 @@ async def test_binary_echo_is_exact(serve: ServeFn, payload: bytes) -> None:
         assert reply == payload
 
 
+async def test_one_frame_binary_messages_pipelined_come_back_exact_and_in_order(serve: ServeFn) -> None:
+    """One-frame binary messages that arrive over several reads reach the handler still masked
+    and are unmasked by the copy into ``bytes``, alone or several in one drain (a run). Each
+    payload differs at every position, so a key applied at the wrong offset shows."""
+    srv = await serve(echo_config())
+    sizes = [1, 31, 33, 40_000, 70_001, 300_000, 1024 * 1024 + 5]
+    payloads = [bytes((i * 7 + n) % 251 for i in range(size)) for n, size in enumerate(sizes)]
+    async with connect(ws_url(srv), max_size=None) as client:
+        for payload in payloads:
+            await client.send(payload)
+        for payload in payloads:
+            assert await client.recv() == payload
+
+
 async def test_send_reports_utf8_length(serve: ServeFn, recorder: Recorder) -> None:
     srv = await serve(echo_config(recorder))
     async with connect(ws_url(srv)) as client:
