@@ -107,3 +107,52 @@ async def test_a_burst_of_publishes_reaches_reading_and_stalled_subscribers_whol
         assert got == [m.encode() for m in messages]
     ((statuses,),) = recorder.of("statuses")
     assert set(statuses) <= {MessageSent(1000), MessageBackpressured()}
+
+
+async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_nothing(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A megabyte published to 64 subscribers is 64 MB for the kernel to take in one batch's
+    writes, far over the 2 ms after which the loop waits a millisecond before its next batch
+    (``batches_held``). The publishes that arrive meanwhile wait for it and are delivered: every
+    subscriber gets the megabyte, then each later message, once and in order; stop() still ends."""
+    subscribers = 64
+    big = bytes(range(256)) * 4096  # 1 MiB, each byte different from its neighbours
+    later = [f"later {i:02d}" for i in range(20)]
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        if ws.data == "/sub":
+            ws.subscribe("fan")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "big":
+            ws.publish_bytes("fan", big)
+        else:
+            ws.publish("fan", text)
+
+    def upgrade(request: brioche.server.Request, srv: brioche.Server[Any]) -> brioche.server.Response | None:
+        srv.upgrade(request, data=request.path)
+        return None
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade)
+    async with AsyncExitStack() as stack:
+        subs = [
+            await stack.enter_async_context(connect(ws_url(srv, "/sub"), max_size=None, ping_interval=None))
+            for _ in range(subscribers)
+        ]
+        publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
+        await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 1)
+        assert srv.stats()["batches_held"] == 0
+        await publisher.send("big")
+        for message in later:
+            await publisher.send(message)
+
+        async def collect(client: ClientConnection) -> list[str | bytes]:
+            return [await client.recv() for _ in range(1 + len(later))]
+
+        received = await asyncio.wait_for(asyncio.gather(*(collect(c) for c in subs)), 30)
+        wrong = [i for i, got in enumerate(received) if got != [big, *later]]
+        assert wrong == [], f"{len(wrong)} subscribers got a wrong sequence"
+        assert srv.stats()["batches_held"] >= 1
+        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)

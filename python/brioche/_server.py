@@ -90,6 +90,16 @@ FIRST_BATCH_EVENTS = 256
 MAX_BATCH_EVENTS = 4096
 BATCH_SECONDS = 0.002
 
+# After a batch whose writes took longer than HOLD_AFTER_WRITES_SECONDS, the next drain waits
+# HOLD_SECONDS. Such a batch is a fan-out to many connections, each taking its own send; the
+# clients' answers to its first sends arrive while its last ones are written. Drained at once,
+# they make a small batch whose writes again take as long, and the server settles into several
+# small batches per round where one would do (S3: two sends per subscriber per round, 0.6x the
+# deliveries/s of one). Waiting a moment lets the rest of the round arrive, to share each send.
+# Never after short writes: an echo's batch writes in well under the threshold.
+HOLD_AFTER_WRITES_SECONDS = 0.002
+HOLD_SECONDS = 0.001
+
 _CoroutineType = types.CoroutineType
 
 
@@ -200,6 +210,10 @@ class Stats(TypedDict):
     processes fanned out here (their deliveries count in ``deliveries``; ``publishes`` counts
     this process's own), and ``redis_connected`` is 1 while connected and subscribed (always 0
     without Redis).
+
+    ``batches_held`` counts the times the loop waited a millisecond before its next batch of
+    events because the last batch's writes took over 2 ms (a fan-out to many connections: the
+    wait lets more messages share each connection's next write; see ARCHITECTURE.md).
     """
 
     connections_opened: int
@@ -221,6 +235,7 @@ class Stats(TypedDict):
     open_connections: int
     incoming_bytes: int
     redis_connected: int
+    batches_held: int
 
 
 def _deflate_tuple(options: DeflateOptions | None) -> tuple[bool, bool, int, int] | None:
@@ -290,7 +305,7 @@ class Server(Generic[T]):
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
         "_context",
-        "_batch_max", "_wake_thread", "hostname", "unix",
+        "_batch_max", "_wake_thread", "_held", "_batches_held", "hostname", "unix",
     )
     _engine: Engine
     _config: Config[T]
@@ -310,6 +325,8 @@ class Server(Generic[T]):
     _context: contextvars.Context
     _batch_max: int
     _wake_thread: threading.Thread | None
+    _held: asyncio.TimerHandle | None
+    _batches_held: int
     hostname: str
     """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
     on a Unix socket)."""
@@ -406,6 +423,8 @@ class Server(Generic[T]):
         self._context = contextvars.copy_context()
         self._batch_max = FIRST_BATCH_EVENTS
         self._wake_thread = None
+        self._held = None
+        self._batches_held = 0
         self._fd = engine.fileno()
         try:
             loop.add_reader(self._fd, self._on_wake)
@@ -449,7 +468,9 @@ class Server(Generic[T]):
         Reading them costs a few microseconds; counting costs the hot path a plain add on a
         counter only the counting thread writes. See :class:`Stats` for the keys.
         """
-        return self._engine.stats()  # type: ignore[return-value]
+        stats = self._engine.stats()
+        stats["batches_held"] = self._batches_held
+        return stats  # type: ignore[return-value]
 
     def upgrade(
         self,
@@ -641,7 +662,23 @@ class Server(Generic[T]):
             # publish to many subscribers at one event per batch, one send per delivery.
             self._size_next_batch(self._engine.drained, perf_counter() - started)
             # Everything the handlers sent is written here, one send per connection.
+            writes = perf_counter()
             self._engine.end_batch()
+            if perf_counter() - writes > HOLD_AFTER_WRITES_SECONDS:
+                self._hold()
+
+    def _hold(self) -> None:
+        """Stop watching the wake-up for HOLD_SECONDS; what arrives meanwhile waits for it."""
+        if self._wake_thread is not None or self._engine_stopped or self._held is not None:
+            return
+        self._loop.remove_reader(self._fd)
+        self._batches_held += 1
+        self._held = self._loop.call_later(HOLD_SECONDS, self._unhold)
+
+    def _unhold(self) -> None:
+        self._held = None
+        if not self._engine_stopped:
+            self._loop.add_reader(self._fd, self._on_wake)
 
     def _size_next_batch(self, count: int, seconds: float) -> None:
         if not count:
