@@ -9,7 +9,8 @@ the peers, interleaved.
 
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
-``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each) or one of S7's
+``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out),
+s9 (S9's handshake rate: the rate is handshakes/s, and no CPU is sampled) or one of S7's
 (64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
@@ -37,7 +38,10 @@ WARMUP, DURATION = 1.5, 4.0
 # Each cell: the load generator's scenario, its arguments, and the rate it reports.
 S1 = ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32}, "msgs_per_s")
 S3 = ("fanout", {"conns": 1000, "window": 32, "size": 32}, "deliveries_per_s")
-CELLS = {"s1": S1, "s3": S3, **{
+# S9's handshake rate: bounded by its cycles, not by time, so no CPU window (shown as nan).
+S9 = ("churn", {"cycles": 20000, "mark": 2000, "concurrency": 32, "echo": 0, "hold": 60},
+      "conns_per_s_rest")
+CELLS = {"s1": S1, "s3": S3, "s9": S9, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
                              "binary": int(binary)}, "msgs_per_s")
@@ -52,11 +56,15 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str]) 
         srv.stop()
         raise RuntimeError(f"{name} did not start: {err}")
     try:
-        sampler = CpuSampler(srv.pid, WARMUP + 0.5, DURATION - 0.6)
-        sampler.start()
         scenario, args, _ = cell
-        r = loadgen(scenario, srv.port, {**args, "warmup": WARMUP, "duration": DURATION}, 70)
-        sampler.join(5)
+        timed = scenario != "churn"
+        sampler = CpuSampler(srv.pid, WARMUP + 0.5, DURATION - 0.6)
+        if timed:
+            sampler.start()
+            args = {**args, "warmup": WARMUP, "duration": DURATION}
+        r = loadgen(scenario, srv.port, args, 70)
+        if timed:
+            sampler.join(5)
     finally:
         srv.stop()
     if "error" in r:
@@ -97,10 +105,11 @@ def main() -> int:
             rate, cpu = measure(name, variants[name], CELLS[ns.cell])
             rates[name].append(rate)
             cpus[name].append(cpu)
-            size = CELLS[ns.cell][1]["size"]
-            print(f"round {rnd + 1} {name}: {rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), "
-                  f"{cpu:.3f} CPU µs/msg ({cpu * 1000 / size:.3f} ns/B) "
-                  f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+            size = CELLS[ns.cell][1].get("size")
+            what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
+                    f"({cpu * 1000 / size:.3f} ns/B)" if size else f"{rate:,.0f} handshakes/s")
+            print(f"round {rnd + 1} {name}: {what} (load average {os.getloadavg()[0]:.2f})",
+                  flush=True)
     print()
     for name in variants:
         print(f"{name}: rate median {statistics.median(rates[name]):,.0f} "

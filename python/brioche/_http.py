@@ -38,16 +38,24 @@ class SocketAddress(NamedTuple):
 class Headers(Mapping[str, str]):
     """Read-only, case-insensitive HTTP headers; ``get_all`` returns every value of a name."""
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items", "_by_name")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: tuple[tuple[str, str], ...] = tuple(items)
-        index: dict[str, str] = {}
-        for name, value in self._items:
-            key = name.lower()
-            # Repeated headers are joined with ", " as RFC 9110 section 5.3 allows.
-            index[key] = f"{index[key]}, {value}" if key in index else value
-        self._index = index
+        # Indexed at the first lookup: most upgrade handlers read no header.
+        self._by_name: dict[str, str] | None = None
+
+    @property
+    def _index(self) -> dict[str, str]:
+        index = self._by_name
+        if index is None:
+            index = {}
+            for name, value in self._items:
+                key = name.lower()
+                # Repeated headers are joined with ", " as RFC 9110 section 5.3 allows.
+                index[key] = f"{index[key]}, {value}" if key in index else value
+            self._by_name = index
+        return index
 
     def __getitem__(self, name: str) -> str:
         return self._index[name.lower()]
@@ -79,8 +87,7 @@ class Request:
     """An HTTP request: ``method``, ``path``, ``query``, ``headers`` and the whole ``body``."""
 
     __slots__ = (
-        "_pending", "_timer", "_task", "_answered",
-        "method", "path", "query", "headers", "body", "remote_address",
+        "_pending", "_timer", "_task", "_answered", "_headers", "_body", "method", "path", "query",
     )
 
     def __init__(self, pending: PendingRequest) -> None:
@@ -89,12 +96,34 @@ class Request:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[Any] | None = None
         self._answered = False
+        self._headers: Headers | None = None
+        self._body: bytes | None = None
         self.method: str = pending.method
         self.path: str = pending.path
         self.query: str = pending.query
-        self.headers: Headers = Headers(pending.headers)
-        self.body: bytes = pending.body
-        self.remote_address: str = pending.remote_address
+
+    # Headers, body and address are made into Python objects when first read: a handler that
+    # only upgrades reads none of them, and a handshake is a dozen header strings.
+    @property
+    def headers(self) -> Headers:
+        """The request's headers (case-insensitive lookups)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers(self._pending.headers)
+        return headers
+
+    @property
+    def body(self) -> bytes:
+        """The whole body (``b""`` for none)."""
+        body = self._body
+        if body is None:
+            body = self._body = self._pending.body
+        return body
+
+    @property
+    def remote_address(self) -> str:
+        """The client's IP address, ``""`` over a Unix socket (see ``srv.request_ip``)."""
+        return self._pending.remote_address
 
     @property
     def is_websocket(self) -> bool:

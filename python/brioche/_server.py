@@ -985,7 +985,8 @@ class Server(Generic[T]):
         context = self._context.copy()
         try:
             result = context.run(self._config.fetch, request, self)
-            task = self._new_task(result, context)
+            # A Response, or None after an upgrade: the usual answers need no task.
+            task = None if result is None or type(result) is Response else self._new_task(result, context)
         except Exception:
             logger.exception("handler raised for %r", request)
             self._reply(request, internal_error())
