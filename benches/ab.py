@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""S1 (echo throughput), or one S7 cell, for several builds or handler modes of brioche and for
+"""One cell of S1, S3, S7, S8 or S9 for several builds or handler modes of brioche and for
 the peers, interleaved.
 
     .venv/bin/python benches/ab.py new=.venv-3.12/bin/python:async \\
@@ -10,7 +10,7 @@ the peers, interleaved.
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
 ``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out),
-s9 (S9's handshake rate: the rate is handshakes/s, and no CPU is sampled) or one of S7's
+s8-churn (S8's subscribes+unsubscribes/s), s9 (S9's handshakes/s; no CPU sampled) or one of S7's
 (64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
@@ -41,7 +41,10 @@ S3 = ("fanout", {"conns": 1000, "window": 32, "size": 32}, "deliveries_per_s")
 # S9's handshake rate: bounded by its cycles, not by time, so no CPU window (shown as nan).
 S9 = ("churn", {"cycles": 20000, "mark": 2000, "concurrency": 32, "echo": 0, "hold": 60},
       "conns_per_s_rest")
-CELLS = {"s1": S1, "s3": S3, "s9": S9, **{
+# S8's subscribe+unsubscribe rate, with its publishes to 10,000 topics going on.
+S8_CHURN = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 100,
+                       "window": 64, "size": 32}, "churn_ops_per_s")
+CELLS = {"s1": S1, "s3": S3, "s8-churn": S8_CHURN, "s9": S9, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
                              "binary": int(binary)}, "msgs_per_s")
@@ -107,7 +110,8 @@ def main() -> int:
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
             what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
-                    f"({cpu * 1000 / size:.3f} ns/B)" if size else f"{rate:,.0f} handshakes/s")
+                    f"({cpu * 1000 / size:.3f} ns/B)" if ns.cell not in ("s8-churn", "s9")
+                    else f"{rate:,.0f}/s")
             print(f"round {rnd + 1} {name}: {what} (load average {os.getloadavg()[0]:.2f})",
                   flush=True)
     print()
