@@ -112,12 +112,15 @@ async def test_a_burst_of_publishes_reaches_reading_and_stalled_subscribers_whol
 async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_nothing(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    """A megabyte published to 64 subscribers is 64 MB for the kernel to take in one batch's
-    writes, far over the 2 ms after which the loop waits a millisecond before its next batch
+    """256 KiB published to 300 subscribers is 300 sends of 75 MiB in all for one batch, over the
+    256 connections and 2 ms after which the loop waits a millisecond before its next batch
     (``batches_held``). The publishes that arrive meanwhile wait for it and are delivered: every
-    subscriber gets the megabyte, then each later message, once and in order; stop() still ends."""
-    subscribers = 64
-    big = bytes(range(256)) * 4096  # 1 MiB, each byte different from its neighbours
+    subscriber gets the large message, then each later one, once and in order; stop() still
+    ends. Echoes of 4 MiB to 16 connections also take over 2 ms to write, and are never held."""
+    raise_open_file_limit(2 * 310 + 200)
+    subscribers = 300
+    big = bytes(range(256)) * 1024  # 256 KiB, each byte different from its neighbours
+    large = big * 16  # 4 MiB
     later = [f"later {i:02d}" for i in range(20)]
 
     def on_open(ws: brioche.WebSocket[Any]) -> None:
@@ -126,7 +129,9 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
         recorder.add("open")
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        if text == "big":
+        if ws.data == "/echo":
+            ws.send_bytes(large)
+        elif text == "big":
             ws.publish_bytes("fan", big)
         else:
             ws.publish("fan", text)
@@ -136,14 +141,27 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
         return None
 
     srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade)
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_one(path: str) -> ClientConnection:
+        async with gate:
+            return await connect(ws_url(srv, path), max_size=None, ping_interval=None, open_timeout=10)
+
     async with AsyncExitStack() as stack:
-        subs = [
-            await stack.enter_async_context(connect(ws_url(srv, "/sub"), max_size=None, ping_interval=None))
-            for _ in range(subscribers)
-        ]
-        publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
-        await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 1)
+        echoes = await asyncio.gather(*(open_one("/echo") for _ in range(16)))
+        for client in echoes:
+            stack.push_async_callback(client.close)
+        await recorder.wait_for(lambda: len(recorder.of("open")) == len(echoes))
+        for _ in range(3):
+            await asyncio.gather(*(client.send("echo") for client in echoes))
+            assert await asyncio.wait_for(asyncio.gather(*(c.recv() for c in echoes)), 10) == [large] * 16
         assert srv.stats()["batches_held"] == 0
+
+        subs = await asyncio.wait_for(asyncio.gather(*(open_one("/sub") for _ in range(subscribers))), 30)
+        for client in subs:
+            stack.push_async_callback(client.close)
+        publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
+        await recorder.wait_for(lambda: len(recorder.of("open")) == len(echoes) + subscribers + 1)
         await publisher.send("big")
         for message in later:
             await publisher.send(message)

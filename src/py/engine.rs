@@ -581,12 +581,13 @@ impl PyEngine {
         PyList::new(py, items)
     }
 
-    /// Write everything sent since `drain()`.
-    fn end_batch(&self, py: Python<'_>) {
+    /// Write everything sent since `drain()`; returns how many connections were written to.
+    fn end_batch(&self, py: Python<'_>) -> usize {
         // Socket writes only: other Python threads may run meanwhile.
-        py.detach(end_send_batch);
+        let written = py.detach(end_send_batch);
         // The objects large frames were sent from, now written.
         release_sent(py);
+        written
     }
 
     /// Stop listening; see `Server.stop`.

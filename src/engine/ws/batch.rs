@@ -28,18 +28,21 @@ thread_local! {
 
 /// Defer flushes on this thread until [`end_send_batch`].
 pub fn begin_send_batch() {
-    end_send_batch();
+    let _ = end_send_batch();
     SEND_BATCH.with(|b| *b.borrow_mut() = Some(SendBatch::default()));
 }
 
-/// Flush every connection sent to since [`begin_send_batch`], and stop deferring.
-pub fn end_send_batch() {
+/// Flush every connection sent to since [`begin_send_batch`], and stop deferring; returns how
+/// many connections that was (the loop holds its next batch after a wide fan-out).
+pub fn end_send_batch() -> usize {
     let Some(batch) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
-        return;
+        return 0;
     };
+    let written = batch.conns.len();
     for conn in batch.conns {
         conn.flush_or_hand_over();
     }
+    written
 }
 
 /// Have `conn` flushed when the current batch ends; false outside a batch.
