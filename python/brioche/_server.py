@@ -992,7 +992,10 @@ class Server(Generic[T]):
         try:
             result = context.run(self._config.fetch, request, self)
             # A Response, or None after an upgrade: the usual answers need no task.
-            task = None if result is None or type(result) is Response else self._new_task(result, context)
+            if result is None or type(result) is Response:
+                task = None
+            else:
+                task = self._new_task(result, context)
         except Exception:
             logger.exception("handler raised for %r", request)
             self._reply(request, internal_error())
