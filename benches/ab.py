@@ -51,7 +51,8 @@ CELLS = {"s1": S1, "s3": S3, "s8-churn": S8_CHURN, "s9": S9, **{
     for _, label, size, binary in LARGE_CELLS}}
 
 
-def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str]) -> tuple[float, float]:
+def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
+            duration: float = DURATION) -> tuple[float, float]:
     """One run: messages/s and server CPU µs per message."""
     srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log")
     err = srv.wait_ready()
@@ -61,10 +62,10 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str]) 
     try:
         scenario, args, _ = cell
         timed = scenario != "churn"
-        sampler = CpuSampler(srv.pid, WARMUP + 0.5, DURATION - 0.6)
+        sampler = CpuSampler(srv.pid, WARMUP + 0.5, duration - 0.6)
         if timed:
             sampler.start()
-            args = {**args, "warmup": WARMUP, "duration": DURATION}
+            args = {**args, "warmup": WARMUP, "duration": duration}
         r = loadgen(scenario, srv.port, args, 70)
         if timed:
             sampler.join(5)
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("variants", nargs="+", metavar="NAME=PYTHON:MODE")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--cell", choices=sorted(CELLS), default="s1")
+    ap.add_argument("--duration", type=float, default=DURATION, help="measured seconds per run")
     ns = ap.parse_args()
     peers: dict[str, ServerSpec] | None = None
     variants: dict[str, ServerSpec] = {}
@@ -105,7 +107,7 @@ def main() -> int:
     for rnd in range(ns.rounds):
         order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
         for name in order:
-            rate, cpu = measure(name, variants[name], CELLS[ns.cell])
+            rate, cpu = measure(name, variants[name], CELLS[ns.cell], ns.duration)
             rates[name].append(rate)
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
