@@ -112,12 +112,13 @@ async def test_a_burst_of_publishes_reaches_reading_and_stalled_subscribers_whol
 async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_nothing(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    """256 KiB published to 300 subscribers is 300 sends of 75 MiB in all for one batch, over the
-    256 connections and 2 ms after which the loop waits a millisecond before its next batch
-    (``batches_held``). The publishes that arrive meanwhile wait for it and are delivered: every
-    subscriber gets the large message, then each later one, once and in order; stop() still
-    ends. Echoes of 4 MiB to 16 connections also take over 2 ms to write, and are never held."""
-    raise_open_file_limit(2 * 310 + 200)
+    """Two 256 KiB publishes to 300 subscribers are 300 sends of 150 MiB in all for one batch:
+    over the 256 connections, two deliveries per connection and 2 ms after which the loop waits
+    a millisecond before its next batch (``batches_held``). The publishes that arrive meanwhile
+    wait for it and are delivered: every subscriber gets both, then each later message, once and
+    in order; stop() still ends. Writes as long are never held when they go to few connections
+    (4 MiB echoed to 16) or carry one message each (one 256 KiB publish to the 300)."""
+    raise_open_file_limit(2 * 320 + 200)
     subscribers = 300
     big = bytes(range(256)) * 1024  # 256 KiB, each byte different from its neighbours
     large = big * 16  # 4 MiB
@@ -131,8 +132,9 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         if ws.data == "/echo":
             ws.send_bytes(large)
-        elif text == "big":
-            ws.publish_bytes("fan", big)
+        elif text in ("one", "two"):
+            for _ in range(1 if text == "one" else 2):
+                ws.publish_bytes("fan", big)
         else:
             ws.publish("fan", text)
 
@@ -162,15 +164,20 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
             stack.push_async_callback(client.close)
         publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
         await recorder.wait_for(lambda: len(recorder.of("open")) == len(echoes) + subscribers + 1)
-        await publisher.send("big")
+
+        async def collect(client: ClientConnection, count: int) -> list[str | bytes]:
+            return [await client.recv() for _ in range(count)]
+
+        await publisher.send("one")
+        received = await asyncio.wait_for(asyncio.gather(*(collect(c, 1) for c in subs)), 30)
+        assert received == [[big]] * subscribers
+        assert srv.stats()["batches_held"] == 0
+
+        await publisher.send("two")
         for message in later:
             await publisher.send(message)
-
-        async def collect(client: ClientConnection) -> list[str | bytes]:
-            return [await client.recv() for _ in range(1 + len(later))]
-
-        received = await asyncio.wait_for(asyncio.gather(*(collect(c) for c in subs)), 30)
-        wrong = [i for i, got in enumerate(received) if got != [big, *later]]
+        received = await asyncio.wait_for(asyncio.gather(*(collect(c, 2 + len(later)) for c in subs)), 30)
+        wrong = [i for i, got in enumerate(received) if got != [big, big, *later]]
         assert wrong == [], f"{len(wrong)} subscribers got a wrong sequence"
         assert srv.stats()["batches_held"] >= 1
         await asyncio.wait_for(srv.stop(close_active_connections=True), 10)

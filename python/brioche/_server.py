@@ -90,15 +90,19 @@ FIRST_BATCH_EVENTS = 256
 MAX_BATCH_EVENTS = 4096
 BATCH_SECONDS = 0.002
 
-# After a batch that wrote to HOLD_AFTER_CONNECTIONS connections or more, taking longer than
-# HOLD_AFTER_WRITES_SECONDS, the next drain waits HOLD_SECONDS. Such a batch is a fan-out, each
-# connection taking its own send; the clients' answers to its first sends arrive while its last
-# ones are made. Drained at once, they make a small batch whose writes again take as long, and
-# the server settles into several small batches per round where one would do (S3: two sends per
-# subscriber per round, 0.6x the deliveries/s of one). Waiting a moment lets the rest of the
-# round arrive to share each send. Never after a few connections' writes, however long (S7's
-# large echoes: holding them cost a fifth of their rate), nor after short ones (an echo's).
+# After a batch that wrote to HOLD_AFTER_CONNECTIONS connections or more, at least
+# HOLD_AFTER_DELIVERIES_PER_CONNECTION publish deliveries to each on average, taking longer than
+# HOLD_AFTER_WRITES_SECONDS, the next drain waits HOLD_SECONDS. Such a batch is a fan-out of
+# several messages, each connection taking its own send; the clients' answers to its first sends
+# arrive while its last ones are made. Drained at once, they make a smaller batch whose writes
+# take as long, and the server settles into several small batches per round where one would do
+# (S3: two sends per subscriber per round, 0.6x the deliveries/s of one). Waiting a moment lets
+# the rest of the round arrive to share each send. Never after a few connections' writes,
+# however long (S7's large echoes: holding them cost a fifth of their rate), nor after short
+# ones (an echo's), nor after one message per connection (a lone broadcast, S8's publishes to
+# 10-subscriber topics), where there is nothing for a later send to share.
 HOLD_AFTER_CONNECTIONS = 256
+HOLD_AFTER_DELIVERIES_PER_CONNECTION = 2
 HOLD_AFTER_WRITES_SECONDS = 0.002
 HOLD_SECONDS = 0.001
 
@@ -214,9 +218,9 @@ class Stats(TypedDict):
     without Redis).
 
     ``batches_held`` counts the times the loop waited a millisecond before its next batch of
-    events because the last batch wrote to 256 connections or more and took over 2 ms (a
-    fan-out: the wait lets more messages share each connection's next write; see
-    ARCHITECTURE.md).
+    events because the last batch wrote published messages, two or more to each of 256
+    connections or more, and took over 2 ms (a fan-out: the wait lets more messages share each
+    connection's next write; see ARCHITECTURE.md).
     """
 
     connections_opened: int
@@ -666,9 +670,10 @@ class Server(Generic[T]):
             self._size_next_batch(self._engine.drained, perf_counter() - started)
             # Everything the handlers sent is written here, one send per connection.
             writes = perf_counter()
-            written = self._engine.end_batch()
+            connections, deliveries = self._engine.end_batch()
             if (
-                written >= HOLD_AFTER_CONNECTIONS
+                connections >= HOLD_AFTER_CONNECTIONS
+                and deliveries >= HOLD_AFTER_DELIVERIES_PER_CONNECTION * connections
                 and perf_counter() - writes > HOLD_AFTER_WRITES_SECONDS
             ):
                 self._hold()

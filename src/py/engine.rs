@@ -581,13 +581,14 @@ impl PyEngine {
         PyList::new(py, items)
     }
 
-    /// Write everything sent since `drain()`; returns how many connections were written to.
-    fn end_batch(&self, py: Python<'_>) -> usize {
+    /// Write everything sent since `drain()`; returns how many connections were written to and
+    /// how many publish deliveries they carried.
+    fn end_batch(&self, py: Python<'_>) -> (usize, usize) {
         // Socket writes only: other Python threads may run meanwhile.
         let written = py.detach(end_send_batch);
         // The objects large frames were sent from, now written.
         release_sent(py);
-        written
+        (written.connections, written.deliveries)
     }
 
     /// Stop listening; see `Server.stop`.

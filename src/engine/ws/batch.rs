@@ -17,6 +17,15 @@ struct SendBatch {
     conns: Vec<Arc<Conn>>,
     /// Each topic's published frames of this batch, encoded once (`pubsub/arena.rs`).
     arenas: FxHashMap<Box<str>, ArenaWriter>,
+    /// Publish deliveries queued in this batch, over all its publishes.
+    deliveries: usize,
+}
+
+/// What a send batch wrote: the connections, and the publish deliveries among their frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchWritten {
+    pub connections: usize,
+    pub deliveries: usize,
 }
 
 thread_local! {
@@ -32,17 +41,29 @@ pub fn begin_send_batch() {
     SEND_BATCH.with(|b| *b.borrow_mut() = Some(SendBatch::default()));
 }
 
-/// Flush every connection sent to since [`begin_send_batch`], and stop deferring; returns how
-/// many connections that was (the loop holds its next batch after a wide fan-out).
-pub fn end_send_batch() -> usize {
+/// Flush every connection sent to since [`begin_send_batch`], and stop deferring; returns what
+/// that was (the loop holds its next batch after a fan-out of several messages per connection).
+pub fn end_send_batch() -> BatchWritten {
     let Some(batch) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
-        return 0;
+        return BatchWritten::default();
     };
-    let written = batch.conns.len();
+    let written = BatchWritten {
+        connections: batch.conns.len(),
+        deliveries: batch.deliveries,
+    };
     for conn in batch.conns {
         conn.flush_or_hand_over();
     }
     written
+}
+
+/// Count `n` publish deliveries into the current batch; nothing outside one.
+pub(crate) fn count_deliveries(n: usize) {
+    SEND_BATCH.with(|b| {
+        if let Some(batch) = b.borrow_mut().as_mut() {
+            batch.deliveries += n;
+        }
+    });
 }
 
 /// Have `conn` flushed when the current batch ends; false outside a batch.

@@ -309,6 +309,7 @@ impl Shared {
             }
         });
         let delivered = queued + backpressured;
+        batch::count_deliveries(delivered as usize);
         self.stats.add_all([
             (Counter::Deliveries, delivered),
             (Counter::MessagesOut, delivered),
