@@ -10,7 +10,8 @@ the peers, interleaved.
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
 ``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out),
-s8-churn (S8's subscribes+unsubscribes/s), s9 (S9's handshakes/s; no CPU sampled) or one of S7's
+s5 (S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5
+and s9 sample no CPU) or one of S7's
 (64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
@@ -41,10 +42,12 @@ S3 = ("fanout", {"conns": 1000, "window": 32, "size": 32}, "deliveries_per_s")
 # S9's handshake rate: bounded by its cycles, not by time, so no CPU window (shown as nan).
 S9 = ("churn", {"cycles": 20000, "mark": 2000, "concurrency": 32, "echo": 0, "hold": 60},
       "conns_per_s_rest")
+# S5's connection churn: connect, one echo, close; bounded by its cycles as S9's.
+S5 = ("churn", {"cycles": 50000, "mark": 5000, "concurrency": 32, "hold": 60}, "conns_per_s")
 # S8's subscribe+unsubscribe rate, with its publishes to 10,000 topics going on.
 S8_CHURN = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 100,
                        "window": 64, "size": 32}, "churn_ops_per_s")
-CELLS = {"s1": S1, "s3": S3, "s8-churn": S8_CHURN, "s9": S9, **{
+CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8-churn": S8_CHURN, "s9": S9, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
                              "binary": int(binary)}, "msgs_per_s")
@@ -112,7 +115,7 @@ def main() -> int:
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
             what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
-                    f"({cpu * 1000 / size:.3f} ns/B)" if ns.cell not in ("s8-churn", "s9")
+                    f"({cpu * 1000 / size:.3f} ns/B)" if ns.cell not in ("s5", "s8-churn", "s9")
                     else f"{rate:,.0f}/s")
             print(f"round {rnd + 1} {name}: {what} (load average {os.getloadavg()[0]:.2f})",
                   flush=True)

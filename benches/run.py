@@ -262,6 +262,8 @@ S6_ROWS = ("brioche-asyncio", REDIS_ROW)
 # S1 and S3 over TLS (wss://), and the plain scenario each repeats; the servers that run them,
 # with the same certificate (made by trustme in benches/out/tls) and the same client.
 TLS_SCENARIOS = {"S1T": "S1", "S3T": "S3"}
+# S3 with another publisher window than its 32 messages.
+FANOUT_WINDOWS = {"S3-1": 1, "S3-256": 256}
 TLS_SERVERS = ("brioche-asyncio", "bun")
 # S1 and S3 with permessage-deflate negotiated: 1 KiB JSON-like messages, compressed both ways.
 DEFLATE_SCENARIOS = ("S1d", "S3d", "S4d")
@@ -606,6 +608,15 @@ SCENARIOS = [
              "delivered to everyone; deliveries/s summed over subscribers. Every subscriber's "
              "sequence is checked: nothing lost, duplicated or reordered.",
              [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+    Scenario("S3-1", "Fan-out, 1 message outstanding",
+             "S3 with at most one message not yet delivered to everyone: each publish waits "
+             "until all 1,000 subscribers have the one before (the latency of a broadcast, "
+             "since nothing can share a send); deliveries/s.",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+    Scenario("S3-256", "Fan-out, 256 messages outstanding",
+             "S3 with at most 256 messages not yet delivered to everyone (a publisher far "
+             "ahead of its subscribers); deliveries/s.",
+             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
     Scenario("S1d", "Echo throughput, permessage-deflate",
              "S1 with permessage-deflate negotiated (the client offers it as Chromium does): "
              "100 connections, 16 messages of 1 KiB JSON-like text in flight each, compressed "
@@ -730,7 +741,7 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
     port = server.port
     scenario_id = TLS_SCENARIOS.get(sc.id, sc.id)
     tls = {"ca": tls_files()["ca"]} if sc.id in TLS_SCENARIOS else {}
-    if scenario_id in ("S1", "S2", "S3", "S1d", "S3d", "S8"):
+    if scenario_id in ("S1", "S2", "S3", *FANOUT_WINDOWS, "S1d", "S3d", "S8"):
         warmup = 0.2 if warm else cfg["warmup_s"]
         duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
         timeout = warmup + duration + 60
@@ -762,12 +773,13 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
             r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 1024, "deflate": 1,
                                          "warmup": warmup, "duration": duration}, timeout)
         else:
-            r = loadgen("fanout", port, {"conns": 1000, "window": 32, "size": 32,
-                                         "warmup": warmup, "duration": duration, **tls}, timeout)
+            r = loadgen("fanout", port, {"conns": 1000, "window": FANOUT_WINDOWS.get(sc.id, 32),
+                                         "size": 32, "warmup": warmup, "duration": duration,
+                                         **tls}, timeout)
         sampler.join(5)
         if sampler.pct is not None:
             r["server_cpu_pct"] = sampler.pct
-        return check_deliveries(r) if scenario_id in ("S3", "S3d") else r
+        return check_deliveries(r) if scenario_id in ("S3", *FANOUT_WINDOWS, "S3d") else r
     if sc.id == "S7":
         # One loadgen run per cell; the cell's MB/s and the server's CPU are stored under its key.
         out: dict[str, Any] = {"cells": {}}
@@ -1171,6 +1183,14 @@ def evaluate_targets(scen: dict[str, Scenario],
         v, b = median_of(r3, who, "deliveries_per_s"), median_of(r3, "bun", "deliveries_per_s")
         add("S3 ≥ Bun", who, v, b, None if v is None or b is None else v >= b,
             "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
+        for sid, window in FANOUT_WINDOWS.items():
+            if sid not in scen:
+                continue
+            rw = scen[sid].results
+            v, b = median_of(rw, who, "deliveries_per_s"), median_of(rw, "bun", "deliveries_per_s")
+            add(f"S3 at {window} outstanding ≥ Bun", who, v, b,
+                None if v is None or b is None else v >= b,
+                "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
         r4 = scen["S4"].results
         v, b = median_of(r4, who, "kib_per_conn"), median_of(r4, "bun", "kib_per_conn")
         add("S4 ≤ Bun KiB/conn", who, v, b, None if v is None or b is None else v <= b,
@@ -1348,7 +1368,7 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         ratio_metrics = [m for m in sc.metrics if m.unit != "%"
                          and (sc.compared is None or m.key in sc.compared)]
         header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
-        client = sc.id in ("S1", "S2", "S3", "S1d", "S3d", "S8", *TLS_SCENARIOS)
+        client = sc.id in ("S1", "S2", "S3", *FANOUT_WINDOWS, "S1d", "S3d", "S8", *TLS_SCENARIOS)
         header += " | server CPU | client CPU |" if client else " |"
         lines += [header,
                   "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]
