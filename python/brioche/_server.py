@@ -312,7 +312,7 @@ class Server(Generic[T]):
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
         "_context",
-        "_batch_max", "_wake_thread", "_held", "_batches_held", "hostname", "unix",
+        "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
     )
     _engine: Engine
     _config: Config[T]
@@ -332,7 +332,6 @@ class Server(Generic[T]):
     _context: contextvars.Context
     _batch_max: int
     _wake_thread: threading.Thread | None
-    _held: asyncio.TimerHandle | None
     _batches_held: int
     hostname: str
     """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
@@ -430,7 +429,6 @@ class Server(Generic[T]):
         self._context = contextvars.copy_context()
         self._batch_max = FIRST_BATCH_EVENTS
         self._wake_thread = None
-        self._held = None
         self._batches_held = 0
         self._fd = engine.fileno()
         try:
@@ -679,15 +677,16 @@ class Server(Generic[T]):
                 self._hold()
 
     def _hold(self) -> None:
-        """Stop watching the wake-up for HOLD_SECONDS; what arrives meanwhile waits for it."""
-        if self._wake_thread is not None or self._engine_stopped or self._held is not None:
+        """Stop watching the wake-up for HOLD_SECONDS; what arrives meanwhile waits for it.
+
+        Never called while held: with the reader removed, ``_on_wake`` does not run."""
+        if self._wake_thread is not None or self._engine_stopped:
             return
         self._loop.remove_reader(self._fd)
         self._batches_held += 1
-        self._held = self._loop.call_later(HOLD_SECONDS, self._unhold)
+        self._loop.call_later(HOLD_SECONDS, self._unhold)
 
     def _unhold(self) -> None:
-        self._held = None
         if not self._engine_stopped:
             self._loop.add_reader(self._fd, self._on_wake)
 
