@@ -264,6 +264,8 @@ S6_ROWS = ("brioche-asyncio", REDIS_ROW)
 TLS_SCENARIOS = {"S1T": "S1", "S3T": "S3"}
 # S3 with another publisher window than its 32 messages.
 FANOUT_WINDOWS = {"S3-1": 1, "S3-256": 256}
+# The scenarios measured over a fixed window, with the server's and the client's CPU.
+WINDOWED = ("S1", "S2", "S3", *FANOUT_WINDOWS, "S1d", "S3d", "S8")
 TLS_SERVERS = ("brioche-asyncio", "bun")
 # S1 and S3 with permessage-deflate negotiated: 1 KiB JSON-like messages, compressed both ways.
 DEFLATE_SCENARIOS = ("S1d", "S3d", "S4d")
@@ -596,6 +598,9 @@ APP_SERVERS = ("brioche-asyncio", "brioche-uvloop", "picows", "socketify", "bun"
                 "aiohttp")
 
 
+# Every fan-out scenario's measure.
+DELIVERIES = Metric("deliveries_per_s", "deliveries/s", "msg/s", True)
+
 SCENARIOS = [
     Scenario("S1", "Echo throughput",
              "100 connections, each keeping 16 messages of 32 bytes in flight; round trips/s.",
@@ -607,16 +612,16 @@ SCENARIOS = [
              "1,000 subscribers of one topic, one publisher, at most 32 messages not yet "
              "delivered to everyone; deliveries/s summed over subscribers. Every subscriber's "
              "sequence is checked: nothing lost, duplicated or reordered.",
-             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+             [DELIVERIES]),
     Scenario("S3-1", "Fan-out, 1 message outstanding",
              "S3 with at most one message not yet delivered to everyone: each publish waits "
              "until all 1,000 subscribers have the one before (the latency of a broadcast, "
              "since nothing can share a send); deliveries/s.",
-             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+             [DELIVERIES]),
     Scenario("S3-256", "Fan-out, 256 messages outstanding",
              "S3 with at most 256 messages not yet delivered to everyone (a publisher far "
              "ahead of its subscribers); deliveries/s.",
-             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+             [DELIVERIES]),
     Scenario("S1d", "Echo throughput, permessage-deflate",
              "S1 with permessage-deflate negotiated (the client offers it as Chromium does): "
              "100 connections, 16 messages of 1 KiB JSON-like text in flight each, compressed "
@@ -626,7 +631,7 @@ SCENARIOS = [
              "S3 with permessage-deflate negotiated by every subscriber and 1 KiB JSON-like "
              "messages published with compress=True (Bun: publish(topic, msg, true)); "
              "deliveries/s, every subscriber's sequence checked after inflating.",
-             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+             [DELIVERIES]),
     Scenario("S4", "Idle memory",
              "RSS growth of the server per idle connection, {idle_conns:,} connections (each "
              "made one echo, then idle); VmRSS from /proc after it settles, minus VmRSS before "
@@ -641,7 +646,7 @@ SCENARIOS = [
     Scenario("S3T", "Fan-out over TLS",
              "S3 over wss://: 1,000 subscribers of one topic, one publisher, at most 32 messages "
              "not yet delivered to everyone; deliveries/s, every subscriber's sequence checked.",
-             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)]),
+             [DELIVERIES]),
     Scenario("S4d", "Idle memory, permessage-deflate",
              "S4 with permessage-deflate negotiated by every connection (as Bun's "
              "perMessageDeflate: true negotiates it: no context takeover either way), whose one "
@@ -664,7 +669,7 @@ SCENARIOS = [
              "duplicated or reordered). Against the same 1,000 subscribers in one process "
              "without Redis (the brioche (asyncio) row). Both brioche processes and redis-server "
              "share CPU " + SERVER_CPU + ".",
-             [Metric("deliveries_per_s", "deliveries/s", "msg/s", True)],
+             [DELIVERIES],
              servers=S6_ROWS),
     Scenario("S7", "Large messages",
              f"{LARGE_CONNS} connections, each keeping {LARGE_INFLIGHT} messages in flight, "
@@ -741,7 +746,7 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
     port = server.port
     scenario_id = TLS_SCENARIOS.get(sc.id, sc.id)
     tls = {"ca": tls_files()["ca"]} if sc.id in TLS_SCENARIOS else {}
-    if scenario_id in ("S1", "S2", "S3", *FANOUT_WINDOWS, "S1d", "S3d", "S8"):
+    if scenario_id in WINDOWED:
         warmup = 0.2 if warm else cfg["warmup_s"]
         duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
         timeout = warmup + duration + 60
@@ -1179,17 +1184,12 @@ def evaluate_targets(scen: dict[str, Scenario],
             v, p = median_of(r2, who, key), median_of(r2, "picows", key)
             add(f"S2 {name} ≤ picows", who, v, p, None if v is None or p is None else v <= p,
                 "n/a" if v is None or p is None else f"{v:,.0f} µs vs {p:,.0f} µs")
-        r3 = scen["S3"].results
-        v, b = median_of(r3, who, "deliveries_per_s"), median_of(r3, "bun", "deliveries_per_s")
-        add("S3 ≥ Bun", who, v, b, None if v is None or b is None else v >= b,
-            "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
-        for sid, window in FANOUT_WINDOWS.items():
-            if sid not in scen:
-                continue
-            rw = scen[sid].results
-            v, b = median_of(rw, who, "deliveries_per_s"), median_of(rw, "bun", "deliveries_per_s")
-            add(f"S3 at {window} outstanding ≥ Bun", who, v, b,
-                None if v is None or b is None else v >= b,
+        names = {"S3": "S3 ≥ Bun"} | {
+            sid: f"S3 at {window} outstanding ≥ Bun" for sid, window in FANOUT_WINDOWS.items()}
+        for sid, name in names.items():
+            r3 = scen[sid].results
+            v, b = median_of(r3, who, "deliveries_per_s"), median_of(r3, "bun", "deliveries_per_s")
+            add(name, who, v, b, None if v is None or b is None else v >= b,
                 "n/a" if v is None or b is None else f"{v / b:.2f}× Bun")
         r4 = scen["S4"].results
         v, b = median_of(r4, who, "kib_per_conn"), median_of(r4, "bun", "kib_per_conn")
@@ -1368,7 +1368,7 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         ratio_metrics = [m for m in sc.metrics if m.unit != "%"
                          and (sc.compared is None or m.key in sc.compared)]
         header += "".join(f" | {m.label} ÷ picows | {m.label} ÷ Bun" for m in ratio_metrics)
-        client = sc.id in ("S1", "S2", "S3", *FANOUT_WINDOWS, "S1d", "S3d", "S8", *TLS_SCENARIOS)
+        client = sc.id in (*WINDOWED, *TLS_SCENARIOS)
         header += " | server CPU | client CPU |" if client else " |"
         lines += [header,
                   "| --- " * (1 + len(sc.metrics) + 2 * len(ratio_metrics) + 2 * client) + "|"]
