@@ -10,7 +10,7 @@ the peers, interleaved.
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
 ``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out),
-s5 (S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5
+s10 (S10's fan-out of 1,024-byte messages, every subscriber reading), s5 (S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5
 and s9 sample no CPU) or one of S7's
 (64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
@@ -47,7 +47,9 @@ S5 = ("churn", {"cycles": 50000, "mark": 5000, "concurrency": 32, "hold": 60}, "
 # S8's subscribe+unsubscribe rate, with its publishes to 10,000 topics going on.
 S8_CHURN = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 100,
                        "window": 64, "size": 32}, "churn_ops_per_s")
-CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8-churn": S8_CHURN, "s9": S9, **{
+# S10's first run: S3's fan-out with 1,024-byte messages, every subscriber reading.
+S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s")
+CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8-churn": S8_CHURN, "s9": S9, "s10": S10, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
                              "binary": int(binary)}, "msgs_per_s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -12,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageBackpressured, MessageSent, websocket
 from conftest import Recorder, ServeFn, ws_url
-from rawws import RawWebSocket
+from rawws import OP_TEXT, RawWebSocket, encode_frame
 
 SUBSCRIBERS = 1_000
 PUBLISHES = 100
@@ -181,3 +182,81 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
         assert wrong == [], f"{len(wrong)} subscribers got a wrong sequence"
         assert srv.stats()["batches_held"] >= 1
         await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
+
+
+async def test_events_queued_during_a_long_fan_out_write_are_handled_in_one_batch(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A batch's handlers may run as long as its writes took. A 256 KiB publish to 300
+    subscribers takes the loop several milliseconds to write, after a handler that worked 1 ms
+    (its batch's handler time alone would size the next batch at 2 events). Three messages that
+    arrived meanwhile are then handled in one batch, not split into small ones, each of which
+    would pay the fan-out's writes again. A batch is what runs before the loop's next callback:
+    each handler notes the count of ``call_soon`` callbacks run so far."""
+    raise_open_file_limit(2 * 320 + 200)
+    subscribers = 300
+    big = bytes(range(256)) * 1024  # 256 KiB
+    loop = asyncio.get_running_loop()
+    turns = [0]
+    bump_due = [False]
+    burst = [f"b{i}" for i in range(3)]
+    burst_frames = b"".join(encode_frame(OP_TEXT, m.encode()) for m in burst)
+    burster: list[RawWebSocket] = []
+    started: list[brioche.Server[Any]] = []
+
+    def bump() -> None:
+        turns[0] += 1
+        bump_due[0] = False
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        if ws.data == "/sub":
+            ws.subscribe("fan")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "fan":
+            ws.publish_bytes("fan", big)
+            # The burst goes out now, from this handler, so that the core has it queued before
+            # this batch ends; then a millisecond of work, and the wait for the core to read it.
+            burster[0].writer.write(burst_frames)
+            (srv,) = started
+            expected = srv.stats()["messages_in"] + len(burst)
+            begun = time.perf_counter()
+            while time.perf_counter() - begun < 0.001:
+                pass
+            while srv.stats()["messages_in"] < expected and time.perf_counter() - begun < 10:
+                pass
+            return
+        recorder.add("burst", (text, turns[0]))
+        if not bump_due[0]:
+            bump_due[0] = True
+            loop.call_soon(bump)
+
+    def upgrade(request: brioche.server.Request, srv: brioche.Server[Any]) -> brioche.server.Response | None:
+        srv.upgrade(request, data=request.path)
+        return None
+
+    started.append(await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade))
+    (srv,) = started
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_one(path: str) -> ClientConnection:
+        async with gate:
+            return await connect(ws_url(srv, path), max_size=None, ping_interval=None, open_timeout=10)
+
+    async with AsyncExitStack() as stack:
+        subs = await asyncio.wait_for(asyncio.gather(*(open_one("/sub") for _ in range(subscribers))), 30)
+        for client in subs:
+            stack.push_async_callback(client.close)
+        publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
+        burster.append(await RawWebSocket.connect(srv.port, "/burst"))
+        stack.callback(burster[0].close)
+        await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 2)
+
+        await publisher.send("fan")
+        received = await asyncio.wait_for(asyncio.gather(*(c.recv() for c in subs)), 30)
+        assert received == [big] * subscribers
+        await recorder.wait_for(lambda: len(recorder.of("burst")) == len(burst))
+        handled = [event for (event,) in recorder.of("burst")]
+        assert [text for text, _ in handled] == burst
+        assert len({turn for _, turn in handled}) == 1, f"handled in several batches: {handled}"
