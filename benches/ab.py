@@ -9,9 +9,10 @@ the peers, interleaved.
 
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
-``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out),
-s10 (S10's fan-out of 1,024-byte messages, every subscriber reading), s5 (S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5
-and s9 sample no CPU) or one of S7's
+``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out;
+s3-1 and s3-256 with 1 and 256 messages outstanding), s10 (S10's fan-out of 1,024-byte
+messages, every subscriber reading), s5 (S5's connections/s), s8-churn (S8's
+subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5 and s9 sample no CPU) or one of S7's
 (64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402
-    LARGE_CELLS, LARGE_CONNS, LARGE_INFLIGHT, OUT, CpuSampler, RunningServer, ServerSpec, loadgen,
+    FANOUT_WINDOWS, LARGE_CELLS, LARGE_CONNS, LARGE_INFLIGHT, OUT, CpuSampler, RunningServer, ServerSpec, loadgen,
     server_specs,
 )
 
@@ -50,6 +51,8 @@ S8_CHURN = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churn
 # S10's first run: S3's fan-out with 1,024-byte messages, every subscriber reading.
 S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s")
 CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8-churn": S8_CHURN, "s9": S9, "s10": S10, **{
+    sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2]) for sid, window in FANOUT_WINDOWS.items()
+}, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
                              "binary": int(binary)}, "msgs_per_s")
