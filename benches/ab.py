@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One cell of S1, S3, S7, S8 or S9 for several builds or handler modes of brioche and for
+"""One cell of S1, S3, S7, S8, S9 or S10 for several builds or handler modes of brioche and for
 the peers, interleaved.
 
     .venv/bin/python benches/ab.py new=.venv-3.12/bin/python:async \\
@@ -13,7 +13,8 @@ async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketi
 s3-1 and s3-256 with 1 and 256 messages outstanding), s10 (S10's fan-out of 1,024-byte
 messages, every subscriber reading), s5 (S5's connections/s), s8-churn (S8's
 subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5 and s9 sample no CPU) or one of S7's
-(64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each). Every round starts each variant once (run.py's server start, CPU 0; load
+(64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each); s1t and s3t
+are s1 and s3 over TLS. Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
 rate and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on
@@ -32,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402
-    FANOUT_WINDOWS, LARGE_CELLS, LARGE_CONNS, LARGE_INFLIGHT, OUT, CpuSampler, RunningServer, ServerSpec, loadgen,
-    server_specs,
+    FANOUT_WINDOWS, LARGE_CELLS, LARGE_CONNS, LARGE_INFLIGHT, OUT, TLS_SCENARIOS, CpuSampler,
+    RunningServer, ServerSpec, loadgen, server_specs, tls_files,
 )
 
 WARMUP, DURATION = 1.5, 4.0
@@ -57,18 +58,25 @@ CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8-churn": S8_CHURN, "s9": S9, "s10": S1
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
                              "binary": int(binary)}, "msgs_per_s")
     for _, label, size, binary in LARGE_CELLS}}
+# Over TLS (run.py's certificate, and its CA for the load generator): s1t and s3t.
+TLS_CELLS = {tls.lower(): plain.lower() for tls, plain in TLS_SCENARIOS.items()}
+CELLS.update({tls: CELLS[plain] for tls, plain in TLS_CELLS.items()})
 
 
 def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
-            duration: float = DURATION) -> tuple[float, float]:
+            duration: float = DURATION, tls: bool = False) -> tuple[float, float]:
     """One run: messages/s and server CPU µs per message."""
-    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log")
+    files = tls_files() if tls else {}
+    env = {"BENCH_TLS_CERT": files["cert"], "BENCH_TLS_KEY": files["key"]} if tls else None
+    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", env)
     err = srv.wait_ready()
     if err is not None:
         srv.stop()
         raise RuntimeError(f"{name} did not start: {err}")
     try:
         scenario, args, _ = cell
+        if tls:
+            args = {**args, "ca": files["ca"]}
         timed = scenario != "churn"
         sampler = CpuSampler(srv.pid, WARMUP + 0.5, duration - 0.6)
         if timed:
@@ -115,7 +123,8 @@ def main() -> int:
     for rnd in range(ns.rounds):
         order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
         for name in order:
-            rate, cpu = measure(name, variants[name], CELLS[ns.cell], ns.duration)
+            rate, cpu = measure(name, variants[name], CELLS[ns.cell], ns.duration,
+                                tls=ns.cell in TLS_CELLS)
             rates[name].append(rate)
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
