@@ -81,12 +81,12 @@ _FIXED_AT_START = {
 # engine stops reading from its socket (TCP backpressure to that client only).
 PARKED_EVENTS_LIMIT = 64
 
-# One wake-up dispatches the events that fit in about BATCH_SECONDS (or in as long as the previous
-# batch's writes took, if longer) at the pace of the previous batch, then the loop runs its other
-# callbacks and due timers. It starts at FIRST_BATCH_EVENTS,
-# shrinks at once to what fits, and grows (at most twofold) only after a full batch, up to
-# MAX_BATCH_EVENTS. Sized by time, not by a fixed count: with fast handlers every extra wake-up
-# (a loop turn, an eventfd write and read, ~15 us) costs more than it spreads.
+# One wake-up dispatches the events whose handlers fit in about BATCH_SECONDS (or in as long as
+# the previous batch's writes took, if longer) at the pace of the previous batch, then the loop
+# runs its other callbacks and due timers. It starts at FIRST_BATCH_EVENTS, shrinks at once to
+# what fits, and grows (at most twofold) only after a full batch, up to MAX_BATCH_EVENTS. Sized
+# by time, not by a fixed count: with fast handlers every extra wake-up (a loop turn, an eventfd
+# write and read, ~15 us) costs more than it spreads.
 FIRST_BATCH_EVENTS = 256
 MAX_BATCH_EVENTS = 4096
 BATCH_SECONDS = 0.002
