@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402
     FANOUT_WINDOWS, LARGE_CELLS, LARGE_CONNS, LARGE_INFLIGHT, OUT, TLS_SCENARIOS, CpuSampler,
-    RunningServer, ServerSpec, loadgen, server_specs, tls_files,
+    RunningServer, ServerSpec, loadgen, server_specs, tls_client_args, tls_server_env,
 )
 
 WARMUP, DURATION = 1.5, 4.0
@@ -52,7 +52,8 @@ S8_CHURN = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churn
 # S10's first run: S3's fan-out with 1,024-byte messages, every subscriber reading.
 S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s")
 CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8-churn": S8_CHURN, "s9": S9, "s10": S10, **{
-    sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2]) for sid, window in FANOUT_WINDOWS.items()
+    sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2])
+    for sid, window in FANOUT_WINDOWS.items()
 }, **{
     label.replace(" KiB", "k").replace(" MiB", "m").replace(" ", "-"):
         ("echo-throughput", {"conns": LARGE_CONNS, "inflight": LARGE_INFLIGHT, "size": size,
@@ -66,9 +67,7 @@ CELLS.update({tls: CELLS[plain] for tls, plain in TLS_CELLS.items()})
 def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
             duration: float = DURATION, tls: bool = False) -> tuple[float, float]:
     """One run: messages/s and server CPU µs per message."""
-    files = tls_files() if tls else {}
-    env = {"BENCH_TLS_CERT": files["cert"], "BENCH_TLS_KEY": files["key"]} if tls else None
-    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", env)
+    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", tls_server_env() if tls else None)
     err = srv.wait_ready()
     if err is not None:
         srv.stop()
@@ -76,7 +75,7 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
     try:
         scenario, args, _ = cell
         if tls:
-            args = {**args, "ca": files["ca"]}
+            args = {**args, **tls_client_args()}
         timed = scenario != "churn"
         sampler = CpuSampler(srv.pid, WARMUP + 0.5, duration - 0.6)
         if timed:

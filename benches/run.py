@@ -445,6 +445,17 @@ def tls_files() -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
+def tls_server_env() -> dict[str, str]:
+    """What makes a bench server serve TLS (brioche's tls(), Bun's tls) with tls_files()."""
+    files = tls_files()
+    return {"BENCH_TLS_CERT": files["cert"], "BENCH_TLS_KEY": files["key"]}
+
+
+def tls_client_args() -> dict[str, str]:
+    """What makes the load generator connect over TLS, trusting tls_files()'s CA."""
+    return {"ca": tls_files()["ca"]}
+
+
 class RunningServer:
     def __init__(self, spec: ServerSpec, logfile: Path, env: dict[str, str] | None = None,
                  cpus: str = SERVER_CPU) -> None:
@@ -745,7 +756,7 @@ def run_once(sc: Scenario, server: RunningServer, cfg: dict[str, Any], warm: boo
     """One run of a scenario against a started server: the loadgen's result, with metrics."""
     port = server.port
     scenario_id = TLS_SCENARIOS.get(sc.id, sc.id)
-    tls = {"ca": tls_files()["ca"]} if sc.id in TLS_SCENARIOS else {}
+    tls = tls_client_args() if sc.id in TLS_SCENARIOS else {}
     if scenario_id in WINDOWED:
         warmup = 0.2 if warm else cfg["warmup_s"]
         duration = cfg["warm_run_s"] if warm else cfg["duration_s"]
@@ -1049,8 +1060,7 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
     def start(tag: str) -> tuple[RunningServer | None, str | None]:
         env: dict[str, str] = {}
         if sc.id in TLS_SCENARIOS:
-            # The bench servers serve TLS when these are set (brioche's tls(), Bun's tls).
-            env = {"BENCH_TLS_CERT": tls_files()["cert"], "BENCH_TLS_KEY": tls_files()["key"]}
+            env = tls_server_env()
         if sc.id == "S10":
             env["BENCH_BACKPRESSURE_LIMIT"] = str(cfg["slow_limit_mib"] * 1024 * 1024)
         srv = RunningServer(spec, logdir / f"{sc.id}-{spec.name}-{tag}.log", env)
