@@ -1,11 +1,12 @@
 //! glibc's malloc thresholds, set once when the first server starts.
 //!
 //! Every large message is a few buffers of its size: the unmasked payload (a tokio worker's
-//! arena), the Python `bytes` or `str` handed to the handler (the loop thread's arena), and they
-//! are freed a batch later. With glibc's defaults a batch's worth of them freed at the top of an
-//! arena is trimmed (handed back to the kernel with `brk`/`madvise`) once past a few hundred KiB,
-//! and the next batch writes every payload into freshly mapped pages, a page fault and a zeroed
-//! page per 4 KiB: about two thirds of the loop thread's time with 1 MiB echoes
+//! arena; the extension's Rust blocks of 256 KiB and more come from glibc, `allocator.rs`), the
+//! Python `bytes` or `str` handed to the handler (the loop thread's arena), and they are freed a
+//! batch later. With glibc's defaults a batch's worth of them freed at the top of an arena is
+//! trimmed (handed back to the kernel with `brk`/`madvise`) once past a few hundred KiB, and the
+//! next batch writes every payload into freshly mapped pages, a page fault and a zeroed page per
+//! 4 KiB: about two thirds of the loop thread's time with 1 MiB echoes
 //! (benches/PROFILE.md, issue 12).
 //!
 //! glibc adapts by itself, but only upwards from what has been freed (the mmap threshold rises to

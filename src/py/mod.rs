@@ -1,5 +1,6 @@
 //! The PyO3 binding layer: thin wrappers that turn engine types into Python classes.
 
+mod allocator;
 mod engine;
 mod errors;
 mod malloc;
