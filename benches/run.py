@@ -1256,7 +1256,7 @@ def evaluate_targets(scen: dict[str, Scenario],
                         < r["slow"].get("total_published", 0))]
         add("S10 peak RSS growth ≤ backpressure limit", who, over, limit,
             None if over is None or not reached else over <= limit,
-            "n/a" if over is None else f"+{over:.1f} MiB, limit {limit} MiB" + (
+            "n/a" if over is None else f"{over:+.1f} MiB, limit {limit} MiB" + (
                 "" if reached else " (not reached: the slow reader got every message)"))
         r7 = scen["S7"].results
         for key, label, _, _ in LARGE_CELLS:
