@@ -6,17 +6,18 @@
 //!
 //! Why mimalloc: glibc's malloc and free were 6.6% of the server's CPU in a run of handshakes
 //! (S9: hyper's 8 KiB buffers, tokio's 128-byte-aligned task cells through `posix_memalign`, the
-//! request's strings). With mimalloc for every block, `benches/ab.py` measured handshakes 1.17×
-//! and the 64 KiB echo 1.13× against glibc.
+//! request's strings). `benches/ab.py`, interleaved with the glibc-only build: handshakes 1.02-
+//! 1.06× with this split (1.17× with mimalloc for every block); the other cells moved within
+//! this machine's noise either way.
 //!
 //! Why not for every block: the one slow reader among 1,000 subscribers (S10) then raised the
-//! server's peak RSS by 1.7-1.9 MiB over the run where all read, more than the 1 MiB
-//! backpressure limit that bounds what the slow reader may hold (glibc: 0.0-0.9 MiB). Sending
-//! blocks of 128 KiB and more to glibc brought it back to 0.0-0.3 MiB, 64 KiB and more to
-//! 0.0-0.1; the 256 KiB pub/sub arenas (`engine/pubsub/arena.rs`'s largest) are what stay
-//! resident in mimalloc. Blocks that large are rare and each is worth its copy, so glibc's
-//! cost per call does not matter there, and the thresholds `malloc.rs` sets already keep
-//! them from being mapped afresh each time. The 1 MiB echo was 0.96× with mimalloc.
+//! server's peak RSS by up to 1.9 MiB over the run where all read, more than the 1 MiB
+//! backpressure limit that bounds what the slow reader may hold (glibc alone: 0.0-0.9 MiB).
+//! With blocks up to 64, 128 or 255 KiB from mimalloc and the rest from glibc it was at most
+//! 0.0, 0.3 and 0.4 MiB in three runs each: what mimalloc kept resident is among the blocks
+//! of 256 KiB and more, in S10 the pub/sub arenas at their largest (`engine/pubsub/arena.rs`).
+//! Those, and large messages' buffers, stay with glibc and the thresholds `malloc.rs` sets; at
+//! that size one call's cost is small beside the bytes it holds.
 //!
 //! One setting differs from mimalloc's defaults: arenas are committed as they are used, not
 //! all at once (`arena_eager_commit` 0). With mimalloc's default on Linux, idle connections
