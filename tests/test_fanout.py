@@ -29,6 +29,23 @@ def raise_open_file_limit(needed: int) -> None:
     assert soft == resource.RLIM_INFINITY or soft >= needed, f"RLIMIT_NOFILE {soft} < {needed}"
 
 
+def upgrade_with_path(request: brioche.server.Request, srv: brioche.Server[Any]) -> brioche.server.Response | None:
+    """Upgrade any path, with the path as ``ws.data``."""
+    srv.upgrade(request, data=request.path)
+    return None
+
+
+async def open_clients(srv: brioche.Server[Any], path: str, count: int, timeout: float) -> list[ClientConnection]:
+    """``count`` clients of ``path``, at most CONNECT_CONCURRENCY handshakes at a time."""
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def open_one() -> ClientConnection:
+        async with gate:
+            return await connect(ws_url(srv, path), max_size=None, ping_interval=None, open_timeout=10)
+
+    return await asyncio.wait_for(asyncio.gather(*(open_one() for _ in range(count))), timeout)
+
+
 async def test_every_subscriber_receives_every_publish_in_order_once(serve: ServeFn, recorder: Recorder) -> None:
     raise_open_file_limit(2 * SUBSCRIBERS + 200)
 
@@ -139,19 +156,10 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
         else:
             ws.publish("fan", text)
 
-    def upgrade(request: brioche.server.Request, srv: brioche.Server[Any]) -> brioche.server.Response | None:
-        srv.upgrade(request, data=request.path)
-        return None
-
-    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade)
-    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-
-    async def open_one(path: str) -> ClientConnection:
-        async with gate:
-            return await connect(ws_url(srv, path), max_size=None, ping_interval=None, open_timeout=10)
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
 
     async with AsyncExitStack() as stack:
-        echoes = await asyncio.gather(*(open_one("/echo") for _ in range(16)))
+        echoes = await open_clients(srv, "/echo", 16, 30)
         for client in echoes:
             stack.push_async_callback(client.close)
         await recorder.wait_for(lambda: len(recorder.of("open")) == len(echoes))
@@ -160,7 +168,7 @@ async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_n
             assert await asyncio.wait_for(asyncio.gather(*(c.recv() for c in echoes)), 10) == [large] * 16
         assert srv.stats()["batches_held"] == 0
 
-        subs = await asyncio.wait_for(asyncio.gather(*(open_one("/sub") for _ in range(subscribers))), 30)
+        subs = await open_clients(srv, "/sub", subscribers, 30)
         for client in subs:
             stack.push_async_callback(client.close)
         publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
@@ -234,20 +242,11 @@ async def test_events_queued_during_a_long_fan_out_write_are_handled_in_one_batc
             bump_due[0] = True
             loop.call_soon(bump)
 
-    def upgrade(request: brioche.server.Request, srv: brioche.Server[Any]) -> brioche.server.Response | None:
-        srv.upgrade(request, data=request.path)
-        return None
-
-    started.append(await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade))
+    started.append(await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path))
     (srv,) = started
-    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-
-    async def open_one(path: str) -> ClientConnection:
-        async with gate:
-            return await connect(ws_url(srv, path), max_size=None, ping_interval=None, open_timeout=10)
 
     async with AsyncExitStack() as stack:
-        subs = await asyncio.wait_for(asyncio.gather(*(open_one("/sub") for _ in range(subscribers))), 30)
+        subs = await open_clients(srv, "/sub", subscribers, 30)
         for client in subs:
             stack.push_async_callback(client.close)
         publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
