@@ -511,6 +511,29 @@ def tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+def start_tls_redis(ca: Path, cert: Path, key: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A ``redis-server`` listening on TLS only, once it answers a PING over TLS. A port that
+    another process took between ``free_port`` and the server's bind (two suites run side by
+    side in ``make test``) makes the server exit: then another port, up to three."""
+    for _ in range(3):
+        port = free_port()
+        process = subprocess.Popen(
+            ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while process.poll() is None:
+            ping = subprocess.run(["redis-cli", "--tls", "--cacert", str(ca), "-h", "127.0.0.1", "-p", str(port), "PING"],
+                                  capture_output=True, text=True, timeout=5)
+            if ping.stdout.split() == ["PONG"]:
+                return process, port
+            assert time.monotonic() < deadline, "redis-server did not answer over TLS within 10 s"
+            time.sleep(0.02)
+    raise AssertionError("redis-server exited at start three times (its port taken each time)")
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI to make a certificate")
 async def test_rediss_shares_topics_over_tls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clients: Callable[[str], Awaitable[Collector]]
@@ -518,13 +541,7 @@ async def test_rediss_shares_topics_over_tls(
     ca, cert, key = tls_files(tmp_path)
     # rustls-native-certs reads the trusted roots from here when it is set.
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-         "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    process, port = start_tls_redis(ca, cert, key)
     config: server.Config[Any] = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
     config = config.websocket(topics_config()).hostname("127.0.0.1").port(0).pubsub_redis(f"rediss://127.0.0.1:{port}")
     first, second = await config.serve(), await config.serve()
