@@ -36,28 +36,52 @@ PEER = Path(__file__).parent / "scripts" / "redis_peer.py"
 
 
 class Redis:
-    """A ``redis-server`` of this test's own, killed and started again at will, same port."""
+    """A ``redis-server`` of this test's own, killed and started again at will, same port. With
+    ``tls`` (CA, certificate, key files), it listens on TLS only and clients are not asked for a
+    certificate."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    @property
+    def url(self) -> str:
+        return f"{'redis' if self.tls is None else 'rediss'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while self.cli("PING") != ["PONG"]:
-            assert self.process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
-            time.sleep(0.02)
+        # free_port() avoids only the ports this process handed out: the other suite running
+        # beside it in `make test` may take one before redis-server binds it, and redis-server
+        # then exits. A first start moves to another port (up to three); a restart keeps its own.
+        for _ in range(3):
+            if self.tls is None:
+                listen = ["--port", str(self.port)]
+            else:
+                ca, cert, key = self.tls
+                listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                          "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+            process = subprocess.Popen(
+                ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.process = process
+            deadline = time.monotonic() + 10
+            while self.cli("PING") != ["PONG"] and process.poll() is None:
+                assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+                time.sleep(0.02)
+            if process.poll() is None:
+                break
+            assert not self.started, "redis-server exited"
+            self.port = free_port()
+        else:
+            raise AssertionError("redis-server exited at start three times (its port taken each time)")
+        self.started = True
         # Another process's server on the port (this one then exits, unable to bind) answers too.
         fields = (line.partition(":") for line in self.cli("INFO", "server"))
         pid = {key: value for key, _, value in fields}.get("process_id")
-        assert pid == str(self.process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
+        assert pid == str(process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
 
     def kill(self) -> None:
         assert self.process is not None
@@ -66,7 +90,8 @@ class Redis:
         self.process = None
 
     def cli(self, *args: str) -> list[str]:
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
+        tls = [] if self.tls is None else ["--tls", "--cacert", str(self.tls[0])]
+        done = subprocess.run(["redis-cli", *tls, "-p", str(self.port), *args], capture_output=True, text=True, timeout=5)
         return done.stdout.split()
 
     def subscribers(self, channel: str, sharded: bool = False) -> int:
@@ -511,29 +536,6 @@ def tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-def start_tls_redis(ca: Path, cert: Path, key: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A ``redis-server`` listening on TLS only, once it answers a PING over TLS. A port that
-    another process took between ``free_port`` and the server's bind (two suites run side by
-    side in ``make test``) makes the server exit: then another port, up to three."""
-    for _ in range(3):
-        port = free_port()
-        process = subprocess.Popen(
-            ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while process.poll() is None:
-            ping = subprocess.run(["redis-cli", "--tls", "--cacert", str(ca), "-h", "127.0.0.1", "-p", str(port), "PING"],
-                                  capture_output=True, text=True, timeout=5)
-            if ping.stdout.split() == ["PONG"]:
-                return process, port
-            assert time.monotonic() < deadline, "redis-server did not answer over TLS within 10 s"
-            time.sleep(0.02)
-    raise AssertionError("redis-server exited at start three times (its port taken each time)")
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI to make a certificate")
 async def test_rediss_shares_topics_over_tls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clients: Callable[[str], Awaitable[Collector]]
@@ -541,9 +543,10 @@ async def test_rediss_shares_topics_over_tls(
     ca, cert, key = tls_files(tmp_path)
     # rustls-native-certs reads the trusted roots from here when it is set.
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
-    process, port = start_tls_redis(ca, cert, key)
+    redis = Redis(tls=(ca, cert, key))
+    redis.start()
     config: server.Config[Any] = server.handler(lambda request, srv: server.upgrade(srv, request, [], request.query or None, server.bad_request))
-    config = config.websocket(topics_config()).hostname("127.0.0.1").port(0).pubsub_redis(f"rediss://127.0.0.1:{port}")
+    config = config.websocket(topics_config()).hostname("127.0.0.1").port(0).pubsub_redis(redis.url)
     first, second = await config.serve(), await config.serve()
     try:
         subscriber = await clients(ws_url(second, "/ws?secure"))
@@ -556,5 +559,4 @@ async def test_rediss_shares_topics_over_tls(
     finally:
         await first.stop(close_active_connections=True)
         await second.stop(close_active_connections=True)
-        process.kill()
-        process.wait(10)
+        redis.kill()
