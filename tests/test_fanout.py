@@ -127,6 +127,45 @@ async def test_a_burst_of_publishes_reaches_reading_and_stalled_subscribers_whol
     assert set(statuses) <= {MessageSent(1000), MessageBackpressured()}
 
 
+async def test_a_batchs_replies_are_written_before_its_fan_out(serve: ServeFn, recorder: Recorder) -> None:
+    """When a batch ends, the connections its handlers sent to directly are written before those
+    its publishes reached, even when the publish came first: an answer does not wait for a
+    fan-out's writes. The order is the order of ``on_drain``: every queue here is congested (its
+    second message queued past the high-water mark, half the 8 KiB limit), and the write that
+    empties a congested queue reports its drain. Each client still gets its messages whole."""
+    subscribers = 20
+    first, second = "p" * 5000, "q"
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        if ws.data == "/sub":
+            ws.subscribe("fan")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        statuses = [ws.publish("fan", first), ws.publish("fan", second), ws.send(first), ws.send(second)]
+        recorder.add("statuses", statuses)
+
+    def on_drain(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("drain", ws.data)
+
+    config = websocket.init().on_open(on_open).on_text(on_text).on_drain(on_drain).backpressure_limit(8192)
+    srv = await serve(config, handler=upgrade_with_path)
+    async with AsyncExitStack() as stack:
+        subs = await open_clients(srv, "/sub", subscribers, 30)
+        for client in subs:
+            stack.push_async_callback(client.close)
+        requester = await stack.enter_async_context(connect(ws_url(srv, "/req"), ping_interval=None))
+        await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 1)
+        await requester.send("go")
+        received = await asyncio.wait_for(asyncio.gather(*(c.recv() for c in [requester, *subs])), 10)
+        received += await asyncio.wait_for(asyncio.gather(*(c.recv() for c in [requester, *subs])), 10)
+        assert received == [first] * (subscribers + 1) + [second] * (subscribers + 1)
+        await recorder.wait_for(lambda: len(recorder.of("drain")) == subscribers + 1)
+    ((statuses,),) = recorder.of("statuses")
+    assert statuses == [MessageSent(5000), MessageBackpressured()] * 2
+    assert [path for (path,) in recorder.of("drain")] == ["/req"] + ["/sub"] * subscribers
+
+
 async def test_a_fan_out_whose_writes_take_long_holds_the_next_batch_and_loses_nothing(
     serve: ServeFn, recorder: Recorder
 ) -> None:

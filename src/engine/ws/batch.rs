@@ -1,5 +1,12 @@
 //! The loop thread's send batch: while it dispatches a batch of events, what its handlers send
 //! is written when the batch ends, once per connection, from the loop thread itself.
+//!
+//! Replies go out before fan-out: the connections a handler sent to directly are written first,
+//! then those a publish reached. A batch's publishes can reach hundreds of connections, whose
+//! writes take milliseconds; a reply written after them comes back as the client's next request
+//! only once the next batch has begun, and waits for the one after (S8's subscribe requests:
+//! two batches per answer instead of one). Each connection is still written once, with all of
+//! its queue in order, so no connection's messages change order.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -13,8 +20,12 @@ use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
 /// What one dispatch batch of the loop thread has sent.
 #[derive(Default)]
 struct SendBatch {
-    /// Connections to flush when the batch ends.
-    conns: Vec<Arc<Conn>>,
+    /// Connections first sent to by a handler directly: flushed first when the batch ends.
+    replies: Vec<Arc<Conn>>,
+    /// Connections first reached by a publish: flushed after the replies.
+    fan_out: Vec<Arc<Conn>>,
+    /// Set while a publish queues its frame to the topic's subscribers.
+    publishing: bool,
     /// Each topic's published frames of this batch, encoded once (`pubsub/arena.rs`).
     arenas: FxHashMap<Box<str>, ArenaWriter>,
     /// Publish deliveries queued in this batch, over all its publishes.
@@ -48,10 +59,10 @@ pub fn end_send_batch() -> BatchWritten {
         return BatchWritten::default();
     };
     let written = BatchWritten {
-        connections: batch.conns.len(),
+        connections: batch.replies.len() + batch.fan_out.len(),
         deliveries: batch.deliveries,
     };
-    for conn in batch.conns {
+    for conn in batch.replies.into_iter().chain(batch.fan_out) {
         conn.flush_or_hand_over();
     }
     written
@@ -70,11 +81,40 @@ pub(crate) fn count_deliveries(n: usize) {
 pub(crate) fn flush_at_end(conn: &Arc<Conn>) -> bool {
     SEND_BATCH.with(|b| match b.borrow_mut().as_mut() {
         Some(batch) => {
-            batch.conns.push(conn.clone());
+            if batch.publishing {
+                batch.fan_out.push(conn.clone());
+            } else {
+                batch.replies.push(conn.clone());
+            }
             true
         }
         None => false,
     })
+}
+
+/// While alive, the connections a publish is the first to send to are flushed after the batch's
+/// replies. Dropped at the end of the publish, or as it unwinds.
+pub(crate) struct FanOut(());
+
+impl FanOut {
+    pub(crate) fn begin() -> FanOut {
+        set_publishing(true);
+        FanOut(())
+    }
+}
+
+impl Drop for FanOut {
+    fn drop(&mut self) {
+        set_publishing(false);
+    }
+}
+
+fn set_publishing(publishing: bool) {
+    SEND_BATCH.with(|b| {
+        if let Some(batch) = b.borrow_mut().as_mut() {
+            batch.publishing = publishing;
+        }
+    });
 }
 
 /// Append `frame` to `topic`'s arena of the current batch and return its range there. `None`

@@ -277,6 +277,7 @@ impl Shared {
         };
         // Counted here once per publish, not once per recipient: fan-out is the hot path.
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
+        let _fan_out = batch::FanOut::begin();
         self.topics.for_each(topic, |id, conn| {
             if Some(id) != exclude {
                 // `compress` first: a plain publish does not even look at the connection's field.
