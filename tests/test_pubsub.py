@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import MessageBackpressured, MessageDropped, MessageSent, server, websocket
@@ -74,6 +75,11 @@ async def clients(
 
 async def recv(client: ClientConnection) -> str | bytes:
     return await asyncio.wait_for(client.recv(), 5)
+
+
+def upgrade_with_path(request: brioche.server.Request, srv: brioche.Server[Any]) -> None:
+    """Upgrade any path, with the path as ``ws.data``."""
+    srv.upgrade(request, data=request.path)
 
 
 async def assert_nothing_pending(client: ClientConnection) -> None:
@@ -350,3 +356,110 @@ async def test_publish_is_backpressured_if_any_recipient_is_congested_and_droppe
             assert frame.payload == numbered(i, size)
         frame = await stalled.recv_frame(timeout=10)
         assert (frame.opcode, frame.payload) == (OP_TEXT, b"while congested")
+
+
+async def test_one_batchs_publishes_sends_subscribes_and_closes_keep_their_order(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Publishes to one topic that follow each other in a batch are queued to each subscriber
+    together, later; whatever else the batch does to a connection or a subscription comes after
+    the publishes made before it and before those made after it, and ``stats()`` read in the
+    handler counts them all."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+    holder: list[brioche.Server[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        for topic in {"/a": ["t", "u"], "/b": ["t"]}.get(ws.data, []):
+            ws.subscribe(topic)
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "echo sync":
+            ws.send("sync")
+            return
+        (srv,) = holder
+        a, b, c = sockets["/a"], sockets["/b"], sockets["/c"]
+        statuses = [srv.publish("t", "t1"), srv.publish("t", "t2"), a.send("a1")]
+        statuses += [srv.publish("t", "t3"), srv.publish("t", "t4")]
+        c.subscribe("t")
+        statuses += [srv.publish("t", "t5"), srv.publish("t", "t6")]
+        b.unsubscribe("t")
+        statuses += [srv.publish("t", "t7"), srv.publish("u", "u1"), srv.publish("t", "t8")]
+        # t1-t4 to a and b, t5-t6 to a, b and c, t7 and t8 to a and c, u1 to a
+        recorder.add("deliveries", srv.stats()["deliveries"])
+        a.close(4000, "bye")
+        statuses.append(srv.publish("t", "t9"))
+        recorder.add("statuses", statuses)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
+    holder.append(srv)
+    async with AsyncExitStack() as stack:
+        a, b, c, go = [
+            await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/a", "/b", "/c", "/go")
+        ]
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 4)
+        await go.send("go")
+        assert [await recv(a) for _ in range(10)] == ["t1", "t2", "a1", "t3", "t4", "t5", "t6", "t7", "u1", "t8"]
+        with pytest.raises(ConnectionClosed):
+            await recv(a)
+        assert a.close_code == 4000
+        assert [await recv(b) for _ in range(6)] == ["t1", "t2", "t3", "t4", "t5", "t6"]
+        assert [await recv(c) for _ in range(5)] == ["t5", "t6", "t7", "t8", "t9"]
+        await assert_nothing_pending(b)
+        await assert_nothing_pending(c)
+    # t9 is dropped for a, closing but still subscribed: "dropped if anyone dropped it".
+    assert recorder.of("statuses") == [([MessageSent(2)] * 10 + [MessageDropped()],)]
+    assert recorder.of("deliveries") == [(8 + 6 + 2 + 1 + 2,)]
+
+
+async def test_a_run_of_publishes_reports_and_queues_as_each_publish_alone(serve: ServeFn, recorder: Recorder) -> None:
+    """Twelve 1,000-byte publishes in one handler, to two subscribers with a 16 KiB limit (the
+    high-water mark half of it), one of which already has 7,000 bytes queued: each status is what
+    that publish would report queued at once. The fuller one congests at the third and drops
+    from the eleventh on, the other congests at the tenth; each gets what was accepted for it."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+    holder: list[brioche.Server[Any]] = []
+    big = "x" * 7000
+    messages = [f"{i:02d}" + "y" * 998 for i in range(12)]
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        if ws.data in ("/full", "/light"):
+            ws.subscribe("t")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "echo sync":
+            ws.send("sync")
+            return
+        (srv,) = holder
+        statuses = [sockets["/full"].send(big)] + [srv.publish("t", m) for m in messages]
+        recorder.add("statuses", statuses)
+
+    def on_drain(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("drain", ws.data)
+
+    config = websocket.init().on_open(on_open).on_text(on_text).on_drain(on_drain).backpressure_limit(16384)
+    srv = await serve(config, handler=upgrade_with_path)
+    holder.append(srv)
+    before = srv.stats()
+    async with AsyncExitStack() as stack:
+        full, light, go = [
+            await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/full", "/light", "/go")
+        ]
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 3)
+        await go.send("go")
+        assert [await recv(full) for _ in range(11)] == [big, *messages[:10]]
+        assert [await recv(light) for _ in range(12)] == messages
+        await recorder.wait_for(lambda: len(recorder.of("drain")) == 2)
+        await assert_nothing_pending(full)
+        await assert_nothing_pending(light)
+    ((statuses,),) = recorder.of("statuses")
+    assert statuses == [MessageSent(7000)] + [MessageSent(1000)] * 2 + [MessageBackpressured()] * 8 + [
+        MessageDropped()
+    ] * 2
+    after = srv.stats()
+    assert after["deliveries"] - before["deliveries"] == 10 + 12
+    assert after["sends_backpressured"] - before["sends_backpressured"] == 8 + 3
+    assert after["sends_dropped"] - before["sends_dropped"] == 2

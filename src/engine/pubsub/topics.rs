@@ -31,6 +31,24 @@ pub(crate) enum Unsubscribed {
     Last,
 }
 
+/// One topic, held: its subscribers as they are when visited. A topic whose last subscriber
+/// left stays empty; joining the name again makes a new topic, never this one.
+pub(crate) struct TopicRef<S>(Arc<Topic<S>>);
+
+impl<S> TopicRef<S> {
+    /// Call `f` for every subscriber while holding only this topic's read lock.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &S)) {
+        for (id, s) in self.0.subscribers.read().by_id.iter() {
+            f(*id, s);
+        }
+    }
+
+    /// Whether `other` is this very topic (not merely one of the same name made since).
+    pub(crate) fn is(&self, other: &TopicRef<S>) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// Lock order: no method holds the map lock and a topic's lock at the same time, so there is no
 /// order to get wrong.
 pub(crate) struct TopicRegistry<S> {
@@ -129,13 +147,10 @@ impl<S: Clone> TopicRegistry<S> {
             .map_or(0, |t| t.subscribers.read().by_id.len())
     }
 
-    /// Call `f` for every subscriber of `name` while holding only that topic's read lock.
-    pub(crate) fn for_each(&self, name: &str, mut f: impl FnMut(u64, &S)) {
-        if let Some(topic) = self.topic(name) {
-            for (id, s) in topic.subscribers.read().by_id.iter() {
-                f(*id, s);
-            }
-        }
+    /// The topic `name`, to visit its subscribers now or later (a batch's run of publishes to
+    /// it); `None` if it has no subscriber.
+    pub(crate) fn get(&self, name: &str) -> Option<TopicRef<S>> {
+        self.topic(name).map(TopicRef)
     }
 
     #[cfg(test)]
@@ -183,7 +198,7 @@ mod tests {
             r.subscribe("t", id, id * 10);
         }
         let mut seen = Vec::new();
-        r.for_each("t", |id, s| {
+        r.get("t").unwrap().for_each(|id, s| {
             assert_eq!(*s, id * 10);
             seen.push(id);
         });

@@ -170,6 +170,7 @@ impl Conn {
 
     /// Bytes accepted for this connection but not yet written to the kernel.
     pub fn buffered_amount(&self) -> usize {
+        batch::settle();
         self.out.buffered()
     }
 
@@ -288,6 +289,8 @@ impl Conn {
         payload_len: usize,
         push: impl FnOnce(&Outbound) -> Pushed,
     ) -> SendStatus {
+        // The batch's deferred publishes were queued before this.
+        batch::settle();
         if self.ready_state() != ReadyState::Open {
             return SendStatus::Dropped;
         }
@@ -373,6 +376,7 @@ impl Conn {
 
     /// Start the closing handshake. Frames queued before it are still written.
     pub fn close(&self, code: u16, reason: &str) {
+        batch::settle();
         if self.transition(ReadyState::Open, ReadyState::Closing) {
             self.out.push(&OutFrame::close(code, reason), true);
             self.signal(signal::STATE | signal::FLUSH);
@@ -399,6 +403,8 @@ impl Conn {
     }
 
     pub fn subscribe(self: &Arc<Self>, topic: &str) {
+        // The batch's deferred publishes go to the subscribers they were published to.
+        batch::settle();
         let mut subs = self.subscriptions.lock();
         // Checked under the lock that `finish` takes, so a closed socket is subscribed to nothing.
         if self.ready_state() == ReadyState::Closed {
@@ -412,6 +418,7 @@ impl Conn {
     }
 
     pub fn unsubscribe(&self, topic: &str) {
+        batch::settle();
         let mut subs = self.subscriptions.lock();
         let outcome = self.shared.topics.unsubscribe(topic, self.id);
         if outcome != Unsubscribed::No {

@@ -17,6 +17,7 @@ use super::deflate::{self, DeflateParams};
 use super::encode::OutFrame;
 use super::outbound::INLINE_PAYLOAD;
 use super::protocol::RSV1;
+use super::publish_run::{Found, PublishRun};
 use super::relay::Relay;
 use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
@@ -156,6 +157,8 @@ impl Shared {
     /// `srv.stats()`: every counter by name, and the connections closed by close code.
     #[allow(clippy::type_complexity)]
     pub fn stats(&self) -> (Vec<(&'static str, u64)>, Vec<(u16, u64)>) {
+        // A handler that publishes, then reads the counters, sees its publishes counted.
+        batch::settle();
         let counters = Counter::ALL
             .iter()
             .map(|&counter| (counter.name(), self.stats.get(counter)))
@@ -275,10 +278,29 @@ impl Shared {
         } else {
             None
         };
+        let Some(subscribers) = self.topics.get(topic) else {
+            return SendStatus::Dropped;
+        };
+        // Within a batch, a publish to every subscriber, uncompressed, of a frame in the arena
+        // can join the run of publishes to its topic (`publish_run.rs`); any other publish
+        // comes after the run there is.
+        let run_member = match &shared {
+            Some(range) if exclude.is_none() && !compress => {
+                if let Some(status) = batch::defer(&subscribers, range, payload_len) {
+                    return status;
+                }
+                true
+            }
+            _ => {
+                batch::settle();
+                false
+            }
+        };
+        let mut found = Found::default();
         // Counted here once per publish, not once per recipient: fan-out is the hot path.
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
-        let _fan_out = batch::FanOut::begin();
-        self.topics.for_each(topic, |id, conn| {
+        let fan_out = batch::FanOut::begin();
+        subscribers.for_each(|id, conn| {
             if Some(id) != exclude {
                 // `compress` first: a plain publish does not even look at the connection's field.
                 let deflate = if compress {
@@ -307,8 +329,17 @@ impl Shared {
                     SendStatus::Dropped => dropped += 1,
                 }
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
+                if run_member {
+                    found.add(conn);
+                }
             }
         });
+        drop(fan_out);
+        if run_member && status.is_some() {
+            // The publishes to this topic that follow, in this batch, only join this one.
+            let limit = self.config.ws.backpressure_limit;
+            batch::start_run(PublishRun::new(subscribers, found, limit));
+        }
         let delivered = queued + backpressured;
         batch::count_deliveries(delivered as usize);
         self.stats.add_all([
