@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -463,3 +464,121 @@ async def test_a_run_of_publishes_reports_and_queues_as_each_publish_alone(serve
     assert after["deliveries"] - before["deliveries"] == 10 + 12
     assert after["sends_backpressured"] - before["sends_backpressured"] == 8 + 3
     assert after["sends_dropped"] - before["sends_dropped"] == 2
+
+
+async def test_a_run_that_takes_a_subscriber_past_the_limit_has_closed_it_when_the_handler_looks(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """With ``close_on_backpressure_limit``, the publish that finds a subscriber over the limit
+    ends it. That publish may be part of a run not yet queued to each subscriber; the handler
+    that made it still reads the subscriber's ``ready_state`` as closing, and ``on_close``
+    reports 1008."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+    holder: list[brioche.Server[Any]] = []
+    messages = [f"{i:02d}" + "z" * 998 for i in range(6)]
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        if ws.data == "/sub":
+            ws.subscribe("t")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        (srv,) = holder
+        statuses = [srv.publish("t", m) for m in messages]
+        recorder.add("after", statuses, sockets["/sub"].ready_state)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code)
+
+    config = (
+        websocket.init()
+        .on_open(on_open)
+        .on_text(on_text)
+        .on_close(on_close)
+        .backpressure_limit(4096)
+        .close_on_backpressure_limit(True)
+    )
+    srv = await serve(config, handler=upgrade_with_path)
+    holder.append(srv)
+    async with AsyncExitStack() as stack:
+        sub, go = [await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/sub", "/go")]
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
+        await go.send("go")
+        await recorder.wait_for(lambda: ("/sub", 1008) in recorder.of("close"))
+    # Queued before each frame, over the limit of 4,096: 0, 1,004, 2,008 (the high-water mark
+    # is 2,048), 3,012, 4,016, then 5,020.
+    assert recorder.of("after") == [
+        ([MessageSent(1000)] * 3 + [MessageBackpressured()] * 2 + [MessageDropped()], brioche.ReadyState.CLOSING)
+    ]
+    assert recorder.of("close")[0] == ("/sub", 1008)
+
+
+async def test_publishes_before_a_terminate_count_as_delivered(serve: ServeFn, recorder: Recorder) -> None:
+    """``terminate`` drops what was queued for the socket, but the publishes made before it had
+    been queued to it, and ``stats()`` counts them as delivered, run or not."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+    holder: list[brioche.Server[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        if ws.data in ("/gone", "/stays"):
+            ws.subscribe("t")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "echo sync":
+            ws.send("sync")
+            return
+        (srv,) = holder
+        statuses = [srv.publish("t", "m1"), srv.publish("t", "m2")]
+        sockets["/gone"].terminate()
+        stats = srv.stats()
+        recorder.add("after", statuses, stats["deliveries"], stats["sends_dropped"])
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
+    holder.append(srv)
+    async with AsyncExitStack() as stack:
+        gone, stays, go = [
+            await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/gone", "/stays", "/go")
+        ]
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 3)
+        await go.send("go")
+        assert [await recv(stays) for _ in range(2)] == ["m1", "m2"]
+        await assert_nothing_pending(stays)
+        with pytest.raises(ConnectionClosed):
+            await recv(gone)
+    assert recorder.of("after") == [([MessageSent(2)] * 2, 4, 0)]
+
+
+async def test_a_send_from_another_thread_comes_after_the_publishes_before_it(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A handler publishes twice to a topic, then has another thread send to a subscriber and
+    waits for it: the subscriber gets both publishes, then the send. The second publish may be
+    part of a run not yet queued when the thread sends; the thread's send queues it first."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+    holder: list[brioche.Server[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        if ws.data == "/sub":
+            ws.subscribe("t")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        (srv,) = holder
+        statuses = [srv.publish("t", "a"), srv.publish("t", "b")]
+        helper = threading.Thread(target=lambda: statuses.append(sockets["/sub"].send("c")))
+        helper.start()
+        helper.join()
+        recorder.add("statuses", statuses)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
+    holder.append(srv)
+    async with AsyncExitStack() as stack:
+        sub, go = [await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/sub", "/go")]
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
+        await go.send("go")
+        assert [await recv(sub) for _ in range(3)] == ["a", "b", "c"]
+    assert recorder.of("statuses") == [([MessageSent(1)] * 3,)]

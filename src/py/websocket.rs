@@ -186,7 +186,7 @@ impl PyWebSocket {
     /// `ReadyState.CONNECTING` (0), `OPEN` (1), `CLOSING` (2) or `CLOSED` (3).
     #[getter]
     fn ready_state(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        ready_state_member(py, self.conn.ready_state() as u8)
+        ready_state_member(py, self.conn.ready_state_now() as u8)
     }
 
     /// The client's IP address, or `""` over a Unix socket.
@@ -372,7 +372,7 @@ impl PyWebSocket {
             "<brioche.WebSocket #{} from {} state={}>",
             self.conn.id,
             self.conn.remote,
-            self.conn.ready_state() as u8
+            self.conn.ready_state_now() as u8
         )
     }
 }

@@ -8,16 +8,15 @@
 //! two batches per answer instead of one). Each connection is still written once, with all of
 //! its queue in order, so no connection's messages change order.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::conn::{Conn, SendStatus};
+use super::conn::Conn;
 use super::encode::OutFrame;
-use super::publish_run::PublishRun;
+use super::shared::Shared;
 use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
-use crate::engine::pubsub::topics::TopicRef;
 
 /// What one dispatch batch of the loop thread has sent.
 #[derive(Default)]
@@ -28,8 +27,9 @@ struct SendBatch {
     fan_out: Vec<Arc<Conn>>,
     /// Set while a publish queues its frame to the topic's subscribers.
     publishing: bool,
-    /// Publishes to one topic not yet queued to its subscribers (`publish_run.rs`).
-    run: Option<PublishRun>,
+    /// The servers that began a run of publishes in this batch (`publish_run.rs`): delivered
+    /// before the batch's writes.
+    runs: Vec<Arc<Shared>>,
     /// Each topic's published frames of this batch, encoded once (`pubsub/arena.rs`).
     arenas: FxHashMap<Box<str>, ArenaWriter>,
     /// Publish deliveries queued in this batch, over all its publishes.
@@ -48,8 +48,6 @@ thread_local! {
     /// to are flushed once, on this thread, when the batch ends, so a batch of replies is one
     /// write per connection and needs no tokio task to wake.
     static SEND_BATCH: RefCell<Option<SendBatch>> = const { RefCell::new(None) };
-    /// Whether `SEND_BATCH` holds a run: what every send checks, so one load.
-    static RUN_PENDING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Defer flushes on this thread until [`end_send_batch`].
@@ -61,7 +59,16 @@ pub fn begin_send_batch() {
 /// Flush every connection sent to since [`begin_send_batch`], and stop deferring; returns what
 /// that was (the loop holds its next batch after a fan-out of several messages per connection).
 pub fn end_send_batch() -> BatchWritten {
-    settle();
+    // The batch's runs are delivered while it is still open, so their recipients are flushed
+    // below with the rest.
+    let runs = SEND_BATCH.with(|b| {
+        b.borrow_mut()
+            .as_mut()
+            .map(|batch| std::mem::take(&mut batch.runs))
+    });
+    for shared in runs.into_iter().flatten() {
+        shared.settle_publishes();
+    }
     let Some(batch) = SEND_BATCH.with(|b| b.borrow_mut().take()) else {
         return BatchWritten::default();
     };
@@ -124,51 +131,13 @@ fn set_publishing(publishing: bool) {
     });
 }
 
-/// Deliver the batch's run of publishes, if it has one: called before anything that must come
-/// after them (`publish_run.rs`).
-pub(crate) fn settle() {
-    if !RUN_PENDING.get() {
-        return;
-    }
-    RUN_PENDING.set(false);
-    let run = SEND_BATCH.with(|b| b.borrow_mut().as_mut().and_then(|batch| batch.run.take()));
-    if let Some(run) = run {
-        run.deliver();
-    }
-}
-
-/// Add a publish of `range` to the batch's run if that run is `topic`'s, and return its status.
-/// Otherwise deliver the run there is, which must go first, and return `None`.
-pub(crate) fn defer(
-    topic: &TopicRef<Arc<Conn>>,
-    range: &ArenaRange,
-    payload_len: usize,
-) -> Option<SendStatus> {
-    if RUN_PENDING.get() {
-        let status = SEND_BATCH.with(|b| {
-            let mut batch = b.borrow_mut();
-            let run = batch.as_mut()?.run.as_mut()?;
-            run.is_for(topic)
-                .then(|| run.defer(range.clone(), payload_len))
-        });
-        if status.is_some() {
-            return status;
-        }
-        settle();
-    }
-    None
-}
-
-/// Make `run` the batch's run; nothing outside a batch.
-pub(crate) fn start_run(run: PublishRun) {
+/// Have `shared`'s run delivered before this batch's writes; nothing outside a batch.
+pub(crate) fn run_started(shared: Arc<Shared>) {
     SEND_BATCH.with(|b| {
         if let Some(batch) = b.borrow_mut().as_mut() {
-            debug_assert!(
-                batch.run.is_none(),
-                "a run started before the last was delivered"
-            );
-            batch.run = Some(run);
-            RUN_PENDING.set(true);
+            if !batch.runs.iter().any(|s| Arc::ptr_eq(s, &shared)) {
+                batch.runs.push(shared);
+            }
         }
     });
 }

@@ -170,8 +170,15 @@ impl Conn {
 
     /// Bytes accepted for this connection but not yet written to the kernel.
     pub fn buffered_amount(&self) -> usize {
-        batch::settle();
+        self.shared.settle_publishes();
         self.out.buffered()
+    }
+
+    /// `ready_state` once the batch's deferred publishes are queued: one of them may have
+    /// closed this connection (`close_on_backpressure_limit`). What the application reads.
+    pub fn ready_state_now(&self) -> ReadyState {
+        self.shared.settle_publishes();
+        self.ready_state()
     }
 
     pub fn ready_state(&self) -> ReadyState {
@@ -290,7 +297,7 @@ impl Conn {
         push: impl FnOnce(&Outbound) -> Pushed,
     ) -> SendStatus {
         // The batch's deferred publishes were queued before this.
-        batch::settle();
+        self.shared.settle_publishes();
         if self.ready_state() != ReadyState::Open {
             return SendStatus::Dropped;
         }
@@ -376,7 +383,7 @@ impl Conn {
 
     /// Start the closing handshake. Frames queued before it are still written.
     pub fn close(&self, code: u16, reason: &str) {
-        batch::settle();
+        self.shared.settle_publishes();
         if self.transition(ReadyState::Open, ReadyState::Closing) {
             self.out.push(&OutFrame::close(code, reason), true);
             self.signal(signal::STATE | signal::FLUSH);
@@ -390,6 +397,8 @@ impl Conn {
 
     /// Drop the connection now and report `code`/`reason` to `on_close`.
     pub(crate) fn end_abruptly(&self, code: u16, reason: &str) {
+        // What was published before counts as delivered, then is dropped with the queue.
+        self.shared.settle_publishes();
         let state = self.ready_state();
         if state == ReadyState::Closed || self.terminated.swap(true, Ordering::AcqRel) {
             return;
@@ -404,7 +413,7 @@ impl Conn {
 
     pub fn subscribe(self: &Arc<Self>, topic: &str) {
         // The batch's deferred publishes go to the subscribers they were published to.
-        batch::settle();
+        self.shared.settle_publishes();
         let mut subs = self.subscriptions.lock();
         // Checked under the lock that `finish` takes, so a closed socket is subscribed to nothing.
         if self.ready_state() == ReadyState::Closed {
@@ -418,7 +427,7 @@ impl Conn {
     }
 
     pub fn unsubscribe(&self, topic: &str) {
-        batch::settle();
+        self.shared.settle_publishes();
         let mut subs = self.subscriptions.lock();
         let outcome = self.shared.topics.unsubscribe(topic, self.id);
         if outcome != Unsubscribed::No {

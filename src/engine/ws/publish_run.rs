@@ -18,23 +18,98 @@
 //! high-water mark, as the same publish queued at once would report. A subscriber for which the
 //! run crosses either line gets the run frame by frame through the same checks as ever.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::batch::{self, FanOut};
 use super::conn::{high_water_mark, Conn, ReadyState, SendStatus};
 use crate::engine::pubsub::arena::ArenaRange;
 use crate::engine::pubsub::topics::TopicRef;
-use crate::engine::stats::Counter;
+use crate::engine::stats::{Counter, Stats};
+
+/// A server's run not yet delivered: at most one, begun and extended by the thread dispatching a
+/// batch, delivered by whichever thread first needs it done.
+#[derive(Default)]
+pub(crate) struct PendingRun {
+    /// Whether `run` may hold one: what every send checks, so one load.
+    pending: AtomicBool,
+    /// Held while a run is extended or delivered.
+    run: Mutex<Option<PublishRun>>,
+}
+
+thread_local! {
+    /// Set while this thread delivers a run: its own sends must not wait for it.
+    static DELIVERING: Cell<bool> = const { Cell::new(false) };
+}
+
+impl PendingRun {
+    /// Deliver the run, if there is one.
+    pub(crate) fn settle(&self, stats: &Stats) {
+        if !self.pending.load(Ordering::Acquire) || DELIVERING.get() {
+            return;
+        }
+        let mut run = self.run.lock();
+        if let Some(run) = run.take() {
+            DELIVERING.set(true);
+            let _done = Delivered;
+            run.deliver(stats);
+        }
+        self.pending.store(false, Ordering::Release);
+    }
+
+    /// Add a publish of `range` to the run if it is `topic`'s, and return its status. Otherwise
+    /// deliver the run there is, which must go first, and return `None`.
+    pub(crate) fn defer(
+        &self,
+        stats: &Stats,
+        topic: &TopicRef<Arc<Conn>>,
+        range: &ArenaRange,
+        payload_len: usize,
+    ) -> Option<SendStatus> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(run) = self.run.lock().as_mut() {
+            if run.is_for(topic) {
+                return Some(run.defer(range.clone(), payload_len));
+            }
+        }
+        self.settle(stats);
+        None
+    }
+
+    /// Make `run` the server's run. Another thread's batch may have begun one meanwhile: then
+    /// that stays, and this one, which has nothing deferred yet, is dropped.
+    pub(crate) fn start(&self, run: PublishRun) {
+        let mut slot = self.run.lock();
+        if slot.is_none() {
+            *slot = Some(run);
+            self.pending.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Clears `DELIVERING` when a delivery ends, or unwinds.
+struct Delivered;
+
+impl Drop for Delivered {
+    fn drop(&mut self) {
+        DELIVERING.set(false);
+    }
+}
 
 /// What a run's first publish found among its subscribers, just after queuing its frame.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Found {
     /// A subscriber was not open (the publish was dropped for it).
-    pub(crate) closed: bool,
+    closed: bool,
     /// A subscriber was congested.
-    pub(crate) congested: bool,
+    congested: bool,
     /// The most bytes any subscriber had queued.
-    pub(crate) max_buffered: usize,
+    max_buffered: usize,
 }
 
 impl Found {
@@ -46,6 +121,8 @@ impl Found {
     }
 }
 
+/// Publishes to one topic after the first of a run: their frames, and what their statuses
+/// come from.
 pub(crate) struct PublishRun {
     topic: TopicRef<Arc<Conn>>,
     found: Found,
@@ -87,7 +164,7 @@ impl PublishRun {
     }
 
     /// Queue the deferred frames to every subscriber, and count them as the publishes would have.
-    pub(crate) fn deliver(self) {
+    fn deliver(self, stats: &Stats) {
         if self.frames.is_empty() {
             return;
         }
@@ -99,46 +176,40 @@ impl PublishRun {
                 whole.push(range.clone());
             }
         }
+        let payload: u64 = self.frames.iter().map(|(_, len)| *len as u64).sum();
         let hwm = high_water_mark(self.backpressure_limit);
-        let mut below = 0u64;
-        // Per frame, for the subscribers that got the run frame by frame.
-        let mut queued = vec![0u64; self.frames.len()];
-        let mut backpressured = vec![0u64; self.frames.len()];
-        let mut dropped = vec![0u64; self.frames.len()];
-        let mut shared = None;
+        let (mut delivered, mut bytes, mut backpressured, mut dropped) = (0u64, 0u64, 0u64, 0u64);
         self.topic.for_each(|_, conn| {
-            shared.get_or_insert_with(|| conn.shared.clone());
             let open = conn.ready_state() == ReadyState::Open;
             if open && !conn.out.is_congested() && conn.out.buffered() + self.bytes < hwm {
                 // No frame of the run can reach the high-water mark, so each would be Sent.
                 for range in &whole {
                     conn.send_shared(range, 0);
                 }
-                below += 1;
+                delivered += self.frames.len() as u64;
+                bytes += payload;
                 return;
             }
-            for (k, (range, payload_len)) in self.frames.iter().enumerate() {
+            for (range, payload_len) in &self.frames {
                 match conn.send_shared(range, *payload_len) {
-                    SendStatus::Sent(_) => queued[k] += 1,
-                    SendStatus::Backpressured => backpressured[k] += 1,
-                    SendStatus::Dropped => dropped[k] += 1,
+                    SendStatus::Dropped => {
+                        dropped += 1;
+                        continue;
+                    }
+                    SendStatus::Backpressured => backpressured += 1,
+                    SendStatus::Sent(_) => {}
                 }
+                delivered += 1;
+                bytes += *payload_len as u64;
             }
         });
-        let Some(shared) = shared else { return };
-        let (mut delivered, mut bytes) = (0u64, 0u64);
-        for (k, (_, payload_len)) in self.frames.iter().enumerate() {
-            let to = below + queued[k] + backpressured[k];
-            delivered += to;
-            bytes += to * *payload_len as u64;
-        }
         batch::count_deliveries(delivered as usize);
-        shared.stats.add_all([
+        stats.add_all([
             (Counter::Deliveries, delivered),
             (Counter::MessagesOut, delivered),
             (Counter::BytesOut, bytes),
-            (Counter::SendsBackpressured, backpressured.iter().sum()),
-            (Counter::SendsDropped, dropped.iter().sum()),
+            (Counter::SendsBackpressured, backpressured),
+            (Counter::SendsDropped, dropped),
         ]);
     }
 }

@@ -17,7 +17,7 @@ use super::deflate::{self, DeflateParams};
 use super::encode::OutFrame;
 use super::outbound::INLINE_PAYLOAD;
 use super::protocol::RSV1;
-use super::publish_run::{Found, PublishRun};
+use super::publish_run::{Found, PendingRun, PublishRun};
 use super::relay::Relay;
 use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
@@ -33,6 +33,8 @@ pub struct Shared {
     pub(crate) config: ServerConfig,
     pub events: EventQueue<Arc<Conn>>,
     pub(crate) topics: TopicRegistry<Arc<Conn>>,
+    /// Publishes of a batch to one topic not yet queued to its subscribers (`publish_run.rs`).
+    publish_run: PendingRun,
     /// Topics shared with other processes through Redis (`pubsub_redis`): publishes are also
     /// handed to it, and topics gaining their first or losing their last local subscriber
     /// reported to it. `None` costs a publish one check.
@@ -70,6 +72,7 @@ impl Shared {
             config,
             events: EventQueue::new()?,
             topics: TopicRegistry::default(),
+            publish_run: PendingRun::default(),
             stats: Stats::default(),
             log_limiter: LogLimiter::default(),
             conns: Mutex::new(FxHashMap::default()),
@@ -158,7 +161,7 @@ impl Shared {
     #[allow(clippy::type_complexity)]
     pub fn stats(&self) -> (Vec<(&'static str, u64)>, Vec<(u16, u64)>) {
         // A handler that publishes, then reads the counters, sees its publishes counted.
-        batch::settle();
+        self.settle_publishes();
         let counters = Counter::ALL
             .iter()
             .map(|&counter| (counter.name(), self.stats.get(counter)))
@@ -203,6 +206,12 @@ impl Shared {
                 remote.topic_changed(topic.clone());
             }
         }
+    }
+
+    /// Queue the run of publishes not yet queued, if any: before anything that must come after
+    /// them (`publish_run.rs`).
+    pub(crate) fn settle_publishes(&self) {
+        self.publish_run.settle(&self.stats);
     }
 
     pub(crate) fn unsubscribed(&self, topic: &str, outcome: Unsubscribed) {
@@ -271,6 +280,9 @@ impl Shared {
         let mut status: Option<SendStatus> = None;
         // The frame compressed once per server window size, for stateless subscribers.
         let mut compressed: [Option<OutFrame>; 7] = Default::default();
+        let Some(subscribers) = self.topics.get(topic) else {
+            return SendStatus::Dropped;
+        };
         // Within a dispatch batch a small frame is encoded once into the topic's arena, and
         // each subscriber queues a range of it (`pubsub/arena.rs`).
         let shared = if frame.payload().len() <= INLINE_PAYLOAD {
@@ -278,24 +290,26 @@ impl Shared {
         } else {
             None
         };
-        let Some(subscribers) = self.topics.get(topic) else {
-            return SendStatus::Dropped;
-        };
         // Within a batch, a publish to every subscriber, uncompressed, of a frame in the arena
         // can join the run of publishes to its topic (`publish_run.rs`); any other publish
         // comes after the run there is.
         let run_member = match &shared {
             Some(range) if exclude.is_none() && !compress => {
-                if let Some(status) = batch::defer(&subscribers, range, payload_len) {
+                let deferred =
+                    self.publish_run
+                        .defer(&self.stats, &subscribers, range, payload_len);
+                if let Some(status) = deferred {
                     return status;
                 }
                 true
             }
             _ => {
-                batch::settle();
+                self.settle_publishes();
                 false
             }
         };
+        // This server, as its connections hold it, if this publish begins a run.
+        let mut owner: Option<Arc<Shared>> = None;
         let mut found = Found::default();
         // Counted here once per publish, not once per recipient: fan-out is the hot path.
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
@@ -331,14 +345,17 @@ impl Shared {
                 status = Some(status.map_or(sent, |acc| acc.merge(sent)));
                 if run_member {
                     found.add(conn);
+                    owner.get_or_insert_with(|| conn.shared.clone());
                 }
             }
         });
         drop(fan_out);
-        if run_member && status.is_some() {
+        if let Some(owner) = owner {
             // The publishes to this topic that follow, in this batch, only join this one.
             let limit = self.config.ws.backpressure_limit;
-            batch::start_run(PublishRun::new(subscribers, found, limit));
+            self.publish_run
+                .start(PublishRun::new(subscribers, found, limit));
+            batch::run_started(owner);
         }
         let delivered = queued + backpressured;
         batch::count_deliveries(delivered as usize);

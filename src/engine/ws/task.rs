@@ -700,6 +700,8 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
         }
         Incoming::Close(frame) => {
             let (code, reason) = frame.unwrap_or((1005, String::new()));
+            // Publishes the loop has already reported as queued go out before the reply.
+            conn.shared.settle_publishes();
             if conn.ready_state() == ReadyState::Open {
                 // The client started the handshake: echo its code.
                 conn.set_state(ReadyState::Closing);
