@@ -13,7 +13,8 @@ What it does, in order:
 2. Every scenario, for every server: the server is pinned to CPU 0 (``taskset -c 0``), the load
    generator to CPU 1, both with RLIMIT_NOFILE raised to the hard limit. A warm-up run, then
    ``--repeats`` measured runs; the median and the min–max are reported. All servers run with the
-   same client in the same run. brioche's handler variants (an ``async def`` echo, await-free
+   same client in the same run, their runs interleaved: each round runs every server once, the
+   next round in the reverse order (``run_cells``). brioche's handler variants (an ``async def`` echo, await-free
    and awaiting ``asyncio.sleep(0)``; the three modes on CPython 3.12 too, from ``.venv-3.12``)
    run in S1 and S2 only; ``--extra-server NAME=PYTHON`` adds another build of brioche.
 3. ``benches/results.json`` (everything, raw runs included), ``benches/RESULTS.md`` (tables,
@@ -1054,10 +1055,21 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, Any]:
-    cell: dict[str, Any] = {"runs": [], "errors": []}
+    """One server's cell of a scenario, alone (its runs one after the other)."""
+    return run_cells(sc, [spec], cfg)[spec.name]
+
+
+def run_cells(sc: Scenario, specs: list[ServerSpec], cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The cells of `specs` in a scenario, their runs interleaved: round k runs every server once,
+    in the order of round k-1 reversed, so that what the machine does over the minutes of a
+    scenario (this VM's rates drift by 20-40% between runs a minute apart) falls on every server
+    alike, and no server always runs first, after the previous scenario's connections closed.
+    A scenario run on one server per run starts a fresh server for each; the others start every
+    server once, warm each up, and keep them all (idle, on the same CPU) until the last round."""
+    cells: dict[str, dict[str, Any]] = {s.name: {"runs": [], "errors": []} for s in specs}
     logdir = OUT / "logs"
 
-    def start(tag: str) -> tuple[RunningServer | None, str | None]:
+    def start(spec: ServerSpec, tag: str) -> tuple[RunningServer | None, str | None]:
         env: dict[str, str] = {}
         if sc.id in TLS_SCENARIOS:
             env = tls_server_env()
@@ -1070,49 +1082,61 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
             return None, err
         return srv, None
 
-    server: RunningServer | None = None
+    servers: dict[str, RunningServer] = {}
     try:
+        order = list(specs)
         if not sc.fresh_server_per_repeat:
-            server, err = start("all")
-            if server is None:
-                cell["na"] = f"did not start: {err}"
-                return cell
-            run_once(sc, server, cfg, warm=True)  # warm-up run, not recorded
-            time.sleep(1.0)
-        for rep in range(cfg["repeats"]):
-            if sc.fresh_server_per_repeat:
-                server, err = start(str(rep))
+            for spec in specs:
+                server, err = start(spec, "all")
                 if server is None:
-                    cell["errors"].append(f"did not start: {err}")
+                    cells[spec.name]["na"] = f"did not start: {err}"
                     continue
-            assert server is not None
-            r = run_once(sc, server, cfg, warm=False)
-            if not server.alive():
-                r.setdefault("error", f"server died: {server.log_tail()}")
-            cell["runs"].append(r)
-            if "error" in r:
-                cell["errors"].append(str(r["error"]))
-                log(f"  {sc.id} {spec.name} run {rep + 1}: ERROR {r['error']}")
-            else:
-                shown = ", ".join(f"{m.key}={r[m.key]:.1f}" for m in sc.metrics)
-                log(f"  {sc.id} {spec.name} run {rep + 1}: {shown}")
-            if sc.fresh_server_per_repeat:
-                server.stop()
-                server = None
-            elif not server.alive():
-                break
-            else:
-                time.sleep(1.5)  # let the server finish with the closed connections
+                servers[spec.name] = server
+                log(f"{sc.id} {spec.name}: warm-up")
+                run_once(sc, server, cfg, warm=True)  # warm-up run, not recorded
+                time.sleep(1.0)
+            order = [s for s in specs if s.name in servers]
+        for rep in range(cfg["repeats"]):
+            for spec in order:
+                cell = cells[spec.name]
+                server = servers.get(spec.name)
+                if sc.fresh_server_per_repeat:
+                    server, err = start(spec, str(rep))
+                    if server is None:
+                        cell["errors"].append(f"did not start: {err}")
+                        continue
+                    servers[spec.name] = server
+                if server is None:  # died in an earlier round
+                    continue
+                r = run_once(sc, server, cfg, warm=False)
+                if not server.alive():
+                    r.setdefault("error", f"server died: {server.log_tail()}")
+                cell["runs"].append(r)
+                if "error" in r:
+                    cell["errors"].append(str(r["error"]))
+                    log(f"  {sc.id} {spec.name} run {rep + 1}: ERROR {r['error']}")
+                else:
+                    shown = ", ".join(f"{m.key}={r[m.key]:.1f}" for m in sc.metrics)
+                    log(f"  {sc.id} {spec.name} run {rep + 1}: {shown}")
+                if sc.fresh_server_per_repeat or not server.alive():
+                    server.stop()
+                    del servers[spec.name]
+                else:
+                    time.sleep(1.5)  # let the server finish with the closed connections
+            order.reverse()
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
-    for key in [m.key for m in sc.metrics] + ["client_cpu_pct", "server_cpu_pct"]:
-        values = [r[key] for r in cell["runs"] if "error" not in r and r.get(key) is not None]
-        if values:
-            cell[key] = summarize(values)
-    if not any(m.key in cell for m in sc.metrics):
-        cell["na"] = cell["errors"][0] if cell["errors"] else "no successful run"
-    return cell
+    for cell in cells.values():
+        if "na" in cell:
+            continue
+        for key in [m.key for m in sc.metrics] + ["client_cpu_pct", "server_cpu_pct"]:
+            values = [r[key] for r in cell["runs"] if "error" not in r and r.get(key) is not None]
+            if values:
+                cell[key] = summarize(values)
+        if not any(m.key in cell for m in sc.metrics):
+            cell["na"] = cell["errors"][0] if cell["errors"] else "no successful run"
+    return cells
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1191,9 +1215,11 @@ def evaluate_targets(scen: dict[str, Scenario],
             "n/a" if v is None or rust is None else f"{100 * v / rust:.0f}% of the engine alone")
         r2 = scen["S2"].results
         for key, name in (("p50_us", "p50"), ("p99_us", "p99")):
-            v, p = median_of(r2, who, key), median_of(r2, "picows", key)
-            add(f"S2 {name} ≤ picows", who, v, p, None if v is None or p is None else v <= p,
-                "n/a" if v is None or p is None else f"{v:,.0f} µs vs {p:,.0f} µs")
+            for peer, label in (("picows", "picows"), ("bun", "Bun")):
+                v, p = median_of(r2, who, key), median_of(r2, peer, key)
+                add(f"S2 {name} ≤ {label}", who, v, p,
+                    None if v is None or p is None else v <= p,
+                    "n/a" if v is None or p is None else f"{v:,.0f} µs vs {p:,.0f} µs")
         names = {"S3": "S3 ≥ Bun"} | {
             sid: f"S3 at {window} outstanding ≥ Bun" for sid, window in FANOUT_WINDOWS.items()}
         for sid, name in names.items():
@@ -1334,7 +1360,11 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         f"- per cell: a warm-up run, then {cfg['repeats']} measured run(s) "
         f"(S1–S3, S8 and S10: {cfg['warmup_s']} s unmeasured + {cfg['duration_s']} s measured "
         "each); "
-        "**median** (min–max).",
+        "**median** (min–max). A scenario's servers take turns, run by run, each round in the "
+        "reverse order of the one before (`run_cells`), so that the machine's drift over the "
+        "minutes of a scenario falls on all of them alike; scenarios last rerun before "
+        "2026-12-03 06:00 ran each server's runs one after the other (the line under a "
+        "scenario's heading says when it was rerun).",
         "",
         "## Servers",
         "",
@@ -1629,15 +1659,22 @@ def main() -> int:
     }
     for sc in scenarios:
         log(f"== {sc.id} {sc.title}")
+        runnable = []
         for s in specs:
             if not sc.runs(s):
                 continue
             if s.na:
                 sc.results[s.name] = {"na": s.na, "runs": [], "errors": []}
-                continue
-            log(f"{sc.id} {s.name}")
-            sc.results[s.name] = run_s6_cell(s, cfg) if sc.id == "S6" else run_cell(sc, s, cfg)
-            if "na" in sc.results[s.name]:
+            elif sc.id == "S6":
+                # Each cell is several processes and a Redis of its own: one server at a time.
+                log(f"{sc.id} {s.name}")
+                sc.results[s.name] = run_s6_cell(s, cfg)
+            else:
+                runnable.append(s)
+        if runnable:
+            sc.results.update(run_cells(sc, runnable, cfg))
+        for s in specs:
+            if "na" in sc.results.get(s.name, {}) and not s.na:
                 log(f"{sc.id} {s.name}: n/a: {sc.results[s.name]['na']}")
 
     meta["wall_seconds"] = time.monotonic() - t_start
