@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One cell of S1, S3, S7, S8, S9 or S10 for several builds or handler modes of brioche and for
+"""One cell of S1, S2, S3, S7, S8, S9 or S10 for several builds or handler modes of brioche and for
 the peers, interleaved.
 
     .venv/bin/python benches/ab.py new=.venv-3.12/bin/python:async \\
@@ -9,7 +9,9 @@ the peers, interleaved.
 
 Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes (sync, async,
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
-``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s3 (S3's fan-out;
+``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s2 (S2's round
+trips, one in flight on each of 100 connections: the p50 in µs stands for the rate, lower is
+better, and the p99 is printed beside it), s3 (S3's fan-out;
 s3-1 and s3-256 with 1 and 256 messages outstanding), s10 (S10's fan-out of 1,024-byte
 messages, every subscriber reading), s5 (S5's connections/s), s8-churn (S8's
 subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5 and s9 sample no CPU) or one of S7's
@@ -40,6 +42,8 @@ from run import (  # noqa: E402
 WARMUP, DURATION = 1.5, 4.0
 # Each cell: the load generator's scenario, its arguments, and the rate it reports.
 S1 = ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32}, "msgs_per_s")
+# S2's round-trip latency: its "rate" is the p50 in µs (lower is better; p99 printed beside it).
+S2 = ("echo-latency", {"conns": 100, "size": 32}, "p50_us")
 S3 = ("fanout", {"conns": 1000, "window": 32, "size": 32}, "deliveries_per_s")
 # S9's handshake rate: bounded by its cycles, not by time, so no CPU window (shown as nan).
 S9 = ("churn", {"cycles": 20000, "mark": 2000, "concurrency": 32, "echo": 0, "hold": 60},
@@ -52,7 +56,7 @@ S8 = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 
 S8_CHURN = (S8[0], S8[1], "churn_ops_per_s")
 # S10's first run: S3's fan-out with 1,024-byte messages, every subscriber reading.
 S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s")
-CELLS = {"s1": S1, "s3": S3, "s5": S5, "s8": S8, "s8-churn": S8_CHURN, "s9": S9, "s10": S10, **{
+CELLS = {"s1": S1, "s2": S2, "s3": S3, "s5": S5, "s8": S8, "s8-churn": S8_CHURN, "s9": S9, "s10": S10, **{
     sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2])
     for sid, window in FANOUT_WINDOWS.items()
 }, **{
@@ -91,6 +95,10 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
         raise RuntimeError(f"{name}: {r['error']}")
     rate = float(r[cell[2]])
     cpu = sampler.pct if sampler.pct is not None else float("nan")
+    if scenario == "echo-latency":
+        print(f"  {name}: p50 {rate:,.0f} µs, p99 {r['p99_us']:,.0f} µs", flush=True)
+        # CPU per round trip: 100 connections, one round trip each in flight.
+        return rate, cpu / 100 / (100 / (rate / 1e6)) * 1e6
     return rate, cpu / 100 / rate * 1e6
 
 
@@ -128,9 +136,13 @@ def main() -> int:
             rates[name].append(rate)
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
-            what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
-                    f"({cpu * 1000 / size:.3f} ns/B)" if ns.cell not in ("s5", "s8-churn", "s9")
-                    else f"{rate:,.0f}/s")
+            if ns.cell == "s2":
+                what = f"p50 {rate:,.0f} µs, {cpu:.3f} CPU µs per round trip"
+            elif ns.cell in ("s5", "s8-churn", "s9"):
+                what = f"{rate:,.0f}/s"
+            else:
+                what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
+                        f"({cpu * 1000 / size:.3f} ns/B)")
             print(f"round {rnd + 1} {name}: {what} (load average {os.getloadavg()[0]:.2f})",
                   flush=True)
     print()
