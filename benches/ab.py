@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""One cell of S1, S2, S3, S7, S8, S9 or S10 for several builds or handler modes of brioche and for
-the peers, interleaved.
+"""One cell of S1, S2, S3, S7, S8, S9 or S10 for several builds or handler modes of brioche and
+for the peers, interleaved.
 
     .venv/bin/python benches/ab.py new=.venv-3.12/bin/python:async \\
         old=/tmp/v312-old/bin/python:async sync=.venv-3.12/bin/python:sync [--rounds 10]
@@ -56,7 +56,8 @@ S8 = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 
 S8_CHURN = (S8[0], S8[1], "churn_ops_per_s")
 # S10's first run: S3's fan-out with 1,024-byte messages, every subscriber reading.
 S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s")
-CELLS = {"s1": S1, "s2": S2, "s3": S3, "s5": S5, "s8": S8, "s8-churn": S8_CHURN, "s9": S9, "s10": S10, **{
+CELLS = {"s1": S1, "s2": S2, "s3": S3, "s5": S5, "s8": S8, "s8-churn": S8_CHURN, "s9": S9,
+         "s10": S10, **{
     sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2])
     for sid, window in FANOUT_WINDOWS.items()
 }, **{

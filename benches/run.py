@@ -14,9 +14,10 @@ What it does, in order:
    generator to CPU 1, both with RLIMIT_NOFILE raised to the hard limit. A warm-up run, then
    ``--repeats`` measured runs; the median and the min–max are reported. All servers run with the
    same client in the same run, their runs interleaved: each round runs every server once, the
-   next round in the reverse order (``run_cells``). brioche's handler variants (an ``async def`` echo, await-free
-   and awaiting ``asyncio.sleep(0)``; the three modes on CPython 3.12 too, from ``.venv-3.12``)
-   run in S1 and S2 only; ``--extra-server NAME=PYTHON`` adds another build of brioche.
+   next round in the reverse order (``run_cells``). brioche's handler variants (an ``async
+   def`` echo, await-free and awaiting ``asyncio.sleep(0)``; the three modes on CPython 3.12
+   too, from ``.venv-3.12``) run in S1 and S2 only; ``--extra-server NAME=PYTHON`` adds another
+   build of brioche.
 3. ``benches/results.json`` (everything, raw runs included), ``benches/RESULTS.md`` (tables,
    machine, command, ratios to picows and Bun, targets) and ``benches/charts/S1.png``... .
 
@@ -1059,7 +1060,8 @@ def run_cell(sc: Scenario, spec: ServerSpec, cfg: dict[str, Any]) -> dict[str, A
     return run_cells(sc, [spec], cfg)[spec.name]
 
 
-def run_cells(sc: Scenario, specs: list[ServerSpec], cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def run_cells(sc: Scenario, specs: list[ServerSpec],
+              cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The cells of `specs` in a scenario, their runs interleaved: round k runs every server once,
     in the order of round k-1 reversed, so that what the machine does over the minutes of a
     scenario (this VM's rates drift by 20-40% between runs a minute apart) falls on every server
