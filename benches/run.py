@@ -1066,8 +1066,9 @@ def run_cells(sc: Scenario, specs: list[ServerSpec],
     in the order of round k-1 reversed, so that what the machine does over the minutes of a
     scenario (this VM's rates drift by 20-40% between runs a minute apart) falls on every server
     alike, and no server always runs first, after the previous scenario's connections closed.
-    A scenario run on one server per run starts a fresh server for each; the others start every
-    server once, warm each up, and keep them all (idle, on the same CPU) until the last round."""
+    A scenario run on one server per run starts a fresh server for each; the others start each
+    server once, in the first round, with its warm-up right before its first measured run, and
+    keep them all (idle, on the same CPU) until the last round."""
     cells: dict[str, dict[str, Any]] = {s.name: {"runs": [], "errors": []} for s in specs}
     logdir = OUT / "logs"
 
@@ -1087,21 +1088,22 @@ def run_cells(sc: Scenario, specs: list[ServerSpec],
     servers: dict[str, RunningServer] = {}
     try:
         order = list(specs)
-        if not sc.fresh_server_per_repeat:
-            for spec in specs:
-                server, err = start(spec, "all")
-                if server is None:
-                    cells[spec.name]["na"] = f"did not start: {err}"
-                    continue
-                servers[spec.name] = server
-                log(f"{sc.id} {spec.name}: warm-up")
-                run_once(sc, server, cfg, warm=True)  # warm-up run, not recorded
-                time.sleep(1.0)
-            order = [s for s in specs if s.name in servers]
         for rep in range(cfg["repeats"]):
             for spec in order:
                 cell = cells[spec.name]
+                if "na" in cell:
+                    continue
                 server = servers.get(spec.name)
+                if rep == 0 and not sc.fresh_server_per_repeat:
+                    # Started and warmed up right before its first measured run, so that no
+                    # server's first run follows a wait for the others' warm-ups.
+                    server, err = start(spec, "all")
+                    if server is None:
+                        cell["na"] = f"did not start: {err}"
+                        continue
+                    servers[spec.name] = server
+                    run_once(sc, server, cfg, warm=True)  # warm-up run, not recorded
+                    time.sleep(1.0)
                 if sc.fresh_server_per_repeat:
                     server, err = start(spec, str(rep))
                     if server is None:
