@@ -503,8 +503,24 @@ class RunningServer:
     def log_tail(self) -> str:
         return tail(self.log_text(), 2)[-300:]
 
+    def pause(self) -> None:
+        """Stop the server's processes (SIGSTOP) while another server is measured: an idle
+        server is not always idle (socketify's loop takes about 4% of a CPU with nothing to do)."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.resume()  # a paused server would not handle SIGTERM
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)  # the group this server started
             except ProcessLookupError:
@@ -1068,7 +1084,7 @@ def run_cells(sc: Scenario, specs: list[ServerSpec],
     alike, and no server always runs first, after the previous scenario's connections closed.
     A scenario run on one server per run starts a fresh server for each; the others start each
     server once, in the first round, with its warm-up right before its first measured run, and
-    keep them all (idle, on the same CPU) until the last round."""
+    keep them all until the last round, each stopped (SIGSTOP) between its turns."""
     cells: dict[str, dict[str, Any]] = {s.name: {"runs": [], "errors": []} for s in specs}
     logdir = OUT / "logs"
 
@@ -1104,6 +1120,8 @@ def run_cells(sc: Scenario, specs: list[ServerSpec],
                     servers[spec.name] = server
                     run_once(sc, server, cfg, warm=True)  # warm-up run, not recorded
                     time.sleep(1.0)
+                elif server is not None:
+                    server.resume()
                 if sc.fresh_server_per_repeat:
                     server, err = start(spec, str(rep))
                     if server is None:
@@ -1127,6 +1145,7 @@ def run_cells(sc: Scenario, specs: list[ServerSpec],
                     del servers[spec.name]
                 else:
                     time.sleep(1.5)  # let the server finish with the closed connections
+                    server.pause()  # until its next turn
             order.reverse()
     finally:
         for server in servers.values():
@@ -1365,9 +1384,11 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         f"(S1–S3, S8 and S10: {cfg['warmup_s']} s unmeasured + {cfg['duration_s']} s measured "
         "each); "
         "**median** (min–max). A scenario's servers take turns, run by run, each round in the "
-        "reverse order of the one before (`run_cells`), so that the machine's drift over the "
-        "minutes of a scenario falls on all of them alike; scenarios last rerun before "
-        "2026-12-03 06:00 ran each server's runs one after the other (the line under a "
+        "reverse order of the one before, each server stopped (SIGSTOP) between its turns "
+        "(`run_cells`), so that the machine's drift over the minutes of a scenario falls on all "
+        "of them alike; scenarios last rerun before 2026-12-03 06:00 ran each server's runs one "
+        "after the other, and those rerun from then to 07:40 kept the other servers running "
+        "between their turns, where an idle socketify took about 4% of CPU 0 (the line under a "
         "scenario's heading says when it was rerun).",
         "",
         "## Servers",
