@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (  # noqa: E402
@@ -71,8 +72,9 @@ CELLS.update({tls: CELLS[plain] for tls, plain in TLS_CELLS.items()})
 
 
 def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
-            duration: float = DURATION, tls: bool = False) -> tuple[float, float]:
-    """One run: messages/s and server CPU µs per message."""
+            duration: float = DURATION, tls: bool = False) -> tuple[float, float, dict[str, Any]]:
+    """One run: the cell's rate, the server's CPU µs per message, and the load generator's
+    whole result."""
     srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", tls_server_env() if tls else None)
     err = srv.wait_ready()
     if err is not None:
@@ -96,11 +98,9 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
         raise RuntimeError(f"{name}: {r['error']}")
     rate = float(r[cell[2]])
     cpu = sampler.pct if sampler.pct is not None else float("nan")
-    if scenario == "echo-latency":
-        print(f"  {name}: p50 {rate:,.0f} µs, p99 {r['p99_us']:,.0f} µs", flush=True)
-        # CPU per round trip: 100 connections, one round trip each in flight.
-        return rate, cpu / 100 / (100 / (rate / 1e6)) * 1e6
-    return rate, cpu / 100 / rate * 1e6
+    # S2's "rate" is a latency: its CPU is per round trip, from the round trips it counted.
+    per_s = float(r["msgs_per_s"]) if scenario == "echo-latency" else rate
+    return rate, cpu / 100 / per_s * 1e6, r
 
 
 def main() -> int:
@@ -132,13 +132,14 @@ def main() -> int:
     for rnd in range(ns.rounds):
         order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
         for name in order:
-            rate, cpu = measure(name, variants[name], CELLS[ns.cell], ns.duration,
+            rate, cpu, result = measure(name, variants[name], CELLS[ns.cell], ns.duration,
                                 tls=ns.cell in TLS_CELLS)
             rates[name].append(rate)
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
             if ns.cell == "s2":
-                what = f"p50 {rate:,.0f} µs, {cpu:.3f} CPU µs per round trip"
+                what = (f"p50 {rate:,.0f} µs, p99 {result['p99_us']:,.0f} µs, {cpu:.3f} CPU µs "
+                        "per round trip")
             elif ns.cell in ("s5", "s8-churn", "s9"):
                 what = f"{rate:,.0f}/s"
             else:
