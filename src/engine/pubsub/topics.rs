@@ -11,6 +11,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 
+use crate::engine::platform::visit_ahead;
+
 struct Subscribers<S> {
     by_id: FxHashMap<u64, S>,
     /// The last subscriber left and the topic is being dropped from the map: nobody may join
@@ -36,11 +38,21 @@ pub(crate) enum Unsubscribed {
 pub(crate) struct TopicRef<S>(Arc<Topic<S>>);
 
 impl<S> TopicRef<S> {
-    /// Call `f` for every subscriber while holding only this topic's read lock.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &S)) {
-        for (id, s) in self.0.subscribers.read().by_id.iter() {
-            f(*id, s);
-        }
+    /// Call `f` for every subscriber while holding only this topic's read lock, and `far` and
+    /// `near` on the subscribers two and one ahead of the one `f` is called for
+    /// (`platform::visit_ahead`): to prefetch what `f` will touch.
+    pub(crate) fn for_each_ahead(
+        &self,
+        far: impl Fn(&S),
+        near: impl Fn(&S),
+        mut f: impl FnMut(u64, &S),
+    ) {
+        visit_ahead(
+            self.0.subscribers.read().by_id.iter(),
+            |(_, s)| far(s),
+            |(_, s)| near(s),
+            |(id, s)| f(*id, s),
+        );
     }
 
     /// Whether `other` is this very topic (not merely one of the same name made since).
@@ -198,10 +210,14 @@ mod tests {
             r.subscribe("t", id, id * 10);
         }
         let mut seen = Vec::new();
-        r.get("t").unwrap().for_each(|id, s| {
-            assert_eq!(*s, id * 10);
-            seen.push(id);
-        });
+        r.get("t").unwrap().for_each_ahead(
+            |_| {},
+            |_| {},
+            |id, s| {
+                assert_eq!(*s, id * 10);
+                seen.push(id);
+            },
+        );
         seen.sort_unstable();
         assert_eq!(seen, (0..100).collect::<Vec<_>>());
     }

@@ -23,6 +23,7 @@ use super::shared::Shared;
 use super::Event;
 use crate::engine::bridge::events::LogKind;
 use crate::engine::net::Peer;
+use crate::engine::platform::prefetch;
 use crate::engine::pubsub::arena::ArenaRange;
 use crate::engine::pubsub::topics::Unsubscribed;
 
@@ -179,6 +180,22 @@ impl Conn {
     pub fn ready_state_now(&self) -> ReadyState {
         self.shared.settle_publishes();
         self.ready_state()
+    }
+
+    /// Prefetch the lines a send or a flush of this connection touches first: its `Arc`'s
+    /// counts (the batch clones it), its state and its queue. For a loop over many connections,
+    /// a visit or two ahead (`platform::visit_ahead`); `prefetch_queue` follows.
+    pub(crate) fn prefetch(self: &Arc<Self>) {
+        // The counts are the two words in front of the value.
+        prefetch(Arc::as_ptr(self).cast::<usize>().wrapping_sub(2));
+        prefetch(&self.state);
+        self.out.prefetch();
+    }
+
+    /// Prefetch what a flush reads behind the queue: the socket and the first queued chunk.
+    /// Reads the lines `prefetch` fetched.
+    pub(crate) fn prefetch_queue(&self) {
+        self.out.prefetch_targets();
     }
 
     pub fn ready_state(&self) -> ReadyState {

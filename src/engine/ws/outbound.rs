@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use super::encode::{encode_head, OutFrame};
 use crate::engine::net::Stream;
+use crate::engine::platform::{prefetch, prefetch_all};
 use crate::engine::pubsub::arena::ArenaRange;
 
 /// Frames with payloads up to this size are copied into the queue's byte buffer as they are
@@ -111,6 +112,10 @@ pub(crate) struct Outbound {
     /// the drop is logged once per such episode, not once per message.
     dropping: AtomicBool,
     corked: AtomicU32,
+    /// Where the socket and the first queued chunk are, for `prefetch_targets` to read without
+    /// the lock. Hints only: stale or dangling, they cost a wasted prefetch, nothing more.
+    socket_at: AtomicPtr<Stream>,
+    front_at: AtomicPtr<Chunk>,
 }
 
 /// What [`Outbound::push`] did.
@@ -137,11 +142,36 @@ pub(crate) enum Flushed {
 
 impl Outbound {
     pub(crate) fn attach(&self, socket: Arc<Stream>) {
+        self.socket_at
+            .store(Arc::as_ptr(&socket).cast_mut(), Ordering::Relaxed);
         self.queue.lock().socket = Some(socket);
+    }
+
+    /// Prefetch the queue's own lines (its lock, its fields and the hints).
+    pub(crate) fn prefetch(&self) {
+        prefetch_all(self);
+    }
+
+    /// Prefetch what a flush reads behind the queue's lines: the socket and the first chunk.
+    /// Best after `prefetch` has had time to bring those lines in.
+    pub(crate) fn prefetch_targets(&self) {
+        prefetch(self.socket_at.load(Ordering::Relaxed));
+        prefetch(self.front_at.load(Ordering::Relaxed));
+    }
+
+    /// Keep `front_at` current; called under the lock after the chunks change.
+    fn note_front(&self, q: &Queue) {
+        let front = q
+            .chunks
+            .front()
+            .map_or(std::ptr::null(), |c| c as *const Chunk);
+        self.front_at.store(front.cast_mut(), Ordering::Relaxed);
     }
 
     /// Stop writing from any thread; the caller (the connection task) closes the socket.
     pub(crate) fn detach(&self) -> Option<Arc<Stream>> {
+        self.socket_at
+            .store(std::ptr::null_mut(), Ordering::Relaxed);
         self.queue.lock().socket.take()
     }
 
@@ -209,6 +239,8 @@ impl Outbound {
             q.chunks.reserve_exact(1);
         }
         append(&mut q);
+        // Every time: a push that grows the deque moves its front too.
+        self.note_front(&q);
         if first && (self.corked.load(Ordering::Acquire) == 0 || seal) {
             Pushed::First
         } else {
@@ -225,6 +257,12 @@ impl Outbound {
     /// beyond the queue's lock, which is held only by another flush or a push.
     pub(crate) fn flush(&self) -> io::Result<Flushed> {
         let mut guard = self.queue.lock();
+        let flushed = self.flush_locked(&mut guard);
+        self.note_front(&guard);
+        flushed
+    }
+
+    fn flush_locked(&self, guard: &mut Queue) -> io::Result<Flushed> {
         let Queue {
             chunks,
             written,
@@ -232,7 +270,7 @@ impl Outbound {
             sealed,
             socket,
             shut_down,
-        } = &mut *guard;
+        } = guard;
         let Some(socket) = socket.as_deref() else {
             return Ok(Flushed::Detached);
         };
