@@ -1,7 +1,8 @@
 //! A connection's socket, TCP, TLS over TCP, or Unix domain, and who is on its other end.
 //!
-//! An enum, not a trait object: every read and write is one well-predicted branch and then the
-//! same tokio call as before, so the TCP path pays no dynamic dispatch.
+//! An enum, not a trait object: every read and write is one well-predicted branch, so the TCP
+//! path pays no dynamic dispatch. A plain socket's reads and writes are `recv` and `send` on its
+//! descriptor, with tokio's readiness kept right around them (`read_drained`, `write_direct`).
 //!
 //! TLS is a socket and its rustls session under a mutex, read and written with the same
 //! non-blocking calls as a plain socket: `try_write_vectored` encrypts what rustls accepts (at
@@ -513,13 +514,14 @@ unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<(usize, bo
     Ok((n as usize, (n as usize) < len))
 }
 
-/// One write of `bufs` to `socket`, made directly, then through tokio if the kernel refused or
-/// failed it. tokio's `try_write` loads the socket's readiness before it writes, and a batch's
-/// writes go to connection after connection: that load missed the cache (most of `try_write`'s
-/// own time in S8's profile). tokio is needed only for `WouldBlock`: its write repeats the
-/// direct one, and if the kernel still refuses, clears the readiness, unless newer readiness
-/// arrived meanwhile (its tick check), so no wake-up is lost; other errors come from it as
-/// before. A successful write needs no readiness bookkeeping.
+/// One write of `bufs` to `socket`, made directly; through tokio only if the kernel refuses it.
+/// tokio's `try_write` loads the socket's readiness before it writes, and a batch's writes go
+/// to connection after connection, each cold: that load missed the cache, and a write that
+/// succeeds needs no readiness bookkeeping. On `EAGAIN` tokio's write is made: it clears the
+/// readiness if the kernel refuses again, unless newer readiness arrived meanwhile (its tick
+/// check), or returns `WouldBlock` at once if it had none; either way the connection task's
+/// `poll_write_ready` waits for the next readiness, and no wake-up is lost. Other errors are
+/// returned as the kernel gave them.
 #[inline]
 fn write_direct(
     socket: &impl AsRawFd,
@@ -529,26 +531,37 @@ fn write_direct(
     #[cfg(target_os = "linux")]
     {
         let fd = socket.as_raw_fd();
-        // SAFETY: the descriptor is open while the socket that lent it is borrowed; the
-        // buffers are valid for reads of their lengths, and `IoSlice` is ABI-compatible with
-        // `iovec` on Unix. MSG_NOSIGNAL: a reset peer is an EPIPE error, never a SIGPIPE.
-        let n = unsafe {
-            if let [buf] = bufs {
-                libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
-            } else {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = bufs.as_ptr().cast_mut().cast();
-                msg.msg_iovlen = bufs.len() as _;
-                libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+        loop {
+            // SAFETY: the descriptor is open while the socket that lent it is borrowed; the
+            // buffers are valid for reads of their lengths, `IoSlice` is ABI-compatible with
+            // `iovec` on Unix, and every field of a zeroed `msghdr` is a valid integer or null
+            // pointer. MSG_NOSIGNAL: a closed peer is an error, never a SIGPIPE.
+            let n = unsafe {
+                if let [buf] = bufs {
+                    libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+                } else {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = bufs.as_ptr().cast_mut().cast();
+                    msg.msg_iovlen = bufs.len() as _;
+                    libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+                }
+            };
+            if n >= 0 {
+                return Ok(n as usize);
             }
-        };
-        if n >= 0 {
-            return Ok(n as usize);
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return through_tokio(),
+                _ => return Err(err),
+            }
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = socket;
-    through_tokio()
+    {
+        let _ = (socket, bufs);
+        through_tokio()
+    }
 }
 
 /// rustls reads records through this: one `recv`, noting a short one.

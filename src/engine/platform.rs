@@ -31,7 +31,7 @@ pub(crate) fn prefetch<T>(at: *const T) {
     let _ = at;
 }
 
-/// `prefetch` every cache line of `value` (96 bytes can straddle three).
+/// `prefetch` every cache line of `value` (it may straddle one more than its size fills).
 #[inline(always)]
 pub(crate) fn prefetch_all<T>(value: &T) {
     let start: *const u8 = (value as *const T).cast();
@@ -45,13 +45,16 @@ pub(crate) fn prefetch_all<T>(value: &T) {
 
 /// Call `f` for each of `items`, `near(item)` one item ahead of it and `far(item)` two ahead:
 /// what `far` prefetches has a visit's time to arrive before `near` reads it to prefetch what
-/// it points to, and that has another visit's time before `f`.
+/// it points to, and that has another visit's time before `f`. The first two items get less
+/// (`near` is never called for the first), so a loop over one or two gains little.
 pub(crate) fn visit_ahead<T>(
-    mut items: impl Iterator<Item = T>,
+    items: impl Iterator<Item = T>,
     far: impl Fn(&T),
     near: impl Fn(&T),
     mut f: impl FnMut(T),
 ) {
+    // Fused: `next` is called again after the end.
+    let mut items = items.fuse();
     let mut next = items.next();
     if let Some(item) = &next {
         far(item);

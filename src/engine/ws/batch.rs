@@ -77,12 +77,12 @@ pub fn end_send_batch() -> BatchWritten {
         connections: batch.replies.len() + batch.fan_out.len(),
         deliveries: batch.deliveries,
     };
-    // Each connection's lines are cold after the kernel's work for the one before (S8: three
-    // cache misses made most of `Conn::flush`'s own time), so they are asked for ahead.
+    // Each connection's lines are cold after the kernel's work for the one before (three cache
+    // misses made most of `Conn::flush`'s own time), so they are asked for ahead.
     visit_ahead(
         batch.replies.into_iter().chain(batch.fan_out),
         |conn| conn.prefetch(),
-        |conn| conn.prefetch_queue(),
+        |conn| conn.prefetch_targets(),
         |conn| conn.flush_or_hand_over(),
     );
     written

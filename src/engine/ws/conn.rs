@@ -183,10 +183,12 @@ impl Conn {
     }
 
     /// Prefetch the lines a send or a flush of this connection touches first: its `Arc`'s
-    /// counts (the batch clones it), its state and its queue. For a loop over many connections,
-    /// a visit or two ahead (`platform::visit_ahead`); `prefetch_queue` follows.
+    /// counts (a send's batch clones it, the batch's end drops it), its state and its queue.
+    /// For a loop over many connections, a visit or two ahead (`platform::visit_ahead`);
+    /// `prefetch_targets` follows.
     pub(crate) fn prefetch(self: &Arc<Self>) {
-        // The counts are the two words in front of the value.
+        // The counts are the two words in front of the value in std's `ArcInner` today; were
+        // that to change, this would fetch a line for nothing, no worse.
         prefetch(Arc::as_ptr(self).cast::<usize>().wrapping_sub(2));
         prefetch(&self.state);
         self.out.prefetch();
@@ -194,7 +196,7 @@ impl Conn {
 
     /// Prefetch what a flush reads behind the queue: the socket and the first queued chunk.
     /// Reads the lines `prefetch` fetched.
-    pub(crate) fn prefetch_queue(&self) {
+    pub(crate) fn prefetch_targets(&self) {
         self.out.prefetch_targets();
     }
 

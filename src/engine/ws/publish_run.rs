@@ -179,8 +179,9 @@ impl PublishRun {
         let payload: u64 = self.frames.iter().map(|(_, len)| *len as u64).sum();
         let hwm = high_water_mark(self.backpressure_limit);
         let (mut delivered, mut bytes, mut backpressured, mut dropped) = (0u64, 0u64, 0u64, 0u64);
-        // Each subscriber's lines asked for two visits ahead. A push reads nothing behind them
-        // that `prefetch_queue` would fetch, and reading its hints there stalls on their line.
+        // Each subscriber's lines asked for two visits ahead; not `prefetch_targets`: a push
+        // writes the queue's tail, which no hint points at, and a visit is too short for the
+        // lines holding the hints to arrive before they are read.
         self.topic.for_each_ahead(
             |c| c.prefetch(),
             |_| {},

@@ -314,8 +314,9 @@ impl Shared {
         // Counted here once per publish, not once per recipient: fan-out is the hot path.
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
         let fan_out = batch::FanOut::begin();
-        // Each subscriber's lines asked for two visits ahead. A push reads nothing behind them
-        // that `prefetch_queue` would fetch, and reading its hints there stalls on their line.
+        // Each subscriber's lines asked for two visits ahead; not `prefetch_targets`: a push
+        // writes the queue's tail, which no hint points at, and a visit is too short for the
+        // lines holding the hints to arrive before they are read.
         subscribers.for_each_ahead(
             |c| c.prefetch(),
             |_| {},
