@@ -140,7 +140,9 @@ def main() -> int:
             if ns.cell == "s2":
                 what = (f"p50 {rate:,.0f} µs, p99 {result['p99_us']:,.0f} µs, {cpu:.3f} CPU µs "
                         "per round trip")
-            elif ns.cell in ("s5", "s8-churn", "s9"):
+            elif ns.cell == "s9":
+                what = f"{rate:,.0f}/s, connect→101 p99 {result['handshake_p99_us']:,.0f} µs"
+            elif ns.cell in ("s5", "s8-churn"):
                 what = f"{rate:,.0f}/s"
             else:
                 what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
