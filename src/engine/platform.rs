@@ -105,7 +105,7 @@ mod tests {
                 let far = at("far").unwrap();
                 assert!(far < visit, "{log:?}");
                 if i > 0 {
-                    // The visit before this one comes between its near and its visit.
+                    // Its `near` comes before the previous item's visit: a visit's time ahead.
                     let near = at("near").unwrap();
                     let previous = log.iter().position(|e| *e == format!("visit {}", i - 1));
                     assert!(far < near && near < previous.unwrap(), "{log:?}");
