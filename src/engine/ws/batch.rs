@@ -18,6 +18,7 @@ use super::encode::OutFrame;
 use super::shared::Shared;
 use crate::engine::platform::visit_ahead;
 use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
+use crate::engine::pubsub::topics::Prefetch;
 
 /// What one dispatch batch of the loop thread has sent.
 #[derive(Default)]
@@ -82,7 +83,7 @@ pub fn end_send_batch() -> BatchWritten {
     visit_ahead(
         batch.replies.into_iter().chain(batch.fan_out),
         |conn| conn.prefetch(),
-        |conn| conn.prefetch_targets(),
+        |conn| conn.out.prefetch_targets(),
         |conn| conn.flush_or_hand_over(),
     );
     written

@@ -25,7 +25,7 @@ use crate::engine::bridge::events::LogKind;
 use crate::engine::net::Peer;
 use crate::engine::platform::prefetch;
 use crate::engine::pubsub::arena::ArenaRange;
-use crate::engine::pubsub::topics::Unsubscribed;
+use crate::engine::pubsub::topics::{Prefetch, Unsubscribed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -92,6 +92,20 @@ pub struct Conn {
     paused_by_app: AtomicBool,
     /// permessage-deflate, when negotiated. Boxed: most connections have none.
     pub(crate) deflate: Option<Box<ConnDeflate>>,
+}
+
+/// The lines a send or a flush of a connection touches first: its `Arc`'s counts (a send's
+/// batch clones it, the batch's end drops it), its state and its queue. For a loop over many
+/// connections, a visit or two ahead (`platform::visit_ahead`); `Outbound::prefetch_targets`
+/// follows.
+impl Prefetch for Arc<Conn> {
+    fn prefetch(&self) {
+        // The counts are the two words in front of the value in std's `ArcInner` today; were
+        // that to change, this would fetch a line for nothing, no worse.
+        prefetch(Arc::as_ptr(self).cast::<usize>().wrapping_sub(2));
+        prefetch(&self.state);
+        self.out.prefetch();
+    }
 }
 
 /// A connection's side of permessage-deflate.
@@ -180,24 +194,6 @@ impl Conn {
     pub fn ready_state_now(&self) -> ReadyState {
         self.shared.settle_publishes();
         self.ready_state()
-    }
-
-    /// Prefetch the lines a send or a flush of this connection touches first: its `Arc`'s
-    /// counts (a send's batch clones it, the batch's end drops it), its state and its queue.
-    /// For a loop over many connections, a visit or two ahead (`platform::visit_ahead`);
-    /// `prefetch_targets` follows.
-    pub(crate) fn prefetch(self: &Arc<Self>) {
-        // The counts are the two words in front of the value in std's `ArcInner` today; were
-        // that to change, this would fetch a line for nothing, no worse.
-        prefetch(Arc::as_ptr(self).cast::<usize>().wrapping_sub(2));
-        prefetch(&self.state);
-        self.out.prefetch();
-    }
-
-    /// Prefetch what a flush reads behind the queue: the socket and the first queued chunk.
-    /// Reads the lines `prefetch` fetched.
-    pub(crate) fn prefetch_targets(&self) {
-        self.out.prefetch_targets();
     }
 
     pub fn ready_state(&self) -> ReadyState {

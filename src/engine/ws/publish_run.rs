@@ -179,37 +179,30 @@ impl PublishRun {
         let payload: u64 = self.frames.iter().map(|(_, len)| *len as u64).sum();
         let hwm = high_water_mark(self.backpressure_limit);
         let (mut delivered, mut bytes, mut backpressured, mut dropped) = (0u64, 0u64, 0u64, 0u64);
-        // Each subscriber's lines asked for two visits ahead; not `prefetch_targets`: a push
-        // writes the queue's tail, which no hint points at, and a visit is too short for the
-        // lines holding the hints to arrive before they are read.
-        self.topic.for_each_ahead(
-            |c| c.prefetch(),
-            |_| {},
-            |_, conn| {
-                let open = conn.ready_state() == ReadyState::Open;
-                if open && !conn.out.is_congested() && conn.out.buffered() + self.bytes < hwm {
-                    // No frame of the run can reach the high-water mark, so each would be Sent.
-                    for range in &whole {
-                        conn.send_shared(range, 0);
-                    }
-                    delivered += self.frames.len() as u64;
-                    bytes += payload;
-                    return;
+        self.topic.for_each(|_, conn| {
+            let open = conn.ready_state() == ReadyState::Open;
+            if open && !conn.out.is_congested() && conn.out.buffered() + self.bytes < hwm {
+                // No frame of the run can reach the high-water mark, so each would be Sent.
+                for range in &whole {
+                    conn.send_shared(range, 0);
                 }
-                for (range, payload_len) in &self.frames {
-                    match conn.send_shared(range, *payload_len) {
-                        SendStatus::Dropped => {
-                            dropped += 1;
-                            continue;
-                        }
-                        SendStatus::Backpressured => backpressured += 1,
-                        SendStatus::Sent(_) => {}
+                delivered += self.frames.len() as u64;
+                bytes += payload;
+                return;
+            }
+            for (range, payload_len) in &self.frames {
+                match conn.send_shared(range, *payload_len) {
+                    SendStatus::Dropped => {
+                        dropped += 1;
+                        continue;
                     }
-                    delivered += 1;
-                    bytes += *payload_len as u64;
+                    SendStatus::Backpressured => backpressured += 1,
+                    SendStatus::Sent(_) => {}
                 }
-            },
-        );
+                delivered += 1;
+                bytes += *payload_len as u64;
+            }
+        });
         batch::count_deliveries(delivered as usize);
         stats.add_all([
             (Counter::Deliveries, delivered),

@@ -314,48 +314,41 @@ impl Shared {
         // Counted here once per publish, not once per recipient: fan-out is the hot path.
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
         let fan_out = batch::FanOut::begin();
-        // Each subscriber's lines asked for two visits ahead; not `prefetch_targets`: a push
-        // writes the queue's tail, which no hint points at, and a visit is too short for the
-        // lines holding the hints to arrive before they are read.
-        subscribers.for_each_ahead(
-            |c| c.prefetch(),
-            |_| {},
-            |id, conn| {
-                if Some(id) != exclude {
-                    // `compress` first: a plain publish does not even look at the connection's field.
-                    let deflate = if compress {
-                        conn.deflate.as_deref()
-                    } else {
-                        None
-                    };
-                    let sent = match (deflate, &shared) {
-                        (Some(deflate), _) => {
-                            let params = &deflate.params;
-                            if params.stateless() {
-                                let bits = params.server_max_window_bits.clamp(9, 15);
-                                let once = compressed[usize::from(bits - 9)]
-                                    .get_or_insert_with(|| compress_once(&frame, bits));
-                                conn.send_frame(once, payload_len)
-                            } else {
-                                conn.send_compressed(frame.opcode(), frame.payload())
-                            }
+        subscribers.for_each(|id, conn| {
+            if Some(id) != exclude {
+                // `compress` first: a plain publish does not even look at the connection's field.
+                let deflate = if compress {
+                    conn.deflate.as_deref()
+                } else {
+                    None
+                };
+                let sent = match (deflate, &shared) {
+                    (Some(deflate), _) => {
+                        let params = &deflate.params;
+                        if params.stateless() {
+                            let bits = params.server_max_window_bits.clamp(9, 15);
+                            let once = compressed[usize::from(bits - 9)]
+                                .get_or_insert_with(|| compress_once(&frame, bits));
+                            conn.send_frame(once, payload_len)
+                        } else {
+                            conn.send_compressed(frame.opcode(), frame.payload())
                         }
-                        (_, Some(range)) => conn.send_shared(range, payload_len),
-                        (_, None) => conn.send_frame(&frame, payload_len),
-                    };
-                    match sent {
-                        SendStatus::Sent(_) => queued += 1,
-                        SendStatus::Backpressured => backpressured += 1,
-                        SendStatus::Dropped => dropped += 1,
                     }
-                    status = Some(status.map_or(sent, |acc| acc.merge(sent)));
-                    if run_member {
-                        found.add(conn);
-                        owner.get_or_insert_with(|| conn.shared.clone());
-                    }
+                    (_, Some(range)) => conn.send_shared(range, payload_len),
+                    (_, None) => conn.send_frame(&frame, payload_len),
+                };
+                match sent {
+                    SendStatus::Sent(_) => queued += 1,
+                    SendStatus::Backpressured => backpressured += 1,
+                    SendStatus::Dropped => dropped += 1,
                 }
-            },
-        );
+                status = Some(status.map_or(sent, |acc| acc.merge(sent)));
+                if run_member {
+                    found.add(conn);
+                    owner.get_or_insert_with(|| conn.shared.clone());
+                }
+            }
+        });
         drop(fan_out);
         if let Some(owner) = owner {
             // The publishes to this topic that follow, in this batch, only join this one.
