@@ -20,8 +20,9 @@ are s1 and s3 over TLS. Every round starts each variant once (run.py's server st
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
 every other round, so the drift of a shared machine falls on all of them. Prints each run's
 rate and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on
-the machine moves less than the rate), then per variant the medians, and per pair of variants
-the median of the per-round ratios. Traffic: 127.0.0.1 only.
+the machine moves less than the rate) and, where the load generator reports it, its own CPU
+share (near 100%, the client bounds the rate), then per variant the medians, and per pair of
+variants the median of the per-round ratios. Traffic: 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def main() -> int:
             else:
                 what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
                         f"({cpu * 1000 / size:.3f} ns/B)")
+            if "client_cpu_pct" in result:
+                # A client near 100% bounds the rate whatever the server does.
+                what += f", client CPU {result['client_cpu_pct']:.0f}%"
             print(f"round {rnd + 1} {name}: {what} (load average {os.getloadavg()[0]:.2f})",
                   flush=True)
     print()

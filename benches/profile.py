@@ -49,6 +49,9 @@ SCENARIO_ARGS = {
     # S1 and S3 over TLS, as run.py's S1T and S3T (the load generator gets the CA: "ca" below).
     "S1T": ("echo-throughput", {"conns": 100, "inflight": 16, "size": 32, "ca": None}),
     "S3T": ("fanout", {"conns": 1000, "window": 32, "size": 32, "ca": None}),
+    # S3 with 1 and 256 messages outstanding, as run.py's S3-1 and S3-256.
+    **{sid: ("fanout", {"conns": 1000, "window": window, "size": 32})
+       for sid, window in run.FANOUT_WINDOWS.items()},
     # S8 as run.py runs it: deliveries to 10,000 topics, and 100 connections (un)subscribing.
     "S8": ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 100,
                       "window": 64, "size": 32}),
