@@ -188,8 +188,8 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(serve: ServeF
         tls.do_handshake()
     partial = hello.read()[:20]
     for sent in (b"", partial):  # silent after connecting; half a ClientHello
-        # Timed from before the connect: the server's clock starts at its accept, which a busy
-        # loop may run well before open_connection returns here (once 0.1 s before, on CI).
+        # Timed from before the connect: the server's clock starts at its accept, and on a busy
+        # machine open_connection may return here well after that (0.1 s after, once, on CI).
         started = loop.time()
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         writer.write(sent)
