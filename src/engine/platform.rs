@@ -27,7 +27,18 @@ pub(crate) fn prefetch<T>(at: *const T) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         _mm_prefetch::<_MM_HINT_T0>(at.cast());
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    // std's aarch64 prefetch intrinsic is unstable; `prfm` is the instruction it emits.
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` never faults, whatever the address, and reads nothing the program can
+    // observe; it touches no stack and no flags.
+    unsafe {
+        std::arch::asm!(
+            "prfm pldl1keep, [{at}]",
+            at = in(reg) at,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = at;
 }
 
