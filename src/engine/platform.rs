@@ -42,6 +42,12 @@ pub(crate) fn prefetch<T>(at: *const T) {
     let _ = at;
 }
 
+/// A value whose memory a loop over many of them asks for ahead of its visit (`visit_ahead`):
+/// a batch's connections, a topic's subscribers.
+pub(crate) trait Prefetch {
+    fn prefetch(&self);
+}
+
 /// `prefetch` every cache line of `value` (it may straddle one more than its size fills).
 #[inline(always)]
 pub(crate) fn prefetch_all<T>(value: &T) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use rustc_hash::FxHashMap;
 
-use crate::engine::platform::visit_ahead;
+use crate::engine::platform::{visit_ahead, Prefetch};
 
 struct Subscribers<S> {
     by_id: FxHashMap<u64, S>,
@@ -46,7 +46,9 @@ impl<S> TopicRef<S> {
 
 impl<S: Prefetch> TopicRef<S> {
     /// Call `f` for every subscriber while holding only this topic's read lock; each
-    /// subscriber is prefetched two visits ahead of its own (`platform::visit_ahead`).
+    /// subscriber is prefetched two visits ahead of its own (`platform::visit_ahead`). Only that
+    /// first stage: a publish's push writes the queue's tail, which no hint of the queue points
+    /// at, and a visit is too short for the lines holding hints to arrive before they are read.
     pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &S)) {
         visit_ahead(
             self.0.subscribers.read().by_id.iter(),
@@ -55,13 +57,6 @@ impl<S: Prefetch> TopicRef<S> {
             |(id, s)| f(*id, s),
         );
     }
-}
-
-/// A subscriber whose memory a publish can ask for ahead of its visit. Only the first stage of
-/// `visit_ahead`: a push writes the queue's tail, which no hint of the queue points at, and a
-/// visit is too short for the lines holding hints to arrive before they would be read.
-pub(crate) trait Prefetch {
-    fn prefetch(&self);
 }
 
 /// Lock order: no method holds the map lock and a topic's lock at the same time, so there is no

@@ -16,9 +16,8 @@ use rustc_hash::FxHashMap;
 use super::conn::Conn;
 use super::encode::OutFrame;
 use super::shared::Shared;
-use crate::engine::platform::visit_ahead;
+use crate::engine::platform::{visit_ahead, Prefetch};
 use crate::engine::pubsub::arena::{ArenaRange, ArenaWriter};
-use crate::engine::pubsub::topics::Prefetch;
 
 /// What one dispatch batch of the loop thread has sent.
 #[derive(Default)]

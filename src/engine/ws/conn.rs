@@ -23,9 +23,9 @@ use super::shared::Shared;
 use super::Event;
 use crate::engine::bridge::events::LogKind;
 use crate::engine::net::Peer;
-use crate::engine::platform::prefetch;
+use crate::engine::platform::{prefetch, Prefetch};
 use crate::engine::pubsub::arena::ArenaRange;
-use crate::engine::pubsub::topics::{Prefetch, Unsubscribed};
+use crate::engine::pubsub::topics::Unsubscribed;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
