@@ -503,15 +503,16 @@ async def test_workers_share_topics_through_redis_once(redis: Redis) -> None:
     try:
         clients = await clients_covering(sup.port, sup.pids, 2)
         await until(_equals(redis, "brioche:all", 2), "both workers to subscribe")
-        sender, sender_pid = clients[0]
-        other = next(ws for ws, pid in clients if pid != sender_pid)
+        sender = clients[0][0]
         messages = [f"w{i}" for i in range(100)]
         for message in messages:
             await sender.send(message)
         # In order and once each on the other worker (through Redis) and on the sender's own
         # (publish_to_self: local); a second copy through the relay would come before "end".
+        # Every client reads all of it: a websockets client that leaves more than its queue
+        # unread stops reading its socket, and its close then waits out close_timeout (10 s).
         await sender.send("end")
-        for ws in (other, sender):
+        for ws, _ in clients:
             assert await receive(ws, 101) == messages + ["end"]
         for ws, _ in clients:
             await ws.close()
@@ -550,9 +551,11 @@ async def test_rediss_shares_topics_over_tls(
     first, second = await config.serve(), await config.serve()
     try:
         subscriber = await clients(ws_url(second, "/ws?secure"))
-        # A server subscribes to its topics before it counts itself connected.
         for srv in (first, second):
             await until(lambda: srv.stats()["redis_connected"] == 1, "a TLS connection to Redis")
+        # The subscription made after `second` connected reaches Redis on its own; Redis drops a
+        # publish that comes before it (at-most-once), so the test waits until Redis has it.
+        await until(_equals(redis, "brioche:secure", 1), "the subscription to reach Redis over TLS")
         first.publish("secure", "over TLS")
         await until(lambda: subscriber.messages == ["over TLS"], "the message through rediss://")
         assert second.stats()["redis_received"] == 1
