@@ -58,8 +58,8 @@ async def test_client_that_answers_pings_stays_connected(serve: ServeFn, recorde
 
 async def test_client_that_never_answers_pings_is_dropped_with_1006(serve: ServeFn, recorder: Recorder) -> None:
     srv = await serve(config(recorder))
+    start = time.monotonic()  # before the server's idle clock, which starts after the 101
     async with await RawWebSocket.connect(srv.port) as client:
-        start = time.monotonic()
         frames, how = await client.frames_until_end(timeout=IDLE + 3)
         elapsed = time.monotonic() - start
     assert how in ("eof", "reset")
@@ -74,8 +74,8 @@ async def test_without_pings_a_silent_client_is_closed_at_the_idle_timeout(
     serve: ServeFn, recorder: Recorder
 ) -> None:
     srv = await serve(config(recorder, send_pings=False))
+    start = time.monotonic()  # before the server's idle clock, which starts after the 101
     async with connect(ws_url(srv), ping_interval=None) as client:
-        start = time.monotonic()
         await asyncio.wait_for(client.wait_closed(), IDLE + 3)
         elapsed = time.monotonic() - start
         assert client.close_code == 1006
@@ -86,8 +86,8 @@ async def test_without_pings_a_silent_client_is_closed_at_the_idle_timeout(
 
 async def test_without_pings_no_ping_frame_is_ever_sent(serve: ServeFn, recorder: Recorder) -> None:
     srv = await serve(config(recorder, send_pings=False))
+    start = time.monotonic()  # before the server's idle clock, which starts after the 101
     async with await RawWebSocket.connect(srv.port) as client:
-        start = time.monotonic()
         frames, how = await client.frames_until_end(timeout=IDLE + 3)
         elapsed = time.monotonic() - start
     assert frames == [], "no ping, no close frame: the connection is just dropped"
