@@ -36,6 +36,7 @@ from test_redis_pubsub import (
     clients,
     peer,
     peer_stats,
+    published,
     redis,
     topics_config,
     until,
@@ -402,13 +403,15 @@ async def test_two_processes_share_topics_on_three_masters_exactly_once_and_in_o
         assert b_pub.starting(f"a {topic} ") == expected("a", topic) + [f"a {topic} end"]
     assert a_pub.starting("a ") == b_pub.starting("b ") == []
 
-    published = count + len(topics)
+    total = count + len(topics)
+    await published(srv.stats, total)
+    await published(lambda: peer_stats(b_control), total)
     stats = srv.stats()
-    assert stats["publishes"] == published
-    assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_received"]) == (published, 0, published)
+    assert stats["publishes"] == total
+    assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_received"]) == (total, 0, total)
     remote_stats = await peer_stats(b_control)
-    assert (remote_stats["redis_published"], remote_stats["redis_publishes_lost"]) == (published, 0)
-    assert remote_stats["redis_received"] == published
+    assert (remote_stats["redis_published"], remote_stats["redis_publishes_lost"]) == (total, 0)
+    assert remote_stats["redis_received"] == total
     # Each master got the publishes of its own channels, from both processes, once each.
     calls = [after - before for after, before in zip(await asyncio.to_thread(cluster.spublish_calls), calls_before)]
     per_master = [2 * sum(1 for i in range(count) if owner(NAMESPACE + topics[i % len(topics)]) == m) + 4 for m in range(3)]
@@ -484,6 +487,7 @@ async def test_a_slot_moved_to_another_master_is_followed_without_an_outage(
     assert remote.messages == expected
     assert local.starting("b") == expected[:100] + [f"back {i}" for i in range(100)]
     assert local.starting("after ") == expected[100:]
+    await published(srv.stats, 200)
     stats = srv.stats()
     assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_received"]) == (200, 0, 100)
     assert stats["redis_connected"] == 1
@@ -618,6 +622,7 @@ async def test_plain_pubsub_on_a_cluster_crosses_nodes(
         srv.publish("plain", f"p{i}")
     await until(lambda: len(subscriber.messages) == 100, "100 messages across nodes")
     assert subscriber.messages == [f"p{i}" for i in range(100)]
+    await published(srv.stats, 100)
     assert (srv.stats()["redis_published"], srv.stats()["redis_publishes_lost"]) == (100, 0)
 
 
@@ -641,6 +646,7 @@ async def test_standalone_redis_with_sharded_keeps_one_connection(
         first.publish(topic, f"on {topic}")
     await until(lambda: len(subscriber.messages) == len(topics), "the messages through Redis")
     assert subscriber.messages == [f"on {t}" for t in topics]
+    await published(first.stats, 3)
     assert (first.stats()["redis_published"], second.stats()["redis_received"]) == (3, 3)
     # One connection per server, none left from asking whether it is a cluster; and redis-cli's.
     info = await asyncio.to_thread(redis.cli, "INFO", "clients")

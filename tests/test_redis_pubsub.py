@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,19 @@ async def until(predicate: Callable[[], bool | Awaitable[bool]], what: str, time
 
 async def subscribers(redis: Redis, channel: str, sharded: bool = False) -> int:
     return await asyncio.to_thread(redis.subscribers, channel, sharded)
+
+
+async def published(stats: Callable[[], Mapping[str, object] | Awaitable[Mapping[str, object]]], count: int) -> None:
+    """Wait for ``redis_published`` to reach ``count``. A publish is counted when Redis's answer
+    reaches the publisher, which may be after Redis has delivered it to a subscriber."""
+
+    async def check() -> bool:
+        got = stats()
+        if not isinstance(got, Mapping):
+            got = await got
+        return got["redis_published"] == count
+
+    await until(check, f"redis_published to reach {count}")
 
 
 class Collector:
@@ -306,6 +319,8 @@ async def test_two_processes_share_a_topic_exactly_once_and_in_order(
     assert a_pub.messages == b_expected + ["b-end"]
     assert b_pub.messages == a_expected + ["a-end"]
 
+    await published(srv.stats, count + 1)
+    await published(lambda: peer_stats(b_control), count + 1)
     stats = srv.stats()
     assert stats["publishes"] == count + 1
     assert stats["redis_published"] == count + 1
@@ -410,7 +425,7 @@ async def test_namespaced_subscriptions_are_counted_per_server(
         await until(lambda: one.messages == ["hello"] and three.messages == ["hello"], "hello on the first server")
         assert two.messages == []
         assert first.stats()["redis_received"] == 1
-        assert second.stats()["redis_published"] == 1
+        await published(second.stats, 1)
 
         await one.client.close()
         await until(lambda: first.subscriber_count("room") == 1, "the first server to see one leave")
