@@ -87,8 +87,10 @@ pub(crate) fn run(
     let stream = Arc::new(stream);
     conn.out.attach(stream.clone());
     conn.set_state(ReadyState::Open);
-    conn.shared.events.push(Event::Open(conn.clone()));
+    // Counted before the event goes out, so `on_open` (and whatever it tells a client) never
+    // comes before the count.
     conn.shared.stats.add(Counter::ConnectionsOpened, 1);
+    conn.shared.events.push(Event::Open(conn.clone()));
     if conn.shared.closing_all.load(Ordering::Acquire) {
         conn.close(1001, "server shutting down");
     }
@@ -176,10 +178,10 @@ impl Drop for Task {
         conn.terminated.store(true, Ordering::Release);
         drop(conn.out.detach());
         conn.shared.unregister(conn.id);
+        conn.shared.stats.closed(1011);
         conn.shared
             .events
             .push(Event::Close(conn.id, 1011, "internal error".to_owned()));
-        conn.shared.stats.closed(1011);
     }
 }
 
@@ -497,10 +499,11 @@ impl Task {
         // Unregistered before `on_close` can run, so `pending_websockets` there no longer counts
         // it; `stop()` still waits for this task (and so for the flush) through the tracker.
         conn.shared.unregister(conn.id);
+        // Counted before `on_close` can run, as the open is before `on_open`.
+        conn.shared.stats.closed(ending.code);
         conn.shared
             .events
             .push(Event::Close(conn.id, ending.code, ending.reason));
-        conn.shared.stats.closed(ending.code);
         self.reported = true;
         if ending.abrupt {
             self.phase = Phase::Done;
