@@ -128,8 +128,29 @@ class Node:
         directory.mkdir(parents=True)
         self.process: subprocess.Popen[bytes] | None = None
         self.id = ""
+        self.started = False
 
     def start(self) -> None:
+        """Start it and wait for its answer. A first start whose port was taken in the meantime (by
+        another process binding port 0) moves to other ports; a restart keeps its own, which the
+        rest of the cluster knows it by."""
+        for _ in range(3):
+            if self.start_once():
+                break
+            assert not self.started, "redis-server exited"
+            self.port, self.bus_port = free_port(), free_port()
+        else:
+            raise AssertionError("redis-server exited at start three times (its ports taken each time)")
+        self.started = True
+        # Another process's server on the port (this one then exits, unable to bind) would
+        # answer too, and the test would drive someone else's cluster.
+        pid = self.info("server").get("process_id")
+        assert self.process is not None
+        assert pid == str(self.process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
+        self.id = self.cli("CLUSTER", "MYID")[0]
+
+    def start_once(self) -> bool:
+        """Start redis-server; True once it answers, False if it exited first."""
         if self.tls is None:
             listen = ["--port", str(self.port)]
         else:
@@ -147,15 +168,18 @@ class Node:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while self.cli("PING") != ["PONG"]:
-            assert self.process.poll() is None, "redis-server exited"
+        while True:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if self.cli("PING") == ["PONG"]:
+                    break
+            except subprocess.TimeoutExpired:
+                pass  # whatever holds the port (not this server, which cannot bind it) is silent
             assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
             time.sleep(0.02)
-        # Another process's server on the port (this one then exits, unable to bind) would
-        # answer too, and the test would drive someone else's cluster.
-        pid = self.info("server").get("process_id")
-        assert pid == str(self.process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
-        self.id = self.cli("CLUSTER", "MYID")[0]
+        # Another process's redis-server on the port answers too, while this one exits.
+        return self.process.poll() is None
 
     def kill(self) -> None:
         """SIGKILL: the node gets no chance to tell anyone."""
@@ -189,7 +213,12 @@ class Cluster:
     def __init__(self, directory: Path, tls: Tls | None = None, replicas: bool = False, node_timeout_ms: int = 2000) -> None:
         count = len(RANGES) * (2 if replicas else 1)
         self.nodes = [Node(directory / f"node{i}", tls, node_timeout_ms) for i in range(count)]
-        self.url = f"{'redis' if tls is None else 'rediss'}://127.0.0.1:{self.nodes[0].port}"
+        self.scheme = "redis" if tls is None else "rediss"
+
+    @property
+    def url(self) -> str:
+        """The first node's URL: known once it has started (a first start may move it)."""
+        return f"{self.scheme}://127.0.0.1:{self.nodes[0].port}"
 
     def start(self) -> None:
         for node in self.nodes:
