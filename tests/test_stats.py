@@ -244,7 +244,9 @@ async def test_a_flood_of_bad_clients_gives_ten_lines_a_second_and_a_count_of_th
     logged = [message for _, message in lines(caplog, "brioche.http")]
     suffix = " more like this in the last seconds were not logged)"
     left_out = [int(m.rsplit("(", 1)[1].removesuffix(suffix)) for m in logged if m.endswith(suffix)]
-    assert logged[-1].endswith(suffix), logged[-1]
+    # The count left out rides on the kind's next line: the 51st's, or, when the flood crossed
+    # into a second second, that second's first line (which then may leave none out for the 51st).
+    assert left_out and all(n > 0 for n in left_out), logged
     # Every refusal is a line or is counted in one.
     assert len(logged) + sum(left_out) == 51, (len(logged), left_out)
     assert srv.stats()["handshakes_rejected"] == 51
