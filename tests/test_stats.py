@@ -54,6 +54,28 @@ async def test_a_thousand_echoes_are_a_thousand_in_and_a_thousand_out(serve: Ser
     assert (stats["publishes"], stats["deliveries"], stats["sends_dropped"]) == (0, 0, 0)
 
 
+async def test_on_open_and_on_close_see_their_own_connection_counted(serve: ServeFn, recorder: Recorder) -> None:
+    started: list[brioche.Server[Any]] = []
+
+    def counts(*keys: str) -> tuple[object, ...]:
+        stats = started[0].stats()
+        return tuple(stats[key] for key in keys)  # type: ignore[literal-required]
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", counts("connections_opened", "connections_closed"))
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", counts("connections_opened", "connections_closed", "closes_by_code"))
+
+    started.append(await serve(websocket.init().on_open(on_open).on_close(on_close)))
+    for _ in range(3):
+        async with connect(ws_url(started[0]), ping_interval=None):
+            pass
+        await recorder.wait_for(lambda: len(recorder.of("close")) == len(recorder.of("open")))
+    assert recorder.of("open") == [((1, 0),), ((2, 1),), ((3, 2),)]
+    assert recorder.of("close") == [((1, 1, {1000: 1}),), ((2, 2, {1000: 2}),), ((3, 3, {1000: 3}),)]
+
+
 async def test_publishes_count_once_and_deliveries_once_per_subscriber(serve: ServeFn, recorder: Recorder) -> None:
     def on_open(ws: brioche.WebSocket[Any]) -> None:
         ws.subscribe("room")

@@ -209,7 +209,9 @@ class Stats(TypedDict):
     ``sends_backpressured`` those queued to a congested socket; ``sends_dropped`` counts sends
     and deliveries refused. ``handshakes_rejected`` counts WebSocket handshakes the core refused
     before the handler (400, 426, 503), ``requests_rejected`` HTTP requests it refused (400,
-    408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values.
+    408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values. A
+    connection is counted in ``connections_opened`` before its ``on_open`` runs, and in
+    ``connections_closed`` and ``closes_by_code`` before its ``on_close`` runs.
 
     With :meth:`~brioche.server.Config.pubsub_redis`: ``redis_published`` counts publishes
     written to Redis, ``redis_publishes_lost`` those the other processes never got (Redis down,
