@@ -61,19 +61,21 @@ async def test_on_open_and_on_close_see_their_own_connection_counted(serve: Serv
         stats = started[0].stats()
         return tuple(stats[key] for key in keys)  # type: ignore[literal-required]
 
+    # Only its own event's count: a client that closes at once may be counted closed before
+    # the loop has run its on_open.
     def on_open(ws: brioche.WebSocket[Any]) -> None:
-        recorder.add("open", counts("connections_opened", "connections_closed"))
+        recorder.add("open", counts("connections_opened"))
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
-        recorder.add("close", counts("connections_opened", "connections_closed", "closes_by_code"))
+        recorder.add("close", counts("connections_closed", "closes_by_code"))
 
     started.append(await serve(websocket.init().on_open(on_open).on_close(on_close)))
     for _ in range(3):
         async with connect(ws_url(started[0]), ping_interval=None):
             pass
         await recorder.wait_for(lambda: len(recorder.of("close")) == len(recorder.of("open")))
-    assert recorder.of("open") == [((1, 0),), ((2, 1),), ((3, 2),)]
-    assert recorder.of("close") == [((1, 1, {1000: 1}),), ((2, 2, {1000: 2}),), ((3, 3, {1000: 3}),)]
+    assert recorder.of("open") == [((1,),), ((2,),), ((3,),)]
+    assert recorder.of("close") == [((1, {1000: 1}),), ((2, {1000: 2}),), ((3, {1000: 3}),)]
 
 
 async def test_publishes_count_once_and_deliveries_once_per_subscriber(serve: ServeFn, recorder: Recorder) -> None:
