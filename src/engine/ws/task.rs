@@ -177,11 +177,7 @@ impl Drop for Task {
         conn.out.seal();
         conn.terminated.store(true, Ordering::Release);
         drop(conn.out.detach());
-        conn.shared.unregister(conn.id);
-        conn.shared.stats.closed(1011);
-        conn.shared
-            .events
-            .push(Event::Close(conn.id, 1011, "internal error".to_owned()));
+        self.report_end(1011, "internal error".to_owned());
     }
 }
 
@@ -482,6 +478,17 @@ impl Task {
         }
     }
 
+    /// Deliver `on_close`: the connection is unregistered first, so `pending_websockets` there
+    /// no longer counts it (`stop()` still waits for this task, and its flush, through the
+    /// tracker), and counted closed first, as it is counted opened before `on_open`.
+    fn report_end(&mut self, code: u16, reason: String) {
+        let conn = &self.conn;
+        conn.shared.unregister(conn.id);
+        conn.shared.stats.closed(code);
+        conn.shared.events.push(Event::Close(conn.id, code, reason));
+        self.reported = true;
+    }
+
     /// Report the end to Python, then flush what is queued (unless the end is abrupt).
     fn finish(&mut self, ending: Ending, mut timer: Pin<&mut Sleep>) {
         self.rx.reader.abandon();
@@ -496,20 +503,12 @@ impl Task {
         if ending.abrupt {
             conn.terminated.store(true, Ordering::Release);
         }
-        // Unregistered before `on_close` can run, so `pending_websockets` there no longer counts
-        // it; `stop()` still waits for this task (and so for the flush) through the tracker.
-        conn.shared.unregister(conn.id);
-        // Counted before `on_close` can run, as the open is before `on_open`.
-        conn.shared.stats.closed(ending.code);
-        conn.shared
-            .events
-            .push(Event::Close(conn.id, ending.code, ending.reason));
-        self.reported = true;
+        self.report_end(ending.code, ending.reason);
         if ending.abrupt {
             self.phase = Phase::Done;
         } else {
             timer.as_mut().reset(Instant::now() + FLUSH_AFTER_CLOSE);
-            conn.mark(signal::FLUSH);
+            self.conn.mark(signal::FLUSH);
             self.phase = Phase::Flushing;
         }
     }
