@@ -38,6 +38,7 @@ from test_redis_pubsub import (
     peer_stats,
     published,
     redis,
+    start_redis_server,
     topics_config,
     until,
 )
@@ -131,55 +132,27 @@ class Node:
         self.started = False
 
     def start(self) -> None:
-        """Start it and wait for its answer. A first start whose port was taken in the meantime (by
-        another process binding port 0) moves to other ports; a restart keeps its own, which the
-        rest of the cluster knows it by."""
-        for _ in range(3):
-            if self.start_once():
-                break
-            assert not self.started, "redis-server exited"
-            self.port, self.bus_port = free_port(), free_port()
-        else:
-            raise AssertionError("redis-server exited at start three times (its ports taken each time)")
+        """Start it and wait for its answer (a first start may move to other ports)."""
+        self.process = start_redis_server(self.arguments, self.cli, self.move, first=not self.started)
         self.started = True
-        # Another process's server on the port (this one then exits, unable to bind) would
-        # answer too, and the test would drive someone else's cluster.
-        pid = self.info("server").get("process_id")
-        assert self.process is not None
-        assert pid == str(self.process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
         self.id = self.cli("CLUSTER", "MYID")[0]
 
-    def start_once(self) -> bool:
-        """Start redis-server; True once it answers, False if it exited first."""
+    def arguments(self) -> list[str]:
         if self.tls is None:
             listen = ["--port", str(self.port)]
         else:
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cluster", "yes", "--tls-replication", "yes",
                       "--tls-cert-file", str(self.tls.cert_file), "--tls-key-file", str(self.tls.key_file),
                       "--tls-ca-cert-file", str(self.tls.ca_file), "--tls-auth-clients", "no"]
-        self.process = subprocess.Popen(
-            ["redis-server", *listen, "--cluster-port", str(self.bus_port),
-             "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(self.directory), "--save", "",
-             "--appendonly", "no",
-             # A replica's first sync starts at once instead of waiting 5 s for other replicas to join it.
-             "--repl-diskless-sync-delay", "0"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            if self.process.poll() is not None:
-                return False
-            try:
-                if self.cli("PING") == ["PONG"]:
-                    break
-            except subprocess.TimeoutExpired:
-                pass  # whatever holds the port (not this server, which cannot bind it) is silent
-            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
-            time.sleep(0.02)
-        # Another process's redis-server on the port answers too, while this one exits.
-        return self.process.poll() is None
+        return [*listen, "--cluster-port", str(self.bus_port),
+                "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(self.directory), "--save", "",
+                "--appendonly", "no",
+                # A replica's first sync starts at once instead of waiting 5 s for other replicas to join it.
+                "--repl-diskless-sync-delay", "0"]
+
+    def move(self) -> None:
+        self.port, self.bus_port = free_port(), free_port()
 
     def kill(self) -> None:
         """SIGKILL: the node gets no chance to tell anyone."""

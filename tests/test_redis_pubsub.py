@@ -35,6 +35,46 @@ pytestmark = pytest.mark.skipif(
 PEER = Path(__file__).parent / "scripts" / "redis_peer.py"
 
 
+def start_redis_server(
+    arguments: Callable[[], list[str]], cli: Callable[..., list[str]], move: Callable[[], None], first: bool
+) -> subprocess.Popen[bytes]:
+    """Start ``redis-server`` with ``arguments()`` and wait until it answers PING (``cli``).
+
+    free_port() avoids only the ports this process handed out: the other suite running beside it
+    in `make test` may bind one before redis-server does, which then exits. A ``first`` start
+    calls ``move`` (new ports) and tries again, up to three times; a restart keeps its ports,
+    which others know it by. The server that answers must be the one started here.
+    """
+    for _ in range(3):
+        process = subprocess.Popen(["redis-server", *arguments()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if _answers(process, cli):
+            break
+        assert first, "redis-server exited"
+        move()
+    else:
+        raise AssertionError("redis-server exited at start three times (its port taken each time)")
+    # Another process's server on the port (this one then exits, unable to bind) answers too.
+    fields = (line.partition(":") for line in cli("INFO", "server"))
+    pid = {key: value for key, _, value in fields}.get("process_id")
+    assert pid == str(process.pid), f"the port is answered by another redis-server (pid {pid})"
+    return process
+
+
+def _answers(process: subprocess.Popen[bytes], cli: Callable[..., list[str]]) -> bool:
+    """True once ``process`` answers PING; False if it exits first."""
+    deadline = time.monotonic() + 10
+    while process.poll() is None:
+        try:
+            if cli("PING") == ["PONG"]:
+                # Another process's redis-server on the port answers too, while this one exits.
+                return process.poll() is None
+        except subprocess.TimeoutExpired:
+            pass  # whatever holds the port (not this server, which cannot bind it) is silent
+        assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+        time.sleep(0.02)
+    return False
+
+
 class Redis:
     """A ``redis-server`` of this test's own, killed and started again at will, same port. With
     ``tls`` (CA, certificate, key files), it listens on TLS only and clients are not asked for a
@@ -51,37 +91,20 @@ class Redis:
         return f"{'redis' if self.tls is None else 'rediss'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        # free_port() avoids only the ports this process handed out: the other suite running
-        # beside it in `make test` may take one before redis-server binds it, and redis-server
-        # then exits. A first start moves to another port (up to three); a restart keeps its own.
-        for _ in range(3):
-            if self.tls is None:
-                listen = ["--port", str(self.port)]
-            else:
-                ca, cert, key = self.tls
-                listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
-                          "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
-            process = subprocess.Popen(
-                ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            self.process = process
-            deadline = time.monotonic() + 10
-            while self.cli("PING") != ["PONG"] and process.poll() is None:
-                assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
-                time.sleep(0.02)
-            if process.poll() is None:
-                break
-            assert not self.started, "redis-server exited"
-            self.port = free_port()
-        else:
-            raise AssertionError("redis-server exited at start three times (its port taken each time)")
+        self.process = start_redis_server(self.arguments, self.cli, self.move, first=not self.started)
         self.started = True
-        # Another process's server on the port (this one then exits, unable to bind) answers too.
-        fields = (line.partition(":") for line in self.cli("INFO", "server"))
-        pid = {key: value for key, _, value in fields}.get("process_id")
-        assert pid == str(process.pid), f"port {self.port} is answered by another redis-server (pid {pid})"
+
+    def arguments(self) -> list[str]:
+        if self.tls is None:
+            listen = ["--port", str(self.port)]
+        else:
+            ca, cert, key = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        return [*listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def move(self) -> None:
+        self.port = free_port()
 
     def kill(self) -> None:
         assert self.process is not None
