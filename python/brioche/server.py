@@ -258,7 +258,12 @@ class Config(Generic[T]):
         return dataclasses.replace(self, max_request_body_size_bytes=value)
 
     def max_request_header_size(self, size: int) -> Config[T]:
-        """Largest request line plus headers, in bytes (default 64 KiB); larger gets 431."""
+        """Largest request head, in bytes (default 64 KiB); larger gets 431.
+
+        The head is counted as its request line and headers spell it (``name: value`` lines,
+        without optional whitespace), to the byte. hyper's own limits come first: a request line
+        over 64 KiB gets 414, more than 100 headers 431.
+        """
         value = _check_size("max_request_header_size", size, minimum=8192)
         return dataclasses.replace(self, max_request_header_size_bytes=value)
 
@@ -266,6 +271,8 @@ class Config(Generic[T]):
         """Seconds a client has to send its whole request, head and body (default 10).
 
         A request still incomplete then gets 408 and the connection is closed (slowloris guard).
+        A response is given as long to be read: a client that reads none of it for that long
+        (a large response waiting on a full socket) is dropped.
         """
         value = _check_seconds("handshake_timeout", seconds)
         if not value > 0:

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,15 +16,15 @@ use tokio::time::{Instant, Sleep};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    HeaderName, HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
+    HeaderName, HeaderValue, CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
     SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -86,6 +86,16 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     response
 }
 
+/// `plain`, ending the connection after it, as hyper's own refusals do: for a request refused
+/// before its body was read, what follows on the socket is the rest of that body.
+fn refusal(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = plain(status, text);
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 /// When the request being read must have fully arrived, head and body (`handshake_timeout`).
 /// Shared by a connection's IO (which enforces it) and its requests' handling (which stops the
 /// clock while the Python handler works, and starts it again for the next request).
@@ -95,6 +105,9 @@ struct RequestClock {
     deadline: Mutex<Option<Instant>>,
     /// A request was under way when the deadline passed (and got its 408).
     expired_mid_request: AtomicBool,
+    /// How many times a running clock stopped: each time, the request before is all in, and
+    /// what was read for it no longer says a request is under way.
+    stops: AtomicU64,
 }
 
 impl RequestClock {
@@ -102,8 +115,11 @@ impl RequestClock {
         *self.deadline.lock() = Some(Instant::now() + self.limit);
     }
 
+    /// Stop timing the client: its request is all in, or already answered.
     fn stop(&self) {
-        *self.deadline.lock() = None;
+        if self.deadline.lock().take().is_some() {
+            self.stops.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -116,8 +132,13 @@ struct TimedIo {
     io: Option<TokioIo<Stream>>,
     clock: Arc<RequestClock>,
     timer: Option<Pin<Box<Sleep>>>,
-    /// Bytes read since the clock last started: a request is under way.
+    /// Armed while a write waits for the client to read: one that reads none of a response for
+    /// the request limit is dropped, or it could hold the connection and the response forever.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    /// Bytes read since the clock last stopped: a request is under way.
     read_since_start: bool,
+    /// The clock's `stops` when `read_since_start` was last cleared.
+    stops_seen: u64,
     timed_out: bool,
     /// The client closed its side: closing ours cannot reset anything it still sends.
     saw_eof: bool,
@@ -139,8 +160,12 @@ impl TimedIo {
 
     /// Whether the deadline has passed; arms the timer (and so a wake-up) when it has not.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(deadline) = *self.clock.deadline.lock() else {
+        let stops = self.clock.stops.load(Ordering::Relaxed);
+        if stops != self.stops_seen {
+            self.stops_seen = stops;
             self.read_since_start = false;
+        }
+        let Some(deadline) = *self.clock.deadline.lock() else {
             return false;
         };
         let timer = self
@@ -150,6 +175,28 @@ impl TimedIo {
             timer.as_mut().reset(deadline);
         }
         timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// `written`, the result of a write or flush, with the stall timer: cleared by progress,
+    /// armed by a wait, and an error once a wait has lasted the request limit.
+    fn stalled<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if written.is_ready() {
+            self.write_stall = None;
+            return written;
+        }
+        let limit = self.clock.limit;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stall.as_mut().poll(cx).is_ready() {
+            self.timed_out = true;
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        Poll::Pending
     }
 
     fn time_out(&mut self) -> io::Error {
@@ -197,7 +244,8 @@ impl AsyncWrite for TimedIo {
         if self.timed_out {
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
-        Pin::new(self.stream()).poll_write(cx, buf)
+        let written = Pin::new(self.stream()).poll_write(cx, buf);
+        self.stalled(cx, written)
     }
 
     fn poll_write_vectored(
@@ -208,7 +256,8 @@ impl AsyncWrite for TimedIo {
         if self.timed_out {
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
-        Pin::new(self.stream()).poll_write_vectored(cx, bufs)
+        let written = Pin::new(self.stream()).poll_write_vectored(cx, bufs);
+        self.stalled(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -218,7 +267,9 @@ impl AsyncWrite for TimedIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.stream()).poll_flush(cx)
+        // Over TLS the records wait here.
+        let flushed = Pin::new(self.stream()).poll_flush(cx);
+        self.stalled(cx, flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -247,6 +298,7 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         limit: shared.config.header_read_timeout,
         deadline: Mutex::new(None),
         expired_mid_request: AtomicBool::new(false),
+        stops: AtomicU64::new(0),
     });
     clock.start();
     let stream = match (&shared.tls, stream) {
@@ -269,13 +321,18 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
     builder
         .timer(TokioTimer::new())
         // hyper's floor for its read buffer is 8 KiB.
-        .max_buf_size(shared.config.max_header_size.max(8192));
+        .max_buf_size(shared.config.max_header_size.max(8192))
+        // A client may shut its sending side once its request is out and still read the
+        // answer (RFC 9112 9.6); by default hyper ends the connection on that EOF.
+        .half_close(true);
     let (give_back, mut given_back) = oneshot::channel();
     let io = TimedIo {
         io: Some(TokioIo::new(stream)),
         clock: clock.clone(),
         timer: None,
+        write_stall: None,
         read_since_start: false,
+        stops_seen: 0,
         timed_out: false,
         saw_eof: false,
         give_back: Some(give_back),
@@ -397,6 +454,59 @@ fn reject_handshake(shared: &Shared, remote: Remote, status: StatusCode, why: &'
     shared.log(LogKind::HandshakeRejected, remote, status.as_u16(), why);
 }
 
+/// The bytes of `req`'s head as its parsed parts spell it: the request line, each header as
+/// `name: value` and its CRLF, and the blank line. hyper bounds its read buffer by
+/// `max_header_size`, but checks it only while the head is still incomplete, and one read can
+/// take it well past (a 114,000-byte head passed the default 64 KiB); this holds the limit to
+/// the byte. Never more than the client sent, which may add optional whitespace.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri
+        .scheme_str()
+        .map_or(0, |scheme| scheme.len() + "://".len())
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.path_and_query().map_or(0, |path| path.as_str().len());
+    let line = req.method().as_str().len() + " ".len() + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    line + headers + "\r\n".len()
+}
+
+/// Why `req`'s `Host` makes it one a server must answer with 400 (RFC 9112 3.2): an HTTP/1.1
+/// request without one, any request with two, or a value that is not `host[:port]` (it may be
+/// empty, for a target without an authority). A WebSocket handshake needs one too (RFC 6455
+/// 4.2.1), and it is HTTP/1.1.
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (req.version() == Version::HTTP_11).then_some("no Host header");
+    };
+    if hosts.next().is_some() {
+        return Some("more than one Host header");
+    }
+    let valid = host.is_empty()
+        || host.to_str().is_ok_and(|host| {
+            // `Authority` also takes a user ("u@host") and a port of any characters.
+            !host.contains('@')
+                && host
+                    .parse::<hyper::http::uri::Authority>()
+                    .is_ok_and(|authority| {
+                        host.strip_prefix(authority.host()).is_some_and(|port| {
+                            match port.strip_prefix(':') {
+                                Some(digits) => digits.bytes().all(|b| b.is_ascii_digit()),
+                                None => port.is_empty(),
+                            }
+                        })
+                    })
+        });
+    (!valid).then_some("invalid Host header")
+}
+
 async fn handle(
     req: Request<Incoming>,
     remote: Remote,
@@ -404,6 +514,9 @@ async fn handle(
     clock: Arc<RequestClock>,
 ) -> Result<Response<Body>, Infallible> {
     let response = read_and_answer(req, remote, &shared, &clock).await;
+    // Answered, maybe before its body was read (a refusal): either way this request's bytes
+    // are done with, and must not earn the next wait a 408.
+    clock.stop();
     // The next request on this connection has the whole limit again.
     clock.start();
     response
@@ -415,6 +528,22 @@ async fn read_and_answer(
     shared: &Arc<Shared>,
     clock: &RequestClock,
 ) -> Result<Response<Body>, Infallible> {
+    if head_size(&req) > shared.config.max_header_size {
+        let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        reject_request(shared, remote, status, "request head too large");
+        return Ok(refusal(status, "Request Header Fields Too Large"));
+    }
+    if let Some(why) = host_problem(&req) {
+        reject_request(shared, remote, StatusCode::BAD_REQUEST, why);
+        return Ok(refusal(StatusCode::BAD_REQUEST, "Bad Request"));
+    }
+    // A body declared larger than the limit is refused now, not read first (nor invited by a
+    // `100 Continue`, which hyper sends only once the body is read).
+    if req.body().size_hint().lower() > shared.config.max_request_body_size as u64 {
+        let status = StatusCode::PAYLOAD_TOO_LARGE;
+        reject_request(shared, remote, status, "body over max_request_body_size");
+        return Ok(refusal(status, "Payload Too Large"));
+    }
     let mut websocket_key = None;
     if shared.config.websockets_enabled {
         match handshake::classify(&req) {
@@ -470,14 +599,14 @@ async fn read_and_answer(
         Err(err) if err.is::<LengthLimitError>() => {
             let status = StatusCode::PAYLOAD_TOO_LARGE;
             reject_request(shared, remote, status, "body over max_request_body_size");
-            return Ok(plain(status, "Payload Too Large"));
+            return Ok(refusal(status, "Payload Too Large"));
         }
         Err(_) => {
             // A body cut short by the request deadline is counted once, as a 408, below.
             if !clock.expired_mid_request.load(Ordering::Relaxed) {
                 reject_request(shared, remote, StatusCode::BAD_REQUEST, "malformed body");
             }
-            return Ok(plain(StatusCode::BAD_REQUEST, "Bad Request"));
+            return Ok(refusal(StatusCode::BAD_REQUEST, "Bad Request"));
         }
     };
 
@@ -586,5 +715,77 @@ async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
             conn.shared.unregister(conn.id);
             conn.shared.events.push(Event::UpgradeFailed(conn.id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(version: Version, hosts: &[&str]) -> Option<&'static str> {
+        let mut req = Request::builder().uri("/").version(version);
+        for value in hosts {
+            req = req.header(HOST, *value);
+        }
+        host_problem(&req.body(()).unwrap())
+    }
+
+    #[test]
+    fn a_request_without_one_valid_host_is_named() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:3000",
+            "[::1]:3000",
+            "",
+        ] {
+            assert_eq!(host(Version::HTTP_11, &[ok]), None, "{ok:?}");
+        }
+        assert_eq!(host(Version::HTTP_10, &[]), None);
+        assert_eq!(host(Version::HTTP_11, &[]), Some("no Host header"));
+        assert_eq!(
+            host(Version::HTTP_11, &["a", "a"]),
+            Some("more than one Host header")
+        );
+        for bad in [
+            "user@example.com",
+            "exa mple.com",
+            "example.com:port",
+            "a/b",
+        ] {
+            assert_eq!(
+                host(Version::HTTP_11, &[bad]),
+                Some("invalid Host header"),
+                "{bad:?}"
+            );
+            assert_eq!(
+                host(Version::HTTP_10, &[bad]),
+                Some("invalid Host header"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_is_measured_as_sent_without_optional_whitespace() {
+        let req = Request::builder()
+            .method("GET")
+            .uri("/chat?room=1")
+            .header("host", "x")
+            .header("x-a", "one")
+            .header("x-a", "two")
+            .body(())
+            .unwrap();
+        let sent = "GET /chat?room=1 HTTP/1.1\r\nhost: x\r\nx-a: one\r\nx-a: two\r\n\r\n";
+        assert_eq!(head_size(&req), sent.len());
+        let absolute = Request::builder()
+            .method("OPTIONS")
+            .uri("http://example.com:8080/a")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head_size(&absolute),
+            "OPTIONS http://example.com:8080/a HTTP/1.1\r\n\r\n".len()
+        );
     }
 }
