@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks against the peers: one command reruns everything.
 
-    .venv/bin/python benches/run.py            # the full run (about 42 minutes)
+    .venv/bin/python benches/run.py            # the full run (about an hour)
     .venv/bin/python benches/run.py --quick    # a short smoke run (about 7 minutes)
 
 What it does, in order:

@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 import brioche
 from brioche import server, websocket
 
-GAUGES = {"open_connections", "incoming_bytes"}
+GAUGES = {"open_connections", "incoming_bytes", "redis_connected"}
 
 
 class BriocheCollector:

@@ -225,7 +225,11 @@ class Config(Generic[T]):
         return dataclasses.replace(self, backpressure_limit_bytes=value)
 
     def close_on_backpressure_limit(self, close_on_backpressure_limit: bool) -> Config[T]:
-        """Close the connection with 1008 when a send finds the backpressure limit exceeded."""
+        """Drop the connection when a send finds the backpressure limit exceeded.
+
+        No close frame is sent (the queue is what is over the limit): the client sees 1006, and
+        ``on_close`` gets 1008, "backpressure limit exceeded".
+        """
         value = _check_bool("close_on_backpressure_limit", close_on_backpressure_limit)
         return dataclasses.replace(self, close_on_backpressure=value)
 
@@ -386,7 +390,9 @@ def send(
     return ws.send(message, compress)
 
 
-def send_bytes(ws: WebSocket[Any], message: bytes, compress: bool = False) -> SendStatus:
+def send_bytes(
+    ws: WebSocket[Any], message: bytes | bytearray | memoryview, compress: bool = False
+) -> SendStatus:
     """Queue a binary message; never blocks. ``compress`` as :func:`send`'s."""
     return ws.send_bytes(message, compress)
 
@@ -402,7 +408,7 @@ def publish(ws: WebSocket[Any], topic: str, message: str, compress: bool = False
 
 
 def publish_bytes(
-    ws: WebSocket[Any], topic: str, message: bytes, compress: bool = False
+    ws: WebSocket[Any], topic: str, message: bytes | bytearray | memoryview, compress: bool = False
 ) -> SendStatus:
     """Send a binary message to every subscriber of ``topic`` except ``ws``; ``compress`` as :func:`publish`'s."""
     return ws.publish_bytes(topic, message, compress)
@@ -473,11 +479,11 @@ def terminate(ws: WebSocket[Any]) -> None:
     ws.terminate()
 
 
-def ping(ws: WebSocket[Any], payload: str | bytes = b"") -> SendStatus:
+def ping(ws: WebSocket[Any], payload: str | bytes | None = None) -> SendStatus:
     """Send a ping frame (payload up to 125 bytes)."""
     return ws.ping(payload)
 
 
-def pong(ws: WebSocket[Any], payload: str | bytes = b"") -> SendStatus:
+def pong(ws: WebSocket[Any], payload: str | bytes | None = None) -> SendStatus:
     """Send an unsolicited pong frame (payload up to 125 bytes)."""
     return ws.pong(payload)
