@@ -208,8 +208,9 @@ class Stats(TypedDict):
     deliveries, payload bytes), ``deliveries`` the publish deliveries among them, and
     ``sends_backpressured`` those queued to a congested socket; ``sends_dropped`` counts sends
     and deliveries refused. ``handshakes_rejected`` counts WebSocket handshakes the core refused
-    before the handler (400, 426, 503), ``requests_rejected`` HTTP requests it refused (400,
-    408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values. A
+    for what makes them handshakes (400, 426, 503), ``requests_rejected`` HTTP requests, a
+    handshake among them, it refused before the handler for anything else (400 for the ``Host``
+    or a malformed request, 408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values. A
     connection is counted in ``connections_opened`` before its ``on_open`` runs, and in
     ``connections_closed`` and ``closes_by_code`` before its ``on_close`` runs.
 

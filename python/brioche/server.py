@@ -261,8 +261,8 @@ class Config(Generic[T]):
         """Largest request head, in bytes (default 64 KiB); larger gets 431.
 
         The head is counted as its request line and headers spell it (``name: value`` lines,
-        without optional whitespace), to the byte. hyper's own limits come first: a request line
-        over 64 KiB gets 414, more than 100 headers 431.
+        without optional whitespace), to the byte. hyper refuses some heads first: a request
+        target over 64 KiB with 414 or 431, more than 100 headers with 431.
         """
         value = _check_size("max_request_header_size", size, minimum=8192)
         return dataclasses.replace(self, max_request_header_size_bytes=value)
@@ -271,8 +271,8 @@ class Config(Generic[T]):
         """Seconds a client has to send its whole request, head and body (default 10).
 
         A request still incomplete then gets 408 and the connection is closed (slowloris guard).
-        A response is given as long to be read: a client that reads none of it for that long
-        (a large response waiting on a full socket) is dropped.
+        Reading a response is not timed, but a response write that makes no progress for this
+        long (a client that reads none of it) ends the connection.
         """
         value = _check_seconds("handshake_timeout", seconds)
         if not value > 0:

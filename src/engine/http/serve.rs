@@ -106,8 +106,13 @@ struct RequestClock {
     /// A request was under way when the deadline passed (and got its 408).
     expired_mid_request: AtomicBool,
     /// How many times a running clock stopped: each time, the request before is all in, and
-    /// what was read for it no longer says a request is under way.
+    /// what was read for it no longer says a request is under way. (A stalled request that
+    /// arrived pipelined with the one before, in its reads, is therefore closed without its
+    /// 408: hyper does not say what it holds.)
     stops: AtomicU64,
+    /// The answer is made: start at the next read, once hyper has written it and waits for the
+    /// next request, so that a slow download does not spend the next request's time.
+    start_on_read: AtomicBool,
 }
 
 impl RequestClock {
@@ -120,6 +125,12 @@ impl RequestClock {
         if self.deadline.lock().take().is_some() {
             self.stops.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The request is answered: stop, and start again for the next one at the next read.
+    fn answered(&self) {
+        self.stop();
+        self.start_on_read.store(true, Ordering::Relaxed);
     }
 }
 
@@ -160,6 +171,9 @@ impl TimedIo {
 
     /// Whether the deadline has passed; arms the timer (and so a wake-up) when it has not.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.clock.start_on_read.swap(false, Ordering::Relaxed) {
+            self.clock.start();
+        }
         let stops = self.clock.stops.load(Ordering::Relaxed);
         if stops != self.stops_seen {
             self.stops_seen = stops;
@@ -273,7 +287,9 @@ impl AsyncWrite for TimedIo {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.stream()).poll_shutdown(cx)
+        // Over TLS, `close_notify` may wait on the client too.
+        let shut = Pin::new(self.stream()).poll_shutdown(cx);
+        self.stalled(cx, shut)
     }
 }
 
@@ -299,6 +315,7 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         deadline: Mutex::new(None),
         expired_mid_request: AtomicBool::new(false),
         stops: AtomicU64::new(0),
+        start_on_read: AtomicBool::new(false),
     });
     clock.start();
     let stream = match (&shared.tls, stream) {
@@ -515,10 +532,9 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let response = read_and_answer(req, remote, &shared, &clock).await;
     // Answered, maybe before its body was read (a refusal): either way this request's bytes
-    // are done with, and must not earn the next wait a 408.
-    clock.stop();
-    // The next request on this connection has the whole limit again.
-    clock.start();
+    // are done with, and must not earn the next wait a 408. The next request has the whole
+    // limit again, from when hyper is ready to read it.
+    clock.answered();
     response
 }
 
