@@ -413,6 +413,27 @@ def tcp_state(sock: socket.socket) -> int:
     return state
 
 
+def holders_of_server_end(port: int, client_port: int, pids: Iterable[int | str]) -> list[int | str]:
+    """Which of ``pids`` (``"self"`` for this process) hold a descriptor on the server's end of
+    the connection from ``client_port`` to 127.0.0.1:``port``: its inode in /proc/net/tcp, then
+    each one's descriptor table. A socket closed with unsent data stays in the TCP table,
+    orphaned, with inode 0 and no holder."""
+    ends = f"0100007F:{port:04X} 0100007F:{client_port:04X}"
+    with open("/proc/net/tcp") as f:
+        links = {f"socket:[{fields[9]}]" for fields in map(str.split, f)
+                 if " ".join(fields[1:3]) == ends and fields[9] != "0"}
+    holders: list[int | str] = []
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in links:
+                    holders.append(pid)
+                    break
+            except OSError:  # a descriptor closed meanwhile
+                pass
+    return holders
+
+
 def read_until_eof(sock: socket.socket, timeout: float = 5) -> bytes:
     """In a thread: every byte until the server's FIN."""
     sock.settimeout(timeout)

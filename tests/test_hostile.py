@@ -36,6 +36,7 @@ from rawws import (
     RawWebSocket,
     close_payload,
     encode_frame,
+    holders_of_server_end,
     mask_payload,
     parse_frames,
     poll_until,
@@ -393,20 +394,8 @@ async def test_a_request_without_one_valid_host_gets_400(
 
 
 def server_end_held(port: int, client_port: int) -> bool:
-    """Whether this process (whose server it is) still holds a descriptor on the server's end of
-    the connection from ``client_port`` to 127.0.0.1:``port``. A socket closed with unsent data
-    stays in the TCP table, orphaned, with inode 0 and no descriptor."""
-    ends = f"0100007F:{port:04X} 0100007F:{client_port:04X}"
-    with open("/proc/self/net/tcp") as f:
-        links = {f"socket:[{fields[9]}]" for fields in map(str.split, f)
-                 if " ".join(fields[1:3]) == ends and fields[9] != "0"}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") in links:
-                return True
-        except OSError:  # closed meanwhile
-            pass
-    return False
+    """Whether this process (whose server it is) still holds the server's end of the connection."""
+    return holders_of_server_end(port, client_port, ["self"]) == ["self"]
 
 
 async def test_a_client_that_reads_none_of_a_response_is_dropped_after_handshake_timeout(

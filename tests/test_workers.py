@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 import brioche
 from brioche import server, websocket
 from conftest import ignore_sigint
+from rawws import holders_of_server_end
 
 APP = Path(__file__).with_name("workers_app.py")
 LISTENING = re.compile(r"(?P<workers>\d+) workers listening on port (?P<port>\d+) \(pids (?P<pids>[\d, ]+)\)")
@@ -276,21 +277,9 @@ def accepting_worker(port: int, client: ClientConnection, pids: set[int]) -> int
     socket's inode in /proc/net/tcp, then the worker with a descriptor on it. A handshake that
     completed was accepted, so the inode is set and in that worker's descriptor table.
     """
-    client_port = client.local_address[1]
-    ends = f"0100007F:{port:04X} 0100007F:{client_port:04X} 01"  # local, remote, ESTABLISHED
-    with open("/proc/net/tcp") as f:
-        inodes = [line.split()[9] for line in f if " ".join(line.split()[1:4]) == ends]
-    assert len(inodes) == 1 and inodes[0] != "0", (client_port, inodes)
-    socket_link = f"socket:[{inodes[0]}]"
-    holders = []
-    for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == socket_link:
-                    holders.append(pid)
-            except FileNotFoundError:  # a descriptor closed meanwhile
-                pass
-    assert len(holders) == 1, (socket_link, holders)
+    holders = holders_of_server_end(port, client.local_address[1], pids)
+    assert len(holders) == 1, (client.local_address, holders)
+    assert isinstance(holders[0], int)
     return holders[0]
 
 
