@@ -7,6 +7,7 @@ hostile input echoes after it, and so does a connection opened afterwards.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import socket
@@ -393,17 +394,23 @@ async def test_a_request_without_one_valid_host_gets_400(
     assert recorder.of("called") == [("/ws",)]
 
 
+def http_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "brioche.http"]
+
+
 def server_end_held(port: int, client_port: int) -> bool:
     """Whether this process (whose server it is) still holds the server's end of the connection."""
     return holders_of_server_end(port, client_port, ["self"]) == ["self"]
 
 
 async def test_a_client_that_reads_none_of_a_response_is_dropped_after_handshake_timeout(
-    serve: ServeFn,
+    serve: ServeFn, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A client that asks for a large response and never reads held the connection, and the
     response with it, for as long as it liked: a write that waits for the client's reading is
-    given ``handshake_timeout``, as the client's sending is."""
+    given ``handshake_timeout``, as the client's sending is. The drop is counted and logged."""
+    caplog.set_level(logging.INFO, logger="brioche.http")
+
     def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
         return None if srv.upgrade(request) else server.Response(body=b"x" * (8 * MIB))
 
@@ -419,6 +426,13 @@ async def test_a_client_that_reads_none_of_a_response_is_dropped_after_handshake
         # The response cannot fit the socket buffers; reading none of it, the client is dropped.
         assert await poll_until(lambda: not server_end_held(srv.port, client_port), 10), \
             "the server still holds the connection"
+        # Counted, then logged, once the connection's task has let go of it.
+        assert await poll_until(lambda: bool(http_lines(caplog)), TIMEOUT)
+        assert http_lines(caplog) == [
+            (logging.INFO, "dropped the connection from 127.0.0.1:%d: it read nothing of a response "
+             "for handshake_timeout" % client_port),
+        ]
+        assert (srv.stats()["responses_stalled"], srv.stats()["requests_rejected"]) == (1, 0)
     finally:
         sock.close()
     async with connect(ws_url(srv, "/after")) as client:

@@ -210,9 +210,11 @@ class Stats(TypedDict):
     and deliveries refused. ``handshakes_rejected`` counts WebSocket handshakes the core refused
     for what makes them handshakes (400, 426, 503), ``requests_rejected`` HTTP requests, a
     handshake among them, it refused before the handler for anything else (400 for the ``Host``
-    or a malformed request, 408, 413, 414, 431). ``open_connections`` and ``incoming_bytes`` are current values. A
-    connection is counted in ``connections_opened`` before its ``on_open`` runs, and in
-    ``connections_closed`` and ``closes_by_code`` before its ``on_close`` runs.
+    or a malformed request, 408, 413, 414, 431), and ``responses_stalled`` HTTP connections it
+    dropped because a response waited ``handshake_timeout`` on a client that read none of it.
+    ``open_connections`` and ``incoming_bytes`` are current values. A connection is counted in
+    ``connections_opened`` before its ``on_open`` runs, and in ``connections_closed`` and
+    ``closes_by_code`` before its ``on_close`` runs.
 
     With :meth:`~brioche.server.Config.pubsub_redis`: ``redis_published`` counts publishes
     written to Redis, ``redis_publishes_lost`` those the other processes never got (Redis down,
@@ -239,6 +241,7 @@ class Stats(TypedDict):
     sends_dropped: int
     handshakes_rejected: int
     requests_rejected: int
+    responses_stalled: int
     redis_published: int
     redis_publishes_lost: int
     redis_received: int

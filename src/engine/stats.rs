@@ -28,6 +28,9 @@ pub enum Counter {
     SendsDropped,
     HandshakesRejected,
     RequestsRejected,
+    /// HTTP connections dropped because the client read none of a response for
+    /// `handshake_timeout`.
+    ResponsesStalled,
     /// Publishes handed to Redis for the other processes.
     RedisPublished,
     /// Publishes the other processes never got: Redis was down, the broker's queue was full,
@@ -38,7 +41,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Counter::ConnectionsOpened,
         Counter::ConnectionsClosed,
         Counter::MessagesIn,
@@ -51,6 +54,7 @@ impl Counter {
         Counter::SendsDropped,
         Counter::HandshakesRejected,
         Counter::RequestsRejected,
+        Counter::ResponsesStalled,
         Counter::RedisPublished,
         Counter::RedisPublishesLost,
         Counter::RedisReceived,
@@ -70,6 +74,7 @@ impl Counter {
             Counter::SendsDropped => "sends_dropped",
             Counter::HandshakesRejected => "handshakes_rejected",
             Counter::RequestsRejected => "requests_rejected",
+            Counter::ResponsesStalled => "responses_stalled",
             Counter::RedisPublished => "redis_published",
             Counter::RedisPublishesLost => "redis_publishes_lost",
             Counter::RedisReceived => "redis_received",

@@ -648,6 +648,10 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             "refused a WebSocket handshake from %s: %d, %s",
         ),
         LogKind::RequestRejected => ("brioche.http", INFO, "refused a request from %s: %d, %s"),
+        LogKind::ResponseStalled => {
+            let format = "dropped the connection from %s: %s";
+            return codeless_log(py, "brioche.http", INFO, format, record);
+        }
         LogKind::ClientRefused => (
             "brioche.ws",
             INFO,
@@ -667,12 +671,12 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
         LogKind::RedisDown => {
             let format = "Redis pub/sub at %s is down (%s): other processes miss what this one \
                           publishes, and it misses theirs, until it is back; reconnecting";
-            return redis_log(py, WARNING, format, record);
+            return codeless_log(py, "brioche.redis", WARNING, format, record);
         }
         LogKind::RedisUp => {
             let format = "Redis pub/sub at %s is back (%s): what was published meanwhile did \
                           not cross between processes";
-            return redis_log(py, INFO, format, record);
+            return codeless_log(py, "brioche.redis", INFO, format, record);
         }
     };
     let args = (record.peer.as_str(), record.code, record.reason);
@@ -680,23 +684,16 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
     Ok(item.into_any())
 }
 
-/// A Redis line: no code, only the address and what happened.
-fn redis_log<'py>(
+/// A line with no code, only the address and what happened.
+fn codeless_log<'py>(
     py: Python<'py>,
+    logger: &'static str,
     level: u8,
     format: &'static str,
     record: &LogRecord,
 ) -> PyResult<Bound<'py, PyAny>> {
     let args = (record.peer.as_str(), record.reason);
-    let item = (
-        EVENT_LOG,
-        "brioche.redis",
-        level,
-        format,
-        args,
-        record.left_out,
-    )
-        .into_pyobject(py)?;
+    let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
     Ok(item.into_any())
 }
 

@@ -81,6 +81,8 @@ pub enum LogKind {
     HandshakeRejected,
     /// An HTTP request refused by the engine (408, 413, 431, malformed).
     RequestRejected,
+    /// An HTTP connection dropped because the client read none of a response in time.
+    ResponseStalled,
     /// A connection closed for breaking the protocol or a limit (1002, 1007, 1008, 1009).
     ClientRefused,
     IdleTimeout,
@@ -94,7 +96,7 @@ pub enum LogKind {
     RedisUp,
 }
 
-pub(crate) const LOG_KINDS: usize = 8;
+pub(crate) const LOG_KINDS: usize = 9;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

@@ -105,6 +105,8 @@ struct RequestClock {
     deadline: Mutex<Option<Instant>>,
     /// A request was under way when the deadline passed (and got its 408).
     expired_mid_request: AtomicBool,
+    /// A write waited the limit for the client to read, and the connection was dropped.
+    response_stalled: AtomicBool,
     /// How many times a running clock stopped: each time, the request before is all in, and
     /// what was read for it no longer says a request is under way. (A stalled request that
     /// arrived pipelined with the one before, in its reads, is therefore closed without its
@@ -208,6 +210,7 @@ impl TimedIo {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         if stall.as_mut().poll(cx).is_ready() {
             self.timed_out = true;
+            self.clock.response_stalled.store(true, Ordering::Relaxed);
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
         Poll::Pending
@@ -314,6 +317,7 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         limit: shared.config.header_read_timeout,
         deadline: Mutex::new(None),
         expired_mid_request: AtomicBool::new(false),
+        response_stalled: AtomicBool::new(false),
         stops: AtomicU64::new(0),
         start_on_read: AtomicBool::new(false),
     });
@@ -384,6 +388,14 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
             remote,
             StatusCode::REQUEST_TIMEOUT,
             "request too slow",
+        );
+    } else if clock.response_stalled.load(Ordering::Relaxed) {
+        shared.stats.add(Counter::ResponsesStalled, 1);
+        shared.log(
+            LogKind::ResponseStalled,
+            remote,
+            0,
+            "it read nothing of a response for handshake_timeout",
         );
     } else if let Err(err) = served {
         // hyper answered these itself (and closed the connection).
