@@ -91,6 +91,11 @@ def serve(started: list[brioche.Server[Any]]) -> ServeFn:
     return server_starter(started)
 
 
+def log_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[int, str]]:
+    """The level and message of each line ``caplog`` caught from the logger ``name``."""
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == name]
+
+
 _ports_given: set[int] = set()
 
 

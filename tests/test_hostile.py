@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidStatus
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, echo, upgrade_ws_path, ws_url
+from conftest import Recorder, ServeFn, echo, log_lines, upgrade_ws_path, ws_url
 from rawws import (
     OP_BINARY,
     OP_CLOSE,
@@ -394,10 +394,6 @@ async def test_a_request_without_one_valid_host_gets_400(
     assert recorder.of("called") == [("/ws",)]
 
 
-def http_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
-    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "brioche.http"]
-
-
 def server_end_held(port: int, client_port: int) -> bool:
     """Whether this process (whose server it is) still holds the server's end of the connection."""
     return holders_of_server_end(port, client_port, ["self"]) == ["self"]
@@ -427,8 +423,8 @@ async def test_a_client_that_reads_none_of_a_response_is_dropped_after_handshake
         assert await poll_until(lambda: not server_end_held(srv.port, client_port), 10), \
             "the server still holds the connection"
         # Counted, then logged, once the connection's task has let go of it.
-        assert await poll_until(lambda: bool(http_lines(caplog)), TIMEOUT)
-        assert http_lines(caplog) == [
+        assert await poll_until(lambda: bool(log_lines(caplog, "brioche.http")), TIMEOUT)
+        assert log_lines(caplog, "brioche.http") == [
             (logging.INFO, "dropped the connection from 127.0.0.1:%d: it read nothing of a response "
              "for handshake_timeout" % client_port),
         ]

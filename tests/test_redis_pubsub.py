@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import MessageSent, server, websocket
-from conftest import ServeFn, free_port, ws_url
+from conftest import ServeFn, free_port, log_lines, ws_url
 from test_workers import AppSupervisor, clients_covering, receive
 
 pytestmark = pytest.mark.skipif(
@@ -293,7 +293,7 @@ async def check_recovery(
     stats = srv.stats()
     assert stats["redis_publishes_lost"] >= 1
     assert stats["redis_connected"] == 1
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "brioche.redis"]
+    lines = log_lines(caplog, "brioche.redis")
     assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
     assert "is down" in lines[0][1] and "is back" in lines[1][1]
     return published
@@ -399,7 +399,7 @@ async def test_redis_restart_mid_stream(
     took = await until(lambda: any(int(m) >= restarted_at for m in remote.messages), "remote delivery to resume")
     assert took < 5
     published = await check_recovery(srv, local, remote, lambda: published, stop, stream, restarted_at, caplog)
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "brioche.redis"]
+    lines = log_lines(caplog, "brioche.redis")
     assert f"127.0.0.1:{redis.port}" in lines[0][1]
 
 

@@ -12,7 +12,7 @@ from websockets.asyncio.client import connect
 
 import brioche
 from brioche import MessageBackpressured, MessageDropped, websocket
-from conftest import Recorder, ServeFn, ws_url
+from conftest import Recorder, ServeFn, log_lines, ws_url
 from test_hostile import exchange as hostile_exchange
 from rawws import OP_TEXT, RawWebSocket, SendRecord, encode_frame, fill, numbered, poll_until
 
@@ -28,10 +28,6 @@ def echo_config(recorder: Recorder) -> websocket.Config[Any]:
         recorder.add("close", code)
 
     return websocket.init().on_text(on_text).on_bytes(on_bytes).on_close(on_close)
-
-
-def lines(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[int, str]]:
-    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == name]
 
 
 async def test_a_thousand_echoes_are_a_thousand_in_and_a_thousand_out(serve: ServeFn, recorder: Recorder) -> None:
@@ -125,7 +121,7 @@ async def test_drops_and_backpressure_are_counted_and_drops_logged_once_per_epis
         # The warning comes through the event queue: an open pushed after it flushes it through.
         async with connect(ws_url(srv), ping_interval=None):
             pass
-        assert lines(caplog, "brioche.ws") == [(
+        assert log_lines(caplog, "brioche.ws") == [(
             logging.WARNING,
             "dropping messages to 127.0.0.1 (0): backpressure limit exceeded; "
             "more drops are not logged until its queue drains",
@@ -163,7 +159,7 @@ async def test_a_close_for_the_backpressure_limit_is_counted_and_logged_once(
     assert dropped > 100
     stats = srv.stats()
     assert (stats["sends_dropped"], stats["closes_by_code"]) == (dropped, {1008: 1})
-    assert lines(caplog, "brioche.ws") == [(
+    assert log_lines(caplog, "brioche.ws") == [(
         logging.WARNING, "closed the connection to 127.0.0.1 with 1008: backpressure limit exceeded",
     )]
 
@@ -206,12 +202,12 @@ async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
     # A refusal hyper answers itself (the 431) is counted and logged when its connection ends,
     # after the client has closed; a line reaches `logging` through the event queue. The core
     # counts each refusal before it sends the line, so with the fourth line all four are counted.
-    await poll_until(lambda: len(lines(caplog, "brioche.http")) >= 4, 5)
+    await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 4, 5)
     stats = srv.stats()
     assert (stats["handshakes_rejected"], stats["requests_rejected"]) == (2, 2)
     # Each line names its client's own port; the 431's may come after the 503's.
     bad_version_port, too_big_port, huge_head_port, full_port = client_ports
-    assert sorted(lines(caplog, "brioche.http")) == sorted([
+    assert sorted(log_lines(caplog, "brioche.http")) == sorted([
         (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 426, unsupported Sec-WebSocket-Version"
          % bad_version_port),
         (logging.INFO, "refused a request from 127.0.0.1:%d: 413, body over max_request_body_size" % too_big_port),
@@ -232,7 +228,7 @@ async def test_protocol_errors_and_idle_timeouts_are_logged_per_connection(
         _, how = await silent.frames_until_end(timeout=5)
         assert how in ("eof", "reset")
     await recorder.wait_for(lambda: len(recorder.of("close")) == 2)
-    assert lines(caplog, "brioche.ws") == [
+    assert log_lines(caplog, "brioche.ws") == [
         (logging.INFO, "closing the connection from 127.0.0.1 with 1002: protocol error"),
         (logging.INFO, "closed the connection from 127.0.0.1 (1006): idle timeout"),
     ]
@@ -260,12 +256,12 @@ async def test_a_flood_of_bad_clients_gives_ten_lines_a_second_and_a_count_of_th
     for _ in range(50):
         await asyncio.to_thread(refused_once)
     await flush_events()
-    first = len(lines(caplog, "brioche.http"))
+    first = len(log_lines(caplog, "brioche.http"))
     assert 10 <= first <= 20, first  # 10 a second: the 50 fall in one second or two
     await asyncio.sleep(1.1)  # the next second's allowance (the behaviour under test is time)
     await asyncio.to_thread(refused_once)
     await flush_events()
-    logged = [message for _, message in lines(caplog, "brioche.http")]
+    logged = [message for _, message in log_lines(caplog, "brioche.http")]
     suffix = " more like this in the last seconds were not logged)"
     left_out = [int(m.rsplit("(", 1)[1].removesuffix(suffix)) for m in logged if m.endswith(suffix)]
     # The count left out rides on the kind's next line: the 51st's, or, when the flood crossed
@@ -295,8 +291,8 @@ async def test_a_request_cut_off_by_the_deadline_is_one_408_refusal(
     reply, how = await hostile_exchange(srv.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it")
     assert reply.startswith(b"HTTP/1.1 408 ") and how == "eof"
     # Counted, then logged, once the connection ends: after the client has closed its side.
-    await poll_until(lambda: len(lines(caplog, "brioche.http")) >= 1, 5)
+    await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 1, 5)
     assert srv.stats()["requests_rejected"] == 1
-    [(level, message)] = lines(caplog, "brioche.http")
+    [(level, message)] = log_lines(caplog, "brioche.http")
     assert level == logging.INFO
     assert message.startswith("refused a request from 127.0.0.1:") and message.endswith(": 408, request too slow")
