@@ -11,18 +11,18 @@ Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes 
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
 ``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s2 (S2's round
 trips, one in flight on each of 100 connections: the p50 in µs stands for the rate, lower is
-better, and the p99 is printed beside it), s3 (S3's fan-out;
-s3-1 and s3-256 with 1 and 256 messages outstanding), s10 (S10's fan-out of 1,024-byte
-messages, every subscriber reading), s5 (S5's connections/s), s8-churn (S8's
-subscribes+unsubscribes/s), s9 (S9's handshakes/s; s5 and s9 sample no CPU) or one of S7's
-(64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each); s1t and s3t
-are s1 and s3 over TLS. Every round starts each variant once (run.py's server start, CPU 0; load
+better, and the p99 is printed beside it), s3 (S3's fan-out; s3-1 and s3-256 with 1 and 256
+messages outstanding), s10 (S10's fan-out of 1,024-byte messages, every subscriber reading), s5
+(S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s; s8 its deliveries/s, and a run
+of either prints both), s9 (S9's handshakes/s; s5 and s9 sample no CPU) or one of S7's
+(64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each); s1t and s3t are s1
+and s3 over TLS. Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
-every other round, so the drift of a shared machine falls on all of them. Prints each run's
-rate and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on
-the machine moves less than the rate) and, where the load generator reports it, its own CPU
-share (near 100%, the client bounds the rate), then per variant the medians, and per pair of
-variants the median of the per-round ratios. Traffic: 127.0.0.1 only.
+every other round, so the drift of a shared machine falls on all of them. Prints each run's rate
+and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on the
+machine moves less than the rate) and, where the load generator reports it, its own CPU share
+(near 100%, the client bounds the rate), then per variant the medians, and per pair of variants
+the median of the per-round ratios. Traffic: 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -143,7 +143,13 @@ def main() -> int:
                         "per round trip")
             elif ns.cell == "s9":
                 what = f"{rate:,.0f}/s, connect→101 p99 {result['handshake_p99_us']:,.0f} µs"
-            elif ns.cell in ("s5", "s8-churn"):
+            elif ns.cell in ("s8", "s8-churn"):
+                # One run makes both of S8's figures, which trade against each other: both shown.
+                what = (f"{result['deliveries_per_s']:,.0f} deliveries/s, "
+                        f"{result['churn_ops_per_s']:,.0f} subscribe+unsubscribe/s")
+                if ns.cell == "s8":
+                    what += f", {cpu:.3f} CPU µs per delivery"
+            elif ns.cell == "s5":
                 what = f"{rate:,.0f}/s"
             else:
                 what = (f"{rate:,.0f} msg/s ({rate * size / 1e6:,.0f} MB/s), {cpu:.3f} CPU µs/msg "
