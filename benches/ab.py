@@ -32,6 +32,7 @@ import itertools
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,43 @@ TLS_CELLS = {tls.lower(): plain.lower() for tls, plain in TLS_SCENARIOS.items()}
 CELLS.update({tls: CELLS[plain] for tls, plain in TLS_CELLS.items()})
 
 
+LOOP_PROBE = Path(__file__).resolve().parent / "loop_probe"
+ROLES = ("echo", "sub", "pub", "churn", "topics", "other")
+
+
+def rounds_summary(path: Path, start: float, end: float) -> str:
+    """What the loop's rounds between `start` and `end` (``time.monotonic()``) did: one line
+    from the probe's file (see loop_probe/sitecustomize.py)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        return f"no rounds recorded ({e})"
+    rows = [line.split() for line in lines]
+    rows = [r for r in rows if len(r) == 10 and start <= float(r[0]) < end]
+    if not rows:
+        return "no rounds recorded in the measured window"
+    seconds = end - start
+    handlers = sum(float(r[1]) for r in rows)
+    writes = sum(float(r[2]) for r in rows)
+    rounds = [float(r[1]) + float(r[2]) for r in rows]
+    per_round = {role: sum(int(r[3 + i]) for r in rows) / len(rows) for i, role in enumerate(ROLES)}
+    roles = ", ".join(f"{count:,.1f} {role}" for role, count in per_round.items() if count)
+    return (f"{len(rows) / seconds:,.0f} rounds/s, median {statistics.median(rounds) * 1e3:.2f} ms "
+            f"({handlers / seconds:.0%} of the time in drains and handlers, {writes / seconds:.0%} "
+            f"in writes); messages a round: {roles or 'none'}")
+
+
 def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
-            duration: float = DURATION, tls: bool = False) -> tuple[float, float, dict[str, Any]]:
+            duration: float = DURATION, tls: bool = False,
+            rounds: Path | None = None) -> tuple[float, float, dict[str, Any]]:
     """One run: the cell's rate, the server's CPU µs per message, and the load generator's
-    whole result."""
-    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", tls_server_env() if tls else None)
+    whole result; with `rounds`, brioche's loop rounds are recorded there (`loop_probe/`) and
+    the result has the measured window's summary under "rounds"."""
+    env = tls_server_env() if tls else {}
+    if rounds is not None:
+        path = os.pathsep.join(p for p in (str(LOOP_PROBE), os.environ.get("PYTHONPATH")) if p)
+        env = {**env, "PYTHONPATH": path, "BRIOCHE_LOOP_PROBE_FILE": str(rounds)}
+    srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", env)
     err = srv.wait_ready()
     if err is not None:
         srv.stop()
@@ -90,6 +123,8 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
         if timed:
             sampler.start()
             args = {**args, "warmup": WARMUP, "duration": duration}
+        # The CPU sampler's window, which the rounds' summary uses too.
+        window = time.monotonic() + WARMUP + 0.5
         r = loadgen(scenario, srv.port, args, 70)
         if timed:
             sampler.join(5)
@@ -97,6 +132,8 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
         srv.stop()
     if "error" in r:
         raise RuntimeError(f"{name}: {r['error']}")
+    if rounds is not None:
+        r["rounds"] = rounds_summary(rounds, window, window + duration - 0.6)
     rate = float(r[cell[2]])
     cpu = sampler.pct if sampler.pct is not None else float("nan")
     # S2's "rate" is a latency: its CPU is per round trip, from the round trips it counted.
@@ -110,6 +147,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--cell", choices=sorted(CELLS), default="s1")
     ap.add_argument("--duration", type=float, default=DURATION, help="measured seconds per run")
+    ap.add_argument("--loop-probe", action="store_true",
+                    help="record brioche's loop rounds (loop_probe/sitecustomize.py) into "
+                    "benches/out/loop_probe/ and summarise each run's")
     ns = ap.parse_args()
     peers: dict[str, ServerSpec] | None = None
     variants: dict[str, ServerSpec] = {}
@@ -133,8 +173,12 @@ def main() -> int:
     for rnd in range(ns.rounds):
         order = list(variants) if rnd % 2 == 0 else list(reversed(variants))
         for name in order:
+            probe = None
+            if ns.loop_probe and variants[name].cmd[1:2] == ["brioche_server.py"]:
+                probe = OUT / "loop_probe" / f"ab-{name}-{rnd + 1}.txt"
+                probe.parent.mkdir(parents=True, exist_ok=True)
             rate, cpu, result = measure(name, variants[name], CELLS[ns.cell], ns.duration,
-                                tls=ns.cell in TLS_CELLS)
+                                        tls=ns.cell in TLS_CELLS, rounds=probe)
             rates[name].append(rate)
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
@@ -159,6 +203,8 @@ def main() -> int:
                 what += f", client CPU {result['client_cpu_pct']:.0f}%"
             print(f"round {rnd + 1} {name}: {what} (load average {os.getloadavg()[0]:.2f})",
                   flush=True)
+            if "rounds" in result:
+                print(f"    {result['rounds']}", flush=True)
     print()
     for name in variants:
         print(f"{name}: rate median {statistics.median(rates[name]):,.0f} "
