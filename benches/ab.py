@@ -22,7 +22,9 @@ every other round, so the drift of a shared machine falls on all of them. Prints
 and the server's CPU time per message (µs: server CPU share ÷ rate, which other work on the
 machine moves less than the rate) and, where the load generator reports it, its own CPU share
 (near 100%, the client bounds the rate), then per variant the medians, and per pair of variants
-the median of the per-round ratios. Traffic: 127.0.0.1 only.
+the median of the per-round ratios. With ``--loop-probe``, each brioche run also records its
+loop's rounds (loop_probe/sitecustomize.py) and prints what they did in the measured window.
+Traffic: 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ CELLS.update({tls: CELLS[plain] for tls, plain in TLS_CELLS.items()})
 
 
 LOOP_PROBE = Path(__file__).resolve().parent / "loop_probe"
+# A probe line's message counts, in the order loop_probe/sitecustomize.py writes them.
 ROLES = ("echo", "sub", "pub", "churn", "topics", "other")
 
 
@@ -101,14 +104,14 @@ def rounds_summary(path: Path, start: float, end: float) -> str:
 
 def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
             duration: float = DURATION, tls: bool = False,
-            rounds: Path | None = None) -> tuple[float, float, dict[str, Any]]:
+            loop_probe: Path | None = None) -> tuple[float, float, dict[str, Any]]:
     """One run: the cell's rate, the server's CPU µs per message, and the load generator's
-    whole result; with `rounds`, brioche's loop rounds are recorded there (`loop_probe/`) and
-    the result has the measured window's summary under "rounds"."""
+    whole result; with `loop_probe`, brioche's loop rounds are recorded in that file
+    (`loop_probe/`) and the result has the measured window's summary under "rounds"."""
     env = tls_server_env() if tls else {}
-    if rounds is not None:
+    if loop_probe is not None:
         path = os.pathsep.join(p for p in (str(LOOP_PROBE), os.environ.get("PYTHONPATH")) if p)
-        env = {**env, "PYTHONPATH": path, "BRIOCHE_LOOP_PROBE_FILE": str(rounds)}
+        env = {**env, "PYTHONPATH": path, "BRIOCHE_LOOP_PROBE_FILE": str(loop_probe)}
     srv = RunningServer(spec, OUT / "logs" / f"ab-{name}.log", env)
     err = srv.wait_ready()
     if err is not None:
@@ -132,8 +135,8 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
         srv.stop()
     if "error" in r:
         raise RuntimeError(f"{name}: {r['error']}")
-    if rounds is not None:
-        r["rounds"] = rounds_summary(rounds, window, window + duration - 0.6)
+    if loop_probe is not None:
+        r["rounds"] = rounds_summary(loop_probe, window, window + duration - 0.6)
     rate = float(r[cell[2]])
     cpu = sampler.pct if sampler.pct is not None else float("nan")
     # S2's "rate" is a latency: its CPU is per round trip, from the round trips it counted.
@@ -178,7 +181,7 @@ def main() -> int:
                 probe = OUT / "loop_probe" / f"ab-{name}-{rnd + 1}.txt"
                 probe.parent.mkdir(parents=True, exist_ok=True)
             rate, cpu, result = measure(name, variants[name], CELLS[ns.cell], ns.duration,
-                                        tls=ns.cell in TLS_CELLS, rounds=probe)
+                                        tls=ns.cell in TLS_CELLS, loop_probe=probe)
             rates[name].append(rate)
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
