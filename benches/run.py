@@ -32,6 +32,7 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
+import operator
 import os
 import platform
 import re
@@ -1252,39 +1253,44 @@ def evaluate_targets(scen: dict[str, Scenario],
                      "met": None if reported_only else ok, "detail": detail,
                      "reported_only": reported_only, "rounds_met": rounds})
 
+    def judge(target: str, results: dict[str, dict[str, Any]], servers: list[str], key: str,
+              ok: Callable[..., bool], detail: Callable[..., str],
+              reported_only: bool = False) -> None:
+        """A target that compares the cells of `key` of `servers` (the first is the one judged)
+        by `ok`, once on their medians and once round by round; `detail` shows the medians."""
+        medians = [median_of(results, server, key) for server in servers]
+        known = all(m is not None for m in medians)
+        others = medians[1:]
+        ref = None if any(m is None for m in others) else max(m for m in others if m is not None)
+        add(target, servers[0], medians[0], ref, bool(ok(*medians)) if known else None,
+            detail(*medians) if known else "n/a", reported_only,
+            rounds_met(results, servers, key, ok))
+
+    def ratio_to(name: str) -> Callable[[float, float], str]:
+        return lambda v, ref: f"{v / ref:.2f}× {name}"
+
+    def times(factor: float) -> Callable[[float, float], bool]:
+        return lambda v, ref: v >= factor * ref
+
+    def microseconds(v: float, ref: float) -> str:
+        return f"{v:,.0f} µs vs {ref:,.0f} µs"
+
     for who in ("brioche-asyncio", "brioche-uvloop"):
         r1 = scen["S1"].results
-        v, p, rust = (median_of(r1, who, "msgs_per_s"), median_of(r1, "picows", "msgs_per_s"),
-                      median_of(r1, "rust-engine", "msgs_per_s"))
-        add("S1 ≥ 2× picows", who, v, p, None if v is None or p is None else v >= 2 * p,
-            "n/a" if v is None or p is None else f"{v / p:.2f}× picows",
-            rounds=rounds_met(r1, [who, "picows"], "msgs_per_s", lambda a, b: a >= 2 * b))
-        add("S1 ≥ 50% of pure Rust", who, v, rust,
-            None if v is None or rust is None else v >= 0.5 * rust,
-            "n/a" if v is None or rust is None else f"{100 * v / rust:.0f}% of the engine alone",
-            rounds=rounds_met(r1, [who, "rust-engine"], "msgs_per_s",
-                              lambda a, b: a >= 0.5 * b))
-        r2 = scen["S2"].results
+        judge("S1 ≥ 2× picows", r1, [who, "picows"], "msgs_per_s", times(2), ratio_to("picows"))
+        judge("S1 ≥ 50% of pure Rust", r1, [who, "rust-engine"], "msgs_per_s", times(0.5),
+              lambda v, rust: f"{100 * v / rust:.0f}% of the engine alone")
         for key, name in (("p50_us", "p50"), ("p99_us", "p99")):
             for peer, label in (("picows", "picows"), ("bun", "Bun")):
-                v, p = median_of(r2, who, key), median_of(r2, peer, key)
-                add(f"S2 {name} ≤ {label}", who, v, p,
-                    None if v is None or p is None else v <= p,
-                    "n/a" if v is None or p is None else f"{v:,.0f} µs vs {p:,.0f} µs",
-                    rounds=rounds_met(r2, [who, peer], key, lambda a, b: a <= b))
+                judge(f"S2 {name} ≤ {label}", scen["S2"].results, [who, peer], key,
+                      operator.le, microseconds)
         names = {"S3": "S3 ≥ Bun"} | {
             sid: f"S3 at {window} outstanding ≥ Bun" for sid, window in FANOUT_WINDOWS.items()}
         for sid, name in names.items():
-            r3 = scen[sid].results
-            v, b = median_of(r3, who, "deliveries_per_s"), median_of(r3, "bun", "deliveries_per_s")
-            add(name, who, v, b, None if v is None or b is None else v >= b,
-                "n/a" if v is None or b is None else f"{v / b:.2f}× Bun",
-                rounds=rounds_met(r3, [who, "bun"], "deliveries_per_s", lambda a, b: a >= b))
-        r4 = scen["S4"].results
-        v, b = median_of(r4, who, "kib_per_conn"), median_of(r4, "bun", "kib_per_conn")
-        add("S4 ≤ Bun KiB/conn", who, v, b, None if v is None or b is None else v <= b,
-            "n/a" if v is None or b is None else f"{v:.2f} vs {b:.2f} KiB",
-            rounds=rounds_met(r4, [who, "bun"], "kib_per_conn", lambda a, b: a <= b))
+            judge(name, scen[sid].results, [who, "bun"], "deliveries_per_s", operator.ge,
+                  ratio_to("Bun"))
+        judge("S4 ≤ Bun KiB/conn", scen["S4"].results, [who, "bun"], "kib_per_conn",
+              operator.le, lambda v, b: f"{v:.2f} vs {b:.2f} KiB")
         r5 = scen["S5"].results
         g = median_of(r5, who, "rss_growth_pct")
         worst = None
@@ -1294,41 +1300,22 @@ def evaluate_targets(scen: dict[str, Scenario],
         add("S5 no RSS growth (±5%)", who, g, None, None if worst is None else worst <= 5.0,
             "n/a" if g is None else f"{g:+.1f}% (worst run {worst:.1f}%)",
             rounds=rounds_met(r5, [who], "rss_growth_pct", lambda a: abs(a) <= 5.0))
-        v, p = median_of(r5, who, "conns_per_s"), median_of(r5, "picows", "conns_per_s")
-        add("S5 conn/s ≥ picows", who, v, p, None if v is None or p is None else v >= p,
-            "n/a" if v is None or p is None else f"{v / p:.2f}× picows",
-            rounds=rounds_met(r5, [who, "picows"], "conns_per_s", lambda a, b: a >= b))
-        r8 = scen["S8"].results
+        judge("S5 conn/s ≥ picows", r5, [who, "picows"], "conns_per_s", operator.ge,
+              ratio_to("picows"))
         for key, label in (("deliveries_per_s", "deliveries/s"),
                            ("churn_ops_per_s", "subscribe+unsubscribe/s")):
-            v, b = median_of(r8, who, key), median_of(r8, "bun", key)
-            add(f"S8 {label} ≥ Bun", who, v, b, None if v is None or b is None else v >= b,
-                "n/a" if v is None or b is None else f"{v / b:.2f}× Bun",
-                rounds=rounds_met(r8, [who, "bun"], key, lambda a, b: a >= b))
+            judge(f"S8 {label} ≥ Bun", scen["S8"].results, [who, "bun"], key, operator.ge,
+                  ratio_to("Bun"))
         r9 = scen["S9"].results
-        for key, label, higher in (("handshakes_per_s", "handshakes/s", True),
-                                   ("handshake_p99_us", "connect→101 p99", False),
-                                   ("open_s", "time to open the idle connections", False)):
-            v, b = median_of(r9, who, key), median_of(r9, "bun", key)
-            ok = None if v is None or b is None else (v >= b if higher else v <= b)
-            if v is None or b is None:
-                detail = "n/a"
-            elif key == "open_s":
-                detail = f"{v:.2f} s vs {b:.2f} s"
-            elif key == "handshake_p99_us":
-                detail = f"{v:,.0f} µs vs {b:,.0f} µs"
-            else:
-                detail = f"{v / b:.2f}× Bun"
-            add(f"S9 {label} {'≥' if higher else '≤'} Bun", who, v, b, ok, detail,
-                rounds=rounds_met(r9, [who, "bun"], key,
-                                  (lambda a, b: a >= b) if higher else (lambda a, b: a <= b)))
+        judge("S9 handshakes/s ≥ Bun", r9, [who, "bun"], "handshakes_per_s", operator.ge,
+              ratio_to("Bun"))
+        judge("S9 connect→101 p99 ≤ Bun", r9, [who, "bun"], "handshake_p99_us", operator.le,
+              microseconds)
+        judge("S9 time to open the idle connections ≤ Bun", r9, [who, "bun"], "open_s",
+              operator.le, lambda v, b: f"{v:.2f} s vs {b:.2f} s")
         r10 = scen["S10"].results
-        v, b = (median_of(r10, who, "deliveries_per_s_slow"),
-                median_of(r10, "bun", "deliveries_per_s_slow"))
-        add("S10 one slow: deliveries/s ≥ Bun", who, v, b,
-            None if v is None or b is None else v >= b,
-            "n/a" if v is None or b is None else f"{v / b:.2f}× Bun",
-            rounds=rounds_met(r10, [who, "bun"], "deliveries_per_s_slow", lambda a, b: a >= b))
+        judge("S10 one slow: deliveries/s ≥ Bun", r10, [who, "bun"], "deliveries_per_s_slow",
+              operator.ge, ratio_to("Bun"))
         worst = min_of(r10, who, "slow_ratio")
         add("S10 one slow within 10% of all reading", who, worst, 0.9,
             None if worst is None else worst >= 0.9,
@@ -1345,50 +1332,27 @@ def evaluate_targets(scen: dict[str, Scenario],
             None if over is None or not reached else over <= limit,
             "n/a" if over is None else f"{over:+.1f} MiB, limit {limit} MiB" + (
                 "" if reached else " (not reached: the slow reader got every message)"))
-        r7 = scen["S7"].results
         for key, label, _, _ in LARGE_CELLS:
-            v, p, b = (median_of(r7, who, key), median_of(r7, "picows", key),
-                       median_of(r7, "bun", key))
-            ref = None if p is None or b is None else max(p, b)
-            add(f"S7 {label} ≥ picows and Bun", who, v, ref,
-                None if v is None or ref is None else v >= ref,
-                "n/a" if v is None or p is None or b is None
-                else f"{v:,.0f} MB/s: {v / p:.2f}× picows, {v / b:.2f}× Bun",
-                rounds=rounds_met(r7, [who, "picows", "bun"], key,
-                                  lambda a, p, b: a >= max(p, b)))
+            judge(f"S7 {label} ≥ picows and Bun", scen["S7"].results, [who, "picows", "bun"],
+                  key, lambda v, p, b: v >= max(p, b),
+                  lambda v, p, b: f"{v:,.0f} MB/s: {v / p:.2f}× picows, {v / b:.2f}× Bun")
     for tls_id, plain_id in TLS_SCENARIOS.items():
         if tls_id not in scen or not scen[tls_id].results:
             continue
-        key = scen[tls_id].metrics[0].key
-        rt = scen[tls_id].results
-        v, b = median_of(rt, "brioche-asyncio", key), median_of(rt, "bun", key)
-        add(f"{plain_id} over TLS ≥ Bun", "brioche-asyncio", v, b,
-            None if v is None or b is None else v >= b,
-            "n/a" if v is None or b is None else f"{v / b:.2f}× Bun",
-            rounds=rounds_met(rt, ["brioche-asyncio", "bun"], key, lambda a, b: a >= b))
+        judge(f"{plain_id} over TLS ≥ Bun", scen[tls_id].results, ["brioche-asyncio", "bun"],
+              scen[tls_id].metrics[0].key, operator.ge, ratio_to("Bun"))
     r1 = scen["S1"].results
     # The sync handler against another build of brioche (--extra-server, e.g. the commit
     # before a change): the same S1, in the same run.
     for other in [s for s in specs or [] if s.kind == "other-build"]:
-        v, b = median_of(r1, "brioche-asyncio", "msgs_per_s"), median_of(r1, other.name, "msgs_per_s")
-        add(f"sync S1 within 5% of {other.name}", "brioche-asyncio", v, b,
-            None if v is None or b is None else v >= 0.95 * b,
-            "n/a" if v is None or b is None else f"{v / b:.3f}× {other.name} ({v:,.0f} vs {b:,.0f})",
-            rounds=rounds_met(r1, ["brioche-asyncio", other.name], "msgs_per_s",
-                              lambda a, b: a >= 0.95 * b))
+        judge(f"sync S1 within 5% of {other.name}", r1, ["brioche-asyncio", other.name],
+              "msgs_per_s", times(0.95),
+              lambda v, b, name=other.name: f"{v / b:.3f}× {name} ({v:,.0f} vs {b:,.0f})")
     for version, who, sync, is_target in ASYNC_ROWS:
-        v, p, sy = (median_of(r1, who, "msgs_per_s"), median_of(r1, "picows", "msgs_per_s"),
-                    median_of(r1, sync, "msgs_per_s"))
-        add(f"S1 async {version} ≥ 2× picows", who, v, p,
-            None if v is None or p is None else v >= 2 * p,
-            "n/a" if v is None or p is None else f"{v / p:.2f}× picows",
-            reported_only=not is_target,
-            rounds=rounds_met(r1, [who, "picows"], "msgs_per_s", lambda a, b: a >= 2 * b))
-        add(f"S1 async {version} ≥ 0.4× sync", who, v, sy,
-            None if v is None or sy is None else v >= 0.4 * sy,
-            "n/a" if v is None or sy is None else f"{v / sy:.2f}× {sync}",
-            reported_only=not is_target,
-            rounds=rounds_met(r1, [who, sync], "msgs_per_s", lambda a, b: a >= 0.4 * b))
+        judge(f"S1 async {version} ≥ 2× picows", r1, [who, "picows"], "msgs_per_s", times(2),
+              ratio_to("picows"), reported_only=not is_target)
+        judge(f"S1 async {version} ≥ 0.4× sync", r1, [who, sync], "msgs_per_s", times(0.4),
+              ratio_to(sync), reported_only=not is_target)
     return rows
 
 
