@@ -64,6 +64,33 @@ async def test_one_frame_binary_messages_pipelined_come_back_exact_and_in_order(
             assert await client.recv() == payload
 
 
+async def test_one_frame_texts_of_64kib_and_more_come_back_exact_and_in_order(serve: ServeFn) -> None:
+    """Text of 64 KiB or more in one frame reaches the loop still masked and is unmasked by the
+    copy into its ``str``, ASCII checked in the same pass, anything else through the decoder.
+    Around the size where that starts, ASCII and not, with the one non-ASCII character first,
+    last or in a 32-byte block's tail; each payload differs at every position, so a key applied
+    at the wrong offset shows."""
+    srv = await serve(echo_config())
+
+    def ascii_of(size: int, n: int) -> str:
+        return "".join(chr(32 + (i * 7 + n) % 95) for i in range(size))
+
+    messages = [ascii_of(size, n) for n, size in enumerate([65_535, 65_536, 65_537, 300_001])]
+    messages += [
+        "é" + ascii_of(70_000, 1),
+        ascii_of(70_000, 2) + "🥐",
+        ascii_of(70_003, 3)[:-5] + "ü" + ascii_of(3, 4),
+        "€" * (1024 * 1024 // 3),
+        ascii_of(1024 * 1024 + 5, 5),
+        "small after them",
+    ]
+    async with connect(ws_url(srv), max_size=None) as client:
+        for message in messages:
+            await client.send(message)
+        for message in messages:
+            assert await client.recv() == message
+
+
 async def test_send_reports_utf8_length(serve: ServeFn, recorder: Recorder) -> None:
     srv = await serve(echo_config(recorder))
     async with connect(ws_url(srv)) as client:

@@ -128,6 +128,11 @@ VIOLATIONS = {
     "invalid-utf8-across-fragments": (
         [encode_frame(OP_TEXT, b"\xe2\x82", fin=False), encode_frame(OP_CONTINUATION, b"\x28")], 1007
     ),
+    # 64 KiB and over in one frame, text is checked on the loop thread, in its copy into a str:
+    # ASCII up to one bad byte, text that is not ASCII, and a sequence cut at the very end.
+    "invalid-utf8-large-ascii-text": ([encode_frame(OP_TEXT, b"a" * 70_000 + b"\xff" + b"b" * 30_000)], 1007),
+    "invalid-utf8-large-text": ([encode_frame(OP_TEXT, "é".encode() * 40_000 + b"\xc3\x28")], 1007),
+    "truncated-utf8-large-text": ([encode_frame(OP_TEXT, "€".encode() * 30_000 + "€".encode()[:2])], 1007),
     "unmasked-frame": ([encode_frame(OP_TEXT, b"hi", mask=False)], 1002),
     "rsv1-set": ([encode_frame(OP_TEXT, b"hi", rsv=4)], 1002),
     "rsv2-set": ([encode_frame(OP_BINARY, b"hi", rsv=2)], 1002),
@@ -179,6 +184,37 @@ async def test_replies_to_messages_before_a_violation_go_out_before_the_close(
     assert how == "eof"
     await recorder.wait_for(lambda: bool(recorder.of("close")))
     assert recorder.of("close") == [(1002,)]
+
+
+async def test_after_an_invalid_large_text_nothing_more_is_handled_and_the_close_is_1007(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A text message of 64 KiB or more in one frame has its UTF-8 checked on the loop thread,
+    after the worker has read on: the messages that came after an invalid one are dropped, those
+    before it answered first, and the close is 1007 then EOF, as when the worker finds it."""
+    srv = await serve(recording_echo(recorder))
+    bad = bytearray(b"x" * 100_000)
+    bad[50_000] = 0xFF
+    accented = "é" * 40_000
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(
+            encode_frame(OP_TEXT, b"before")
+            + encode_frame(OP_TEXT, accented.encode())
+            + encode_frame(OP_TEXT, bytes(bad))
+            + encode_frame(OP_TEXT, b"after")
+            + encode_frame(OP_BINARY, b"after")
+            + encode_frame(OP_PING, b"after")
+            + encode_frame(OP_TEXT, b"y" * 100_000)
+        )
+        frames, how = await client.frames_until_end()
+    texts = [(f.opcode, f.payload) for f in frames if f.opcode == OP_TEXT]
+    assert texts == [(OP_TEXT, b"before"), (OP_TEXT, accented.encode())]
+    assert frames[-1].close_code == 1007
+    assert how == "eof"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1007,)]
+    assert recorder.of("text") == [("before",), (accented,)]
+    assert recorder.of("bytes") == []
 
 
 async def test_fragmented_text_message_is_reassembled_and_delivered_once(serve: ServeFn, recorder: Recorder) -> None:

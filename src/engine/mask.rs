@@ -6,14 +6,14 @@
 //! (`ws/decode.rs`), or, for a binary message in one frame that did not arrive in one read
 //! (received into its own buffer, a large one straight from the socket), into the Python
 //! `bytes` the handler gets (`MaskedBytes`, unmasked on the loop thread by the copy that makes
-//! that object).
+//! that object); likewise a large text message in one frame, into its `str`.
 
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
 
-/// A binary message's payload, possibly still masked: `bytes` XORed with `key`, the key as it
-/// stands at the first byte. A key of zeros is a payload already unmasked (XOR with zeros
+/// A binary (or large text) message's payload, possibly still masked: `bytes` XORed with
+/// `key`, the key as it stands at the first byte. A key of zeros is a payload already unmasked (XOR with zeros
 /// leaves every byte as it is): every binary message but one in one frame that arrived over
 /// several reads.
 #[derive(Clone, Debug, Default)]
@@ -54,6 +54,14 @@ impl MaskedBytes {
         // SAFETY: `out` is valid for `len` bytes of writes, and apart from `self.bytes`
         // (a shared borrow cannot alias a unique one).
         unsafe { unmask_copy(&self.bytes, out.as_mut_ptr().cast(), self.key) }
+    }
+
+    /// As `copy_to`, and whether every byte written is ASCII, found in the same pass: a large
+    /// text's copy into a `str` checks it this way (`Incoming::MaskedText`).
+    pub fn copy_to_ascii(&self, out: &mut [MaybeUninit<u8>]) -> bool {
+        assert_eq!(out.len(), self.bytes.len());
+        // SAFETY: as in `copy_to`.
+        unsafe { unmask_copy_ascii(&self.bytes, out.as_mut_ptr().cast(), self.key) }
     }
 
     /// The payload unmasked: as it is if it is, in place if nothing else shares its buffer, or
@@ -159,6 +167,41 @@ unsafe fn unmask_copy(src: &[u8], dst: *mut u8, key: [u8; 4]) {
     }
 }
 
+/// `unmask_copy`, ORing every word written: whether all of `src`, unmasked, is ASCII (no byte
+/// with its high bit set). The OR costs no pass of its own: the words are in registers.
+///
+/// # Safety
+/// As `unmask_copy`.
+unsafe fn unmask_copy_ascii(src: &[u8], dst: *mut u8, key: [u8; 4]) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let len = src.len();
+    let src = src.as_ptr();
+    let wide = wide(key);
+    let mut seen = 0u64;
+    let mut i = 0;
+    while i + 32 <= len {
+        let [a, b, c, d] = src.add(i).cast::<[u64; 4]>().read_unaligned();
+        let block = [a ^ wide, b ^ wide, c ^ wide, d ^ wide];
+        seen |= block[0] | block[1] | block[2] | block[3];
+        dst.add(i).cast::<[u64; 4]>().write_unaligned(block);
+        i += 32;
+    }
+    while i + 8 <= len {
+        let word = src.add(i).cast::<u64>().read_unaligned() ^ wide;
+        seen |= word;
+        dst.add(i).cast::<u64>().write_unaligned(word);
+        i += 8;
+    }
+    let mut tail = 0u8;
+    while i < len {
+        let byte = *src.add(i) ^ key[i & 3];
+        tail |= byte;
+        *dst.add(i) = byte;
+        i += 1;
+    }
+    (seen & HIGH) == 0 && tail < 0x80
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +238,29 @@ mod tests {
         let mut other = plain_of(9);
         other[8] ^= 1;
         assert_ne!(masked(&plain_of(9)), masked(&other));
+    }
+
+    #[test]
+    fn copy_to_ascii_unmasks_and_finds_any_byte_past_ascii() {
+        for len in [0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 1000] {
+            let ascii: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8 & 0x7f).collect();
+            let mut out = vec![MaybeUninit::uninit(); len];
+            assert!(masked(&ascii).copy_to_ascii(&mut out), "{len} ASCII bytes");
+            // SAFETY: `copy_to_ascii` wrote all of it.
+            let copied: Vec<u8> = out.iter().map(|b| unsafe { b.assume_init() }).collect();
+            assert_eq!(copied, ascii, "{len} bytes");
+            // One byte past ASCII anywhere: in a 32-byte block, a word or the tail.
+            for at in 0..len {
+                let mut text = ascii.clone();
+                text[at] |= 0x80;
+                assert!(
+                    !masked(&text).copy_to_ascii(&mut out),
+                    "{len} bytes, at {at}"
+                );
+                let copied: Vec<u8> = out.iter().map(|b| unsafe { b.assume_init() }).collect();
+                assert_eq!(copied, text, "{len} bytes, at {at}");
+            }
+        }
     }
 
     /// `cargo test --release -- --ignored copy_speed --nocapture`: unmasking while copying 1 MiB

@@ -14,6 +14,7 @@ use rustc_hash::FxHashMap;
 use super::request::PendingRequest;
 use super::shared::release_sent;
 use super::status;
+use super::text::py_text;
 use super::websocket::{with_bytes, PyWebSocket};
 use super::{
     EVENT_BYTES, EVENT_BYTES_RUN, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN,
@@ -96,6 +97,7 @@ impl PyEngine {
         for event in events {
             let (id, changes_sockets) = match event {
                 Event::Text(id, _)
+                | Event::MaskedText(id, _)
                 | Event::Binary(id, _)
                 | Event::Drain(id)
                 | Event::Ping(id, _)
@@ -214,6 +216,24 @@ impl PyEngine {
                 let context = ws.get().context.clone_ref(py);
                 let item = (EVENT_TEXT, ws.clone_ref(py), text_obj, context).into_pyobject(py)?;
                 ws.get().conn.message_taken(text.len());
+                item.into_any()
+            }
+            Event::MaskedText(_, data) => {
+                let Some(ws) = ws else {
+                    return Ok(None);
+                };
+                let conn = &ws.get().conn;
+                let Some(text_obj) = py_text(py, data)? else {
+                    // Dropped, and the stream refused with 1007 by the connection's task, which
+                    // hands the close over as `Event::Fail`: after the handlers of the messages
+                    // before this one, as if the task had found it.
+                    conn.message_taken(data.len());
+                    conn.refuse_text();
+                    return Ok(None);
+                };
+                let context = ws.get().context.clone_ref(py);
+                let item = (EVENT_TEXT, ws.clone_ref(py), text_obj, context).into_pyobject(py)?;
+                conn.message_taken(data.len());
                 item.into_any()
             }
             Event::Binary(_, data) => {
@@ -529,6 +549,10 @@ impl PyEngine {
             let len = event.message_len();
             let ws = sockets.pop().flatten();
             if let Some(socket) = &ws {
+                if refused_message(socket, &event) {
+                    taken += len;
+                    continue;
+                }
                 match this.message_run(py, &event, socket, &batch, left) {
                     Ok(Some((item, followers))) => {
                         taken += len;
@@ -711,6 +735,26 @@ impl Drop for PyEngine {
         // Nobody can handle this server's events any more: stop it rather than leak its sockets.
         self.server.stop(true);
     }
+}
+
+/// A message of a connection whose stream was refused on this thread (`Conn::refuse_text`),
+/// which came after the invalid one: dropped unseen, as if the task had stopped reading there.
+/// Counted as taken.
+fn refused_message(ws: &Py<PyWebSocket>, event: &Event) -> bool {
+    let conn = &ws.get().conn;
+    let message = matches!(
+        event,
+        Event::Text(..)
+            | Event::MaskedText(..)
+            | Event::Binary(..)
+            | Event::Ping(..)
+            | Event::Pong(..)
+    );
+    if message && conn.text_refused() {
+        conn.message_taken(event.message_len());
+        return true;
+    }
+    false
 }
 
 /// A `bytes` of a binary message: a copy, which also unmasks it if it came still masked

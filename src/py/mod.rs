@@ -7,6 +7,7 @@ mod malloc;
 mod request;
 mod shared;
 mod status;
+mod text;
 mod websocket;
 
 use pyo3::prelude::*;

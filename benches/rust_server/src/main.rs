@@ -51,6 +51,20 @@ fn handle_other(event: Event, conns: &HashMap<u64, (Arc<Conn>, Role)>) {
                 conn.close(code, reason);
             }
         }
+        // A large text message, still masked: unmasked, checked and echoed (the bench sends
+        // valid text; invalid text is refused as the Python layer does, though the messages
+        // behind it are not dropped here).
+        Event::MaskedText(id, data) => {
+            if let Some((conn, _)) = conns.get(&id) {
+                conn.message_taken(data.len());
+                match std::str::from_utf8(&data.into_bytes()) {
+                    Ok(text) => {
+                        conn.send_text(text);
+                    }
+                    Err(_) => conn.refuse_text(),
+                }
+            }
+        }
         _ => {}
     }
 }

@@ -53,6 +53,10 @@ pub struct HttpRequest {
 pub enum Event<C> {
     Open(C),
     Text(u64, Utf8Bytes),
+    /// A large text message in one frame, still masked and its UTF-8 not checked yet: the copy
+    /// that hands it on unmasks and checks it, and invalid UTF-8 refuses the connection's
+    /// stream with 1007 from there (`Conn::refuse_text`), the events behind it dropped.
+    MaskedText(u64, MaskedBytes),
     /// Possibly still masked (`MaskedBytes`): unmasked by the copy that hands it to Python.
     Binary(u64, MaskedBytes),
     /// A congested connection has written everything it had queued.
@@ -118,7 +122,7 @@ impl<C> Event<C> {
     pub fn message_len(&self) -> usize {
         match self {
             Event::Text(_, text) => text.len(),
-            Event::Binary(_, data) => data.len(),
+            Event::Binary(_, data) | Event::MaskedText(_, data) => data.len(),
             Event::Ping(_, data) | Event::Pong(_, data) => data.len(),
             _ => 0,
         }

@@ -90,6 +90,8 @@ pub struct Conn {
     inflight_messages: AtomicUsize,
     inflight_bytes: AtomicUsize,
     paused_by_app: AtomicBool,
+    /// `refuse_text` was called: the messages queued behind the invalid one are dropped unseen.
+    text_refused: AtomicBool,
     /// permessage-deflate, when negotiated. Boxed: most connections have none.
     pub(crate) deflate: Option<Box<ConnDeflate>>,
 }
@@ -124,6 +126,8 @@ pub(crate) mod signal {
     pub const FLUSH: u8 = 2;
     /// Python took messages or resumed reading: the read side may go on.
     pub const RESUME: u8 = 4;
+    /// The loop found a large text message's UTF-8 invalid (`Conn::refuse_text`).
+    pub const REFUSE_TEXT: u8 = 8;
     /// A test asks the task to panic (`ws._inject_panic`), to check what a bug there leaves.
     pub const PANIC: u8 = 128;
 }
@@ -149,6 +153,7 @@ impl Conn {
             inflight_messages: AtomicUsize::new(0),
             inflight_bytes: AtomicUsize::new(0),
             paused_by_app: AtomicBool::new(false),
+            text_refused: AtomicBool::new(false),
             deflate: deflate.map(|params| {
                 Box::new(ConnDeflate {
                     params,
@@ -513,6 +518,21 @@ impl Conn {
         if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {
             self.signal(signal::RESUME);
         }
+    }
+
+    /// A large text message handed on unchecked (`Event::MaskedText`) is not valid UTF-8: the
+    /// connection's task refuses the stream with 1007, as it does for invalid text it checks
+    /// itself, and the messages it queued behind that one are dropped unseen (`text_refused`).
+    /// Called by whoever takes the connection's events, on that thread.
+    pub fn refuse_text(&self) {
+        self.text_refused.store(true, Ordering::Relaxed);
+        self.signal(signal::REFUSE_TEXT);
+    }
+
+    /// Whether `refuse_text` was called: the connection's messages still queued came after the
+    /// invalid one and are to be dropped, not handled (`message_taken` still counts them).
+    pub fn text_refused(&self) -> bool {
+        self.text_refused.load(Ordering::Relaxed)
     }
 
     /// Python asks to stop (or resume) reading, e.g. while a suspended handler has events parked.

@@ -15,8 +15,9 @@
 //!   `reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
 //!   on as it is (`Bytes::from`), with no copy. While a large part of a frame is still to come,
 //!   the socket is read straight into that buffer (`direct_room`) and unmasked there. A binary
-//!   message in one frame is the exception: it stays masked and is handed on with its key
-//!   (`MaskedBytes`), to be unmasked by the copy that hands it to Python (`engine/mask.rs`);
+//!   message in one frame is the exception, and so is a large text one (`MASKED_TEXT_MIN`): it
+//!   stays masked and is handed on with its key (`MaskedBytes`), to be unmasked by the copy
+//!   that hands it to Python (`engine/mask.rs`), which checks the text's UTF-8 too;
 //! - while the loop is behind (the connection's in-flight caps are reached and `deliver` asks to
 //!   stop): the rest of that read, unparsed, copied aside until the loop catches up.
 //!
@@ -25,7 +26,8 @@
 //! Limits are enforced from frame headers, before any payload is buffered: a frame or a
 //! fragmented message that would exceed `max_payload_length` is refused as soon as its header
 //! arrives, so a client can never make the server hold more than the limit. Text is validated
-//! as it arrives: invalid UTF-8 fails at the byte that makes it invalid, inside a frame too.
+//! as it arrives: invalid UTF-8 fails at the byte that makes it invalid, inside a frame too
+//! (but for a frame of `MASKED_TEXT_MIN` or more, checked on the loop thread once it has come).
 
 use std::mem::MaybeUninit;
 
@@ -41,14 +43,36 @@ use super::protocol::{
 };
 
 /// A complete message (or control frame) from the client.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub(crate) enum Incoming {
     Text(Utf8Bytes),
+    /// A text message in one frame of `MASKED_TEXT_MIN` bytes or more, still masked and its
+    /// UTF-8 not checked: the copy that makes Python's `str` unmasks and checks it in one pass,
+    /// and that check failing refuses the stream with 1007 from there.
+    MaskedText(MaskedBytes),
     Binary(MaskedBytes),
     Ping(Bytes),
     Pong(Bytes),
     /// The client's close frame: its code and reason, or `None` if it carried no code.
     Close(Option<(u16, String)>),
+}
+
+/// The same message, whatever its form: a text still masked (`MaskedText`) equals the `Text`
+/// it unmasks to, as `MaskedBytes` are equal whatever their masks. (For tests.)
+impl PartialEq for Incoming {
+    fn eq(&self, other: &Self) -> bool {
+        use Incoming::*;
+        match (self, other) {
+            (Text(a), Text(b)) => a == b,
+            (MaskedText(a), MaskedText(b)) | (Binary(a), Binary(b)) => a == b,
+            (Text(text), MaskedText(masked)) | (MaskedText(masked), Text(text)) => {
+                masked.clone().into_bytes() == text.as_bytes()
+            }
+            (Ping(a), Ping(b)) | (Pong(a), Pong(b)) => a == b,
+            (Close(a), Close(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// Why the client's stream was refused; each maps to the close code RFC 6455 asks for.
@@ -89,6 +113,16 @@ thread_local! {
 /// The most `INFLATE_INPUT` keeps between messages.
 const INFLATE_INPUT_KEEP: usize = 256 * 1024;
 
+/// A text frame (a whole message, not compressed) at least this long is kept masked and
+/// unchecked (`Incoming::MaskedText`). A large one has left the cache between the worker's
+/// unmasking and check and the loop's copy into a `str`, so those are passes of their own; the
+/// loop's copy does both instead (benches/PROFILE.md measured the 1 MiB echo 1.12x faster, and
+/// 64 KiB unchanged). Below it, text is checked as it arrives, so invalid UTF-8 fails at the read
+/// that brings it (Autobahn 6.4 sends its invalid text in small frames, in pieces, and wants
+/// that); a large frame with invalid UTF-8 is refused once it has all come, having held no more
+/// than a valid one of its size.
+pub(crate) const MASKED_TEXT_MIN: usize = 64 * 1024;
+
 /// The longest frame header: 2 bytes, a 64-bit length and the mask key.
 const MAX_HEAD: usize = 14;
 
@@ -122,7 +156,8 @@ struct Message {
     /// A binary message in one frame (not compressed) is kept as it came, masked with this
     /// key, and handed on masked (`MaskedBytes`): the copy into Python's `bytes` unmasks it
     /// in the same pass, where unmasking here would be a pass of its own over a payload that,
-    /// when large, has left the cache by then.
+    /// when large, has left the cache by then. So is a large text one (`MASKED_TEXT_MIN`),
+    /// unchecked.
     mask: Option<[u8; 4]>,
 }
 
@@ -522,13 +557,16 @@ impl MessageReader {
             payload
                 .try_reserve_exact(header.len)
                 .map_err(|_| Violation::TooBig)?;
-            let whole_binary = header.opcode == OP_BINARY && header.fin && !header.compressed;
+            let whole = header.fin && !header.compressed;
+            let keep_masked = whole
+                && (header.opcode == OP_BINARY
+                    || (header.opcode == OP_TEXT && header.len >= MASKED_TEXT_MIN));
             partial.message = Some(Message {
                 text: header.opcode == OP_TEXT,
                 compressed: header.compressed,
                 payload,
                 checked: 0,
-                mask: whole_binary.then_some(header.key),
+                mask: keep_masked.then_some(header.key),
             });
         }
         partial.frame = Some(Receiving {
@@ -654,7 +692,7 @@ impl MessageReader {
 
 impl Message {
     fn check_utf8(&mut self) -> Result<(), Violation> {
-        if !self.text || self.compressed {
+        if !self.text || self.compressed || self.mask.is_some() {
             return Ok(());
         }
         // simdutf8's `compat` says where invalid bytes start, as std's does (see `utf8`).
@@ -672,6 +710,12 @@ impl Message {
         if !self.text {
             let key = self.mask.unwrap_or_default();
             return Ok(Incoming::Binary(MaskedBytes::masked(
+                Bytes::from(self.payload),
+                key,
+            )));
+        }
+        if let Some(key) = self.mask {
+            return Ok(Incoming::MaskedText(MaskedBytes::masked(
                 Bytes::from(self.payload),
                 key,
             )));
@@ -1105,8 +1149,9 @@ mod tests {
 
     #[test]
     fn invalid_utf8_read_straight_in_fails_where_it_is() {
-        let mut text = "a".repeat(100_000).into_bytes();
-        text[70_000] = 0xFF;
+        // Under `MASKED_TEXT_MIN`: a larger frame is checked on the loop thread.
+        let mut text = "a".repeat(60_000).into_bytes();
+        text[40_000] = 0xFF;
         let mut stream = frame(0x82, b"first");
         stream.extend(frame(0x81, &text));
         let mut reader = MessageReader::new(1 << 20);
@@ -1116,8 +1161,8 @@ mod tests {
             vec![Incoming::Binary(Bytes::from_static(b"first").into())]
         );
         assert_eq!(result, Err(Violation::InvalidUtf8));
-        // It failed in the read that brought byte 70,000 (reads of 16 KiB), not at the frame's end.
-        assert!(direct < 70_000 + 16_384, "{direct}");
+        // It failed in the read that brought byte 40,000 (reads of 16 KiB), not at the frame's end.
+        assert!(direct < 40_000 + 16_384, "{direct}");
         assert!(reader.direct_room(1, 1).is_none() && !reader.receiving());
     }
 
@@ -1148,7 +1193,7 @@ mod tests {
     fn pointer(message: &Incoming) -> *const u8 {
         match message {
             Incoming::Text(text) => text.as_str().as_ptr(),
-            Incoming::Binary(data) => data.as_ptr(),
+            Incoming::Binary(data) | Incoming::MaskedText(data) => data.as_ptr(),
             Incoming::Ping(data) => data.as_ptr(),
             _ => std::ptr::null(),
         }
@@ -1313,13 +1358,43 @@ mod tests {
     }
 
     #[test]
+    fn a_large_text_frame_is_handed_on_masked_and_unchecked() {
+        // From `MASKED_TEXT_MIN` on, a text message in one frame is kept as it came and handed on
+        // masked, invalid UTF-8 and all: the loop's copy into a `str` checks it. One byte under,
+        // or in fragments, it is checked here and fails at the bad byte.
+        let len = MASKED_TEXT_MIN;
+        let mut payload = "a".repeat(len).into_bytes();
+        payload[len / 2] = 0xFF;
+        let mut fragmented = frame(0x01, &payload[..len / 4]);
+        fragmented.extend(frame(0x80, &payload[len / 4..]));
+        let under = frame(0x81, &payload[..len - 1]);
+        for step in [4096, 65_536] {
+            let mut reader = MessageReader::new(1 << 20);
+            let (got, result) =
+                feed_in_pieces(&mut reader, &frame(0x81, &payload), step, |_, _| {});
+            assert_eq!(result, Ok(()), "step {step}");
+            let [Incoming::MaskedText(masked)] = &got[..] else {
+                panic!("step {step}: {got:?}");
+            };
+            assert!(masked.as_unmasked().is_none(), "still masked");
+            assert_eq!(masked.clone().into_bytes(), payload);
+            for data in [&fragmented, &under] {
+                let mut reader = MessageReader::new(1 << 20);
+                let (got, result) = feed_in_pieces(&mut reader, data, step, |_, _| {});
+                assert_eq!((got, result), (vec![], Err(Violation::InvalidUtf8)));
+            }
+        }
+    }
+
+    #[test]
     fn invalid_utf8_inside_one_frame_fails_as_it_arrives() {
-        let mut payload = "\u{e9}".repeat(50_000).into_bytes();
-        payload[60_000] = 0xFF;
+        // Under `MASKED_TEXT_MIN`: a larger frame is checked on the loop thread.
+        let mut payload = "\u{e9}".repeat(30_000).into_bytes();
+        payload[40_000] = 0xFF;
         let data = frame(0x81, &payload);
-        let bad = data.len() - payload.len() + 60_000;
+        let bad = data.len() - payload.len() + 40_000;
         // Everything up to the bad byte, in pieces, then the piece with it: it fails there,
-        // 40,000 bytes before the frame ends.
+        // 20,000 bytes before the frame ends.
         let mut reader = MessageReader::new(1 << 20);
         let (_, result) = feed_in_pieces(&mut reader, &data[..bad], 4096, |_, _| {});
         assert_eq!(result, Ok(()));

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{signal, Conn, ReadyState};
-use super::decode::{Incoming, MessageReader};
+use super::decode::{Incoming, MessageReader, Violation};
 use super::encode::OutFrame;
 use super::outbound::Flushed;
 use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
@@ -258,10 +258,15 @@ impl Task {
 
     /// The message took longer than `message_timeout`: drop it and close with 1008.
     fn message_timed_out(&mut self) -> Ending {
+        self.refuse_now(1008, "message timeout")
+    }
+
+    /// Stop reading, drop what is partly read, and refuse the stream with `code`.
+    fn refuse_now(&mut self, code: u16, reason: &'static str) -> Ending {
         self.rx.reader.abandon();
         self.rx.since = None;
         self.release_budget();
-        refuse(&self.conn, 1008, "message timeout")
+        refuse(&self.conn, code, reason)
     }
 
     /// With pings, a silent client is pinged at 3/4 of the timeout and has the rest to answer.
@@ -318,6 +323,10 @@ impl Task {
     ) -> Step<Ending> {
         if self.conn.terminated.load(Ordering::Acquire) {
             return Step::Done(Ending::abrupt(1006, ""));
+        }
+        if signals & signal::REFUSE_TEXT != 0 {
+            let violation = Violation::InvalidUtf8;
+            return Step::Done(self.refuse_now(violation.close_code(), violation.reason()));
         }
         if signals & signal::STATE != 0
             && self.close_deadline.is_none()
@@ -672,6 +681,17 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
             messages += 1;
             data_bytes += text.len() as u64;
             hand_over(conn, text.len(), Event::Text(conn.id, text), &mut queued)
+        }
+        // Counted as read, like the messages read after it, if its UTF-8 then proves invalid.
+        Incoming::MaskedText(data) => {
+            messages += 1;
+            data_bytes += data.len() as u64;
+            hand_over(
+                conn,
+                data.len(),
+                Event::MaskedText(conn.id, data),
+                &mut queued,
+            )
         }
         Incoming::Binary(data) => {
             messages += 1;
