@@ -19,7 +19,7 @@ use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use pyo3::exceptions::PyUnicodeDecodeError;
+use pyo3::exceptions::{PySystemError, PyUnicodeDecodeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -45,29 +45,28 @@ pub(crate) fn py_text<'py>(
             if data.copy_to_ascii(out) {
                 return Ok(Some(ascii.cast_into_unchecked()));
             }
-            // Not ASCII: `chars` holds the text unmasked, for the decoder; `ascii` is dropped
-            // after, unseen.
-            return decode(py, chars, len);
+            // Not ASCII: `copy_to_ascii` wrote all of `out`, the text unmasked, for the
+            // decoder; `ascii` is dropped after, unseen.
+            return decode(py, std::slice::from_raw_parts(chars, len));
         }
     }
     let mut plain = Vec::with_capacity(len);
     data.copy_to(&mut plain.spare_capacity_mut()[..len]);
     // SAFETY: `copy_to` wrote all `len` bytes.
     unsafe { plain.set_len(len) };
-    decode(py, plain.as_ptr(), len)
+    decode(py, &plain)
 }
 
-/// The `len` bytes `bytes` points to, decoded as UTF-8; `Ok(None)` if they are not UTF-8.
-fn decode<'py>(
-    py: Python<'py>,
-    bytes: *const u8,
-    len: usize,
-) -> PyResult<Option<Bound<'py, PyString>>> {
-    // SAFETY: `bytes` is valid for `len` bytes of reads; the result is a new reference or NULL
+/// `bytes` decoded as UTF-8; `Ok(None)` if they are not UTF-8.
+fn decode<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Option<Bound<'py, PyString>>> {
+    // SAFETY: `bytes` is valid for its length of reads; the result is a new reference or NULL
     // with an exception set.
     let decoded = unsafe {
-        let ptr =
-            ffi::PyUnicode_DecodeUTF8(bytes.cast(), len as ffi::Py_ssize_t, c"strict".as_ptr());
+        let ptr = ffi::PyUnicode_DecodeUTF8(
+            bytes.as_ptr().cast(),
+            bytes.len() as ffi::Py_ssize_t,
+            c"strict".as_ptr(),
+        );
         Bound::from_owned_ptr_or_err(py, ptr)
     };
     match decoded {
@@ -88,7 +87,12 @@ fn ascii_chars(text: &Bound<'_, PyAny>, len: usize) -> PyResult<*mut u8> {
     if chars.is_null() {
         return Err(PyErr::fetch(text.py()));
     }
-    assert_eq!(size as usize, len, "an ASCII str's UTF-8 is its characters");
+    if size as usize != len {
+        // Not what the probe saw: no CPython gets here.
+        return Err(PySystemError::new_err(
+            "a new ASCII str's UTF-8 is not its characters",
+        ));
+    }
     Ok(chars.cast_mut().cast())
 }
 
