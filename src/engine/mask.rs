@@ -13,9 +13,9 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 
 /// A binary (or large text) message's payload, possibly still masked: `bytes` XORed with
-/// `key`, the key as it stands at the first byte. A key of zeros is a payload already unmasked (XOR with zeros
-/// leaves every byte as it is): every binary message but one in one frame that arrived over
-/// several reads.
+/// `key`, the key as it stands at the first byte. A key of zeros is a payload already unmasked
+/// (XOR with zeros leaves every byte as it is): every binary message but one in one frame that
+/// arrived over several reads.
 #[derive(Clone, Debug, Default)]
 pub struct MaskedBytes {
     bytes: Bytes,
