@@ -217,6 +217,44 @@ async def test_after_an_invalid_large_text_nothing_more_is_handled_and_the_close
     assert recorder.of("bytes") == []
 
 
+@pytest.mark.parametrize("size", [10, 100_000], ids=["found-by-the-worker", "found-on-the-loop"])
+async def test_invalid_text_behind_a_suspended_handler_closes_once_it_returns(
+    serve: ServeFn, recorder: Recorder, size: int
+) -> None:
+    """Invalid UTF-8 that arrives while an ``async`` handler of an earlier message is suspended
+    closes the connection with 1007 once that handler has returned and its reply gone out (the
+    close frame after it, then EOF), whether the worker found it (a small text) or the loop
+    thread (64 KiB and more); the message after it never reaches a handler. The reply and the
+    close are queued back to back, which raced with the task sealing the queue: the close frame
+    was sometimes refused, and the client got EOF without one."""
+    release = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text)
+        if text == "wait":
+            await release.wait()
+        ws.send(text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    bad = b"x" * size + b"\xff"
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(
+            encode_frame(OP_TEXT, b"wait") + encode_frame(OP_TEXT, bad) + encode_frame(OP_TEXT, b"after")
+        )
+        await recorder.wait_for(lambda: bool(recorder.of("text")))
+        release.set()
+        frames, how = await client.frames_until_end()
+    assert [(f.opcode, f.payload) for f in frames[:-1]] == [(OP_TEXT, b"wait")], frames
+    assert frames[-1].close_code == 1007, frames
+    assert how == "eof"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1007,)]
+    assert recorder.of("text") == [("wait",)]
+
+
 async def test_fragmented_text_message_is_reassembled_and_delivered_once(serve: ServeFn, recorder: Recorder) -> None:
     srv = await serve(recording_echo(recorder))
     async with await RawWebSocket.connect(srv.port) as client:

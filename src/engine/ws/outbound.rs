@@ -253,6 +253,11 @@ impl Outbound {
         self.queue.lock().sealed = true;
     }
 
+    /// Whether later frames are refused: after `seal`, or a push that sealed (a close frame).
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.queue.lock().sealed
+    }
+
     /// Write what is queued until it is all written or the kernel refuses more. Never blocks
     /// beyond the queue's lock, which is held only by another flush or a push.
     pub(crate) fn flush(&self) -> io::Result<Flushed> {

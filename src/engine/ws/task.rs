@@ -459,8 +459,13 @@ impl Task {
         signals: u8,
         mut timer: Pin<&mut Sleep>,
     ) -> Step<()> {
+        let timed_out = timer.as_mut().poll(cx).is_ready();
+        // `Conn::close` moves the state on before it queues its close frame, and finishing seals
+        // the queue: finish once that frame is in (the close signals the task then), or it is
+        // refused and the client gets no close frame; at the latest when the timer fires.
         if self.conn.terminated.load(Ordering::Acquire)
-            || self.conn.ready_state() != ReadyState::Open
+            || (self.conn.ready_state() != ReadyState::Open
+                && (self.conn.out.is_sealed() || timed_out))
         {
             let Phase::HandOver(ending) = std::mem::replace(&mut self.phase, Phase::Done) else {
                 unreachable!("called in the hand-over phase");
@@ -472,7 +477,7 @@ impl Task {
             self.finish(ending, timer);
             return Step::Progress;
         }
-        if timer.as_mut().poll(cx).is_ready() {
+        if timed_out {
             if let Phase::HandOver(ending) = &self.phase {
                 self.conn.close(ending.code, &ending.reason);
             }
