@@ -471,7 +471,9 @@ class Server(Generic[T]):
 
     @property
     def pending_websockets(self) -> int:
-        """WebSocket connections currently open (or being upgraded)."""
+        """WebSocket connections currently open: each counts from the write of its 101 (so in
+        ``on_open``) until it ends (so no longer in ``on_close``); a client that leaves before
+        its 101 is written never counts."""
         return self._engine.pending_websockets
 
     def stats(self) -> Stats:

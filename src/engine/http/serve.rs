@@ -668,7 +668,7 @@ async fn read_and_answer(
             (Some(on_upgrade), Some(key)) => {
                 slot.hand_over();
                 let (params, extensions) = deflate.unzip();
-                let conn = shared.register(id, remote.peer(), params);
+                let conn = shared.connection(id, remote.peer(), params);
                 shared.tracker.spawn(open_websocket(on_upgrade, conn));
                 let mut response = Response::new(Full::default());
                 *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -708,7 +708,8 @@ struct SlotGuard<'a> {
 }
 
 impl SlotGuard<'_> {
-    /// The connection now owns the slot; `Shared::unregister` gives it back.
+    /// The connection now owns the slot: `Shared::unregister` gives it back, or `open_websocket`
+    /// if the 101 cannot be written.
     fn hand_over(mut self) {
         self.held = false;
     }
@@ -735,12 +736,16 @@ async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
         // A task of its own, sized for the connection alone: this one, with the upgrade's
         // state in it, ends here.
         Some((stream, read_buf)) => {
+            // Counted from here, where the 101 is written: a client gone before then (its write
+            // failed) is never counted, not even between the handler's upgrade and the write.
+            conn.shared.register(&conn);
             let tracker = conn.shared.tracker.clone();
             tracker.spawn(task::run(conn, stream, read_buf));
         }
         None => {
             conn.set_state(ReadyState::Closed);
-            conn.shared.unregister(conn.id);
+            // Never registered, so `unregister` would not give its `max_connections` slot back.
+            conn.shared.release_slot();
             conn.shared.events.push(Event::UpgradeFailed(conn.id));
         }
     }

@@ -98,15 +98,19 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn register(
+    /// A connection whose 101 is yet to be written: not counted, nor closed by `stop`, until
+    /// `register` (a client that leaves before the 101 never shows in `pending_websockets`).
+    pub(crate) fn connection(
         self: &Arc<Self>,
         id: u64,
         remote: Peer,
         deflate: Option<DeflateParams>,
     ) -> Arc<Conn> {
-        let conn = Arc::new(Conn::new(id, remote, self.clone(), deflate));
-        self.conns.lock().insert(id, conn.clone());
-        conn
+        Arc::new(Conn::new(id, remote, self.clone(), deflate))
+    }
+
+    pub(crate) fn register(&self, conn: &Arc<Conn>) {
+        self.conns.lock().insert(conn.id, conn.clone());
     }
 
     pub(crate) fn unregister(&self, id: u64) {
@@ -413,7 +417,7 @@ mod tests {
         let (remote, mut inbox) = Remote::new();
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
         let conns: Vec<_> = (1..=3)
-            .map(|id| shared.register(id, Peer::Ip([127, 0, 0, 1].into()), None))
+            .map(|id| shared.connection(id, Peer::Ip([127, 0, 0, 1].into()), None))
             .collect();
         for conn in &conns {
             conn.subscribe("room");

@@ -839,7 +839,8 @@ mod tests {
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
-            let conn = shared.register(1, crate::engine::net::Peer::Ip(addr.ip()), None);
+            let conn = shared.connection(1, crate::engine::net::Peer::Ip(addr.ip()), None);
+            shared.register(&conn);
             let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
             // Each carries one pointer for permessage-deflate (8 bytes), `None` unless negotiated.
             // The `Conn` also carries two prefetch hints (16 bytes, `Outbound::prefetch_targets`).
