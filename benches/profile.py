@@ -59,6 +59,10 @@ SCENARIO_ARGS = {
     **{f"S7-{tag}-{kind}": ("echo-throughput", {"conns": 10, "inflight": 4, "size": size,
                                                 "binary": int(kind == "binary")})
        for tag, size in (("64k", 64 * 1024), ("1m", 1024 * 1024)) for kind in ("binary", "text")},
+    # S9's handshakes: S5's churn without the echo, long enough to profile (about 10 s).
+    "S9": ("churn", {"cycles": 400_000, "mark": 1_000, "concurrency": 32, "echo": 0, "hold": 60}),
+    # S10's first run, every subscriber reading: S3 with run.py's 1,024-byte messages.
+    "S10": ("fanout", {"conns": 1000, "window": 32, "size": run.SLOW_SIZE}),
 }
 
 
