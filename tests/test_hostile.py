@@ -1162,3 +1162,53 @@ async def test_handshakes_past_max_connections_get_503_until_one_closes(
     await recorder.wait_for(lambda: srv.pending_websockets == 0 and len(recorder.of("close")) >= 2)
     async with connect(ws_url(srv, "/ws?d")) as third:
         await echo(third, "a freed slot is reused")
+
+
+async def test_a_handshake_whose_client_left_before_its_101_gives_its_slot_back(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The one slot of max_connections=1 is taken by a handshake the handler accepts after its
+    client reset the socket: the 101 cannot be written, and the slot must come back."""
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.query == "gone":
+            entered.set()
+            await release.wait()
+        return server.upgrade(srv, request, [], request.query, server.bad_request)
+
+    srv = await serve(echo_config(recorder), handler=handler, max_connections=1)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", srv.port)), TIMEOUT)
+        await loop.sock_sendall(sock, (
+            "GET /ws?gone HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        await asyncio.wait_for(entered.wait(), TIMEOUT)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    release.set()
+
+    # The engine gives the slot back once the 101's write has failed, on its own time: until
+    # then a handshake gets 503, after it a 101.
+    async def upgraded() -> bool:
+        try:
+            async with connect(ws_url(srv, "/ws?next"), open_timeout=TIMEOUT) as client:
+                await echo(client, "the slot came back")
+                return True
+        except InvalidStatus as refused:
+            assert refused.response.status_code == 503
+            return False
+
+    for _ in range(100):
+        if await upgraded():
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("max_connections' one slot never came back")
+    assert [e[0] for e in recorder.of("open")] == ["next"]
