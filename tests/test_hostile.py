@@ -1184,10 +1184,7 @@ async def test_a_handshake_whose_client_left_before_its_101_gives_its_slot_back(
     sock.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", srv.port)), TIMEOUT)
-        await loop.sock_sendall(sock, (
-            "GET /ws?gone HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        await loop.sock_sendall(sock, upgrade_head("/ws?gone"))
         await asyncio.wait_for(entered.wait(), TIMEOUT)
     finally:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
