@@ -195,6 +195,42 @@ async def test_ws_data_is_assignable_and_each_connection_keeps_its_own(serve: Se
         assert await recv(two) == "two 1"
 
 
+
+async def test_ws_data_releases_each_value_it_held(serve: ServeFn, recorder: Recorder) -> None:
+    """A replaced value is released at once, and the last one when the connection's object goes:
+    ``ws.data`` owns one reference, whatever was assigned in between."""
+    import weakref
+
+    from rawws import poll_until
+
+    class Token:
+        pass
+
+    refs: list[weakref.ref[Token]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.data = Token()
+        refs.append(weakref.ref(ws.data))
+        ws.data = Token()
+        refs.append(weakref.ref(ws.data))
+        recorder.add("first released", refs[0]() is None)
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send(f"{type(ws.data).__name__} {ws.data is refs[1]()}")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        assert await recv(client) == "Token True"
+    await recorder.wait_for(lambda: recorder.of("close") == [(1000,)], 5)
+    assert recorder.of("first released") == [(True,)]
+    # The connection's object goes once the loop is done with its last event; no cycle holds it.
+    assert await poll_until(lambda: refs[1]() is None, 5), "the last value outlived its connection"
+
+
 # -- srv.reload --------------------------------------------------------------------------------
 
 
