@@ -500,8 +500,10 @@ impl Conn {
 
     // Read-side flow control: messages handed to the event queue but not yet taken by Python.
 
-    pub(crate) fn message_queued(&self, len: usize) {
-        self.inflight_messages.fetch_add(1, Ordering::Relaxed);
+    /// `count` messages of `len` bytes in all are about to be queued: counted before the loop
+    /// can take (and subtract) them.
+    pub(crate) fn messages_queued(&self, count: usize, len: usize) {
+        self.inflight_messages.fetch_add(count, Ordering::Relaxed);
         self.inflight_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
@@ -549,9 +551,17 @@ impl Conn {
     }
 
     pub(crate) fn reading_paused(&self) -> bool {
+        self.reading_paused_with(0, 0)
+    }
+
+    /// `reading_paused` once `count` messages of `len` bytes not counted yet are: what a read
+    /// still gathering its messages asks. It may answer yes where the count, once made, is
+    /// under the caps (Python took messages meanwhile): parsing then stops early, and the
+    /// task's next turn finds reading not paused and parses on.
+    pub(crate) fn reading_paused_with(&self, count: usize, len: usize) -> bool {
         self.paused_by_app.load(Ordering::Relaxed)
-            || self.inflight_messages.load(Ordering::Relaxed) >= MAX_INFLIGHT_MESSAGES
-            || self.inflight_bytes.load(Ordering::Relaxed) >= MAX_INFLIGHT_BYTES
+            || self.inflight_messages.load(Ordering::Relaxed) + count >= MAX_INFLIGHT_MESSAGES
+            || self.inflight_bytes.load(Ordering::Relaxed) + len >= MAX_INFLIGHT_BYTES
     }
 }
 
