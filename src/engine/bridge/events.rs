@@ -252,6 +252,18 @@ mod tests {
         crate::engine::bridge::wake::poll_readable(fd, 0)
     }
 
+    /// Drain `q`, which holds only `Event::Drain`s: their ids, in queue order.
+    fn drained_ids(q: &EventQueue<()>) -> Vec<u64> {
+        let mut out = Vec::new();
+        q.drain_into(&mut out);
+        out.iter()
+            .map(|e| match e {
+                Event::Drain(id) => *id,
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
     #[test]
     fn deferred_wake_waits_for_the_flush_or_the_event_cap() {
         let q = EventQueue::<()>::new().unwrap();
@@ -279,16 +291,7 @@ mod tests {
         q.push(Event::Drain(0));
         q.push_all((1..4).map(Event::Drain));
         q.push_all(std::iter::empty());
-        let mut out = Vec::new();
-        q.drain_into(&mut out);
-        let ids: Vec<u64> = out
-            .iter()
-            .map(|e| match e {
-                Event::Drain(id) => *id,
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(ids, vec![0, 1, 2, 3]);
+        assert_eq!(drained_ids(&q), vec![0, 1, 2, 3]);
         defer_wakes_on_this_thread();
         q.push_all((0..MAX_DEFERRED_EVENTS as u64 - 1).map(Event::Drain));
         assert!(
@@ -309,18 +312,7 @@ mod tests {
         for id in 0..3 {
             q.push(Event::Drain(id));
         }
-        let mut out = Vec::new();
-        q.drain_into(&mut out);
-        let ids: Vec<u64> = out
-            .iter()
-            .map(|e| match e {
-                Event::Drain(id) => *id,
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(ids, vec![0, 1, 2]);
-        let mut again = Vec::new();
-        q.drain_into(&mut again);
-        assert!(again.is_empty());
+        assert_eq!(drained_ids(&q), vec![0, 1, 2]);
+        assert!(drained_ids(&q).is_empty());
     }
 }
