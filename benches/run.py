@@ -186,6 +186,14 @@ def machine_info(peers: dict[str, str]) -> dict[str, Any]:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     bun = bun_binary()
+    # Every server's sends go through them: BBR without the fq qdisc paces in TCP itself.
+    tcp = {}
+    for key, path in (("congestion_control", "net/ipv4/tcp_congestion_control"),
+                      ("default_qdisc", "net/core/default_qdisc")):
+        try:
+            tcp[key] = Path("/proc/sys", path).read_text().strip()
+        except OSError:
+            tcp[key] = "?"
     commit = first(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "python",
                 "Cargo.toml", "pyproject.toml"]).stdout.strip()
@@ -194,6 +202,7 @@ def machine_info(peers: dict[str, str]) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_gib, 1),
         "kernel": platform.release(),
+        "tcp": tcp,
         "os": first(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "python": first([str(MAIN_PY), "--version"]),
         "rustc": first(["rustc", "--version"]),
@@ -1373,7 +1382,9 @@ def write_markdown(data: dict[str, Any], scen: list[Scenario], specs: list[Serve
         "",
         f"- CPU: {meta['machine']['cpu_model']}, {meta['machine']['cpus']} CPUs, "
         f"{meta['machine']['memory_gib']} GiB; {meta['machine']['os']}, "
-        f"kernel {meta['machine']['kernel']} (a shared, noisy VM)",
+        f"kernel {meta['machine']['kernel']} (a shared, noisy VM)"
+        + (f"; TCP congestion control {tcp['congestion_control']}, default qdisc "
+           f"{tcp['default_qdisc']}" if (tcp := meta["machine"].get("tcp")) else ""),
         f"- {meta['machine']['python']}; {meta['machine']['rustc']}; Bun "
         f"{meta['machine']['bun']}; brioche at {meta['machine']['brioche_commit']}, extension "
         f"built {meta['machine']['brioche_extension'].get('mtime', '?')} "
