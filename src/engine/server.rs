@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,6 +193,9 @@ impl Server {
         shared.shutdown.cancel();
         if close_active {
             shared.closing_all.store(true, Ordering::Release);
+            // Pairs with the fence in `ws::task::run`, between a connection's `Open` state and
+            // its own read of `closing_all`.
+            fence(Ordering::SeqCst);
             let conns: Vec<Arc<Conn>> = shared.conns.lock().values().cloned().collect();
             for conn in conns {
                 conn.close(1001, "server shutting down");

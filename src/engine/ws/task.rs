@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -92,6 +92,11 @@ pub(crate) fn run(
     // comes before the count.
     conn.shared.stats.add(Counter::ConnectionsOpened, 1);
     conn.shared.events.push(Event::Open(conn.clone()));
+    // Pairs with the fence in `Server::stop`, which stores `closing_all` and then closes every
+    // open connection: each side stores, fences, then reads what the other stored, so at
+    // least one of them sees this connection open and closes it. Release and acquire alone
+    // would let both read the old values (a store then a load of another atomic).
+    fence(Ordering::SeqCst);
     if conn.shared.closing_all.load(Ordering::Acquire) {
         conn.close(1001, "server shutting down");
     }
