@@ -187,7 +187,7 @@ def machine_info(peers: dict[str, str]) -> dict[str, Any]:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     bun = bun_binary()
     # Every server's sends go through them: BBR without the fq qdisc paces in TCP itself.
-    tcp = {}
+    tcp: dict[str, str] = {}
     for key, path in (("congestion_control", "net/ipv4/tcp_congestion_control"),
                       ("default_qdisc", "net/core/default_qdisc")):
         try:
