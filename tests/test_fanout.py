@@ -315,20 +315,17 @@ async def test_events_queued_during_a_long_fan_out_write_are_handled_in_one_batc
         async def collect(client: ClientConnection) -> list[str | bytes]:
             return [await client.recv(), await client.recv()]
 
-        def drained(count: int) -> Callable[[], bool]:
-            return lambda: len(recorder.of("drain")) == count
-
-        def bursts(count: int) -> Callable[[], bool]:
-            return lambda: len(recorder.of("burst")) == count
+        def recorded(kind: str, count: int) -> Callable[[], bool]:
+            return lambda: len(recorder.of(kind)) == count
 
         for round_ in range(1, rounds + 1):
             await publisher.send("fan")
             received = await asyncio.wait_for(asyncio.gather(*(collect(c) for c in subs)), 30)
             assert received == [[big, big]] * subscribers
             del received
-            await recorder.wait_for(bursts(len(burst) * round_))
+            await recorder.wait_for(recorded("burst", len(burst) * round_))
             # Each subscriber's 512 KiB passed the high-water mark, so each has its on_drain.
-            await recorder.wait_for(drained(subscribers * round_))
+            await recorder.wait_for(recorded("drain", subscribers * round_))
             handled = [(text, turn) for ((r, text, turn),) in recorder.of("burst") if r == round_]
             assert [text for text, _ in handled] == burst
             if 3 * handler_seconds[-1] <= writes_seconds[-1]:
