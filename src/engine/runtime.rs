@@ -16,19 +16,41 @@ fn worker_threads() -> usize {
 pub(crate) fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
-        Builder::new_multi_thread()
-            .worker_threads(worker_threads())
-            .thread_name("brioche-worker")
-            // Wake the asyncio loop once per poll cycle, not per first event (bridge/events.rs).
-            .on_thread_start(|| {
-                crate::engine::bridge::events::defer_wakes_on_this_thread();
-                yield_to_the_loop_on_wake_up();
-            })
-            .on_thread_park(crate::engine::bridge::events::flush_deferred_wakes)
-            .enable_all()
+        builder(worker_threads())
             .build()
             .expect("cannot start the tokio runtime")
     })
+}
+
+fn builder(workers: usize) -> Builder {
+    let mut builder = Builder::new_multi_thread();
+    builder
+        .worker_threads(workers)
+        .thread_name("brioche-worker")
+        // Wake the asyncio loop once per poll cycle, not per first event (bridge/events.rs).
+        .on_thread_start(|| {
+            crate::engine::bridge::events::defer_wakes_on_this_thread();
+            yield_to_the_loop_on_wake_up();
+        })
+        .on_thread_park(crate::engine::bridge::events::flush_deferred_wakes)
+        .enable_all();
+    run_tasks_in_wake_order(&mut builder);
+    builder
+}
+
+/// Without the LIFO slot a worker runs the tasks it woke in the order it woke them. With it, the
+/// last connection a poll of the sockets woke ran first, and the order of the worker's visits
+/// shifted each cycle: the same polls, schedules and syscalls per message, but S2's round trips
+/// cost 4-6% more CPU, the clearest part of it in the kernel's per-socket lookups
+/// (ARCHITECTURE.md, Threads). The slot helps a task that wakes another to hand it a message;
+/// the engine's connection tasks are woken by their sockets and by the loop thread.
+/// `disable_lifo_slot` needs `--cfg tokio_unstable` (.cargo/config.toml); a build without it
+/// (RUSTFLAGS set in the environment replaces that file's flags) keeps tokio's default.
+fn run_tasks_in_wake_order(builder: &mut Builder) {
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    #[cfg(not(tokio_unstable))]
+    let _ = builder;
 }
 
 /// Make this (worker) thread SCHED_BATCH: same share of the CPU, but its wake-ups do not preempt
@@ -46,5 +68,35 @@ fn yield_to_the_loop_on_wake_up() {
             let param = libc::sched_param { sched_priority: 0 };
             libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_worker_runs_the_tasks_it_woke_in_the_order_it_woke_them() {
+        let rt = super::builder(1).build().unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let in_worker = {
+            let order = order.clone();
+            // Spawned from a task, so scheduled by the worker itself (where the LIFO slot is).
+            rt.spawn(async move {
+                (0..4)
+                    .map(|i| {
+                        let order = order.clone();
+                        tokio::spawn(async move { order.lock().unwrap().push(i) })
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        rt.block_on(async {
+            for task in in_worker.await.unwrap() {
+                task.await.unwrap();
+            }
+        });
+        // With the LIFO slot: [3, 0, 1, 2].
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3]);
     }
 }
