@@ -34,23 +34,17 @@ fn builder(workers: usize) -> Builder {
         })
         .on_thread_park(crate::engine::bridge::events::flush_deferred_wakes)
         .enable_all();
-    run_tasks_in_wake_order(&mut builder);
-    builder
-}
-
-/// Without the LIFO slot a worker runs the tasks it woke in the order it woke them. With it, the
-/// last connection a poll of the sockets woke ran first, and the order of the worker's visits
-/// shifted each cycle: the same polls, schedules and syscalls per message, but S2's round trips
-/// cost 4-6% more CPU, the clearest part of it in the kernel's per-socket lookups
-/// (ARCHITECTURE.md, Threads). The slot helps a task that wakes another to hand it a message;
-/// the engine's connection tasks are woken by their sockets and by the loop thread.
-/// `disable_lifo_slot` needs `--cfg tokio_unstable` (.cargo/config.toml); a build without it
-/// (RUSTFLAGS set in the environment replaces that file's flags) keeps tokio's default.
-fn run_tasks_in_wake_order(builder: &mut Builder) {
+    // Without the LIFO slot a worker runs the tasks it woke in the order it woke them. With it,
+    // the last connection a poll of the sockets woke ran first, and the order of the worker's
+    // visits shifted each cycle: the same polls, schedules and syscalls per message, but S2's
+    // round trips cost 4-6% more CPU, the clearest part of it in the kernel's per-socket lookups
+    // (ARCHITECTURE.md, Threads). The slot helps a task that wakes another to hand it a message;
+    // the engine's connection tasks are woken by their sockets and by the loop thread. It needs
+    // `--cfg tokio_unstable` (.cargo/config.toml); a build without it (RUSTFLAGS set in the
+    // environment replaces that file's flags) keeps tokio's default.
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
-    #[cfg(not(tokio_unstable))]
-    let _ = builder;
+    builder
 }
 
 /// Make this (worker) thread SCHED_BATCH: same share of the CPU, but its wake-ups do not preempt
