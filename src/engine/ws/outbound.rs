@@ -232,7 +232,7 @@ impl Outbound {
         }
         q.sealed = seal;
         // Counted under the lock so a flush never subtracts bytes it was not told about.
-        self.buffered.fetch_add(len, Ordering::Relaxed);
+        self.add_buffered(len as isize);
         let first = q.chunks.is_empty();
         if q.chunks.capacity() == 0 {
             // One slot, not the four a first push makes: it stays when the queue empties.
@@ -323,7 +323,7 @@ impl Outbound {
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut n) => {
-                    self.buffered.fetch_sub(n, Ordering::Relaxed);
+                    self.add_buffered(-(n as isize));
                     total += n;
                     while n > 0 {
                         let chunk = chunks.front().expect("the kernel took no more than queued");
@@ -377,6 +377,16 @@ impl Outbound {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.queue.lock().chunks.is_empty()
+    }
+
+    /// Change `buffered` by `delta`, with the queue's lock held. Every change is made under that
+    /// lock, so a load and a store suffice where `fetch_add` would be a locked instruction: two
+    /// per send on the loop thread's path, the push and its share of the write.
+    fn add_buffered(&self, delta: isize) {
+        debug_assert!(self.queue.is_locked());
+        let buffered = self.buffered.load(Ordering::Relaxed);
+        self.buffered
+            .store(buffered.wrapping_add_signed(delta), Ordering::Relaxed);
     }
 
     pub(crate) fn buffered(&self) -> usize {
