@@ -7,7 +7,8 @@ loop side of Rust -> Python), the loop thread's CPU time per message with a sync
 await-free `async def` echo handler (an eager task on 3.12+, a plain task before), the round
 trip of one 32-byte message through a sync Python echo handler, seen by a raw blocking client in
 another process (the sum of all hops, plus the client), and the loop thread's CPU time per
-WebSocket handshake under S9's churn (32 clients connecting, upgrading and closing; needs
+WebSocket handshake under S9's churn (32 clients connecting, upgrading and closing: `run.py`'s
+load generator, pinned to CPU 1 as there, in a thread so the loop keeps serving; needs
 `benches/loadgen` built, as `run.py` does). Numbers vary with the machine; compare them with
 each other, not across machines.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import socket
 import sys
@@ -25,6 +25,9 @@ from pathlib import Path
 
 import brioche
 from brioche import server, websocket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import LOADGEN, loadgen  # noqa: E402
 
 CLIENT = r"""
 import base64, os, socket, struct, sys, time
@@ -56,30 +59,6 @@ for _ in range(count):
 rtts.sort()
 print(rtts[len(rtts) // 2], rtts[len(rtts) * 99 // 100])
 """
-
-
-LOADGEN = Path(__file__).resolve().parent / "loadgen" / "target" / "release" / "loadgen"
-
-
-async def churn(port: int, cycles: int) -> dict[str, float]:
-    """S9's client: `cycles` handshakes and closes, 32 at a time; the load generator's result."""
-    proc = await asyncio.create_subprocess_exec(
-        str(LOADGEN), "churn", "--port", str(port), "--cycles", str(cycles),
-        "--mark", str(cycles // 10), "--concurrency", "32", "--echo", "0", "--hold", "0",
-        "--max-seconds", "120", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    result: dict[str, float] = {}
-    while line := await proc.stdout.readline():
-        if not line.startswith(b"{"):
-            continue
-        event = json.loads(line)
-        if event.get("event") == "result":
-            result = event
-            break
-        proc.stdin.write(b"\n")  # it waits for a line at "ready" and "mark"
-        await proc.stdin.drain()
-    await asyncio.wait_for(proc.wait(), 30)
-    return result
 
 
 def raw_connect(port: int, path: str) -> socket.socket:
@@ -194,7 +173,9 @@ async def main() -> None:
     if LOADGEN.exists():
         cycles = 20_000
         cpu = time.thread_time_ns()
-        r = await churn(srv.port, cycles)
+        r = await asyncio.to_thread(
+            loadgen, "churn", srv.port,
+            {"cycles": cycles, "mark": cycles // 10, "concurrency": 32, "echo": 0, "hold": 0}, 120)
         if r.get("ok") != cycles:
             raise SystemExit(f"churn: {r.get('ok')} of {cycles} cycles ({r.get('first_error')})")
         results["loop CPU per handshake, S9's churn (ns)"] = (time.thread_time_ns() - cpu) / cycles
