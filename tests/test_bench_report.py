@@ -1,0 +1,82 @@
+"""benches/run.py's verdicts: what benches/RESULTS.md's targets table says is met, and in how
+many rounds, comes from `evaluate_targets` and `rounds_met` over results.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import operator
+import sys
+from pathlib import Path
+from typing import Any
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+sys.path.insert(0, str(BENCHES))
+import run  # noqa: E402
+
+
+def cell(key: str, *rounds: float | None) -> dict[str, Any]:
+    """A server's cell as run.py keeps it: the median of its rounds, and each round's result
+    (None: that round failed)."""
+    values = sorted(v for v in rounds if v is not None)
+    runs = [{key: v} if v is not None else {"error": "exited"} for v in rounds]
+    return {key: {"median": values[len(values) // 2], "min": values[0], "max": values[-1]},
+            "runs": runs}
+
+
+def test_a_round_compares_the_servers_of_that_round() -> None:
+    results = {"brioche": cell("rate", 10, 5, 10), "bun": cell("rate", 8, 8, 8)}
+    assert run.rounds_met(results, ["brioche", "bun"], "rate", operator.ge) == (2, 3)
+    # The medians (10 against 8) meet the target; the rounds say one of three missed it.
+    assert run.median_of(results, "brioche", "rate") == 10
+
+
+def test_a_failed_round_is_not_counted_and_a_missing_server_gives_no_rounds() -> None:
+    results = {"brioche": cell("rate", 10, None, 7, 9), "bun": cell("rate", 8, 8, 8, 8)}
+    # A round can report its rate and still have failed (lost messages, say).
+    results["brioche"]["runs"][3]["error"] = "3 messages lost"
+    assert run.rounds_met(results, ["brioche", "bun"], "rate", operator.ge) == (1, 2)
+    results["bun"] = cell("rate", 8, 8)  # did not start in one round
+    assert run.rounds_met(results, ["brioche", "bun"], "rate", operator.ge) is None
+    results["bun"] = {"na": "not installed"}
+    assert run.rounds_met(results, ["brioche", "bun"], "rate", operator.ge) is None
+    assert run.median_of(results, "bun", "rate") is None
+
+
+def committed() -> tuple[dict[str, Any], dict[str, run.Scenario]]:
+    data = json.loads((BENCHES / "results.json").read_text())
+    by_id = {o["id"]: o["results"] for o in data["scenarios"]}
+    scen = {sc.id: copy.copy(sc) for sc in run.SCENARIOS}
+    for sid, sc in scen.items():
+        sc.results = copy.deepcopy(by_id.get(sid, {}))
+    return data, scen
+
+
+def test_the_committed_table_is_what_evaluate_targets_says_of_the_committed_runs() -> None:
+    data, scen = committed()
+    specs = [run.ServerSpec.from_json(d) for d in data["servers"]]
+    got = json.loads(json.dumps(run.evaluate_targets(scen, specs)))
+    assert got == data["targets"]
+
+
+def test_a_target_follows_the_medians_and_its_rounds_follow_each_round() -> None:
+    data, scen = committed()
+    specs = [run.ServerSpec.from_json(d) for d in data["servers"]]
+
+    def s2_p50(targets: list[dict[str, Any]]) -> dict[str, Any]:
+        (row,) = [t for t in targets
+                  if t["target"] == "S2 p50 ≤ Bun" and t["server"] == "brioche-asyncio"]
+        return row
+
+    before = s2_p50(run.evaluate_targets(scen, specs))
+    bun = scen["S2"].results["bun"]
+    mine = scen["S2"].results["brioche-asyncio"]
+    # brioche's p50 one microsecond under Bun's in every round and in the median.
+    for own, ref in zip(mine["runs"], bun["runs"]):
+        own["p50_us"] = ref["p50_us"] - 1
+    mine["p50_us"]["median"] = bun["p50_us"]["median"] - 1
+    after = s2_p50(run.evaluate_targets(scen, specs))
+    assert (before["met"], after["met"]) == (False, True)
+    rounds = len(bun["runs"])
+    assert after["rounds_met"] == (rounds, rounds)
+    assert after["detail"].startswith(f"{bun['p50_us']['median'] - 1:,.0f} µs vs ")
