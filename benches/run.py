@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -1613,16 +1613,21 @@ def make_charts() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def saved_runs(data: dict[str, Any]) -> tuple[list[Scenario], list[ServerSpec]]:
+    """Every scenario, each a copy holding the results `data` (results.json's) recorded for it,
+    and the servers it recorded."""
+    by_id = {o["id"]: o["results"] for o in data["scenarios"]}
+    return ([replace(sc, results=by_id.get(sc.id, {})) for sc in SCENARIOS],
+            [ServerSpec.from_json(d) for d in data["servers"]])
+
+
 def report_only() -> int:
     """RESULTS.md and the charts again from results.json, e.g. after a change to the report."""
     data = json.loads((BENCHES / "results.json").read_text())
-    by_id = {o["id"]: o["results"] for o in data["scenarios"]}
-    for sc in SCENARIOS:
-        sc.results = by_id.get(sc.id, {})
-    scenarios = [sc for sc in SCENARIOS if sc.results]
-    specs = [ServerSpec.from_json(d) for d in data["servers"]]
-    all_scen = {sc.id: sc for sc in SCENARIOS}
-    data["targets"] = (evaluate_targets(all_scen, specs) if len(scenarios) == len(SCENARIOS)
+    saved, specs = saved_runs(data)
+    scenarios = [sc for sc in saved if sc.results]
+    all_scen = {sc.id: sc for sc in saved}
+    data["targets"] = (evaluate_targets(all_scen, specs) if len(scenarios) == len(saved)
                        else [])
     (BENCHES / "results.json").write_text(json.dumps(data, indent=1) + "\n")
     write_markdown(data, scenarios, specs, data["targets"])

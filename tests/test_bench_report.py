@@ -3,7 +3,6 @@ many rounds, comes from `evaluate_targets` and `rounds_met` over results.json.""
 
 from __future__ import annotations
 
-import copy
 import json
 import operator
 import sys
@@ -43,25 +42,20 @@ def test_a_failed_round_is_not_counted_and_a_missing_server_gives_no_rounds() ->
     assert run.median_of(results, "bun", "rate") is None
 
 
-def committed() -> tuple[dict[str, Any], dict[str, run.Scenario]]:
+def committed() -> tuple[list[dict[str, Any]], dict[str, run.Scenario], list[run.ServerSpec]]:
+    """results.json's targets table, and its scenarios and servers as `report_only` reads them."""
     data = json.loads((BENCHES / "results.json").read_text())
-    by_id = {o["id"]: o["results"] for o in data["scenarios"]}
-    scen = {sc.id: copy.copy(sc) for sc in run.SCENARIOS}
-    for sid, sc in scen.items():
-        sc.results = copy.deepcopy(by_id.get(sid, {}))
-    return data, scen
+    saved, specs = run.saved_runs(data)
+    return data["targets"], {sc.id: sc for sc in saved}, specs
 
 
 def test_the_committed_table_is_what_evaluate_targets_says_of_the_committed_runs() -> None:
-    data, scen = committed()
-    specs = [run.ServerSpec.from_json(d) for d in data["servers"]]
-    got = json.loads(json.dumps(run.evaluate_targets(scen, specs)))
-    assert got == data["targets"]
+    targets, scen, specs = committed()
+    assert json.loads(json.dumps(run.evaluate_targets(scen, specs))) == targets
 
 
 def test_a_target_follows_the_medians_and_its_rounds_follow_each_round() -> None:
-    data, scen = committed()
-    specs = [run.ServerSpec.from_json(d) for d in data["servers"]]
+    _, scen, specs = committed()
 
     def s2_p50(targets: list[dict[str, Any]]) -> dict[str, Any]:
         (row,) = [t for t in targets
