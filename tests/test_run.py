@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sys
@@ -74,3 +75,22 @@ async def test_demo_module_prints_its_address_and_echoes() -> None:
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0
+
+
+async def test_demo_module_says_what_is_wrong_with_port_and_still_shows_its_help() -> None:
+    async def demo(*args: str, port_env: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "brioche", *args, env={**os.environ, "PORT": port_env},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    # Before, a bad $PORT was read while the options were declared: a traceback even for --help.
+    code, out, _ = await demo("--help", port_env="abc")
+    assert code == 0 and "usage: python -m brioche" in out
+    code, _, err = await demo(port_env="abc")
+    assert code == 2 and err.splitlines()[-1] == "python -m brioche: error: $PORT must be a port number, got 'abc'"
+    code, _, err = await demo("--port", "70000", port_env="3000")
+    assert code == 2 and err.splitlines()[-1] == "python -m brioche: error: --port must be in 0..65535, got 70000"

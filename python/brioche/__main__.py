@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from importlib.resources import files
@@ -101,7 +100,6 @@ def main() -> None:
     parser.add_argument(
         "--port",
         type=int,
-        default=int(os.environ.get("PORT", "3000")),
         help="port to listen on; 0 picks a free one (default: $PORT, else 3000)",
     )
     parser.add_argument(
@@ -123,6 +121,14 @@ def main() -> None:
         "publishes reach every worker (default: 1)",
     )
     args = parser.parse_args()
+    if args.port is None:
+        # Read here, not as the option's default: a bad $PORT must not break --help or --port.
+        try:
+            args.port = server._default_port()
+        except ValueError as exc:
+            parser.error(str(exc))
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     loop_factory = None
