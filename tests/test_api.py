@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import math
 import time
 import uuid
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 import brioche
 from brioche import MessageBackpressured, MessageDropped, MessageSent, server, websocket
-from conftest import ServeFn, upgrade_ws_path
+from conftest import ServeFn, upgrade_ws_path, ws_url
 
 # -- send statuses ---------------------------------------------------------------------------
 
@@ -139,6 +141,55 @@ def test_max_payload_length_negative_raises_value_error() -> None:
 def test_idle_timeout_string_raises_type_error() -> None:
     with pytest.raises(TypeError):
         websocket.init().idle_timeout("x")  # type: ignore[arg-type]
+
+
+def test_settings_past_what_the_core_holds_are_refused_by_their_setter() -> None:
+    # Before, these passed the setter and failed in serve() (an OverflowError naming no
+    # setting), or, for idle_timeout, panicked every connection's task once it opened.
+    ws, srv = websocket.init(), server.handler(upgrade_ws_path)
+    for setter in (ws.max_payload_length, ws.backpressure_limit, srv.max_connections,
+                   srv.max_incoming_bytes, srv.max_request_body_size, srv.max_request_header_size):
+        setter(2**64 - 1)
+        with pytest.raises(ValueError, match=r" must be <= 18446744073709551615, got 18446744073709551616"):
+            setter(2**64)
+    ws.idle_timeout(2**32 - 1)
+    with pytest.raises(ValueError, match=r"^idle_timeout must be <= 4294967295, got 18446744073709551615$"):
+        ws.idle_timeout(2**64 - 1)
+    for seconds in (ws.message_timeout, srv.handshake_timeout):
+        seconds(2**32 - 1)
+        for value in (2**32, 1e300, math.inf, math.nan, -1):
+            with pytest.raises(ValueError, match=r" must be a number of seconds from 0 to 4294967295, got"):
+                seconds(value)
+
+
+async def test_the_longest_timeouts_serve(serve: ServeFn) -> None:
+    # Every deadline the core computes from them (now + timeout, the ping at 3/4) is in range.
+    config = (websocket.init().on_text(lambda ws, text: ws.send(text))
+              .idle_timeout(2**32 - 1).message_timeout(2**32 - 1))
+    srv = await serve(config, handshake_timeout=2**32 - 1)
+    async with connect(ws_url(srv)) as client:
+        await client.send(["frag", "ments"])
+        assert await asyncio.wait_for(client.recv(), 5) == "fragments"
+        await client.close()
+    assert client.close_code == 1000
+
+
+def test_a_config_built_by_hand_is_checked_as_its_setters_check() -> None:
+    with pytest.raises(TypeError, match="^idle_timeout must be an int, got str$"):
+        websocket.Config(idle_timeout_seconds="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^max_payload_length must be >= 1, got -1$"):
+        websocket.Config(max_payload_length_bytes=-1)
+    with pytest.raises(TypeError, match="^a handler must be callable, got int$"):
+        websocket.Config(on_text_message=42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^send_pings must be a bool, got int$"):
+        websocket.Config(send_pings_enabled=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^max_connections must be >= 0, got -1$"):
+        server.Config(fetch=upgrade_ws_path, max_connections_value=-1)
+    with pytest.raises(ValueError, match="^handshake_timeout must be a number of seconds > 0, got 0$"):
+        server.Config(fetch=upgrade_ws_path, handshake_timeout_seconds=0)
+    with pytest.raises(TypeError, match="^a handler must be callable, got int$"):
+        server.Config(fetch=42)  # type: ignore[arg-type]
+    assert websocket.Config(idle_timeout_seconds=5) == websocket.init().idle_timeout(5)
 
 
 def test_on_text_non_callable_raises_type_error() -> None:

@@ -591,6 +591,35 @@ async def test_close_with_invalid_code_raises_value_error(serve: ServeFn, code: 
     assert await _run_in_on_text(serve, lambda ws: ws.close(code, "")) == ("raised", ValueError)
 
 
+@pytest.mark.parametrize("code", [-1, 65536, 2**70])
+async def test_close_code_outside_16_bits_is_the_same_value_error(serve: ServeFn, code: int) -> None:
+    # Not an OverflowError, which `except ValueError` would let through.
+    assert await _run_in_on_text(serve, lambda ws: ws.close(code, "")) == ("raised", ValueError)
+
+
+@pytest.mark.parametrize("code", [True, 1000.0, "1000"])
+async def test_close_code_that_is_not_an_int_raises_type_error(serve: ServeFn, code: object) -> None:
+    assert await _run_in_on_text(serve, lambda ws: ws.close(code, "")) == ("raised", TypeError)
+
+
+async def test_close_takes_a_close_code_member_and_defaults_to_1000(serve: ServeFn) -> None:
+    codes = iter([websocket.CloseCode.GOING_AWAY, None])
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        code = next(codes)
+        if code is None:
+            ws.close()
+        else:
+            ws.close(code)
+
+    srv = await serve(websocket.init().on_text(on_text))
+    for expected in (1001, 1000):
+        async with connect(ws_url(srv)) as client:
+            await client.send("x")
+            await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+            assert (client.close_code, client.close_reason) == (expected, "")
+
+
 async def test_close_reason_over_123_bytes_raises_value_error(serve: ServeFn) -> None:
     reason = "é" * 62  # 124 UTF-8 bytes, 62 characters
     assert await _run_in_on_text(serve, lambda ws: ws.close(1000, reason)) == ("raised", ValueError)
@@ -630,6 +659,28 @@ async def test_control_payload_over_125_bytes_raises_value_error(serve: ServeFn,
 async def test_control_payload_of_125_bytes_is_sent(serve: ServeFn, method: str) -> None:
     payload = b"p" * 125
     assert await _run_in_on_text(serve, lambda ws: getattr(ws, method)(payload)) == ("ok", MessageSent(125))
+
+
+async def test_a_message_of_the_wrong_type_is_named_by_the_call_that_refused_it(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        for call in (ws.send, ws.ping, ws.pong):
+            try:
+                call(1)  # type: ignore[arg-type]
+            except TypeError as exc:
+                recorder.add("refused", str(exc))
+        # Any bytes-like payload is taken, as send takes it.
+        recorder.add("sent", ws.ping(bytearray(b"pi")), ws.pong(memoryview(b"po")))
+        ws.send("done")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "done"
+    assert recorder.events == [
+        ("refused", f"{name}() takes a str or a bytes-like object, got int") for name in ("send", "ping", "pong")
+    ] + [("sent", MessageSent(2), MessageSent(2))]
 
 
 async def test_send_after_close_returns_message_dropped(serve: ServeFn, recorder: Recorder) -> None:

@@ -148,6 +148,22 @@ async def test_empty_topic_name_raises_value_error(serve: ServeFn, recorder: Rec
         server.publish(srv, "", b"x")
 
 
+async def test_server_topic_calls_refuse_an_empty_topic_and_name_a_wrong_message(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    srv = await start(serve, recorder)
+    with pytest.raises(ValueError, match="^a topic name must be a non-empty string$"):
+        srv.subscriber_count("")
+    with pytest.raises(ValueError, match="^a topic name must be a non-empty string$"):
+        srv.publish("", "x")
+    with pytest.raises(TypeError, match=r"^publish\(\) takes a str or a bytes-like object, got int$"):
+        srv.publish("t", 1)  # type: ignore[arg-type]
+    async with clients(srv, recorder, "t") as (client,):
+        assert srv.publish("t", bytearray(b"ab")) == MessageSent(2)
+        assert srv.publish("t", memoryview(b"cde")) == MessageSent(3)
+        assert [await recv(client), await recv(client)] == [b"ab", b"cde"]
+
+
 async def test_subscribing_twice_is_idempotent(serve: ServeFn, recorder: Recorder) -> None:
     srv = await start(serve, recorder)
     async with clients(srv, recorder, "t,t") as (client,):

@@ -597,7 +597,9 @@ class Server(Generic[T]):
             config = dataclasses.replace(config, fetch=handler)
         self._config = config
 
-    def publish(self, topic: str, message: str | bytes, compress: bool = False) -> SendStatus:
+    def publish(
+        self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+    ) -> SendStatus:
         """Send ``message`` to every subscriber of ``topic``.
 
         With :meth:`~brioche.server.Config.pubsub_redis` it also goes to the subscribers of the

@@ -182,6 +182,24 @@ class Config(Generic[T]):
     worker_slot: WorkerSlot | None = dataclasses.field(default=None, repr=False)
     pubsub_redis_value: RedisPubSub | None = None
 
+    def __post_init__(self) -> None:
+        # A Config built by hand is checked as the setters check theirs (the paths, the socket
+        # and Redis are checked by their setters, and when the server starts).
+        if not callable(self.fetch):
+            raise TypeError(f"a handler must be callable, got {type(self.fetch).__name__}")
+        if self.websocket_config is not None and not isinstance(self.websocket_config, _websocket.Config):
+            raise TypeError(f"expected a websocket.Config, got {type(self.websocket_config).__name__}")
+        if self.port_number is not None:
+            _check_port(self.port_number)
+        _check_size("max_request_body_size", self.max_request_body_size_bytes, minimum=0)
+        _check_size("max_request_header_size", self.max_request_header_size_bytes, minimum=8192)
+        if not _check_seconds("handshake_timeout", self.handshake_timeout_seconds) > 0:
+            raise ValueError("handshake_timeout must be a number of seconds > 0, got "
+                             f"{self.handshake_timeout_seconds!r}")
+        _check_size("max_connections", self.max_connections_value, minimum=0)
+        _check_size("max_incoming_bytes", self.max_incoming_bytes_value, minimum=0)
+        _check_size("workers", self.workers_count, minimum=1)
+
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
         if not isinstance(config, _websocket.Config):
@@ -662,7 +680,7 @@ async def stop(srv: Server[Any], close_active_connections: bool = False) -> None
 
 
 def publish(
-    srv: Server[Any], topic: str, message: str | bytes, compress: bool = False
+    srv: Server[Any], topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
 ) -> _websocket.SendStatus:
     """Module form of :meth:`Server.publish`."""
     return srv.publish(topic, message, compress)

@@ -13,8 +13,7 @@ Every function below that takes a ``WebSocket`` first is also a method or proper
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from brioche._enums import CloseCode, ReadyState
@@ -75,11 +74,14 @@ R = TypeVar("R")
 SendStatus: TypeAlias = MessageSent | MessageBackpressured | MessageDropped
 """What ``send``, ``send_bytes``, ``publish``, ``ping`` and ``pong`` report."""
 
-TextHandler: TypeAlias = Callable[[WebSocket[T], str], Awaitable[None] | None]
-BytesHandler: TypeAlias = Callable[[WebSocket[T], bytes], Awaitable[None] | None]
-SocketHandler: TypeAlias = Callable[[WebSocket[T]], Awaitable[None] | None]
-CloseHandler: TypeAlias = Callable[[WebSocket[T], int, str], Awaitable[None] | None]
-ControlHandler: TypeAlias = Callable[[WebSocket[T], bytes], Awaitable[None] | None]
+# A handler's result is awaited (as its task) when it is awaitable and ignored when it is not, so
+# it is typed `object`, as typeshed types callbacks whose result is ignored: a plain function or
+# an `async def`, and a one-liner such as `lambda ws, text: ws.send(text)`.
+TextHandler: TypeAlias = Callable[[WebSocket[T], str], object]
+BytesHandler: TypeAlias = Callable[[WebSocket[T], bytes], object]
+SocketHandler: TypeAlias = Callable[[WebSocket[T]], object]
+CloseHandler: TypeAlias = Callable[[WebSocket[T], int, str], object]
+ControlHandler: TypeAlias = Callable[[WebSocket[T], bytes], object]
 
 _MIB = 1024 * 1024
 
@@ -89,11 +91,20 @@ def _check_handler(handler: object) -> None:
         raise TypeError(f"a handler must be callable, got {type(handler).__name__}")
 
 
-def _check_size(name: str, value: object, *, minimum: int) -> int:
+# The core holds sizes and counts as 64-bit integers, and timeouts up to 2**32 - 1 seconds
+# (about 136 years), so that no deadline it computes can overflow: larger is refused here, at
+# the setter, not by serve().
+_MAX_SIZE = 2**64 - 1
+_MAX_SECONDS = 2**32 - 1
+
+
+def _check_size(name: str, value: object, *, minimum: int, maximum: int = _MAX_SIZE) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -104,13 +115,13 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _check_seconds(name: str, value: object) -> float:
-    """A duration: a wrong type is a TypeError; a negative one, NaN and infinity a ValueError."""
+    """A duration: a wrong type is a TypeError; a negative one, NaN and one over the core's
+    bound (infinity too) a ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
-    if not 0 <= seconds < math.inf:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return seconds
+    if not 0 <= value <= _MAX_SECONDS:
+        raise ValueError(f"{name} must be a number of seconds from 0 to {_MAX_SECONDS}, got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -170,6 +181,25 @@ class Config(Generic[T]):
     publish_to_self_enabled: bool = False
     send_pings_enabled: bool = True
     deflate_options: DeflateOptions | None = None
+
+    def __post_init__(self) -> None:
+        # A Config built by hand (or by dataclasses.replace) is checked as the setters check
+        # theirs, by the setters' names: a wrong value is refused here, not by serve().
+        for handler in (self.on_text_message, self.on_bytes_message, self.on_open_handler,
+                        self.on_close_handler, self.on_drain_handler, self.on_ping_handler,
+                        self.on_pong_handler):
+            if handler is not None:
+                _check_handler(handler)
+        _check_size("max_payload_length", self.max_payload_length_bytes, minimum=1)
+        _check_size("backpressure_limit", self.backpressure_limit_bytes, minimum=0)
+        _check_bool("close_on_backpressure_limit", self.close_on_backpressure)
+        _check_size("idle_timeout", self.idle_timeout_seconds, minimum=0, maximum=_MAX_SECONDS)
+        _check_seconds("message_timeout", self.message_timeout_seconds)
+        _check_bool("publish_to_self", self.publish_to_self_enabled)
+        _check_bool("send_pings", self.send_pings_enabled)
+        if self.deflate_options is not None and not isinstance(self.deflate_options, DeflateOptions):
+            raise TypeError("per_message_deflate must be a bool or a DeflateOptions, got "
+                            f"{type(self.deflate_options).__name__}")
 
     def on_text(self, handler: TextHandler[T]) -> Config[T]:
         """Call ``handler(ws, text)`` for every text message (``async def`` or plain)."""
@@ -235,7 +265,7 @@ class Config(Generic[T]):
 
     def idle_timeout(self, idle_timeout: int) -> Config[T]:
         """Seconds of silence from the client before the connection is closed (default 120, 0: off)."""
-        value = _check_size("idle_timeout", idle_timeout, minimum=0)
+        value = _check_size("idle_timeout", idle_timeout, minimum=0, maximum=_MAX_SECONDS)
         return dataclasses.replace(self, idle_timeout_seconds=value)
 
     def message_timeout(self, seconds: float) -> Config[T]:
@@ -479,11 +509,11 @@ def terminate(ws: WebSocket[Any]) -> None:
     ws.terminate()
 
 
-def ping(ws: WebSocket[Any], payload: str | bytes | None = None) -> SendStatus:
+def ping(ws: WebSocket[Any], payload: str | bytes | bytearray | memoryview | None = None) -> SendStatus:
     """Send a ping frame (payload up to 125 bytes)."""
     return ws.ping(payload)
 
 
-def pong(ws: WebSocket[Any], payload: str | bytes | None = None) -> SendStatus:
+def pong(ws: WebSocket[Any], payload: str | bytes | bytearray | memoryview | None = None) -> SendStatus:
     """Send an unsolicited pong frame (payload up to 125 bytes)."""
     return ws.pong(payload)

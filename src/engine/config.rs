@@ -4,6 +4,11 @@ use std::time::Duration;
 
 use super::tls::TlsFiles;
 
+/// The longest timeout a server takes (about 136 years). Every deadline the core computes is an
+/// `Instant` plus a timeout (`idle_timeout`'s ping at 3/4 of it): bounded here, none of them can
+/// overflow, which would panic the connection's task.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(u32::MAX as u64);
+
 /// Per-connection WebSocket limits (Bun's names and defaults).
 #[derive(Clone, Debug)]
 pub struct WsLimits {

@@ -50,7 +50,7 @@ pub(crate) mod ws;
 // What the engine offers outside itself: `crate::py` and benches/rust_server (which links it
 // as a library) use these paths. Everything else is `pub(crate)` at most.
 pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
-pub use config::{DeflateConfig, RedisConfig, RelayPaths, ServerConfig, WsLimits};
+pub use config::{DeflateConfig, RedisConfig, RelayPaths, ServerConfig, WsLimits, MAX_TIMEOUT};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};
 pub use mask::MaskedBytes;
 pub use net::{Peer, Remote};

@@ -15,7 +15,7 @@ use super::request::PendingRequest;
 use super::shared::release_sent;
 use super::status;
 use super::text::py_text;
-use super::websocket::{with_bytes, PyWebSocket};
+use super::websocket::{check_topic, str_or_bytes_error, with_bytes, PyWebSocket};
 use super::{
     EVENT_BYTES, EVENT_BYTES_RUN, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN,
     EVENT_PING, EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT, EVENT_TEXT_RUN,
@@ -23,7 +23,7 @@ use super::{
 use crate::engine::{
     begin_send_batch, end_send_batch, Address, DeflateConfig, Event, Listen, LogKind, LogRecord,
     MaskedBytes, OutFrame, RedisConfig, RelayPaths, Server, ServerConfig, TlsFiles, WsLimits,
-    OP_BINARY, OP_TEXT,
+    MAX_TIMEOUT, OP_BINARY, OP_TEXT,
 };
 
 #[pyclass(frozen, module = "brioche", name = "Engine")]
@@ -336,11 +336,22 @@ impl PyEngine {
         tls_key: Option<std::path::PathBuf>,
         per_message_deflate: Option<(bool, bool, u8, u8)>,
     ) -> PyResult<Self> {
-        let seconds = |name: &str, value: f64| {
-            std::time::Duration::try_from_secs_f64(value).map_err(|_| {
-                PyValueError::new_err(format!("{name} must be a number of seconds >= 0"))
-            })
+        // The Python setters check the same bound; a `Config` built by hand is checked here.
+        let out_of_range = |name: &str| {
+            PyValueError::new_err(format!(
+                "{name} must be a number of seconds from 0 to {}",
+                MAX_TIMEOUT.as_secs()
+            ))
         };
+        let seconds = |name: &str, value: f64| {
+            std::time::Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|duration| *duration <= MAX_TIMEOUT)
+                .ok_or_else(|| out_of_range(name))
+        };
+        let idle_timeout = Some(std::time::Duration::from_secs(idle_timeout))
+            .filter(|duration| *duration <= MAX_TIMEOUT)
+            .ok_or_else(|| out_of_range("idle_timeout"))?;
         // The addresses are IP literals by now: `serve()` resolved the hostname off the loop.
         let listen = match (fd, unix) {
             (Some(fd), _) => Listen::Fd(fd),
@@ -380,7 +391,7 @@ impl PyEngine {
                 max_payload_length,
                 backpressure_limit,
                 close_on_backpressure_limit,
-                idle_timeout: std::time::Duration::from_secs(idle_timeout),
+                idle_timeout,
                 publish_to_self,
                 send_pings,
                 message_timeout: seconds("message_timeout", message_timeout)?,
@@ -631,11 +642,7 @@ impl PyEngine {
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        if topic.is_empty() {
-            return Err(PyValueError::new_err(
-                "a topic name must be a non-empty string",
-            ));
-        }
+        check_topic(topic)?;
         let shared = self.server.shared();
         let sent = if let Ok(text) = message.cast::<PyString>() {
             let text = text.to_str()?;
@@ -645,7 +652,8 @@ impl PyEngine {
             with_bytes(message, |data| {
                 let frame = OutFrame::new(OP_BINARY, bytes::Bytes::copy_from_slice(data));
                 shared.publish_with(topic, frame, data.len(), None, compress)
-            })?
+            })
+            .map_err(|_| str_or_bytes_error("publish", message))?
         };
         status::to_py(py, sent)
     }
@@ -655,8 +663,9 @@ impl PyEngine {
         self.server.shared().set_control_events(pings, pongs);
     }
 
-    fn subscriber_count(&self, topic: &str) -> usize {
-        self.server.shared().subscriber_count(topic)
+    fn subscriber_count(&self, topic: &str) -> PyResult<usize> {
+        check_topic(topic)?;
+        Ok(self.server.shared().subscriber_count(topic))
     }
 }
 

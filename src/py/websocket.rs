@@ -9,7 +9,7 @@ use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyType};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyMemoryView, PyString, PyType};
 
 use super::errors::value_error;
 use super::shared::shared_payload;
@@ -104,10 +104,12 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
     Ok(conn.send_owned(OP_TEXT, shared_payload(text.as_any(), utf8.as_bytes())))
 }
 
-/// `send`'s error for a message that is neither `str` nor bytes-like.
-fn send_type_error(message: &Bound<'_, PyAny>) -> PyErr {
+/// The error of `function` (`send`, `publish`, `ping`, `pong`) for a message that is neither
+/// `str` nor bytes-like.
+#[cold]
+pub(super) fn str_or_bytes_error(function: &str, message: &Bound<'_, PyAny>) -> PyErr {
     PyTypeError::new_err(format!(
-        "send() takes a str or a bytes-like object, got {}",
+        "{function}() takes a str or a bytes-like object, got {}",
         message
             .get_type()
             .name()
@@ -130,7 +132,7 @@ fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyR
     with_bytes(data, |b| conn.send_binary(b))
 }
 
-fn check_topic(topic: &str) -> PyResult<()> {
+pub(super) fn check_topic(topic: &str) -> PyResult<()> {
     if topic.is_empty() {
         return Err(value_error(
             "a topic name must be a non-empty string".into(),
@@ -139,13 +141,29 @@ fn check_topic(topic: &str) -> PyResult<()> {
     Ok(())
 }
 
-/// Close codes an endpoint may send: the same set brioche accepts from a peer.
-fn check_close(code: u16, reason: &str) -> PyResult<()> {
-    if !is_valid_close_code(code) {
-        return Err(value_error(format!(
-            "close code {code} may not be sent; use 1000-1003, 1007-1014 or 3000-4999"
+/// Close codes an endpoint may send: the same set brioche accepts from a peer. Any Python int
+/// is taken (`CloseCode` members too), so that one out of `u16`'s range is the same `ValueError`
+/// as any other code that may not be sent, not an `OverflowError`; omitted (or None, as Bun's
+/// `undefined`), 1000.
+fn close_code(code: Option<&Bound<'_, PyAny>>) -> PyResult<u16> {
+    let Some(code) = code else {
+        return Ok(1000);
+    };
+    if code.is_instance_of::<PyBool>() || !code.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "a close code must be an int, got {}",
+            code.get_type().name()?
         )));
     }
+    match code.extract::<u16>() {
+        Ok(code) if is_valid_close_code(code) => Ok(code),
+        _ => Err(value_error(format!(
+            "close code {code} may not be sent; use 1000-1003, 1007-1014 or 3000-4999"
+        ))),
+    }
+}
+
+fn check_close_reason(reason: &str) -> PyResult<()> {
     if reason.len() > 123 {
         return Err(value_error(format!(
             "a close reason is at most 123 UTF-8 bytes, got {}",
@@ -155,12 +173,12 @@ fn check_close(code: u16, reason: &str) -> PyResult<()> {
     Ok(())
 }
 
-fn control_payload(payload: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
+fn control_payload(function: &str, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
     let bytes = match payload {
         None => Vec::new(),
         Some(p) => match p.cast::<PyString>() {
             Ok(s) => s.to_str()?.as_bytes().to_vec(),
-            Err(_) => with_bytes(p, <[u8]>::to_vec)?,
+            Err(_) => with_bytes(p, <[u8]>::to_vec).map_err(|_| str_or_bytes_error(function, p))?,
         },
     };
     if bytes.len() > 125 {
@@ -245,7 +263,8 @@ impl PyWebSocket {
         let sent = match message.cast::<PyString>() {
             Ok(text) if compress => conn.send_text_compressed(text.to_str()?),
             Ok(text) => send_text(conn, text)?,
-            Err(_) => send_binary(conn, message, compress).map_err(|_| send_type_error(message))?,
+            Err(_) => send_binary(conn, message, compress)
+                .map_err(|_| str_or_bytes_error("send", message))?,
         };
         status::to_py(py, sent)
     }
@@ -337,9 +356,10 @@ impl PyWebSocket {
     }
 
     /// Start the closing handshake; frames queued before it are still delivered.
-    #[pyo3(signature = (code = 1000, reason = ""))]
-    fn close(&self, code: u16, reason: &str) -> PyResult<()> {
-        check_close(code, reason)?;
+    #[pyo3(signature = (code = None, reason = ""), text_signature = "(self, code=1000, reason='')")]
+    fn close(&self, code: Option<&Bound<'_, PyAny>>, reason: &str) -> PyResult<()> {
+        let code = close_code(code)?;
+        check_close_reason(reason)?;
         self.conn.close(code, reason);
         Ok(())
     }
@@ -352,14 +372,14 @@ impl PyWebSocket {
     /// Send a ping frame (payload at most 125 bytes).
     #[pyo3(signature = (payload = None))]
     fn ping(&self, py: Python<'_>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-        let payload = control_payload(payload)?;
+        let payload = control_payload("ping", payload)?;
         status::to_py(py, self.conn.ping(&payload))
     }
 
     /// Send a pong frame (payload at most 125 bytes).
     #[pyo3(signature = (payload = None))]
     fn pong(&self, py: Python<'_>, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-        let payload = control_payload(payload)?;
+        let payload = control_payload("pong", payload)?;
         status::to_py(py, self.conn.pong(&payload))
     }
 
