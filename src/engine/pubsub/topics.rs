@@ -56,9 +56,15 @@ impl<S: Prefetch> TopicRef<S> {
     /// subscriber is prefetched two visits ahead of its own (`platform::visit_ahead`). Only that
     /// first stage: a publish's push writes the queue's tail, which no hint of the queue points
     /// at, and a visit is too short for the lines holding hints to arrive before they are read.
+    ///
+    /// The lock is taken recursively: a visit can contain another visit of the same topic (a
+    /// fan-out's send delivers the server's pending run of publishes, `ws/publish_run.rs`, which
+    /// may be this topic's), and parking_lot's plain `read` waits behind a writer that is itself
+    /// waiting for the outer visit to end (an unsubscribe): a deadlock, of that thread and of
+    /// every thread then waiting for the run.
     pub(crate) fn for_each(&self, mut f: impl FnMut(u64, &S)) {
         visit_ahead(
-            self.0.subscribers.read().by_id.iter(),
+            self.0.subscribers.read_recursive().by_id.iter(),
             |(_, s)| s.prefetch(),
             |_| {},
             |(id, s)| f(*id, s),
@@ -245,6 +251,44 @@ mod tests {
         seen.clear();
         r.get("t").unwrap().for_each(|id, _| seen.push(id));
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_visit_within_a_visit_does_not_wait_for_a_waiting_writer() {
+        let r = Arc::new(TopicRegistry::<u64>::default());
+        r.subscribe("t", 1, 1);
+        let (done, finished) = std::sync::mpsc::channel();
+        let visitor = {
+            let r = r.clone();
+            thread::spawn(move || {
+                let topic = r.get("t").unwrap();
+                let mut writer = None;
+                topic.for_each(|_, _| {
+                    let r = r.clone();
+                    writer = Some(thread::spawn(move || r.subscribe("t", 2, 2)));
+                    // Until the writer waits for this visit to end: a shared lock is refused
+                    // to newcomers once a writer waits. Bounded: 10 s at most.
+                    for _ in 0..100_000 {
+                        if topic.0.subscribers.try_read().is_none() {
+                            break;
+                        }
+                        thread::sleep(std::time::Duration::from_micros(100));
+                    }
+                    assert!(
+                        topic.0.subscribers.try_read().is_none(),
+                        "no writer came to wait"
+                    );
+                    topic.for_each(|_, _| {});
+                });
+                writer.unwrap().join().unwrap();
+                done.send(()).unwrap();
+            })
+        };
+        // With a plain `read` the inner visit never returns (and the writer never gets in).
+        let outcome = finished.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(outcome.is_ok(), "the inner visit waited for the writer");
+        visitor.join().unwrap();
+        assert_eq!(r.subscriber_count("t"), 2);
     }
 
     #[test]
