@@ -681,9 +681,8 @@ enum Input<'a> {
 /// Hand the messages a read completed to the loop; `Some` when the read side is over.
 fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
-    // Bytes handed to the loop (for the budget), and data messages and their bytes (for the
-    // counters), added up once per read rather than per message.
-    let mut queued = 0;
+    // Data messages and their bytes (for the counters), added up once per read rather than
+    // per message.
     let mut messages = 0u64;
     let mut data_bytes = 0u64;
     // The read's messages, queued for the loop together once it is parsed (`push_all`).
@@ -693,13 +692,7 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
         Incoming::Text(text) => {
             messages += 1;
             data_bytes += text.len() as u64;
-            hand_over(
-                conn,
-                text.len(),
-                Event::Text(conn.id, text),
-                &mut handed,
-                &mut queued,
-            )
+            hand_over(conn, text.len(), Event::Text(conn.id, text), &mut handed)
         }
         // Counted as read, like the messages read after it, if its UTF-8 then proves invalid.
         Incoming::MaskedText(data) => {
@@ -710,19 +703,12 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
                 data.len(),
                 Event::MaskedText(conn.id, data),
                 &mut handed,
-                &mut queued,
             )
         }
         Incoming::Binary(data) => {
             messages += 1;
             data_bytes += data.len() as u64;
-            hand_over(
-                conn,
-                data.len(),
-                Event::Binary(conn.id, data),
-                &mut handed,
-                &mut queued,
-            )
+            hand_over(conn, data.len(), Event::Binary(conn.id, data), &mut handed)
         }
         // Handed to Python, a ping or pong is a message in flight like any other: a client
         // pinging faster than its handler runs meets the same caps (and the budget).
@@ -733,7 +719,6 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
                     payload.len(),
                     Event::Ping(conn.id, payload.clone()),
                     &mut handed,
-                    &mut queued,
                 );
             queue_reply(conn, OutFrame::new(OP_PONG, payload));
             go_on
@@ -745,7 +730,6 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
                     payload.len(),
                     Event::Pong(conn.id, payload),
                     &mut handed,
-                    &mut queued,
                 )
         }
         Incoming::Close(frame) => {
@@ -774,9 +758,10 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
     // Before anything else this read queues (a violation's `Event::Fail`), and before the
     // connection's `Event::Close`, which its task pushes once this returns.
     handed.pass_on(conn);
-    // Once per read, not per message: the budget is one counter shared by every thread.
+    // What is left partly read, once per read: the budget is one counter shared by every
+    // thread. (The messages handed over were charged as they were passed on.)
     let held = rx.reader.buffered();
-    conn.shared.budget.adjust(rx.charged, held + queued);
+    conn.shared.budget.adjust(rx.charged, held);
     rx.charged = held;
     if messages > 0 {
         conn.shared.stats.add_all([
@@ -819,23 +804,19 @@ impl Handed {
         if self.events.is_empty() {
             return;
         }
-        // Counted before the loop can take them: it subtracts what it takes.
+        // Counted, and charged to the budget, before the loop can take them: it subtracts
+        // what it takes, and a total that went below zero would wrap (pausing connections
+        // that nothing then resumes).
         conn.messages_queued(self.messages, self.bytes);
+        conn.shared.budget.adjust(0, self.bytes);
         (self.messages, self.bytes) = (0, 0);
         conn.shared.events.push_all(self.events.drain(..));
     }
 }
 
-/// Gather a message of `len` bytes for the loop (counted in `queued` too, for the budget);
-/// false when the in-flight caps, counting it, now stop parsing.
-fn hand_over(
-    conn: &Conn,
-    len: usize,
-    event: Event,
-    handed: &mut Handed,
-    queued: &mut usize,
-) -> bool {
-    *queued += len;
+/// Gather a message of `len` bytes for the loop; false when the in-flight caps, counting it,
+/// now stop parsing.
+fn hand_over(conn: &Conn, len: usize, event: Event, handed: &mut Handed) -> bool {
     handed.events.push(event);
     handed.messages += 1;
     handed.bytes += len;
@@ -886,6 +867,31 @@ mod tests {
     use super::*;
     use crate::engine::config::ServerConfig;
     use crate::engine::ws::shared::Shared;
+
+    /// Messages are on the budget before the loop can see them, so that the loop's release of
+    /// what it takes can never bring the budget below zero. Charged after the push (as it was),
+    /// the loop could take a read's messages first: the total wrapped round, pausing every
+    /// connection holding 64 KiB with nothing to resume them (and overflowed in debug builds).
+    #[test]
+    fn messages_are_on_the_budget_when_the_loop_can_take_them() {
+        let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let conn = shared.connection(7, crate::engine::net::Peer::Ip(ip), None);
+        let mut handed = Handed::default();
+        for text in ["hello", "brioche"] {
+            let text_bytes = tokio_tungstenite::tungstenite::Utf8Bytes::from_static(text);
+            let event = Event::Text(conn.id, text_bytes);
+            assert!(hand_over(&conn, text.len(), event, &mut handed));
+        }
+        assert_eq!(shared.incoming_bytes(), 0);
+        handed.pass_on(&conn);
+        let mut events = Vec::new();
+        shared.events.drain_into(&mut events);
+        assert_eq!(events.len(), 2);
+        assert_eq!(shared.incoming_bytes(), 12);
+        shared.incoming_taken(12);
+        assert_eq!(shared.incoming_bytes(), 0);
+    }
 
     fn size_of_future<F: Future>(_: &F) -> usize {
         std::mem::size_of::<F>()
