@@ -214,7 +214,7 @@ impl Conn {
         self.state.store(state as u8, Ordering::Release);
     }
 
-    fn transition(&self, from: ReadyState, to: ReadyState) -> bool {
+    pub(crate) fn transition(&self, from: ReadyState, to: ReadyState) -> bool {
         self.state
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
@@ -424,7 +424,14 @@ impl Conn {
             return;
         }
         *self.ending.lock() = Some(Box::new((code, reason.to_owned())));
-        self.set_state(ReadyState::Closing);
+        // Not over `Closed`: the task may have finished since the check above (a client gone
+        // while the loop's write failed), and a `Closed` overwritten would stay `Closing`, a
+        // socket that could subscribe again with nothing to unsubscribe it.
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (state != ReadyState::Closed as u8).then_some(ReadyState::Closing as u8)
+            });
         // Nothing more is written from any thread; the task still holds the socket and closes it.
         drop(self.out.detach());
         self.out.seal();
@@ -598,6 +605,46 @@ mod tests {
         assert_eq!(high_water_mark(0), 256 * 1024);
         assert_eq!(high_water_mark(16 * 1024 * 1024), 256 * 1024);
         assert_eq!(high_water_mark(1000), 500);
+    }
+
+    /// `terminate` (the loop, or a failed write) racing the task's `finish` (the client gone):
+    /// whichever comes last, the connection ends `Closed`, and subscribes to nothing after.
+    /// A race, so tried many times; the two threads are released together for each.
+    #[test]
+    fn an_abrupt_end_racing_the_task_finishing_leaves_it_closed() {
+        use crate::engine::config::ServerConfig;
+        use crate::engine::net::Peer;
+        use crate::engine::ws::shared::Shared;
+        use std::sync::{mpsc, Barrier};
+
+        const TRIES: u64 = 20_000;
+        let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let start = Arc::new(Barrier::new(2));
+        let (give, take) = mpsc::channel::<Arc<Conn>>();
+        let loop_side = {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                for conn in take {
+                    start.wait();
+                    conn.terminate();
+                    start.wait();
+                }
+            })
+        };
+        for id in 0..TRIES {
+            let conn = shared.connection(id, Peer::Ip(ip), None);
+            conn.set_state(ReadyState::Open);
+            give.send(conn.clone()).unwrap();
+            start.wait();
+            conn.finish();
+            start.wait();
+            assert_eq!(conn.ready_state(), ReadyState::Closed, "connection {id}");
+            conn.subscribe("t");
+            assert_eq!(shared.subscriber_count("t"), 0, "connection {id}");
+        }
+        drop(give);
+        loop_side.join().unwrap();
     }
 
     #[test]

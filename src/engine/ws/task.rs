@@ -736,9 +736,9 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
             let (code, reason) = frame.unwrap_or((1005, String::new()));
             // Publishes the loop has already reported as queued go out before the reply.
             conn.shared.settle_publishes();
-            if conn.ready_state() == ReadyState::Open {
-                // The client started the handshake: echo its code.
-                conn.set_state(ReadyState::Closing);
+            // The client started the handshake: echo its code, unless the loop's `close`
+            // started it first (its close frame is the answer then).
+            if conn.transition(ReadyState::Open, ReadyState::Closing) {
                 let reply = if code == 1005 {
                     OutFrame::new(OP_CLOSE, Bytes::new())
                 } else {
