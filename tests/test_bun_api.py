@@ -231,6 +231,46 @@ async def test_ws_data_releases_each_value_it_held(serve: ServeFn, recorder: Rec
     assert await poll_until(lambda: refs[1]() is None, 5), "the last value outlived its connection"
 
 
+async def test_a_socket_in_a_reference_cycle_is_collected(serve: ServeFn, recorder: Recorder) -> None:
+    """``ws.data`` holding the socket (itself, or a dict holding it), or a context variable set
+    to it in a handler (the connection's context then holds it): cycles the collector frees."""
+    import contextvars
+    import gc
+    import weakref
+
+    from rawws import poll_until
+
+    current: contextvars.ContextVar[brioche.WebSocket[Any]] = contextvars.ContextVar("current")
+    refs: list[weakref.ref[brioche.WebSocket[Any]]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        refs.append(weakref.ref(ws))
+        kind = ws.data
+        if kind == "self":
+            ws.data = ws
+        elif kind == "dict":
+            ws.data = {"ws": ws}
+        else:
+            current.set(ws)  # runs in the connection's context, which the socket holds
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_open(on_open).on_close(on_close))
+    for kind in ("self", "dict", "contextvar"):
+        async with connect(ws_url(srv) + "?" + kind):
+            pass
+    await recorder.wait_for(lambda: recorder.of("close") == [(1000,)] * 3, 5)
+    assert len(refs) == 3
+
+    def collected() -> bool:
+        gc.collect()
+        return all(ref() is None for ref in refs)
+
+    # Without __traverse__ the collector cannot see the socket's references: never collected.
+    assert await poll_until(collected, 5), [ref() is None for ref in refs]
+
+
 # -- srv.reload --------------------------------------------------------------------------------
 
 

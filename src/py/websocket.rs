@@ -8,6 +8,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::pyclass::{PyTraverseError, PyVisit};
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyMemoryView, PyString, PyType};
 
@@ -192,6 +193,29 @@ fn control_payload(function: &str, payload: Option<&Bound<'_, PyAny>>) -> PyResu
 
 #[pymethods]
 impl PyWebSocket {
+    /// What the cycle collector must see: `ws.data = ws`, `ws.data = {"ws": ws}` or a context
+    /// variable set to `ws` in a handler (the connection's context holds it) make cycles that
+    /// only the collector can free, and it frees them only if it sees these references.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // SAFETY: the collector runs on an attached thread (abi3 is for GIL builds), which is
+        // also the only kind of thread that swaps `data`; the reference is borrowed for the
+        // visit, its count untouched.
+        let data = unsafe {
+            let py = Python::assume_attached();
+            Borrowed::from_ptr(py, self.data.load(Ordering::Acquire))
+        };
+        visit.call(data.as_unbound())?;
+        visit.call(&self.context)
+    }
+
+    /// Break a cycle through `data` (`ws.data = ws`); one through the context is broken by the
+    /// context's own clear.
+    fn __clear__(&self, py: Python<'_>) {
+        let old = self.data.swap(py.None().into_ptr(), Ordering::AcqRel);
+        // SAFETY: the field's strong reference, swapped out under the GIL: released once.
+        drop(unsafe { Bound::from_owned_ptr(py, old) });
+    }
+
     /// The context passed to `server.upgrade`, or what was assigned since.
     #[getter]
     fn data(&self, py: Python<'_>) -> Py<PyAny> {
