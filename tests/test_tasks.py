@@ -521,6 +521,37 @@ async def test_stop_closing_connections_runs_each_async_on_close_to_the_end(
     )
 
 
+async def test_messages_parked_behind_a_suspended_handler_stay_in_flight(serve: ServeFn) -> None:
+    """While an ``async def`` handler awaits, the messages behind it wait in Python: they stay on
+    the connection's 1 MiB cap, which stops its reading, and on ``incoming_bytes`` (the budget)
+    until their handler runs. Before, they left both when the loop took them: one client could
+    park 64 messages of ``max_payload_length`` (1 GiB by default) behind one await."""
+    size, count = 256 * 1024, 40
+    started, release = asyncio.Event(), asyncio.Event()
+    got: list[int] = []
+
+    async def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        got.append(data[0])
+        if len(got) == 1:
+            started.set()
+            await release.wait()
+
+    srv = await serve(websocket.init().on_bytes(on_bytes))
+    async with connect(ws_url(srv), max_size=None) as client:
+        sending = asyncio.ensure_future(asyncio.gather(*(client.send(bytes([i]) * size) for i in range(count))))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        # Held until the handler returns: at least the 1 MiB cap's worth, parked or in flight.
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] >= 1024 * 1024, TIMEOUT), srv.stats()
+        # Reading stopped at the cap: a few messages, not the 40 sent (64 could park before).
+        assert srv.stats()["messages_in"] <= 8, srv.stats()
+        release.set()
+        await asyncio.wait_for(sending, TIMEOUT)
+        assert await poll_until(lambda: len(got) == count, TIMEOUT), len(got)
+        assert got == list(range(count))
+        # Everything parked was taken off again as its handler ran.
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, TIMEOUT), srv.stats()
+
+
 async def test_stop_waits_for_a_suspended_handler_task(serve: ServeFn, recorder: Recorder) -> None:
     release = asyncio.Event()
 

@@ -960,7 +960,10 @@ class Server(Generic[T]):
             return
         try:
             while parked:
-                if self._dispatch(ws, parked.popleft()):
+                event = parked.popleft()
+                if event[0] == _TEXT or event[0] == _BYTES:
+                    ws._release_parked(sys.getsizeof(event[2]))
+                if self._dispatch(ws, event):
                     self._unpause_if_below_limit(ws, parked)
                     return
         except BaseException:
@@ -978,7 +981,11 @@ class Server(Generic[T]):
             return
         parked = self._busy[ws]
         parked.append(event)
-        if event[0] == _CLOSE and self._closing_all:
+        if kind == _TEXT or kind == _BYTES:
+            # Still in flight for the engine until its handler runs: on the connection's caps
+            # (its reading stops at 1 MiB) and on max_incoming_bytes. Taken off in `_release`.
+            ws._hold_parked(sys.getsizeof(event[2]))
+        if kind == _CLOSE and self._closing_all:
             self._cancel_closed()
         if len(parked) >= PARKED_EVENTS_LIMIT and ws not in self._paused:
             self._paused.add(ws)

@@ -419,6 +419,21 @@ impl PyWebSocket {
         Ok(())
     }
 
+    /// A message of `size` bytes parked behind a suspended handler: still in flight, as it was
+    /// before the loop took it, so the connection's caps stop its reading (1 MiB) and
+    /// `max_incoming_bytes` counts it. Without it, an `async def` handler awaiting something
+    /// let one client park up to 64 messages of `max_payload_length` (1 GiB by default).
+    fn _hold_parked(&self, size: usize) {
+        self.conn.messages_queued(1, size);
+        self.conn.shared.budget.adjust(0, size);
+    }
+
+    /// The parked message of `size` bytes is going to its handler: off the caps and the budget.
+    fn _release_parked(&self, size: usize) {
+        self.conn.messages_taken(1, size);
+        self.conn.shared.incoming_taken(size);
+    }
+
     /// Stop (or resume) reading from the socket; used while a suspended handler has events parked.
     fn _pause_reading(&self, paused: bool) {
         self.conn.pause_reading(paused);
