@@ -30,6 +30,7 @@ from rawws import (
     blocking_connect,
     encode_frame,
     parse_frames,
+    poll_until,
 )
 from test_limits import recording_echo as limits_echo
 
@@ -234,3 +235,92 @@ async def _drip_against(pid: int, port: int, budget: int, size: int, drippers: i
     stats = await _stats(port)
     assert stats["closes_by_code"]["1008"] == drippers
     assert stats["incoming_bytes"] == 0
+
+
+# -- HTTP request bodies -----------------------------------------------------------------------
+
+
+async def _post(port: int, body: bytes) -> tuple[int, bytes]:
+    """POST `body` on a fresh connection; the response's status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        return int(head.split(b" ")[1]), await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()
+
+
+async def test_request_bodies_are_on_the_budget_until_answered(serve: ServeFn, recorder: Recorder) -> None:
+    """A body is held from its first byte until the handler answers, on max_incoming_bytes as
+    messages are; one that does not fit gets 503 at once. Before, bodies were outside the
+    budget: a thousand clients each sending 1 MiB held a gigabyte past a 64 MiB budget."""
+    answer = asyncio.Event()
+
+    async def handler(request: server.Request, srv: Any) -> server.Response:
+        recorder.add("body", len(request.body))
+        await answer.wait()
+        return server.ok()
+
+    srv = await serve(handler=handler, max_incoming_bytes=4 * MIB, max_request_body_size=MIB)
+    body = b"b" * (MIB - 1)
+    held = [asyncio.ensure_future(_post(srv.port, body)) for _ in range(4)]
+    try:
+        await recorder.wait_for(lambda: len(recorder.of("body")) == 4, 10)
+        assert srv.stats()["incoming_bytes"] == 4 * (MIB - 1)
+        # Four bytes of room left: the fifth body is refused, and its handler never runs.
+        assert await _post(srv.port, body) == (503, b"Service Unavailable")
+        assert srv.stats()["incoming_bytes"] == 4 * (MIB - 1)
+    finally:
+        answer.set()
+    assert [status for status, _ in await asyncio.gather(*held)] == [200] * 4
+    assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, 5), srv.stats()
+    assert (await _post(srv.port, body))[0] == 200
+    assert recorder.of("body") == [(MIB - 1,)] * 5
+
+
+async def test_a_body_in_one_byte_chunks_costs_its_size_not_a_block_per_chunk() -> None:
+    """Ten clients each send a chunked body as 200,000 chunks of one byte and withhold the last
+    chunk: the server, in a process of its own, holds each body in one buffer. Collected as
+    hyper hands it over, each chunk kept its slice of a read buffer and a list entry: about
+    37 MiB per MB of body."""
+    clients, chunks = 10, 200_000
+    script = Path(__file__).parent / "scripts" / "budget_server.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(1 << 30), "10", stdout=asyncio.subprocess.PIPE
+    )
+    socks: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
+        if not reset_peak_rss(proc.pid):
+            pytest.skip("the peak RSS of another process cannot be reset here")
+        baseline = status_kib("VmHWM", proc.pid)
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(clients)]
+        request = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nc\r\n" * chunks
+
+        await asyncio.gather(*(asyncio.to_thread(sock.sendall, request) for sock in socks))
+        # Held until every body is in: each client's bytes are read before the server answers.
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):  # bounded: 10 s at most
+                stats = (await http.get(f"http://127.0.0.1:{port}/stats", timeout=10)).json()
+                if stats["incoming_bytes"] == clients * chunks:
+                    break
+                await asyncio.sleep(0.1)
+        assert stats["incoming_bytes"] == clients * chunks, stats
+        growth = (status_kib("VmHWM", proc.pid) - baseline) * 1024
+        # 2 MB of bodies in all; before, about 74 MiB (and 37 MiB more per client added).
+        assert growth < 16 * MIB, f"peak RSS +{growth / MIB:.1f} MiB for {clients * chunks:,} bytes of bodies"
+    finally:
+        for sock in socks:
+            sock.close()
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()

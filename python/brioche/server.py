@@ -308,7 +308,8 @@ class Config(Generic[T]):
         It counts messages still arriving and messages waiting for their handler. Past it, the
         connections holding 64 KiB or more stop being read until it frees up (their clients
         wait, held back by TCP), while those holding less go on; a paused client whose message
-        is still incomplete at its ``message_timeout`` is closed with 1008.
+        is still incomplete at its ``message_timeout`` is closed with 1008. HTTP request bodies
+        count from their first byte until the handler answers; one that does not fit gets 503.
         """
         value = _check_size("max_incoming_bytes", size, minimum=0)
         return dataclasses.replace(self, max_incoming_bytes_value=value)
