@@ -163,6 +163,50 @@ async def test_clients_vanishing_during_the_handshake_leave_nothing_behind(
     closed = [e[0] for e in recorder.of("close") if e[0] != "bystander"]
     assert sorted(opened) == sorted(closed), "every socket that opened was closed exactly once"
 
+async def test_the_data_of_an_upgrade_whose_client_left_is_released(serve: ServeFn) -> None:
+    """A client resets while an async HTTP handler is deciding, and the handler then upgrades
+    with some `data`: the connection never opens, and nothing keeps `data`. Before, when the
+    upgrade's answer reached hyper only after it had seen the reset, the request's future was
+    dropped with the answer unread, and `data` and the context stayed in the engine for ever."""
+    import weakref
+
+    from rawws import poll_until
+
+    class Token:
+        pass
+
+    entered: asyncio.Queue[str] = asyncio.Queue()
+    release = asyncio.Event()
+    tokens: list[weakref.ref[Token]] = []
+    upgraded: list[bool] = []
+
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        entered.put_nowait(request.query)
+        await release.wait()
+        token = Token()
+        tokens.append(weakref.ref(token))
+        upgraded.append(srv.upgrade(request, data=token))
+        return None if upgraded[-1] else server.bad_request()
+
+    srv = await serve(websocket.init(), handler=handler)
+    loop = asyncio.get_running_loop()
+    for i in range(10):
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", srv.port)), TIMEOUT)
+            await loop.sock_sendall(sock, UPGRADE.format(f"left{i}").encode())
+            assert await asyncio.wait_for(entered.get(), TIMEOUT) == f"left{i}"
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+    release.set()
+    assert await poll_until(lambda: len(upgraded) == 10, TIMEOUT), upgraded
+    assert await poll_until(lambda: all(token() is None for token in tokens), TIMEOUT), (
+        f"{sum(token() is not None for token in tokens)} of 10 kept; upgrade returned {upgraded}")
+    assert srv.pending_websockets == 0
+
+
 # -- handlers that raise ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("style", ["sync", "async-before-suspending", "async-after-suspending"])
