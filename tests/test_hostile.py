@@ -802,6 +802,48 @@ async def test_ping_flood_from_a_client_that_never_reads_is_bounded(
     await assert_still_serving(srv, bystander)
 
 
+async def test_pongs_for_a_client_that_reads_nothing_stop_at_16_and_resume_when_it_reads(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Once the client reads nothing of what is sent (the queue congested), only 16 pongs are
+    queued for it until it reads again; then its pings are answered again. Before, pongs were
+    queued up to the backpressure limit (16 MiB by default) for as long as it kept pinging."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        recorder.poke()
+
+    srv = await serve(echo_config(recorder).on_open(on_open))
+    client = await RawWebSocket.connect(srv.port, "/ws?flood", rcvbuf=4096, limit=4096)
+    try:
+        client.pause_reading()
+        await recorder.wait_for(lambda: "flood" in sockets)
+        ws = sockets["flood"]
+        # 8 MiB of pings: more pongs than the kernel's buffers on both sides hold.
+        pings = encode_frame(OP_PING, b"p" * 125) * (MIB // 131)
+        for _ in range(8):
+            client.writer.write(pings)
+            await asyncio.wait_for(client.writer.drain(), 10)
+        # Behind the pings: when the marker reaches on_text, every ping was read and answered.
+        await client.send_text("marker")
+        await recorder.wait_for(lambda: ("marker",) in seen(recorder, "text", "flood"), timeout=30)
+        pong, echo_frame = 2 + 125, 2 + len("marker")
+        assert ws.buffered_amount <= 16 * pong + echo_frame, ws.buffered_amount
+        # Reading again: what was queued arrives, the echo last, and a new ping is answered.
+        client.resume_reading()
+        for _ in range(200_000):  # bounded: the pongs the kernel held, then the echo
+            frame = await client.recv_frame(timeout=10)
+            if frame.opcode == OP_TEXT:
+                break
+        assert frame.payload == b"marker"
+        await client.send_frame(OP_PING, b"again")
+        frame = await client.recv_frame(timeout=10)
+        assert (frame.opcode, frame.payload) == (OP_PONG, b"again")
+    finally:
+        client.writer.transport.abort()
+
+
 # -- random bytes after the handshake (property-based) ---------------------------------------
 #
 # One server for all examples. Per example: a raw connection, the random bytes, then

@@ -33,6 +33,11 @@ const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
 const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
+/// Automatic replies queued while the queue holds something, before the rest are dropped until
+/// it has been written out: what a client that pings without reading can make the server hold
+/// (it had up to a backpressure limit, 16 MiB by default, for as long as it kept pinging). A
+/// client that pings every few seconds never has this many waiting, however slowly it reads.
+const REPLIES_WHILE_QUEUED: u8 = 16;
 /// Full reads in a row before the task looks at its signals, queued writes and timer again. Not
 /// a turn for other connections: the task then goes back to reading in the same poll. They get
 /// the worker when this poll's cooperative budget runs out (tokio's 128 units, one per
@@ -104,7 +109,12 @@ pub(crate) fn run(
     let first = if already_read.is_empty() {
         None
     } else {
-        feed(&task.conn, &mut task.rx, Input::Bytes(&already_read))
+        feed(
+            &task.conn,
+            &mut task.rx,
+            &mut task.replies_while_queued,
+            Input::Bytes(&already_read),
+        )
     };
     async move {
         let timer = sleep_until(task.next_idle_check());
@@ -157,6 +167,8 @@ struct Task {
     budget_generation: u64,
     /// `Event::Close` was pushed: the loop will deliver `on_close`.
     reported: bool,
+    /// Automatic replies queued since the outbound queue was last empty.
+    replies_while_queued: u8,
 }
 
 /// The read side: the parser, and what the frame or message being received costs.
@@ -201,6 +213,7 @@ impl Task {
                 charged: 0,
                 since: None,
             },
+            replies_while_queued: 0,
             phase: Phase::Open,
             last_read: Instant::now(),
             pinged_at: None,
@@ -369,7 +382,12 @@ impl Task {
         }
         if self.rx.reader.stalled() {
             // Frames that arrived while the loop was behind: parse them before reading more.
-            let ended = feed(&self.conn, &mut self.rx, Input::Bytes(&[]));
+            let ended = feed(
+                &self.conn,
+                &mut self.rx,
+                &mut self.replies_while_queued,
+                Input::Bytes(&[]),
+            );
             self.arm_message_deadline(timer);
             return match ended {
                 Some(ending) => Step::Done(ending),
@@ -384,7 +402,12 @@ impl Task {
             self.stream.poll_read_ready(cx)
         };
         match ready {
-            Poll::Ready(Ok(())) => match read(&self.conn, &self.stream, &mut self.rx) {
+            Poll::Ready(Ok(())) => match read(
+                &self.conn,
+                &self.stream,
+                &mut self.rx,
+                &mut self.replies_while_queued,
+            ) {
                 Read::Some => {
                     self.last_read = Instant::now();
                     self.arm_message_deadline(timer);
@@ -436,7 +459,11 @@ impl Task {
             if !limits.send_pings {
                 return Some(self.idle_timeout());
             }
-            queue_reply(&self.conn, OutFrame::new(OP_PING, Bytes::new()));
+            queue_reply(
+                &self.conn,
+                OutFrame::new(OP_PING, Bytes::new()),
+                &mut self.replies_while_queued,
+            );
             self.pinged_at = Some(now);
             now + (idle - ping_after)
         } else {
@@ -625,7 +652,12 @@ enum Read {
 }
 
 /// Read and parse what the socket has, into this worker's buffer.
-fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
+fn read(
+    conn: &Arc<Conn>,
+    stream: &Stream,
+    rx: &mut Receiver,
+    replies_while_queued: &mut u8,
+) -> Read {
     with_read_buf(|buf| {
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
@@ -648,7 +680,7 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver) -> Read {
                         Some(_) => Input::Direct(n),
                         None => Input::Bytes(&buf[..n]),
                     };
-                    if let Some(ending) = feed(conn, rx, input) {
+                    if let Some(ending) = feed(conn, rx, replies_while_queued, input) {
                         return Read::Ended(ending);
                     }
                     if n < direct.unwrap_or(buf.len())
@@ -679,7 +711,12 @@ enum Input<'a> {
 }
 
 /// Hand the messages a read completed to the loop; `Some` when the read side is over.
-fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending> {
+fn feed(
+    conn: &Arc<Conn>,
+    rx: &mut Receiver,
+    replies_while_queued: &mut u8,
+    input: Input<'_>,
+) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
     // Data messages and their bytes (for the counters), added up once per read rather than
     // per message.
@@ -720,7 +757,7 @@ fn feed(conn: &Arc<Conn>, rx: &mut Receiver, input: Input<'_>) -> Option<Ending>
                     Event::Ping(conn.id, payload.clone()),
                     &mut handed,
                 );
-            queue_reply(conn, OutFrame::new(OP_PONG, payload));
+            queue_reply(conn, OutFrame::new(OP_PONG, payload), replies_while_queued);
             go_on
         }
         Incoming::Pong(payload) => {
@@ -827,9 +864,16 @@ fn hand_over(conn: &Conn, len: usize, event: Event, handed: &mut Handed) -> bool
 }
 
 /// An automatic reply (pong, keep-alive ping). A client that pings but never reads must not grow
-/// the queue without bound: past the limit replies are dropped, as RFC 6455 5.5.3 allows (only
-/// the latest ping needs an answer). A sealed queue refuses them anyway.
-fn queue_reply(conn: &Conn, frame: OutFrame) {
+/// the queue: until the queue has been written out, only [`REPLIES_WHILE_QUEUED`] replies are
+/// queued, and never past the backpressure limit; the others are dropped, as RFC 6455 5.5.3
+/// allows (a pong need not answer every ping). A sealed queue refuses them anyway.
+fn queue_reply(conn: &Conn, frame: OutFrame, while_queued: &mut u8) {
+    if conn.out.buffered() == 0 {
+        *while_queued = 0;
+    } else if *while_queued >= REPLIES_WHILE_QUEUED {
+        return;
+    }
+    *while_queued += 1;
     let limit = match conn.shared.config.ws.backpressure_limit {
         0 => DEFAULT_REPLY_LIMIT,
         limit => limit,
