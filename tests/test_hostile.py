@@ -802,12 +802,13 @@ async def test_ping_flood_from_a_client_that_never_reads_is_bounded(
     await assert_still_serving(srv, bystander)
 
 
-async def test_pongs_for_a_client_that_reads_nothing_stop_at_16_and_resume_when_it_reads(
+async def test_pongs_for_a_client_that_reads_nothing_stop_at_64_kib_and_resume_when_it_reads(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    """Once the client reads nothing of what is sent (the queue congested), only 16 pongs are
-    queued for it until it reads again; then its pings are answered again. Before, pongs were
-    queued up to the backpressure limit (16 MiB by default) for as long as it kept pinging."""
+    """Once a client reads nothing of what is sent (64 KiB queued for it, or the kernel's buffer
+    full), only 16 more pongs are queued for it until it reads again; then its pings are
+    answered again. Before, pongs were queued up to the backpressure limit (16 MiB by default)
+    for as long as it kept pinging."""
     sockets: dict[str, brioche.WebSocket[Any]] = {}
 
     def on_open(ws: brioche.WebSocket[Any]) -> None:
@@ -829,7 +830,7 @@ async def test_pongs_for_a_client_that_reads_nothing_stop_at_16_and_resume_when_
         await client.send_text("marker")
         await recorder.wait_for(lambda: ("marker",) in seen(recorder, "text", "flood"), timeout=30)
         pong, echo_frame = 2 + 125, 2 + len("marker")
-        assert ws.buffered_amount <= 16 * pong + echo_frame, ws.buffered_amount
+        assert ws.buffered_amount <= 64 * 1024 + 16 * pong + echo_frame, ws.buffered_amount
         # Reading again: what was queued arrives, the echo last, and a new ping is answered.
         client.resume_reading()
         for _ in range(200_000):  # bounded: the pongs the kernel held, then the echo

@@ -33,11 +33,14 @@ const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
 const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
-/// Automatic replies queued while the queue holds something, before the rest are dropped until
-/// it has been written out: what a client that pings without reading can make the server hold
-/// (it had up to a backpressure limit, 16 MiB by default, for as long as it kept pinging). A
-/// client that pings every few seconds never has this many waiting, however slowly it reads.
-const REPLIES_WHILE_QUEUED: u8 = 16;
+/// A connection is backed up while its queue holds this much, or the kernel refused bytes
+/// (congested): its client is not reading what it is sent.
+const BACKED_UP: usize = 64 * 1024;
+/// Automatic replies queued while backed up, before the rest are dropped until the client reads
+/// again: what a client that pings without reading can make the server hold, about 64 KiB of
+/// pongs (it was up to a backpressure limit, 16 MiB by default, for as long as it kept pinging).
+/// A client that pings every few seconds never has this many waiting, however slowly it reads.
+const REPLIES_BACKED_UP: u8 = 16;
 /// Full reads in a row before the task looks at its signals, queued writes and timer again. Not
 /// a turn for other connections: the task then goes back to reading in the same poll. They get
 /// the worker when this poll's cooperative budget runs out (tokio's 128 units, one per
@@ -112,7 +115,7 @@ pub(crate) fn run(
         feed(
             &task.conn,
             &mut task.rx,
-            &mut task.replies_while_queued,
+            &mut task.replies_backed_up,
             Input::Bytes(&already_read),
         )
     };
@@ -167,8 +170,8 @@ struct Task {
     budget_generation: u64,
     /// `Event::Close` was pushed: the loop will deliver `on_close`.
     reported: bool,
-    /// Automatic replies queued since the outbound queue was last empty.
-    replies_while_queued: u8,
+    /// Automatic replies queued since the connection was last not backed up (`BACKED_UP`).
+    replies_backed_up: u8,
 }
 
 /// The read side: the parser, and what the frame or message being received costs.
@@ -213,7 +216,7 @@ impl Task {
                 charged: 0,
                 since: None,
             },
-            replies_while_queued: 0,
+            replies_backed_up: 0,
             phase: Phase::Open,
             last_read: Instant::now(),
             pinged_at: None,
@@ -385,7 +388,7 @@ impl Task {
             let ended = feed(
                 &self.conn,
                 &mut self.rx,
-                &mut self.replies_while_queued,
+                &mut self.replies_backed_up,
                 Input::Bytes(&[]),
             );
             self.arm_message_deadline(timer);
@@ -406,7 +409,7 @@ impl Task {
                 &self.conn,
                 &self.stream,
                 &mut self.rx,
-                &mut self.replies_while_queued,
+                &mut self.replies_backed_up,
             ) {
                 Read::Some => {
                     self.last_read = Instant::now();
@@ -462,7 +465,7 @@ impl Task {
             queue_reply(
                 &self.conn,
                 OutFrame::new(OP_PING, Bytes::new()),
-                &mut self.replies_while_queued,
+                &mut self.replies_backed_up,
             );
             self.pinged_at = Some(now);
             now + (idle - ping_after)
@@ -652,12 +655,7 @@ enum Read {
 }
 
 /// Read and parse what the socket has, into this worker's buffer.
-fn read(
-    conn: &Arc<Conn>,
-    stream: &Stream,
-    rx: &mut Receiver,
-    replies_while_queued: &mut u8,
-) -> Read {
+fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up: &mut u8) -> Read {
     with_read_buf(|buf| {
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
@@ -680,7 +678,7 @@ fn read(
                         Some(_) => Input::Direct(n),
                         None => Input::Bytes(&buf[..n]),
                     };
-                    if let Some(ending) = feed(conn, rx, replies_while_queued, input) {
+                    if let Some(ending) = feed(conn, rx, replies_backed_up, input) {
                         return Read::Ended(ending);
                     }
                     if n < direct.unwrap_or(buf.len())
@@ -714,7 +712,7 @@ enum Input<'a> {
 fn feed(
     conn: &Arc<Conn>,
     rx: &mut Receiver,
-    replies_while_queued: &mut u8,
+    replies_backed_up: &mut u8,
     input: Input<'_>,
 ) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
@@ -757,7 +755,7 @@ fn feed(
                     Event::Ping(conn.id, payload.clone()),
                     &mut handed,
                 );
-            queue_reply(conn, OutFrame::new(OP_PONG, payload), replies_while_queued);
+            queue_reply(conn, OutFrame::new(OP_PONG, payload), replies_backed_up);
             go_on
         }
         Incoming::Pong(payload) => {
@@ -864,16 +862,17 @@ fn hand_over(conn: &Conn, len: usize, event: Event, handed: &mut Handed) -> bool
 }
 
 /// An automatic reply (pong, keep-alive ping). A client that pings but never reads must not grow
-/// the queue: until the queue has been written out, only [`REPLIES_WHILE_QUEUED`] replies are
-/// queued, and never past the backpressure limit; the others are dropped, as RFC 6455 5.5.3
-/// allows (a pong need not answer every ping). A sealed queue refuses them anyway.
-fn queue_reply(conn: &Conn, frame: OutFrame, while_queued: &mut u8) {
-    if conn.out.buffered() == 0 {
-        *while_queued = 0;
-    } else if *while_queued >= REPLIES_WHILE_QUEUED {
+/// the queue: once it is backed up, only [`REPLIES_BACKED_UP`] more replies are queued until it
+/// reads again, and never past the backpressure limit; the others are dropped, as RFC 6455
+/// 5.5.3 allows (a pong need not answer every ping). A sealed queue refuses them anyway.
+fn queue_reply(conn: &Conn, frame: OutFrame, backed_up: &mut u8) {
+    if conn.out.buffered() < BACKED_UP && !conn.out.is_congested() {
+        *backed_up = 0;
+    } else if *backed_up >= REPLIES_BACKED_UP {
         return;
+    } else {
+        *backed_up += 1;
     }
-    *while_queued += 1;
     let limit = match conn.shared.config.ws.backpressure_limit {
         0 => DEFAULT_REPLY_LIMIT,
         limit => limit,
