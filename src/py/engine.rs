@@ -336,7 +336,8 @@ impl PyEngine {
         tls_key: Option<std::path::PathBuf>,
         per_message_deflate: Option<(bool, bool, u8, u8)>,
     ) -> PyResult<Self> {
-        // The Python setters check the same bound; a `Config` built by hand is checked here.
+        // The Python configs refuse these first, by their setters' names; this keeps the bound
+        // for any caller of the engine.
         let out_of_range = |name: &str| {
             PyValueError::new_err(format!(
                 "{name} must be a number of seconds from 0 to {}",
