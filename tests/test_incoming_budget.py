@@ -9,7 +9,9 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,24 +143,20 @@ def _close_code(sock: socket.socket) -> int | None:
     return None
 
 
-async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_served() -> None:
-    """With a 64 MiB budget and a 2 s message timeout, 20 clients each start a 16 MiB message
-    and drip it at 5 MiB/s (10 MiB each by their deadline, 200 MiB together): the server stops
-    reading from them at the budget, a well-behaved client goes on getting its echoes, and each
-    dripper is closed with 1008 at its deadline. The server runs in a process of its own (its
-    allocator untouched by other tests): its peak RSS grows by less than the budget plus 16 MiB.
-    Without the budget it grew by about 200 MiB."""
-    budget, size, drippers, piece, interval = 64 * MIB, 16 * MIB, 20, 128 * 1024, 0.025
+@asynccontextmanager
+async def budget_server(budget: int, message_timeout: float) -> AsyncIterator[tuple[int, int]]:
+    """tests/scripts/budget_server.py in a process of its own (its RSS and allocator are its
+    own), peak RSS reset: its pid and port. Skips where another process's peak cannot be reset."""
     script = Path(__file__).parent / "scripts" / "budget_server.py"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(budget), "2", stdout=asyncio.subprocess.PIPE
+        sys.executable, str(script), str(budget), str(message_timeout), stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
         port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
         if not reset_peak_rss(proc.pid):
             pytest.skip("the peak RSS of another process cannot be reset here")
-        await _drip_against(proc.pid, port, budget, size, drippers, piece, interval)
+        yield proc.pid, port
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -167,6 +165,18 @@ async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_s
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_served() -> None:
+    """With a 64 MiB budget and a 2 s message timeout, 20 clients each start a 16 MiB message
+    and drip it at 5 MiB/s (10 MiB each by their deadline, 200 MiB together): the server stops
+    reading from them at the budget, a well-behaved client goes on getting its echoes, and each
+    dripper is closed with 1008 at its deadline. The server runs in a process of its own (its
+    allocator untouched by other tests): its peak RSS grows by less than the budget plus 16 MiB.
+    Without the budget it grew by about 200 MiB."""
+    budget, size, drippers, piece, interval = 64 * MIB, 16 * MIB, 20, 128 * 1024, 0.025
+    async with budget_server(budget, 2) as (pid, port):
+        await _drip_against(pid, port, budget, size, drippers, piece, interval)
 
 
 async def _stats(port: int) -> dict[str, Any]:
@@ -288,39 +298,24 @@ async def test_a_body_in_one_byte_chunks_costs_its_size_not_a_block_per_chunk() 
     hyper hands it over, each chunk kept its slice of a read buffer and a list entry: about
     37 MiB per MB of body."""
     clients, chunks = 10, 200_000
-    script = Path(__file__).parent / "scripts" / "budget_server.py"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(1 << 30), "10", stdout=asyncio.subprocess.PIPE
-    )
-    socks: list[socket.socket] = []
-    try:
-        assert proc.stdout is not None
-        port = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-        if not reset_peak_rss(proc.pid):
-            pytest.skip("the peak RSS of another process cannot be reset here")
-        baseline = status_kib("VmHWM", proc.pid)
+    async with budget_server(1 << 30, 10) as (pid, port):
         socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(clients)]
-        request = b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nc\r\n" * chunks
-
-        await asyncio.gather(*(asyncio.to_thread(sock.sendall, request) for sock in socks))
-        # Held until every body is in: each client's bytes are read before the server answers.
-        async with httpx.AsyncClient() as http:
-            for _ in range(100):  # bounded: 10 s at most
-                stats = (await http.get(f"http://127.0.0.1:{port}/stats", timeout=10)).json()
-                if stats["incoming_bytes"] == clients * chunks:
-                    break
-                await asyncio.sleep(0.1)
-        assert stats["incoming_bytes"] == clients * chunks, stats
-        growth = (status_kib("VmHWM", proc.pid) - baseline) * 1024
-        # 2 MB of bodies in all; before, about 74 MiB (and 37 MiB more per client added).
-        assert growth < 16 * MIB, f"peak RSS +{growth / MIB:.1f} MiB for {clients * chunks:,} bytes of bodies"
-    finally:
-        for sock in socks:
-            sock.close()
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+        try:
+            baseline = status_kib("VmHWM", pid)
+            request = (b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + b"1\r\nc\r\n" * chunks)
+            await asyncio.gather(*(asyncio.to_thread(sock.sendall, request) for sock in socks))
+            # Held until every body is in: each client's bytes are read before the server answers.
+            async with httpx.AsyncClient() as http:
+                for _ in range(100):  # bounded: 10 s at most
+                    stats = (await http.get(f"http://127.0.0.1:{port}/stats", timeout=10)).json()
+                    if stats["incoming_bytes"] == clients * chunks:
+                        break
+                    await asyncio.sleep(0.1)
+            assert stats["incoming_bytes"] == clients * chunks, stats
+            growth = (status_kib("VmHWM", pid) - baseline) * 1024
+            # 2 MB of bodies in all; before, about 74 MiB (and 37 MiB more per client added).
+            assert growth < 16 * MIB, f"peak RSS +{growth / MIB:.1f} MiB for {clients * chunks:,} bytes of bodies"
+        finally:
+            for sock in socks:
+                sock.close()
