@@ -425,7 +425,6 @@ impl PyWebSocket {
     /// let one client park up to 64 messages of `max_payload_length` (1 GiB by default).
     fn _hold_parked(&self, size: usize) {
         self.conn.messages_queued(1, size);
-        self.conn.shared.budget.adjust(0, size);
     }
 
     /// The parked message of `size` bytes is going to its handler: off the caps and the budget.

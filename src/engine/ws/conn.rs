@@ -507,11 +507,13 @@ impl Conn {
 
     // Read-side flow control: messages handed to the event queue but not yet taken by Python.
 
-    /// `count` messages of `len` bytes in all are about to be queued: counted before the loop
-    /// can take (and subtract) them.
+    /// `count` messages of `len` bytes in all are about to be queued (or parked behind a
+    /// suspended handler): on the in-flight counts and the server's budget before the loop can
+    /// take (and subtract) them, or the budget's total could go below zero and wrap.
     pub(crate) fn messages_queued(&self, count: usize, len: usize) {
         self.inflight_messages.fetch_add(count, Ordering::Relaxed);
         self.inflight_bytes.fetch_add(len, Ordering::Relaxed);
+        self.shared.budget.adjust(0, len);
     }
 
     /// Python took a message off the queue.

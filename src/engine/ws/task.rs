@@ -839,11 +839,8 @@ impl Handed {
         if self.events.is_empty() {
             return;
         }
-        // Counted, and charged to the budget, before the loop can take them: it subtracts
-        // what it takes, and a total that went below zero would wrap (pausing connections
-        // that nothing then resumes).
+        // Counted, and charged to the budget, before the loop can take them.
         conn.messages_queued(self.messages, self.bytes);
-        conn.shared.budget.adjust(0, self.bytes);
         (self.messages, self.bytes) = (0, 0);
         conn.shared.events.push_all(self.events.drain(..));
     }
