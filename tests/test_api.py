@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import math
 import time
 import uuid
@@ -195,6 +196,48 @@ def test_a_config_built_by_hand_is_checked_as_its_setters_check() -> None:
 def test_on_text_non_callable_raises_type_error() -> None:
     with pytest.raises(TypeError):
         websocket.init().on_text(42)  # type: ignore[arg-type]
+
+
+def test_a_handler_that_could_never_run_is_refused_where_it_is_set() -> None:
+    async def stream(ws: Any, text: str) -> Any:
+        yield text
+
+    def steps(ws: Any) -> Any:
+        yield ws
+
+    with pytest.raises(TypeError, match="^on_text: .*stream is a generator function"):
+        websocket.init().on_text(stream)
+    with pytest.raises(TypeError, match="^on_open: .*steps is a generator function"):
+        websocket.init().on_open(steps)
+    with pytest.raises(TypeError, match=r"^on_text: the handler is called as handler\(ws, text\), "
+                       r"which .*<lambda>\(ws\) cannot take$"):
+        websocket.init().on_text(lambda ws: None)  # type: ignore[arg-type,misc]
+    with pytest.raises(TypeError, match=r"^on_close: the handler is called as handler\(ws, code, reason\)"):
+        websocket.init().on_close(lambda ws, code: None)  # type: ignore[arg-type,misc]
+    with pytest.raises(TypeError, match=r"^handler: the handler is called as handler\(request, server\)"):
+        server.handler(lambda request: None)  # type: ignore[arg-type,misc]
+    with pytest.raises(TypeError, match=r"^on_text: the handler is called as handler\(ws, text\)"):
+        websocket.Config(on_text_message=lambda ws: None)  # type: ignore[arg-type,misc]
+
+    # Whatever can take the arguments is accepted: defaults, *args, bound methods, partials,
+    # callable objects, and builtins whose signature Python cannot tell.
+    class Handlers:
+        def on_text(self, ws: Any, text: str) -> None:
+            pass
+
+        def __call__(self, ws: Any) -> None:
+            pass
+
+    def tagged(tag: str, ws: Any, data: bytes) -> None:
+        pass
+
+    def drained(ws: Any, extra: object = None) -> None:
+        pass
+
+    config = (websocket.init().on_text(Handlers().on_text).on_open(Handlers())
+              .on_close(lambda ws, *rest: None).on_drain(drained)
+              .on_bytes(functools.partial(tagged, "tag")).on_ping(print))
+    assert config.on_ping_handler is print
 
 
 def test_publish_to_self_int_raises_type_error() -> None:

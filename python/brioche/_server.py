@@ -564,12 +564,12 @@ class Server(Generic[T]):
         starts: a config that changes one is a ``ValueError``, as is enabling websockets on a
         server started without them.
         """
-        from brioche.websocket import Config as WsConfig
+        from brioche.websocket import Config as WsConfig, _check_handler
 
         if handler is None and websocket is None:
             raise TypeError("reload() needs handler=, websocket= or both")
-        if handler is not None and not callable(handler):
-            raise TypeError(f"a handler must be callable, got {type(handler).__name__}")
+        if handler is not None:
+            _check_handler(handler, "reload", "request, server")
         config = self._config
         if websocket is not None:
             if not isinstance(websocket, WsConfig):

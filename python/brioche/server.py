@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import Any, Generic, TypeAlias, TypeVar, final
 
 from brioche import websocket as _websocket
-from brioche.websocket import _check_bool, _check_seconds, _check_size
+from brioche.websocket import _check_bool, _check_handler, _check_seconds, _check_size
 from brioche._http import (
     Headers,
     Request,
@@ -185,8 +185,7 @@ class Config(Generic[T]):
     def __post_init__(self) -> None:
         # A Config built by hand is checked as the setters check theirs (the paths, the socket
         # and Redis are checked by their setters, and when the server starts).
-        if not callable(self.fetch):
-            raise TypeError(f"a handler must be callable, got {type(self.fetch).__name__}")
+        _check_handler(self.fetch, "handler", "request, server")
         if self.websocket_config is not None and not isinstance(self.websocket_config, _websocket.Config):
             raise TypeError(f"expected a websocket.Config, got {type(self.websocket_config).__name__}")
         if self.port_number is not None:
@@ -559,8 +558,6 @@ def handler(fn: Handler[T]) -> Config[T]:
     ``fn`` may be ``async def`` or a plain function. An exception in it gives a 500 response and a
     log line on the ``brioche`` logger; the server carries on.
     """
-    if not callable(fn):
-        raise TypeError(f"a handler must be callable, got {type(fn).__name__}")
     return Config(fetch=fn)
 
 

@@ -13,6 +13,7 @@ Every function below that takes a ``WebSocket`` first is also a method or proper
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeAlias, TypeVar
 
@@ -86,10 +87,39 @@ ControlHandler: TypeAlias = Callable[[WebSocket[T], bytes], object]
 _MIB = 1024 * 1024
 
 
-def _check_handler(handler: object) -> None:
+def _check_handler(handler: object, setter: str, arguments: str) -> None:
+    """Refuse, where it is set, a handler that could never run: one that is not callable, a
+    generator function (its body would not run at all: calling it only makes a generator), or
+    one that cannot take ``arguments`` ("ws, text") positionally. A callable whose signature
+    Python cannot tell (some builtins) is taken as it is."""
     if not callable(handler):
         raise TypeError(f"a handler must be callable, got {type(handler).__name__}")
+    name = getattr(handler, "__qualname__", None) or repr(handler)
+    if inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler):
+        raise TypeError(f"{setter}: {name} is a generator function (it has a yield), so calling "
+                        "it would run none of its body; a handler returns, or is async def "
+                        "without yield")
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*arguments.split(", "))
+    except TypeError:
+        raise TypeError(f"{setter}: the handler is called as handler({arguments}), which "
+                        f"{name}{signature} cannot take") from None
 
+
+# Each handler field of Config: its setter, and the arguments its handler is called with.
+_HANDLERS = (
+    ("on_text_message", "on_text", "ws, text"),
+    ("on_bytes_message", "on_bytes", "ws, data"),
+    ("on_open_handler", "on_open", "ws"),
+    ("on_close_handler", "on_close", "ws, code, reason"),
+    ("on_drain_handler", "on_drain", "ws"),
+    ("on_ping_handler", "on_ping", "ws, payload"),
+    ("on_pong_handler", "on_pong", "ws, payload"),
+)
 
 # The core holds sizes and counts as 64-bit integers, and timeouts up to 2**32 - 1 seconds
 # (about 136 years), so that no deadline it computes can overflow: larger is refused here, at
@@ -185,11 +215,10 @@ class Config(Generic[T]):
     def __post_init__(self) -> None:
         # A Config built by hand (or by dataclasses.replace) is checked as the setters check
         # theirs, by the setters' names: a wrong value is refused here, not by serve().
-        for handler in (self.on_text_message, self.on_bytes_message, self.on_open_handler,
-                        self.on_close_handler, self.on_drain_handler, self.on_ping_handler,
-                        self.on_pong_handler):
+        for field, setter, arguments in _HANDLERS:
+            handler = getattr(self, field)
             if handler is not None:
-                _check_handler(handler)
+                _check_handler(handler, setter, arguments)
         _check_size("max_payload_length", self.max_payload_length_bytes, minimum=1)
         _check_size("backpressure_limit", self.backpressure_limit_bytes, minimum=0)
         _check_bool("close_on_backpressure_limit", self.close_on_backpressure)
@@ -203,17 +232,17 @@ class Config(Generic[T]):
 
     def on_text(self, handler: TextHandler[T]) -> Config[T]:
         """Call ``handler(ws, text)`` for every text message (``async def`` or plain)."""
-        _check_handler(handler)
+        _check_handler(handler, "on_text", "ws, text")
         return dataclasses.replace(self, on_text_message=handler)
 
     def on_bytes(self, handler: BytesHandler[T]) -> Config[T]:
         """Call ``handler(ws, data)`` for every binary message."""
-        _check_handler(handler)
+        _check_handler(handler, "on_bytes", "ws, data")
         return dataclasses.replace(self, on_bytes_message=handler)
 
     def on_open(self, handler: SocketHandler[T]) -> Config[T]:
         """Call ``handler(ws)`` once a connection is upgraded; it runs before any message."""
-        _check_handler(handler)
+        _check_handler(handler, "on_open", "ws")
         return dataclasses.replace(self, on_open_handler=handler)
 
     def on_close(self, handler: CloseHandler[T]) -> Config[T]:
@@ -222,12 +251,12 @@ class Config(Generic[T]):
         ``code`` is the peer's close code, or 1006 when the connection ended without a close
         frame (``terminate``, a vanished client, an idle timeout).
         """
-        _check_handler(handler)
+        _check_handler(handler, "on_close", "ws, code, reason")
         return dataclasses.replace(self, on_close_handler=handler)
 
     def on_drain(self, handler: SocketHandler[T]) -> Config[T]:
         """Call ``handler(ws)`` each time a backpressured socket has written all it had queued."""
-        _check_handler(handler)
+        _check_handler(handler, "on_drain", "ws")
         return dataclasses.replace(self, on_drain_handler=handler)
 
     def on_ping(self, handler: ControlHandler[T]) -> Config[T]:
@@ -236,12 +265,12 @@ class Config(Generic[T]):
         The server still answers each ping with a pong by itself. Without a handler, pings
         are not handed to Python at all.
         """
-        _check_handler(handler)
+        _check_handler(handler, "on_ping", "ws, payload")
         return dataclasses.replace(self, on_ping_handler=handler)
 
     def on_pong(self, handler: ControlHandler[T]) -> Config[T]:
         """Call ``handler(ws, payload)`` for every pong from the client (Bun's ``pong``)."""
-        _check_handler(handler)
+        _check_handler(handler, "on_pong", "ws, payload")
         return dataclasses.replace(self, on_pong_handler=handler)
 
     def max_payload_length(self, max_payload_length: int) -> Config[T]:
