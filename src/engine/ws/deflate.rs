@@ -192,7 +192,7 @@ fn inflate_into(
     out: &mut Vec<u8>,
     limit: usize,
 ) -> Result<(), InflateError> {
-    for part in [input, &TAIL[..]] {
+    for (index, part) in [input, &TAIL[..]].into_iter().enumerate() {
         let mut pos = 0;
         loop {
             if out.len() == out.capacity() {
@@ -215,6 +215,11 @@ fn inflate_into(
                 // A final block ends the stream: what follows it (the tail we appended) is not
                 // part of it, and the next message starts a new one, as its sender's does.
                 stream.reset(false);
+                if index == 0 && pos < part.len() {
+                    // Bytes of the message after its stream's end: dropping them would deliver
+                    // something other than what another reader of the same frames sees.
+                    return Err(InflateError::Invalid);
+                }
                 return if out.len() > limit {
                     Err(InflateError::TooBig)
                 } else {
@@ -306,6 +311,26 @@ mod tests {
             c.compress_vec(text, &mut out, FlushCompress::Finish)
                 .unwrap();
             assert_eq!(inflater.inflate(&out, 1000).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn bytes_after_a_final_block_are_invalid() {
+        let mut c = Compress::new_with_window_bits(Compression::new(6), false, 15);
+        let mut whole = Vec::with_capacity(256);
+        c.compress_vec(b"hello", &mut whole, FlushCompress::Finish)
+            .unwrap();
+        let mut inflater = Inflater::new(&params(15, false));
+        assert_eq!(inflater.inflate(&whole, 1024).unwrap(), b"hello");
+        for trailer in [&b"\xff\xff\xff\xffGARBAGE"[..], &whole[..]] {
+            let mut payload = whole.clone();
+            payload.extend_from_slice(trailer);
+            assert!(matches!(
+                inflater.inflate(&payload, 1024),
+                Err(InflateError::Invalid)
+            ));
+            // The stream starts anew for the next message.
+            assert_eq!(inflater.inflate(&whole, 1024).unwrap(), b"hello");
         }
     }
 
