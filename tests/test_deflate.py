@@ -9,7 +9,9 @@ deflate data) use the raw client.
 from __future__ import annotations
 
 import asyncio
+import os
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +23,9 @@ from brioche import MessageSent, websocket
 from brioche.websocket import DeflateOptions
 
 from conftest import Recorder, ServeFn, reset_peak_rss, status_kib, ws_url
-from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket
+from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket, poll_until
 
+MIB = 1 << 20
 TAIL = b"\x00\x00\xff\xff"
 JSON = '{"type":"chat","room":"lobby","user":"alice","text":"hello, hello, hello"}'
 
@@ -388,3 +391,67 @@ def test_deflate_options_are_checked() -> None:
     assert websocket.init().deflate_options is None
     assert websocket.init().per_message_deflate(True).deflate_options == DeflateOptions()
     assert websocket.per_message_deflate(websocket.init(), False).deflate_options is None
+
+
+def _unread_by_server(port: int) -> int:
+    """Bytes the established connections to ``port`` hold that the server has not read yet
+    (the receive queues of /proc/net/tcp)."""
+    unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            unread += int(fields[4].split(":")[1], 16)
+    return unread
+
+
+async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Ten clients each send a 2 MiB message as a 2 KiB compressed frame, behind a message
+    whose handler waits: under a 4 MiB max_incoming_bytes, only what the budget has room for
+    is inflated, the rest waits compressed, and every message arrives once the budget frees.
+    Before, each frame was inflated as it arrived: a connection holding 2 KiB is below the
+    floor at which the budget pauses it, so ten held 20 MiB, and a thousand would have held
+    2 GiB for 2 MB sent."""
+    clients, size, budget = 10, 2 * MIB, 4 * MIB
+    payload = b"ab" * (size // 2)
+    release = asyncio.Event()
+    held_at_delivery: list[int] = []
+
+    async def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        if data == b"wait":
+            await release.wait()
+            return
+        held_at_delivery.append(srv.stats()["incoming_bytes"])
+        recorder.add("message", data == payload)
+        ws.send_bytes(b"got it")
+
+    config = websocket.init().on_bytes(on_bytes).per_message_deflate(True)
+    srv = await serve(config, max_incoming_bytes=budget)
+    compressed = deflate(payload)
+    assert len(compressed) < 4096
+    # Each worker thread may inflate one message while the budget still had room.
+    bound = budget + len(os.sched_getaffinity(0)) * (size + 4096)
+    raws: list[RawWebSocket] = []
+    try:
+        for _ in range(clients):
+            raw = await RawWebSocket.connect(srv.port, headers=[("Sec-WebSocket-Extensions", "permessage-deflate")])
+            raws.append(raw)
+            await raw.send_bytes(b"wait")
+            await raw.send_frame(OP_BINARY, compressed, rsv=4)
+        # Everything sent has been read (each read is parsed, and a message inflated or kept,
+        # in the same step of its connection's task), and at least what fits was inflated.
+        assert await poll_until(lambda: _unread_by_server(srv.port) == 0
+                                and srv.stats()["messages_in"] >= clients + 2, 10), srv.stats()
+        held = srv.stats()["incoming_bytes"]
+        assert held <= bound, (held, bound)
+        release.set()
+        for raw in raws:
+            assert (await raw.recv_data_frame()).payload == b"got it"
+    finally:
+        release.set()
+        for raw in raws:
+            raw.close()
+    assert recorder.of("message") == [(True,)] * clients
+    assert max(held_at_delivery) <= bound, held_at_delivery
+    assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, 5), srv.stats()

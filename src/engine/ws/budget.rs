@@ -53,6 +53,19 @@ impl IncomingBudget {
         holding >= PAUSE_FLOOR && self.held.load(Ordering::SeqCst) > self.limit
     }
 
+    /// Whether more is held than the limit.
+    pub(crate) fn exceeded(&self) -> bool {
+        self.held.load(Ordering::SeqCst) > self.limit
+    }
+
+    /// What may be inflated before the budget is exceeded; `None` once it is. `Some(0)` (held
+    /// exactly at the limit) still lets one message be inflated: as `wait` does, the limit
+    /// itself is not over it, so a connection waiting to inflate is not paused then either.
+    pub(crate) fn inflate_room(&self) -> Option<usize> {
+        let held = self.held.load(Ordering::Relaxed);
+        (held <= self.limit).then(|| self.limit - held)
+    }
+
     /// How much more may be held before the budget is exceeded (`usize::MAX` without one).
     pub(crate) fn headroom(&self) -> usize {
         self.limit.saturating_sub(self.held.load(Ordering::Relaxed))

@@ -193,7 +193,20 @@ pub(crate) struct MessageReader {
     /// `deliver` asked to stop: what was left unparsed is parsed by the next `feed`.
     stalled: bool,
     /// permessage-deflate was negotiated: its decompressor. Boxed, as most connections have none.
-    inflater: Option<Box<Inflater>>,
+    inflating: Option<Box<Inflating>>,
+}
+
+/// A connection's inflating side, with what the server-wide budget lets it inflate.
+struct Inflating {
+    inflater: Inflater,
+    /// What this feed may still inflate: the room left in the server's budget when it began,
+    /// less what it inflated since (`None`: none). A compressed message of 16 KiB can inflate
+    /// to `max_payload`: inflated regardless, a thousand clients each holding one would hold
+    /// gigabytes under a budget of megabytes, while holding too little to be paused by it.
+    room: Option<usize>,
+    /// `partial.message` is a compressed message that has all arrived, waiting for room in the
+    /// budget to be inflated.
+    awaiting: bool,
 }
 
 impl MessageReader {
@@ -205,13 +218,36 @@ impl MessageReader {
             head_len: 0,
             done: false,
             stalled: false,
-            inflater: None,
+            inflating: None,
         }
+    }
+
+    /// How much the next `feed` may inflate (`None`: nothing, the budget is spent). A message
+    /// is inflated while any of it is left, so one feed overruns it by at most one message.
+    /// `room` is asked only of a connection that negotiated permessage-deflate.
+    pub(crate) fn set_inflate_room(&mut self, room: impl FnOnce() -> Option<usize>) {
+        if let Some(inflating) = &mut self.inflating {
+            inflating.room = room();
+        }
+    }
+
+    /// A compressed message waits for room in the budget before it is inflated.
+    pub(crate) fn awaiting_inflation(&self) -> bool {
+        self.inflating.as_ref().is_some_and(|i| i.awaiting)
+    }
+
+    /// Whether a compressed message that has all arrived must wait to be inflated.
+    fn no_room_to_inflate(&self) -> bool {
+        self.inflating.as_ref().is_some_and(|i| i.room.is_none())
     }
 
     /// Accept compressed messages (RSV1) as negotiated.
     pub(crate) fn inflate_with(&mut self, params: &DeflateParams) {
-        self.inflater = Some(Box::new(Inflater::new(params)));
+        self.inflating = Some(Box::new(Inflating {
+            inflater: Inflater::new(params),
+            room: Some(usize::MAX),
+            awaiting: false,
+        }));
     }
 
     /// The last `feed` stopped early; feed again (even nothing) to go on.
@@ -259,6 +295,9 @@ impl MessageReader {
     pub(crate) fn abandon(&mut self) {
         self.done = true;
         self.stalled = false;
+        if let Some(inflating) = &mut self.inflating {
+            inflating.awaiting = false;
+        }
         self.partial = None;
         self.head_len = 0;
     }
@@ -313,7 +352,7 @@ impl MessageReader {
     /// socket's next bytes are then all this frame's, and reading them here saves copying them
     /// out of the worker's read buffer, the one copy whose destination is out of the cache.
     pub(crate) fn direct_room(&mut self, min: usize, max: usize) -> Option<&mut [MaybeUninit<u8>]> {
-        if self.done || self.stalled {
+        if self.done || self.stalled || self.awaiting_inflation() {
             return None;
         }
         let partial = self.partial.as_mut()?;
@@ -375,7 +414,17 @@ impl MessageReader {
         deliver: &mut impl FnMut(Incoming) -> bool,
     ) -> Result<usize, Violation> {
         let mut pos = 0;
-        if self.partial.as_ref().is_some_and(|p| p.frame.is_some()) {
+        if self.awaiting_inflation() {
+            if self.no_room_to_inflate() {
+                self.stalled = true;
+                return Ok(0);
+            }
+            self.inflating.as_mut().expect("awaiting").awaiting = false;
+            let partial = self.partial.as_mut().expect("the message waits in it");
+            let message = partial.message.take().expect("the message waits in it");
+            let message = self.inflate(message.text, &message.payload)?;
+            self.stalled |= !deliver(message);
+        } else if self.partial.as_ref().is_some_and(|p| p.frame.is_some()) {
             pos = self.receive(data, deliver)?;
         }
         while !self.done && !self.stalled {
@@ -455,7 +504,7 @@ impl MessageReader {
             // RSV1 on the first frame of a data message, once negotiated (RFC 7692 6.1).
             compressed = masked
                 && buf[0] & 0x70 == 0x40
-                && self.inflater.is_some()
+                && self.inflating.is_some()
                 && matches!(opcode, OP_TEXT | OP_BINARY);
             if !compressed {
                 return Err(Violation::Protocol);
@@ -513,6 +562,18 @@ impl MessageReader {
         payload: &[u8],
         deliver: &mut impl FnMut(Incoming) -> bool,
     ) -> Result<(), Violation> {
+        if header.compressed && self.no_room_to_inflate() {
+            let mut kept = Vec::with_capacity(payload.len());
+            copy_unmasked(&mut kept, payload, header.key);
+            self.wait_to_inflate(Message {
+                text: header.opcode == OP_TEXT,
+                compressed: true,
+                payload: kept,
+                checked: 0,
+                mask: None,
+            });
+            return Ok(());
+        }
         if header.compressed {
             let message = INFLATE_INPUT.with(|input| {
                 let mut input = input.borrow_mut();
@@ -624,29 +685,47 @@ impl MessageReader {
             self.control(frame.opcode, frame.control, deliver)?;
         } else if frame.fin {
             let message = partial.message.take().expect("present");
-            let message = if message.compressed {
-                self.inflate(message.text, &message.payload)?
-            } else {
+            let message = if !message.compressed {
                 message.finish()?
+            } else if self.no_room_to_inflate() {
+                self.wait_to_inflate(message);
+                return Ok(());
+            } else {
+                self.inflate(message.text, &message.payload)?
             };
             self.stalled |= !deliver(message);
         }
         Ok(())
     }
 
+    /// Keep a compressed message that has all arrived until the budget has room to inflate it;
+    /// parsing stops here, and the connection's task pauses until then.
+    fn wait_to_inflate(&mut self, message: Message) {
+        self.partial.get_or_insert_with(Box::default).message = Some(message);
+        self.inflating
+            .as_mut()
+            .expect("only negotiated RSV1 gets here")
+            .awaiting = true;
+        self.stalled = true;
+    }
+
     /// A compressed message's payload, inflated and checked: the limit holds on what it inflates
     /// to, and text is valid UTF-8 once inflated.
     fn inflate(&mut self, text: bool, payload: &[u8]) -> Result<Incoming, Violation> {
-        let inflater = self
-            .inflater
+        let inflating = self
+            .inflating
             .as_mut()
             .expect("only negotiated RSV1 gets here");
-        let bytes = inflater
+        let bytes = inflating
+            .inflater
             .inflate(payload, self.max_payload as usize)
             .map_err(|e| match e {
                 InflateError::TooBig => Violation::TooBig,
                 InflateError::Invalid => Violation::BadDeflate,
             })?;
+        inflating.room = inflating
+            .room
+            .and_then(|room| room.checked_sub(bytes.len()));
         Ok(if text {
             Incoming::Text(utf8(bytes)?)
         } else {
@@ -892,6 +971,50 @@ mod tests {
             read_all(&mut reader, &frame(0xC1, &first)).1,
             Err(Violation::TooBig)
         );
+    }
+
+    #[test]
+    fn a_compressed_message_waits_for_room_to_inflate() {
+        use crate::engine::ws::deflate::Deflater;
+        let long = "x".repeat(100_000);
+        let mut deflater = Deflater::new(15, true);
+        let mut deflated = Vec::new();
+        deflater.compress(long.as_bytes(), &mut deflated);
+        // Whole in one read, then fragmented across reads, then after a message that used up
+        // the room of the read it came in.
+        let whole = frame(0xC1, &deflated);
+        let fragmented = [frame(0x41, &deflated[..10]), frame(0x80, &deflated[10..])].concat();
+        for (stream, split) in [(&whole, whole.len()), (&fragmented, 12)] {
+            let mut reader = MessageReader::new(1 << 20);
+            reader.inflate_with(&deflate_params());
+            reader.set_inflate_room(|| None);
+            let (got, result) = read_all(&mut reader, &stream[..split]);
+            assert_eq!((got, result), (vec![], Ok(())));
+            let (got, result) = read_all(&mut reader, &stream[split..]);
+            assert_eq!((got, result), (vec![], Ok(())));
+            assert!(reader.awaiting_inflation() && reader.stalled());
+            assert!(
+                reader.buffered() < 1_000,
+                "it holds the compressed bytes only"
+            );
+            // Fed again while the budget is still spent: still waiting, nothing lost.
+            let (got, _) = read_all(&mut reader, &[]);
+            assert!(got.is_empty() && reader.awaiting_inflation());
+            reader.set_inflate_room(|| Some(0));
+            let (got, result) = read_all(&mut reader, &[]);
+            assert_eq!((got, result), (vec![text_of(&long)], Ok(())));
+            assert!(!reader.awaiting_inflation() && !reader.stalled());
+        }
+        let mut reader = MessageReader::new(1 << 20);
+        reader.inflate_with(&deflate_params());
+        reader.set_inflate_room(|| Some(long.len() - 1));
+        let two = [whole.clone(), whole.clone(), frame(0x81, b"after")].concat();
+        let (got, result) = read_all(&mut reader, &two);
+        assert_eq!((got, result), (vec![text_of(&long)], Ok(())));
+        assert!(reader.awaiting_inflation());
+        reader.set_inflate_room(|| Some(usize::MAX));
+        let (got, result) = read_all(&mut reader, &[]);
+        assert_eq!((got, result), (vec![text_of(&long), text("after")], Ok(())));
     }
 
     #[test]

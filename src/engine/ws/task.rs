@@ -251,7 +251,11 @@ impl Task {
     /// registered to be woken when the budget frees up.
     fn budget_pauses(&mut self) -> bool {
         let budget = &self.conn.shared.budget;
-        if !budget.pauses(self.rx.charged + self.conn.inflight_bytes()) {
+        // A compressed message waiting to be inflated holds little, but would hold up to
+        // `max_payload` once inflated: it waits for the budget whatever the floor.
+        let waits = budget.pauses(self.rx.charged + self.conn.inflight_bytes())
+            || self.rx.reader.awaiting_inflation() && budget.exceeded();
+        if !waits {
             return false;
         }
         if self.budget_generation == budget.generation() {
@@ -786,6 +790,8 @@ fn feed(
             true
         }
     };
+    rx.reader
+        .set_inflate_room(|| conn.shared.budget.inflate_room());
     let parsed = match input {
         Input::Bytes(data) => rx.reader.feed(data, &mut deliver),
         Input::Direct(n) => rx.reader.direct_received(n, &mut deliver),
