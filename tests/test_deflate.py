@@ -38,6 +38,12 @@ def deflate(data: bytes, wbits: int = 15) -> bytes:
     return out[:-4]
 
 
+def finished(data: bytes) -> bytes:
+    """One message as a whole deflate stream, its last block final (BFINAL)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH)
+
+
 def echo_config(**options: Any) -> websocket.Config[Any]:
     """Echo every message compressed, and record whether the connection negotiated deflate."""
 
@@ -236,6 +242,9 @@ async def test_a_bomb_is_refused_without_inflating_the_rest(serve: ServeFn, reco
         ([(OP_BINARY, b"\xff\xff\xff\xff", True, 4)], 1007),
         # Invalid UTF-8 once inflated.
         ([(OP_TEXT, deflate(b"ok \xff"), True, 4)], 1007),
+        # Bytes after the final block that ends the message's stream: garbage, or a block.
+        ([(OP_TEXT, finished(b"hello") + b"\xff\xff\xff\xffGARBAGE", True, 4)], 1007),
+        ([(OP_TEXT, finished(b"hello") + deflate(b" smuggled"), True, 4)], 1007),
         # RSV1 belongs on a message's first frame only.
         ([(OP_TEXT, deflate(b"abc"), False, 4), (OP_CONTINUATION, b"", True, 4)], 1002),
         # RSV1 on a control frame, and the bits no extension uses.
