@@ -39,6 +39,15 @@ def topics_config(recorder: Recorder, holder: list[brioche.Server[Any]], **optio
         elif command == "pubb":
             topic, _, message = rest.partition(" ")
             recorder.add("pub", ws.publish_bytes(topic, message.encode()))
+        elif command == "pubany":
+            # ws.publish with a bytes-like message, as send takes one; then a wrong type.
+            topic, _, message = rest.partition(" ")
+            recorder.add("pub", ws.publish(topic, message.encode()), ws.publish(topic, bytearray(b"ba")),
+                         websocket.publish(ws, topic, memoryview(b"mv")))
+            try:
+                ws.publish(topic, 1)  # type: ignore[arg-type]
+            except TypeError as exc:
+                recorder.add("refused", str(exc))
         elif command == "echo":
             ws.send(rest)
 
@@ -222,6 +231,16 @@ async def test_publisher_need_not_be_subscribed(serve: ServeFn, recorder: Record
         assert await recv(subscriber) == b"data"
         await assert_nothing_pending(outsider)
         assert recorder.of("pub") == [(MessageSent(4),)]
+
+
+async def test_ws_publish_sends_bytes_like_messages_as_binary(serve: ServeFn, recorder: Recorder) -> None:
+    srv = await start(serve, recorder)
+    async with clients(srv, recorder, "room", "") as (subscriber, publisher):
+        await publisher.send("pubany room data")
+        assert [await recv(subscriber) for _ in range(3)] == [b"data", b"ba", b"mv"]
+        await assert_nothing_pending(publisher)
+        assert recorder.of("pub") == [(MessageSent(4), MessageSent(2), MessageSent(2))]
+        assert recorder.of("refused") == [("publish() takes a str or a bytes-like object, got int",)]
 
 
 async def test_publish_with_no_recipient_is_dropped(serve: ServeFn, recorder: Recorder) -> None:

@@ -99,8 +99,11 @@ class WebSocket(Generic[_T]):
         """Queue a message: text for a ``str``, binary for bytes-like; ``compress`` if negotiated."""
     def send_bytes(self, message: bytes | bytearray | memoryview, compress: bool = False) -> _SendStatus:
         """Queue a binary message."""
-    def publish(self, topic: str, message: str, compress: bool = False) -> _SendStatus:
-        """Send text to the subscribers of ``topic`` (not to this socket unless publish_to_self)."""
+    def publish(
+        self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+    ) -> _SendStatus:
+        """Send a message to the subscribers of ``topic`` (not to this socket unless
+        publish_to_self): text for a ``str``, binary for bytes-like."""
     def publish_bytes(
         self, topic: str, message: bytes | bytearray | memoryview, compress: bool = False
     ) -> _SendStatus:

@@ -456,8 +456,11 @@ def send_bytes(
     return ws.send_bytes(message, compress)
 
 
-def publish(ws: WebSocket[Any], topic: str, message: str, compress: bool = False) -> SendStatus:
-    """Send a text message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``).
+def publish(
+    ws: WebSocket[Any], topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+) -> SendStatus:
+    """Send a message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``):
+    text for a ``str``, binary for bytes-like (as ``publish_bytes``), as ``send`` does.
 
     With ``compress=True`` it is compressed for the subscribers that negotiated
     permessage-deflate: once for all those without server context takeover (per window size),

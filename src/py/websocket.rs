@@ -118,6 +118,21 @@ pub(super) fn str_or_bytes_error(function: &str, message: &Bound<'_, PyAny>) -> 
     ))
 }
 
+fn publish_binary(
+    conn: &Arc<Conn>,
+    topic: &str,
+    data: &Bound<'_, PyAny>,
+    compress: bool,
+) -> PyResult<SendStatus> {
+    with_bytes(data, |b| {
+        if compress {
+            conn.publish_compressed(topic, OP_BINARY, b)
+        } else {
+            conn.publish_binary(topic, b)
+        }
+    })
+}
+
 /// Send binary `data`: compressed with `compress` (if negotiated); otherwise a large `bytes` from
 /// the object itself (see `shared.rs`), anything else, or anything small, copied.
 fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyResult<SendStatus> {
@@ -311,15 +326,20 @@ impl PyWebSocket {
         &self,
         py: Python<'_>,
         topic: &str,
-        message: &str,
+        message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
-        let sent = if compress {
-            self.conn
-                .publish_compressed(topic, OP_TEXT, message.as_bytes())
-        } else {
-            self.conn.publish_text(topic, message)
+        let sent = match message.cast::<PyString>() {
+            Ok(text) if compress => {
+                self.conn
+                    .publish_compressed(topic, OP_TEXT, text.to_str()?.as_bytes())
+            }
+            Ok(text) => self.conn.publish_text(topic, text.to_str()?),
+            // As `send` and `Server.publish` take either (and Bun's `publish`): bytes-like goes
+            // out as a binary message, as with `publish_bytes`.
+            Err(_) => publish_binary(&self.conn, topic, message, compress)
+                .map_err(|_| str_or_bytes_error("publish", message))?,
         };
         status::to_py(py, sent)
     }
@@ -334,14 +354,7 @@ impl PyWebSocket {
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
-        let sent = with_bytes(message, |b| {
-            if compress {
-                self.conn.publish_compressed(topic, OP_BINARY, b)
-            } else {
-                self.conn.publish_binary(topic, b)
-            }
-        })?;
-        status::to_py(py, sent)
+        status::to_py(py, publish_binary(&self.conn, topic, message, compress)?)
     }
 
     /// Whether the client negotiated permessage-deflate (the 101 accepted its offer).
