@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -139,6 +140,35 @@ async def test_the_server_closes_with_a_close_frame_and_close_notify(serve: Serv
             await asyncio.wait_for(client.recv(), 5)
     assert closed.value.rcvd is not None
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4010, "done: x")
+
+
+async def test_a_clients_close_notify_is_answered_with_the_servers(
+    serve: ServeFn, certs: Certs, recorder: Recorder
+) -> None:
+    """RFC 8446 6.1: each side sends close_notify before it closes. A client that ends its
+    TLS layer (``unwrap``) waits for the server's; before, the server closed without one and
+    the client saw an unexpected EOF. The WebSocket still ends without a close frame: 1006."""
+    srv = await serve(echo_config(recorder), tls=certs.files)
+    context = certs.client_context()
+
+    def open_then_unwrap() -> bytes:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as plain:
+            tls = context.wrap_socket(plain, server_hostname="127.0.0.1")
+            tls.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        b"Sec-WebSocket-Version: 13\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = tls.recv(4096)
+                assert chunk, head
+                head += chunk
+            tls.unwrap()
+            return head
+
+    head = await asyncio.to_thread(open_then_unwrap)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), 5)
+    assert recorder.of("close") == [(1006, "")]
 
 
 async def test_a_plain_http_request_to_the_tls_port_gets_a_plain_400_and_the_close(

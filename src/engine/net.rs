@@ -118,6 +118,16 @@ impl Stream {
         }
     }
 
+    /// The client ended its stream: over TLS that is its `close_notify` (an end without one is
+    /// an error, not a read of 0), which RFC 8446 6.1 asks to answer with ours before closing;
+    /// a client unwrapping its TLS layer otherwise sees an unexpected EOF.
+    pub(crate) fn answer_end_of_stream(&self) {
+        if let Stream::Tls(s) = self {
+            s.session.lock().send_close_notify();
+            let _ = s.write_pending();
+        }
+    }
+
     /// Close the write side once everything is written: TLS says `close_notify` first.
     pub(crate) fn shutdown_write(&self) {
         if let Stream::Tls(s) = self {

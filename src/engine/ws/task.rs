@@ -675,7 +675,10 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up:
                 None => (stream.read(buf), None),
             };
             match result {
-                Ok(0) => return Read::Ended(Ending::abrupt(1006, "")),
+                Ok(0) => {
+                    stream.answer_end_of_stream();
+                    return Read::Ended(Ending::abrupt(1006, ""));
+                }
                 Ok(n) => {
                     got = Read::Some;
                     let input = match direct {
