@@ -130,7 +130,7 @@ async def test_drops_and_backpressure_are_counted_and_drops_logged_once_per_epis
             pass
         assert log_lines(caplog, "brioche.ws") == [(
             logging.WARNING,
-            "dropping messages to 127.0.0.1 (0): backpressure limit exceeded; "
+            "dropping messages to 127.0.0.1: backpressure limit exceeded; "
             "more drops are not logged until its queue drains",
         )]
 
@@ -198,6 +198,8 @@ async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
     bad_version = await asyncio.to_thread(exchange, (upgrade + "Sec-WebSocket-Version: 8\r\n\r\n").encode())
     assert bad_version.startswith(b"HTTP/1.1 426 ")
+    no_version = await asyncio.to_thread(exchange, (upgrade + "\r\n").encode())
+    assert no_version.startswith(b"HTTP/1.1 426 ")
     too_big = await asyncio.to_thread(exchange, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" + b"x" * 11)
     assert too_big.startswith(b"HTTP/1.1 413 ")
     many_headers = b"".join(b"X-H%d: v\r\n" % i for i in range(200))  # past hyper's 100
@@ -209,14 +211,16 @@ async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
     # A refusal hyper answers itself (the 431) is counted and logged when its connection ends,
     # after the client has closed; a line reaches `logging` through the event queue. The core
     # counts each refusal before it sends the line, so with the fourth line all four are counted.
-    await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 4, 5)
+    await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 5, 5)
     stats = srv.stats()
-    assert (stats["handshakes_rejected"], stats["requests_rejected"]) == (2, 2)
+    assert (stats["handshakes_rejected"], stats["requests_rejected"]) == (3, 2)
     # Each line names its client's own port; the 431's may come after the 503's.
-    bad_version_port, too_big_port, huge_head_port, full_port = client_ports
+    bad_version_port, no_version_port, too_big_port, huge_head_port, full_port = client_ports
     assert sorted(log_lines(caplog, "brioche.http")) == sorted([
         (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 426, unsupported Sec-WebSocket-Version"
          % bad_version_port),
+        (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 426, missing Sec-WebSocket-Version"
+         % no_version_port),
         (logging.INFO, "refused a request from 127.0.0.1:%d: 413, body over max_request_body_size" % too_big_port),
         (logging.INFO, "refused a request from 127.0.0.1:%d: 431, request head too large" % huge_head_port),
         (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 503, max_connections reached" % full_port),

@@ -692,11 +692,11 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             "closing the connection from %s with %d: %s",
         ),
         LogKind::IdleTimeout => ("brioche.ws", INFO, "closed the connection from %s (%d): %s"),
-        LogKind::BackpressureDrop => (
-            "brioche.ws",
-            WARNING,
-            "dropping messages to %s (%d): %s; more drops are not logged until its queue drains",
-        ),
+        LogKind::BackpressureDrop => {
+            let format = "dropping messages to %s: %s; more drops are not logged until its queue \
+                          drains";
+            return codeless_log(py, "brioche.ws", WARNING, format, record);
+        }
         LogKind::BackpressureClose => (
             "brioche.ws",
             WARNING,

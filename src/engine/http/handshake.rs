@@ -45,11 +45,20 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     if !has_token(headers, CONNECTION, "upgrade") {
         return Handshake::Invalid(StatusCode::BAD_REQUEST, "missing Connection: Upgrade");
     }
-    if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        return Handshake::Invalid(
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported Sec-WebSocket-Version",
-        );
+    match headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) {
+        Some(b"13") => {}
+        Some(_) => {
+            return Handshake::Invalid(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported Sec-WebSocket-Version",
+            )
+        }
+        None => {
+            return Handshake::Invalid(
+                StatusCode::UPGRADE_REQUIRED,
+                "missing Sec-WebSocket-Version",
+            )
+        }
     }
     match headers.get(SEC_WEBSOCKET_KEY) {
         Some(key) if is_valid_key(key.as_bytes()) => Handshake::Valid(key.clone()),
