@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -325,6 +326,7 @@ async def test_exception_in_on_text_closes_that_connection_with_1011(
 ) -> None:
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         if text == "boom":
+            recorder.add("repr", repr(ws))
             raise RuntimeError("handler exploded")
         ws.send(text)
 
@@ -345,11 +347,14 @@ async def test_exception_in_on_text_closes_that_connection_with_1011(
             await good.send(f"after {i}")
             assert await asyncio.wait_for(good.recv(), TIMEOUT) == f"after {i}"
     assert recorder.of("close")[0] == ("a", 1011)
-    assert any(
-        r.name == "brioche" and r.levelno == logging.ERROR and r.exc_info is not None
-        and str(r.exc_info[1]) == "handler exploded"
-        for r in caplog.records
-    ), caplog.records
+    [(bad_repr,)] = recorder.of("repr")
+    assert re.fullmatch(r"<brioche\.WebSocket #\d+ from 127\.0\.0\.1 state=1>", bad_repr), bad_repr
+    # The line names the connection, as it was when its handler raised.
+    failures = [r for r in caplog.records if r.name == "brioche" and r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in failures] == [
+        f"on_text handler raised for {bad_repr}; closing the connection with 1011"
+    ]
+    assert failures[0].exc_info is not None and str(failures[0].exc_info[1]) == "handler exploded"
 
 
 @pytest.mark.parametrize("when", ["before_await", "after_await"])
@@ -493,7 +498,7 @@ async def test_exception_in_on_close_is_logged_and_server_keeps_working(
         ws.send(text)
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
-        recorder.add("close", code)
+        recorder.add("close", code, repr(ws))
         raise RuntimeError("close exploded")
 
     caplog.set_level(logging.ERROR, logger="brioche")
@@ -504,10 +509,12 @@ async def test_exception_in_on_close_is_logged_and_server_keeps_working(
     async with connect(ws_url(srv)) as client:
         await client.send("again")
         assert await asyncio.wait_for(client.recv(), TIMEOUT) == "again"
-    assert any(
-        r.name == "brioche" and r.exc_info is not None and str(r.exc_info[1]) == "close exploded"
-        for r in caplog.records
-    )
+    # The second client's on_close raises too, maybe after these lines: the first is checked.
+    _, closed_repr = recorder.of("close")[0]
+    assert re.fullmatch(r"<brioche\.WebSocket #\d+ from 127\.0\.0\.1 state=3>", closed_repr), closed_repr
+    failures = [r for r in caplog.records if r.name == "brioche" and r.levelno == logging.ERROR]
+    assert failures[0].getMessage() == f"on_close handler raised for {closed_repr}"
+    assert failures[0].exc_info is not None and str(failures[0].exc_info[1]) == "close exploded"
 
 
 async def test_plain_sync_handlers_work(serve: ServeFn, recorder: Recorder) -> None:

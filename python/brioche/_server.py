@@ -1009,10 +1009,13 @@ class Server(Generic[T]):
             if kind != _CLOSE:
                 ws.close(1011, "internal error")
             return
+        # The repr is taken now, not when a handler formats the line: by then the close below
+        # has changed the state it shows.
         if kind == _CLOSE:
-            logger.error("%s handler raised", name, exc_info=exc)
+            logger.error("%s handler raised for %s", name, repr(ws), exc_info=exc)
             return
-        logger.error("%s handler raised; closing the connection with 1011", name, exc_info=exc)
+        logger.error("%s handler raised for %s; closing the connection with 1011", name, repr(ws),
+                     exc_info=exc)
         ws.close(1011, "internal error")
 
     def _on_request(self, pending: PendingRequest) -> None:
