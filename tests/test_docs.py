@@ -373,6 +373,9 @@ async def test_tls_script_serves_wss_reloads_on_sighup_and_stops_on_sigterm(tmp_
     )
     try:
         await wait_listening(port, proc)
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 10)
+        assert line == f"INFO:brioche:listening on https://127.0.0.1:{port}/\n".encode(), line
         async with httpx.AsyncClient(verify=trusting(first_ca)) as http:
             reply = await http.get(f"https://127.0.0.1:{port}/healthz")
         assert (reply.status_code, reply.text) == (200, "ok\n")
@@ -382,7 +385,6 @@ async def test_tls_script_serves_wss_reloads_on_sighup_and_stops_on_sigterm(tmp_
             renewed_cert.replace(cert)
             renewed_key.replace(key)
             proc.send_signal(signal.SIGHUP)
-            assert proc.stderr is not None
             line = await asyncio.wait_for(proc.stderr.readline(), 10)
             assert b"SIGHUP: TLS certificate reloaded" in line, line
             async with connect(f"wss://127.0.0.1:{port}/", ssl=trusting(renewed_ca)) as renewed:

@@ -51,6 +51,30 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly() ->
     assert out.decode().strip() == "stopped cleanly"
 
 
+async def test_run_logs_where_it_listens_once_it_does() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 15)
+        assert line.decode() == f"INFO brioche: listening on http://127.0.0.1:{port}/\n"
+        # Said once it listens: a client may connect as soon as it reads the line.
+        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
+            await client.send("up")
+            assert await asyncio.wait_for(client.recv(), 10) == "up"
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode() == "stopped cleanly\n"
+    assert err.decode() == "", "the line is logged once, and nothing else at INFO for a clean run"
+
+
 async def test_demo_module_prints_its_address_and_echoes() -> None:
     # Started with SIGINT ignored, as a shell's background job (and some CI runners) start it:
     # Ctrl+C still stops the demo, which handles the signal itself.

@@ -531,6 +531,9 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
             pass
     srv = await config.serve()
+    # As the workers' supervisor says where they listen: the one line that tells an operator the
+    # server is up, and where.
+    logging.getLogger("brioche").info("listening on %s", srv.url)
     if config.tls_files is not None:
         try:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)

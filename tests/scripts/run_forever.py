@@ -1,10 +1,11 @@
 """Serve an echo with the blocking ``run()`` until Ctrl+C; prints the port once listening.
 
 ``run_forever.py PORT [method|module]``: with a second argument, on uvloop, through
-``Config.run(loop_factory=...)`` or ``server.run(config, loop_factory=...)``.
+``Config.run(loop_factory=...)`` or ``server.run(config, loop_factory=...)``. Logs to stderr at INFO.
 """
 
 import asyncio
+import logging
 import sys
 
 import uvloop
@@ -26,6 +27,7 @@ def handler(request: server.Request, srv: brioche.Server[None]) -> server.Respon
     return server.upgrade(srv, request, [], None, server.bad_request)
 
 
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 port = int(sys.argv[1])
 how = sys.argv[2] if len(sys.argv) > 2 else None
 config = server.handler(handler).websocket(websocket.init().on_text(on_text)).hostname("127.0.0.1").port(port)
