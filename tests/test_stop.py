@@ -6,10 +6,11 @@ import asyncio
 import time
 from typing import Any
 
+import httpx
 import pytest
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
 import brioche
 from brioche import MessageBackpressured, server, websocket
@@ -243,6 +244,54 @@ async def test_stop_closing_active_connections_completes_when_a_client_never_rea
     frames, _ = parse_frames(data)
     assert frames and all(f.opcode == OP_BINARY for f in frames), "data, then the end, no close frame"
     assert how in ("eof", "reset")
+
+
+@pytest.mark.parametrize("kind", ["http", "websocket"])
+async def test_stop_closing_active_connections_ends_a_request_in_flight_with_503(
+    serve: ServeFn, recorder: Recorder, kind: str
+) -> None:
+    """Bun's ``stop(true)``: an ``async`` handler still running is cancelled, its client gets
+    503 at once and stop() does not wait for it; a handshake's handler never upgrades."""
+    entered = asyncio.Event()
+    never = asyncio.Event()
+
+    async def slow_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        entered.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            recorder.add("cancelled", request.path)
+            raise
+        recorder.add("finished", request.path)
+        return server.upgrade(srv, request, [], None, server.bad_request)
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open")
+
+    srv = await serve(websocket.init().on_open(on_open), handler=slow_handler)
+
+    async def client() -> tuple[int, str]:
+        if kind == "http":
+            async with httpx.AsyncClient() as http:
+                response = await http.get(f"http://127.0.0.1:{srv.port}/slow", timeout=TIMEOUT)
+                return response.status_code, response.text
+        try:
+            async with connect(ws_url(srv, "/slow"), open_timeout=TIMEOUT):
+                return 101, ""
+        except InvalidStatus as refused:
+            return refused.response.status_code, refused.response.body.decode()
+
+    waiting = asyncio.ensure_future(client())
+    try:
+        await asyncio.wait_for(entered.wait(), TIMEOUT)
+        # Before, stop() waited for the handler, which waits here until the test ends.
+        await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+        assert await asyncio.wait_for(waiting, TIMEOUT) == (503, "Service Unavailable")
+    finally:
+        # A failure leaves no handler behind to hold up the fixture's stop.
+        never.set()
+        waiting.cancel()
+    assert recorder.events == [("cancelled", "/slow")]
 
 
 async def test_this_module_runs_on_both_loops(request: pytest.FixtureRequest) -> None:

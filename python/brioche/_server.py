@@ -192,6 +192,10 @@ async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
+def _stopping() -> Response:
+    return text("Service Unavailable", 503)
+
+
 def _close_for_protocol_error(ws: WebSocket[Any], code: int, reason: str) -> None:
     """The client broke the protocol: close once the events before it were handled, in order."""
     ws.close(code, reason)
@@ -318,7 +322,7 @@ class Server(Generic[T]):
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
-        "_context",
+        "_request_tasks", "_context",
         "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
     )
     _engine: Engine
@@ -336,6 +340,7 @@ class Server(Generic[T]):
     _closing_all: bool
     _tasks: set[asyncio.Task[Any]]
     _close_tasks: set[asyncio.Task[Any]]
+    _request_tasks: set[asyncio.Task[Any]]
     _context: contextvars.Context
     _batch_max: int
     _wake_thread: threading.Thread | None
@@ -432,6 +437,7 @@ class Server(Generic[T]):
         self._closing_all = False
         self._tasks = set()
         self._close_tasks = set()
+        self._request_tasks = set()
         # Each HTTP request's handler runs in a copy of the context serve() was called in.
         self._context = contextvars.copy_context()
         self._batch_max = FIRST_BATCH_EVENTS
@@ -619,10 +625,12 @@ class Server(Generic[T]):
     async def stop(self, close_active_connections: bool = False) -> None:
         """Stop listening and wait until every connection and every handler task has ended.
 
-        With ``close_active_connections=True`` open WebSockets are closed with 1001, and handler
+        With ``close_active_connections=True`` open WebSockets are closed with 1001, handler
         tasks still suspended once their connection is closed are cancelled (``on_close`` still
-        runs, last); otherwise connections carry on until they close by themselves, and their
-        handlers until they finish.
+        runs, last), and so are the ``async`` HTTP handlers still running, as Bun's
+        ``stop(true)`` ends requests in flight: their clients get ``503 Service Unavailable``.
+        Otherwise connections carry on until they close by
+        themselves, and their handlers until they finish.
         """
         if close_active_connections and not self._closing_all:
             self._closing_all = True
@@ -997,10 +1005,13 @@ class Server(Generic[T]):
             ws._pause_reading(False)
 
     def _cancel_closed(self) -> None:
-        """Cancel the suspended handlers of connections that are closed (stopping with close)."""
+        """Stopping with close: cancel the suspended handlers of connections that are closed,
+        and every HTTP handler still running (its client gets 503 from ``_request_done``)."""
         for ws, task in list(self._running.items()):
             if ws.ready_state == _CLOSED and task not in self._close_tasks:
                 task.cancel()
+        for task in list(self._request_tasks):
+            task.cancel()
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
@@ -1039,14 +1050,22 @@ class Server(Generic[T]):
         else:
             request._task = task
             self._tasks.add(task)
+            self._request_tasks.add(task)
             task.add_done_callback(partial(self._request_done, request))
+            if self._closing_all:
+                # Queued before stop(True) and dispatched after it: ended as those in flight were.
+                task.cancel()
 
     def _request_done(self, request: Request, task: asyncio.Task[Any]) -> None:
+        self._request_tasks.discard(task)
         if task in self._tasks:
             self._tasks.discard(task)
             self._check_stopped()
         if task.cancelled():
-            self._reply(request, internal_error())
+            # Cancelled by stop(True): the server is going away, which is no fault of the request's:
+            # 503, as for a request the server is too busy to serve. Any other cancellation is
+            # the handler's own doing.
+            self._reply(request, _stopping() if self._closing_all else internal_error())
             return
         exc = task.exception()
         if exc is not None:
