@@ -9,12 +9,14 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import free_port, ignore_sigint
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
+SLOW_CLOSE_SCRIPT = Path(__file__).parent / "scripts" / "run_slow_close.py"
 
 
 async def connect_when_listening(url: str) -> ClientConnection:
@@ -73,6 +75,45 @@ async def test_run_logs_where_it_listens_once_it_does() -> None:
     assert proc.returncode == 0, err.decode()
     assert out.decode() == "stopped cleanly\n"
     assert err.decode() == "", "the line is logged once, and nothing else at INFO for a clean run"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_run_cancels_an_on_close_still_running_after_the_grace_period(workers: int) -> None:
+    """An on_close that never returns held SIGTERM's stop forever (under workers, until the
+    supervisor's SIGKILL 10 s later). Now it is cancelled once the grace period passes."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SLOW_CLOSE_SCRIPT), str(port), "0.5", str(workers),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        # Every worker listens, with its SIGTERM handler, once the start line is logged.
+        for _ in range(20):
+            line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+            assert line, "the server's stderr ended before it listened"
+            if "listening on" in line:
+                break
+        else:
+            raise AssertionError("no 'listening on' line among the first 20")
+        async with connect(f"ws://127.0.0.1:{port}/") as client:
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        # The bound: the 0.5 s grace and the exit, well before the supervisor's SIGKILL.
+        out, err = await asyncio.wait_for(proc.communicate(), 8)
+    finally:
+        if proc.returncode is None:
+            # Its workers too, which hold its pipes open: its own session's process group.
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == ["on_close 1001", "on_close cancelled", "stopped cleanly"]
+    warnings = [line for line in err.decode().splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING brioche: stopping: cancelled 1 handler task still running after the 0.5 s grace period"
+    ], err.decode()
 
 
 async def test_demo_module_prints_its_address_and_echoes() -> None:

@@ -77,6 +77,13 @@ _FIXED_AT_START = {
     "per_message_deflate": "deflate_options",
 }
 
+# What run() (and each worker of run(workers=n)) gives stop(close_active_connections=True) after
+# SIGINT or SIGTERM before it cancels the handler tasks still running, on_close's included: a
+# handler awaiting something that never answers (a call without a timeout) must not keep the
+# process alive past what a process manager waits before its SIGKILL. Ten seconds leave room for
+# the clients' close replies (the core waits up to 5 s for them) and for on_close's usual work.
+STOP_GRACE_SECONDS = 10.0
+
 # A connection whose handler is suspended may have this many events parked behind it before the
 # engine stops reading from its socket (TCP backpressure to that client only).
 PARKED_EVENTS_LIMIT = 64
@@ -321,7 +328,8 @@ class Server(Generic[T]):
 
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
-        "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_tasks", "_close_tasks",
+        "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
+        "_close_tasks",
         "_request_tasks", "_context",
         "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
     )
@@ -338,6 +346,7 @@ class Server(Generic[T]):
     _engine_stopped: bool
     _stop_called: bool
     _closing_all: bool
+    _cancelling_all: bool
     _tasks: set[asyncio.Task[Any]]
     _close_tasks: set[asyncio.Task[Any]]
     _request_tasks: set[asyncio.Task[Any]]
@@ -435,6 +444,7 @@ class Server(Generic[T]):
         self._engine_stopped = False
         self._stop_called = False
         self._closing_all = False
+        self._cancelling_all = False
         self._tasks = set()
         self._close_tasks = set()
         self._request_tasks = set()
@@ -641,6 +651,36 @@ class Server(Generic[T]):
         elif close_active_connections:
             self._engine.stop(True)
         await asyncio.shield(self._stopped)
+
+    def _cancel_handlers(self) -> int:
+        """Cancel every handler task still running, ``on_close``'s and the HTTP handlers'
+        included, and each one that starts from now on; the number that were running."""
+        self._closing_all = True
+        self._cancelling_all = True
+        running = [task for task in self._tasks if not task.done()]
+        for task in running:
+            task.cancel()
+        return len(running)
+
+    async def _stop_gracefully(self) -> None:
+        """``run()``'s stop: ``stop(close_active_connections=True)``, and once
+        ``STOP_GRACE_SECONDS`` have passed, the handler tasks still running are cancelled."""
+        grace = STOP_GRACE_SECONDS
+        stopping = asyncio.ensure_future(self.stop(close_active_connections=True))
+        done, _ = await asyncio.wait({stopping}, timeout=grace)
+        if not done:
+            count = self._cancel_handlers()
+            if count:
+                logger.warning(
+                    "stopping: cancelled %d handler %s still running after the %g s grace period",
+                    count, "task" if count == 1 else "tasks", grace,
+                )
+            else:
+                logger.warning(
+                    "stopping: the %g s grace period has passed; waiting for the connections "
+                    "still closing", grace,
+                )
+        await stopping
 
     async def wait_closed(self) -> None:
         """Wait until the server has stopped: ``stop()`` was called and everything ended."""
@@ -936,7 +976,10 @@ class Server(Generic[T]):
         if kind == _CLOSE:
             # on_close runs to its end, even while stopping: it is the connection's clean-up.
             self._close_tasks.add(task)
-        elif self._closing_all and ws.ready_state == _CLOSED:
+        if self._cancelling_all:
+            # Past run()'s grace period nothing may hold the stop up, on_close included.
+            task.cancel()
+        elif kind != _CLOSE and self._closing_all and ws.ready_state == _CLOSED:
             task.cancel()
 
     def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:

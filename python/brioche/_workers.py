@@ -18,7 +18,9 @@ written to each sibling over a Unix socket in a directory made for the run; no b
 
 The parent (this module, in the process that called ``run``) starts no event loop and no engine:
 it reserves the port, starts the workers, restarts one that dies (logging why, with a backoff),
-and on SIGINT or SIGTERM sends each worker SIGTERM, which closes its connections with 1001.
+and on SIGINT or SIGTERM sends each worker SIGTERM, which closes its connections with 1001 and
+stops as ``run()`` does in one process (handlers still running after its grace period are
+cancelled); a worker still alive STOP_TIMEOUT after the SIGTERM is killed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from brioche._server import STOP_GRACE_SECONDS
+
 if TYPE_CHECKING:
     from brioche.server import Config
 
@@ -51,9 +55,10 @@ logger = logging.getLogger("brioche")
 # of one worker, everything stops: a worker that cannot start will not start by retrying.
 FAST_CRASH_SECONDS = 5.0
 GIVE_UP_AFTER = 5
-# SIGTERM, then this long for the workers to close their connections (the clients' close
-# replies may take up to the 5 s close timeout), then SIGKILL.
-STOP_TIMEOUT = 10.0
+# SIGTERM, then this long for the workers to stop, then SIGKILL. Each worker cancels its handlers
+# still running once its grace period (STOP_GRACE_SECONDS, which covers the clients' close
+# replies) has passed: the margin lets that cancel, and the worker's exit, come first.
+STOP_TIMEOUT = STOP_GRACE_SECONDS + 5.0
 # A worker reports ready once its siblings' publishes reach it and its own reach them, or after
 # this long (a sibling may be down). Generous: at a cold start on a loaded machine a sibling's
 # interpreter may take seconds to import, and a worker that reports ready before its links are
@@ -142,7 +147,7 @@ async def _serve_worker(
         ready.close()
         await stop_requested.wait()
     finally:
-        await srv.stop(close_active_connections=True)
+        await srv._stop_gracefully()
 
 
 @dataclasses.dataclass(slots=True)

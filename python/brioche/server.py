@@ -410,6 +410,15 @@ class Config(Generic[T]):
     ) -> None:
         """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return.
 
+        It stops as ``stop(close_active_connections=True)`` does (``async`` HTTP handlers still
+        running are cancelled at once, their clients answered 503), and gives the handlers left,
+        each connection's ``on_close`` among them, a grace period of 10 seconds: the handler
+        tasks still running then are cancelled, on_close's too, a WARNING says how many, and
+        ``run()`` returns. With workers each worker does the same, and the supervisor kills one
+        still alive 15 seconds after its SIGTERM. A process manager must wait longer than that
+        before it kills the process (systemd's ``TimeoutStopSec``). More Ctrl+C or SIGTERM
+        meanwhile change nothing.
+
         ``loop_factory`` makes the event loop to serve on: ``uvloop.new_event_loop`` for uvloop
         (default: asyncio's own loop). ``workers`` overrides :meth:`workers`: with more than
         one, this process starts that many worker processes, supervises them and returns once
@@ -542,7 +551,7 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
     try:
         await stop_requested.wait()
     finally:
-        await srv.stop(close_active_connections=True)
+        await srv._stop_gracefully()
 
 
 def _reload_tls_logged(srv: Server[Any]) -> None:
