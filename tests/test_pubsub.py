@@ -617,3 +617,27 @@ async def test_a_send_from_another_thread_comes_after_the_publishes_before_it(
         await go.send("go")
         assert [await recv(sub) for _ in range(3)] == ["a", "b", "c"]
     assert recorder.of("statuses") == [([MessageSent(1)] * 3,)]
+
+
+async def test_send_and_publish_from_a_thread_outside_any_handler(serve: ServeFn, recorder: Recorder) -> None:
+    """What the README promises: ``ws.send``, ``ws.publish`` and ``srv.publish`` may be called
+    from any thread, while no handler runs; each returns its status at once and is delivered."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        ws.subscribe("t")
+        recorder.add("open")
+
+    srv = await serve(websocket.init().on_open(on_open), handler=upgrade_with_path)
+    async with connect(ws_url(srv, "/a")) as a, connect(ws_url(srv, "/b")) as b:
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
+        calls = [
+            lambda: sockets["/a"].send("send"),
+            lambda: sockets["/a"].publish("t", "ws.publish"),  # not to itself: publish_to_self is off
+            lambda: srv.publish("t", "srv.publish"),
+        ]
+        statuses = [await asyncio.to_thread(call) for call in calls]
+        assert statuses == [MessageSent(4), MessageSent(10), MessageSent(11)]
+        assert [await recv(a) for _ in range(2)] == ["send", "srv.publish"]
+        assert [await recv(b) for _ in range(2)] == ["ws.publish", "srv.publish"]
