@@ -329,8 +329,7 @@ class Server(Generic[T]):
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
-        "_close_tasks",
-        "_request_tasks", "_context",
+        "_close_tasks", "_request_tasks", "_context",
         "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
     )
     _engine: Engine
@@ -639,8 +638,8 @@ class Server(Generic[T]):
         tasks still suspended once their connection is closed are cancelled (``on_close`` still
         runs, last), and so are the ``async`` HTTP handlers still running, as Bun's
         ``stop(true)`` ends requests in flight: their clients get ``503 Service Unavailable``.
-        Otherwise connections carry on until they close by
-        themselves, and their handlers until they finish.
+        Otherwise connections carry on until they close by themselves, and their handlers until
+        they finish.
         """
         if close_active_connections and not self._closing_all:
             self._closing_all = True
