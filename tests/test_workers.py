@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 import brioche
 from brioche import server, websocket
 from conftest import ignore_sigint
-from rawws import holders_of_server_end
+from rawws import holders_of_server_end, poll_until
 
 APP = Path(__file__).with_name("workers_app.py")
 LISTENING = re.compile(r"(?P<workers>\d+) workers listening on port (?P<port>\d+) \(pids (?P<pids>[\d, ]+)\)")
@@ -262,6 +262,37 @@ async def test_a_signal_to_the_supervisor_closes_every_worker_s_clients_with_100
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not any("WARNING" in line or "Traceback" in line for line in sup.lines), sup.lines
+
+
+async def test_workers_whose_supervisor_is_killed_close_their_clients_with_1001_and_exit(
+    supervisor_of: Any,
+) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to stop its workers: each sees
+    its end of the sentinel pipe close, and stops as on SIGTERM. Before, they served on,
+    orphaned, with nothing to restart or stop them."""
+    sup = supervisor_of(2)
+    clients = await clients_covering(sup.port, sup.pids, at_least=4)
+    sup.proc.kill()
+    for ws, pid in clients:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 15)
+        assert ws.close_code == 1001, f"client on {pid}"
+
+    def all_exited() -> bool:
+        for pid in sup.pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            # Reparented to init (or a subreaper), which reaps it: gone once it exits.
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return False
+        return True
+
+    assert await poll_until(all_exited, 20), sup.pids
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", sup.port), timeout=2).close()
 
 
 DEMO_LISTENING = re.compile(

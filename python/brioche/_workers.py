@@ -132,6 +132,12 @@ async def _serve_worker(
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop_requested.set)
+    # A supervisor killed outright (SIGKILL, the OOM killer) sends no SIGTERM: without this its
+    # workers would go on serving the port, orphans nothing restarts or stops, alongside the
+    # next run()'s workers (SO_REUSEPORT). Its end of the sentinel pipe closes as it dies.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        loop.add_reader(parent.sentinel, _orphaned, loop, parent, stop_requested)
     srv = await config.serve()
     if config.tls_files is not None:
         from brioche.server import _reload_tls_logged
@@ -148,6 +154,12 @@ async def _serve_worker(
         await stop_requested.wait()
     finally:
         await srv._stop_gracefully()
+
+
+def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
+    loop.remove_reader(parent.sentinel)
+    logger.warning("the supervisor (pid %s) is gone: stopping this worker", parent.pid)
+    stop_requested.set()
 
 
 @dataclasses.dataclass(slots=True)
