@@ -712,6 +712,20 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                           not cross between processes";
             return codeless_log(py, "brioche.redis", INFO, format, record);
         }
+        LogKind::RedisBacklog => {
+            let format = "dropping publishes to Redis (%s): other processes miss them; more \
+                          drops are not logged until the queue to Redis empties";
+            let args = (record.reason,);
+            let item = (
+                EVENT_LOG,
+                "brioche.redis",
+                WARNING,
+                format,
+                args,
+                record.left_out,
+            );
+            return Ok(item.into_pyobject(py)?.into_any());
+        }
     };
     let args = (record.peer.as_str(), record.code, record.reason);
     let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;

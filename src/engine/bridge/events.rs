@@ -98,9 +98,11 @@ pub enum LogKind {
     RedisDown,
     /// The Redis link is back and resubscribed.
     RedisUp,
+    /// Publishes lost because the queue to Redis is full: once until it has emptied.
+    RedisBacklog,
 }
 
-pub(crate) const LOG_KINDS: usize = 9;
+pub(crate) const LOG_KINDS: usize = 10;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

@@ -125,10 +125,12 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
             down = true;
         }
         // Queued before the link dropped: never sent, and too old to send after the outage.
-        let mut lost = 0;
-        while inbox.outgoing.try_recv().is_ok() {
+        let (mut lost, mut size) = (0, 0);
+        while let Ok(out) = inbox.outgoing.try_recv() {
             lost += 1;
+            size += out.size();
         }
+        link.remote().release(size);
         link.shared.stats.add(Counter::RedisPublishesLost, lost);
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -402,6 +404,7 @@ impl Link {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let origin = self.remote().origin;
         let count = batch.len() as u64;
+        let size = batch.iter().map(Outgoing::size).sum();
         let mut pipes: FxHashMap<Option<Slot>, Pipeline> = FxHashMap::default();
         for out in batch.drain(..) {
             self.seq += 1;
@@ -428,6 +431,8 @@ impl Link {
             .await
             .map(|_| ()),
         };
+        // Held until Redis answered: the pipeline's copies of the payloads live until then.
+        self.remote().release(size);
         let counter = if written.is_ok() {
             Counter::RedisPublished
         } else {

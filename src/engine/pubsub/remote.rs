@@ -6,7 +6,7 @@
 //! processes, and the caller counts it.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -15,12 +15,38 @@ use tokio::sync::mpsc;
 /// Publishes waiting for the broker task. Past this the loop thread outruns Redis, and more
 /// waiting would only make every later message later: they are dropped and counted instead.
 pub(crate) const OUTGOING_CAPACITY: usize = 64 * 1024;
+/// Bytes of publishes (`Outgoing::size`) the broker may hold, from `publish` until Redis has
+/// answered their pipeline: the count alone let 1 MiB publishes to a stalled Redis hold 1.5 GiB.
+/// The same figure as a sibling worker's backlog (`ws/relay.rs`).
+pub(crate) const OUTGOING_BYTES: usize = 64 * 1024 * 1024;
 
 /// A publish on its way to Redis. The payload is the frame's own, shared, not a copy.
 pub(crate) struct Outgoing {
     pub(crate) topic: Box<str>,
     pub(crate) opcode: u8,
     pub(crate) payload: Bytes,
+}
+
+impl Outgoing {
+    /// What it holds against `OUTGOING_BYTES`: its topic, payload and the header it gets on
+    /// Redis, so that even an empty publish holds something until it is released.
+    pub(crate) fn size(&self) -> usize {
+        size(&self.topic, &self.payload)
+    }
+}
+
+fn size(topic: &str, payload: &[u8]) -> usize {
+    HEADER_LEN + topic.len() + payload.len()
+}
+
+/// Why `Remote::publish` did not queue a publish.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// Not connected: the outage has its own log lines.
+    Down,
+    /// Over `OUTGOING_CAPACITY` or `OUTGOING_BYTES`; `first` for the first loss since the queue
+    /// was last empty, the one worth a log line.
+    Full { first: bool },
 }
 
 /// What the broker task receives: publishes, and the topics whose local subscribers went from
@@ -40,6 +66,10 @@ pub(crate) struct Remote {
     /// Connected and subscribed: while false, publishes are lost at once instead of queueing
     /// behind an outage.
     connected: AtomicBool,
+    /// The sizes of the publishes handed over and not yet released by the broker.
+    queued_bytes: AtomicUsize,
+    /// A publish was lost to a full queue since it was last empty.
+    overflowing: AtomicBool,
 }
 
 impl Remote {
@@ -51,6 +81,8 @@ impl Remote {
             outgoing,
             topics,
             connected: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
+            overflowing: AtomicBool::new(false),
         };
         let inbox = RemoteInbox {
             outgoing: outgoing_rx,
@@ -59,18 +91,45 @@ impl Remote {
         (remote, inbox)
     }
 
-    /// Hand a publish to the broker; false if it is lost (Redis down or the queue full).
-    pub(crate) fn publish(&self, topic: &str, opcode: u8, payload: Bytes) -> bool {
+    /// Hand a publish to the broker, or say why it is lost. The broker `release`s its size once
+    /// done with it.
+    pub(crate) fn publish(&self, topic: &str, opcode: u8, payload: Bytes) -> Result<(), Lost> {
         if !self.is_connected() {
-            return false;
+            return Err(Lost::Down);
         }
-        self.outgoing
-            .try_send(Outgoing {
-                topic: topic.into(),
-                opcode,
-                payload,
-            })
-            .is_ok()
+        let size = size(topic, &payload);
+        // Added before the check, so that publishes on several threads cannot all pass it: at
+        // worst one is refused that would have fitted once another was refused.
+        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        let queued = before + size <= OUTGOING_BYTES
+            && self
+                .outgoing
+                .try_send(Outgoing {
+                    topic: topic.into(),
+                    opcode,
+                    payload,
+                })
+                .is_ok();
+        if queued {
+            return Ok(());
+        }
+        self.release(size);
+        let first = !self.overflowing.swap(true, Ordering::AcqRel);
+        Err(Lost::Full { first })
+    }
+
+    /// The broker is done with publishes of `size` bytes in all (written, failed or dropped).
+    /// Once nothing is held, a loss is news again.
+    pub(crate) fn release(&self, size: usize) {
+        if size > 0 && self.queued_bytes.fetch_sub(size, Ordering::AcqRel) == size {
+            self.overflowing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Bytes handed over and not released.
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
     }
 
     /// `topic` gained its first local subscriber or lost its last. Unbounded: a subscribe never
@@ -178,14 +237,63 @@ mod tests {
     #[test]
     fn publishes_are_lost_at_once_while_disconnected_and_once_the_queue_is_full() {
         let (remote, mut inbox) = Remote::new();
-        assert!(!remote.publish("t", 1, Bytes::from_static(b"x")));
+        let x = || Bytes::from_static(b"x");
+        assert_eq!(remote.publish("t", 1, x()), Err(Lost::Down));
         remote.set_connected(true);
         for _ in 0..OUTGOING_CAPACITY {
-            assert!(remote.publish("t", 1, Bytes::from_static(b"x")));
+            assert_eq!(remote.publish("t", 1, x()), Ok(()));
         }
-        assert!(!remote.publish("t", 1, Bytes::from_static(b"x")));
-        assert_eq!(inbox.outgoing.try_recv().unwrap().topic.as_ref(), "t");
-        assert!(remote.publish("t", 1, Bytes::from_static(b"x")));
+        assert_eq!(remote.publish("t", 1, x()), Err(Lost::Full { first: true }));
+        assert_eq!(
+            remote.publish("t", 1, x()),
+            Err(Lost::Full { first: false })
+        );
+        let taken = inbox.outgoing.try_recv().unwrap();
+        assert_eq!(taken.topic.as_ref(), "t");
+        remote.release(taken.size());
+        assert_eq!(remote.publish("t", 1, x()), Ok(()));
+        assert_eq!(remote.queued_bytes(), OUTGOING_CAPACITY * (HEADER_LEN + 2));
+    }
+
+    #[test]
+    fn the_queue_holds_at_most_outgoing_bytes_until_the_broker_releases_them() {
+        let (remote, mut inbox) = Remote::new();
+        remote.set_connected(true);
+        let mib = Bytes::from(vec![0u8; 1 << 20]);
+        let each = HEADER_LEN + 4 + mib.len();
+        let fit = OUTGOING_BYTES / each;
+        for _ in 0..fit {
+            assert_eq!(remote.publish("news", 2, mib.clone()), Ok(()));
+        }
+        assert_eq!(
+            remote.publish("news", 2, mib.clone()),
+            Err(Lost::Full { first: true })
+        );
+        assert_eq!(
+            remote.publish("news", 2, mib.clone()),
+            Err(Lost::Full { first: false })
+        );
+        assert_eq!(remote.queued_bytes(), fit * each);
+        // Taken off the channel is not enough: a batch being written is still held.
+        let mut batch = Vec::new();
+        while let Ok(out) = inbox.outgoing.try_recv() {
+            batch.push(out);
+        }
+        assert_eq!(batch.len(), fit);
+        assert!(remote.publish("news", 2, mib.clone()).is_err());
+        remote.release(batch.iter().map(Outgoing::size).sum());
+        assert_eq!(remote.queued_bytes(), 0);
+        assert_eq!(remote.publish("news", 2, mib.clone()), Ok(()));
+        // A publish larger than the whole bound never fits, and each one is news.
+        let huge = Bytes::from(vec![0u8; OUTGOING_BYTES]);
+        remote.release(inbox.outgoing.try_recv().unwrap().size());
+        for _ in 0..2 {
+            assert_eq!(
+                remote.publish("t", 2, huge.clone()),
+                Err(Lost::Full { first: true })
+            );
+        }
+        assert_eq!(remote.queued_bytes(), 0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use super::report::LogLimiter;
 use crate::engine::bridge::events::{Event, EventQueue, LogKind, LogRecord};
 use crate::engine::config::ServerConfig;
 use crate::engine::net::Peer;
-use crate::engine::pubsub::remote::Remote;
+use crate::engine::pubsub::remote::{Lost, Remote};
 use crate::engine::pubsub::topics::{TopicRegistry, Unsubscribed};
 use crate::engine::stats::{Counter, Stats};
 use crate::engine::tls::Certs;
@@ -262,8 +262,12 @@ impl Shared {
             // Counted as published by the broker once Redis has taken it. Redis reaches the
             // sibling workers too: relaying as well would give them every message twice.
             let opcode = frame.opcode() | if compress { RSV1 } else { 0 };
-            if !remote.publish(topic, opcode, frame.payload_bytes()) {
+            if let Err(lost) = remote.publish(topic, opcode, frame.payload_bytes()) {
                 self.stats.add(Counter::RedisPublishesLost, 1);
+                if lost == (Lost::Full { first: true }) {
+                    let why = "64 MiB or 65,536 publishes already wait for Redis";
+                    self.log(LogKind::RedisBacklog, "", 0, why);
+                }
             }
         } else if let Some(relay) = &self.relay {
             relay.forward(topic, &frame, compress);
