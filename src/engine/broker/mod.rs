@@ -17,13 +17,15 @@
 //! its place): each cluster connection notes the nodes `CLUSTER SLOTS` lists, and when the URL's
 //! node no longer answers, the link reconnects through those.
 //!
-//! - Publishes arrive from `Shared::publish` on a bounded queue (`pubsub/remote.rs`), which
-//!   never makes the loop thread wait; they go to Redis in pipelines, in the order they came,
-//!   each framed with this process's origin id and its sequence number.
+//! - Publishes arrive from `Shared::publish` on a queue bounded in count and in bytes
+//!   (`pubsub/remote.rs`), which never makes the loop thread wait, and hold their bytes until
+//!   Redis has answered the pipeline that carried them; they go to Redis in pipelines, in the
+//!   order they came, each framed with this process's origin id and its sequence number.
 //! - A channel is subscribed only while the topic has local subscribers: `Conn` reports a
-//!   topic's first subscriber and its last leaving, and the task checks the registry itself
-//!   before it subscribes or unsubscribes, so reports that race each other cannot leave it
-//!   subscribed in vain or deaf.
+//!   topic's first subscriber and its last leaving (into a set of changed topics, recorded only
+//!   while the link is up: a new connection reads the whole registry), and the task checks the
+//!   registry itself before it subscribes or unsubscribes, so reports that race each other
+//!   cannot leave it subscribed in vain or deaf.
 //! - Messages from Redis go to the local subscribers through `Shared::publish_local`; a
 //!   message of this process's own origin is dropped (its subscribers here had it already),
 //!   and so is one whose sequence number is not past the last one seen from its origin (on a
@@ -120,6 +122,8 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
             }
             Err(reason) => reason,
         };
+        // The next connection subscribes to what the registry holds then.
+        link.remote().stop_tracking();
         if !down {
             link.shared.log(LogKind::RedisDown, &peer, 0, reason);
             down = true;
@@ -329,6 +333,7 @@ impl Link {
             self.last_seq.clear();
             self.cluster = cluster;
         }
+        self.remote().track_changes();
         let topics = self.shared.topics.names();
         for chunk in topics.chunks(BATCH) {
             self.change_subscriptions(&mut conn, chunk, &[])
@@ -346,8 +351,12 @@ impl Link {
         inbox: &mut RemoteInbox,
     ) -> &'static str {
         let mut outgoing = Vec::with_capacity(BATCH);
-        let mut topics = Vec::new();
         let mut ended = Vec::new();
+        let shared = self.shared.clone();
+        let remote = shared
+            .remote
+            .as_ref()
+            .expect("the broker runs only for a server with a Remote");
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.reset();
@@ -373,14 +382,8 @@ impl Link {
                         return "publish failed";
                     }
                 }
-                Some(topic) = inbox.topics.recv() => {
-                    topics.push(topic);
-                    while topics.len() < BATCH {
-                        match inbox.topics.try_recv() {
-                            Ok(topic) => topics.push(topic),
-                            Err(_) => break,
-                        }
-                    }
+                _ = remote.changed() => {
+                    let mut topics = remote.take_changes(BATCH);
                     if self.reconcile(conn, &mut topics).await.is_err() {
                         return "subscribe failed";
                     }

@@ -418,24 +418,25 @@ mod tests {
 
     #[test]
     fn redis_hears_of_a_topics_first_subscriber_and_its_last_only() {
-        let (remote, mut inbox) = Remote::new();
+        fn names(topics: Vec<Arc<str>>) -> Vec<String> {
+            topics.iter().map(|t| t.to_string()).collect()
+        }
+        let (remote, _inbox) = Remote::new();
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
         let conns: Vec<_> = (1..=3)
             .map(|id| shared.connection(id, Peer::Ip([127, 0, 0, 1].into()), None))
             .collect();
-        for conn in &conns {
-            conn.subscribe("room");
-        }
+        let remote = shared.remote.as_ref().unwrap();
+        remote.track_changes();
+        conns[0].subscribe("room");
+        assert_eq!(names(remote.take_changes(10)), ["room"]);
+        conns[1].subscribe("room");
+        conns[2].subscribe("room");
         conns[0].unsubscribe("room");
         conns[1].unsubscribe("room");
-        let mut reports = Vec::new();
-        while let Ok(topic) = inbox.topics.try_recv() {
-            reports.push(topic.to_string());
-        }
-        assert_eq!(reports, ["room"]);
+        assert!(remote.take_changes(10).is_empty());
         conns[2].finish();
-        assert_eq!(&*inbox.topics.try_recv().unwrap(), "room");
-        assert!(inbox.topics.try_recv().is_err());
+        assert_eq!(names(remote.take_changes(10)), ["room"]);
         // The registry holds each Conn, which holds Shared: unregistered, as their tasks would.
         for conn in &conns {
             shared.unregister(conn.id);
