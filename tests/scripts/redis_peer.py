@@ -1,8 +1,11 @@
 """A second brioche process sharing topics through Redis; prints its port once listening.
 
 ``redis_peer.py REDIS_URL [NAMESPACE [sharded]]``. ``/ws?a,b`` subscribes to a and b on open.
-Text commands: ``pub <topic> <message>`` publishes from that socket, ``stats`` answers the
-server's stats as JSON, ``count <topic>`` answers ``subscriber_count``. Runs until killed.
+Text commands: ``pub <topic> <message>`` publishes from that socket, ``sub <topic>`` and
+``unsub <topic>`` (un)subscribe it, ``churn <n> <topic>`` subscribes it to and unsubscribes it
+from ``topic`` ``n`` times (``#`` in ``topic`` replaced by 0, 1, ... for distinct topics) and
+answers ``churned``, ``stats`` answers the server's stats as JSON, ``count <topic>`` answers
+``subscriber_count``. Runs until killed.
 """
 
 import asyncio
@@ -30,6 +33,17 @@ def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
     if command == "pub":
         topic, _, message = rest.partition(" ")
         ws.publish(topic, message)
+    elif command == "sub":
+        ws.subscribe(rest)
+    elif command == "unsub":
+        ws.unsubscribe(rest)
+    elif command == "churn":
+        count, _, pattern = rest.partition(" ")
+        for i in range(int(count)):
+            topic = pattern.replace("#", str(i))
+            ws.subscribe(topic)
+            ws.unsubscribe(topic)
+        ws.send("churned")
     elif command == "stats":
         ws.send(json.dumps(servers[0].stats()))
     elif command == "count":

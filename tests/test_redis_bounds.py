@@ -1,0 +1,194 @@
+"""What the Redis link may hold while Redis is stalled or down, with a real ``redis-server``.
+
+A stalled Redis is one stopped with SIGSTOP: it keeps its socket open and answers nothing, so
+the core's request waits for its 2 s response timeout. The memory figures are this process's
+RSS (the server runs in it), against a baseline taken just before, with wide margins: what is
+asserted exactly is what the core counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from brioche import websocket
+from conftest import ServeFn, log_lines, reset_peak_rss, status_kib
+from test_redis_pubsub import Peer, ask, peer, peer_stats, until
+from test_redis_pubsub import Redis
+from test_redis_pubsub import pytestmark as needs_redis
+
+pytestmark = needs_redis
+
+MIB = 1 << 20
+# The core's bound on what waits for Redis (pubsub/remote.rs: OUTGOING_BYTES), and what each
+# publish holds of it: the topic, the payload and the 18-byte header it gets on Redis.
+OUTGOING_BYTES = 64 * MIB
+HEADER = 18
+
+
+@pytest.fixture
+def redis() -> Iterator[Redis]:
+    instance = Redis()
+    instance.start()
+    yield instance
+    if instance.process is not None:
+        instance.process.send_signal(signal.SIGCONT)
+        instance.kill()
+
+
+def rss_mib() -> float:
+    return status_kib("VmRSS") / 1024
+
+
+def baseline_rss_mib() -> float:
+    """RSS with what earlier tests freed given back to the kernel: reused, it would hide growth."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    return rss_mib()
+
+
+async def test_publishes_to_a_stalled_redis_hold_at_most_64_mib(
+    redis: Redis, serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 publishes of 1 MiB with Redis stopped: 63 fit in the 64 MiB the core may hold, the
+    other 237 are lost at once (before: all 300 were held, 1 MiB each), with one WARNING. Once
+    the core gives the stalled link up, the 63 are lost too, and once back, the bytes they held
+    are free again."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    srv = await serve(websocket.init(), pubsub_redis=redis.url)
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to Redis")
+    assert redis.process is not None
+    count, payload = 300, b"x" * MIB
+    fit = OUTGOING_BYTES // (HEADER + len("news") + len(payload))
+    assert fit == 63
+
+    before = baseline_rss_mib()
+    assert reset_peak_rss(), "cannot reset VmHWM on this kernel"
+    redis.process.send_signal(signal.SIGSTOP)
+    for _ in range(count):
+        srv.publish("news", payload)
+    grown = status_kib("VmHWM") / 1024 - before
+    stats = srv.stats()
+    # Still connected: the core waits 2 s for Redis to answer before it gives the link up, and
+    # the 300 publishes take a few tens of milliseconds.
+    assert stats["redis_connected"] == 1, "the link dropped during the publishes: too slow a machine"
+    assert (stats["redis_published"], stats["redis_publishes_lost"]) == (0, count - fit)
+    # 63 MiB held, the batch being written copied once more for its pipeline; before the
+    # bound, 300 MiB and more.
+    assert grown < 200, f"RSS grew by {grown:.0f} MiB"
+
+    def lines() -> list[tuple[int, str]]:
+        return log_lines(caplog, "brioche.redis")
+
+    await until(lambda: len(lines()) >= 1, "the loss to be logged")
+    assert lines()[0][0] == logging.WARNING and "dropping publishes to Redis" in lines()[0][1], lines()
+
+    # The stalled request times out: what was held is lost too, and released.
+    await until(lambda: srv.stats()["redis_connected"] == 0, "the core to give the stalled link up", 10)
+    redis.process.send_signal(signal.SIGCONT)
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to come back", 10)
+    stats = srv.stats()
+    assert (stats["redis_published"], stats["redis_publishes_lost"]) == (0, count)
+    # 63 more fit again (a queue still charged for the lost ones would refuse them all).
+    for _ in range(fit):
+        srv.publish("news", payload)
+    await until(lambda: srv.stats()["redis_published"] == fit, "the publishes after the outage", 10)
+    assert srv.stats()["redis_publishes_lost"] == count
+    levels = [level for level, _ in lines()]
+    assert levels == [logging.WARNING, logging.WARNING, logging.INFO], lines()
+    assert "is down" in lines()[1][1] and "is back" in lines()[2][1]
+
+
+def channels(redis: Redis) -> set[str]:
+    return {channel.removeprefix("brioche:") for channel in redis.cli("PUBSUB", "CHANNELS", "brioche:*")}
+
+
+async def peer_control(peer: Callable[..., Awaitable[Peer]], url: str) -> tuple[Peer, ClientConnection]:
+    """A server in another process (``scripts/redis_peer.py``), whose RSS is the core's and
+    Python's alone, and a socket to command it."""
+    other = await peer(url)
+    control = await connect(other.url(), open_timeout=5, max_size=None)
+    return other, control
+
+
+async def connected(control: ClientConnection) -> int:
+    count: int = (await peer_stats(control))["redis_connected"]
+    return count
+
+
+def peer_rss_mib(other: Peer) -> float:
+    return status_kib("VmRSS", other.process.pid) / 1024
+
+
+async def test_topic_churn_while_redis_is_stalled_is_kept_once_per_topic(
+    redis: Redis, peer: Callable[..., Awaitable[Peer]]
+) -> None:
+    """Redis stopped while connected, the link waiting for its answer to a SUBSCRIBE: 2,000,000
+    subscribe/unsubscribe pairs of one topic are one change to look at, not 4,000,000 reports
+    (before: about 100 bytes a pair, 200 MiB); once Redis answers again, its subscriptions are
+    exactly the topics with subscribers."""
+    other, control = await peer_control(peer, redis.url)
+    await until(_connected_is(control, 1), "the link to Redis")
+    assert redis.process is not None
+    before = peer_rss_mib(other)
+    redis.process.send_signal(signal.SIGSTOP)
+    await control.send("sub first")  # the link sends its SUBSCRIBE, and waits
+    assert await ask(control, "churn 2000000 room") == "churned"
+    grown = peer_rss_mib(other) - before
+    assert grown < 24, f"RSS grew by {grown:.0f} MiB"
+    await control.send("sub room")
+    redis.process.send_signal(signal.SIGCONT)
+    # Whether the link got its answer in time or gave up and subscribed anew, it settles.
+    await until(_channels_are(redis, {"first", "room"}), "Redis to hold the two subscriptions", 15)
+    await until(_connected_is(control, 1), "the link to be up")
+    assert await asyncio.to_thread(channels, redis) == {"first", "room"}
+    await control.close()
+
+
+async def test_topic_churn_while_redis_is_down_holds_nothing_and_resubscribes_exactly(
+    redis: Redis, peer: Callable[..., Awaitable[Peer]]
+) -> None:
+    """2,000,000 subscribe/unsubscribe pairs of distinct topics with Redis down, 100 topics
+    left subscribed: the core keeps no report of them (before: each pair held about 100 bytes
+    until Redis came back, 200 MiB here), and once Redis is back it is subscribed to exactly
+    the 100."""
+    other, control = await peer_control(peer, redis.url)
+    await until(_connected_is(control, 1), "the link to Redis")
+    await asyncio.to_thread(redis.kill)
+    await until(_connected_is(control, 0), "the core to see Redis gone")
+
+    before = peer_rss_mib(other)
+    assert await ask(control, "churn 2000000 t#") == "churned"
+    grown = peer_rss_mib(other) - before
+    assert grown < 24, f"RSS grew by {grown:.0f} MiB"
+    kept = {f"kept{i}" for i in range(100)}
+    for topic in sorted(kept):
+        await control.send(f"sub {topic}")
+    assert await ask(control, "count kept99") == "1"
+
+    await asyncio.to_thread(redis.start)
+    await until(_connected_is(control, 1), "the link to come back", 10)
+    # Connected means subscribed to what the registry held when it connected.
+    assert await asyncio.to_thread(channels, redis) == kept
+    await control.close()
+
+
+def _connected_is(control: ClientConnection, value: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await connected(control) == value
+
+    return check
+
+
+def _channels_are(redis: Redis, expected: set[str]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await asyncio.to_thread(channels, redis) == expected
+
+    return check
