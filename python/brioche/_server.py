@@ -234,6 +234,10 @@ class Stats(TypedDict):
     this process's own), and ``redis_connected`` is 1 while connected and subscribed (always 0
     without Redis).
 
+    Under ``run(config, workers=n)`` without Redis: ``relay_publishes_lost`` counts the
+    publishes a sibling worker missed because 64 MiB already waited for it (or the publish alone
+    was larger), once per sibling that missed it (always 0 otherwise).
+
     ``batches_held`` counts the times the loop waited a millisecond before its next batch of
     events because the last batch wrote published messages, two or more to each of 256
     connections or more, and took over 2 ms (a fan-out: the wait lets more messages share each
@@ -260,6 +264,7 @@ class Stats(TypedDict):
     open_connections: int
     incoming_bytes: int
     redis_connected: int
+    relay_publishes_lost: int
     batches_held: int
 
 

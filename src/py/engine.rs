@@ -492,6 +492,8 @@ impl PyEngine {
         stats.set_item("open_connections", shared.open_websockets())?;
         stats.set_item("incoming_bytes", shared.incoming_bytes())?;
         stats.set_item("redis_connected", u8::from(shared.redis_connected()))?;
+        let relay_lost = shared.relay.as_ref().map_or(0, |relay| relay.dropped());
+        stats.set_item("relay_publishes_lost", relay_lost)?;
         Ok(stats)
     }
 
@@ -711,6 +713,11 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             let format = "Redis pub/sub at %s is back (%s): what was published meanwhile did \
                           not cross between processes";
             return codeless_log(py, "brioche.redis", INFO, format, record);
+        }
+        LogKind::RelayDrop => {
+            let format = "dropping publishes to the sibling worker %s (%s): its clients miss \
+                          them; more drops are not logged until it reads again";
+            return codeless_log(py, "brioche.relay", WARNING, format, record);
         }
         LogKind::RedisBacklog => {
             let format = "dropping publishes to Redis (%s): other processes miss them; more \

@@ -100,9 +100,11 @@ pub enum LogKind {
     RedisUp,
     /// Publishes lost because the queue to Redis is full: once until it has emptied.
     RedisBacklog,
+    /// Publishes a sibling worker misses (`ws/relay.rs`): once per stall of that sibling.
+    RelayDrop,
 }
 
-pub(crate) const LOG_KINDS: usize = 10;
+pub(crate) const LOG_KINDS: usize = 11;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.
@@ -110,7 +112,7 @@ pub(crate) const LOG_KINDS: usize = 10;
 pub struct LogRecord {
     pub kind: LogKind,
     /// The client's address (no port for a WebSocket: `Conn` keeps only the IP); for the
-    /// Redis kinds, the Redis server's address.
+    /// Redis kinds, the Redis server's address; for `RelayDrop`, the sibling's pid.
     pub peer: String,
     /// The HTTP status or the close code.
     pub code: u16,

@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use super::encode::OutFrame;
 use super::protocol::RSV1;
 use super::shared::Shared;
+use crate::engine::bridge::events::LogKind;
 use crate::engine::config::RelayPaths;
 
 /// Bytes that may wait for one sibling before its publishes are dropped: a sibling this far
@@ -39,8 +40,18 @@ const MAX_RETRY: Duration = Duration::from_millis(200);
 
 /// One sibling reading our publishes: what waits for it, and the wake-up of its writer task.
 struct Outlet {
-    pending: Mutex<BytesMut>,
+    pending: Mutex<Pending>,
     ready: Notify,
+    /// The sibling's pid, for log lines (0 if the kernel would not say).
+    pid: i32,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: BytesMut,
+    /// Publishes were dropped since the writer last took the backlog: the drops of one stall
+    /// are logged once, as a connection's backpressure drops are.
+    dropping: bool,
 }
 
 #[derive(Default)]
@@ -48,15 +59,21 @@ pub struct Relay {
     outlets: Mutex<Vec<Arc<Outlet>>>,
     /// Siblings we receive from (our connections to them are up).
     receiving: AtomicUsize,
-    /// Publishes not written to a sibling because `OUTLET_LIMIT` bytes were already waiting.
+    /// Publishes not written to a sibling because they would have passed `OUTLET_LIMIT`, once
+    /// per sibling that missed it (`relay_publishes_lost`).
     dropped: AtomicU64,
 }
+
+/// Why a sibling misses a publish, for the log line.
+const BEHIND: &str = "64 MiB already wait for it";
+const TOO_LARGE: &str = "a publish over 64 MiB";
 
 impl Relay {
     /// Queue a publish for every sibling; the writer tasks send it. Called on the publishing
     /// thread (the loop's, in a handler), so it only copies and signals.
     /// `compress` (the publisher asked for permessage-deflate) travels as RSV1 in the opcode byte.
-    pub(crate) fn forward(&self, topic: &str, frame: &OutFrame, compress: bool) {
+    /// A sibling that misses it is counted, and logged through `shared` when its drops start.
+    pub(crate) fn forward(&self, shared: &Shared, topic: &str, frame: &OutFrame, compress: bool) {
         let outlets = self.outlets.lock();
         if outlets.is_empty() {
             return;
@@ -65,16 +82,26 @@ impl Relay {
         let size = HEADER + topic.len() + payload.len();
         for outlet in outlets.iter() {
             let mut pending = outlet.pending.lock();
-            if pending.len() + size > OUTLET_LIMIT {
+            if pending.bytes.len() + size > OUTLET_LIMIT {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                // A publish too large for any backlog is no stall: each is worth a line (the
+                // limiter still caps them at ten a second).
+                let too_large = size > OUTLET_LIMIT;
+                if too_large {
+                    shared.log(LogKind::RelayDrop, outlet.pid, 0, TOO_LARGE);
+                } else if !pending.dropping {
+                    pending.dropping = true;
+                    shared.log(LogKind::RelayDrop, outlet.pid, 0, BEHIND);
+                }
                 continue;
             }
-            pending.reserve(size);
-            pending.put_u32_le(topic.len() as u32);
-            pending.put_u32_le(payload.len() as u32);
-            pending.put_u8(frame.opcode() | if compress { RSV1 } else { 0 });
-            pending.put_slice(topic.as_bytes());
-            pending.put_slice(payload);
+            let bytes = &mut pending.bytes;
+            bytes.reserve(size);
+            bytes.put_u32_le(topic.len() as u32);
+            bytes.put_u32_le(payload.len() as u32);
+            bytes.put_u8(frame.opcode() | if compress { RSV1 } else { 0 });
+            bytes.put_slice(topic.as_bytes());
+            bytes.put_slice(payload);
             drop(pending);
             outlet.ready.notify_one();
         }
@@ -131,7 +158,8 @@ async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shar
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let outlet = Arc::new(Outlet { pending: Mutex::default(), ready: Notify::new() });
+                    let pid = stream.peer_cred().ok().and_then(|cred| cred.pid()).unwrap_or(0);
+                    let outlet = Arc::new(Outlet { pending: Mutex::default(), ready: Notify::new(), pid });
                     relay_of(&shared).outlets.lock().push(outlet.clone());
                     shared.tracker.spawn(feed(stream, outlet, shared.clone()));
                 }
@@ -154,7 +182,12 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
             _ = reader.read(&mut probe) => break,
             _ = outlet.ready.notified() => {}
         }
-        std::mem::swap(&mut chunk, &mut *outlet.pending.lock());
+        {
+            let mut pending = outlet.pending.lock();
+            std::mem::swap(&mut chunk, &mut pending.bytes);
+            // It read all it was sent: the next drop starts a new stall.
+            pending.dropping = false;
+        }
         if !chunk.is_empty() && writer.write_all(&chunk).await.is_err() {
             break;
         }
@@ -239,6 +272,8 @@ fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::bridge::events::Event;
+    use crate::engine::config::ServerConfig;
     use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
 
     fn relay_with_one_sibling() -> (Relay, Arc<Outlet>) {
@@ -246,21 +281,47 @@ mod tests {
         let outlet = Arc::new(Outlet {
             pending: Mutex::default(),
             ready: Notify::new(),
+            pid: 42,
         });
         relay.outlets.lock().push(outlet.clone());
         (relay, outlet)
     }
 
+    fn shared() -> Shared {
+        Shared::new(ServerConfig::default(), None).unwrap()
+    }
+
+    /// The relay lines `shared` has queued for the loop.
+    fn logged(shared: &Shared) -> Vec<(String, &'static str)> {
+        let mut events = Vec::new();
+        shared.events.drain_into(&mut events);
+        let mut lines = Vec::new();
+        for event in events {
+            if let Event::Log(record) = event {
+                assert_eq!(record.kind, LogKind::RelayDrop);
+                lines.push((record.peer, record.reason));
+            }
+        }
+        lines
+    }
+
     #[test]
     fn publishes_round_trip_through_the_wire_format_split_anywhere() {
         let (relay, outlet) = relay_with_one_sibling();
-        relay.forward("chat", &OutFrame::new(OP_TEXT, "héllo".into()), false);
+        let shared = shared();
         relay.forward(
+            &shared,
+            "chat",
+            &OutFrame::new(OP_TEXT, "héllo".into()),
+            false,
+        );
+        relay.forward(
+            &shared,
             "t",
             &OutFrame::new(OP_BINARY, vec![0u8; 70_000].into()),
             true,
         );
-        let wire = outlet.pending.lock().split().freeze();
+        let wire = outlet.pending.lock().bytes.split().freeze();
         for cut in [0, 1, 9, 13, 20, wire.len() - 1] {
             let mut buf = BytesMut::from(&wire[..cut]);
             let mut got = Vec::new();
@@ -282,15 +343,40 @@ mod tests {
             assert_eq!(got[1].1.payload().len(), 70_000);
             assert!(got[1].2, "to be compressed");
         }
+        assert_eq!(relay.dropped(), 0);
     }
 
     #[test]
-    fn a_sibling_too_far_behind_misses_publishes_instead_of_growing_the_backlog() {
+    fn a_sibling_too_far_behind_misses_publishes_counted_and_logged_once_per_stall() {
         let (relay, outlet) = relay_with_one_sibling();
+        let shared = shared();
         let big = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
-        relay.forward("t", &big, false);
-        relay.forward("t", &big, false);
-        assert_eq!(relay.dropped(), 1);
-        assert!(outlet.pending.lock().len() <= OUTLET_LIMIT);
+        for _ in 0..4 {
+            relay.forward(&shared, "t", &big, false);
+        }
+        assert_eq!(relay.dropped(), 3);
+        assert!(outlet.pending.lock().bytes.len() <= OUTLET_LIMIT);
+        assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
+        // Its writer took the backlog: the next stall is news again.
+        let taken = outlet.pending.lock().bytes.split();
+        outlet.pending.lock().dropping = false;
+        drop(taken);
+        relay.forward(&shared, "t", &big, false);
+        relay.forward(&shared, "t", &big, false);
+        assert_eq!(relay.dropped(), 4);
+        assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
+    }
+
+    #[test]
+    fn a_publish_over_the_limit_is_dropped_and_logged_each_time() {
+        let (relay, outlet) = relay_with_one_sibling();
+        let shared = shared();
+        let huge = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT].into());
+        relay.forward(&shared, "t", &huge, false);
+        relay.forward(&shared, "t", &huge, false);
+        assert_eq!(relay.dropped(), 2);
+        assert!(outlet.pending.lock().bytes.is_empty());
+        let line = ("42".to_owned(), TOO_LARGE);
+        assert_eq!(logged(&shared), [line.clone(), line]);
     }
 }

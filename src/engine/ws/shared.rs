@@ -270,7 +270,7 @@ impl Shared {
                 }
             }
         } else if let Some(relay) = &self.relay {
-            relay.forward(topic, &frame, compress);
+            relay.forward(self, topic, &frame, compress);
         }
         self.publish_local(topic, frame, payload_len, exclude, compress)
     }
