@@ -1,0 +1,113 @@
+"""What a worker's publishes that a sibling misses leave behind (``run(config, workers=2)``,
+no Redis): a count in ``stats()`` and a WARNING, with real worker processes over real sockets.
+
+The relay holds at most 64 MiB for a sibling (``ws/relay.rs``): past it, or for one publish
+larger than that, the sibling misses the publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from test_workers import LISTENING, Supervisor, clients_covering
+
+APP = Path(__file__).with_name("relay_app.py")
+MIB = 1 << 20
+
+
+def relay_lines(sup: Supervisor, pid: int, why: str) -> list[str]:
+    """The worker's lines about ``pid`` missing publishes: a spawned worker has no handler of
+    the app's, so `logging` prints WARNINGs bare on stderr, which the supervisor passes on."""
+    line = f"dropping publishes to the sibling worker {pid} ({why}): its clients miss them"
+    return [logged for logged in sup.lines if line in logged]
+
+
+@pytest.fixture
+def sup() -> Iterator[Supervisor]:
+    started = Supervisor([sys.executable, str(APP), "2"], LISTENING)
+    try:
+        assert len(started.pids) == 2
+        yield started
+    finally:
+        for pid in started.pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        started.stop()
+
+
+async def client_on(port: int) -> tuple[ClientConnection, int]:
+    ws = await connect(f"ws://127.0.0.1:{port}/", open_timeout=10, max_size=None)
+    greeting = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(greeting, str) and greeting.startswith("pid ")
+    return ws, int(greeting[4:])
+
+
+async def stats(ws: ClientConnection) -> dict[str, Any]:
+    """The worker's stats: ``ws`` must have nothing else to read."""
+    await ws.send("stats")
+    answer = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(answer, str)
+    got: dict[str, Any] = json.loads(answer)
+    return got
+
+
+async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(sup: Supervisor) -> None:
+    clients = await clients_covering(sup.port, sup.pids, 2, client_on)
+    # One socket per worker: any other would be one more subscriber to feed.
+    mine: dict[int, ClientConnection] = {}
+    for ws, pid in clients:
+        if pid in mine:
+            await ws.close()
+        else:
+            mine[pid] = ws
+    (pa, a), (pb, b) = sorted(mine.items())
+    assert (await stats(a))["relay_publishes_lost"] == 0
+
+    # One publish over 64 MiB: no backlog can take it. B's client gets the next one instead.
+    await a.send(f"big {65 * MIB}")
+    await a.send("pub after")
+    assert await asyncio.wait_for(b.recv(), 10) == "after"
+    assert ((await stats(a))["relay_publishes_lost"], (await stats(b))["relay_publishes_lost"]) == (1, 0)
+    sup.wait_for(re.compile(re.escape(f"sibling worker {pb} (a publish over 64 MiB)")))
+
+    # B stopped while A publishes 200 MiB: 64 MiB wait for it, what is past them is dropped.
+    os.kill(pb, signal.SIGSTOP)
+    count = 200
+    await a.send(f"seq {count} {MIB}")
+    assert await asyncio.wait_for(a.recv(), 30) == "done"
+    lost = (await stats(a))["relay_publishes_lost"] - 1
+    # Waiting for B: 63 in the backlog, the chunk A's writer took before B's socket filled (at
+    # least one, at most another backlog's worth) and what the socket holds (under one).
+    assert count - 63 - 63 - 1 <= lost <= count - 63 - 1, lost
+    sup.wait_for(re.compile(re.escape(f"sibling worker {pb} (64 MiB already wait for it)")))
+    os.kill(pb, signal.SIGCONT)
+    await a.send("pub end")
+    got = []
+    for _ in range(count + 1):
+        message = await asyncio.wait_for(b.recv(), 30)
+        if message == "end":
+            break
+        assert isinstance(message, bytes) and len(message) > MIB
+        got.append(int(message[: message.index(b":")]))
+    # In order, each once, and exactly those A did not count lost.
+    assert got == sorted(set(got)) and len(got) == count - lost, (len(got), lost)
+    assert got[0] == 0, "the first publishes were in B's backlog"
+    # One line for the stall, not one per publish.
+    assert len(relay_lines(sup, pb, "64 MiB already wait for it")) == 1, sup.lines
+    assert len(relay_lines(sup, pb, "a publish over 64 MiB")) == 1, sup.lines
+    assert (await stats(b))["relay_publishes_lost"] == 0
+    for ws in mine.values():
+        await ws.close()
