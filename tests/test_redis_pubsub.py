@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
-from brioche import MessageSent, server, websocket
+from brioche import MessageDropped, MessageSent, server, websocket
 from conftest import ServeFn, free_port, log_lines, ws_url
 from test_workers import AppSupervisor, clients_covering, receive
 
@@ -522,6 +522,36 @@ async def test_unreachable_redis_keeps_local_delivery_and_logs_once(
     finally:
         redis.kill()
     assert len(logged) == 2 and "is down" in logged[0] and "is back" in logged[1], logged
+
+
+async def test_a_publish_too_large_for_redis_is_lost_here_not_for_every_subscriber(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis disconnects a subscriber whose output buffer passes 32 MiB (its default
+    client-output-buffer-limit for pub/sub): a 40 MiB publish cut the other process's link,
+    which lost what came meanwhile and logged only "Redis is down". It is now not sent to
+    Redis: counted as lost and logged, and the link, and what follows, carry on."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    srv = await serve(topics_config(), pubsub_redis=redis.url)
+    other = await peer(redis.url)
+    remote = await clients(other.url("/ws?big"))
+    control = await connect(other.url(), open_timeout=5)
+    await until(_equals(redis, "brioche:big", 1), "the other process to subscribe")
+    # No subscriber here: the status is this process's (nobody), the publish goes to Redis.
+    assert srv.publish("big", "x" * (40 * 1024 * 1024)) == MessageDropped()
+    srv.publish("big", "after")
+    await until(lambda: remote.messages == ["after"], "the next publish to cross Redis")
+    stats = srv.stats()
+    assert (stats["redis_publishes_lost"], stats["redis_connected"]) == (1, 1)
+    await published(srv.stats, 1)
+    assert (await peer_stats(control))["redis_connected"] == 1
+    await until(lambda: any(r.levelno == logging.WARNING for r in caplog.records), "the warning")
+    assert [r.getMessage() for r in caplog.records if r.name == "brioche.redis"] == [
+        "a publish over 32 MiB was not sent to Redis: Redis would disconnect every subscriber "
+        "of its topic (client-output-buffer-limit pubsub); other processes miss it"
+    ]
+    await control.close()
 
 
 async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn) -> None:

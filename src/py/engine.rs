@@ -719,6 +719,20 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                           them; more drops are not logged until it reads again";
             return codeless_log(py, "brioche.relay", WARNING, format, record);
         }
+        LogKind::RedisTooBig => {
+            let format = "a publish over 32 MiB was not sent to Redis: Redis would disconnect \
+                          every subscriber of its topic (client-output-buffer-limit pubsub); \
+                          other processes miss it";
+            let item = (
+                EVENT_LOG,
+                "brioche.redis",
+                WARNING,
+                format,
+                (),
+                record.left_out,
+            );
+            return Ok(item.into_pyobject(py)?.into_any());
+        }
         LogKind::RedisBacklog => {
             let format = "dropping publishes to Redis (%s): other processes miss them; more \
                           drops are not logged until the queue to Redis empties";

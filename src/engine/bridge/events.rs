@@ -102,9 +102,11 @@ pub enum LogKind {
     RedisBacklog,
     /// Publishes a sibling worker misses (`ws/relay.rs`): once per stall of that sibling.
     RelayDrop,
+    /// A publish too large for Redis to deliver (`pubsub::remote::MAX_MESSAGE`).
+    RedisTooBig,
 }
 
-pub(crate) const LOG_KINDS: usize = 11;
+pub(crate) const LOG_KINDS: usize = 12;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

@@ -22,6 +22,13 @@ pub(crate) const OUTGOING_CAPACITY: usize = 64 * 1024;
 /// The same figure as a sibling worker's backlog (`ws/relay.rs`).
 pub(crate) const OUTGOING_BYTES: usize = 64 * 1024 * 1024;
 
+/// The largest publish (`Outgoing::size`) sent to Redis. Redis disconnects a subscriber whose
+/// output buffer passes `client-output-buffer-limit pubsub`, 32 MiB by default: one message over
+/// it cut every process subscribed to its topic, each of which then missed everything published
+/// while it reconnected, and only logged that Redis was down. Such a publish is lost here
+/// instead, counted and logged; the 4 KiB spare is the reply's own framing.
+pub(crate) const MAX_MESSAGE: usize = 32 * 1024 * 1024 - 4096;
+
 /// A publish on its way to Redis. The payload is the frame's own, shared, not a copy.
 pub(crate) struct Outgoing {
     pub(crate) topic: Box<str>,
@@ -49,6 +56,8 @@ pub(crate) enum Lost {
     /// Over `OUTGOING_CAPACITY` or `OUTGOING_BYTES`; `first` for the first loss since the queue
     /// was last empty, the one worth a log line.
     Full { first: bool },
+    /// Over `MAX_MESSAGE` on its own.
+    TooBig,
 }
 
 /// What the broker task receives: publishes. The topics it must look at again are in
@@ -112,6 +121,9 @@ impl Remote {
             return Err(Lost::Down);
         }
         let size = size(topic, &payload);
+        if size > MAX_MESSAGE {
+            return Err(Lost::TooBig);
+        }
         // Added before the check, so that publishes on several threads cannot all pass it: at
         // worst one is refused that would have fitted once another was refused.
         let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
@@ -308,6 +320,19 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_redis_would_cut_its_subscribers_for_is_lost_here() {
+        let (remote, mut inbox) = Remote::new();
+        remote.set_connected(true);
+        let largest = MAX_MESSAGE - HEADER_LEN - 1;
+        let fits = Bytes::from(vec![0u8; largest]);
+        assert_eq!(remote.publish("t", 2, fits), Ok(()));
+        let over = Bytes::from(vec![0u8; largest + 1]);
+        assert_eq!(remote.publish("t", 2, over), Err(Lost::TooBig));
+        assert_eq!(inbox.outgoing.try_recv().unwrap().payload.len(), largest);
+        assert!(inbox.outgoing.try_recv().is_err());
+    }
+
+    #[test]
     fn the_queue_holds_at_most_outgoing_bytes_until_the_broker_releases_them() {
         let (remote, mut inbox) = Remote::new();
         remote.set_connected(true);
@@ -336,15 +361,10 @@ mod tests {
         remote.release(batch.iter().map(Outgoing::size).sum());
         assert_eq!(remote.queued_bytes(), 0);
         assert_eq!(remote.publish("news", 2, mib.clone()), Ok(()));
-        // A publish larger than the whole bound never fits, and each one is news.
+        // A publish larger than the whole bound is over `MAX_MESSAGE` first, and holds nothing.
         let huge = Bytes::from(vec![0u8; OUTGOING_BYTES]);
         remote.release(inbox.outgoing.try_recv().unwrap().size());
-        for _ in 0..2 {
-            assert_eq!(
-                remote.publish("t", 2, huge.clone()),
-                Err(Lost::Full { first: true })
-            );
-        }
+        assert_eq!(remote.publish("t", 2, huge), Err(Lost::TooBig));
         assert_eq!(remote.queued_bytes(), 0);
     }
 

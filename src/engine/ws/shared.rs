@@ -264,9 +264,13 @@ impl Shared {
             let opcode = frame.opcode() | if compress { RSV1 } else { 0 };
             if let Err(lost) = remote.publish(topic, opcode, frame.payload_bytes()) {
                 self.stats.add(Counter::RedisPublishesLost, 1);
-                if lost == (Lost::Full { first: true }) {
-                    let why = "64 MiB or 65,536 publishes already wait for Redis";
-                    self.log(LogKind::RedisBacklog, "", 0, why);
+                match lost {
+                    Lost::Full { first: true } => {
+                        let why = "64 MiB or 65,536 publishes already wait for Redis";
+                        self.log(LogKind::RedisBacklog, "", 0, why);
+                    }
+                    Lost::TooBig => self.log(LogKind::RedisTooBig, "", 0, ""),
+                    _ => {}
                 }
             }
         } else if let Some(relay) = &self.relay {
