@@ -8,6 +8,7 @@ presented the chain it was given.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -25,7 +26,8 @@ from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, free_port, upgrade_ws_path
+from conftest import Recorder, ServeFn, free_port, log_lines, upgrade_ws_path
+from rawws import poll_until
 from test_demo_page import assert_demo_worked, demo_selftest_in_chromium
 from test_node_client import run_node_echo_client
 
@@ -209,7 +211,12 @@ async def test_a_tls_client_on_a_plain_port_is_refused_with_a_plain_400(serve: S
         )
 
 
-async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(serve: ServeFn, certs: Certs) -> None:
+async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(
+    serve: ServeFn, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dropped at handshake_timeout, as a handshake that fails, counted in
+    tls_handshakes_failed and logged at INFO on brioche.http."""
+    caplog.set_level(logging.INFO, logger="brioche.http")
     srv = await serve(echo_config(), tls=certs.files, handshake_timeout=0.5)
     loop = asyncio.get_running_loop()
     hello = ssl.MemoryBIO()
@@ -217,6 +224,7 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(serve: ServeF
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     partial = hello.read()[:20]
+    garbage = b"\x16\x03\x01\x00\x05hello"  # a handshake record holding no ClientHello
     for sent in (b"", partial):  # silent after connecting; half a ClientHello
         # Timed from before the connect: the server's clock starts at its accept, and on a busy
         # machine open_connection may return here well after that (0.1 s after, once, on CI).
@@ -228,10 +236,30 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(serve: ServeF
         finally:
             writer.close()
         assert 0.4 <= loop.time() - started < 5
+    # Refused at once: a handshake record rustls rejects (it answers with an alert), and bytes
+    # that are not TLS at all (dropped); a client that connects and closes is no failure.
+    for sent in (garbage, b"\x00not tls"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(sent)
+        try:
+            await read_until_eof(reader)
+        except ConnectionResetError:  # closed with what the client sent unread
+            pass
+        finally:
+            writer.close()
+    _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.close()
     # The server still serves.
     async with connect(wss_url(srv), ssl=certs.client_context(), open_timeout=5) as client:
         await client.send("after")
         assert await asyncio.wait_for(client.recv(), 5) == "after"
+    # Counted as each ends; the lines reach `logging` through the loop.
+    assert await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 3, 5)
+    assert srv.stats()["tls_handshakes_failed"] == 3
+    lines = log_lines(caplog, "brioche.http")
+    assert [line.split(" failed: ")[1] for _, line in lines] == [
+        "not done within handshake_timeout", "refused by the TLS layer", "not TLS"
+    ], lines
 
 
 async def test_unusable_certificates_are_a_brioche_error_at_serve(tmp_dir: Path, certs: Certs) -> None:

@@ -223,6 +223,9 @@ class Stats(TypedDict):
     handshake among them, it refused before the handler for anything else (400 for the ``Host``
     or a malformed request, 408, 413, 414, 431), and ``responses_stalled`` HTTP connections it
     dropped because a response waited ``handshake_timeout`` on a client that read none of it.
+    ``tls_handshakes_failed`` counts TLS connections that sent something but never finished
+    their handshake (not TLS, refused by the TLS layer, or not done within
+    ``handshake_timeout``; plain HTTP to the TLS port is a ``requests_rejected``).
     ``open_connections`` and ``incoming_bytes`` are current values. A connection is counted in
     ``connections_opened`` before its ``on_open`` runs, and in ``connections_closed`` and
     ``closes_by_code`` before its ``on_close`` runs.
@@ -257,6 +260,7 @@ class Stats(TypedDict):
     handshakes_rejected: int
     requests_rejected: int
     responses_stalled: int
+    tls_handshakes_failed: int
     redis_published: int
     redis_publishes_lost: int
     redis_received: int

@@ -38,10 +38,13 @@ pub enum Counter {
     RedisPublishesLost,
     /// Messages from other processes received through Redis (and fanned out here).
     RedisReceived,
+    /// TLS connections that sent something but never finished their handshake: not TLS, a
+    /// handshake rustls refused, or one not done within `handshake_timeout`.
+    TlsHandshakesFailed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::ConnectionsOpened,
         Counter::ConnectionsClosed,
         Counter::MessagesIn,
@@ -58,6 +61,7 @@ impl Counter {
         Counter::RedisPublished,
         Counter::RedisPublishesLost,
         Counter::RedisReceived,
+        Counter::TlsHandshakesFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +82,7 @@ impl Counter {
             Counter::RedisPublished => "redis_published",
             Counter::RedisPublishesLost => "redis_publishes_lost",
             Counter::RedisReceived => "redis_received",
+            Counter::TlsHandshakesFailed => "tls_handshakes_failed",
         }
     }
 }

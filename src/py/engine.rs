@@ -719,6 +719,10 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                           them; more drops are not logged until it reads again";
             return codeless_log(py, "brioche.relay", WARNING, format, record);
         }
+        LogKind::TlsHandshakeFailed => {
+            let format = "TLS handshake from %s failed: %s";
+            return codeless_log(py, "brioche.http", INFO, format, record);
+        }
         LogKind::RedisTooBig => {
             let format = "a publish over 32 MiB was not sent to Redis: Redis would disconnect \
                           every subscriber of its topic (client-output-buffer-limit pubsub); \

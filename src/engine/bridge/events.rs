@@ -104,9 +104,11 @@ pub enum LogKind {
     RelayDrop,
     /// A publish too large for Redis to deliver (`pubsub::remote::MAX_MESSAGE`).
     RedisTooBig,
+    /// A TLS connection that sent something but did not complete its handshake.
+    TlsHandshakeFailed,
 }
 
-pub(crate) const LOG_KINDS: usize = 12;
+pub(crate) const LOG_KINDS: usize = 13;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

@@ -431,26 +431,49 @@ async fn accept_tls(
     shared: &Shared,
     remote: Remote,
 ) -> Option<Stream> {
+    // A client that connects and closes without a byte (a port check) is not counted.
+    let mut sent_something = false;
     let handshake = async {
         let mut first = [0u8; 1];
         if tcp.peek(&mut first).await.ok()? == 0 {
             return None;
         }
+        sent_something = true;
         // Every TLS connection opens with a handshake record (content type 22).
         if first[0] != 0x16 {
             if first[0].is_ascii_uppercase() {
                 refuse_plain_http(tcp, shared, remote).await;
+            } else {
+                tls_failed(shared, remote, "not TLS");
             }
             return None;
         }
-        let tls = TlsAcceptor::from(config).accept(tcp).await.ok()?;
+        let Ok(tls) = TlsAcceptor::from(config).accept(tcp).await else {
+            tls_failed(shared, remote, "refused by the TLS layer");
+            return None;
+        };
         let (tcp, session) = tls.into_inner();
         Some(Stream::Tls(Box::new(TlsSocket::new(tcp, session))))
     };
     tokio::select! {
-        accepted = tokio::time::timeout_at(deadline, handshake) => accepted.ok().flatten(),
+        accepted = tokio::time::timeout_at(deadline, handshake) => match accepted {
+            Ok(stream) => stream,
+            Err(_) => {
+                if sent_something {
+                    tls_failed(shared, remote, "not done within handshake_timeout");
+                }
+                None
+            }
+        },
         _ = shared.shutdown.cancelled() => None,
     }
+}
+
+/// Count and log a TLS handshake that failed: what a scanner or a broken client costs shows in
+/// `stats()` and the log (rate-limited), not only as connections that vanish.
+fn tls_failed(shared: &Shared, remote: Remote, why: &'static str) {
+    shared.stats.add(Counter::TlsHandshakesFailed, 1);
+    shared.log(LogKind::TlsHandshakeFailed, remote, 0, why);
 }
 
 const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
