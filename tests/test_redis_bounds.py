@@ -13,7 +13,7 @@ import ctypes
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from brioche import websocket
 from conftest import ServeFn, log_lines, reset_peak_rss, status_kib
 from test_redis_pubsub import Peer, ask, peer, peer_stats, until
-from test_redis_pubsub import Redis
+from test_redis_pubsub import Redis, redis
 from test_redis_pubsub import pytestmark as needs_redis
 
 pytestmark = needs_redis
@@ -33,14 +33,6 @@ OUTGOING_BYTES = 64 * MIB
 HEADER = 18
 
 
-@pytest.fixture
-def redis() -> Iterator[Redis]:
-    instance = Redis()
-    instance.start()
-    yield instance
-    if instance.process is not None:
-        instance.process.send_signal(signal.SIGCONT)
-        instance.kill()
 
 
 def rss_mib() -> float:
