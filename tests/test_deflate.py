@@ -235,6 +235,20 @@ async def test_a_bomb_is_refused_without_inflating_the_rest(serve: ServeFn, reco
     assert growth_mib < 64, f"peak RSS +{growth_mib:.0f} MiB for a bomb refused at 2 MiB"
 
 
+async def test_rfc_7692s_own_example_of_a_final_block_is_accepted(serve: ServeFn) -> None:
+    """RFC 7692 7.2.3.3: a sender may end each message with a final block; what is left of the
+    empty block after it, once its tail is stripped, is one byte (its example below). Only
+    other bytes after the final block are refused (the cases below)."""
+    srv = await serve(echo_config())
+    raw = await RawWebSocket.connect(srv.port, headers=[("Sec-WebSocket-Extensions", "permessage-deflate")])
+    inflater = zlib.decompressobj(-15)  # the server's replies keep their context
+    async with raw:
+        for _ in range(2):  # and the next message starts a stream of its own
+            await raw.send_frame(OP_TEXT, bytes([0xF3, 0x48, 0xCD, 0xC9, 0xC9, 0x07, 0x00, 0x00]), rsv=4)
+            frame = await raw.recv_data_frame()
+            assert inflater.decompress(frame.payload + TAIL) == b"Hello"
+
+
 @pytest.mark.parametrize(
     ("frames", "code"),
     [

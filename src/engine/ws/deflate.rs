@@ -186,6 +186,29 @@ fn inflate_message(
     }
 }
 
+/// Whether `rest`, what follows a final block in a message, is empty stored blocks once the
+/// stripped tail is put back: RFC 7692 7.2.3.3's sender that ends each message with a final
+/// block leaves the header byte of the empty block whose `00 00 ff ff` it stripped (its
+/// example: `f3 48 cd c9 c9 07 00 00`).
+fn only_empty_stored_blocks(rest: &[u8]) -> bool {
+    if rest.is_empty() {
+        return true;
+    }
+    let mut blocks = rest.iter().chain(&TAIL).copied();
+    loop {
+        match blocks.next() {
+            None => return true,
+            // BFINAL and BTYPE 00, the rest of the byte padding; then LEN 0 and NLEN !0.
+            Some(0x00 | 0x01) => {
+                if !blocks.by_ref().take(4).eq(TAIL) {
+                    return false;
+                }
+            }
+            Some(_) => return false,
+        }
+    }
+}
+
 fn inflate_into(
     stream: &mut Decompress,
     input: &[u8],
@@ -215,7 +238,7 @@ fn inflate_into(
                 // A final block ends the stream: what follows it (the tail we appended) is not
                 // part of it, and the next message starts a new one, as its sender's does.
                 stream.reset(false);
-                if index == 0 && pos < part.len() {
+                if index == 0 && !only_empty_stored_blocks(&part[pos..]) {
                     // Bytes of the message after its stream's end: dropping them would deliver
                     // something other than what another reader of the same frames sees.
                     return Err(InflateError::Invalid);
@@ -312,6 +335,18 @@ mod tests {
                 .unwrap();
             assert_eq!(inflater.inflate(&out, 1000).unwrap(), text);
         }
+    }
+
+    #[test]
+    fn rfc_7692s_final_block_with_its_empty_block_inflates() {
+        // RFC 7692 7.2.3.3: "Hello" in a final block, then an empty stored block's header.
+        let mut inflater = Inflater::new(&params(15, false));
+        let payload = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00];
+        assert_eq!(inflater.inflate(&payload, 1024).unwrap(), b"Hello");
+        assert_eq!(inflater.inflate(&payload, 1024).unwrap(), b"Hello");
+        // An unstripped tail after it is one more empty block.
+        let unstripped = [&payload[..], &[0x00, 0x00, 0xff, 0xff, 0x00]].concat();
+        assert_eq!(inflater.inflate(&unstripped, 1024).unwrap(), b"Hello");
     }
 
     #[test]
