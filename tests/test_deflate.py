@@ -430,13 +430,17 @@ def _unread_by_server(port: int) -> int:
 async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    """Ten clients each send a 2 MiB message as a 2 KiB compressed frame, behind a message
+    """Clients each send a 2 MiB message as a 2 KiB compressed frame, behind a message
     whose handler waits: under a 4 MiB max_incoming_bytes, only what the budget has room for
     is inflated, the rest waits compressed, and every message arrives once the budget frees.
     Before, each frame was inflated as it arrived: a connection holding 2 KiB is below the
     floor at which the budget pauses it, so ten held 20 MiB, and a thousand would have held
-    2 GiB for 2 MB sent."""
-    clients, size, budget = 10, 2 * MIB, 4 * MIB
+    2 GiB for 2 MB sent. A small compressed message is still served meanwhile."""
+    # Enough that, were every message inflated, more would be held than the bound allows
+    # (each worker thread may inflate one message while the budget still had room).
+    cpus = len(os.sched_getaffinity(0))
+    clients, size, budget = 2 * cpus + 8, 2 * MIB, 4 * MIB
+    bound = budget + cpus * (size + 4096)
     payload = b"ab" * (size // 2)
     release = asyncio.Event()
     held_at_delivery: list[int] = []
@@ -449,12 +453,13 @@ async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
         recorder.add("message", data == payload)
         ws.send_bytes(b"got it")
 
-    config = websocket.init().on_bytes(on_bytes).per_message_deflate(True)
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.send(text)
+
+    config = websocket.init().on_bytes(on_bytes).on_text(on_text).per_message_deflate(True)
     srv = await serve(config, max_incoming_bytes=budget)
     compressed = deflate(payload)
     assert len(compressed) < 4096
-    # Each worker thread may inflate one message while the budget still had room.
-    bound = budget + len(os.sched_getaffinity(0)) * (size + 4096)
     raws: list[RawWebSocket] = []
     try:
         for _ in range(clients):
@@ -468,8 +473,15 @@ async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
                                 and srv.stats()["messages_in"] >= clients + 2, 10), srv.stats()
         held = srv.stats()["incoming_bytes"]
         assert held <= bound, (held, bound)
+        # Over the budget, a small compressed message still flows: it cannot inflate past the
+        # floor below which a connection is read anyway.
+        assert held > budget
+        chat = await RawWebSocket.connect(srv.port, headers=[("Sec-WebSocket-Extensions", "permessage-deflate")])
+        raws.append(chat)
+        await chat.send_frame(OP_TEXT, deflate(b"still here"), rsv=4)
+        assert (await chat.recv_data_frame()).payload == b"still here"
         release.set()
-        for raw in raws:
+        for raw in raws[:clients]:
             assert (await raw.recv_data_frame()).payload == b"got it"
     finally:
         release.set()

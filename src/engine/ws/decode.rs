@@ -122,6 +122,12 @@ const INFLATE_INPUT_KEEP: usize = 256 * 1024;
 /// come, having held no more than a valid one of its size.
 pub(crate) const MASKED_TEXT_MIN: usize = 64 * 1024;
 
+/// A compressed message this small is inflated whatever the server-wide budget says: deflate
+/// inflates at most about 1032:1, so it cannot come to more than `budget::PAUSE_FLOOR` (64 KiB),
+/// below which a connection is read anyway. Small messages (a chat, a heartbeat) keep flowing
+/// on a compressed connection while large ones wait, as on a plain one.
+const ALWAYS_INFLATED: usize = 63;
+
 /// The longest frame header: 2 bytes, a 64-bit length and the mask key.
 const MAX_HEAD: usize = 14;
 
@@ -236,7 +242,12 @@ impl MessageReader {
         self.inflating.as_ref().is_some_and(|i| i.awaiting)
     }
 
-    /// Whether a compressed message that has all arrived must wait to be inflated.
+    /// Whether a compressed message of `len` bytes that has all arrived must wait to be
+    /// inflated.
+    fn must_wait_to_inflate(&self, len: usize) -> bool {
+        len > ALWAYS_INFLATED && self.no_room_to_inflate()
+    }
+
     fn no_room_to_inflate(&self) -> bool {
         self.inflating.as_ref().is_some_and(|i| i.room.is_none())
     }
@@ -562,7 +573,7 @@ impl MessageReader {
         payload: &[u8],
         deliver: &mut impl FnMut(Incoming) -> bool,
     ) -> Result<(), Violation> {
-        if header.compressed && self.no_room_to_inflate() {
+        if header.compressed && self.must_wait_to_inflate(payload.len()) {
             let mut kept = Vec::with_capacity(payload.len());
             copy_unmasked(&mut kept, payload, header.key);
             self.wait_to_inflate(Message {
@@ -687,7 +698,7 @@ impl MessageReader {
             let message = partial.message.take().expect("present");
             let message = if !message.compressed {
                 message.finish()?
-            } else if self.no_room_to_inflate() {
+            } else if self.must_wait_to_inflate(message.payload.len()) {
                 self.wait_to_inflate(message);
                 return Ok(());
             } else {
@@ -1005,6 +1016,14 @@ mod tests {
             assert_eq!((got, result), (vec![text_of(&long)], Ok(())));
             assert!(!reader.awaiting_inflation() && !reader.stalled());
         }
+        // A small one is inflated all the same: it cannot inflate past the budget's floor.
+        let mut small = Vec::new();
+        deflater.compress(b"hi", &mut small);
+        let mut reader = MessageReader::new(1 << 20);
+        reader.inflate_with(&deflate_params());
+        reader.set_inflate_room(|| None);
+        let (got, result) = read_all(&mut reader, &frame(0xC1, &small));
+        assert_eq!((got, result), (vec![text("hi")], Ok(())));
         let mut reader = MessageReader::new(1 << 20);
         reader.inflate_with(&deflate_params());
         reader.set_inflate_room(|| Some(long.len() - 1));

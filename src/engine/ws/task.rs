@@ -442,11 +442,13 @@ impl Task {
             return Some(Ending::abrupt(1006, ""));
         }
         if self.message_due().is_some_and(|due| now >= due) {
-            if !self.paused {
+            if !self.paused && !self.rx.reader.awaiting_inflation() {
                 return Some(self.message_timed_out());
             }
-            // Python is behind (or asked to pause): the client is not the one taking long.
-            // A pause by the budget does not count: the client is among those holding most.
+            // Python is behind (or asked to pause), or the message has all arrived and waits
+            // for the budget to inflate it: the client is not the one taking long. A pause by
+            // the budget for a message still arriving does not count: the client is among
+            // those holding most.
             self.rx.since = Some(now);
         }
         if self.pinged_at.is_some_and(|at| self.last_read > at) {
