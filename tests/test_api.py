@@ -9,6 +9,7 @@ import functools
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -234,6 +235,18 @@ def test_a_handler_that_could_never_run_is_refused_where_it_is_set() -> None:
     def drained(ws: Any, extra: object = None) -> None:
         pass
 
+    # A decorator's wrapper is what gets called, whatever the function it wraps takes.
+    def with_db(fn: Callable[..., Any]) -> Callable[[Any, str], Any]:
+        @functools.wraps(fn)
+        def wrapper(ws: Any, text: str) -> Any:
+            return fn(ws, text, "db")
+        return wrapper
+
+    @with_db
+    def on_text_with_db(ws: Any, text: str, db: str) -> None:
+        pass
+
+    websocket.init().on_text(on_text_with_db)
     config = (websocket.init().on_text(Handlers().on_text).on_open(Handlers())
               .on_close(lambda ws, *rest: None).on_drain(drained)
               .on_bytes(functools.partial(tagged, "tag")).on_ping(print))

@@ -100,7 +100,8 @@ def _check_handler(handler: object, setter: str, arguments: str) -> None:
                         "it would run none of its body; a handler returns, or is async def "
                         "without yield")
     try:
-        signature = inspect.signature(handler)
+        # The callable's own signature: a decorator's wrapper (functools.wraps) is what is called.
+        signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):
         return
     try:
@@ -214,7 +215,8 @@ class Config(Generic[T]):
 
     def __post_init__(self) -> None:
         # A Config built by hand (or by dataclasses.replace) is checked as the setters check
-        # theirs, by the setters' names: a wrong value is refused here, not by serve().
+        # theirs, by the setters' names: a wrong value is refused here, not by serve(). The
+        # handler setters rely on it (dataclasses.replace runs it).
         for field, setter, arguments in _HANDLERS:
             handler = getattr(self, field)
             if handler is not None:
@@ -232,17 +234,14 @@ class Config(Generic[T]):
 
     def on_text(self, handler: TextHandler[T]) -> Config[T]:
         """Call ``handler(ws, text)`` for every text message (``async def`` or plain)."""
-        _check_handler(handler, "on_text", "ws, text")
         return dataclasses.replace(self, on_text_message=handler)
 
     def on_bytes(self, handler: BytesHandler[T]) -> Config[T]:
         """Call ``handler(ws, data)`` for every binary message."""
-        _check_handler(handler, "on_bytes", "ws, data")
         return dataclasses.replace(self, on_bytes_message=handler)
 
     def on_open(self, handler: SocketHandler[T]) -> Config[T]:
         """Call ``handler(ws)`` once a connection is upgraded; it runs before any message."""
-        _check_handler(handler, "on_open", "ws")
         return dataclasses.replace(self, on_open_handler=handler)
 
     def on_close(self, handler: CloseHandler[T]) -> Config[T]:
@@ -251,12 +250,10 @@ class Config(Generic[T]):
         ``code`` is the peer's close code, or 1006 when the connection ended without a close
         frame (``terminate``, a vanished client, an idle timeout).
         """
-        _check_handler(handler, "on_close", "ws, code, reason")
         return dataclasses.replace(self, on_close_handler=handler)
 
     def on_drain(self, handler: SocketHandler[T]) -> Config[T]:
         """Call ``handler(ws)`` each time a backpressured socket has written all it had queued."""
-        _check_handler(handler, "on_drain", "ws")
         return dataclasses.replace(self, on_drain_handler=handler)
 
     def on_ping(self, handler: ControlHandler[T]) -> Config[T]:
@@ -265,12 +262,10 @@ class Config(Generic[T]):
         The server still answers each ping with a pong by itself. Without a handler, pings
         are not handed to Python at all.
         """
-        _check_handler(handler, "on_ping", "ws, payload")
         return dataclasses.replace(self, on_ping_handler=handler)
 
     def on_pong(self, handler: ControlHandler[T]) -> Config[T]:
         """Call ``handler(ws, payload)`` for every pong from the client (Bun's ``pong``)."""
-        _check_handler(handler, "on_pong", "ws, payload")
         return dataclasses.replace(self, on_pong_handler=handler)
 
     def max_payload_length(self, max_payload_length: int) -> Config[T]:
