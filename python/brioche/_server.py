@@ -653,6 +653,10 @@ class Server(Generic[T]):
         if close_active_connections and not self._closing_all:
             self._closing_all = True
             self._cancel_closed()
+            # Once: a request handler that catches the cancel to clean up is not cancelled again
+            # by each close that follows (_cancel_closed runs again for those).
+            for task in list(self._request_tasks):
+                task.cancel()
         if not self._stop_called:
             self._stop_called = True
             self._engine.stop(close_active_connections)
@@ -1056,13 +1060,10 @@ class Server(Generic[T]):
             ws._pause_reading(False)
 
     def _cancel_closed(self) -> None:
-        """Stopping with close: cancel the suspended handlers of connections that are closed,
-        and every HTTP handler still running (its client gets 503 from ``_request_done``)."""
+        """Cancel the suspended handlers of connections that are closed (stopping with close)."""
         for ws, task in list(self._running.items()):
             if ws.ready_state == _CLOSED and task not in self._close_tasks:
                 task.cancel()
-        for task in list(self._request_tasks):
-            task.cancel()
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")

@@ -417,7 +417,8 @@ class Config(Generic[T]):
         ``run()`` returns. With workers each worker does the same, and the supervisor kills one
         still alive 15 seconds after its SIGTERM. A process manager must wait longer than that
         before it kills the process (systemd's ``TimeoutStopSec``). More Ctrl+C or SIGTERM
-        meanwhile change nothing.
+        meanwhile change nothing. A handler that catches the cancellation and carries on
+        awaiting holds the stop up still: only the process manager's SIGKILL ends that one.
 
         ``loop_factory`` makes the event loop to serve on: ``uvloop.new_event_loop`` for uvloop
         (default: asyncio's own loop). ``workers`` overrides :meth:`workers`: with more than
