@@ -24,6 +24,9 @@ from test_workers import LISTENING, Supervisor, clients_covering
 
 APP = Path(__file__).with_name("relay_app.py")
 MIB = 1 << 20
+# Why a sibling missed a publish (ws/relay.rs), as the log line says it.
+BEHIND = "64 MiB already wait for it; more are not logged until it reads again"
+TOO_LARGE = "a publish over 64 MiB"
 
 
 def relay_lines(sup: Supervisor, pid: int, why: str) -> list[str]:
@@ -81,7 +84,7 @@ async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(
     await a.send("pub after")
     assert await asyncio.wait_for(b.recv(), 10) == "after"
     assert ((await stats(a))["relay_publishes_lost"], (await stats(b))["relay_publishes_lost"]) == (1, 0)
-    sup.wait_for(re.compile(re.escape(f"sibling worker {pb} (a publish over 64 MiB)")))
+    sup.wait_for(re.compile(re.escape(f"sibling worker {pb} ({TOO_LARGE})")))
 
     # B stopped while A publishes 200 MiB: 64 MiB wait for it, what is past them is dropped.
     os.kill(pb, signal.SIGSTOP)
@@ -92,7 +95,7 @@ async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(
     # Waiting for B: 63 in the backlog, the chunk A's writer took before B's socket filled (at
     # least one, at most another backlog's worth) and what the socket holds (under one).
     assert count - 63 - 63 - 1 <= lost <= count - 63 - 1, lost
-    sup.wait_for(re.compile(re.escape(f"sibling worker {pb} (64 MiB already wait for it)")))
+    sup.wait_for(re.compile(re.escape(f"sibling worker {pb} ({BEHIND})")))
     os.kill(pb, signal.SIGCONT)
     await a.send("pub end")
     got = []
@@ -106,8 +109,8 @@ async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(
     assert got == sorted(set(got)) and len(got) == count - lost, (len(got), lost)
     assert got[0] == 0, "the first publishes were in B's backlog"
     # One line for the stall, not one per publish.
-    assert len(relay_lines(sup, pb, "64 MiB already wait for it")) == 1, sup.lines
-    assert len(relay_lines(sup, pb, "a publish over 64 MiB")) == 1, sup.lines
+    assert len(relay_lines(sup, pb, BEHIND)) == 1, sup.lines
+    assert len(relay_lines(sup, pb, TOO_LARGE)) == 1, sup.lines
     assert (await stats(b))["relay_publishes_lost"] == 0
     for ws in mine.values():
         await ws.close()

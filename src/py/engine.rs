@@ -716,7 +716,7 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
         }
         LogKind::RelayDrop => {
             let format = "dropping publishes to the sibling worker %s (%s): its clients miss \
-                          them; more drops are not logged until it reads again";
+                          them";
             return codeless_log(py, "brioche.relay", WARNING, format, record);
         }
         LogKind::TlsHandshakeFailed => {

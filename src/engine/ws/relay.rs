@@ -65,7 +65,7 @@ pub struct Relay {
 }
 
 /// Why a sibling misses a publish, for the log line.
-const BEHIND: &str = "64 MiB already wait for it";
+const BEHIND: &str = "64 MiB already wait for it; more are not logged until it reads again";
 const TOO_LARGE: &str = "a publish over 64 MiB";
 
 impl Relay {
