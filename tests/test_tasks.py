@@ -543,7 +543,10 @@ async def test_messages_parked_behind_a_suspended_handler_stay_in_flight(serve: 
         # Held until the handler returns: at least the 1 MiB cap's worth, parked or in flight.
         assert await poll_until(lambda: srv.stats()["incoming_bytes"] >= 1024 * 1024, TIMEOUT), srv.stats()
         # Reading stopped at the cap: a few messages, not the 40 sent (64 could park before).
-        assert srv.stats()["messages_in"] <= 8, srv.stats()
+        # At most the one running, the cap's worth (4), and the cap's worth again: the loop
+        # takes a batch off the cap as it drains it and puts each back as it parks it, and the
+        # connection may read meanwhile (9 seen once, on the portable path's timing).
+        assert srv.stats()["messages_in"] <= 1 + 2 * 4 + 1, srv.stats()
         release.set()
         await asyncio.wait_for(sending, TIMEOUT)
         assert await poll_until(lambda: len(got) == count, TIMEOUT), len(got)
