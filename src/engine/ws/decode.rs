@@ -126,7 +126,7 @@ pub(crate) const MASKED_TEXT_MIN: usize = 64 * 1024;
 /// inflates at most about 1032:1, so it cannot come to more than `budget::PAUSE_FLOOR` (64 KiB),
 /// below which a connection is read anyway. Small messages (a chat, a heartbeat) keep flowing
 /// on a compressed connection while large ones wait, as on a plain one.
-const ALWAYS_INFLATED: usize = 63;
+const ALWAYS_INFLATED: usize = super::budget::PAUSE_FLOOR / 1032;
 
 /// The longest frame header: 2 bytes, a 64-bit length and the mask key.
 const MAX_HEAD: usize = 14;
@@ -363,7 +363,7 @@ impl MessageReader {
     /// socket's next bytes are then all this frame's, and reading them here saves copying them
     /// out of the worker's read buffer, the one copy whose destination is out of the cache.
     pub(crate) fn direct_room(&mut self, min: usize, max: usize) -> Option<&mut [MaybeUninit<u8>]> {
-        if self.done || self.stalled || self.awaiting_inflation() {
+        if self.done || self.stalled {
             return None;
         }
         let partial = self.partial.as_mut()?;
