@@ -12,14 +12,20 @@ import asyncio
 import ctypes
 import gc
 import logging
+import os
 import signal
+import socket
+import struct
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from brioche import websocket
-from conftest import ServeFn, log_lines, reset_peak_rss, status_kib
+from conftest import ServeFn, log_lines, reset_peak_rss, status_kib, ws_url
+from rawws import RawWebSocket
 from test_redis_pubsub import Peer, ask, peer, peer_stats, until
 from test_redis_pubsub import Redis, redis
 from test_redis_pubsub import pytestmark as needs_redis
@@ -184,3 +190,89 @@ def _channels_are(redis: Redis, expected: set[str]) -> Callable[[], Awaitable[bo
         return await asyncio.to_thread(channels, redis) == expected
 
     return check
+
+
+def resp(*parts: bytes) -> bytes:
+    """One Redis command in RESP."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+def foreign(seq: int, payload: bytes, opcode: int = 2, origin: int = 0x5EED) -> bytes:
+    """A message as another brioche process puts it on Redis (pubsub/remote.rs: version 1, the
+    opcode, 0x40 added when the publisher asked for compression, its origin and sequence
+    number, little-endian)."""
+    return bytes([1, opcode]) + struct.pack("<QQ", origin, seq) + payload
+
+
+def publish_paced(port: int, messages: list[bytes], per_second: float) -> None:
+    """PUBLISH ``messages`` to ``brioche:flood`` at ``per_second``, as a busy process elsewhere
+    would; Redis's replies are read and thrown away."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    reader = threading.Thread(target=lambda: all(iter(lambda: sock.recv(1 << 20), b"")), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    try:
+        for sent, message in enumerate(messages, 1):
+            sock.sendall(resp(b"PUBLISH", b"brioche:flood", message))
+            # Paced, not synchronised: the rate the publisher elsewhere keeps up.
+            ahead = start + sent / per_second - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(30)
+    finally:
+        sock.close()
+
+
+async def test_messages_from_redis_wait_for_the_fan_out_up_to_64_mib(
+    redis: Redis, serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process publishes 300 messages of 1 MiB in a second, which the publisher asked
+    to be compressed, to a topic one local client takes with permessage-deflate: compressing
+    one (about 7 ms here) takes longer than Redis takes to deliver the next. The messages used
+    to wait for the fan-out in an unbounded channel (the server grew by the backlog, 200 MiB
+    here); now 64 MiB of them may wait, the rest are counted lost and logged, and the link
+    carries on. Redis is told not to cut a slow subscriber, so that every message reaches the
+    server and the counts add up exactly."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    redis.cli("CONFIG", "SET", "client-output-buffer-limit", "pubsub 0 0 0")
+    config = (websocket.init().on_open(lambda ws: ws.subscribe(ws.data)).per_message_deflate(True)
+              .backpressure_limit(MIB))
+    srv = await serve(config, pubsub_redis=redis.url)
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to Redis")
+    # Offers no context takeover: each message is compressed once for every such subscriber.
+    deflate = [("Sec-WebSocket-Extensions", "permessage-deflate; server_no_context_takeover")]
+    reader = await RawWebSocket.connect(srv.port, "/ws?flood", rcvbuf=4096, headers=deflate)
+    reader.pause_reading()
+    count, payload = 300, os.urandom(MIB)  # random: deflate works hardest, and gains nothing
+    messages = [foreign(seq, payload, opcode=0x42) for seq in range(1, count + 1)]
+    try:
+        await until(lambda: srv.subscriber_count("flood") == 1, "the subscriber")
+        await until(_channels_are(redis, {"flood"}), "the link to subscribe")
+        before = baseline_rss_mib()
+        assert reset_peak_rss(), "cannot reset VmHWM on this kernel"
+        await asyncio.to_thread(publish_paced, redis.port, messages, 300)
+        grown = status_kib("VmHWM") / 1024 - before
+
+        def settled() -> bool:
+            stats = srv.stats()
+            return stats["redis_received"] + stats["redis_received_lost"] == count
+
+        await until(settled, "every message fanned out or lost", 30)
+        stats = srv.stats()
+        assert stats["redis_received_lost"] > 0, "the fan-out kept up: nothing to show"
+        assert stats["redis_connected"] == 1
+        # 64 MiB waiting, the subscriber's 1 MiB queue, and what reading and compressing hold.
+        assert grown < 110, f"RSS grew by {grown:.0f} MiB"
+        await until(lambda: len(log_lines(caplog, "brioche.redis")) >= 1, "the loss to be logged")
+        lines = log_lines(caplog, "brioche.redis")
+        assert lines[0] == (logging.WARNING, "dropping messages from Redis (64 MiB of them already wait "
+                            "to be fanned out here): this process's subscribers miss them; more drops are "
+                            "not logged until that queue empties"), lines
+    finally:
+        reader.close()
+    # The link carries on.
+    async with connect(ws_url(srv, "/ws?flood"), open_timeout=5) as client:
+        await until(lambda: srv.subscriber_count("flood") == 1, "the new subscriber")
+        await asyncio.to_thread(publish_paced, redis.port, [foreign(count + 1, b"after")], 100)
+        assert await asyncio.wait_for(client.recv(), 10) == b"after"

@@ -570,6 +570,7 @@ async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn
         "redis_published": 0,
         "redis_publishes_lost": 0,
         "redis_received": 0,
+        "redis_received_lost": 0,
         "redis_connected": 0,
     }
 

@@ -234,7 +234,8 @@ class Stats(TypedDict):
     written to Redis, ``redis_publishes_lost`` those the other processes never got (Redis down,
     the core's queue to it full, or the write failed), ``redis_received`` messages from other
     processes fanned out here (their deliveries count in ``deliveries``; ``publishes`` counts
-    this process's own), and ``redis_connected`` is 1 while connected and subscribed (always 0
+    this process's own), ``redis_received_lost`` those Redis delivered and this process dropped
+    (64 MiB of them already waited to be fanned out), and ``redis_connected`` is 1 while connected and subscribed (always 0
     without Redis).
 
     Under ``run(config, workers=n)`` without Redis: ``relay_publishes_lost`` counts the
@@ -264,6 +265,7 @@ class Stats(TypedDict):
     redis_published: int
     redis_publishes_lost: int
     redis_received: int
+    redis_received_lost: int
     closes_by_code: dict[int, int]
     open_connections: int
     incoming_bytes: int

@@ -38,13 +38,16 @@ pub enum Counter {
     RedisPublishesLost,
     /// Messages from other processes received through Redis (and fanned out here).
     RedisReceived,
+    /// Messages from other processes that Redis delivered and this process dropped: 64 MiB of
+    /// them already waited for the fan-out (`broker/`).
+    RedisReceivedLost,
     /// TLS connections that sent something but never finished their handshake: not TLS, a
     /// handshake rustls refused, or one not done within `handshake_timeout`.
     TlsHandshakesFailed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 18] = [
         Counter::ConnectionsOpened,
         Counter::ConnectionsClosed,
         Counter::MessagesIn,
@@ -61,6 +64,7 @@ impl Counter {
         Counter::RedisPublished,
         Counter::RedisPublishesLost,
         Counter::RedisReceived,
+        Counter::RedisReceivedLost,
         Counter::TlsHandshakesFailed,
     ];
 
@@ -82,6 +86,7 @@ impl Counter {
             Counter::RedisPublished => "redis_published",
             Counter::RedisPublishesLost => "redis_publishes_lost",
             Counter::RedisReceived => "redis_received",
+            Counter::RedisReceivedLost => "redis_received_lost",
             Counter::TlsHandshakesFailed => "tls_handshakes_failed",
         }
     }

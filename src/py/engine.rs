@@ -737,9 +737,14 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             );
             return Ok(item.into_pyobject(py)?.into_any());
         }
-        LogKind::RedisBacklog => {
-            let format = "dropping publishes to Redis (%s): other processes miss them; more \
-                          drops are not logged until the queue to Redis empties";
+        LogKind::RedisBacklog | LogKind::RedisInboundBacklog => {
+            let format = if record.kind == LogKind::RedisBacklog {
+                "dropping publishes to Redis (%s): other processes miss them; more drops are \
+                 not logged until the queue to Redis empties"
+            } else {
+                "dropping messages from Redis (%s): this process's subscribers miss them; more \
+                 drops are not logged until that queue empties"
+            };
             let args = (record.reason,);
             let item = (
                 EVENT_LOG,

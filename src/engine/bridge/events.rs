@@ -100,6 +100,9 @@ pub enum LogKind {
     RedisUp,
     /// Publishes lost because the queue to Redis is full: once until it has emptied.
     RedisBacklog,
+    /// Messages from Redis lost because the queue to the fan-out is full: once until it has
+    /// emptied.
+    RedisInboundBacklog,
     /// Publishes a sibling worker misses (`ws/relay.rs`): once per stall of that sibling.
     RelayDrop,
     /// A publish too large for Redis to deliver (`pubsub::remote::MAX_MESSAGE`).
@@ -108,7 +111,7 @@ pub enum LogKind {
     TlsHandshakeFailed,
 }
 
-pub(crate) const LOG_KINDS: usize = 13;
+pub(crate) const LOG_KINDS: usize = 14;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

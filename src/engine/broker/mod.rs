@@ -26,8 +26,13 @@
 //!   while the link is up: a new connection reads the whole registry), and the task checks the
 //!   registry itself before it subscribes or unsubscribes, so reports that race each other
 //!   cannot leave it subscribed in vain or deaf.
-//! - Messages from Redis go to the local subscribers through `Shared::publish_local`; a
-//!   message of this process's own origin is dropped (its subscribers here had it already),
+//! - Messages from Redis go to the local subscribers through `Shared::publish_local`. They
+//!   wait for it in a queue bounded in bytes (`INCOMING_BYTES`): Redis sends at the rate other
+//!   processes publish, and the fan-out may be slower. The crate's connection task reads every
+//!   push into it as it comes, so that the fan-out and the reading run on both threads at once
+//!   (read in line with the fan-out, a flood this process kept up with got the link cut by
+//!   Redis instead); a message that does not fit is dropped, counted and logged. A message
+//!   of this process's own origin is dropped (its subscribers here had it already),
 //!   and so is one whose sequence number is not past the last one seen from its origin (on a
 //!   cluster, from its origin in that hash slot: one origin's slots are published to, and
 //!   arrive, on separate connections, in order only slot by slot).
@@ -38,12 +43,13 @@
 //!   alone: what it publishes and receives meanwhile would otherwise be lost without a count
 //!   or a log line.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{AsyncPushSender, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
@@ -76,6 +82,13 @@ const BATCH: usize = 1024;
 /// process is a new one, so the map is emptied when it grows past this rather than growing for
 /// ever.
 const MAX_SEQUENCES: usize = 64 * 1024;
+/// Messages read from Redis and not yet fanned out, in bytes (channel names and payloads):
+/// as much as may wait to go to Redis (`pubsub::remote`).
+const INCOMING_BYTES: usize = 64 << 20;
+/// What a message push holds beside its bytes: the push and its two values, and the allocator's
+/// headers of the three allocations. Counted so that a flood of tiny messages is bounded too.
+const PUSH_OVERHEAD: usize =
+    std::mem::size_of::<PushInfo>() + 2 * std::mem::size_of::<Value>() + 3 * 16;
 
 /// Run the link of `shared` until the server stops.
 pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: RemoteInbox) {
@@ -277,8 +290,8 @@ impl Link {
         &mut self,
         client: &Client,
         info: &ConnectionInfo,
-    ) -> Result<(Conn, mpsc::UnboundedReceiver<PushInfo>), &'static str> {
-        let (push_tx, pushes) = mpsc::unbounded_channel();
+    ) -> Result<(Conn, Pushes), &'static str> {
+        let (push_tx, pushes) = push_queue(&self.shared);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
@@ -300,7 +313,7 @@ impl Link {
             Err(_) if self.cluster && !self.nodes.is_empty() => self.nodes.clone(),
             Err(_) => return Err("cannot connect"),
         };
-        let (push_tx, pushes) = mpsc::unbounded_channel();
+        let (push_tx, pushes) = push_queue(&self.shared);
         let mut conn = ClusterClientBuilder::new(seeds)
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(push_tx)
@@ -325,8 +338,8 @@ impl Link {
     async fn subscribe_all(
         &mut self,
         mut conn: Conn,
-        pushes: mpsc::UnboundedReceiver<PushInfo>,
-    ) -> Result<(Conn, mpsc::UnboundedReceiver<PushInfo>), &'static str> {
+        pushes: Pushes,
+    ) -> Result<(Conn, Pushes), &'static str> {
         let cluster = matches!(conn, Conn::Cluster(_));
         if self.cluster != cluster {
             // Sequences are kept by slot on a cluster, by origin alone elsewhere.
@@ -347,7 +360,7 @@ impl Link {
     async fn serve(
         &mut self,
         conn: &mut Conn,
-        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        pushes: &mut Pushes,
         inbox: &mut RemoteInbox,
     ) -> &'static str {
         let mut outgoing = Vec::with_capacity(BATCH);
@@ -362,9 +375,9 @@ impl Link {
         ping.reset();
         loop {
             tokio::select! {
-                push = pushes.recv() => match push {
+                push = pushes.receiver.recv() => match push {
                     Some(push) => {
-                        if !self.on_push(push, &mut ended) {
+                        if !self.on_push(push, &pushes.backlog, &mut ended) {
                             return "connection lost";
                         }
                         if !ended.is_empty() && self.reconcile(conn, &mut ended).await.is_err() {
@@ -525,12 +538,12 @@ impl Link {
             .and_then(|topic| std::str::from_utf8(topic).ok())
     }
 
-    /// Handle one push from Redis; false when it says the connection is gone. A topic whose
-    /// subscription may have ended without this link asking goes to `ended`.
-    fn on_push(&mut self, push: PushInfo, ended: &mut Vec<Arc<str>>) -> bool {
+    /// Handle one push from Redis, taken off `backlog`; false when it says the connection is
+    /// gone. A topic whose subscription may have ended without this link asking goes to `ended`.
+    fn on_push(&mut self, push: PushInfo, backlog: &Backlog, ended: &mut Vec<Arc<str>>) -> bool {
         match push.kind {
             PushKind::Disconnection => return false,
-            PushKind::Message | PushKind::SMessage => {}
+            PushKind::Message | PushKind::SMessage => backlog.release(message_size(&push)),
             // A master that gives a slot away ends that slot's shard subscriptions itself, and
             // the crate, which counts the push as confirmed, would not renew them: the registry
             // decides again, and the crate follows the `MOVED` to the new master. The
@@ -589,9 +602,132 @@ impl Link {
     }
 }
 
+/// The messages a connection to Redis pushed and the link has not fanned out yet: their bytes,
+/// and whether one was dropped since it was last empty.
+#[derive(Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    overflowing: AtomicBool,
+}
+
+impl Backlog {
+    /// Once nothing is held, a loss is news again.
+    fn release(&self, size: usize) {
+        if size > 0 && self.bytes.fetch_sub(size, Ordering::AcqRel) == size {
+            self.overflowing.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A connection's pushes, as the link receives them.
+struct Pushes {
+    receiver: mpsc::UnboundedReceiver<PushInfo>,
+    backlog: Arc<Backlog>,
+}
+
+/// The push sender for one connection to Redis, and where its pushes arrive. The channel is
+/// unbounded in count, but the messages in it (what Redis sends at the rate others publish)
+/// are bounded by `INCOMING_BYTES`; the other pushes answer this link's own commands, or end
+/// the connection.
+fn push_queue(shared: &Arc<Shared>) -> (impl AsyncPushSender, Pushes) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    let (shared, held) = (shared.clone(), backlog.clone());
+    let push = move |push: PushInfo| {
+        if matches!(push.kind, PushKind::Message | PushKind::SMessage) {
+            let size = message_size(&push);
+            // Added before the check, so that the cluster's connections, one per master, cannot
+            // all pass it at once.
+            if held.bytes.fetch_add(size, Ordering::AcqRel) + size > INCOMING_BYTES {
+                held.release(size);
+                if !own_message(&shared, &push) {
+                    shared.stats.add(Counter::RedisReceivedLost, 1);
+                    if !held.overflowing.swap(true, Ordering::AcqRel) {
+                        let why = "64 MiB of them already wait to be fanned out here";
+                        shared.log(LogKind::RedisInboundBacklog, "", 0, why);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        sender.send(push)
+    };
+    (push, Pushes { receiver, backlog })
+}
+
+/// The bytes a message push holds: its channel's name, the message and `PUSH_OVERHEAD`.
+fn message_size(push: &PushInfo) -> usize {
+    let bytes = |value: &Value| match value {
+        Value::BulkString(bytes) => bytes.len(),
+        _ => 0,
+    };
+    PUSH_OVERHEAD + push.data.iter().map(bytes).sum::<usize>()
+}
+
+/// Whether a message push is one of this process's own publishes coming back (its
+/// subscribers here had it already: not lost when dropped).
+fn own_message(shared: &Shared, push: &PushInfo) -> bool {
+    let origin = match push.data.get(1) {
+        Some(Value::BulkString(message)) => remote::origin(message),
+        _ => None,
+    };
+    let remote = shared.remote.as_ref();
+    origin.is_some() && origin == remote.map(|remote| remote.origin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::config::ServerConfig;
+    use crate::engine::pubsub::remote::Remote;
+
+    fn message(origin: u64, seq: u64, size: usize) -> PushInfo {
+        let channel = Value::BulkString(b"brioche:t".to_vec());
+        let payload = vec![b'x'; size];
+        let message = Value::BulkString(remote::encode(origin, seq, 1, &payload).to_vec());
+        PushInfo {
+            kind: PushKind::Message,
+            data: vec![channel, message],
+        }
+    }
+
+    #[test]
+    fn messages_from_redis_wait_up_to_64_mib_and_the_rest_are_counted_lost() {
+        let (remote, _inbox) = Remote::new();
+        let own = remote.origin;
+        let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
+        let (sender, mut pushes) = push_queue(&shared);
+        let size = message_size(&message(1, 1, 1 << 20));
+        let fit = INCOMING_BYTES / size;
+        assert_eq!(fit, 63);
+        // Nothing is taken off: 63 of 1 MiB wait, 37 others are lost, this process's own
+        // publishes coming back are dropped too but not lost.
+        for seq in 1..=100 {
+            sender.send(message(1, seq, 1 << 20)).unwrap();
+        }
+        sender.send(message(own, 1, 1 << 20)).unwrap();
+        // The answers to the link's commands are never dropped.
+        let reply = PushInfo {
+            kind: PushKind::Subscribe,
+            data: vec![],
+        };
+        sender.send(reply).unwrap();
+        assert_eq!(shared.stats.get(Counter::RedisReceivedLost), 37);
+        assert_eq!(pushes.backlog.bytes.load(Ordering::Acquire), fit * size);
+        assert!(pushes.backlog.overflowing.load(Ordering::Acquire));
+        let mut held = 0;
+        while let Ok(push) = pushes.receiver.try_recv() {
+            if push.kind == PushKind::Message {
+                pushes.backlog.release(message_size(&push));
+                held += 1;
+            }
+        }
+        assert_eq!(held, fit);
+        // Emptied: the next loss is news again, and room is back.
+        assert!(!pushes.backlog.overflowing.load(Ordering::Acquire));
+        sender.send(message(1, 101, 1 << 20)).unwrap();
+        assert_eq!(pushes.backlog.bytes.load(Ordering::Acquire), size);
+    }
 
     fn range(first: i64, last: i64, nodes: &[(&str, i64)]) -> Value {
         let mut range = vec![Value::Int(first), Value::Int(last)];

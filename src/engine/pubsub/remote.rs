@@ -249,17 +249,22 @@ pub(crate) struct Incoming {
     pub(crate) payload: Bytes,
 }
 
-pub(crate) fn decode(mut message: Bytes) -> Option<Incoming> {
+/// The origin of a message from Redis, read without taking it apart.
+pub(crate) fn origin(message: &[u8]) -> Option<u64> {
     if message.len() < HEADER_LEN || message[0] != VERSION {
         return None;
     }
+    Some(u64::from_le_bytes(message[2..10].try_into().ok()?))
+}
+
+pub(crate) fn decode(mut message: Bytes) -> Option<Incoming> {
+    let origin = origin(&message)?;
     let opcode = message[1];
     // Text or binary only: a control opcode from Redis must not reach a client's stream. RSV1
     // (0x40) may ride along: the publisher asked for permessage-deflate.
     if !matches!(opcode & !0x40, 1 | 2) {
         return None;
     }
-    let origin = u64::from_le_bytes(message[2..10].try_into().ok()?);
     let seq = u64::from_le_bytes(message[10..18].try_into().ok()?);
     let payload = message.split_off(HEADER_LEN);
     Some(Incoming {
