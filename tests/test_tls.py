@@ -257,8 +257,10 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(
     assert await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 3, 5)
     assert srv.stats()["tls_handshakes_failed"] == 3
     lines = log_lines(caplog, "brioche.http")
-    assert [line.split(" failed: ")[1] for _, line in lines] == [
-        "not done within handshake_timeout", "refused by the TLS layer", "not TLS"
+    # In any order: each connection's end is logged from its own task, after the client may
+    # already have seen it closed and the next connection begun.
+    assert sorted(line.split(" failed: ")[1] for _, line in lines) == [
+        "not TLS", "not done within handshake_timeout", "refused by the TLS layer"
     ], lines
 
 
