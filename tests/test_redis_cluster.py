@@ -604,6 +604,28 @@ async def test_a_master_killed_for_good_is_replaced_by_its_replica(
     assert await asyncio.to_thread(heir.cli, "PUBSUB", "SHARDNUMSUB", channel) == [channel, "2"]
 
 
+async def test_every_master_is_pinged(cluster: Cluster, started: list[brioche.Server[Any]]) -> None:
+    """The link PINGs every master each 5 s (broker/: PING_EVERY), so that a master that stops
+    answering without closing its socket (a machine gone) is noticed within 7 s even when
+    nothing is published to it. Before, the PING was a pipeline without a key, which the crate
+    sends to one node at random: within 7 s, at most two of the three masters had one."""
+    srv = await serve_sharded(started, cluster.url)
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to the cluster")
+    masters = cluster.nodes[: len(RANGES)]
+
+    def pings() -> list[int]:
+        stats = (node.info("commandstats").get("cmdstat_ping", "calls=0") for node in masters)
+        return [int(stat.split(",")[0].removeprefix("calls=")) for stat in stats]
+
+    before = await asyncio.to_thread(pings)
+
+    async def all_pinged() -> bool:
+        return all(now > then for now, then in zip(await asyncio.to_thread(pings), before))
+
+    # PING_EVERY and the answer's timeout: two rounds may fall within it, never three.
+    await until(all_pinged, "a PING on every master", 7)
+
+
 async def test_plain_pubsub_on_a_cluster_crosses_nodes(
     cluster: Cluster,
     started: list[brioche.Server[Any]],

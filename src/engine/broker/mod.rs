@@ -52,7 +52,7 @@ use futures_util::future::try_join_all;
 use redis::aio::{AsyncPushSender, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
     ProtocolVersion, PushInfo, PushKind, RedisResult, Value,
@@ -181,11 +181,22 @@ enum Conn {
 }
 
 impl Conn {
-    /// Run `pipe`, routed by the crate on a cluster.
-    async fn exec(&mut self, pipe: &Pipeline) -> RedisResult<()> {
+    /// Ask whether the connection is alive: on a cluster, every master, each of which may hold
+    /// subscriptions and may stop answering while the others go on. (A pipeline without a key
+    /// goes to one node at random: a master gone silent was noticed only once a PING happened
+    /// to pick it.)
+    async fn ping(&mut self) -> RedisResult<()> {
         match self {
-            Conn::Node(conn) => pipe.exec_async(conn).await,
-            Conn::Cluster(conn) => pipe.exec_async(conn).await,
+            Conn::Node(conn) => redis::cmd("PING").exec_async(conn).await,
+            Conn::Cluster(conn) => {
+                let masters = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::AllSucceeded),
+                ));
+                conn.route_command(redis::cmd("PING"), masters)
+                    .await
+                    .map(drop)
+            }
         }
     }
 }
@@ -402,8 +413,7 @@ impl Link {
                     }
                 }
                 _ = ping.tick() => {
-                    // On a cluster, the crate sends it to every node.
-                    if conn.exec(redis::pipe().cmd("PING")).await.is_err() {
+                    if conn.ping().await.is_err() {
                         return "no answer to PING";
                     }
                 }
