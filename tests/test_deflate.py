@@ -427,15 +427,20 @@ def _unread_by_server(port: int) -> int:
     return unread
 
 
+@pytest.mark.parametrize("message_timeout", [0, 1], ids=["no-timeout", "past-message-timeout"])
 async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
-    serve: ServeFn, recorder: Recorder
+    serve: ServeFn, recorder: Recorder, message_timeout: int
 ) -> None:
     """Clients each send a 2 MiB message as a 2 KiB compressed frame, behind a message
     whose handler waits: under a 4 MiB max_incoming_bytes, only what the budget has room for
     is inflated, the rest waits compressed, and every message arrives once the budget frees.
     Before, each frame was inflated as it arrived: a connection holding 2 KiB is below the
     floor at which the budget pauses it, so ten held 20 MiB, and a thousand would have held
-    2 GiB for 2 MB sent. A small compressed message is still served meanwhile."""
+    2 GiB for 2 MB sent. A small compressed message is still served meanwhile.
+
+    With a message_timeout of 1 s, held past it: a message that has all arrived and waits to
+    be inflated is the server's delay, not its client's, and is not timed out (it was closed
+    with 1008 before)."""
     # Enough that, were every message inflated, more would be held than the bound allows
     # (each worker thread may inflate one message while the budget still had room).
     cpus = len(os.sched_getaffinity(0))
@@ -457,7 +462,7 @@ async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
         ws.send(text)
 
     config = websocket.init().on_bytes(on_bytes).on_text(on_text).per_message_deflate(True)
-    srv = await serve(config, max_incoming_bytes=budget)
+    srv = await serve(config.message_timeout(message_timeout), max_incoming_bytes=budget)
     compressed = deflate(payload)
     assert len(compressed) < 4096
     raws: list[RawWebSocket] = []
@@ -480,6 +485,10 @@ async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
         raws.append(chat)
         await chat.send_frame(OP_TEXT, deflate(b"still here"), rsv=4)
         assert (await chat.recv_data_frame()).payload == b"still here"
+        if message_timeout:
+            # The time is what is tested: twice the deadline the waiting messages would have.
+            await asyncio.sleep(2 * message_timeout)
+            assert srv.stats()["closes_by_code"] == {}
         release.set()
         for raw in raws[:clients]:
             assert (await raw.recv_data_frame()).payload == b"got it"
