@@ -128,6 +128,13 @@ def status_kib(field: str, pid: int | str = "self") -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+async def kill_if_running(proc: asyncio.subprocess.Process) -> None:
+    """Kill ``proc`` if it is still running: the end of a test that failed before it exited."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 def reset_peak_rss(pid: int | str = "self") -> bool:
     """Reset VmHWM to the current RSS (Linux 4.0+: ``5`` in clear_refs); whether it could."""
     try:

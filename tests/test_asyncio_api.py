@@ -19,7 +19,7 @@ from websockets.frames import CloseCode as WebsocketsCloseCode
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, free_port, upgrade_ws_path, ws_url
+from conftest import Recorder, ServeFn, free_port, kill_if_running, upgrade_ws_path, ws_url
 from test_run import connect_when_listening
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
@@ -120,9 +120,7 @@ async def run_script(*args: str) -> tuple[str, str, int]:
             assert await closed_code(client) == 1001
         out, err = await asyncio.wait_for(proc.communicate(), 10)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await kill_if_running(proc)
     assert proc.returncode == 0, err.decode()
     assert out.decode().strip() == "stopped cleanly"
     return loop_name, err.decode(), proc.returncode
@@ -157,9 +155,7 @@ async def test_demo_module_runs_on_uvloop_with_the_flag() -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 30)  # a bound: a loaded CI machine is slow to exit
         assert proc.returncode == 0, err.decode()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await kill_if_running(proc)
     assert proc.returncode == 0
 
 

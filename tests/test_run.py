@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import free_port, ignore_sigint
+from conftest import free_port, ignore_sigint, kill_if_running
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
 SLOW_CLOSE_SCRIPT = Path(__file__).parent / "scripts" / "run_slow_close.py"
@@ -46,9 +46,7 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly() ->
                 raise AssertionError("the connection stayed open after Ctrl+C")
         out, err = await asyncio.wait_for(proc.communicate(), 10)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await kill_if_running(proc)
     assert proc.returncode == 0, err.decode()
     assert out.decode().strip() == "stopped cleanly"
 
@@ -69,9 +67,7 @@ async def test_run_logs_where_it_listens_once_it_does() -> None:
         proc.send_signal(signal.SIGINT)
         out, err = await asyncio.wait_for(proc.communicate(), 10)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await kill_if_running(proc)
     assert proc.returncode == 0, err.decode()
     assert out.decode() == "stopped cleanly\n"
     assert err.decode() == "", "the line is logged once, and nothing else at INFO for a clean run"
@@ -136,9 +132,7 @@ async def test_demo_module_prints_its_address_and_echoes() -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 30)  # a bound: a loaded CI machine is slow to exit
         assert proc.returncode == 0, err.decode()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await kill_if_running(proc)
     assert proc.returncode == 0
 
 
