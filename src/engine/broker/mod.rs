@@ -43,7 +43,6 @@
 //!   alone: what it publishes and receives meanwhile would otherwise be lost without a count
 //!   or a log line.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,7 +61,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::bridge::events::LogKind;
 use crate::engine::config::RedisConfig;
-use crate::engine::pubsub::remote::{self, Outgoing, RemoteInbox};
+use crate::engine::pubsub::remote::{self, ByteBound, Outgoing, RemoteInbox};
 use crate::engine::stats::Counter;
 use crate::engine::ws::encode::OutFrame;
 use crate::engine::ws::shared::Shared;
@@ -550,7 +549,7 @@ impl Link {
 
     /// Handle one push from Redis, taken off `backlog`; false when it says the connection is
     /// gone. A topic whose subscription may have ended without this link asking goes to `ended`.
-    fn on_push(&mut self, push: PushInfo, backlog: &Backlog, ended: &mut Vec<Arc<str>>) -> bool {
+    fn on_push(&mut self, push: PushInfo, backlog: &ByteBound, ended: &mut Vec<Arc<str>>) -> bool {
         match push.kind {
             PushKind::Disconnection => return false,
             PushKind::Message | PushKind::SMessage => backlog.release(message_size(&push)),
@@ -612,27 +611,11 @@ impl Link {
     }
 }
 
-/// The messages a connection to Redis pushed and the link has not fanned out yet: their bytes,
-/// and whether one was dropped since it was last empty.
-#[derive(Default)]
-struct Backlog {
-    bytes: AtomicUsize,
-    overflowing: AtomicBool,
-}
-
-impl Backlog {
-    /// Once nothing is held, a loss is news again.
-    fn release(&self, size: usize) {
-        if size > 0 && self.bytes.fetch_sub(size, Ordering::AcqRel) == size {
-            self.overflowing.store(false, Ordering::Release);
-        }
-    }
-}
-
-/// A connection's pushes, as the link receives them.
+/// A connection's pushes, as the link receives them, and the bytes of the messages among them
+/// that the link has not fanned out yet.
 struct Pushes {
     receiver: mpsc::UnboundedReceiver<PushInfo>,
-    backlog: Arc<Backlog>,
+    backlog: Arc<ByteBound>,
 }
 
 /// The push sender for one connection to Redis, and where its pushes arrive. The channel is
@@ -641,26 +624,24 @@ struct Pushes {
 /// the connection.
 fn push_queue(shared: &Arc<Shared>) -> (impl AsyncPushSender, Pushes) {
     let (sender, receiver) = mpsc::unbounded_channel();
-    let backlog = Arc::new(Backlog::default());
+    let backlog = Arc::new(ByteBound::default());
     let (shared, held) = (shared.clone(), backlog.clone());
     let push = move |push: PushInfo| {
-        if matches!(push.kind, PushKind::Message | PushKind::SMessage) {
-            let size = message_size(&push);
-            // Added before the check, so that the cluster's connections, one per master, cannot
-            // all pass it at once.
-            if held.bytes.fetch_add(size, Ordering::AcqRel) + size > INCOMING_BYTES {
-                held.release(size);
-                if !own_message(&shared, &push) {
-                    shared.stats.add(Counter::RedisReceivedLost, 1);
-                    if !held.overflowing.swap(true, Ordering::AcqRel) {
-                        let why = "64 MiB of them already wait to be fanned out here";
-                        shared.log(LogKind::RedisInboundBacklog, "", 0, why);
-                    }
-                }
-                return Ok(());
+        let message = matches!(push.kind, PushKind::Message | PushKind::SMessage);
+        // A cluster's connections, one per master, charge it from their own tasks.
+        if !message || held.charge(message_size(&push), INCOMING_BYTES) {
+            return sender.send(push);
+        }
+        // Dropped; this process's own publishes coming back are not lost (its subscribers here
+        // had them).
+        if !own_message(&shared, &push) {
+            shared.stats.add(Counter::RedisReceivedLost, 1);
+            if held.lost() {
+                let why = "64 MiB of them already wait to be fanned out here";
+                shared.log(LogKind::RedisInboundBacklog, "", 0, why);
             }
         }
-        sender.send(push)
+        Ok(())
     };
     (push, Pushes { receiver, backlog })
 }
@@ -723,8 +704,8 @@ mod tests {
         };
         sender.send(reply).unwrap();
         assert_eq!(shared.stats.get(Counter::RedisReceivedLost), 37);
-        assert_eq!(pushes.backlog.bytes.load(Ordering::Acquire), fit * size);
-        assert!(pushes.backlog.overflowing.load(Ordering::Acquire));
+        assert_eq!(pushes.backlog.held(), fit * size);
+        assert!(pushes.backlog.overflowing());
         let mut held = 0;
         while let Ok(push) = pushes.receiver.try_recv() {
             if push.kind == PushKind::Message {
@@ -734,9 +715,9 @@ mod tests {
         }
         assert_eq!(held, fit);
         // Emptied: the next loss is news again, and room is back.
-        assert!(!pushes.backlog.overflowing.load(Ordering::Acquire));
+        assert!(!pushes.backlog.overflowing());
         sender.send(message(1, 101, 1 << 20)).unwrap();
-        assert_eq!(pushes.backlog.bytes.load(Ordering::Acquire), size);
+        assert_eq!(pushes.backlog.held(), size);
     }
 
     fn range(first: i64, last: i64, nodes: &[(&str, i64)]) -> Value {

@@ -91,9 +91,52 @@ pub(crate) struct Remote {
     /// behind an outage.
     connected: AtomicBool,
     /// The sizes of the publishes handed over and not yet released by the broker.
-    queued_bytes: AtomicUsize,
-    /// A publish was lost to a full queue since it was last empty.
+    queued: ByteBound,
+}
+
+/// The bytes a queue holds against its bound, and whether something was lost to it since it
+/// was last empty: the first loss of a stall is news (logged), the next only once the queue
+/// has emptied. The queue to Redis and the one from it (`broker/`) are each bounded by one.
+#[derive(Default)]
+pub(crate) struct ByteBound {
+    bytes: AtomicUsize,
     overflowing: AtomicBool,
+}
+
+impl ByteBound {
+    /// Charge `size` if the bytes held stay within `limit`. Added before the check, so that
+    /// several threads cannot all pass it: at worst one is refused that would have fitted once
+    /// another was refused.
+    pub(crate) fn charge(&self, size: usize, limit: usize) -> bool {
+        if self.bytes.fetch_add(size, Ordering::AcqRel) + size <= limit {
+            return true;
+        }
+        self.release(size);
+        false
+    }
+
+    /// Something was lost to the queue (it did not fit, or was refused once charged): whether
+    /// this loss starts a stall.
+    pub(crate) fn lost(&self) -> bool {
+        !self.overflowing.swap(true, Ordering::AcqRel)
+    }
+
+    /// `size` bytes left the queue. Once nothing is held, a loss is news again.
+    pub(crate) fn release(&self, size: usize) {
+        if size > 0 && self.bytes.fetch_sub(size, Ordering::AcqRel) == size {
+            self.overflowing.store(false, Ordering::Release);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn overflowing(&self) -> bool {
+        self.overflowing.load(Ordering::Acquire)
+    }
 }
 
 impl Remote {
@@ -105,8 +148,7 @@ impl Remote {
             changes: Mutex::default(),
             changed: Notify::new(),
             connected: AtomicBool::new(false),
-            queued_bytes: AtomicUsize::new(0),
-            overflowing: AtomicBool::new(false),
+            queued: ByteBound::default(),
         };
         let inbox = RemoteInbox {
             outgoing: outgoing_rx,
@@ -124,38 +166,32 @@ impl Remote {
         if size > MAX_MESSAGE {
             return Err(Lost::TooBig);
         }
-        // Added before the check, so that publishes on several threads cannot all pass it: at
-        // worst one is refused that would have fitted once another was refused.
-        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
-        let queued = before + size <= OUTGOING_BYTES
-            && self
-                .outgoing
-                .try_send(Outgoing {
-                    topic: topic.into(),
-                    opcode,
-                    payload,
-                })
-                .is_ok();
-        if queued {
-            return Ok(());
+        if self.queued.charge(size, OUTGOING_BYTES) {
+            let out = Outgoing {
+                topic: topic.into(),
+                opcode,
+                payload,
+            };
+            if self.outgoing.try_send(out).is_ok() {
+                return Ok(());
+            }
+            self.queued.release(size);
         }
-        self.release(size);
-        let first = !self.overflowing.swap(true, Ordering::AcqRel);
-        Err(Lost::Full { first })
+        Err(Lost::Full {
+            first: self.queued.lost(),
+        })
     }
 
     /// The broker is done with publishes of `size` bytes in all (written, failed or dropped).
     /// Once nothing is held, a loss is news again.
     pub(crate) fn release(&self, size: usize) {
-        if size > 0 && self.queued_bytes.fetch_sub(size, Ordering::AcqRel) == size {
-            self.overflowing.store(false, Ordering::Release);
-        }
+        self.queued.release(size);
     }
 
     /// Bytes handed over and not released.
     #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Acquire)
+        self.queued.held()
     }
 
     /// `topic` gained its first local subscriber or lost its last (the registry says so
