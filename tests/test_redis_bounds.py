@@ -224,55 +224,84 @@ def publish_paced(port: int, messages: list[bytes], per_second: float) -> None:
         sock.close()
 
 
+def publish_at_once(port: int, messages: list[bytes]) -> None:
+    """PUBLISH ``messages`` to ``brioche:flood`` in one transaction: Redis holds them until
+    EXEC and then hands all of them to its subscribers at once, so they arrive as fast as a
+    subscriber reads, however slowly this process could send them."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        sock.sendall(resp(b"MULTI"))
+        for message in messages:
+            sock.sendall(resp(b"PUBLISH", b"brioche:flood", message))
+        sock.sendall(resp(b"EXEC"))
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1 << 16):
+            pass
+    finally:
+        sock.close()
+
+
 async def test_messages_from_redis_wait_for_the_fan_out_up_to_64_mib(
     redis: Redis, serve: ServeFn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Another process publishes 300 messages of 1 MiB in a second, which the publisher asked
-    to be compressed, to a topic one local client takes with permessage-deflate: compressing
-    one (about 7 ms here) takes longer than Redis takes to deliver the next. The messages used
-    to wait for the fan-out in an unbounded channel (the server grew by the backlog, 200 MiB
-    here); now 64 MiB of them may wait, the rest are counted lost and logged, and the link
-    carries on. Redis is told not to cut a slow subscriber, so that every message reaches the
-    server and the counts add up exactly."""
+    """Another process publishes 200 messages of 1 MiB in one transaction, which the publisher
+    asked to be compressed, to a topic seven local clients take with permessage-deflate:
+    Redis hands the messages over faster than the server compresses them (about 7 ms a message
+    and a window size here). The messages used to wait for the fan-out in an unbounded channel
+    (the server grew by the backlog); now 64 MiB of them may wait, the rest are counted lost and
+    logged, and the link carries on. Redis is told not to cut a slow subscriber, so that every
+    message reaches the server and the counts add up exactly."""
     caplog.set_level(logging.INFO, logger="brioche.redis")
     redis.cli("CONFIG", "SET", "client-output-buffer-limit", "pubsub 0 0 0")
     config = (websocket.init().on_open(lambda ws: ws.subscribe(ws.data)).per_message_deflate(True)
               .backpressure_limit(MIB))
     srv = await serve(config, pubsub_redis=redis.url)
     await until(lambda: srv.stats()["redis_connected"] == 1, "the link to Redis")
-    # Offers no context takeover: each message is compressed once for every such subscriber.
-    deflate = [("Sec-WebSocket-Extensions", "permessage-deflate; server_no_context_takeover")]
-    reader = await RawWebSocket.connect(srv.port, "/ws?flood", rcvbuf=4096, headers=deflate)
-    reader.pause_reading()
-    count, payload = 300, os.urandom(MIB)  # random: deflate works hardest, and gains nothing
+    # Subscribers without context takeover share one compression of a message per window
+    # size: seven sizes, seven compressions of each message, whether the subscriber takes it or
+    # not (a stalled one drops it once compressed). None of them reads.
+    readers = []
+    for bits in range(9, 16):
+        offer = f"permessage-deflate; server_no_context_takeover; server_max_window_bits={bits}"
+        readers.append(await RawWebSocket.connect(srv.port, "/ws?flood", rcvbuf=4096,
+                                                  headers=[("Sec-WebSocket-Extensions", offer)]))
+        readers[-1].pause_reading()
+    count, payload = 200, os.urandom(MIB)  # random: deflate works hardest, and gains nothing
     messages = [foreign(seq, payload, opcode=0x42) for seq in range(1, count + 1)]
     try:
-        await until(lambda: srv.subscriber_count("flood") == 1, "the subscriber")
+        await until(lambda: srv.subscriber_count("flood") == len(readers), "the subscribers")
         await until(_channels_are(redis, {"flood"}), "the link to subscribe")
         before = baseline_rss_mib()
         assert reset_peak_rss(), "cannot reset VmHWM on this kernel"
-        await asyncio.to_thread(publish_paced, redis.port, messages, 300)
-        grown = status_kib("VmHWM") / 1024 - before
+        await asyncio.to_thread(publish_at_once, redis.port, messages)
 
         def settled() -> bool:
             stats = srv.stats()
             return stats["redis_received"] + stats["redis_received_lost"] == count
 
         await until(settled, "every message fanned out or lost", 30)
+        grown = status_kib("VmHWM") / 1024 - before
         stats = srv.stats()
         assert stats["redis_received_lost"] > 0, "the fan-out kept up: nothing to show"
         assert stats["redis_connected"] == 1
-        # 64 MiB waiting, the subscriber's 1 MiB queue, and what reading and compressing hold.
-        assert grown < 110, f"RSS grew by {grown:.0f} MiB"
+        # 64 MiB waiting and about 30 more here: the subscribers' 1 MiB queues, the compressed
+        # copies, what reading holds. Without the bound the server grew by 227 MiB.
+        assert grown < 120, f"RSS grew by {grown:.0f} MiB"
         await until(lambda: len(log_lines(caplog, "brioche.redis")) >= 1, "the loss to be logged")
         lines = log_lines(caplog, "brioche.redis")
         assert lines[0] == (logging.WARNING, "dropping messages from Redis (64 MiB of them already wait "
                             "to be fanned out here): this process's subscribers miss them; more drops are "
                             "not logged until that queue empties"), lines
     finally:
-        reader.close()
-    # The link carries on.
+        for reader in readers:
+            reader.close()
+    # The link carries on. The readers' leaving unsubscribes the link from Redis and the next
+    # client's arrival subscribes it again; a message published in between reaches no one, so
+    # the test waits for each.
+    await until(lambda: srv.subscriber_count("flood") == 0, "the readers to leave")
+    await until(_channels_are(redis, set()), "the link to unsubscribe")
     async with connect(ws_url(srv, "/ws?flood"), open_timeout=5) as client:
         await until(lambda: srv.subscriber_count("flood") == 1, "the new subscriber")
+        await until(_channels_are(redis, {"flood"}), "the link to subscribe again")
         await asyncio.to_thread(publish_paced, redis.port, [foreign(count + 1, b"after")], 100)
         assert await asyncio.wait_for(client.recv(), 10) == b"after"
