@@ -49,8 +49,8 @@ struct Outlet {
 #[derive(Default)]
 struct Pending {
     bytes: BytesMut,
-    /// Publishes were dropped since the writer last took the backlog: the drops of one stall
-    /// are logged once, as a connection's backpressure drops are.
+    /// Publishes were dropped since the sibling last read what the writer took: the drops of
+    /// one stall are logged once, as a connection's backpressure drops are.
     dropping: bool,
 }
 
@@ -182,16 +182,18 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
             _ = reader.read(&mut probe) => break,
             _ = outlet.ready.notified() => {}
         }
-        {
-            let mut pending = outlet.pending.lock();
-            std::mem::swap(&mut chunk, &mut pending.bytes);
-            // It read all it was sent: the next drop starts a new stall.
-            pending.dropping = false;
+        std::mem::swap(&mut chunk, &mut outlet.pending.lock().bytes);
+        if chunk.is_empty() {
+            continue;
         }
-        if !chunk.is_empty() && writer.write_all(&chunk).await.is_err() {
+        if writer.write_all(&chunk).await.is_err() {
             break;
         }
         chunk.clear();
+        // It read what it was sent, but for what its socket holds: the next drop starts a new
+        // stall. Not when the backlog is taken: a writer that takes it after the drops began
+        // (it was not scheduled sooner) has not got it to a sibling that may still be stopped.
+        outlet.pending.lock().dropping = false;
     }
     relay_of(&shared)
         .outlets
@@ -357,7 +359,7 @@ mod tests {
         assert_eq!(relay.dropped(), 3);
         assert!(outlet.pending.lock().bytes.len() <= OUTLET_LIMIT);
         assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
-        // Its writer took the backlog: the next stall is news again.
+        // Its sibling read what the writer took: the next stall is news again.
         let taken = outlet.pending.lock().bytes.split();
         outlet.pending.lock().dropping = false;
         drop(taken);
@@ -365,6 +367,58 @@ mod tests {
         relay.forward(&shared, "t", &big, false);
         assert_eq!(relay.dropped(), 4);
         assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
+    }
+
+    /// Yield to the writer task until `done`, a bounded number of times.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..100_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{what} did not happen");
+    }
+
+    #[test]
+    fn a_backlog_taken_while_its_sibling_is_stopped_is_the_same_stall() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (relay, outlet) = relay_with_one_sibling();
+            let shared = Arc::new(shared());
+            let (ours, mut sibling) = UnixStream::pair().unwrap();
+            let half = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
+            let size = HEADER + 1 + OUTLET_LIMIT / 2;
+            // The drops begin before the writer has run (it was not scheduled yet).
+            relay.forward(&shared, "t", &half, false);
+            relay.forward(&shared, "t", &half, false);
+            assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
+            let writer = tokio::spawn(feed(ours, outlet.clone(), shared.clone()));
+            // It takes the backlog, and blocks on the stopped sibling's full socket.
+            until("the writer taking the backlog", || {
+                outlet.pending.lock().bytes.is_empty()
+            })
+            .await;
+            relay.forward(&shared, "t", &half, false);
+            relay.forward(&shared, "t", &half, false);
+            assert_eq!(relay.dropped(), 2);
+            assert_eq!(logged(&shared), [], "the same stall: one line");
+            // The sibling reads the first backlog: the next drop is news.
+            let mut first = vec![0u8; size];
+            sibling.read_exact(&mut first).await.unwrap();
+            until("the writer to see it written", || {
+                !outlet.pending.lock().dropping
+            })
+            .await;
+            // Two fill what waits for it whether or not the writer took the next one yet.
+            relay.forward(&shared, "t", &half, false);
+            relay.forward(&shared, "t", &half, false);
+            assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
+            writer.abort();
+        });
     }
 
     #[test]
