@@ -375,7 +375,8 @@ async def test_tls_script_serves_wss_reloads_on_sighup_and_stops_on_sigterm(tmp_
         await wait_listening(port, proc)
         assert proc.stderr is not None
         line = await asyncio.wait_for(proc.stderr.readline(), 10)
-        assert line == f"INFO:brioche:listening on https://127.0.0.1:{port}/\n".encode(), line
+        assert line == (f"INFO:brioche:listening on https://127.0.0.1:{port}/ and every other address "
+                        "of this host (0.0.0.0)\n").encode(), line
         async with httpx.AsyncClient(verify=trusting(first_ca)) as http:
             reply = await http.get(f"https://127.0.0.1:{port}/healthz")
         assert (reply.status_code, reply.text) == (200, "ok\n")

@@ -59,6 +59,7 @@ async def test_run_logs_where_it_listens_once_it_does() -> None:
     try:
         assert proc.stderr is not None
         line = await asyncio.wait_for(proc.stderr.readline(), 15)
+        # On 127.0.0.1 (the script's): the URL alone; tls.py in test_docs.py is on 0.0.0.0.
         assert line.decode() == f"INFO brioche: listening on http://127.0.0.1:{port}/\n"
         # Said once it listens: a client may connect as soon as it reads the line.
         async with connect(f"ws://127.0.0.1:{port}/ws") as client:

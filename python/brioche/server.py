@@ -542,8 +542,9 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
             pass
     srv = await config.serve()
     # As the workers' supervisor says where they listen: the one line that tells an operator the
-    # server is up, and where.
-    logging.getLogger("brioche").info("listening on %s", srv.url)
+    # server is up, and where. `url` names the loopback for a wildcard address, which alone
+    # would read as a server only this machine can reach.
+    logging.getLogger("brioche").info("listening on %s%s", srv.url, _wildcard_note(srv.hostname))
     if config.tls_files is not None:
         try:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
@@ -553,6 +554,13 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
         await stop_requested.wait()
     finally:
         await srv._stop_gracefully()
+
+
+def _wildcard_note(hostname: str) -> str:
+    """What the "listening on" line adds for a server bound to every address of the host."""
+    if hostname in ("0.0.0.0", "::"):
+        return f" and every other address of this host ({hostname})"
+    return ""
 
 
 def _reload_tls_logged(srv: Server[Any]) -> None:
