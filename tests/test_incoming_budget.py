@@ -109,8 +109,8 @@ async def test_pings_inside_a_fragmented_message_do_not_extend_its_deadline(
 
 
 async def test_the_deadline_is_per_message(serve: ServeFn, recorder: Recorder) -> None:
-    """Eight messages each take 0.3 s of a 0.5 s deadline, 2.4 s in all: all are echoed."""
-    srv = await serve(recording_echo(recorder).message_timeout(0.5))
+    """Eight messages each take 0.3 s of a 1 s deadline, 2.4 s in all: all are echoed."""
+    srv = await serve(recording_echo(recorder).message_timeout(1))
     async with await RawWebSocket.connect(srv.port) as client:
         for i in range(8):
             frame = encode_frame(OP_TEXT, f"message {i}".encode())

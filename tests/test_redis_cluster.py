@@ -642,6 +642,8 @@ async def test_plain_pubsub_on_a_cluster_crosses_nodes(
         return cluster.nodes[2].cli("PUBSUB", "NUMSUB", NAMESPACE + "plain")[1] == "1"
 
     await until(lambda: asyncio.to_thread(subscribed), "the subscription on the third node")
+    # Before its link is up a publish here is lost at once.
+    await until(lambda: srv.stats()["redis_connected"] == 1, "this process's link to Redis")
     for i in range(100):
         srv.publish("plain", f"p{i}")
     await until(lambda: len(subscriber.messages) == 100, "100 messages across nodes")

@@ -224,10 +224,10 @@ async def peer() -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
         await one.process.wait()
 
 
-async def ask(control: ClientConnection, command: str) -> str:
+async def ask(control: ClientConnection, command: str, timeout: float = 5) -> str:
     """A command to a socket subscribed to nothing: its answer is the next message."""
     await control.send(command)
-    answer = await asyncio.wait_for(control.recv(), 5)
+    answer = await asyncio.wait_for(control.recv(), timeout)
     assert isinstance(answer, str)
     return answer
 
@@ -538,6 +538,8 @@ async def test_a_publish_too_large_for_redis_is_lost_here_not_for_every_subscrib
     remote = await clients(other.url("/ws?big"))
     control = await connect(other.url(), open_timeout=5)
     await until(_equals(redis, "brioche:big", 1), "the other process to subscribe")
+    # Before its link is up a publish here is lost at once, whatever its size.
+    await until(lambda: srv.stats()["redis_connected"] == 1, "this process's link to Redis")
     # No subscriber here: the status is this process's (nobody), the publish goes to Redis.
     assert srv.publish("big", "x" * (40 * 1024 * 1024)) == MessageDropped()
     srv.publish("big", "after")
