@@ -10,7 +10,8 @@ __all__ = ["CloseCode", "ReadyState"]
 class CloseCode(enum.IntEnum):
     """The close codes of RFC 6455 (section 7.4.1), named as in ``websockets.frames.CloseCode``.
 
-    Application codes (3000-4999) have no member: ``on_close`` gets them as plain ints.
+    ``on_close`` gets every code as a plain ``int``, which compares equal to its member here;
+    application codes (3000-4999) have none.
 
     ```pycon
     >>> brioche.CloseCode.MESSAGE_TOO_BIG == 1009

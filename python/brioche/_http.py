@@ -176,6 +176,7 @@ class Response:
         return dataclasses.replace(self, headers=(*self.headers, (name, value)))
 
     def body_bytes(self) -> bytes:
+        """The body as it goes on the wire: a ``str`` body encoded as UTF-8."""
         return self.body.encode("utf-8") if isinstance(self.body, str) else self.body
 
 

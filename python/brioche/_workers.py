@@ -51,8 +51,9 @@ __all__ = ["WorkerSlot", "run_workers"]
 logger = logging.getLogger("brioche")
 
 # A worker that dies within FAST_CRASH_SECONDS of its start crashed "fast". Restarts after fast
-# crashes back off (0, then 0.25 s doubling up to 4 s); after GIVE_UP_AFTER fast crashes in a row
-# of one worker, everything stops: a worker that cannot start will not start by retrying.
+# crashes back off (0, then 0.25 s doubling: 0.25, 0.5 and 1 s before the fifth); at
+# GIVE_UP_AFTER fast crashes in a row of one worker, everything stops: a worker that cannot
+# start will not start by retrying.
 FAST_CRASH_SECONDS = 5.0
 GIVE_UP_AFTER = 5
 # SIGTERM, then this long for the workers to stop, then SIGKILL. Each worker cancels its handlers
