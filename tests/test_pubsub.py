@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -617,6 +618,38 @@ async def test_a_send_from_another_thread_comes_after_the_publishes_before_it(
         await go.send("go")
         assert [await recv(sub) for _ in range(3)] == ["a", "b", "c"]
     assert recorder.of("statuses") == [([MessageSent(1)] * 3,)]
+
+
+async def test_large_messages_sent_from_a_thread_are_released_with_no_event_after(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A large ``str`` is sent from the object itself, not a copy, and each frame holds a
+    reference until it is written; the references are given back on the loop thread (they need
+    the GIL). Sent from another thread, one at a time to a client that reads each (so the
+    connection never counts as congested, whose end would be an event), the frames are written
+    by the engine's own threads, and their references waited for the server's next event: on a
+    server with none to come, forever. Now the loop is woken to give them back."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets["ws"] = ws
+        recorder.add("open")
+
+    srv = await serve(websocket.init().on_open(on_open))
+    big = "x" * 200_000  # over the engine's inline size, under its 256 KiB high-water mark
+    async with connect(ws_url(srv), ping_interval=None, max_size=None) as client:
+        await recorder.wait_for(lambda: bool(recorder.of("open")))
+        before = sys.getrefcount(big)
+        for _ in range(20):
+            assert await asyncio.to_thread(sockets["ws"].send, big) == MessageSent(len(big))
+            assert await asyncio.wait_for(client.recv(), 10) == big
+        # Written and read: only their release is left, which nothing the client does starts.
+        for _ in range(500):  # bounded: 5 s
+            if sys.getrefcount(big) == before:
+                break
+            await asyncio.sleep(0.01)
+        assert sys.getrefcount(big) == before, f"{sys.getrefcount(big) - before} references still held"
+        assert srv.stats()["messages_in"] == 0
 
 
 async def test_send_and_publish_from_a_thread_outside_any_handler(serve: ServeFn, recorder: Recorder) -> None:

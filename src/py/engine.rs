@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use rustc_hash::FxHashMap;
 
 use super::request::PendingRequest;
-use super::shared::release_sent;
+use super::shared::{release_sent, set_release_follows};
 use super::status;
 use super::text::py_text;
 use super::websocket::{check_topic, str_or_bytes_error, with_bytes, PyWebSocket};
@@ -528,6 +528,7 @@ impl PyEngine {
         let py = slf.py();
         let this = slf.get();
         release_sent(py);
+        set_release_follows(true);
         begin_send_batch();
         let events = &this.server.shared().events;
         let mut batch = std::mem::take(&mut *this.batch.lock());
@@ -626,6 +627,7 @@ impl PyEngine {
         let written = py.detach(end_send_batch);
         // The objects large frames were sent from, now written.
         release_sent(py);
+        set_release_follows(false);
         (written.connections, written.deliveries)
     }
 

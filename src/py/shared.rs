@@ -11,18 +11,40 @@
 //! dropped its queue. A Python reference must not be released without the GIL (the build sets
 //! `pyo3_disable_reference_pool`, so PyO3 would abort), so dropping only queues the object here,
 //! and the loop thread releases the queue with the GIL at the end of every batch and at every
-//! `drain()` (`release_sent`). An object therefore lives until the batch after its frame was
-//! written, at the latest: bounded by what was sent, as the copy was.
+//! `drain()` (`release_sent`). A drop that finds the queue empty, other than the loop thread's
+//! within a batch (whose end releases it), wakes the loop of the payload's server, which drains
+//! and so releases it: frames sent from another thread, or from a task resumed between batches,
+//! are written by connection tasks, and on a server that gets no events their objects waited for
+//! the next one (100 sends of 200 KB from a thread to a client that only read kept all 100).
+//! An object therefore lives until the batch after its frame was written, at the latest: bounded
+//! by what was sent, as the copy was.
+
+use std::cell::Cell;
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::engine::bridge::events::wake_soon;
+use crate::engine::bridge::wake::Wakeup;
+
 /// Objects whose frames are written (or dropped), to be released with the GIL.
 static RELEASED: Mutex<Vec<ObjectPtr>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// True on the loop thread from `drain()` until its batch's `end_batch()`, which releases
+    /// what this thread queues meanwhile: no wake-up is needed for it.
+    static RELEASE_FOLLOWS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The loop thread begins a batch (`drain`) or ends it, having released the queue (`end_batch`).
+pub(crate) fn set_release_follows(follows: bool) {
+    RELEASE_FOLLOWS.with(|f| f.set(follows));
+}
 
 struct ObjectPtr(NonNull<ffi::PyObject>);
 
@@ -35,6 +57,8 @@ struct PyPayload {
     object: ObjectPtr,
     data: *const u8,
     len: usize,
+    /// The sending server's loop, woken to release `object` if nothing else would soon.
+    wakeup: Arc<Wakeup>,
 }
 
 // SAFETY: the bytes are immutable while the reference is held (a `bytes` buffer, or a `str`'s
@@ -52,19 +76,31 @@ impl AsRef<[u8]> for PyPayload {
 
 impl Drop for PyPayload {
     fn drop(&mut self) {
-        RELEASED.lock().push(ObjectPtr(self.object.0));
+        let was_empty = {
+            let mut released = RELEASED.lock();
+            released.push(ObjectPtr(self.object.0));
+            released.len() == 1
+        };
+        if was_empty && !RELEASE_FOLLOWS.with(Cell::get) {
+            wake_soon(&self.wakeup);
+        }
     }
 }
 
 /// The bytes `data` of `object`, shared: `data` must be the buffer of an immutable object
 /// (`bytes`, or the UTF-8 form of a `str`) that stays put while `object` is referenced.
-pub(crate) fn shared_payload(object: &Bound<'_, PyAny>, data: &[u8]) -> Bytes {
+pub(crate) fn shared_payload(
+    object: &Bound<'_, PyAny>,
+    data: &[u8],
+    wakeup: &Arc<Wakeup>,
+) -> Bytes {
     let pointer = object.clone().into_ptr();
     let payload = PyPayload {
         // SAFETY: `into_ptr` of a live object is never null.
         object: ObjectPtr(unsafe { NonNull::new_unchecked(pointer) }),
         data: data.as_ptr(),
         len: data.len(),
+        wakeup: wakeup.clone(),
     };
     Bytes::from_owner(payload)
 }

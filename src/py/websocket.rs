@@ -102,7 +102,10 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
     if utf8.len() <= INLINE_PAYLOAD {
         return Ok(conn.send_text(utf8));
     }
-    Ok(conn.send_owned(OP_TEXT, shared_payload(text.as_any(), utf8.as_bytes())))
+    Ok(conn.send_owned(
+        OP_TEXT,
+        shared_payload(text.as_any(), utf8.as_bytes(), conn.shared.events.wakeup()),
+    ))
 }
 
 /// The error of `function` (`send`, `publish`, `ping`, `pong`) for a message that is neither
@@ -142,7 +145,10 @@ fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyR
     if let Ok(bytes) = data.cast::<PyBytes>() {
         let payload = bytes.as_bytes();
         if payload.len() > INLINE_PAYLOAD {
-            return Ok(conn.send_owned(OP_BINARY, shared_payload(data, payload)));
+            return Ok(conn.send_owned(
+                OP_BINARY,
+                shared_payload(data, payload, conn.shared.events.wakeup()),
+            ));
         }
     }
     with_bytes(data, |b| conn.send_binary(b))

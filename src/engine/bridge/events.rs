@@ -176,6 +176,22 @@ pub(crate) fn flush_deferred_wakes() {
     });
 }
 
+/// Wake `wakeup`'s loop although no event was queued (it has something else to do, such as
+/// releasing the objects of frames written on this thread); deferred on a tokio worker as an
+/// event's wake-up is.
+pub(crate) fn wake_soon(wakeup: &Arc<Wakeup>) {
+    DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+        None => wakeup.wake(),
+        Some(deferred) => {
+            deferred.wakeups.push(wakeup.clone());
+            deferred.events += 1;
+            if deferred.events >= MAX_DEFERRED_EVENTS {
+                deferred.flush();
+            }
+        }
+    });
+}
+
 pub struct EventQueue<C> {
     events: Mutex<Vec<Event<C>>>,
     wakeup: Arc<Wakeup>,
@@ -252,6 +268,11 @@ impl<C> EventQueue<C> {
 
     pub fn fd(&self) -> std::os::fd::RawFd {
         self.wakeup.fd()
+    }
+
+    /// The loop's wake-up, for [`wake_soon`].
+    pub(crate) fn wakeup(&self) -> &Arc<Wakeup> {
+        &self.wakeup
     }
 }
 
