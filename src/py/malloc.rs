@@ -54,7 +54,10 @@ pub(crate) fn tune_for_large_messages() {
             return;
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only changes the allocator's parameters; it is thread-safe.
+        // SAFETY: mallopt only changes the allocator's parameters, under the main arena's lock.
+        // glibc calls it MT-Unsafe all the same: a `free` of a mapped chunk on a thread running
+        // without the GIL at this moment may overwrite the thresholds (its own dynamic
+        // adjustment, unlocked), which loses the tuning, not memory; called once, with the GIL.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
