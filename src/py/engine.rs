@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use rustc_hash::FxHashMap;
 
 use super::request::PendingRequest;
-use super::shared::{release_sent, set_release_follows};
+use super::shared::release_sent;
 use super::status;
 use super::text::py_text;
 use super::websocket::{check_topic, str_or_bytes_error, with_bytes, PyWebSocket};
@@ -532,10 +532,10 @@ impl PyEngine {
     fn drain<'py>(slf: &Bound<'py, Self>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
         let py = slf.py();
         let this = slf.get();
-        release_sent(py);
-        set_release_follows(true);
-        begin_send_batch();
         let events = &this.server.shared().events;
+        events.set_in_batch(true);
+        release_sent(py);
+        begin_send_batch();
         let mut batch = std::mem::take(&mut *this.batch.lock());
         if batch.is_empty() {
             // The usual case: swap the queue's buffer out whole (`VecDeque::from` a `Vec` and
@@ -630,9 +630,10 @@ impl PyEngine {
     fn end_batch(&self, py: Python<'_>) -> (usize, usize) {
         // Socket writes only: other Python threads may run meanwhile.
         let written = py.detach(end_send_batch);
-        // The objects large frames were sent from, now written.
+        // The objects large frames were sent from, now written; one queued after this finds
+        // the loop out of its batch, and wakes it.
+        self.server.shared().events.set_in_batch(false);
         release_sent(py);
-        set_release_follows(false);
         (written.connections, written.deliveries)
     }
 

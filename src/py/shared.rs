@@ -11,15 +11,12 @@
 //! dropped its queue. A Python reference must not be released without the GIL (the build sets
 //! `pyo3_disable_reference_pool`, so PyO3 would abort), so dropping only queues the object here,
 //! and the loop thread releases the queue with the GIL at the end of every batch and at every
-//! `drain()` (`release_sent`). A drop that finds the queue empty, other than the loop thread's
-//! within a batch (whose end releases it), wakes the loop of the payload's server, which drains
-//! and so releases it: frames sent from another thread, or from a task resumed between batches,
-//! are written by connection tasks, and on a server that gets no events their objects waited for
-//! the next one (100 sends of 200 KB from a thread to a client that only read kept all 100).
-//! An object therefore lives until the batch after its frame was written, at the latest: bounded
-//! by what was sent, as the copy was.
-
-use std::cell::Cell;
+//! `drain()` (`release_sent`). A drop that finds the queue empty wakes the loop of the payload's
+//! server, unless that loop is within a batch (whose end releases it): frames sent from another
+//! thread, or from a task resumed between batches, are written by connection tasks, and on a
+//! server that got no events their objects waited for the next one (100 sends of 200 KB from a
+//! thread to a client that only read kept all 100). An object therefore lives until the batch
+//! after its frame was written, at the latest: bounded by what was sent, as the copy was.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -29,22 +26,10 @@ use parking_lot::Mutex;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::engine::bridge::events::wake_soon;
-use crate::engine::bridge::wake::Wakeup;
+use crate::engine::ws::shared::Shared;
 
 /// Objects whose frames are written (or dropped), to be released with the GIL.
 static RELEASED: Mutex<Vec<ObjectPtr>> = Mutex::new(Vec::new());
-
-thread_local! {
-    /// True on the loop thread from `drain()` until its batch's `end_batch()`, which releases
-    /// what this thread queues meanwhile: no wake-up is needed for it.
-    static RELEASE_FOLLOWS: Cell<bool> = const { Cell::new(false) };
-}
-
-/// The loop thread begins a batch (`drain`) or ends it, having released the queue (`end_batch`).
-pub(crate) fn set_release_follows(follows: bool) {
-    RELEASE_FOLLOWS.with(|f| f.set(follows));
-}
 
 struct ObjectPtr(NonNull<ffi::PyObject>);
 
@@ -57,8 +42,8 @@ struct PyPayload {
     object: ObjectPtr,
     data: *const u8,
     len: usize,
-    /// The sending server's loop, woken to release `object` if nothing else would soon.
-    wakeup: Arc<Wakeup>,
+    /// The sending server, whose loop is woken to release `object` if nothing else would soon.
+    server: Arc<Shared>,
 }
 
 // SAFETY: the bytes are immutable while the reference is held (a `bytes` buffer, or a `str`'s
@@ -81,8 +66,8 @@ impl Drop for PyPayload {
             released.push(ObjectPtr(self.object.0));
             released.len() == 1
         };
-        if was_empty && !RELEASE_FOLLOWS.with(Cell::get) {
-            wake_soon(&self.wakeup);
+        if was_empty {
+            self.server.events.wake_unless_in_batch();
         }
     }
 }
@@ -92,7 +77,7 @@ impl Drop for PyPayload {
 pub(crate) fn shared_payload(
     object: &Bound<'_, PyAny>,
     data: &[u8],
-    wakeup: &Arc<Wakeup>,
+    server: &Arc<Shared>,
 ) -> Bytes {
     let pointer = object.clone().into_ptr();
     let payload = PyPayload {
@@ -100,7 +85,7 @@ pub(crate) fn shared_payload(
         object: ObjectPtr(unsafe { NonNull::new_unchecked(pointer) }),
         data: data.as_ptr(),
         len: data.len(),
-        wakeup: wakeup.clone(),
+        server: server.clone(),
     };
     Bytes::from_owner(payload)
 }

@@ -104,7 +104,7 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
     }
     Ok(conn.send_owned(
         OP_TEXT,
-        shared_payload(text.as_any(), utf8.as_bytes(), conn.shared.events.wakeup()),
+        shared_payload(text.as_any(), utf8.as_bytes(), &conn.shared),
     ))
 }
 
@@ -145,10 +145,7 @@ fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyR
     if let Ok(bytes) = data.cast::<PyBytes>() {
         let payload = bytes.as_bytes();
         if payload.len() > INLINE_PAYLOAD {
-            return Ok(conn.send_owned(
-                OP_BINARY,
-                shared_payload(data, payload, conn.shared.events.wakeup()),
-            ));
+            return Ok(conn.send_owned(OP_BINARY, shared_payload(data, payload, &conn.shared)));
         }
     }
     with_bytes(data, |b| conn.send_binary(b))

@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -176,25 +177,11 @@ pub(crate) fn flush_deferred_wakes() {
     });
 }
 
-/// Wake `wakeup`'s loop although no event was queued (it has something else to do, such as
-/// releasing the objects of frames written on this thread); deferred on a tokio worker as an
-/// event's wake-up is.
-pub(crate) fn wake_soon(wakeup: &Arc<Wakeup>) {
-    DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-        None => wakeup.wake(),
-        Some(deferred) => {
-            deferred.wakeups.push(wakeup.clone());
-            deferred.events += 1;
-            if deferred.events >= MAX_DEFERRED_EVENTS {
-                deferred.flush();
-            }
-        }
-    });
-}
-
 pub struct EventQueue<C> {
     events: Mutex<Vec<Event<C>>>,
     wakeup: Arc<Wakeup>,
+    /// The loop is between `drain()` and the release at the end of its batch (`py/engine.rs`).
+    in_batch: AtomicBool,
 }
 
 impl<C> EventQueue<C> {
@@ -202,6 +189,7 @@ impl<C> EventQueue<C> {
         Ok(Self {
             events: Mutex::new(Vec::with_capacity(256)),
             wakeup: Arc::new(Wakeup::new()?),
+            in_batch: AtomicBool::new(false),
         })
     }
 
@@ -270,9 +258,29 @@ impl<C> EventQueue<C> {
         self.wakeup.fd()
     }
 
-    /// The loop's wake-up, for [`wake_soon`].
-    pub(crate) fn wakeup(&self) -> &Arc<Wakeup> {
-        &self.wakeup
+    /// The loop begins a batch, or ends it: `false` comes before the batch's last release of
+    /// the objects sent from (`py/shared.rs`), so that one queued after it wakes the loop.
+    pub(crate) fn set_in_batch(&self, in_batch: bool) {
+        self.in_batch.store(in_batch, Ordering::SeqCst);
+    }
+
+    /// Wake the loop although no event was queued, unless its batch's end will do what the
+    /// wake-up is for (release what was sent from, `py/shared.rs`); deferred on a tokio worker
+    /// as an event's wake-up is. Called by whoever queued that first, after queueing it.
+    pub(crate) fn wake_unless_in_batch(&self) {
+        if self.in_batch.load(Ordering::SeqCst) {
+            return;
+        }
+        DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            None => self.wakeup.wake(),
+            Some(deferred) => {
+                deferred.wakeups.push(self.wakeup.clone());
+                deferred.events += 1;
+                if deferred.events >= MAX_DEFERRED_EVENTS {
+                    deferred.flush();
+                }
+            }
+        });
     }
 }
 
