@@ -90,6 +90,15 @@ def config() -> server.Config[Session]:
     return server.handler(handler).websocket(ws_config)
 
 
+def _where(host: str, port: int) -> str:
+    """A URL a browser on this machine opens, and what else the server is on (as ``srv.url``
+    and ``run()``'s line say it)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/{server._wildcard_note(host)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m brioche",
@@ -141,13 +150,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("brioche").setLevel(args.log_level)
 
-    shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
     if args.workers > 1:
 
         def ready(port: int, pids: list[int]) -> None:
             on = "uvloop; " if args.uvloop else ""
             print(
-                f"brioche demo listening on http://{shown}:{port}/ "
+                f"brioche demo listening on {_where(args.host, port)} "
                 f"({args.workers} workers, pids {' '.join(map(str, pids))}; {on}Ctrl+C to stop)",
                 flush=True,
             )
@@ -171,7 +179,7 @@ def main() -> None:
             loop.add_signal_handler(sig, stop_requested.set)
         srv = await config().hostname(args.host).port(args.port).serve()
         on = "uvloop; " if args.uvloop else ""
-        print(f"brioche demo listening on http://{shown}:{srv.port}/ ({on}Ctrl+C to stop)", flush=True)
+        print(f"brioche demo listening on {_where(args.host, srv.port)} ({on}Ctrl+C to stop)", flush=True)
         try:
             await stop_requested.wait()
         finally:
