@@ -268,19 +268,10 @@ impl<C> EventQueue<C> {
     /// wake-up is for (release what was sent from, `py/shared.rs`); deferred on a tokio worker
     /// as an event's wake-up is. Called by whoever queued that first, after queueing it.
     pub(crate) fn wake_unless_in_batch(&self) {
-        if self.in_batch.load(Ordering::SeqCst) {
-            return;
+        if !self.in_batch.load(Ordering::SeqCst) {
+            // As one event pushed into an empty queue.
+            self.pushed(true, 1);
         }
-        DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-            None => self.wakeup.wake(),
-            Some(deferred) => {
-                deferred.wakeups.push(self.wakeup.clone());
-                deferred.events += 1;
-                if deferred.events >= MAX_DEFERRED_EVENTS {
-                    deferred.flush();
-                }
-            }
-        });
     }
 }
 
