@@ -18,6 +18,7 @@ from importlib.resources import files
 
 import brioche
 from brioche import server, websocket
+from brioche._server import _http_url, _wildcard_note
 
 CHAT = "chat"
 
@@ -90,15 +91,6 @@ def config() -> server.Config[Session]:
     return server.handler(handler).websocket(ws_config)
 
 
-def _where(host: str, port: int) -> str:
-    """A URL a browser on this machine opens, and what else the server is on (as ``srv.url``
-    and ``run()``'s line say it)."""
-    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"http://{shown}:{port}/{server._wildcard_note(host)}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m brioche",
@@ -155,7 +147,7 @@ def main() -> None:
         def ready(port: int, pids: list[int]) -> None:
             on = "uvloop; " if args.uvloop else ""
             print(
-                f"brioche demo listening on {_where(args.host, port)} "
+                f"brioche demo listening on {_http_url('http', args.host, port)}{_wildcard_note(args.host)} "
                 f"({args.workers} workers, pids {' '.join(map(str, pids))}; {on}Ctrl+C to stop)",
                 flush=True,
             )
@@ -179,7 +171,7 @@ def main() -> None:
             loop.add_signal_handler(sig, stop_requested.set)
         srv = await config().hostname(args.host).port(args.port).serve()
         on = "uvloop; " if args.uvloop else ""
-        print(f"brioche demo listening on {_where(args.host, srv.port)} ({on}Ctrl+C to stop)", flush=True)
+        print(f"brioche demo listening on {srv.url}{_wildcard_note(args.host)} ({on}Ctrl+C to stop)", flush=True)
         try:
             await stop_requested.wait()
         finally:

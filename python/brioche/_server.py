@@ -325,6 +325,22 @@ def _log_from_engine(name: str, level: int, message: str, args: tuple[Any, ...],
     engine_logger.log(level, message, *args)
 
 
+def _http_url(scheme: str, hostname: str, port: int) -> str:
+    """The URL of a server on ``hostname``, as this machine reaches it: a wildcard address gives
+    its loopback (``0.0.0.0``: ``127.0.0.1``, ``::``: ``[::1]``), an IPv6 address is bracketed."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(hostname, hostname)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}/"
+
+
+def _wildcard_note(hostname: str) -> str:
+    """What a "listening on" line adds to ``_http_url`` for a server on every address of the host."""
+    if hostname in ("0.0.0.0", "::"):
+        return f" and every other address of this host ({hostname})"
+    return ""
+
+
 @final
 class Server(Generic[T]):
     """A running server. Returned by ``await serve()``; also an async context manager.
@@ -489,11 +505,8 @@ class Server(Generic[T]):
         as requests-unixsocket spells it)."""
         if self.unix is not None:
             return f"http+unix://{quote(self.unix, safe='')}/"
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.hostname, self.hostname)
-        if ":" in host:
-            host = f"[{host}]"
         scheme = "http" if self._config.tls_files is None else "https"
-        return f"{scheme}://{host}:{self.port}/"
+        return _http_url(scheme, self.hostname, self.port)
 
     @property
     def pending_websockets(self) -> int:

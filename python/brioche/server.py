@@ -40,7 +40,7 @@ from brioche._http import (
     text,
 )
 from brioche._brioche import BriocheError
-from brioche._server import BindError, Server
+from brioche._server import BindError, Server, _wildcard_note
 from brioche._workers import WorkerSlot
 
 __all__ = [
@@ -554,13 +554,6 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
         await stop_requested.wait()
     finally:
         await srv._stop_gracefully()
-
-
-def _wildcard_note(hostname: str) -> str:
-    """What the "listening on" line adds for a server bound to every address of the host."""
-    if hostname in ("0.0.0.0", "::"):
-        return f" and every other address of this host ({hostname})"
-    return ""
 
 
 def _reload_tls_logged(srv: Server[Any]) -> None:
