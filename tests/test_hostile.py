@@ -270,6 +270,27 @@ async def test_incomplete_request_head_is_cut_after_the_header_read_timeout(
     await assert_still_serving(srv, bystander)
 
 
+async def test_a_head_may_take_a_handshake_timeout_longer_than_30_s(serve: ServeFn) -> None:
+    """hyper's own deadline for a head (30 s, ended without a response) is off: a longer
+    ``handshake_timeout`` is the one that applies."""
+    srv = await serve(echo_config(), handshake_timeout=60)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        await writer.drain()
+        try:
+            early: bytes | None = await asyncio.wait_for(reader.read(), 31)
+        except asyncio.TimeoutError:
+            early = None  # still waiting for the rest of the head, as it should
+        assert early is None, f"the server ended the wait for the head at 30 s: {early!r}"
+        writer.write(b"1\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    finally:
+        writer.close()
+
+
 async def test_a_body_that_does_not_arrive_in_time_gets_408(serve: ServeFn, bystander_of: Any) -> None:
     """The whole request, body included, must arrive within ``handshake_timeout``: a slow body
     would otherwise hold a task and up to ``max_request_body_size`` for as long as it likes."""

@@ -25,7 +25,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
@@ -140,7 +140,8 @@ impl RequestClock {
 /// The connection's socket as hyper sees it, with the request deadline: a client that has not
 /// sent its whole request in time gets `408 Request Timeout` and the connection is closed (one
 /// that sent nothing since the last response is closed without one, as an idle keep-alive).
-/// hyper's own header timeout ends the connection without a response and does not cover bodies.
+/// (hyper's own header timeout, off, would end the connection without a response, and does not
+/// cover bodies.)
 struct TimedIo {
     /// `None` once taken: by the upgrade, or by `Drop` to hand back for a lingering close.
     io: Option<TokioIo<Stream>>,
@@ -341,7 +342,10 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         service_fn(move |req| handle(req, remote, service_shared.clone(), service_clock.clone()));
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
+        // `TimedIo` is the one deadline for a request's head, and it answers 408. Given a timer,
+        // hyper also ends any head still incomplete after 30 s, without a response: a
+        // `handshake_timeout` past 30 s was cut short, silently. It has no other use for one.
+        .header_read_timeout(None)
         // hyper's floor for its read buffer is 8 KiB.
         .max_buf_size(shared.config.max_header_size.max(8192))
         // A client may shut its sending side once its request is out and still read the
