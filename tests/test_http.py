@@ -126,6 +126,96 @@ async def test_custom_response_headers_are_sent(serve: ServeFn) -> None:
     assert headers["set-cookie"] == ["a=1", "b=2"]
 
 
+async def test_a_content_length_that_disagrees_with_the_body_is_a_logged_500(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hyper writes a handler's content-length as given: "2" before a 5-byte body left "llo" at
+    the head of the connection's next response. Now it is the handler's error, and the next
+    response on the connection is read in step."""
+    answers = {
+        "/short": server.Response(200, (("content-length", "2"),), b"hello"),
+        "/long": server.Response(200, (("Content-Length", "9"),), b"hello"),
+        "/nan": server.Response(200, (("content-length", "abc"),), b"hello"),
+        "/twice": server.Response(200, (("content-length", "5"), ("content-length", "5")), b"hello"),
+        "/chunked": server.Response(200, (("transfer-encoding", "chunked"),), b"hello"),
+        "/204": server.Response(204, (("content-length", "0"),)),
+        "/exact": server.Response(200, (("content-length", "5"),), b"hello"),
+        "/next": server.text("next"),
+    }
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        return answers[request.path]
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=handler)
+    for path in ("/short", "/long", "/nan", "/twice", "/chunked", "/204"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        try:
+            writer.write(request_bytes(srv, path) + request_bytes(srv, "/next"))
+            await writer.drain()
+            assert (await read_response(reader))[::2] == (500, b"Internal Server Error"), path
+            assert (await read_response(reader))[::2] == (200, b"next"), path
+        finally:
+            writer.close()
+    status, headers, body = await http(srv, "/exact")
+    assert (status, headers["content-length"], body) == (200, ["5"], b"hello")
+    logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "brioche" and r.exc_info]
+    assert logged == [
+        "content-length 2 does not match the body's 5 bytes",
+        "content-length 9 does not match the body's 5 bytes",
+        'invalid content-length "abc"',
+        "content-length set more than once",
+        "a response may not set transfer-encoding: its body is sent whole, with its content-length",
+        "a 204 response has no content-length",
+    ]
+
+
+async def test_a_head_or_304_may_give_the_length_of_the_body_it_leaves_out(serve: ServeFn) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if request.path == "/304":
+            return server.Response(304, (("content-length", "1234"),))
+        if request.method == "HEAD":
+            return server.Response(200, (("content-length", "1234"),))
+        return server.text("x" * 1234)
+
+    srv = await serve(handler=handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        # Neither carries a body: the next response follows the head at once.
+        writer.write(request_bytes(srv, "/", "HEAD") + request_bytes(srv, "/304")
+                     + request_bytes(srv, "/"))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        assert b"\r\ncontent-length: 1234\r\n" in head, head
+        # (hyper leaves a 304's content-length out: it is not the handler's error either.)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 304 Not Modified\r\n"), head
+        assert (await read_response(reader))[::2] == (200, b"x" * 1234)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("status", [204, 205, 304])
+async def test_a_no_content_status_with_a_body_is_a_value_error(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """As Bun's Response refuses a body with a null-body status."""
+    with pytest.raises(ValueError, match=f"^a {status} response has no body$"):
+        server.Response(status, body="gone")
+    assert server.Response(status).body_bytes() == b""
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        return server.text("gone", status)
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=handler)
+    assert (await http(srv, "/"))[::2] == (500, b"Internal Server Error")
+    assert [str(r.exc_info[1]) for r in caplog.records if r.exc_info] == [
+        f"a {status} response has no body"
+    ]
+
+
 # -- the request as the handler sees it ------------------------------------------------------
 
 

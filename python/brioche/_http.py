@@ -153,10 +153,19 @@ class Request:
         return f"<Request {self.method} {target}>"
 
 
+_NO_BODY = frozenset((204, 205, 304))
+
+
 @final
 @dataclasses.dataclass(frozen=True, slots=True)
 class Response:
-    """An HTTP response. ``body`` may be ``str`` (sent as UTF-8) or ``bytes``."""
+    """An HTTP response. ``body`` may be ``str`` (sent as UTF-8) or ``bytes``.
+
+    The server sets ``content-length`` from the body. One given in ``headers`` must match it
+    (the answer to a HEAD, and a 304, may give the length of a body they leave out), and
+    ``transfer-encoding`` may not be given: the handler's response is then a ``ValueError``,
+    logged, and the client gets 500. A 204, 205 or 304 with a body is a ``ValueError`` here.
+    """
 
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
@@ -169,6 +178,10 @@ class Response:
             raise ValueError(f"status must be in 200..599, got {self.status}")
         if not isinstance(self.body, (str, bytes)):
             raise TypeError(f"body must be str or bytes, got {type(self.body).__name__}")
+        if self.body and self.status in _NO_BODY:
+            # As Bun's (the Fetch standard's) Response refuses it: these statuses carry no
+            # content (RFC 9110 15.3.5, 15.3.6, 15.4.5), and a body would be dropped or sent.
+            raise ValueError(f"a {self.status} response has no body")
         object.__setattr__(self, "headers", tuple((str(k), str(v)) for k, v in self.headers))
 
     def with_header(self, name: str, value: str) -> Response:

@@ -18,8 +18,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    HeaderName, HeaderValue, CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_VERSION, TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -59,22 +59,72 @@ pub fn parse_headers(
         .collect()
 }
 
+/// The handler's response, checked; `head`: it answers a HEAD request.
 pub fn build_response(
     status: u16,
     headers: &[(String, String)],
     body: Bytes,
+    head: bool,
 ) -> Result<Response<Body>, InvalidResponse> {
     let status = StatusCode::from_u16(status)
         .ok()
         .filter(|s| !s.is_informational())
         .ok_or_else(|| InvalidResponse(format!("invalid status {status}")))?;
+    let body_len = body.len();
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     let map = response.headers_mut();
     for (name, value) in parse_headers(headers)? {
         map.append(name, value);
     }
+    check_framing(status, map, body_len, head)?;
     Ok(response)
+}
+
+/// The framing headers a handler may set. hyper sends a `content-length` as given, and one that
+/// disagrees with the body sets the client's reading of every later response on the
+/// connection out of step; a `transfer-encoding` makes hyper end the connection with no
+/// response at all (the body is always sent whole, with its length).
+fn check_framing(
+    status: StatusCode,
+    map: &HeaderMap,
+    body_len: usize,
+    head: bool,
+) -> Result<(), InvalidResponse> {
+    if map.contains_key(TRANSFER_ENCODING) {
+        return Err(InvalidResponse(
+            "a response may not set transfer-encoding: its body is sent whole, with its \
+             content-length"
+                .into(),
+        ));
+    }
+    let mut lengths = map.get_all(CONTENT_LENGTH).iter();
+    let Some(value) = lengths.next() else {
+        return Ok(());
+    };
+    if lengths.next().is_some() {
+        return Err(InvalidResponse("content-length set more than once".into()));
+    }
+    if status == StatusCode::NO_CONTENT {
+        // RFC 9110 8.6: a 204 has no content, and says nothing of its length.
+        return Err(InvalidResponse(
+            "a 204 response has no content-length".into(),
+        ));
+    }
+    let declared = value
+        .to_str()
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| InvalidResponse(format!("invalid content-length {value:?}")))?;
+    // The answer to a HEAD, and a 304, may give the length of a body they do not carry.
+    let unsent = body_len == 0 && (head || status == StatusCode::NOT_MODIFIED);
+    if declared != body_len as u64 && !unsent {
+        return Err(InvalidResponse(format!(
+            "content-length {declared} does not match the body's {body_len} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
