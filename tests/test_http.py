@@ -402,6 +402,24 @@ async def test_handshake_with_version_8_gives_426(serve: ServeFn) -> None:
     status, headers, _ = await http(srv, "/ws", headers=[*UPGRADE, KEY, ("Sec-WebSocket-Version", "8")])
     assert status == 426
     assert headers.get("sec-websocket-version") == ["13"]
+    # RFC 9110 15.5.22: a 426 names the protocol to upgrade to.
+    assert (headers.get("upgrade"), headers.get("connection")) == (["websocket"], ["Upgrade"])
+
+
+@pytest.mark.parametrize(
+    ("headers", "name"),
+    [([KEY, ("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA=="), VERSION], "Sec-WebSocket-Key"),
+     ([KEY, KEY, VERSION], "Sec-WebSocket-Key"),
+     ([KEY, VERSION, VERSION], "Sec-WebSocket-Version")],
+    ids=["two keys", "one key twice", "version twice"],
+)
+async def test_handshake_with_a_key_or_version_given_twice_gives_400(
+    serve: ServeFn, headers: list[tuple[str, str]], name: str
+) -> None:
+    """RFC 6455 11.3.1 and 11.3.5: each at most once (as websockets refuses it)."""
+    srv = await ws_server(serve)
+    status, _, body = await http(srv, "/ws", headers=[*UPGRADE, *headers])
+    assert (status, body) == (400, f"{name} given more than once".encode())
 
 
 async def test_post_with_upgrade_websocket_gives_400(serve: ServeFn) -> None:

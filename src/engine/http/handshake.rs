@@ -28,6 +28,10 @@ fn has_token(headers: &HeaderMap, name: hyper::header::HeaderName, token: &str) 
     })
 }
 
+fn given_twice(headers: &HeaderMap, name: hyper::header::HeaderName) -> bool {
+    headers.get_all(name).iter().nth(1).is_some()
+}
+
 pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     let headers = req.headers();
     if !has_token(headers, UPGRADE, "websocket") {
@@ -44,6 +48,20 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     }
     if !has_token(headers, CONNECTION, "upgrade") {
         return Handshake::Invalid(StatusCode::BAD_REQUEST, "missing Connection: Upgrade");
+    }
+    // RFC 6455 11.3.1 and 11.3.5: each at most once in a request. A server that took the first
+    // of two keys could answer a key other than the one a client behind a proxy checks.
+    if given_twice(headers, SEC_WEBSOCKET_KEY) {
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key given more than once",
+        );
+    }
+    if given_twice(headers, SEC_WEBSOCKET_VERSION) {
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Version given more than once",
+        );
     }
     match headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) {
         Some(b"13") => {}

@@ -658,9 +658,11 @@ async fn read_and_answer(
                 reject_handshake(shared, remote, status, why);
                 let mut response = plain(status, why);
                 if status == StatusCode::UPGRADE_REQUIRED {
-                    response
-                        .headers_mut()
-                        .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                    // RFC 6455 4.4 names the version; RFC 9110 15.5.22 and 7.8, the protocol.
+                    let headers = response.headers_mut();
+                    headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+                    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
                 }
                 return Ok(response);
             }
