@@ -228,6 +228,50 @@ async def test_the_chosen_subprotocol_is_answered_and_seen_by_both_ends(
     assert recorder.of("offered") == [(offer,)] * 3 + [([],), (offer,)]
 
 
+async def test_upgrade_refuses_the_handshakes_own_headers_and_takes_a_subprotocol_from_them(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A ``Sec-WebSocket-Protocol`` among the headers (Bun's way) is the subprotocol, checked as
+    ``subprotocol=`` is; the headers the 101 carries of itself cannot be given again."""
+    own = ("Upgrade", "connection", "Sec-WebSocket-Accept", "sec-websocket-extensions",
+           "Content-Length", "transfer-encoding")
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.path == "/bun":
+            return server.upgrade(srv, request, [("Sec-WebSocket-Protocol", "chat")], None,
+                                  server.bad_request)
+        if request.path == "/unoffered":
+            return server.upgrade(srv, request, [("sec-websocket-protocol", "nope")], None,
+                                  server.bad_request)
+        if request.path == "/twice":
+            srv.upgrade(request, [("sec-websocket-protocol", "chat")], subprotocol="chat")
+        for name in own:
+            try:
+                srv.upgrade(request, [(name, "x")])
+            except ValueError as exc:
+                recorder.add("refused", str(exc))
+        return server.upgrade(srv, request, [("x-extra", "1")], None, server.bad_request)
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.send(repr(ws.subprotocol))
+
+    srv = await serve(websocket.init().on_open(on_open), handler=handler)
+    offer: list[Any] = ["v2", "chat"]
+    async with connect(ws_url(srv, "/bun"), subprotocols=offer) as client:
+        assert client.subprotocol == "chat"
+        assert await recv(client) == "'chat'"
+    async with connect(ws_url(srv, "/plain")) as client:
+        assert client.response is not None and client.response.headers["x-extra"] == "1"
+        assert await recv(client) == "None"
+    assert recorder.of("refused") == [
+        (f"{name} is the handshake's own header; upgrade() cannot set it",) for name in own
+    ]
+    for path in ("/unoffered", "/twice"):
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(ws_url(srv, path), subprotocols=offer)
+        assert refused.value.response.status_code == 500, path
+
+
 async def test_request_subprotocols_parses_every_header_line_in_order(serve: ServeFn) -> None:
     seen: list[list[str]] = []
 

@@ -63,6 +63,12 @@ _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: 
 _CLOSED = 3
 # The message kind of each run kind.
 _KIND_OF_RUN = {_TEXT_RUN: _TEXT, _BYTES_RUN: _BYTES}
+# What the engine writes in a 101 itself: given again, the client would see two values, or an
+# extension the server never negotiated (and fail the connection at its first message).
+_HANDSHAKE_HEADERS = frozenset((
+    "upgrade", "connection", "sec-websocket-accept", "sec-websocket-extensions",
+    "content-length", "transfer-encoding",
+))
 
 # The websocket settings the engine fixes when the server starts, by the setter that sets them:
 # `reload` refuses a config that differs in one of them rather than ignore it.
@@ -536,16 +542,31 @@ class Server(Generic[T]):
         """Accept ``request`` as a WebSocket carrying ``data``; False if it cannot be upgraded.
 
         It cannot when it is not a WebSocket handshake, when it was already answered, or when the
-        server has no ``websocket`` config. ``headers`` go into the 101 response. ``subprotocol``
-        is the one of ``request.subprotocols`` the server speaks (``ws.subprotocol``); one the
-        client did not offer is a ``ValueError``.
+        server has no ``websocket`` config. ``headers`` go into the 101 response; the ones the
+        handshake itself sets (``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept``,
+        ``Sec-WebSocket-Extensions``) and the framing headers are a ``ValueError``.
+        ``subprotocol`` is the one of ``request.subprotocols`` the server speaks
+        (``ws.subprotocol``); one the client did not offer is a ``ValueError``. A
+        ``Sec-WebSocket-Protocol`` in ``headers`` (Bun's way to choose one) is taken as
+        ``subprotocol``.
         """
         if subprotocol is not None and not isinstance(subprotocol, str):
             raise TypeError(f"subprotocol must be a str or None, got {type(subprotocol).__name__}")
         pending = request._pending
         if self._config.websocket_config is None or not pending.is_websocket:
             return False
-        extra = [(str(k), str(v)) for k, v in headers]
+        extra: list[tuple[str, str]] = []
+        for name, value in headers:
+            name, value = str(name), str(value)
+            lower = name.lower()
+            if lower in _HANDSHAKE_HEADERS:
+                raise ValueError(f"{name} is the handshake's own header; upgrade() cannot set it")
+            if lower == "sec-websocket-protocol":
+                if subprotocol is not None:
+                    raise ValueError("the subprotocol is given twice (in headers and as subprotocol=)")
+                subprotocol = value
+            else:
+                extra.append((name, value))
         if subprotocol is not None:
             offered = request.subprotocols
             if subprotocol not in offered:

@@ -674,7 +674,9 @@ def upgrade(
     """Upgrade ``request`` to a WebSocket carrying ``data``; ``None`` on success, else ``fallback()``.
 
     ``headers`` are added to the ``101 Switching Protocols`` response, and so is
-    ``subprotocol``, one of ``request.subprotocols`` (else ``ValueError``).
+    ``subprotocol``, one of ``request.subprotocols`` (else ``ValueError``); as for
+    :meth:`Server.upgrade`, the handshake's own headers are a ``ValueError`` and a
+    ``Sec-WebSocket-Protocol`` among ``headers`` is taken as ``subprotocol``.
     """
     if srv.upgrade(request, headers, data, subprotocol=subprotocol):
         return None
