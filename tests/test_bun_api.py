@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httpx
@@ -390,6 +391,31 @@ async def test_timeout_answers_503_and_cancels_a_handler_that_did_not_answer_in_
         assert recorder.of("cancelled") == [("/slow",)]
         fast = await http.get(srv.url + "fast")
         assert (fast.status_code, fast.text) == (200, "fast")
+
+
+async def test_timeout_ends_with_the_upgrade_and_spares_the_handler_after_it(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        srv.timeout(request, 0.1)
+        if not srv.upgrade(request):
+            return server.bad_request()
+        try:
+            await asyncio.sleep(0.4)  # work after the 101 (an audit log), four times the limit
+        except asyncio.CancelledError:
+            recorder.add("ended", "cancelled")
+            raise
+        recorder.add("ended", "finished")
+        return None
+
+    caplog.set_level(logging.WARNING, logger="brioche")
+    srv = await serve(websocket.init().on_text(lambda ws, text: ws.send(text)), handler=handler)
+    async with connect(ws_url(srv)) as client:
+        await recorder.wait_for(lambda: bool(recorder.of("ended")), 5)
+        assert recorder.of("ended") == [("finished",)]
+        await client.send("still open")
+        assert await asyncio.wait_for(client.recv(), 5) == "still open"
+    assert [r.getMessage() for r in caplog.records if r.name == "brioche"] == []
 
 
 async def test_timeout_zero_removes_the_limit(serve: ServeFn) -> None:

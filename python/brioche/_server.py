@@ -575,7 +575,13 @@ class Server(Generic[T]):
                 )
             extra.append(("sec-websocket-protocol", subprotocol))
         # The socket's handlers run in a copy of the context this is called in.
-        return pending.upgrade(extra, data, contextvars.copy_context(), subprotocol)
+        upgraded = pending.upgrade(extra, data, contextvars.copy_context(), subprotocol)
+        if upgraded and request._timer is not None:
+            # Answered, with its 101: from here the socket's idle_timeout applies, and the
+            # handler's work after the upgrade is not cut short.
+            request._timer.cancel()
+            request._timer = None
+        return upgraded
 
     def request_ip(self, request: Request) -> SocketAddress | None:
         """The client's address, family and port for ``request`` (Bun's ``requestIP``).
