@@ -294,6 +294,44 @@ async def test_stop_closing_active_connections_ends_a_request_in_flight_with_503
     assert recorder.events == [("cancelled", "/slow")]
 
 
+async def test_stop_closing_active_connections_cancels_a_handler_once_and_lets_it_clean_up(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The end of the last connection, after the handler's own, used to cancel a suspended
+    handler again while it cleaned up after the first cancel."""
+    entered = asyncio.Event()
+    never = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        entered.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            recorder.add("cancelled")
+            try:
+                await asyncio.sleep(1)  # its clean-up: a flush that takes a while
+            except asyncio.CancelledError:
+                recorder.add("cut short")
+                raise
+            recorder.add("cleaned up")
+            raise
+
+    srv = await serve(websocket.init().on_text(on_text), handler=upgrade_ws_path)
+    try:
+        async with connect(ws_url(srv)) as client, await RawWebSocket.connect(srv.port) as last:
+            await client.send("wait")
+            await asyncio.wait_for(entered.wait(), TIMEOUT)
+            stopping = asyncio.ensure_future(srv.stop(close_active_connections=True))
+            await recorder.wait_for(lambda: bool(recorder.events), TIMEOUT)
+            # The last connection ends (no answer to its close frame): the server has stopped.
+            assert (await last.recv_frame()).close_code == 1001
+            last.close()
+            await asyncio.wait_for(stopping, TIMEOUT)
+    finally:
+        never.set()
+    assert recorder.events == [("cancelled",), ("cleaned up",)]
+
+
 async def test_this_module_runs_on_both_loops(request: pytest.FixtureRequest) -> None:
     """The both_loops marker: the [uvloop] variant of each test really runs on uvloop."""
     loop = asyncio.get_running_loop()

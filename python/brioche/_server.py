@@ -21,6 +21,7 @@ import select
 import sys
 import threading
 import types
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
 from functools import partial
@@ -362,7 +363,7 @@ class Server(Generic[T]):
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
-        "_close_tasks", "_request_tasks", "_context",
+        "_close_tasks", "_request_tasks", "_stop_cancelled", "_context",
         "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
     )
     _engine: Engine
@@ -382,6 +383,7 @@ class Server(Generic[T]):
     _tasks: set[asyncio.Task[Any]]
     _close_tasks: set[asyncio.Task[Any]]
     _request_tasks: set[asyncio.Task[Any]]
+    _stop_cancelled: weakref.WeakSet[asyncio.Task[Any]]
     _context: contextvars.Context
     _batch_max: int
     _wake_thread: threading.Thread | None
@@ -480,6 +482,7 @@ class Server(Generic[T]):
         self._tasks = set()
         self._close_tasks = set()
         self._request_tasks = set()
+        self._stop_cancelled = weakref.WeakSet()
         # Each HTTP request's handler runs in a copy of the context serve() was called in.
         self._context = contextvars.copy_context()
         self._batch_max = FIRST_BATCH_EVENTS
@@ -695,10 +698,8 @@ class Server(Generic[T]):
         if close_active_connections and not self._closing_all:
             self._closing_all = True
             self._cancel_closed()
-            # Once: a request handler that catches the cancel to clean up is not cancelled again
-            # by each close that follows (_cancel_closed runs again for those).
             for task in list(self._request_tasks):
-                task.cancel()
+                self._cancel_for_stop(task)
         if not self._stop_called:
             self._stop_called = True
             self._engine.stop(close_active_connections)
@@ -1034,7 +1035,7 @@ class Server(Generic[T]):
             # Past run()'s grace period nothing may hold the stop up, on_close included.
             task.cancel()
         elif kind != _CLOSE and self._closing_all and ws.ready_state == _CLOSED:
-            task.cancel()
+            self._cancel_for_stop(task)
 
     def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         """Report how a handler task ended: an exception closes the connection with 1011."""
@@ -1105,7 +1106,15 @@ class Server(Generic[T]):
         """Cancel the suspended handlers of connections that are closed (stopping with close)."""
         for ws, task in list(self._running.items()):
             if ws.ready_state == _CLOSED and task not in self._close_tasks:
-                task.cancel()
+                self._cancel_for_stop(task)
+
+    def _cancel_for_stop(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` for ``stop(True)``, once: a handler that catches the cancel to clean
+        up is not cancelled again by each close, nor by the end of the last connection, that
+        follow (only ``run()``'s grace period, once over, cancels again)."""
+        if task not in self._stop_cancelled:
+            self._stop_cancelled.add(task)
+            task.cancel()
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
@@ -1148,7 +1157,7 @@ class Server(Generic[T]):
             task.add_done_callback(partial(self._request_done, request))
             if self._closing_all:
                 # Queued before stop(True) and dispatched after it: ended as those in flight were.
-                task.cancel()
+                self._cancel_for_stop(task)
 
     def _request_done(self, request: Request, task: asyncio.Task[Any]) -> None:
         self._request_tasks.discard(task)
@@ -1209,7 +1218,7 @@ class Server(Generic[T]):
         self._engine_stopped = True
         if self._closing_all:
             for task in self._tasks - self._close_tasks:
-                task.cancel()
+                self._cancel_for_stop(task)
         self._check_stopped()
 
     def _check_stopped(self) -> None:
