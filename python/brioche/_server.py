@@ -566,7 +566,9 @@ class Server(Generic[T]):
                 raise ValueError(f"{name} is the handshake's own header; upgrade() cannot set it")
             if lower == "sec-websocket-protocol":
                 if subprotocol is not None:
-                    raise ValueError("the subprotocol is given twice (in headers and as subprotocol=)")
+                    raise ValueError(
+                        "a subprotocol is given twice (Sec-WebSocket-Protocol, subprotocol=)"
+                    )
                 subprotocol = value
             else:
                 extra.append((name, value))
