@@ -196,6 +196,28 @@ async def test_a_head_or_304_may_give_the_length_of_the_body_it_leaves_out(serve
         writer.close()
 
 
+async def test_a_2xx_answer_to_connect_is_a_logged_500_and_an_error_is_sent_as_it_is(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hyper sends a 2xx to CONNECT without its body and hands the socket over as a tunnel that
+    nobody takes: a catch-all handler's "hi" reached a proxy client as "tunnel open", then EOF."""
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if request.method == "CONNECT" and "x-refuse" in request.headers:
+            return server.text("no tunnels here", 405)
+        return server.text("hi")
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=handler)
+    connect_head = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
+    status, _, body = await raw_exchange(srv, connect_head + b"\r\n")
+    assert (status, body) == (500, b"Internal Server Error")
+    status, _, body = await raw_exchange(srv, connect_head + b"X-Refuse: 1\r\n\r\n")
+    assert (status, body) == (405, b"no tunnels here")
+    assert [str(r.exc_info[1]) for r in caplog.records if r.exc_info] == [
+        "a 2xx answer to CONNECT opens a tunnel, which this server cannot serve"
+    ]
+
+
 @pytest.mark.parametrize("status", [204, 205, 304])
 async def test_a_no_content_status_with_a_body_is_a_value_error(
     serve: ServeFn, caplog: pytest.LogCaptureFixture, status: int

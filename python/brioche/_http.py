@@ -163,8 +163,9 @@ class Response:
 
     The server sets ``content-length`` from the body. One given in ``headers`` must match it
     (the answer to a HEAD, and a 304, may give the length of a body they leave out), and
-    ``transfer-encoding`` may not be given: the handler's response is then a ``ValueError``,
-    logged, and the client gets 500. A 204, 205 or 304 with a body is a ``ValueError`` here.
+    ``transfer-encoding`` may not be given, nor a 2xx answer a ``CONNECT`` (it would open a
+    tunnel): the handler's response is then a ``ValueError``, logged, and the client gets 500.
+    A 204, 205 or 304 with a body is a ``ValueError`` here.
     """
 
     status: int = 200

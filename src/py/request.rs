@@ -78,8 +78,8 @@ impl PendingRequest {
 
     /// Answer with an HTTP response. A second answer is ignored.
     fn respond(&self, status: u16, headers: Vec<(String, String)>, body: &[u8]) -> PyResult<()> {
-        let head = self.method == "HEAD";
-        let response = build_response(status, &headers, Bytes::copy_from_slice(body), head)?;
+        let response =
+            build_response(status, &headers, Bytes::copy_from_slice(body), &self.method)?;
         if let Some(reply) = self.reply.lock().take() {
             // The client may be gone; then there is nobody to answer.
             let _ = reply.send(Reply::Respond(response));

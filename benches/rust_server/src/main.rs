@@ -116,7 +116,7 @@ fn main() {
                         pending.insert(req.id, role);
                         let _ = req.reply.send(Reply::Upgrade(Vec::new()));
                     } else {
-                        let response = build_response(200, &[], Bytes::from_static(b"rust_server\n"), false)
+                        let response = build_response(200, &[], Bytes::from_static(b"rust_server\n"), "GET")
                             .expect("a valid response");
                         let _ = req.reply.send(Reply::Respond(response));
                     }

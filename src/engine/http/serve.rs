@@ -59,17 +59,24 @@ pub fn parse_headers(
         .collect()
 }
 
-/// The handler's response, checked; `head`: it answers a HEAD request.
+/// The handler's response to a request of `method`, checked.
 pub fn build_response(
     status: u16,
     headers: &[(String, String)],
     body: Bytes,
-    head: bool,
+    method: &str,
 ) -> Result<Response<Body>, InvalidResponse> {
     let status = StatusCode::from_u16(status)
         .ok()
         .filter(|s| !s.is_informational())
         .ok_or_else(|| InvalidResponse(format!("invalid status {status}")))?;
+    if method == "CONNECT" && status.is_success() {
+        // hyper sends a 2xx to CONNECT without its body and hands the connection over as a
+        // tunnel, which nobody here takes: the client would read "tunnel open", then EOF.
+        return Err(InvalidResponse(
+            "a 2xx answer to CONNECT opens a tunnel, which this server cannot serve".into(),
+        ));
+    }
     let body_len = body.len();
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
@@ -77,7 +84,7 @@ pub fn build_response(
     for (name, value) in parse_headers(headers)? {
         map.append(name, value);
     }
-    check_framing(status, map, body_len, head)?;
+    check_framing(status, map, body_len, method == "HEAD")?;
     Ok(response)
 }
 
