@@ -102,6 +102,12 @@ class Request:
         self.path: str = pending.path
         self.query: str = pending.query
 
+    def _end_timeout(self) -> None:
+        """The limit ``srv.timeout`` set is over: the request is answered, or given another."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     # Headers, body and address are made into Python objects when first read: a handler that
     # only upgrades reads none of them, and a handshake is a dozen header strings.
     @property

@@ -581,11 +581,10 @@ class Server(Generic[T]):
             extra.append(("sec-websocket-protocol", subprotocol))
         # The socket's handlers run in a copy of the context this is called in.
         upgraded = pending.upgrade(extra, data, contextvars.copy_context(), subprotocol)
-        if upgraded and request._timer is not None:
+        if upgraded:
             # Answered, with its 101: from here the socket's idle_timeout applies, and the
             # handler's work after the upgrade is not cut short.
-            request._timer.cancel()
-            request._timer = None
+            request._end_timeout()
         return upgraded
 
     def request_ip(self, request: Request) -> SocketAddress | None:
@@ -609,9 +608,7 @@ class Server(Generic[T]):
         Calling it again replaces the previous limit.
         """
         seconds = _check_seconds("timeout", seconds)
-        if request._timer is not None:
-            request._timer.cancel()
-            request._timer = None
+        request._end_timeout()
         if seconds and not request._answered and not request._pending.upgraded:
             request._timer = self._loop.call_later(seconds, self._timed_out, request)
 
@@ -1191,9 +1188,7 @@ class Server(Generic[T]):
             task.cancel()
 
     def _reply(self, request: Request, result: object) -> None:
-        if request._timer is not None:
-            request._timer.cancel()
-            request._timer = None
+        request._end_timeout()
         pending = request._pending
         if pending.upgraded or request._answered:
             return
