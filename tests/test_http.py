@@ -549,3 +549,44 @@ async def raw_exchange(srv: brioche.Server[Any], raw: bytes) -> HttpResult:
         return await read_response(reader)
     finally:
         writer.close()
+
+
+async def test_header_values_are_iso_8859_1_both_ways(serve: ServeFn, caplog: pytest.LogCaptureFixture) -> None:
+    """Each byte of a request header's value is one character, as Bun and websockets read them:
+    bytes that are not UTF-8 were replaced with U+FFFD and lost. A value read is sent back as the
+    same bytes; a character one byte cannot carry is the handler's error."""
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if request.path == "/wide":
+            return server.text("x").with_header("x-wide", "✓")
+        if request.path == "/newline":
+            return server.text("x").with_header("x-split", "a\r\nx-injected: 1")
+        seen.extend((name, request.headers[name]) for name in ("x-latin", "x-utf8"))
+        return server.text("x").with_header("x-latin", request.headers["x-latin"]).with_header(
+            "x-utf8", request.headers["x-utf8"]
+        )
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=handler)
+    head = request_bytes(srv, "/echo")[:-2] + b"X-Latin: caf\xe9 \xff\r\nX-Utf8: caf\xc3\xa9\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nx-latin: caf\xe9 \xff\r\n" in raw
+    assert b"\r\nx-utf8: caf\xc3\xa9\r\n" in raw
+    assert seen == [("x-latin", "caf\xe9 \xff"), ("x-utf8", "caf\xc3\xa9")]
+    assert seen[1][1].encode("latin-1").decode("utf-8") == "café"
+
+    for path in ("/wide", "/newline"):
+        status, headers, body = await http(srv, path)
+        assert (status, body) == (500, b"Internal Server Error"), path
+        assert "x-injected" not in headers
+    logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "brioche" and r.exc_info]
+    reason = "characters above U+00FF and control characters other than tab cannot be sent"
+    assert logged == [f"invalid value for header x-wide: {reason}", f"invalid value for header x-split: {reason}"]

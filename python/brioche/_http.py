@@ -36,7 +36,11 @@ class SocketAddress(NamedTuple):
 
 @final
 class Headers(Mapping[str, str]):
-    """Read-only, case-insensitive HTTP headers; ``get_all`` returns every value of a name."""
+    """Read-only, case-insensitive HTTP headers; ``get_all`` returns every value of a name.
+
+    Values are read as ISO-8859-1, as Bun and ``websockets`` read them: one character per byte,
+    so ``value.encode("latin-1")`` gives back the bytes sent (UTF-8 among them, to decode).
+    """
 
     __slots__ = ("_items", "_by_name")
 
@@ -171,7 +175,9 @@ class Response:
     (the answer to a HEAD, and a 304, may give the length of a body they leave out), and
     ``transfer-encoding`` may not be given, nor a 2xx answer a ``CONNECT`` (it would open a
     tunnel): the handler's response is then a ``ValueError``, logged, and the client gets 500.
-    A 204, 205 or 304 with a body is a ``ValueError`` here.
+    A 204, 205 or 304 with a body is a ``ValueError`` here. Header values are sent as
+    ISO-8859-1, one byte per character: a character above U+00FF, or a control character other
+    than tab, is the handler's error too (500).
     """
 
     status: int = 200

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
 use super::handshake::{self, Handshake};
+use super::header_text;
 use crate::engine::bridge::events::{Body, HttpRequest, LogKind, Reply};
 use crate::engine::net::{linger, Remote, Stream, TlsSocket};
 use crate::engine::stats::Counter;
@@ -52,8 +53,12 @@ pub fn parse_headers(
         .map(|(name, value)| {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| InvalidResponse(format!("invalid header name {name:?}")))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| InvalidResponse(format!("invalid value for header {name}")))?;
+            let value = header_text::encode(value).ok_or_else(|| {
+                InvalidResponse(format!(
+                    "invalid value for header {name}: characters above U+00FF and control \
+                     characters other than tab cannot be sent"
+                ))
+            })?;
             Ok((name, value))
         })
         .collect()
@@ -736,12 +741,7 @@ async fn read_and_answer(
     let headers = parts
         .headers
         .iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_owned(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(name, value)| (name.as_str().to_owned(), header_text::decode(value)))
         .collect();
     let (reply, answer) = oneshot::channel();
     shared.events.push(Event::Request(Box::new(HttpRequest {
