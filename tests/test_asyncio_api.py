@@ -250,7 +250,12 @@ async def test_upgrade_refuses_the_handshakes_own_headers_and_takes_a_subprotoco
                 srv.upgrade(request, [(name, "x")])
             except ValueError as exc:
                 recorder.add("refused", str(exc))
-        return server.upgrade(srv, request, [("x-extra", "1")], None, server.bad_request)
+        try:
+            srv.upgrade(request, [("x-wide", "✓")])
+        except ValueError as exc:
+            recorder.add("wide", str(exc))
+        return server.upgrade(srv, request, [("x-extra", "1"), ("x-latin", "café")], None,
+                              server.bad_request)
 
     def on_open(ws: brioche.WebSocket[Any]) -> None:
         ws.send(repr(ws.subprotocol))
@@ -262,7 +267,13 @@ async def test_upgrade_refuses_the_handshakes_own_headers_and_takes_a_subprotoco
         assert await recv(client) == "'chat'"
     async with connect(ws_url(srv, "/plain")) as client:
         assert client.response is not None and client.response.headers["x-extra"] == "1"
+        # Sent as ISO-8859-1, one byte per character, and read back so by websockets.
+        assert client.response.headers["x-latin"] == "café"
         assert await recv(client) == "None"
+    assert recorder.of("wide") == [
+        ("invalid value for header x-wide: characters above U+00FF and control characters other "
+         "than tab cannot be sent",)
+    ]
     assert recorder.of("refused") == [
         (f"{name} is the handshake's own header; upgrade() cannot set it",) for name in own
     ]
