@@ -62,6 +62,13 @@ def test_match_on_send_statuses() -> None:
     assert describe(MessageDropped()) == "dropped"
 
 
+def test_the_spec_names_the_status_type_websocket_send_status() -> None:
+    status: brioche.WebSocketSendStatus = MessageDropped()
+    assert describe(status) == "dropped"
+    assert websocket.WebSocketSendStatus is websocket.SendStatus is brioche.WebSocketSendStatus
+    assert "WebSocketSendStatus" in websocket.__all__ and "WebSocketSendStatus" in brioche.__all__
+
+
 def test_match_positional_bytes_sent() -> None:
     match MessageSent(12):
         case MessageSent(n):

@@ -158,3 +158,29 @@ async def test_exception_in_cork_callback_propagates_and_frames_still_go_out(
         assert [first.payload, second.payload] == [b"before the error", b"after"]
     assert recorder.of("raised") == [(("boom",),)]
     assert recorder.of("after") == [(MessageSent(5),)]
+
+
+async def test_an_async_callback_is_a_type_error_not_sends_lost_silently(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """An ``async def`` callback's body has not run when cork returns: before, cork returned its
+    coroutine, nothing was sent and nothing said so (but a "never awaited" warning at collection)."""
+
+    async def callback(ws: brioche.WebSocket[Any]) -> None:
+        ws.send("never")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        for cork in (ws.cork, lambda cb: websocket.cork(ws, cb)):
+            try:
+                cork(callback)
+            except TypeError as exc:
+                recorder.add("refused", str(exc))
+        ws.send("after")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_text("go")
+        assert (await client.recv_frame()).payload == b"after"
+    message = ("cork: the callback is a coroutine function, whose body would run after the cork "
+               "(if at all); cork a plain function, and await outside it")
+    assert recorder.of("refused") == [(message,), (message,)]

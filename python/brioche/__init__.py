@@ -34,7 +34,7 @@ from brioche._enums import CloseCode, ReadyState
 from brioche._http import SocketAddress
 from brioche._server import BindError, Server, Stats
 from brioche import server, websocket
-from brioche.websocket import SendStatus
+from brioche.websocket import SendStatus, WebSocketSendStatus
 
 __all__ = [
     "BindError",
@@ -49,6 +49,7 @@ __all__ = [
     "SocketAddress",
     "Stats",
     "WebSocket",
+    "WebSocketSendStatus",
     "__version__",
     "random_uuid_v7",
     "server",

@@ -115,7 +115,8 @@ class WebSocket(Generic[_T]):
     def is_subscribed(self, topic: str) -> bool:
         """Whether this socket is subscribed to ``topic``."""
     def cork(self, callback: Callable[[WebSocket[_T]], _R]) -> _R:
-        """Run ``callback(self)``; what it sends is written in one go."""
+        """Run ``callback(self)``; what it sends is written in one go. ``callback`` is a plain
+        function: an ``async def`` one is a ``TypeError``."""
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and ``reason`` (at most 123 UTF-8 bytes)."""
     def terminate(self) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "ReadyState",
     "SendStatus",
     "WebSocket",
+    "WebSocketSendStatus",
     "backpressure_limit",
     "buffered_amount",
     "close",
@@ -74,6 +75,9 @@ R = TypeVar("R")
 
 SendStatus: TypeAlias = MessageSent | MessageBackpressured | MessageDropped
 """What ``send``, ``send_bytes``, ``publish``, ``ping`` and ``pong`` report."""
+
+WebSocketSendStatus: TypeAlias = SendStatus
+"""The spec's name for :data:`SendStatus`."""
 
 # A handler's result is awaited (as its task) when it is awaitable and ignored when it is not, so
 # it is typed `object`, as typeshed types callbacks whose result is ignored: a plain function or
@@ -308,7 +312,10 @@ class Config(Generic[T]):
         return dataclasses.replace(self, publish_to_self_enabled=value)
 
     def send_pings(self, send_pings: bool) -> Config[T]:
-        """Whether the server pings silent clients before the idle timeout (default True)."""
+        """Whether the server pings silent clients before the idle timeout (default True).
+
+        A client's pings are answered either way, as Bun answers them.
+        """
         value = _check_bool("send_pings", send_pings)
         return dataclasses.replace(self, send_pings_enabled=value)
 
@@ -492,7 +499,11 @@ def subscriptions(ws: WebSocket[Any]) -> list[str]:
 
 
 def cork(ws: WebSocket[T], callback: Callable[[WebSocket[T]], R]) -> R:
-    """Run ``callback(ws)`` and write everything it sends in one go; returns its result."""
+    """Run ``callback(ws)`` and write everything it sends in one go; returns its result.
+
+    ``callback`` is a plain function: an ``async def`` one is a ``TypeError``, since its body
+    would not run inside the cork.
+    """
     return ws.cork(callback)
 
 

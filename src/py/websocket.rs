@@ -392,7 +392,19 @@ impl PyWebSocket {
         conn.cork();
         let result = callback.call1((slf,));
         conn.uncork();
-        Ok(result?.unbind())
+        let result = result?;
+        // An `async def` callback's body has not run: Bun's would have run up to its first
+        // await, inside the cork. Sending nothing and returning a coroutine nobody awaits would
+        // lose its sends silently.
+        static COROUTINE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+        if result.is_instance(COROUTINE.import(slf.py(), "types", "CoroutineType")?)? {
+            result.call_method0(intern!(slf.py(), "close"))?;
+            return Err(PyTypeError::new_err(
+                "cork: the callback is a coroutine function, whose body would run after the cork \
+                 (if at all); cork a plain function, and await outside it",
+            ));
+        }
+        Ok(result.unbind())
     }
 
     /// Start the closing handshake; frames queued before it are still delivered.
