@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -438,11 +439,9 @@ async def check_proxied(port: int) -> None:
             assert await recv(client) == message
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make system-deps)")
-async def test_nginx_config_proxies_websockets(
-    started: list[brioche.Server[Any]], tmp_path: Path
-) -> None:
-    srv = await serve(load("production").app, started)
+@contextlib.asynccontextmanager
+async def nginx_in_front_of(srv: brioche.Server[Any], tmp_path: Path) -> AsyncIterator[int]:
+    """examples/deploy/nginx.conf in a real nginx, proxying to ``srv``; yields its port."""
     port = free_port()
     site = (EXAMPLES / "deploy" / "nginx.conf").read_text()
     site = site.replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}")
@@ -460,9 +459,52 @@ async def test_nginx_config_proxies_websockets(
     )
     try:
         await wait_listening(port, proc)
-        await check_proxied(port)
+        yield port
     finally:
         await stop_process(proc)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make system-deps)")
+async def test_nginx_config_proxies_websockets(
+    started: list[brioche.Server[Any]], tmp_path: Path
+) -> None:
+    srv = await serve(load("production").app, started)
+    async with nginx_in_front_of(srv, tmp_path) as port:
+        await check_proxied(port)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make system-deps)")
+async def test_behind_nginx_on_close_gets_the_code_of_a_close_either_side_starts(
+    started: list[brioche.Server[Any]], tmp_path: Path
+) -> None:
+    """nginx ends both legs of an upgraded connection at the server's FIN. The server sent its
+    FIN right after its own close frame, so the client's answer never reached it and on_close
+    reported 1006 for every close the server started; now the FIN waits for that answer."""
+    closes: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(4001, "bye")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        closes.put_nowait((code, reason))
+
+    def fetch(request: brioche.server.Request, srv: brioche.Server[Any]) -> brioche.server.Response | None:
+        return brioche.server.upgrade(srv, request, [], None, brioche.server.bad_request)
+
+    config = brioche.server.handler(fetch).websocket(
+        brioche.websocket.init().on_text(on_text).on_close(on_close)
+    )
+    srv = await serve_config(config.hostname("127.0.0.1").port(0), started)
+    async with nginx_in_front_of(srv, tmp_path) as port:
+        async with connect(f"ws://127.0.0.1:{port}/") as client:
+            await client.send("close me")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(client.recv(), 5)
+            assert client.close_code == 4001 and client.close_reason == "bye"
+        assert await asyncio.wait_for(closes.get(), 10) == (4001, "bye")
+        async with connect(f"ws://127.0.0.1:{port}/") as client:
+            await client.close(4000, "client-bye")
+        assert await asyncio.wait_for(closes.get(), 10) == (4000, "client-bye")
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed (make system-deps)")

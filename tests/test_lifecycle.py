@@ -729,9 +729,10 @@ def reset_by_peer(sock: socket.socket, data: bytes) -> bool:
 async def test_client_that_never_answers_the_close_frame_is_cut_after_the_close_timeout(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    """The server's close frame goes unanswered: the server half-closes at once, then 5 s later
-    (the close timeout) lets go of the connection, and on_close reports 1006, not the code it
-    sent. A frame the client writes after that is answered with a reset."""
+    """The server's close frame goes unanswered: 5 s later (the close timeout) the server lets
+    go of the connection, the client's read meets the end of the stream only then, and on_close
+    reports 1006, not the code it sent. A frame the client writes after that is answered with
+    a reset."""
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         ws.close(4001, "bye")

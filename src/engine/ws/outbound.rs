@@ -82,6 +82,9 @@ struct Queue {
     sealed: bool,
     /// The socket, while the connection is up; the connection task detaches it before closing.
     socket: Option<Arc<Stream>>,
+    /// The connection is over (`seal`, not a close frame's push): once everything is written,
+    /// the write side shuts (FIN).
+    ending: bool,
     /// The write side is shut down: everything up to the seal is written.
     shut_down: bool,
 }
@@ -248,9 +251,12 @@ impl Outbound {
         }
     }
 
-    /// Refuse every later frame.
+    /// Refuse every later frame: the connection is over, and its write side shuts once what is
+    /// queued is written.
     pub(crate) fn seal(&self) {
-        self.queue.lock().sealed = true;
+        let mut q = self.queue.lock();
+        q.sealed = true;
+        q.ending = true;
     }
 
     /// Whether later frames are refused: after `seal`, or a push that sealed (a close frame).
@@ -274,12 +280,13 @@ impl Outbound {
             inline_hint,
             sealed,
             socket,
+            ending,
             shut_down,
         } = guard;
         let Some(socket) = socket.as_deref() else {
             return Ok(Flushed::Detached);
         };
-        let fin_due = *sealed && !*shut_down;
+        let fin_due = *ending && !*shut_down;
         if chunks.is_empty() && !fin_due {
             // TLS records of an earlier flush may still wait for writability.
             if socket.write_pending()? {
@@ -365,10 +372,12 @@ impl Outbound {
         } else {
             *inline_hint = inline_total.min(INLINE_HINT_MAX) as u32;
         }
-        if *sealed && !*shut_down {
-            // The close frame (or the last frame before the end) is out: send FIN right away,
-            // so a client waiting for the end of the stream sees it without waiting for its own
-            // close frame to come back. The read side stays open for that frame.
+        if *ending && !*shut_down {
+            // The connection is over and its last frame is out: FIN at once, so a client
+            // waiting for the end of the stream sees it. Not as soon as a close frame the server
+            // started is out: the closing handshake is not over until the client's close frame
+            // comes back (RFC 6455 7.1.1), and a proxy such as nginx ends both of its legs at
+            // the server's FIN, so that frame never came and on_close reported 1006.
             *shut_down = true;
             socket.shutdown_write();
         }
