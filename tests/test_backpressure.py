@@ -203,6 +203,32 @@ async def test_backpressure_limit_zero_never_drops(serve: ServeFn, recorder: Rec
             assert frame.payload == numbered(i, SIZE)
 
 
+async def test_an_abrupt_end_frees_the_queue_and_buffered_amount_reads_zero(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """What is queued for a client that does not read is dropped when the connection ends
+    abruptly: it was held, and ``buffered_amount`` kept counting it, until the application let go
+    of its WebSocket (Bun's ``bufferedAmount`` reads 0 once closed)."""
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await fill(ws, (numbered(i, SIZE) for i in range(MAX_MESSAGES)),
+                   stop_when=lambda status: isinstance(status, MessageDropped))
+        before = ws.buffered_amount
+        ws.terminate()
+        recorder.add("terminated", before > LIMIT, ws.buffered_amount)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("closed", code, ws.buffered_amount)
+
+    config = websocket.init().on_text(on_text).on_close(on_close).backpressure_limit(LIMIT)
+    srv = await serve(config)
+    async with await RawWebSocket.connect(srv.port) as client:  # never reads
+        await client.send_text("go")
+        await recorder.wait_for(lambda: bool(recorder.of("closed")), 10)
+    assert recorder.of("terminated") == [(True, 0)]
+    assert recorder.of("closed") == [(1006, 0)]
+
+
 async def test_buffered_amount_counts_wire_bytes_including_headers(serve: ServeFn, recorder: Recorder) -> None:
     def measure(ws: brioche.WebSocket[Any]) -> list[int]:
         # Corked: the writer takes nothing until the callback returns, so the count is exact.

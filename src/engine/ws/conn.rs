@@ -435,6 +435,7 @@ impl Conn {
         // Nothing more is written from any thread; the task still holds the socket and closes it.
         drop(self.out.detach());
         self.out.seal();
+        self.out.discard();
         self.signal(signal::STATE);
     }
 

@@ -178,6 +178,18 @@ impl Outbound {
         self.queue.lock().socket.take()
     }
 
+    /// The connection is over and nothing will write what is still queued: free it now, not
+    /// when the application lets go of its `WebSocket`, and count it out of `buffered`, so
+    /// `buffered_amount` reads 0 once closed (as Bun's `bufferedAmount` does) and a loop
+    /// waiting for it to drain ends.
+    pub(crate) fn discard(&self) {
+        let mut q = self.queue.lock();
+        q.chunks = VecDeque::new();
+        q.written = 0;
+        self.buffered.store(0, Ordering::Relaxed);
+        self.note_front(&q);
+    }
+
     /// Queue `frame` (a refcount for a large one, a copy for a small one). With `seal`,
     /// nothing is accepted after it.
     pub(crate) fn push(&self, frame: &OutFrame, seal: bool) -> Pushed {
