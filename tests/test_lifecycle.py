@@ -250,6 +250,36 @@ async def test_terminate_gives_client_1006(serve: ServeFn, recorder: Recorder) -
     assert recorder.of("close") == [(1006,)]
 
 
+async def test_terminate_writes_what_is_queued_first_and_is_closed_at_once(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """As Bun's terminate: what was sent and published before it is flushed first (before, it
+    was dropped with the queue), and ``ready_state`` is CLOSED from then (it was CLOSING until
+    the connection's task ended), with later sends dropped."""
+    holder: list[brioche.Server[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.subscribe("room")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        sent = [ws.send("one"), ws.send_bytes(b"x" * 2000), holder[0].publish("room", "published")]
+        ws.terminate()
+        recorder.add("after", sent, ws.ready_state, ws.send("late"), ws.buffered_amount)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text))
+    holder.append(srv)
+    async with connect(ws_url(srv)) as client:
+        await client.send("go")
+        got = [await asyncio.wait_for(client.recv(), TIMEOUT) for _ in range(3)]
+        assert got == ["one", b"x" * 2000, "published"]
+        with pytest.raises(ConnectionClosedError) as info:
+            await asyncio.wait_for(client.recv(), TIMEOUT)
+        assert info.value.rcvd is None  # no close frame came
+    await recorder.wait_for(lambda: bool(recorder.of("after")), TIMEOUT)
+    sent = [MessageSent(3), MessageSent(2000), MessageSent(9)]
+    assert recorder.of("after") == [(sent, brioche.ReadyState.CLOSED, MessageDropped(), 0)]
+
+
 async def test_terminate_module_function_gives_1006(serve: ServeFn, recorder: Recorder) -> None:
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         websocket.terminate(ws)

@@ -507,7 +507,7 @@ async def test_a_run_that_takes_a_subscriber_past_the_limit_has_closed_it_when_t
 ) -> None:
     """With ``close_on_backpressure_limit``, the publish that finds a subscriber over the limit
     ends it. That publish may be part of a run not yet queued to each subscriber; the handler
-    that made it still reads the subscriber's ``ready_state`` as closing, and ``on_close``
+    that made it still reads the subscriber's ``ready_state`` as closed, and ``on_close``
     reports 1008."""
     sockets: dict[str, brioche.WebSocket[Any]] = {}
     holder: list[brioche.Server[Any]] = []
@@ -545,14 +545,15 @@ async def test_a_run_that_takes_a_subscriber_past_the_limit_has_closed_it_when_t
     # Queued before each frame, over the limit of 4,096: 0, 1,004, 2,008 (the high-water mark
     # is 2,048), 3,012, 4,016, then 5,020.
     assert recorder.of("after") == [
-        ([MessageSent(1000)] * 3 + [MessageBackpressured()] * 2 + [MessageDropped()], brioche.ReadyState.CLOSING)
+        ([MessageSent(1000)] * 3 + [MessageBackpressured()] * 2 + [MessageDropped()], brioche.ReadyState.CLOSED)
     ]
     assert recorder.of("close")[0] == ("/sub", 1008)
 
 
 async def test_publishes_before_a_terminate_count_as_delivered(serve: ServeFn, recorder: Recorder) -> None:
-    """``terminate`` drops what was queued for the socket, but the publishes made before it had
-    been queued to it, and ``stats()`` counts them as delivered, run or not."""
+    """The publishes made before ``terminate`` are queued to the socket, which writes them
+    before it ends (as Bun's ``terminate`` flushes first), and ``stats()`` counts them as
+    delivered, run or not."""
     sockets: dict[str, brioche.WebSocket[Any]] = {}
     holder: list[brioche.Server[Any]] = []
 
@@ -582,6 +583,7 @@ async def test_publishes_before_a_terminate_count_as_delivered(serve: ServeFn, r
         await go.send("go")
         assert [await recv(stays) for _ in range(2)] == ["m1", "m2"]
         await assert_nothing_pending(stays)
+        assert [await recv(gone) for _ in range(2)] == ["m1", "m2"]
         with pytest.raises(ConnectionClosed):
             await recv(gone)
     assert recorder.of("after") == [([MessageSent(2)] * 2, 4, 0)]

@@ -88,7 +88,7 @@ class WebSocket(Generic[_T]):
         """The client's IP address; ``""`` over a Unix socket."""
     @property
     def buffered_amount(self) -> int:
-        """Bytes accepted but not yet written to the kernel."""
+        """Bytes accepted but not yet written to the kernel; 0 once the connection has ended."""
     @property
     def subscriptions(self) -> list[str]:
         """The topics this socket is subscribed to."""
@@ -120,7 +120,8 @@ class WebSocket(Generic[_T]):
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and ``reason`` (at most 123 UTF-8 bytes)."""
     def terminate(self) -> None:
-        """Drop the connection without a close frame."""
+        """End the connection without a close frame; what was queued is written first, as far
+        as the kernel takes it now. ``ready_state`` is ``CLOSED`` from then on."""
     def ping(self, payload: str | bytes | bytearray | memoryview | None = None) -> _SendStatus:
         """Send a ping frame (payload at most 125 bytes)."""
     def pong(self, payload: str | bytes | bytearray | memoryview | None = None) -> _SendStatus:

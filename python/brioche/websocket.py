@@ -543,7 +543,11 @@ def close(ws: WebSocket[Any], code: int = 1000, reason: str = "") -> None:
 
 
 def terminate(ws: WebSocket[Any]) -> None:
-    """Drop the connection at once, without a close frame (the client sees 1006)."""
+    """End the connection at once, without a close frame (the client sees 1006).
+
+    As Bun's: what was sent and published before is written first, as far as the kernel takes
+    it without waiting; ``ready_state`` is ``CLOSED`` from then on.
+    """
     ws.terminate()
 
 

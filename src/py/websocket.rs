@@ -275,7 +275,7 @@ impl PyWebSocket {
         self.conn.remote.address()
     }
 
-    /// Bytes accepted for this connection but not yet written to the kernel.
+    /// Bytes accepted for this connection but not yet written to the kernel; 0 once it ended.
     #[getter]
     fn buffered_amount(&self) -> usize {
         self.conn.buffered_amount()
@@ -416,7 +416,8 @@ impl PyWebSocket {
         Ok(())
     }
 
-    /// Drop the connection without a close frame (the client sees 1006).
+    /// End the connection without a close frame (the client sees 1006); what was queued is
+    /// written first, as far as the kernel takes it now.
     fn terminate(&self) {
         self.conn.terminate();
     }

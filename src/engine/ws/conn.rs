@@ -410,8 +410,15 @@ impl Conn {
         }
     }
 
-    /// Drop the connection now, without a close frame; `on_close` gets 1006.
+    /// Drop the connection now, without a close frame; `on_close` gets 1006. What is queued is
+    /// written first as far as the kernel takes it now, as Bun's `terminate` flushes first:
+    /// one write that does not wait, from this thread.
     pub fn terminate(&self) {
+        if self.ready_state() != ReadyState::Closed {
+            // The batch's deferred publishes to this connection are among what is queued.
+            self.shared.settle_publishes();
+            let _ = self.out.flush();
+        }
         self.end_abruptly(1006, "");
     }
 
@@ -424,14 +431,13 @@ impl Conn {
             return;
         }
         *self.ending.lock() = Some(Box::new((code, reason.to_owned())));
-        // Not over `Closed`: the task may have finished since the check above (a client gone
-        // while the loop's write failed), and a `Closed` overwritten would stay `Closing`, a
-        // socket that could subscribe again with nothing to unsubscribe it.
-        let _ = self
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                (state != ReadyState::Closed as u8).then_some(ReadyState::Closing as u8)
-            });
+        // Closed at once, as Bun's readyState is after `terminate`: there is no closing
+        // handshake to wait for. Under the subscriptions' lock, as `finish` sets it, so a
+        // subscribe either comes before (and `finish` unsubscribes it) or is refused.
+        {
+            let _subs = self.subscriptions.lock();
+            self.set_state(ReadyState::Closed);
+        }
         // Nothing more is written from any thread; the task still holds the socket and closes it.
         drop(self.out.detach());
         self.out.seal();
