@@ -623,9 +623,33 @@ async def _run_in_on_text(serve: ServeFn, action: Any) -> tuple[str, Any]:
     return result
 
 
-@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2999, 5000])
+@pytest.mark.parametrize("code", [999, 1004, 1015, 2999, 5000])
 async def test_close_with_invalid_code_raises_value_error(serve: ServeFn, code: int) -> None:
     assert await _run_in_on_text(serve, lambda ws: ws.close(code, "")) == ("raised", ValueError)
+
+
+@pytest.mark.parametrize("code", [0, 1005, 1006])
+async def test_close_with_0_1005_or_1006_sends_a_close_frame_without_a_code(
+    serve: ServeFn, recorder: Recorder, code: int
+) -> None:
+    """As Bun's close: no frame may carry these, so the frame carries no code (nor the reason),
+    and a code on_close got can be passed on as it is. They were a ValueError."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(code, "dropped with the code")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        received = client.protocol.close_rcvd
+        assert received is not None  # a close frame came, with no code: websockets reads 1005
+        assert (received.code, received.reason) == (1005, "")
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("close") == [(1005, "")]
 
 
 @pytest.mark.parametrize("code", [-1, 65536, 2**70])
@@ -657,9 +681,26 @@ async def test_close_takes_a_close_code_member_and_defaults_to_1000(serve: Serve
             assert (client.close_code, client.close_reason) == (expected, "")
 
 
-async def test_close_reason_over_123_bytes_raises_value_error(serve: ServeFn) -> None:
-    reason = "é" * 62  # 124 UTF-8 bytes, 62 characters
-    assert await _run_in_on_text(serve, lambda ws: ws.close(1000, reason)) == ("raised", ValueError)
+@pytest.mark.parametrize(
+    ("reason", "sent"),
+    [("é" * 62, "é" * 61), ("x" * 200, "x" * 123), ("x" + "✓" * 41, "x" + "✓" * 40)],
+    ids=["124-bytes-of-2-byte-characters", "200-ascii", "124-bytes-ending-in-3-byte-characters"],
+)
+async def test_close_reason_over_123_bytes_is_cut_at_a_character_boundary(
+    serve: ServeFn, reason: str, sent: str
+) -> None:
+    """As Bun's close cuts it: to the 123 bytes a close frame has room for, whole characters
+    only. It was a ValueError, which turned a close made with an error message into an error."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.close(4000, reason)
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+        assert (client.close_code, client.close_reason) == (4000, sent)
+    assert 120 < len(sent.encode()) <= 123
 
 
 async def test_close_reason_of_exactly_123_bytes_reaches_client(serve: ServeFn) -> None:

@@ -118,7 +118,9 @@ class WebSocket(Generic[_T]):
         """Run ``callback(self)``; what it sends is written in one go. ``callback`` is a plain
         function: an ``async def`` one is a ``TypeError``."""
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake with ``code`` and ``reason`` (at most 123 UTF-8 bytes)."""
+        """Start the closing handshake with ``code`` and ``reason``, as Bun's ``close``: the reason
+        is cut to 123 UTF-8 bytes at a character boundary, and 0, 1005 or 1006 send a close frame
+        without a code (or reason). Other codes no frame may carry are a ``ValueError``."""
     def terminate(self) -> None:
         """End the connection without a close frame; what was queued is written first, as far
         as the kernel takes it now. ``ready_state`` is ``CLOSED`` from then on."""

@@ -164,9 +164,12 @@ pub(super) fn check_topic(topic: &str) -> PyResult<()> {
 /// is taken (`CloseCode` members too), so that one out of `u16`'s range is the same `ValueError`
 /// as any other code that may not be sent, not an `OverflowError`; omitted (or None, as Bun's
 /// `undefined`), 1000.
-fn close_code(code: Option<&Bound<'_, PyAny>>) -> PyResult<u16> {
+/// The code a close frame carries; `None` for none at all: 0, 1005 and 1006 (which no frame
+/// may carry) send a close frame without a code, as Bun's `close` does, so a code `on_close`
+/// got can be passed on as it is.
+fn close_code(code: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u16>> {
     let Some(code) = code else {
-        return Ok(1000);
+        return Ok(Some(1000));
     };
     if code.is_instance_of::<PyBool>() || !code.is_instance_of::<PyInt>() {
         return Err(PyTypeError::new_err(format!(
@@ -175,22 +178,27 @@ fn close_code(code: Option<&Bound<'_, PyAny>>) -> PyResult<u16> {
         )));
     }
     match code.extract::<u16>() {
-        Ok(code) if is_valid_close_code(code) => Ok(code),
+        Ok(0 | 1005 | 1006) => Ok(None),
+        Ok(code) if is_valid_close_code(code) => Ok(Some(code)),
         _ => Err(value_error(format!(
-            "close code {code} may not be sent; use 1000-1003, 1007-1014 or 3000-4999"
+            "close code {code} may not be sent; use 1000-1003, 1007-1014 or 3000-4999 \
+             (or 0, 1005 or 1006 for a close frame without a code)"
         ))),
     }
 }
 
-fn check_close_reason(reason: &str) -> PyResult<()> {
-    if reason.len() > 123 {
-        return Err(value_error(format!(
-            "a close reason is at most 123 UTF-8 bytes, got {}",
-            reason.len()
-        )));
+/// At most the 123 bytes a close frame has room for, cut at a character boundary, as Bun's
+/// `close` cuts it: a reason made from an error message does not turn the close into an error.
+fn close_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
     }
-    Ok(())
+    &reason[..end]
 }
+
+/// A close frame's payload is at most 125 bytes, two of them the code.
+const MAX_CLOSE_REASON: usize = 123;
 
 fn control_payload(function: &str, payload: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u8>> {
     let bytes = match payload {
@@ -410,9 +418,10 @@ impl PyWebSocket {
     /// Start the closing handshake; frames queued before it are still delivered.
     #[pyo3(signature = (code = None, reason = ""), text_signature = "(self, code=1000, reason='')")]
     fn close(&self, code: Option<&Bound<'_, PyAny>>, reason: &str) -> PyResult<()> {
-        let code = close_code(code)?;
-        check_close_reason(reason)?;
-        self.conn.close(code, reason);
+        match close_code(code)? {
+            Some(code) => self.conn.close(code, close_reason(reason)),
+            None => self.conn.close_without_code(),
+        }
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use super::batch;
 use super::deflate::{self, DeflateParams, Deflater};
 use super::encode::OutFrame;
 use super::outbound::{Flushed, Outbound, Pushed};
-use super::protocol::{OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RSV1};
+use super::protocol::{OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RSV1};
 use super::shared::Shared;
 use super::Event;
 use crate::engine::bridge::events::LogKind;
@@ -403,9 +403,18 @@ impl Conn {
 
     /// Start the closing handshake. Frames queued before it are still written.
     pub fn close(&self, code: u16, reason: &str) {
+        self.close_with(OutFrame::close(code, reason));
+    }
+
+    /// Start the closing handshake with a close frame that carries no code.
+    pub fn close_without_code(&self) {
+        self.close_with(OutFrame::new(OP_CLOSE, Bytes::new()));
+    }
+
+    fn close_with(&self, frame: OutFrame) {
         self.shared.settle_publishes();
         if self.transition(ReadyState::Open, ReadyState::Closing) {
-            self.out.push(&OutFrame::close(code, reason), true);
+            self.out.push(&frame, true);
             self.signal(signal::STATE | signal::FLUSH);
         }
     }
