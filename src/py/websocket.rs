@@ -415,7 +415,8 @@ impl PyWebSocket {
         Ok(result.unbind())
     }
 
-    /// Start the closing handshake; frames queued before it are still delivered.
+    /// Start the closing handshake; frames queued before it are still delivered. As Bun's: the
+    /// reason is cut to 123 UTF-8 bytes, and 0, 1005 or 1006 send a frame without a code.
     #[pyo3(signature = (code = None, reason = ""), text_signature = "(self, code=1000, reason='')")]
     fn close(&self, code: Option<&Bound<'_, PyAny>>, reason: &str) -> PyResult<()> {
         match close_code(code)? {
