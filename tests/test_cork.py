@@ -184,3 +184,23 @@ async def test_an_async_callback_is_a_type_error_not_sends_lost_silently(
     message = ("cork: the callback is a coroutine function, whose body would run after the cork "
                "(if at all); cork a plain function, and await outside it")
     assert recorder.of("refused") == [(message,), (message,)]
+
+
+async def test_terminate_inside_a_cork_still_writes_what_was_sent_first(serve: ServeFn) -> None:
+    """terminate() writes what was queued before it (as Bun's), the cork's frames included: the
+    cork held them back from that write, and the end then freed them unsent."""
+
+    def corked(ws: brioche.WebSocket[Any]) -> None:
+        ws.send("one")
+        ws.send_bytes(b"two")
+        ws.terminate()
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.cork(corked)
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_text("go")
+        frames, how = await client.frames_until_end()
+    assert [(f.opcode, f.payload) for f in frames] == [(OP_TEXT, b"one"), (OP_BINARY, b"two")]
+    assert how == "eof"

@@ -376,7 +376,8 @@ impl Conn {
         match self.flush() {
             Ok(Flushed::Blocked) => self.signal(signal::FLUSH),
             Ok(_) => {}
-            Err(_) => self.terminate(),
+            // The socket failed: nothing more can be written to it.
+            Err(_) => self.end_abruptly(1006, ""),
         }
     }
 
@@ -426,7 +427,7 @@ impl Conn {
         if self.ready_state() != ReadyState::Closed {
             // The batch's deferred publishes to this connection are among what is queued.
             self.shared.settle_publishes();
-            let _ = self.out.flush();
+            let _ = self.out.flush_last();
         }
         self.end_abruptly(1006, "");
     }
@@ -441,12 +442,11 @@ impl Conn {
         }
         *self.ending.lock() = Some(Box::new((code, reason.to_owned())));
         // Closed at once, as Bun's readyState is after `terminate`: there is no closing
-        // handshake to wait for. Under the subscriptions' lock, as `finish` sets it, so a
-        // subscribe either comes before (and `finish` unsubscribes it) or is refused.
-        {
-            let _subs = self.subscriptions.lock();
-            self.set_state(ReadyState::Closed);
-        }
+        // handshake to wait for. Not under the subscriptions' lock: a publish that finds this
+        // connection over its limit gets here holding the topic's lock, which `finish` takes
+        // under the subscriptions' lock. A subscribe that read the state before this store is
+        // undone by `finish`, which drains the subscriptions under that lock after it.
+        self.set_state(ReadyState::Closed);
         // Nothing more is written from any thread; the task still holds the socket and closes it.
         drop(self.out.detach());
         self.out.seal();

@@ -183,11 +183,26 @@ impl Outbound {
     /// `buffered_amount` reads 0 once closed (as Bun's `bufferedAmount` does) and a loop
     /// waiting for it to drain ends.
     pub(crate) fn discard(&self) {
-        let mut q = self.queue.lock();
-        q.chunks = VecDeque::new();
-        q.written = 0;
-        self.buffered.store(0, Ordering::Relaxed);
-        self.note_front(&q);
+        let chunks = {
+            let mut q = self.queue.lock();
+            q.written = 0;
+            self.buffered.store(0, Ordering::Relaxed);
+            let chunks = std::mem::take(&mut q.chunks);
+            self.note_front(&q);
+            chunks
+        };
+        // Freed outside the lock: up to a backpressure limit's worth of chunks.
+        drop(chunks);
+    }
+
+    /// Refuse every later frame and write what is queued, a cork notwithstanding: the last
+    /// write of a connection about to end (`terminate`).
+    pub(crate) fn flush_last(&self) -> io::Result<Flushed> {
+        let mut guard = self.queue.lock();
+        guard.sealed = true;
+        let flushed = self.flush_locked(&mut guard);
+        self.note_front(&guard);
+        flushed
     }
 
     /// Queue `frame` (a refcount for a large one, a copy for a small one). With `seal`,

@@ -529,7 +529,8 @@ impl Task {
         }
         match self.poll_write(cx, signals) {
             Step::Done(()) => {
-                self.conn.terminate();
+                // The socket failed: nothing more can be written to it.
+                self.conn.end_abruptly(1006, "");
                 Step::Progress
             }
             other => other,
