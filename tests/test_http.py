@@ -588,5 +588,5 @@ async def test_header_values_are_iso_8859_1_both_ways(serve: ServeFn, caplog: py
         assert (status, body) == (500, b"Internal Server Error"), path
         assert "x-injected" not in headers
     logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "brioche" and r.exc_info]
-    reason = "characters above U+00FF and control characters other than tab cannot be sent"
+    reason = "characters above U+00FF and ASCII control characters other than tab cannot be sent"
     assert logged == [f"invalid value for header x-wide: {reason}", f"invalid value for header x-split: {reason}"]

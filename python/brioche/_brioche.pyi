@@ -88,7 +88,8 @@ class WebSocket(Generic[_T]):
         """The client's IP address; ``""`` over a Unix socket."""
     @property
     def buffered_amount(self) -> int:
-        """Bytes accepted but not yet written to the kernel; 0 once the connection has ended."""
+        """Bytes accepted but not yet written to the kernel; 0 once the connection ended
+        abruptly, or once its last frames after a close are written or given up."""
     @property
     def subscriptions(self) -> list[str]:
         """The topics this socket is subscribed to."""

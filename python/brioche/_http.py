@@ -176,8 +176,8 @@ class Response:
     ``transfer-encoding`` may not be given, nor a 2xx answer a ``CONNECT`` (it would open a
     tunnel): the handler's response is then a ``ValueError``, logged, and the client gets 500.
     A 204, 205 or 304 with a body is a ``ValueError`` here. Header values are sent as
-    ISO-8859-1, one byte per character: a character above U+00FF, or a control character other
-    than tab, is the handler's error too (500).
+    ISO-8859-1, one byte per character: a character above U+00FF, or an ASCII control
+    character other than tab, is the handler's error too (500).
     """
 
     status: int = 200

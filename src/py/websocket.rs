@@ -283,7 +283,8 @@ impl PyWebSocket {
         self.conn.remote.address()
     }
 
-    /// Bytes accepted for this connection but not yet written to the kernel; 0 once it ended.
+    /// Bytes accepted for this connection but not yet written to the kernel; 0 once it ended
+    /// abruptly, or once its last frames after a close are written or given up.
     #[getter]
     fn buffered_amount(&self) -> usize {
         self.conn.buffered_amount()
@@ -404,8 +405,12 @@ impl PyWebSocket {
         // An `async def` callback's body has not run: Bun's would have run up to its first
         // await, inside the cork. Sending nothing and returning a coroutine nobody awaits would
         // lose its sends silently.
+        // `collections.abc.Coroutine`: Cython's and mypyc's coroutines too. Most callbacks
+        // return None, which skips the ABC's check.
         static COROUTINE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-        if result.is_instance(COROUTINE.import(slf.py(), "types", "CoroutineType")?)? {
+        if !result.is_none()
+            && result.is_instance(COROUTINE.import(slf.py(), "collections.abc", "Coroutine")?)?
+        {
             result.call_method0(intern!(slf.py(), "close"))?;
             return Err(PyTypeError::new_err(
                 "cork: the callback is a coroutine function, whose body would run after the cork \

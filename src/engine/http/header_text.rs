@@ -18,8 +18,9 @@ pub(crate) fn decode(value: &HeaderValue) -> String {
     bytes.iter().copied().map(char::from).collect()
 }
 
-/// One byte per character; `None` for a character above U+00FF, or for a control character
-/// other than tab (which would end or split the header line).
+/// One byte per character; `None` for a character above U+00FF, or for an ASCII control
+/// character other than tab (which would end or split the header line). U+0080 to U+009F are
+/// sent as the bytes 0x80 to 0x9F, `obs-text` like the rest above 0x7F.
 pub(crate) fn encode(value: &str) -> Option<HeaderValue> {
     if value.is_ascii() {
         return HeaderValue::from_str(value).ok();

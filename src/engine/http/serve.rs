@@ -55,8 +55,8 @@ pub fn parse_headers(
                 .map_err(|_| InvalidResponse(format!("invalid header name {name:?}")))?;
             let value = header_text::encode(value).ok_or_else(|| {
                 InvalidResponse(format!(
-                    "invalid value for header {name}: characters above U+00FF and control \
-                     characters other than tab cannot be sent"
+                    "invalid value for header {name}: characters above U+00FF and ASCII \
+                     control characters other than tab cannot be sent"
                 ))
             })?;
             Ok((name, value))
