@@ -215,22 +215,6 @@ async def test_module_close_function_closes_with_code(serve: ServeFn) -> None:
         assert (client.close_code, client.close_reason) == (4003, "module")
 
 
-async def test_close_without_arguments_sends_1000_and_empty_reason(serve: ServeFn, recorder: Recorder) -> None:
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        ws.close()
-
-    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
-        recorder.add("close", code, reason)
-
-    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
-    async with connect(ws_url(srv)) as client:
-        await client.send("x")
-        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
-        assert (client.close_code, client.close_reason) == (1000, "")
-    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
-    assert recorder.of("close") == [(1000, "")]
-
-
 async def test_terminate_gives_client_1006(serve: ServeFn, recorder: Recorder) -> None:
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         ws.terminate()
@@ -628,28 +612,34 @@ async def test_close_with_invalid_code_raises_value_error(serve: ServeFn, code: 
     assert await _run_in_on_text(serve, lambda ws: ws.close(code, "")) == ("raised", ValueError)
 
 
-@pytest.mark.parametrize("code", [0, 1005, 1006])
-async def test_close_with_0_1005_or_1006_sends_a_close_frame_without_a_code(
-    serve: ServeFn, recorder: Recorder, code: int
+@pytest.mark.parametrize(
+    "args",
+    [(), (0, "dropped with the code"), (1005, "dropped with the code"), (1006, "dropped")],
+    ids=["no-arguments", "0", "1005", "1006"],
+)
+async def test_what_a_close_sends_and_on_close_gets(
+    serve: ServeFn, recorder: Recorder, args: tuple[Any, ...]
 ) -> None:
-    """As Bun's close: no frame may carry these, so the frame carries no code (nor the reason),
-    and a code on_close got can be passed on as it is. They were a ValueError."""
+    """``close()`` sends 1000 and no reason. 0, 1005 and 1006, as in Bun's close, send a frame
+    without a code (nor the reason), so a code on_close got can be passed on as it is (they were
+    a ValueError); websockets, and on_close after its echo, read such a frame as 1005."""
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        ws.close(code, "dropped with the code")
+        ws.close(*args)
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", code, reason)
 
+    expected = (1000, "") if not args else (1005, "")
     srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
     async with connect(ws_url(srv)) as client:
         await client.send("x")
         await asyncio.wait_for(client.wait_closed(), TIMEOUT)
         received = client.protocol.close_rcvd
-        assert received is not None  # a close frame came, with no code: websockets reads 1005
-        assert (received.code, received.reason) == (1005, "")
+        assert received is not None  # a close frame came
+        assert (received.code, received.reason) == expected
     await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
-    assert recorder.of("close") == [(1005, "")]
+    assert recorder.of("close") == [expected]
 
 
 @pytest.mark.parametrize("code", [-1, 65536, 2**70])
@@ -683,10 +673,16 @@ async def test_close_takes_a_close_code_member_and_defaults_to_1000(serve: Serve
 
 @pytest.mark.parametrize(
     ("reason", "sent"),
-    [("é" * 62, "é" * 61), ("x" * 200, "x" * 123), ("x" + "✓" * 41, "x" + "✓" * 40)],
-    ids=["124-bytes-of-2-byte-characters", "200-ascii", "124-bytes-ending-in-3-byte-characters"],
+    [
+        ("é" * 61 + "x", "é" * 61 + "x"),
+        ("é" * 62, "é" * 61),
+        ("x" * 200, "x" * 123),
+        ("x" + "✓" * 41, "x" + "✓" * 40),
+    ],
+    ids=["exactly-123-bytes", "124-bytes-of-2-byte-characters", "200-ascii",
+         "124-bytes-ending-in-3-byte-characters"],
 )
-async def test_close_reason_over_123_bytes_is_cut_at_a_character_boundary(
+async def test_a_close_reason_over_123_bytes_is_cut_at_a_character_boundary(
     serve: ServeFn, reason: str, sent: str
 ) -> None:
     """As Bun's close cuts it: to the 123 bytes a close frame has room for, whole characters
@@ -701,19 +697,6 @@ async def test_close_reason_over_123_bytes_is_cut_at_a_character_boundary(
         await asyncio.wait_for(client.wait_closed(), TIMEOUT)
         assert (client.close_code, client.close_reason) == (4000, sent)
     assert 120 < len(sent.encode()) <= 123
-
-
-async def test_close_reason_of_exactly_123_bytes_reaches_client(serve: ServeFn) -> None:
-    reason = "é" * 61 + "x"  # 123 UTF-8 bytes
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        ws.close(4000, reason)
-
-    srv = await serve(websocket.init().on_text(on_text))
-    async with connect(ws_url(srv)) as client:
-        await client.send("x")
-        await asyncio.wait_for(client.wait_closed(), TIMEOUT)
-        assert (client.close_code, client.close_reason) == (4000, reason)
 
 
 async def test_close_with_1014_reaches_the_client(serve: ServeFn) -> None:
