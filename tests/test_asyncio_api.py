@@ -267,8 +267,9 @@ async def test_upgrade_refuses_the_handshakes_own_headers_and_takes_a_subprotoco
         assert await recv(client) == "'chat'"
     async with connect(ws_url(srv, "/plain")) as client:
         assert client.response is not None and client.response.headers["x-extra"] == "1"
-        # Sent as ISO-8859-1, one byte per character, and read back so by websockets.
-        assert client.response.headers["x-latin"] == "café"
+        # Sent as ISO-8859-1, one byte per character. websockets reads values as ISO-8859-1,
+        # or (the release for 3.10) as ASCII with surrogateescape: the same byte either way.
+        assert client.response.headers["x-latin"].encode("latin-1", "surrogateescape") == b"caf\xe9"
         assert await recv(client) == "None"
     assert recorder.of("wide") == [
         ("invalid value for header x-wide: characters above U+00FF and ASCII control characters "
