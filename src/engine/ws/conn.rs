@@ -427,7 +427,9 @@ impl Conn {
         if self.ready_state() != ReadyState::Closed {
             // The batch's deferred publishes to this connection are among what is queued.
             self.shared.settle_publishes();
-            let _ = self.out.flush_last();
+            // Sealed first: the write then ignores a cork, and the FIN follows it once all of it is out.
+            self.out.seal();
+            let _ = self.out.flush();
         }
         self.end_abruptly(1006, "");
     }
@@ -448,9 +450,8 @@ impl Conn {
         // undone by `finish`, which drains the subscriptions under that lock after it.
         self.set_state(ReadyState::Closed);
         // Nothing more is written from any thread; the task still holds the socket and closes it.
-        drop(self.out.detach());
         self.out.seal();
-        self.out.discard();
+        drop(self.out.detach());
         self.signal(signal::STATE);
     }
 

@@ -172,37 +172,24 @@ impl Outbound {
     }
 
     /// Stop writing from any thread; the caller (the connection task) closes the socket.
+    /// Nothing will write what is still queued: it is freed now, not when the application lets
+    /// go of its `WebSocket`, and counted out of `buffered`, so `buffered_amount` reads 0 once
+    /// the connection has ended (as Bun's `bufferedAmount` does) and a loop waiting for it to
+    /// drain ends.
     pub(crate) fn detach(&self) -> Option<Arc<Stream>> {
         self.socket_at
             .store(std::ptr::null_mut(), Ordering::Relaxed);
-        self.queue.lock().socket.take()
-    }
-
-    /// The connection is over and nothing will write what is still queued: free it now, not
-    /// when the application lets go of its `WebSocket`, and count it out of `buffered`, so
-    /// `buffered_amount` reads 0 once closed (as Bun's `bufferedAmount` does) and a loop
-    /// waiting for it to drain ends.
-    pub(crate) fn discard(&self) {
-        let chunks = {
+        let (socket, chunks) = {
             let mut q = self.queue.lock();
             q.written = 0;
             self.buffered.store(0, Ordering::Relaxed);
             let chunks = std::mem::take(&mut q.chunks);
             self.note_front(&q);
-            chunks
+            (q.socket.take(), chunks)
         };
         // Freed outside the lock: up to a backpressure limit's worth of chunks.
         drop(chunks);
-    }
-
-    /// Refuse every later frame and write what is queued, a cork notwithstanding: the last
-    /// write of a connection about to end (`terminate`).
-    pub(crate) fn flush_last(&self) -> io::Result<Flushed> {
-        let mut guard = self.queue.lock();
-        guard.sealed = true;
-        let flushed = self.flush_locked(&mut guard);
-        self.note_front(&guard);
-        flushed
+        socket
     }
 
     /// Queue `frame` (a refcount for a large one, a copy for a small one). With `seal`,

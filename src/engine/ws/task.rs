@@ -129,7 +129,6 @@ pub(crate) fn run(
         std::future::poll_fn(|cx| task.poll(cx, timer.as_mut())).await;
         // No other thread writes once detached, so this is the last reference: the socket closes.
         drop(task.conn.out.detach());
-        task.conn.out.discard();
     }
 }
 
@@ -199,7 +198,6 @@ impl Drop for Task {
         conn.out.seal();
         conn.terminated.store(true, Ordering::Release);
         drop(conn.out.detach());
-        conn.out.discard();
         self.report_end(1011, "internal error".to_owned());
     }
 }
