@@ -483,3 +483,97 @@ async def test_publish_to_a_recipient_over_the_limit_drops_it_and_terminates_it_
         overfull_ws = recorder.of("open")[1][0]
         assert recorder.of("close") == [(overfull_ws, 1008, "backpressure limit exceeded")]
         assert srv.subscriber_count("t") == 1
+
+
+@pytest.mark.parametrize("close_on_limit", [False, True])
+async def test_a_burst_over_the_limit_to_a_client_that_reads_loses_nothing(
+    serve: ServeFn, recorder: Recorder, close_on_limit: bool
+) -> None:
+    """One handler sends 40 messages of 64 KiB (2.5 MiB) over a limit of 1 MiB to a client that
+    reads. Nothing is written until the handler batch ends, so the queue passes the limit with
+    no byte yet offered to the kernel: it is written first, as uWS writes when its cork buffer
+    overflows, and only what the kernel refuses counts. No send is dropped, the client gets all
+    40, and with ``close_on_backpressure_limit`` it is not closed. Before, the client got 16
+    (and with the option, none: it was closed with 1008)."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "sync":
+            ws.send("synced")
+            return
+        recorder.add("statuses", [ws.send_bytes(numbered(i, SIZE)) for i in range(40)])
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    config = (
+        websocket.init()
+        .on_text(on_text)
+        .on_close(on_close)
+        .backpressure_limit(LIMIT)
+        .close_on_backpressure_limit(close_on_limit)
+    )
+    srv = await serve(config)
+    async with connect(ws_url(srv), max_size=None) as client:
+        await client.send("go")
+        received = [await asyncio.wait_for(client.recv(), 10) for _ in range(40)]
+        assert received == [numbered(i, SIZE) for i in range(40)]
+        await client.send("sync")
+        assert await asyncio.wait_for(client.recv(), 10) == "synced"
+    ((statuses,),) = recorder.of("statuses")
+    assert not any(isinstance(s, MessageDropped) for s in statuses), statuses
+    assert statuses[0] == MessageSent(SIZE)
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1000, "")]
+
+
+async def test_with_a_limit_of_one_byte_the_first_send_is_sent(serve: ServeFn, recorder: Recorder) -> None:
+    """The high-water mark is half the limit, at least one byte: with ``backpressure_limit(1)``
+    a send onto an empty queue is Sent, as Bun's first send is (Bun's test "backpressureLimit"),
+    and the next, over the limit with its queue not yet written, has it written first and is
+    queued. Before, the first was Backpressured (a mark of 0) and the second Dropped."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("statuses", ws.send("a"), ws.send("b"))
+
+    srv = await serve(websocket.init().on_text(on_text).backpressure_limit(1))
+    async with connect(ws_url(srv)) as client:
+        await client.send("go")
+        assert [await asyncio.wait_for(client.recv(), 5) for _ in range(2)] == ["a", "b"]
+    assert recorder.of("statuses") == [(MessageSent(1), MessageSent(1))]
+
+
+async def test_on_drain_does_not_fire_once_the_socket_is_closing(serve: ServeFn, recorder: Recorder) -> None:
+    """A congested socket is closed before its queue drains: when it has written everything,
+    nothing more can be sent to it, and ``on_drain`` does not fire (as Bun's ``drain`` does not
+    for a closed socket). Before, it fired with ``ready_state`` CLOSING."""
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await fill(ws, (numbered(i, SIZE) for i in range(MAX_MESSAGES)),
+                   stop_when=lambda status: isinstance(status, MessageBackpressured))
+        ws.close(4000, "enough")
+        recorder.add("closed")
+
+    def on_drain(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("drain", ws.ready_state)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_text(on_text).on_drain(on_drain).on_close(on_close).backpressure_limit(LIMIT))
+    async with await RawWebSocket.connect(srv.port, rcvbuf=4096) as client:
+        client.pause_reading()
+        await client.send_text("go")
+        await recorder.wait_for(lambda: bool(recorder.of("closed")))
+        client.resume_reading()
+        frames = []
+        while True:
+            frame = await client.recv_frame(timeout=10)
+            frames.append(frame)
+            if frame.opcode == OP_CLOSE:
+                break
+            assert len(frames) <= MAX_MESSAGES
+        assert frames[-1].close_code == 4000
+        await client.send_close(4000)
+        await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(4000,)]
+    assert recorder.of("drain") == []

@@ -58,12 +58,13 @@ impl SendStatus {
 }
 
 /// Queued bytes past which a socket reports `Backpressured` even before its writer has hit a
-/// full kernel buffer: 256 KiB, or half the backpressure limit when that is smaller.
+/// full kernel buffer: 256 KiB, or half the backpressure limit when that is smaller. At least
+/// one byte: a send onto an empty queue is `Sent` whatever the limit, as Bun's first send is.
 pub(crate) fn high_water_mark(backpressure_limit: usize) -> usize {
     const DEFAULT: usize = 256 * 1024;
     match backpressure_limit {
         0 => DEFAULT,
-        limit => DEFAULT.min(limit / 2),
+        limit => DEFAULT.min(limit / 2).max(1),
     }
 }
 
@@ -322,8 +323,22 @@ impl Conn {
             return SendStatus::Dropped;
         }
         let limits = &self.shared.config.ws;
-        let buffered = self.out.buffered();
-        if limits.backpressure_limit > 0 && buffered > limits.backpressure_limit {
+        let limit = limits.backpressure_limit;
+        let mut buffered = self.out.buffered();
+        if limit > 0 && buffered > limit && !self.out.is_refused() {
+            // Within a batch nothing is written until it ends: a burst from one handler (or a
+            // batch's publishes) may be over the limit with no byte yet offered to the kernel,
+            // and dropping now would lose messages for a client that reads as fast as it can
+            // (and end it, with `close_on_backpressure_limit`). Offer them first, as uWS writes
+            // when its cork buffer overflows: only what the kernel refuses counts. Not again
+            // while the kernel refuses: the connection's task waits for writability.
+            self.flush_or_hand_over();
+            if self.ready_state() != ReadyState::Open {
+                return SendStatus::Dropped;
+            }
+            buffered = self.out.buffered();
+        }
+        if limit > 0 && buffered > limit {
             if limits.close_on_backpressure_limit {
                 self.end_abruptly(1008, "backpressure limit exceeded");
                 self.shared.log(
@@ -347,7 +362,7 @@ impl Conn {
         // high-water mark the socket counts as congested at once (and `on_drain` follows when
         // the queue empties), so a sender that waits for Backpressured slows down before Dropped.
         let mut congested = self.out.is_congested();
-        if !congested && buffered >= high_water_mark(limits.backpressure_limit) {
+        if !congested && buffered >= high_water_mark(limit) {
             self.out.set_congested();
             congested = true;
         }
@@ -384,7 +399,12 @@ impl Conn {
     /// Write what is queued; `on_drain` is due when a congested queue empties.
     pub(crate) fn flush(&self) -> io::Result<Flushed> {
         let flushed = self.out.flush()?;
-        if flushed == Flushed::Done && self.out.is_congested() && self.out.clear_congested() {
+        if flushed == Flushed::Done
+            && self.out.is_congested()
+            && self.out.clear_congested()
+            // Not once closing, as Bun's `drain` is not: nothing more can be sent.
+            && self.ready_state() == ReadyState::Open
+        {
             self.shared.events.push(Event::Drain(self.id));
         }
         Ok(flushed)
@@ -624,6 +644,7 @@ mod tests {
         assert_eq!(high_water_mark(0), 256 * 1024);
         assert_eq!(high_water_mark(16 * 1024 * 1024), 256 * 1024);
         assert_eq!(high_water_mark(1000), 500);
+        assert_eq!(high_water_mark(1), 1);
     }
 
     /// `terminate` (the loop, or a failed write) racing the task's `finish` (the client gone):

@@ -111,6 +111,9 @@ pub(crate) struct Outbound {
     /// The kernel refused bytes, or the queue passed the high-water mark: sends report
     /// `Backpressured` until everything is written.
     congested: AtomicBool,
+    /// The kernel refused bytes at the last write: the connection task waits for writability,
+    /// and another write before then would only be refused too.
+    refused: AtomicBool,
     /// A send was dropped over the backpressure limit since the queue was last congestion-free:
     /// the drop is logged once per such episode, not once per message.
     dropping: AtomicBool,
@@ -362,6 +365,7 @@ impl Outbound {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.congested.store(true, Ordering::Relaxed);
+                    self.refused.store(true, Ordering::Relaxed);
                     if let Some(Chunk::Shared(range)) = chunks.front_mut() {
                         // Keep only the unwritten part of a partly written range.
                         range.advance(*written);
@@ -376,6 +380,7 @@ impl Outbound {
         if socket.write_pending()? {
             // TLS: the session took every byte but the socket not all its records yet.
             self.congested.store(true, Ordering::Relaxed);
+            self.refused.store(true, Ordering::Relaxed);
             return Ok(Flushed::Blocked);
         }
         if total <= KEEP_BUFFERS_AFTER {
@@ -386,6 +391,7 @@ impl Outbound {
         } else {
             *inline_hint = inline_total.min(INLINE_HINT_MAX) as u32;
         }
+        self.refused.store(false, Ordering::Relaxed);
         if *ending && !*shut_down {
             // The connection is over and its last frame is out: FIN at once, so a client
             // waiting for the end of the stream sees it. Not as soon as a close frame the server
@@ -418,6 +424,11 @@ impl Outbound {
 
     pub(crate) fn is_congested(&self) -> bool {
         self.congested.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel refused bytes at the last write (`refused`).
+    pub(crate) fn is_refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_congested(&self) {

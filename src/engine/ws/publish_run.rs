@@ -74,7 +74,9 @@ impl PendingRun {
         }
         if let Some(run) = self.run.lock().as_mut() {
             if run.is_for(topic) {
-                return Some(run.defer(range.clone(), payload_len));
+                if let Some(status) = run.defer(range, payload_len) {
+                    return Some(status);
+                }
             }
         }
         self.settle(stats);
@@ -108,6 +110,8 @@ pub(crate) struct Found {
     closed: bool,
     /// A subscriber was congested.
     congested: bool,
+    /// The kernel refused a subscriber's bytes at its last write.
+    refused: bool,
     /// The most bytes any subscriber had queued.
     max_buffered: usize,
 }
@@ -117,6 +121,7 @@ impl Found {
     pub(crate) fn add(&mut self, conn: &Conn) {
         self.closed |= conn.ready_state() != ReadyState::Open;
         self.congested |= conn.out.is_congested();
+        self.refused |= conn.out.is_refused();
         self.max_buffered = self.max_buffered.max(conn.out.buffered());
     }
 }
@@ -148,19 +153,26 @@ impl PublishRun {
         self.topic.is(topic)
     }
 
-    /// Add one publish of `range` to the run; its status, as if queued to each now.
-    pub(crate) fn defer(&mut self, range: ArenaRange, payload_len: usize) -> SendStatus {
+    /// Add one publish of `range` to the run; its status, as if queued to each now. `None`,
+    /// adding nothing, when a subscriber would be over the limit with its queue not yet offered
+    /// to the kernel: queued at once, the publish would have the queue written first, which a
+    /// run cannot foresee, so the run is delivered and the publish queued as any other.
+    pub(crate) fn defer(&mut self, range: &ArenaRange, payload_len: usize) -> Option<SendStatus> {
         let before = self.found.max_buffered + self.bytes;
-        self.bytes += range.len();
-        self.frames.push((range, payload_len));
         let limit = self.backpressure_limit;
-        if self.found.closed || (limit > 0 && before > limit) {
+        let over = limit > 0 && before > limit;
+        if over && !self.found.refused {
+            return None;
+        }
+        self.bytes += range.len();
+        self.frames.push((range.clone(), payload_len));
+        Some(if self.found.closed || over {
             SendStatus::Dropped
         } else if self.found.congested || before >= high_water_mark(limit) {
             SendStatus::Backpressured
         } else {
             SendStatus::Sent(payload_len)
-        }
+        })
     }
 
     /// Queue the deferred frames to every subscriber, and count them as the publishes would have.
