@@ -446,3 +446,80 @@ async def test_timeout_checks_its_argument(serve: ServeFn) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
         assert (await http.get(srv.url)).status_code == 200
     assert errors == [ValueError, ValueError, ValueError, TypeError, TypeError]
+
+
+async def test_a_clients_close_frame_is_answered_with_its_code_and_reason(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """As Bun (its test "a Close with code 1000 is echoed back as 1000") and ``websockets``
+    answer: the reply carries the client's reason too. Before, the code alone."""
+    from rawws import OP_CLOSE, RawWebSocket
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_close(on_close))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_close(1000, "bye")
+        reply = await client.recv_frame()
+    assert (reply.opcode, reply.payload) == (OP_CLOSE, b"\x03\xe8bye")
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1000, "bye")]
+
+
+async def test_the_clients_protocol_header_passed_to_upgrade_chooses_its_first_offer(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Bun's test "server.upgrade() with Sec-WebSocket-Protocol in options.headers": the
+    client's own header, a list, passed to ``upgrade()`` answers with its first item (the 101
+    names one). Before, the whole list was taken as one name the client had not offered: a
+    ``ValueError`` in the handler, and no WebSocket."""
+
+    def handler(request: brioche.server.Request, srv: Server[Any]) -> None:
+        offered = request.headers["sec-websocket-protocol"]
+        srv.upgrade(request, [("Sec-WebSocket-Protocol", offered), ("X-Custom", "hello")])
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", ws.subprotocol)
+
+    srv = await serve(websocket.init().on_open(on_open), handler=handler)
+    async with connect(ws_url(srv), subprotocols=["part", "tail"]) as client:  # type: ignore[list-item]
+        assert client.subprotocol == "part"
+        assert client.response is not None
+        assert client.response.headers["X-Custom"] == "hello"
+        await recorder.wait_for(lambda: bool(recorder.of("open")))
+    assert recorder.of("open") == [("part",)]
+
+
+async def test_upgrade_and_terminate_return_before_on_open_and_on_close_run(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Where brioche's order is not Bun's (README, Order): Bun's ``upgrade()`` runs ``open``
+    and its ``terminate()`` runs ``close`` before returning; brioche's return first, and the
+    handler runs on after the call, then the socket's handler."""
+
+    def handler(request: brioche.server.Request, srv: Server[Any]) -> None:
+        recorder.add("event", "upgrade", srv.upgrade(request))
+        recorder.add("event", "rest of handler")
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("event", "open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        ws.terminate()
+        recorder.add("event", "terminate returned", ws.ready_state)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("event", "close", code)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close), handler=handler)
+    async with connect(ws_url(srv)) as client:
+        await client.send("terminate")
+        await recorder.wait_for(lambda: ("close", 1006) in recorder.of("event"))
+    assert recorder.of("event") == [
+        ("upgrade", True),
+        ("rest of handler",),
+        ("open",),
+        ("terminate returned", brioche.ReadyState.CLOSED),
+        ("close", 1006),
+    ]

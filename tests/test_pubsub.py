@@ -445,8 +445,8 @@ async def test_one_batchs_publishes_sends_subscribes_and_closes_keep_their_order
         assert [await recv(c) for _ in range(5)] == ["t5", "t6", "t7", "t8", "t9"]
         await assert_nothing_pending(b)
         await assert_nothing_pending(c)
-    # t9 is dropped for a, closing but still subscribed: "dropped if anyone dropped it".
-    assert recorder.of("statuses") == [([MessageSent(2)] * 10 + [MessageDropped()],)]
+    # a left its topics when its close began, so t9 went to c alone, and was Sent.
+    assert recorder.of("statuses") == [([MessageSent(2)] * 11,)]
     assert recorder.of("deliveries") == [(8 + 6 + 2 + 1 + 2,)]
 
 
@@ -554,6 +554,88 @@ async def test_a_run_that_takes_a_reading_subscriber_past_the_limit_writes_its_q
     assert recorder.of("after") == [
         ([MessageSent(1000)] * 3 + [MessageBackpressured()] * 2 + [MessageSent(1000)], brioche.ReadyState.OPEN)
     ]
+
+
+async def test_a_socket_leaves_its_topics_when_its_close_begins(serve: ServeFn, recorder: Recorder) -> None:
+    """The server closes a subscriber whose client never answers the close frame: from
+    ``close()`` on, as uWS's ``end()`` frees the subscriber, it is no longer counted by
+    ``subscriber_count`` nor subscribed, ``subscribe`` refuses it (False), and a publish to its
+    topic reaches the other subscriber and is Sent. Before, it stayed subscribed while closing
+    (up to the close timeout), and every publish to its topics reported Dropped."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+    holder: list[brioche.Server[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        if ws.data in ("/ws", "/other"):
+            ws.subscribe("room")
+        recorder.add("open")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "echo sync":
+            ws.send("sync")
+            return
+        (srv,) = holder
+        closing = sockets["/ws"]
+        before = srv.subscriber_count("room")
+        closing.close(4000, "kicked")
+        recorder.add(
+            "after",
+            before,
+            closing.ready_state,
+            srv.subscriber_count("room"),
+            closing.is_subscribed("room"),
+            closing.subscriptions,
+            closing.subscribe("other"),
+            closing.subscriptions,
+            srv.publish("room", "still here"),
+        )
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
+    holder.append(srv)
+    async with await RawWebSocket.connect(srv.port, "/ws") as mute, connect(ws_url(srv, "/other")) as other:
+        async with connect(ws_url(srv, "/go")) as go:
+            await recorder.wait_for(lambda: len(recorder.of("open")) == 3)
+            await go.send("go")
+            assert await recv(other) == "still here"
+            close = await mute.recv_frame()
+            assert (close.close_code, close.close_reason) == (4000, "kicked")
+            await recorder.wait_for(lambda: bool(recorder.of("after")))
+    assert recorder.of("after") == [
+        (2, brioche.ReadyState.CLOSING, 1, False, [], False, [], MessageSent(10))
+    ]
+
+
+async def test_subscribe_and_unsubscribe_answer_as_buns_do(serve: ServeFn, recorder: Recorder) -> None:
+    """Bun's ``subscribe`` returns true while the socket is open, ``unsubscribe`` whether it
+    was subscribed, and both false once it is closed (Bun's test "subscribe/unsubscribe return
+    false on a closed socket"). They returned None."""
+    kept: list[brioche.WebSocket[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        kept.append(ws)
+        recorder.add(
+            "open",
+            ws.subscribe("t"),
+            ws.subscribe("t"),
+            ws.is_subscribed("t"),
+            websocket.unsubscribe(ws, "t"),
+            ws.unsubscribe("t"),
+            ws.unsubscribe("never"),
+            websocket.subscribe(ws, "u"),
+        )
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.subscribe("t"), ws.unsubscribe("u"), ws.subscriptions)
+
+    srv = await serve(websocket.init().on_open(on_open).on_close(on_close))
+    async with connect(ws_url(srv)):
+        await recorder.wait_for(lambda: bool(recorder.of("open")))
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("open") == [(True, True, True, True, False, False, True)]
+    assert recorder.of("close") == [(False, False, [])]
+    assert kept[0].subscribe("t") is False
+    assert srv.subscriber_count("t") == 0
 
 
 async def test_publishes_before_a_terminate_count_as_delivered(serve: ServeFn, recorder: Recorder) -> None:

@@ -59,7 +59,8 @@ class MessageBackpressured:
 
 @final
 class MessageDropped:
-    """The message was discarded: the socket is not open or is over its backpressure limit."""
+    """The message was discarded: the socket is not open or is over its backpressure limit. For
+    a publish: nobody got it, or at least one subscriber dropped it (the others got it)."""
 
     __match_args__: ClassVar[tuple[()]] = ()
     def __init__(self) -> None: ...
@@ -109,10 +110,11 @@ class WebSocket(Generic[_T]):
         self, topic: str, message: bytes | bytearray | memoryview, compress: bool = False
     ) -> _SendStatus:
         """Send bytes to the subscribers of ``topic``."""
-    def subscribe(self, topic: str) -> None:
-        """Subscribe to ``topic``; idempotent."""
-    def unsubscribe(self, topic: str) -> None:
-        """Unsubscribe from ``topic``."""
+    def subscribe(self, topic: str) -> bool:
+        """Subscribe to ``topic``; idempotent. False, subscribing nothing, once the socket is
+        closing or closed (as Bun's ``subscribe``)."""
+    def unsubscribe(self, topic: str) -> bool:
+        """Unsubscribe from ``topic``; whether the socket was subscribed to it (as Bun's)."""
     def is_subscribed(self, topic: str) -> bool:
         """Whether this socket is subscribed to ``topic``."""
     def cork(self, callback: Callable[[WebSocket[_T]], _R]) -> _R:

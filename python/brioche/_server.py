@@ -124,6 +124,18 @@ HOLD_SECONDS = 0.001
 _CoroutineType = types.CoroutineType
 
 
+def _chosen_subprotocol(value: str, offered: list[str]) -> str:
+    """A ``Sec-WebSocket-Protocol`` given to ``upgrade()``: a list (the client's own header,
+    passed on) answers with its first item the client offered, as uWS answers with the first;
+    the 101 may name only one."""
+    if "," not in value:
+        return value
+    for item in value.split(","):
+        if item.strip() in offered:
+            return item.strip()
+    return value
+
+
 @types.coroutine
 def _in_context(
     coro: Coroutine[Any, Any, Any], context: contextvars.Context
@@ -569,7 +581,7 @@ class Server(Generic[T]):
                     raise ValueError(
                         "a subprotocol is given twice (Sec-WebSocket-Protocol, subprotocol=)"
                     )
-                subprotocol = value
+                subprotocol = _chosen_subprotocol(value, request.subprotocols)
             else:
                 extra.append((name, value))
         if subprotocol is not None:
@@ -668,7 +680,8 @@ class Server(Generic[T]):
     def publish(
         self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
     ) -> SendStatus:
-        """Send ``message`` to every subscriber of ``topic``.
+        """Send ``message`` to every subscriber of ``topic``; the status sums up theirs, as
+        ``websocket.publish``'s (``MessageDropped`` if any one dropped it).
 
         With :meth:`~brioche.server.Config.pubsub_redis` it also goes to the subscribers of the
         other processes, through Redis; the status returned is this process's. ``compress`` as

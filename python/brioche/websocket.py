@@ -464,6 +464,10 @@ def publish(
     """Send a message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``):
     text for a ``str``, binary for bytes-like (as ``publish_bytes``), as ``send`` does.
 
+    The status sums up the recipients: ``MessageDropped`` when nobody got it *or any one
+    subscriber dropped it* (the others did get it: a publisher that retries on it sends them a
+    duplicate), else ``MessageBackpressured`` if any is congested, else ``MessageSent``.
+
     With ``compress=True`` it is compressed for the subscribers that negotiated
     permessage-deflate: once for all those without server context takeover (per window size),
     once per subscriber for the others; subscribers without deflate get it uncompressed.
@@ -478,14 +482,14 @@ def publish_bytes(
     return ws.publish_bytes(topic, message, compress)
 
 
-def subscribe(ws: WebSocket[Any], topic: str) -> None:
-    """Subscribe ``ws`` to ``topic`` (idempotent)."""
-    ws.subscribe(topic)
+def subscribe(ws: WebSocket[Any], topic: str) -> bool:
+    """Subscribe ``ws`` to ``topic`` (idempotent); False once ``ws`` is closing or closed."""
+    return ws.subscribe(topic)
 
 
-def unsubscribe(ws: WebSocket[Any], topic: str) -> None:
-    """Unsubscribe ``ws`` from ``topic``."""
-    ws.unsubscribe(topic)
+def unsubscribe(ws: WebSocket[Any], topic: str) -> bool:
+    """Unsubscribe ``ws`` from ``topic``; whether it was subscribed."""
+    return ws.unsubscribe(topic)
 
 
 def is_subscribed(ws: WebSocket[Any], topic: str) -> bool:

@@ -67,7 +67,8 @@ unit_status!(
     MessageBackpressured
 );
 unit_status!(
-    /// The message was discarded: the socket is not open, or is over its backpressure limit.
+    /// The message was discarded: the socket is not open, or is over its backpressure limit. For a
+    /// publish: nobody got it, or at least one subscriber dropped it (the others got it).
     MessageDropped
 );
 

@@ -375,18 +375,16 @@ impl PyWebSocket {
         self.conn.deflate_negotiated()
     }
 
-    /// Subscribe to `topic`; idempotent, and a no-op once the socket is closed.
-    fn subscribe(&self, topic: &str) -> PyResult<()> {
+    /// Subscribe to `topic`; idempotent. False, a no-op, once the socket is closing or closed.
+    fn subscribe(&self, topic: &str) -> PyResult<bool> {
         check_topic(topic)?;
-        self.conn.subscribe(topic);
-        Ok(())
+        Ok(self.conn.subscribe(topic))
     }
 
-    /// Unsubscribe from `topic`.
-    fn unsubscribe(&self, topic: &str) -> PyResult<()> {
+    /// Unsubscribe from `topic`; whether this socket was subscribed to it.
+    fn unsubscribe(&self, topic: &str) -> PyResult<bool> {
         check_topic(topic)?;
-        self.conn.unsubscribe(topic);
-        Ok(())
+        Ok(self.conn.unsubscribe(topic))
     }
 
     /// Whether this socket is subscribed to `topic`.

@@ -434,7 +434,7 @@ impl Conn {
 
     fn close_with(&self, frame: OutFrame) {
         self.shared.settle_publishes();
-        if self.transition(ReadyState::Open, ReadyState::Closing) {
+        if self.begin_closing() {
             self.out.push(&frame, true);
             self.signal(signal::STATE | signal::FLUSH);
         }
@@ -475,29 +475,35 @@ impl Conn {
         self.signal(signal::STATE);
     }
 
-    pub fn subscribe(self: &Arc<Self>, topic: &str) {
+    /// Whether the socket is subscribed now (false once closing), as Bun's `subscribe` answers.
+    pub fn subscribe(self: &Arc<Self>, topic: &str) -> bool {
         // The batch's deferred publishes go to the subscribers they were published to.
         self.shared.settle_publishes();
         let mut subs = self.subscriptions.lock();
-        // Checked under the lock that `finish` takes, so a closed socket is subscribed to nothing.
-        if self.ready_state() == ReadyState::Closed {
-            return;
+        // Checked under the lock that `begin_closing` and `finish` take, so a closing or closed
+        // socket is subscribed to nothing.
+        if self.ready_state() != ReadyState::Open {
+            return false;
         }
         let (name, added, first) = self.shared.topics.subscribe(topic, self.id, self.clone());
         if added {
             self.shared.subscribed(&name, first);
             subs.push(name);
         }
+        true
     }
 
-    pub fn unsubscribe(&self, topic: &str) {
+    /// Whether the socket was subscribed, as Bun's `unsubscribe` answers.
+    pub fn unsubscribe(&self, topic: &str) -> bool {
         self.shared.settle_publishes();
         let mut subs = self.subscriptions.lock();
         let outcome = self.shared.topics.unsubscribe(topic, self.id);
-        if outcome != Unsubscribed::No {
-            self.shared.unsubscribed(topic, outcome);
-            subs.retain(|t| &**t != topic);
+        if outcome == Unsubscribed::No {
+            return false;
         }
+        self.shared.unsubscribed(topic, outcome);
+        subs.retain(|t| &**t != topic);
+        true
     }
 
     pub fn is_subscribed(&self, topic: &str) -> bool {
@@ -532,10 +538,28 @@ impl Conn {
         (!self.shared.config.ws.publish_to_self).then_some(self.id)
     }
 
+    /// Open → Closing, and leave every topic, as uWS's `end()` frees the socket's subscriber:
+    /// nothing more may be sent to it, and a publish that still found it would report it
+    /// dropped, for as long as the client takes to answer (up to the close timeout). False if
+    /// the socket was not open.
+    pub(crate) fn begin_closing(&self) -> bool {
+        // Under the lock `subscribe` checks the state in, so no subscribe comes after this.
+        let mut subs = self.subscriptions.lock();
+        if !self.transition(ReadyState::Open, ReadyState::Closing) {
+            return false;
+        }
+        self.leave_topics(&mut subs);
+        true
+    }
+
     /// Mark the connection closed and leave every topic. Called once, by the connection task.
     pub(crate) fn finish(&self) {
         let mut subs = self.subscriptions.lock();
         self.set_state(ReadyState::Closed);
+        self.leave_topics(&mut subs);
+    }
+
+    fn leave_topics(&self, subs: &mut Vec<Arc<str>>) {
         for topic in subs.drain(..) {
             let outcome = self.shared.topics.unsubscribe(&topic, self.id);
             self.shared.unsubscribed(&topic, outcome);

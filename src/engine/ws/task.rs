@@ -781,13 +781,14 @@ fn feed(
             let (code, reason) = frame.unwrap_or((1005, String::new()));
             // Publishes the loop has already reported as queued go out before the reply.
             conn.shared.settle_publishes();
-            // The client started the handshake: echo its code, unless the loop's `close`
-            // started it first (its close frame is the answer then).
-            if conn.transition(ReadyState::Open, ReadyState::Closing) {
+            // The client started the handshake: echo its code and reason, as Bun and
+            // `websockets` do, unless the loop's `close` started it first (its close frame is
+            // the answer then).
+            if conn.begin_closing() {
                 let reply = if code == 1005 {
                     OutFrame::new(OP_CLOSE, Bytes::new())
                 } else {
-                    OutFrame::close(code, "")
+                    OutFrame::close(code, &reason)
                 };
                 conn.out.push(&reply, true);
                 conn.mark(signal::FLUSH);
