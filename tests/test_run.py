@@ -28,7 +28,11 @@ async def connect_when_listening(url: str) -> ClientConnection:
     raise AssertionError(f"nothing listening at {url}")
 
 
-async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly(sig: signal.Signals) -> None:
+    """Ctrl+C, and SIGHUP (a closed terminal) without TLS, which has nothing to reload: both
+    stop the server gracefully. SIGHUP was left to its default and ended the process without a
+    close frame to anyone."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -37,7 +41,7 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly() ->
         async with await connect_when_listening(f"ws://127.0.0.1:{port}/ws") as client:
             await client.send("before ctrl-c")
             assert await client.recv() == "before ctrl-c"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             try:
                 await asyncio.wait_for(client.recv(), 10)
             except ConnectionClosed as closed:

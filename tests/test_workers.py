@@ -388,11 +388,93 @@ def test_a_config_that_cannot_be_pickled_is_refused_before_any_worker_starts() -
         server.run(config, workers=2)
 
 
-def test_a_taken_port_is_a_bind_error_before_any_worker_starts() -> None:
+@pytest.mark.parametrize("reuseport", [False, True])
+def test_a_taken_port_is_a_bind_error_before_any_worker_starts(reuseport: bool) -> None:
+    """Taken by a socket with SO_REUSEPORT too, as another run's workers hold it: Linux would let
+    this run join that port's group and share its connections (the port's listeners then split
+    the clients between two apps whose topics are not shared)."""
     with socket.socket() as taken:
+        if reuseport:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         config = server.handler(hello).websocket(websocket.init()).hostname("127.0.0.1").port(port)
         with pytest.raises(brioche.BindError):
             server.run(config, workers=2)
+
+
+def exited(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie its parent has not reaped yet has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+async def test_a_stopped_sibling_does_not_hold_the_others_graceful_stop(supervisor_of: Any) -> None:
+    """Worker b is stopped (SIGSTOP, as a debugger or a frozen host would) while a's client
+    publishes 3 MiB, which the relay is still writing to b when the supervisor gets SIGTERM:
+    a closes its client with 1001 and exits at once. Before, its write to b was outside the
+    wait for the stop, and a was killed 15 s later, its stop never done."""
+    sup = supervisor_of(2)
+    a, b = sorted(sup.pids)
+    clients = await clients_covering(sup.port, {a}, 1)
+    client = next(ws for ws, pid in clients if pid == a)
+    os.kill(b, signal.SIGSTOP)
+    try:
+        big = "x" * (1024 * 1024)
+        for _ in range(3):
+            await client.send(big)
+        assert await receive(client, 3) == [big] * 3
+        sup.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(client.recv(), 12)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        # Bounded below the supervisor's 15 s before it kills a worker.
+        assert await poll_until(lambda: exited(a), 12), f"worker {a} still running; log: {sup.lines}"
+    finally:
+        os.kill(b, signal.SIGCONT)
+        for ws, _ in clients:
+            await ws.close()
+    assert await asyncio.to_thread(sup.proc.wait, 20) == 0
+    assert not [line for line in sup.lines if f"pid {a}" in line and "killing" in line], sup.lines
+
+
+async def test_sighup_without_tls_stops_the_workers_as_sigterm_does(supervisor_of: Any) -> None:
+    """SIGHUP reloads the certificate under ``tls()``; without it there is nothing to reload,
+    and the supervisor stops gracefully, as on SIGTERM (with a WARNING saying why). It was left
+    to its default: the supervisor died alone, its workers stopped only on noticing it gone."""
+    sup = supervisor_of(2)
+    clients = await clients_covering(sup.port, sup.pids, 2)
+    sup.proc.send_signal(signal.SIGHUP)
+    for ws, pid in clients:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001, f"client on {pid}"
+    assert await asyncio.to_thread(sup.proc.wait, 20) == 0
+    await asyncio.to_thread(sup.reader.join, 10)
+    assert any("SIGHUP: nothing to reload" in line for line in sup.lines), sup.lines
+
+
+async def test_the_workers_log_as_the_supervisor_was_told_to() -> None:
+    """``python -m brioche --workers 2 --log-level INFO``: a refused handshake is logged at INFO
+    by the worker that refused it, in the supervisor's format. The workers, started afresh by
+    ``spawn``, had no logging set up (the demo sets it up in ``main()``) and printed nothing."""
+    argv = [sys.executable, "-m", "brioche", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
+            "--log-level", "INFO"]
+    sup = Supervisor(argv, DEMO_LISTENING, preexec_fn=ignore_sigint)
+    try:
+        async with httpx.AsyncClient() as http:
+            refused = await http.get(
+                f"http://127.0.0.1:{sup.port}/echo",
+                headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"},
+                timeout=10,
+            )
+        assert refused.status_code == 400
+        line = sup.wait_for(re.compile(r" INFO brioche\.http: .*"), timeout=10)
+        assert "Sec-WebSocket-Key" in line[0] or "key" in line[0].lower(), line[0]
+    finally:
+        sup.stop()

@@ -18,7 +18,7 @@ written to each sibling over a Unix socket in a directory made for the run; no b
 
 The parent (this module, in the process that called ``run``) starts no event loop and no engine:
 it reserves the port, starts the workers, restarts one that dies (logging why, with a backoff),
-and on SIGINT or SIGTERM sends each worker SIGTERM, which closes its connections with 1001 and
+and on SIGINT or SIGTERM (or SIGHUP without TLS) sends each worker SIGTERM, which closes its connections with 1001 and
 stops as ``run()`` does in one process (handlers still running after its grace period are
 cancelled); a worker still alive STOP_TIMEOUT after the SIGTERM is killed.
 """
@@ -99,6 +99,14 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     takes no connections.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # First without SO_REUSEPORT: Linux lets any socket of the same user that sets it join a
+    # port's group, so a second run() on a port already served would have shared its
+    # connections (and not its topics) instead of failing. SO_REUSEADDR still lets a restart
+    # bind over the last run's connections in TIME_WAIT.
+    with socket.socket(family, socket.SOCK_STREAM) as trial:
+        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        trial.bind((host, port))
+        port = trial.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,12 +118,40 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _log_setup() -> tuple[int, str | None, str | None]:
+    """What a worker copies of the supervisor's logging: the ``brioche`` logger's level, and the
+    format of a stream handler on the root logger (``logging.basicConfig``'s), if there is one."""
+    fmt = datefmt = None
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.formatter is not None:
+            fmt, datefmt = handler.formatter._fmt, handler.formatter.datefmt
+            break
+    return logging.getLogger("brioche").getEffectiveLevel(), fmt, datefmt
+
+
+def _copy_log_setup(setup: tuple[int, str | None, str | None]) -> None:
+    """In a worker whose imports configured no logging: the supervisor's, as far as it goes.
+
+    ``spawn`` starts the worker's interpreter afresh, and an app that sets up logging under
+    ``if __name__ == "__main__":`` (the usual place, and the demo's) had it only in the
+    supervisor: the workers' INFO lines were lost and their warnings printed bare.
+    """
+    if logging.getLogger().handlers:
+        return
+    level, fmt, datefmt = setup
+    if fmt is not None:
+        logging.basicConfig(format=fmt, datefmt=datefmt)
+    logging.getLogger("brioche").setLevel(level)
+
+
 def _worker_main(
     config: Config[Any],
     slot: WorkerSlot,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
     ready: multiprocessing.connection.Connection,
+    log_setup: tuple[int, str | None, str | None],
 ) -> None:
+    _copy_log_setup(log_setup)
     # Ctrl+C reaches the whole process group; the parent turns it into one SIGTERM per worker,
     # so each worker has a single way to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -148,7 +184,13 @@ async def _serve_worker(
         siblings = len(slot.relay_peers)
         deadline = loop.time() + LINK_TIMEOUT
         # Bounded poll: the relay's links come up in the engine's threads, with no event to await.
-        while srv._engine.relay_links != (siblings, siblings) and loop.time() < deadline:
+        # A SIGTERM meanwhile (a sibling that died starting never links) ends the wait: this
+        # worker already serves, and must stop as gracefully as any.
+        while (
+            srv._engine.relay_links != (siblings, siblings)
+            and loop.time() < deadline
+            and not stop_requested.is_set()
+        ):
             await asyncio.sleep(0.005)
         ready.send(os.getpid())
         ready.close()
@@ -243,6 +285,11 @@ class _Supervisor:
         except OSError:  # pragma: no cover - the pipe is full: a wake-up is pending anyway
             pass
 
+    def _on_hang_up(self, signum: int, frame: object) -> None:
+        """SIGHUP without TLS: nothing to reload, so a stop, as SIGTERM's."""
+        logger.warning("SIGHUP: nothing to reload without tls(): stopping, as on SIGTERM")
+        self._on_signal(signum, frame)
+
     def _on_hup(self, signum: int, frame: object) -> None:
         """Each worker reloads its TLS certificate (``reload_tls``)."""
         for worker in self.workers:
@@ -256,8 +303,11 @@ class _Supervisor:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        if self.config.tls_files is not None:
-            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
+        # SIGHUP reloads the certificate; without TLS it keeps its meaning (hang up: stop), but
+        # stops as SIGTERM does. Left to its default, it killed the supervisor alone: no 1001
+        # for the clients, workers left to notice the orphaning, the relay's directory left.
+        hup = self._on_hup if self.config.tls_files is not None else self._on_hang_up
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
         try:
             for worker in self.workers:
                 self._start(worker)
@@ -276,7 +326,7 @@ class _Supervisor:
         reader, writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(config, worker.slot, self.loop_factory, writer),
+            args=(config, worker.slot, self.loop_factory, writer, _log_setup()),
             name=f"brioche-worker-{worker.slot.index}",
         )
         process.start()

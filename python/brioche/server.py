@@ -408,7 +408,8 @@ class Config(Generic[T]):
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
         workers: int | None = None,
     ) -> None:
-        """Serve until Ctrl+C or SIGTERM, then close every connection with 1001 and return.
+        """Serve until Ctrl+C or SIGTERM (or SIGHUP without TLS), then close every connection
+        with 1001 and return.
 
         It stops as ``stop(close_active_connections=True)`` does (``async`` HTTP handlers still
         running are cancelled at once, their clients answered 503), and gives the handlers left,
@@ -545,15 +546,24 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
     # server is up, and where. `url` names the loopback for a wildcard address, which alone
     # would read as a server only this machine can reach.
     logging.getLogger("brioche").info("listening on %s%s", srv.url, _wildcard_note(srv.hostname))
-    if config.tls_files is not None:
-        try:
+    try:
+        if config.tls_files is not None:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
-            pass
+        else:
+            # Nothing to reload: SIGHUP keeps its meaning (hang up: stop), but stops as SIGTERM
+            # does; by default it ended the process with no 1001 for the clients.
+            loop.add_signal_handler(signal.SIGHUP, _hang_up, stop_requested)
+    except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
+        pass
     try:
         await stop_requested.wait()
     finally:
         await srv._stop_gracefully()
+
+
+def _hang_up(stop_requested: asyncio.Event) -> None:
+    logging.getLogger("brioche").warning("SIGHUP: nothing to reload without tls(): stopping, as on SIGTERM")
+    stop_requested.set()
 
 
 def _reload_tls_logged(srv: Server[Any]) -> None:

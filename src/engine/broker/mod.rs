@@ -126,10 +126,13 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
                     lost = link.serve(&mut conn, &mut pushes, &mut inbox) => Some(lost),
                 };
                 link.remote().set_connected(false);
-                link.subscribed.clear();
                 match ended {
                     None => return,
-                    Some(reason) => reason,
+                    Some(reason) => {
+                        link.fan_out_left(&mut pushes);
+                        link.subscribed.clear();
+                        reason
+                    }
                 }
             }
             Err(reason) => reason,
@@ -545,6 +548,16 @@ impl Link {
         channel
             .strip_prefix(self.channel_prefix.as_bytes())
             .and_then(|topic| std::str::from_utf8(topic).ok())
+    }
+
+    /// The messages Redis delivered before the connection ended (a failed publish or ping ends
+    /// it with pushes still queued): this process's to fan out all the same. Dropped with the
+    /// queue, they were lost and counted nowhere.
+    fn fan_out_left(&mut self, pushes: &mut Pushes) {
+        let mut ended = Vec::new();
+        while let Ok(push) = pushes.receiver.try_recv() {
+            self.on_push(push, &pushes.backlog, &mut ended);
+        }
     }
 
     /// Handle one push from Redis, taken off `backlog`; false when it says the connection is

@@ -49,6 +49,9 @@ struct Outlet {
 #[derive(Default)]
 struct Pending {
     bytes: BytesMut,
+    /// What the writer took and is still writing: on the same limit, or a stuck sibling would
+    /// hold the limit twice (the waiting bytes and the chunk being written).
+    in_flight: usize,
     /// Publishes were dropped since the sibling last read what the writer took: the drops of
     /// one stall are logged once, as a connection's backpressure drops are.
     dropping: bool,
@@ -82,7 +85,7 @@ impl Relay {
         let size = HEADER + topic.len() + payload.len();
         for outlet in outlets.iter() {
             let mut pending = outlet.pending.lock();
-            if pending.bytes.len() + size > OUTLET_LIMIT {
+            if pending.bytes.len() + pending.in_flight + size > OUTLET_LIMIT {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 // A publish too large for any backlog is no stall: each is worth a line (the
                 // limiter still caps them at ten a second).
@@ -182,18 +185,32 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
             _ = reader.read(&mut probe) => break,
             _ = outlet.ready.notified() => {}
         }
-        std::mem::swap(&mut chunk, &mut outlet.pending.lock().bytes);
+        {
+            let mut pending = outlet.pending.lock();
+            std::mem::swap(&mut chunk, &mut pending.bytes);
+            pending.in_flight = chunk.len();
+        }
         if chunk.is_empty() {
             continue;
         }
-        if writer.write_all(&chunk).await.is_err() {
+        // Raced against the stop and the sibling's end, as the wait above: a sibling that is
+        // stopped (SIGSTOP, a debugger) would otherwise hold this write, and the server's stop
+        // that waits for this task, for as long as it stays so.
+        let written = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            _ = reader.read(&mut probe) => break,
+            written = writer.write_all(&chunk) => written,
+        };
+        if written.is_err() {
             break;
         }
         chunk.clear();
         // It read what it was sent, but for what its socket holds: the next drop starts a new
         // stall. Not when the backlog is taken: a writer that takes it after the drops began
         // (it was not scheduled sooner) has not got it to a sibling that may still be stopped.
-        outlet.pending.lock().dropping = false;
+        let mut pending = outlet.pending.lock();
+        pending.in_flight = 0;
+        pending.dropping = false;
     }
     relay_of(&shared)
         .outlets
@@ -349,6 +366,23 @@ mod tests {
     }
 
     #[test]
+    fn the_chunk_being_written_counts_against_the_limit() {
+        let (relay, outlet) = relay_with_one_sibling();
+        let shared = shared();
+        let big = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
+        relay.forward(&shared, "t", &big, false);
+        // The writer took it and is still writing it (to a sibling that is stopped).
+        let taken = outlet.pending.lock().bytes.split();
+        outlet.pending.lock().in_flight = taken.len();
+        relay.forward(&shared, "t", &big, false);
+        assert_eq!(
+            relay.dropped(),
+            1,
+            "64 MiB in all, the chunk being written included"
+        );
+    }
+
+    #[test]
     fn a_sibling_too_far_behind_misses_publishes_counted_and_logged_once_per_stall() {
         let (relay, outlet) = relay_with_one_sibling();
         let shared = shared();
@@ -402,9 +436,10 @@ mod tests {
                 outlet.pending.lock().bytes.is_empty()
             })
             .await;
+            // The chunk being written counts: neither fits beside it.
             relay.forward(&shared, "t", &half, false);
             relay.forward(&shared, "t", &half, false);
-            assert_eq!(relay.dropped(), 2);
+            assert_eq!(relay.dropped(), 3);
             assert_eq!(logged(&shared), [], "the same stall: one line");
             // The sibling reads the first backlog: the next drop is news.
             let mut first = vec![0u8; size];
