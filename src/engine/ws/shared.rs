@@ -394,6 +394,7 @@ fn compress_once(frame: &OutFrame, bits: u8) -> OutFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ws::conn::ReadyState;
     use crate::engine::ws::protocol::OP_BINARY;
     use bytes::Bytes;
 
@@ -430,6 +431,10 @@ mod tests {
         let conns: Vec<_> = (1..=3)
             .map(|id| shared.connection(id, Peer::Ip([127, 0, 0, 1].into()), None))
             .collect();
+        for conn in &conns {
+            // Only an open socket subscribes, as the application sees one from `on_open`.
+            conn.set_state(ReadyState::Open);
+        }
         let remote = shared.remote.as_ref().unwrap();
         remote.track_changes();
         conns[0].subscribe("room");
