@@ -272,6 +272,8 @@ async def test_workers_whose_supervisor_is_killed_close_their_clients_with_1001_
     orphaned, with nothing to restart or stop them."""
     sup = supervisor_of(2)
     clients = await clients_covering(sup.port, sup.pids, at_least=4)
+    relay_dir = relay_dir_of(min(sup.pids))
+    assert os.path.isdir(relay_dir)
     sup.proc.kill()
     for ws, pid in clients:
         with pytest.raises(ConnectionClosed):
@@ -293,6 +295,19 @@ async def test_workers_whose_supervisor_is_killed_close_their_clients_with_1001_
     assert await poll_until(all_exited, 20), sup.pids
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", sup.port), timeout=2).close()
+    # The supervisor could not remove the relay's directory: the last worker to stop did.
+    assert not os.path.exists(relay_dir)
+
+
+def relay_dir_of(pid: int) -> str:
+    """The directory of the Unix socket worker ``pid`` listens on for its siblings' publishes."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and f"socket:[{fields[6]}]" in inodes and "brioche-relay-" in fields[7]:
+                return os.path.dirname(fields[7])
+    raise AssertionError(f"worker {pid} has no relay socket")
 
 
 DEMO_LISTENING = re.compile(

@@ -197,6 +197,13 @@ async def _serve_worker(
         await stop_requested.wait()
     finally:
         await srv._stop_gracefully()
+        # The engine removed this worker's socket as it stopped. A supervisor killed outright
+        # cannot remove the directory: the last of its workers to stop does (a sibling's socket
+        # still there keeps it; the supervisor removes it itself when it is alive).
+        try:
+            os.rmdir(os.path.dirname(slot.relay_path))
+        except OSError:
+            pass
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
