@@ -424,7 +424,7 @@ def exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going as it is read
         return True
     return stat[stat.rindex(")") + 2] == "Z"
 
@@ -493,3 +493,28 @@ async def test_the_workers_log_as_the_supervisor_was_told_to() -> None:
         assert "Sec-WebSocket-Key" in line[0] or "key" in line[0].lower(), line[0]
     finally:
         sup.stop()
+
+
+@pytest.mark.parametrize("style", ["%", "{", "$"])
+def test_a_worker_copies_the_supervisor_s_log_format_in_its_own_style(style: str) -> None:
+    """A worker (a fresh interpreter: here, one started to play it) whose imports set up no
+    logging takes the supervisor's format, whatever its style: a ``{`` format read as ``%``
+    would be a ValueError at the worker's start, and every worker would crash-loop."""
+    fmt = {"%": "%(levelname)s|%(name)s|%(message)s", "{": "{levelname}|{name}|{message}",
+           "$": "${levelname}|${name}|${message}"}[style]
+    supervisor = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _log_setup\n"
+        f"logging.basicConfig(format={fmt!r}, style={style!r})\n"
+        "logging.getLogger('brioche').setLevel(logging.INFO)\n"
+        "sys.stdout.buffer.write(pickle.dumps(_log_setup()))\n"
+    )
+    setup = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30).stdout
+    worker = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _copy_log_setup\n"
+        "_copy_log_setup(pickle.loads(sys.stdin.buffer.read()))\n"
+        "logging.getLogger('brioche.http').info('refused')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
+    assert done.stderr.decode().splitlines() == ["INFO|brioche.http|refused"]

@@ -118,18 +118,32 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _log_setup() -> tuple[int, str | None, str | None]:
-    """What a worker copies of the supervisor's logging: the ``brioche`` logger's level, and the
-    format of a stream handler on the root logger (``logging.basicConfig``'s), if there is one."""
-    fmt = datefmt = None
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LogSetup:
+    """What a worker copies of the supervisor's logging: the levels of the root and ``brioche``
+    loggers, and the formatter of a plain stream handler on the root logger
+    (``logging.basicConfig``'s), if there is one."""
+
+    root_level: int
+    brioche_level: int
+    # The formatter as plain values (a class of the app's would have to unpickle in the worker
+    # before any of its code runs, or the worker could never start): format, date format, style.
+    formatter: tuple[str, str | None, str] | None
+
+
+def _log_setup() -> _LogSetup:
+    formatter = None
+    styles: dict[object, str] = {style_class: style for style, (style_class, _) in logging._STYLES.items()}
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.formatter is not None:
-            fmt, datefmt = handler.formatter._fmt, handler.formatter.datefmt
+        # A file handler's file is the supervisor's: a worker writes to stderr, as it inherits it.
+        if type(handler) is logging.StreamHandler and handler.formatter is not None:
+            f = handler.formatter
+            formatter = (f._fmt or "", f.datefmt, styles.get(type(f._style), "%"))
             break
-    return logging.getLogger("brioche").getEffectiveLevel(), fmt, datefmt
+    return _LogSetup(logging.getLogger().level, logging.getLogger("brioche").level, formatter)
 
 
-def _copy_log_setup(setup: tuple[int, str | None, str | None]) -> None:
+def _copy_log_setup(setup: _LogSetup) -> None:
     """In a worker whose imports configured no logging: the supervisor's, as far as it goes.
 
     ``spawn`` starts the worker's interpreter afresh, and an app that sets up logging under
@@ -138,10 +152,16 @@ def _copy_log_setup(setup: tuple[int, str | None, str | None]) -> None:
     """
     if logging.getLogger().handlers:
         return
-    level, fmt, datefmt = setup
-    if fmt is not None:
-        logging.basicConfig(format=fmt, datefmt=datefmt)
-    logging.getLogger("brioche").setLevel(level)
+    if setup.formatter is not None:
+        fmt, datefmt, style = setup.formatter
+        handler = logging.StreamHandler()
+        try:
+            handler.setFormatter(logging.Formatter(fmt, datefmt, style))  # type: ignore[arg-type]
+        except ValueError:  # pragma: no cover - a format its own style accepted
+            pass
+        logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(setup.root_level)
+    logging.getLogger("brioche").setLevel(setup.brioche_level)
 
 
 def _worker_main(
@@ -149,7 +169,7 @@ def _worker_main(
     slot: WorkerSlot,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
     ready: multiprocessing.connection.Connection,
-    log_setup: tuple[int, str | None, str | None],
+    log_setup: _LogSetup,
 ) -> None:
     _copy_log_setup(log_setup)
     # Ctrl+C reaches the whole process group; the parent turns it into one SIGTERM per worker,
@@ -199,11 +219,13 @@ async def _serve_worker(
         await srv._stop_gracefully()
         # The engine removed this worker's socket as it stopped. A supervisor killed outright
         # cannot remove the directory: the last of its workers to stop does (a sibling's socket
-        # still there keeps it; the supervisor removes it itself when it is alive).
-        try:
-            os.rmdir(os.path.dirname(slot.relay_path))
-        except OSError:
-            pass
+        # still there keeps it). Not while the supervisor lives: it would restart a worker that
+        # stopped (a SIGTERM of its own), which binds its socket there.
+        if parent is not None and not parent.is_alive():
+            try:
+                os.rmdir(os.path.dirname(slot.relay_path))
+            except OSError:
+                pass
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
@@ -314,7 +336,9 @@ class _Supervisor:
         # stops as SIGTERM does. Left to its default, it killed the supervisor alone: no 1001
         # for the clients, workers left to notice the orphaning, the relay's directory left.
         hup = self._on_hup if self.config.tls_files is not None else self._on_hang_up
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
+        # Under `nohup` (SIGHUP ignored when started) a hang-up must not stop it.
+        if hup == self._on_hup or signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
         try:
             for worker in self.workers:
                 self._start(worker)

@@ -549,7 +549,7 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
     try:
         if config.tls_files is not None:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
-        else:
+        elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # not under `nohup`
             # Nothing to reload: SIGHUP keeps its meaning (hang up: stop), but stops as SIGTERM
             # does; by default it ended the process with no 1001 for the clients.
             loop.add_signal_handler(signal.SIGHUP, _hang_up, stop_requested)

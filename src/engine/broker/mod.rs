@@ -555,7 +555,12 @@ impl Link {
     /// queue, they were lost and counted nowhere.
     fn fan_out_left(&mut self, pushes: &mut Pushes) {
         let mut ended = Vec::new();
-        while let Ok(push) = pushes.receiver.try_recv() {
+        // What is queued now, no more: the connection may still be delivering (a publish that
+        // timed out, or was refused), and this must end for the link to reconnect.
+        for _ in 0..pushes.receiver.len() {
+            let Ok(push) = pushes.receiver.try_recv() else {
+                break;
+            };
             self.on_push(push, &pushes.backlog, &mut ended);
         }
     }

@@ -325,16 +325,23 @@ impl Conn {
         let limits = &self.shared.config.ws;
         let limit = limits.backpressure_limit;
         let mut buffered = self.out.buffered();
-        if limit > 0 && buffered > limit && !self.out.is_refused() {
+        if limit > 0 && buffered > limit && !self.out.is_refused() && !self.out.is_corked() {
             // Within a batch nothing is written until it ends: a burst from one handler (or a
             // batch's publishes) may be over the limit with no byte yet offered to the kernel,
             // and dropping now would lose messages for a client that reads as fast as it can
             // (and end it, with `close_on_backpressure_limit`). Offer them first, as uWS writes
             // when its cork buffer overflows: only what the kernel refuses counts. Not again
-            // while the kernel refuses: the connection's task waits for writability.
-            self.flush_or_hand_over();
-            if self.ready_state() != ReadyState::Open {
-                return SendStatus::Dropped;
+            // while the kernel refuses: the connection's task waits for writability. Not in a
+            // `cork`, which holds the writes it was asked to (and the limit applies to it as
+            // before). The queue's own flush, not `Conn::flush`: the socket stays congested,
+            // and its one `on_drain` comes from the flush that empties it after this batch.
+            match self.out.flush() {
+                Ok(Flushed::Blocked) => self.signal(signal::FLUSH),
+                Ok(_) => {}
+                Err(_) => {
+                    self.end_abruptly(1006, "");
+                    return SendStatus::Dropped;
+                }
             }
             buffered = self.out.buffered();
         }

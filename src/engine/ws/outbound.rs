@@ -309,9 +309,10 @@ impl Outbound {
             if socket.write_pending()? {
                 return Ok(Flushed::Blocked);
             }
+            self.refused.store(false, Ordering::Relaxed);
             return Ok(Flushed::Done);
         }
-        if self.corked.load(Ordering::Acquire) > 0 && !*sealed {
+        if self.is_corked() && !*sealed {
             unshare(chunks);
             return Ok(Flushed::Corked);
         }
@@ -424,6 +425,11 @@ impl Outbound {
 
     pub(crate) fn is_congested(&self) -> bool {
         self.congested.load(Ordering::Relaxed)
+    }
+
+    /// Whether a `cork` holds the queue's writes.
+    pub(crate) fn is_corked(&self) -> bool {
+        self.corked.load(Ordering::Acquire) > 0
     }
 
     /// Whether the kernel refused bytes at the last write (`refused`).

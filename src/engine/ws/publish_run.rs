@@ -110,10 +110,13 @@ pub(crate) struct Found {
     closed: bool,
     /// A subscriber was congested.
     congested: bool,
-    /// The kernel refused a subscriber's bytes at its last write.
-    refused: bool,
     /// The most bytes any subscriber had queued.
     max_buffered: usize,
+    /// The most bytes queued for a subscriber whose last write the kernel refused (or that is
+    /// corked): what the limit drops for.
+    max_refused: usize,
+    /// The most bytes queued for any other: past the limit, its queue is written first.
+    max_unrefused: usize,
 }
 
 impl Found {
@@ -121,8 +124,14 @@ impl Found {
     pub(crate) fn add(&mut self, conn: &Conn) {
         self.closed |= conn.ready_state() != ReadyState::Open;
         self.congested |= conn.out.is_congested();
-        self.refused |= conn.out.is_refused();
-        self.max_buffered = self.max_buffered.max(conn.out.buffered());
+        let buffered = conn.out.buffered();
+        self.max_buffered = self.max_buffered.max(buffered);
+        // A corked queue is not written before the limit applies: as one the kernel refused.
+        if conn.out.is_refused() || conn.out.is_corked() {
+            self.max_refused = self.max_refused.max(buffered);
+        } else {
+            self.max_unrefused = self.max_unrefused.max(buffered);
+        }
     }
 }
 
@@ -160,13 +169,14 @@ impl PublishRun {
     pub(crate) fn defer(&mut self, range: &ArenaRange, payload_len: usize) -> Option<SendStatus> {
         let before = self.found.max_buffered + self.bytes;
         let limit = self.backpressure_limit;
-        let over = limit > 0 && before > limit;
-        if over && !self.found.refused {
+        let over = |buffered: usize| limit > 0 && buffered + self.bytes > limit;
+        if over(self.found.max_unrefused) {
             return None;
         }
+        let dropped = over(self.found.max_refused);
         self.bytes += range.len();
         self.frames.push((range.clone(), payload_len));
-        Some(if self.found.closed || over {
+        Some(if self.found.closed || dropped {
             SendStatus::Dropped
         } else if self.found.congested || before >= high_water_mark(limit) {
             SendStatus::Backpressured
