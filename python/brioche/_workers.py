@@ -18,9 +18,9 @@ written to each sibling over a Unix socket in a directory made for the run; no b
 
 The parent (this module, in the process that called ``run``) starts no event loop and no engine:
 it reserves the port, starts the workers, restarts one that dies (logging why, with a backoff),
-and on SIGINT or SIGTERM (or SIGHUP without TLS) sends each worker SIGTERM, which closes its connections with 1001 and
-stops as ``run()`` does in one process (handlers still running after its grace period are
-cancelled); a worker still alive STOP_TIMEOUT after the SIGTERM is killed.
+and on SIGINT or SIGTERM (or SIGHUP without TLS) sends each worker SIGTERM, which closes its
+connections with 1001 and stops as ``run()`` does in one process (handlers still running after
+its grace period are cancelled); a worker still alive STOP_TIMEOUT after the SIGTERM is killed.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class _LogSetup:
 
 def _log_setup() -> _LogSetup:
     formatter = None
-    styles: dict[object, str] = {style_class: style for style, (style_class, _) in logging._STYLES.items()}
+    styles: dict[object, str] = {cls: style for style, (cls, _) in logging._STYLES.items()}
     for handler in logging.getLogger().handlers:
         # A file handler's file is the supervisor's: a worker writes to stderr, as it inherits it.
         if type(handler) is logging.StreamHandler and handler.formatter is not None:
