@@ -119,6 +119,12 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def hangup_by_default() -> None:
+    """A ``preexec_fn``: the child starts with SIGHUP's default action, as from a terminal,
+    whatever this process inherited (under ``nohup`` it is ignored, and a server keeps it so)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def status_kib(field: str, pid: int | str = "self") -> int:
     """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``)."""
     with open(f"/proc/{pid}/status") as f:

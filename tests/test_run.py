@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import free_port, ignore_sigint, kill_if_running
+from conftest import free_port, hangup_by_default, ignore_sigint, kill_if_running
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
 SLOW_CLOSE_SCRIPT = Path(__file__).parent / "scripts" / "run_slow_close.py"
@@ -35,7 +35,8 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly(sig:
     close frame to anyone."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=hangup_by_default,
     )
     try:
         async with await connect_when_listening(f"ws://127.0.0.1:{port}/ws") as client:

@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import server, websocket
-from conftest import ignore_sigint
+from conftest import hangup_by_default, ignore_sigint
 from rawws import holders_of_server_end, poll_until
 
 APP = Path(__file__).with_name("workers_app.py")
@@ -132,7 +132,7 @@ class AppSupervisor(Supervisor):
     """``tests/workers_app.py`` with ``workers`` workers; ``args`` follow on its command line."""
 
     def __init__(self, workers: int, *args: str) -> None:
-        super().__init__([sys.executable, str(APP), str(workers), *args], LISTENING)
+        super().__init__([sys.executable, str(APP), str(workers), *args], LISTENING, hangup_by_default)
         try:
             # An operator reads the pids off this line: they must be the workers, all of them.
             assert int(self.listening["workers"]) == workers
