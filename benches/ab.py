@@ -61,8 +61,11 @@ S8 = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 
 S8_CHURN = (S8[0], S8[1], "churn_ops_per_s")
 # S10's first run: S3's fan-out with 1,024-byte messages, every subscriber reading.
 S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s")
+# S10 with its slow reader: run with BENCH_BACKPRESSURE_LIMIT=1048576 in the environment, as
+# run.py gives every server for S10.
+S10_SLOW = ("fanout", {"conns": 1000, "window": 32, "size": 1024, "slow": 1}, "deliveries_per_s")
 CELLS = {"s1": S1, "s2": S2, "s3": S3, "s5": S5, "s8": S8, "s8-churn": S8_CHURN, "s9": S9,
-         "s10": S10, **{
+         "s10": S10, "s10-slow": S10_SLOW, **{
     sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2])
     for sid, window in FANOUT_WINDOWS.items()
 }, **{
