@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -97,6 +97,36 @@ async def assert_nothing_pending(client: ClientConnection) -> None:
     """A round trip: the echo must be the very next message."""
     await client.send("echo sync")
     assert await recv(client) == "sync"
+
+
+class Paths:
+    """A server's sockets by the path they connected to (``ws.data``, see `upgrade_with_path`),
+    each subscribed on open to the topics ``topics`` gives its path. A text ``echo sync`` is
+    answered ``sync`` (`assert_nothing_pending`); any other calls ``act(srv)``, once `srv` is set
+    to the server that `config()` serves."""
+
+    def __init__(
+        self, recorder: Recorder, topics: dict[str, tuple[str, ...]], act: Callable[[brioche.Server[Any]], None]
+    ) -> None:
+        self.recorder, self.topics, self.act = recorder, topics, act
+        self.sockets: dict[str, brioche.WebSocket[Any]] = {}
+        self.srv: brioche.Server[Any] | None = None
+
+    def on_open(self, ws: brioche.WebSocket[Any]) -> None:
+        self.sockets[ws.data] = ws
+        for topic in self.topics.get(ws.data, ()):
+            ws.subscribe(topic)
+        self.recorder.add("open")
+
+    def on_text(self, ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "echo sync":
+            ws.send("sync")
+            return
+        assert self.srv is not None
+        self.act(self.srv)
+
+    def config(self) -> websocket.Config[Any]:
+        return websocket.init().on_open(self.on_open).on_text(self.on_text)
 
 
 async def test_subscribe_unsubscribe_is_subscribed_and_subscriptions(serve: ServeFn, recorder: Recorder) -> None:
@@ -402,21 +432,9 @@ async def test_one_batchs_publishes_sends_subscribes_and_closes_keep_their_order
     together, later; whatever else the batch does to a connection or a subscription comes after
     the publishes made before it and before those made after it, and ``stats()`` read in the
     handler counts them all."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-    holder: list[brioche.Server[Any]] = []
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        for topic in {"/a": ["t", "u"], "/b": ["t"]}.get(ws.data, []):
-            ws.subscribe(topic)
-        recorder.add("open")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        if text == "echo sync":
-            ws.send("sync")
-            return
-        (srv,) = holder
-        a, b, c = sockets["/a"], sockets["/b"], sockets["/c"]
+    def act(srv: brioche.Server[Any]) -> None:
+        a, b, c = paths.sockets["/a"], paths.sockets["/b"], paths.sockets["/c"]
         statuses = [srv.publish("t", "t1"), srv.publish("t", "t2"), a.send("a1")]
         statuses += [srv.publish("t", "t3"), srv.publish("t", "t4")]
         c.subscribe("t")
@@ -429,8 +447,9 @@ async def test_one_batchs_publishes_sends_subscribes_and_closes_keep_their_order
         statuses.append(srv.publish("t", "t9"))
         recorder.add("statuses", statuses)
 
-    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
-    holder.append(srv)
+    paths = Paths(recorder, {"/a": ("t", "u"), "/b": ("t",)}, act)
+    srv = await serve(paths.config(), handler=upgrade_with_path)
+    paths.srv = srv
     async with AsyncExitStack() as stack:
         a, b, c, go = [
             await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/a", "/b", "/c", "/go")
@@ -458,31 +477,20 @@ async def test_a_run_of_publishes_reports_and_queues_as_each_publish_alone(serve
     written first (it reads, so all of it goes), and the rest are Backpressured (congested until
     the batch's own flush, which brings its one ``on_drain``); the other congests at the tenth.
     Both get every message."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-    holder: list[brioche.Server[Any]] = []
     big = "x" * 7000
     messages = [f"{i:02d}" + "y" * 998 for i in range(12)]
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        if ws.data in ("/full", "/light"):
-            ws.subscribe("t")
-        recorder.add("open")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        if text == "echo sync":
-            ws.send("sync")
-            return
-        (srv,) = holder
-        statuses = [sockets["/full"].send(big)] + [srv.publish("t", m) for m in messages]
+    def act(srv: brioche.Server[Any]) -> None:
+        statuses = [paths.sockets["/full"].send(big)] + [srv.publish("t", m) for m in messages]
         recorder.add("statuses", statuses)
 
     def on_drain(ws: brioche.WebSocket[Any]) -> None:
         recorder.add("drain", ws.data)
 
-    config = websocket.init().on_open(on_open).on_text(on_text).on_drain(on_drain).backpressure_limit(16384)
+    paths = Paths(recorder, {"/full": ("t",), "/light": ("t",)}, act)
+    config = paths.config().on_drain(on_drain).backpressure_limit(16384)
     srv = await serve(config, handler=upgrade_with_path)
-    holder.append(srv)
+    paths.srv = srv
     before = srv.stats()
     async with AsyncExitStack() as stack:
         full, light, go = [
@@ -514,37 +522,24 @@ async def test_a_run_that_takes_a_reading_subscriber_past_the_limit_writes_its_q
     kernel. The sixth has the queue written first, as uWS writes when its cork buffer
     overflows, and is queued (Backpressured: the socket is congested until the batch's flush):
     the subscriber is not closed and gets all six (it was closed with 1008 before)."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-    holder: list[brioche.Server[Any]] = []
     messages = [f"{i:02d}" + "z" * 998 for i in range(6)]
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        if ws.data == "/sub":
-            ws.subscribe("t")
-        recorder.add("open")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        if text == "echo sync":
-            ws.send("sync")
-            return
-        (srv,) = holder
+    def act(srv: brioche.Server[Any]) -> None:
         statuses = [srv.publish("t", m) for m in messages]
-        recorder.add("after", statuses, sockets["/sub"].ready_state)
+        recorder.add("after", statuses, paths.sockets["/sub"].ready_state)
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", ws.data, code)
 
+    paths = Paths(recorder, {"/sub": ("t",)}, act)
     config = (
-        websocket.init()
-        .on_open(on_open)
-        .on_text(on_text)
+        paths.config()
         .on_close(on_close)
         .backpressure_limit(4096)
         .close_on_backpressure_limit(True)
     )
     srv = await serve(config, handler=upgrade_with_path)
-    holder.append(srv)
+    paths.srv = srv
     async with AsyncExitStack() as stack:
         sub, go = [await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/sub", "/go")]
         await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
@@ -563,21 +558,9 @@ async def test_a_socket_leaves_its_topics_when_its_close_begins(serve: ServeFn, 
     ``subscriber_count`` nor subscribed, ``subscribe`` refuses it (False), and a publish to its
     topic reaches the other subscriber and is Sent. Before, it stayed subscribed while closing
     (up to the close timeout), and every publish to its topics reported Dropped."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-    holder: list[brioche.Server[Any]] = []
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        if ws.data in ("/ws", "/other"):
-            ws.subscribe("room")
-        recorder.add("open")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        if text == "echo sync":
-            ws.send("sync")
-            return
-        (srv,) = holder
-        closing = sockets["/ws"]
+    def act(srv: brioche.Server[Any]) -> None:
+        closing = paths.sockets["/ws"]
         before = srv.subscriber_count("room")
         closing.close(4000, "kicked")
         recorder.add(
@@ -592,8 +575,9 @@ async def test_a_socket_leaves_its_topics_when_its_close_begins(serve: ServeFn, 
             srv.publish("room", "still here"),
         )
 
-    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
-    holder.append(srv)
+    paths = Paths(recorder, {"/ws": ("room",), "/other": ("room",)}, act)
+    srv = await serve(paths.config(), handler=upgrade_with_path)
+    paths.srv = srv
     async with await RawWebSocket.connect(srv.port, "/ws") as mute, connect(ws_url(srv, "/other")) as other:
         async with connect(ws_url(srv, "/go")) as go:
             await recorder.wait_for(lambda: len(recorder.of("open")) == 3)
@@ -643,27 +627,16 @@ async def test_publishes_before_a_terminate_count_as_delivered(serve: ServeFn, r
     """The publishes made before ``terminate`` are queued to the socket, which writes them
     before it ends (as Bun's ``terminate`` flushes first), and ``stats()`` counts them as
     delivered, run or not."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-    holder: list[brioche.Server[Any]] = []
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        if ws.data in ("/gone", "/stays"):
-            ws.subscribe("t")
-        recorder.add("open")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        if text == "echo sync":
-            ws.send("sync")
-            return
-        (srv,) = holder
+    def act(srv: brioche.Server[Any]) -> None:
         statuses = [srv.publish("t", "m1"), srv.publish("t", "m2")]
-        sockets["/gone"].terminate()
+        paths.sockets["/gone"].terminate()
         stats = srv.stats()
         recorder.add("after", statuses, stats["deliveries"], stats["sends_dropped"])
 
-    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
-    holder.append(srv)
+    paths = Paths(recorder, {"/gone": ("t",), "/stays": ("t",)}, act)
+    srv = await serve(paths.config(), handler=upgrade_with_path)
+    paths.srv = srv
     async with AsyncExitStack() as stack:
         gone, stays, go = [
             await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/gone", "/stays", "/go")
@@ -684,25 +657,17 @@ async def test_a_send_from_another_thread_comes_after_the_publishes_before_it(
     """A handler publishes twice to a topic, then has another thread send to a subscriber and
     waits for it: the subscriber gets both publishes, then the send. The second publish may be
     part of a run not yet queued when the thread sends; the thread's send queues it first."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-    holder: list[brioche.Server[Any]] = []
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        if ws.data == "/sub":
-            ws.subscribe("t")
-        recorder.add("open")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        (srv,) = holder
+    def act(srv: brioche.Server[Any]) -> None:
         statuses = [srv.publish("t", "a"), srv.publish("t", "b")]
-        helper = threading.Thread(target=lambda: statuses.append(sockets["/sub"].send("c")))
+        helper = threading.Thread(target=lambda: statuses.append(paths.sockets["/sub"].send("c")))
         helper.start()
         helper.join()
         recorder.add("statuses", statuses)
 
-    srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
-    holder.append(srv)
+    paths = Paths(recorder, {"/sub": ("t",)}, act)
+    srv = await serve(paths.config(), handler=upgrade_with_path)
+    paths.srv = srv
     async with AsyncExitStack() as stack:
         sub, go = [await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/sub", "/go")]
         await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
