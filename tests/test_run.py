@@ -56,6 +56,36 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly(sig:
     assert out.decode().strip() == "stopped cleanly"
 
 
+def ignore_sighup() -> None:
+    """A ``preexec_fn``: the child starts with SIGHUP ignored, as under ``nohup``."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+async def test_under_nohup_a_hang_up_does_not_stop_run() -> None:
+    """SIGHUP ignored when the process started (``nohup``) stays ignored: the server serves
+    on, and Ctrl+C still stops it with 1001."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=ignore_sighup,
+    )
+    try:
+        async with await connect_when_listening(f"ws://127.0.0.1:{port}/ws") as client:
+            proc.send_signal(signal.SIGHUP)
+            # Still served after the hang-up: a round trip made after the signal is delivered.
+            await client.send("after the hang-up")
+            assert await asyncio.wait_for(client.recv(), 10) == "after the hang-up"
+            proc.send_signal(signal.SIGINT)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        out, err = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        await kill_if_running(proc)
+    assert proc.returncode == 0, err.decode()
+    assert b"SIGHUP" not in err
+
+
 async def test_run_logs_where_it_listens_once_it_does() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(

@@ -280,19 +280,8 @@ async def test_workers_whose_supervisor_is_killed_close_their_clients_with_1001_
             await asyncio.wait_for(ws.recv(), 15)
         assert ws.close_code == 1001, f"client on {pid}"
 
-    def all_exited() -> bool:
-        for pid in sup.pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            # Reparented to init (or a subreaper), which reaps it: gone once it exits.
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    return False
-        return True
-
-    assert await poll_until(all_exited, 20), sup.pids
+    # Reparented to init (or a subreaper), which reaps them.
+    assert await poll_until(lambda: all(exited(pid) for pid in sup.pids), 20), sup.pids
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", sup.port), timeout=2).close()
     # The supervisor could not remove the relay's directory: the last worker to stop did.

@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import logging
 import select
+import signal
 import sys
 import threading
 import types
@@ -216,6 +217,17 @@ _AnyTask: Any = asyncio.Task
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _hang_up_stops() -> bool:
+    """Whether SIGHUP, under ``run()`` without TLS (nothing to reload), is to stop the server
+    gracefully, as SIGTERM does: it keeps its meaning (hang up), unless it was ignored when the
+    process started (``nohup``). Left to its default, it ended the process with no 1001."""
+    return signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+
+
+def _log_hang_up() -> None:
+    logging.getLogger("brioche").warning("SIGHUP: nothing to reload without tls(): stopping, as on SIGTERM")
 
 
 def _stopping() -> Response:

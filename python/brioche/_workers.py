@@ -41,7 +41,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
-from brioche._server import STOP_GRACE_SECONDS
+from brioche._server import STOP_GRACE_SECONDS, _hang_up_stops, _log_hang_up
 
 if TYPE_CHECKING:
     from brioche.server import Config
@@ -316,7 +316,7 @@ class _Supervisor:
 
     def _on_hang_up(self, signum: int, frame: object) -> None:
         """SIGHUP without TLS: nothing to reload, so a stop, as SIGTERM's."""
-        logger.warning("SIGHUP: nothing to reload without tls(): stopping, as on SIGTERM")
+        _log_hang_up()
         self._on_signal(signum, frame)
 
     def _on_hup(self, signum: int, frame: object) -> None:
@@ -332,13 +332,12 @@ class _Supervisor:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
         }
-        # SIGHUP reloads the certificate; without TLS it keeps its meaning (hang up: stop), but
-        # stops as SIGTERM does. Left to its default, it killed the supervisor alone: no 1001
-        # for the clients, workers left to notice the orphaning, the relay's directory left.
-        hup = self._on_hup if self.config.tls_files is not None else self._on_hang_up
-        # Under `nohup` (SIGHUP ignored when started) a hang-up must not stop it.
-        if hup == self._on_hup or signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
+        # Left to its default, SIGHUP killed the supervisor alone: no 1001 for the clients,
+        # workers left to notice the orphaning, the relay's directory left.
+        if self.config.tls_files is not None:
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
+        elif _hang_up_stops():
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hang_up)
         try:
             for worker in self.workers:
                 self._start(worker)

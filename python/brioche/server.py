@@ -40,7 +40,7 @@ from brioche._http import (
     text,
 )
 from brioche._brioche import BriocheError
-from brioche._server import BindError, Server, _wildcard_note
+from brioche._server import BindError, Server, _hang_up_stops, _log_hang_up, _wildcard_note
 from brioche._workers import WorkerSlot
 
 __all__ = [
@@ -549,9 +549,7 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
     try:
         if config.tls_files is not None:
             loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
-        elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # not under `nohup`
-            # Nothing to reload: SIGHUP keeps its meaning (hang up: stop), but stops as SIGTERM
-            # does; by default it ended the process with no 1001 for the clients.
+        elif _hang_up_stops():
             loop.add_signal_handler(signal.SIGHUP, _hang_up, stop_requested)
     except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix loops
         pass
@@ -562,7 +560,7 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
 
 
 def _hang_up(stop_requested: asyncio.Event) -> None:
-    logging.getLogger("brioche").warning("SIGHUP: nothing to reload without tls(): stopping, as on SIGTERM")
+    _log_hang_up()
     stop_requested.set()
 
 
