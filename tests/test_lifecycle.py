@@ -731,6 +731,12 @@ async def test_a_message_of_the_wrong_type_is_named_by_the_call_that_refused_it(
                 call(1)  # type: ignore[arg-type]
             except TypeError as exc:
                 recorder.add("refused", str(exc))
+        # A str, which `send` and `publish` would take, is the likely mistake here.
+        for call in (ws.send_bytes, lambda text: ws.publish_bytes("topic", text)):
+            try:
+                call("text")  # type: ignore[arg-type]
+            except TypeError as exc:
+                recorder.add("refused", str(exc))
         # Any bytes-like payload is taken, as send takes it.
         recorder.add("sent", ws.ping(bytearray(b"pi")), ws.pong(memoryview(b"po")))
         ws.send("done")
@@ -741,6 +747,8 @@ async def test_a_message_of_the_wrong_type_is_named_by_the_call_that_refused_it(
         assert await asyncio.wait_for(client.recv(), TIMEOUT) == "done"
     assert recorder.events == [
         ("refused", f"{name}() takes a str or a bytes-like object, got int") for name in ("send", "ping", "pong")
+    ] + [
+        ("refused", f"{name}() takes a bytes-like object, got str") for name in ("send_bytes", "publish_bytes")
     ] + [("sent", MessageSent(2), MessageSent(2))]
 
 

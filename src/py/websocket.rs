@@ -112,13 +112,26 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
 /// `str` nor bytes-like.
 #[cold]
 pub(super) fn str_or_bytes_error(function: &str, message: &Bound<'_, PyAny>) -> PyErr {
-    PyTypeError::new_err(format!(
-        "{function}() takes a str or a bytes-like object, got {}",
-        message
-            .get_type()
-            .name()
-            .map_or("?".into(), |n| n.to_string())
-    ))
+    wrong_type(function, "a str or a bytes-like object", message)
+}
+
+/// The error of `send_bytes` and `publish_bytes` for a message that is not bytes-like (a `str`
+/// most likely, which `send` and `publish` would take), in place of `memoryview`'s, which
+/// names neither; any other error (a released `memoryview`) as it is.
+#[cold]
+fn bytes_error(py: Python<'_>, error: PyErr, function: &str, message: &Bound<'_, PyAny>) -> PyErr {
+    if !error.is_instance_of::<PyTypeError>(py) {
+        return error;
+    }
+    wrong_type(function, "a bytes-like object", message)
+}
+
+fn wrong_type(function: &str, takes: &str, message: &Bound<'_, PyAny>) -> PyErr {
+    let got = message
+        .get_type()
+        .name()
+        .map_or("?".into(), |n| n.to_string());
+    PyTypeError::new_err(format!("{function}() takes {takes}, got {got}"))
 }
 
 fn publish_binary(
@@ -328,7 +341,9 @@ impl PyWebSocket {
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        status::to_py(py, send_binary(&self.conn, message, compress)?)
+        let sent = send_binary(&self.conn, message, compress)
+            .map_err(|e| bytes_error(py, e, "send_bytes", message))?;
+        status::to_py(py, sent)
     }
 
     /// Send text to every subscriber of `topic` (not this socket unless `publish_to_self`);
@@ -366,7 +381,9 @@ impl PyWebSocket {
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
-        status::to_py(py, publish_binary(&self.conn, topic, message, compress)?)
+        let sent = publish_binary(&self.conn, topic, message, compress)
+            .map_err(|e| bytes_error(py, e, "publish_bytes", message))?;
+        status::to_py(py, sent)
     }
 
     /// Whether the client negotiated permessage-deflate (the 101 accepted its offer).
