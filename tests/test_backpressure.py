@@ -544,6 +544,56 @@ async def test_with_a_limit_of_one_byte_the_first_send_is_sent(serve: ServeFn, r
     assert recorder.of("statuses") == [(MessageSent(1), MessageSent(1))]
 
 
+@pytest.mark.parametrize("limit", [1, 1000])
+async def test_a_limit_below_the_message_size_reports_backpressured_before_dropped(
+    serve: ServeFn, recorder: Recorder, limit: int
+) -> None:
+    """With a limit below a message's size, each send onto an empty queue takes the queue past
+    the limit: it is written at once (as uWS writes every send), so its status says whether the
+    kernel took it. One handler's burst to a reader that has stopped goes Sent, Backpressured
+    (the send the kernel refused part of), Dropped, as Bun's does; everything accepted arrives,
+    in order, and ``on_drain`` follows. Before, the statuses went from Sent straight to Dropped:
+    each send found the queue emptied by the next one's write, and a sender that slows down at
+    Backpressured never saw it."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "sync":
+            ws.send("synced")
+            return
+        statuses: list[object] = []
+        for i in range(MAX_MESSAGES):
+            statuses.append(ws.send_bytes(numbered(i, SIZE)))
+            if isinstance(statuses[-1], MessageDropped):
+                break
+        recorder.add("statuses", statuses)
+
+    def on_drain(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("drain")
+
+    srv = await serve(websocket.init().on_text(on_text).on_drain(on_drain).backpressure_limit(limit))
+    async with await RawWebSocket.connect(srv.port, rcvbuf=4096) as client:
+        client.pause_reading()
+        await client.send_text("go")
+        await recorder.wait_for(lambda: bool(recorder.of("statuses")))
+        ((statuses,),) = recorder.of("statuses")
+        assert [k for k, _ in groupby(type(s) for s in statuses)] == [
+            MessageSent, MessageBackpressured, MessageDropped
+        ], statuses
+        assert all(s == MessageSent(SIZE) for s in statuses if isinstance(s, MessageSent))
+        accepted = len(statuses) - 1
+        assert recorder.of("drain") == []
+
+        client.resume_reading()
+        frames = [await client.recv_frame(timeout=10) for _ in range(accepted)]
+        assert [f.opcode for f in frames] == [OP_BINARY] * accepted
+        assert [f.payload for f in frames] == [numbered(i, SIZE) for i in range(accepted)]
+        await recorder.wait_for(lambda: bool(recorder.of("drain")))
+        await client.send_text("sync")
+        reply = await client.recv_frame(timeout=10)
+        assert (reply.opcode, reply.payload) == (OP_TEXT, b"synced")
+    assert recorder.of("drain") == [()]
+
+
 async def test_on_drain_does_not_fire_once_the_socket_is_closing(serve: ServeFn, recorder: Recorder) -> None:
     """A congested socket is closed before its queue drains: when it has written everything,
     nothing more can be sent to it, and ``on_drain`` does not fire (as Bun's ``drain`` does not

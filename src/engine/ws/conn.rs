@@ -373,10 +373,32 @@ impl Conn {
             self.out.set_congested();
             congested = true;
         }
+        // A frame that takes the queue past the limit is offered to the kernel at once (as uWS
+        // writes every send at once), so that its status says whether the kernel took it: the
+        // next send is dropped if it did not. Left for the batch's end, such a frame was Sent
+        // and the next one Dropped, with a limit below a message's size: the sender never saw
+        // the Backpressured it slows down at.
+        let write_through = limit > 0
+            && buffered + payload_len > limit
+            && !self.out.is_refused()
+            && !self.out.is_corked();
         match push(&self.out) {
             Pushed::Refused => return SendStatus::Dropped,
             Pushed::First => self.schedule_flush(),
             Pushed::Queued => {}
+        }
+        if write_through {
+            match self.out.flush() {
+                Ok(Flushed::Blocked) => {
+                    self.signal(signal::FLUSH);
+                    congested = true;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    self.end_abruptly(1006, "");
+                    return SendStatus::Dropped;
+                }
+            }
         }
         if congested {
             SendStatus::Backpressured
