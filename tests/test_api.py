@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import errno
 import functools
 import math
+import pickle
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +44,15 @@ def test_backpressured_and_dropped_are_equal_to_themselves_only() -> None:
     assert MessageBackpressured() != MessageDropped()
     assert hash(MessageBackpressured()) == hash(MessageBackpressured())
     assert len({MessageDropped(), MessageDropped(), MessageBackpressured()}) == 2
+
+
+def test_every_status_pickles_and_copies_to_an_equal_one() -> None:
+    # A status may be logged, queued to another process or copied with the data it came with.
+    # MessageSent could not be pickled (its constructor takes the size).
+    for status in (MessageSent(3), MessageSent(70_000), MessageBackpressured(), MessageDropped()):
+        assert pickle.loads(pickle.dumps(status)) == status
+        assert copy.copy(status) == status
+        assert copy.deepcopy(status) == status
 
 
 def describe(status: brioche.SendStatus) -> str:

@@ -8,10 +8,11 @@ import logging
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn
+from conftest import Recorder, ServeFn, ws_url
 
 TIMEOUT = 5
 
@@ -124,6 +125,30 @@ async def test_custom_response_headers_are_sent(serve: ServeFn) -> None:
     assert (status, body) == (200, b"x")
     assert headers["x-one"] == ["1"]
     assert headers["set-cookie"] == ["a=1", "b=2"]
+
+
+async def test_headers_may_be_a_mapping_and_a_lone_pair_is_a_clear_type_error(serve: ServeFn) -> None:
+    """A ``dict`` of headers (as Starlette and aiohttp take) is its items, for a ``Response`` and
+    for an upgrade's 101. Before, ``Response`` unpacked each key as a pair: a ``ValueError``
+    ("too many values to unpack") for most names, and a two-letter name, ``{"ab": "x"}``, sent
+    as the header ``a: b``."""
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.path == "/ws":
+            return server.upgrade(srv, request, {"x-session": "s1"}, None, server.bad_request)
+        return server.Response(200, {"ab": "x", "content-type": "text/plain"}, "hi")  # type: ignore[arg-type]
+
+    srv = await serve(websocket.init(), handler=handler)
+    status, headers, body = await http(srv, "/")
+    assert (status, body, headers["ab"], headers["content-type"]) == (200, b"hi", ["x"], ["text/plain"])
+    assert "a" not in headers
+    async with connect(ws_url(srv, "/ws")) as client:
+        assert client.response is not None and client.response.headers["x-session"] == "s1"
+
+    with pytest.raises(TypeError, match=r"^each header must be a \(name, value\) pair, got 'content-type'$"):
+        server.Response(200, (("content-type", "text/plain")))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^headers must be \(name, value\) pairs or a mapping, got str$"):
+        server.Response(200, "content-type: text/plain")  # type: ignore[arg-type]
 
 
 async def test_a_content_length_that_disagrees_with_the_body_is_a_logged_500(

@@ -10,6 +10,7 @@ import re
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -732,11 +733,26 @@ async def test_a_message_of_the_wrong_type_is_named_by_the_call_that_refused_it(
             except TypeError as exc:
                 recorder.add("refused", str(exc))
         # A str, which `send` and `publish` would take, is the likely mistake here.
-        for call in (ws.send_bytes, lambda text: ws.publish_bytes("topic", text)):
+        bytes_only: tuple[Callable[[Any], object], ...] = (
+            ws.send_bytes, lambda text: ws.publish_bytes("topic", text)
+        )
+        for send in bytes_only:
             try:
-                call("text")  # type: ignore[arg-type]
+                send("text")
             except TypeError as exc:
                 recorder.add("refused", str(exc))
+        # A released memoryview is bytes-like, but unreadable: its own ValueError, not a
+        # TypeError saying that it is of the wrong type.
+        released = memoryview(b"gone")
+        released.release()
+        any_payload: tuple[Callable[[Any], object], ...] = (
+            ws.send, ws.send_bytes, ws.ping, lambda view: ws.publish("topic", view)
+        )
+        for send in any_payload:
+            try:
+                send(released)
+            except ValueError as exc:
+                recorder.add("released", str(exc))
         # Any bytes-like payload is taken, as send takes it.
         recorder.add("sent", ws.ping(bytearray(b"pi")), ws.pong(memoryview(b"po")))
         ws.send("done")
@@ -749,7 +765,9 @@ async def test_a_message_of_the_wrong_type_is_named_by_the_call_that_refused_it(
         ("refused", f"{name}() takes a str or a bytes-like object, got int") for name in ("send", "ping", "pong")
     ] + [
         ("refused", f"{name}() takes a bytes-like object, got str") for name in ("send_bytes", "publish_bytes")
-    ] + [("sent", MessageSent(2), MessageSent(2))]
+    ] + [("released", "operation forbidden on released memoryview object")] * 4 + [
+        ("sent", MessageSent(2), MessageSent(2))
+    ]
 
 
 async def test_send_after_close_returns_message_dropped(serve: ServeFn, recorder: Recorder) -> None:

@@ -45,6 +45,7 @@ class MessageSent:
     @property
     def bytes_sent(self) -> int:
         """Payload bytes accepted (the UTF-8 length for text)."""
+    def __getnewargs__(self) -> tuple[int]: ...
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
@@ -120,10 +121,11 @@ class WebSocket(Generic[_T]):
     def cork(self, callback: Callable[[WebSocket[_T]], _R]) -> _R:
         """Run ``callback(self)``; what it sends is written in one go. ``callback`` is a plain
         function: an ``async def`` one is a ``TypeError``."""
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake with ``code`` and ``reason``, as Bun's ``close``: the reason
-        is cut to 123 UTF-8 bytes at a character boundary, and 0, 1005 or 1006 send a close frame
-        without a code (or reason). Other codes no frame may carry are a ``ValueError``."""
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Start the closing handshake with ``code`` (1000 for ``None``, Bun's ``undefined``) and
+        ``reason``, as Bun's ``close``: the reason is cut to 123 UTF-8 bytes at a character
+        boundary, and 0, 1005 or 1006 send a close frame without a code (or reason). Other codes
+        no frame may carry are a ``ValueError``."""
     def terminate(self) -> None:
         """End the connection without a close frame; what was queued is written first, as far
         as the kernel takes it now. ``ready_state`` is ``CLOSED`` from then on."""

@@ -166,10 +166,26 @@ class Request:
 _NO_BODY = frozenset((204, 205, 304))
 
 
+def header_pairs(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """``headers`` as ``(name, value)`` pairs of ``str``: pairs as given (a name repeated), or
+    a mapping's items (``{"content-type": "text/plain"}``, as Starlette and aiohttp take)."""
+    items: Iterable[object] = headers.items() if isinstance(headers, Mapping) else headers
+    if isinstance(items, (str, bytes)):
+        raise TypeError(f"headers must be (name, value) pairs or a mapping, got {type(items).__name__}")
+    pairs = []
+    for item in items:
+        # A lone pair, ``(("content-type", "text/plain"))`` without its comma, is two strings.
+        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"each header must be a (name, value) pair, got {item!r}")
+        pairs.append((str(item[0]), str(item[1])))
+    return tuple(pairs)
+
+
 @final
 @dataclasses.dataclass(frozen=True, slots=True)
 class Response:
-    """An HTTP response. ``body`` may be ``str`` (sent as UTF-8) or ``bytes``.
+    """An HTTP response. ``body`` may be ``str`` (sent as UTF-8) or ``bytes``; ``headers``,
+    ``(name, value)`` pairs (a name may repeat), may be given as a mapping (a ``dict``).
 
     The server sets ``content-length`` from the body. One given in ``headers`` must match it
     (the answer to a HEAD, and a 304, may give the length of a body they leave out), and
@@ -195,7 +211,7 @@ class Response:
             # As Bun's (the Fetch standard's) Response refuses it: these statuses carry no
             # content (RFC 9110 15.3.5, 15.3.6, 15.4.5), and a body would be dropped or sent.
             raise ValueError(f"a {self.status} response has no body")
-        object.__setattr__(self, "headers", tuple((str(k), str(v)) for k, v in self.headers))
+        object.__setattr__(self, "headers", header_pairs(self.headers))
 
     def with_header(self, name: str, value: str) -> Response:
         """A copy with one more header."""

@@ -24,7 +24,7 @@ import threading
 import types
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
 from functools import partial
 from inspect import CO_COROUTINE, isawaitable
 from time import perf_counter
@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
-from brioche._http import Request, Response, SocketAddress, internal_error, text
+from brioche._http import Request, Response, SocketAddress, header_pairs, internal_error, text
 from brioche.websocket import _check_seconds
 
 if TYPE_CHECKING:
@@ -561,7 +561,7 @@ class Server(Generic[T]):
     def upgrade(
         self,
         request: Request,
-        headers: Iterable[tuple[str, str]] = (),
+        headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
         data: T | None = None,
         *,
         subprotocol: str | None = None,
@@ -569,9 +569,10 @@ class Server(Generic[T]):
         """Accept ``request`` as a WebSocket carrying ``data``; False if it cannot be upgraded.
 
         It cannot when it is not a WebSocket handshake, when it was already answered, or when the
-        server has no ``websocket`` config. ``headers`` go into the 101 response; the ones the
-        handshake itself sets (``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept``,
-        ``Sec-WebSocket-Extensions``) and the framing headers are a ``ValueError``.
+        server has no ``websocket`` config. ``headers`` (pairs, or a mapping) go into the 101
+        response; the ones the handshake itself sets (``Upgrade``, ``Connection``,
+        ``Sec-WebSocket-Accept``, ``Sec-WebSocket-Extensions``) and the framing headers are a
+        ``ValueError``.
         ``subprotocol`` is the one of ``request.subprotocols`` the server speaks
         (``ws.subprotocol``); one the client did not offer is a ``ValueError``. A
         ``Sec-WebSocket-Protocol`` in ``headers`` (Bun's way to choose one) is taken as
@@ -583,8 +584,7 @@ class Server(Generic[T]):
         if self._config.websocket_config is None or not pending.is_websocket:
             return False
         extra: list[tuple[str, str]] = []
-        for name, value in headers:
-            name, value = str(name), str(value)
+        for name, value in header_pairs(headers):
             lower = name.lower()
             if lower in _HANDSHAKE_HEADERS:
                 raise ValueError(f"{name} is the handshake's own header; upgrade() cannot set it")

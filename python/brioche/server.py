@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, Generic, TypeAlias, TypeVar, final
 
 from brioche import websocket as _websocket
@@ -673,7 +673,7 @@ def workers(config: Config[T], count: int) -> Config[T]:
 def upgrade(
     srv: Server[T],
     request: Request,
-    headers: Iterable[tuple[str, str]],
+    headers: Iterable[tuple[str, str]] | Mapping[str, str],
     data: T,
     fallback: Callable[[], Response],
     *,
@@ -681,7 +681,7 @@ def upgrade(
 ) -> Response | None:
     """Upgrade ``request`` to a WebSocket carrying ``data``; ``None`` on success, else ``fallback()``.
 
-    ``headers`` are added to the ``101 Switching Protocols`` response, and so is
+    ``headers`` (pairs, or a mapping) are added to the ``101 Switching Protocols`` response, and so is
     ``subprotocol``, one of ``request.subprotocols`` (else ``ValueError``); as for
     :meth:`Server.upgrade`, the handshake's own headers are a ``ValueError`` and a
     ``Sec-WebSocket-Protocol`` among ``headers`` is taken as ``subprotocol``.

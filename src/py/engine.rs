@@ -664,7 +664,7 @@ impl PyEngine {
                 let frame = OutFrame::new(OP_BINARY, bytes::Bytes::copy_from_slice(data));
                 shared.publish_with(topic, frame, data.len(), None, compress)
             })
-            .map_err(|_| str_or_bytes_error("publish", message))?
+            .map_err(|e| str_or_bytes_error(e, "publish", message))?
         };
         status::to_py(py, sent)
     }

@@ -33,6 +33,12 @@ impl MessageSent {
     fn __repr__(&self) -> String {
         format!("MessageSent(bytes_sent={})", self.bytes_sent)
     }
+
+    /// Pickle (and `copy`) make it again from its size, as the payload-free statuses, which
+    /// take no argument, pickle without this.
+    fn __getnewargs__(&self) -> (usize,) {
+        (self.bytes_sent,)
+    }
 }
 
 /// A status without a payload: a frozen, comparable class with an empty `__match_args__`.

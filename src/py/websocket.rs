@@ -109,24 +109,28 @@ fn send_text(conn: &Arc<Conn>, text: &Bound<'_, PyString>) -> PyResult<SendStatu
 }
 
 /// The error of `function` (`send`, `publish`, `ping`, `pong`) for a message that is neither
-/// `str` nor bytes-like.
+/// `str` nor bytes-like, in place of `memoryview`'s `TypeError`, which names neither; any other
+/// error (a released `memoryview`) as it is.
 #[cold]
-pub(super) fn str_or_bytes_error(function: &str, message: &Bound<'_, PyAny>) -> PyErr {
-    wrong_type(function, "a str or a bytes-like object", message)
+pub(super) fn str_or_bytes_error(
+    error: PyErr,
+    function: &str,
+    message: &Bound<'_, PyAny>,
+) -> PyErr {
+    wrong_type(error, function, "a str or a bytes-like object", message)
 }
 
-/// The error of `send_bytes` and `publish_bytes` for a message that is not bytes-like (a `str`
-/// most likely, which `send` and `publish` would take), in place of `memoryview`'s, which
-/// names neither; any other error (a released `memoryview`) as it is.
+/// The same for `send_bytes` and `publish_bytes` (given a `str` most likely, which `send` and
+/// `publish` would take).
 #[cold]
-fn bytes_error(py: Python<'_>, error: PyErr, function: &str, message: &Bound<'_, PyAny>) -> PyErr {
-    if !error.is_instance_of::<PyTypeError>(py) {
+fn bytes_error(error: PyErr, function: &str, message: &Bound<'_, PyAny>) -> PyErr {
+    wrong_type(error, function, "a bytes-like object", message)
+}
+
+fn wrong_type(error: PyErr, function: &str, takes: &str, message: &Bound<'_, PyAny>) -> PyErr {
+    if !error.is_instance_of::<PyTypeError>(message.py()) {
         return error;
     }
-    wrong_type(function, "a bytes-like object", message)
-}
-
-fn wrong_type(function: &str, takes: &str, message: &Bound<'_, PyAny>) -> PyErr {
     let got = message
         .get_type()
         .name()
@@ -218,7 +222,9 @@ fn control_payload(function: &str, payload: Option<&Bound<'_, PyAny>>) -> PyResu
         None => Vec::new(),
         Some(p) => match p.cast::<PyString>() {
             Ok(s) => s.to_str()?.as_bytes().to_vec(),
-            Err(_) => with_bytes(p, <[u8]>::to_vec).map_err(|_| str_or_bytes_error(function, p))?,
+            Err(_) => {
+                with_bytes(p, <[u8]>::to_vec).map_err(|e| str_or_bytes_error(e, function, p))?
+            }
         },
     };
     if bytes.len() > 125 {
@@ -328,7 +334,7 @@ impl PyWebSocket {
             Ok(text) if compress => conn.send_text_compressed(text.to_str()?),
             Ok(text) => send_text(conn, text)?,
             Err(_) => send_binary(conn, message, compress)
-                .map_err(|_| str_or_bytes_error("send", message))?,
+                .map_err(|e| str_or_bytes_error(e, "send", message))?,
         };
         status::to_py(py, sent)
     }
@@ -342,7 +348,7 @@ impl PyWebSocket {
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
         let sent = send_binary(&self.conn, message, compress)
-            .map_err(|e| bytes_error(py, e, "send_bytes", message))?;
+            .map_err(|e| bytes_error(e, "send_bytes", message))?;
         status::to_py(py, sent)
     }
 
@@ -366,7 +372,7 @@ impl PyWebSocket {
             // As `send` and `Server.publish` take either (and Bun's `publish`): bytes-like goes
             // out as a binary message, as with `publish_bytes`.
             Err(_) => publish_binary(&self.conn, topic, message, compress)
-                .map_err(|_| str_or_bytes_error("publish", message))?,
+                .map_err(|e| str_or_bytes_error(e, "publish", message))?,
         };
         status::to_py(py, sent)
     }
@@ -382,7 +388,7 @@ impl PyWebSocket {
     ) -> PyResult<Py<PyAny>> {
         check_topic(topic)?;
         let sent = publish_binary(&self.conn, topic, message, compress)
-            .map_err(|e| bytes_error(py, e, "publish_bytes", message))?;
+            .map_err(|e| bytes_error(e, "publish_bytes", message))?;
         status::to_py(py, sent)
     }
 
@@ -437,7 +443,7 @@ impl PyWebSocket {
 
     /// Start the closing handshake; frames queued before it are still delivered. As Bun's: the
     /// reason is cut to 123 UTF-8 bytes, and 0, 1005 or 1006 send a frame without a code.
-    #[pyo3(signature = (code = None, reason = ""), text_signature = "(self, code=1000, reason='')")]
+    #[pyo3(signature = (code = None, reason = ""), text_signature = "(self, code=None, reason='')")]
     fn close(&self, code: Option<&Bound<'_, PyAny>>, reason: &str) -> PyResult<()> {
         match close_code(code)? {
             Some(code) => self.conn.close(code, close_reason(reason)),
