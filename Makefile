@@ -1,5 +1,6 @@
 # Every routine command in one place. `make demo` and `make test` are the two set-up commands
-# of the README: each installs what it needs on a fresh Debian machine with Rust and Python.
+# of the README: each installs what it needs on a fresh Debian machine with Rust (rustup, 1.88+)
+# and Python (`make test` as root, with pyenv's CPythons: see the README's set-up).
 
 PYTHON ?= python3
 VENV := .venv

@@ -408,6 +408,32 @@ def test_a_taken_port_is_a_bind_error_before_any_worker_starts(reuseport: bool) 
             server.run(config, workers=2)
 
 
+def test_run_with_workers_outside_the_main_guard_is_one_clear_error(tmp_path: Path) -> None:
+    """A script that calls ``run(config, workers=n)`` at module level, without
+    ``if __name__ == "__main__":``, runs it again in every worker as ``spawn`` imports the
+    script. The supervisor says so, once, and stops. Before, each worker and each restart
+    printed multiprocessing's "bootstrapping phase" traceback (600 lines for two workers)
+    until the crash loop gave up."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from brioche import server\n"
+        "def hello(request, srv):\n"
+        "    return server.text('hi')\n"
+        "server.handler(hello).hostname('127.0.0.1').port(0).run(workers=2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "bootstrapping phase" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-1] == (
+        "brioche._workers.WorkersFailed: run(config, workers=n) ran again in each worker, as it "
+        "imported the script: spawn imports the script in every worker to find its handlers, so "
+        'the call must be under if __name__ == "__main__":'
+    ), done.stderr
+    assert done.stderr.count("Traceback") == 1, done.stderr
+    assert "restarting" not in done.stderr
+
+
 def exited(pid: int) -> bool:
     """Whether ``pid`` has ended (a zombie its parent has not reaped yet has)."""
     try:

@@ -56,6 +56,14 @@ logger = logging.getLogger("brioche")
 # start will not start by retrying.
 FAST_CRASH_SECONDS = 5.0
 GIVE_UP_AFTER = 5
+# A worker's exit status when ``run(config, workers=n)`` ran again in it, from the script's
+# module level while ``spawn`` imported it: every restart would do the same.
+EXIT_RUN_IN_IMPORT = 78
+UNGUARDED_RUN = (
+    "run(config, workers=n) ran again in each worker, as it imported the script: spawn "
+    "imports the script in every worker to find its handlers, so the call must be under "
+    'if __name__ == "__main__":'
+)
 # SIGTERM, then this long for the workers to stop, then SIGKILL. Each worker cancels its handlers
 # still running once its grace period (STOP_GRACE_SECONDS, which covers the clients' close
 # replies) has passed: the margin lets that cancel, and the worker's exit, come first.
@@ -258,6 +266,12 @@ def run_workers(
     ``address`` is the resolved hostname. ``on_ready(port, pids)`` is called once, when every
     worker first reported ready, with the workers' pids (it logs at INFO when not given).
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # In a worker, importing the script (multiprocessing sets `_inheriting` for as long as
+        # the child prepares, as its own "bootstrapping phase" check reads it). Quietly: the
+        # supervisor says why, once; multiprocessing's error, raised further on, was one
+        # traceback per worker and restart (hundreds of lines) ending in a crash loop.
+        raise SystemExit(EXIT_RUN_IN_IMPORT)
     try:
         pickle.dumps((config, loop_factory))
     except Exception as exc:
@@ -397,6 +411,9 @@ class _Supervisor:
             if worker.ready is not None:
                 worker.ready.close()
                 worker.ready = None
+            if process.exitcode == EXIT_RUN_IN_IMPORT:
+                logger.error("%s", UNGUARDED_RUN)
+                raise WorkersFailed(UNGUARDED_RUN)
             lived = time.monotonic() - worker.started
             worker.fast_crashes = worker.fast_crashes + 1 if lived < FAST_CRASH_SECONDS else 1
             if worker.fast_crashes >= GIVE_UP_AFTER:
