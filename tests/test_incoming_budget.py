@@ -179,6 +179,36 @@ async def test_the_server_wide_budget_caps_what_drippers_hold_while_others_are_s
         await _drip_against(pid, port, budget, size, drippers, piece, interval)
 
 
+async def test_a_client_gone_while_the_budget_keeps_it_unread_gives_its_share_back(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A client sends 1.25 MiB of a 4 MiB message, past a 1 MiB budget, and leaves (its FIN).
+    The server, which no longer reads it, notices within a second or so and frees what it held
+    (1006): without a message timeout nothing else would. Before, the connection and its MiB
+    stayed for good (with the default timeout, for 120 s), and every compressed message and
+    every connection holding 64 KiB or more waited behind it."""
+    srv = await serve(recording_echo(recorder).message_timeout(0), max_incoming_bytes=MIB)
+    size, sent = 4 * MIB, MIB + 256 * 1024
+    key = os.urandom(4)
+    sock = await asyncio.to_thread(blocking_connect, srv.port)
+    sock.settimeout(10)  # bounds the send: the kernel's buffers hold what is not read
+    try:
+        await asyncio.to_thread(sock.sendall, struct.pack(">BBQ", 0x82, 0x80 | 127, size) + key + key * (sent // 4))
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] >= MIB, 10), srv.stats()
+    finally:
+        sock.close()
+    freed = await poll_until(lambda: srv.stats()["open_connections"] == 0, 10)
+    stats = srv.stats()
+    assert freed, stats
+    assert stats["incoming_bytes"] == 0
+    await recorder.wait_for(lambda: bool(recorder.of("close")), 5)
+    assert recorder.of("close") == [(1006, "")]
+    assert recorder.of("bytes") == []
+    async with connect(f"ws://127.0.0.1:{srv.port}/ws", max_size=None) as client:
+        await client.send(b"x" * (100 * 1024))
+        assert await asyncio.wait_for(client.recv(), 5) == b"x" * (100 * 1024)
+
+
 async def _stats(port: int) -> dict[str, Any]:
     async with httpx.AsyncClient() as http:
         reply = await http.get(f"http://127.0.0.1:{port}/stats", timeout=10)

@@ -128,6 +128,20 @@ impl Stream {
         }
     }
 
+    /// Whether the peer has ended its side of the stream (its FIN, or a reset), seen without
+    /// reading, past whatever it sent before that the server has not read: for a connection that
+    /// is not being read, which would otherwise never notice its client gone.
+    pub(crate) fn peer_gone(&self) -> bool {
+        let mut polled = libc::pollfd {
+            fd: self.as_raw_fd(),
+            events: PEER_ENDED,
+            revents: 0,
+        };
+        // SAFETY: one valid `pollfd`, for a descriptor open while `self` is borrowed; no wait.
+        let ready = unsafe { libc::poll(&mut polled, 1, 0) };
+        ready == 1 && polled.revents & (PEER_ENDED | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// Close the write side once everything is written: TLS says `close_notify` first.
     pub(crate) fn shutdown_write(&self) {
         if let Stream::Tls(s) = self {
@@ -139,6 +153,13 @@ impl Stream {
         unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) };
     }
 }
+
+/// `poll`'s event for a peer that shut its sending side down (Linux); elsewhere only its full
+/// close (`POLLHUP`) and errors, which `poll` reports unasked, are seen.
+#[cfg(target_os = "linux")]
+const PEER_ENDED: libc::c_short = libc::POLLRDHUP;
+#[cfg(not(target_os = "linux"))]
+const PEER_ENDED: libc::c_short = 0;
 
 impl AsRawFd for Stream {
     #[inline]

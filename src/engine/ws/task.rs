@@ -29,6 +29,8 @@ use crate::engine::stats::Counter;
 
 /// How long the loop has to send the close frame for a protocol error before the task does.
 const CLOSE_AFTER_HANDLERS: Duration = Duration::from_secs(1);
+/// How often a connection the budget keeps unread looks for its client's end (`peer_gone`).
+const PEER_CHECK: Duration = Duration::from_secs(1);
 /// How long queued frames may keep flushing after the connection ended before it is cut off.
 const FLUSH_AFTER_CLOSE: Duration = Duration::from_secs(5);
 /// Queued bytes past which automatic pongs are dropped when there is no backpressure limit.
@@ -385,6 +387,14 @@ impl Task {
         self.paused = paused;
         self.budget_paused = budget_paused;
         if paused || budget_paused {
+            if self.watches_for_peer_end() {
+                let check = Instant::now() + PEER_CHECK;
+                if check < timer.deadline() {
+                    timer.as_mut().reset(check);
+                    // The next turn polls the timer, which registers it.
+                    return Step::Progress;
+                }
+            }
             return step;
         }
         if self.rx.reader.stalled() {
@@ -441,6 +451,13 @@ impl Task {
         if self.close_deadline.is_some_and(|d| now >= d) {
             return Some(Ending::abrupt(1006, ""));
         }
+        if self.watches_for_peer_end() && self.stream.peer_gone() {
+            // What it holds of a message that can never be finished goes back to the budget.
+            self.rx.reader.abandon();
+            self.rx.since = None;
+            self.release_budget();
+            return Some(Ending::abrupt(1006, ""));
+        }
         if self.message_due().is_some_and(|due| now >= due) {
             if !self.paused && !self.rx.reader.awaiting_inflation() {
                 return Some(self.message_timed_out());
@@ -479,8 +496,23 @@ impl Task {
             self.last_read + ping_after
         };
         let next = self.close_deadline.map_or(next, |d| d.min(next));
+        let next = if self.watches_for_peer_end() {
+            next.min(now + PEER_CHECK)
+        } else {
+            next
+        };
         timer.reset(self.message_due().map_or(next, |due| due.min(next)));
         None
+    }
+
+    /// Whether this connection looks for its client's end while it is not read: when the
+    /// server-wide budget keeps it unread (Python's pause has Python to end it), and unless a
+    /// message that has all arrived waits there to be inflated (delivered once the budget
+    /// frees up, whether or not its client is still there). A client that left with part of a
+    /// message sent held its share of the budget until its message deadline, for ever with
+    /// `message_timeout(0)`, and slowed every other client meanwhile.
+    fn watches_for_peer_end(&self) -> bool {
+        self.budget_paused && !self.rx.reader.awaiting_inflation()
     }
 
     /// The read side is over: hand the close over to the loop, or finish.
