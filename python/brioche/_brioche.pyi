@@ -61,7 +61,8 @@ class MessageBackpressured:
 @final
 class MessageDropped:
     """The message was discarded: the socket is not open or is over its backpressure limit. For
-    a publish: nobody got it, or at least one subscriber dropped it (the others got it)."""
+    a publish: no subscriber of this process got it, or at least one dropped it (the others got
+    it); other processes' subscribers (workers, Redis) are not counted."""
 
     __match_args__: ClassVar[tuple[()]] = ()
     def __init__(self) -> None: ...
@@ -235,6 +236,7 @@ class Engine:
         self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
     ) -> _SendStatus: ...
     def subscriber_count(self, topic: str) -> int: ...
+    def set_close_hook(self, hook: Callable[[WebSocket[Any]], None]) -> None: ...
     def set_control_events(self, pings: bool, pongs: bool) -> None: ...
 
 def random_uuid_v7() -> str:

@@ -239,6 +239,18 @@ def _close_for_protocol_error(ws: WebSocket[Any], code: int, reason: str) -> Non
     ws.close(code, reason)
 
 
+def _close_hook(server: weakref.ref[Server[Any]]) -> Callable[[WebSocket[Any]], None]:
+    """What a socket calls when the application closes or terminates it (``Server._app_closed``).
+    By a weak reference: the engine holds it, and the server holds the engine."""
+
+    def app_closed(ws: WebSocket[Any]) -> None:
+        srv = server()
+        if srv is not None:
+            srv._app_closed(ws)
+
+    return app_closed
+
+
 class BindError(BriocheError, OSError):
     """The server could not listen on the requested address; ``errno`` says why."""
 
@@ -387,8 +399,9 @@ class Server(Generic[T]):
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
-        "_close_tasks", "_request_tasks", "_stop_cancelled", "_context",
-        "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
+        "_close_tasks", "_request_tasks", "_stop_cancelled", "_context", "_ended", "_run",
+        "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
+        "__weakref__",
     )
     _engine: Engine
     _config: Config[T]
@@ -409,6 +422,9 @@ class Server(Generic[T]):
     _request_tasks: set[asyncio.Task[Any]]
     _stop_cancelled: weakref.WeakSet[asyncio.Task[Any]]
     _context: contextvars.Context
+    _ended: set[WebSocket[T]]
+    _run: tuple[WebSocket[T], Iterator[object]] | None
+    _loop_thread: int
     _batch_max: int
     _wake_thread: threading.Thread | None
     _batches_held: int
@@ -509,6 +525,10 @@ class Server(Generic[T]):
         self._stop_cancelled = weakref.WeakSet()
         # Each HTTP request's handler runs in a copy of the context serve() was called in.
         self._context = contextvars.copy_context()
+        self._ended = set()
+        self._run = None
+        self._loop_thread = threading.get_ident()
+        engine.set_close_hook(_close_hook(weakref.ref(self)))
         self._batch_max = FIRST_BATCH_EVENTS
         self._wake_thread = None
         self._batches_held = 0
@@ -695,9 +715,10 @@ class Server(Generic[T]):
         """Send ``message`` to every subscriber of ``topic``; the status sums up theirs, as
         ``websocket.publish``'s (``MessageDropped`` if any one dropped it).
 
-        With :meth:`~brioche.server.Config.pubsub_redis` it also goes to the subscribers of the
-        other processes, through Redis; the status returned is this process's. ``compress`` as
-        ``ws.publish``'s.
+        With workers (``run(config, workers=n)``) or
+        :meth:`~brioche.server.Config.pubsub_redis` it also goes to the subscribers of the other
+        processes (through the relay, or Redis); the status returned is this process's (so
+        ``MessageDropped`` when none is here). ``compress`` as ``ws.publish``'s.
         """
         return self._engine.publish(topic, message, compress)
 
@@ -903,8 +924,12 @@ class Server(Generic[T]):
             return
         context = run[3]
         messages = iter(run[2])
+        # What `_app_closed` empties, should a handler of the run close ws. Left behind by a
+        # BaseException, it is harmless: the run's iterator is spent (or parked) by then.
+        self._run = (ws, messages)
         if self._eager[kind]:
             self._dispatch_eager(ws, kind, fn, messages, context)
+            self._run = None
             return
         while True:
             try:
@@ -913,6 +938,7 @@ class Server(Generic[T]):
                 self._failed_in_run(ws, kind, exc, messages, context)
                 continue
             if result is None:
+                self._run = None
                 return
             # Outside the context: the task enters it itself.
             try:
@@ -922,6 +948,7 @@ class Server(Generic[T]):
                 raise
             if suspended:
                 self._park_rest(ws, kind, messages, context)
+                self._run = None
                 return
 
     def _dispatch_eager(
@@ -1059,18 +1086,23 @@ class Server(Generic[T]):
             # Past run()'s grace period nothing may hold the stop up, on_close included.
             task.cancel()
         elif kind != _CLOSE and self._closing_all and ws.ready_state == _CLOSED:
-            self._cancel_for_stop(task)
+            # After its first step, which the loop runs first: cancelled before it (3.10 and
+            # 3.11 start no task eagerly), the handler of an accepted message ran no line.
+            self._loop.call_soon(self._cancel_for_stop, task)
 
     def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
-        """Report how a handler task ended: an exception closes the connection with 1011."""
+        """Report how a handler task ended: an exception closes the connection with 1011.
+
+        A ``KeyboardInterrupt`` or ``SystemExit`` is not raised again: the task's own step
+        raised it out of the loop already (an eager first step, out of the Task's constructor).
+        Raised again here, in a done callback, it surfaced a second time inside
+        ``asyncio.run()``'s shutdown, which it cut short: no ``on_close``, no ``finally``."""
         if task.cancelled():
             return
         exc = task.exception()
         if exc is None:
             return
         self._handler_failed(ws, kind, exc)
-        if not isinstance(exc, Exception):
-            raise exc
 
     def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -1093,6 +1125,8 @@ class Server(Generic[T]):
                 event = parked.popleft()
                 if event[0] == _TEXT or event[0] == _BYTES:
                     ws._release_parked(sys.getsizeof(event[2]))
+                elif event[0] == _CLOSE:
+                    self._ended.discard(ws)
                 if self._dispatch(ws, event):
                     self._unpause_if_below_limit(ws, parked)
                     return
@@ -1100,11 +1134,51 @@ class Server(Generic[T]):
             if ws not in self._running:
                 self._loop.call_soon(self._release, ws)
             raise
-        del self._busy[ws]
+        self._unpause_if_below_limit(ws, parked)
+        if ws not in self._ended:
+            del self._busy[ws]
+        # Else closed by the application: its events still go to `_park`, until on_close.
+
+    def _app_closed(self, ws: WebSocket[T]) -> None:
+        """The application closed or terminated ``ws``, open until then (``close()`` from a
+        handler, or a handler's exception and its 1011). As uWS emits no message once closing,
+        no handler gets any of ws's messages still to come, in this batch, parked behind a
+        suspended handler, or read later: an ``on_open`` that rejects a client must not have
+        ``on_text`` see what it sent meanwhile. ``on_close`` still runs, last. Closed from
+        another thread, the messages already on their way are handled as before."""
+        if threading.get_ident() != self._loop_thread:
+            return
+        self._ended.add(ws)
+        run = self._run
+        if run is not None and run[0] is ws:
+            for _ in run[1]:  # the rest of the run being dispatched
+                pass
+        parked = self._busy.get(ws)
+        if parked is None:
+            # Its later events go to `_park`, which drops them, and runs on_close.
+            self._busy[ws] = deque()
+            return
+        kept = [event for event in parked if event[0] == _CLOSE]
+        for event in parked:
+            if event[0] == _TEXT or event[0] == _BYTES:
+                ws._release_parked(sys.getsizeof(event[2]))
+        parked.clear()
+        parked.extend(kept)
         self._unpause_if_below_limit(ws, parked)
 
     def _park(self, ws: WebSocket[T], event: tuple[Any, ...]) -> None:
         kind = event[0]
+        if ws in self._ended:
+            # Closed by the application: nothing but on_close reaches a handler now.
+            if kind != _CLOSE:
+                return
+            if ws in self._running:
+                self._busy[ws].append(event)  # run by `_release` when the handler ends
+                return
+            del self._busy[ws]
+            self._ended.discard(ws)
+            self._dispatch(ws, event)
+            return
         if kind == _TEXT_RUN or kind == _BYTES_RUN:
             # Parked message by message: `_release` dispatches them one at a time.
             self._park_rest(ws, _KIND_OF_RUN[kind], iter(event[2]), event[3])
@@ -1192,14 +1266,18 @@ class Server(Generic[T]):
             # Cancelled by stop(True): the server is going away, which is no fault of the request's:
             # 503, as for a request the server is too busy to serve. Any other cancellation is
             # the handler's own doing.
-            self._reply(request, _stopping() if self._closing_all else internal_error())
+            if self._closing_all:
+                self._reply(request, _stopping())
+            elif not (request._answered or request._pending.upgraded):
+                # srv.timeout's cancel comes after its 503 (and its line).
+                logger.error("handler for %r was cancelled: 500", request)
+                self._reply(request, internal_error())
             return
         exc = task.exception()
         if exc is not None:
+            # A KeyboardInterrupt or SystemExit left the loop already, from the task's step.
             logger.error("handler raised for %r", request, exc_info=exc)
             self._reply(request, internal_error())
-            if not isinstance(exc, Exception):
-                raise exc
             return
         self._reply(request, task.result())
 

@@ -3,9 +3,10 @@
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
@@ -40,6 +41,9 @@ pub struct PyEngine {
     /// How many events the last `drain` took: a run of messages is one item of its list but
     /// counts here (and against `max_events`) once per message.
     drained: AtomicUsize,
+    /// What each socket calls when the application closes or terminates it while open (see
+    /// `PyWebSocket::app_closed`), given by `set_close_hook`; sockets opened before have none.
+    close_hook: OnceLock<Py<PyAny>>,
 }
 
 /// The `data`, `contextvars.Context` and subprotocol a socket gets when it opens.
@@ -198,9 +202,10 @@ impl PyEngine {
                     Some(upgraded) => upgraded,
                     None => (py.None(), new_context(py)?, None),
                 };
+                let close_hook = self.close_hook.get().map(|hook| hook.clone_ref(py));
                 let ws = Py::new(
                     py,
-                    PyWebSocket::new(conn.clone(), data, context, subprotocol),
+                    PyWebSocket::new(conn.clone(), data, context, subprotocol, close_hook),
                 )?;
                 let item = (EVENT_OPEN, ws.clone_ref(py)).into_pyobject(py)?;
                 let pending = self.take_pending_data(id);
@@ -435,6 +440,7 @@ impl PyEngine {
             pending_data: Mutex::new(FxHashMap::default()),
             batch: Mutex::new(VecDeque::with_capacity(256)),
             drained: AtomicUsize::new(0),
+            close_hook: OnceLock::new(),
         })
     }
 
@@ -667,6 +673,14 @@ impl PyEngine {
             .map_err(|e| str_or_bytes_error(e, "publish", message))?
         };
         status::to_py(py, sent)
+    }
+
+    /// `hook(ws)` is called when the application closes or terminates an open socket (once set,
+    /// for the sockets that open after); a second call is a `RuntimeError`.
+    fn set_close_hook(&self, hook: Py<PyAny>) -> PyResult<()> {
+        self.close_hook
+            .set(hook)
+            .map_err(|_| PyRuntimeError::new_err("the close hook is set once"))
     }
 
     /// Whether clients' pings and pongs are handed to the loop (`on_ping`, `on_pong` are set).

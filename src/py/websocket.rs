@@ -15,7 +15,9 @@ use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyMemoryView, PyString, P
 use super::errors::value_error;
 use super::shared::shared_payload;
 use super::status;
-use crate::engine::{is_valid_close_code, Conn, SendStatus, INLINE_PAYLOAD, OP_BINARY, OP_TEXT};
+use crate::engine::{
+    is_valid_close_code, Conn, ReadyState, SendStatus, INLINE_PAYLOAD, OP_BINARY, OP_TEXT,
+};
 
 /// A server-side WebSocket connection.
 #[pyclass(frozen, weakref, module = "brioche", name = "WebSocket")]
@@ -31,6 +33,9 @@ pub struct PyWebSocket {
     /// `upgrade` was called in, so what the HTTP handler set reaches the socket's handlers.
     pub(crate) context: Py<PyAny>,
     subprotocol: Option<String>,
+    /// The dispatcher's `hook(ws)`, called when the application closes or terminates this socket
+    /// while it is open (see `app_closed`).
+    close_hook: Option<Py<PyAny>>,
 }
 
 impl PyWebSocket {
@@ -39,12 +44,24 @@ impl PyWebSocket {
         data: Py<PyAny>,
         context: Py<PyAny>,
         subprotocol: Option<String>,
+        close_hook: Option<Py<PyAny>>,
     ) -> Self {
         Self {
             conn,
             data: AtomicPtr::new(data.into_ptr()),
             context,
             subprotocol,
+            close_hook,
+        }
+    }
+
+    /// The application closed (or terminated) this socket, which was open: the dispatcher
+    /// hands its handlers none of the messages still to come, as uWS emits none once closing
+    /// (a handler that rejects a client in `on_open` must not see what it sent meanwhile).
+    fn app_closed(slf: &Bound<'_, Self>, was_open: bool) -> PyResult<()> {
+        match &slf.get().close_hook {
+            Some(hook) if was_open => hook.call1(slf.py(), (slf,)).map(drop),
+            _ => Ok(()),
         }
     }
 }
@@ -250,6 +267,9 @@ impl PyWebSocket {
             Borrowed::from_ptr(py, self.data.load(Ordering::Acquire))
         };
         visit.call(data.as_unbound())?;
+        if let Some(hook) = &self.close_hook {
+            visit.call(hook)?;
+        }
         visit.call(&self.context)
     }
 
@@ -444,18 +464,24 @@ impl PyWebSocket {
     /// Start the closing handshake; frames queued before it are still delivered. As Bun's: the
     /// reason is cut to 123 UTF-8 bytes, and 0, 1005 or 1006 send a frame without a code.
     #[pyo3(signature = (code = None, reason = ""), text_signature = "(self, code=None, reason='')")]
-    fn close(&self, code: Option<&Bound<'_, PyAny>>, reason: &str) -> PyResult<()> {
-        match close_code(code)? {
-            Some(code) => self.conn.close(code, close_reason(reason)),
-            None => self.conn.close_without_code(),
+    fn close(slf: &Bound<'_, Self>, code: Option<&Bound<'_, PyAny>>, reason: &str) -> PyResult<()> {
+        let conn = &slf.get().conn;
+        let code = close_code(code)?;
+        let was_open = conn.ready_state() == ReadyState::Open;
+        match code {
+            Some(code) => conn.close(code, close_reason(reason)),
+            None => conn.close_without_code(),
         }
-        Ok(())
+        Self::app_closed(slf, was_open)
     }
 
     /// End the connection without a close frame (the client sees 1006); what was queued is
     /// written first, as far as the kernel takes it now.
-    fn terminate(&self) {
-        self.conn.terminate();
+    fn terminate(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let conn = &slf.get().conn;
+        let was_open = conn.ready_state() == ReadyState::Open;
+        conn.terminate();
+        Self::app_closed(slf, was_open)
     }
 
     /// Send a ping frame (payload at most 125 bytes).
