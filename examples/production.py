@@ -2,8 +2,8 @@
 
     PORT=8000 python production.py
 
-SIGTERM (systemd's stop) or Ctrl+C closes every WebSocket with 1001 "going away", waits for the
-handlers to finish, and exits 0.
+SIGTERM (systemd's stop) or Ctrl+C closes every WebSocket with 1001 ("server shutting down"),
+waits for the handlers to finish, and exits 0.
 """
 
 import logging

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -196,3 +197,17 @@ async def test_demo_module_says_what_is_wrong_with_port_and_still_shows_its_help
     assert code == 2 and err.splitlines()[-1] == "python -m brioche: error: $PORT must be a port number, got 'abc'"
     code, _, err = await demo("--port", "70000", port_env="3000")
     assert code == 2 and err.splitlines()[-1] == "python -m brioche: error: --port must be in 0..65535, got 70000"
+    # A port taken (3000 often is): one line saying so and what to do, in one process or with
+    # workers. Before, a traceback ending in BindError.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            code, _, err = await demo("--host", "127.0.0.1", "--port", str(port), "--workers", workers,
+                                      port_env="3000")
+            assert code == 1 and len(err.splitlines()) == 1, err
+            assert re.fullmatch(
+                rf"python -m brioche: cannot listen on 127\.0\.0\.1:{port}: Address already in use"
+                r"( \(os error 98\))?; choose another with --port \(or \$PORT\)\n", err
+            ), err

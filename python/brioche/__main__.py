@@ -13,12 +13,14 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import NoReturn
 
 import brioche
 from brioche import server, websocket
-from brioche._server import _http_url, _wildcard_note
+from brioche._server import BindError, _http_url, _wildcard_note
 
 CHAT = "chat"
 
@@ -158,7 +160,10 @@ def main() -> None:
 
         demo = importlib.import_module("brioche.__main__")
         config_ = demo.config().hostname(args.host).port(args.port).workers(args.workers)
-        server._run_workers(config_, loop_factory, ready)
+        try:
+            server._run_workers(config_, loop_factory, ready)
+        except BindError as exc:
+            _port_taken(exc)
         return
 
     async def run() -> None:
@@ -181,6 +186,14 @@ def main() -> None:
         server.run_loop(run(), loop_factory)
     except KeyboardInterrupt:
         pass
+    except BindError as exc:
+        _port_taken(exc)
+
+
+def _port_taken(exc: BindError) -> NoReturn:
+    """The demo's port is taken (3000 often is): one line, not a traceback, and what to do."""
+    print(f"python -m brioche: {exc.strerror}; choose another with --port (or $PORT)", file=sys.stderr)
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

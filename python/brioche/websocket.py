@@ -165,7 +165,7 @@ class DeflateOptions:
 
     The defaults are the RFC's: context kept on both sides, 15-bit windows. The server answers
     the first offer it can honour and declines the others (the connection then opens without
-    compression); see the README for the rules.
+    compression); see *Compression* in the README (the docs' Behaviour page) for the rules.
 
     - ``server_no_context_takeover``: reset the server's compressor after every message, even
       when the client does not ask. No compressor is kept per connection (the thread's is used),
@@ -464,9 +464,12 @@ def publish(
     """Send a message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``):
     text for a ``str``, binary for bytes-like (as ``publish_bytes``), as ``send`` does.
 
-    The status sums up the recipients: ``MessageDropped`` when nobody got it *or any one
-    subscriber dropped it* (the others did get it: a publisher that retries on it sends them a
-    duplicate), else ``MessageBackpressured`` if any is congested, else ``MessageSent``.
+    The status sums up this process's recipients: ``MessageDropped`` when none of them got it
+    *or any one dropped it* (the others did get it: a publisher that retries on it sends them a
+    duplicate), else ``MessageBackpressured`` if any is congested, else ``MessageSent``. With
+    workers (``run(config, workers=n)``) or ``pubsub_redis`` it also goes to the other
+    processes' subscribers, which the status does not count: ``MessageDropped`` there may mean
+    only that no subscriber is in this process.
 
     With ``compress=True`` it is compressed for the subscribers that negotiated
     permessage-deflate: once for all those without server context takeover (per window size),

@@ -74,7 +74,8 @@ unit_status!(
 );
 unit_status!(
     /// The message was discarded: the socket is not open, or is over its backpressure limit. For a
-    /// publish: nobody got it, or at least one subscriber dropped it (the others got it).
+    /// publish: no subscriber of this process got it, or at least one dropped it (the others got
+    /// it); other processes' subscribers (workers, Redis) are not counted.
     MessageDropped
 );
 
