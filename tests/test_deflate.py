@@ -259,6 +259,11 @@ async def test_rfc_7692s_own_example_of_a_final_block_is_accepted(serve: ServeFn
         # Bytes after the final block that ends the message's stream: garbage, or a block.
         ([(OP_TEXT, finished(b"hello") + b"\xff\xff\xff\xffGARBAGE", True, 4)], 1007),
         ([(OP_TEXT, finished(b"hello") + deflate(b" smuggled"), True, 4)], 1007),
+        # No deflate data at all: every compressor writes a block, even for an empty message
+        # (`00`). Taken as "" before, the appended 00 00 ff ff left the inflater inside a stored
+        # block of 65,280 bytes, and the next, valid, message failed in its stead.
+        ([(OP_TEXT, b"", True, 4)], 1007),
+        ([(OP_BINARY, b"", False, 4), (OP_CONTINUATION, b"", True, 0)], 1007),
         # RSV1 belongs on a message's first frame only.
         ([(OP_TEXT, deflate(b"abc"), False, 4), (OP_CONTINUATION, b"", True, 4)], 1002),
         # RSV1 on a control frame, and the bits no extension uses.

@@ -168,6 +168,12 @@ fn inflate_message(
     limit: usize,
     reset: bool,
 ) -> Result<Vec<u8>, InflateError> {
+    if input.is_empty() {
+        // Every compressor writes a block, an empty message's too (`00`). The tail alone
+        // (`00 00 ff ff`) would open a stored block of 65,280 bytes and leave the stream inside
+        // it, to fail the next, valid, message in this one's stead.
+        return Err(InflateError::Invalid);
+    }
     {
         // A first guess for text: a few times the input, never past the limit.
         let first = input
@@ -313,6 +319,15 @@ mod tests {
         assert_eq!(inflater.inflate(&bomb, 1 << 20), Err(InflateError::TooBig));
         let mut inflater = Inflater::new(&params(15, false));
         assert_eq!(inflater.inflate(&bomb, 10 << 20).unwrap().len(), 10 << 20);
+    }
+
+    #[test]
+    fn no_data_is_invalid_and_an_empty_message_is_a_block() {
+        let mut inflater = Inflater::new(&params(15, false));
+        assert_eq!(inflater.inflate(&[], 1000), Err(InflateError::Invalid));
+        let mut inflater = Inflater::new(&params(15, false));
+        assert_eq!(inflater.inflate(&[0x00], 1000), Ok(Vec::new()));
+        assert_eq!(inflater.inflate(&[0x02, 0x00], 1000), Ok(Vec::new()));
     }
 
     #[test]
