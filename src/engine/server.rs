@@ -97,17 +97,17 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 impl Server {
     /// Bind `config.host` and `config.port` and start accepting on the shared runtime.
     pub fn start(config: ServerConfig) -> io::Result<Server> {
-        if let Some(redis) = &config.redis {
-            redis
-                .check()
-                .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
-        }
         let addr = resolve(&config.host, config.port)?;
         Server::start_on(config, Listen::Tcp(vec![addr.ip()], addr.port()))
     }
 
     /// Bind `listen` and start accepting on the shared runtime. Returns once it is listening.
     pub fn start_on(config: ServerConfig, listen: Listen) -> io::Result<Server> {
+        if let Some(redis) = &config.redis {
+            redis
+                .check()
+                .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
+        }
         let _entered = runtime().enter();
         let reuse_port = config.reuse_port;
         let redis = config.redis.clone();

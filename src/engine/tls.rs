@@ -56,7 +56,7 @@ fn fail(message: String) -> io::Error {
 }
 
 /// The rustls config for `files`: HTTP/1.1 over ALPN, TLS 1.2 and 1.3.
-pub fn load(files: &TlsFiles) -> io::Result<Arc<ServerConfig>> {
+fn load(files: &TlsFiles) -> io::Result<Arc<ServerConfig>> {
     let certs = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
     let provider = Arc::new(ring::default_provider());

@@ -7,7 +7,7 @@
 //! trimmed (handed back to the kernel with `brk`/`madvise`) once past a few hundred KiB, and the
 //! next batch writes every payload into freshly mapped pages, a page fault and a zeroed page per
 //! 4 KiB: about two thirds of the loop thread's time with 1 MiB echoes
-//! (benches/PROFILE.md, issue 12).
+//! (benches/PROFILE.md, "Issue 12: large messages (S7)").
 //!
 //! glibc adapts by itself, but only upwards from what has been freed (the mmap threshold rises to
 //! the size of a freed mapped block, up to 32 MiB, and the trim threshold to twice that), and any

@@ -4,7 +4,8 @@
 //! `Bytes` whose owner is a reference to that object: the frame is written from the object's own
 //! buffer, which CPython never changes once the object exists. Copying it instead cost a
 //! `malloc`, a `memcpy` and a `free` of the payload's size per message, and with glibc's default
-//! trimming the copy wrote into freshly mapped pages (benches/PROFILE.md, issue 12).
+//! trimming the copy wrote into freshly mapped pages (benches/PROFILE.md, "Issue 12: large
+//! messages (S7)").
 //!
 //! The last owner of the `Bytes` may be dropped on any thread: the loop thread after its batch's
 //! writes (with the GIL released), or a connection task that finished a congested write or

@@ -44,8 +44,9 @@ pub enum SendStatus {
 }
 
 impl SendStatus {
-    /// Combine the outcomes of one publish (Bun's corrected rule, PR 32889): dropped if anyone
-    /// dropped it (or nobody got it), else backpressured if anyone is congested, else sent.
+    /// Combine the outcomes of one publish (Bun's corrected rule,
+    /// <https://github.com/oven-sh/bun/pull/32889>): dropped if anyone dropped it (or nobody got
+    /// it), else backpressured if anyone is congested, else sent.
     pub(crate) fn merge(self, other: SendStatus) -> SendStatus {
         match (self, other) {
             (SendStatus::Dropped, _) | (_, SendStatus::Dropped) => SendStatus::Dropped,
