@@ -1088,7 +1088,9 @@ class Server(Generic[T]):
         elif kind != _CLOSE and self._closing_all and ws.ready_state == _CLOSED:
             # After its first step, which the loop runs first: cancelled before it (3.10 and
             # 3.11 start no task eagerly), the handler of an accepted message ran no line.
-            self._loop.call_soon(self._cancel_for_stop, task)
+            # Marked now, so that `_cancel_closed` does not cancel it sooner meanwhile.
+            self._stop_cancelled.add(task)
+            self._loop.call_soon(task.cancel)
 
     def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         """Report how a handler task ended: an exception closes the connection with 1011.
@@ -1174,6 +1176,8 @@ class Server(Generic[T]):
                 return
             if ws in self._running:
                 self._busy[ws].append(event)  # run by `_release` when the handler ends
+                if self._closing_all:
+                    self._cancel_closed()
                 return
             del self._busy[ws]
             self._ended.discard(ws)

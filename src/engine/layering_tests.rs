@@ -32,8 +32,22 @@ fn names_after(source: &str, prefix: &str, names: &mut BTreeSet<String>) {
     for (at, _) in source.match_indices(prefix) {
         let rest = &source[at + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
-            let group = &group[..group.find('}').unwrap_or(group.len())];
-            names.extend(group.split(',').map(ident));
+            // The group's own names: `{ws::{conn, batch}, bridge}` is `ws` and `bridge`.
+            let (mut depth, mut item) = (0usize, String::new());
+            for c in group.chars() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        names.insert(ident(&item));
+                        item.clear();
+                    }
+                    _ if depth == 0 => item.push(c),
+                    _ => {}
+                }
+            }
+            names.insert(ident(&item));
         } else {
             names.insert(ident(rest));
         }
@@ -73,7 +87,10 @@ fn parts_use_only_the_parts_below_them() {
         if path.is_dir() {
             let part = path.file_name().unwrap().to_string_lossy().into_owned();
             for file in fs::read_dir(&path).unwrap() {
-                files.push((part.clone(), false, file.unwrap().path()));
+                let file = file.unwrap().path();
+                // A folder's `mod.rs` is at the engine's level: its `super` is the engine.
+                let top_level = file.file_name().is_some_and(|name| name == "mod.rs");
+                files.push((part.clone(), top_level, file));
             }
         } else if path.file_name().is_some_and(|name| name != "mod.rs") {
             let part = path.file_stem().unwrap().to_string_lossy().into_owned();
@@ -110,4 +127,7 @@ fn the_check_sees_imports_that_run_back_up() {
     let nested = "    use super::*;\n    // crate::engine::server\n    crate::engine::bridge::x();";
     let used: Vec<String> = uses(nested, false).into_iter().collect();
     assert_eq!(used, ["bridge"]);
+    let groups = "\nuse crate::engine::{ws::{conn::Conn, batch}, bridge::events::Event, stats};\n";
+    let used: Vec<String> = uses(groups, false).into_iter().collect();
+    assert_eq!(used, ["bridge", "stats", "ws"]);
 }
