@@ -33,6 +33,11 @@
 //!    `net.rs`: a connection's socket, TCP, TLS or Unix (an enum), and who is on its other end.
 //!    `tls.rs`: the certificate and key, read into a rustls config that `reload` can swap.
 
+// Much of what the parts offer the crate is for `py/`, which a build without the `python`
+// feature (`cargo test`, benches/rust_server) leaves out: unused there, not dead. The builds
+// with it (`make lint`: clippy with `abi3`, `-D warnings`) still see what nothing uses.
+#![cfg_attr(not(feature = "python"), allow(dead_code))]
+
 pub(crate) mod bridge;
 pub(crate) mod broker;
 pub(crate) mod config;
@@ -47,8 +52,17 @@ pub(crate) mod stats;
 pub(crate) mod tls;
 pub(crate) mod ws;
 
-// What the engine offers outside itself: `crate::py` and benches/rust_server (which links it
-// as a library) use these paths. Everything else is `pub(crate)` at most.
+/// Read the engine's environment (`BRIOCHE_PORTABLE`, `BRIOCHE_WORKER_THREADS`) and start its
+/// runtime, now: `py/` calls it with the GIL held, which Python's `os.environ` writes hold too
+/// (glibc's `getenv` must not run beside a `setenv`); the runtime's threads read nothing later.
+pub fn init_from_env() {
+    platform::portable();
+    runtime::runtime();
+}
+
+// What the engine offers outside itself: benches/rust_server (which links it as a library)
+// uses these paths, and `crate::py` too, with `Server::shared()` (crate-visible: the loop
+// thread's side of the bridge). Everything else is `pub(crate)` at most.
 pub use bridge::events::{HttpRequest, LogKind, LogRecord, Reply};
 pub use config::{DeflateConfig, RedisConfig, RelayPaths, ServerConfig, WsLimits, MAX_TIMEOUT};
 pub use http::serve::{build_response, parse_headers, InvalidResponse};

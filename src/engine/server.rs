@@ -22,7 +22,8 @@ use super::http::serve;
 use super::net::{Remote, Stream};
 use super::pubsub::remote::Remote as RemoteTopics;
 use super::runtime::runtime;
-use super::ws::conn::Conn;
+use super::ws::conn::{Conn, SendStatus};
+use super::ws::encode::OutFrame;
 use super::ws::relay;
 use super::ws::shared::Shared;
 use super::ws::Event;
@@ -181,8 +182,32 @@ impl Server {
         }
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// What the server's connections share: the loop thread's side of the bridge in `py/`
+    /// (the crate's own layer) reaches its event queue and counters here.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The descriptor that turns readable when events wait (`drain_events`), for a loop to
+    /// watch: what `py/` and benches/rust_server stand in for an event loop with.
+    pub fn events_fd(&self) -> RawFd {
+        self.shared.events.fd()
+    }
+
+    /// Move every waiting event into `out`. Whoever drains gives their messages' bytes back to
+    /// the incoming budget (`events_taken`) once they are handled.
+    pub fn drain_events(&self, out: &mut Vec<Event>) {
+        self.shared.events.drain_into(out);
+    }
+
+    /// `bytes` of drained messages are handled: off the incoming budget (`max_incoming_bytes`).
+    pub fn events_taken(&self, bytes: usize) {
+        self.shared.incoming_taken(bytes);
+    }
+
+    /// Send `frame` to every subscriber of `topic`, as `srv.publish` does.
+    pub fn publish(&self, topic: &str, frame: OutFrame, payload_len: usize) -> SendStatus {
+        self.shared.publish(topic, frame, payload_len, None)
     }
 
     /// Stop accepting; with `close_active`, close open WebSockets with 1001. `Event::Stopped`

@@ -428,8 +428,7 @@ impl PyEngine {
         // The engine's environment variables are read here, with the GIL: Python's `os.environ`
         // writes hold it, and glibc's `getenv` must not run beside a `setenv` (it may walk an
         // array being reallocated). The runtime's threads read nothing once started.
-        crate::engine::platform::portable();
-        crate::engine::runtime::runtime();
+        crate::engine::init_from_env();
         // Binding touches no Python object: other Python threads may run meanwhile.
         let server = py
             .detach(|| Server::start_on(config, listen))

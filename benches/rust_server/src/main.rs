@@ -90,17 +90,16 @@ fn main() {
     println!("rust_server listening on {}", server.local_addr().unwrap());
     let _ = std::io::stdout().flush();
 
-    let shared = server.shared().clone();
     let mut pending: HashMap<u64, Role> = HashMap::new();
     let mut conns: HashMap<u64, (Arc<Conn>, Role)> = HashMap::new();
     let mut batch = Vec::with_capacity(256);
     loop {
-        wait_readable(shared.events.fd());
-        shared.events.drain_into(&mut batch);
+        wait_readable(server.events_fd());
+        server.drain_events(&mut batch);
         // As the Python bridge does: the batch's messages are taken off the incoming budget,
         // or once `max_incoming_bytes` (1 GiB) had passed through, connections holding 64 KiB
         // or more would stop reading for good.
-        shared.incoming_taken(batch.iter().map(Event::message_len).sum());
+        server.events_taken(batch.iter().map(Event::message_len).sum());
         // As the Python bridge does: what this batch sends is written here, once per connection,
         // when the batch ends.
         begin_send_batch();
@@ -133,7 +132,7 @@ fn main() {
                         conn.message_taken(text.len());
                         if *role == Role::Pub {
                             let frame = OutFrame::new(OP_TEXT, Bytes::copy_from_slice(text.as_bytes()));
-                            shared.publish(TOPIC, frame, text.len(), None);
+                            server.publish(TOPIC, frame, text.len());
                         } else {
                             conn.send_text(&text);
                         }
@@ -145,7 +144,7 @@ fn main() {
                         let data = data.into_bytes();
                         if *role == Role::Pub {
                             let frame = OutFrame::new(OP_BINARY, data.clone());
-                            shared.publish(TOPIC, frame, data.len(), None);
+                            server.publish(TOPIC, frame, data.len());
                         } else {
                             conn.send_binary(&data);
                         }
