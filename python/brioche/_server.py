@@ -1344,3 +1344,54 @@ class Server(Generic[T]):
                 handled.clear()
                 self._loop.call_soon_threadsafe(wake)
                 handled.wait()
+
+
+def run_loop(
+    main: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> None:
+    """``asyncio.run(main, loop_factory=...)``, also on 3.10, which has no loop_factory."""
+    if loop_factory is None:
+        asyncio.run(main)
+    elif sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main)
+    else:  # pragma: no cover - 3.10 only
+        loop = loop_factory()
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(main)
+        finally:
+            # As asyncio.run does: a KeyboardInterrupt leaves `main` pending, and cancelling it
+            # runs its clean-up (`finally: await srv.stop(...)`) instead of leaving it to be
+            # closed, unfinished, by the garbage collector.
+            try:
+                _cancel_all_tasks(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:  # pragma: no cover - 3.10 only
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {"message": "unhandled exception during shutdown", "exception": task.exception(), "task": task}
+            )
+
+
+def _reload_tls_logged(srv: Server[Any]) -> None:
+    """SIGHUP: a renewed certificate for new connections; a bad one is logged, the old kept."""
+    try:
+        srv.reload_tls()
+    except BriocheError as exc:
+        logging.getLogger("brioche").error("SIGHUP: the TLS certificate was not reloaded: %s", exc)
+    else:
+        logging.getLogger("brioche").info("SIGHUP: TLS certificate reloaded")

@@ -41,7 +41,14 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
-from brioche._server import STOP_GRACE_SECONDS, _hang_up_stops, _log_hang_up
+from brioche._server import (
+    STOP_GRACE_SECONDS,
+    BindError,
+    _hang_up_stops,
+    _log_hang_up,
+    _reload_tls_logged,
+    run_loop,
+)
 
 if TYPE_CHECKING:
     from brioche.server import Config
@@ -186,8 +193,6 @@ def _worker_main(
     # SIGHUP is the supervisor's "reload the certificate": until the loop handles it, a worker
     # still starting must not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from brioche.server import run_loop
-
     run_loop(_serve_worker(config, slot, ready), loop_factory)
 
 
@@ -205,8 +210,6 @@ async def _serve_worker(
         loop.add_reader(parent.sentinel, _orphaned, loop, parent, stop_requested)
     srv = await config.serve()
     if config.tls_files is not None:
-        from brioche.server import _reload_tls_logged
-
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
     try:
         siblings = len(slot.relay_peers)
@@ -280,8 +283,6 @@ def run_workers(
             "module-level functions of an importable module (or of the script), not lambdas or "
             f"closures ({exc})"
         ) from exc
-    from brioche._server import BindError
-
     try:
         reserved = _reserve_port(address, port)
     except OSError as exc:

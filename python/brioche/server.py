@@ -20,8 +20,7 @@ import ipaddress
 import logging
 import os
 import socket
-import sys
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from typing import Any, Generic, TypeAlias, TypeVar, final
 
 from brioche import websocket as _websocket
@@ -39,9 +38,16 @@ from brioche._http import (
     ok,
     text,
 )
-from brioche._brioche import BriocheError
-from brioche._server import BindError, Server, _hang_up_stops, _log_hang_up, _wildcard_note
-from brioche._workers import WorkerSlot
+from brioche._server import (
+    BindError,
+    Server,
+    _hang_up_stops,
+    _log_hang_up,
+    _reload_tls_logged,
+    _wildcard_note,
+    run_loop as run_loop,
+)
+from brioche._workers import WorkerSlot, run_workers
 
 __all__ = [
     "Config",
@@ -459,55 +465,12 @@ class Serving(Generic[T]):
             await srv.stop(close_active_connections=True)
 
 
-def run_loop(
-    main: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
-) -> None:
-    """``asyncio.run(main, loop_factory=...)``, also on 3.10, which has no loop_factory."""
-    if loop_factory is None:
-        asyncio.run(main)
-    elif sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(main)
-    else:  # pragma: no cover - 3.10 only
-        loop = loop_factory()
-        try:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(main)
-        finally:
-            # As asyncio.run does: a KeyboardInterrupt leaves `main` pending, and cancelling it
-            # runs its clean-up (`finally: await srv.stop(...)`) instead of leaving it to be
-            # closed, unfinished, by the garbage collector.
-            try:
-                _cancel_all_tasks(loop)
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
-
-
-def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:  # pragma: no cover - 3.10 only
-    tasks = asyncio.all_tasks(loop)
-    if not tasks:
-        return
-    for task in tasks:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            loop.call_exception_handler(
-                {"message": "unhandled exception during shutdown", "exception": task.exception(), "task": task}
-            )
-
-
 def _run_workers(
     config: Config[Any],
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
     on_ready: Callable[[int, list[int]], None] | None,
 ) -> None:
     """Resolve the hostname here (the workers bind what the parent reserved), then supervise."""
-    from brioche._workers import run_workers
-
     if config.unix_path is not None or config.listen_socket is not None:
         raise ValueError(
             "workers(n) share a TCP port (SO_REUSEPORT): they cannot serve on unix() or sock()"
@@ -562,16 +525,6 @@ async def _serve_until_signalled(config: Config[Any]) -> None:
 def _hang_up(stop_requested: asyncio.Event) -> None:
     _log_hang_up()
     stop_requested.set()
-
-
-def _reload_tls_logged(srv: Server[Any]) -> None:
-    """SIGHUP: a renewed certificate for new connections; a bad one is logged, the old kept."""
-    try:
-        srv.reload_tls()
-    except BriocheError as exc:
-        logging.getLogger("brioche").error("SIGHUP: the TLS certificate was not reloaded: %s", exc)
-    else:
-        logging.getLogger("brioche").info("SIGHUP: TLS certificate reloaded")
 
 
 def handler(fn: Handler[T]) -> Config[T]:
