@@ -671,7 +671,9 @@ class Server(Generic[T]):
         """Use ``handler`` and ``websocket``'s handlers for the events to come (Bun's ``reload``).
 
         Open connections stay open; their next events go to the new handlers, and events
-        already queued for a connection whose handler is still running as well. The limits of
+        already queued for a connection whose handler is still running as well. Called from a
+        handler, it takes effect from the next batch of events: the messages already taken into
+        the current one may still get the old handlers. The limits of
         ``websocket`` (``idle_timeout``, ``max_payload_length``...) are fixed when the server
         starts: a config that changes one is a ``ValueError``, as is enabling websockets on a
         server started without them.
