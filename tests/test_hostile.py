@@ -1238,6 +1238,28 @@ async def test_handshakes_past_max_connections_get_503_until_one_closes(
         await echo(third, "a freed slot is reused")
 
 
+async def test_a_handshake_whose_body_never_comes_holds_no_slot_of_max_connections(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A handshake that declares a body and never sends it is not yet a request: it takes no
+    slot of ``max_connections`` (it is answered 408 at ``handshake_timeout``). Before, it took
+    the slot as its head was parsed, for the whole timeout: a few such clients, reconnecting,
+    kept every other client out with 503."""
+    srv = await serve(echo_config(recorder), max_connections=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        # Pipelined behind a plain request: its head is parsed once that one is answered.
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + upgrade_head("/ws?stalled", extra="Content-Length: 1\r\n"))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        async with connect(ws_url(srv, "/ws?next"), open_timeout=TIMEOUT) as client:
+            await echo(client, "served beside a stalled handshake")
+    finally:
+        writer.close()
+    assert [e[0] for e in recorder.of("open")] == ["next"]
+
+
 async def test_a_handshake_whose_client_left_before_its_101_gives_its_slot_back(
     serve: ServeFn, recorder: Recorder
 ) -> None:

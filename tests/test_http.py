@@ -151,6 +151,47 @@ async def test_headers_may_be_a_mapping_and_a_lone_pair_is_a_clear_type_error(se
         server.Response(200, "content-type: text/plain")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("raw", "status", "body"),
+    [
+        # The authority form is CONNECT's, and CONNECT's only form (RFC 9112 3.2.3): the
+        # handler got an empty path for the first, and took the second for a path.
+        (b"GET other.example:80 HTTP/1.1\r\nHost: other.example:80\r\n\r\n", 400, b"Bad Request"),
+        (b"CONNECT /x HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"Bad Request"),
+        # `*` is OPTIONS's (3.2.4), and no target has a user (RFC 9110 4.2.4).
+        (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"Bad Request"),
+        (b"GET http://u:p@x/p HTTP/1.1\r\nHost: x\r\n\r\n", 400, b"Bad Request"),
+        # A coding the server does not undo (RFC 9112 6.1): the handler got the body still
+        # encoded. And chunked twice, which no sender may do.
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+         501, b"Not Implemented"),
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+         400, b"Bad Request"),
+        # Each form where it belongs reaches the handler, a CONNECT with its target.
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 200, b"OPTIONS *"),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405, b"CONNECT example.com:443"),
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+         200, b"POST /a abc"),
+    ],
+)
+async def test_request_targets_and_codings_their_method_may_not_use_are_refused(
+    serve: ServeFn, raw: bytes, status: int, body: bytes
+) -> None:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        answer = f"{request.method} {request.path}" + (f" {request.body.decode()}" if request.body else "")
+        return server.text(answer, 405 if request.method == "CONNECT" else 200)
+
+    srv = await serve(handler=handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        got_status, _, got_body = await read_response(reader)
+    finally:
+        writer.close()
+    assert (got_status, got_body) == (status, body)
+
+
 async def test_a_content_length_that_disagrees_with_the_body_is_a_logged_500(
     serve: ServeFn, caplog: pytest.LogCaptureFixture
 ) -> None:

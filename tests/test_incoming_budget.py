@@ -209,6 +209,38 @@ async def test_a_client_gone_while_the_budget_keeps_it_unread_gives_its_share_ba
         assert await asyncio.wait_for(client.recv(), 5) == b"x" * (100 * 1024)
 
 
+async def test_a_client_that_shut_its_side_after_whole_messages_has_them_handled(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """While another client holds the 1 MiB budget, one sends a whole 150 KiB message, a small
+    one and a close frame, then shuts its sending side (still reading). The budget keeps it
+    unread; its end, once seen, lets the server read what is left: both messages are handled
+    and the close is answered. The end is no sign that what arrived before it is unwanted."""
+    srv = await serve(recording_echo(recorder).message_timeout(0), max_incoming_bytes=MIB)
+    key = os.urandom(4)
+    hog = await asyncio.to_thread(blocking_connect, srv.port)
+    hog.settimeout(10)
+    sender = None
+    try:
+        await asyncio.to_thread(hog.sendall, struct.pack(">BBQ", 0x82, 0x80 | 127, 4 * MIB) + key + key * (
+            (MIB + 256 * 1024) // 4))
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] >= MIB, 10), srv.stats()
+        sender = await asyncio.to_thread(blocking_connect, srv.port)
+        sender.settimeout(10)
+        big = b"y" * (150 * 1024)
+        await asyncio.to_thread(sender.sendall, encode_frame(OP_BINARY, big) + encode_frame(OP_BINARY, b"small")
+                                + encode_frame(OP_CLOSE, struct.pack(">H", 1000)))
+        sender.shutdown(socket.SHUT_WR)
+        await recorder.wait_for(lambda: bool(recorder.of("close")), 10)
+        assert [len(data) for (data,) in recorder.of("bytes")] == [150 * 1024, 5]
+        assert recorder.of("close") == [(1000, "")]
+        assert srv.stats()["open_connections"] == 1, "the other client is still served"
+    finally:
+        hog.close()
+        if sender is not None:
+            sender.close()
+
+
 async def _stats(port: int) -> dict[str, Any]:
     async with httpx.AsyncClient() as http:
         reply = await http.get(f"http://127.0.0.1:{port}/stats", timeout=10)

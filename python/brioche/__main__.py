@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import signal
@@ -191,8 +192,10 @@ def main() -> None:
 
 
 def _port_taken(exc: BindError) -> NoReturn:
-    """The demo's port is taken (3000 often is): one line, not a traceback, and what to do."""
-    print(f"python -m brioche: {exc.strerror}; choose another with --port (or $PORT)", file=sys.stderr)
+    """The demo cannot listen (its port 3000 is often taken): one line, not a traceback, and
+    what to do when it is the port."""
+    hint = "; choose another with --port (or $PORT)" if exc.errno == errno.EADDRINUSE else ""
+    print(f"python -m brioche: {exc.strerror}{hint}", file=sys.stderr)
     raise SystemExit(1)
 
 

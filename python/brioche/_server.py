@@ -926,32 +926,31 @@ class Server(Generic[T]):
             return
         context = run[3]
         messages = iter(run[2])
-        # What `_app_closed` empties, should a handler of the run close ws. Left behind by a
-        # BaseException, it is harmless: the run's iterator is spent (or parked) by then.
+        # What `_app_closed` empties, should a handler of the run close ws.
         self._run = (ws, messages)
-        if self._eager[kind]:
-            self._dispatch_eager(ws, kind, fn, messages, context)
+        try:
+            if self._eager[kind]:
+                self._dispatch_eager(ws, kind, fn, messages, context)
+                return
+            while True:
+                try:
+                    result = context.run(_call_each, fn, ws, messages)
+                except BaseException as exc:
+                    self._failed_in_run(ws, kind, exc, messages, context)
+                    continue
+                if result is None:
+                    return
+                # Outside the context: the task enters it itself.
+                try:
+                    suspended = self._await_result(ws, kind, result)
+                except BaseException:
+                    self._park_rest(ws, kind, messages, context)
+                    raise
+                if suspended:
+                    self._park_rest(ws, kind, messages, context)
+                    return
+        finally:
             self._run = None
-            return
-        while True:
-            try:
-                result = context.run(_call_each, fn, ws, messages)
-            except BaseException as exc:
-                self._failed_in_run(ws, kind, exc, messages, context)
-                continue
-            if result is None:
-                self._run = None
-                return
-            # Outside the context: the task enters it itself.
-            try:
-                suspended = self._await_result(ws, kind, result)
-            except BaseException:
-                self._park_rest(ws, kind, messages, context)
-                raise
-            if suspended:
-                self._park_rest(ws, kind, messages, context)
-                self._run = None
-                return
 
     def _dispatch_eager(
         self,
@@ -1107,6 +1106,10 @@ class Server(Generic[T]):
         if exc is None:
             return
         self._handler_failed(ws, kind, exc)
+        if not isinstance(exc, (Exception, KeyboardInterrupt, SystemExit)):
+            # Any other BaseException the task only stored: raised here, the loop's exception
+            # handler reports it (from a done callback it goes no further).
+            raise exc
 
     def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -1149,7 +1152,8 @@ class Server(Generic[T]):
         no handler gets any of ws's messages still to come, in this batch, parked behind a
         suspended handler, or read later: an ``on_open`` that rejects a client must not have
         ``on_text`` see what it sent meanwhile. ``on_close`` still runs, last. Closed from
-        another thread, the messages already on their way are handled as before."""
+        another thread (which cannot touch the dispatcher), its messages are still handled,
+        as before."""
         if threading.get_ident() != self._loop_thread:
             return
         self._ended.add(ws)

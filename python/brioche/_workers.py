@@ -397,9 +397,11 @@ class _Supervisor:
                 self._check(worker)
 
     def _check(self, worker: _Worker) -> None:
+        starting = worker.ready is not None
         if worker.ready is not None and worker.ready.poll():
             try:
                 worker.ready.recv()
+                starting = False
                 self._ready(worker)
             except EOFError:
                 pass  # it died before it was ready: its sentinel says so
@@ -412,7 +414,9 @@ class _Supervisor:
             if worker.ready is not None:
                 worker.ready.close()
                 worker.ready = None
-            if process.exitcode == EXIT_RUN_IN_IMPORT:
+            # Only from a worker that never got as far as serving: 78 is also EX_CONFIG, which
+            # an app may exit with for reasons of its own.
+            if starting and process.exitcode == EXIT_RUN_IN_IMPORT:
                 logger.error("%s", UNGUARDED_RUN)
                 raise WorkersFailed(UNGUARDED_RUN)
             lived = time.monotonic() - worker.started

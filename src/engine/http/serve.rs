@@ -24,7 +24,7 @@ use hyper::header::{
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -626,6 +626,43 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     (!valid).then_some("invalid Host header")
 }
 
+/// A request-target of a form its method may not use (RFC 9112 3.2): the authority form
+/// (`host:port`) is CONNECT's alone, and CONNECT has only it; the asterisk form is OPTIONS's;
+/// and no target carries a user (RFC 9110 4.2.4). Handed on, a route saw an empty path or
+/// `*`, and a CONNECT sent to a path was taken for one.
+fn target_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let uri = req.uri();
+    let authority_form = uri.scheme().is_none() && uri.authority().is_some();
+    if authority_form != (req.method() == Method::CONNECT) {
+        return Some("request target of a form its method does not take");
+    }
+    if uri.scheme().is_none() && uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Some("request target * on a method other than OPTIONS");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("request target with a user");
+    }
+    None
+}
+
+/// A transfer coding the server does not undo (501, RFC 9112 6.1: the handler would get a
+/// body still encoded), or chunked applied twice (400). hyper refuses the other misuses.
+fn coding_problem<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
+    let mut chunked = 0;
+    for value in req.headers().get_all(TRANSFER_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            return Some((StatusCode::BAD_REQUEST, "Bad Request"));
+        };
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Some((StatusCode::NOT_IMPLEMENTED, "Not Implemented"));
+            }
+            chunked += 1;
+        }
+    }
+    (chunked > 1).then_some((StatusCode::BAD_REQUEST, "Bad Request"))
+}
+
 async fn handle(
     req: Request<Incoming>,
     remote: Remote,
@@ -651,9 +688,13 @@ async fn read_and_answer(
         reject_request(shared, remote, status, "request head too large");
         return Ok(refusal(status, "Request Header Fields Too Large"));
     }
-    if let Some(why) = host_problem(&req) {
+    if let Some(why) = host_problem(&req).or_else(|| target_problem(&req)) {
         reject_request(shared, remote, StatusCode::BAD_REQUEST, why);
         return Ok(refusal(StatusCode::BAD_REQUEST, "Bad Request"));
+    }
+    if let Some((status, why)) = coding_problem(&req) {
+        reject_request(shared, remote, status, why);
+        return Ok(refusal(status, why));
     }
     // A body declared larger than the limit is refused now, not read first (nor invited by a
     // `100 Continue`, which hyper sends only once the body is read).
@@ -678,28 +719,9 @@ async fn read_and_answer(
                 }
                 return Ok(response);
             }
-            Handshake::Valid(key) => {
-                if !shared.reserve_slot() {
-                    reject_handshake(
-                        shared,
-                        remote,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "max_connections reached",
-                    );
-                    return Ok(plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Too many connections",
-                    ));
-                }
-                websocket_key = Some(key);
-            }
+            Handshake::Valid(key) => websocket_key = Some(key),
         }
     }
-    // A reserved slot passes to the connection on upgrade; any other outcome gives it back.
-    let slot = SlotGuard {
-        shared,
-        held: websocket_key.is_some(),
-    };
     let on_upgrade: Option<OnUpgrade> =
         websocket_key.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let deflate = match (&websocket_key, &shared.config.ws.deflate) {
@@ -736,6 +758,26 @@ async fn read_and_answer(
             return Ok(refusal(StatusCode::BAD_REQUEST, "Bad Request"));
         }
     };
+    // A handshake's slot is taken once its request has all arrived: taken before a body it
+    // declared, a client that never sent the body held it for `handshake_timeout`, and a few
+    // of them, reconnecting, kept every other client out (503).
+    if websocket_key.is_some() && !shared.reserve_slot() {
+        reject_handshake(
+            shared,
+            remote,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections reached",
+        );
+        return Ok(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many connections",
+        ));
+    }
+    // A reserved slot passes to the connection on upgrade; any other outcome gives it back.
+    let slot = SlotGuard {
+        shared,
+        held: websocket_key.is_some(),
+    };
 
     let id = shared.next_id();
     let headers = parts
@@ -747,7 +789,11 @@ async fn read_and_answer(
     shared.events.push(Event::Request(Box::new(HttpRequest {
         id,
         method: parts.method.as_str().to_owned(),
-        path: parts.uri.path().to_owned(),
+        // A CONNECT's target is its authority (`host:port`), its only form.
+        path: match parts.uri.authority() {
+            Some(authority) if parts.method == Method::CONNECT => authority.as_str().to_owned(),
+            _ => parts.uri.path().to_owned(),
+        },
         query: parts.uri.query().unwrap_or("").to_owned(),
         headers,
         body,

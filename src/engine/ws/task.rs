@@ -168,6 +168,9 @@ struct Task {
     paused: bool,
     /// Not reading because the server-wide budget is spent (`budget.rs`).
     budget_paused: bool,
+    /// The client ended its stream while the budget kept it unread: read what is left, budget
+    /// or not (`watches_for_peer_end`).
+    peer_ended: bool,
     /// The budget's wake-up generation this task is registered in; `u64::MAX`: none.
     budget_generation: u64,
     /// `Event::Close` was pushed: the loop will deliver `on_close`.
@@ -226,6 +229,7 @@ impl Task {
             write_blocked: false,
             paused: false,
             budget_paused: false,
+            peer_ended: false,
             budget_generation: u64::MAX,
             reported: false,
         }
@@ -379,7 +383,7 @@ impl Task {
             step = Step::Progress;
         }
         let paused = self.conn.reading_paused();
-        let budget_paused = !paused && self.budget_pauses();
+        let budget_paused = !paused && !self.peer_ended && self.budget_pauses();
         if (self.paused || self.budget_paused) && !(paused || budget_paused) {
             // Time spent not reading is not the client's silence.
             self.last_read = Instant::now();
@@ -452,11 +456,11 @@ impl Task {
             return Some(Ending::abrupt(1006, ""));
         }
         if self.watches_for_peer_end() && self.stream.peer_gone() {
-            // What it holds of a message that can never be finished goes back to the budget.
-            self.rx.reader.abandon();
-            self.rx.since = None;
-            self.release_budget();
-            return Some(Ending::abrupt(1006, ""));
+            // Read the rest, budget or not: what the kernel holds is all the client will ever
+            // send (bounded by its receive buffer), messages it sent whole are handled, and the
+            // end of the stream ends the connection as it always does (1006 mid-message).
+            self.peer_ended = true;
+            self.budget_paused = false;
         }
         if self.message_due().is_some_and(|due| now >= due) {
             if !self.paused && !self.rx.reader.awaiting_inflation() {
@@ -510,7 +514,9 @@ impl Task {
     /// message that has all arrived waits there to be inflated (delivered once the budget
     /// frees up, whether or not its client is still there). A client that left with part of a
     /// message sent held its share of the budget until its message deadline, for ever with
-    /// `message_timeout(0)`, and slowed every other client meanwhile.
+    /// `message_timeout(0)`, and slowed every other client meanwhile. Only an end that has
+    /// reached the server is seen: a FIN queued behind more than the receive window the
+    /// unread connection advertises waits for its message deadline, as before.
     fn watches_for_peer_end(&self) -> bool {
         self.budget_paused && !self.rx.reader.awaiting_inflation()
     }
