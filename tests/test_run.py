@@ -211,3 +211,7 @@ async def test_demo_module_says_what_is_wrong_with_port_and_still_shows_its_help
                 rf"python -m brioche: cannot listen on 127\.0\.0\.1:{port}: Address already in use"
                 r"( \(os error 98\))?; choose another with --port \(or \$PORT\)\n", err
             ), err
+    # An address this machine does not have: one line too, without the port's hint.
+    code, _, err = await demo("--host", "192.0.2.1", "--port", "0", port_env="3000")
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("python -m brioche: cannot listen on 192.0.2.1:0: ") and "--port" not in err, err

@@ -804,6 +804,9 @@ async def test_base_exception_in_async_on_text_closes_with_1011_and_nothing_is_l
     assert outcome == "closed"
     assert recorder.of("close") == [(1011,)]
     assert recorder.of("text") == [("boom",)]
+    # A task keeps such an exception (asyncio re-raises only KeyboardInterrupt and SystemExit
+    # from its step): raised again for the loop's exception handler, it is not lost.
+    assert [type(c.get("exception")) for c in reported] == [Boom]
 
 
 # -- a connection's messages of one read: handled back to back in its context ------------------------

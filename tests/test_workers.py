@@ -246,6 +246,19 @@ async def test_a_worker_killed_is_restarted_logged_and_serves_the_port(superviso
             await ws.close()
 
 
+async def test_a_serving_worker_that_exits_with_status_78_is_restarted(supervisor_of: Any) -> None:
+    """78 (EX_CONFIG) is the status of a worker that ran ``run()`` again while importing the
+    script, but only before it got ready: an app may exit with it for reasons of its own once
+    serving, and is restarted as any worker is. Before, that stopped the whole server with the
+    unguarded-run error."""
+    sup = supervisor_of(2)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.HTTPError):  # the worker is gone before it answers
+            await http.get(f"http://127.0.0.1:{sup.port}/exit/78", timeout=10)
+    died = sup.wait_for(re.compile(r"WARNING brioche: worker (\d) \(pid \d+\) exited with exit code 78; restarting it$"))
+    sup.wait_for(re.compile(rf"INFO brioche: worker {died[1]} restarted \(pid (\d+)\)"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_to_the_supervisor_closes_every_worker_s_clients_with_1001(
     supervisor_of: Any, sig: signal.Signals

@@ -1,7 +1,8 @@
 """The app tests/test_workers.py serves with workers: ``python tests/workers_app.py N [REDIS_URL]``.
 
 Every socket subscribes to ``all`` and is told which worker (pid) it landed on; a text message
-is published to ``all``, the sender included. Module-level handlers: the workers unpickle them.
+is published to ``all``, the sender included. ``GET /exit/<status>`` ends the worker that
+takes it with that exit status. Module-level handlers: the workers unpickle them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def on_text(ws: brioche.WebSocket[None], text: str) -> None:
 
 
 def handler(request: server.Request, srv: brioche.Server[None]) -> server.Response | None:
+    if request.path.startswith("/exit/"):
+        os._exit(int(request.path.removeprefix("/exit/")))
     if srv.upgrade(request):
         return None
     return server.text(str(os.getpid()))
