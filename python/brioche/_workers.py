@@ -254,6 +254,9 @@ class _Worker:
     fast_crashes: int = 0
     restart_at: float | None = None
     restarts: int = 0
+    # Reported ready since its last start. Not `ready is None`: the pipe's end is read (and
+    # the pipe closed) as soon as it comes, which may be before its process is seen dead.
+    serving: bool = False
 
 
 def run_workers(
@@ -377,6 +380,7 @@ class _Supervisor:
         process.start()
         writer.close()
         worker.process, worker.ready = process, reader
+        worker.serving = False
         worker.started = time.monotonic()
         worker.restart_at = None
 
@@ -397,11 +401,10 @@ class _Supervisor:
                 self._check(worker)
 
     def _check(self, worker: _Worker) -> None:
-        starting = worker.ready is not None
         if worker.ready is not None and worker.ready.poll():
             try:
                 worker.ready.recv()
-                starting = False
+                worker.serving = True
                 self._ready(worker)
             except EOFError:
                 pass  # it died before it was ready: its sentinel says so
@@ -416,7 +419,7 @@ class _Supervisor:
                 worker.ready = None
             # Only from a worker that never got as far as serving: 78 is also EX_CONFIG, which
             # an app may exit with for reasons of its own.
-            if starting and process.exitcode == EXIT_RUN_IN_IMPORT:
+            if not worker.serving and process.exitcode == EXIT_RUN_IN_IMPORT:
                 logger.error("%s", UNGUARDED_RUN)
                 raise WorkersFailed(UNGUARDED_RUN)
             lived = time.monotonic() - worker.started
