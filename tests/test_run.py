@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,26 @@ from conftest import free_port, hangup_by_default, ignore_sigint, kill_if_runnin
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
 SLOW_CLOSE_SCRIPT = Path(__file__).parent / "scripts" / "run_slow_close.py"
+
+
+async def run_forever(
+    preexec_fn: Callable[[], object] | None = None,
+) -> tuple[asyncio.subprocess.Process, int]:
+    """``tests/scripts/run_forever.py`` on a free port (its output piped), and that port."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=preexec_fn,
+    )
+    return proc, port
+
+
+async def stop_expecting_1001(proc: asyncio.subprocess.Process, sig: int, client: ClientConnection) -> None:
+    """Send ``sig`` to the server's process: ``client`` is closed with 1001."""
+    proc.send_signal(sig)
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(client.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
 
 
 async def connect_when_listening(url: str) -> ClientConnection:
@@ -34,11 +55,7 @@ async def test_ctrl_c_during_run_closes_clients_with_1001_and_exits_cleanly(sig:
     """Ctrl+C, and SIGHUP (a closed terminal) without TLS, which has nothing to reload: both
     stop the server gracefully. SIGHUP was left to its default and ended the process without a
     close frame to anyone."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=hangup_by_default,
-    )
+    proc, port = await run_forever(preexec_fn=hangup_by_default)
     try:
         async with await connect_when_listening(f"ws://127.0.0.1:{port}/ws") as client:
             await client.send("before ctrl-c")
@@ -65,21 +82,14 @@ def ignore_sighup() -> None:
 async def test_under_nohup_a_hang_up_does_not_stop_run() -> None:
     """SIGHUP ignored when the process started (``nohup``) stays ignored: the server serves
     on, and Ctrl+C still stops it with 1001."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=ignore_sighup,
-    )
+    proc, port = await run_forever(preexec_fn=ignore_sighup)
     try:
         async with await connect_when_listening(f"ws://127.0.0.1:{port}/ws") as client:
             proc.send_signal(signal.SIGHUP)
             # Still served after the hang-up: a round trip made after the signal is delivered.
             await client.send("after the hang-up")
             assert await asyncio.wait_for(client.recv(), 10) == "after the hang-up"
-            proc.send_signal(signal.SIGINT)
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            await stop_expecting_1001(proc, signal.SIGINT, client)
         out, err = await asyncio.wait_for(proc.communicate(), 10)
     finally:
         await kill_if_running(proc)
@@ -88,10 +98,7 @@ async def test_under_nohup_a_hang_up_does_not_stop_run() -> None:
 
 
 async def test_run_logs_where_it_listens_once_it_does() -> None:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), str(port), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    proc, port = await run_forever()
     try:
         assert proc.stderr is not None
         line = await asyncio.wait_for(proc.stderr.readline(), 15)
@@ -130,10 +137,7 @@ async def test_run_cancels_an_on_close_still_running_after_the_grace_period(work
         else:
             raise AssertionError("no 'listening on' line among the first 20")
         async with connect(f"ws://127.0.0.1:{port}/") as client:
-            proc.send_signal(signal.SIGTERM)
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(client.recv(), 10)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            await stop_expecting_1001(proc, signal.SIGTERM, client)
         # The bound: the 0.5 s grace and the exit, well before the supervisor's SIGKILL.
         out, err = await asyncio.wait_for(proc.communicate(), 8)
     finally:
