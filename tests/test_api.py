@@ -217,6 +217,22 @@ def test_on_text_non_callable_raises_type_error() -> None:
         websocket.init().on_text(42)  # type: ignore[arg-type]
 
 
+def test_a_handler_setter_given_none_removes_the_handler() -> None:
+    """``None`` unsets a handler, and is typed so (mypy --strict checks this file: with the
+    setters typed for handlers only, these calls failed it)."""
+
+    def on_text(ws: Any, text: str) -> None:
+        pass
+
+    def on_open(ws: Any) -> None:
+        pass
+
+    config = websocket.init().on_text(on_text).on_open(on_open)
+    assert config.on_text(None) == websocket.init().on_open(on_open)
+    assert websocket.on_open(config, None).on_text_message is on_text
+    assert config.on_ping(None).on_close(None).on_drain(None).on_pong(None).on_bytes(None) == config
+
+
 def test_a_handler_that_could_never_run_is_refused_where_it_is_set() -> None:
     async def stream(ws: Any, text: str) -> Any:
         yield text

@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageBackpressured, server, websocket
 from conftest import Recorder, ServeFn, server_starter, ws_url
-from rawws import OP_BINARY, OP_CLOSE, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
+from rawws import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
 
 TIMEOUT = 5
 
@@ -574,6 +575,47 @@ async def test_a_client_rejected_in_on_open_has_none_of_its_messages_handled(
         await client.aclose()
     await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
     assert recorder.events == [("open",), ("close", code)]
+
+
+async def test_a_socket_closed_from_another_thread_has_none_of_its_later_messages_handled(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A thread of the application closes the socket. What the client sends after that close
+    frame reached it (a text, a ping, then its answering close) is read, for the close, but no
+    handler sees it, as none does once the loop thread closes a socket. Before, only a close on
+    the loop thread was kept to: from another thread, ``on_text`` got the message, CLOSING."""
+    closer: list[threading.Thread] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open")
+        closer.append(threading.Thread(target=ws.close, args=(4001, "from a thread")))
+        closer[0].start()
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text, ws.ready_state)
+
+    def on_ping(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("ping", data)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_ping(on_ping).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    try:
+        frame = await client.recv_data_frame(TIMEOUT)
+        assert (frame.opcode, frame.close_code) == (OP_CLOSE, 4001), frame
+        await client.send_raw(encode_frame(OP_TEXT, b"after the close") + encode_frame(OP_PING, b"p"))
+        await client.send_close(4001)
+        frames, _ = await client.frames_until_end(TIMEOUT)
+        assert frames == []
+    finally:
+        await client.aclose()
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    closer[0].join(TIMEOUT)
+    assert recorder.events == [("open",), ("close", 4001, "")]
+    # Read all the same: the engine counts what it parsed.
+    assert srv.stats()["messages_in"] == 1
 
 
 def test_a_system_exit_from_an_async_handler_leaves_asyncio_run_s_shutdown_to_finish(tmp_path: Path) -> None:

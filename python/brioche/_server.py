@@ -1152,8 +1152,8 @@ class Server(Generic[T]):
         no handler gets any of ws's messages still to come, in this batch, parked behind a
         suspended handler, or read later: an ``on_open`` that rejects a client must not have
         ``on_text`` see what it sent meanwhile. ``on_close`` still runs, last. Closed from
-        another thread (which cannot touch the dispatcher), its messages are still handled,
-        as before."""
+        another thread (which cannot touch the dispatcher), the messages already read may
+        still be handled; the engine hands up none read after the close, from any thread."""
         if threading.get_ident() != self._loop_thread:
             return
         self._ended.add(ws)

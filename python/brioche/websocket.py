@@ -198,7 +198,8 @@ class Config(Generic[T]):
     """How the server treats its WebSockets: the handlers and the limits.
 
     Create one with :func:`init`. ``T`` is the type of the per-connection context passed to
-    ``server.upgrade`` and read back with ``ws.data``.
+    ``server.upgrade`` and read back with ``ws.data``. A handler setter given ``None`` removes
+    that handler, as if it had never been set.
     """
 
     on_text_message: TextHandler[T] | None = None
@@ -236,19 +237,19 @@ class Config(Generic[T]):
             raise TypeError("per_message_deflate must be a bool or a DeflateOptions, got "
                             f"{type(self.deflate_options).__name__}")
 
-    def on_text(self, handler: TextHandler[T]) -> Config[T]:
+    def on_text(self, handler: TextHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, text)`` for every text message (``async def`` or plain)."""
         return dataclasses.replace(self, on_text_message=handler)
 
-    def on_bytes(self, handler: BytesHandler[T]) -> Config[T]:
+    def on_bytes(self, handler: BytesHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, data)`` for every binary message."""
         return dataclasses.replace(self, on_bytes_message=handler)
 
-    def on_open(self, handler: SocketHandler[T]) -> Config[T]:
+    def on_open(self, handler: SocketHandler[T] | None) -> Config[T]:
         """Call ``handler(ws)`` once a connection is upgraded; it runs before any message."""
         return dataclasses.replace(self, on_open_handler=handler)
 
-    def on_close(self, handler: CloseHandler[T]) -> Config[T]:
+    def on_close(self, handler: CloseHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, code, reason)`` exactly once, after the last message.
 
         ``code`` is the peer's close code, or 1006 when the connection ended without a close
@@ -256,11 +257,11 @@ class Config(Generic[T]):
         """
         return dataclasses.replace(self, on_close_handler=handler)
 
-    def on_drain(self, handler: SocketHandler[T]) -> Config[T]:
+    def on_drain(self, handler: SocketHandler[T] | None) -> Config[T]:
         """Call ``handler(ws)`` each time a backpressured socket has written all it had queued."""
         return dataclasses.replace(self, on_drain_handler=handler)
 
-    def on_ping(self, handler: ControlHandler[T]) -> Config[T]:
+    def on_ping(self, handler: ControlHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, payload)`` for every ping from the client (Bun's ``ping``).
 
         The server still answers each ping with a pong by itself. Without a handler, pings
@@ -268,7 +269,7 @@ class Config(Generic[T]):
         """
         return dataclasses.replace(self, on_ping_handler=handler)
 
-    def on_pong(self, handler: ControlHandler[T]) -> Config[T]:
+    def on_pong(self, handler: ControlHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, payload)`` for every pong from the client (Bun's ``pong``)."""
         return dataclasses.replace(self, on_pong_handler=handler)
 
@@ -356,37 +357,37 @@ def init() -> Config[Any]:
     return Config()
 
 
-def on_text(config: Config[T], handler: TextHandler[T]) -> Config[T]:
+def on_text(config: Config[T], handler: TextHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_text`."""
     return config.on_text(handler)
 
 
-def on_bytes(config: Config[T], handler: BytesHandler[T]) -> Config[T]:
+def on_bytes(config: Config[T], handler: BytesHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_bytes`."""
     return config.on_bytes(handler)
 
 
-def on_open(config: Config[T], handler: SocketHandler[T]) -> Config[T]:
+def on_open(config: Config[T], handler: SocketHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_open`."""
     return config.on_open(handler)
 
 
-def on_close(config: Config[T], handler: CloseHandler[T]) -> Config[T]:
+def on_close(config: Config[T], handler: CloseHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_close`."""
     return config.on_close(handler)
 
 
-def on_drain(config: Config[T], handler: SocketHandler[T]) -> Config[T]:
+def on_drain(config: Config[T], handler: SocketHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_drain`."""
     return config.on_drain(handler)
 
 
-def on_ping(config: Config[T], handler: ControlHandler[T]) -> Config[T]:
+def on_ping(config: Config[T], handler: ControlHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_ping`."""
     return config.on_ping(handler)
 
 
-def on_pong(config: Config[T], handler: ControlHandler[T]) -> Config[T]:
+def on_pong(config: Config[T], handler: ControlHandler[T] | None) -> Config[T]:
     """Module form of :meth:`Config.on_pong`."""
     return config.on_pong(handler)
 

@@ -468,6 +468,7 @@ impl PyWebSocket {
         let conn = &slf.get().conn;
         let code = close_code(code)?;
         let was_open = conn.ready_state() == ReadyState::Open;
+        conn.close_by_app();
         match code {
             Some(code) => conn.close(code, close_reason(reason)),
             None => conn.close_without_code(),
@@ -480,6 +481,7 @@ impl PyWebSocket {
     fn terminate(slf: &Bound<'_, Self>) -> PyResult<()> {
         let conn = &slf.get().conn;
         let was_open = conn.ready_state() == ReadyState::Open;
+        conn.close_by_app();
         conn.terminate();
         Self::app_closed(slf, was_open)
     }

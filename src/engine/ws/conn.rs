@@ -94,6 +94,9 @@ pub struct Conn {
     paused_by_app: AtomicBool,
     /// `refuse_text` was called: the messages queued behind the invalid one are dropped unseen.
     text_refused: AtomicBool,
+    /// The application closed or terminated the socket (`close_by_app`): the task hands no
+    /// handler its later messages.
+    closed_by_app: AtomicBool,
     /// permessage-deflate, when negotiated. Boxed: most connections have none.
     pub(crate) deflate: Option<Box<ConnDeflate>>,
 }
@@ -156,6 +159,7 @@ impl Conn {
             inflight_bytes: AtomicUsize::new(0),
             paused_by_app: AtomicBool::new(false),
             text_refused: AtomicBool::new(false),
+            closed_by_app: AtomicBool::new(false),
             deflate: deflate.map(|params| {
                 Box::new(ConnDeflate {
                     params,
@@ -450,6 +454,20 @@ impl Conn {
         if self.out.uncork() {
             self.schedule_flush();
         }
+    }
+
+    /// The application closes or terminates the socket (before it calls `close` or
+    /// `terminate`): as uWS emits no message once a socket is closing, the task reads the
+    /// client's later messages, for its close frame behind them, but hands none to a handler,
+    /// whichever thread closed it. The server's own closes (`stop`, a timeout, a limit) do
+    /// not: a graceful stop still has every message read meanwhile handled.
+    pub(crate) fn close_by_app(&self) {
+        self.closed_by_app.store(true, Ordering::Release);
+    }
+
+    /// Whether a message the task reads now may still reach a handler (`close_by_app`).
+    pub(crate) fn hands_up_messages(&self) -> bool {
+        !self.closed_by_app.load(Ordering::Acquire)
     }
 
     /// Start the closing handshake. Frames queued before it are still written.

@@ -770,33 +770,40 @@ fn feed(
     let mut data_bytes = 0u64;
     // The read's messages, queued for the loop together once it is parsed (`push_all`).
     let mut handed = Handed::default();
+    // Once the application has closed the socket (from any thread), its messages are read,
+    // for the client's close frame behind them, but handed to no handler (`Conn::close_by_app`;
+    // the dispatcher drops those already queued).
     let mut deliver = |message| match message {
         // Parsing stops at the message that reaches the in-flight caps; the rest waits.
         Incoming::Text(text) => {
             messages += 1;
             data_bytes += text.len() as u64;
-            hand_over(conn, text.len(), Event::Text(conn.id, text), &mut handed)
+            !conn.hands_up_messages()
+                || hand_over(conn, text.len(), Event::Text(conn.id, text), &mut handed)
         }
         // Counted as read, like the messages read after it, if its UTF-8 then proves invalid.
         Incoming::MaskedText(data) => {
             messages += 1;
             data_bytes += data.len() as u64;
-            hand_over(
-                conn,
-                data.len(),
-                Event::MaskedText(conn.id, data),
-                &mut handed,
-            )
+            !conn.hands_up_messages()
+                || hand_over(
+                    conn,
+                    data.len(),
+                    Event::MaskedText(conn.id, data),
+                    &mut handed,
+                )
         }
         Incoming::Binary(data) => {
             messages += 1;
             data_bytes += data.len() as u64;
-            hand_over(conn, data.len(), Event::Binary(conn.id, data), &mut handed)
+            !conn.hands_up_messages()
+                || hand_over(conn, data.len(), Event::Binary(conn.id, data), &mut handed)
         }
         // Handed to Python, a ping or pong is a message in flight like any other: a client
         // pinging faster than its handler runs meets the same caps (and the budget).
         Incoming::Ping(payload) => {
             let go_on = !conn.shared.ping_events.load(Ordering::Relaxed)
+                || !conn.hands_up_messages()
                 || hand_over(
                     conn,
                     payload.len(),
@@ -808,6 +815,7 @@ fn feed(
         }
         Incoming::Pong(payload) => {
             !conn.shared.pong_events.load(Ordering::Relaxed)
+                || !conn.hands_up_messages()
                 || hand_over(
                     conn,
                     payload.len(),
