@@ -23,9 +23,10 @@ from brioche import MessageSent, websocket
 from brioche.websocket import DeflateOptions
 
 from conftest import Recorder, ServeFn, reset_peak_rss, status_kib, ws_url
-from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket, poll_until
+from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket, encode_frame, poll_until
 
 MIB = 1 << 20
+TIMEOUT = 10
 TAIL = b"\x00\x00\xff\xff"
 JSON = '{"type":"chat","room":"lobby","user":"alice","text":"hello, hello, hello"}'
 
@@ -430,6 +431,54 @@ def _unread_by_server(port: int) -> int:
         if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
             unread += int(fields[4].split(":")[1], 16)
     return unread
+
+
+async def test_compressed_messages_waiting_to_be_inflated_do_not_hold_each_other_up(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Four clients hold the 1 MiB max_incoming_bytes with the start of messages they never
+    finish; meanwhile 24 clients each send a 59 KB compressed message, whole, which waits to
+    be inflated. Once the four leave, the 24 are inflated and handled: what they hold
+    themselves does not count against their inflation. Before, their 1.4 MB alone kept the
+    budget over its limit, which only their inflation could bring down: none was ever
+    handled, their connections (dead ones too) were held until the server stopped, and
+    every large or compressed message from anyone else waited with them."""
+
+    def on_bytes(ws: brioche.WebSocket[Any], data: bytes) -> None:
+        recorder.add("message", len(data))
+
+    config = websocket.init().on_bytes(on_bytes).per_message_deflate(True).max_payload_length(MIB)
+    srv = await serve(config, max_incoming_bytes=MIB)
+    offer = [("Sec-WebSocket-Extensions", "permessage-deflate")]
+    fillers: list[RawWebSocket] = []
+    waiters: list[RawWebSocket] = []
+    # Incompressible: each waiter holds what it sent, under the floor at which reading pauses.
+    payload = os.urandom(59_000)
+    compressed = deflate(payload)
+    try:
+        for _ in range(4):
+            raw = await RawWebSocket.connect(srv.port, headers=offer)
+            fillers.append(raw)
+            start = encode_frame(OP_BINARY, bytes(MIB))[: 300_000]
+            await raw.send_raw(start)
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] > MIB, TIMEOUT), srv.stats()
+        held_by_fillers = srv.stats()["incoming_bytes"]
+        for _ in range(24):
+            raw = await RawWebSocket.connect(srv.port, headers=offer)
+            waiters.append(raw)
+            await raw.send_frame(OP_BINARY, compressed, rsv=4)
+        assert await poll_until(
+            lambda: srv.stats()["incoming_bytes"] >= held_by_fillers + 24 * len(compressed), TIMEOUT
+        ), srv.stats()
+        assert recorder.of("message") == []
+        for raw in fillers:
+            raw.close()
+        await recorder.wait_for(lambda: len(recorder.of("message")) == 24, TIMEOUT)
+    finally:
+        for raw in fillers + waiters:
+            raw.close()
+    assert recorder.of("message") == [(len(payload),)] * 24
+    assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, TIMEOUT), srv.stats()
 
 
 @pytest.mark.parametrize("message_timeout", [0, 1], ids=["no-timeout", "past-message-timeout"])

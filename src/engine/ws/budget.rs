@@ -26,6 +26,12 @@ pub(crate) struct IncomingBudget {
     /// `usize::MAX` when there is no limit.
     limit: usize,
     held: AtomicUsize,
+    /// The part of `held` that compressed messages hold which have all arrived and wait for
+    /// room to be inflated. It does not count against their inflation (`inflate_room`): were
+    /// those bytes alone over the limit, they would wait for ever for a release that only
+    /// their inflation brings (24 clients with 59 KB each under a 1 MiB budget held their
+    /// connections, dead ones included, until the server stopped).
+    awaiting: AtomicUsize,
     /// Connections paused by the budget, resumed all at once when it frees up (each re-checks).
     waiting: Mutex<Vec<Weak<Conn>>>,
     any_waiting: AtomicBool,
@@ -38,6 +44,7 @@ impl IncomingBudget {
         Self {
             limit: if limit == 0 { usize::MAX } else { limit },
             held: AtomicUsize::new(0),
+            awaiting: AtomicUsize::new(0),
             waiting: Mutex::new(Vec::new()),
             any_waiting: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -53,17 +60,30 @@ impl IncomingBudget {
         holding >= PAUSE_FLOOR && self.held.load(Ordering::SeqCst) > self.limit
     }
 
-    /// Whether more is held than the limit.
-    pub(crate) fn exceeded(&self) -> bool {
-        self.held.load(Ordering::SeqCst) > self.limit
+    /// What may be inflated before the budget is exceeded, not counting the messages waiting
+    /// to be inflated; `None` once it is. `Some(0)` (held exactly at the limit) still lets one
+    /// message be inflated: as `wait` does, the limit itself is not over it, so a connection
+    /// waiting to inflate is not paused then either.
+    pub(crate) fn inflate_room(&self) -> Option<usize> {
+        let held = self
+            .held
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.awaiting.load(Ordering::SeqCst));
+        (held <= self.limit).then(|| self.limit - held)
     }
 
-    /// What may be inflated before the budget is exceeded; `None` once it is. `Some(0)` (held
-    /// exactly at the limit) still lets one message be inflated: as `wait` does, the limit
-    /// itself is not over it, so a connection waiting to inflate is not paused then either.
-    pub(crate) fn inflate_room(&self) -> Option<usize> {
-        let held = self.held.load(Ordering::Relaxed);
-        (held <= self.limit).then(|| self.limit - held)
+    /// Move a holder's bytes waiting to be inflated from `before` to `after` (both within
+    /// what it holds).
+    pub(crate) fn adjust_awaiting(&self, before: usize, after: usize) {
+        if after > before {
+            self.awaiting.fetch_add(after - before, Ordering::SeqCst);
+            // Bytes that counted against inflation no longer do: a waiter may go on now.
+            if self.any_waiting.load(Ordering::SeqCst) && self.inflate_room().is_some() {
+                self.wake_all();
+            }
+        } else if before > after {
+            self.awaiting.fetch_sub(before - after, Ordering::SeqCst);
+        }
     }
 
     /// How much more may be held before the budget is exceeded (`usize::MAX` without one).
@@ -87,7 +107,9 @@ impl IncomingBudget {
         // SeqCst with `wait`'s store and load: either the waiter sees the lower total or this
         // sees the waiter, so no paused connection is forgotten.
         let now = self.held.fetch_sub(bytes, Ordering::SeqCst) - bytes;
-        if now <= self.limit && self.any_waiting.load(Ordering::SeqCst) {
+        if self.any_waiting.load(Ordering::SeqCst)
+            && (now <= self.limit || self.inflate_room().is_some())
+        {
             self.wake_all();
         }
     }
@@ -97,19 +119,22 @@ impl IncomingBudget {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Register `conn` to be resumed when the budget frees up. Returns the generation it is
-    /// registered in, or `None` when the budget freed up meanwhile and it may read at once.
-    pub(crate) fn wait(&self, conn: &Arc<Conn>) -> Option<u64> {
+    /// Register `conn` to be resumed when the budget frees up (for a message waiting to be
+    /// inflated, `to_inflate`: when `inflate_room` has some). Returns the generation it is
+    /// registered in, or `None` when the budget freed up meanwhile and it may go on at once.
+    pub(crate) fn wait(&self, conn: &Arc<Conn>, to_inflate: bool) -> Option<u64> {
         let generation = {
             let mut waiting = self.waiting.lock();
             waiting.push(Arc::downgrade(conn));
             self.any_waiting.store(true, Ordering::SeqCst);
             self.generation.load(Ordering::Acquire)
         };
-        if self.held.load(Ordering::SeqCst) <= self.limit {
-            return None;
-        }
-        Some(generation)
+        let freed = if to_inflate {
+            self.inflate_room().is_some()
+        } else {
+            self.held.load(Ordering::SeqCst) <= self.limit
+        };
+        (!freed).then_some(generation)
     }
 
     fn wake_all(&self) {
@@ -140,6 +165,17 @@ mod tests {
         budget.release(1);
         assert!(!budget.pauses(usize::MAX));
         assert_eq!(budget.held(), 1 << 20);
+    }
+
+    #[test]
+    fn bytes_waiting_to_be_inflated_count_against_reading_but_not_inflation() {
+        let budget = IncomingBudget::new(1000);
+        budget.adjust(0, 1500);
+        budget.adjust_awaiting(0, 1400);
+        assert!(budget.pauses(PAUSE_FLOOR), "they are held all the same");
+        assert_eq!(budget.inflate_room(), Some(900));
+        budget.adjust_awaiting(1400, 0);
+        assert_eq!(budget.inflate_room(), None);
     }
 
     #[test]

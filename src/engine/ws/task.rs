@@ -184,8 +184,22 @@ struct Receiver {
     reader: MessageReader,
     /// Bytes of the incomplete frame or message counted in the server's budget.
     charged: usize,
+    /// `charged` is a compressed message waiting to be inflated, and counted so
+    /// (`IncomingBudget::adjust_awaiting`).
+    charged_awaiting: bool,
     /// When the frame or message being received began to arrive; `None` between messages.
     since: Option<Instant>,
+}
+
+impl Receiver {
+    /// What `charged` counts as waiting to be inflated.
+    fn awaiting(&self) -> usize {
+        if self.charged_awaiting {
+            self.charged
+        } else {
+            0
+        }
+    }
 }
 
 /// Every way out of a task releases the connection, a panic included (tokio catches it and
@@ -219,6 +233,7 @@ impl Task {
             rx: Receiver {
                 reader,
                 charged: 0,
+                charged_awaiting: false,
                 since: None,
             },
             replies_backed_up: 0,
@@ -258,16 +273,21 @@ impl Task {
     fn budget_pauses(&mut self) -> bool {
         let budget = &self.conn.shared.budget;
         // A compressed message waiting to be inflated holds little, but would hold up to
-        // `max_payload` once inflated: it waits for the budget whatever the floor.
-        let waits = budget.pauses(self.rx.charged + self.conn.inflight_bytes())
-            || self.rx.reader.awaiting_inflation() && budget.exceeded();
+        // `max_payload` once inflated: it waits for room whatever the floor, room that the
+        // messages waiting as it does (its own included) do not take.
+        let to_inflate = self.rx.reader.awaiting_inflation();
+        let waits = if to_inflate {
+            budget.inflate_room().is_none()
+        } else {
+            budget.pauses(self.rx.charged + self.conn.inflight_bytes())
+        };
         if !waits {
             return false;
         }
         if self.budget_generation == budget.generation() {
             return true;
         }
-        match budget.wait(&self.conn) {
+        match budget.wait(&self.conn, to_inflate) {
             Some(generation) => {
                 self.budget_generation = generation;
                 true
@@ -277,8 +297,11 @@ impl Task {
     }
 
     fn release_budget(&mut self) {
-        self.conn.shared.budget.release(self.rx.charged);
+        let budget = &self.conn.shared.budget;
+        budget.adjust_awaiting(self.rx.awaiting(), 0);
+        budget.release(self.rx.charged);
         self.rx.charged = 0;
+        self.rx.charged_awaiting = false;
     }
 
     fn idle_timeout(&self) -> Ending {
@@ -855,8 +878,13 @@ fn feed(
     // What is left partly read, once per read: the budget is one counter shared by every
     // thread. (The messages handed over were charged as they were passed on.)
     let held = rx.reader.buffered();
+    let awaiting = rx.reader.awaiting_inflation();
     conn.shared.budget.adjust(rx.charged, held);
+    conn.shared
+        .budget
+        .adjust_awaiting(rx.awaiting(), if awaiting { held } else { 0 });
     rx.charged = held;
+    rx.charged_awaiting = awaiting;
     if messages > 0 {
         conn.shared.stats.add_all([
             (Counter::MessagesIn, messages),
