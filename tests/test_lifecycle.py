@@ -23,6 +23,7 @@ from conftest import Recorder, ServeFn, ws_url
 from rawws import (
     OP_CLOSE,
     OP_TEXT,
+    RawWebSocket,
     TCP_CLOSE,
     TCP_CLOSE_WAIT,
     blocking_connect,
@@ -181,6 +182,43 @@ async def test_client_close_code_and_reason_reach_on_close_once(serve: ServeFn, 
     # Once every connection has ended no further on_close can be pending.
     await asyncio.wait_for(srv.stop(), TIMEOUT)
     assert recorder.of("close") == [(4000, "done")]
+
+
+@pytest.mark.parametrize("close", [(4000, "bye"), None], ids=["with-code", "without-code"])
+async def test_what_handlers_send_before_a_client_s_close_is_answered_goes_out_before_the_answer(
+    serve: ServeFn, recorder: Recorder, close: tuple[int, str] | None
+) -> None:
+    """A client sends five messages and its close frame in one write, right after the 101. As
+    uWS runs a message's handler before it reads the close frame behind it, what ``on_open``
+    and the handlers send goes out first, then the echo of the close (its code and reason, or
+    no code), and ``on_close`` gets the client's. Before, the close was answered as it was
+    parsed, before any of those handlers ran: each ``send`` returned MessageDropped and the
+    client got the close frame alone."""
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("sent", ws.send("welcome"))
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("sent", ws.send(text))
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    try:
+        close_frame = encode_frame(OP_CLOSE, b"" if close is None else close_payload(*close))
+        await client.send_raw(b"".join(encode_frame(OP_TEXT, f"m{i}".encode()) for i in range(5)) + close_frame)
+        frames, how = await client.frames_until_end(TIMEOUT)
+    finally:
+        client.close()
+    assert how == "eof"
+    assert [f.payload for f in frames[:-1]] == [b"welcome", b"m0", b"m1", b"m2", b"m3", b"m4"]
+    assert frames[-1].opcode == OP_CLOSE
+    assert frames[-1].payload == (b"" if close is None else close_payload(*close))
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("sent") == [(MessageSent(len("welcome")),)] + [(MessageSent(2),)] * 5
+    assert recorder.of("close") == [close or (1005, "")]
 
 
 async def test_server_close_code_and_reason_reach_client_and_on_close(

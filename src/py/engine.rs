@@ -106,7 +106,8 @@ impl PyEngine {
                 | Event::Drain(id)
                 | Event::Ping(id, _)
                 | Event::Pong(id, _)
-                | Event::Fail(id, ..) => (Some(id), false),
+                | Event::Fail(id, ..)
+                | Event::PeerClose(id, ..) => (Some(id), false),
                 Event::Close(id, ..) => (Some(id), true),
                 Event::Open(_) => (None, true),
                 Event::Request(_) | Event::UpgradeFailed(_) | Event::Stopped | Event::Log(_) => {
@@ -271,6 +272,13 @@ impl PyEngine {
             },
             Event::Fail(_, code, reason) => match ws {
                 Some(ws) => (EVENT_FAIL, ws, *code, *reason)
+                    .into_pyobject(py)?
+                    .into_any(),
+                None => return Ok(None),
+            },
+            // Answered as a violation is: `close(code, reason)`, in order.
+            Event::PeerClose(_, code, reason) => match ws {
+                Some(ws) => (EVENT_FAIL, ws, *code, reason.as_str())
                     .into_pyobject(py)?
                     .into_any(),
                 None => return Ok(None),

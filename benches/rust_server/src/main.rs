@@ -51,6 +51,17 @@ fn handle_other(event: Event, conns: &HashMap<u64, (Arc<Conn>, Role)>) {
                 conn.close(code, reason);
             }
         }
+        // A client's close frame behind messages this loop had not handled yet: answered now,
+        // after them, with its code (none for 1005, which no frame may carry).
+        Event::PeerClose(id, code, reason) => {
+            if let Some((conn, _)) = conns.get(&id) {
+                if code == 1005 {
+                    conn.close_without_code();
+                } else {
+                    conn.close(code, &reason);
+                }
+            }
+        }
         // A large text message, still masked: unmasked, checked and echoed (the bench sends
         // valid text; invalid text is refused as the Python layer does, though the messages
         // behind it are not dropped here).

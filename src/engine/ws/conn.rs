@@ -625,6 +625,11 @@ impl Conn {
         self.shared.budget.adjust(0, len);
     }
 
+    /// Messages queued for the loop and not taken yet, or parked behind a suspended handler.
+    pub(crate) fn has_messages_in_flight(&self) -> bool {
+        self.inflight_messages.load(Ordering::Acquire) > 0
+    }
+
     /// Python took a message off the queue.
     pub fn message_taken(&self, len: usize) {
         self.messages_taken(1, len);
@@ -632,7 +637,9 @@ impl Conn {
 
     /// Python took `count` messages of `len` bytes in all off the queue (a run of them).
     pub fn messages_taken(&self, count: usize, len: usize) {
-        let messages = self.inflight_messages.fetch_sub(count, Ordering::Relaxed);
+        // Release: a task that then reads none in flight sees the batch that took them begun
+        // (`EventQueue::handled_since`).
+        let messages = self.inflight_messages.fetch_sub(count, Ordering::Release);
         let bytes = self.inflight_bytes.fetch_sub(len, Ordering::Relaxed);
         // Only when the task may be waiting; it re-checks the caps itself.
         if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {

@@ -101,7 +101,7 @@ pub(crate) fn run(
     // Counted before the event goes out, so `on_open` (and whatever it tells a client) never
     // comes before the count.
     conn.shared.stats.add(Counter::ConnectionsOpened, 1);
-    conn.shared.events.push(Event::Open(conn.clone()));
+    let pushed_at = conn.shared.events.push(Event::Open(conn.clone()));
     // Pairs with the fence in `Server::stop`, which stores `closing_all` and then closes every
     // open connection: each side stores, fences, then reads what the other stored, so at
     // least one of them sees this connection open and closes it. Release and acquire alone
@@ -110,7 +110,7 @@ pub(crate) fn run(
     if conn.shared.closing_all.load(Ordering::Acquire) {
         conn.close(1001, "server shutting down");
     }
-    let mut task = Task::new(conn, stream);
+    let mut task = Task::new(conn, stream, pushed_at);
     let first = if already_read.is_empty() {
         None
     } else {
@@ -189,6 +189,8 @@ struct Receiver {
     charged_awaiting: bool,
     /// When the frame or message being received began to arrive; `None` between messages.
     since: Option<Instant>,
+    /// The drain the last events this connection queued wait for (`EventQueue::handled_since`).
+    pushed_at: u64,
 }
 
 impl Receiver {
@@ -222,7 +224,7 @@ impl Drop for Task {
 }
 
 impl Task {
-    fn new(conn: Arc<Conn>, stream: Arc<Stream>) -> Self {
+    fn new(conn: Arc<Conn>, stream: Arc<Stream>, pushed_at: u64) -> Self {
         let mut reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
         if let Some(deflate) = &conn.deflate {
             reader.inflate_with(&deflate.params);
@@ -235,6 +237,7 @@ impl Task {
                 charged: 0,
                 charged_awaiting: false,
                 since: None,
+                pushed_at,
             },
             replies_backed_up: 0,
             phase: Phase::Open,
@@ -582,7 +585,12 @@ impl Task {
         }
         if timed_out {
             if let Phase::HandOver(ending) = &self.phase {
-                self.conn.close(ending.code, &ending.reason);
+                // A client's close frame without a code is answered without one.
+                if ending.code == 1005 {
+                    self.conn.close_without_code();
+                } else {
+                    self.conn.close(ending.code, &ending.reason);
+                }
             }
             return Step::Progress;
         }
@@ -793,6 +801,7 @@ fn feed(
     let mut data_bytes = 0u64;
     // The read's messages, queued for the loop together once it is parsed (`push_all`).
     let mut handed = Handed::default();
+    let pushed_at = rx.pushed_at;
     // Once the application has closed the socket (from any thread), its messages are read,
     // for the client's close frame behind them, but handed to no handler (`Conn::close_by_app`;
     // the dispatcher drops those already queued).
@@ -848,6 +857,23 @@ fn feed(
         }
         Incoming::Close(frame) => {
             let (code, reason) = frame.unwrap_or((1005, String::new()));
+            if conn.ready_state() == ReadyState::Open
+                && (!handed.events.is_empty()
+                    || conn.has_messages_in_flight()
+                    || !conn.shared.events.handled_since(pushed_at))
+            {
+                // Handlers of what came before it (`on_open` too) have not all run: the loop
+                // answers it once they have (`Event::PeerClose`), so that their replies go
+                // first, as uWS's do (it runs each message's handler before it reads on).
+                // Bounded as a violation's close is (`CLOSE_AFTER_HANDLERS`).
+                closed = Some(Ending {
+                    code,
+                    reason,
+                    abrupt: false,
+                    close_after_handlers: true,
+                });
+                return true;
+            }
             // Publishes the loop has already reported as queued go out before the reply.
             conn.shared.settle_publishes();
             // The client started the handshake: echo its code and reason, as Bun and
@@ -875,6 +901,13 @@ fn feed(
     // Before anything else this read queues (a violation's `Event::Fail`), and before the
     // connection's `Event::Close`, which its task pushes once this returns.
     handed.pass_on(conn);
+    if let Some(at) = handed.pushed_at {
+        rx.pushed_at = at;
+    }
+    if let Some(ending) = closed.as_ref().filter(|e| e.close_after_handlers) {
+        let close = Event::PeerClose(conn.id, ending.code, ending.reason.clone());
+        rx.pushed_at = conn.shared.events.push(close);
+    }
     // What is left partly read, once per read: the budget is one counter shared by every
     // thread. (The messages handed over were charged as they were passed on.)
     let held = rx.reader.buffered();
@@ -915,6 +948,8 @@ struct Handed {
     /// Their number and payload bytes, not yet in the connection's in-flight counts.
     messages: usize,
     bytes: usize,
+    /// What the last `push_all` returned.
+    pushed_at: Option<u64>,
 }
 
 /// Messages a read passes on as soon as this many wait: a read full of tiny messages neither
@@ -929,7 +964,7 @@ impl Handed {
         // Counted, and charged to the budget, before the loop can take them.
         conn.messages_queued(self.messages, self.bytes);
         (self.messages, self.bytes) = (0, 0);
-        conn.shared.events.push_all(self.events.drain(..));
+        self.pushed_at = Some(conn.shared.events.push_all(self.events.drain(..)));
     }
 }
 
