@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -188,7 +188,7 @@ pub struct EventQueue<C> {
     in_batch: AtomicBool,
     /// How many times the queue was drained: an event pushed when this was `n` is taken by
     /// drain `n + 1` (`handled_since`).
-    drains: AtomicU64,
+    drains: AtomicU32,
 }
 
 impl<C> EventQueue<C> {
@@ -197,12 +197,12 @@ impl<C> EventQueue<C> {
             events: Mutex::new(Vec::with_capacity(256)),
             wakeup: Arc::new(Wakeup::new()?),
             in_batch: AtomicBool::new(false),
-            drains: AtomicU64::new(0),
+            drains: AtomicU32::new(0),
         })
     }
 
     /// Queue `event`; returns the drain it waits for (`handled_since`).
-    pub(crate) fn push(&self, event: Event<C>) -> u64 {
+    pub(crate) fn push(&self, event: Event<C>) -> u32 {
         let (was_empty, drains) = {
             let mut events = self.events.lock();
             let was_empty = events.is_empty();
@@ -218,16 +218,20 @@ impl<C> EventQueue<C> {
     /// messages have run, and what they sent is written, when the loop ends it). Events the
     /// loop's consumer kept for a later call are not counted here: the caller checks them
     /// (a connection's messages in flight).
-    pub(crate) fn handled_since(&self, pushed_at: u64) -> bool {
-        let drains = self.drains.load(Ordering::SeqCst);
-        drains > pushed_at + 1 || drains == pushed_at + 1 && !self.in_batch.load(Ordering::SeqCst)
+    ///
+    /// The count wraps (32 bits, so that a connection's task stays small): after four billion
+    /// batches an idle connection's events may read as not handled yet, which only has its
+    /// client's close answered by the loop, in order, rather than at once.
+    pub(crate) fn handled_since(&self, pushed_at: u32) -> bool {
+        let since = self.drains.load(Ordering::SeqCst).wrapping_sub(pushed_at);
+        since > 1 || since == 1 && !self.in_batch.load(Ordering::SeqCst)
     }
 
     /// Queue `batch` in order, as one push: a read's messages take the lock and the wake-up's
     /// bookkeeping once, not once per message (each was a lock and a thread-local look-up, 2.9%
     /// of S1's CPU when pushed one by one).
     /// Returns the drain they wait for (`handled_since`).
-    pub(crate) fn push_all(&self, batch: impl IntoIterator<Item = Event<C>>) -> u64 {
+    pub(crate) fn push_all(&self, batch: impl IntoIterator<Item = Event<C>>) -> u32 {
         let (was_empty, added, drains) = {
             let mut events = self.events.lock();
             let before = events.len();

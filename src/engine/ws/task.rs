@@ -171,8 +171,6 @@ struct Task {
     /// The client ended its stream while the budget kept it unread: read what is left, budget
     /// or not (`watches_for_peer_end`).
     peer_ended: bool,
-    /// The budget's wake-up generation this task is registered in; `u64::MAX`: none.
-    budget_generation: u64,
     /// `Event::Close` was pushed: the loop will deliver `on_close`.
     reported: bool,
     /// Automatic replies queued since the connection was last not backed up (`BACKED_UP`).
@@ -184,19 +182,23 @@ struct Receiver {
     reader: MessageReader,
     /// Bytes of the incomplete frame or message counted in the server's budget.
     charged: usize,
-    /// `charged` is a compressed message waiting to be inflated, and counted so
-    /// (`IncomingBudget::adjust_awaiting`).
-    charged_awaiting: bool,
     /// When the frame or message being received began to arrive; `None` between messages.
     since: Option<Instant>,
     /// The drain the last events this connection queued wait for (`EventQueue::handled_since`).
-    pushed_at: u64,
+    pushed_at: u32,
+    /// The budget's wake-up generation this task is registered in (its low 32 bits: beside
+    /// `pushed_at` they take the room one `u64` did); `u32::MAX`: none. Every wake-up wakes
+    /// the tasks registered, which then register again, so none is still registered when
+    /// the count comes round.
+    budget_generation: u32,
 }
 
 impl Receiver {
-    /// What `charged` counts as waiting to be inflated.
+    /// What `charged` counts as waiting to be inflated (`IncomingBudget::adjust_awaiting`):
+    /// all of it while the reader waits to inflate its message. Only `feed` and `abandon`
+    /// change that, so the task reads it before and after them rather than keeping it.
     fn awaiting(&self) -> usize {
-        if self.charged_awaiting {
+        if self.reader.awaiting_inflation() {
             self.charged
         } else {
             0
@@ -224,7 +226,7 @@ impl Drop for Task {
 }
 
 impl Task {
-    fn new(conn: Arc<Conn>, stream: Arc<Stream>, pushed_at: u64) -> Self {
+    fn new(conn: Arc<Conn>, stream: Arc<Stream>, pushed_at: u32) -> Self {
         let mut reader = MessageReader::new(conn.shared.config.ws.max_payload_length);
         if let Some(deflate) = &conn.deflate {
             reader.inflate_with(&deflate.params);
@@ -235,9 +237,9 @@ impl Task {
             rx: Receiver {
                 reader,
                 charged: 0,
-                charged_awaiting: false,
                 since: None,
                 pushed_at,
+                budget_generation: u32::MAX,
             },
             replies_backed_up: 0,
             phase: Phase::Open,
@@ -248,7 +250,6 @@ impl Task {
             paused: false,
             budget_paused: false,
             peer_ended: false,
-            budget_generation: u64::MAX,
             reported: false,
         }
     }
@@ -287,12 +288,12 @@ impl Task {
         if !waits {
             return false;
         }
-        if self.budget_generation == budget.generation() {
+        if self.rx.budget_generation == budget.generation() as u32 {
             return true;
         }
         match budget.wait(&self.conn, to_inflate) {
             Some(generation) => {
-                self.budget_generation = generation;
+                self.rx.budget_generation = generation as u32;
                 true
             }
             None => false,
@@ -304,7 +305,6 @@ impl Task {
         budget.adjust_awaiting(self.rx.awaiting(), 0);
         budget.release(self.rx.charged);
         self.rx.charged = 0;
-        self.rx.charged_awaiting = false;
     }
 
     fn idle_timeout(&self) -> Ending {
@@ -321,9 +321,10 @@ impl Task {
 
     /// Stop reading, drop what is partly read, and refuse the stream with `code`.
     fn refuse_now(&mut self, code: u16, reason: &'static str) -> Ending {
+        // Released before the reader forgets whether its message waited to be inflated.
+        self.release_budget();
         self.rx.reader.abandon();
         self.rx.since = None;
-        self.release_budget();
         refuse(&self.conn, code, reason)
     }
 
@@ -617,8 +618,8 @@ impl Task {
 
     /// Report the end to Python, then flush what is queued (unless the end is abrupt).
     fn finish(&mut self, ending: Ending, mut timer: Pin<&mut Sleep>) {
-        self.rx.reader.abandon();
         self.release_budget();
+        self.rx.reader.abandon();
         let conn = &self.conn;
         let ending = match conn.ending.lock().take() {
             Some(ended) => Ending::abrupt(ended.0, &ended.1),
@@ -802,6 +803,7 @@ fn feed(
     // The read's messages, queued for the loop together once it is parsed (`push_all`).
     let mut handed = Handed::default();
     let pushed_at = rx.pushed_at;
+    let was_awaiting = rx.awaiting();
     // Once the application has closed the socket (from any thread), its messages are read,
     // for the client's close frame behind them, but handed to no handler (`Conn::close_by_app`;
     // the dispatcher drops those already queued).
@@ -911,13 +913,11 @@ fn feed(
     // What is left partly read, once per read: the budget is one counter shared by every
     // thread. (The messages handed over were charged as they were passed on.)
     let held = rx.reader.buffered();
-    let awaiting = rx.reader.awaiting_inflation();
     conn.shared.budget.adjust(rx.charged, held);
+    rx.charged = held;
     conn.shared
         .budget
-        .adjust_awaiting(rx.awaiting(), if awaiting { held } else { 0 });
-    rx.charged = held;
-    rx.charged_awaiting = awaiting;
+        .adjust_awaiting(was_awaiting, rx.awaiting());
     if messages > 0 {
         conn.shared.stats.add_all([
             (Counter::MessagesIn, messages),
@@ -949,7 +949,7 @@ struct Handed {
     messages: usize,
     bytes: usize,
     /// What the last `push_all` returned.
-    pushed_at: Option<u64>,
+    pushed_at: Option<u32>,
 }
 
 /// Messages a read passes on as soon as this many wait: a read full of tiny messages neither
