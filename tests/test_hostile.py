@@ -876,6 +876,59 @@ async def test_pongs_for_a_client_that_reads_nothing_stop_at_64_kib_and_resume_w
         client.writer.transport.abort()
 
 
+async def test_a_client_that_reads_slowly_behind_a_full_queue_still_has_its_newest_ping_answered(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The application keeps megabytes queued for a client that reads slowly (never enough to
+    bring the queue under 64 KiB). Once the client has read a little, its next ping is
+    answered (its pong behind what was queued), whatever it pinged before, as uWS answers
+    every ping under the backpressure limit. Before, after 16 pongs the rest were dropped
+    until the queue fell under 64 KiB, which for such a client is never: its newest ping
+    went unanswered (RFC 6455 5.5.3 lets a server skip only pongs to earlier pings)."""
+    sockets: dict[str, brioche.WebSocket[Any]] = {}
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        sockets[ws.data] = ws
+        recorder.poke()
+
+    srv = await serve(echo_config(recorder).on_open(on_open))
+    client = await RawWebSocket.connect(srv.port, "/ws?slow", rcvbuf=4096, limit=4096)
+    try:
+        client.pause_reading()
+        await recorder.wait_for(lambda: "slow" in sockets)
+        ws = sockets["slow"]
+        chunk = b"q" * (32 * 1024)
+        for _ in range(384):  # 12 MiB: more than the kernel's buffers take (4 MiB to send)
+            ws.send_bytes(chunk)
+        # Pings while it reads nothing: past 16 while backed up, dropped (bounded, as before).
+        await client.send_raw(b"".join(encode_frame(OP_PING, f"p{i}".encode()) for i in range(20)))
+        await client.send_text("marker 1")
+        await recorder.wait_for(lambda: ("marker 1",) in seen(recorder, "text", "slow"), timeout=10)
+        queued = ws.buffered_amount
+        assert queued > 1 * MIB, queued
+        # It reads 3 MiB (enough for the kernel to call for more), and the server writes more.
+        client.resume_reading()
+        for _ in range(96):
+            assert (await client.recv_data_frame(timeout=10)).payload == chunk
+        client.pause_reading()
+        assert await poll_until(lambda: ws.buffered_amount < queued, 10), ws.buffered_amount
+        assert ws.buffered_amount > 64 * 1024
+        await client.send_frame(OP_PING, b"newest")
+        await client.send_text("marker 2")
+        await recorder.wait_for(lambda: ("marker 2",) in seen(recorder, "text", "slow"), timeout=10)
+        client.resume_reading()
+        pongs = []
+        for _ in range(2_000):  # bounded: the rest of the 384 chunks, the pongs, the two echoes
+            frame = await client.recv_frame(timeout=10)
+            if frame.opcode == OP_PONG:
+                pongs.append(frame.payload)
+            if frame.opcode == OP_TEXT and frame.payload == b"marker 2":
+                break
+        assert pongs[-1] == b"newest", pongs
+    finally:
+        client.writer.transport.abort()
+
+
 # -- random bytes after the handshake (property-based) ---------------------------------------
 #
 # One server for all examples. Per example: a raw connection, the random bytes, then

@@ -117,6 +117,9 @@ pub(crate) struct Outbound {
     /// A send was dropped over the backpressure limit since the queue was last congestion-free:
     /// the drop is logged once per such episode, not once per message.
     dropping: AtomicBool,
+    /// The kernel took bytes since the connection task last asked (`take_wrote`): its client
+    /// reads, however slowly.
+    wrote: AtomicBool,
     corked: AtomicU32,
     /// Where the socket and the first queued chunk are, for `prefetch_targets` to read without
     /// the lock. Hints only: stale or dangling, they cost a wasted prefetch, nothing more.
@@ -349,6 +352,7 @@ impl Outbound {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut n) => {
                     self.add_buffered(-(n as isize));
+                    self.wrote.store(true, Ordering::Relaxed);
                     total += n;
                     while n > 0 {
                         let chunk = chunks.front().expect("the kernel took no more than queued");
@@ -403,6 +407,11 @@ impl Outbound {
             socket.shutdown_write();
         }
         Ok(Flushed::Done)
+    }
+
+    /// Whether the kernel took bytes of this queue since the last call.
+    pub(crate) fn take_wrote(&self) -> bool {
+        self.wrote.swap(false, Ordering::Relaxed)
     }
 
     pub(crate) fn is_empty(&self) -> bool {

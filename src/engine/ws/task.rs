@@ -39,9 +39,10 @@ const DEFAULT_REPLY_LIMIT: usize = 16 * 1024 * 1024;
 /// (congested): its client is not reading what it is sent.
 const BACKED_UP: usize = 64 * 1024;
 /// Automatic replies queued while backed up, before the rest are dropped until the client reads
-/// again: what a client that pings without reading can make the server hold, about 64 KiB of
-/// pongs (it was up to a backpressure limit, 16 MiB by default, for as long as it kept pinging).
-/// A client that pings every few seconds never has this many waiting, however slowly it reads.
+/// again (the kernel takes any of its bytes): what a client that pings without reading can make
+/// the server hold, about 64 KiB of pongs (it was up to a backpressure limit, 16 MiB by default,
+/// for as long as it kept pinging). A client that reads, however slowly, has its pings
+/// answered as long as its queue is under the backpressure limit, as uWS answers them.
 const REPLIES_BACKED_UP: u8 = 16;
 /// Full reads in a row before the task looks at its signals, queued writes and timer again. Not
 /// a turn for other connections: the task then goes back to reading in the same poll. They get
@@ -985,7 +986,10 @@ fn hand_over(conn: &Conn, len: usize, event: Event, handed: &mut Handed) -> bool
 /// reads again, and never past the backpressure limit; the others are dropped, as RFC 6455
 /// 5.5.3 allows (a pong need not answer every ping). A sealed queue refuses them anyway.
 fn queue_reply(conn: &Conn, frame: OutFrame, backed_up: &mut u8) {
-    if conn.out.buffered() < BACKED_UP && !conn.out.is_congested() {
+    // Read since the last reply: a client that reads slowly while the application keeps its
+    // queue full is backed up for good, and lost every pong after its 16th (the newest ping
+    // unanswered, which RFC 6455 5.5.3 does not allow).
+    if conn.out.take_wrote() || conn.out.buffered() < BACKED_UP && !conn.out.is_congested() {
         *backed_up = 0;
     } else if *backed_up >= REPLIES_BACKED_UP {
         return;
