@@ -235,7 +235,9 @@ def _stopping() -> Response:
 
 
 def _close_for_protocol_error(ws: WebSocket[Any], code: int, reason: str) -> None:
-    """The client broke the protocol: close once the events before it were handled, in order."""
+    """Close once the events before it were handled, in order: the client broke the protocol,
+    or sent its close frame behind them (answered with its code and reason, after what their
+    handlers sent, as Bun's)."""
     ws.close(code, reason)
 
 
