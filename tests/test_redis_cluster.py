@@ -26,7 +26,7 @@ import trustme
 from websockets.asyncio.client import connect
 
 import brioche
-from brioche import MessageSent, server
+from brioche import MessageDropped, MessageSent, server
 from conftest import free_port, serve_config, upgrade_ws_path, ws_url
 from test_redis_pubsub import (
     Collector,
@@ -570,6 +570,43 @@ async def test_a_master_restart_mid_stream(
     took = await until(lambda: any(int(m) >= restarted_at for m in remote.messages), "remote delivery to resume")
     assert took < 5
     await stream.check_recovery(srv, local, remote, restarted_at, caplog)
+
+
+async def test_a_restarted_master_serves_every_channel_of_its_slots_again(
+    cluster: Cluster, started: list[brioche.Server[Any]], clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    """Ten topics on the master that is killed and started again, ten on each of the others.
+
+    The link came back subscribing to all of them at once through a node it had no connection
+    to yet: the crate opened one connection per ``SSUBSCRIBE`` (seven at once on the restarted
+    node, each with some of the channels), kept one, and the others closed with their
+    subscriptions: ``redis_connected`` said 1, nothing was logged, and most of that master's
+    topics stayed deaf for good. Now every channel is subscribed again, once, and every topic
+    crosses, within ``RECOVERY_BOUND`` of the cluster being whole.
+    """
+    topics = topics_per_master(10)
+    victim = cluster.nodes[2]
+    assert [cluster.node_of(t) for t in topics].count(victim) == 10
+    subscriber = await serve_sharded(started, cluster.url)
+    publisher = await serve_sharded(started, cluster.url)
+    received = await clients(ws_url(subscriber, "/ws?" + ",".join(topics)))
+    await until(all_subscribed(cluster, topics, 1), "a subscription to every channel", 15)
+    await asyncio.to_thread(victim.kill)
+    await until(lambda: subscriber.stats()["redis_connected"] == 0, "the core to see the master gone")
+    # Started again once the link is subscribing anew: the other masters' channels are, and the
+    # dead master's are being retried, all at once.
+    others = [t for t in topics if cluster.node_of(t) is not victim]
+    await until(all_subscribed(cluster, others, 1), "the other masters' channels subscribed again", 15)
+    await asyncio.to_thread(victim.start)
+    await asyncio.to_thread(cluster.wait_ok)
+    took = await until(all_subscribed(cluster, topics, 1), "every channel subscribed again", 10)
+    assert took < RECOVERY_BOUND
+    await until(lambda: subscriber.stats()["redis_connected"] == publisher.stats()["redis_connected"] == 1, "both links")
+    for topic in topics:
+        assert publisher.publish(topic, f"after {topic}") == MessageDropped()
+    await until(lambda: len(received.messages) == len(topics), "a message on every topic", 5)
+    assert sorted(received.messages) == sorted(f"after {t}" for t in topics)
+    assert [await asyncio.to_thread(cluster.shard_subscribers, t) for t in topics] == [1] * len(topics)
 
 
 @pytest.mark.parametrize("victim", [2, 0], ids=["another-master", "the-urls-node"])

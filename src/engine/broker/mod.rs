@@ -15,7 +15,11 @@
 //! cluster is asked on each connection (`INFO cluster`), so a standalone Redis 7 keeps the one
 //! connection. The URL names one node, which may be the one that died (its replica promoted in
 //! its place): each cluster connection notes the nodes `CLUSTER SLOTS` lists, and when the URL's
-//! node no longer answers, the link reconnects through those.
+//! node no longer answers, the link reconnects through those. A master the link has no
+//! connection to yet (one restarted) gets one command alone first, and the link counts as up
+//! only once the masters say (`CLIENT INFO`) they hold every channel it subscribed: the crate
+//! opens a connection per command that finds none, keeps one and closes the others with their
+//! subscriptions, without a word.
 //!
 //! - Publishes arrive from `Shared::publish` on a queue bounded in count and in bytes
 //!   (`pubsub/remote.rs`), which never makes the loop thread wait, and hold their bytes until
@@ -103,6 +107,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         last_seq: FxHashMap::default(),
         cluster: false,
         nodes: Vec::new(),
+        slot_masters: FxHashMap::default(),
         seq: 0,
     };
     let shutdown = link.shared.shutdown.clone();
@@ -218,26 +223,78 @@ async fn in_cluster(conn: &mut MultiplexedConnection) -> RedisResult<bool> {
     }
 }
 
-/// Every node, master or replica, that `CLUSTER SLOTS` lists, as `info` with its address: the
-/// same TLS settings, credentials and protocol.
-async fn cluster_nodes(
-    conn: &mut ClusterConnection,
-    info: &ConnectionInfo,
-) -> RedisResult<Vec<ConnectionInfo>> {
-    let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
-    Ok(listed_nodes(ranges, info))
+/// The ranges of `CLUSTER SLOTS`: each its first and last slot, then its master and replicas.
+async fn cluster_slots(conn: &mut ClusterConnection) -> RedisResult<Vec<Value>> {
+    redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await
+}
+
+/// The master of each slot a `CLUSTER SLOTS` answer lists, each master as a number of its own
+/// (its place in the answer's order), only to tell masters apart.
+fn slot_masters(ranges: &[Value]) -> FxHashMap<Slot, usize> {
+    let mut masters = FxHashMap::default();
+    let mut slots = FxHashMap::default();
+    for range in ranges {
+        let Value::Array(range) = range else { continue };
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+            (range.first(), range.get(1), range.get(2))
+        else {
+            continue;
+        };
+        let (Some(Value::BulkString(host)), Some(Value::Int(port))) =
+            (master.first(), master.get(1))
+        else {
+            continue;
+        };
+        let count = masters.len();
+        let master = *masters.entry((host.as_slice(), *port)).or_insert(count);
+        let (Ok(first), Ok(last)) = (u16::try_from(*first), u16::try_from(*last)) else {
+            continue;
+        };
+        for slot in (first..=last).filter_map(Slot::new) {
+            slots.insert(slot, master);
+        }
+    }
+    slots
+}
+
+/// The shard channels that the link's connections to the masters hold, by `CLIENT INFO` on each
+/// (its `ssub=`): a master the link has no connection to counts none. `None` when a master will
+/// not say (an ACL without `CLIENT`, a Redis without the field): then nothing is checked.
+async fn shard_subscriptions(conn: &mut ClusterConnection) -> RedisResult<Option<usize>> {
+    let masters = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+    let mut info = redis::cmd("CLIENT");
+    info.arg("INFO");
+    let Value::Map(answers) = conn.route_command(info, masters).await? else {
+        return Ok(None);
+    };
+    let mut held = 0;
+    for (_, answer) in answers {
+        let text = match answer {
+            Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            Value::SimpleString(text) => text,
+            _ => return Ok(None),
+        };
+        let count = text
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("ssub="))
+            .and_then(|count| count.parse::<usize>().ok());
+        let Some(count) = count else { return Ok(None) };
+        held += count;
+    }
+    Ok(Some(held))
 }
 
 /// The nodes of a `CLUSTER SLOTS` answer, each once. One listed without an address is left
 /// out: "" stands for the node that answered, which the crate does not say, and "?" for one
 /// not known yet.
-fn listed_nodes(ranges: Vec<Value>, info: &ConnectionInfo) -> Vec<ConnectionInfo> {
+fn listed_nodes(ranges: &[Value], info: &ConnectionInfo) -> Vec<ConnectionInfo> {
     let mut seen = FxHashSet::default();
     let mut nodes = Vec::new();
     for range in ranges {
         let Value::Array(range) = range else { continue };
         // The first two are the range's first and last slot.
-        for node in range.into_iter().skip(2) {
+        for node in range.iter().skip(2) {
             let Value::Array(node) = node else { continue };
             let (Some(Value::BulkString(host)), Some(Value::Int(port))) =
                 (node.first(), node.get(1))
@@ -281,6 +338,8 @@ struct Link {
     cluster: bool,
     /// The cluster's nodes, masters and replicas, as the last cluster connection listed them.
     nodes: Vec<ConnectionInfo>,
+    /// The master of each slot, as the last cluster connection listed them (`slot_masters`).
+    slot_masters: FxHashMap<Slot, usize>,
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
@@ -339,9 +398,11 @@ impl Link {
             .map_err(|_| "cannot connect")?;
         // On no answer, the nodes found before still serve: a cluster's nodes change a few at a
         // time, so most of an older list still leads in.
-        if let Ok(nodes) = cluster_nodes(&mut conn, info).await {
+        if let Ok(ranges) = cluster_slots(&mut conn).await {
+            let nodes = listed_nodes(&ranges, info);
             if !nodes.is_empty() {
                 self.nodes = nodes;
+                self.slot_masters = slot_masters(&ranges);
             }
         }
         self.subscribe_all(Conn::Cluster(conn), pushes).await
@@ -359,12 +420,26 @@ impl Link {
             self.last_seq.clear();
             self.cluster = cluster;
         }
+        // What a connection that failed while subscribing had, its successor has not.
+        self.subscribed.clear();
         self.remote().track_changes();
         let topics = self.shared.topics.names();
         for chunk in topics.chunks(BATCH) {
             self.change_subscriptions(&mut conn, chunk, &[])
                 .await
                 .map_err(|_| "cannot subscribe")?;
+        }
+        // Each `SSUBSCRIBE` answered is not each channel held: one that went to a master the
+        // link had no connection to yet may have opened one of its own, which the crate then
+        // replaced, closing it with its subscriptions, without an error or a push. Asked of the
+        // masters themselves, a shortfall is an outage, retried, not a deaf topic for good.
+        if let Conn::Cluster(cluster) = &mut conn {
+            let held = shard_subscriptions(cluster)
+                .await
+                .map_err(|_| "cannot subscribe")?;
+            if held.is_some_and(|held| held != self.subscribed.len()) {
+                return Err("cannot subscribe: a master does not hold every channel");
+            }
         }
         Ok((conn, pushes))
     }
@@ -494,7 +569,8 @@ impl Link {
     /// One command per channel, in one pipeline: a `SUBSCRIBE` of several channels gets one
     /// reply per channel, which the multiplexed connection would pair with later commands; and
     /// an `SSUBSCRIBE` may name only channels of one hash slot. On a cluster, one command per
-    /// channel too, all at once, each routed by the crate to its slot's master.
+    /// channel too, each routed by the crate to its slot's master: the masters all at once,
+    /// and on each master one command alone before the others, all at once (`on_master`).
     async fn change_subscriptions(
         &mut self,
         conn: &mut Conn,
@@ -523,16 +599,17 @@ impl Link {
             Conn::Cluster(conn) => {
                 let joins = join.iter().map(|topic| (true, self.channel(topic)));
                 let leaves = leave.iter().map(|topic| (false, self.channel(topic)));
-                try_join_all(joins.chain(leaves).map(|(join, channel)| {
-                    let mut conn = conn.clone();
-                    async move {
-                        if join {
-                            conn.ssubscribe(channel).await
-                        } else {
-                            conn.sunsubscribe(channel).await
-                        }
-                    }
-                }))
+                let mut masters: FxHashMap<Option<usize>, Vec<(bool, String)>> =
+                    FxHashMap::default();
+                for (join, channel) in joins.chain(leaves) {
+                    let master = self.slot_masters.get(&Slot::for_key(&channel)).copied();
+                    masters.entry(master).or_default().push((join, channel));
+                }
+                try_join_all(
+                    masters.into_iter().map(|(master, changes)| {
+                        on_master(conn.clone(), master.is_some(), changes)
+                    }),
+                )
                 .await?;
             }
         }
@@ -627,6 +704,38 @@ impl Link {
         self.shared.publish_local(topic, frame, len, None, compress);
         true
     }
+}
+
+/// (Un)subscribe `changes`, whose channels are all on one master (`known`; else on masters not
+/// known, one at a time). Its first command goes alone: through a master the link has no
+/// connection to yet (restarted, or given slots since the link connected), each command that
+/// finds none opens one of its own, and the crate keeps the last, closing the others with
+/// their subscriptions (seven at once on a restarted master, most of its channels lost).
+/// Once the first has connected it, the others go at once.
+async fn on_master(
+    conn: ClusterConnection,
+    known: bool,
+    changes: Vec<(bool, String)>,
+) -> RedisResult<()> {
+    async fn change(mut conn: ClusterConnection, join: bool, channel: String) -> RedisResult<()> {
+        if join {
+            conn.ssubscribe(channel).await
+        } else {
+            conn.sunsubscribe(channel).await
+        }
+    }
+    let mut changes = changes.into_iter();
+    if !known {
+        for (join, channel) in changes {
+            change(conn.clone(), join, channel).await?;
+        }
+        return Ok(());
+    }
+    if let Some((join, channel)) = changes.next() {
+        change(conn.clone(), join, channel).await?;
+    }
+    try_join_all(changes.map(|(join, channel)| change(conn.clone(), join, channel))).await?;
+    Ok(())
 }
 
 /// A connection's pushes, as the link receives them, and the bytes of the messages among them
@@ -751,6 +860,21 @@ mod tests {
     }
 
     #[test]
+    fn each_slot_is_given_the_master_cluster_slots_lists_first() {
+        let ranges = vec![
+            range(0, 5460, &[("10.0.0.1", 6380), ("10.0.0.4", 6380)]),
+            range(5461, 10922, &[("10.0.0.2", 6380)]),
+            range(10923, 16383, &[("10.0.0.1", 6380)]),
+        ];
+        let masters = slot_masters(&ranges);
+        assert_eq!(masters.len(), 16384);
+        let of = |slot| masters[&Slot::new(slot).unwrap()];
+        assert_eq!([of(0), of(5460), of(5461), of(10922)], [0, 0, 1, 1]);
+        assert_eq!([of(10923), of(16383)], [0, 0]);
+        assert!(slot_masters(&[Value::Int(1)]).is_empty());
+    }
+
+    #[test]
     fn the_nodes_of_cluster_slots_keep_the_urls_tls_and_credentials() {
         let ranges = vec![
             range(0, 5460, &[("10.0.0.1", 6380), ("10.0.0.4", 6380)]),
@@ -761,7 +885,7 @@ mod tests {
         let info = "rediss://user:secret@redis.example:6390"
             .into_connection_info()
             .unwrap();
-        let nodes = listed_nodes(ranges, &info);
+        let nodes = listed_nodes(&ranges, &info);
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
         assert_eq!(addrs, ["10.0.0.1:6380", "10.0.0.4:6380", "10.0.0.3:6380"]);
         for node in &nodes {
@@ -779,7 +903,7 @@ mod tests {
             );
         }
         let plain = "redis://127.0.0.1:7000".into_connection_info().unwrap();
-        let nodes = listed_nodes(vec![range(0, 16383, &[("127.0.0.1", 7001)])], &plain);
+        let nodes = listed_nodes(&[range(0, 16383, &[("127.0.0.1", 7001)])], &plain);
         assert!(matches!(nodes[0].addr(), ConnectionAddr::Tcp(host, 7001) if host == "127.0.0.1"));
     }
 }
