@@ -753,7 +753,7 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             return codeless_log(py, "brioche.http", INFO, format, record);
         }
         LogKind::RedisTooBig => {
-            let format = "a publish over 32 MiB was not sent to Redis: Redis would disconnect \
+            let format = "a publish over 24 MiB was not sent to Redis: Redis would disconnect \
                           every subscriber of its topic (client-output-buffer-limit pubsub); \
                           other processes miss it";
             let item = (

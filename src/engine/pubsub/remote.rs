@@ -26,8 +26,13 @@ pub(crate) const OUTGOING_BYTES: usize = 64 * 1024 * 1024;
 /// output buffer passes `client-output-buffer-limit pubsub`, 32 MiB by default: one message over
 /// it cut every process subscribed to its topic, each of which then missed everything published
 /// while it reconnected, and only logged that Redis was down. Such a publish is lost here
-/// instead, counted and logged; the 4 KiB spare is the reply's own framing.
-pub(crate) const MAX_MESSAGE: usize = 32 * 1024 * 1024 - 4096;
+/// instead, counted and logged. Redis counts the memory its allocator gave the reply, not the
+/// reply's length, and jemalloc's size classes there are 4 MiB apart: Debian's Redis 7.0.15
+/// (jemalloc 5.3, default limits) passed a 28 MiB message to a subscriber, RESP2 or RESP3, and
+/// cut it for 28 MiB + 4 KiB (rounded to 32 MiB), so the 32 MiB - 4 KiB allowed before cut
+/// every subscriber of a 28-32 MiB publish. 24 MiB leaves a whole size class spare, for the
+/// channel's name and the framing and for an allocator that rounds coarser.
+pub(crate) const MAX_MESSAGE: usize = 24 * 1024 * 1024;
 
 /// A publish on its way to Redis. The payload is the frame's own, shared, not a copy.
 pub(crate) struct Outgoing {
