@@ -524,6 +524,39 @@ async def test_unreachable_redis_keeps_local_delivery_and_logs_once(
     assert len(logged) == 2 and "is down" in logged[0] and "is back" in logged[1], logged
 
 
+@pytest.mark.parametrize(
+    ("credentials", "why"),
+    [
+        ("", "cannot connect: NOAUTH HELLO must be called with the client already authenticated"),
+        (":not-the-password@", "cannot connect: WRONGPASS invalid username-password pair or user is disabled."),
+        ("listener:listener-password@", "subscribe failed: NOPERM"),
+    ],
+    ids=["no-password", "wrong-password", "no-channel-allowed"],
+)
+async def test_what_redis_refused_is_in_the_line_that_says_it_is_down(
+    redis: Redis, serve: ServeFn, clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+    credentials: str, why: str,
+) -> None:
+    """A URL without the password, with a wrong one, or of an ACL user allowed no channel: the
+    line said only "cannot connect" or "subscribe failed", the same as a Redis that is not
+    there. It now says what Redis answered, its error code first, and never the password."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    # Redis 7's default for a new user is no channel (acl-pubsub-default resetchannels).
+    user = ["ACL", "SETUSER", "listener", "on", ">listener-password", "~*", "+@all", "resetchannels"]
+    assert await asyncio.to_thread(redis.cli, *user) == ["OK"]
+    assert await asyncio.to_thread(redis.cli, "CONFIG", "SET", "requirepass", "the-password") == ["OK"]
+    srv = await serve(topics_config(), pubsub_redis=f"redis://{credentials}127.0.0.1:{redis.port}")
+    if credentials.startswith("listener"):
+        # Let in, then refused the channel: the subscription made once the link is up.
+        await until(lambda: srv.stats()["redis_connected"] == 1, "the link to Redis")
+    await clients(ws_url(srv, "/ws?news"))
+    await until(lambda: log_lines(caplog, "brioche.redis") != [], "the outage to be logged")
+    [(level, line)] = log_lines(caplog, "brioche.redis")
+    assert level == logging.WARNING
+    assert line.startswith(f"Redis pub/sub at 127.0.0.1:{redis.port} is down ({why}"), line
+    assert "password" not in line.replace("username-password", ""), line
+
+
 @pytest.mark.parametrize("mib", [30, 40])
 async def test_a_publish_too_large_for_redis_is_lost_here_not_for_every_subscriber(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],

@@ -774,7 +774,7 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                 "dropping messages from Redis (%s): this process's subscribers miss them; more \
                  drops are not logged until that queue empties"
             };
-            let args = (record.reason,);
+            let args = (record.reason.as_ref(),);
             let item = (
                 EVENT_LOG,
                 "brioche.redis",
@@ -786,7 +786,7 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             return Ok(item.into_pyobject(py)?.into_any());
         }
     };
-    let args = (record.peer.as_str(), record.code, record.reason);
+    let args = (record.peer.as_str(), record.code, record.reason.as_ref());
     let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
     Ok(item.into_any())
 }
@@ -799,7 +799,7 @@ fn codeless_log<'py>(
     format: &'static str,
     record: &LogRecord,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let args = (record.peer.as_str(), record.reason);
+    let args = (record.peer.as_str(), record.reason.as_ref());
     let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
     Ok(item.into_any())
 }

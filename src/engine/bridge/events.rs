@@ -8,6 +8,7 @@
 //! a poll cycle let it preempt the worker (on a shared core) after the first event of a burst,
 //! so every batch held one event and paid one context switch.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -128,7 +129,8 @@ pub struct LogRecord {
     pub peer: String,
     /// The HTTP status or the close code.
     pub code: u16,
-    pub reason: &'static str,
+    /// Borrowed but for the Redis kinds, which carry what Redis answered.
+    pub reason: Cow<'static, str>,
     /// Lines of this kind left out (over the rate limit) since the last one.
     pub left_out: u32,
 }

@@ -47,6 +47,7 @@
 //!   alone: what it publishes and receives meanwhile would otherwise be lost without a count
 //!   or a log line.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
-    ProtocolVersion, PushInfo, PushKind, RedisResult, Value,
+    ProtocolVersion, PushInfo, PushKind, RedisError, RedisResult, Value,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
@@ -92,6 +93,9 @@ const INCOMING_BYTES: usize = 64 << 20;
 /// headers of the three allocations. Counted so that a flood of tiny messages is bounded too.
 const PUSH_OVERHEAD: usize =
     std::mem::size_of::<PushInfo>() + 2 * std::mem::size_of::<Value>() + 3 * 16;
+/// What a log line quotes of an error, in bytes: Redis's code and words fit (`WRONGPASS invalid
+/// username-password pair or user is disabled.` is 61), a crate error's chain of causes is cut.
+const MAX_WHY: usize = 160;
 
 /// Run the link of `shared` until the server stops.
 pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: RemoteInbox) {
@@ -140,7 +144,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
                     }
                 }
             }
-            Err(reason) => reason,
+            Err(reason) => reason.into(),
         };
         // The next connection subscribes to what the registry holds then.
         link.remote().stop_tracking();
@@ -176,6 +180,30 @@ fn client(config: &RedisConfig) -> RedisResult<(Client, ConnectionInfo, String)>
         .set_protocol(ProtocolVersion::RESP3);
     let info = info.set_redis_settings(settings);
     Ok((Client::open(info.clone())?, info, peer))
+}
+
+/// Why the link is down, for its log line: `context`, then the error's code (`WRONGPASS`,
+/// `NOAUTH`, `NOPERM`, ...) and what Redis said, or the client's own words for a failure that
+/// is not Redis's answer, at most `MAX_WHY` bytes of them. Redis never repeats a password in
+/// an error, and the crate's errors do not hold the URL: the line carries no secret.
+fn why(context: &str, e: &RedisError) -> String {
+    // A pipeline's error has the code of its first failed command but not its words.
+    let first = e.clone().into_server_errors();
+    let first = first.as_ref().and_then(|errors| errors.first());
+    let said = match (e.code(), e.detail(), first) {
+        (Some(code), Some(detail), _) => format!("{code} {detail}"),
+        (_, _, Some((_, error))) => match error.details() {
+            Some(detail) => format!("{} {detail}", error.code()),
+            None => error.code().to_owned(),
+        },
+        _ => e.to_string(),
+    };
+    let mut end = said.len().min(MAX_WHY);
+    while !said.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = if end < said.len() { "..." } else { "" };
+    format!("{context}: {}{cut}", &said[..end])
 }
 
 /// The connection of a link.
@@ -362,7 +390,7 @@ impl Link {
         &mut self,
         client: &Client,
         info: &ConnectionInfo,
-    ) -> Result<(Conn, Pushes), &'static str> {
+    ) -> Result<(Conn, Pushes), String> {
         let (push_tx, pushes) = push_queue(&self.shared);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
@@ -373,7 +401,11 @@ impl Link {
             .await
         {
             Ok(mut node) => {
-                if !(self.sharded && in_cluster(&mut node).await.map_err(|_| "cannot connect")?) {
+                let cluster = self.sharded
+                    && in_cluster(&mut node)
+                        .await
+                        .map_err(|e| why("cannot connect", &e))?;
+                if !cluster {
                     return self.subscribe_all(Conn::Node(node), pushes).await;
                 }
                 // The node's own connection goes, and with it its pushes: its `Disconnection` as
@@ -383,7 +415,7 @@ impl Link {
             // The URL's node may be gone for good (a master whose replica took its place is not
             // restarted), while the rest of the cluster is up: the URL was only a way in.
             Err(_) if self.cluster && !self.nodes.is_empty() => self.nodes.clone(),
-            Err(_) => return Err("cannot connect"),
+            Err(e) => return Err(why("cannot connect", &e)),
         };
         let (push_tx, pushes) = push_queue(&self.shared);
         let mut conn = ClusterClientBuilder::new(seeds)
@@ -392,10 +424,10 @@ impl Link {
             .connection_timeout(TIMEOUT)
             .response_timeout(TIMEOUT)
             .build()
-            .map_err(|_| "cannot connect")?
+            .map_err(|e| why("cannot connect", &e))?
             .get_async_connection()
             .await
-            .map_err(|_| "cannot connect")?;
+            .map_err(|e| why("cannot connect", &e))?;
         // On no answer, the nodes found before still serve: a cluster's nodes change a few at a
         // time, so most of an older list still leads in.
         if let Ok(ranges) = cluster_slots(&mut conn).await {
@@ -413,7 +445,7 @@ impl Link {
         &mut self,
         mut conn: Conn,
         pushes: Pushes,
-    ) -> Result<(Conn, Pushes), &'static str> {
+    ) -> Result<(Conn, Pushes), String> {
         let cluster = matches!(conn, Conn::Cluster(_));
         if self.cluster != cluster {
             // Sequences are kept by slot on a cluster, by origin alone elsewhere.
@@ -427,7 +459,7 @@ impl Link {
         for chunk in topics.chunks(BATCH) {
             self.change_subscriptions(&mut conn, chunk, &[])
                 .await
-                .map_err(|_| "cannot subscribe")?;
+                .map_err(|e| why("cannot subscribe", &e))?;
         }
         // Each `SSUBSCRIBE` answered is not each channel held: one that went to a master the
         // link had no connection to yet may have opened one of its own, which the crate then
@@ -436,9 +468,12 @@ impl Link {
         if let Conn::Cluster(cluster) = &mut conn {
             let held = shard_subscriptions(cluster)
                 .await
-                .map_err(|_| "cannot subscribe")?;
-            if held.is_some_and(|held| held != self.subscribed.len()) {
-                return Err("cannot subscribe: a master does not hold every channel");
+                .map_err(|e| why("cannot subscribe", &e))?;
+            let wanted = self.subscribed.len();
+            if let Some(held) = held.filter(|&held| held != wanted) {
+                return Err(format!(
+                    "cannot subscribe: the masters hold {held} of {wanted} channels"
+                ));
             }
         }
         Ok((conn, pushes))
@@ -450,7 +485,7 @@ impl Link {
         conn: &mut Conn,
         pushes: &mut Pushes,
         inbox: &mut RemoteInbox,
-    ) -> &'static str {
+    ) -> Cow<'static, str> {
         let mut outgoing = Vec::with_capacity(BATCH);
         let mut ended = Vec::new();
         let shared = self.shared.clone();
@@ -466,32 +501,34 @@ impl Link {
                 push = pushes.receiver.recv() => match push {
                     Some(push) => {
                         if !self.on_push(push, &pushes.backlog, &mut ended) {
-                            return "connection lost";
+                            return "connection lost".into();
                         }
-                        if !ended.is_empty() && self.reconcile(conn, &mut ended).await.is_err() {
-                            return "subscribe failed";
+                        if !ended.is_empty() {
+                            if let Err(e) = self.reconcile(conn, &mut ended).await {
+                                return why("subscribe failed", &e).into();
+                            }
                         }
                     }
-                    None => return "connection lost",
+                    None => return "connection lost".into(),
                 },
                 n = inbox.outgoing.recv_many(&mut outgoing, BATCH) => {
                     if n == 0 {
                         // The server (and its `Remote`) is gone.
-                        return "server dropped";
+                        return "server dropped".into();
                     }
-                    if self.publish(conn, &mut outgoing).await.is_err() {
-                        return "publish failed";
+                    if let Err(e) = self.publish(conn, &mut outgoing).await {
+                        return why("publish failed", &e).into();
                     }
                 }
                 _ = remote.changed() => {
                     let mut topics = remote.take_changes(BATCH);
-                    if self.reconcile(conn, &mut topics).await.is_err() {
-                        return "subscribe failed";
+                    if let Err(e) = self.reconcile(conn, &mut topics).await {
+                        return why("subscribe failed", &e).into();
                     }
                 }
                 _ = ping.tick() => {
-                    if conn.ping().await.is_err() {
-                        return "no answer to PING";
+                    if let Err(e) = conn.ping().await {
+                        return why("no answer to PING", &e).into();
                     }
                 }
             }
@@ -872,6 +909,22 @@ mod tests {
         assert_eq!([of(0), of(5460), of(5461), of(10922)], [0, 0, 1, 1]);
         assert_eq!([of(10923), of(16383)], [0, 0]);
         assert!(slot_masters(&[Value::Int(1)]).is_empty());
+    }
+
+    #[test]
+    fn a_refusal_is_quoted_with_its_code_and_cut() {
+        let refused = RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "refused",
+            "x".repeat(1000),
+        ));
+        let line = why("cannot connect", &refused);
+        assert!(line.starts_with("cannot connect: refused - AuthenticationFailed: xxx"));
+        assert!(line.ends_with("x..."));
+        assert_eq!(line.len(), "cannot connect: ".len() + MAX_WHY + 3);
+        let refused = redis::make_extension_error("NOPERM".into(), Some("no permissions".into()));
+        let line = why("subscribe failed", &refused);
+        assert_eq!(line, "subscribe failed: NOPERM no permissions");
     }
 
     #[test]

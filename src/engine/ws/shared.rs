@@ -1,6 +1,7 @@
 //! What a server's tasks and connections share: its settings, its event queue, its topics, its
 //! incoming budget and its open WebSockets. Every `Conn` holds it, which is why it lives with them.
 
+use std::borrow::Cow;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -174,13 +175,19 @@ impl Shared {
     }
 
     /// Hand a line to Python's `logging`, unless this kind is over its rate limit.
-    pub(crate) fn log(&self, kind: LogKind, peer: impl ToString, code: u16, reason: &'static str) {
+    pub(crate) fn log(
+        &self,
+        kind: LogKind,
+        peer: impl ToString,
+        code: u16,
+        reason: impl Into<Cow<'static, str>>,
+    ) {
         if let Some(left_out) = self.log_limiter.admit(kind) {
             self.events.push(Event::Log(Box::new(LogRecord {
                 kind,
                 peer: peer.to_string(),
                 code,
-                reason,
+                reason: reason.into(),
                 left_out,
             })));
         }
