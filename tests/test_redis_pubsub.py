@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import MessageDropped, MessageSent, server, websocket
-from conftest import ServeFn, free_port, log_lines, ws_url
+from conftest import ServeFn, free_port, log_lines, serve_config, upgrade_ws_path, ws_url
 from test_workers import AppSupervisor, clients_covering, receive
 
 pytestmark = pytest.mark.skipif(
@@ -522,6 +522,40 @@ async def test_unreachable_redis_keeps_local_delivery_and_logs_once(
     finally:
         redis.kill()
     assert len(logged) == 2 and "is down" in logged[0] and "is back" in logged[1], logged
+
+
+async def test_namespaces_keep_apart_only_what_the_docs_say(
+    redis: Redis, started: list[brioche.Server[Any]], clients: Callable[[str], Awaitable[Collector]]
+) -> None:
+    """A channel is namespace + topic, and Redis pub/sub ignores the URL's db: namespace ``chat2``
+    with topic ``x`` reached namespace ``chat``'s topic ``2x``, and apps on ``/1`` and ``/2``
+    shared topics, which the docs did not say. They now say both, and that namespaces ending in a
+    separator none has elsewhere (``chat:``, ``chat2:``) are kept apart; this holds them to it."""
+    doc = server.Config.pubsub_redis.__doc__ or ""
+    said = " ".join(doc.split())
+    assert "whatever the URL's db (``/1`` and ``/2`` share them)" in said
+    assert "only if none of their namespaces is a prefix of another's" in said
+    assert "``chat:`` and ``chat2:`` are" in said
+
+    async def serve_on(db: int, namespace: str) -> brioche.Server[Any]:
+        config = server.handler(upgrade_ws_path).hostname("127.0.0.1").port(0).websocket(topics_config())
+        srv = await serve_config(config.pubsub_redis(f"{redis.url}/{db}", namespace=namespace), started)
+        await until(lambda: srv.stats()["redis_connected"] == 1, f"the link of {namespace!r} on /{db}")
+        return srv
+
+    chat, chat2 = await serve_on(1, "chat"), await serve_on(2, "chat2")
+    colon, colon2, colon_db2 = await serve_on(1, "chat:"), await serve_on(1, "chat2:"), await serve_on(2, "chat:")
+    on_2x, on_x = await clients(ws_url(chat, "/ws?2x")), await clients(ws_url(colon, "/ws?x"))
+    await until(_equals(redis, "chat2x", 1), "the subscription to chat2x")
+    await until(_equals(redis, "chat:x", 1), "the subscription to chat:x")
+    chat2.publish("x", "from chat2, topic x, db 2")
+    await until(lambda: on_2x.messages == ["from chat2, topic x, db 2"], "chat's topic 2x to get it")
+    # Answered by Redis, so delivered (to nobody) before the publish after it.
+    colon2.publish("x", "from chat2:, topic x")
+    await published(colon2.stats, 1)
+    colon_db2.publish("x", "from chat:, topic x, db 2")
+    await until(lambda: on_x.messages == ["from chat:, topic x, db 2"], "chat:'s topic x to get db 2's")
+    assert on_2x.messages == ["from chat2, topic x, db 2"]
 
 
 @pytest.mark.parametrize(

@@ -346,6 +346,13 @@ class Config(Generic[T]):
         MOVED followed; order is kept per publisher and topic); on a standalone Redis, the one
         connection.
 
+        Redis pub/sub has one set of channels per Redis (per cluster), whatever the URL's db
+        (``/1`` and ``/2`` share them): applications on one Redis are kept apart by their
+        ``namespace`` alone, and only if none of their namespaces is a prefix of another's.
+        End each with a separator it has nowhere else, as the default ``brioche:`` does:
+        ``chat`` and ``chat2`` are not apart (``chat2``'s topic ``x`` and ``chat``'s topic
+        ``2x`` are one channel, ``chat2x``), ``chat:`` and ``chat2:`` are.
+
         Delivery between processes is at most once: while Redis is unreachable, local delivery
         goes on, publishes are lost for the other processes (``redis_publishes_lost`` in
         :meth:`Server.stats`), and the core reconnects on its own. ``publish`` returns the
