@@ -833,13 +833,11 @@ async def test_ping_flood_from_a_client_that_never_reads_is_bounded(
     await assert_still_serving(srv, bystander)
 
 
-async def test_pongs_for_a_client_that_reads_nothing_stop_at_64_kib_and_resume_when_it_reads(
-    serve: ServeFn, recorder: Recorder
-) -> None:
-    """Once a client reads nothing of what is sent (64 KiB queued for it, or the kernel's buffer
-    full), only 16 more pongs are queued for it until it reads again; then its pings are
-    answered again. Before, pongs were queued up to the backpressure limit (16 MiB by default)
-    for as long as it kept pinging."""
+async def unread_client(
+    serve: ServeFn, recorder: Recorder, name: str
+) -> tuple[RawWebSocket, brioche.WebSocket[Any]]:
+    """An echo server, and a raw client of it (``ws.data`` is ``name``, a 4 KiB receive
+    buffer) that reads nothing until it resumes; with its server-side socket."""
     sockets: dict[str, brioche.WebSocket[Any]] = {}
 
     def on_open(ws: brioche.WebSocket[Any]) -> None:
@@ -847,11 +845,21 @@ async def test_pongs_for_a_client_that_reads_nothing_stop_at_64_kib_and_resume_w
         recorder.poke()
 
     srv = await serve(echo_config(recorder).on_open(on_open))
-    client = await RawWebSocket.connect(srv.port, "/ws?flood", rcvbuf=4096, limit=4096)
+    client = await RawWebSocket.connect(srv.port, f"/ws?{name}", rcvbuf=4096, limit=4096)
+    client.pause_reading()
+    await recorder.wait_for(lambda: name in sockets)
+    return client, sockets[name]
+
+
+async def test_pongs_for_a_client_that_reads_nothing_stop_at_64_kib_and_resume_when_it_reads(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Once a client reads nothing of what is sent (64 KiB queued for it, or the kernel's buffer
+    full), only 16 more pongs are queued for it until it reads again; then its pings are
+    answered again. Before, pongs were queued up to the backpressure limit (16 MiB by default)
+    for as long as it kept pinging."""
+    client, ws = await unread_client(serve, recorder, "flood")
     try:
-        client.pause_reading()
-        await recorder.wait_for(lambda: "flood" in sockets)
-        ws = sockets["flood"]
         # 8 MiB of pings: more pongs than the kernel's buffers on both sides hold.
         pings = encode_frame(OP_PING, b"p" * 125) * (MIB // 131)
         for _ in range(8):
@@ -885,18 +893,8 @@ async def test_a_client_that_reads_slowly_behind_a_full_queue_still_has_its_newe
     every ping under the backpressure limit. Before, after 16 pongs the rest were dropped
     until the queue fell under 64 KiB, which for such a client is never: its newest ping
     went unanswered (RFC 6455 5.5.3 lets a server skip only pongs to earlier pings)."""
-    sockets: dict[str, brioche.WebSocket[Any]] = {}
-
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        sockets[ws.data] = ws
-        recorder.poke()
-
-    srv = await serve(echo_config(recorder).on_open(on_open))
-    client = await RawWebSocket.connect(srv.port, "/ws?slow", rcvbuf=4096, limit=4096)
+    client, ws = await unread_client(serve, recorder, "slow")
     try:
-        client.pause_reading()
-        await recorder.wait_for(lambda: "slow" in sockets)
-        ws = sockets["slow"]
         chunk = b"q" * (32 * 1024)
         for _ in range(384):  # 12 MiB: more than the kernel's buffers take (4 MiB to send)
             ws.send_bytes(chunk)
