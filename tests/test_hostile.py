@@ -707,6 +707,38 @@ async def test_fragments_adding_up_over_the_limit_close_1009(
     await assert_still_serving(srv, bystander)
 
 
+def address_space() -> int:
+    """This process's virtual size in bytes (the server runs in it): what it has reserved."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+
+async def test_a_frame_s_declared_length_is_not_reserved_before_its_bytes_come(
+    serve: ServeFn, recorder: Recorder, bystander_of: Any
+) -> None:
+    """64 clients each declare a frame of 16 MiB (the default limit) and send one byte of it.
+    Reserving what the headers declare took 1 GiB of address space for 64 bytes received; the
+    server reserves at most 1 MiB ahead of what has come (and 16 MiB frames that come whole
+    still arrive whole: ``test_limits``)."""
+    srv = await serve(echo_config(recorder))
+    bystander = await bystander_of(srv)
+    clients = [await RawWebSocket.connect(srv.port, f"/ws?declares{i}") for i in range(64)]
+    try:
+        before = address_space()
+        for client in clients:
+            await client.send_raw(header_only(16 * MIB) + b"x")
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 64, TIMEOUT), srv.stats()
+        grown = address_space() - before
+        # 64 MiB of room ahead, and slack for an allocator arena or two (64 MiB each).
+        assert grown < 256 * MIB, f"address space grew by {grown / MIB:.0f} MiB"
+        await assert_still_serving(srv, bystander)
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, TIMEOUT), srv.stats()
+
+
 # -- close frames ----------------------------------------------------------------------------
 
 INVALID_CLOSE_CODES = [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]

@@ -11,8 +11,9 @@
 //! - a message in one frame that arrived whole: nothing kept; it is unmasked from the read
 //!   buffer into a buffer of its size, handed on as it is;
 //! - a message still arriving (or sent in fragments): its buffer, reserved from its frames'
-//!   headers (at most 1 MiB more than they declared when the fragments are many and small, see
-//!   `reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
+//!   headers up to 1 MiB ahead of what has come (`reserve_ahead`: a header's length is not
+//!   trusted with memory), and at most 1 MiB more than they declared when the fragments are many
+//!   and small (`reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
 //!   on as it is (`Bytes::from`), with no copy. While a large part of a frame is still to come,
 //!   the socket is read straight into that buffer (`direct_room`) and unmasked there. A binary
 //!   message in one frame is the exception, and so is a large text one (`MASKED_TEXT_MIN`): it
@@ -134,6 +135,16 @@ const MAX_HEAD: usize = 14;
 /// How much a fragmented message's buffer may grow by at once beyond what was declared, when
 /// its fragments are small (`reserve_fragment`).
 const GROWTH_STEP: usize = 1 << 20;
+
+/// The most a message's buffer reserves ahead of the bytes that have come, or as much as have
+/// come if that is more (`reserve_ahead`). A frame's declared length is only a promise: reserved
+/// whole from the header, 500 clients each declaring 16 MiB and sending one byte took 8 GB of
+/// the server's address space (commit charge, which a strict overcommit policy refuses other
+/// allocations for) while the budget counted 500 bytes. At this size a message of up to 1 MiB
+/// is still reserved once, from its header, and read straight into place; a larger one doubles
+/// its buffer a few times as it arrives (four times up to 16 MiB; from 4 MiB on, glibc moves
+/// such a mapping without copying it, `py/malloc.rs`).
+const RESERVE_AHEAD: usize = 1 << 20;
 
 /// A frame header, checked.
 struct Header {
@@ -372,10 +383,11 @@ impl MessageReader {
             return None;
         }
         let message = partial.message.as_mut()?;
-        let room = frame.remaining.min(max);
-        // `start` (or `reserve_fragment`) reserved room for the whole frame.
-        debug_assert!(message.payload.spare_capacity_mut().len() >= frame.remaining);
-        Some(&mut message.payload.spare_capacity_mut()[..room])
+        // Refused room is refused again, as a violation, by the copy that reads on (`receive`).
+        reserve_ahead(&mut message.payload, frame.remaining, min).ok()?;
+        let spare = message.payload.spare_capacity_mut();
+        let room = frame.remaining.min(max).min(spare.len());
+        Some(&mut spare[..room])
     }
 
     /// `n` bytes (more than 0) were read into the room `direct_room` gave: unmask them where they
@@ -611,10 +623,10 @@ impl MessageReader {
         Ok(())
     }
 
-    /// A frame whose payload is still to come: make room for it, once.
-    /// The room is reserved before the bytes arrive: if the allocator refuses it (a strict
-    /// overcommit policy, say), the message is refused as too big rather than the process
-    /// aborted.
+    /// A frame whose payload is still to come: make room for it (all of it, up to
+    /// `RESERVE_AHEAD`). The room is reserved before the bytes arrive: if the allocator refuses
+    /// it (a strict overcommit policy, say), the message is refused as too big rather than the
+    /// process aborted.
     fn start(&mut self, header: &Header) -> Result<(), Violation> {
         let limit = self.max_payload as usize;
         let partial = self.partial.get_or_insert_with(Box::default);
@@ -622,11 +634,12 @@ impl MessageReader {
         if is_control(header.opcode) {
             control = Vec::with_capacity(header.len);
         } else if let Some(message) = &mut partial.message {
-            reserve_fragment(&mut message.payload, header.len, limit)?;
+            let ahead = header.len.min(RESERVE_AHEAD.max(message.payload.len()));
+            reserve_fragment(&mut message.payload, ahead, limit)?;
         } else {
             let mut payload = Vec::new();
             payload
-                .try_reserve_exact(header.len)
+                .try_reserve_exact(header.len.min(RESERVE_AHEAD))
                 .map_err(|_| Violation::TooBig)?;
             let whole = header.fin && !header.compressed;
             let keep_masked = whole
@@ -666,6 +679,7 @@ impl MessageReader {
                 .message
                 .as_mut()
                 .expect("started with its first frame");
+            reserve_ahead(&mut message.payload, frame.remaining, n)?;
             if message.mask.is_some() {
                 message.payload.extend_from_slice(&data[..n]);
             } else {
@@ -843,6 +857,18 @@ fn reserve_fragment(buf: &mut Vec<u8>, additional: usize, limit: usize) -> Resul
     };
     buf.try_reserve_exact(target - buf.len())
         .map_err(|_| Violation::TooBig)
+}
+
+/// Make room for at least `at_least` more bytes of a frame with `remaining` still to come, if
+/// there is not that much already: all that remains if it is within `RESERVE_AHEAD` or the
+/// buffer's length, otherwise that much. The buffer then at most doubles at each growth, so its
+/// copies stay linear, and it never holds more than twice what has come plus `RESERVE_AHEAD`.
+fn reserve_ahead(buf: &mut Vec<u8>, remaining: usize, at_least: usize) -> Result<(), Violation> {
+    if buf.capacity() - buf.len() >= at_least {
+        return Ok(());
+    }
+    let ahead = remaining.min(RESERVE_AHEAD.max(buf.len())).max(at_least);
+    buf.try_reserve_exact(ahead).map_err(|_| Violation::TooBig)
 }
 
 fn utf8(bytes: Vec<u8>) -> Result<Utf8Bytes, Violation> {
@@ -1289,6 +1315,63 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_s_declared_length_is_reserved_only_as_its_bytes_come() {
+        // One byte of a frame that declares 16 MiB, then of a fragment that does.
+        let mut reader = MessageReader::new(16 << 20);
+        let mut declared = frame(0x82, &[9]);
+        declared.splice(1..2, [0xFF]);
+        declared.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
+        reader.feed(&declared, &mut |_| true).unwrap();
+        assert_eq!(reader.held(), RESERVE_AHEAD);
+        let mut reader = MessageReader::new(32 << 20);
+        let mut fragment = frame(0x00, &[9]);
+        fragment.splice(1..2, [0xFF]);
+        fragment.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
+        let mut stream = frame(0x02, &[1; 3 << 20]);
+        stream.extend_from_slice(&fragment);
+        reader.feed(&stream, &mut |_| true).unwrap();
+        assert_eq!(reader.held(), (3 << 20) + (3 << 20));
+
+        // A 5 MiB frame that all comes: whole and intact, in a buffer never more than twice what
+        // has come plus 1 MiB, reserved four times (1, 2, 4, then all 5 MiB and a bit), both
+        // ways of reading.
+        let big: Vec<u8> = (0..(5 << 20) + 12_345u32)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect();
+        let stream = frame(0x82, &big);
+        for (min, max) in [(32_768, 1 << 20), (usize::MAX, 0)] {
+            let mut reader = MessageReader::new(16 << 20);
+            let (mut pos, mut growths, mut last) = (0, 0, 0);
+            let mut got = Vec::new();
+            while pos < stream.len() {
+                let mut deliver = |m| {
+                    got.push(m);
+                    true
+                };
+                if let Some(room) = reader.direct_room(min, max) {
+                    let n = room.len().min(stream.len() - pos);
+                    for (slot, byte) in room.iter_mut().zip(&stream[pos..pos + n]) {
+                        slot.write(*byte);
+                    }
+                    pos += n;
+                    reader.direct_received(n, &mut deliver).unwrap();
+                } else {
+                    let n = 65_536.min(stream.len() - pos);
+                    pos += n;
+                    reader.feed(&stream[pos - n..pos], &mut deliver).unwrap();
+                }
+                let held = reader.held();
+                assert!(held <= 2 * pos + RESERVE_AHEAD, "{held} held after {pos}");
+                if held != last && held != 0 {
+                    (growths, last) = (growths + 1, held);
+                }
+            }
+            assert_eq!(growths, 4, "reservations, from {min}");
+            assert_eq!(got, vec![Incoming::Binary(Bytes::from(big.clone()).into())]);
+        }
+    }
+
+    #[test]
     fn invalid_utf8_read_straight_in_fails_where_it_is() {
         // Under `MASKED_TEXT_MIN`: a larger frame is checked on the loop thread.
         let mut text = "a".repeat(60_000).into_bytes();
@@ -1688,15 +1771,15 @@ mod tests {
     }
 
     #[test]
-    fn a_length_the_allocator_refuses_is_refused_as_too_big() {
-        // Room for a frame is reserved from its header: beyond any address space, here, the
-        // message is refused instead of the process aborted.
+    fn a_length_beyond_any_address_space_takes_only_the_room_ahead() {
+        // Room is reserved as the bytes come (a refusal, at a growth, refuses the message as
+        // too big rather than aborting the process): a header alone cannot ask for 1 PiB.
         let mut data = vec![0x82, 0x80 | 127];
         data.extend_from_slice(&(1u64 << 50).to_be_bytes());
         data.extend_from_slice(&KEY);
         let mut reader = MessageReader::new(usize::MAX >> 1);
-        assert_eq!(read_all(&mut reader, &data).1, Err(Violation::TooBig));
-        assert_eq!(reader.held(), 0);
+        assert_eq!(read_all(&mut reader, &data).1, Ok(()));
+        assert_eq!(reader.held(), RESERVE_AHEAD);
     }
 
     #[test]
