@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import socket
+import select
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +25,7 @@ from conftest import Recorder, ServeFn, ws_url
 from rawws import (
     OP_CLOSE,
     OP_TEXT,
+    Frame,
     RawWebSocket,
     TCP_CLOSE,
     TCP_CLOSE_WAIT,
@@ -219,6 +222,113 @@ async def test_what_handlers_send_before_a_client_s_close_is_answered_goes_out_b
     await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
     assert recorder.of("sent") == [(MessageSent(len("welcome")),)] + [(MessageSent(2),)] * 5
     assert recorder.of("close") == [close or (1005, "")]
+
+
+def recv_frames(sock: socket.socket, count: int, timeout: float = TIMEOUT) -> list[Frame]:
+    """In a thread: read until ``count`` whole frames have come (the server's FIN ends it)."""
+    sock.settimeout(timeout)
+    data = b""
+    frames: list[Frame] = []
+    for _ in range(1000):
+        frames, _ = parse_frames(data)
+        if len(frames) >= count:
+            break
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return frames
+
+
+async def test_a_client_s_close_waits_for_its_on_open_when_the_loop_kept_it_for_later(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The loop takes every event that waits but dispatches only what fits its batch time,
+    keeping the rest for its next call. A client's close that comes while its ``Open`` is kept
+    so is answered after ``on_open``'s sends, as when it is not. Before, the batch that took the
+    ``Open`` having ended counted as its handlers having run: the close was echoed at once and
+    ``on_open``'s ``send`` returned MessageDropped.
+
+    How the ``Open`` is kept: three slow messages are queued while the handler of the client's
+    upgrade holds the loop; that long batch sizes the next ones to one event each, so the
+    ``Open``, queued behind them, is taken with them and kept over two slow batches. The client
+    closes once two of them have ended."""
+    gate, blocked = threading.Event(), threading.Event()
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("sent", ws.data, ws.send("welcome"))
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        time.sleep(0.25)  # a handler far longer than a batch's time: batches of one event
+        ws.send("done")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", ws.data, code, reason)
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.query == "late":
+            blocked.set()
+            gate.wait(TIMEOUT)
+        return server.upgrade(srv, request, [], request.query, server.bad_request)
+
+    config = websocket.init().on_open(on_open).on_text(on_text).on_close(on_close)
+    srv = await serve(config, handler=handler)
+
+    def scenario() -> list[Frame]:
+        slow = [blocking_connect(srv.port, f"/ws?slow{i}") for i in range(3)]
+        late = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+        try:
+            for client in slow:
+                assert [f.payload for f in recv_frames(client, 1)] == [b"welcome"]
+            key = base64.b64encode(os.urandom(16)).decode()
+            late.sendall(
+                f"GET /ws?late HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert blocked.wait(TIMEOUT)
+            queued = srv.stats()["messages_in"] + 3
+            for client in slow:
+                client.sendall(encode_frame(OP_TEXT, b"slow"))
+            for _ in range(TIMEOUT * 1000):
+                if srv.stats()["messages_in"] >= queued:
+                    break
+                time.sleep(0.001)
+            assert srv.stats()["messages_in"] == queued
+            gate.set()
+            late.settimeout(TIMEOUT)
+            head = b""
+            for _ in range(4096):
+                if head.endswith(b"\r\n\r\n"):
+                    break
+                head += late.recv(1)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            done = 0
+            for _ in range(10):
+                readable, _, _ = select.select(slow, [], [], TIMEOUT)
+                for client in readable:
+                    assert [f.payload for f in recv_frames(client, 1)] == [b"done"]
+                    slow.remove(client)
+                    client.close()
+                    done += 1
+                if done >= 2:
+                    break
+            late.sendall(encode_frame(OP_CLOSE, close_payload(1000, "bye")))
+            frames, _ = parse_frames(read_until_eof(late))
+            return frames
+        finally:
+            gate.set()
+            late.close()
+            for client in slow:
+                client.close()
+
+    frames = await asyncio.to_thread(scenario)
+    assert [(f.opcode, f.payload) for f in frames] == [
+        (OP_TEXT, b"welcome"),
+        (OP_CLOSE, close_payload(1000, "bye")),
+    ]
+    await recorder.wait_for(lambda: ("late", 1000, "bye") in recorder.of("close"), TIMEOUT)
+    assert [e for e in recorder.of("sent") if e[0] == "late"] == [("late", MessageSent(len("welcome")))]
 
 
 async def test_server_close_code_and_reason_reach_client_and_on_close(

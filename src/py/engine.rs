@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -41,6 +41,8 @@ pub struct PyEngine {
     /// How many events the last `drain` took: a run of messages is one item of its list but
     /// counts here (and against `max_events`) once per message.
     drained: AtomicUsize,
+    /// The number of the last `drain`'s take from the queue, for `end_batch`.
+    drain: AtomicU32,
     /// What each socket calls when the application closes or terminates it while open (see
     /// `PyWebSocket::app_closed`), given by `set_close_hook`; sockets opened before have none.
     close_hook: OnceLock<Py<PyAny>>,
@@ -447,6 +449,7 @@ impl PyEngine {
             pending_data: Mutex::new(FxHashMap::default()),
             batch: Mutex::new(VecDeque::with_capacity(256)),
             drained: AtomicUsize::new(0),
+            drain: AtomicU32::new(0),
             close_hook: OnceLock::new(),
         })
     }
@@ -550,17 +553,19 @@ impl PyEngine {
         release_sent(py);
         begin_send_batch();
         let mut batch = std::mem::take(&mut *this.batch.lock());
+        let drain;
         if batch.is_empty() {
             // The usual case: swap the queue's buffer out whole (`VecDeque::from` a `Vec` and
             // back again move no elements when it is empty).
             let mut taken = Vec::from(batch);
-            events.drain_into(&mut taken);
+            drain = events.drain_into(&mut taken);
             batch = VecDeque::from(taken);
         } else {
             let mut taken = Vec::new();
-            events.drain_into(&mut taken);
+            drain = events.drain_into(&mut taken);
             batch.extend(taken);
         }
+        this.drain.store(drain, Ordering::Relaxed);
         let mut left = batch.len().min(max_events.max(1));
         let wanted = left;
         let mut items = Vec::with_capacity(left);
@@ -643,9 +648,15 @@ impl PyEngine {
     fn end_batch(&self, py: Python<'_>) -> (usize, usize) {
         // Socket writes only: other Python threads may run meanwhile.
         let written = py.detach(end_send_batch);
+        let events = &self.server.shared().events;
+        // Not while events taken are kept for the next call: a client's close behind one of
+        // them (an `Open` kept over, say) is then answered in order, after it.
+        if self.batch.lock().is_empty() {
+            events.handled_through(self.drain.load(Ordering::Relaxed));
+        }
         // The objects large frames were sent from, now written; one queued after this finds
         // the loop out of its batch, and wakes it.
-        self.server.shared().events.set_in_batch(false);
+        events.set_in_batch(false);
         release_sent(py);
         (written.connections, written.deliveries)
     }

@@ -55,11 +55,7 @@ fn handle_other(event: Event, conns: &HashMap<u64, (Arc<Conn>, Role)>) {
         // after them, with its code (none for 1005, which no frame may carry).
         Event::PeerClose(id, code, reason) => {
             if let Some((conn, _)) = conns.get(&id) {
-                if code == 1005 {
-                    conn.close_without_code();
-                } else {
-                    conn.close(code, &reason);
-                }
+                conn.answer_close(code, &reason);
             }
         }
         // A large text message, still masked: unmasked, checked and echoed (the bench sends
@@ -106,7 +102,7 @@ fn main() {
     let mut batch = Vec::with_capacity(256);
     loop {
         wait_readable(server.events_fd());
-        server.drain_events(&mut batch);
+        let drain = server.drain_events(&mut batch);
         // As the Python bridge does: the batch's messages are taken off the incoming budget,
         // or once `max_incoming_bytes` (1 GiB) had passed through, connections holding 64 KiB
         // or more would stop reading for good.
@@ -175,5 +171,8 @@ fn main() {
             }
         }
         end_send_batch();
+        // As the Python bridge does (it keeps none over): a client's close behind this batch's
+        // events may now be answered at once.
+        server.events_handled(drain);
     }
 }

@@ -191,6 +191,9 @@ pub struct EventQueue<C> {
     /// How many times the queue was drained: an event pushed when this was `n` is taken by
     /// drain `n + 1` (`handled_since`).
     drains: AtomicU32,
+    /// The last drain whose events have all been handled: its batch, and any batch its
+    /// consumer kept events over for, has ended (`handled_through`).
+    handled: AtomicU32,
 }
 
 impl<C> EventQueue<C> {
@@ -200,6 +203,7 @@ impl<C> EventQueue<C> {
             wakeup: Arc::new(Wakeup::new()?),
             in_batch: AtomicBool::new(false),
             drains: AtomicU32::new(0),
+            handled: AtomicU32::new(0),
         })
     }
 
@@ -216,17 +220,23 @@ impl<C> EventQueue<C> {
     }
 
     /// Whether the events pushed when `push` or `push_all` returned `pushed_at` have all been
-    /// handled: taken by a drain whose batch has ended since (the handlers of a batch's
-    /// messages have run, and what they sent is written, when the loop ends it). Events the
-    /// loop's consumer kept for a later call are not counted here: the caller checks them
-    /// (a connection's messages in flight).
+    /// handled: the drain that took them, or a later one, is `handled_through` (the handlers
+    /// of a batch's events have run, and what they sent is written, when the loop ends it;
+    /// an event the loop's consumer kept for a later call holds the count back until it has
+    /// been handled too).
     ///
-    /// The count wraps (32 bits, so that a connection's task stays small): after four billion
+    /// The count wraps (32 bits, so that a connection's task stays small): after two billion
     /// batches an idle connection's events may read as not handled yet, which only has its
     /// client's close answered by the loop, in order, rather than at once.
     pub(crate) fn handled_since(&self, pushed_at: u32) -> bool {
-        let since = self.drains.load(Ordering::SeqCst).wrapping_sub(pushed_at);
-        since > 1 || since == 1 && !self.in_batch.load(Ordering::SeqCst)
+        // Signed: a count behind `pushed_at` (not handled yet) is negative.
+        (self.handled.load(Ordering::SeqCst).wrapping_sub(pushed_at) as i32) > 0
+    }
+
+    /// The events of drain number `drain` (`drain_into` returns it) and of every drain before
+    /// it have been handled: the consumer calls this when a batch ends with none kept over.
+    pub(crate) fn handled_through(&self, drain: u32) {
+        self.handled.store(drain, Ordering::SeqCst);
     }
 
     /// Queue `batch` in order, as one push: a read's messages take the lock and the wake-up's
@@ -270,17 +280,19 @@ impl<C> EventQueue<C> {
         });
     }
 
-    /// Move every queued event into `out` (which should be empty).
+    /// Move every queued event into `out` (which should be empty); returns this drain's number,
+    /// for `handled_through`.
     ///
     /// The wake-up is cleared *before* taking the batch: an event pushed after the take then
     /// finds an empty queue and wakes the loop again, so no event waits for a wake-up that
     /// already happened.
-    pub fn drain_into(&self, out: &mut Vec<Event<C>>) {
+    pub fn drain_into(&self, out: &mut Vec<Event<C>>) -> u32 {
         self.wakeup.clear();
         let mut events = self.events.lock();
-        // After `in_batch` is set, under the lock the pushes read it in (`handled_since`).
-        self.drains.fetch_add(1, Ordering::SeqCst);
+        // Under the lock the pushes read it in (`handled_since`).
+        let drain = self.drains.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         std::mem::swap(&mut *events, out);
+        drain
     }
 
     /// Make the loop call back although the queue may be empty: its consumer kept some of the
@@ -328,6 +340,29 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect()
+    }
+
+    #[test]
+    fn events_count_as_handled_once_their_drain_or_a_later_one_is_handled_through() {
+        let q = EventQueue::<()>::new().unwrap();
+        let first = q.push(Event::Drain(1));
+        assert!(!q.handled_since(first), "not drained yet");
+        let mut out = Vec::new();
+        let drain = q.drain_into(&mut out);
+        let second = q.push(Event::Drain(2));
+        // Taken, but its batch has not ended (or kept an event over): not yet.
+        assert!(!q.handled_since(first));
+        q.handled_through(drain);
+        assert!(q.handled_since(first));
+        assert!(!q.handled_since(second), "pushed after that drain");
+        let later = q.drain_into(&mut out);
+        q.handled_through(later);
+        assert!(q.handled_since(first) && q.handled_since(second));
+        // Across the count's wrap.
+        q.handled_through(u32::MAX);
+        assert!(q.handled_since(u32::MAX - 1) && !q.handled_since(u32::MAX));
+        q.handled_through(1);
+        assert!(q.handled_since(u32::MAX) && q.handled_since(0) && !q.handled_since(1));
     }
 
     #[test]

@@ -480,6 +480,12 @@ impl Conn {
         self.close_with(OutFrame::new(OP_CLOSE, Bytes::new()));
     }
 
+    /// Answer a client's close frame (`Event::PeerClose`): with its code and reason, or with no
+    /// code if it carried none (`code` 1005).
+    pub fn answer_close(&self, code: u16, reason: &str) {
+        self.close_with(OutFrame::close_answer(code, reason));
+    }
+
     fn close_with(&self, frame: OutFrame) {
         self.shared.settle_publishes();
         if self.begin_closing() {

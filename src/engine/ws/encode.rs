@@ -48,6 +48,16 @@ impl OutFrame {
         }
     }
 
+    /// The answer to a client's close frame: its code and reason, or no code if it carried
+    /// none (1005, which no frame may carry).
+    pub(crate) fn close_answer(code: u16, reason: &str) -> Self {
+        if code == 1005 {
+            Self::new(OP_CLOSE, Bytes::new())
+        } else {
+            Self::close(code, reason)
+        }
+    }
+
     pub(crate) fn close(code: u16, reason: &str) -> Self {
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());

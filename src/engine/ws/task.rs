@@ -21,7 +21,7 @@ use super::conn::{signal, Conn, ReadyState};
 use super::decode::{Incoming, MessageReader, Violation};
 use super::encode::OutFrame;
 use super::outbound::Flushed;
-use super::protocol::{OP_CLOSE, OP_PING, OP_PONG};
+use super::protocol::{OP_PING, OP_PONG};
 use super::Event;
 use crate::engine::bridge::events::LogKind;
 use crate::engine::net::{with_read_buf, Stream, LINGER, LINGER_BYTES, READ_BUFFER};
@@ -587,12 +587,7 @@ impl Task {
         }
         if timed_out {
             if let Phase::HandOver(ending) = &self.phase {
-                // A client's close frame without a code is answered without one.
-                if ending.code == 1005 {
-                    self.conn.close_without_code();
-                } else {
-                    self.conn.close(ending.code, &ending.reason);
-                }
+                self.conn.answer_close(ending.code, &ending.reason);
             }
             return Step::Progress;
         }
@@ -883,12 +878,7 @@ fn feed(
             // `websockets` do, unless the loop's `close` started it first (its close frame is
             // the answer then).
             if conn.begin_closing() {
-                let reply = if code == 1005 {
-                    OutFrame::new(OP_CLOSE, Bytes::new())
-                } else {
-                    OutFrame::close(code, &reason)
-                };
-                conn.out.push(&reply, true);
+                conn.out.push(&OutFrame::close_answer(code, &reason), true);
                 conn.mark(signal::FLUSH);
             }
             closed = Some(Ending::graceful(code, reason));
