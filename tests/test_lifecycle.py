@@ -331,6 +331,40 @@ async def test_a_client_s_close_waits_for_its_on_open_when_the_loop_kept_it_for_
     assert [e for e in recorder.of("sent") if e[0] == "late"] == [("late", MessageSent(len("welcome")))]
 
 
+@pytest.mark.parametrize("close", [None, (4000, "x")], ids=["no-code", "code"])
+async def test_a_client_s_close_behind_a_suspended_handler_is_answered_after_1_s(
+    serve: ServeFn, recorder: Recorder, close: tuple[int, str] | None
+) -> None:
+    """A client's close behind a message whose ``async`` handler stays suspended is answered
+    by the connection itself once the loop has had 1 s to answer it in order (as a protocol
+    violation's close): with the client's code and reason, or with no code if it sent none."""
+    release = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("text", text)
+        await release.wait()
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    try:
+        close_frame = encode_frame(OP_CLOSE, b"" if close is None else close_payload(*close))
+        await client.send_raw(encode_frame(OP_TEXT, b"hold") + close_frame)
+        await recorder.wait_for(lambda: bool(recorder.of("text")), TIMEOUT)
+        frames, how = await client.frames_until_end(TIMEOUT)
+    finally:
+        release.set()
+        client.close()
+    assert how == "eof"
+    assert [(f.opcode, f.payload) for f in frames] == [
+        (OP_CLOSE, b"" if close is None else close_payload(*close))
+    ]
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("close") == [close or (1005, "")]
+
+
 async def test_server_close_code_and_reason_reach_client_and_on_close(
     serve: ServeFn, recorder: Recorder
 ) -> None:
