@@ -12,10 +12,11 @@
 //!   buffer into a buffer of its size, handed on as it is;
 //! - a message still arriving (or sent in fragments): its buffer, reserved from its frames'
 //!   headers up to 1 MiB ahead of what has come (`reserve_ahead`: a header's length is not
-//!   trusted with memory), and at most 1 MiB more than they declared when the fragments are many
-//!   and small (`reserve_fragment`); each piece is unmasked into it as it arrives, and the whole is handed
-//!   on as it is (`Bytes::from`), with no copy. While a large part of a frame is still to come,
-//!   the socket is read straight into that buffer (`direct_room`) and unmasked there. A binary
+//!   trusted with memory), and at most 1 MiB more than they declared when the fragments are
+//!   many and small (`reserve_fragment`); each piece is unmasked into it as it arrives, and the
+//!   whole is handed on as it is (`Bytes::from`), with no copy. While a large part of a frame
+//!   is still to come, the socket is read straight into that buffer (`direct_room`) and
+//!   unmasked there. A binary
 //!   message in one frame is the exception, and so is a large text one (`MASKED_TEXT_MIN`): it
 //!   stays masked and is handed on with its key (`MaskedBytes`), to be unmasked by the copy
 //!   that hands it to Python (`engine/mask.rs`), which checks the text's UTF-8 too;
