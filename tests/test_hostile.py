@@ -719,8 +719,8 @@ async def test_a_frame_s_declared_length_is_not_reserved_before_its_bytes_come(
 ) -> None:
     """64 clients each declare a frame of 16 MiB (the default limit) and send one byte of it.
     Reserving what the headers declare took 1 GiB of address space for 64 bytes received; the
-    server reserves at most 1 MiB ahead of what has come (and 16 MiB frames that come whole
-    still arrive whole: ``test_limits``)."""
+    server reserves at most 4 MiB ahead of what has come (and 16 MiB frames that come whole
+    still arrive whole, held once: ``test_limits``)."""
     srv = await serve(echo_config(recorder))
     bystander = await bystander_of(srv)
     clients = [await RawWebSocket.connect(srv.port, f"/ws?declares{i}") for i in range(64)]
@@ -730,8 +730,8 @@ async def test_a_frame_s_declared_length_is_not_reserved_before_its_bytes_come(
             await client.send_raw(header_only(16 * MIB) + b"x")
         assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 64, TIMEOUT), srv.stats()
         grown = address_space() - before
-        # 64 MiB of room ahead, and slack for an allocator arena or two (64 MiB each).
-        assert grown < 256 * MIB, f"address space grew by {grown / MIB:.0f} MiB"
+        # 256 MiB of room ahead, and slack for an allocator arena or two (64 MiB each).
+        assert grown < 512 * MIB, f"address space grew by {grown / MIB:.0f} MiB"
         await assert_still_serving(srv, bystander)
     finally:
         for client in clients:

@@ -11,12 +11,12 @@
 //! - a message in one frame that arrived whole: nothing kept; it is unmasked from the read
 //!   buffer into a buffer of its size, handed on as it is;
 //! - a message still arriving (or sent in fragments): its buffer, reserved from its frames'
-//!   headers up to 1 MiB ahead of what has come (`reserve_ahead`: a header's length is not
-//!   trusted with memory), and at most 1 MiB more than they declared when the fragments are
-//!   many and small (`reserve_fragment`); each piece is unmasked into it as it arrives, and the
-//!   whole is handed on as it is (`Bytes::from`), with no copy. While a large part of a frame
-//!   is still to come, the socket is read straight into that buffer (`direct_room`) and
-//!   unmasked there. A binary
+//!   headers up to 4 MiB (or three times what has come) ahead of what has come
+//!   (`reserve_ahead`: a header's length is not trusted with memory), and at most 1 MiB more
+//!   than they declared when the fragments are many and small (`reserve_fragment`); each piece
+//!   is unmasked into it as it arrives, and the whole is handed on as it is (`Bytes::from`),
+//!   with no copy. While a large part of a frame is still to come, the socket is read straight
+//!   into that buffer (`direct_room`) and unmasked there. A binary
 //!   message in one frame is the exception, and so is a large text one (`MASKED_TEXT_MIN`): it
 //!   stays masked and is handed on with its key (`MaskedBytes`), to be unmasked by the copy
 //!   that hands it to Python (`engine/mask.rs`), which checks the text's UTF-8 too;
@@ -137,15 +137,24 @@ const MAX_HEAD: usize = 14;
 /// its fragments are small (`reserve_fragment`).
 const GROWTH_STEP: usize = 1 << 20;
 
-/// The most a message's buffer reserves ahead of the bytes that have come, or as much as have
-/// come if that is more (`reserve_ahead`). A frame's declared length is only a promise: reserved
-/// whole from the header, 500 clients each declaring 16 MiB and sending one byte took 8 GB of
-/// the server's address space (commit charge, which a strict overcommit policy refuses other
-/// allocations for) while the budget counted 500 bytes. At this size a message of up to 1 MiB
-/// is still reserved once, from its header, and read straight into place; a larger one doubles
-/// its buffer a few times as it arrives (four times up to 16 MiB; from 4 MiB on, glibc moves
-/// such a mapping without copying it, `py/malloc.rs`).
-const RESERVE_AHEAD: usize = 1 << 20;
+/// The most a message's buffer reserves ahead of the bytes that have come, or three times as
+/// much as have come if that is more (`room_ahead`). A frame's declared length is only a
+/// promise: reserved whole from the header, 500 clients each declaring 16 MiB and sending one
+/// byte took 8 GB of the server's address space (commit charge, which a strict overcommit
+/// policy refuses other allocations for) while the budget counted 500 bytes.
+///
+/// 4 MiB is glibc's mmap threshold here (`py/malloc.rs`): a message of up to 4 MiB is still
+/// reserved once, from its header, and read straight into place, as before; a larger one
+/// starts as a mapping of its own, which the kernel moves rather than copies as it grows, so
+/// none is ever copied. From 1 MiB, the 1 MiB step was copied into the mapping and stayed
+/// resident in an arena (eight 16 MiB frames at once peaked 7 MiB higher), and a message of
+/// 1-4 MiB was copied once more.
+const RESERVE_AHEAD: usize = 4 << 20;
+
+/// How far ahead of `received` bytes a message's buffer may reserve (`RESERVE_AHEAD`).
+fn room_ahead(received: usize) -> usize {
+    RESERVE_AHEAD.max(received.saturating_mul(3))
+}
 
 /// A frame header, checked.
 struct Header {
@@ -635,7 +644,7 @@ impl MessageReader {
         if is_control(header.opcode) {
             control = Vec::with_capacity(header.len);
         } else if let Some(message) = &mut partial.message {
-            let ahead = header.len.min(RESERVE_AHEAD.max(message.payload.len()));
+            let ahead = header.len.min(room_ahead(message.payload.len()));
             reserve_fragment(&mut message.payload, ahead, limit)?;
         } else {
             let mut payload = Vec::new();
@@ -861,14 +870,14 @@ fn reserve_fragment(buf: &mut Vec<u8>, additional: usize, limit: usize) -> Resul
 }
 
 /// Make room for at least `at_least` more bytes of a frame with `remaining` still to come, if
-/// there is not that much already: all that remains if it is within `RESERVE_AHEAD` or the
-/// buffer's length, otherwise that much. The buffer then at most doubles at each growth, so its
-/// copies stay linear, and it never holds more than twice what has come plus `RESERVE_AHEAD`.
+/// there is not that much already: all that remains if it is within `room_ahead`, otherwise
+/// that much. The buffer then grows at most fourfold at a time, and never holds more than four
+/// times what has come plus `RESERVE_AHEAD`.
 fn reserve_ahead(buf: &mut Vec<u8>, remaining: usize, at_least: usize) -> Result<(), Violation> {
     if buf.capacity() - buf.len() >= at_least {
         return Ok(());
     }
-    let ahead = remaining.min(RESERVE_AHEAD.max(buf.len())).max(at_least);
+    let ahead = remaining.min(room_ahead(buf.len())).max(at_least);
     buf.try_reserve_exact(ahead).map_err(|_| Violation::TooBig)
 }
 
@@ -1323,7 +1332,7 @@ mod tests {
         declared.splice(1..2, [0xFF]);
         declared.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
         reader.feed(&declared, &mut |_| true).unwrap();
-        assert_eq!(reader.held(), RESERVE_AHEAD);
+        assert_eq!(reader.held(), 4 << 20);
         let mut reader = MessageReader::new(32 << 20);
         let mut fragment = frame(0x00, &[9]);
         fragment.splice(1..2, [0xFF]);
@@ -1331,17 +1340,18 @@ mod tests {
         let mut stream = frame(0x02, &[1; 3 << 20]);
         stream.extend_from_slice(&fragment);
         reader.feed(&stream, &mut |_| true).unwrap();
-        assert_eq!(reader.held(), (3 << 20) + (3 << 20));
+        assert_eq!(reader.held(), (3 << 20) + (9 << 20));
 
-        // A 5 MiB frame that all comes: whole and intact, in a buffer never more than twice what
-        // has come plus 1 MiB, reserved four times (1, 2, 4, then all 5 MiB and a bit), both
+        // A 17 MiB frame that all comes: whole and intact, in a buffer never more than four
+        // times what has come plus 4 MiB, reserved three times (4, 16, then all 17 MiB and a
+        // bit), both
         // ways of reading.
-        let big: Vec<u8> = (0..(5 << 20) + 12_345u32)
+        let big: Vec<u8> = (0..(17 << 20) + 12_345u32)
             .map(|i| (i * 13 % 251) as u8)
             .collect();
         let stream = frame(0x82, &big);
         for (min, max) in [(32_768, 1 << 20), (usize::MAX, 0)] {
-            let mut reader = MessageReader::new(16 << 20);
+            let mut reader = MessageReader::new(32 << 20);
             let (mut pos, mut growths, mut last) = (0, 0, 0);
             let mut got = Vec::new();
             while pos < stream.len() {
@@ -1362,12 +1372,12 @@ mod tests {
                     reader.feed(&stream[pos - n..pos], &mut deliver).unwrap();
                 }
                 let held = reader.held();
-                assert!(held <= 2 * pos + RESERVE_AHEAD, "{held} held after {pos}");
+                assert!(held <= 4 * pos + RESERVE_AHEAD, "{held} held after {pos}");
                 if held != last && held != 0 {
                     (growths, last) = (growths + 1, held);
                 }
             }
-            assert_eq!(growths, 4, "reservations, from {min}");
+            assert_eq!(growths, 3, "reservations, from {min}");
             assert_eq!(got, vec![Incoming::Binary(Bytes::from(big.clone()).into())]);
         }
     }
