@@ -626,6 +626,91 @@ async def test_a_publish_too_large_for_redis_is_lost_here_not_for_every_subscrib
     await control.close()
 
 
+class ThrottledProxy:
+    """A TCP proxy on 127.0.0.1 to ``port`` that carries at most ``rate`` bytes a second towards
+    it, its answers at once: a slow link to Redis that works."""
+
+    def __init__(self, port: int, rate: float) -> None:
+        self.target = port
+        self.rate = rate
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        for pump in (self._pump(reader, up_writer, self.rate), self._pump(up_reader, writer, None)):
+            task = asyncio.ensure_future(pump)
+            self.tasks.add(task)
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None) -> None:
+        """Copy until end of file, each chunk sent only once the chunks before it have had their
+        time at ``rate`` (pacing, from the last chunk on: time idle earns no burst)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        try:
+            while chunk := await reader.read(64 * 1024):
+                if rate is not None:
+                    due = max(due, loop.time()) + len(chunk) / rate
+                    await asyncio.sleep(due - loop.time())
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_a_slow_link_to_redis_is_not_taken_for_a_stalled_one(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """40 publishes of 1 MB through a link to Redis that carries 10 MB a second, working: the 2 s
+    Redis was given to answer ran from the first byte of a pipeline of all that had queued
+    (39 MB) to its last answer, so the link was given up as stalled after 2.2 s and 38 or 39
+    were counted lost, although Redis had delivered 19 or 20 of the 40 to the other process. A
+    pipeline now holds at most 1 MiB, with 2 s more for each MiB of it: the 40 are published,
+    none lost, and all arrive."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    proxy = ThrottledProxy(redis.port, 10e6)
+    port = await proxy.start()
+    try:
+        srv = await serve(topics_config(), pubsub_redis=f"redis://127.0.0.1:{port}")
+        other = await peer(redis.url)
+        remote = await clients(other.url("/ws?big"))
+        await until(_equals(redis, "brioche:big", 1), "the other process to subscribe")
+        await until(lambda: srv.stats()["redis_connected"] == 1, "this process's link to Redis")
+        count, size = 40, 1_000_000
+        for i in range(count):
+            srv.publish("big", f"{i:02d}" + "x" * (size - 2))
+
+        def answered() -> bool:
+            stats = srv.stats()
+            return stats["redis_published"] + stats["redis_publishes_lost"] == count
+
+        took = await until(answered, "Redis to answer the 40 publishes", 60)
+        await until(lambda: len(remote.messages) == count, "the 40 at the other process", 30)
+        assert [m[:2] for m in remote.messages] == [f"{i:02d}" for i in range(count)]
+        stats = srv.stats()
+        assert (stats["redis_published"], stats["redis_publishes_lost"]) == (count, 0), took
+        # 40 MB at 10 MB/s: the link was slow, and it stayed up.
+        assert took > 2, took
+        assert srv.stats()["redis_connected"] == 1
+        assert log_lines(caplog, "brioche.redis") == []
+    finally:
+        await proxy.close()
+
+
 async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn) -> None:
     base: server.Config[Any] = server.handler(lambda request, srv: None)
     with pytest.raises(ValueError, match="redis:// or rediss://"):

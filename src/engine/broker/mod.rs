@@ -77,6 +77,14 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A Redis that accepts the connection but never answers is a Redis that is down.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The bytes of publishes written to Redis in one pipeline (a larger publish goes alone), the
+/// rest going in the next. The crate's response timeout runs from the pipeline's first byte
+/// written to its last reply read, so a pipeline is given `TIMEOUT` plus `TIMEOUT` for each
+/// `PIPELINE_BYTES` of it (`timeout_for`): a link that carries 1 MiB per 2 s stays up, and a
+/// stalled Redis is caught within 4 s of a pipeline of small publishes. One 2 s timeout over a
+/// whole batch (up to 64 MiB) declared a slow link down, and its publishes lost, although
+/// Redis had had some or all of them.
+const PIPELINE_BYTES: usize = 1 << 20;
 /// Pinged this often, so that a Redis gone without closing the socket (a machine gone) is
 /// noticed within `PING_EVERY` + `TIMEOUT` even when nothing is published.
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -204,6 +212,12 @@ fn why(context: &str, e: &RedisError) -> String {
     }
     let cut = if end < said.len() { "..." } else { "" };
     format!("{context}: {}{cut}", &said[..end])
+}
+
+/// How long Redis is given to take and answer a pipeline of `size` bytes: `TIMEOUT`, plus
+/// `TIMEOUT` for each `PIPELINE_BYTES` of it.
+fn timeout_for(size: usize) -> Duration {
+    TIMEOUT + TIMEOUT.mul_f64(size as f64 / PIPELINE_BYTES as f64)
 }
 
 /// The connection of a link.
@@ -516,8 +530,11 @@ impl Link {
                         // The server (and its `Remote`) is gone.
                         return "server dropped".into();
                     }
-                    if let Err(e) = self.publish(conn, &mut outgoing).await {
-                        return why("publish failed", &e).into();
+                    while !outgoing.is_empty() {
+                        if let Err(e) = self.publish(conn, &mut outgoing).await {
+                            self.lose(&mut outgoing);
+                            return why("publish failed", &e).into();
+                        }
                     }
                 }
                 _ = remote.changed() => {
@@ -535,18 +552,25 @@ impl Link {
         }
     }
 
-    /// Write `batch` to Redis, in order, in one pipeline; on a cluster, in one pipeline per
-    /// hash slot (the crate refuses a pipeline across slots), all at once, each in order: a
-    /// topic's publishes stay in order, and those of topics on different masters never had an
-    /// order a subscriber could see. On an error none of it counts as published: some may have
-    /// reached Redis, but nothing here can tell which.
+    /// Write the first `PIPELINE_BYTES` of `batch` (at least one publish) to Redis, in order,
+    /// in one pipeline; on a cluster, in one pipeline per hash slot (the crate refuses a
+    /// pipeline across slots), all at once, each in order: a topic's publishes stay in order,
+    /// and those of topics on different masters never had an order a subscriber could see. On
+    /// an error none of it counts as published: some may have reached Redis, but nothing here
+    /// can tell which.
     async fn publish(&mut self, conn: &mut Conn, batch: &mut Vec<Outgoing>) -> RedisResult<()> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let origin = self.remote().origin;
-        let count = batch.len() as u64;
-        let size = batch.iter().map(Outgoing::size).sum();
+        let (mut end, mut size) = (0, 0);
+        for out in batch.iter() {
+            if end > 0 && size + out.size() > PIPELINE_BYTES {
+                break;
+            }
+            end += 1;
+            size += out.size();
+        }
         let mut pipes: FxHashMap<Option<Slot>, Pipeline> = FxHashMap::default();
-        for out in batch.drain(..) {
+        for out in batch.drain(..end) {
             self.seq += 1;
             let message = remote::encode(origin, self.seq, out.opcode, &out.payload);
             let channel = self.channel(&out.topic);
@@ -560,8 +584,15 @@ impl Link {
                 .ignore();
         }
         let written = match conn {
+            // A publish over `PIPELINE_BYTES` alone is given the time its bytes take too. The
+            // cluster's connections have one timeout, set when it was built: there such a
+            // publish must be written within `TIMEOUT`.
             Conn::Node(conn) => match pipes.values().next() {
-                Some(pipe) => pipe.exec_async(conn).await,
+                Some(pipe) => {
+                    let mut conn = conn.clone();
+                    conn.set_response_timeout(timeout_for(size));
+                    pipe.exec_async(&mut conn).await
+                }
                 None => Ok(()),
             },
             Conn::Cluster(conn) => try_join_all(pipes.values().map(|pipe| {
@@ -578,8 +609,18 @@ impl Link {
         } else {
             Counter::RedisPublishesLost
         };
-        self.shared.stats.add(counter, count);
+        self.shared.stats.add(counter, end as u64);
         written
+    }
+
+    /// Count `batch` lost and release what it holds: taken off the queue for pipelines that
+    /// came after one that failed.
+    fn lose(&self, batch: &mut Vec<Outgoing>) {
+        let size = batch.iter().map(Outgoing::size).sum();
+        self.remote().release(size);
+        let lost = batch.len() as u64;
+        batch.clear();
+        self.shared.stats.add(Counter::RedisPublishesLost, lost);
     }
 
     /// Subscribe to the topics of `changed` that have local subscribers and are not subscribed
