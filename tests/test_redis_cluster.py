@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 
 import brioche
 from brioche import MessageDropped, MessageSent, server
-from conftest import free_port, serve_config, upgrade_ws_path, ws_url
+from conftest import free_port, log_lines, serve_config, upgrade_ws_path, ws_url
 from test_redis_pubsub import (
     Collector,
     Peer,
@@ -440,6 +440,58 @@ async def test_subscriptions_are_counted_per_process_on_each_master(
     for client in second:
         await client.client.close()
     await until(all_subscribed(cluster, topics, 0), "every master to see the channel left")
+
+
+async def test_a_shard_channel_redis_refuses_is_refused_alone(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL user allowed only the channels ``c:t*``, on every master: the refused
+    ``SSUBSCRIBE`` of ``c:secret`` (NOPERM) failed the link, which went down and up again in a
+    loop, deaf on every master. Now ``secret`` alone is refused, logged once, its publish lost,
+    and a topic on each master crosses both ways."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    for node in cluster.nodes:
+        user = ["ACL", "SETUSER", "limited", "on", ">limited-password", "~*", "+@all", "resetchannels", "&c:t*"]
+        assert await asyncio.to_thread(node.cli, *user) == ["OK"]
+    topics = topics_per_master(1)
+    query = ",".join([*topics, "secret"])
+    url = f"redis://limited:limited-password@127.0.0.1:{cluster.nodes[0].port}"
+    srv = await serve_sharded(started, url)
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to the cluster", 15)
+    here = await clients(ws_url(srv, f"/ws?{query}"))
+    there = await clients(other.url(f"/ws?{query}"))
+    control = await connect(other.url(), open_timeout=5)
+    await until(all_subscribed(cluster, topics, 2), "both processes to subscribe on every master", 15)
+    # The other process's user may: its link subscribes to secret too.
+    await until(all_subscribed(cluster, ["secret"], 1), "the other process to subscribe to secret")
+
+    await control.send("pub secret s-there")
+    for topic in topics:
+        await control.send(f"pub {topic} {topic}-there")
+    await until(lambda: len(here.messages) == len(topics), "each master's topic to cross here", 10)
+    assert sorted(here.messages) == sorted(f"{topic}-there" for topic in topics)
+    srv.publish("secret", "s-here")
+    for topic in topics:
+        srv.publish(topic, f"{topic}-here")
+    await until(lambda: len(there.messages) == 1 + 2 * len(topics), "each master's topic to cross there", 10)
+    assert sorted(there.messages) == sorted(["s-there", *(f"{t}-{side}" for t in topics for side in ("there", "here"))])
+
+    def answered() -> bool:
+        stats = srv.stats()
+        return stats["redis_published"] + stats["redis_publishes_lost"] == 1 + len(topics)
+
+    await until(answered, "the cluster to answer the publishes")
+    stats = srv.stats()
+    assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_connected"]) == (len(topics), 1, 1)
+    lines = log_lines(caplog, "brioche.redis")
+    assert len(lines) == 1, lines
+    [(level, line)] = lines
+    assert level == logging.WARNING
+    port = cluster.nodes[0].port
+    assert line.startswith(f"Redis pub/sub at 127.0.0.1:{port} refused the channel c:secret (NOPERM "), line
+    await control.close()
 
 
 async def test_a_slot_moved_to_another_master_is_followed_without_an_outage(

@@ -559,17 +559,18 @@ async def test_namespaces_keep_apart_only_what_the_docs_say(
 
 
 @pytest.mark.parametrize(
-    ("credentials", "why"),
+    ("credentials", "said"),
     [
-        ("", "cannot connect: NOAUTH HELLO must be called with the client already authenticated"),
-        (":not-the-password@", "cannot connect: WRONGPASS invalid username-password pair or user is disabled."),
-        ("listener:listener-password@", "subscribe failed: NOPERM"),
+        ("", "is down (cannot connect: NOAUTH HELLO must be called with the client already authenticated"),
+        (":not-the-password@", "is down (cannot connect: WRONGPASS invalid username-password pair or user is disabled."),
+        # The channel alone: the link stays up (test_a_channel_redis_refuses_is_refused_alone).
+        ("listener:listener-password@", "refused the channel brioche:news (NOPERM"),
     ],
     ids=["no-password", "wrong-password", "no-channel-allowed"],
 )
 async def test_what_redis_refused_is_in_the_line_that_says_it_is_down(
     redis: Redis, serve: ServeFn, clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
-    credentials: str, why: str,
+    credentials: str, said: str,
 ) -> None:
     """A URL without the password, with a wrong one, or of an ACL user allowed no channel: the
     line said only "cannot connect" or "subscribe failed", the same as a Redis that is not
@@ -587,7 +588,7 @@ async def test_what_redis_refused_is_in_the_line_that_says_it_is_down(
     await until(lambda: log_lines(caplog, "brioche.redis") != [], "the outage to be logged")
     [(level, line)] = log_lines(caplog, "brioche.redis")
     assert level == logging.WARNING
-    assert line.startswith(f"Redis pub/sub at 127.0.0.1:{redis.port} is down ({why}"), line
+    assert line.startswith(f"Redis pub/sub at 127.0.0.1:{redis.port} {said}"), line
     assert "password" not in line.replace("username-password", ""), line
 
 
@@ -709,6 +710,54 @@ async def test_a_slow_link_to_redis_is_not_taken_for_a_stalled_one(
         assert log_lines(caplog, "brioche.redis") == []
     finally:
         await proxy.close()
+
+
+async def test_a_channel_redis_refuses_is_refused_alone(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL user allowed only the channels ``brioche:allowed*``: Redis's refusal of
+    ``brioche:secret`` (NOPERM) failed the whole pipeline that carried it, of subscribes or of
+    publishes, and the link went down, came back and went down again, this process deaf on
+    every topic meanwhile. Now ``secret`` alone is refused, in one WARNING that quotes Redis,
+    and its publishes are counted lost, while ``allowed`` crosses both ways."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    user = ["ACL", "SETUSER", "limited", "on", ">limited-password", "~*", "+@all", "resetchannels",
+            "&brioche:allowed*"]
+    assert await asyncio.to_thread(redis.cli, *user) == ["OK"]
+    srv = await serve(topics_config(), pubsub_redis=f"redis://limited:limited-password@127.0.0.1:{redis.port}")
+    other = await peer(redis.url)
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to Redis")
+    here = await clients(ws_url(srv, "/ws?allowed,secret"))
+    there = await clients(other.url("/ws?allowed,secret"))
+    control = await connect(other.url(), open_timeout=5)
+    await until(_equals(redis, "brioche:allowed", 2), "both processes to subscribe to allowed")
+    # The other process's user may: its link subscribes to secret too.
+    await until(_equals(redis, "brioche:secret", 1), "the other process to subscribe to secret")
+
+    await control.send("pub secret s-there")
+    await control.send("pub allowed a-there")
+    await until(lambda: "a-there" in here.messages, "allowed to cross from the other process", 10)
+    # Redis delivers one publisher's messages in order: secret's would have come first.
+    assert here.messages == ["a-there"]
+    srv.publish("secret", "s-here")
+    srv.publish("allowed", "a-here")
+    await until(lambda: there.messages[-1:] == ["a-here"], "allowed to cross to the other process", 10)
+    assert there.messages == ["s-there", "a-there", "a-here"]
+
+    def answered() -> bool:
+        stats = srv.stats()
+        return stats["redis_published"] + stats["redis_publishes_lost"] == 2
+
+    await until(answered, "Redis to answer the 2 publishes")
+    stats = srv.stats()
+    assert (stats["redis_published"], stats["redis_publishes_lost"], stats["redis_connected"]) == (1, 1, 1)
+    lines = log_lines(caplog, "brioche.redis")
+    assert len(lines) == 1, lines
+    [(level, line)] = lines
+    assert level == logging.WARNING
+    assert line.startswith(f"Redis pub/sub at 127.0.0.1:{redis.port} refused the channel brioche:secret (NOPERM "), line
+    await control.close()
 
 
 async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn) -> None:

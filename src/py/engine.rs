@@ -749,6 +749,12 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                           publishes, and it misses theirs, until it is back; reconnecting";
             return codeless_log(py, "brioche.redis", WARNING, format, record);
         }
+        LogKind::RedisRefused => {
+            let format = "Redis pub/sub at %s refused the channel %s: other processes miss what \
+                          this one publishes to its topic, and it misses theirs; the other topics \
+                          still cross";
+            return codeless_log(py, "brioche.redis", WARNING, format, record);
+        }
         LogKind::RedisUp => {
             let format = "Redis pub/sub at %s is back (%s): what was published meanwhile did \
                           not cross between processes";

@@ -115,9 +115,12 @@ pub enum LogKind {
     RedisTooBig,
     /// A TLS connection that sent something but did not complete its handshake.
     TlsHandshakeFailed,
+    /// A channel Redis refused (`NOPERM`: an ACL without it) while the link stays up: once per
+    /// channel until Redis takes it again.
+    RedisRefused,
 }
 
-pub(crate) const LOG_KINDS: usize = 14;
+pub(crate) const LOG_KINDS: usize = 15;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

@@ -40,6 +40,9 @@
 //!   and so is one whose sequence number is not past the last one seen from its origin (on a
 //!   cluster, from its origin in that hash slot: one origin's slots are published to, and
 //!   arrive, on separate connections, in order only slot by slot).
+//! - A channel Redis refuses alone (`NOPERM`: an ACL user not allowed it) is left out, not the
+//!   link: each command of a pipeline has its own reply, so that topic stays unsubscribed and
+//!   its publishes are counted lost, with one log line per channel, while the others go on.
 //! - When the link drops, local delivery goes on; publishes are counted lost until the task
 //!   has reconnected (with backoff) and resubscribed. Redis pub/sub is at-most-once: nothing
 //!   is replayed. One log line says the link is down, one that it is back. On a cluster, losing
@@ -101,6 +104,9 @@ const INCOMING_BYTES: usize = 64 << 20;
 /// headers of the three allocations. Counted so that a flood of tiny messages is bounded too.
 const PUSH_OVERHEAD: usize =
     std::mem::size_of::<PushInfo>() + 2 * std::mem::size_of::<Value>() + 3 * 16;
+/// Channels Redis refused (`Link::refused`) remembered so that each is logged once; a process
+/// refused more (topics named by its clients) logs them again rather than holding every name.
+const MAX_REFUSED: usize = 1024;
 /// What a log line quotes of an error, in bytes: Redis's code and words fit (`WRONGPASS invalid
 /// username-password pair or user is disabled.` is 61), a crate error's chain of causes is cut.
 const MAX_WHY: usize = 160;
@@ -113,6 +119,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
     };
     let mut link = Link {
         shared,
+        peer: peer.clone(),
         channel_prefix: config.namespace,
         sharded: config.sharded,
         subscribed: FxHashSet::default(),
@@ -120,6 +127,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         cluster: false,
         nodes: Vec::new(),
         slot_masters: FxHashMap::default(),
+        refused: FxHashSet::default(),
         seq: 0,
     };
     let shutdown = link.shared.shutdown.clone();
@@ -195,23 +203,41 @@ fn client(config: &RedisConfig) -> RedisResult<(Client, ConnectionInfo, String)>
 /// is not Redis's answer, at most `MAX_WHY` bytes of them. Redis never repeats a password in
 /// an error, and the crate's errors do not hold the URL: the line carries no secret.
 fn why(context: &str, e: &RedisError) -> String {
+    format!("{context}: {}", cut(&said(e)))
+}
+
+/// What Redis said: the error's code and words, or the client's own words for a failure that is
+/// not Redis's answer.
+fn said(e: &RedisError) -> String {
     // A pipeline's error has the code of its first failed command but not its words.
     let first = e.clone().into_server_errors();
     let first = first.as_ref().and_then(|errors| errors.first());
-    let said = match (e.code(), e.detail(), first) {
+    match (e.code(), e.detail(), first) {
         (Some(code), Some(detail), _) => format!("{code} {detail}"),
         (_, _, Some((_, error))) => match error.details() {
             Some(detail) => format!("{} {detail}", error.code()),
             None => error.code().to_owned(),
         },
         _ => e.to_string(),
-    };
-    let mut end = said.len().min(MAX_WHY);
-    while !said.is_char_boundary(end) {
+    }
+}
+
+/// `text`, cut to `MAX_WHY` bytes, with "..." when it was.
+fn cut(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_WHY {
+        return Cow::Borrowed(text);
+    }
+    let mut end = MAX_WHY;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let cut = if end < said.len() { "..." } else { "" };
-    format!("{context}: {}{cut}", &said[..end])
+    Cow::Owned(format!("{}...", &text[..end]))
+}
+
+/// Whether Redis refused a command for its channel alone (an ACL that does not allow it), not
+/// for anything that would fail the other channels too.
+fn refuses_channel(e: &RedisError) -> bool {
+    e.code() == Some("NOPERM")
 }
 
 /// How long Redis is given to take and answer a pipeline of `size` bytes: `TIMEOUT`, plus
@@ -370,6 +396,8 @@ fn listed_nodes(ranges: &[Value], info: &ConnectionInfo) -> Vec<ConnectionInfo> 
 
 struct Link {
     shared: Arc<Shared>,
+    /// Redis's address, for log lines.
+    peer: String,
     channel_prefix: String,
     sharded: bool,
     /// Topics subscribed on the current connection.
@@ -382,6 +410,9 @@ struct Link {
     nodes: Vec<ConnectionInfo>,
     /// The master of each slot, as the last cluster connection listed them (`slot_masters`).
     slot_masters: FxHashMap<Slot, usize>,
+    /// The topics whose channels Redis refused (`NOPERM`) and has not taken since: each is
+    /// logged when it enters. Kept across reconnections, in which the refusal comes again.
+    refused: FxHashSet<Box<str>>,
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
@@ -397,6 +428,26 @@ impl Link {
 
     fn channel(&self, topic: &str) -> String {
         format!("{}{topic}", self.channel_prefix)
+    }
+
+    /// Redis refused `topic`'s channel, for it alone (`refuses_channel`): the link goes on
+    /// without it, and says so the first time.
+    fn refuse(&mut self, topic: &str, e: &RedisError) {
+        if self.refused.len() >= MAX_REFUSED && !self.refused.contains(topic) {
+            self.refused.clear();
+        }
+        if self.refused.insert(topic.into()) {
+            let channel = self.channel(topic);
+            let line = format!("{} ({})", cut(&channel), cut(&said(e)));
+            self.shared.log(LogKind::RedisRefused, &self.peer, 0, line);
+        }
+    }
+
+    /// Redis took `topic`'s channel: a later refusal is news again.
+    fn taken(&mut self, topic: &str) {
+        if !self.refused.is_empty() {
+            self.refused.remove(topic);
+        }
     }
 
     /// Connect and subscribe to every topic with local subscribers.
@@ -555,9 +606,9 @@ impl Link {
     /// Write the first `PIPELINE_BYTES` of `batch` (at least one publish) to Redis, in order,
     /// in one pipeline; on a cluster, in one pipeline per hash slot (the crate refuses a
     /// pipeline across slots), all at once, each in order: a topic's publishes stay in order,
-    /// and those of topics on different masters never had an order a subscriber could see. On
-    /// an error none of it counts as published: some may have reached Redis, but nothing here
-    /// can tell which.
+    /// and those of topics on different masters never had an order a subscriber could see. A
+    /// publish whose channel Redis refused is lost alone (`refuse`). On any other error none of
+    /// it counts as published: some may have reached Redis, but nothing here can tell which.
     async fn publish(&mut self, conn: &mut Conn, batch: &mut Vec<Outgoing>) -> RedisResult<()> {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let origin = self.remote().origin;
@@ -569,48 +620,73 @@ impl Link {
             end += 1;
             size += out.size();
         }
-        let mut pipes: FxHashMap<Option<Slot>, Pipeline> = FxHashMap::default();
+        // Each pipeline with its publishes' topics, in its order: each command's reply is its own.
+        let mut pipes: FxHashMap<Option<Slot>, (Pipeline, Vec<Box<str>>)> = FxHashMap::default();
         for out in batch.drain(..end) {
             self.seq += 1;
             let message = remote::encode(origin, self.seq, out.opcode, &out.payload);
             let channel = self.channel(&out.topic);
             let slot = matches!(conn, Conn::Cluster(_)).then(|| Slot::for_key(&channel));
-            pipes
-                .entry(slot)
-                .or_insert_with(redis::pipe)
-                .cmd(command)
-                .arg(channel)
-                .arg(message.as_ref())
-                .ignore();
+            let (pipe, topics) = pipes.entry(slot).or_insert_with(|| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                (pipe, Vec::new())
+            });
+            pipe.cmd(command).arg(channel).arg(message.as_ref());
+            topics.push(out.topic);
         }
-        let written = match conn {
+        let replies: RedisResult<Vec<Vec<Value>>> = match conn {
             // A publish over `PIPELINE_BYTES` alone is given the time its bytes take too. The
             // cluster's connections have one timeout, set when it was built: there such a
             // publish must be written within `TIMEOUT`.
             Conn::Node(conn) => match pipes.values().next() {
-                Some(pipe) => {
+                Some((pipe, _)) => {
                     let mut conn = conn.clone();
                     conn.set_response_timeout(timeout_for(size));
-                    pipe.exec_async(&mut conn).await
+                    pipe.query_async(&mut conn)
+                        .await
+                        .map(|replies| vec![replies])
                 }
-                None => Ok(()),
+                None => Ok(Vec::new()),
             },
-            Conn::Cluster(conn) => try_join_all(pipes.values().map(|pipe| {
-                let mut conn = conn.clone();
-                async move { pipe.exec_async(&mut conn).await }
-            }))
-            .await
-            .map(|_| ()),
+            Conn::Cluster(conn) => {
+                try_join_all(pipes.values().map(|(pipe, _)| {
+                    let mut conn = conn.clone();
+                    async move { pipe.query_async(&mut conn).await }
+                }))
+                .await
+            }
         };
         // Held until Redis answered: the pipeline's copies of the payloads live until then.
         self.remote().release(size);
-        let counter = if written.is_ok() {
-            Counter::RedisPublished
-        } else {
-            Counter::RedisPublishesLost
+        let answered = replies.and_then(|replies| {
+            let mut refused = Vec::new();
+            for ((_, topics), replies) in pipes.into_values().zip(replies) {
+                for (topic, reply) in topics.into_iter().zip(replies) {
+                    match reply {
+                        Value::ServerError(e) => refused.push((topic, RedisError::from(e))),
+                        _ => self.taken(&topic),
+                    }
+                }
+            }
+            if let Some((_, e)) = refused.iter().find(|(_, e)| !refuses_channel(e)) {
+                return Err(e.clone());
+            }
+            Ok(refused)
+        });
+        let lost = match &answered {
+            Ok(refused) => refused.len(),
+            Err(_) => end,
         };
-        self.shared.stats.add(counter, end as u64);
-        written
+        let stats = &self.shared.stats;
+        stats.add_all([
+            (Counter::RedisPublished, (end - lost) as u64),
+            (Counter::RedisPublishesLost, lost as u64),
+        ]);
+        for (topic, e) in answered? {
+            self.refuse(&topic, &e);
+        }
+        Ok(())
     }
 
     /// Count `batch` lost and release what it holds: taken off the queue for pipelines that
@@ -648,7 +724,9 @@ impl Link {
     /// reply per channel, which the multiplexed connection would pair with later commands; and
     /// an `SSUBSCRIBE` may name only channels of one hash slot. On a cluster, one command per
     /// channel too, each routed by the crate to its slot's master: the masters all at once,
-    /// and on each master one command alone before the others, all at once (`on_master`).
+    /// and on each master one command alone before the others, all at once (`on_master`). A
+    /// channel Redis refuses is left unsubscribed (`refuse`), the others go on: it is asked
+    /// again when its topic next gets a first subscriber, or on the next connection.
     async fn change_subscriptions(
         &mut self,
         conn: &mut Conn,
@@ -663,16 +741,29 @@ impl Link {
         } else {
             ("SUBSCRIBE", "UNSUBSCRIBE")
         };
-        match conn {
+        let refused: Vec<(Arc<str>, RedisError)> = match conn {
             Conn::Node(conn) => {
                 let mut pipe = redis::pipe();
+                // The replies of the joins, each its own; the leaves' are left out.
+                pipe.ignore_errors();
                 for topic in join {
-                    pipe.cmd(subscribe).arg(self.channel(topic)).ignore();
+                    pipe.cmd(subscribe).arg(self.channel(topic));
                 }
                 for topic in leave {
                     pipe.cmd(unsubscribe).arg(self.channel(topic)).ignore();
                 }
-                pipe.exec_async(conn).await?;
+                let replies: Vec<Value> = pipe.query_async(conn).await?;
+                let mut refused = Vec::new();
+                for (topic, reply) in join.iter().zip(replies) {
+                    if let Value::ServerError(e) = reply {
+                        let e = RedisError::from(e);
+                        if !refuses_channel(&e) {
+                            return Err(e);
+                        }
+                        refused.push((topic.clone(), e));
+                    }
+                }
+                refused
             }
             Conn::Cluster(conn) => {
                 let joins = join.iter().map(|topic| (true, self.channel(topic)));
@@ -683,15 +774,30 @@ impl Link {
                     let master = self.slot_masters.get(&Slot::for_key(&channel)).copied();
                     masters.entry(master).or_default().push((join, channel));
                 }
-                try_join_all(
-                    masters.into_iter().map(|(master, changes)| {
+                let refused =
+                    try_join_all(masters.into_iter().map(|(master, changes)| {
                         on_master(conn.clone(), master.is_some(), changes)
-                    }),
-                )
-                .await?;
+                    }))
+                    .await?;
+                let mut refused: FxHashMap<String, RedisError> =
+                    refused.into_iter().flatten().collect();
+                join.iter()
+                    .filter_map(|topic| {
+                        let e = refused.remove(&self.channel(topic))?;
+                        Some((topic.clone(), e))
+                    })
+                    .collect()
+            }
+        };
+        for topic in join {
+            if !refused.iter().any(|(refused, _)| refused == topic) {
+                self.taken(topic);
+                self.subscribed.insert(topic.clone());
             }
         }
-        self.subscribed.extend(join.iter().cloned());
+        for (topic, e) in &refused {
+            self.refuse(topic, e);
+        }
         for topic in leave {
             self.subscribed.remove(topic);
         }
@@ -789,31 +895,42 @@ impl Link {
 /// connection to yet (restarted, or given slots since the link connected), each command that
 /// finds none opens one of its own, and the crate keeps the last, closing the others with
 /// their subscriptions (seven at once on a restarted master, most of its channels lost).
-/// Once the first has connected it, the others go at once.
+/// Once the first has connected it, the others go at once. Returns the channels Redis refused
+/// (`refuses_channel`), with why.
 async fn on_master(
     conn: ClusterConnection,
     known: bool,
     changes: Vec<(bool, String)>,
-) -> RedisResult<()> {
-    async fn change(mut conn: ClusterConnection, join: bool, channel: String) -> RedisResult<()> {
-        if join {
-            conn.ssubscribe(channel).await
+) -> RedisResult<Vec<(String, RedisError)>> {
+    async fn change(
+        mut conn: ClusterConnection,
+        join: bool,
+        channel: String,
+    ) -> RedisResult<Option<(String, RedisError)>> {
+        let changed = if join {
+            conn.ssubscribe(&channel).await
         } else {
-            conn.sunsubscribe(channel).await
+            conn.sunsubscribe(&channel).await
+        };
+        match changed {
+            Err(e) if refuses_channel(&e) => Ok(Some((channel, e))),
+            changed => changed.map(|()| None),
         }
     }
+    let mut refused = Vec::new();
     let mut changes = changes.into_iter();
     if !known {
         for (join, channel) in changes {
-            change(conn.clone(), join, channel).await?;
+            refused.extend(change(conn.clone(), join, channel).await?);
         }
-        return Ok(());
+        return Ok(refused);
     }
     if let Some((join, channel)) = changes.next() {
-        change(conn.clone(), join, channel).await?;
+        refused.extend(change(conn.clone(), join, channel).await?);
     }
-    try_join_all(changes.map(|(join, channel)| change(conn.clone(), join, channel))).await?;
-    Ok(())
+    let rest = try_join_all(changes.map(|(join, channel)| change(conn.clone(), join, channel)));
+    refused.extend(rest.await?.into_iter().flatten());
+    Ok(refused)
 }
 
 /// A connection's pushes, as the link receives them, and the bytes of the messages among them
