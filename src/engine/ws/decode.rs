@@ -146,9 +146,9 @@ const GROWTH_STEP: usize = 1 << 20;
 /// 4 MiB is glibc's mmap threshold here (`py/malloc.rs`): a message of up to 4 MiB is still
 /// reserved once, from its header, and read straight into place, as before; a larger one
 /// starts as a mapping of its own, which the kernel moves rather than copies as it grows, so
-/// none is ever copied. From 1 MiB, the 1 MiB step was copied into the mapping and stayed
-/// resident in an arena (eight 16 MiB frames at once peaked 7 MiB higher), and a message of
-/// 1-4 MiB was copied once more.
+/// none is ever copied. Starting from 1 MiB, every message over it had its first MiB copied
+/// as it grew, and that block stayed resident in an arena (eight 16 MiB frames at once peaked
+/// 7 MiB higher).
 const RESERVE_AHEAD: usize = 4 << 20;
 
 /// How far ahead of `received` bytes a message's buffer may reserve (`RESERVE_AHEAD`).
