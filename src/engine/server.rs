@@ -194,18 +194,17 @@ impl Server {
         self.shared.events.fd()
     }
 
-    /// Move every waiting event into `out`; returns the drain's number, for `events_handled`.
-    /// Whoever drains gives their messages' bytes back to the incoming budget (`events_taken`)
-    /// once they are handled.
-    pub fn drain_events(&self, out: &mut Vec<Event>) -> u32 {
-        self.shared.events.drain_into(out)
+    /// Move every waiting event into `out`. Whoever drains gives their messages' bytes back to
+    /// the incoming budget (`events_taken`) once they are handled.
+    pub fn drain_events(&self, out: &mut Vec<Event>) {
+        self.shared.events.drain_into(out);
     }
 
-    /// Every event of the drain `drain_events` numbered `drain`, and of those before, is
-    /// handled, and what their handlers sent is written: a client's close behind them may be
-    /// answered at once from now on, rather than through the loop (`Event::PeerClose`).
-    pub fn events_handled(&self, drain: u32) {
-        self.shared.events.handled_through(drain);
+    /// Every event drained so far is handled, and what their handlers sent is written: a
+    /// client's close behind them may be answered at once from now on, rather than through the
+    /// loop (`Event::PeerClose`).
+    pub fn events_handled(&self) {
+        self.shared.events.all_drained_handled();
     }
 
     /// `bytes` of drained messages are handled: off the incoming budget (`max_incoming_bytes`).

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -41,8 +41,6 @@ pub struct PyEngine {
     /// How many events the last `drain` took: a run of messages is one item of its list but
     /// counts here (and against `max_events`) once per message.
     drained: AtomicUsize,
-    /// The number of the last `drain`'s take from the queue, for `end_batch`.
-    drain: AtomicU32,
     /// What each socket calls when the application closes or terminates it while open (see
     /// `PyWebSocket::app_closed`), given by `set_close_hook`; sockets opened before have none.
     close_hook: OnceLock<Py<PyAny>>,
@@ -449,7 +447,6 @@ impl PyEngine {
             pending_data: Mutex::new(FxHashMap::default()),
             batch: Mutex::new(VecDeque::with_capacity(256)),
             drained: AtomicUsize::new(0),
-            drain: AtomicU32::new(0),
             close_hook: OnceLock::new(),
         })
     }
@@ -553,19 +550,17 @@ impl PyEngine {
         release_sent(py);
         begin_send_batch();
         let mut batch = std::mem::take(&mut *this.batch.lock());
-        let drain;
         if batch.is_empty() {
             // The usual case: swap the queue's buffer out whole (`VecDeque::from` a `Vec` and
             // back again move no elements when it is empty).
             let mut taken = Vec::from(batch);
-            drain = events.drain_into(&mut taken);
+            events.drain_into(&mut taken);
             batch = VecDeque::from(taken);
         } else {
             let mut taken = Vec::new();
-            drain = events.drain_into(&mut taken);
+            events.drain_into(&mut taken);
             batch.extend(taken);
         }
-        this.drain.store(drain, Ordering::Relaxed);
         let mut left = batch.len().min(max_events.max(1));
         let wanted = left;
         let mut items = Vec::with_capacity(left);
@@ -652,7 +647,7 @@ impl PyEngine {
         // Not while events taken are kept for the next call: a client's close behind one of
         // them (an `Open` kept over, say) is then answered in order, after it.
         if self.batch.lock().is_empty() {
-            events.handled_through(self.drain.load(Ordering::Relaxed));
+            events.all_drained_handled();
         }
         // The objects large frames were sent from, now written; one queued after this finds
         // the loop out of its batch, and wakes it.

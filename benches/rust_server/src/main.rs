@@ -102,7 +102,7 @@ fn main() {
     let mut batch = Vec::with_capacity(256);
     loop {
         wait_readable(server.events_fd());
-        let drain = server.drain_events(&mut batch);
+        server.drain_events(&mut batch);
         // As the Python bridge does: the batch's messages are taken off the incoming budget,
         // or once `max_incoming_bytes` (1 GiB) had passed through, connections holding 64 KiB
         // or more would stop reading for good.
@@ -173,6 +173,6 @@ fn main() {
         end_send_batch();
         // As the Python bridge does (it keeps none over): a client's close behind this batch's
         // events may now be answered at once.
-        server.events_handled(drain);
+        server.events_handled();
     }
 }

@@ -195,7 +195,7 @@ pub struct EventQueue<C> {
     /// drain `n + 1` (`handled_since`).
     drains: AtomicU32,
     /// The last drain whose events have all been handled: its batch, and any batch its
-    /// consumer kept events over for, has ended (`handled_through`).
+    /// consumer kept events over for, has ended (`all_drained_handled`).
     handled: AtomicU32,
 }
 
@@ -223,10 +223,10 @@ impl<C> EventQueue<C> {
     }
 
     /// Whether the events pushed when `push` or `push_all` returned `pushed_at` have all been
-    /// handled: the drain that took them, or a later one, is `handled_through` (the handlers
-    /// of a batch's events have run, and what they sent is written, when the loop ends it;
-    /// an event the loop's consumer kept for a later call holds the count back until it has
-    /// been handled too).
+    /// handled: `all_drained_handled` was called after the drain that took them (the handlers
+    /// of a batch's events have run, and what they sent is written, when the loop ends it; an
+    /// event the loop's consumer kept for a later call holds the count back until it has been
+    /// handled too).
     ///
     /// The count wraps (32 bits, so that a connection's task stays small): after two billion
     /// batches an idle connection's events may read as not handled yet, which only has its
@@ -236,10 +236,11 @@ impl<C> EventQueue<C> {
         (self.handled.load(Ordering::SeqCst).wrapping_sub(pushed_at) as i32) > 0
     }
 
-    /// The events of drain number `drain` (`drain_into` returns it) and of every drain before
-    /// it have been handled: the consumer calls this when a batch ends with none kept over.
-    pub(crate) fn handled_through(&self, drain: u32) {
-        self.handled.store(drain, Ordering::SeqCst);
+    /// Every event drained so far has been handled: the consumer (the one thread that drains)
+    /// calls this when a batch ends with none kept over.
+    pub(crate) fn all_drained_handled(&self) {
+        self.handled
+            .store(self.drains.load(Ordering::Relaxed), Ordering::SeqCst);
     }
 
     /// Queue `batch` in order, as one push: a read's messages take the lock and the wake-up's
@@ -283,19 +284,17 @@ impl<C> EventQueue<C> {
         });
     }
 
-    /// Move every queued event into `out` (which should be empty); returns this drain's number,
-    /// for `handled_through`.
+    /// Move every queued event into `out` (which should be empty).
     ///
     /// The wake-up is cleared *before* taking the batch: an event pushed after the take then
     /// finds an empty queue and wakes the loop again, so no event waits for a wake-up that
     /// already happened.
-    pub fn drain_into(&self, out: &mut Vec<Event<C>>) -> u32 {
+    pub fn drain_into(&self, out: &mut Vec<Event<C>>) {
         self.wakeup.clear();
         let mut events = self.events.lock();
         // Under the lock the pushes read it in (`handled_since`).
-        let drain = self.drains.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        self.drains.fetch_add(1, Ordering::Relaxed);
         std::mem::swap(&mut *events, out);
-        drain
     }
 
     /// Make the loop call back although the queue may be empty: its consumer kept some of the
@@ -346,25 +345,28 @@ mod tests {
     }
 
     #[test]
-    fn events_count_as_handled_once_their_drain_or_a_later_one_is_handled_through() {
+    fn events_count_as_handled_once_a_batch_ends_with_every_drained_event_handled() {
         let q = EventQueue::<()>::new().unwrap();
         let first = q.push(Event::Drain(1));
         assert!(!q.handled_since(first), "not drained yet");
         let mut out = Vec::new();
-        let drain = q.drain_into(&mut out);
+        q.drain_into(&mut out);
         let second = q.push(Event::Drain(2));
         // Taken, but its batch has not ended (or kept an event over): not yet.
         assert!(!q.handled_since(first));
-        q.handled_through(drain);
+        q.all_drained_handled();
         assert!(q.handled_since(first));
         assert!(!q.handled_since(second), "pushed after that drain");
-        let later = q.drain_into(&mut out);
-        q.handled_through(later);
+        q.drain_into(&mut out);
+        q.all_drained_handled();
         assert!(q.handled_since(first) && q.handled_since(second));
         // Across the count's wrap.
-        q.handled_through(u32::MAX);
+        q.drains.store(u32::MAX, Ordering::Relaxed);
+        q.all_drained_handled();
         assert!(q.handled_since(u32::MAX - 1) && !q.handled_since(u32::MAX));
-        q.handled_through(1);
+        q.drain_into(&mut out);
+        q.drain_into(&mut out);
+        q.all_drained_handled();
         assert!(q.handled_since(u32::MAX) && q.handled_since(0) && !q.handled_since(1));
     }
 
