@@ -240,6 +240,22 @@ fn refuses_channel(e: &RedisError) -> bool {
     e.code() == Some("NOPERM")
 }
 
+/// What one command's reply in a pipeline says: taken (`None`), its channel refused alone
+/// (`Some`, `refuses_channel`), or an error that fails the link.
+fn refusal(reply: Value) -> RedisResult<Option<RedisError>> {
+    match reply {
+        Value::ServerError(e) => {
+            let e = RedisError::from(e);
+            if refuses_channel(&e) {
+                Ok(Some(e))
+            } else {
+                Err(e)
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
 /// How long Redis is given to take and answer a pipeline of `size` bytes: `TIMEOUT`, plus
 /// `TIMEOUT` for each `PIPELINE_BYTES` of it.
 fn timeout_for(size: usize) -> Duration {
@@ -663,14 +679,11 @@ impl Link {
             let mut refused = Vec::new();
             for ((_, topics), replies) in pipes.into_values().zip(replies) {
                 for (topic, reply) in topics.into_iter().zip(replies) {
-                    match reply {
-                        Value::ServerError(e) => refused.push((topic, RedisError::from(e))),
-                        _ => self.taken(&topic),
+                    match refusal(reply)? {
+                        Some(e) => refused.push((topic, e)),
+                        None => self.taken(&topic),
                     }
                 }
-            }
-            if let Some((_, e)) = refused.iter().find(|(_, e)| !refuses_channel(e)) {
-                return Err(e.clone());
             }
             Ok(refused)
         });
@@ -755,11 +768,7 @@ impl Link {
                 let replies: Vec<Value> = pipe.query_async(conn).await?;
                 let mut refused = Vec::new();
                 for (topic, reply) in join.iter().zip(replies) {
-                    if let Value::ServerError(e) = reply {
-                        let e = RedisError::from(e);
-                        if !refuses_channel(&e) {
-                            return Err(e);
-                        }
+                    if let Some(e) = refusal(reply)? {
                         refused.push((topic.clone(), e));
                     }
                 }
