@@ -378,27 +378,37 @@ def blocking_connect(port: int, path: str = "/ws", timeout: float = 5.0) -> sock
     """
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
-        key = base64.b64encode(os.urandom(16))
-        sock.sendall(
-            (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-             "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-        )
-        head = b""
-        for _ in range(4096):  # one byte at a time: no frame byte after the head is consumed
-            if head.endswith(b"\r\n\r\n"):
-                break
-            byte = sock.recv(1)
-            if not byte:
-                raise AssertionError(f"connection closed during the upgrade: {head!r}")
-            head += byte
-        else:
-            raise AssertionError(f"response head too long: {head[:200]!r}")
-        _check_upgrade_response(head, key)
+        finish_upgrade(sock, start_upgrade(sock, path))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def start_upgrade(sock: socket.socket, path: str = "/ws") -> bytes:
+    """Send an upgrade request on a blocking socket; its key, for ``finish_upgrade``."""
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+         "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    )
+    return key
+
+
+def finish_upgrade(sock: socket.socket, key: bytes) -> None:
+    """Read the answer to ``start_upgrade``'s request and check it is the 101 for ``key``."""
+    head = b""
+    for _ in range(4096):  # one byte at a time: no frame byte after the head is consumed
+        if head.endswith(b"\r\n\r\n"):
+            break
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"connection closed during the upgrade: {head!r}")
+        head += byte
+    else:
+        raise AssertionError(f"response head too long: {head[:200]!r}")
+    _check_upgrade_response(head, key)
 
 
 # -- a client socket's TCP state: FIN or reset --------------------------------------------------

@@ -32,8 +32,10 @@ from rawws import (
     blocking_connect,
     close_payload,
     encode_frame,
+    finish_upgrade,
     parse_frames,
     read_until_eof,
+    start_upgrade,
     tcp_state,
 )
 
@@ -280,12 +282,7 @@ async def test_a_client_s_close_waits_for_its_on_open_when_the_loop_kept_it_for_
         try:
             for client in slow:
                 assert [f.payload for f in recv_frames(client, 1)] == [b"welcome"]
-            key = base64.b64encode(os.urandom(16)).decode()
-            late.sendall(
-                f"GET /ws?late HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-            )
+            key = start_upgrade(late, "/ws?late")
             assert blocked.wait(TIMEOUT)
             queued = srv.stats()["messages_in"] + 3
             for client in slow:
@@ -296,13 +293,7 @@ async def test_a_client_s_close_waits_for_its_on_open_when_the_loop_kept_it_for_
                 time.sleep(0.001)
             assert srv.stats()["messages_in"] == queued
             gate.set()
-            late.settimeout(TIMEOUT)
-            head = b""
-            for _ in range(4096):
-                if head.endswith(b"\r\n\r\n"):
-                    break
-                head += late.recv(1)
-            assert head.startswith(b"HTTP/1.1 101"), head
+            finish_upgrade(late, key)
             done = 0
             for _ in range(10):
                 readable, _, _ = select.select(slow, [], [], TIMEOUT)
