@@ -388,7 +388,7 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(serve
     assert responses(answer) == [("HTTP/1.1", 200, f"{method} {body.decode()}".encode())]
 
 
-@pytest.mark.parametrize("hosts", [[], ["127.0.0.1", "127.0.0.1"], ["user@127.0.0.1"], ["127.0.0.1:http"]])
+@pytest.mark.parametrize("hosts", [[], ["127.0.0.1", "127.0.0.1"], ["user@127.0.0.1"], ["127.0.0.1:http"], ["[zz]"]])
 @pytest.mark.parametrize("upgrade", [False, True])
 async def test_a_request_without_one_valid_host_gets_400(
     serve: ServeFn, recorder: Recorder, hosts: list[str], upgrade: bool

@@ -615,15 +615,38 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
                 && host
                     .parse::<hyper::http::uri::Authority>()
                     .is_ok_and(|authority| {
-                        host.strip_prefix(authority.host()).is_some_and(|port| {
-                            match port.strip_prefix(':') {
-                                Some(digits) => digits.bytes().all(|b| b.is_ascii_digit()),
-                                None => port.is_empty(),
-                            }
-                        })
+                        ip_literal_ok(authority.host())
+                            && host.strip_prefix(authority.host()).is_some_and(|port| {
+                                match port.strip_prefix(':') {
+                                    Some(digits) => digits.bytes().all(|b| b.is_ascii_digit()),
+                                    None => port.is_empty(),
+                                }
+                            })
                     })
         });
     (!valid).then_some("invalid Host header")
+}
+
+/// A host in brackets is an IP literal (RFC 3986 3.2.2): an IPv6 address, or an IPvFuture
+/// (`v1.x`). `Authority` takes anything between the brackets (`[zz]`).
+fn ip_literal_ok(host: &str) -> bool {
+    let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) else {
+        return true;
+    };
+    if inner.parse::<std::net::Ipv6Addr>().is_ok() {
+        return true;
+    }
+    let future = inner
+        .strip_prefix(['v', 'V'])
+        .and_then(|rest| rest.split_once('.'));
+    future.is_some_and(|(version, address)| {
+        !version.is_empty()
+            && version.bytes().all(|b| b.is_ascii_hexdigit())
+            && !address.is_empty()
+            && address
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:".contains(&b))
+    })
 }
 
 /// A request-target of a form its method may not use (RFC 9112 3.2): the authority form
@@ -977,6 +1000,8 @@ mod tests {
             "example.com:8080",
             "127.0.0.1:3000",
             "[::1]:3000",
+            "[2001:db8::7]",
+            "[v1.fe80::a+en1]:80",
             "",
         ] {
             assert_eq!(host(Version::HTTP_11, &[ok]), None, "{ok:?}");
@@ -992,6 +1017,10 @@ mod tests {
             "exa mple.com",
             "example.com:port",
             "a/b",
+            "[zz]",
+            "[::1::2]:80",
+            "[v.x]",
+            "[vq.x]",
         ] {
             assert_eq!(
                 host(Version::HTTP_11, &[bad]),
