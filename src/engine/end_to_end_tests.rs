@@ -121,6 +121,72 @@ fn raw_handshake(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
+/// Clients that declare large frames and send a byte of them reserve room ahead only from
+/// what the incoming budget has left (together within its limit, but for one reservation per
+/// worker thread racing for the last of it), and hold only their bytes; all of it comes back
+/// when they leave.
+#[test]
+fn room_reserved_ahead_stays_within_the_budget_and_comes_back() {
+    const MIB: usize = 1 << 20;
+    const CLIENTS: usize = 12;
+    let server = Server::start(ServerConfig {
+        max_incoming_bytes: 16 * MIB,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let clients = thread::spawn(move || {
+        (0..CLIENTS)
+            .map(|_| {
+                let mut stream = raw_handshake(addr);
+                // Binary, 16 MiB declared, a zero mask key, one byte.
+                let mut frame = vec![0x82, 0xFF];
+                frame.extend_from_slice(&(16u64 << 20).to_be_bytes());
+                frame.extend_from_slice(&[0, 0, 0, 0, 9]);
+                stream.write_all(&frame).unwrap();
+                stream
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut opened = 0;
+    run_app(&server, Duration::from_secs(10), |event| match event {
+        Event::Open(_) => {
+            opened += 1;
+            (opened == CLIENTS).then_some(())
+        }
+        _ => None,
+    });
+    let streams = clients.join().unwrap();
+    let budget = &server.shared().budget;
+    let until = Instant::now() + Duration::from_secs(10);
+    while budget.held() < CLIENTS && Instant::now() < until {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(budget.held(), CLIENTS, "one byte from each");
+    let workers = thread::available_parallelism().map_or(2, |n| n.get());
+    // Four clients' 4 MiB (less the byte each that came, which is held) fill it.
+    let taken = budget.held() + budget.reserved();
+    assert!(
+        (16 * MIB..=(16 + 4 * workers) * MIB).contains(&taken),
+        "{taken} bytes held or reserved under a 16 MiB budget"
+    );
+
+    drop(streams);
+    let mut closed = 0;
+    run_app(&server, Duration::from_secs(10), |event| match event {
+        Event::Close(..) => {
+            closed += 1;
+            (closed == CLIENTS).then_some(())
+        }
+        _ => None,
+    });
+    let until = Instant::now() + Duration::from_secs(10);
+    while (budget.held(), budget.reserved()) != (0, 0) && Instant::now() < until {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!((budget.held(), budget.reserved()), (0, 0));
+}
+
 /// A client that stops reading drives sends from Sent to Backpressured to Dropped; once it
 /// reads again every accepted byte arrives, `buffered_amount` returns to zero and exactly one
 /// drain event fires before the client's close.
