@@ -7,7 +7,6 @@ hostile input echoes after it, and so does a connection opened afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -715,22 +714,6 @@ def address_space() -> int:
     return int(line.split()[1]) * 1024
 
 
-@contextlib.asynccontextmanager
-async def declarers(srv: brioche.Server[Any], count: int) -> AsyncIterator[int]:
-    """``count`` clients that each declare a 16 MiB frame and send one byte of it, connected
-    for the block; it gets how much the address space grew once every byte had come."""
-    clients = [await RawWebSocket.connect(srv.port, f"/ws?declares{i}") for i in range(count)]
-    try:
-        before = address_space()
-        for client in clients:
-            await client.send_raw(header_only(16 * MIB) + b"x")
-        assert await poll_until(lambda: srv.stats()["incoming_bytes"] == count, TIMEOUT), srv.stats()
-        yield address_space() - before
-    finally:
-        for client in clients:
-            await client.aclose()
-
-
 async def test_a_frame_s_declared_length_is_not_reserved_before_its_bytes_come(
     serve: ServeFn, recorder: Recorder, bystander_of: Any
 ) -> None:
@@ -740,10 +723,19 @@ async def test_a_frame_s_declared_length_is_not_reserved_before_its_bytes_come(
     still arrive whole, held once: ``test_limits``)."""
     srv = await serve(echo_config(recorder))
     bystander = await bystander_of(srv)
-    async with declarers(srv, 64) as grown:
+    clients = [await RawWebSocket.connect(srv.port, f"/ws?declares{i}") for i in range(64)]
+    try:
+        before = address_space()
+        for client in clients:
+            await client.send_raw(header_only(16 * MIB) + b"x")
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 64, TIMEOUT), srv.stats()
+        grown = address_space() - before
         # 256 MiB of room ahead, and slack for an allocator arena or two (64 MiB each).
         assert grown < 512 * MIB, f"address space grew by {grown / MIB:.0f} MiB"
         await assert_still_serving(srv, bystander)
+    finally:
+        for client in clients:
+            await client.aclose()
     assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, TIMEOUT), srv.stats()
 
 
@@ -757,7 +749,13 @@ async def test_the_room_reserved_ahead_of_frames_is_bounded_by_the_incoming_budg
     so it pauses nobody: a 1 MiB message flows while they wait."""
     srv = await serve(echo_config(recorder), max_incoming_bytes=64 * MIB)
     bystander = await bystander_of(srv)
-    async with declarers(srv, 128) as grown:
+    clients = [await RawWebSocket.connect(srv.port, f"/ws?declares{i}") for i in range(128)]
+    try:
+        before = address_space()
+        for client in clients:
+            await client.send_raw(header_only(16 * MIB) + b"x")
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 128, TIMEOUT), srv.stats()
+        grown = address_space() - before
         # 64 MiB of room ahead (4 MiB more per worker thread racing for the last of it), and
         # slack for an allocator arena (64 MiB).
         assert grown < 256 * MIB, f"address space grew by {grown / MIB:.0f} MiB"
@@ -766,6 +764,9 @@ async def test_the_room_reserved_ahead_of_frames_is_bounded_by_the_incoming_budg
             await honest.send(payload)
             assert await asyncio.wait_for(honest.recv(), TIMEOUT) == payload
         await assert_still_serving(srv, bystander)
+    finally:
+        for client in clients:
+            await client.aclose()
     assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, TIMEOUT), srv.stats()
 
 

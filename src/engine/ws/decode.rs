@@ -1376,86 +1376,69 @@ mod tests {
         }
     }
 
-    /// A masked header declaring a `len`-byte frame (`first` byte: FIN and opcode), and one
-    /// byte of its payload.
-    fn declaring(first: u8, len: u64) -> Vec<u8> {
-        let mut out = frame(first, &[9]);
-        out.splice(1..2, [0xFF]);
-        out.splice(2..2, len.to_be_bytes());
-        out
-    }
-
-    /// Read `stream` whole as the connection task would: straight into the message's buffer
-    /// when `direct_room(min, max)` offers room, through 64 KiB reads otherwise. `bound(pos)`
-    /// is the most the reader may hold once `pos` bytes have come. The messages, and how many
-    /// times the reader's buffers changed size.
-    fn read_growing(
-        reader: &mut MessageReader,
-        stream: &[u8],
-        (min, max): (usize, usize),
-        bound: impl Fn(usize) -> usize,
-    ) -> (Vec<Incoming>, usize) {
-        let (mut pos, mut growths, mut last) = (0, 0, 0);
-        let mut got = Vec::new();
-        while pos < stream.len() {
-            let mut deliver = |m| {
-                got.push(m);
-                true
-            };
-            if let Some(room) = reader.direct_room(min, max) {
-                let n = room.len().min(stream.len() - pos);
-                for (slot, byte) in room.iter_mut().zip(&stream[pos..pos + n]) {
-                    slot.write(*byte);
-                }
-                pos += n;
-                reader.direct_received(n, &mut deliver).unwrap();
-            } else {
-                let n = 65_536.min(stream.len() - pos);
-                pos += n;
-                reader.feed(&stream[pos - n..pos], &mut deliver).unwrap();
-            }
-            let held = reader.held();
-            assert!(held <= bound(pos), "{held} held after {pos}, from {min}");
-            if held != last && held != 0 {
-                (growths, last) = (growths + 1, held);
-            }
-        }
-        (got, growths)
-    }
-
     #[test]
     fn a_frame_s_declared_length_is_reserved_only_as_its_bytes_come() {
         // One byte of a frame that declares 16 MiB, then of a fragment that does.
         let mut reader = MessageReader::new(16 << 20);
-        reader
-            .feed(&declaring(0x82, (16 << 20) - 1), &mut |_| true)
-            .unwrap();
+        let mut declared = frame(0x82, &[9]);
+        declared.splice(1..2, [0xFF]);
+        declared.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
+        reader.feed(&declared, &mut |_| true).unwrap();
         assert_eq!(reader.held(), 4 << 20);
         let mut reader = MessageReader::new(32 << 20);
+        let mut fragment = frame(0x00, &[9]);
+        fragment.splice(1..2, [0xFF]);
+        fragment.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
         let mut stream = frame(0x02, &[1; 3 << 20]);
-        stream.extend_from_slice(&declaring(0x00, (16 << 20) - 1));
+        stream.extend_from_slice(&fragment);
         reader.feed(&stream, &mut |_| true).unwrap();
         assert_eq!(reader.held(), (3 << 20) + (9 << 20));
 
         // A 17 MiB frame that all comes: whole and intact, in a buffer never more than four
         // times what has come plus 4 MiB, reserved three times (4, 16, then all 17 MiB and a
-        // bit), both ways of reading.
+        // bit), both
+        // ways of reading.
         let big: Vec<u8> = (0..(17 << 20) + 12_345u32)
             .map(|i| (i * 13 % 251) as u8)
             .collect();
         let stream = frame(0x82, &big);
-        for room in [(32_768, 1 << 20), (usize::MAX, 0)] {
+        for (min, max) in [(32_768, 1 << 20), (usize::MAX, 0)] {
             let mut reader = MessageReader::new(32 << 20);
-            let (got, growths) =
-                read_growing(&mut reader, &stream, room, |pos| 4 * pos + RESERVE_AHEAD);
-            assert_eq!(growths, 3, "reservations, from {room:?}");
+            let (mut pos, mut growths, mut last) = (0, 0, 0);
+            let mut got = Vec::new();
+            while pos < stream.len() {
+                let mut deliver = |m| {
+                    got.push(m);
+                    true
+                };
+                if let Some(room) = reader.direct_room(min, max) {
+                    let n = room.len().min(stream.len() - pos);
+                    for (slot, byte) in room.iter_mut().zip(&stream[pos..pos + n]) {
+                        slot.write(*byte);
+                    }
+                    pos += n;
+                    reader.direct_received(n, &mut deliver).unwrap();
+                } else {
+                    let n = 65_536.min(stream.len() - pos);
+                    pos += n;
+                    reader.feed(&stream[pos - n..pos], &mut deliver).unwrap();
+                }
+                let held = reader.held();
+                assert!(held <= 4 * pos + RESERVE_AHEAD, "{held} held after {pos}");
+                if held != last && held != 0 {
+                    (growths, last) = (growths + 1, held);
+                }
+            }
+            assert_eq!(growths, 3, "reservations, from {min}");
             assert_eq!(got, vec![Incoming::Binary(Bytes::from(big.clone()).into())]);
         }
     }
 
     #[test]
     fn past_the_budget_s_room_a_buffer_grows_only_with_what_comes() {
-        let declared = declaring(0x82, (16 << 20) - 1);
+        let mut declared = frame(0x82, &[9]);
+        declared.splice(1..2, [0xFF]);
+        declared.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
         // Within the room the budget has left, and with none left.
         for (room, held) in [(1 << 20, 1 << 20), (0, 1)] {
             let mut reader = MessageReader::new(16 << 20);
@@ -1483,11 +1466,35 @@ mod tests {
             .map(|i| (i * 13 % 251) as u8)
             .collect();
         let stream = frame(0x82, &big);
-        for room in [(32_768, 1 << 20), (usize::MAX, 0)] {
+        for (min, max) in [(32_768, 1 << 20), (usize::MAX, 0)] {
             let mut reader = MessageReader::new(16 << 20);
             reader.set_budget_room(0);
-            let (got, growths) = read_growing(&mut reader, &stream, room, |pos| 2 * pos + 65_536);
-            assert!(growths <= 12, "{growths} growths, from {room:?}");
+            let (mut pos, mut growths, mut last) = (0, 0, 0);
+            let mut got = Vec::new();
+            while pos < stream.len() {
+                let mut deliver = |m| {
+                    got.push(m);
+                    true
+                };
+                if let Some(room) = reader.direct_room(min, max) {
+                    let n = room.len().min(stream.len() - pos);
+                    for (slot, byte) in room.iter_mut().zip(&stream[pos..pos + n]) {
+                        slot.write(*byte);
+                    }
+                    pos += n;
+                    reader.direct_received(n, &mut deliver).unwrap();
+                } else {
+                    let n = 65_536.min(stream.len() - pos);
+                    pos += n;
+                    reader.feed(&stream[pos - n..pos], &mut deliver).unwrap();
+                }
+                let held = reader.held();
+                assert!(held <= 2 * pos + 65_536, "{held} held after {pos}");
+                if held != last && held != 0 {
+                    (growths, last) = (growths + 1, held);
+                }
+            }
+            assert!(growths <= 12, "{growths} growths, from {min}");
             assert_eq!(got, vec![Incoming::Binary(Bytes::from(big.clone()).into())]);
         }
     }
