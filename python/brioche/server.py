@@ -316,8 +316,7 @@ class Config(Generic[T]):
         is still incomplete at its ``message_timeout`` is closed with 1008. HTTP request bodies
         count from their first byte until the handler answers; one that does not fit gets 503.
         The room a message's buffer reserves ahead of its bytes is taken only from what is left
-        under it, so frame headers declaring large messages cannot make the server reserve
-        room past it (but for worker threads reserving its last room at the same moment).
+        under it, so frame headers declaring large messages cannot make the server reserve more.
         """
         value = _check_size("max_incoming_bytes", size, minimum=0)
         return dataclasses.replace(self, max_incoming_bytes_value=value)

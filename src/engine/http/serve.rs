@@ -1021,9 +1021,6 @@ mod tests {
             "[::1::2]:80",
             "[v.x]",
             "[vq.x]",
-            // RFC 6874's zone: a client strips it before sending (RFC 6874 4; RFC 9110's host is
-            // RFC 3986's, which has none).
-            "[fe80::1%25eth0]",
         ] {
             assert_eq!(
                 host(Version::HTTP_11, &[bad]),

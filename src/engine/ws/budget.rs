@@ -28,10 +28,8 @@ pub(crate) struct IncomingBudget {
     limit: usize,
     held: AtomicUsize,
     /// Room reserved ahead of the bytes of messages still arriving (`decode.rs` `room_ahead`).
-    /// Reservations are taken only from what `held` and this leave under the limit, so they
-    /// stay within it but for worker threads reserving at the same moment from the same last
-    /// room (each at most that room) and buffers doubling past it, never further ahead than the
-    /// bytes that came, which `held` counts. They are not in `held`, which decides who pauses: a
+    /// Reservations are taken only from what `held` and this leave under the limit, so all of
+    /// them together stay within it; but they are not in `held`, which decides who pauses: a
     /// client that declares a large frame and sends one byte holds one byte. Counted in
     /// `held`, 16 such clients (240 bytes sent) paused every other message of 64 KiB or more
     /// under a 64 MiB budget until their `message_timeout`.

@@ -426,14 +426,6 @@ impl MessageReader {
             return None;
         }
         let message = partial.message.as_mut()?;
-        let payload = &message.payload;
-        if payload.capacity() - payload.len() < min && room_ahead(payload.len(), budget_room) < min
-        {
-            // The budget has no room for `min` ahead of what came: the bytes are copied in as
-            // they come instead. Reserving `min` here regardless, every connection dripping a
-            // large frame held 32 KiB past the budget.
-            return None;
-        }
         // Refused room is refused again, as a violation, by the copy that reads on (`receive`).
         reserve_ahead(&mut message.payload, frame.remaining, min, budget_room).ok()?;
         let spare = message.payload.spare_capacity_mut();
@@ -1450,16 +1442,6 @@ mod tests {
                 "room {room}"
             );
         }
-        // With no room, a read straight into the buffer is not offered until as much as it
-        // would take has come (by copies), so it reserves nothing ahead the budget lacks.
-        let mut reader = MessageReader::new(16 << 20);
-        reader.set_budget_room(0);
-        reader.feed(&declared, &mut |_| true).unwrap();
-        assert!(reader.direct_room(32_768, 1 << 20).is_none());
-        assert_eq!(reader.held(), 1);
-        reader.feed(&[7; 32_767], &mut |_| true).unwrap();
-        let room = reader.direct_room(32_768, 1 << 20).map(|room| room.len());
-        assert_eq!((room, reader.held()), (Some(32_768), 65_536));
         // A 5 MiB frame that all comes with no room left: intact, its buffer never over about
         // twice what came, in few enough growths that the copies stay linear.
         let big: Vec<u8> = (0..(5 << 20) + 7u32)
