@@ -1,6 +1,5 @@
 //! The server-wide cap on what clients can make the server hold: bytes of messages still
-//! arriving and of messages waiting for Python (`max_incoming_bytes`), and, beside them, the
-//! room reserved ahead of the bytes still to come.
+//! arriving and of messages waiting for Python (`max_incoming_bytes`).
 //!
 //! Each connection is capped on its own (`max_payload_length`, the in-flight caps), but a
 //! thousand clients each dripping a large message stay under every one of those while together
@@ -27,13 +26,6 @@ pub(crate) struct IncomingBudget {
     /// `usize::MAX` when there is no limit.
     limit: usize,
     held: AtomicUsize,
-    /// Room reserved ahead of the bytes of messages still arriving (`decode.rs` `room_ahead`).
-    /// Reservations are taken only from what `held` and this leave under the limit, so all of
-    /// them together stay within it; but they are not in `held`, which decides who pauses: a
-    /// client that declares a large frame and sends one byte holds one byte. Counted in
-    /// `held`, 16 such clients (240 bytes sent) paused every other message of 64 KiB or more
-    /// under a 64 MiB budget until their `message_timeout`.
-    reserved: AtomicUsize,
     /// The part of `held` that compressed messages hold which have all arrived and wait for
     /// room to be inflated. It does not count against their inflation (`inflate_room`): were
     /// those bytes alone over the limit, they would wait for ever for a release that only
@@ -52,7 +44,6 @@ impl IncomingBudget {
         Self {
             limit: if limit == 0 { usize::MAX } else { limit },
             held: AtomicUsize::new(0),
-            reserved: AtomicUsize::new(0),
             awaiting: AtomicUsize::new(0),
             waiting: Mutex::new(Vec::new()),
             any_waiting: AtomicBool::new(false),
@@ -98,27 +89,6 @@ impl IncomingBudget {
     /// How much more may be held before the budget is exceeded (`usize::MAX` without one).
     pub(crate) fn headroom(&self) -> usize {
         self.limit.saturating_sub(self.held.load(Ordering::Relaxed))
-    }
-
-    /// How much room may still be reserved ahead of the bytes that have come: what is left
-    /// under the limit after what is held and what is reserved already.
-    pub(crate) fn reserve_room(&self) -> usize {
-        let taken = self.held.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed);
-        self.limit.saturating_sub(taken)
-    }
-
-    /// Move a holder's reserved room from `before` to `after` bytes. Nothing waits on it.
-    pub(crate) fn adjust_reserved(&self, before: usize, after: usize) {
-        if after > before {
-            self.reserved.fetch_add(after - before, Ordering::Relaxed);
-        } else if before > after {
-            self.reserved.fetch_sub(before - after, Ordering::Relaxed);
-        }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn reserved(&self) -> usize {
-        self.reserved.load(Ordering::Relaxed)
     }
 
     /// Move a holder's count from `before` to `after` bytes.

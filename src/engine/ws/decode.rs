@@ -152,9 +152,9 @@ const GROWTH_STEP: usize = 1 << 20;
 const RESERVE_AHEAD: usize = 4 << 20;
 
 /// How far ahead of `received` bytes a message's buffer may reserve (`RESERVE_AHEAD`), with
-/// `budget_room` left to reserve in the server-wide budget (`MessageReader::set_budget_room`).
-/// With none left a buffer still doubles with what comes (amortised copies), so it never
-/// reserves more ahead than what came, which the budget holds.
+/// `budget_room` left in the server-wide budget (`MessageReader::set_budget_room`). Past the
+/// budget a buffer still doubles with what comes (amortised copies), so it never holds more
+/// than about twice what came; that is charged to the budget, which then pauses its reading.
 fn room_ahead(received: usize, budget_room: usize) -> usize {
     RESERVE_AHEAD
         .max(received.saturating_mul(3))
@@ -226,10 +226,9 @@ pub(crate) struct MessageReader {
     stalled: bool,
     /// permessage-deflate was negotiated: its decompressor. Boxed, as most connections have none.
     inflating: Option<Box<Inflating>>,
-    /// The room the server-wide budget has left to reserve at this read
-    /// (`IncomingBudget::reserve_room`, for `room_ahead`): reserving ahead within it, a
-    /// thousand clients each declaring a large frame and sending a byte make the server
-    /// reserve what the budget allows, not 4 MiB each. Capped at 4 GiB (`u32`: it fits
+    /// The room left in the server-wide budget at this read (`room_ahead`): reserving ahead
+    /// within it, a thousand clients each declaring a large frame and sending a byte make the
+    /// server reserve what the budget allows, not 4 MiB each. Capped at 4 GiB (`u32`: it fits
     /// the struct's padding, and every idle connection's task carries it); past that, only a
     /// message over 1.3 GiB would reserve less ahead, and still in doublings.
     budget_room: u32,
@@ -262,8 +261,8 @@ impl MessageReader {
         }
     }
 
-    /// The room the server-wide budget has left to reserve, for what the next reads reserve
-    /// ahead of the bytes that have come (`room_ahead`).
+    /// The room left in the server-wide budget, for what the next reads reserve ahead of the
+    /// bytes that have come (`room_ahead`).
     pub(crate) fn set_budget_room(&mut self, room: usize) {
         self.budget_room = u32::try_from(room).unwrap_or(u32::MAX);
     }
@@ -310,23 +309,17 @@ impl MessageReader {
         self.stalled
     }
 
-    /// Bytes held for an incomplete frame or message: what the server-wide budget counts.
+    /// Bytes held for an incomplete frame or message, and the room reserved for the rest of
+    /// its message: what the server-wide budget counts. Counting only the bytes that came,
+    /// 64 clients each declaring 16 MiB and sending a byte were 64 bytes on the budget while
+    /// the server had reserved 256 MiB for them.
     pub(crate) fn buffered(&self) -> usize {
         usize::from(self.head_len)
             + self.partial.as_ref().map_or(0, |p| {
-                p.message.as_ref().map_or(0, |m| m.payload.len())
+                p.message.as_ref().map_or(0, |m| m.payload.capacity())
                     + p.frame.as_ref().map_or(0, |f| f.control.len())
                     + p.rest.len()
             })
-    }
-
-    /// Room reserved ahead of the bytes of the message being received: what the budget counts
-    /// as reserved (`IncomingBudget::reserve_room`).
-    pub(crate) fn reserved(&self) -> usize {
-        self.partial
-            .as_ref()
-            .and_then(|p| p.message.as_ref())
-            .map_or(0, |m| m.payload.capacity() - m.payload.len())
     }
 
     /// Heap bytes held for an incomplete frame or message (the buffers' capacities).
@@ -1437,8 +1430,8 @@ mod tests {
             reader.set_budget_room(room);
             reader.feed(&declared, &mut |_| true).unwrap();
             assert_eq!(
-                (reader.held(), reader.buffered(), reader.reserved()),
-                (held, 1, held - 1),
+                (reader.held(), reader.buffered()),
+                (held, held),
                 "room {room}"
             );
         }

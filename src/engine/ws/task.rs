@@ -183,8 +183,6 @@ struct Receiver {
     reader: MessageReader,
     /// Bytes of the incomplete frame or message counted in the server's budget.
     charged: usize,
-    /// Room reserved ahead of them, counted in the budget's reservations (`budget.rs`).
-    reserved: usize,
     /// When the frame or message being received began to arrive; `None` between messages.
     since: Option<Instant>,
     /// The drain the last events this connection queued wait for (`EventQueue::handled_since`).
@@ -240,7 +238,6 @@ impl Task {
             rx: Receiver {
                 reader,
                 charged: 0,
-                reserved: 0,
                 since: None,
                 pushed_at,
                 budget_generation: u32::MAX,
@@ -309,8 +306,6 @@ impl Task {
         budget.adjust_awaiting(self.rx.awaiting(), 0);
         budget.release(self.rx.charged);
         self.rx.charged = 0;
-        budget.adjust_reserved(self.rx.reserved, 0);
-        self.rx.reserved = 0;
     }
 
     fn idle_timeout(&self) -> Ending {
@@ -737,9 +732,10 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up:
     with_read_buf(|buf| {
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
+            let headroom = conn.shared.budget.headroom();
             // For the room `direct_room` reserves; `feed` sets it again for what it reserves.
-            rx.reader.set_budget_room(conn.shared.budget.reserve_room());
-            let max = conn.shared.budget.headroom().clamp(READ_BUFFER, DIRECT_MAX);
+            rx.reader.set_budget_room(headroom);
+            let max = headroom.clamp(READ_BUFFER, DIRECT_MAX);
             let (result, direct) = match rx.reader.direct_room(DIRECT_MIN, max) {
                 Some(room) => {
                     let len = room.len();
@@ -779,18 +775,8 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up:
                 Err(_) => return Read::Ended(Ending::abrupt(1006, "")),
             }
         }
-        // `direct_room` may have reserved room for a read that found nothing.
-        settle_reserved(conn, rx);
         got
     })
-}
-
-/// Bring the budget's count of the room reserved ahead for this connection's message up to
-/// date (`IncomingBudget::adjust_reserved`).
-fn settle_reserved(conn: &Conn, rx: &mut Receiver) {
-    let reserved = rx.reader.reserved();
-    conn.shared.budget.adjust_reserved(rx.reserved, reserved);
-    rx.reserved = reserved;
 }
 
 /// What a read brought.
@@ -906,7 +892,7 @@ fn feed(
         .set_inflate_room(|| conn.shared.budget.inflate_room());
     // Every feed, not only `read`'s: the bytes that came with the upgrade request are fed
     // before any read.
-    rx.reader.set_budget_room(conn.shared.budget.reserve_room());
+    rx.reader.set_budget_room(conn.shared.budget.headroom());
     let parsed = match input {
         Input::Bytes(data) => rx.reader.feed(data, &mut deliver),
         Input::Direct(n) => rx.reader.direct_received(n, &mut deliver),
@@ -926,7 +912,6 @@ fn feed(
     let held = rx.reader.buffered();
     conn.shared.budget.adjust(rx.charged, held);
     rx.charged = held;
-    settle_reserved(conn, rx);
     conn.shared
         .budget
         .adjust_awaiting(was_awaiting, rx.awaiting());
@@ -1091,9 +1076,8 @@ mod tests {
             shared.register(&conn);
             let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
             // Each carries one pointer for permessage-deflate (8 bytes), `None` unless negotiated.
-            // The `Conn` also carries two prefetch hints (16 bytes, `Outbound::prefetch_targets`),
-            // and the task what its message reserves ahead on the budget (8, `Receiver::reserved`).
-            assert!(size_of_future(&task) <= 368, "{}", size_of_future(&task));
+            // The `Conn` also carries two prefetch hints (16 bytes, `Outbound::prefetch_targets`).
+            assert!(size_of_future(&task) <= 360, "{}", size_of_future(&task));
             assert!(
                 std::mem::size_of::<Conn>() <= 232,
                 "{}",
