@@ -310,8 +310,7 @@ class Config(Generic[T]):
     def max_incoming_bytes(self, size: int) -> Config[T]:
         """Bytes all clients together may make the server hold (default 1 GiB, 0: no limit).
 
-        It counts messages still arriving (with the room reserved for the rest of each, up to
-        4 MiB ahead of what came) and messages waiting for their handler. Past it, the
+        It counts messages still arriving and messages waiting for their handler. Past it, the
         connections holding 64 KiB or more stop being read until it frees up (their clients
         wait, held back by TCP), while those holding less go on; a paused client whose message
         is still incomplete at its ``message_timeout`` is closed with 1008. HTTP request bodies

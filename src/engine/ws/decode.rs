@@ -151,14 +151,9 @@ const GROWTH_STEP: usize = 1 << 20;
 /// 7 MiB higher).
 const RESERVE_AHEAD: usize = 4 << 20;
 
-/// How far ahead of `received` bytes a message's buffer may reserve (`RESERVE_AHEAD`), with
-/// `budget_room` left in the server-wide budget (`MessageReader::set_budget_room`). Past the
-/// budget a buffer still doubles with what comes (amortised copies), so it never holds more
-/// than about twice what came; that is charged to the budget, which then pauses its reading.
-fn room_ahead(received: usize, budget_room: usize) -> usize {
-    RESERVE_AHEAD
-        .max(received.saturating_mul(3))
-        .min(budget_room.max(received))
+/// How far ahead of `received` bytes a message's buffer may reserve (`RESERVE_AHEAD`).
+fn room_ahead(received: usize) -> usize {
+    RESERVE_AHEAD.max(received.saturating_mul(3))
 }
 
 /// A frame header, checked.
@@ -226,12 +221,6 @@ pub(crate) struct MessageReader {
     stalled: bool,
     /// permessage-deflate was negotiated: its decompressor. Boxed, as most connections have none.
     inflating: Option<Box<Inflating>>,
-    /// The room left in the server-wide budget at this read (`room_ahead`): reserving ahead
-    /// within it, a thousand clients each declaring a large frame and sending a byte make the
-    /// server reserve what the budget allows, not 4 MiB each. Capped at 4 GiB (`u32`: it fits
-    /// the struct's padding, and every idle connection's task carries it); past that, only a
-    /// message over 1.3 GiB would reserve less ahead, and still in doublings.
-    budget_room: u32,
 }
 
 /// A connection's inflating side, with what the server-wide budget lets it inflate.
@@ -257,18 +246,7 @@ impl MessageReader {
             done: false,
             stalled: false,
             inflating: None,
-            budget_room: u32::MAX,
         }
-    }
-
-    /// The room left in the server-wide budget, for what the next reads reserve ahead of the
-    /// bytes that have come (`room_ahead`).
-    pub(crate) fn set_budget_room(&mut self, room: usize) {
-        self.budget_room = u32::try_from(room).unwrap_or(u32::MAX);
-    }
-
-    fn budget_room(&self) -> usize {
-        self.budget_room as usize
     }
 
     /// How much the next `feed` may inflate (`None`: nothing, the budget is spent). A message
@@ -309,14 +287,11 @@ impl MessageReader {
         self.stalled
     }
 
-    /// Bytes held for an incomplete frame or message, and the room reserved for the rest of
-    /// its message: what the server-wide budget counts. Counting only the bytes that came,
-    /// 64 clients each declaring 16 MiB and sending a byte were 64 bytes on the budget while
-    /// the server had reserved 256 MiB for them.
+    /// Bytes held for an incomplete frame or message: what the server-wide budget counts.
     pub(crate) fn buffered(&self) -> usize {
         usize::from(self.head_len)
             + self.partial.as_ref().map_or(0, |p| {
-                p.message.as_ref().map_or(0, |m| m.payload.capacity())
+                p.message.as_ref().map_or(0, |m| m.payload.len())
                     + p.frame.as_ref().map_or(0, |f| f.control.len())
                     + p.rest.len()
             })
@@ -412,7 +387,6 @@ impl MessageReader {
         if self.done || self.stalled {
             return None;
         }
-        let budget_room = self.budget_room();
         let partial = self.partial.as_mut()?;
         let frame = partial.frame.as_ref()?;
         if frame.remaining < min || !partial.rest.is_empty() || is_control(frame.opcode) {
@@ -420,7 +394,7 @@ impl MessageReader {
         }
         let message = partial.message.as_mut()?;
         // Refused room is refused again, as a violation, by the copy that reads on (`receive`).
-        reserve_ahead(&mut message.payload, frame.remaining, min, budget_room).ok()?;
+        reserve_ahead(&mut message.payload, frame.remaining, min).ok()?;
         let spare = message.payload.spare_capacity_mut();
         let room = frame.remaining.min(max).min(spare.len());
         Some(&mut spare[..room])
@@ -660,25 +634,22 @@ impl MessageReader {
     }
 
     /// A frame whose payload is still to come: make room for it (all of it, up to
-    /// `room_ahead`). The room is reserved before the bytes arrive: if the allocator refuses
+    /// `RESERVE_AHEAD`). The room is reserved before the bytes arrive: if the allocator refuses
     /// it (a strict overcommit policy, say), the message is refused as too big rather than the
     /// process aborted.
     fn start(&mut self, header: &Header) -> Result<(), Violation> {
         let limit = self.max_payload as usize;
-        let budget_room = self.budget_room();
         let partial = self.partial.get_or_insert_with(Box::default);
         let mut control = Vec::new();
         if is_control(header.opcode) {
             control = Vec::with_capacity(header.len);
         } else if let Some(message) = &mut partial.message {
-            let ahead = header
-                .len
-                .min(room_ahead(message.payload.len(), budget_room));
+            let ahead = header.len.min(room_ahead(message.payload.len()));
             reserve_fragment(&mut message.payload, ahead, limit)?;
         } else {
             let mut payload = Vec::new();
             payload
-                .try_reserve_exact(header.len.min(room_ahead(0, budget_room)))
+                .try_reserve_exact(header.len.min(RESERVE_AHEAD))
                 .map_err(|_| Violation::TooBig)?;
             let whole = header.fin && !header.compressed;
             let keep_masked = whole
@@ -708,7 +679,6 @@ impl MessageReader {
         data: &[u8],
         deliver: &mut impl FnMut(Incoming) -> bool,
     ) -> Result<usize, Violation> {
-        let budget_room = self.budget_room();
         let partial = self.partial.as_mut().expect("a frame is being received");
         let frame = partial.frame.as_mut().expect("a frame is being received");
         let n = frame.remaining.min(data.len());
@@ -719,7 +689,7 @@ impl MessageReader {
                 .message
                 .as_mut()
                 .expect("started with its first frame");
-            reserve_ahead(&mut message.payload, frame.remaining, n, budget_room)?;
+            reserve_ahead(&mut message.payload, frame.remaining, n)?;
             if message.mask.is_some() {
                 message.payload.extend_from_slice(&data[..n]);
             } else {
@@ -903,18 +873,11 @@ fn reserve_fragment(buf: &mut Vec<u8>, additional: usize, limit: usize) -> Resul
 /// there is not that much already: all that remains if it is within `room_ahead`, otherwise
 /// that much. The buffer then grows at most fourfold at a time, and never holds more than four
 /// times what has come plus `RESERVE_AHEAD`.
-fn reserve_ahead(
-    buf: &mut Vec<u8>,
-    remaining: usize,
-    at_least: usize,
-    budget_room: usize,
-) -> Result<(), Violation> {
+fn reserve_ahead(buf: &mut Vec<u8>, remaining: usize, at_least: usize) -> Result<(), Violation> {
     if buf.capacity() - buf.len() >= at_least {
         return Ok(());
     }
-    let ahead = remaining
-        .min(room_ahead(buf.len(), budget_room))
-        .max(at_least);
+    let ahead = remaining.min(room_ahead(buf.len())).max(at_least);
     buf.try_reserve_exact(ahead).map_err(|_| Violation::TooBig)
 }
 
@@ -1415,61 +1378,6 @@ mod tests {
                 }
             }
             assert_eq!(growths, 3, "reservations, from {min}");
-            assert_eq!(got, vec![Incoming::Binary(Bytes::from(big.clone()).into())]);
-        }
-    }
-
-    #[test]
-    fn past_the_budget_s_room_a_buffer_grows_only_with_what_comes() {
-        let mut declared = frame(0x82, &[9]);
-        declared.splice(1..2, [0xFF]);
-        declared.splice(2..2, ((16u64 << 20) - 1).to_be_bytes());
-        // Within the room the budget has left, and with none left.
-        for (room, held) in [(1 << 20, 1 << 20), (0, 1)] {
-            let mut reader = MessageReader::new(16 << 20);
-            reader.set_budget_room(room);
-            reader.feed(&declared, &mut |_| true).unwrap();
-            assert_eq!(
-                (reader.held(), reader.buffered()),
-                (held, held),
-                "room {room}"
-            );
-        }
-        // A 5 MiB frame that all comes with no room left: intact, its buffer never over about
-        // twice what came, in few enough growths that the copies stay linear.
-        let big: Vec<u8> = (0..(5 << 20) + 7u32)
-            .map(|i| (i * 13 % 251) as u8)
-            .collect();
-        let stream = frame(0x82, &big);
-        for (min, max) in [(32_768, 1 << 20), (usize::MAX, 0)] {
-            let mut reader = MessageReader::new(16 << 20);
-            reader.set_budget_room(0);
-            let (mut pos, mut growths, mut last) = (0, 0, 0);
-            let mut got = Vec::new();
-            while pos < stream.len() {
-                let mut deliver = |m| {
-                    got.push(m);
-                    true
-                };
-                if let Some(room) = reader.direct_room(min, max) {
-                    let n = room.len().min(stream.len() - pos);
-                    for (slot, byte) in room.iter_mut().zip(&stream[pos..pos + n]) {
-                        slot.write(*byte);
-                    }
-                    pos += n;
-                    reader.direct_received(n, &mut deliver).unwrap();
-                } else {
-                    let n = 65_536.min(stream.len() - pos);
-                    pos += n;
-                    reader.feed(&stream[pos - n..pos], &mut deliver).unwrap();
-                }
-                let held = reader.held();
-                assert!(held <= 2 * pos + 65_536, "{held} held after {pos}");
-                if held != last && held != 0 {
-                    (growths, last) = (growths + 1, held);
-                }
-            }
-            assert!(growths <= 12, "{growths} growths, from {min}");
             assert_eq!(got, vec![Incoming::Binary(Bytes::from(big.clone()).into())]);
         }
     }

@@ -732,10 +732,7 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up:
     with_read_buf(|buf| {
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
-            let headroom = conn.shared.budget.headroom();
-            // For the room `direct_room` reserves; `feed` sets it again for what it reserves.
-            rx.reader.set_budget_room(headroom);
-            let max = headroom.clamp(READ_BUFFER, DIRECT_MAX);
+            let max = conn.shared.budget.headroom().clamp(READ_BUFFER, DIRECT_MAX);
             let (result, direct) = match rx.reader.direct_room(DIRECT_MIN, max) {
                 Some(room) => {
                     let len = room.len();
@@ -890,9 +887,6 @@ fn feed(
     };
     rx.reader
         .set_inflate_room(|| conn.shared.budget.inflate_room());
-    // Every feed, not only `read`'s: the bytes that came with the upgrade request are fed
-    // before any read.
-    rx.reader.set_budget_room(conn.shared.budget.headroom());
     let parsed = match input {
         Input::Bytes(data) => rx.reader.feed(data, &mut deliver),
         Input::Direct(n) => rx.reader.direct_received(n, &mut deliver),
