@@ -608,23 +608,29 @@ fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
     if hosts.next().is_some() {
         return Some("more than one Host header");
     }
-    let valid = host.is_empty()
-        || host.to_str().is_ok_and(|host| {
-            // `Authority` also takes a user ("u@host") and a port of any characters.
-            !host.contains('@')
-                && host
-                    .parse::<hyper::http::uri::Authority>()
-                    .is_ok_and(|authority| {
-                        ip_literal_ok(authority.host())
-                            && host.strip_prefix(authority.host()).is_some_and(|port| {
-                                match port.strip_prefix(':') {
-                                    Some(digits) => digits.bytes().all(|b| b.is_ascii_digit()),
-                                    None => port.is_empty(),
-                                }
-                            })
-                    })
-        });
+    let valid = host.is_empty() || host.to_str().is_ok_and(host_value_ok);
     (!valid).then_some("invalid Host header")
+}
+
+/// A `Host` value: a host and an optional port of digits, no user. `Authority` also takes a
+/// user ("u@host") and a port of any characters.
+fn host_value_ok(host: &str) -> bool {
+    if host.contains('@') {
+        return false;
+    }
+    let Ok(authority) = host.parse::<hyper::http::uri::Authority>() else {
+        return false;
+    };
+    if !ip_literal_ok(authority.host()) {
+        return false;
+    }
+    match host.strip_prefix(authority.host()) {
+        Some("") => true,
+        Some(port) => port
+            .strip_prefix(':')
+            .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
+    }
 }
 
 /// A host in brackets is an IP literal (RFC 3986 3.2.2): an IPv6 address, or an IPvFuture
