@@ -209,17 +209,7 @@ class RawWebSocket:
 
     async def _handshake(self, path: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         key = base64.b64encode(os.urandom(16))
-        request = (
-            f"GET {path} HTTP/1.1\r\n"
-            "Host: 127.0.0.1\r\n"
-            "Upgrade: websocket\r\n"
-            "Connection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key.decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\n"
-            + "".join(f"{name}: {value}\r\n" for name, value in headers)
-            + "\r\n"
-        ).encode()
-        self.writer.write(request)
+        self.writer.write(upgrade_request(path, key, headers))
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         _check_upgrade_response(head, key)
@@ -388,12 +378,22 @@ def blocking_connect(port: int, path: str = "/ws", timeout: float = 5.0) -> sock
 def start_upgrade(sock: socket.socket, path: str = "/ws") -> bytes:
     """Send an upgrade request on a blocking socket; its key, for ``finish_upgrade``."""
     key = base64.b64encode(os.urandom(16))
-    sock.sendall(
-        (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-         "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-    )
+    sock.sendall(upgrade_request(path, key))
     return key
+
+
+def upgrade_request(path: str, key: bytes, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A WebSocket upgrade request for ``path`` with ``key`` (base64) and extra ``headers``."""
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        + "\r\n"
+    ).encode()
 
 
 def finish_upgrade(sock: socket.socket, key: bytes) -> None:

@@ -37,6 +37,7 @@ from rawws import (
     read_until_eof,
     start_upgrade,
     tcp_state,
+    upgrade_request,
 )
 
 pytestmark = pytest.mark.both_loops
@@ -49,18 +50,7 @@ TIMEOUT = 5
 
 async def raw_connect(srv: brioche.Server[Any], path: str = "/ws") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET {path} HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{srv.port}\r\n"
-            "Upgrade: websocket\r\n"
-            "Connection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n"
-            "\r\n"
-        ).encode()
-    )
+    writer.write(upgrade_request(path, base64.b64encode(os.urandom(16))))
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     assert head.startswith(b"HTTP/1.1 101 "), head
