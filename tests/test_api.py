@@ -78,6 +78,9 @@ def test_the_spec_names_the_status_type_websocket_send_status() -> None:
     assert describe(status) == "dropped"
     assert websocket.WebSocketSendStatus is websocket.SendStatus is brioche.WebSocketSendStatus
     assert "WebSocketSendStatus" in websocket.__all__ and "WebSocketSendStatus" in brioche.__all__
+    # The spec's constructors of `WebSocketSendStatus` are its module's names too.
+    for name in ("MessageSent", "MessageBackpressured", "MessageDropped"):
+        assert name in websocket.__all__ and getattr(websocket, name) is getattr(brioche, name)
 
 
 def test_match_positional_bytes_sent() -> None:

@@ -29,6 +29,9 @@ __all__ = [
     "CloseCode",
     "Config",
     "DeflateOptions",
+    "MessageBackpressured",
+    "MessageDropped",
+    "MessageSent",
     "ReadyState",
     "SendStatus",
     "WebSocket",
@@ -252,8 +255,11 @@ class Config(Generic[T]):
     def on_close(self, handler: CloseHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, code, reason)`` exactly once, after the last message.
 
-        ``code`` is the peer's close code, or 1006 when the connection ended without a close
-        frame (``terminate``, a vanished client, an idle timeout).
+        ``code`` and ``reason`` are the peer's close frame's (1005 and ``""`` for one without a
+        code), or the server's own when it ended the connection: 1006 with no close frame
+        (``terminate``, a vanished client, no answer to ``close()``; ``"idle timeout"`` after
+        one), 1002, 1007 or 1009 for what the client sent, 1008 for ``message_timeout`` and
+        ``close_on_backpressure_limit``. The README's *Closing* table has each case.
         """
         return dataclasses.replace(self, on_close_handler=handler)
 
