@@ -167,6 +167,8 @@ async def test_headers_may_be_a_mapping_and_a_lone_pair_is_a_clear_type_error(se
          501, b"Not Implemented"),
         (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
          400, b"Bad Request"),
+        # A body whose last coding is not chunked has no end but the connection's (RFC 9112 6.3).
+        (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400, b""),
         # Each form where it belongs reaches the handler, a CONNECT with its target.
         (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 200, b"OPTIONS *"),
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405, b"CONNECT example.com:443"),
