@@ -255,10 +255,11 @@ class Config(Generic[T]):
     def on_close(self, handler: CloseHandler[T] | None) -> Config[T]:
         """Call ``handler(ws, code, reason)`` exactly once, after the last message.
 
-        ``code`` and ``reason`` are the peer's close frame's (1005 and ``""`` for one without a
-        code), or the server's own when it ended the connection: 1006 with no close frame
-        (``terminate``, a vanished client, no answer to ``close()``; ``"idle timeout"`` after
-        one), 1002, 1007 or 1009 for what the client sent, 1008 for ``message_timeout`` and
+        ``code`` and ``reason`` are those of the peer's close frame (1005 and ``""`` for one
+        without a code), or the server's own when it ended the connection: 1006 when it ended
+        without a close frame (``terminate``, a vanished client, no answer to ``close()``
+        within 5 s, and the idle timeout, whose reason is ``"idle timeout"``); 1002, 1007 or
+        1009 for what the client sent; 1008 for ``message_timeout`` and
         ``close_on_backpressure_limit``. The README's *Closing* table has each case.
         """
         return dataclasses.replace(self, on_close_handler=handler)
