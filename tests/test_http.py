@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json as jsonlib
 import logging
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -408,6 +411,87 @@ async def test_handler_exception_gives_500_and_server_keeps_serving(
         and str(r.exc_info[1]) == "fetch exploded"
         for r in caplog.records
     ), caplog.records
+
+
+@pytest.mark.parametrize("style", ["sync", "async_before_await", "async_after_await"])
+async def test_a_handler_s_own_cancelled_error_gives_500_and_holds_no_stop(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture, style: str
+) -> None:
+    """A ``CancelledError`` the handler raised itself (it awaited something another task
+    cancelled) is its failure: 500 and a line, as for an ``async def`` handler's. From a plain
+    handler it went unanswered, and the request held ``stop()`` as long as anything kept it."""
+
+    def sync_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if request.path == "/cancelled":
+            raise asyncio.CancelledError
+        return server.text("fine")
+
+    async def async_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if style == "async_after_await":
+            await asyncio.sleep(0)
+        return sync_handler(request, srv)
+
+    caplog.set_level(logging.ERROR, logger="brioche")
+    srv = await serve(handler=sync_handler if style == "sync" else async_handler)
+    status, _, body = await http(srv, "/cancelled")
+    assert (status, body) == (500, b"Internal Server Error")
+    status, _, body = await http(srv, "/next")
+    assert (status, body) == (200, b"fine")
+    assert [r.getMessage() for r in caplog.records if r.name == "brioche"] == [
+        "handler for <Request GET /cancelled> was cancelled: 500"
+    ]
+    await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+
+
+@pytest.mark.parametrize("style", ["sync", "async_before_await"])
+def test_a_system_exit_from_an_http_handler_is_answered_500_and_the_app_exits(
+    tmp_path: Path, style: str
+) -> None:
+    """``SystemExit`` or ``KeyboardInterrupt`` (Ctrl+C during a slow plain route) raised by an
+    HTTP handler propagates, as a WebSocket handler's does after its 1011; first the request is
+    answered 500. It went unanswered, and the server's stop waited for it for ever: the process
+    outlived ``asyncio.run()``'s shutdown until it was killed."""
+    script = tmp_path / "exit_app.py"
+    script.write_text(
+        "import asyncio\n"
+        "from brioche import server\n"
+        f"{'async ' if style != 'sync' else ''}def fetch(request, srv):\n"
+        "    if request.path == '/exit':\n"
+        "        raise SystemExit(3)\n"
+        "    return server.text('fine')\n"
+        "config = server.handler(fetch).hostname('127.0.0.1').port(0)\n"
+        "async def main():\n"
+        "    try:\n"
+        "        async with config.serve() as srv:\n"
+        "            print('port', srv.port, flush=True)\n"
+        "            await asyncio.get_running_loop().create_future()\n"
+        "    finally:\n"
+        "        print('main finally', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+
+    async def request_exit(port: int) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /exit HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await writer.drain()
+            status, _, body = await read_response(reader)
+            return status, body
+        finally:
+            writer.close()
+
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline().split()
+            assert first[:1] == ["port"], first
+            assert asyncio.run(request_exit(int(first[1]))) == (500, b"Internal Server Error")
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert out.splitlines() == ["main finally"], (out, err)
 
 
 async def test_handler_returning_none_without_upgrade_gives_500(

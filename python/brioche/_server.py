@@ -1256,6 +1256,17 @@ class Server(Generic[T]):
             logger.exception("handler raised for %r", request)
             self._reply(request, internal_error())
             return
+        except asyncio.CancelledError:
+            # The handler's own doing, as for a task it cancelled itself (`_request_done`).
+            logger.error("handler for %r was cancelled: 500", request)
+            self._reply(request, internal_error())
+            return
+        except BaseException:
+            # KeyboardInterrupt, SystemExit (from the call, or an eager task's first step):
+            # answered before it propagates, as a WebSocket handler's closes 1011 first.
+            # Unanswered, the request held stop() and run() for ever.
+            self._reply(request, internal_error())
+            raise
         if task is None:
             self._reply(request, result)
         elif task.done():
