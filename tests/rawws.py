@@ -459,6 +459,18 @@ def read_until_eof(sock: socket.socket, timeout: float = 5) -> bytes:
 # -- server-side helpers for tests that stall a client -------------------------------------------
 
 
+def unread_by_server(port: int) -> int:
+    """Bytes the established connections to ``port`` hold that the server has not read yet
+    (the receive queues of /proc/net/tcp)."""
+    unread = 0
+    with open("/proc/net/tcp") as f:
+        for line in list(f)[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+                unread += int(fields[4].split(":")[1], 16)
+    return unread
+
+
 async def poll_until(predicate: Callable[[], bool], timeout: float) -> bool:
     """Check ``predicate`` every millisecond for up to ``timeout`` seconds; whether it held.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import zlib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from brioche import MessageSent, websocket
 from brioche.websocket import DeflateOptions
 
 from conftest import Recorder, ServeFn, reset_peak_rss, status_kib, ws_url
-from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket, encode_frame, poll_until
+from rawws import OP_BINARY, OP_CONTINUATION, OP_TEXT, RawWebSocket, encode_frame, poll_until, unread_by_server
 
 MIB = 1 << 20
 TIMEOUT = 10
@@ -422,17 +421,6 @@ def test_deflate_options_are_checked() -> None:
     assert websocket.per_message_deflate(websocket.init(), False).deflate_options is None
 
 
-def _unread_by_server(port: int) -> int:
-    """Bytes the established connections to ``port`` hold that the server has not read yet
-    (the receive queues of /proc/net/tcp)."""
-    unread = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
-            unread += int(fields[4].split(":")[1], 16)
-    return unread
-
-
 async def test_compressed_messages_waiting_to_be_inflated_do_not_hold_each_other_up(
     serve: ServeFn, recorder: Recorder
 ) -> None:
@@ -528,7 +516,7 @@ async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
             await raw.send_frame(OP_BINARY, compressed, rsv=4)
         # Everything sent has been read (each read is parsed, and a message inflated or kept,
         # in the same step of its connection's task), and at least what fits was inflated.
-        assert await poll_until(lambda: _unread_by_server(srv.port) == 0
+        assert await poll_until(lambda: unread_by_server(srv.port) == 0
                                 and srv.stats()["messages_in"] >= clients + 2, 10), srv.stats()
         held = srv.stats()["incoming_bytes"]
         assert held <= bound, (held, bound)

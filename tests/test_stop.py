@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 import brioche
 from brioche import MessageBackpressured, server, websocket
 from conftest import Recorder, ServeFn, upgrade_ws_path, ws_url
-from rawws import OP_BINARY, RawWebSocket, fill, numbered, parse_frames
+from rawws import OP_BINARY, RawWebSocket, fill, numbered, parse_frames, poll_until, unread_by_server
 
 pytestmark = pytest.mark.both_loops
 
@@ -244,6 +245,69 @@ async def test_stop_closing_active_connections_completes_when_a_client_never_rea
     frames, _ = parse_frames(data)
     assert frames and all(f.opcode == OP_BINARY for f in frames), "data, then the end, no close frame"
     assert how in ("eof", "reset")
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+async def test_stop_closing_active_connections_does_not_wait_for_a_request_under_way(
+    serve: ServeFn, recorder: Recorder, part: str
+) -> None:
+    """Bun's ``stop(true)`` closes everything: a client still sending its request (its head, or
+    the body it declared) gets 503 and the connection ends, and stop() returns at once. It
+    waited for the client up to ``handshake_timeout`` (60 s here), then answered it 408."""
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("request", request.path)
+        return server.text("done")
+
+    srv = await serve(handler=handler, handshake_timeout=60)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        head = b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        writer.write(head + (b"Content-Length: 10\r\n\r\nabc" if part == "body" else b""))
+        await writer.drain()
+        # Read by the server: the request is under way, not merely in the kernel's queue.
+        assert await poll_until(lambda: unread_by_server(srv.port) == 0, TIMEOUT)
+        await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+    assert answer.endswith(b"\r\n\r\nService Unavailable"), answer
+    assert recorder.events == []
+
+
+async def test_stop_closing_active_connections_does_not_wait_for_a_client_that_reads_no_answer(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A client reading none of a 16 MiB answer: stop(True) ends its connection at once. It
+    waited for the client's reading up to ``handshake_timeout`` (60 s here)."""
+    body = b"x" * (16 << 20)
+
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("request", request.path)
+        return server.Response(200, [("content-type", "application/octet-stream")], body)
+
+    srv = await serve(handler=handler, handshake_timeout=60)
+    sock = socket.socket()
+    # A small window: the answer cannot all be in flight to a client that does not read.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", srv.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        await recorder.wait_for(lambda: recorder.events == [("request", "/big")], TIMEOUT)
+        await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+        received = 0
+        try:
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), TIMEOUT):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    finally:
+        writer.close()
+    # The start of the answer came; then the end, not the rest.
+    assert 0 < received < len(body), received
 
 
 @pytest.mark.parametrize("kind", ["http", "websocket"])

@@ -232,6 +232,7 @@ impl Server {
             for conn in conns {
                 conn.close(1001, "server shutting down");
             }
+            shared.force_stop.cancel();
         }
         if !shared.stopping.swap(true, Ordering::AcqRel) {
             let shared = shared.clone();

@@ -178,6 +178,9 @@ struct RequestClock {
     /// The answer is made: start at the next read, once hyper has written it and waits for the
     /// next request, so that a slow download does not spend the next request's time.
     start_on_read: AtomicBool,
+    /// `stop(close_active_connections=True)`: a wait on the client (for its request, or for it
+    /// to read the answer) ends now. A request with its handler is still answered.
+    cut: AtomicBool,
 }
 
 impl RequestClock {
@@ -196,6 +199,12 @@ impl RequestClock {
     fn answered(&self) {
         self.stop();
         self.start_on_read.store(true, Ordering::Relaxed);
+    }
+
+    /// The server is stopping with its connections closed, and this one waits on its client
+    /// (for a request, or the rest of one), not on a handler: the clock runs.
+    fn cut_while_timing(&self) -> bool {
+        self.cut.load(Ordering::Relaxed) && self.deadline.lock().is_some()
     }
 }
 
@@ -226,6 +235,11 @@ struct TimedIo {
 
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// What a request under way gets when `stop(close_active_connections=True)` ends it: what the
+/// loop answers a request whose handler it cancels.
+const SHUTTING_DOWN: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 19\r\n\r\nService Unavailable";
 
 impl TimedIo {
     fn stream(&mut self) -> &mut Stream {
@@ -277,7 +291,22 @@ impl TimedIo {
             self.clock.response_stalled.store(true, Ordering::Relaxed);
             return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
+        if self.clock.cut.load(Ordering::Relaxed) {
+            // Stopping with everything closed: not for a client that does not read.
+            self.timed_out = true;
+            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+        }
         Poll::Pending
+    }
+
+    /// End the connection for `stop(close_active_connections=True)`, telling a client whose
+    /// request is under way why (best effort, as the 408).
+    fn cut(&mut self) -> io::Error {
+        self.timed_out = true;
+        if self.read_since_start {
+            let _ = self.stream().try_write(SHUTTING_DOWN);
+        }
+        io::ErrorKind::ConnectionAborted.into()
     }
 
     fn time_out(&mut self) -> io::Error {
@@ -303,6 +332,9 @@ impl AsyncRead for TimedIo {
     ) -> Poll<io::Result<()>> {
         if self.timed_out || self.expired(cx) {
             return Poll::Ready(Err(self.time_out()));
+        }
+        if self.clock.cut_while_timing() {
+            return Poll::Ready(Err(self.cut()));
         }
         let before = buf.filled().len();
         let room = buf.remaining() > 0;
@@ -384,6 +416,7 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         response_stalled: AtomicBool::new(false),
         stops: AtomicU64::new(0),
         start_on_read: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
     });
     clock.start();
     let stream = match (&shared.tls, stream) {
@@ -434,7 +467,15 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
             served = connection.as_mut() => served,
             _ = shared.shutdown.cancelled() => {
                 connection.as_mut().graceful_shutdown();
-                connection.await
+                tokio::select! {
+                    served = connection.as_mut() => served,
+                    _ = shared.force_stop.cancelled() => {
+                        // Polled again, hyper reads or writes again, and `TimedIo` ends a wait
+                        // on the client: stop(True) does not wait on clients, only on handlers.
+                        clock.cut.store(true, Ordering::Relaxed);
+                        connection.await
+                    }
+                }
             }
         }
         // The connection, and with it the socket unless upgraded, is dropped here.
@@ -780,8 +821,11 @@ async fn read_and_answer(
             return Ok(refusal(status, "Service Unavailable"));
         }
         Err(BodyError::Broken) => {
-            // A body cut short by the request deadline is counted once, as a 408, below.
-            if !clock.expired_mid_request.load(Ordering::Relaxed) {
+            // A body cut short by the request deadline is counted once, as a 408, below; one
+            // cut short by stop(True) is no fault of the client's.
+            if !clock.expired_mid_request.load(Ordering::Relaxed)
+                && !clock.cut.load(Ordering::Relaxed)
+            {
                 reject_request(shared, remote, StatusCode::BAD_REQUEST, "malformed body");
             }
             return Ok(refusal(StatusCode::BAD_REQUEST, "Bad Request"));

@@ -52,6 +52,8 @@ pub struct Shared {
     pub(crate) tracker: TaskTracker,
     /// `stop(close_active_connections=True)` was called: sockets opening late close at once.
     pub(crate) closing_all: AtomicBool,
+    /// The same, for HTTP connections: none waits on its client any longer (`http/serve.rs`).
+    pub(crate) force_stop: CancellationToken,
     pub(crate) stopping: AtomicBool,
     /// Whether pings and pongs from clients go to the loop: only while it has a handler for
     /// them, so that without one they cost a relaxed load and nothing else.
@@ -82,6 +84,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             closing_all: AtomicBool::new(false),
+            force_stop: CancellationToken::new(),
             stopping: AtomicBool::new(false),
             ping_events: AtomicBool::new(false),
             pong_events: AtomicBool::new(false),
