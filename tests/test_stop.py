@@ -160,6 +160,22 @@ async def test_async_with_serves_and_stops_on_exit(recorder: Recorder) -> None:
     await assert_refused(srv)
 
 
+async def test_a_serve_entered_twice_is_a_runtime_error_and_its_server_still_stops(recorder: Recorder) -> None:
+    """One ``serve()`` entered inside itself started a second server in its one slot, and the
+    first was never stopped: it kept its port after both blocks."""
+    config = server.handler(upgrade_ws_path).websocket(echo_config(recorder)).hostname("127.0.0.1").port(0)
+    serving = config.serve()
+    async with serving as srv:
+        with pytest.raises(RuntimeError, match=r"^this serve\(\) is already entered"):
+            async with serving:
+                pass
+        client = await connect(ws_url(srv, "/ws?first"))
+        await echo(client, "still serving")
+    await asyncio.wait_for(client.wait_closed(), TIMEOUT)
+    assert client.close_code == 1001
+    await assert_refused(srv)
+
+
 async def test_async_with_stops_when_block_raises(recorder: Recorder) -> None:
     config = server.handler(upgrade_ws_path).websocket(echo_config(recorder)).hostname("127.0.0.1").port(0)
     with pytest.raises(KeyError):

@@ -463,6 +463,9 @@ class Serving(Generic[T]):
         return self._config._start().__await__()
 
     async def __aenter__(self) -> Server[T]:
+        if self._server is not None:
+            # A second server in the one slot: the first would never be stopped.
+            raise RuntimeError("this serve() is already entered; call serve() again for another server")
         self._server = await self._config._start()
         return self._server
 
