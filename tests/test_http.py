@@ -139,7 +139,7 @@ async def test_headers_may_be_a_mapping_and_a_lone_pair_is_a_clear_type_error(se
     def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
         if request.path == "/ws":
             return server.upgrade(srv, request, {"x-session": "s1"}, None, server.bad_request)
-        return server.Response(200, {"ab": "x", "content-type": "text/plain"}, "hi")  # type: ignore[arg-type]
+        return server.Response(200, {"ab": "x", "content-type": "text/plain"}, "hi")
 
     srv = await serve(websocket.init(), handler=handler)
     status, headers, body = await http(srv, "/")

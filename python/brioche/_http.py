@@ -182,7 +182,7 @@ def header_pairs(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> tupl
 
 
 @final
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
 class Response:
     """An HTTP response. ``body`` may be ``str`` (sent as UTF-8) or ``bytes``; ``headers``,
     ``(name, value)`` pairs (a name may repeat), may be given as a mapping (a ``dict``).
@@ -196,22 +196,30 @@ class Response:
     character other than tab, is the handler's error too (500).
     """
 
-    status: int = 200
-    headers: tuple[tuple[str, str], ...] = ()
-    body: str | bytes = b""
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: str | bytes
 
-    def __post_init__(self) -> None:
-        if isinstance(self.status, bool) or not isinstance(self.status, int):
-            raise TypeError(f"status must be an int, got {type(self.status).__name__}")
-        if not 200 <= self.status <= 599:
-            raise ValueError(f"status must be in 200..599, got {self.status}")
-        if not isinstance(self.body, (str, bytes)):
-            raise TypeError(f"body must be str or bytes, got {type(self.body).__name__}")
-        if self.body and self.status in _NO_BODY:
+    # Written out, not generated: `headers` is taken in any of its forms and kept as pairs.
+    def __init__(
+        self,
+        status: int = 200,
+        headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+        body: str | bytes = b"",
+    ) -> None:
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise TypeError(f"status must be an int, got {type(status).__name__}")
+        if not 200 <= status <= 599:
+            raise ValueError(f"status must be in 200..599, got {status}")
+        if not isinstance(body, (str, bytes)):
+            raise TypeError(f"body must be str or bytes, got {type(body).__name__}")
+        if body and status in _NO_BODY:
             # As Bun's (the Fetch standard's) Response refuses it: these statuses carry no
             # content (RFC 9110 15.3.5, 15.3.6, 15.4.5), and a body would be dropped or sent.
-            raise ValueError(f"a {self.status} response has no body")
-        object.__setattr__(self, "headers", header_pairs(self.headers))
+            raise ValueError(f"a {status} response has no body")
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "headers", header_pairs(headers))
+        object.__setattr__(self, "body", body)
 
     def with_header(self, name: str, value: str) -> Response:
         """A copy with one more header."""
