@@ -629,11 +629,12 @@ async def test_a_publish_too_large_for_redis_is_lost_here_not_for_every_subscrib
 
 class ThrottledProxy:
     """A TCP proxy on 127.0.0.1 to ``port`` that carries at most ``rate`` bytes a second towards
-    it, its answers at once: a slow link to Redis that works."""
+    it and ``down_rate`` back (``None``: at once): a slow link to Redis that works."""
 
-    def __init__(self, port: int, rate: float) -> None:
+    def __init__(self, port: int, rate: float | None, down_rate: float | None = None) -> None:
         self.target = port
         self.rate = rate
+        self.down_rate = down_rate
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -651,7 +652,7 @@ class ThrottledProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        for pump in (self._pump(reader, up_writer, self.rate), self._pump(up_reader, writer, None)):
+        for pump in (self._pump(reader, up_writer, self.rate), self._pump(up_reader, writer, self.down_rate)):
             task = asyncio.ensure_future(pump)
             self.tasks.add(task)
 
@@ -710,6 +711,66 @@ async def test_a_slow_link_to_redis_is_not_taken_for_a_stalled_one(
         assert log_lines(caplog, "brioche.redis") == []
     finally:
         await proxy.close()
+
+
+async def test_a_link_busy_bringing_messages_is_not_taken_for_a_stalled_one(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """9 messages of 1 MB from another process, through a link from Redis that carries 1 MB a
+    second: the link's PING, 5 s in, was answered behind the messages still on the way, more
+    than 2 s later, so the link was declared down ("no answer to PING: timed out") and the
+    messages on the wire were lost with the connection. Messages arriving now prove the link
+    alive: all 9 arrive, in order, and nothing is logged."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    proxy = ThrottledProxy(redis.port, None, 1e6)
+    port = await proxy.start()
+    try:
+        srv = await serve(topics_config(), pubsub_redis=f"redis://127.0.0.1:{port}")
+        here = await clients(ws_url(srv, "/ws?big"))
+        other = await peer(redis.url)
+        control = await connect(other.url(), open_timeout=5, max_size=None)
+        await until(_equals(redis, "brioche:big", 1), "this process to subscribe")
+        assert (await peer_stats(control))["redis_connected"] == 1
+        count, size = 9, 1_000_000
+        for i in range(count):
+            await control.send(f"pub big {i}" + "x" * (size - 1))
+        await until(lambda: len(here.messages) == count, "the 9 through the slow link", 40)
+        assert [m[:1] for m in here.messages] == [str(i) for i in range(count)]
+        stats = srv.stats()
+        assert (stats["redis_received"], stats["redis_received_lost"], stats["redis_connected"]) == (count, 0, 1)
+        assert log_lines(caplog, "brioche.redis") == []
+        await control.close()
+    finally:
+        await proxy.close()
+
+
+async def test_a_user_refused_ping_keeps_its_link(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL user allowed pub/sub and nothing else (``+@pubsub`` has no PING): Redis's refusal
+    of the link's PING is an answer, so the link is up. It was declared down ("no answer to
+    PING: NOPERM ...") at every PING, 5 s apart, and messages were lost at each reconnection."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    user = ["ACL", "SETUSER", "pubsub-only", "on", ">pubsub-password", "resetchannels", "&brioche:*",
+            "-@all", "+@pubsub", "+hello", "+auth"]
+    assert await asyncio.to_thread(redis.cli, *user) == ["OK"]
+    srv = await serve(topics_config(), pubsub_redis=f"redis://pubsub-only:pubsub-password@127.0.0.1:{redis.port}")
+    here = await clients(ws_url(srv, "/ws?t"))
+    other = await peer(redis.url)
+    control = await connect(other.url(), open_timeout=5)
+    await until(_equals(redis, "brioche:t", 1), "this process to subscribe")
+
+    async def ping_refused() -> bool:
+        return "ping" in await asyncio.to_thread(redis.cli, "ACL", "LOG")
+
+    await until(ping_refused, "the link's first PING, refused", 10)
+    await control.send("pub t after the ping")
+    await until(lambda: here.messages == ["after the ping"], "a message after the refused PING")
+    assert srv.stats()["redis_connected"] == 1
+    assert log_lines(caplog, "brioche.redis") == []
+    await control.close()
 
 
 async def test_a_channel_redis_refuses_is_refused_alone(

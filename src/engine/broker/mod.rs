@@ -51,6 +51,9 @@
 //!   or a log line.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,6 +132,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         slot_masters: FxHashMap::default(),
         refused: FxHashSet::default(),
         seq: 0,
+        arrived: Arc::default(),
     };
     let shutdown = link.shared.shutdown.clone();
     let mut backoff = MIN_BACKOFF;
@@ -253,6 +257,28 @@ fn refusal(reply: Value) -> RedisResult<Option<RedisError>> {
             }
         }
         _ => Ok(None),
+    }
+}
+
+/// `request`'s answer, given `first` to come, and then `TIMEOUT` more at a time for as long as
+/// the connection brings pushes (`arrived` grows): an answer queued behind the messages of a
+/// busy link is late, not lost. A link that answered nothing and brought nothing is down. With
+/// one fixed timeout, a subscriber whose link carried 2 MiB/s behind a 14 MiB backlog was
+/// declared down at its next PING, and the backlog lost with the connection.
+async fn patiently<T>(
+    arrived: &AtomicU64,
+    first: Duration,
+    request: impl Future<Output = RedisResult<T>>,
+) -> RedisResult<T> {
+    tokio::pin!(request);
+    let mut wait = first;
+    loop {
+        let seen = arrived.load(Ordering::Relaxed);
+        match tokio::time::timeout(wait, &mut request).await {
+            Ok(answer) => return answer,
+            Err(_) if arrived.load(Ordering::Relaxed) != seen => wait = TIMEOUT,
+            Err(_) => return Err(io::Error::from(io::ErrorKind::TimedOut).into()),
+        }
     }
 }
 
@@ -432,6 +458,8 @@ struct Link {
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
+    /// Pushes the current connection has brought (`patiently`).
+    arrived: Arc<AtomicU64>,
 }
 
 impl Link {
@@ -472,10 +500,12 @@ impl Link {
         client: &Client,
         info: &ConnectionInfo,
     ) -> Result<(Conn, Pushes), String> {
-        let (push_tx, pushes) = push_queue(&self.shared);
+        let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
+        // No timeout of the crate's: each request's is `patiently`'s, which waits on while
+        // Redis sends pushes on the same connection.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
+            .set_response_timeout(None)
             .set_push_sender(push_tx);
         let seeds = match client
             .get_multiplexed_async_connection_with_config(&config)
@@ -483,7 +513,7 @@ impl Link {
         {
             Ok(mut node) => {
                 let cluster = self.sharded
-                    && in_cluster(&mut node)
+                    && patiently(&self.arrived, TIMEOUT, in_cluster(&mut node))
                         .await
                         .map_err(|e| why("cannot connect", &e))?;
                 if !cluster {
@@ -498,7 +528,7 @@ impl Link {
             Err(_) if self.cluster && !self.nodes.is_empty() => self.nodes.clone(),
             Err(e) => return Err(why("cannot connect", &e)),
         };
-        let (push_tx, pushes) = push_queue(&self.shared);
+        let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
         let mut conn = ClusterClientBuilder::new(seeds)
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(push_tx)
@@ -610,11 +640,12 @@ impl Link {
                         return why("subscribe failed", &e).into();
                     }
                 }
-                _ = ping.tick() => {
-                    if let Err(e) = conn.ping().await {
-                        return why("no answer to PING", &e).into();
-                    }
-                }
+                _ = ping.tick() => match patiently(&self.arrived, TIMEOUT, conn.ping()).await {
+                    // Redis answered, if only to refuse (an ACL user without `+ping`, which
+                    // `+@pubsub` does not grant): the link is up. It was dropped every 5 s.
+                    Err(e) if e.code().is_none() => return why("no answer to PING", &e).into(),
+                    _ => {}
+                },
             }
         }
     }
@@ -657,9 +688,7 @@ impl Link {
             // publish must be written within `TIMEOUT`.
             Conn::Node(conn) => match pipes.values().next() {
                 Some((pipe, _)) => {
-                    let mut conn = conn.clone();
-                    conn.set_response_timeout(timeout_for(size));
-                    pipe.query_async(&mut conn)
+                    patiently(&self.arrived, timeout_for(size), pipe.query_async(conn))
                         .await
                         .map(|replies| vec![replies])
                 }
@@ -765,7 +794,8 @@ impl Link {
                 for topic in leave {
                     pipe.cmd(unsubscribe).arg(self.channel(topic)).ignore();
                 }
-                let replies: Vec<Value> = pipe.query_async(conn).await?;
+                let replies: Vec<Value> =
+                    patiently(&self.arrived, TIMEOUT, pipe.query_async(conn)).await?;
                 let mut refused = Vec::new();
                 for (topic, reply) in join.iter().zip(replies) {
                     if let Some(e) = refusal(reply)? {
@@ -953,11 +983,12 @@ struct Pushes {
 /// unbounded in count, but the messages in it (what Redis sends at the rate others publish)
 /// are bounded by `INCOMING_BYTES`; the other pushes answer this link's own commands, or end
 /// the connection.
-fn push_queue(shared: &Arc<Shared>) -> (impl AsyncPushSender, Pushes) {
+fn push_queue(shared: &Arc<Shared>, arrived: Arc<AtomicU64>) -> (impl AsyncPushSender, Pushes) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let backlog = Arc::new(ByteBound::default());
     let (shared, held) = (shared.clone(), backlog.clone());
     let push = move |push: PushInfo| {
+        arrived.fetch_add(1, Ordering::Relaxed);
         let message = matches!(push.kind, PushKind::Message | PushKind::SMessage);
         // A cluster's connections, one per master, charge it from their own tasks.
         if !message || held.charge(message_size(&push), INCOMING_BYTES) {
@@ -1018,7 +1049,7 @@ mod tests {
         let (remote, _inbox) = Remote::new();
         let own = remote.origin;
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
-        let (sender, mut pushes) = push_queue(&shared);
+        let (sender, mut pushes) = push_queue(&shared, Arc::default());
         let size = message_size(&message(1, 1, 1 << 20));
         let fit = INCOMING_BYTES / size;
         assert_eq!(fit, 63);
