@@ -84,9 +84,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A Redis that accepts the connection but never answers is a Redis that is down.
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// The bytes of publishes written to Redis in one pipeline (a larger publish goes alone), the
-/// rest going in the next. The crate's response timeout runs from the pipeline's first byte
-/// written to its last reply read, so a pipeline is given `TIMEOUT` plus `TIMEOUT` for each
-/// `PIPELINE_BYTES` of it (`timeout_for`): a link that carries 1 MiB per 2 s stays up, and a
+/// rest going in the next. A request's timeout runs from the pipeline's first byte written to
+/// its last reply read, so a pipeline is given `TIMEOUT` plus `TIMEOUT` for each
+/// `PIPELINE_BYTES` of it (`timeout_for`, then `patiently`): a link that carries 1 MiB per 2 s stays up, and a
 /// stalled Redis is caught within 4 s of a pipeline of small publishes. One 2 s timeout over a
 /// whole batch (up to 64 MiB) declared a slow link down, and its publishes lost, although
 /// Redis had had some or all of them.
