@@ -34,6 +34,9 @@ use crate::engine::config::RelayPaths;
 /// behind (or stuck) must not make this process hold an unbounded backlog.
 const OUTLET_LIMIT: usize = 64 * 1024 * 1024;
 const HEADER: usize = 9;
+/// A write buffer larger than this (a burst's, a stall's) is given back once written; one of
+/// this size or less is reused, as a steady stream of publishes needs.
+const KEPT_CAPACITY: usize = 1024 * 1024;
 /// Reconnecting to a sibling that went away (restarted): fast at first, then every 200 ms.
 const FIRST_RETRY: Duration = Duration::from_millis(5);
 const MAX_RETRY: Duration = Duration::from_millis(200);
@@ -205,6 +208,12 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
             break;
         }
         chunk.clear();
+        if chunk.capacity() > KEPT_CAPACITY {
+            // A stall's backlog (up to `OUTLET_LIMIT`) is not kept once written: this buffer
+            // and the one swapped for it at the next write kept their peak, resident, for as
+            // long as the sibling lived.
+            chunk = BytesMut::new();
+        }
         // It read what it was sent, but for what its socket holds: the next drop starts a new
         // stall. Not when the backlog is taken: a writer that takes it after the drops began
         // (it was not scheduled sooner) has not got it to a sibling that may still be stopped.
@@ -455,6 +464,37 @@ mod tests {
             relay.forward(&shared, "t", &half, false);
             relay.forward(&shared, "t", &half, false);
             assert_eq!(logged(&shared), [("42".to_owned(), BEHIND)]);
+            writer.abort();
+        });
+    }
+
+    #[test]
+    fn a_stall_s_backlog_is_not_kept_once_written() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (relay, outlet) = relay_with_one_sibling();
+            let shared = Arc::new(shared());
+            let (ours, mut sibling) = UnixStream::pair().unwrap();
+            let writer = tokio::spawn(feed(ours, outlet.clone(), shared.clone()));
+            let half = OutFrame::new(OP_BINARY, vec![0u8; OUTLET_LIMIT / 2].into());
+            let small = OutFrame::new(OP_BINARY, vec![1u8; 100].into());
+            let mut read = vec![0u8; HEADER + 1 + OUTLET_LIMIT / 2];
+            relay.forward(&shared, "t", &half, false);
+            sibling.read_exact(&mut read).await.unwrap();
+            // The writer swaps two buffers: the one that held the backlog came back as the
+            // one publishes are added to, then as the one written, each time as large.
+            for _ in 0..2 {
+                relay.forward(&shared, "t", &small, false);
+                sibling
+                    .read_exact(&mut read[..HEADER + 1 + 100])
+                    .await
+                    .unwrap();
+                let kept = outlet.pending.lock().bytes.capacity();
+                assert!(kept <= KEPT_CAPACITY, "{kept} bytes kept");
+            }
             writer.abort();
         });
     }
