@@ -821,6 +821,24 @@ async def test_a_channel_redis_refuses_is_refused_alone(
     await control.close()
 
 
+async def test_the_url_s_db_is_ignored(
+    redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+) -> None:
+    """Pub/sub ignores the db, as the docs say: the link sent the URL's as ``SELECT``, so
+    ``/99`` (past a standalone Redis's 16) never connected, nor did any db on a cluster, which
+    refuses ``SELECT``."""
+    srv = await serve(topics_config(), pubsub_redis=f"redis://127.0.0.1:{redis.port}/99")
+    here = await clients(ws_url(srv, "/ws?t"))
+    other = await peer(redis.url)
+    control = await connect(other.url(), open_timeout=5)
+    await until(_equals(redis, "brioche:t", 1), "this process to subscribe")
+    await control.send("pub t through db 99")
+    await until(lambda: here.messages == ["through db 99"], "the message from the other process")
+    assert srv.stats()["redis_connected"] == 1
+    await control.close()
+
+
 async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn) -> None:
     base: server.Config[Any] = server.handler(lambda request, srv: None)
     with pytest.raises(ValueError, match="redis:// or rediss://"):
@@ -829,8 +847,16 @@ async def test_settings_are_checked_and_stats_have_the_redis_keys(serve: ServeFn
         base.pubsub_redis("redis://127.0.0.1", sharded="yes")  # type: ignore[arg-type]
     assert server.pubsub_redis(base, "redis://h:1", namespace="x:") == base.pubsub_redis("redis://h:1", namespace="x:")
     assert base.pubsub_redis("rediss://h").pubsub_redis_value == server.RedisPubSub("rediss://h", False, "brioche:")
-    with pytest.raises(ValueError, match="invalid Redis URL"):
-        await base.hostname("127.0.0.1").port(0).pubsub_redis("redis://127.0.0.1:notaport").serve()
+    # At the setter, not at serve(): with workers(n), each worker failed on it, and was
+    # restarted until the supervisor gave up.
+    with pytest.raises(ValueError, match="^invalid Redis URL: "):
+        base.pubsub_redis("redis://127.0.0.1:notaport")
+    # A config printed (a log line, a traceback) does not show the password.
+    printed = repr(base.pubsub_redis("redis://app:s3cret@h:1/0"))
+    assert "s3cret" not in printed and "redis://app:***@h:1/0" in printed, printed
+    # The client cannot skip the certificate check: it failed at every connection, logged.
+    with pytest.raises(ValueError, match=r"^a rediss:// URL's #insecure is not supported: "):
+        base.pubsub_redis("rediss://127.0.0.1:6379/#insecure")
     srv = await serve()
     stats = srv.stats()
     assert {k: stats[k] for k in stats if k.startswith("redis_")} == {  # type: ignore[literal-required]

@@ -8,9 +8,10 @@ from brioche._enums import ReadyState
 
 __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
-    "PendingRequest", "Engine", "random_uuid_v7", "EVENT_OPEN", "EVENT_TEXT", "EVENT_BYTES",
-    "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG", "EVENT_TEXT_RUN",
-    "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG", "__version__",
+    "PendingRequest", "Engine", "random_uuid_v7", "check_redis_url", "EVENT_OPEN", "EVENT_TEXT",
+    "EVENT_BYTES", "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG",
+    "EVENT_TEXT_RUN", "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG",
+    "__version__",
 ]
 
 _T = TypeVar("_T")
@@ -241,3 +242,6 @@ class Engine:
 
 def random_uuid_v7() -> str:
     """A random, time-ordered UUID (RFC 9562 version 7) as a string."""
+
+def check_redis_url(url: str) -> None:
+    """Raise ``ValueError`` for a Redis URL the server could not connect with."""

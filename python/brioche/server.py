@@ -19,10 +19,12 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from typing import Any, Generic, TypeAlias, TypeVar, final
 
+from brioche import _brioche
 from brioche import websocket as _websocket
 from brioche.websocket import _check_bool, _check_handler, _check_seconds, _check_size
 from brioche._http import (
@@ -163,6 +165,11 @@ class RedisPubSub:
     url: str
     sharded: bool = False
     namespace: str = "brioche:"
+
+    def __repr__(self) -> str:
+        # The URL's password stays out of logs and tracebacks that print the config.
+        url = re.sub(r"^(rediss?://[^:@/]*:)[^/]*@", r"\1***@", self.url)
+        return f"RedisPubSub(url={url!r}, sharded={self.sharded!r}, namespace={self.namespace!r})"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -362,6 +369,8 @@ class Config(Generic[T]):
             raise TypeError(f"url must be a str, got {type(url).__name__}")
         if not url.startswith(("redis://", "rediss://")):
             raise ValueError(f"url must start with redis:// or rediss://, got {url.split(':')[0]!r}")
+        # Here, not at serve(): with workers(n), each of n processes failed on it, restarted.
+        _brioche.check_redis_url(url)
         _check_bool("sharded", sharded)
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")

@@ -134,11 +134,21 @@ impl RedisConfig {
         if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
             return Err("the Redis URL must start with redis:// or rediss://".into());
         }
-        self.url
+        let info = self
+            .url
             .as_str()
             .into_connection_info()
-            .map(drop)
-            .map_err(|err| format!("invalid Redis URL: {err}"))
+            .map_err(|err| format!("invalid Redis URL: {err}"))?;
+        if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+            // The client is built without certificate checks that can be turned off: such a
+            // link would fail at every connection, in a log line.
+            return Err(
+                "a rediss:// URL's #insecure is not supported: the server's certificate \
+                        is always verified (a private CA can go in SSL_CERT_FILE)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 

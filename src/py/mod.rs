@@ -38,6 +38,20 @@ fn random_uuid_v7() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Raise `ValueError` for a Redis URL the server could not connect with: the setter's check,
+/// so that `workers(n)` does not start n processes each to fail on it.
+#[pyfunction]
+fn check_redis_url(url: String) -> PyResult<()> {
+    let config = crate::engine::RedisConfig {
+        url,
+        sharded: false,
+        namespace: String::new(),
+    };
+    config
+        .check()
+        .map_err(pyo3::exceptions::PyValueError::new_err)
+}
+
 /// `gil_used = true`: PyO3 0.30 declares free-threading support by default, and the bridge's
 /// maps and batches are audited only for the GIL's one-thread-at-a-time guarantee.
 #[pymodule(gil_used = true)]
@@ -51,6 +65,7 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<request::PendingRequest>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_function(wrap_pyfunction!(random_uuid_v7, m)?)?;
+    m.add_function(wrap_pyfunction!(check_redis_url, m)?)?;
     // Cargo.toml's version, which maturin also puts in the package metadata.
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("EVENT_OPEN", EVENT_OPEN)?;

@@ -194,10 +194,13 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
 fn client(config: &RedisConfig) -> RedisResult<(Client, ConnectionInfo, String)> {
     let info = config.url.as_str().into_connection_info()?;
     let peer = info.addr().to_string();
+    // Pub/sub ignores the db, and a cluster refuses `SELECT` (a standalone Redis, a db past
+    // its count): with the URL's db kept, `/1` never connected to a cluster.
     let settings = info
         .redis_settings()
         .clone()
-        .set_protocol(ProtocolVersion::RESP3);
+        .set_protocol(ProtocolVersion::RESP3)
+        .set_db(0);
     let info = info.set_redis_settings(settings);
     Ok((Client::open(info.clone())?, info, peer))
 }
