@@ -62,10 +62,12 @@ typecheck: install
 py-test: install system-deps
 	$(VENV)/bin/pytest -q
 
-# The load tests (marker `load`: thousands of connections, soaks, the hypothesis fuzzers), once,
-# with .venv's interpreter: `make test` runs everything else on each CPython through test-matrix.
+# The load tests (marker `load`: thousands of connections, soaks, the hypothesis fuzzers) and the
+# tests of the engine alone (marker `once`: Redis's failures and topologies, a 30-second clock;
+# a third of a suite's time), once, with .venv's interpreter: `make test` runs everything else on
+# each CPython through test-matrix.
 py-test-load: install system-deps
-	$(VENV)/bin/pytest -q -m load
+	$(VENV)/bin/pytest -q -m "load or once"
 
 $(TOOLS)/bin/maturin: scripts/wheel-tools.txt
 	rm -rf $(TOOLS)
@@ -92,7 +94,7 @@ wheel: $(TOOLS)/bin/maturin
 	rm dist/auditwheel.txt
 	$(TOOLS)/bin/twine check --strict dist/*
 
-# The suite but the load tests on each of MATRIX_PYTHONS, two at a time (MATRIX_JOBS), each
+# The suite but the load and engine-only tests on each of MATRIX_PYTHONS, two at a time (MATRIX_JOBS), each
 # against the abi3 wheel of `make wheel` installed in a new .venv-3.X (scripts/test-wheel.sh),
 # not against the source tree; a missing interpreter fails the target. `make test-py3.12` runs
 # one. Two at a time because a suite spends most of its time waiting (close, idle and handshake

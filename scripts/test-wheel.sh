@@ -5,7 +5,8 @@
 #
 # Finds CPython 3.12.x (pyenv's, or $PYENV_ROOT/versions/3.12.*), makes .venv-3.12 with it anew,
 # installs into it the one abi3 wheel in dist/ (`make wheel`) with the [test] extras, and runs
-# pytest without the load tests (marker `load`), which the default interpreter runs, from a
+# pytest without the load tests and the engine-only ones (markers `load` and `once`), which the
+# default interpreter runs (`make py-test-load`), from a
 # temporary directory: tests/ is on sys.path (its conftest and helpers), the source tree's
 # python/ is not, so `import brioche` is the installed package (tests/test_version.py checks
 # that brioche.__file__ is in the venv's site-packages). Prints how long each step took.
@@ -65,7 +66,7 @@ trap 'rm -rf "$RUN_DIR"' EXIT
 start=$SECONDS
 status=0
 (cd "$RUN_DIR" && BRIOCHE_TEST_INSTALLED=1 "$VENV/bin/pytest" -q -p no:cacheprovider \
-  -c "$REPO/pyproject.toml" --rootdir "$REPO" -m "not load" "$@" "$REPO/tests") || status=$?
+  -c "$REPO/pyproject.toml" --rootdir "$REPO" -m "not load and not once" "$@" "$REPO/tests") || status=$?
 tests=$((SECONDS - start))
 
 echo "== Python $VERSION: venv and wheel ${install}s, tests ${tests}s, pytest exit $status"

@@ -28,7 +28,8 @@ from test_redis_pubsub import Peer, ask, peer, peer_stats, until
 from test_redis_pubsub import Redis, redis
 from test_redis_pubsub import pytestmark as needs_redis
 
-pytestmark = needs_redis
+# The engine's bounds alone: `once` (pyproject.toml's markers).
+pytestmark = [needs_redis, pytest.mark.once]
 
 MIB = 1 << 20
 # The core's bound on what waits for Redis (pubsub/remote.rs: OUTGOING_BYTES), and what each

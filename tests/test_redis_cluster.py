@@ -45,10 +45,14 @@ from test_redis_pubsub import (
 
 __all__ = ["clients", "peer", "redis"]  # fixtures, used by name
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
-    reason="redis-server is not installed (make system-deps)",
-)
+# All the engine's (the crate's cluster connection): `once` (pyproject.toml's markers).
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+        reason="redis-server is not installed (make system-deps)",
+    ),
+    pytest.mark.once,
+]
 
 SLOTS = 16384
 # The three masters' slots, as redis-cli --cluster create would split them.

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.skipif(
     reason="redis-server is not installed (make system-deps)",
 )
 
+# Tests of what the engine does with Redis, whose Python side is the same on every CPython, are
+# `once` (pyproject.toml's markers): the matrix keeps the ones that go through the Python API.
+
 PEER = Path(__file__).parent / "scripts" / "redis_peer.py"
 
 
@@ -356,6 +359,7 @@ async def test_two_processes_share_a_topic_exactly_once_and_in_order(
     await b_control.close()
 
 
+@pytest.mark.once
 async def test_redis_restart_mid_stream(
     redis: Redis,
     serve: ServeFn,
@@ -403,6 +407,7 @@ async def test_redis_restart_mid_stream(
     assert f"127.0.0.1:{redis.port}" in lines[0][1]
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "sharded"])
 async def test_namespaced_subscriptions_are_counted_per_server(
     redis: Redis, clients: Callable[[str], Awaitable[Collector]], sharded: bool
@@ -489,6 +494,7 @@ def _equals(redis: Redis, channel: str, count: int, sharded: bool = False) -> Ca
     return check
 
 
+@pytest.mark.once
 async def test_unreachable_redis_keeps_local_delivery_and_logs_once(
     serve: ServeFn, clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -568,6 +574,7 @@ async def test_namespaces_keep_apart_only_what_the_docs_say(
     ],
     ids=["no-password", "wrong-password", "no-channel-allowed"],
 )
+@pytest.mark.once
 async def test_what_redis_refused_is_in_the_line_that_says_it_is_down(
     redis: Redis, serve: ServeFn, clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
     credentials: str, said: str,
@@ -592,6 +599,7 @@ async def test_what_redis_refused_is_in_the_line_that_says_it_is_down(
     assert "password" not in line.replace("username-password", ""), line
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("mib", [30, 40])
 async def test_a_publish_too_large_for_redis_is_lost_here_not_for_every_subscriber(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
@@ -673,6 +681,7 @@ class ThrottledProxy:
             writer.close()
 
 
+@pytest.mark.once
 async def test_a_slow_link_to_redis_is_not_taken_for_a_stalled_one(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
@@ -713,6 +722,7 @@ async def test_a_slow_link_to_redis_is_not_taken_for_a_stalled_one(
         await proxy.close()
 
 
+@pytest.mark.once
 async def test_a_link_busy_bringing_messages_is_not_taken_for_a_stalled_one(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
@@ -745,6 +755,7 @@ async def test_a_link_busy_bringing_messages_is_not_taken_for_a_stalled_one(
         await proxy.close()
 
 
+@pytest.mark.once
 async def test_a_user_refused_ping_keeps_its_link(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
@@ -773,6 +784,7 @@ async def test_a_user_refused_ping_keeps_its_link(
     await control.close()
 
 
+@pytest.mark.once
 async def test_a_channel_redis_refuses_is_refused_alone(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
@@ -821,6 +833,7 @@ async def test_a_channel_redis_refuses_is_refused_alone(
     await control.close()
 
 
+@pytest.mark.once
 async def test_the_url_s_db_is_ignored(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]],
@@ -908,6 +921,7 @@ def tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+@pytest.mark.once
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl CLI to make a certificate")
 async def test_rediss_shares_topics_over_tls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clients: Callable[[str], Awaitable[Collector]]
