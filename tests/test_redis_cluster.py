@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,6 +33,7 @@ from test_redis_pubsub import (
     Collector,
     Peer,
     Redis,
+    ThrottledProxy,
     check_recovery,
     clients,
     peer,
@@ -717,6 +719,96 @@ async def test_every_master_is_pinged(cluster: Cluster, started: list[brioche.Se
 
     # PING_EVERY and the answer's timeout: two rounds may fall within it, never three.
     await until(all_pinged, "a PING on every master", 7)
+
+
+async def announced_behind(cluster: Cluster, master: int, proxy: ThrottledProxy) -> None:
+    """Have ``master`` announce ``proxy``'s port, so that clients reach it through the proxy
+    (the cluster's bus and the tests' ``redis-cli`` still go straight to it)."""
+    port = await proxy.start()
+    node = cluster.nodes[master]
+    assert node.cli("CONFIG", "SET", "cluster-announce-port", str(port)) == ["OK"]
+    low = RANGES[master][0]
+
+    async def everywhere() -> bool:
+        seen = await asyncio.gather(*(asyncio.to_thread(cluster.slot_owner_seen_by, n, low) for n in cluster.nodes))
+        return all(port == p for p in seen)
+
+    await until(everywhere, "every node to list the master at the proxy's port")
+
+
+async def big_messages_to_master_1(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], count: int,
+) -> tuple[brioche.Server[Any], Collector]:
+    """A server here subscribed to a topic of master 1, which another process sends ``count``
+    messages of 1 MB to; returns the server and its subscriber."""
+    topic = topics_per_master(1)[1]
+    srv = await serve_sharded(started, cluster.url)
+    here = await clients(ws_url(srv, f"/ws?{topic}"))
+    other = await peer(cluster.url, NAMESPACE, "sharded")
+    control = await connect(other.url(), open_timeout=5, max_size=None)
+    await until(all_subscribed(cluster, [topic], 1), "this process to subscribe on master 1")
+    # Up once the masters have said they hold the subscription, just after it shows there.
+    await until(lambda: srv.stats()["redis_connected"] == 1, "this process's link")
+
+    async def other_connected() -> bool:
+        return bool((await peer_stats(control))["redis_connected"] == 1)
+
+    await until(other_connected, "the other process's link")
+    for i in range(count):
+        await control.send(f"pub {topic} {i}" + "x" * (999_999 - len(str(i))))
+    return srv, here
+
+
+async def test_a_master_busy_bringing_messages_is_not_taken_for_a_stalled_one(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """9 messages of 1 MB to a topic of a master whose connection to this process carries 1 MB
+    a second: the link's PING of that master, 5 s in, was answered behind the messages still on
+    the way, past the crate's 2 s timeout, so the link was declared down and the messages on
+    the wire lost, as on a single node (test_redis_pubsub). Messages arriving from that master
+    now prove it alive: all 9 arrive, in order, and nothing is logged."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
+    await announced_behind(cluster, 1, proxy)
+    try:
+        count = 9
+        srv, here = await big_messages_to_master_1(cluster, started, peer, clients, count)
+        await until(lambda: len(here.messages) == count, "the 9 through the slow connection", 40)
+        assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
+        stats = srv.stats()
+        assert (stats["redis_received"], stats["redis_received_lost"], stats["redis_connected"]) == (count, 0, 1)
+        assert log_lines(caplog, "brioche.redis") == []
+    finally:
+        await proxy.close()
+
+
+async def test_a_silent_master_is_noticed_while_another_brings_messages(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What proves a master alive is its own connection's messages, not the link's: master 2
+    stopped (SIGSTOP: its sockets open, nothing answered) while master 1 brings 20 MB at 1 MB a
+    second, the link is declared down at master 2's first unanswered PING (within 7 s: 5 between
+    PINGs, 2 for the answer), not once master 1's messages end 20 s later."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
+    await announced_behind(cluster, 1, proxy)
+    silent = cluster.nodes[2].process
+    assert silent is not None
+    try:
+        count = 20
+        srv, here = await big_messages_to_master_1(cluster, started, peer, clients, count)
+        silent.send_signal(signal.SIGSTOP)
+        lines = lambda: log_lines(caplog, "brioche.redis")  # noqa: E731
+        await until(lambda: len(lines()) > 0, "the link to be declared down", 15)
+        assert "no answer to PING: timed out" in lines()[0][1], lines()
+        assert len(here.messages) < count
+        assert srv.stats()["redis_connected"] == 0
+    finally:
+        silent.send_signal(signal.SIGCONT)
+        await proxy.close()
 
 
 async def test_plain_pubsub_on_a_cluster_crosses_nodes(

@@ -50,10 +50,9 @@
 //!   alone: what it publishes and receives meanwhile would otherwise be lost without a count
 //!   or a log line.
 
+mod patience;
+
 use std::borrow::Cow;
-use std::future::Future;
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,7 +61,10 @@ use futures_util::future::try_join_all;
 use redis::aio::{AsyncPushSender, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, Slot,
+    SlotAddr,
+};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline,
     ProtocolVersion, PushInfo, PushKind, RedisError, RedisResult, Value,
@@ -76,21 +78,20 @@ use crate::engine::pubsub::remote::{self, ByteBound, Outgoing, RemoteInbox};
 use crate::engine::stats::Counter;
 use crate::engine::ws::encode::OutFrame;
 use crate::engine::ws::shared::Shared;
+use patience::{patiently, timeout_for, Arrivals, PIPELINE_BYTES, TIMEOUT};
 
 /// Reconnection waits double from the first to the last: after Redis comes back, the link is
 /// back within `MAX_BACKOFF` plus a connect and a resubscribe.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// A Redis that accepts the connection but never answers is a Redis that is down.
-const TIMEOUT: Duration = Duration::from_secs(2);
-/// The bytes of publishes written to Redis in one pipeline (a larger publish goes alone), the
-/// rest going in the next. A request's timeout runs from the pipeline's first byte written to
-/// its last reply read, so a pipeline is given `TIMEOUT` plus `TIMEOUT` for each
-/// `PIPELINE_BYTES` of it (`timeout_for`, then `patiently`): a link that carries 1 MiB per 2 s stays up, and a
-/// stalled Redis is caught within 4 s of a pipeline of small publishes. One 2 s timeout over a
-/// whole batch (up to 64 MiB) declared a slow link down, and its publishes lost, although
-/// Redis had had some or all of them.
-const PIPELINE_BYTES: usize = 1 << 20;
+/// The cluster crate's own response timeout, under `patiently`'s, which decides: it bounds the
+/// requests the crate makes for itself (a new connection's PING, a refresh of its slot map),
+/// which `patiently` does not see. Past it, Redis's default limit on a subscriber's output
+/// buffer (32 MB) has cut any subscriber slower than about half a MB a second.
+const CRATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A cluster connection's first, to the URL's node and then to each master, each a connect and
+/// a PING.
+const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 /// Pinged this often, so that a Redis gone without closing the socket (a machine gone) is
 /// noticed within `PING_EVERY` + `TIMEOUT` even when nothing is published.
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -129,10 +130,10 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         last_seq: FxHashMap::default(),
         cluster: false,
         nodes: Vec::new(),
-        slot_masters: FxHashMap::default(),
+        masters: Masters::default(),
         refused: FxHashSet::default(),
         seq: 0,
-        arrived: Arc::default(),
+        arrived: Arrivals::new(false),
     };
     let shutdown = link.shared.shutdown.clone();
     let mut backoff = MIN_BACKOFF;
@@ -263,34 +264,6 @@ fn refusal(reply: Value) -> RedisResult<Option<RedisError>> {
     }
 }
 
-/// `request`'s answer, given `first` to come, and then `TIMEOUT` more at a time for as long as
-/// the connection brings pushes (`arrived` grows): an answer queued behind the messages of a
-/// busy link is late, not lost. A link that answered nothing and brought nothing is down. With
-/// one fixed timeout, a subscriber whose link carried 2 MiB/s behind a 14 MiB backlog was
-/// declared down at its next PING, and the backlog lost with the connection.
-async fn patiently<T>(
-    arrived: &AtomicU64,
-    first: Duration,
-    request: impl Future<Output = RedisResult<T>>,
-) -> RedisResult<T> {
-    tokio::pin!(request);
-    let mut wait = first;
-    loop {
-        let seen = arrived.load(Ordering::Relaxed);
-        match tokio::time::timeout(wait, &mut request).await {
-            Ok(answer) => return answer,
-            Err(_) if arrived.load(Ordering::Relaxed) != seen => wait = TIMEOUT,
-            Err(_) => return Err(io::Error::from(io::ErrorKind::TimedOut).into()),
-        }
-    }
-}
-
-/// How long Redis is given to take and answer a pipeline of `size` bytes: `TIMEOUT`, plus
-/// `TIMEOUT` for each `PIPELINE_BYTES` of it.
-fn timeout_for(size: usize) -> Duration {
-    TIMEOUT + TIMEOUT.mul_f64(size as f64 / PIPELINE_BYTES as f64)
-}
-
 /// The connection of a link.
 enum Conn {
     /// A standalone Redis; or any node of a cluster for plain pub/sub, whose `PUBLISH` reaches
@@ -300,24 +273,12 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-impl Conn {
-    /// Ask whether the connection is alive: on a cluster, every master, each of which may hold
-    /// subscriptions and may stop answering while the others go on. (A pipeline without a key
-    /// goes to one node at random: a master gone silent was noticed only once a PING happened
-    /// to pick it.)
-    async fn ping(&mut self) -> RedisResult<()> {
-        match self {
-            Conn::Node(conn) => redis::cmd("PING").exec_async(conn).await,
-            Conn::Cluster(conn) => {
-                let masters = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::AllSucceeded),
-                ));
-                conn.route_command(redis::cmd("PING"), masters)
-                    .await
-                    .map(drop)
-            }
-        }
+/// A PING's outcome: Redis answered, if only to refuse (an ACL user without `+ping`, which
+/// `+@pubsub` does not grant, had its link dropped every 5 s), or not.
+fn answered<T>(answer: RedisResult<T>) -> RedisResult<()> {
+    match answer {
+        Err(e) if e.code().is_none() => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -341,11 +302,20 @@ async fn cluster_slots(conn: &mut ClusterConnection) -> RedisResult<Vec<Value>> 
     redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await
 }
 
-/// The master of each slot a `CLUSTER SLOTS` answer lists, each master as a number of its own
-/// (its place in the answer's order), only to tell masters apart.
-fn slot_masters(ranges: &[Value]) -> FxHashMap<Slot, usize> {
+/// The masters of a cluster, each as a number of its own (its place in a `CLUSTER SLOTS`
+/// answer's order), only to tell them apart.
+#[derive(Default)]
+struct Masters {
+    /// The master of each slot.
+    of_slot: FxHashMap<Slot, usize>,
+    /// Each master's slots.
+    slots: Vec<Vec<u16>>,
+}
+
+/// The master of each slot a `CLUSTER SLOTS` answer lists: the first node of its range.
+fn masters(ranges: &[Value]) -> Masters {
     let mut masters = FxHashMap::default();
-    let mut slots = FxHashMap::default();
+    let (mut of_slot, mut slots) = (FxHashMap::default(), Vec::<Vec<u16>>::new());
     for range in ranges {
         let Value::Array(range) = range else { continue };
         let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
@@ -363,11 +333,15 @@ fn slot_masters(ranges: &[Value]) -> FxHashMap<Slot, usize> {
         let (Ok(first), Ok(last)) = (u16::try_from(*first), u16::try_from(*last)) else {
             continue;
         };
-        for slot in (first..=last).filter_map(Slot::new) {
-            slots.insert(slot, master);
+        slots.resize_with(masters.len(), Vec::new);
+        for number in first..=last {
+            if let Some(slot) = Slot::new(number) {
+                of_slot.insert(slot, master);
+                slots[master].push(number);
+            }
         }
     }
-    slots
+    Masters { of_slot, slots }
 }
 
 /// The shard channels that the link's connections to the masters hold, by `CLIENT INFO` on each
@@ -453,19 +427,69 @@ struct Link {
     cluster: bool,
     /// The cluster's nodes, masters and replicas, as the last cluster connection listed them.
     nodes: Vec<ConnectionInfo>,
-    /// The master of each slot, as the last cluster connection listed them (`slot_masters`).
-    slot_masters: FxHashMap<Slot, usize>,
+    /// The masters, as the last cluster connection listed them.
+    masters: Masters,
     /// The topics whose channels Redis refused (`NOPERM`) and has not taken since: each is
     /// logged when it enters. Kept across reconnections, in which the refusal comes again.
     refused: FxHashSet<Box<str>>,
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
-    /// Pushes the current connection has brought (`patiently`).
-    arrived: Arc<AtomicU64>,
+    /// Pushes the current connection has brought (`patience`).
+    arrived: Arc<Arrivals>,
 }
 
 impl Link {
+    /// What the current connection to `master` (to any master: `None`; a single node's one
+    /// connection either way) has brought, for `patiently`.
+    fn seen(&self, master: Option<usize>) -> impl Fn() -> u64 + Copy + '_ {
+        let slots = master
+            .and_then(|master| self.masters.slots.get(master))
+            .map(Vec::as_slice);
+        move || self.arrived.seen(slots)
+    }
+
+    /// Ask whether the connection is alive: on a cluster, every master, each of which may hold
+    /// subscriptions and may stop answering while the others go on, each waited on for as long
+    /// as its own connection brings pushes. (A pipeline without a key goes to one node at
+    /// random: a master gone silent was noticed only once a PING happened to pick it.) The
+    /// first master that gives no answer fails the link (`answered`).
+    async fn ping(&self, conn: &mut Conn) -> RedisResult<()> {
+        let conn = match conn {
+            Conn::Node(conn) => {
+                let ping = redis::cmd("PING");
+                return answered(patiently(self.seen(None), TIMEOUT, ping.exec_async(conn)).await);
+            }
+            Conn::Cluster(conn) => conn,
+        };
+        if self.masters.slots.is_empty() {
+            let masters = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            ));
+            let ping = conn.route_command(redis::cmd("PING"), masters);
+            return answered(patiently(self.seen(None), TIMEOUT, ping).await);
+        }
+        let pings = self
+            .masters
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(master, slots)| {
+                let route = Route::new(*slots.first()?, SlotAddr::Master);
+                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let mut conn = conn.clone();
+                let seen = self.seen(Some(master));
+                Some(async move {
+                    answered(
+                        patiently(seen, TIMEOUT, conn.route_command(redis::cmd("PING"), to)).await,
+                    )
+                })
+            });
+        // Not waiting for the others: a busy master's answer may be long in coming.
+        try_join_all(pings).await.map(drop)
+    }
+
     fn remote(&self) -> &remote::Remote {
         self.shared
             .remote
@@ -503,6 +527,7 @@ impl Link {
         client: &Client,
         info: &ConnectionInfo,
     ) -> Result<(Conn, Pushes), String> {
+        self.arrived = Arrivals::new(false);
         let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
         // No timeout of the crate's: each request's is `patiently`'s, which waits on while
         // Redis sends pushes on the same connection.
@@ -516,7 +541,7 @@ impl Link {
         {
             Ok(mut node) => {
                 let cluster = self.sharded
-                    && patiently(&self.arrived, TIMEOUT, in_cluster(&mut node))
+                    && patiently(self.seen(None), TIMEOUT, in_cluster(&mut node))
                         .await
                         .map_err(|e| why("cannot connect", &e))?;
                 if !cluster {
@@ -531,24 +556,28 @@ impl Link {
             Err(_) if self.cluster && !self.nodes.is_empty() => self.nodes.clone(),
             Err(e) => return Err(why("cannot connect", &e)),
         };
+        self.arrived = Arrivals::new(true);
         let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
-        let mut conn = ClusterClientBuilder::new(seeds)
+        let client = ClusterClientBuilder::new(seeds)
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(push_tx)
             .connection_timeout(TIMEOUT)
-            .response_timeout(TIMEOUT)
+            .response_timeout(CRATE_TIMEOUT)
             .build()
-            .map_err(|e| why("cannot connect", &e))?
-            .get_async_connection()
-            .await
             .map_err(|e| why("cannot connect", &e))?;
+        let connecting =
+            tokio::time::timeout(CLUSTER_CONNECT_TIMEOUT, client.get_async_connection());
+        let mut conn = match connecting.await {
+            Ok(connected) => connected.map_err(|e| why("cannot connect", &e))?,
+            Err(_) => return Err("cannot connect: timed out".into()),
+        };
         // On no answer, the nodes found before still serve: a cluster's nodes change a few at a
         // time, so most of an older list still leads in.
-        if let Ok(ranges) = cluster_slots(&mut conn).await {
+        if let Ok(ranges) = patiently(self.seen(None), TIMEOUT, cluster_slots(&mut conn)).await {
             let nodes = listed_nodes(&ranges, info);
             if !nodes.is_empty() {
                 self.nodes = nodes;
-                self.slot_masters = slot_masters(&ranges);
+                self.masters = masters(&ranges);
             }
         }
         self.subscribe_all(Conn::Cluster(conn), pushes).await
@@ -580,7 +609,7 @@ impl Link {
         // replaced, closing it with its subscriptions, without an error or a push. Asked of the
         // masters themselves, a shortfall is an outage, retried, not a deaf topic for good.
         if let Conn::Cluster(cluster) = &mut conn {
-            let held = shard_subscriptions(cluster)
+            let held = patiently(self.seen(None), TIMEOUT, shard_subscriptions(cluster))
                 .await
                 .map_err(|e| why("cannot subscribe", &e))?;
             let wanted = self.subscribed.len();
@@ -643,11 +672,8 @@ impl Link {
                         return why("subscribe failed", &e).into();
                     }
                 }
-                _ = ping.tick() => match patiently(&self.arrived, TIMEOUT, conn.ping()).await {
-                    // Redis answered, if only to refuse (an ACL user without `+ping`, which
-                    // `+@pubsub` does not grant): the link is up. It was dropped every 5 s.
-                    Err(e) if e.code().is_none() => return why("no answer to PING", &e).into(),
-                    _ => {}
+                _ = ping.tick() => if let Err(e) = self.ping(conn).await {
+                    return why("no answer to PING", &e).into();
                 },
             }
         }
@@ -686,23 +712,27 @@ impl Link {
             topics.push(out.topic);
         }
         let replies: RedisResult<Vec<Vec<Value>>> = match conn {
-            // A publish over `PIPELINE_BYTES` alone is given the time its bytes take too. The
-            // cluster's connections have one timeout, set when it was built: there such a
-            // publish must be written within `TIMEOUT`.
+            // A publish over `PIPELINE_BYTES` alone is given the time its bytes take too; a
+            // cluster's pipelines, which go at once, each the time of them all.
             Conn::Node(conn) => match pipes.values().next() {
                 Some((pipe, _)) => {
-                    patiently(&self.arrived, timeout_for(size), pipe.query_async(conn))
-                        .await
-                        .map(|replies| vec![replies])
+                    let replies = pipe.query_async(conn);
+                    let replies = patiently(self.seen(None), timeout_for(size), replies).await;
+                    replies.map(|replies| vec![replies])
                 }
                 None => Ok(Vec::new()),
             },
             Conn::Cluster(conn) => {
-                try_join_all(pipes.values().map(|(pipe, _)| {
+                let each = pipes.iter().map(|(slot, (pipe, _))| {
                     let mut conn = conn.clone();
-                    async move { pipe.query_async(&mut conn).await }
-                }))
-                .await
+                    let master = slot.and_then(|s| self.masters.of_slot.get(&s).copied());
+                    let seen = self.seen(master);
+                    async move {
+                        let replies = pipe.query_async(&mut conn);
+                        patiently(seen, timeout_for(size), replies).await
+                    }
+                });
+                try_join_all(each).await
             }
         };
         // Held until Redis answered: the pipeline's copies of the payloads live until then.
@@ -798,7 +828,7 @@ impl Link {
                     pipe.cmd(unsubscribe).arg(self.channel(topic)).ignore();
                 }
                 let replies: Vec<Value> =
-                    patiently(&self.arrived, TIMEOUT, pipe.query_async(conn)).await?;
+                    patiently(self.seen(None), TIMEOUT, pipe.query_async(conn)).await?;
                 let mut refused = Vec::new();
                 for (topic, reply) in join.iter().zip(replies) {
                     if let Some(e) = refusal(reply)? {
@@ -813,14 +843,13 @@ impl Link {
                 let mut masters: FxHashMap<Option<usize>, Vec<(bool, String)>> =
                     FxHashMap::default();
                 for (join, channel) in joins.chain(leaves) {
-                    let master = self.slot_masters.get(&Slot::for_key(&channel)).copied();
+                    let master = self.masters.of_slot.get(&Slot::for_key(&channel)).copied();
                     masters.entry(master).or_default().push((join, channel));
                 }
-                let refused =
-                    try_join_all(masters.into_iter().map(|(master, changes)| {
-                        on_master(conn.clone(), master.is_some(), changes)
-                    }))
-                    .await?;
+                let refused = try_join_all(masters.into_iter().map(|(master, changes)| {
+                    on_master(conn.clone(), master.is_some(), changes, self.seen(master))
+                }))
+                .await?;
                 let mut refused: FxHashMap<String, RedisError> =
                     refused.into_iter().flatten().collect();
                 join.iter()
@@ -943,22 +972,19 @@ async fn on_master(
     conn: ClusterConnection,
     known: bool,
     changes: Vec<(bool, String)>,
+    seen: impl Fn() -> u64 + Copy,
 ) -> RedisResult<Vec<(String, RedisError)>> {
-    async fn change(
-        mut conn: ClusterConnection,
-        join: bool,
-        channel: String,
-    ) -> RedisResult<Option<(String, RedisError)>> {
+    let change = |mut conn: ClusterConnection, join: bool, channel: String| async move {
         let changed = if join {
-            conn.ssubscribe(&channel).await
+            patiently(seen, TIMEOUT, conn.ssubscribe(&channel)).await
         } else {
-            conn.sunsubscribe(&channel).await
+            patiently(seen, TIMEOUT, conn.sunsubscribe(&channel)).await
         };
         match changed {
             Err(e) if refuses_channel(&e) => Ok(Some((channel, e))),
             changed => changed.map(|()| None),
         }
-    }
+    };
     let mut refused = Vec::new();
     let mut changes = changes.into_iter();
     if !known {
@@ -986,12 +1012,12 @@ struct Pushes {
 /// unbounded in count, but the messages in it (what Redis sends at the rate others publish)
 /// are bounded by `INCOMING_BYTES`; the other pushes answer this link's own commands, or end
 /// the connection.
-fn push_queue(shared: &Arc<Shared>, arrived: Arc<AtomicU64>) -> (impl AsyncPushSender, Pushes) {
+fn push_queue(shared: &Arc<Shared>, arrived: Arc<Arrivals>) -> (impl AsyncPushSender, Pushes) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let backlog = Arc::new(ByteBound::default());
     let (shared, held) = (shared.clone(), backlog.clone());
     let push = move |push: PushInfo| {
-        arrived.fetch_add(1, Ordering::Relaxed);
+        arrived.note(&push);
         let message = matches!(push.kind, PushKind::Message | PushKind::SMessage);
         // A cluster's connections, one per master, charge it from their own tasks.
         if !message || held.charge(message_size(&push), INCOMING_BYTES) {
@@ -1052,7 +1078,7 @@ mod tests {
         let (remote, _inbox) = Remote::new();
         let own = remote.origin;
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
-        let (sender, mut pushes) = push_queue(&shared, Arc::default());
+        let (sender, mut pushes) = push_queue(&shared, Arrivals::new(false));
         let size = message_size(&message(1, 1, 1 << 20));
         let fit = INCOMING_BYTES / size;
         assert_eq!(fit, 63);
@@ -1104,12 +1130,18 @@ mod tests {
             range(5461, 10922, &[("10.0.0.2", 6380)]),
             range(10923, 16383, &[("10.0.0.1", 6380)]),
         ];
-        let masters = slot_masters(&ranges);
-        assert_eq!(masters.len(), 16384);
-        let of = |slot| masters[&Slot::new(slot).unwrap()];
+        let Masters { of_slot, slots } = masters(&ranges);
+        assert_eq!(of_slot.len(), 16384);
+        let of = |slot| of_slot[&Slot::new(slot).unwrap()];
         assert_eq!([of(0), of(5460), of(5461), of(10922)], [0, 0, 1, 1]);
         assert_eq!([of(10923), of(16383)], [0, 0]);
-        assert!(slot_masters(&[Value::Int(1)]).is_empty());
+        // Each master's slots, for what its connection brings (`patience`).
+        let first_and_last = |slots: &[u16]| (slots[0], slots[slots.len() - 1], slots.len());
+        assert_eq!(slots.len(), 2);
+        assert_eq!(first_and_last(&slots[0]), (0, 16383, 5461 + 5461));
+        assert_eq!(first_and_last(&slots[1]), (5461, 10922, 5462));
+        let nothing = masters(&[Value::Int(1)]);
+        assert!(nothing.of_slot.is_empty() && nothing.slots.is_empty());
     }
 
     #[test]
