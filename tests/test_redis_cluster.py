@@ -801,7 +801,10 @@ async def test_a_silent_master_is_noticed_while_another_brings_messages(
         count = 20
         srv, here = await big_messages_to_master_1(cluster, started, peer, clients, count)
         silent.send_signal(signal.SIGSTOP)
-        lines = lambda: log_lines(caplog, "brioche.redis")  # noqa: E731
+
+        def lines() -> list[tuple[int, str]]:
+            return log_lines(caplog, "brioche.redis")
+
         await until(lambda: len(lines()) > 0, "the link to be declared down", 15)
         assert "no answer to PING: timed out" in lines()[0][1], lines()
         assert len(here.messages) < count
