@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +35,38 @@ BOTH_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     **ASYNCIO_ONLY,
     "uvloop": uvloop.new_event_loop,
 }
+
+
+# An app as a user runs it: `config` served under `asyncio.run()` until the process is told to
+# stop, its port printed first and "main finally" last (`app_process`).
+APP_MAIN = (
+    "async def main():\n"
+    "    try:\n"
+    "        async with config.serve() as srv:\n"
+    "            print('port', srv.port, flush=True)\n"
+    "            await asyncio.get_running_loop().create_future()\n"
+    "    finally:\n"
+    "        print('main finally', flush=True)\n"
+    "asyncio.run(main())\n"
+)
+
+
+@contextlib.contextmanager
+def app_process(directory: Path, app: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run ``app`` (imports, handlers and a ``config``) then ``APP_MAIN`` as a program of its
+    own; yields the process, its output unread but for the port line, and the port. Killed at
+    the end if it is still running."""
+    script = directory / "app.py"
+    script.write_text(app + APP_MAIN)
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline().split()
+            assert first[:1] == ["port"], (first, proc.stderr.read() if proc.stderr else "")
+            yield proc, int(first[1])
+        finally:
+            proc.kill()
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json as jsonlib
 import logging
-import subprocess
-import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from websockets.asyncio.client import connect
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, ws_url
+from conftest import Recorder, ServeFn, app_process, ws_url
 
 TIMEOUT = 5
 
@@ -384,23 +383,34 @@ async def test_keep_alive_connection_serves_several_requests(serve: ServeFn) -> 
 
 # -- handler failures ------------------------------------------------------------------------
 
+Handler = Callable[[server.Request, brioche.Server[Any]], server.Response]
+
+
+def styled(style: str, handler: Handler) -> Handler | Callable[..., Awaitable[server.Response]]:
+    """``handler`` as a test's ``style`` says: itself ("sync"), or called from an ``async def``
+    before its first await ("async_before_await") or after one ("async_after_await")."""
+    if style == "sync":
+        return handler
+
+    async def async_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        if style == "async_after_await":
+            await asyncio.sleep(0)
+        return handler(request, srv)
+
+    return async_handler
+
 
 @pytest.mark.parametrize("style", ["sync", "async_before_await", "async_after_await"])
 async def test_handler_exception_gives_500_and_server_keeps_serving(
     serve: ServeFn, caplog: pytest.LogCaptureFixture, style: str
 ) -> None:
-    def sync_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
         if request.path == "/boom":
             raise RuntimeError("fetch exploded")
         return server.text("fine")
 
-    async def async_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
-        if style == "async_after_await":
-            await asyncio.sleep(0)
-        return sync_handler(request, srv)
-
     caplog.set_level(logging.ERROR, logger="brioche")
-    srv = await serve(handler=sync_handler if style == "sync" else async_handler)
+    srv = await serve(handler=styled(style, handler))
     status, headers, body = await http(srv, "/boom")
     assert (status, body) == (500, b"Internal Server Error")
     assert headers["content-type"] == ["text/plain; charset=utf-8"]
@@ -421,18 +431,13 @@ async def test_a_handler_s_own_cancelled_error_gives_500_and_holds_no_stop(
     cancelled) is its failure: 500 and a line, as for an ``async def`` handler's. From a plain
     handler it went unanswered, and the request held ``stop()`` as long as anything kept it."""
 
-    def sync_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
         if request.path == "/cancelled":
             raise asyncio.CancelledError
         return server.text("fine")
 
-    async def async_handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
-        if style == "async_after_await":
-            await asyncio.sleep(0)
-        return sync_handler(request, srv)
-
     caplog.set_level(logging.ERROR, logger="brioche")
-    srv = await serve(handler=sync_handler if style == "sync" else async_handler)
+    srv = await serve(handler=styled(style, handler))
     status, _, body = await http(srv, "/cancelled")
     assert (status, body) == (500, b"Internal Server Error")
     status, _, body = await http(srv, "/next")
@@ -451,8 +456,7 @@ def test_a_system_exit_from_an_http_handler_is_answered_500_and_the_app_exits(
     HTTP handler propagates, as a WebSocket handler's does after its 1011; first the request is
     answered 500. It went unanswered, and the server's stop waited for it for ever: the process
     outlived ``asyncio.run()``'s shutdown until it was killed."""
-    script = tmp_path / "exit_app.py"
-    script.write_text(
+    app = (
         "import asyncio\n"
         "from brioche import server\n"
         f"{'async ' if style != 'sync' else ''}def fetch(request, srv):\n"
@@ -460,14 +464,6 @@ def test_a_system_exit_from_an_http_handler_is_answered_500_and_the_app_exits(
         "        raise SystemExit(3)\n"
         "    return server.text('fine')\n"
         "config = server.handler(fetch).hostname('127.0.0.1').port(0)\n"
-        "async def main():\n"
-        "    try:\n"
-        "        async with config.serve() as srv:\n"
-        "            print('port', srv.port, flush=True)\n"
-        "            await asyncio.get_running_loop().create_future()\n"
-        "    finally:\n"
-        "        print('main finally', flush=True)\n"
-        "asyncio.run(main())\n"
     )
 
     async def request_exit(port: int) -> tuple[int, bytes]:
@@ -480,16 +476,9 @@ def test_a_system_exit_from_an_http_handler_is_answered_500_and_the_app_exits(
         finally:
             writer.close()
 
-    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            first = proc.stdout.readline().split()
-            assert first[:1] == ["port"], first
-            assert asyncio.run(request_exit(int(first[1]))) == (500, b"Internal Server Error")
-            out, err = proc.communicate(timeout=30)
-        finally:
-            proc.kill()
+    with app_process(tmp_path, app) as (proc, port):
+        assert asyncio.run(request_exit(port)) == (500, b"Internal Server Error")
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == 3, err
     assert out.splitlines() == ["main finally"], (out, err)
 

@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 import brioche
 from brioche import MessageBackpressured, server, websocket
-from conftest import Recorder, ServeFn, server_starter, ws_url
+from conftest import Recorder, ServeFn, app_process, server_starter, ws_url
 from rawws import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
 
 TIMEOUT = 5
@@ -625,8 +625,7 @@ def test_a_system_exit_from_an_async_handler_leaves_asyncio_run_s_shutdown_to_fi
     ``on_close`` runs. Before, the dispatcher raised it a second time from the task's done
     callback, inside that shutdown, which it cut short: no ``on_close``, no ``finally``, and
     "coroutine ignored GeneratorExit"."""
-    script = tmp_path / "exit_app.py"
-    script.write_text(
+    app = (
         "import asyncio, sys\n"
         "from brioche import server, websocket\n"
         "async def on_text(ws, text):\n"
@@ -640,14 +639,6 @@ def test_a_system_exit_from_an_async_handler_leaves_asyncio_run_s_shutdown_to_fi
         "    srv.upgrade(request)\n"
         "config = (server.handler(fetch).hostname('127.0.0.1').port(0)\n"
         "          .websocket(websocket.init().on_text(on_text).on_close(on_close)))\n"
-        "async def main():\n"
-        "    try:\n"
-        "        async with config.serve() as srv:\n"
-        "            print('port', srv.port, flush=True)\n"
-        "            await asyncio.get_running_loop().create_future()\n"
-        "    finally:\n"
-        "        print('main finally', flush=True)\n"
-        "asyncio.run(main())\n"
     )
 
     async def drive(port: int) -> None:
@@ -658,12 +649,8 @@ def test_a_system_exit_from_an_async_handler_leaves_asyncio_run_s_shutdown_to_fi
                 await asyncio.wait_for(exiting.wait_closed(), TIMEOUT)
             await asyncio.wait_for(waiting.wait_closed(), TIMEOUT)
 
-    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
-        assert proc.stdout is not None
-        first = proc.stdout.readline().split()
-        assert first[0] == "port", first
-        asyncio.run(drive(int(first[1])))
+    with app_process(tmp_path, app) as (proc, port):
+        asyncio.run(drive(port))
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 3, err
     assert "GeneratorExit" not in err
