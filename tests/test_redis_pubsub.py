@@ -834,6 +834,55 @@ async def test_a_channel_redis_refuses_is_refused_alone(
 
 
 @pytest.mark.once
+async def test_a_refusal_that_comes_during_an_outage_is_logged_once(
+    redis: Redis, serve: ServeFn, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis's password changed while the link was up, then the link cut: the one line said
+    "connection lost", and the WRONGPASS of every reconnection after it was never logged. A
+    refusal that comes during an outage is now a line of its own, once; the transport's reasons
+    (a restart's "connection lost", then "connection refused") still make one line."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    assert await asyncio.to_thread(redis.cli, "CONFIG", "SET", "requirepass", "first") == ["OK"]
+    srv = await serve(topics_config(), pubsub_redis=f"redis://:first@127.0.0.1:{redis.port}")
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link to Redis")
+    assert await asyncio.to_thread(redis.cli, "-a", "first", "--no-auth-warning", "CONFIG", "SET", "requirepass", "second") == ["OK"]
+
+    def refused() -> int:
+        """Logins Redis refused (its ACL LOG: entries of reason "auth", each with its count)."""
+        entries = " ".join(redis.cli("-a", "second", "--no-auth-warning", "ACL", "LOG")).split("count ")[1:]
+        return sum(int(entry.split()[0]) for entry in entries if " reason auth " in entry)
+
+    # Every client but redis-cli itself, authenticated before the change: the link.
+    killed = await asyncio.to_thread(redis.cli, "-a", "second", "--no-auth-warning", "CLIENT", "KILL", "USER", "default")
+    assert killed == ["1"]
+    # Three reconnections refused: the refusal is logged once, not at each.
+    await until(lambda: asyncio.to_thread(lambda: refused() >= 3), "three refused reconnections")
+    lines = log_lines(caplog, "brioche.redis")
+    down = f"Redis pub/sub at 127.0.0.1:{redis.port} is down"
+    assert [level for level, _ in lines] == [logging.WARNING] * 2, lines
+    assert lines[0][1].startswith(f"{down} (connection lost): "), lines
+    assert lines[1][1].startswith(f"{down} (cannot connect: WRONGPASS invalid username-password pair"), lines
+    assert await asyncio.to_thread(redis.cli, "-a", "second", "--no-auth-warning", "CONFIG", "SET", "requirepass", "first") == ["OK"]
+    await until(lambda: srv.stats()["redis_connected"] == 1, "the link back")
+    back = f"Redis pub/sub at 127.0.0.1:{redis.port} is back (resubscribed)"
+    assert [(level, line[: len(back)]) for level, line in log_lines(caplog, "brioche.redis")[2:]] == [(logging.INFO, back)]
+
+
+@pytest.mark.once
+async def test_a_rediss_url_to_a_port_without_tls_says_so(
+    redis: Redis, serve: ServeFn, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``rediss://`` to a Redis without TLS: it waits for the end of a line that a TLS handshake
+    does not send, and the line said only "cannot connect: timed out"."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    await serve(topics_config(), pubsub_redis=f"rediss://127.0.0.1:{redis.port}")
+    await until(lambda: log_lines(caplog, "brioche.redis") != [], "the outage to be logged")
+    [(level, line)] = log_lines(caplog, "brioche.redis")
+    assert level == logging.WARNING
+    assert "(cannot connect: timed out; is that port Redis's TLS port?)" in line, line
+
+
+@pytest.mark.once
 async def test_the_url_s_db_is_ignored(
     redis: Redis, serve: ServeFn, peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]],

@@ -45,7 +45,8 @@
 //!   its publishes are counted lost, with one log line per channel, while the others go on.
 //! - When the link drops, local delivery goes on; publishes are counted lost until the task
 //!   has reconnected (with backoff) and resubscribed. Redis pub/sub is at-most-once: nothing
-//!   is replayed. One log line says the link is down, one that it is back. On a cluster, losing
+//!   is replayed. One log line says the link is down (one more for each new refusal Redis
+//!   answers the reconnections with), one that it is back. On a cluster, losing
 //!   any node's connection drops the whole link, although the crate would repair that node
 //!   alone: what it publishes and receives meanwhile would otherwise be lost without a count
 //!   or a log line.
@@ -53,6 +54,7 @@
 mod patience;
 
 use std::borrow::Cow;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,6 +140,8 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
     let shutdown = link.shared.shutdown.clone();
     let mut backoff = MIN_BACKOFF;
     let mut down = false;
+    // Redis's code in the last line that said the link is down (`Down::code`).
+    let mut logged_code = None;
     loop {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -165,12 +169,17 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
                     }
                 }
             }
-            Err(reason) => reason.into(),
+            Err(reason) => reason,
         };
         // The next connection subscribes to what the registry holds then.
         link.remote().stop_tracking();
-        if !down {
-            link.shared.log(LogKind::RedisDown, &peer, 0, reason);
+        // One line per outage; and one more each time Redis answers with a new refusal: Redis
+        // back with another password said only "connection lost" until the link was up once.
+        // The transport's reasons (refused, timed out, lost) change as a Redis restarts, and
+        // are not repeated.
+        if !down || (reason.code.is_some() && reason.code != logged_code) {
+            logged_code = reason.code;
+            link.shared.log(LogKind::RedisDown, &peer, 0, reason.line);
             down = true;
         }
         // Queued before the link dropped: never sent, and too old to send after the outage.
@@ -206,27 +215,65 @@ fn client(config: &RedisConfig) -> RedisResult<(Client, ConnectionInfo, String)>
     Ok((Client::open(info.clone())?, info, peer))
 }
 
+/// Why the link is down.
+struct Down {
+    /// For its log line (`why`).
+    line: Cow<'static, str>,
+    /// Redis's error code when the reason is Redis's answer (a refusal such as `WRONGPASS`),
+    /// not the transport's.
+    code: Option<String>,
+}
+
+impl From<&'static str> for Down {
+    fn from(line: &'static str) -> Self {
+        Down {
+            line: line.into(),
+            code: None,
+        }
+    }
+}
+
 /// Why the link is down, for its log line: `context`, then the error's code (`WRONGPASS`,
 /// `NOAUTH`, `NOPERM`, ...) and what Redis said, or the client's own words for a failure that
 /// is not Redis's answer, at most `MAX_WHY` bytes of them. Redis never repeats a password in
 /// an error, and the crate's errors do not hold the URL: the line carries no secret.
-fn why(context: &str, e: &RedisError) -> String {
-    format!("{context}: {}", cut(&said(e)))
+fn why(context: &str, e: &RedisError) -> Down {
+    let (code, said) = said(e);
+    Down {
+        line: format!("{context}: {}", cut(&said)).into(),
+        code,
+    }
 }
 
-/// What Redis said: the error's code and words, or the client's own words for a failure that is
-/// not Redis's answer.
-fn said(e: &RedisError) -> String {
+/// `why` for a connection that could not be made. A Redis without TLS answers a TLS handshake
+/// with nothing (it waits for the end of a line) or with bytes that are not TLS: "timed out"
+/// alone did not say that a `rediss://` URL may name a port without TLS.
+fn cannot_connect(info: &ConnectionInfo, e: &RedisError) -> Down {
+    let mut down = why("cannot connect", e);
+    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    let unanswered = e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal());
+    if tls && down.code.is_none() && unanswered {
+        down.line = format!("{}; is that port Redis's TLS port?", down.line).into();
+    }
+    down
+}
+
+/// What Redis said: the error's code, and its code and words; or no code and the client's own
+/// words for a failure that is not Redis's answer.
+fn said(e: &RedisError) -> (Option<String>, String) {
     // A pipeline's error has the code of its first failed command but not its words.
     let first = e.clone().into_server_errors();
     let first = first.as_ref().and_then(|errors| errors.first());
     match (e.code(), e.detail(), first) {
-        (Some(code), Some(detail), _) => format!("{code} {detail}"),
-        (_, _, Some((_, error))) => match error.details() {
-            Some(detail) => format!("{} {detail}", error.code()),
-            None => error.code().to_owned(),
-        },
-        _ => e.to_string(),
+        (Some(code), Some(detail), _) => (Some(code.to_owned()), format!("{code} {detail}")),
+        (_, _, Some((_, error))) => {
+            let code = error.code().to_owned();
+            match error.details() {
+                Some(detail) => (Some(code.clone()), format!("{code} {detail}")),
+                None => (Some(code.clone()), code),
+            }
+        }
+        (code, _, None) => (code.map(str::to_owned), e.to_string()),
     }
 }
 
@@ -509,7 +556,7 @@ impl Link {
         }
         if self.refused.insert(topic.into()) {
             let channel = self.channel(topic);
-            let line = format!("{} ({})", cut(&channel), cut(&said(e)));
+            let line = format!("{} ({})", cut(&channel), cut(&said(e).1));
             self.shared.log(LogKind::RedisRefused, &self.peer, 0, line);
         }
     }
@@ -526,7 +573,7 @@ impl Link {
         &mut self,
         client: &Client,
         info: &ConnectionInfo,
-    ) -> Result<(Conn, Pushes), String> {
+    ) -> Result<(Conn, Pushes), Down> {
         self.arrived = Arrivals::new(false);
         let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
         // No timeout of the crate's: each request's is `patiently`'s, which waits on while
@@ -554,7 +601,7 @@ impl Link {
             // The URL's node may be gone for good (a master whose replica took its place is not
             // restarted), while the rest of the cluster is up: the URL was only a way in.
             Err(_) if self.cluster && !self.nodes.is_empty() => self.nodes.clone(),
-            Err(e) => return Err(why("cannot connect", &e)),
+            Err(e) => return Err(cannot_connect(info, &e)),
         };
         self.arrived = Arrivals::new(true);
         let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
@@ -568,8 +615,13 @@ impl Link {
         let connecting =
             tokio::time::timeout(CLUSTER_CONNECT_TIMEOUT, client.get_async_connection());
         let mut conn = match connecting.await {
-            Ok(connected) => connected.map_err(|e| why("cannot connect", &e))?,
-            Err(_) => return Err("cannot connect: timed out".into()),
+            Ok(connected) => connected.map_err(|e| cannot_connect(info, &e))?,
+            Err(_) => {
+                return Err(cannot_connect(
+                    info,
+                    &io::Error::from(io::ErrorKind::TimedOut).into(),
+                ))
+            }
         };
         // On no answer, the nodes found before still serve: a cluster's nodes change a few at a
         // time, so most of an older list still leads in.
@@ -588,7 +640,7 @@ impl Link {
         &mut self,
         mut conn: Conn,
         pushes: Pushes,
-    ) -> Result<(Conn, Pushes), String> {
+    ) -> Result<(Conn, Pushes), Down> {
         let cluster = matches!(conn, Conn::Cluster(_));
         if self.cluster != cluster {
             // Sequences are kept by slot on a cluster, by origin alone elsewhere.
@@ -614,9 +666,11 @@ impl Link {
                 .map_err(|e| why("cannot subscribe", &e))?;
             let wanted = self.subscribed.len();
             if let Some(held) = held.filter(|&held| held != wanted) {
-                return Err(format!(
-                    "cannot subscribe: the masters hold {held} of {wanted} channels"
-                ));
+                return Err(Down {
+                    line: format!("cannot subscribe: the masters hold {held} of {wanted} channels")
+                        .into(),
+                    code: None,
+                });
             }
         }
         Ok((conn, pushes))
@@ -628,7 +682,7 @@ impl Link {
         conn: &mut Conn,
         pushes: &mut Pushes,
         inbox: &mut RemoteInbox,
-    ) -> Cow<'static, str> {
+    ) -> Down {
         let mut outgoing = Vec::with_capacity(BATCH);
         let mut ended = Vec::new();
         let shared = self.shared.clone();
@@ -648,7 +702,7 @@ impl Link {
                         }
                         if !ended.is_empty() {
                             if let Err(e) = self.reconcile(conn, &mut ended).await {
-                                return why("subscribe failed", &e).into();
+                                return why("subscribe failed", &e);
                             }
                         }
                     }
@@ -662,18 +716,18 @@ impl Link {
                     while !outgoing.is_empty() {
                         if let Err(e) = self.publish(conn, &mut outgoing).await {
                             self.lose(&mut outgoing);
-                            return why("publish failed", &e).into();
+                            return why("publish failed", &e);
                         }
                     }
                 }
                 _ = remote.changed() => {
                     let mut topics = remote.take_changes(BATCH);
                     if let Err(e) = self.reconcile(conn, &mut topics).await {
-                        return why("subscribe failed", &e).into();
+                        return why("subscribe failed", &e);
                     }
                 }
                 _ = ping.tick() => if let Err(e) = self.ping(conn).await {
-                    return why("no answer to PING", &e).into();
+                    return why("no answer to PING", &e);
                 },
             }
         }
@@ -1151,13 +1205,14 @@ mod tests {
             "refused",
             "x".repeat(1000),
         ));
-        let line = why("cannot connect", &refused);
+        let line = why("cannot connect", &refused).line;
         assert!(line.starts_with("cannot connect: refused - AuthenticationFailed: xxx"));
         assert!(line.ends_with("x..."));
         assert_eq!(line.len(), "cannot connect: ".len() + MAX_WHY + 3);
         let refused = redis::make_extension_error("NOPERM".into(), Some("no permissions".into()));
-        let line = why("subscribe failed", &refused);
-        assert_eq!(line, "subscribe failed: NOPERM no permissions");
+        let down = why("subscribe failed", &refused);
+        assert_eq!(down.line, "subscribe failed: NOPERM no permissions");
+        assert_eq!(down.code.as_deref(), Some("NOPERM"));
     }
 
     #[test]
