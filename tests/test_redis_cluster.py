@@ -736,12 +736,13 @@ async def announced_behind(cluster: Cluster, master: int, proxy: ThrottledProxy)
     await until(everywhere, "every node to list the master at the proxy's port")
 
 
-async def big_messages_to_master_1(
+async def messages_to_master_1(
     cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], count: int,
-) -> tuple[brioche.Server[Any], Collector]:
+) -> tuple[brioche.Server[Any], Collector, str]:
     """A server here subscribed to a topic of master 1, which another process sends ``count``
-    messages of 1 MB to; returns the server and its subscriber."""
+    messages of 100 kB to (ten a second through a proxy carrying 1 MB a second: many in each 2 s
+    a request is given); returns the server, its subscriber and the topic."""
     topic = topics_per_master(1)[1]
     srv = await serve_sharded(started, cluster.url)
     here = await clients(ws_url(srv, f"/ws?{topic}"))
@@ -756,26 +757,26 @@ async def big_messages_to_master_1(
 
     await until(other_connected, "the other process's link")
     for i in range(count):
-        await control.send(f"pub {topic} {i}" + "x" * (999_999 - len(str(i))))
-    return srv, here
+        await control.send(f"pub {topic} {i}" + "x" * (99_999 - len(str(i))))
+    return srv, here, topic
 
 
 async def test_a_master_busy_bringing_messages_is_not_taken_for_a_stalled_one(
     cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """9 messages of 1 MB to a topic of a master whose connection to this process carries 1 MB
-    a second: the link's PING of that master, 5 s in, was answered behind the messages still on
+    """9 MB of messages to a topic of a master whose connection to this process carries 1 MB a
+    second: the link's PING of that master, 5 s in, was answered behind the messages still on
     the way, past the crate's 2 s timeout, so the link was declared down and the messages on
     the wire lost, as on a single node (test_redis_pubsub). Messages arriving from that master
-    now prove it alive: all 9 arrive, in order, and nothing is logged."""
+    now prove it alive: all arrive, in order, and nothing is logged."""
     caplog.set_level(logging.INFO, logger="brioche.redis")
     proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
     await announced_behind(cluster, 1, proxy)
     try:
-        count = 9
-        srv, here = await big_messages_to_master_1(cluster, started, peer, clients, count)
-        await until(lambda: len(here.messages) == count, "the 9 through the slow connection", 40)
+        count = 90
+        srv, here, _ = await messages_to_master_1(cluster, started, peer, clients, count)
+        await until(lambda: len(here.messages) == count, "the 90 through the slow connection", 40)
         assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
         stats = srv.stats()
         assert (stats["redis_received"], stats["redis_received_lost"], stats["redis_connected"]) == (count, 0, 1)
@@ -791,15 +792,27 @@ async def test_a_silent_master_is_noticed_while_another_brings_messages(
     """What proves a master alive is its own connection's messages, not the link's: master 2
     stopped (SIGSTOP: its sockets open, nothing answered) while master 1 brings 20 MB at 1 MB a
     second, the link is declared down at master 2's first unanswered PING (within 7 s: 5 between
-    PINGs, 2 for the answer), not once master 1's messages end 20 s later."""
+    PINGs, 2 for the answer), not once master 1's messages end 20 s later. Nor once a publish
+    here to master 1, answered behind those messages, has its answer, nor once master 1
+    answers its own PING behind them: each master's PINGs go on, on a clock of their own."""
     caplog.set_level(logging.INFO, logger="brioche.redis")
     proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
     await announced_behind(cluster, 1, proxy)
     silent = cluster.nodes[2].process
     assert silent is not None
     try:
-        count = 20
-        srv, here = await big_messages_to_master_1(cluster, started, peer, clients, count)
+        count = 200
+        srv, here, topic = await messages_to_master_1(cluster, started, peer, clients, count)
+        assert isinstance(srv.publish(topic, "from here"), MessageSent)
+
+        def pings() -> int:
+            stat = cluster.nodes[2].info("commandstats").get("cmdstat_ping", "calls=0,")
+            return int(stat.split(",")[0].removeprefix("calls="))
+
+        # Stopped just after answering a PING, while master 1's answer to the same round (one
+        # round for all masters, as before) would wait behind its messages.
+        before = await asyncio.to_thread(pings)
+        await until(lambda: asyncio.to_thread(lambda: pings() > before), "a PING of master 2", 7)
         silent.send_signal(signal.SIGSTOP)
 
         def lines() -> list[tuple[int, str]]:

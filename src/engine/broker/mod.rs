@@ -54,7 +54,9 @@
 mod patience;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +74,8 @@ use redis::{
     ProtocolVersion, PushInfo, PushKind, RedisError, RedisResult, Value,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::engine::bridge::events::LogKind;
 use crate::engine::config::RedisConfig;
@@ -80,22 +83,24 @@ use crate::engine::pubsub::remote::{self, ByteBound, Outgoing, RemoteInbox};
 use crate::engine::stats::Counter;
 use crate::engine::ws::encode::OutFrame;
 use crate::engine::ws::shared::Shared;
-use patience::{patiently, timeout_for, Arrivals, PIPELINE_BYTES, TIMEOUT};
+use patience::{patiently, slot_of, timeout_for, Arrivals, PIPELINE_BYTES, SLOTS, TIMEOUT};
 
 /// Reconnection waits double from the first to the last: after Redis comes back, the link is
 /// back within `MAX_BACKOFF` plus a connect and a resubscribe.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// The cluster crate's own response timeout, under `patiently`'s, which decides: it bounds the
-/// requests the crate makes for itself (a new connection's PING, a refresh of its slot map),
-/// which `patiently` does not see. Past it, Redis's default limit on a subscriber's output
+/// requests the crate makes for itself (a new connection's PING, a refresh of its slot map
+/// after a `MOVED`), which hold ours while they last and which `patiently` cannot see; and any
+/// one request, extensions included. Past it, Redis's default limit on a subscriber's output
 /// buffer (32 MB) has cut any subscriber slower than about half a MB a second.
 const CRATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A cluster connection's first, to the URL's node and then to each master, each a connect and
 /// a PING.
 const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
-/// Pinged this often, so that a Redis gone without closing the socket (a machine gone) is
-/// noticed within `PING_EVERY` + `TIMEOUT` even when nothing is published.
+/// Pinged this often (`keep_pinging`), so that a Redis gone without closing the socket (a
+/// machine gone) is noticed within `PING_EVERY` + `TIMEOUT` even when nothing is published,
+/// and whatever else the link waits for.
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Publishes (or topic changes) written to Redis in one pipeline.
 const BATCH: usize = 1024;
@@ -311,7 +316,23 @@ fn refusal(reply: Value) -> RedisResult<Option<RedisError>> {
     }
 }
 
+/// Publishes taken off the queue for one round trip to Redis (`Link::prepare`): its
+/// pipelines, the publishes and their bytes.
+struct Batch {
+    pipes: Vec<Pipe>,
+    count: usize,
+    size: usize,
+}
+
+/// Publishes to one hash slot (all of them, on a single node), with their topics in order.
+struct Pipe {
+    slot: Option<u16>,
+    pipe: Pipeline,
+    topics: Vec<Box<str>>,
+}
+
 /// The connection of a link.
+#[derive(Clone)]
 enum Conn {
     /// A standalone Redis; or any node of a cluster for plain pub/sub, whose `PUBLISH` reaches
     /// every node.
@@ -326,6 +347,98 @@ fn answered<T>(answer: RedisResult<T>) -> RedisResult<()> {
     match answer {
         Err(e) if e.code().is_none() => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Ask whether the connection is alive every `PING_EVERY`, in a task of its own: a request the
+/// link waits on (a publish behind a busy master's backlog, given time by `patiently`) held
+/// off the PINGs, so a master gone silent meanwhile was noticed only once that request was
+/// answered. On a cluster, each master on a clock of its own, each of which may hold
+/// subscriptions and may stop answering while the others go on: one round for all waited for
+/// the busiest. The receiver gets the first PING not answered; the task ends with the handle.
+fn keep_pinging(
+    conn: &Conn,
+    masters: &Masters,
+    arrived: &Arc<Arrivals>,
+) -> (AbortOnDropHandle<()>, oneshot::Receiver<RedisError>) {
+    let (tx, rx) = oneshot::channel();
+    let targets: Vec<_> = match conn {
+        Conn::Cluster(_) if !masters.first_slot.is_empty() => masters
+            .first_slot
+            .iter()
+            .copied()
+            .enumerate()
+            .map(Some)
+            .collect(),
+        _ => vec![None],
+    };
+    let clocks = targets
+        .into_iter()
+        .map(|target| keep_asking(conn.clone(), target, arrived.clone()));
+    let clocks = try_join_all(clocks);
+    let task = tokio::spawn(async move {
+        if let Err(e) = clocks.await {
+            let _ = tx.send(e);
+        }
+    });
+    (AbortOnDropHandle::new(task), rx)
+}
+
+/// `ping` every `PING_EVERY` until one is not answered.
+async fn keep_asking(
+    mut conn: Conn,
+    master: Option<(usize, u16)>,
+    arrived: Arc<Arrivals>,
+) -> RedisResult<()> {
+    let mut every = tokio::time::interval(PING_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.reset();
+    loop {
+        every.tick().await;
+        ping(&mut conn, master, &arrived).await?;
+    }
+}
+
+/// One PING, of `master` (a cluster's, by its number and its first slot, which routes it), of
+/// every master when they are not known, or of the single node; waited on for as long as the
+/// connection it goes on brings pushes. (A pipeline without a key goes to one node at random: a
+/// master gone silent was noticed only once a PING happened to pick it.)
+async fn ping(
+    conn: &mut Conn,
+    master: Option<(usize, u16)>,
+    arrived: &Arrivals,
+) -> RedisResult<()> {
+    let (conn, seen) = match (conn, master) {
+        (Conn::Node(conn), _) => {
+            let ping = redis::cmd("PING");
+            let answer = patiently(|| arrived.seen(None), TIMEOUT, ping.exec_async(conn)).await;
+            return answered(answer);
+        }
+        (Conn::Cluster(conn), None) => {
+            let masters = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            ));
+            (conn.route_command(redis::cmd("PING"), masters), None)
+        }
+        (Conn::Cluster(conn), Some((master, slot))) => {
+            let route = Route::new(slot, SlotAddr::Master);
+            let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+            (conn.route_command(redis::cmd("PING"), to), Some(master))
+        }
+    };
+    answered(patiently(|| arrived.seen(seen), TIMEOUT, conn).await)
+}
+
+/// `request`'s outcome, unless a PING goes unanswered first (`keep_pinging`): then the error
+/// of that PING, and `request` is dropped.
+async fn unless<T>(
+    failed: Pin<&mut impl Future<Output = RedisError>>,
+    request: impl Future<Output = T>,
+) -> Result<T, RedisError> {
+    tokio::select! {
+        answer = request => Ok(answer),
+        e = failed => Err(e),
     }
 }
 
@@ -353,16 +466,24 @@ async fn cluster_slots(conn: &mut ClusterConnection) -> RedisResult<Vec<Value>> 
 /// answer's order), only to tell them apart.
 #[derive(Default)]
 struct Masters {
-    /// The master of each slot.
-    of_slot: FxHashMap<Slot, usize>,
-    /// Each master's slots.
-    slots: Vec<Vec<u16>>,
+    /// The master of each slot, by the slot's number (empty: not known).
+    of_slot: Vec<Option<usize>>,
+    /// Each master's first slot, which its PING is routed by.
+    first_slot: Vec<u16>,
+}
+
+impl Masters {
+    /// The master of `channel`'s slot, if known.
+    fn of(&self, channel: &str) -> Option<usize> {
+        let slot = usize::from(slot_of(channel.as_bytes()));
+        self.of_slot.get(slot).copied().flatten()
+    }
 }
 
 /// The master of each slot a `CLUSTER SLOTS` answer lists: the first node of its range.
 fn masters(ranges: &[Value]) -> Masters {
     let mut masters = FxHashMap::default();
-    let (mut of_slot, mut slots) = (FxHashMap::default(), Vec::<Vec<u16>>::new());
+    let (mut of_slot, mut first_slot) = (Vec::new(), Vec::new());
     for range in ranges {
         let Value::Array(range) = range else { continue };
         let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
@@ -375,20 +496,24 @@ fn masters(ranges: &[Value]) -> Masters {
         else {
             continue;
         };
-        let count = masters.len();
-        let master = *masters.entry((host.as_slice(), *port)).or_insert(count);
         let (Ok(first), Ok(last)) = (u16::try_from(*first), u16::try_from(*last)) else {
             continue;
         };
-        slots.resize_with(masters.len(), Vec::new);
-        for number in first..=last {
-            if let Some(slot) = Slot::new(number) {
-                of_slot.insert(slot, master);
-                slots[master].push(number);
-            }
+        if usize::from(last) >= SLOTS || first > last {
+            continue;
         }
+        let count = masters.len();
+        let master = *masters.entry((host.as_slice(), *port)).or_insert(count);
+        if master == first_slot.len() {
+            first_slot.push(first);
+        }
+        of_slot.resize(SLOTS, None);
+        of_slot[usize::from(first)..=usize::from(last)].fill(Some(master));
     }
-    Masters { of_slot, slots }
+    Masters {
+        of_slot,
+        first_slot,
+    }
 }
 
 /// The shard channels that the link's connections to the masters hold, by `CLIENT INFO` on each
@@ -490,51 +615,17 @@ impl Link {
     /// What the current connection to `master` (to any master: `None`; a single node's one
     /// connection either way) has brought, for `patiently`.
     fn seen(&self, master: Option<usize>) -> impl Fn() -> u64 + Copy + '_ {
-        let slots = master
-            .and_then(|master| self.masters.slots.get(master))
-            .map(Vec::as_slice);
-        move || self.arrived.seen(slots)
+        move || self.arrived.seen(master)
     }
 
-    /// Ask whether the connection is alive: on a cluster, every master, each of which may hold
-    /// subscriptions and may stop answering while the others go on, each waited on for as long
-    /// as its own connection brings pushes. (A pipeline without a key goes to one node at
-    /// random: a master gone silent was noticed only once a PING happened to pick it.) The
-    /// first master that gives no answer fails the link (`answered`).
-    async fn ping(&self, conn: &mut Conn) -> RedisResult<()> {
-        let conn = match conn {
-            Conn::Node(conn) => {
-                let ping = redis::cmd("PING");
-                return answered(patiently(self.seen(None), TIMEOUT, ping.exec_async(conn)).await);
+    /// The masters of a `CLUSTER SLOTS` answer, for the link and for what its pushes count for.
+    fn use_masters(&mut self, masters: Masters) {
+        for (slot, master) in masters.of_slot.iter().enumerate() {
+            if let (Some(master), Ok(slot)) = (master, u16::try_from(slot)) {
+                self.arrived.set_master(slot, *master);
             }
-            Conn::Cluster(conn) => conn,
-        };
-        if self.masters.slots.is_empty() {
-            let masters = RoutingInfo::MultiNode((
-                MultipleNodeRoutingInfo::AllMasters,
-                Some(ResponsePolicy::AllSucceeded),
-            ));
-            let ping = conn.route_command(redis::cmd("PING"), masters);
-            return answered(patiently(self.seen(None), TIMEOUT, ping).await);
         }
-        let pings = self
-            .masters
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(master, slots)| {
-                let route = Route::new(*slots.first()?, SlotAddr::Master);
-                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                let mut conn = conn.clone();
-                let seen = self.seen(Some(master));
-                Some(async move {
-                    answered(
-                        patiently(seen, TIMEOUT, conn.route_command(redis::cmd("PING"), to)).await,
-                    )
-                })
-            });
-        // Not waiting for the others: a busy master's answer may be long in coming.
-        try_join_all(pings).await.map(drop)
+        self.masters = masters;
     }
 
     fn remote(&self) -> &remote::Remote {
@@ -629,7 +720,7 @@ impl Link {
             let nodes = listed_nodes(&ranges, info);
             if !nodes.is_empty() {
                 self.nodes = nodes;
-                self.masters = masters(&ranges);
+                self.use_masters(masters(&ranges));
             }
         }
         self.subscribe_all(Conn::Cluster(conn), pushes).await
@@ -690,9 +781,15 @@ impl Link {
             .remote
             .as_ref()
             .expect("the broker runs only for a server with a Remote");
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.reset();
+        let (_pinging, failed) = keep_pinging(conn, &self.masters, &self.arrived);
+        let failed = async {
+            match failed.await {
+                Ok(e) => e,
+                // The task ends only with its handle, here.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::pin!(failed);
         loop {
             tokio::select! {
                 push = pushes.receiver.recv() => match push {
@@ -701,8 +798,14 @@ impl Link {
                             return "connection lost".into();
                         }
                         if !ended.is_empty() {
-                            if let Err(e) = self.reconcile(conn, &mut ended).await {
-                                return why("subscribe failed", &e);
+                            let moved = self.read_masters_if_moved(conn, &ended);
+                            if let Err(e) = unless(failed.as_mut(), moved).await {
+                                return why("no answer to PING", &e);
+                            }
+                            match unless(failed.as_mut(), self.reconcile(conn, &mut ended)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => return why("subscribe failed", &e),
+                                Err(e) => return why("no answer to PING", &e),
                             }
                         }
                     }
@@ -714,32 +817,63 @@ impl Link {
                         return "server dropped".into();
                     }
                     while !outgoing.is_empty() {
-                        if let Err(e) = self.publish(conn, &mut outgoing).await {
+                        let batch = self.prepare(conn, &mut outgoing);
+                        let down = match unless(failed.as_mut(), self.send(conn, &batch)).await {
+                            Ok(replies) => self
+                                .settle(batch, replies)
+                                .err()
+                                .map(|e| why("publish failed", &e)),
+                            Err(e) => {
+                                // None of it counts as published: its answer never came.
+                                let _ = self.settle(batch, Err(e.clone()));
+                                Some(why("no answer to PING", &e))
+                            }
+                        };
+                        if let Some(down) = down {
                             self.lose(&mut outgoing);
-                            return why("publish failed", &e);
+                            return down;
                         }
                     }
                 }
                 _ = remote.changed() => {
                     let mut topics = remote.take_changes(BATCH);
-                    if let Err(e) = self.reconcile(conn, &mut topics).await {
-                        return why("subscribe failed", &e);
+                    match unless(failed.as_mut(), self.reconcile(conn, &mut topics)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return why("subscribe failed", &e),
+                        Err(e) => return why("no answer to PING", &e),
                     }
                 }
-                _ = ping.tick() => if let Err(e) = self.ping(conn).await {
-                    return why("no answer to PING", &e);
-                },
+                e = &mut failed => return why("no answer to PING", &e),
             }
         }
     }
 
-    /// Write the first `PIPELINE_BYTES` of `batch` (at least one publish) to Redis, in order,
-    /// in one pipeline; on a cluster, in one pipeline per hash slot (the crate refuses a
+    /// Read the masters again (`CLUSTER SLOTS`) when a master has ended subscriptions that
+    /// are still wanted here, which it does when it gives their slot away: what the new master
+    /// brings would count for the old one, whose requests it would keep waiting, and the new
+    /// one's would get no more than `TIMEOUT`. (The confirmations of the link's own
+    /// `SUNSUBSCRIBE`s end topics no one wants.) On no answer, the masters known before serve.
+    async fn read_masters_if_moved(&mut self, conn: &mut Conn, ended: &[Arc<str>]) {
+        let Conn::Cluster(conn) = conn else { return };
+        let topics = &self.shared.topics;
+        if !ended.iter().any(|topic| topics.subscriber_count(topic) > 0) {
+            return;
+        }
+        if let Ok(ranges) = patiently(self.seen(None), TIMEOUT, cluster_slots(conn)).await {
+            let masters = masters(&ranges);
+            if !masters.first_slot.is_empty() {
+                self.use_masters(masters);
+            }
+        }
+    }
+
+    /// Take the first `PIPELINE_BYTES` of `batch` (at least one publish) off it, to go to Redis
+    /// (`send`) in order, in one pipeline; on a cluster, in one pipeline per hash slot (the crate refuses a
     /// pipeline across slots), all at once, each in order: a topic's publishes stay in order,
     /// and those of topics on different masters never had an order a subscriber could see. A
     /// publish whose channel Redis refused is lost alone (`refuse`). On any other error none of
     /// it counts as published: some may have reached Redis, but nothing here can tell which.
-    async fn publish(&mut self, conn: &mut Conn, batch: &mut Vec<Outgoing>) -> RedisResult<()> {
+    fn prepare(&mut self, conn: &Conn, batch: &mut Vec<Outgoing>) -> Batch {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let origin = self.remote().origin;
         let (mut end, mut size) = (0, 0);
@@ -751,25 +885,39 @@ impl Link {
             size += out.size();
         }
         // Each pipeline with its publishes' topics, in its order: each command's reply is its own.
-        let mut pipes: FxHashMap<Option<Slot>, (Pipeline, Vec<Box<str>>)> = FxHashMap::default();
+        let mut pipes: FxHashMap<Option<u16>, Pipe> = FxHashMap::default();
         for out in batch.drain(..end) {
             self.seq += 1;
             let message = remote::encode(origin, self.seq, out.opcode, &out.payload);
             let channel = self.channel(&out.topic);
-            let slot = matches!(conn, Conn::Cluster(_)).then(|| Slot::for_key(&channel));
-            let (pipe, topics) = pipes.entry(slot).or_insert_with(|| {
+            let slot = matches!(conn, Conn::Cluster(_)).then(|| slot_of(channel.as_bytes()));
+            let Pipe { pipe, topics, .. } = pipes.entry(slot).or_insert_with(|| {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
-                (pipe, Vec::new())
+                Pipe {
+                    slot,
+                    pipe,
+                    topics: Vec::new(),
+                }
             });
             pipe.cmd(command).arg(channel).arg(message.as_ref());
             topics.push(out.topic);
         }
-        let replies: RedisResult<Vec<Vec<Value>>> = match conn {
+        Batch {
+            pipes: pipes.into_values().collect(),
+            count: end,
+            size,
+        }
+    }
+
+    /// Send `batch`'s pipelines; their replies, in their order.
+    async fn send(&self, conn: &mut Conn, batch: &Batch) -> RedisResult<Vec<Vec<Value>>> {
+        let size = batch.size;
+        match conn {
             // A publish over `PIPELINE_BYTES` alone is given the time its bytes take too; a
             // cluster's pipelines, which go at once, each the time of them all.
-            Conn::Node(conn) => match pipes.values().next() {
-                Some((pipe, _)) => {
+            Conn::Node(conn) => match batch.pipes.first() {
+                Some(Pipe { pipe, .. }) => {
                     let replies = pipe.query_async(conn);
                     let replies = patiently(self.seen(None), timeout_for(size), replies).await;
                     replies.map(|replies| vec![replies])
@@ -777,9 +925,15 @@ impl Link {
                 None => Ok(Vec::new()),
             },
             Conn::Cluster(conn) => {
-                let each = pipes.iter().map(|(slot, (pipe, _))| {
+                let each = batch.pipes.iter().map(|Pipe { slot, pipe, .. }| {
                     let mut conn = conn.clone();
-                    let master = slot.and_then(|s| self.masters.of_slot.get(&s).copied());
+                    let master = slot.and_then(|slot| {
+                        self.masters
+                            .of_slot
+                            .get(usize::from(slot))
+                            .copied()
+                            .flatten()
+                    });
                     let seen = self.seen(master);
                     async move {
                         let replies = pipe.query_async(&mut conn);
@@ -788,12 +942,22 @@ impl Link {
                 });
                 try_join_all(each).await
             }
-        };
+        }
+    }
+
+    /// Account for `batch` once Redis answered it, or did not (`Err`): none of it then counts as
+    /// published.
+    fn settle(&mut self, batch: Batch, replies: RedisResult<Vec<Vec<Value>>>) -> RedisResult<()> {
+        let Batch {
+            pipes,
+            count: end,
+            size,
+        } = batch;
         // Held until Redis answered: the pipeline's copies of the payloads live until then.
         self.remote().release(size);
         let answered = replies.and_then(|replies| {
             let mut refused = Vec::new();
-            for ((_, topics), replies) in pipes.into_values().zip(replies) {
+            for (Pipe { topics, .. }, replies) in pipes.into_iter().zip(replies) {
                 for (topic, reply) in topics.into_iter().zip(replies) {
                     match refusal(reply)? {
                         Some(e) => refused.push((topic, e)),
@@ -897,7 +1061,7 @@ impl Link {
                 let mut masters: FxHashMap<Option<usize>, Vec<(bool, String)>> =
                     FxHashMap::default();
                 for (join, channel) in joins.chain(leaves) {
-                    let master = self.masters.of_slot.get(&Slot::for_key(&channel)).copied();
+                    let master = self.masters.of(&channel);
                     masters.entry(master).or_default().push((join, channel));
                 }
                 let refused = try_join_all(masters.into_iter().map(|(master, changes)| {
@@ -1184,18 +1348,21 @@ mod tests {
             range(5461, 10922, &[("10.0.0.2", 6380)]),
             range(10923, 16383, &[("10.0.0.1", 6380)]),
         ];
-        let Masters { of_slot, slots } = masters(&ranges);
+        let Masters {
+            of_slot,
+            first_slot,
+        } = masters(&ranges);
         assert_eq!(of_slot.len(), 16384);
-        let of = |slot| of_slot[&Slot::new(slot).unwrap()];
+        let of = |slot: usize| of_slot[slot].unwrap();
         assert_eq!([of(0), of(5460), of(5461), of(10922)], [0, 0, 1, 1]);
         assert_eq!([of(10923), of(16383)], [0, 0]);
-        // Each master's slots, for what its connection brings (`patience`).
-        let first_and_last = |slots: &[u16]| (slots[0], slots[slots.len() - 1], slots.len());
-        assert_eq!(slots.len(), 2);
-        assert_eq!(first_and_last(&slots[0]), (0, 16383, 5461 + 5461));
-        assert_eq!(first_and_last(&slots[1]), (5461, 10922, 5462));
+        // Each master's first slot, which its PING goes by.
+        assert_eq!(first_slot, [0, 5461]);
         let nothing = masters(&[Value::Int(1)]);
-        assert!(nothing.of_slot.is_empty() && nothing.slots.is_empty());
+        assert!(nothing.of_slot.is_empty() && nothing.first_slot.is_empty());
+        // A range past the last slot, or backwards, is no range.
+        let odd = masters(&[range(16000, 16384, &[("a", 1)]), range(9, 3, &[("b", 1)])]);
+        assert!(odd.of_slot.is_empty() && odd.first_slot.is_empty());
     }
 
     #[test]

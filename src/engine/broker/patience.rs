@@ -6,11 +6,12 @@
 //! declared down and the backlog lost with it. So a request is given a first window, then more
 //! for as long as the connection it waits on brings pushes. On a cluster each master has its own
 //! connection, and another master's messages say nothing of this one: pushes are counted by
-//! the hash slot of their channel, and a request to a master looks at that master's slots.
+//! the master of their channel's hash slot, and a request to a master looks at that master's
+//! count.
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ pub(super) const SLOTS: usize = 16384;
 
 /// The hash slot of `key`, as Redis Cluster computes it: CRC16/XMODEM of the key, or of its hash
 /// tag (the bytes between its first `{` and the first `}` after it, if any). The crate's `Slot`
-/// computes the same but does not give its number, which indexes `Arrivals`.
+/// computes the same but does not give its number, which indexes `Arrivals`' table.
 pub(super) fn slot_of(key: &[u8]) -> u16 {
     let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
         let rest = &key[open + 1..];
@@ -41,37 +42,66 @@ pub(super) fn slot_of(key: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(key)) % SLOTS as u16
 }
 
-/// The pushes a connection has brought: one count for a single node's one socket; one per hash
-/// slot on a cluster, each master's connection bringing the messages of its own slots.
-pub(super) struct Arrivals(Box<[AtomicU64]>);
+/// The pushes a connection has brought: one count for a single node's one socket; one per
+/// master on a cluster, each master's connection bringing the messages of its own slots.
+pub(super) struct Arrivals {
+    /// On a cluster, the master of each slot (`NO_MASTER` until the link has read the cluster's
+    /// slots), numbered as the link's map numbers them; empty on a single node.
+    master_of: Box<[AtomicU32]>,
+    /// Pushes brought: on a cluster, by master, the last count for the slots of no master known
+    /// (one master at least per slot, so never more masters than slots); one count on a node.
+    counts: Box<[AtomicU64]>,
+}
+
+const NO_MASTER: u32 = u32::MAX;
 
 impl Arrivals {
     pub(super) fn new(cluster: bool) -> Arc<Self> {
-        let counts = if cluster { SLOTS } else { 1 };
-        Arc::new(Self((0..counts).map(|_| AtomicU64::new(0)).collect()))
+        let atomics = |n, value| (0..n).map(|_| AtomicU32::new(value)).collect();
+        let (master_of, counts) = if cluster {
+            (atomics(SLOTS, NO_MASTER), SLOTS + 1)
+        } else {
+            (atomics(0, 0), 1)
+        };
+        let counts = (0..counts).map(|_| AtomicU64::new(0)).collect();
+        Arc::new(Self { master_of, counts })
+    }
+
+    /// `slot` is `master`'s (a cluster's, as the link's map numbers them), for the pushes to come.
+    pub(super) fn set_master(&self, slot: u16, master: usize) {
+        if let Some(of) = self.master_of.get(usize::from(slot)) {
+            of.store(
+                u32::try_from(master).unwrap_or(NO_MASTER),
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Count `push` (from the crate's connection tasks). A cluster's push without a channel (a
     /// `Disconnection`) is not counted: it ends the link.
     pub(super) fn note(&self, push: &PushInfo) {
-        let count = match (&*self.0, push.data.first()) {
-            ([count], _) => count,
-            (counts, Some(Value::BulkString(channel))) => &counts[usize::from(slot_of(channel))],
+        let index = match push.data.first() {
+            _ if self.master_of.is_empty() => 0,
+            Some(Value::BulkString(channel)) => {
+                match self.master_of[usize::from(slot_of(channel))].load(Ordering::Relaxed) {
+                    NO_MASTER => SLOTS,
+                    master => master as usize,
+                }
+            }
             _ => return,
         };
-        count.fetch_add(1, Ordering::Relaxed);
+        if let Some(count) = self.counts.get(index) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// What `slots` have brought (every slot: `None`), as a number that changes when they bring
-    /// more. A single node's one count stands for every slot.
-    pub(super) fn seen(&self, slots: Option<&[u16]>) -> u64 {
+    /// What `master`'s connection has brought (every master's: `None`), as a number that
+    /// changes when it brings more. A single node's one count stands for every master.
+    pub(super) fn seen(&self, master: Option<usize>) -> u64 {
         let load = |count: &AtomicU64| count.load(Ordering::Relaxed);
-        match (&*self.0, slots) {
-            ([_], _) | (_, None) => self.0.iter().map(load).fold(0, u64::wrapping_add),
-            (counts, Some(slots)) => slots
-                .iter()
-                .map(|&slot| load(&counts[usize::from(slot)]))
-                .fold(0, u64::wrapping_add),
+        match master {
+            Some(master) if !self.master_of.is_empty() => self.counts.get(master).map_or(0, load),
+            _ => self.counts.iter().map(load).fold(0, u64::wrapping_add),
         }
     }
 }
@@ -114,7 +144,9 @@ mod tests {
         // The Redis Cluster specification's example, and hash tags as it defines them.
         assert_eq!(slot_of(b"foo"), 12182);
         assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
-        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        // An empty tag is no tag: the whole key.
+        let crc = |key: &[u8]| crc16::State::<crc16::XMODEM>::calculate(key) % SLOTS as u16;
+        assert_eq!(slot_of(b"foo{}{bar}"), crc(b"foo{}{bar}"));
         assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
         assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
         for key in [
@@ -140,7 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_s_pushes_count_for_their_channel_s_slot_only() {
+    fn a_cluster_s_pushes_count_for_the_master_of_their_channel_s_slot_only() {
         let push = |channel: &str| PushInfo {
             kind: PushKind::SMessage,
             data: vec![
@@ -150,20 +182,37 @@ mod tests {
         };
         let arrivals = Arrivals::new(true);
         let (foo, bar) = (slot_of(b"foo"), slot_of(b"bar"));
-        let (on_foo, on_bar) = (arrivals.seen(Some(&[foo])), arrivals.seen(Some(&[bar])));
-        let all = arrivals.seen(None);
+        arrivals.set_master(foo, 1);
+        arrivals.set_master(bar, 0);
+        let (on_1, on_0, all) = (
+            arrivals.seen(Some(1)),
+            arrivals.seen(Some(0)),
+            arrivals.seen(None),
+        );
         arrivals.note(&push("foo"));
         arrivals.note(&PushInfo {
             kind: PushKind::Disconnection,
             data: Vec::new(),
         });
-        assert_ne!(arrivals.seen(Some(&[foo, 1])), on_foo);
-        assert_eq!(arrivals.seen(Some(&[bar])), on_bar);
+        assert_eq!(arrivals.seen(Some(1)), on_1 + 1);
+        assert_eq!(arrivals.seen(Some(0)), on_0);
         assert_eq!(arrivals.seen(None), all + 1);
+        // A slot of no master known counts for none of them, but for the link.
+        let unknown = (0..)
+            .map(|i| format!("t{i}"))
+            .find(|t| ![foo, bar].contains(&slot_of(t.as_bytes())))
+            .unwrap();
+        arrivals.note(&push(&unknown));
+        assert_eq!(
+            (arrivals.seen(Some(0)), arrivals.seen(Some(1))),
+            (on_0, on_1 + 1)
+        );
+        assert_eq!(arrivals.seen(None), all + 2);
+        // A single node's one count is every master's.
         let node = Arrivals::new(false);
-        let before = node.seen(Some(&[bar]));
+        let before = node.seen(Some(3));
         node.note(&push("foo"));
-        assert_eq!(node.seen(Some(&[bar])), before + 1);
+        assert_eq!(node.seen(Some(3)), before + 1);
     }
 
     #[test]
@@ -190,7 +239,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(11)).await;
                 Ok(7)
             };
-            let seen = || arrivals.seen(None);
+            let seen = || arrivals.seen(Some(0));
             let (_, answer) = tokio::join!(pushes, patiently(seen, TIMEOUT, answer));
             assert_eq!(answer.unwrap(), 7);
             // Nothing arrives: down after the first window, for all the answer would come later.
