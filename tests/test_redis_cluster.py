@@ -136,6 +136,12 @@ class Node:
         self.process: subprocess.Popen[bytes] | None = None
         self.id = ""
         self.started = False
+        # The port the cluster lists it at, when not its own (`announced_behind`).
+        self.announced: int | None = None
+
+    @property
+    def listed_port(self) -> int:
+        return self.announced or self.port
 
     def start(self) -> None:
         """Start it and wait for its answer (a first start may move to other ports)."""
@@ -283,7 +289,7 @@ class Cluster:
         for node in (target, source, *others):
             assert node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == ["OK"]
         deadline = time.monotonic() + 10
-        while any(self.slot_owner_seen_by(node, slot) != target.port for node in self.nodes):
+        while any(self.slot_owner_seen_by(node, slot) != target.listed_port for node in self.nodes):
             assert time.monotonic() < deadline, "the nodes did not agree on the slot's new master within 10 s"
             time.sleep(0.05)
 
@@ -727,6 +733,7 @@ async def announced_behind(cluster: Cluster, master: int, proxy: ThrottledProxy)
     port = await proxy.start()
     node = cluster.nodes[master]
     assert node.cli("CONFIG", "SET", "cluster-announce-port", str(port)) == ["OK"]
+    node.announced = port
     low = RANGES[master][0]
 
     async def everywhere() -> bool:
@@ -738,17 +745,19 @@ async def announced_behind(cluster: Cluster, master: int, proxy: ThrottledProxy)
 
 async def messages_to_master_1(
     cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
-    clients: Callable[[str], Awaitable[Collector]], count: int,
+    clients: Callable[[str], Awaitable[Collector]], count: int, topic: str | None = None,
+    before: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[brioche.Server[Any], Collector, str]:
-    """A server here subscribed to a topic of master 1, which another process sends ``count``
-    messages of 100 kB to (ten a second through a proxy carrying 1 MB a second: many in each 2 s
-    a request is given); returns the server, its subscriber and the topic."""
-    topic = topics_per_master(1)[1]
+    """A server here subscribed to a topic of master 1 (``topic``: one whose slot ``before``
+    moves there, once subscribed), which another process sends ``count`` messages of 100 kB to
+    (ten a second through a proxy carrying 1 MB a second: many in each 2 s a request is given);
+    returns the server, its subscriber and the topic."""
+    topic = topic or topics_per_master(1)[1]
     srv = await serve_sharded(started, cluster.url)
     here = await clients(ws_url(srv, f"/ws?{topic}"))
     other = await peer(cluster.url, NAMESPACE, "sharded")
     control = await connect(other.url(), open_timeout=5, max_size=None)
-    await until(all_subscribed(cluster, [topic], 1), "this process to subscribe on master 1")
+    await until(all_subscribed(cluster, [topic], 1), "this process to subscribe")
     # Up once the masters have said they hold the subscription, just after it shows there.
     await until(lambda: srv.stats()["redis_connected"] == 1, "this process's link")
 
@@ -756,6 +765,14 @@ async def messages_to_master_1(
         return bool((await peer_stats(control))["redis_connected"] == 1)
 
     await until(other_connected, "the other process's link")
+    if before is not None:
+        await before()
+
+    async def on_master_1() -> bool:
+        said = await asyncio.to_thread(cluster.nodes[1].cli, "PUBSUB", "SHARDNUMSUB", NAMESPACE + topic)
+        return said[1:] == ["1"]
+
+    await until(on_master_1, "this process's subscription on master 1")
     for i in range(count):
         await control.send(f"pub {topic} {i}" + "x" * (99_999 - len(str(i))))
     return srv, here, topic
@@ -780,6 +797,33 @@ async def test_a_master_busy_bringing_messages_is_not_taken_for_a_stalled_one(
         assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
         stats = srv.stats()
         assert (stats["redis_received"], stats["redis_received_lost"], stats["redis_connected"]) == (count, 0, 1)
+        assert log_lines(caplog, "brioche.redis") == []
+    finally:
+        await proxy.close()
+
+
+async def test_a_master_given_a_slot_is_waited_on_for_that_slot_s_messages(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A subscribed topic's slot moves from master 0 to master 1, whose connection carries 1 MB
+    a second, and 9 MB of messages follow: they came from master 1 but counted for master 0, as
+    the link's map said at connect, so master 1's PING behind them was given 2 s and the link
+    declared down. The map is read again when a master gives a wanted slot away."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
+    await announced_behind(cluster, 1, proxy)
+    topic = topics_per_master(1)[0]
+
+    async def move() -> None:
+        await asyncio.to_thread(cluster.move_slot, slot(NAMESPACE + topic), cluster.nodes[0], cluster.nodes[1])
+
+    try:
+        count = 90
+        srv, here, _ = await messages_to_master_1(cluster, started, peer, clients, count, topic, move)
+        await until(lambda: len(here.messages) == count, "the 90 through the slow connection", 40)
+        assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
+        assert (srv.stats()["redis_received"], srv.stats()["redis_connected"]) == (count, 1)
         assert log_lines(caplog, "brioche.redis") == []
     finally:
         await proxy.close()
