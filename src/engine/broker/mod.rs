@@ -56,7 +56,6 @@ mod patience;
 use std::borrow::Cow;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +73,7 @@ use redis::{
     ProtocolVersion, PushInfo, PushKind, RedisError, RedisResult, Value,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::engine::bridge::events::LogKind;
@@ -180,9 +179,10 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         link.remote().stop_tracking();
         // One line per outage; and one more each time Redis answers with a new refusal: Redis
         // back with another password said only "connection lost" until the link was up once.
-        // The transport's reasons (refused, timed out, lost) change as a Redis restarts, and
-        // are not repeated.
-        if !down || (reason.code.is_some() && reason.code != logged_code) {
+        // The transport's reasons (refused, timed out, lost) change as a Redis restarts, and so
+        // do Redis's passing states (`LOADING`, `CLUSTERDOWN`, ...): not repeated.
+        let refused = reason.code.as_deref().is_some_and(refusal_code);
+        if !down || (refused && reason.code != logged_code) {
             logged_code = reason.code;
             link.shared.log(LogKind::RedisDown, &peer, 0, reason.line);
             down = true;
@@ -218,6 +218,12 @@ fn client(config: &RedisConfig) -> RedisResult<(Client, ConnectionInfo, String)>
         .set_db(0);
     let info = info.set_redis_settings(settings);
     Ok((Client::open(info.clone())?, info, peer))
+}
+
+/// Whether Redis's error `code` refuses this link (its credentials or its rights), which no
+/// retry mends, as opposed to a state Redis passes through.
+fn refusal_code(code: &str) -> bool {
+    matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
 }
 
 /// Why the link is down.
@@ -355,13 +361,13 @@ fn answered<T>(answer: RedisResult<T>) -> RedisResult<()> {
 /// off the PINGs, so a master gone silent meanwhile was noticed only once that request was
 /// answered. On a cluster, each master on a clock of its own, each of which may hold
 /// subscriptions and may stop answering while the others go on: one round for all waited for
-/// the busiest. The receiver gets the first PING not answered; the task ends with the handle.
+/// the busiest. `failures` gets the first PING not answered; the task ends with the handle.
 fn keep_pinging(
     conn: &Conn,
     masters: &Masters,
     arrived: &Arc<Arrivals>,
-) -> (AbortOnDropHandle<()>, oneshot::Receiver<RedisError>) {
-    let (tx, rx) = oneshot::channel();
+    failures: mpsc::Sender<RedisError>,
+) -> AbortOnDropHandle<()> {
     let targets: Vec<_> = match conn {
         Conn::Cluster(_) if !masters.first_slot.is_empty() => masters
             .first_slot
@@ -376,12 +382,11 @@ fn keep_pinging(
         .into_iter()
         .map(|target| keep_asking(conn.clone(), target, arrived.clone()));
     let clocks = try_join_all(clocks);
-    let task = tokio::spawn(async move {
+    AbortOnDropHandle::new(tokio::spawn(async move {
         if let Err(e) = clocks.await {
-            let _ = tx.send(e);
+            let _ = failures.try_send(e);
         }
-    });
-    (AbortOnDropHandle::new(task), rx)
+    }))
 }
 
 /// `ping` every `PING_EVERY` until one is not answered.
@@ -433,12 +438,12 @@ async fn ping(
 /// `request`'s outcome, unless a PING goes unanswered first (`keep_pinging`): then the error
 /// of that PING, and `request` is dropped.
 async fn unless<T>(
-    failed: Pin<&mut impl Future<Output = RedisError>>,
+    failed: &mut mpsc::Receiver<RedisError>,
     request: impl Future<Output = T>,
 ) -> Result<T, RedisError> {
     tokio::select! {
         answer = request => Ok(answer),
-        e = failed => Err(e),
+        Some(e) = failed.recv() => Err(e),
     }
 }
 
@@ -695,6 +700,9 @@ impl Link {
             Err(e) => return Err(cannot_connect(info, &e)),
         };
         self.arrived = Arrivals::new(true);
+        // The masters known before, for this connection's pushes until its own are read.
+        let known = std::mem::take(&mut self.masters);
+        self.use_masters(known);
         let (push_tx, pushes) = push_queue(&self.shared, self.arrived.clone());
         let client = ClusterClientBuilder::new(seeds)
             .use_protocol(ProtocolVersion::RESP3)
@@ -781,15 +789,10 @@ impl Link {
             .remote
             .as_ref()
             .expect("the broker runs only for a server with a Remote");
-        let (_pinging, failed) = keep_pinging(conn, &self.masters, &self.arrived);
-        let failed = async {
-            match failed.await {
-                Ok(e) => e,
-                // The task ends only with its handle, here.
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::pin!(failed);
+        // The PINGs' failures, from the task of the map of masters in use (started again when
+        // the map is read again): kept open here, so that it never reads as ended.
+        let (failures, mut failed) = mpsc::channel(1);
+        let mut _pinging = keep_pinging(conn, &self.masters, &self.arrived, failures.clone());
         loop {
             tokio::select! {
                 push = pushes.receiver.recv() => match push {
@@ -799,10 +802,19 @@ impl Link {
                         }
                         if !ended.is_empty() {
                             let moved = self.read_masters_if_moved(conn, &ended);
-                            if let Err(e) = unless(failed.as_mut(), moved).await {
-                                return why("no answer to PING", &e);
+                            match unless(&mut failed, moved).await {
+                                Ok(false) => {}
+                                Ok(true) => {
+                                    _pinging = keep_pinging(
+                                        conn,
+                                        &self.masters,
+                                        &self.arrived,
+                                        failures.clone(),
+                                    );
+                                }
+                                Err(e) => return why("no answer to PING", &e),
                             }
-                            match unless(failed.as_mut(), self.reconcile(conn, &mut ended)).await {
+                            match unless(&mut failed, self.reconcile(conn, &mut ended)).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(e)) => return why("subscribe failed", &e),
                                 Err(e) => return why("no answer to PING", &e),
@@ -818,7 +830,7 @@ impl Link {
                     }
                     while !outgoing.is_empty() {
                         let batch = self.prepare(conn, &mut outgoing);
-                        let down = match unless(failed.as_mut(), self.send(conn, &batch)).await {
+                        let down = match unless(&mut failed, self.send(conn, &batch)).await {
                             Ok(replies) => self
                                 .settle(batch, replies)
                                 .err()
@@ -837,13 +849,13 @@ impl Link {
                 }
                 _ = remote.changed() => {
                     let mut topics = remote.take_changes(BATCH);
-                    match unless(failed.as_mut(), self.reconcile(conn, &mut topics)).await {
+                    match unless(&mut failed, self.reconcile(conn, &mut topics)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return why("subscribe failed", &e),
                         Err(e) => return why("no answer to PING", &e),
                     }
                 }
-                e = &mut failed => return why("no answer to PING", &e),
+                Some(e) = failed.recv() => return why("no answer to PING", &e),
             }
         }
     }
@@ -852,19 +864,33 @@ impl Link {
     /// are still wanted here, which it does when it gives their slot away: what the new master
     /// brings would count for the old one, whose requests it would keep waiting, and the new
     /// one's would get no more than `TIMEOUT`. (The confirmations of the link's own
-    /// `SUNSUBSCRIBE`s end topics no one wants.) On no answer, the masters known before serve.
-    async fn read_masters_if_moved(&mut self, conn: &mut Conn, ended: &[Arc<str>]) {
-        let Conn::Cluster(conn) = conn else { return };
+    /// `SUNSUBSCRIBE`s end topics no one wants.) Asked of the master that gave the slot away,
+    /// which knows the new one before it ends the slot's subscriptions, where another master may
+    /// not have been told yet. Whether the map changed; on no answer, the one known before
+    /// serves.
+    async fn read_masters_if_moved(&mut self, conn: &mut Conn, ended: &[Arc<str>]) -> bool {
+        let Conn::Cluster(conn) = conn else {
+            return false;
+        };
         let topics = &self.shared.topics;
-        if !ended.iter().any(|topic| topics.subscriber_count(topic) > 0) {
-            return;
+        let Some(moved) = ended
+            .iter()
+            .find(|topic| topics.subscriber_count(topic) > 0)
+        else {
+            return false;
+        };
+        let route = Route::new(slot_of(self.channel(moved).as_bytes()), SlotAddr::Master);
+        let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        let ask = conn.route_command(redis::cmd("CLUSTER").arg("SLOTS").clone(), to);
+        let Ok(Value::Array(ranges)) = patiently(self.seen(None), TIMEOUT, ask).await else {
+            return false;
+        };
+        let masters = masters(&ranges);
+        if masters.first_slot.is_empty() {
+            return false;
         }
-        if let Ok(ranges) = patiently(self.seen(None), TIMEOUT, cluster_slots(conn)).await {
-            let masters = masters(&ranges);
-            if !masters.first_slot.is_empty() {
-                self.use_masters(masters);
-            }
-        }
+        self.use_masters(masters);
+        true
     }
 
     /// Take the first `PIPELINE_BYTES` of `batch` (at least one publish) off it, to go to Redis
@@ -1363,6 +1389,22 @@ mod tests {
         // A range past the last slot, or backwards, is no range.
         let odd = masters(&[range(16000, 16384, &[("a", 1)]), range(9, 3, &[("b", 1)])]);
         assert!(odd.of_slot.is_empty() && odd.first_slot.is_empty());
+    }
+
+    #[test]
+    fn only_a_refusal_is_logged_again_during_an_outage() {
+        assert!(["WRONGPASS", "NOAUTH", "NOPERM"]
+            .into_iter()
+            .all(refusal_code));
+        let passing = [
+            "LOADING",
+            "CLUSTERDOWN",
+            "TRYAGAIN",
+            "MASTERDOWN",
+            "ERR",
+            "BUSY",
+        ];
+        assert!(!passing.into_iter().any(refusal_code));
     }
 
     #[test]
