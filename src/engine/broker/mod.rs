@@ -866,8 +866,9 @@ impl Link {
     /// one's would get no more than `TIMEOUT`. (The confirmations of the link's own
     /// `SUNSUBSCRIBE`s end topics no one wants.) Asked of the master that gave the slot away,
     /// which knows the new one before it ends the slot's subscriptions, where another master may
-    /// not have been told yet. Whether the map changed; on no answer, the one known before
-    /// serves.
+    /// not have been told yet. On no answer, the map known before serves. Whether the masters'
+    /// numbers or first slots changed, which the PING task must start again for: not at each
+    /// move, so that a resharding's many moves do not keep resetting its clocks.
     async fn read_masters_if_moved(&mut self, conn: &mut Conn, ended: &[Arc<str>]) -> bool {
         let Conn::Cluster(conn) = conn else {
             return false;
@@ -889,8 +890,9 @@ impl Link {
         if masters.first_slot.is_empty() {
             return false;
         }
+        let renumbered = masters.first_slot != self.masters.first_slot;
         self.use_masters(masters);
-        true
+        renumbered
     }
 
     /// Take the first `PIPELINE_BYTES` of `batch` (at least one publish) off it, to go to Redis
