@@ -778,6 +778,28 @@ async def messages_to_master_1(
     return srv, here, topic
 
 
+async def all_arrive_through_a_slow_master_1(
+    cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
+    topic: str | None = None, before: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """``messages_to_master_1`` (90 of 100 kB) with master 1 behind a proxy carrying 1 MB a
+    second from it: all arrive, in order, none lost, the link up and nothing logged."""
+    caplog.set_level(logging.INFO, logger="brioche.redis")
+    proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
+    await announced_behind(cluster, 1, proxy)
+    try:
+        count = 90
+        srv, here, _ = await messages_to_master_1(cluster, started, peer, clients, count, topic, before)
+        await until(lambda: len(here.messages) == count, "the 90 through the slow connection", 40)
+        assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
+        stats = srv.stats()
+        assert (stats["redis_received"], stats["redis_received_lost"], stats["redis_connected"]) == (count, 0, 1)
+        assert log_lines(caplog, "brioche.redis") == []
+    finally:
+        await proxy.close()
+
+
 async def test_a_master_busy_bringing_messages_is_not_taken_for_a_stalled_one(
     cluster: Cluster, started: list[brioche.Server[Any]], peer: Callable[..., Awaitable[Peer]],
     clients: Callable[[str], Awaitable[Collector]], caplog: pytest.LogCaptureFixture,
@@ -787,19 +809,7 @@ async def test_a_master_busy_bringing_messages_is_not_taken_for_a_stalled_one(
     the way, past the crate's 2 s timeout, so the link was declared down and the messages on
     the wire lost, as on a single node (test_redis_pubsub). Messages arriving from that master
     now prove it alive: all arrive, in order, and nothing is logged."""
-    caplog.set_level(logging.INFO, logger="brioche.redis")
-    proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
-    await announced_behind(cluster, 1, proxy)
-    try:
-        count = 90
-        srv, here, _ = await messages_to_master_1(cluster, started, peer, clients, count)
-        await until(lambda: len(here.messages) == count, "the 90 through the slow connection", 40)
-        assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
-        stats = srv.stats()
-        assert (stats["redis_received"], stats["redis_received_lost"], stats["redis_connected"]) == (count, 0, 1)
-        assert log_lines(caplog, "brioche.redis") == []
-    finally:
-        await proxy.close()
+    await all_arrive_through_a_slow_master_1(cluster, started, peer, clients, caplog)
 
 
 async def test_a_master_given_a_slot_is_waited_on_for_that_slot_s_messages(
@@ -810,23 +820,12 @@ async def test_a_master_given_a_slot_is_waited_on_for_that_slot_s_messages(
     a second, and 9 MB of messages follow: they came from master 1 but counted for master 0, as
     the link's map said at connect, so master 1's PING behind them was given 2 s and the link
     declared down. The map is read again when a master gives a wanted slot away."""
-    caplog.set_level(logging.INFO, logger="brioche.redis")
-    proxy = ThrottledProxy(cluster.nodes[1].port, None, 1e6)
-    await announced_behind(cluster, 1, proxy)
     topic = topics_per_master(1)[0]
 
     async def move() -> None:
         await asyncio.to_thread(cluster.move_slot, slot(NAMESPACE + topic), cluster.nodes[0], cluster.nodes[1])
 
-    try:
-        count = 90
-        srv, here, _ = await messages_to_master_1(cluster, started, peer, clients, count, topic, move)
-        await until(lambda: len(here.messages) == count, "the 90 through the slow connection", 40)
-        assert [m.split("x")[0] for m in here.messages] == [f"{i}" for i in range(count)]
-        assert (srv.stats()["redis_received"], srv.stats()["redis_connected"]) == (count, 1)
-        assert log_lines(caplog, "brioche.redis") == []
-    finally:
-        await proxy.close()
+    await all_arrive_through_a_slow_master_1(cluster, started, peer, clients, caplog, topic, move)
 
 
 async def test_a_silent_master_is_noticed_while_another_brings_messages(
