@@ -896,11 +896,10 @@ impl Link {
     }
 
     /// Take the first `PIPELINE_BYTES` of `batch` (at least one publish) off it, to go to Redis
-    /// (`send`) in order, in one pipeline; on a cluster, in one pipeline per hash slot (the crate refuses a
-    /// pipeline across slots), all at once, each in order: a topic's publishes stay in order,
-    /// and those of topics on different masters never had an order a subscriber could see. A
-    /// publish whose channel Redis refused is lost alone (`refuse`). On any other error none of
-    /// it counts as published: some may have reached Redis, but nothing here can tell which.
+    /// (`send`) in order, in one pipeline; on a cluster, in one pipeline per hash slot (the
+    /// crate refuses a pipeline across slots), all at once, each in order: a topic's publishes
+    /// stay in order, and those of topics on different masters never had an order a subscriber
+    /// could see. What Redis answers is counted by `settle`.
     fn prepare(&mut self, conn: &Conn, batch: &mut Vec<Outgoing>) -> Batch {
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         let origin = self.remote().origin;
@@ -973,8 +972,9 @@ impl Link {
         }
     }
 
-    /// Account for `batch` once Redis answered it, or did not (`Err`): none of it then counts as
-    /// published.
+    /// Account for `batch` once Redis answered it, or did not (`Err`). A publish whose channel
+    /// Redis refused is lost alone (`refuse`). On any other error none of it counts as
+    /// published: some may have reached Redis, but nothing here can tell which.
     fn settle(&mut self, batch: Batch, replies: RedisResult<Vec<Vec<Value>>>) -> RedisResult<()> {
         let Batch {
             pipes,
