@@ -24,6 +24,8 @@ from brioche import MessageDropped, MessageSent, server, websocket
 from conftest import Recorder, ServeFn, ws_url
 from rawws import (
     OP_CLOSE,
+    OP_PING,
+    OP_PONG,
     OP_TEXT,
     Frame,
     RawWebSocket,
@@ -344,6 +346,56 @@ async def test_a_client_s_close_behind_a_suspended_handler_is_answered_after_1_s
     ]
     await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
     assert recorder.of("close") == [close or (1005, "")]
+
+
+@pytest.mark.parametrize("suspended", ["on_open", "on_text"])
+async def test_a_client_s_close_that_comes_while_a_handler_is_suspended_is_answered_after_its_reply(
+    serve: ServeFn, recorder: Recorder, suspended: str
+) -> None:
+    """A client's close that comes while an ``async`` handler awaits, its event long taken by
+    the loop and nothing queued behind it, is answered once the handler has sent its reply.
+    Before, it was answered at once: the handler resumed on a CLOSED socket, and its send
+    returned MessageDropped. (The ping in the close's write is answered by the connection as it
+    reads them: its pong says the close has been read.)"""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def reply(ws: brioche.WebSocket[Any]) -> None:
+        entered.set()
+        await release.wait()
+        recorder.add("sent", ws.send("reply"))
+
+    async def on_open(ws: brioche.WebSocket[Any]) -> None:
+        if suspended == "on_open":
+            await reply(ws)
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await reply(ws)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    try:
+        if suspended == "on_text":
+            await client.send_raw(encode_frame(OP_TEXT, b"question"))
+        await asyncio.wait_for(entered.wait(), TIMEOUT)
+        await client.send_raw(encode_frame(OP_PING, b"p") + encode_frame(OP_CLOSE, close_payload(1000, "bye")))
+        pong = await client.recv_frame(TIMEOUT)
+        assert (pong.opcode, pong.payload) == (OP_PONG, b"p")
+        release.set()
+        frames, how = await client.frames_until_end(TIMEOUT)
+    finally:
+        release.set()
+        client.close()
+    assert how == "eof"
+    assert [(f.opcode, f.payload) for f in frames] == [
+        (OP_TEXT, b"reply"),
+        (OP_CLOSE, close_payload(1000, "bye")),
+    ]
+    assert recorder.of("sent") == [(MessageSent(len("reply")),)]
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("close") == [(1000, "bye")]
 
 
 async def test_server_close_code_and_reason_reach_client_and_on_close(

@@ -1081,6 +1081,10 @@ class Server(Generic[T]):
             self._busy[ws] = deque()
         self._running[ws] = task
         self._tasks.add(task)
+        if kind != _CLOSE:
+            # In flight for the engine, as a message parked behind it would be, until it ends:
+            # a close frame the client sends meanwhile is answered after what it sends.
+            ws._hold_parked(0)
         task.add_done_callback(partial(self._handler_done, ws, kind))
         if kind == _CLOSE:
             # on_close runs to its end, even while stopping: it is the connection's clean-up.
@@ -1116,6 +1120,8 @@ class Server(Generic[T]):
     def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._close_tasks.discard(task)
+        if kind != _CLOSE:
+            ws._release_parked(0)
         if self._running.get(ws) is task:
             del self._running[ws]
         try:

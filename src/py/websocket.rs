@@ -516,6 +516,7 @@ impl PyWebSocket {
     /// before the loop took it, so the connection's caps stop its reading (1 MiB) and
     /// `max_incoming_bytes` counts it. Without it, an `async def` handler awaiting something
     /// let one client park up to 64 messages of `max_payload_length` (1 GiB by default).
+    /// Size 0 holds the suspended handler itself, so that a close frame waits for it.
     fn _hold_parked(&self, size: usize) {
         self.conn.messages_queued(1, size);
     }

@@ -855,15 +855,18 @@ fn feed(
         }
         Incoming::Close(frame) => {
             let (code, reason) = frame.unwrap_or((1005, String::new()));
+            // `handled_since` before the in-flight count: a batch seen handled makes visible
+            // what its handlers counted in flight (a message parked, a handler suspended),
+            // which a count read first could have missed.
             if conn.ready_state() == ReadyState::Open
                 && (!handed.events.is_empty()
-                    || conn.has_messages_in_flight()
-                    || !conn.shared.events.handled_since(pushed_at))
+                    || !conn.shared.events.handled_since(pushed_at)
+                    || conn.has_messages_in_flight())
             {
-                // Handlers of what came before it (`on_open` too) have not all run: the loop
-                // answers it once they have (`Event::PeerClose`), so that their replies go
-                // first, as uWS's do (it runs each message's handler before it reads on).
-                // Bounded as a violation's close is (`CLOSE_AFTER_HANDLERS`).
+                // Handlers of what came before it (`on_open` too) have not all run, or one is
+                // suspended: the loop answers it once they have (`Event::PeerClose`), so that
+                // their replies go first, as uWS's do (it runs each message's handler before
+                // it reads on). Bounded as a violation's close is (`CLOSE_AFTER_HANDLERS`).
                 closed = Some(Ending {
                     code,
                     reason,
