@@ -296,7 +296,11 @@ async def test_request_subprotocols_parses_every_header_line_in_order(serve: Ser
         headers = [("Sec-WebSocket-Protocol", "a, b ,,c"), ("sec-websocket-protocol", "d")]
         assert (await http.get(srv.url, headers=headers)).status_code == 200
         assert (await http.get(srv.url)).status_code == 200
-    assert seen == [["a", "b", "c", "d"], []]
+        # An item that is not a token (RFC 6455 4.1) is no offer: one the handler took from
+        # the list was answered in the 101 as given.
+        not_tokens = [("Sec-WebSocket-Protocol", "a b, chat/1, \"q\", v2.json")]
+        assert (await http.get(srv.url, headers=not_tokens)).status_code == 200
+    assert seen == [["a", "b", "c", "d"], [], ["v2.json"]]
 
 
 async def test_a_subprotocol_that_is_not_a_str_is_a_type_error(serve: ServeFn) -> None:

@@ -196,6 +196,55 @@ async def test_request_targets_and_codings_their_method_may_not_use_are_refused(
     assert (got_status, got_body) == (status, body)
 
 
+@pytest.mark.parametrize(
+    ("raw", "status", "seen"),
+    [(b"GET http://other.example:8080/p?q=1 HTTP/1.1\r\nHost: x\r\n\r\n", 200,
+      "/p q=1 other.example:8080"),
+     (b"GET HTTPS://other.example/p HTTP/1.1\r\nHost: other.example\r\nHost-Like: y\r\n\r\n", 200,
+      "/p  other.example"),
+     (b"GET http://other.example/p HTTP/1.0\r\n\r\n", 200, "/p  other.example"),
+     (b"GET ftp://other.example/p HTTP/1.1\r\nHost: other.example\r\n\r\n", 400, None),
+     (b"GET http://other.example:x/p HTTP/1.1\r\nHost: x\r\n\r\n", 400, None)],
+    ids=["absolute", "https", "1.0 without Host", "ftp", "bad port"],
+)
+async def test_a_target_in_the_absolute_form_gives_the_handler_its_host(
+    serve: ServeFn, recorder: Recorder, raw: bytes, status: int, seen: str | None
+) -> None:
+    """RFC 9112 3.2.2: the host of a target in the absolute form is the request's, and the
+    server MUST ignore ``Host``. The handler's ``host`` header is the target's authority: before,
+    a route checking ``Host`` saw ``x`` where a proxy had routed on ``other.example``. A target of
+    another scheme, or with an authority that is no host, is refused."""
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        hosts = request.headers.get_all("host")
+        recorder.add("request", f"{request.path} {request.query} {','.join(hosts)}")
+        return server.ok()
+
+    srv = await serve(handler=handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
+    assert int(head.split(b" ", 2)[1]) == status, head  # (HTTP/1.0's answer is an HTTP/1.0 one)
+    assert recorder.of("request") == ([(seen,)] if seen else [])
+
+
+async def test_header_values_that_are_not_text_are_a_type_error() -> None:
+    """An int is written in decimal; bytes or None made into text (``b'secret'``, ``None``) was
+    a mistake sent to the client, so it is refused."""
+    assert server.Response(200, (("x-count", 5),)).headers == (("x-count", "5"),)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^the value of header 'x-token' must be a str or an int, got bytes$"):
+        server.Response(200, (("x-token", b"secret"),))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^the value of header 'x-user' must be a str or an int, got NoneType$"):
+        server.Response(200, {"x-user": None})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^the value of header 'x-flag' must be a str or an int, got bool$"):
+        server.Response(200, {"x-flag": True})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^a header's name must be a str, got b'x-name'$"):
+        server.Response(200, ((b"x-name", "v"),))  # type: ignore[arg-type]
+
+
 async def test_a_content_length_that_disagrees_with_the_body_is_a_logged_500(
     serve: ServeFn, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -566,7 +615,7 @@ async def test_handshake_with_version_8_gives_426(serve: ServeFn) -> None:
     assert status == 426
     assert headers.get("sec-websocket-version") == ["13"]
     # RFC 9110 15.5.22: a 426 names the protocol to upgrade to.
-    assert (headers.get("upgrade"), headers.get("connection")) == (["websocket"], ["Upgrade"])
+    assert (headers.get("upgrade"), headers.get("connection")) == (["websocket"], ["Upgrade, close"])
 
 
 @pytest.mark.parametrize(
@@ -621,15 +670,112 @@ async def test_upgrade_of_plain_request_returns_false_and_fallback_response(
     assert recorder.of("upgrade") == [(False, False)]
 
 
-async def test_upgrade_without_websocket_config_returns_fallback(serve: ServeFn, recorder: Recorder) -> None:
+async def test_upgrade_without_websocket_config_is_a_type_error(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As Bun's ``server.upgrade`` throws without a ``websocket`` object: a forgotten config
+    is the handler's error (logged, 500), not a silent fallback answer."""
     def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
-        recorder.add("upgrade", srv.upgrade(request))
+        try:
+            srv.upgrade(request)
+        except TypeError as exc:
+            recorder.add("refused", str(exc))
         return server.upgrade(srv, request, [], None, server.bad_request)
 
     srv = await serve(None, handler=handler)  # no websocket config at all
-    status, _, body = await http(srv, "/ws", headers=[*UPGRADE, KEY, VERSION])
-    assert (status, body) == (400, b"Bad Request")
-    assert recorder.of("upgrade") == [(False,)]
+    with caplog.at_level(logging.ERROR, logger="brioche"):
+        status, _, body = await http(srv, "/ws", headers=[*UPGRADE, KEY, VERSION])
+    assert (status, body) == (500, b"Internal Server Error")
+    message = (
+        "upgrade() needs WebSocket support: give the server a websocket config "
+        "(.websocket(websocket.init()...)), as Bun.serve needs its websocket object"
+    )
+    assert recorder.of("refused") == [(message,)]
+    assert any(r.exc_info and str(r.exc_info[1]) == message for r in caplog.records)
+
+
+async def read_then_end(reader: asyncio.StreamReader) -> tuple[HttpResult, bytes]:
+    """One response, then whatever else comes before the server ends the connection."""
+    response = await read_response(reader)
+    return response, await asyncio.wait_for(reader.read(), TIMEOUT)
+
+
+def refuse_handshakes(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+    if request.path == "/refused":
+        return server.Response(403, (), b"no")
+    return server.upgrade(srv, request, [], None, server.not_found)
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "status"),
+    [("/ws", [*UPGRADE, KEY, ("Sec-WebSocket-Version", "8")], 426),
+     ("/ws", [*UPGRADE, VERSION], 400),
+     ("/ws", [("Upgrade", "websocket"), KEY, VERSION], 400),
+     ("/refused", [*UPGRADE, KEY, VERSION], 403)],
+    ids=["version 8", "no key", "no Connection: Upgrade", "the handler's refusal"],
+)
+async def test_a_handshake_not_accepted_ends_its_connection(
+    serve: ServeFn, target: str, headers: list[tuple[str, str]], status: int
+) -> None:
+    """A handshake answered with anything but a 101 ends its connection, as websockets' does:
+    a proxy that starts a tunnel on the request, whatever the answer, would otherwise hand this
+    server the client's next bytes as requests of their own ("WebSocket smuggling"). Before,
+    the request pipelined behind it was served."""
+    srv = await serve(websocket.init(), handler=refuse_handshakes)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, target, headers=headers) + request_bytes(srv, "/second"))
+        await writer.drain()
+        (got_status, got_headers, _), after = await read_then_end(reader)
+    finally:
+        writer.close()
+    assert got_status == status
+    assert got_headers["connection"] == (["Upgrade, close"] if status == 426 else ["close"])
+    assert after == b""
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[("Content-Length", "4")], [("Transfer-Encoding", "chunked")],
+     [("Content-Length", "4"), ("Transfer-Encoding", "chunked")]],
+    ids=["content-length", "chunked", "both"],
+)
+async def test_a_handshake_with_a_body_is_refused(
+    serve: ServeFn, recorder: Recorder, extra: list[tuple[str, str]]
+) -> None:
+    """A GET's body means nothing (RFC 9110 9.3.1), and with both lengths given a proxy and
+    this server could end it, and begin the frames, in different places (RFC 9112 6.1):
+    websockets refuses such a handshake, and so does this server now. Before, it was upgraded,
+    and what followed the head was taken for the body, then for frames."""
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open")
+
+    srv = await serve(websocket.init().on_open(on_open))
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION, *extra]) + b"0\r\n\r\n")
+        await writer.drain()
+        (status, headers, body), after = await read_then_end(reader)
+    finally:
+        writer.close()
+    assert (status, headers["connection"], body, after) == (
+        400, ["close"], b"a WebSocket handshake has no body", b""
+    )
+    async with connect(ws_url(srv, "/ws")):
+        await recorder.wait_for(lambda: bool(recorder.of("open")), TIMEOUT)
+    assert recorder.of("open") == [()], "only the handshake without a body opens"
+
+
+async def test_a_handshake_with_content_length_0_is_upgraded(serve: ServeFn) -> None:
+    srv = await serve(websocket.init())
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION, ("Content-Length", "0")]))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101 "), head
 
 
 async def test_chunked_body_over_max_request_body_size_gives_413(serve: ServeFn, recorder: Recorder) -> None:

@@ -142,12 +142,13 @@ class Request:
 
     @property
     def subprotocols(self) -> list[str]:
-        """The subprotocols the client offers (``Sec-WebSocket-Protocol``), in its order."""
+        """The subprotocols the client offers (``Sec-WebSocket-Protocol``), in its order; an
+        item that is not a token (RFC 6455 4.1: ``a b``, say) is no offer and is left out."""
         return [
             name.strip()
             for value in self.headers.get_all("sec-websocket-protocol")
             for name in value.split(",")
-            if name.strip()
+            if is_token(name.strip())
         ]
 
     def text(self) -> str:
@@ -164,6 +165,12 @@ class Request:
 
 
 _NO_BODY = frozenset((204, 205, 304))
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def is_token(value: str) -> bool:
+    """Whether ``value`` is an HTTP token (RFC 9110 5.6.2), as a subprotocol's name must be."""
+    return bool(value) and all(c in _TCHARS for c in value)
 
 
 def header_pairs(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -177,7 +184,16 @@ def header_pairs(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> tupl
         # A lone pair, ``(("content-type", "text/plain"))`` without its comma, is two strings.
         if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TypeError(f"each header must be a (name, value) pair, got {item!r}")
-        pairs.append((str(item[0]), str(item[1])))
+        name, value = item
+        if not isinstance(name, str):
+            raise TypeError(f"a header's name must be a str, got {name!r}")
+        # An int is written in decimal; anything else made into a str was a mistake on the
+        # wire (``b'secret'``, ``None``), so it is refused rather than sent.
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        elif not isinstance(value, str):
+            raise TypeError(f"the value of header {name!r} must be a str or an int, got {type(value).__name__}")
+        pairs.append((name, value))
     return tuple(pairs)
 
 
@@ -193,7 +209,9 @@ class Response:
     tunnel): the handler's response is then a ``ValueError``, logged, and the client gets 500.
     A 204, 205 or 304 with a body is a ``ValueError`` here. Header values are sent as
     ISO-8859-1, one byte per character: a character above U+00FF, or an ASCII control
-    character other than tab, is the handler's error too (500).
+    character other than tab, is the handler's error too (500). A header name that is not a
+    ``str``, or a value neither a ``str`` nor an ``int`` (written in decimal), is a
+    ``TypeError`` here.
     """
 
     status: int

@@ -590,11 +590,12 @@ class Server(Generic[T]):
     ) -> bool:
         """Accept ``request`` as a WebSocket carrying ``data``; False if it cannot be upgraded.
 
-        It cannot when it is not a WebSocket handshake, when it was already answered, or when the
-        server has no ``websocket`` config. ``headers`` (pairs, or a mapping) go into the 101
-        response; the ones the handshake itself sets (``Upgrade``, ``Connection``,
-        ``Sec-WebSocket-Accept``, ``Sec-WebSocket-Extensions``) and the framing headers are a
-        ``ValueError``.
+        It cannot when it is not a WebSocket handshake, or when it was already answered. A
+        server without a ``websocket`` config is a ``TypeError``, as Bun's is: the handshake
+        would otherwise get the fallback answer, with nothing to say why. ``headers`` (pairs,
+        or a mapping) go into the 101 response; the ones the handshake itself sets
+        (``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept``, ``Sec-WebSocket-Extensions``)
+        and the framing headers are a ``ValueError``.
         ``subprotocol`` is the one of ``request.subprotocols`` the server speaks
         (``ws.subprotocol``); one the client did not offer is a ``ValueError``. A
         ``Sec-WebSocket-Protocol`` in ``headers`` (Bun's way to choose one) is taken as
@@ -602,8 +603,13 @@ class Server(Generic[T]):
         """
         if subprotocol is not None and not isinstance(subprotocol, str):
             raise TypeError(f"subprotocol must be a str or None, got {type(subprotocol).__name__}")
+        if self._config.websocket_config is None:
+            raise TypeError(
+                "upgrade() needs WebSocket support: give the server a websocket config "
+                "(.websocket(websocket.init()...)), as Bun.serve needs its websocket object"
+            )
         pending = request._pending
-        if self._config.websocket_config is None or not pending.is_websocket:
+        if not pending.is_websocket:
             return False
         extra: list[tuple[str, str]] = []
         for name, value in header_pairs(headers):

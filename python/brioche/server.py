@@ -655,8 +655,9 @@ def upgrade(
 
     ``headers`` (pairs, or a mapping) are added to the ``101 Switching Protocols`` response, and so is
     ``subprotocol``, one of ``request.subprotocols`` (else ``ValueError``); as for
-    :meth:`Server.upgrade`, the handshake's own headers are a ``ValueError`` and a
-    ``Sec-WebSocket-Protocol`` among ``headers`` is taken as ``subprotocol``.
+    :meth:`Server.upgrade`, the handshake's own headers are a ``ValueError``, a
+    ``Sec-WebSocket-Protocol`` among ``headers`` is taken as ``subprotocol``, and a server without
+    a ``websocket`` config is a ``TypeError``.
     """
     if srv.upgrade(request, headers, data, subprotocol=subprotocol):
         return None

@@ -2,8 +2,8 @@
 //! its permessage-deflate offers to accept (RFC 7692 section 7.1).
 
 use hyper::header::{
-    HeaderMap, HeaderValue, CONNECTION, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, SEC_WEBSOCKET_EXTENSIONS,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::{Method, Request, StatusCode, Version};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -32,9 +32,17 @@ fn given_twice(headers: &HeaderMap, name: hyper::header::HeaderName) -> bool {
     headers.get_all(name).iter().nth(1).is_some()
 }
 
+/// Whether `req` asks to become a WebSocket (`Upgrade: websocket`), valid or not. One that is
+/// answered with anything but a 101 ends its connection: a proxy that takes the request for
+/// the start of a tunnel, whatever the answer, would otherwise pass the client's next bytes
+/// to this server as requests of its own ("WebSocket smuggling"). websockets closes too.
+pub(crate) fn asks_for_websocket<B>(req: &Request<B>) -> bool {
+    has_token(req.headers(), UPGRADE, "websocket")
+}
+
 pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     let headers = req.headers();
-    if !has_token(headers, UPGRADE, "websocket") {
+    if !asks_for_websocket(req) {
         return Handshake::NotWebSocket;
     }
     if req.method() != Method::GET {
@@ -48,6 +56,14 @@ pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     }
     if !has_token(headers, CONNECTION, "upgrade") {
         return Handshake::Invalid(StatusCode::BAD_REQUEST, "missing Connection: Upgrade");
+    }
+    // A GET's body means nothing (RFC 9110 9.3.1), and where a handshake's body ends is where
+    // its frames begin: with both lengths given (RFC 9112 6.1), a proxy reading one and this
+    // server the other would cut the stream in different places. websockets refuses it too.
+    let empty = |value: &HeaderValue| value.as_bytes() == b"0";
+    if headers.contains_key(TRANSFER_ENCODING) || !headers.get_all(CONTENT_LENGTH).iter().all(empty)
+    {
+        return Handshake::Invalid(StatusCode::BAD_REQUEST, "a WebSocket handshake has no body");
     }
     // RFC 6455 11.3.1 and 11.3.5: each at most once in a request. A server that took the first
     // of two keys could answer a key other than the one a client behind a proxy checks.

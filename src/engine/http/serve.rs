@@ -712,7 +712,28 @@ fn target_problem<B>(req: &Request<B>) -> Option<&'static str> {
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Some("request target with a user");
     }
+    if let Some(scheme) = uri.scheme_str() {
+        // The absolute form (RFC 9112 3.2.2), whose authority stands for `Host`.
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Some("request target of a scheme other than http or https");
+        }
+        if !uri.authority().is_some_and(|a| host_value_ok(a.as_str())) {
+            return Some("request target with an invalid authority");
+        }
+    }
     None
+}
+
+/// The `Host` a handler is given: a target in the absolute form names the host itself, and the
+/// server MUST use it and ignore the header (RFC 9112 3.2.2). Handed on as it came, a route
+/// checking `Host` (a tenant, an allow-list) saw one host while a proxy had routed on another.
+fn host_for_handler(uri: &hyper::Uri, method: &Method) -> Option<String> {
+    match uri.authority() {
+        Some(authority) if uri.scheme().is_some() && *method != Method::CONNECT => {
+            Some(authority.as_str().to_owned())
+        }
+        _ => None,
+    }
 }
 
 /// A transfer coding the server does not undo (501, RFC 9112 6.1: the handler would get a
@@ -774,18 +795,19 @@ async fn read_and_answer(
         return Ok(refusal(status, "Payload Too Large"));
     }
     let mut websocket_key = None;
+    let asks_for_websocket = handshake::asks_for_websocket(&req);
     if shared.config.websockets_enabled {
         match handshake::classify(&req) {
             Handshake::NotWebSocket => {}
             Handshake::Invalid(status, why) => {
                 reject_handshake(shared, remote, status, why);
-                let mut response = plain(status, why);
+                let mut response = refusal(status, why);
                 if status == StatusCode::UPGRADE_REQUIRED {
                     // RFC 6455 4.4 names the version; RFC 9110 15.5.22 and 7.8, the protocol.
                     let headers = response.headers_mut();
                     headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
                     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-                    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+                    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade, close"));
                 }
                 return Ok(response);
             }
@@ -841,7 +863,7 @@ async fn read_and_answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "max_connections reached",
         );
-        return Ok(plain(
+        return Ok(refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "Too many connections",
         ));
@@ -853,11 +875,21 @@ async fn read_and_answer(
     };
 
     let id = shared.next_id();
-    let headers = parts
+    let target_host = host_for_handler(&parts.uri, &parts.method);
+    let mut headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .map(|(name, value)| (name.as_str().to_owned(), header_text::decode(value)))
+        .map(|(name, value)| match &target_host {
+            Some(host) if name == HOST => (name.as_str().to_owned(), host.clone()),
+            _ => (name.as_str().to_owned(), header_text::decode(value)),
+        })
         .collect();
+    if let Some(host) = target_host {
+        if !parts.headers.contains_key(HOST) {
+            // HTTP/1.0 may leave `Host` out.
+            headers.insert(0, (HOST.as_str().to_owned(), host));
+        }
+    }
     let (reply, answer) = oneshot::channel();
     shared.events.push(Event::Request(Box::new(HttpRequest {
         id,
@@ -876,7 +908,14 @@ async fn read_and_answer(
     })));
 
     match answer.await {
-        Ok(Reply::Respond(response)) => Ok(response),
+        Ok(Reply::Respond(mut response)) => {
+            if asks_for_websocket {
+                // A handshake the handler did not accept: see `asks_for_websocket`.
+                let close = HeaderValue::from_static("close");
+                response.headers_mut().insert(CONNECTION, close);
+            }
+            Ok(response)
+        }
         Ok(Reply::Upgrade(extra)) => match (on_upgrade, websocket_key) {
             (Some(on_upgrade), Some(key)) => {
                 slot.hand_over();
