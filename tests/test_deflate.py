@@ -38,6 +38,14 @@ def deflate(data: bytes, wbits: int = 15) -> bytes:
     return out[:-4]
 
 
+def stored(data: bytes) -> bytes:
+    """``data`` in stored blocks (level 0), as a message's payload: sync-flushed, tail stripped."""
+    compressor = zlib.compressobj(0, zlib.DEFLATED, -15)
+    payload = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert payload.endswith(TAIL)
+    return payload[: -len(TAIL)]
+
+
 def finished(data: bytes) -> bytes:
     """One message as a whole deflate stream, its last block final (BFINAL)."""
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -264,6 +272,9 @@ async def test_rfc_7692s_own_example_of_a_final_block_is_accepted(serve: ServeFn
         # block of 65,280 bytes, and the next, valid, message failed in its stead.
         ([(OP_TEXT, b"", True, 4)], 1007),
         ([(OP_BINARY, b"", False, 4), (OP_CONTINUATION, b"", True, 0)], 1007),
+        # Cut short inside a stored block: the appended 00 00 ff ff was taken for 4 bytes of
+        # its data, and the next, valid, message for more of it: both delivered as garbage.
+        ([(OP_BINARY, stored(b"A" * 1000)[:505], True, 4), (OP_BINARY, deflate(b"next"), True, 4)], 1007),
         # RSV1 belongs on a message's first frame only.
         ([(OP_TEXT, deflate(b"abc"), False, 4), (OP_CONTINUATION, b"", True, 4)], 1002),
         # RSV1 on a control frame, and the bits no extension uses.

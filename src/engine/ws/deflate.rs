@@ -221,7 +221,14 @@ fn inflate_into(
     out: &mut Vec<u8>,
     limit: usize,
 ) -> Result<(), InflateError> {
+    // The tail completes the empty stored block a sync flush ends with, and so inflates to
+    // nothing. What it adds to the output is a message cut short inside a stored block: the
+    // tail is then taken for its data, and so would the next message be, delivered as garbage.
+    let mut before_tail = 0;
     for (index, part) in [input, &TAIL[..]].into_iter().enumerate() {
+        if index == 1 {
+            before_tail = out.len();
+        }
         let mut pos = 0;
         loop {
             if out.len() == out.capacity() {
@@ -230,7 +237,10 @@ fn inflate_into(
                 }
                 // Doubling, but never room for more than one byte past the limit: a bomb is
                 // refused once it has produced that byte, whatever it would inflate to.
-                let room = out.capacity().max(4096).min(limit + 1 - out.len());
+                let room = out
+                    .capacity()
+                    .max(4096)
+                    .min(limit.saturating_add(1) - out.len());
                 out.try_reserve_exact(room)
                     .map_err(|_| InflateError::TooBig)?;
             }
@@ -249,6 +259,9 @@ fn inflate_into(
                     // something other than what another reader of the same frames sees.
                     return Err(InflateError::Invalid);
                 }
+                if index == 1 && out.len() > before_tail {
+                    return Err(InflateError::Invalid);
+                }
                 return if out.len() > limit {
                     Err(InflateError::TooBig)
                 } else {
@@ -262,6 +275,9 @@ fn inflate_into(
                 return Err(InflateError::Invalid);
             }
         }
+    }
+    if out.len() > before_tail {
+        return Err(InflateError::Invalid);
     }
     if out.len() > limit {
         return Err(InflateError::TooBig);
@@ -403,6 +419,28 @@ mod speed {
 
     /// `cargo test --release deflate_speed -- --ignored --nocapture`: where a compressed 1 KiB
     /// JSON message's time goes (S1d's message).
+    #[test]
+    fn a_message_cut_short_inside_a_stored_block_is_invalid() {
+        // Stored blocks (level 0): a cut one took the tail, and the next message, for its data.
+        let mut compress = Compress::new_with_window_bits(Compression::none(), false, 15);
+        let mut whole = Vec::with_capacity(2048);
+        compress
+            .compress_vec(&[b'A'; 1000], &mut whole, FlushCompress::Sync)
+            .unwrap();
+        assert!(whole.ends_with(&TAIL));
+        let message = &whole[..whole.len() - TAIL.len()];
+        let mut stream = Decompress::new_with_window_bits(false, 15);
+        assert_eq!(
+            inflate_message(&mut stream, message, 1 << 20, false),
+            Ok(vec![b'A'; 1000])
+        );
+        let mut stream = Decompress::new_with_window_bits(false, 15);
+        assert_eq!(
+            inflate_message(&mut stream, &message[..505], 1 << 20, false),
+            Err(InflateError::Invalid)
+        );
+    }
+
     #[test]
     #[ignore]
     fn deflate_speed() {
