@@ -4,6 +4,8 @@ from collections.abc import Callable, Sequence
 from contextvars import Context
 from typing import Any, ClassVar, Generic, TypeVar, final
 
+from typing_extensions import Buffer
+
 from brioche._enums import ReadyState
 
 __all__ = [
@@ -100,17 +102,17 @@ class WebSocket(Generic[_T]):
     @property
     def per_message_deflate(self) -> bool:
         """Whether the client negotiated permessage-deflate."""
-    def send(self, message: str | bytes | bytearray | memoryview, compress: bool = False) -> _SendStatus:
+    def send(self, message: str | Buffer, compress: bool = False) -> _SendStatus:
         """Queue a message: text for a ``str``, binary for bytes-like; ``compress`` if negotiated."""
-    def send_bytes(self, message: bytes | bytearray | memoryview, compress: bool = False) -> _SendStatus:
+    def send_bytes(self, message: Buffer, compress: bool = False) -> _SendStatus:
         """Queue a binary message."""
     def publish(
-        self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+        self, topic: str, message: str | Buffer, compress: bool = False
     ) -> _SendStatus:
         """Send a message to the subscribers of ``topic`` (not to this socket unless
         publish_to_self): text for a ``str``, binary for bytes-like."""
     def publish_bytes(
-        self, topic: str, message: bytes | bytearray | memoryview, compress: bool = False
+        self, topic: str, message: Buffer, compress: bool = False
     ) -> _SendStatus:
         """Send bytes to the subscribers of ``topic``."""
     def subscribe(self, topic: str) -> bool:
@@ -131,9 +133,9 @@ class WebSocket(Generic[_T]):
     def terminate(self) -> None:
         """End the connection without a close frame; what was queued is written first, as far
         as the kernel takes it now. ``ready_state`` is ``CLOSED`` from then on."""
-    def ping(self, payload: str | bytes | bytearray | memoryview | None = None) -> _SendStatus:
+    def ping(self, payload: str | Buffer | None = None) -> _SendStatus:
         """Send a ping frame (payload at most 125 bytes)."""
-    def pong(self, payload: str | bytes | bytearray | memoryview | None = None) -> _SendStatus:
+    def pong(self, payload: str | Buffer | None = None) -> _SendStatus:
         """Send a pong frame (payload at most 125 bytes)."""
     @property
     def _context(self) -> Context:
@@ -234,7 +236,7 @@ class Engine:
     def end_batch(self) -> tuple[int, int]: ...
     def stop(self, close_active_connections: bool) -> None: ...
     def publish(
-        self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+        self, topic: str, message: str | Buffer, compress: bool = False
     ) -> _SendStatus: ...
     def subscriber_count(self, topic: str) -> int: ...
     def set_close_hook(self, hook: Callable[[WebSocket[Any]], None]) -> None: ...

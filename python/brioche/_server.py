@@ -37,6 +37,7 @@ from brioche._http import Request, Response, SocketAddress, header_pairs, intern
 from brioche.websocket import _check_seconds
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
     from brioche.server import Config, Handler
     from brioche.websocket import Config as WsConfig
     from brioche.websocket import DeflateOptions, SendStatus
@@ -720,7 +721,7 @@ class Server(Generic[T]):
         self._config = config
 
     def publish(
-        self, topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+        self, topic: str, message: str | Buffer, compress: bool = False
     ) -> SendStatus:
         """Send ``message`` to every subscriber of ``topic``; the status sums up theirs, as
         ``websocket.publish``'s (``MessageDropped`` if any one dropped it).

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
-from typing import Any, Generic, TypeAlias, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, final
 
 from brioche import _brioche
 from brioche import websocket as _websocket
@@ -50,6 +50,9 @@ from brioche._server import (
     run_loop as run_loop,
 )
 from brioche._workers import WorkerSlot, run_workers
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "Config",
@@ -675,7 +678,7 @@ async def stop(srv: Server[Any], close_active_connections: bool = False) -> None
 
 
 def publish(
-    srv: Server[Any], topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+    srv: Server[Any], topic: str, message: str | Buffer, compress: bool = False
 ) -> _websocket.SendStatus:
     """Module form of :meth:`Server.publish`."""
     return srv.publish(topic, message, compress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from brioche._enums import CloseCode, ReadyState
 from brioche._brioche import (
@@ -24,6 +24,9 @@ from brioche._brioche import (
     MessageSent,
     WebSocket,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = [
     "CloseCode",
@@ -440,7 +443,7 @@ def per_message_deflate(config: Config[T], options: bool | DeflateOptions) -> Co
 
 
 def send(
-    ws: WebSocket[Any], message: str | bytes | bytearray | memoryview, compress: bool = False
+    ws: WebSocket[Any], message: str | Buffer, compress: bool = False
 ) -> SendStatus:
     """Queue a message, text for a ``str``, binary for bytes-like (as Bun's ``send``); never blocks.
 
@@ -460,14 +463,14 @@ def send(
 
 
 def send_bytes(
-    ws: WebSocket[Any], message: bytes | bytearray | memoryview, compress: bool = False
+    ws: WebSocket[Any], message: Buffer, compress: bool = False
 ) -> SendStatus:
     """Queue a binary message; never blocks. ``compress`` as :func:`send`'s."""
     return ws.send_bytes(message, compress)
 
 
 def publish(
-    ws: WebSocket[Any], topic: str, message: str | bytes | bytearray | memoryview, compress: bool = False
+    ws: WebSocket[Any], topic: str, message: str | Buffer, compress: bool = False
 ) -> SendStatus:
     """Send a message to every subscriber of ``topic`` except ``ws`` (see ``publish_to_self``):
     text for a ``str``, binary for bytes-like (as ``publish_bytes``), as ``send`` does.
@@ -487,7 +490,7 @@ def publish(
 
 
 def publish_bytes(
-    ws: WebSocket[Any], topic: str, message: bytes | bytearray | memoryview, compress: bool = False
+    ws: WebSocket[Any], topic: str, message: Buffer, compress: bool = False
 ) -> SendStatus:
     """Send a binary message to every subscriber of ``topic`` except ``ws``; ``compress`` as :func:`publish`'s."""
     return ws.publish_bytes(topic, message, compress)
@@ -571,11 +574,11 @@ def terminate(ws: WebSocket[Any]) -> None:
     ws.terminate()
 
 
-def ping(ws: WebSocket[Any], payload: str | bytes | bytearray | memoryview | None = None) -> SendStatus:
+def ping(ws: WebSocket[Any], payload: str | Buffer | None = None) -> SendStatus:
     """Send a ping frame (payload up to 125 bytes)."""
     return ws.ping(payload)
 
 
-def pong(ws: WebSocket[Any], payload: str | bytes | bytearray | memoryview | None = None) -> SendStatus:
+def pong(ws: WebSocket[Any], payload: str | Buffer | None = None) -> SendStatus:
     """Send an unsolicited pong frame (payload up to 125 bytes)."""
     return ws.pong(payload)
