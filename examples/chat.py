@@ -28,7 +28,7 @@ def on_text(ws: brioche.WebSocket[User], text: str) -> None:
 
 
 def on_close(ws: brioche.WebSocket[User], code: int, reason: str) -> None:
-    # The socket is closed by now, so the server publishes on its behalf.
+    # The socket left its topics when the close began: the server's publish tells the room.
     ws.data.server.publish(ws.data.room, json.dumps({"left": ws.data.name}))
 
 
