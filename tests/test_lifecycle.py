@@ -12,7 +12,7 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -394,6 +394,67 @@ async def test_a_client_s_close_that_comes_while_a_handler_is_suspended_is_answe
         (OP_CLOSE, close_payload(1000, "bye")),
     ]
     assert recorder.of("sent") == [(MessageSent(len("reply")),)]
+    await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+    assert recorder.of("close") == [(1000, "bye")]
+
+
+async def test_a_client_s_close_waits_for_the_handler_of_a_message_parked_behind_a_suspended_one(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The second message waits, parked, for the first one's handler, suspended in the
+    coroutine it returned; the client's close comes while the second one's plain handler runs. Its reply goes first. Before, a
+    parked message stopped counting as in flight before its handler ran, and the suspended
+    handler once it ended: the close was echoed at once, and the reply was dropped."""
+    loop = asyncio.get_running_loop()
+    first_entered, second_entered, second_go = threading.Event(), threading.Event(), threading.Event()
+    release_first = asyncio.Event()
+
+    async def first(ws: brioche.WebSocket[Any]) -> None:
+        first_entered.set()
+        await release_first.wait()
+        recorder.add("sent", "first", ws.send("r1"))
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> Awaitable[None] | None:
+        if text == "first":
+            return first(ws)
+        second_entered.set()
+        second_go.wait(TIMEOUT)  # the loop is held here while the client closes
+        recorder.add("sent", text, ws.send("r2"))
+        return None
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code, reason)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+
+    def scenario() -> list[Frame]:
+        sock = blocking_connect(srv.port)
+        try:
+            # In one write, so one read and one batch: "second" is parked behind "first".
+            sock.sendall(encode_frame(OP_TEXT, b"first") + encode_frame(OP_TEXT, b"second"))
+            assert first_entered.wait(TIMEOUT)
+            loop.call_soon_threadsafe(release_first.set)
+            assert second_entered.wait(TIMEOUT)
+            # Answered by the connection as it reads them: the pong says the close was read.
+            sock.sendall(encode_frame(OP_PING, b"p") + encode_frame(OP_CLOSE, close_payload(1000, "bye")))
+            frames = recv_frames(sock, 2)
+            assert [(f.opcode, f.payload) for f in frames] == [(OP_TEXT, b"r1"), (OP_PONG, b"p")]
+            second_go.set()
+            rest, _ = parse_frames(read_until_eof(sock))
+            return frames + rest
+        finally:
+            second_go.set()
+            loop.call_soon_threadsafe(release_first.set)
+            sock.close()
+
+    frames = await asyncio.to_thread(scenario)
+    assert [(f.opcode, f.payload) for f in frames] == [
+        (OP_TEXT, b"r1"),
+        (OP_PONG, b"p"),
+        (OP_TEXT, b"r2"),
+        (OP_CLOSE, close_payload(1000, "bye")),
+    ]
+    assert recorder.of("sent") == [("first", MessageSent(2)), ("second", MessageSent(2))]
     await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
     assert recorder.of("close") == [(1000, "bye")]
 

@@ -1127,14 +1127,18 @@ class Server(Generic[T]):
     def _handler_done(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._close_tasks.discard(task)
-        if kind != _CLOSE:
-            ws._release_parked(0)
         if self._running.get(ws) is task:
             del self._running[ws]
         try:
             self._finished(ws, kind, task)
         finally:
-            self._release(ws)
+            try:
+                self._release(ws)
+            finally:
+                if kind != _CLOSE:
+                    # After the parked events have taken holds of their own: never none while
+                    # a handler of ws runs, or a close read meanwhile would be answered first.
+                    ws._release_parked(0)
             self._check_stopped()
 
     def _release(self, ws: WebSocket[T]) -> None:
@@ -1145,11 +1149,16 @@ class Server(Generic[T]):
         try:
             while parked:
                 event = parked.popleft()
-                if event[0] == _TEXT or event[0] == _BYTES:
-                    ws._release_parked(sys.getsizeof(event[2]))
-                elif event[0] == _CLOSE:
+                held = sys.getsizeof(event[2]) if event[0] == _TEXT or event[0] == _BYTES else -1
+                if event[0] == _CLOSE:
                     self._ended.discard(ws)
-                if self._dispatch(ws, event):
+                try:
+                    suspended = self._dispatch(ws, event)
+                finally:
+                    # Once its handler has run, or has taken a hold of its own by suspending.
+                    if held >= 0:
+                        ws._release_parked(held)
+                if suspended:
                     self._unpause_if_below_limit(ws, parked)
                     return
         except BaseException:
