@@ -940,13 +940,13 @@ async fn read_and_answer(
                 }
                 Ok(response)
             }
-            _ => Ok(plain(
+            _ => Ok(refusal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Internal Server Error",
             )),
         },
         // The handler's side was dropped without an answer (the server is going away).
-        Err(_) => Ok(plain(
+        Err(_) => Ok(refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "Service Unavailable",
         )),
