@@ -411,14 +411,7 @@ mod tests {
         let mut inflater = Inflater::new(&params(8, false));
         assert_eq!(inflater.inflate(&out, 1 << 20).unwrap(), text);
     }
-}
 
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    /// `cargo test --release deflate_speed -- --ignored --nocapture`: where a compressed 1 KiB
-    /// JSON message's time goes (S1d's message).
     #[test]
     fn a_message_cut_short_inside_a_stored_block_is_invalid() {
         // Stored blocks (level 0): a cut one took the tail, and the next message, for its data.
@@ -440,7 +433,14 @@ mod speed {
             Err(InflateError::Invalid)
         );
     }
+}
 
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release deflate_speed -- --ignored --nocapture`: where a compressed 1 KiB
+    /// JSON message's time goes (S1d's message).
     #[test]
     #[ignore]
     fn deflate_speed() {
