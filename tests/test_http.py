@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json as jsonlib
 import logging
+from http import HTTPStatus
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,8 @@ async def test_header_values_that_are_not_text_are_a_type_error() -> None:
     """An int is written in decimal; bytes or None made into text (``b'secret'``, ``None``) was
     a mistake sent to the client, so it is refused."""
     assert server.Response(200, (("x-count", 5),)).headers == (("x-count", "5"),)  # type: ignore[arg-type]
+    ok = server.Response(200, {"x-status": HTTPStatus.OK})  # type: ignore[arg-type]
+    assert ok.headers == (("x-status", "200"),), "not 'HTTPStatus.OK', as str() gives on 3.10"
     with pytest.raises(TypeError, match=r"^the value of header 'x-token' must be a str or an int, got bytes$"):
         server.Response(200, (("x-token", b"secret"),))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^the value of header 'x-user' must be a str or an int, got NoneType$"):

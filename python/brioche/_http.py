@@ -190,7 +190,7 @@ def header_pairs(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> tupl
         # An int is written in decimal; anything else made into a str was a mistake on the
         # wire (``b'secret'``, ``None``), so it is refused rather than sent.
         if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
+            value = str(int(value))  # an IntEnum's str() is its name on 3.10
         elif not isinstance(value, str):
             raise TypeError(f"the value of header {name!r} must be a str or an int, got {type(value).__name__}")
         pairs.append((name, value))
