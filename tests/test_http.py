@@ -232,6 +232,33 @@ async def test_a_target_in_the_absolute_form_gives_the_handler_its_host(
     assert recorder.of("request") == ([(seen,)] if seen else [])
 
 
+async def test_pending_requests_counts_the_requests_being_answered(serve: ServeFn) -> None:
+    """Bun's ``pendingRequests``: a request counts from its head to its answer, a handshake while
+    its handler runs, and an answered one no longer."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    seen: list[int] = []
+
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        seen.append(srv.pending_requests)
+        if request.path == "/slow":
+            entered.set()
+            await release.wait()
+        return server.upgrade(srv, request, [], None, server.ok)
+
+    srv = await serve(websocket.init(), handler=handler)
+    assert srv.pending_requests == 0
+    slow = asyncio.ensure_future(http(srv, "/slow"))
+    await asyncio.wait_for(entered.wait(), TIMEOUT)
+    assert srv.pending_requests == 1
+    async with connect(ws_url(srv, "/ws")):
+        assert srv.pending_requests == 1, "the 101 is answered"
+    release.set()
+    assert (await asyncio.wait_for(slow, TIMEOUT))[0] == 200
+    assert (await http(srv, "/fast"))[0] == 200
+    assert seen == [1, 2, 1]
+    assert srv.pending_requests == 0
+
+
 async def test_header_values_that_are_not_text_are_a_type_error() -> None:
     """An int is written in decimal; bytes or None made into text (``b'secret'``, ``None``) was
     a mistake sent to the client, so it is refused."""

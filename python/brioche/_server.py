@@ -571,6 +571,13 @@ class Server(Generic[T]):
         its 101 is written never counts."""
         return self._engine.pending_websockets
 
+    @property
+    def pending_requests(self) -> int:
+        """HTTP requests in flight (Bun's ``pendingRequests``): each counts from when its head
+        has been read until its answer, or its 101, is handed over to be written; a WebSocket
+        handshake counts while its handler runs."""
+        return self._engine.pending_requests
+
     def stats(self) -> Stats:
         """The server's counters since it started, kept by the core as it works.
 

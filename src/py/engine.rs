@@ -494,6 +494,11 @@ impl PyEngine {
         self.server.shared().open_websockets()
     }
 
+    #[getter]
+    fn pending_requests(&self) -> usize {
+        self.server.shared().pending_requests()
+    }
+
     /// The server's counters (see `Server.stats` for the keys).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let shared = self.server.shared();

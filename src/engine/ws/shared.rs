@@ -46,6 +46,8 @@ pub struct Shared {
     pub(crate) conns: Mutex<FxHashMap<u64, Arc<Conn>>>,
     /// WebSockets open or being upgraded, counted only when `max_connections` is set.
     websocket_slots: AtomicUsize,
+    /// HTTP requests read and not yet answered (`pending_requests`, `http/serve.rs`).
+    pub(crate) pending_requests: AtomicUsize,
     next_id: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     /// Every task of this server: the accept loop, HTTP connections, WebSocket connections.
@@ -80,6 +82,7 @@ impl Shared {
             log_limiter: LogLimiter::default(),
             conns: Mutex::new(FxHashMap::default()),
             websocket_slots: AtomicUsize::new(0),
+            pending_requests: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -144,6 +147,12 @@ impl Shared {
 
     pub fn open_websockets(&self) -> usize {
         self.conns.lock().len()
+    }
+
+    /// HTTP requests whose head has been read and whose answer (a 101 too) is not yet handed
+    /// over to be written: Bun's `pendingRequests`.
+    pub fn pending_requests(&self) -> usize {
+        self.pending_requests.load(Ordering::SeqCst)
     }
 
     /// Local subscribers only: those of other processes sharing the topic through Redis are
