@@ -46,6 +46,14 @@ def stored(data: bytes) -> bytes:
     return payload[: -len(TAIL)]
 
 
+def fixed(data: bytes) -> bytes:
+    """``data`` in a block of fixed Huffman codes, as a message's payload."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_FIXED)
+    payload = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert payload.endswith(TAIL)
+    return payload[: -len(TAIL)]
+
+
 def finished(data: bytes) -> bytes:
     """One message as a whole deflate stream, its last block final (BFINAL)."""
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -275,6 +283,9 @@ async def test_rfc_7692s_own_example_of_a_final_block_is_accepted(serve: ServeFn
         # Cut short inside a stored block: the appended 00 00 ff ff was taken for 4 bytes of
         # its data, and the next, valid, message for more of it: both delivered as garbage.
         ([(OP_BINARY, stored(b"A" * 1000)[:505], True, 4), (OP_BINARY, deflate(b"next"), True, 4)], 1007),
+        # Cut short inside a Huffman-coded block: its start was delivered, and the stream left
+        # inside the block, to fail (or garble) the next message in its stead.
+        ([(OP_TEXT, fixed(b"hello world, hello world")[:-2], True, 4), (OP_TEXT, deflate(b"next"), True, 4)], 1007),
         # RSV1 belongs on a message's first frame only.
         ([(OP_TEXT, deflate(b"abc"), False, 4), (OP_CONTINUATION, b"", True, 4)], 1002),
         # RSV1 on a control frame, and the bits no extension uses.

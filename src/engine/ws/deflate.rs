@@ -43,6 +43,13 @@ impl DeflateParams {
 /// The end of a sync flush: an empty stored block's length and its complement.
 const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
 
+/// The tail, then a whole empty stored block: after a message that ends where a sync flush
+/// ends, both inflate to nothing. After one cut short, the second is read as data or as codes
+/// of the block left open, and comes out as output (or an error): a fixed-Huffman block cut
+/// short takes the tail's zeros for its end-of-block code and more, and would otherwise wait,
+/// inside a stored block's header, to fail the next message in this one's stead.
+const TAIL_CHECKED: [u8; 9] = [0, 0, 0xff, 0xff, 0, 0, 0, 0xff, 0xff];
+
 /// zlib's fastest level, as libwebsockets and uWS's dedicated compressors use: compression runs
 /// per message on the sending path. On a 1 KiB JSON message (`deflate_speed` below) level 6
 /// took about 4 times as long (14 µs against 3 µs without context takeover) for output 17%
@@ -222,10 +229,11 @@ fn inflate_into(
     limit: usize,
 ) -> Result<(), InflateError> {
     // The tail completes the empty stored block a sync flush ends with, and so inflates to
-    // nothing. What it adds to the output is a message cut short inside a stored block: the
-    // tail is then taken for its data, and so would the next message be, delivered as garbage.
+    // nothing. What it adds to the output is a message cut short (`TAIL_CHECKED`): inside a
+    // stored block, the tail was taken for its data, and the next message would have been too,
+    // delivered as garbage.
     let mut before_tail = 0;
-    for (index, part) in [input, &TAIL[..]].into_iter().enumerate() {
+    for (index, part) in [input, &TAIL_CHECKED[..]].into_iter().enumerate() {
         if index == 1 {
             before_tail = out.len();
         }
@@ -432,6 +440,42 @@ mod tests {
             inflate_message(&mut stream, &message[..505], 1 << 20, false),
             Err(InflateError::Invalid)
         );
+    }
+
+    #[test]
+    fn a_message_cut_short_in_its_data_is_invalid() {
+        // Huffman-coded (fixed codes for a short one, dynamic for a long one), cut at every
+        // byte past the dynamic block's header: none may inflate as if whole. (Cut inside that
+        // header it inflates to nothing, and the stream is left in the header: the next message
+        // fails, with context takeover, or the stream is reset, without.)
+        let short = b"hello world, hello world".to_vec();
+        let long: Vec<u8> = (0..3000u32)
+            .flat_map(|i| format!("{} ", i * 7919 % 1000).into_bytes())
+            .collect();
+        for text in [short, long] {
+            let mut compress = Compress::new_with_window_bits(Compression::default(), false, 15);
+            let mut whole = Vec::with_capacity(text.len() + 64);
+            compress
+                .compress_vec(&text, &mut whole, FlushCompress::Sync)
+                .unwrap();
+            let message = &whole[..whole.len() - TAIL.len()];
+            let mut stream = Decompress::new_with_window_bits(false, 15);
+            assert_eq!(
+                inflate_message(&mut stream, message, 1 << 20, false),
+                Ok(text.clone())
+            );
+            let header = if text.len() > 100 { 20 } else { 1 };
+            for cut in header..message.len() {
+                let mut stream = Decompress::new_with_window_bits(false, 15);
+                let got = inflate_message(&mut stream, &message[..cut], 1 << 20, false);
+                assert_eq!(
+                    got,
+                    Err(InflateError::Invalid),
+                    "cut at {cut} of {}",
+                    message.len()
+                );
+            }
+        }
     }
 }
 
