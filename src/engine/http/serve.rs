@@ -760,7 +760,7 @@ async fn handle(
     shared: Arc<Shared>,
     clock: Arc<RequestClock>,
 ) -> Result<Response<Body>, Infallible> {
-    let _pending = PendingRequest::new(&shared);
+    let _in_flight = RequestInFlight::new(&shared);
     let response = read_and_answer(req, remote, &shared, &clock).await;
     // Answered, maybe before its body was read (a refusal): either way this request's bytes
     // are done with, and must not earn the next wait a 408. The next request has the whole
@@ -955,16 +955,16 @@ async fn read_and_answer(
 }
 
 /// A request counted in `pending_requests` until answered, or dropped with its connection.
-struct PendingRequest<'a>(&'a Shared);
+struct RequestInFlight<'a>(&'a Shared);
 
-impl<'a> PendingRequest<'a> {
+impl<'a> RequestInFlight<'a> {
     fn new(shared: &'a Shared) -> Self {
         shared.pending_requests.fetch_add(1, Ordering::SeqCst);
         Self(shared)
     }
 }
 
-impl Drop for PendingRequest<'_> {
+impl Drop for RequestInFlight<'_> {
     fn drop(&mut self) {
         self.0.pending_requests.fetch_sub(1, Ordering::SeqCst);
     }
