@@ -54,6 +54,17 @@ async def http(
         writer.close()
 
 
+async def raw_head(srv: brioche.Server[Any], data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection; the head of the answer, as it came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    finally:
+        writer.close()
+
+
 def request_bytes(
     srv: brioche.Server[Any],
     target: str,
@@ -221,13 +232,7 @@ async def test_a_target_in_the_absolute_form_gives_the_handler_its_host(
         return server.ok()
 
     srv = await serve(handler=handler)
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    finally:
-        writer.close()
+    head = await raw_head(srv, raw)
     assert int(head.split(b" ", 2)[1]) == status, head  # (HTTP/1.0's answer is an HTTP/1.0 one)
     assert recorder.of("request") == ([(seen,)] if seen else [])
 
@@ -672,13 +677,7 @@ async def test_post_with_upgrade_websocket_gives_400(serve: ServeFn) -> None:
 
 async def test_valid_raw_handshake_gets_101_with_accept_key(serve: ServeFn) -> None:
     srv = await ws_server(serve)
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    try:
-        writer.write(request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION]))
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    finally:
-        writer.close()
+    head = await raw_head(srv, request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION]))
     lines = head.decode().split("\r\n")
     assert lines[0].startswith("HTTP/1.1 101")
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
@@ -798,13 +797,7 @@ async def test_a_handshake_with_a_body_is_refused(
 
 async def test_a_handshake_with_content_length_0_is_upgraded(serve: ServeFn) -> None:
     srv = await serve(websocket.init())
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    try:
-        writer.write(request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION, ("Content-Length", "0")]))
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    finally:
-        writer.close()
+    head = await raw_head(srv, request_bytes(srv, "/ws", headers=[*UPGRADE, KEY, VERSION, ("Content-Length", "0")]))
     assert head.startswith(b"HTTP/1.1 101 "), head
 
 
@@ -887,13 +880,7 @@ async def test_header_values_are_iso_8859_1_both_ways(serve: ServeFn, caplog: py
     caplog.set_level(logging.ERROR, logger="brioche")
     srv = await serve(handler=handler)
     head = request_bytes(srv, "/echo")[:-2] + b"X-Latin: caf\xe9 \xff\r\nX-Utf8: caf\xc3\xa9\r\n\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    finally:
-        writer.close()
+    raw = await raw_head(srv, head)
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert b"\r\nx-latin: caf\xe9 \xff\r\n" in raw
     assert b"\r\nx-utf8: caf\xc3\xa9\r\n" in raw
