@@ -723,6 +723,52 @@ async def test_messages_parked_behind_a_suspended_handler_stay_in_flight(serve: 
         assert await poll_until(lambda: srv.stats()["incoming_bytes"] == 0, TIMEOUT), srv.stats()
 
 
+def a_shared_str_without_its_utf8() -> str:
+    """A one-character str CPython shares across the process (Latin-1) whose UTF-8 form no
+    one has asked for yet: asking (a ``send`` of it does) makes it larger."""
+    for code in range(0xFF, 0x7F, -1):
+        char = chr(code)
+        if sys.getsizeof(char) == sys.getsizeof(char * 2) - 1:
+            return char
+    raise AssertionError("every Latin-1 character has its UTF-8 form cached")
+
+
+async def test_a_parked_message_is_taken_off_the_budget_by_what_it_held(serve: ServeFn) -> None:
+    """A parked message holds its size on ``incoming_bytes`` until its handler runs. Before,
+    the size was measured again then: a shared one-character str whose UTF-8 form a ``send``
+    had cached meanwhile came out 3 bytes larger, the budget wrapped below 0, and the server
+    stopped reading the connection and answered every request body 503."""
+    char = a_shared_str_without_its_utf8()
+    entered, release = asyncio.Event(), asyncio.Event()
+    got: list[str] = []
+
+    async def first(ws: brioche.WebSocket[Any]) -> None:
+        entered.set()
+        await release.wait()
+        ws.send(char)  # caches its UTF-8 form: the str grows
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> Awaitable[None] | None:
+        if text == "first":
+            return first(ws)
+        got.append(text)
+        return None
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        await client.send("first")
+        await asyncio.wait_for(entered.wait(), TIMEOUT)
+        await client.send(char)
+        # Parked: it holds its str's size (queued, it held its 2 bytes of UTF-8).
+        parked = sys.getsizeof(char)
+        assert await poll_until(lambda: srv.stats()["incoming_bytes"] == parked, TIMEOUT), srv.stats()
+        release.set()
+        assert await client.recv() == char
+        assert await poll_until(lambda: got == [char], TIMEOUT), got
+        assert srv.stats()["incoming_bytes"] == 0
+        await client.send("still read")
+        assert await poll_until(lambda: got == [char, "still read"], TIMEOUT), got
+
+
 async def test_stop_waits_for_a_suspended_handler_task(serve: ServeFn, recorder: Recorder) -> None:
     release = asyncio.Event()
 

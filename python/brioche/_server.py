@@ -1156,7 +1156,7 @@ class Server(Generic[T]):
         try:
             while parked:
                 event = parked.popleft()
-                held = sys.getsizeof(event[2]) if event[0] == _TEXT or event[0] == _BYTES else -1
+                held = event[4] if event[0] == _TEXT or event[0] == _BYTES else -1
                 if event[0] == _CLOSE:
                     self._ended.discard(ws)
                 try:
@@ -1200,7 +1200,7 @@ class Server(Generic[T]):
         kept = [event for event in parked if event[0] == _CLOSE]
         for event in parked:
             if event[0] == _TEXT or event[0] == _BYTES:
-                ws._release_parked(sys.getsizeof(event[2]))
+                ws._release_parked(event[4])
         parked.clear()
         parked.extend(kept)
         self._unpause_if_below_limit(ws, parked)
@@ -1225,11 +1225,15 @@ class Server(Generic[T]):
             self._park_rest(ws, _KIND_OF_RUN[kind], iter(event[2]), event[3])
             return
         parked = self._busy[ws]
-        parked.append(event)
         if kind == _TEXT or kind == _BYTES:
             # Still in flight for the engine until its handler runs: on the connection's caps
-            # (its reading stops at 1 MiB) and on max_incoming_bytes. Taken off in `_release`.
-            ws._hold_parked(sys.getsizeof(event[2]))
+            # (its reading stops at 1 MiB) and on max_incoming_bytes. Taken off in `_release`
+            # by the size kept here: measured again, a str shared by the process (a one-character
+            # one) could have grown its UTF-8 cache meanwhile, and the budget wrapped below 0.
+            size = sys.getsizeof(event[2])
+            event = (kind, ws, event[2], event[3], size)
+            ws._hold_parked(size)
+        parked.append(event)
         if kind == _CLOSE and self._closing_all:
             self._cancel_closed()
         if len(parked) >= PARKED_EVENTS_LIMIT and ws not in self._paused:
