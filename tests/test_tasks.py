@@ -725,11 +725,14 @@ async def test_messages_parked_behind_a_suspended_handler_stay_in_flight(serve: 
 
 def a_shared_str_without_its_utf8() -> str:
     """A one-character str CPython shares across the process (Latin-1) whose UTF-8 form no
-    one has asked for yet: asking (a ``send`` of it does) makes it larger."""
+    one has asked for yet: asking (a ``send`` of it does) makes it larger. CPython 3.12 and
+    later make these with their UTF-8 form: their size cannot change, and the test is moot."""
     for code in range(0xFF, 0x7F, -1):
         char = chr(code)
         if sys.getsizeof(char) == sys.getsizeof(char * 2) - 1:
             return char
+    if sys.version_info >= (3, 12):
+        pytest.skip("CPython 3.12+ makes its shared one-character strs with their UTF-8 form")
     raise AssertionError("every Latin-1 character has its UTF-8 form cached")
 
 
