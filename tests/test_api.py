@@ -7,9 +7,11 @@ import copy
 import dataclasses
 import errno
 import functools
+import inspect
 import math
 import pickle
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +21,7 @@ from websockets.asyncio.client import connect
 
 import brioche
 from brioche import MessageBackpressured, MessageDropped, MessageSent, server, websocket
+from brioche._buffer import Buffer
 from conftest import ServeFn, upgrade_ws_path, ws_url
 
 # -- send statuses ---------------------------------------------------------------------------
@@ -321,6 +324,41 @@ def test_module_function_style_equals_method_style() -> None:
     assert server.hostname(s, "127.0.0.1") == s.hostname("127.0.0.1")
     assert server.websocket(s, c) == s.websocket(c)
     assert server.max_request_body_size(s, 5) == s.max_request_body_size(5)
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    found: list[tuple[str, object]] = []
+    for module in (brioche, websocket, server):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, type) and obj.__module__.startswith("brioche."):
+                found.append((f"{module.__name__}.{name}", obj))
+                found += [
+                    (f"{module.__name__}.{name}.{attr}", member)
+                    for attr, member in vars(obj).items()
+                    if not attr.startswith("_") and inspect.isfunction(member)
+                ]
+            elif inspect.isfunction(obj):
+                found.append((f"{module.__name__}.{name}", obj))
+    return found
+
+
+def test_every_public_annotation_resolves_at_run_time() -> None:
+    """``typing.get_type_hints`` (what pydantic, dependency injectors and doc tools call)
+    resolves every public function's, method's and class's annotations: ``Buffer`` (the payload
+    type) and ``Handler`` were bound for type checkers only, and raised ``NameError``."""
+    callables = _public_callables()
+    failed = []
+    for name, obj in callables:
+        try:
+            typing.get_type_hints(obj)
+        except Exception as exc:  # noqa: BLE001 - each failure is listed below
+            failed.append(f"{name}: {exc!r}")
+    assert failed == []
+    assert len(callables) > 100
+    assert typing.get_type_hints(websocket.send)["message"] == str | Buffer
+    reload_handler = typing.get_type_hints(brioche.Server.reload)["handler"]
+    assert typing.get_args(reload_handler) == (server.Handler, type(None))
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -28,21 +28,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable,
 from functools import partial
 from inspect import CO_COROUTINE, isawaitable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, final
 from urllib.parse import quote
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
 from brioche._http import Request, Response, SocketAddress, header_pairs, internal_error, text
-from brioche.websocket import _check_seconds
+from brioche._buffer import Buffer
+from brioche.websocket import Config as WsConfig
+from brioche.websocket import DeflateOptions, SendStatus, _check_seconds
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
-    from brioche.server import Config, Handler
-    from brioche.websocket import Config as WsConfig
-    from brioche.websocket import DeflateOptions, SendStatus
+    # brioche.server imports this module, and binds its Config here itself once it is defined.
+    from brioche.server import Config as Config
 
-__all__ = ["BindError", "Server"]
+__all__ = ["BindError", "Handler", "Server"]
 
 T = TypeVar("T")
 
@@ -1396,6 +1396,12 @@ class Server(Generic[T]):
                 handled.clear()
                 self._loop.call_soon_threadsafe(wake)
                 handled.wait()
+
+
+Handler: TypeAlias = Callable[
+    [Request, Server[T]], Awaitable[Response | None] | Response | None
+]
+"""``handler(request, server)``: return a ``Response``, or ``None`` after a successful upgrade."""
 
 
 def run_loop(

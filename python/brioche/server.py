@@ -21,11 +21,12 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, final
+from collections.abc import Callable, Generator, Iterable, Mapping
+from typing import Any, Generic, TypeVar, final
 
-from brioche import _brioche
+from brioche import _brioche, _server
 from brioche import websocket as _websocket
+from brioche._buffer import Buffer
 from brioche.websocket import _check_bool, _check_handler, _check_seconds, _check_size
 from brioche._http import (
     Headers,
@@ -42,6 +43,7 @@ from brioche._http import (
 )
 from brioche._server import (
     BindError,
+    Handler,
     Server,
     _hang_up_stops,
     _log_hang_up,
@@ -51,8 +53,6 @@ from brioche._server import (
 )
 from brioche._workers import WorkerSlot, run_workers
 
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
 
 __all__ = [
     "Config",
@@ -99,12 +99,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-Handler: TypeAlias = Callable[
-    [Request, Server[T]], Awaitable[Response | None] | Response | None
-]
-"""``handler(request, server)``: return a ``Response``, or ``None`` after a successful upgrade."""
-
 
 async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[str]:
     """The addresses to bind for ``host``, every one it resolves to, in the resolver's order.
@@ -456,6 +450,11 @@ class Config(Generic[T]):
             run_loop(_serve_until_signalled(config), loop_factory)
             return
         _run_workers(config, loop_factory, None)
+
+
+# `Server` (in _server, which this module imports) annotates its config with this class: bound
+# there too, so that `typing.get_type_hints(Server)` resolves it.
+setattr(_server, "Config", Config)  # noqa: B010 - a type cannot be assigned as an attribute for mypy
 
 
 @final

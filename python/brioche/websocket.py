@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
+from brioche._buffer import Buffer
 from brioche._enums import CloseCode, ReadyState
 from brioche._brioche import (
     MessageBackpressured,
@@ -25,8 +26,6 @@ from brioche._brioche import (
     WebSocket,
 )
 
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
 
 __all__ = [
     "CloseCode",
