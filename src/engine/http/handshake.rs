@@ -12,8 +12,6 @@ use crate::engine::config::DeflateConfig;
 use crate::engine::ws::deflate::DeflateParams;
 
 pub(crate) enum Handshake {
-    /// No `Upgrade: websocket`: an ordinary HTTP request.
-    NotWebSocket,
     /// Claims to be a WebSocket handshake but is malformed: answer with this status.
     Invalid(StatusCode, &'static str),
     /// A valid handshake with its `Sec-WebSocket-Key`.
@@ -40,11 +38,9 @@ pub(crate) fn asks_for_websocket<B>(req: &Request<B>) -> bool {
     has_token(req.headers(), UPGRADE, "websocket")
 }
 
+/// Whether a request that `asks_for_websocket` is a valid handshake.
 pub(crate) fn classify<B>(req: &Request<B>) -> Handshake {
     let headers = req.headers();
-    if !asks_for_websocket(req) {
-        return Handshake::NotWebSocket;
-    }
     if req.method() != Method::GET {
         return Handshake::Invalid(StatusCode::BAD_REQUEST, "WebSocket handshake must be a GET");
     }
@@ -429,7 +425,8 @@ mod tests {
 
     #[test]
     fn plain_request_is_not_a_handshake() {
-        assert!(matches!(classify(&request(&[])), Handshake::NotWebSocket));
+        assert!(!asks_for_websocket(&request(&[])));
+        assert!(asks_for_websocket(&request(&GOOD)));
     }
 
     #[test]

@@ -797,9 +797,8 @@ async fn read_and_answer(
     }
     let mut websocket_key = None;
     let asks_for_websocket = handshake::asks_for_websocket(&req);
-    if shared.config.websockets_enabled {
+    if shared.config.websockets_enabled && asks_for_websocket {
         match handshake::classify(&req) {
-            Handshake::NotWebSocket => {}
             Handshake::Invalid(status, why) => {
                 reject_handshake(shared, remote, status, why);
                 let mut response = refusal(status, why);
