@@ -105,8 +105,17 @@ impl IncomingBudget {
             return;
         }
         // SeqCst with `wait`'s store and load: either the waiter sees the lower total or this
-        // sees the waiter, so no paused connection is forgotten.
-        let now = self.held.fetch_sub(bytes, Ordering::SeqCst) - bytes;
+        // sees the waiter, so no paused connection is forgotten. Saturating: a release of more
+        // than is held is a bug of the accounting, and a total wrapped past 0 would pause every
+        // large message's connection for good (reading nothing, answering bodies with 503) where
+        // one too low only lets the budget be overrun by the difference.
+        let before = self
+            .held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                Some(held.saturating_sub(bytes))
+            })
+            .unwrap_or_else(|held| held);
+        let now = before.saturating_sub(bytes);
         if self.any_waiting.load(Ordering::SeqCst)
             && (now <= self.limit || self.inflate_room().is_some())
         {
@@ -176,6 +185,16 @@ mod tests {
         assert_eq!(budget.inflate_room(), Some(900));
         budget.adjust_awaiting(1400, 0);
         assert_eq!(budget.inflate_room(), None);
+    }
+
+    #[test]
+    fn a_release_of_more_than_is_held_leaves_none_held() {
+        let budget = IncomingBudget::new(1 << 20);
+        budget.adjust(0, 100);
+        budget.release(103);
+        assert_eq!(budget.held(), 0);
+        budget.adjust(0, PAUSE_FLOOR);
+        assert!(!budget.pauses(PAUSE_FLOOR), "not wrapped past the limit");
     }
 
     #[test]
