@@ -1098,7 +1098,7 @@ class Server(Generic[T]):
         if kind != _CLOSE:
             # In flight for the engine, as a message parked behind it would be, until it ends:
             # a close frame the client sends meanwhile is answered after what it sends.
-            ws._hold_parked(0)
+            ws._hold_handler()
         task.add_done_callback(partial(self._handler_done, ws, kind))
         if kind == _CLOSE:
             # on_close runs to its end, even while stopping: it is the connection's clean-up.
@@ -1145,7 +1145,7 @@ class Server(Generic[T]):
                 if kind != _CLOSE:
                     # After the parked events have taken holds of their own: never none while
                     # a handler of ws runs, or a close read meanwhile would be answered first.
-                    ws._release_parked(0)
+                    ws._release_handler()
             self._check_stopped()
 
     def _release(self, ws: WebSocket[T]) -> None:

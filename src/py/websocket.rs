@@ -516,7 +516,6 @@ impl PyWebSocket {
     /// before the loop took it, so the connection's caps stop its reading (1 MiB) and
     /// `max_incoming_bytes` counts it. Without it, an `async def` handler awaiting something
     /// let one client park up to 64 messages of `max_payload_length` (1 GiB by default).
-    /// Size 0 holds the suspended handler itself, so that a close frame waits for it.
     fn _hold_parked(&self, size: usize) {
         self.conn.messages_queued(1, size);
     }
@@ -525,6 +524,17 @@ impl PyWebSocket {
     fn _release_parked(&self, size: usize) {
         self.conn.messages_taken(1, size);
         self.conn.shared.incoming_taken(size);
+    }
+
+    /// A handler of this connection suspended: a close frame the client sends meanwhile is
+    /// answered after what the handler sends (`_release_handler` when it ends).
+    fn _hold_handler(&self) {
+        self.conn.handler_suspended();
+    }
+
+    /// The suspended handler of `_hold_handler` ended.
+    fn _release_handler(&self) {
+        self.conn.handler_ended();
     }
 
     /// Stop (or resume) reading from the socket; used while a suspended handler has events parked.

@@ -631,7 +631,23 @@ impl Conn {
         self.shared.budget.adjust(0, len);
     }
 
-    /// Messages queued for the loop and not taken yet, or parked behind a suspended handler.
+    /// A handler of the connection suspended: in flight until it ends, as a message queued
+    /// for it would be, so that a close frame read meanwhile waits for its replies.
+    pub(crate) fn handler_suspended(&self) {
+        self.inflight_messages.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The suspended handler ended (`handler_suspended`).
+    pub(crate) fn handler_ended(&self) {
+        // Release, as `messages_taken`'s.
+        let messages = self.inflight_messages.fetch_sub(1, Ordering::Release);
+        if messages >= MAX_INFLIGHT_MESSAGES {
+            self.signal(signal::RESUME);
+        }
+    }
+
+    /// Messages queued for the loop and not taken yet, parked behind a suspended handler, or
+    /// suspended handlers.
     pub(crate) fn has_messages_in_flight(&self) -> bool {
         self.inflight_messages.load(Ordering::Acquire) > 0
     }
