@@ -485,6 +485,48 @@ async def test_publish_to_a_recipient_over_the_limit_drops_it_and_terminates_it_
         assert srv.subscriber_count("t") == 1
 
 
+async def test_a_subscriber_terminated_by_a_publish_is_no_recipient_of_the_next(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A publish that takes a subscriber over its limit with ``close_on_backpressure_limit``
+    drops the message for it (Dropped) and ends it; the next publish, in the same handler,
+    reaches the other subscriber and is Sent, as it is in Bun, where the socket leaves its
+    topics as it closes. It was Dropped: the ended socket stayed among the topic's subscribers
+    until its task ended, each publish counting it as a dropped delivery."""
+    holder: list[brioche.Server[Any]] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.subscribe("t")
+        recorder.add("open", ws)
+
+    def overfill_then_publish_twice(ws: brioche.WebSocket[Any]) -> Any:
+        ws.send_bytes(bytes(2000))  # corked: stays buffered, over the 1000-byte limit
+        return holder[0].publish("t", "news"), holder[0].publish("t", "news 2")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("published", ws.cork(overfill_then_publish_twice), holder[0].subscriber_count("t"))
+
+    config = (
+        websocket.init()
+        .on_open(on_open)
+        .on_text(on_text)
+        .backpressure_limit(1000)
+        .close_on_backpressure_limit(True)
+    )
+    srv = await serve(config)
+    holder.append(srv)
+    async with connect(ws_url(srv), ping_interval=None) as healthy:
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 1)
+        async with connect(ws_url(srv), ping_interval=None, max_size=None) as overfull:
+            await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
+            await overfull.send("go")
+            await asyncio.wait_for(overfull.wait_closed(), 5)
+            assert overfull.close_code == 1006
+        assert [await asyncio.wait_for(healthy.recv(), 5) for _ in range(2)] == ["news", "news 2"]
+    assert recorder.of("published")[0][0] == (MessageDropped(), MessageSent(6))
+    assert srv.stats()["sends_dropped"] == 1
+
+
 @pytest.mark.parametrize("close_on_limit", [False, True])
 async def test_a_burst_over_the_limit_to_a_client_that_reads_loses_nothing(
     serve: ServeFn, recorder: Recorder, close_on_limit: bool

@@ -591,6 +591,44 @@ async def test_a_socket_leaves_its_topics_when_its_close_begins(serve: ServeFn, 
     ]
 
 
+async def test_a_socket_leaves_its_topics_when_it_is_terminated(serve: ServeFn, recorder: Recorder) -> None:
+    """``terminate()`` takes the socket out of its topics before it returns, as ``close()``
+    does and Bun's ``terminate`` does: a publish right after it (announcing the kick) reaches
+    the two others and is Sent, and ``subscriber_count`` no longer counts it. Before, the socket
+    stayed subscribed until its task ended: the publish said Dropped though both others got
+    it, and the count was still 3."""
+
+    def act(srv: brioche.Server[Any]) -> None:
+        kicked = paths.sockets["/kicked"]
+        before = srv.subscriber_count("room")
+        kicked.terminate()
+        recorder.add(
+            "after",
+            before,
+            kicked.ready_state,
+            srv.subscriber_count("room"),
+            kicked.is_subscribed("room"),
+            kicked.subscriptions,
+            kicked.subscribe("other"),
+            srv.publish("room", "kicked"),
+        )
+
+    paths = Paths(recorder, {"/kicked": ("room",), "/a": ("room",), "/b": ("room",)}, act)
+    srv = await serve(paths.config(), handler=upgrade_with_path)
+    paths.srv = srv
+    async with AsyncExitStack() as stack:
+        kicked, a, b = [
+            await stack.enter_async_context(connect(ws_url(srv, path))) for path in ("/kicked", "/a", "/b")
+        ]
+        await recorder.wait_for(lambda: len(recorder.of("open")) == 3)
+        await kicked.send("go")
+        assert [await recv(a), await recv(b)] == ["kicked", "kicked"]
+        with pytest.raises(ConnectionClosed):
+            await recv(kicked)
+    assert recorder.of("after") == [(3, brioche.ReadyState.CLOSED, 2, False, [], False, MessageSent(6))]
+    assert srv.stats()["sends_dropped"] == 0
+
+
 async def test_subscribe_and_unsubscribe_answer_as_buns_do(serve: ServeFn, recorder: Recorder) -> None:
     """Bun's ``subscribe`` returns true while the socket is open, ``unsubscribe`` whether it
     was subscribed, and both false once it is closed (Bun's test "subscribe/unsubscribe return

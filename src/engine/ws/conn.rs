@@ -506,6 +506,18 @@ impl Conn {
             let _ = self.out.flush();
         }
         self.end_abruptly(1006, "");
+        // Out of its topics now, as `close` leaves them and Bun's `terminate` does, not when the
+        // task ends: until then a publish counted it as a dropped delivery (`MessageDropped`
+        // for the "kicked" announcement every other subscriber got) and `subscriber_count`
+        // still counted it. Called from Python, with no topic's lock held; a subscribe after
+        // this finds the socket closed.
+        self.leave_topics(&mut self.subscriptions.lock());
+    }
+
+    /// Ended abruptly (`end_abruptly`): it may be in its topics still, until its task ends,
+    /// but is no subscriber any more.
+    pub(crate) fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::Relaxed)
     }
 
     /// Drop the connection now and report `code`/`reason` to `on_close`.

@@ -122,6 +122,10 @@ pub(crate) struct Found {
 impl Found {
     /// Take one subscriber into account, as the first publish left it.
     pub(crate) fn add(&mut self, conn: &Conn) {
+        if conn.is_terminated() {
+            // Ended by this publish (over its limit): the run's later publishes skip it.
+            return;
+        }
         self.closed |= conn.ready_state() != ReadyState::Open;
         self.congested |= conn.out.is_congested();
         let buffered = conn.out.buffered();
@@ -202,6 +206,10 @@ impl PublishRun {
         let hwm = high_water_mark(self.backpressure_limit);
         let (mut delivered, mut bytes, mut backpressured, mut dropped) = (0u64, 0u64, 0u64, 0u64);
         self.topic.for_each(|_, conn| {
+            if conn.is_terminated() {
+                // Not a recipient (as in `Shared::publish_local`), nor a dropped delivery.
+                return;
+            }
             let open = conn.ready_state() == ReadyState::Open;
             if open && !conn.out.is_congested() && conn.out.buffered() + self.bytes < hwm {
                 // No frame of the run can reach the high-water mark, so each would be Sent.

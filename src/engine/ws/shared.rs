@@ -346,7 +346,11 @@ impl Shared {
         let (mut queued, mut backpressured, mut dropped) = (0u64, 0u64, 0u64);
         let fan_out = batch::FanOut::begin();
         subscribers.for_each(|id, conn| {
-            if Some(id) != exclude {
+            // A subscriber ended abruptly (its peer gone, or kicked over its backpressure limit
+            // by a publish before this one) leaves its topics only when its task ends: it is
+            // no recipient, and not a dropped delivery that would make the publish
+            // `Dropped` for those that got it.
+            if Some(id) != exclude && !conn.is_terminated() {
                 // `compress` first: a plain publish does not even look at the connection's field.
                 let deflate = if compress {
                     conn.deflate.as_deref()
