@@ -629,6 +629,36 @@ async def test_a_socket_leaves_its_topics_when_it_is_terminated(serve: ServeFn, 
     assert srv.stats()["sends_dropped"] == 0
 
 
+async def test_a_socket_s_subscriptions_through_many_subscribes_and_unsubscribes(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """One socket joins 10,000 topics and leaves them one by one, twice: ``subscriptions`` lists
+    each once, in the order joined, and nothing after. A socket's topics are a set, where an
+    unsubscribe scanned a list (40,000 took 5 s of the loop to leave; the commit gives the
+    measurement, which a test does not time)."""
+    topics = [f"t{i}" for i in range(10_000)]
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        for _ in range(2):
+            subscribed = [ws.subscribe(t) for t in topics]
+            seen = ws.subscriptions
+            left = [ws.unsubscribe(t) for t in topics]
+            recorder.add("round", all(subscribed), seen == topics, all(left), ws.subscriptions)
+        ws.subscribe("b")
+        ws.subscribe("a")
+        ws.subscribe("c")
+        ws.unsubscribe("b")
+        recorder.add("order", sorted(ws.subscriptions), ws.unsubscribe("b"), ws.is_subscribed("a"))
+        ws.send("done")
+
+    srv = await serve(websocket.init().on_open(on_open))
+    async with connect(ws_url(srv)) as client:
+        assert await recv(client) == "done"
+    assert recorder.of("round") == [(True, True, True, [])] * 2
+    assert recorder.of("order") == [(["a", "c"], False, True)]
+    assert srv.subscriber_count("t0") == 0
+
+
 async def test_subscribe_and_unsubscribe_answer_as_buns_do(serve: ServeFn, recorder: Recorder) -> None:
     """Bun's ``subscribe`` returns true while the socket is open, ``unsubscribe`` whether it
     was subscribed, and both false once it is closed (Bun's test "subscribe/unsubscribe return

@@ -54,6 +54,7 @@
 mod patience;
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -132,12 +133,12 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         peer: peer.clone(),
         channel_prefix: config.namespace,
         sharded: config.sharded,
-        subscribed: FxHashSet::default(),
+        subscribed: HashSet::default(),
         last_seq: FxHashMap::default(),
         cluster: false,
         nodes: Vec::new(),
         masters: Masters::default(),
-        refused: FxHashSet::default(),
+        refused: HashSet::default(),
         seq: 0,
         arrived: Arrivals::new(false),
     };
@@ -597,7 +598,7 @@ struct Link {
     channel_prefix: String,
     sharded: bool,
     /// Topics subscribed on the current connection.
-    subscribed: FxHashSet<Arc<str>>,
+    subscribed: HashSet<Arc<str>>,
     /// The last sequence number delivered from each other process (and slot, on a cluster).
     last_seq: FxHashMap<(u64, Option<Slot>), u64>,
     /// Connected to a cluster, with sharded pub/sub.
@@ -608,7 +609,7 @@ struct Link {
     masters: Masters,
     /// The topics whose channels Redis refused (`NOPERM`) and has not taken since: each is
     /// logged when it enters. Kept across reconnections, in which the refusal comes again.
-    refused: FxHashSet<Box<str>>,
+    refused: HashSet<Box<str>>,
     /// This process's sequence number: kept across reconnections, so that receivers see it
     /// only grow.
     seq: u64,
@@ -1026,7 +1027,7 @@ impl Link {
     async fn reconcile(&mut self, conn: &mut Conn, changed: &mut Vec<Arc<str>>) -> RedisResult<()> {
         let mut join = Vec::new();
         let mut leave = Vec::new();
-        let mut seen = FxHashSet::default();
+        let mut seen = HashSet::new();
         for topic in changed.drain(..) {
             if !seen.insert(topic.clone()) {
                 continue;

@@ -5,13 +5,13 @@
 //! the broker cannot take now (its queue is full, or Redis is down) is lost for the other
 //! processes, and the caller counts it.
 
+use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
-use rustc_hash::FxHashSet;
 use tokio::sync::{mpsc, Notify};
 
 /// Publishes waiting for the broker task. Past this the loop thread outruns Redis, and more
@@ -79,7 +79,8 @@ pub(crate) struct RemoteInbox {
 #[derive(Default)]
 struct Changes {
     tracking: bool,
-    topics: FxHashSet<Arc<str>>,
+    /// Keyed by topic names, which clients may choose (see `TopicRegistry::topics`).
+    topics: HashSet<Arc<str>>,
 }
 
 /// The publishing and subscribing side of a server's Redis link.
@@ -220,7 +221,7 @@ impl Remote {
     pub(crate) fn stop_tracking(&self) {
         let mut changes = self.changes.lock();
         changes.tracking = false;
-        changes.topics = FxHashSet::default();
+        changes.topics = HashSet::default();
     }
 
     /// Resolves once a change may be waiting in `take_changes`.

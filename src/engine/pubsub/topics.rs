@@ -6,11 +6,12 @@
 //! clone the topic's `Arc`, then read-locks that one topic, so publishes to different topics (or
 //! to the same topic) proceed in parallel.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use indexmap::IndexMap;
 use parking_lot::RwLock;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxBuildHasher;
 
 use crate::engine::platform::{visit_ahead, Prefetch};
 
@@ -75,13 +76,15 @@ impl<S: Prefetch> TopicRef<S> {
 /// Lock order: no method holds the map lock and a topic's lock at the same time, so there is no
 /// order to get wrong.
 pub(crate) struct TopicRegistry<S> {
-    topics: RwLock<FxHashMap<Arc<str>, Arc<Topic<S>>>>,
+    /// Keyed by names clients may choose, so hashed with std's per-process random key: with an
+    /// unkeyed hash (FxHash), names made to share a bucket would turn each lookup into a scan.
+    topics: RwLock<HashMap<Arc<str>, Arc<Topic<S>>>>,
 }
 
 impl<S> Default for TopicRegistry<S> {
     fn default() -> Self {
         Self {
-            topics: RwLock::new(FxHashMap::default()),
+            topics: RwLock::new(HashMap::default()),
         }
     }
 }
