@@ -41,6 +41,22 @@ def test_message_sent_is_hashable() -> None:
     assert {MessageSent(1): "a"}[MessageSent(1)] == "a"
 
 
+def test_only_message_dropped_is_false() -> None:
+    """``if not ws.send(m)`` finds the drops, as ``if (!ws.send(m))`` does in Bun (0 for a
+    drop). Every status was true, so the check never fired."""
+    assert [bool(s) for s in (MessageSent(0), MessageSent(5), MessageBackpressured(), MessageDropped())] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+
+
+def test_message_sent_of_a_negative_size_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="bytes_sent must be >= 0, not -1"):
+        MessageSent(-1)
+
+
 def test_backpressured_and_dropped_are_equal_to_themselves_only() -> None:
     assert MessageBackpressured() == MessageBackpressured()
     assert MessageDropped() == MessageDropped()

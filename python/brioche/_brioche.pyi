@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from contextvars import Context
-from typing import Any, ClassVar, Generic, TypeVar, final
+from typing import Any, ClassVar, Generic, Literal, TypeVar, final
 
 from typing_extensions import Buffer
 
@@ -60,17 +60,22 @@ class MessageBackpressured:
     def __init__(self) -> None: ...
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
+    def __bool__(self) -> Literal[True]: ...
 
 @final
 class MessageDropped:
     """The message was discarded: the socket is not open or is over its backpressure limit. For
     a publish: no subscriber of this process got it, or at least one dropped it (the others got
-    it); other processes' subscribers (workers, Redis) are not counted."""
+    it); other processes' subscribers (workers, Redis) are not counted.
+
+    The one false status: ``if not ws.send(m)`` finds the drops, as ``if (!ws.send(m))`` does in
+    Bun, whose ``send`` returns 0 for them."""
 
     __match_args__: ClassVar[tuple[()]] = ()
     def __init__(self) -> None: ...
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
+    def __bool__(self) -> Literal[False]: ...
 
 _SendStatus = MessageSent | MessageBackpressured | MessageDropped
 

@@ -21,8 +21,13 @@ pub struct MessageSent {
 #[pymethods]
 impl MessageSent {
     #[new]
-    fn new(bytes_sent: usize) -> Self {
-        Self { bytes_sent }
+    fn new(bytes_sent: i64) -> PyResult<Self> {
+        match usize::try_from(bytes_sent) {
+            Ok(bytes_sent) => Ok(Self { bytes_sent }),
+            Err(_) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "bytes_sent must be >= 0, not {bytes_sent}"
+            ))),
+        }
     }
 
     #[classattr]
@@ -41,9 +46,10 @@ impl MessageSent {
     }
 }
 
-/// A status without a payload: a frozen, comparable class with an empty `__match_args__`.
+/// A status without a payload: a frozen, comparable class with an empty `__match_args__`,
+/// true or false as `$delivered` says.
 macro_rules! unit_status {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident, $delivered:literal) => {
         $(#[$doc])*
         #[pyclass(frozen, eq, hash, module = "brioche")]
         #[derive(PartialEq, Eq, Hash)]
@@ -64,19 +70,28 @@ macro_rules! unit_status {
             fn __repr__(&self) -> &'static str {
                 concat!(stringify!($name), "()")
             }
+
+            /// False for `MessageDropped` alone: `if not ws.send(m)` finds the drops, as
+            /// `if (!ws.send(m))` does in Bun, whose `send` returns 0 for them (and -1,
+            /// true, when backpressured).
+            fn __bool__(&self) -> bool {
+                $delivered
+            }
         }
     };
 }
 
 unit_status!(
     /// The message was queued, but the socket is congested: slow down until `on_drain`.
-    MessageBackpressured
+    MessageBackpressured,
+    true
 );
 unit_status!(
     /// The message was discarded: the socket is not open, or is over its backpressure limit. For a
     /// publish: no subscriber of this process got it, or at least one dropped it (the others got
     /// it); other processes' subscribers (workers, Redis) are not counted.
-    MessageDropped
+    MessageDropped,
+    false
 );
 
 /// `MessageSent` for the payload sizes most messages have, created once: statuses are frozen,
