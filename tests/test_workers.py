@@ -96,12 +96,16 @@ class Supervisor:
                 self.changed.notify_all()
 
     def wait_for(self, pattern: re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        return self.wait_for_lines(pattern, 1, timeout)[0]
+
+    def wait_for_lines(self, pattern: re.Pattern[str], count: int, timeout: float = 30.0) -> list[re.Match[str]]:
+        """The first ``count`` lines matching ``pattern``, once it printed that many."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
-                for line in self.lines:
-                    if match := pattern.search(line):
-                        return match
+                matches = [match for line in self.lines if (match := pattern.search(line))]
+                if len(matches) >= count:
+                    return matches[:count]
                 left = deadline - time.monotonic()
                 assert left > 0 and self.proc.poll() is None, (
                     f"no line matching {pattern.pattern!r}; exit code {self.proc.poll()}; "
@@ -445,6 +449,100 @@ def test_run_with_workers_outside_the_main_guard_is_one_clear_error(tmp_path: Pa
     ), done.stderr
     assert done.stderr.count("Traceback") == 1, done.stderr
     assert "restarting" not in done.stderr
+
+
+def test_a_worker_that_cannot_start_is_the_error_one_process_raises(tmp_path: Path) -> None:
+    """A certificate that cannot be read fails each worker's ``serve()``. ``run`` raises what it
+    raises in one process, a ``BriocheError`` naming the file, once, with the worker's
+    traceback as its cause, and restarts nothing. Before, each worker printed its traceback
+    and was restarted until the fifth crash in a row ended it with a ``RuntimeError``
+    (``WorkersFailed``) that ``except BriocheError`` did not catch: 292 lines for two workers."""
+    script = tmp_path / "no_cert.py"
+    script.write_text(
+        "import logging\n"
+        "from brioche import server\n"
+        "def hello(request, srv):\n"
+        "    return server.text('hi')\n"
+        "if __name__ == '__main__':\n"
+        "    logging.basicConfig(level=logging.INFO)\n"
+        f"    config = server.handler(hello).hostname('127.0.0.1').port(0).tls({str(tmp_path / 'cert.pem')!r}, 'key.pem')\n"
+        "    server.run(config, workers=2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        f"brioche.BriocheError: cannot read the certificate file {tmp_path / 'cert.pem'}: No such "
+        "file or directory (os error 2)"
+    ), done.stderr
+    assert done.stderr.count("(in the worker)") == 1, done.stderr
+    assert "restarting" not in done.stderr
+    assert "Process brioche-worker" not in done.stderr
+
+
+def test_a_worker_that_fails_to_start_again_is_given_up_on_in_one_line_each(tmp_path: Path) -> None:
+    """Once serving, a worker restarted after a crash fails to import its app (the module raises
+    while the config is unpickled): each failure is one WARNING line with the error, restarts
+    back off, and the fifth in a row stops the server with ``WorkersFailed`` saying so. Before,
+    each printed multiprocessing's traceback, and the give-up said "crashed"."""
+    (tmp_path / "failing_app.py").write_text(
+        "import os\n"
+        "from brioche import server\n"
+        f"if os.path.exists({str(tmp_path / 'down')!r}):\n"
+        "    raise RuntimeError('the database is down')\n"
+        "def hello(request, srv):\n"
+        "    return server.text('hi')\n"
+        "config = server.handler(hello).hostname('127.0.0.1').port(0)\n"
+    )
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import logging, sys\n"
+        "if __name__ == '__main__':\n"
+        "    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
+        f"    sys.path.insert(0, {str(tmp_path)!r})\n"
+        "    import failing_app\n"
+        "    from brioche import server\n"
+        "    server.run(failing_app.config, workers=2)\n"
+    )
+    sup = Supervisor([sys.executable, str(script)], LISTENING)
+    try:
+        (tmp_path / "down").touch()
+        victim = min(sup.pids)
+        os.kill(victim, signal.SIGKILL)
+        sup.proc.wait(60)
+    finally:
+        sup.stop()
+    assert sup.proc.returncode == 1
+    failures = [line for line in sup.lines if "before it was ready" in line]
+    assert len(failures) == 5, sup.lines
+    assert failures[0].startswith("WARNING brioche: worker "), failures
+    assert failures[0].endswith(
+        "exited with an error before it was ready: RuntimeError: the database is down; restarting it"
+    ), failures
+    assert "stopping the server" in failures[-1]
+    assert sup.lines[-1].endswith("WorkersFailed: worker " + failures[0].split()[3] + " failed to start 5 times in a row")
+    # The supervisor's own, of the WorkersFailed it ends with; none of the workers'.
+    assert sum("Traceback" in line for line in sup.lines) == 1, sup.lines
+
+
+async def test_a_worker_that_keeps_crashing_once_serving_is_restarted_every_time(supervisor_of: Any) -> None:
+    """A worker killed six times, each time right after its restart reported ready (as a crash
+    a client can set off), is restarted each time, with a backoff, and serves again: the other
+    worker still serves the port, and a crash that lets it start is no reason to stop it. Before,
+    the fifth crash within 5 s of a start stopped the whole server."""
+    sup = supervisor_of(2)
+    victim = min(sup.pids)
+    for attempt in range(1, 7):
+        os.kill(victim, signal.SIGKILL)
+        died = sup.wait_for(re.compile(rf"WARNING brioche: worker (\d) \(pid {victim}\) exited with signal SIGKILL; restarting it"))
+        restarted = sup.wait_for_lines(re.compile(rf"INFO brioche: worker {died[1]} restarted \(pid (\d+)\)$"), attempt)
+        victim = int(restarted[-1][1])
+        sup.pids.add(victim)
+    backoffs = [line.rsplit(" in ", 1)[-1] for line in sup.lines if "restarting it in" in line]
+    assert backoffs == ["0.25 s", "0.50 s", "1.00 s", "2.00 s", "4.00 s"], sup.lines
+    assert sup.proc.poll() is None
+    clients = await clients_covering(sup.port, {victim}, at_least=1)
+    for ws, _ in clients:
+        await ws.close()
 
 
 def exited(pid: int) -> bool:

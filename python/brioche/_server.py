@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["BindError", "Handler", "Server"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 logger = logging.getLogger("brioche")
 
@@ -1405,19 +1406,19 @@ Handler: TypeAlias = Callable[
 
 
 def run_loop(
-    main: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
-) -> None:
+    main: Coroutine[Any, Any, R], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> R:
     """``asyncio.run(main, loop_factory=...)``, also on 3.10, which has no loop_factory."""
     if loop_factory is None:
-        asyncio.run(main)
+        return asyncio.run(main)
     elif sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(main)
+            return runner.run(main)
     else:  # pragma: no cover - 3.10 only
         loop = loop_factory()
         try:
             asyncio.set_event_loop(loop)
-            loop.run_until_complete(main)
+            return loop.run_until_complete(main)
         finally:
             # As asyncio.run does: a KeyboardInterrupt leaves `main` pending, and cancelling it
             # runs its clean-up (`finally: await srv.stop(...)`) instead of leaving it to be

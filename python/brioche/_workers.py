@@ -37,6 +37,7 @@ import signal
 import socket
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -57,11 +58,16 @@ __all__ = ["WorkerSlot", "run_workers"]
 
 logger = logging.getLogger("brioche")
 
-# A worker that dies within FAST_CRASH_SECONDS of its start crashed "fast". Restarts after fast
-# crashes back off (0, then 0.25 s doubling: 0.25, 0.5 and 1 s before the fifth); at
-# GIVE_UP_AFTER fast crashes in a row of one worker, everything stops: a worker that cannot
-# start will not start by retrying.
+# A worker that served and dies within FAST_CRASH_SECONDS of reporting ready crashed "fast":
+# its restarts back off (0, then 0.25 s doubling, at most MAX_BACKOFF_SECONDS) and go on for
+# as long as it keeps serving between them, since the other workers still serve and a client
+# that can crash one must not take the whole port down. One that dies before it ever reports
+# ready failed to start, however long its imports took: its restarts back off alike, and at
+# GIVE_UP_AFTER in a row everything stops, as a worker that cannot start will not start by
+# retrying. A failure of the first start (a certificate, an address) is raised by run() at once,
+# as in one process.
 FAST_CRASH_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 4.0
 GIVE_UP_AFTER = 5
 # A worker's exit status when ``run(config, workers=n)`` ran again in it, from the script's
 # module level while ``spawn`` imported it: every restart would do the same.
@@ -92,7 +98,35 @@ class WorkerSlot:
 
 
 class WorkersFailed(RuntimeError):
-    """A worker kept crashing right after its start: the server was stopped."""
+    """A worker kept failing to start: the server was stopped."""
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker, as the ``__cause__`` of its copy that
+    ``run`` raises (as ``concurrent.futures`` shows a child process's)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _backoff(failures: int) -> float:
+    return 0.0 if failures <= 1 else min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** (failures - 2))
+
+
+def _start_error(failure: tuple[bytes | None, str, str]) -> BaseException:
+    """The exception a worker could not start with, as its copy here, with the worker's
+    traceback as its cause; a ``WorkersFailed`` naming it if it could not be copied."""
+    payload, summary, tb = failure
+    exc: BaseException | None = None
+    if payload is not None:
+        try:
+            exc = pickle.loads(payload)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = WorkersFailed(f"a worker could not start: {summary}")
+    exc.__cause__ = _WorkerTraceback(f"\n\n(in the worker)\n{tb}")
+    return exc
 
 
 def _exit_reason(code: int | None) -> str:
@@ -179,10 +213,24 @@ def _copy_log_setup(setup: _LogSetup) -> None:
     logging.getLogger("brioche").setLevel(setup.brioche_level)
 
 
+def _report_failure(ready: multiprocessing.connection.Connection, exc: BaseException) -> None:
+    """Send the supervisor why this worker could not start, instead of its traceback on stderr."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    payload: bytes | None
+    try:
+        payload = pickle.dumps(exc)
+        pickle.loads(payload)  # some exceptions pickle, then fail to unpickle (required args)
+    except Exception:
+        payload = None
+    try:
+        ready.send(("failed", payload, f"{type(exc).__name__}: {exc}", tb))
+    except OSError:  # pragma: no cover - the supervisor is gone
+        pass
+
+
 def _worker_main(
-    config: Config[Any],
+    pickled: bytes,
     slot: WorkerSlot,
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
     ready: multiprocessing.connection.Connection,
     log_setup: _LogSetup,
 ) -> None:
@@ -193,12 +241,21 @@ def _worker_main(
     # SIGHUP is the supervisor's "reload the certificate": until the loop handles it, a worker
     # still starting must not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    run_loop(_serve_worker(config, slot, ready), loop_factory)
+    # Unpickled here, not by multiprocessing before this runs: an app module that fails to
+    # import is then reported as any other failure to start.
+    try:
+        config, loop_factory = pickle.loads(pickled)
+    except Exception as exc:
+        _report_failure(ready, exc)
+        raise SystemExit(1) from None
+    if not run_loop(_serve_worker(config, slot, ready), loop_factory):
+        raise SystemExit(1)
 
 
 async def _serve_worker(
     config: Config[Any], slot: WorkerSlot, ready: multiprocessing.connection.Connection
-) -> None:
+) -> bool:
+    """Serve until SIGTERM; False if the server could not start (reported to the supervisor)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop_requested.set)
@@ -208,7 +265,11 @@ async def _serve_worker(
     parent = multiprocessing.parent_process()
     if parent is not None:
         loop.add_reader(parent.sentinel, _orphaned, loop, parent, stop_requested)
-    srv = await config.serve()
+    try:
+        srv = await config.serve()
+    except Exception as exc:
+        _report_failure(ready, exc)
+        return False
     if config.tls_files is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
     try:
@@ -223,7 +284,7 @@ async def _serve_worker(
             and not stop_requested.is_set()
         ):
             await asyncio.sleep(0.005)
-        ready.send(os.getpid())
+        ready.send(("ready", os.getpid()))
         ready.close()
         await stop_requested.wait()
     finally:
@@ -237,6 +298,7 @@ async def _serve_worker(
                 os.rmdir(os.path.dirname(slot.relay_path))
             except OSError:
                 pass
+    return True
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
@@ -250,13 +312,19 @@ class _Worker:
     slot: WorkerSlot
     process: BaseProcess | None = None
     ready: multiprocessing.connection.Connection | None = None
-    started: float = 0.0
+    # When it last reported ready.
+    ready_at: float = 0.0
+    # Crashes in a row within FAST_CRASH_SECONDS of being ready, and failures in a row to start.
     fast_crashes: int = 0
+    failed_starts: int = 0
     restart_at: float | None = None
     restarts: int = 0
     # Reported ready since its last start. Not `ready is None`: the pipe's end is read (and
     # the pipe closed) as soon as it comes, which may be before its process is seen dead.
     serving: bool = False
+    # Why it could not start, as it reported: the exception pickled (None if it could not be),
+    # its one-line summary and its traceback.
+    failure: tuple[bytes | None, str, str] | None = None
 
 
 def run_workers(
@@ -374,14 +442,14 @@ class _Supervisor:
         reader, writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(config, worker.slot, self.loop_factory, writer, _log_setup()),
+            args=(pickle.dumps((config, self.loop_factory)), worker.slot, writer, _log_setup()),
             name=f"brioche-worker-{worker.slot.index}",
         )
         process.start()
         writer.close()
         worker.process, worker.ready = process, reader
         worker.serving = False
-        worker.started = time.monotonic()
+        worker.failure = None
         worker.restart_at = None
 
     def _supervise(self) -> None:
@@ -403,11 +471,16 @@ class _Supervisor:
     def _check(self, worker: _Worker) -> None:
         if worker.ready is not None and worker.ready.poll():
             try:
-                worker.ready.recv()
-                worker.serving = True
-                self._ready(worker)
+                message = worker.ready.recv()
             except EOFError:
                 pass  # it died before it was ready: its sentinel says so
+            else:
+                if message[0] == "ready":
+                    worker.serving = True
+                    worker.ready_at = time.monotonic()
+                    self._ready(worker)
+                else:
+                    worker.failure = message[1:]
             worker.ready.close()
             worker.ready = None
         process = worker.process
@@ -422,23 +495,38 @@ class _Supervisor:
             if not worker.serving and process.exitcode == EXIT_RUN_IN_IMPORT:
                 logger.error("%s", UNGUARDED_RUN)
                 raise WorkersFailed(UNGUARDED_RUN)
-            lived = time.monotonic() - worker.started
-            worker.fast_crashes = worker.fast_crashes + 1 if lived < FAST_CRASH_SECONDS else 1
-            if worker.fast_crashes >= GIVE_UP_AFTER:
-                logger.error(
-                    "worker %d (pid %d) exited with %s within %.0f s of its start, %d times in a "
-                    "row: stopping the server",
-                    worker.slot.index, process.pid, _exit_reason(process.exitcode),
-                    FAST_CRASH_SECONDS, worker.fast_crashes,
+            if not worker.serving and worker.failure is not None and not self.all_ready:
+                # The first start: what one process would raise, raised once (the siblings are
+                # stopped as run() unwinds), not a restart loop of tracebacks.
+                raise _start_error(worker.failure)
+            if worker.serving:
+                worker.failed_starts = 0
+                lived = time.monotonic() - worker.ready_at
+                worker.fast_crashes = worker.fast_crashes + 1 if lived < FAST_CRASH_SECONDS else 1
+                delay = _backoff(worker.fast_crashes)
+                why = _exit_reason(process.exitcode)
+            else:
+                worker.failed_starts += 1
+                delay = _backoff(worker.failed_starts)
+                why = (
+                    f"{_exit_reason(process.exitcode)} before it was ready"
+                    if worker.failure is None
+                    else f"an error before it was ready: {worker.failure[1]}"
                 )
-                raise WorkersFailed(
-                    f"worker {worker.slot.index} crashed {worker.fast_crashes} times in a row"
-                )
-            delay = 0.0 if worker.fast_crashes <= 1 else min(4.0, 0.25 * 2 ** (worker.fast_crashes - 2))
+                if worker.failure is not None:
+                    logger.debug("worker %d's error:\n%s", worker.slot.index, worker.failure[2])
+                if worker.failed_starts >= GIVE_UP_AFTER:
+                    logger.error(
+                        "worker %d (pid %d) exited with %s, %d times in a row: stopping the server",
+                        worker.slot.index, process.pid, why, worker.failed_starts,
+                    )
+                    raise WorkersFailed(
+                        f"worker {worker.slot.index} failed to start {worker.failed_starts} "
+                        "times in a row"
+                    )
             logger.warning(
                 "worker %d (pid %d) exited with %s; restarting it%s",
-                worker.slot.index, process.pid, _exit_reason(process.exitcode),
-                f" in {delay:.2f} s" if delay else "",
+                worker.slot.index, process.pid, why, f" in {delay:.2f} s" if delay else "",
             )
             worker.restart_at = time.monotonic() + delay
         if worker.restart_at is not None and time.monotonic() >= worker.restart_at:
