@@ -644,3 +644,36 @@ def test_a_worker_copies_the_supervisor_s_log_format_in_its_own_style(style: str
     )
     done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
     assert done.stderr.decode().splitlines() == ["INFO|brioche.http|refused"]
+
+
+@pytest.mark.parametrize("destination", ["file", "stdout"])
+def test_a_worker_logs_where_the_supervisor_s_basic_config_writes(tmp_path: Path, destination: str) -> None:
+    """``basicConfig(filename=...)``: a worker appends its lines to the same file, in the same
+    format; ``basicConfig(stream=sys.stdout)``: to stdout. Before, only a plain stderr handler was
+    copied: with a file, the workers' INFO lines were lost and their warnings printed bare on
+    stderr ("WARNING from worker"), and stdout's went to stderr."""
+    log = tmp_path / "app.log"
+    where = f"filename={str(log)!r}" if destination == "file" else "stream=sys.stdout"
+    supervisor = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _log_setup\n"
+        f"logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', {where})\n"
+        "logging.getLogger().info('from the supervisor')\n"
+        "sys.stderr.buffer.write(pickle.dumps(_log_setup()))\n"
+    )
+    setup = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30).stderr
+    worker = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _copy_log_setup\n"
+        "_copy_log_setup(pickle.loads(sys.stdin.buffer.read()))\n"
+        "logging.getLogger('app').info('from a worker')\n"
+        "logging.getLogger('app').warning('careful')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
+    assert done.stderr == b""
+    worker_lines = ["INFO app: from a worker", "WARNING app: careful"]
+    if destination == "file":
+        assert log.read_text().splitlines() == ["INFO root: from the supervisor", *worker_lines]
+        assert done.stdout == b""
+    else:
+        assert done.stdout.decode().splitlines() == worker_lines

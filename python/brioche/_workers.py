@@ -35,6 +35,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -170,26 +171,37 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _LogSetup:
     """What a worker copies of the supervisor's logging: the levels of the root and ``brioche``
-    loggers, and the formatter of a plain stream handler on the root logger
-    (``logging.basicConfig``'s), if there is one."""
+    loggers, and the first handler on the root logger (``logging.basicConfig``'s), if there is
+    one: its formatter, and where it writes."""
 
     root_level: int
     brioche_level: int
     # The formatter as plain values (a class of the app's would have to unpickle in the worker
     # before any of its code runs, or the worker could never start): format, date format, style.
+    # None: the supervisor has no handler, and the worker adds none either.
     formatter: tuple[str, str | None, str] | None
+    # The file of a plain `FileHandler` (`basicConfig(filename=...)`), and its encoding: the
+    # workers append to it too, a line at a time. Otherwise a worker writes to stderr, which it
+    # inherits, or to stdout when the supervisor's handler wrote there.
+    file: tuple[str, str | None] | None = None
+    stdout: bool = False
 
 
 def _log_setup() -> _LogSetup:
-    formatter = None
+    root = logging.getLogger()
+    levels = (root.level, logging.getLogger("brioche").level)
+    if not root.handlers:
+        return _LogSetup(*levels, None)
+    handler = root.handlers[0]
     styles: dict[object, str] = {cls: style for style, (cls, _) in logging._STYLES.items()}
-    for handler in logging.getLogger().handlers:
-        # A file handler's file is the supervisor's: a worker writes to stderr, as it inherits it.
-        if type(handler) is logging.StreamHandler and handler.formatter is not None:
-            f = handler.formatter
-            formatter = (f._fmt or "", f.datefmt, styles.get(type(f._style), "%"))
-            break
-    return _LogSetup(logging.getLogger().level, logging.getLogger("brioche").level, formatter)
+    f = handler.formatter or logging.Formatter()
+    formatter = (f._fmt or "%(message)s", f.datefmt, styles.get(type(f._style), "%"))
+    # Any other class (a rotating file, a colour or a rich one) may not survive the copy; its
+    # format does, and stderr is where a worker's lines then go.
+    if type(handler) is logging.FileHandler:
+        return _LogSetup(*levels, formatter, file=(handler.baseFilename, handler.encoding))
+    stdout = isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout
+    return _LogSetup(*levels, formatter, stdout=stdout)
 
 
 def _copy_log_setup(setup: _LogSetup) -> None:
@@ -197,13 +209,21 @@ def _copy_log_setup(setup: _LogSetup) -> None:
 
     ``spawn`` starts the worker's interpreter afresh, and an app that sets up logging under
     ``if __name__ == "__main__":`` (the usual place, and the demo's) had it only in the
-    supervisor: the workers' INFO lines were lost and their warnings printed bare.
+    supervisor: the workers' INFO lines were lost and their warnings printed bare (also with
+    ``basicConfig(filename=...)``, whose handler was not copied).
     """
     if logging.getLogger().handlers:
         return
     if setup.formatter is not None:
         fmt, datefmt, style = setup.formatter
-        handler = logging.StreamHandler()
+        handler: logging.Handler | None = None
+        if setup.file is not None:
+            try:
+                handler = logging.FileHandler(setup.file[0], encoding=setup.file[1])
+            except OSError:  # pragma: no cover - the supervisor opened it a moment ago
+                handler = None
+        if handler is None:
+            handler = logging.StreamHandler(sys.stdout if setup.stdout else None)
         try:
             handler.setFormatter(logging.Formatter(fmt, datefmt, style))  # type: ignore[arg-type]
         except ValueError:  # pragma: no cover - a format its own style accepted
