@@ -4,9 +4,11 @@ factory for ``run``, ``CloseCode``/``ReadyState``, subprotocols, and consistent 
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,26 @@ async def test_the_module_form_and_plain_await_work_too() -> None:
             assert await recv(client) == "awaited"
     finally:
         await awaited.stop()
+
+
+def test_a_serve_never_awaited_warns_when_dropped() -> None:
+    """``Bun.serve()`` listens at once; ``config.serve()`` without ``await`` or ``async with``
+    starts nothing. It warns as a coroutine never awaited does. Before: nothing at all, not
+    even Python's "never awaited" (``Serving`` is no coroutine)."""
+    serving = echo_config().port(0).serve()
+    with pytest.warns(RuntimeWarning, match=r"serve\(\) was never awaited: nothing is listening"):
+        del serving
+        gc.collect()
+
+
+async def test_a_serve_awaited_or_entered_does_not_warn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        srv = await echo_config().serve()
+        await srv.stop()
+        async with echo_config().serve():
+            pass
+        gc.collect()
 
 
 # -- serve_forever / wait_closed --------------------------------------------------------------

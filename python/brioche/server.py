@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any, Generic, TypeVar, final
 
@@ -461,24 +462,40 @@ setattr(_server, "Config", Config)  # noqa: B010 - a type cannot be assigned as 
 class Serving(Generic[T]):
     """What ``serve()`` returns: await it for the ``Server``, or ``async with`` it.
 
-    ``async with`` stops the server on the way out, closing open connections with 1001.
+    ``async with`` stops the server on the way out, closing open connections with 1001. One
+    neither awaited nor entered starts nothing, and warns (``RuntimeWarning``) when it is
+    dropped, as a coroutine never awaited does.
     """
 
-    __slots__ = ("_config", "_server")
+    __slots__ = ("_config", "_server", "_used")
 
     def __init__(self, config: Config[T]) -> None:
         self._config = config
         self._server: Server[T] | None = None
+        self._used = False
 
     def __await__(self) -> Generator[Any, None, Server[T]]:
+        self._used = True
         return self._config._start().__await__()
 
     async def __aenter__(self) -> Server[T]:
+        self._used = True
         if self._server is not None:
             # A second server in the one slot: the first would never be stopped.
             raise RuntimeError("this serve() is already entered; call serve() again for another server")
         self._server = await self._config._start()
         return self._server
+
+    def __del__(self) -> None:
+        # `Bun.serve()` listens at once; `serve()` without `await` (or `async with`) silently
+        # did nothing, and no "never awaited" warning came, `Serving` being no coroutine.
+        if not self._used:
+            warnings.warn(
+                "serve() was never awaited: nothing is listening (use `await config.serve()` "
+                "or `async with config.serve() as srv:`)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     async def __aexit__(self, *exc_info: object) -> None:
         srv, self._server = self._server, None
