@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import socket
 import statistics
 import subprocess
@@ -807,6 +808,37 @@ async def test_stop_waits_for_a_suspended_handler_task(serve: ServeFn, recorder:
     recorder.add("stopped")
     assert [e[0] for e in recorder.events] == ["waiting", "released", "close", "close done", "stopped"]
     assert recorder.of("close") == [(4000,)]
+
+
+async def test_a_handler_cancelled_by_the_app_is_logged_and_its_connection_goes_on(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``async`` handler awaiting something the app cancels (a pool shut down under it) ends
+    cancelled: a WARNING on ``brioche`` names the handler and its socket, as the HTTP handler's
+    cancel is logged, and the connection stays open (the cancel may be the app's intent): its
+    next message is handled. Before, nothing at all was said, at any level."""
+    caplog.set_level(logging.DEBUG, logger="brioche")
+    pending: list[asyncio.Future[None]] = []
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "wait":
+            pending.append(asyncio.get_running_loop().create_future())
+            recorder.add("waiting")
+            await pending[0]
+        ws.send(f"handled {text}")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    async with connect(ws_url(srv), open_timeout=TIMEOUT) as client:
+        await client.send("wait")
+        await recorder.wait_for(lambda: bool(recorder.of("waiting")), TIMEOUT)
+        pending[0].cancel()
+        await client.send("next")
+        assert await asyncio.wait_for(client.recv(), TIMEOUT) == "handled next"
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "brioche"]
+    assert [(level, message.split(" for ")[0]) for level, message in lines] == [
+        ("WARNING", "on_text handler")
+    ], lines
+    assert lines[0][1].endswith(" was cancelled")
 
 
 # -- a BaseException that is not an Exception -------------------------------------------------------

@@ -1122,6 +1122,14 @@ class Server(Generic[T]):
         Raised again here, in a done callback, it surfaced a second time inside
         ``asyncio.run()``'s shutdown, which it cut short: no ``on_close``, no ``finally``."""
         if task.cancelled():
+            if task not in self._stop_cancelled and not self._cancelling_all:
+                # Not by a stop: by the app, or by something the handler awaited that was
+                # cancelled under it (a pool shut down). Said, as the HTTP handler's is, since
+                # what it did not do (an `on_open`'s set-up) was otherwise skipped unseen; the
+                # connection stays open, as the cancel may be the app's intent.
+                logger.warning(
+                    "%s handler for %s was cancelled", _EVENT_NAMES.get(kind, "handler"), repr(ws)
+                )
             return
         exc = task.exception()
         if exc is None:
