@@ -225,6 +225,80 @@ async def test_stopping_twice_is_harmless(serve: ServeFn, recorder: Recorder) ->
     # The `serve` fixture stops it once more at teardown.
 
 
+async def test_a_stop_awaited_in_on_close_when_the_last_client_leaves_returns(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """"Last client gone, shut down": ``await srv.stop(True)`` in an ``async`` ``on_close``
+    waits for every other handler, not for itself, and returns; the server is stopped. It waited
+    for its own task, for ever."""
+    holder: list[brioche.Server[Any]] = []
+
+    async def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("closing", code)
+        await holder[0].stop(True)
+        recorder.add("stop returned")
+
+    srv = await serve(websocket.init().on_close(on_close))
+    holder.append(srv)
+    async with connect(ws_url(srv)):
+        pass
+    await asyncio.wait_for(srv.wait_closed(), TIMEOUT)
+    await recorder.wait_for(lambda: bool(recorder.of("stop returned")), TIMEOUT)
+    assert [event[0] for event in recorder.events] == ["closing", "stop returned"]
+    await assert_refused(srv)
+
+
+async def test_a_stop_awaited_by_a_message_handler_waits_for_the_others_only(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """``await srv.stop()`` in an ``async`` ``on_text`` of one client, while another client's
+    handler is suspended: it returns once that one has finished and both clients have left,
+    not before, and not never (it waited for itself)."""
+    holder: list[brioche.Server[Any]] = []
+    release = asyncio.Event()
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "stop":
+            recorder.add("stopping")
+            await holder[0].stop()
+            recorder.add("stop returned")
+        else:
+            recorder.add("waiting")
+            await release.wait()
+            recorder.add("released")
+
+    srv = await serve(websocket.init().on_text(on_text))
+    holder.append(srv)
+    async with connect(ws_url(srv)) as waiter, connect(ws_url(srv)) as stopper:
+        await waiter.send("wait")
+        await recorder.wait_for(lambda: bool(recorder.of("waiting")), TIMEOUT)
+        await stopper.send("stop")
+        await recorder.wait_for(lambda: bool(recorder.of("stopping")), TIMEOUT)
+    await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT)
+    assert recorder.of("stop returned") == [], "returned before the suspended handler finished"
+    release.set()
+    await asyncio.wait_for(srv.wait_closed(), TIMEOUT)
+    await recorder.wait_for(lambda: bool(recorder.of("stop returned")), TIMEOUT)
+    assert [event[0] for event in recorder.events] == ["waiting", "stopping", "released", "stop returned"]
+
+
+async def test_a_stop_awaited_by_the_http_handler_returns_and_its_answer_goes_out(serve: ServeFn) -> None:
+    """A "/shutdown" endpoint: ``await srv.stop()`` in an ``async`` HTTP handler returns once the
+    stop has begun, the handler's answer reaches its client, and the server stops. It waited for
+    the answer its own handler was to give, for ever."""
+
+    async def fetch(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        await srv.stop()
+        return server.text("bye")
+
+    srv = await serve(None, handler=fetch)
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"http://127.0.0.1:{srv.port}/shutdown", timeout=TIMEOUT)
+    assert (answer.status_code, answer.text) == (200, "bye")
+    await asyncio.wait_for(srv.wait_closed(), TIMEOUT)
+    await assert_refused(srv)
+
+
 async def test_concurrent_stops_all_complete(serve: ServeFn) -> None:
     srv = await serve(websocket.init())
     await asyncio.wait_for(asyncio.gather(srv.stop(), srv.stop(), srv.stop(close_active_connections=True)), TIMEOUT)

@@ -403,7 +403,8 @@ class Server(Generic[T]):
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
-        "_close_tasks", "_request_tasks", "_stop_cancelled", "_context", "_ended", "_run",
+        "_close_tasks", "_request_tasks", "_stop_cancelled", "_stop_waiters", "_answering",
+        "_context", "_ended", "_run",
         "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
         "__weakref__",
     )
@@ -425,6 +426,10 @@ class Server(Generic[T]):
     _close_tasks: set[asyncio.Task[Any]]
     _request_tasks: set[asyncio.Task[Any]]
     _stop_cancelled: weakref.WeakSet[asyncio.Task[Any]]
+    # Handler tasks awaiting stop(): the stop waits for the others only.
+    _stop_waiters: set[asyncio.Task[Any]]
+    # An HTTP handler's eager first step (3.12+) is running: its task is not in _request_tasks yet.
+    _answering: bool
     _context: contextvars.Context
     _ended: set[WebSocket[T]]
     _run: tuple[WebSocket[T], Iterator[object]] | None
@@ -527,6 +532,8 @@ class Server(Generic[T]):
         self._close_tasks = set()
         self._request_tasks = set()
         self._stop_cancelled = weakref.WeakSet()
+        self._stop_waiters = set()
+        self._answering = False
         # Each HTTP request's handler runs in a copy of the context serve() was called in.
         self._context = contextvars.copy_context()
         self._ended = set()
@@ -758,6 +765,11 @@ class Server(Generic[T]):
         ``stop(true)`` ends requests in flight: their clients get ``503 Service Unavailable``.
         Otherwise connections carry on until they close by themselves, and their handlers until
         they finish.
+
+        Awaited by one of this server's WebSocket handlers, it waits for every other handler
+        (the events of that handler's connection that come after it run after it, as always);
+        by its HTTP handler, it returns once the stop has begun, since the stop waits for the
+        answer that handler has yet to give.
         """
         if close_active_connections and not self._closing_all:
             self._closing_all = True
@@ -769,7 +781,20 @@ class Server(Generic[T]):
             self._engine.stop(close_active_connections)
         elif close_active_connections:
             self._engine.stop(True)
-        await asyncio.shield(self._stopped)
+        me = asyncio.current_task()
+        if me is not None and (self._answering or me in self._request_tasks):
+            return
+        if me is None:
+            await asyncio.shield(self._stopped)
+            return
+        # A handler of this server (or any other task: one that is no handler changes nothing)
+        # would otherwise wait for itself, for ever.
+        self._stop_waiters.add(me)
+        try:
+            self._check_stopped()
+            await asyncio.shield(self._stopped)
+        finally:
+            self._stop_waiters.discard(me)
 
     def _cancel_handlers(self) -> int:
         """Cancel every handler task still running, ``on_close``'s and the HTTP handlers'
@@ -1293,7 +1318,11 @@ class Server(Generic[T]):
             if result is None or type(result) is Response:
                 task = None
             else:
-                task = self._new_task(result, context)
+                self._answering = True
+                try:
+                    task = self._new_task(result, context)
+                finally:
+                    self._answering = False
         except Exception:
             logger.exception("handler raised for %r", request)
             self._reply(request, internal_error())
@@ -1387,7 +1416,7 @@ class Server(Generic[T]):
         self._check_stopped()
 
     def _check_stopped(self) -> None:
-        if self._engine_stopped and not self._tasks and not self._stopped.done():
+        if self._engine_stopped and self._tasks <= self._stop_waiters and not self._stopped.done():
             self._stopped.set_result(None)
 
     def _watch_fd(self) -> None:  # pragma: no cover - only for loops without add_reader
