@@ -30,6 +30,7 @@ import brioche
 from brioche import server, websocket
 from conftest import hangup_by_default, ignore_sigint
 from rawws import holders_of_server_end, poll_until
+from test_listen import needs_ipv6
 
 APP = Path(__file__).with_name("workers_app.py")
 LISTENING = re.compile(r"(?P<workers>\d+) workers listening on port (?P<port>\d+) \(pids (?P<pids>[\d, ]+)\)")
@@ -423,6 +424,61 @@ def test_a_taken_port_is_a_bind_error_before_any_worker_starts(reuseport: bool) 
         config = server.handler(hello).websocket(websocket.init()).hostname("127.0.0.1").port(port)
         with pytest.raises(brioche.BindError):
             server.run(config, workers=2)
+
+
+@needs_ipv6
+def test_every_address_of_the_hostname_is_reserved_before_any_worker_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hostname with two addresses (as ``localhost`` has on most machines: 127.0.0.1 and
+    ::1), the port taken on the second: ``run`` raises ``BindError`` naming it, before any
+    worker starts, as each worker binds every address. Only the first was reserved: each
+    worker failed on the second and was restarted until the fifth crash in a row ended it with
+    a ``RuntimeError``. (The resolver answers for the made-up name in this process only, where
+    the reservation happens.)"""
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "two.test":
+            return real("127.0.0.1", *args, **kwargs) + real("::1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = server.handler(hello).websocket(websocket.init()).hostname("two.test").port(port)
+        with pytest.raises(brioche.BindError, match=rf"^\[Errno 98\] cannot listen on ::1:{port}: "):
+            server.run(config, workers=2)
+
+
+def test_handlers_in_a_package_s_main_module_are_one_clear_error(tmp_path: Path) -> None:
+    """``python -m mypkg`` with the handlers in mypkg/__main__.py, ``run`` under the main guard,
+    as the docs advise for a script: ``spawn`` does not import a package's ``__main__`` again in
+    a worker, so no worker could find them. A ``TypeError`` names them before any worker starts.
+    Before, the pickle check passed, and each worker failed to unpickle ("Can't get attribute
+    'fetch' on <module '__main__'>") until the fifth crash in a row."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "from brioche import server\n"
+        "def fetch(request, srv):\n"
+        "    return server.text('hi')\n"
+        "if __name__ == '__main__':\n"
+        "    server.handler(fetch).hostname('127.0.0.1').port(0).run(workers=2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mypkg"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "TypeError: run(..., workers=n): fetch is defined in __main__ (mypkg.__main__), which the "
+        "workers cannot import: define the handlers in an importable module (as mypkg/app.py) "
+        "and import them"
+    ), done.stderr
+    assert done.stderr.count("Traceback") == 1, done.stderr
 
 
 def test_run_with_workers_outside_the_main_guard_is_one_clear_error(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -128,6 +130,20 @@ def _start_error(failure: tuple[bytes | None, str, str]) -> BaseException:
         exc = WorkersFailed(f"a worker could not start: {summary}")
     exc.__cause__ = _WorkerTraceback(f"\n\n(in the worker)\n{tb}")
     return exc
+
+
+class _MainFinder(pickle.Pickler):
+    """A pickler that notes the functions and classes it pickles by reference to ``__main__``."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.in_main: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+            if obj.__qualname__ not in self.in_main:
+                self.in_main.append(obj.__qualname__)
+        return NotImplemented
 
 
 def _exit_reason(code: int | None) -> str:
@@ -350,14 +366,15 @@ class _Worker:
 def run_workers(
     config: Config[Any],
     workers: int,
-    address: str,
+    addresses: list[str],
     port: int,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
     on_ready: Callable[[int, list[int]], None] | None = None,
 ) -> None:
     """Serve ``config`` from ``workers`` processes until SIGINT or SIGTERM; see the module doc.
 
-    ``address`` is the resolved hostname. ``on_ready(port, pids)`` is called once, when every
+    ``addresses`` are what the hostname resolves to: each is reserved, on one port (the one
+    picked on the first when ``port`` is 0), as each worker binds them all. ``on_ready(port, pids)`` is called once, when every
     worker first reported ready, with the workers' pids (it logs at INFO when not given).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -366,30 +383,54 @@ def run_workers(
         # supervisor says why, once; multiprocessing's error, raised further on, was one
         # traceback per worker and restart (hundreds of lines) ending in a crash loop.
         raise SystemExit(EXIT_RUN_IN_IMPORT)
+    pickler = _MainFinder(io.BytesIO())
     try:
-        pickle.dumps((config, loop_factory))
+        pickler.dump((config, loop_factory))
     except Exception as exc:
         raise TypeError(
             "run(..., workers=n) starts each worker from a pickled config: its handlers must be "
             "module-level functions of an importable module (or of the script), not lambdas or "
             f"closures ({exc})"
         ) from exc
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if pickler.in_main and (
+        getattr(main, "__file__", None) is None or (spec is not None and spec.name.endswith(".__main__"))
+    ):
+        # `spawn` imports the script again in each worker, but not a package's __main__.py
+        # (`python -m mypkg`), nor `python -c` or a REPL: each worker then failed to unpickle.
+        raise TypeError(
+            f"run(..., workers=n): {', '.join(pickler.in_main)} "
+            f"{'is' if len(pickler.in_main) == 1 else 'are'} defined in __main__"
+            f"{f' ({spec.name})' if spec is not None else ''}, which the workers cannot import: "
+            "define the handlers in an importable module (as mypkg/app.py) and import them"
+        )
+    reserved: list[socket.socket] = []
     try:
-        reserved = _reserve_port(address, port)
-    except OSError as exc:
-        raise BindError(exc.errno, f"cannot listen on {address}:{port}: {exc.strerror or exc}") from exc
-    relay_dir = tempfile.mkdtemp(prefix="brioche-relay-")
-    try:
-        port = reserved.getsockname()[1]
-        paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
-        slots = [
-            WorkerSlot(i, paths[i], tuple(p for p in paths if p != paths[i])) for i in range(workers)
-        ]
-        worker_config = dataclasses.replace(config, port_number=port, workers_count=1)
-        _Supervisor(worker_config, slots, port, loop_factory, on_ready).run()
+        # Every address, not the first alone: a port taken on another (`::1` of `localhost`)
+        # was a crash loop of the workers, each failing to bind it, instead of this BindError.
+        for address in addresses:
+            try:
+                reserved.append(_reserve_port(address, port))
+            except OSError as exc:
+                raise BindError(
+                    exc.errno, f"cannot listen on {address}:{port}: {exc.strerror or exc}"
+                ) from exc
+            port = reserved[0].getsockname()[1]
+        relay_dir = tempfile.mkdtemp(prefix="brioche-relay-")
+        try:
+            paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
+            slots = [
+                WorkerSlot(i, paths[i], tuple(p for p in paths if p != paths[i]))
+                for i in range(workers)
+            ]
+            worker_config = dataclasses.replace(config, port_number=port, workers_count=1)
+            _Supervisor(worker_config, slots, port, loop_factory, on_ready).run()
+        finally:
+            shutil.rmtree(relay_dir, ignore_errors=True)
     finally:
-        reserved.close()
-        shutil.rmtree(relay_dir, ignore_errors=True)
+        for sock in reserved:
+            sock.close()
 
 
 class _Supervisor:

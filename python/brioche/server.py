@@ -116,6 +116,10 @@ async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> lis
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise BindError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return _bindable(infos, host, port)
+
+
+def _bindable(infos: list[tuple[Any, ...]], host: str, port: int) -> list[str]:
     # An IPv6 link-local address comes with a scope ("fe80::1%eth0"): the engine takes plain
     # literals, so those are left out.
     addresses = [
@@ -515,21 +519,23 @@ def _run_workers(
         )
     port_number = _default_port() if config.port_number is None else config.port_number
     hostname = "0.0.0.0" if config.hostname_value is None else config.hostname_value
-    address = _resolve_now(hostname, port_number)
-    run_workers(config, config.workers_count, address, port_number, loop_factory, on_ready)
+    addresses = _resolve_now(hostname, port_number)
+    run_workers(config, config.workers_count, addresses, port_number, loop_factory, on_ready)
 
 
-def _resolve_now(host: str, port: int) -> str:
+def _resolve_now(host: str, port: int) -> list[str]:
+    """``_resolve``'s addresses, looked up on this thread: every one, as each worker binds them
+    all (``localhost``: both ``127.0.0.1`` and ``::1``)."""
     try:
         ipaddress.ip_address(host)
-        return host
+        return [host]
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise BindError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    return str(infos[0][4][0])
+    return _bindable(infos, host, port)
 
 
 async def _serve_until_signalled(config: Config[Any]) -> None:
