@@ -252,8 +252,9 @@ async def test_a_stop_awaited_by_a_message_handler_waits_for_the_others_only(
     serve: ServeFn, recorder: Recorder
 ) -> None:
     """``await srv.stop()`` in an ``async`` ``on_text`` of one client, while another client's
-    handler is suspended: it returns once that one has finished and both clients have left,
-    not before, and not never (it waited for itself)."""
+    handler is suspended: it returns once that one and its ``on_close`` have finished and both
+    clients have left, not before, and not never (it waited for itself). ``wait_closed()``
+    returns after it and after its own connection's ``on_close``, parked behind it."""
     holder: list[brioche.Server[Any]] = []
     release = asyncio.Event()
 
@@ -267,28 +268,66 @@ async def test_a_stop_awaited_by_a_message_handler_waits_for_the_others_only(
             await release.wait()
             recorder.add("released")
 
-    srv = await serve(websocket.init().on_text(on_text))
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add(f"close {ws.data}")
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
     holder.append(srv)
-    async with connect(ws_url(srv)) as waiter, connect(ws_url(srv)) as stopper:
+    async with connect(ws_url(srv, "/ws?waiter")) as waiter, connect(ws_url(srv, "/ws?stopper")) as stopper:
         await waiter.send("wait")
         await recorder.wait_for(lambda: bool(recorder.of("waiting")), TIMEOUT)
         await stopper.send("stop")
         await recorder.wait_for(lambda: bool(recorder.of("stopping")), TIMEOUT)
     await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT)
+    closed = asyncio.ensure_future(srv.wait_closed())
     assert recorder.of("stop returned") == [], "returned before the suspended handler finished"
     release.set()
+    await asyncio.wait_for(closed, TIMEOUT)
+    recorder.add("wait_closed returned")
+    assert [event[0] for event in recorder.events] == [
+        "waiting", "stopping", "released", "close waiter", "stop returned", "close stopper",
+        "wait_closed returned",
+    ]
+
+
+async def test_a_stop_closing_connections_awaited_by_a_message_handler_lets_it_go_on(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """``await srv.stop(True)`` in ``on_text``: its client is closed with 1001 like every other,
+    and the handler is not cancelled for it: the code after the ``await`` runs, then its
+    ``on_close``, then ``wait_closed()`` returns."""
+    holder: list[brioche.Server[Any]] = []
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await holder[0].stop(True)
+        recorder.add("after stop", ws.ready_state)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    holder.append(srv)
+    async with connect(ws_url(srv)) as client:
+        await client.send("stop")
+        with pytest.raises(ConnectionClosedOK):
+            await asyncio.wait_for(client.recv(), TIMEOUT)
+        assert client.close_code == 1001
     await asyncio.wait_for(srv.wait_closed(), TIMEOUT)
-    await recorder.wait_for(lambda: bool(recorder.of("stop returned")), TIMEOUT)
-    assert [event[0] for event in recorder.events] == ["waiting", "stopping", "released", "stop returned"]
+    assert recorder.events == [("after stop", brioche.ReadyState.CLOSED), ("close", 1001)]
 
 
-async def test_a_stop_awaited_by_the_http_handler_returns_and_its_answer_goes_out(serve: ServeFn) -> None:
+@pytest.mark.parametrize("close_active", [False, True])
+async def test_a_stop_awaited_by_the_http_handler_returns_and_its_answer_goes_out(
+    serve: ServeFn, close_active: bool
+) -> None:
     """A "/shutdown" endpoint: ``await srv.stop()`` in an ``async`` HTTP handler returns once the
     stop has begun, the handler's answer reaches its client, and the server stops. It waited for
-    the answer its own handler was to give, for ever."""
+    the answer its own handler was to give, for ever; with ``stop(True)`` it was cancelled by
+    its own stop, and its client got 503."""
 
     async def fetch(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
-        await srv.stop()
+        await srv.stop(close_active)
+        await asyncio.sleep(0)  # suspended once after it: not cancelled for the stop either
         return server.text("bye")
 
     srv = await serve(None, handler=fetch)

@@ -426,8 +426,9 @@ class Server(Generic[T]):
     _close_tasks: set[asyncio.Task[Any]]
     _request_tasks: set[asyncio.Task[Any]]
     _stop_cancelled: weakref.WeakSet[asyncio.Task[Any]]
-    # Handler tasks awaiting stop(): the stop waits for the others only.
-    _stop_waiters: set[asyncio.Task[Any]]
+    # The tasks awaiting stop(), each with what it awaits: one that is a handler of this server
+    # waits for the other handlers only (`_check_stopped`).
+    _stop_waiters: dict[asyncio.Task[Any], asyncio.Future[None]]
     # An HTTP handler's eager first step (3.12+) is running: its task is not in _request_tasks yet.
     _answering: bool
     _context: contextvars.Context
@@ -532,7 +533,7 @@ class Server(Generic[T]):
         self._close_tasks = set()
         self._request_tasks = set()
         self._stop_cancelled = weakref.WeakSet()
-        self._stop_waiters = set()
+        self._stop_waiters = {}
         self._answering = False
         # Each HTTP request's handler runs in a copy of the context serve() was called in.
         self._context = contextvars.copy_context()
@@ -766,35 +767,53 @@ class Server(Generic[T]):
         Otherwise connections carry on until they close by themselves, and their handlers until
         they finish.
 
-        Awaited by one of this server's WebSocket handlers, it waits for every other handler
-        (the events of that handler's connection that come after it run after it, as always);
-        by its HTTP handler, it returns once the stop has begun, since the stop waits for the
-        answer that handler has yet to give.
+        Awaited by one of this server's WebSocket handlers, it waits for every other handler and
+        connection, its own connection's included (which ``close_active_connections`` does not
+        cancel it for), not for itself: the events of its connection that come after it run
+        after it, as always, and every other ``stop()``, ``wait_closed()`` and ``serve_forever()``
+        returns after them. Awaited by its HTTP handler, it returns once the stop has begun,
+        since the stop waits for the answer that handler has yet to give (which
+        ``close_active_connections`` does not cancel either). Awaited through another task
+        (``gather``, ``ensure_future``; ``wait_for`` on 3.10 and 3.11), it waits for the
+        handler as any caller does.
         """
+        me = asyncio.current_task()
+        answering = me is not None and (self._answering or me in self._request_tasks)
         if close_active_connections and not self._closing_all:
             self._closing_all = True
-            self._cancel_closed()
+            self._cancel_closed(spare=me)
             for task in list(self._request_tasks):
-                self._cancel_for_stop(task)
+                if task is not me:
+                    self._cancel_for_stop(task)
         if not self._stop_called:
             self._stop_called = True
             self._engine.stop(close_active_connections)
         elif close_active_connections:
             self._engine.stop(True)
-        me = asyncio.current_task()
-        if me is not None and (self._answering or me in self._request_tasks):
+        if answering and me is not None:
+            # Not cancelled for this stop once it suspends, either (`_cancel_for_stop` cancels a
+            # task once: it counts as done here); only run()'s grace, once over, cancels it.
+            self._stop_cancelled.add(me)
             return
         if me is None:
             await asyncio.shield(self._stopped)
             return
-        # A handler of this server (or any other task: one that is no handler changes nothing)
-        # would otherwise wait for itself, for ever.
-        self._stop_waiters.add(me)
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._stop_waiters[me] = waiter
+        # A handler waiting for its connection to end does not hold back its client's close
+        # (`_track`'s hold; on_close takes none).
+        ws = None
+        if me not in self._close_tasks:
+            ws = next((ws for ws, task in self._running.items() if task is me), None)
+        if ws is not None:
+            ws._release_handler()
         try:
             self._check_stopped()
-            await asyncio.shield(self._stopped)
+            await waiter
         finally:
-            self._stop_waiters.discard(me)
+            del self._stop_waiters[me]
+            if ws is not None:
+                ws._hold_handler()
 
     def _cancel_handlers(self) -> int:
         """Cancel every handler task still running, ``on_close``'s and the HTTP handlers'
@@ -1132,7 +1151,12 @@ class Server(Generic[T]):
         if self._cancelling_all:
             # Past run()'s grace period nothing may hold the stop up, on_close included.
             task.cancel()
-        elif kind != _CLOSE and self._closing_all and ws.ready_state == _CLOSED:
+        elif (
+            kind != _CLOSE
+            and self._closing_all
+            and ws.ready_state == _CLOSED
+            and task not in self._stop_waiters
+        ):
             # After its first step, which the loop runs first: cancelled before it (3.10 and
             # 3.11 start no task eagerly), the handler of an accepted message ran no line.
             # Marked now, so that `_cancel_closed` does not cancel it sooner meanwhile.
@@ -1279,10 +1303,16 @@ class Server(Generic[T]):
             self._paused.discard(ws)
             ws._pause_reading(False)
 
-    def _cancel_closed(self) -> None:
-        """Cancel the suspended handlers of connections that are closed (stopping with close)."""
+    def _cancel_closed(self, spare: asyncio.Task[Any] | None = None) -> None:
+        """Cancel the suspended handlers of connections that are closed (stopping with close),
+        but those awaiting stop() itself."""
         for ws, task in list(self._running.items()):
-            if ws.ready_state == _CLOSED and task not in self._close_tasks:
+            if (
+                ws.ready_state == _CLOSED
+                and task not in self._close_tasks
+                and task is not spare
+                and task not in self._stop_waiters
+            ):
                 self._cancel_for_stop(task)
 
     def _cancel_for_stop(self, task: asyncio.Task[Any]) -> None:
@@ -1411,13 +1441,25 @@ class Server(Generic[T]):
             self._loop.remove_reader(self._fd)
         self._engine_stopped = True
         if self._closing_all:
-            for task in self._tasks - self._close_tasks:
+            for task in self._tasks - self._close_tasks - self._stop_waiters.keys():
                 self._cancel_for_stop(task)
         self._check_stopped()
 
     def _check_stopped(self) -> None:
-        if self._engine_stopped and self._tasks <= self._stop_waiters and not self._stopped.done():
-            self._stopped.set_result(None)
+        if not self._engine_stopped:
+            return
+        if not self._tasks:
+            if not self._stopped.done():
+                self._stopped.set_result(None)
+            waiting = list(self._stop_waiters.values())
+        elif self._tasks <= self._stop_waiters.keys():
+            # Every handler left awaits stop(): each would wait for the others for ever.
+            waiting = [self._stop_waiters[task] for task in self._tasks]
+        else:
+            return
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _watch_fd(self) -> None:  # pragma: no cover - only for loops without add_reader
         handled = threading.Event()
