@@ -8,6 +8,7 @@ starts the demo, ``python -m brioche --workers 2``, the same way.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import server, websocket
+from brioche._workers import WorkersFailed, _report_failure, _reserve_ports, _start_error
 from conftest import hangup_by_default, ignore_sigint
 from rawws import holders_of_server_end, poll_until
 from test_listen import needs_ipv6
@@ -453,12 +455,14 @@ def test_every_address_of_the_hostname_is_reserved_before_any_worker_starts(
             server.run(config, workers=2)
 
 
-def test_handlers_in_a_package_s_main_module_are_one_clear_error(tmp_path: Path) -> None:
-    """``python -m mypkg`` with the handlers in mypkg/__main__.py, ``run`` under the main guard,
-    as the docs advise for a script: ``spawn`` does not import a package's ``__main__`` again in
-    a worker, so no worker could find them. A ``TypeError`` names them before any worker starts.
-    Before, the pickle check passed, and each worker failed to unpickle ("Can't get attribute
-    'fetch' on <module '__main__'>") until the fifth crash in a row."""
+@pytest.mark.parametrize("how", ["package", "directory"])
+def test_handlers_in_a_package_s_main_module_are_one_clear_error(tmp_path: Path, how: str) -> None:
+    """``python -m mypkg`` (or ``python mypkg/``) with the handlers in mypkg/__main__.py, ``run``
+    under the main guard, as the docs advise for a script: ``spawn`` does not import such a
+    ``__main__`` again in a worker, so no worker could find them. A ``TypeError`` names them
+    before any worker starts. Before, the pickle check passed, and each worker failed to
+    unpickle ("Can't get attribute 'fetch' on <module '__main__'>") until the fifth crash in a
+    row."""
     package = tmp_path / "mypkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -469,16 +473,47 @@ def test_handlers_in_a_package_s_main_module_are_one_clear_error(tmp_path: Path)
         "if __name__ == '__main__':\n"
         "    server.handler(fetch).hostname('127.0.0.1').port(0).run(workers=2)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "mypkg"], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    argv = ["-m", "mypkg"] if how == "package" else ["mypkg"]
+    done = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
+    where = " (mypkg.__main__)" if how == "package" else ""
     assert done.stderr.splitlines()[-1] == (
-        "TypeError: run(..., workers=n): fetch is defined in __main__ (mypkg.__main__), which the "
-        "workers cannot import: define the handlers in an importable module (as mypkg/app.py) "
-        "and import them"
+        f"TypeError: run(..., workers=n): fetch is defined in __main__{where}, which the workers "
+        "cannot import: define the handlers in an importable module (as mypkg/app.py) and import "
+        "them"
     ), done.stderr
     assert done.stderr.count("Traceback") == 1, done.stderr
+
+
+class Unreadable(Exception):
+    """An exception whose ``__init__`` formats its message: unpickled, it formats it again."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"cannot open {path}")
+
+
+def test_a_start_error_that_does_not_copy_as_it_was_is_reported_by_its_summary() -> None:
+    """A worker's exception that comes back from pickle other than it was ("cannot open cannot
+    open /etc/app.toml") is not raised as that copy: ``WorkersFailed`` gives its summary."""
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    with reader, writer:
+        _report_failure(writer, Unreadable("/etc/app.toml"))
+        message = reader.recv()
+    error = _start_error(message[1:])
+    assert type(error) is WorkersFailed
+    assert str(error) == "a worker could not start: Unreadable: cannot open /etc/app.toml"
+    assert "(in the worker)" in str(error.__cause__)
+
+
+@needs_ipv6
+def test_port_0_is_one_port_on_every_address() -> None:
+    reserved = _reserve_ports(["127.0.0.1", "::1"], 0)
+    try:
+        assert len({sock.getsockname()[1] for sock in reserved}) == 1
+        assert [sock.getsockname()[0] for sock in reserved] == ["127.0.0.1", "::1"]
+    finally:
+        for sock in reserved:
+            sock.close()
 
 
 def test_run_with_workers_outside_the_main_guard_is_one_clear_error(tmp_path: Path) -> None:
@@ -700,6 +735,26 @@ def test_a_worker_copies_the_supervisor_s_log_format_in_its_own_style(style: str
     )
     done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
     assert done.stderr.decode().splitlines() == ["INFO|brioche.http|refused"]
+
+
+def test_a_worker_is_silent_where_the_supervisor_s_root_logger_is() -> None:
+    """A ``NullHandler`` first on the supervisor's root logger (an app that silences logging):
+    the worker adds one too. With none, logging's last resort printed its warnings."""
+    supervisor = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _log_setup\n"
+        "logging.getLogger().addHandler(logging.NullHandler())\n"
+        "sys.stdout.buffer.write(pickle.dumps(_log_setup()))\n"
+    )
+    setup = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30).stdout
+    worker = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _copy_log_setup\n"
+        "_copy_log_setup(pickle.loads(sys.stdin.buffer.read()))\n"
+        "logging.getLogger('app').warning('careful')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
+    assert (done.stdout, done.stderr) == (b"", b"")
 
 
 @pytest.mark.parametrize("destination", ["file", "stdout"])

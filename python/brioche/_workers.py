@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import io
 import logging
 import multiprocessing
@@ -184,6 +185,37 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _reserve_ports(addresses: list[str], port: int) -> list[socket.socket]:
+    """``_reserve_port`` on every address, not the first alone: a port taken on another (``::1``
+    of ``localhost``) was a crash loop of the workers, each failing to bind it, instead of a
+    ``BindError``. Port 0 is picked on the first address; taken on a later one, the pick is
+    tried again (8 times in all, as the engine does in one process)."""
+    attempts = 8
+    for attempt in range(attempts):
+        reserved: list[socket.socket] = []
+        try:
+            for address in addresses:
+                want = reserved[0].getsockname()[1] if reserved else port
+                try:
+                    reserved.append(_reserve_port(address, want))
+                except OSError as exc:
+                    picked = port == 0 and bool(reserved)
+                    if not (picked and exc.errno == errno.EADDRINUSE and attempt < attempts - 1):
+                        raise BindError(
+                            exc.errno, f"cannot listen on {address}:{want}: {exc.strerror or exc}"
+                        ) from exc
+                    break
+            else:
+                return reserved
+        except BaseException:
+            for sock in reserved:
+                sock.close()
+            raise
+        for sock in reserved:
+            sock.close()
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _LogSetup:
     """What a worker copies of the supervisor's logging: the levels of the root and ``brioche``
@@ -196,11 +228,14 @@ class _LogSetup:
     # before any of its code runs, or the worker could never start): format, date format, style.
     # None: the supervisor has no handler, and the worker adds none either.
     formatter: tuple[str, str | None, str] | None
+    handler_level: int = logging.NOTSET
     # The file of a plain `FileHandler` (`basicConfig(filename=...)`), and its encoding: the
     # workers append to it too, a line at a time. Otherwise a worker writes to stderr, which it
     # inherits, or to stdout when the supervisor's handler wrote there.
     file: tuple[str, str | None] | None = None
     stdout: bool = False
+    # The supervisor's root logger has a NullHandler first.
+    silent: bool = False
 
 
 def _log_setup() -> _LogSetup:
@@ -209,15 +244,21 @@ def _log_setup() -> _LogSetup:
     if not root.handlers:
         return _LogSetup(*levels, None)
     handler = root.handlers[0]
+    if isinstance(handler, logging.NullHandler):
+        # The app silences the root logger: so do the workers (with no handler at all, logging's
+        # last resort would print their warnings).
+        return _LogSetup(*levels, None, silent=True)
     styles: dict[object, str] = {cls: style for style, (cls, _) in logging._STYLES.items()}
     f = handler.formatter or logging.Formatter()
     formatter = (f._fmt or "%(message)s", f.datefmt, styles.get(type(f._style), "%"))
     # Any other class (a rotating file, a colour or a rich one) may not survive the copy; its
     # format does, and stderr is where a worker's lines then go.
     if type(handler) is logging.FileHandler:
-        return _LogSetup(*levels, formatter, file=(handler.baseFilename, handler.encoding))
+        return _LogSetup(
+            *levels, formatter, handler.level, file=(handler.baseFilename, handler.encoding)
+        )
     stdout = isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout
-    return _LogSetup(*levels, formatter, stdout=stdout)
+    return _LogSetup(*levels, formatter, handler.level, stdout=stdout)
 
 
 def _copy_log_setup(setup: _LogSetup) -> None:
@@ -230,7 +271,9 @@ def _copy_log_setup(setup: _LogSetup) -> None:
     """
     if logging.getLogger().handlers:
         return
-    if setup.formatter is not None:
+    if setup.silent:
+        logging.getLogger().addHandler(logging.NullHandler())
+    elif setup.formatter is not None:
         fmt, datefmt, style = setup.formatter
         handler: logging.Handler | None = None
         if setup.file is not None:
@@ -244,6 +287,7 @@ def _copy_log_setup(setup: _LogSetup) -> None:
             handler.setFormatter(logging.Formatter(fmt, datefmt, style))  # type: ignore[arg-type]
         except ValueError:  # pragma: no cover - a format its own style accepted
             pass
+        handler.setLevel(setup.handler_level)
         logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(setup.root_level)
     logging.getLogger("brioche").setLevel(setup.brioche_level)
@@ -255,7 +299,12 @@ def _report_failure(ready: multiprocessing.connection.Connection, exc: BaseExcep
     payload: bytes | None
     try:
         payload = pickle.dumps(exc)
-        pickle.loads(payload)  # some exceptions pickle, then fail to unpickle (required args)
+        # Some exceptions pickle, then fail to unpickle (required arguments), or come back
+        # other than they were (an __init__ that formats its message formats it twice): the
+        # supervisor then raises WorkersFailed with the summary instead.
+        copy = pickle.loads(payload)
+        if type(copy) is not type(exc) or str(copy) != str(exc):
+            payload = None
     except Exception:
         payload = None
     try:
@@ -395,28 +444,22 @@ def run_workers(
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if pickler.in_main and (
-        getattr(main, "__file__", None) is None or (spec is not None and spec.name.endswith(".__main__"))
+        getattr(main, "__file__", None) is None
+        or (spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")))
     ):
         # `spawn` imports the script again in each worker, but not a package's __main__.py
-        # (`python -m mypkg`), nor `python -c` or a REPL: each worker then failed to unpickle.
+        # (`python -m mypkg`), a directory's or a zipapp's (`python app/`, `python app.pyz`),
+        # nor `python -c` or a REPL: each worker then failed to unpickle.
+        where = f" ({spec.name})" if spec is not None and spec.name != "__main__" else ""
         raise TypeError(
             f"run(..., workers=n): {', '.join(pickler.in_main)} "
-            f"{'is' if len(pickler.in_main) == 1 else 'are'} defined in __main__"
-            f"{f' ({spec.name})' if spec is not None else ''}, which the workers cannot import: "
-            "define the handlers in an importable module (as mypkg/app.py) and import them"
+            f"{'is' if len(pickler.in_main) == 1 else 'are'} defined in __main__{where}, which "
+            "the workers cannot import: define the handlers in an importable module (as "
+            "mypkg/app.py) and import them"
         )
-    reserved: list[socket.socket] = []
+    reserved = _reserve_ports(addresses, port)
+    port = reserved[0].getsockname()[1]
     try:
-        # Every address, not the first alone: a port taken on another (`::1` of `localhost`)
-        # was a crash loop of the workers, each failing to bind it, instead of this BindError.
-        for address in addresses:
-            try:
-                reserved.append(_reserve_port(address, port))
-            except OSError as exc:
-                raise BindError(
-                    exc.errno, f"cannot listen on {address}:{port}: {exc.strerror or exc}"
-                ) from exc
-            port = reserved[0].getsockname()[1]
         relay_dir = tempfile.mkdtemp(prefix="brioche-relay-")
         try:
             paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
