@@ -103,7 +103,8 @@ class WebSocket(Generic[_T]):
         abruptly, or once its last frames after a close are written or given up."""
     @property
     def subscriptions(self) -> list[str]:
-        """The topics this socket is subscribed to."""
+        """The topics this socket is subscribed to, in the order subscribed (an unsubscribe
+        moves the last into the place it leaves)."""
     @property
     def per_message_deflate(self) -> bool:
         """Whether the client negotiated permessage-deflate."""

@@ -511,7 +511,8 @@ def is_subscribed(ws: WebSocket[Any], topic: str) -> bool:
 
 
 def subscriptions(ws: WebSocket[Any]) -> list[str]:
-    """The topics ``ws`` is subscribed to."""
+    """The topics ``ws`` is subscribed to, in the order subscribed (an unsubscribe moves the
+    last into the place it leaves)."""
     return ws.subscriptions
 
 

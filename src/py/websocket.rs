@@ -329,7 +329,8 @@ impl PyWebSocket {
         self.conn.buffered_amount()
     }
 
-    /// The topics this socket is subscribed to.
+    /// The topics this socket is subscribed to, in the order subscribed (an unsubscribe
+    /// moves the last into the place it leaves).
     #[getter]
     fn subscriptions(&self) -> Vec<String> {
         self.conn
