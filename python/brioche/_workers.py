@@ -423,8 +423,9 @@ def run_workers(
     """Serve ``config`` from ``workers`` processes until SIGINT or SIGTERM; see the module doc.
 
     ``addresses`` are what the hostname resolves to: each is reserved, on one port (the one
-    picked on the first when ``port`` is 0), as each worker binds them all. ``on_ready(port, pids)`` is called once, when every
-    worker first reported ready, with the workers' pids (it logs at INFO when not given).
+    picked on the first when ``port`` is 0), as each worker binds them all.
+    ``on_ready(port, pids)`` is called once, when every worker first reported ready, with the
+    workers' pids (it logs at INFO when not given).
     """
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # In a worker, importing the script (multiprocessing sets `_inheriting` for as long as

@@ -62,7 +62,7 @@ impl SendStatus {
 
 /// The topics a connection is subscribed to, in the order subscribed (an unsubscribe moves the
 /// last into its place). A set, not a list: an unsubscribe scanned a list, so a socket
-/// subscribed to 40,000 topics took 5 s of the loop to leave them one by one. Keyed by names
+/// subscribed to 40,000 topics took 3.5 s of the loop to leave them one by one. Keyed by names
 /// clients may choose, so with std's keyed hash; absent until the first subscribe, as most
 /// connections never make one (8 bytes where an empty `Vec` took 24).
 #[derive(Default)]
