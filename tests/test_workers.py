@@ -712,48 +712,51 @@ async def test_the_workers_log_as_the_supervisor_was_told_to() -> None:
         sup.stop()
 
 
+def log_in_a_fresh_worker(supervisor_setup: str, worker_logs: str, tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run ``supervisor_setup`` (code that sets up logging) in an interpreter playing the
+    supervisor, and hand its ``_log_setup()`` to another, playing a worker started afresh, which
+    copies it and runs ``worker_logs``: that one's output."""
+    setup = tmp_path / "log_setup.pickle"
+    supervisor = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _log_setup\n"
+        f"{supervisor_setup}"
+        f"open({str(setup)!r}, 'wb').write(pickle.dumps(_log_setup()))\n"
+    )
+    subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30)
+    worker = (
+        "import logging, pickle, sys\n"
+        "from brioche._workers import _copy_log_setup\n"
+        f"_copy_log_setup(pickle.loads(open({str(setup)!r}, 'rb').read()))\n"
+        f"{worker_logs}"
+    )
+    return subprocess.run([sys.executable, "-c", worker], capture_output=True, check=True, timeout=30)
+
+
 @pytest.mark.parametrize("style", ["%", "{", "$"])
-def test_a_worker_copies_the_supervisor_s_log_format_in_its_own_style(style: str) -> None:
+def test_a_worker_copies_the_supervisor_s_log_format_in_its_own_style(tmp_path: Path, style: str) -> None:
     """A worker (a fresh interpreter: here, one started to play it) whose imports set up no
     logging takes the supervisor's format, whatever its style: a ``{`` format read as ``%``
     would be a ValueError at the worker's start, and every worker would crash-loop."""
     fmt = {"%": "%(levelname)s|%(name)s|%(message)s", "{": "{levelname}|{name}|{message}",
            "$": "${levelname}|${name}|${message}"}[style]
-    supervisor = (
-        "import logging, pickle, sys\n"
-        "from brioche._workers import _log_setup\n"
+    done = log_in_a_fresh_worker(
         f"logging.basicConfig(format={fmt!r}, style={style!r})\n"
-        "logging.getLogger('brioche').setLevel(logging.INFO)\n"
-        "sys.stdout.buffer.write(pickle.dumps(_log_setup()))\n"
+        "logging.getLogger('brioche').setLevel(logging.INFO)\n",
+        "logging.getLogger('brioche.http').info('refused')\n",
+        tmp_path,
     )
-    setup = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30).stdout
-    worker = (
-        "import logging, pickle, sys\n"
-        "from brioche._workers import _copy_log_setup\n"
-        "_copy_log_setup(pickle.loads(sys.stdin.buffer.read()))\n"
-        "logging.getLogger('brioche.http').info('refused')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
     assert done.stderr.decode().splitlines() == ["INFO|brioche.http|refused"]
 
 
-def test_a_worker_is_silent_where_the_supervisor_s_root_logger_is() -> None:
+def test_a_worker_is_silent_where_the_supervisor_s_root_logger_is(tmp_path: Path) -> None:
     """A ``NullHandler`` first on the supervisor's root logger (an app that silences logging):
     the worker adds one too. With none, logging's last resort printed its warnings."""
-    supervisor = (
-        "import logging, pickle, sys\n"
-        "from brioche._workers import _log_setup\n"
-        "logging.getLogger().addHandler(logging.NullHandler())\n"
-        "sys.stdout.buffer.write(pickle.dumps(_log_setup()))\n"
+    done = log_in_a_fresh_worker(
+        "logging.getLogger().addHandler(logging.NullHandler())\n",
+        "logging.getLogger('app').warning('careful')\n",
+        tmp_path,
     )
-    setup = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30).stdout
-    worker = (
-        "import logging, pickle, sys\n"
-        "from brioche._workers import _copy_log_setup\n"
-        "_copy_log_setup(pickle.loads(sys.stdin.buffer.read()))\n"
-        "logging.getLogger('app').warning('careful')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
     assert (done.stdout, done.stderr) == (b"", b"")
 
 
@@ -765,22 +768,13 @@ def test_a_worker_logs_where_the_supervisor_s_basic_config_writes(tmp_path: Path
     stderr ("WARNING from worker"), and stdout's went to stderr."""
     log = tmp_path / "app.log"
     where = f"filename={str(log)!r}" if destination == "file" else "stream=sys.stdout"
-    supervisor = (
-        "import logging, pickle, sys\n"
-        "from brioche._workers import _log_setup\n"
+    done = log_in_a_fresh_worker(
         f"logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s', {where})\n"
-        "logging.getLogger().info('from the supervisor')\n"
-        "sys.stderr.buffer.write(pickle.dumps(_log_setup()))\n"
-    )
-    setup = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, check=True, timeout=30).stderr
-    worker = (
-        "import logging, pickle, sys\n"
-        "from brioche._workers import _copy_log_setup\n"
-        "_copy_log_setup(pickle.loads(sys.stdin.buffer.read()))\n"
+        "logging.getLogger().info('from the supervisor')\n",
         "logging.getLogger('app').info('from a worker')\n"
-        "logging.getLogger('app').warning('careful')\n"
+        "logging.getLogger('app').warning('careful')\n",
+        tmp_path,
     )
-    done = subprocess.run([sys.executable, "-c", worker], input=setup, capture_output=True, check=True, timeout=30)
     assert done.stderr == b""
     worker_lines = ["INFO app: from a worker", "WARNING app: careful"]
     if destination == "file":
