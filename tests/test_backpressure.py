@@ -294,42 +294,80 @@ async def test_sends_to_a_socket_that_is_not_open_are_dropped(serve: ServeFn, re
     assert srv.publish("t", "x") == dropped, "a closed socket receives no publish"
 
 
+def frame_len(payload: int) -> int:
+    """Bytes a server frame of ``payload`` bytes takes on the wire (and in ``buffered_amount``)."""
+    return payload + (2 if payload < 126 else 4 if payload < 65536 else 10)
+
+
+async def stall(ws: brioche.WebSocket[Any]) -> None:
+    """Send to a client that is not reading until the kernel refuses a write: from then on the
+    server's queue only grows (its task waits for a writability that does not come), so what
+    ``buffered_amount`` reads is exactly what later sends add."""
+    records = await fill(
+        ws,
+        (numbered(i, SIZE) for i in range(MAX_MESSAGES)),
+        stop_when=lambda status: isinstance(status, MessageBackpressured),
+    )
+    assert isinstance(records[-1].status, MessageBackpressured), "the kernel took everything"
+
+
 async def test_limit_applies_to_what_was_buffered_before_the_message(serve: ServeFn, recorder: Recorder) -> None:
-    def fill_to_the_limit(ws: brioche.WebSocket[Any]) -> list[Any]:
-        # Corked: nothing is written meanwhile, so buffered_amount is exactly what was queued.
-        return [
-            ws.send_bytes(bytes(996)), ws.buffered_amount,  # 4 + 996: exactly the limit
-            # At the limit is not over it: accepted, but past the high-water mark (half the
-            # limit), so reported as backpressured.
+    """A send is dropped when what is queued before it is over the limit, not when it would take
+    the queue over: a queue of exactly the limit takes one more message. The kernel refuses
+    first (``stall``), so nothing is written while the statuses are taken."""
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await stall(ws)
+        queued = ws.buffered_amount
+        assert 0 < queued < LIMIT - 100_000, queued
+        pad = LIMIT - queued - 10
+        assert frame_len(pad) == LIMIT - queued
+        recorder.add("statuses", [
+            queued,
+            ws.send_bytes(bytes(pad)), ws.buffered_amount,  # exactly the limit
+            # At the limit is not over it: accepted (backpressured, as the kernel refuses).
             ws.send("x"), ws.buffered_amount,
             ws.send("y"), ws.send_bytes(b"y"), ws.ping(), ws.pong(), ws.buffered_amount,  # over it
-        ]
+        ])
 
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        recorder.add("corked", ws.cork(fill_to_the_limit))
-
-    srv = await serve(websocket.init().on_text(on_text).backpressure_limit(1000))
-    async with await RawWebSocket.connect(srv.port) as client:
+    srv = await serve(websocket.init().on_text(on_text).backpressure_limit(LIMIT))
+    async with await RawWebSocket.connect(srv.port, rcvbuf=4096) as client:
+        client.pause_reading()
         await client.send_text("go")
-        first, second = await client.recv_frame(), await client.recv_frame()
-        assert (first.opcode, first.payload) == (OP_BINARY, bytes(996))
-        assert (second.opcode, second.payload) == (OP_TEXT, b"x")
+        await recorder.wait_for(lambda: bool(recorder.of("statuses")))
+        client.resume_reading()
+        frames = []
+        while not frames or frames[-1].payload != b"x":
+            frames.append(await client.recv_frame(timeout=10))
+            assert len(frames) <= MAX_MESSAGES + 2
+        queued = recorder.of("statuses")[0][0][0]
+        assert [f.payload for f in frames] == [
+            *(numbered(i, SIZE) for i in range(len(frames) - 2)), bytes(LIMIT - queued - 10), b"x"
+        ]
+        assert [f.opcode for f in frames[-2:]] == [OP_BINARY, OP_TEXT]
         # A close reply is not subject to the limit: it must be the very next frame.
         await client.send_close(1000)
         close = await client.expect_close_then_eof()
         assert close.close_code == 1000, "nothing dropped was delivered"
-    dropped = MessageDropped()
-    assert recorder.of("corked") == [
-        ([MessageSent(996), 1000, MessageBackpressured(), 1003, dropped, dropped, dropped, dropped, 1003],)
+    ((statuses,),) = recorder.of("statuses")
+    dropped, backpressured = MessageDropped(), MessageBackpressured()
+    assert statuses[1:] == [
+        backpressured, LIMIT, backpressured, LIMIT + 3, dropped, dropped, dropped, dropped, LIMIT + 3
     ]
 
 
 async def test_close_on_backpressure_limit_client_sees_1006(serve: ServeFn, recorder: Recorder) -> None:
-    def over_the_limit(ws: brioche.WebSocket[Any]) -> list[Any]:
-        return [ws.send_bytes(bytes(2000)), ws.send("over"), ws.ready_state, ws.send("after")]
+    """With ``close_on_backpressure_limit``, the send that finds the queue over the limit ends
+    the connection without a close frame: a ``websockets`` client (which stops reading once
+    ``max_queue`` messages wait) sees 1006, and the handler 1008."""
 
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        recorder.add("corked", ws.cork(over_the_limit))
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        records = await fill(
+            ws,
+            (numbered(i, SIZE) for i in range(MAX_MESSAGES)),
+            stop_when=lambda status: isinstance(status, MessageDropped),
+        )
+        recorder.add("filled", records[-1].status, ws.ready_state, ws.send("after"))
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", code, reason)
@@ -338,17 +376,22 @@ async def test_close_on_backpressure_limit_client_sees_1006(serve: ServeFn, reco
         websocket.init()
         .on_text(on_text)
         .on_close(on_close)
-        .backpressure_limit(1000)
+        .backpressure_limit(LIMIT)
         .close_on_backpressure_limit(True)
     )
     srv = await serve(config)
-    async with connect(ws_url(srv), ping_interval=None, max_size=None) as client:
+    async with connect(ws_url(srv), ping_interval=None, max_size=None, max_queue=1) as client:
         await client.send("go")
-        await asyncio.wait_for(client.wait_closed(), 5)
+        await recorder.wait_for(lambda: bool(recorder.of("close")))
+        received = 0
+        with pytest.raises(ConnectionClosed):
+            while received <= MAX_MESSAGES:
+                assert await asyncio.wait_for(client.recv(), 10) == numbered(received, SIZE)
+                received += 1
         assert client.close_code == 1006, "dropped without a close frame"
     await asyncio.wait_for(srv.stop(), 10)
-    (((sent, over, state, after),),) = recorder.of("corked")
-    assert (sent, over, after) == (MessageSent(2000), MessageDropped(), MessageDropped())
+    ((last, state, after),) = recorder.of("filled")
+    assert (last, after) == (MessageDropped(), MessageDropped())
     assert state in (2, 3), "no longer open (closing, or already closed by the reader)"
     assert recorder.of("close") == [(1008, "backpressure limit exceeded")]
 
@@ -444,8 +487,9 @@ async def test_on_drain_fires_once_per_congestion_episode(serve: ServeFn, record
 async def test_publish_to_a_recipient_over_the_limit_drops_it_and_terminates_it_when_configured(
     serve: ServeFn, recorder: Recorder
 ) -> None:
-    """The publish that takes a subscriber over its limit drops the message for it (Dropped)
-    and ends it with 1008; the next publish, in the same handler, reaches the other subscriber
+    """A publish to a subscriber over its limit (a client that stopped reading, its queue past
+    the limit with the kernel refusing more) drops the message for it (Dropped) and ends it
+    with 1008; the next publish, in the same handler, reaches the other subscriber
     and is Sent, as in Bun, where the socket leaves its topics as it closes. It was Dropped:
     the ended socket stayed among the topic's subscribers until its task ended, each publish
     counting it as a dropped delivery."""
@@ -455,12 +499,11 @@ async def test_publish_to_a_recipient_over_the_limit_drops_it_and_terminates_it_
         ws.subscribe("t")
         recorder.add("open", ws)
 
-    def overfill_then_publish(ws: brioche.WebSocket[Any]) -> Any:
-        ws.send_bytes(bytes(2000))  # corked: stays buffered, over the 1000-byte limit
-        return holder[0].publish("t", "news"), holder[0].publish("t", "news 2")
-
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
-        recorder.add("published", *ws.cork(overfill_then_publish))
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        await stall(ws)
+        if ws.buffered_amount <= 1000:
+            ws.send_bytes(bytes(1000))  # the kernel refuses: queued, now over the limit
+        recorder.add("published", holder[0].publish("t", "news"), holder[0].publish("t", "news 2"))
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", ws, code, reason)
@@ -477,11 +520,15 @@ async def test_publish_to_a_recipient_over_the_limit_drops_it_and_terminates_it_
     holder.append(srv)
     async with connect(ws_url(srv), ping_interval=None) as healthy:
         await recorder.wait_for(lambda: len(recorder.of("open")) == 1)
-        async with connect(ws_url(srv), ping_interval=None, max_size=None) as overfull:
+        async with await RawWebSocket.connect(srv.port, rcvbuf=4096) as overfull:
+            overfull.pause_reading()
             await recorder.wait_for(lambda: len(recorder.of("open")) == 2)
-            await overfull.send("go")
-            await asyncio.wait_for(overfull.wait_closed(), 5)
-            assert overfull.close_code == 1006
+            await overfull.send_text("go")
+            await recorder.wait_for(lambda: bool(recorder.of("close")))
+            overfull.resume_reading()
+            data, how = await overfull.read_until_end(timeout=10)
+            assert how in ("eof", "reset")
+            assert OP_CLOSE not in [f.opcode for f in parse_frames(data)[0]], "ended without a close frame"
         assert [await asyncio.wait_for(healthy.recv(), 5) for _ in range(2)] == ["news", "news 2"], (
             "the other subscriber got both"
         )
@@ -493,9 +540,10 @@ async def test_publish_to_a_recipient_over_the_limit_drops_it_and_terminates_it_
         assert srv.stats()["sends_dropped"] == 1
 
 
+@pytest.mark.parametrize("corked", [False, True], ids=["batch", "cork"])
 @pytest.mark.parametrize("close_on_limit", [False, True])
 async def test_a_burst_over_the_limit_to_a_client_that_reads_loses_nothing(
-    serve: ServeFn, recorder: Recorder, close_on_limit: bool
+    serve: ServeFn, recorder: Recorder, close_on_limit: bool, corked: bool
 ) -> None:
     """One handler sends 24 messages of 64 KiB (1.5 MiB) over a limit of 1 MiB to a client that
     reads. Nothing is written until the handler batch ends, so the queue passes the limit with
@@ -504,13 +552,17 @@ async def test_a_burst_over_the_limit_to_a_client_that_reads_loses_nothing(
     kernel's buffers hold the burst until the handler returns: half a MiB over the limit fits
     them). No send is dropped, the client gets all 24, and with ``close_on_backpressure_limit``
     it is not closed. Before, the client got 16 (and with the option, none: it was closed with
-    1008)."""
+    1008). Inside ``cork()`` the same, as Bun's cork writes when its buffer overflows: a cork
+    held all it was given, and dropped past the limit as a batch once did."""
+
+    def burst(ws: brioche.WebSocket[Any]) -> list[object]:
+        return [ws.send_bytes(numbered(i, SIZE)) for i in range(24)]
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         if text == "sync":
             ws.send("synced")
             return
-        recorder.add("statuses", [ws.send_bytes(numbered(i, SIZE)) for i in range(24)])
+        recorder.add("statuses", ws.cork(burst) if corked else burst(ws))
 
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", code, reason)

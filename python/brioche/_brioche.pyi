@@ -129,8 +129,9 @@ class WebSocket(Generic[_T]):
     def is_subscribed(self, topic: str) -> bool:
         """Whether this socket is subscribed to ``topic``."""
     def cork(self, callback: Callable[[WebSocket[_T]], _R]) -> _R:
-        """Run ``callback(self)``; what it sends is written in one go. ``callback`` is a plain
-        function: an ``async def`` one is a ``TypeError``."""
+        """Run ``callback(self)``; what it sends is written in one go, unless it passes
+        ``backpressure_limit`` (then what is queued is written at once, as Bun's ``cork``
+        does). ``callback`` is a plain function: an ``async def`` one is a ``TypeError``."""
     def close(self, code: int | None = None, reason: str = "") -> None:
         """Start the closing handshake with ``code`` (1000 for ``None``, Bun's ``undefined``) and
         ``reason``, as Bun's ``close``: the reason is cut to 123 UTF-8 bytes at a character

@@ -519,6 +519,10 @@ def subscriptions(ws: WebSocket[Any]) -> list[str]:
 def cork(ws: WebSocket[T], callback: Callable[[WebSocket[T]], R]) -> R:
     """Run ``callback(ws)`` and write everything it sends in one go; returns its result.
 
+    A cork holds its sends back only until they pass ``backpressure_limit``: then what is
+    queued is written at once, as Bun's ``cork`` writes when its buffer overflows, and only
+    what the kernel refuses counts toward the limit.
+
     ``callback`` is a plain function: an ``async def`` one is a ``TypeError``, since its body
     would not run inside the cork.
     """

@@ -437,7 +437,9 @@ impl PyWebSocket {
         Ok(self.conn.is_subscribed(topic))
     }
 
-    /// Run `callback(self)` and write everything it sends in one go; returns its result.
+    /// Run `callback(self)` and write everything it sends in one go (unless it passes
+    /// `backpressure_limit`: then what is queued is written at once, as Bun's `cork` does);
+    /// returns its result.
     fn cork(slf: &Bound<'_, Self>, callback: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let conn = &slf.get().conn;
         conn.cork();

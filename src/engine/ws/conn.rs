@@ -360,17 +360,17 @@ impl Conn {
         let limits = &self.shared.config.ws;
         let limit = limits.backpressure_limit;
         let mut buffered = self.out.buffered();
-        if limit > 0 && buffered > limit && !self.out.is_refused() && !self.out.is_corked() {
-            // Within a batch nothing is written until it ends: a burst from one handler (or a
-            // batch's publishes) may be over the limit with no byte yet offered to the kernel,
-            // and dropping now would lose messages for a client that reads as fast as it can
-            // (and end it, with `close_on_backpressure_limit`). Offer them first, as uWS writes
-            // when its cork buffer overflows: only what the kernel refuses counts. Not again
-            // while the kernel refuses: the connection's task waits for writability. Not in a
-            // `cork`, which holds the writes it was asked to (and the limit applies to it as
-            // before). The queue's own flush, not `Conn::flush`: the socket stays congested,
-            // and its one `on_drain` comes from the flush that empties it after this batch.
-            match self.out.flush() {
+        if limit > 0 && buffered > limit && !self.out.is_refused() {
+            // Within a batch or a `cork` nothing is written until it ends: a burst from one
+            // handler (or a batch's publishes) may be over the limit with no byte yet offered to
+            // the kernel, and dropping now would lose messages for a client that reads as fast
+            // as it can (and end it, with `close_on_backpressure_limit`). Offer them first, as
+            // uWS writes when its cork buffer overflows (Bun's `cork` included): only what the
+            // kernel refuses counts. Not again while the kernel refuses: the connection's task
+            // waits for writability. The queue's own flush, not `Conn::flush`: the socket stays
+            // congested, and its one `on_drain` comes from the flush that empties it after this
+            // batch.
+            match self.out.flush_overflowing() {
                 Ok(Flushed::Blocked) => self.signal(signal::FLUSH),
                 Ok(_) => {}
                 Err(_) => {
@@ -413,17 +413,14 @@ impl Conn {
         // next send is dropped if it did not. Left for the batch's end, such a frame was Sent
         // and the next one Dropped, with a limit below a message's size: the sender never saw
         // the Backpressured it slows down at.
-        let write_through = limit > 0
-            && buffered + payload_len > limit
-            && !self.out.is_refused()
-            && !self.out.is_corked();
+        let write_through = limit > 0 && buffered + payload_len > limit && !self.out.is_refused();
         match push(&self.out) {
             Pushed::Refused => return SendStatus::Dropped,
             Pushed::First => self.schedule_flush(),
             Pushed::Queued => {}
         }
         if write_through {
-            match self.out.flush() {
+            match self.out.flush_overflowing() {
                 Ok(Flushed::Blocked) => {
                     self.signal(signal::FLUSH);
                     congested = true;

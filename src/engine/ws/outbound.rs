@@ -287,13 +287,24 @@ impl Outbound {
     /// Write what is queued until it is all written or the kernel refuses more. Never blocks
     /// beyond the queue's lock, which is held only by another flush or a push.
     pub(crate) fn flush(&self) -> io::Result<Flushed> {
+        self.flush_with(false)
+    }
+
+    /// `flush`, also while a `cork` holds the queue: what a burst over the backpressure limit
+    /// writes, as uWS writes a cork buffer that overflows. Frames queued after it wait for the
+    /// `uncork` again.
+    pub(crate) fn flush_overflowing(&self) -> io::Result<Flushed> {
+        self.flush_with(true)
+    }
+
+    fn flush_with(&self, through_cork: bool) -> io::Result<Flushed> {
         let mut guard = self.queue.lock();
-        let flushed = self.flush_locked(&mut guard);
+        let flushed = self.flush_locked(&mut guard, through_cork);
         self.note_front(&guard);
         flushed
     }
 
-    fn flush_locked(&self, guard: &mut Queue) -> io::Result<Flushed> {
+    fn flush_locked(&self, guard: &mut Queue, through_cork: bool) -> io::Result<Flushed> {
         let Queue {
             chunks,
             written,
@@ -315,7 +326,7 @@ impl Outbound {
             self.refused.store(false, Ordering::Relaxed);
             return Ok(Flushed::Done);
         }
-        if self.is_corked() && !*sealed {
+        if self.is_corked() && !*sealed && !through_cork {
             unshare(chunks);
             return Ok(Flushed::Corked);
         }
@@ -620,6 +631,33 @@ mod tests {
             .collect();
         assert_eq!(bytes, b"\x81\x02hi\x81\x02hi");
         assert_eq!(out.buffered(), 8);
+    }
+
+    #[test]
+    fn an_overflowing_cork_is_written_and_what_follows_waits_for_the_uncork() {
+        use std::io::Read;
+        let (rt, ours, mut theirs) = socket_pair();
+        let _guard = rt.enter();
+        let out = Outbound::default();
+        out.attach(Arc::new(Stream::Tcp(ours)));
+        out.cork();
+        assert_eq!(out.push(&text("one"), false), Pushed::Queued);
+        assert_eq!(out.flush().unwrap(), Flushed::Corked);
+        assert_eq!(out.flush_overflowing().unwrap(), Flushed::Done);
+        assert_eq!(out.buffered(), 0);
+        let mut got = [0u8; 5];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\x81\x03one");
+        assert_eq!(
+            out.push(&text("two"), false),
+            Pushed::Queued,
+            "still corked"
+        );
+        assert_eq!(out.flush().unwrap(), Flushed::Corked);
+        assert!(out.uncork(), "the uncork owes the flush");
+        assert_eq!(out.flush().unwrap(), Flushed::Done);
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\x81\x03two");
     }
 
     #[test]

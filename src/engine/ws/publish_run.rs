@@ -112,8 +112,8 @@ pub(crate) struct Found {
     congested: bool,
     /// The most bytes any subscriber had queued.
     max_buffered: usize,
-    /// The most bytes queued for a subscriber whose last write the kernel refused (or that is
-    /// corked): what the limit drops for.
+    /// The most bytes queued for a subscriber whose last write the kernel refused: what the
+    /// limit drops for.
     max_refused: usize,
     /// The most bytes queued for any other: past the limit, its queue is written first.
     max_unrefused: usize,
@@ -130,8 +130,7 @@ impl Found {
         self.congested |= conn.out.is_congested();
         let buffered = conn.out.buffered();
         self.max_buffered = self.max_buffered.max(buffered);
-        // A corked queue is not written before the limit applies: as one the kernel refused.
-        if conn.out.is_refused() || conn.out.is_corked() {
+        if conn.out.is_refused() {
             self.max_refused = self.max_refused.max(buffered);
         } else {
             self.max_unrefused = self.max_unrefused.max(buffered);
