@@ -773,6 +773,33 @@ async def test_a_parked_message_is_taken_off_the_budget_by_what_it_held(serve: S
         assert await poll_until(lambda: got == [char, "still read"], TIMEOUT), got
 
 
+async def test_a_release_of_more_than_is_held_does_not_stop_the_connection_reading(serve: ServeFn) -> None:
+    """The dispatcher's holds on a connection (a suspended handler, parked messages) are
+    released through ``_release_handler``/``_release_parked``, whose pairing the engine cannot
+    check. One release too many (the dispatcher's bug, called here by hand) wrapped the in-flight
+    count to its maximum: the connection never read again, neither its messages nor the client's
+    close frame. Now the count stops at 0, and the connection goes on."""
+    got: list[str] = []
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws._release_handler()
+        ws._release_parked(3)
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        got.append(text)
+        ws.send(text)
+
+    srv = await serve(websocket.init().on_open(on_open).on_text(on_text))
+    async with connect(ws_url(srv)) as client:
+        for i in range(3):
+            await client.send(f"m{i}")
+        assert [await asyncio.wait_for(client.recv(), TIMEOUT) for _ in range(3)] == ["m0", "m1", "m2"]
+        await asyncio.wait_for(client.close(), TIMEOUT)
+        assert client.close_code == 1000
+    assert got == ["m0", "m1", "m2"]
+    assert srv.stats()["incoming_bytes"] == 0
+
+
 async def test_stop_waits_for_a_suspended_handler_task(serve: ServeFn, recorder: Recorder) -> None:
     release = asyncio.Event()
 

@@ -880,9 +880,10 @@ class Server(Generic[T]):
 
     def _on_wake(self) -> None:
         started = perf_counter()
-        events = self._engine.drain(self._batch_max)
         try:
-            self._dispatch_batch(events)
+            # Inside: a drain that fails (a MemoryError making its objects) has begun the send
+            # batch, which only end_batch ends.
+            self._dispatch_batch(self._engine.drain(self._batch_max))
         finally:
             handled = perf_counter()
             # Everything the handlers sent is written here, one send per connection.

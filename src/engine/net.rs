@@ -24,7 +24,7 @@ use std::time::Duration;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -287,7 +287,13 @@ impl TlsSocket {
         let mut session = self.session.lock();
         let mut filled = 0;
         let mut result = Ok(());
-        for _ in 0..TLS_READS_PER_CALL {
+        for round in 0..TLS_READS_PER_CALL {
+            if round > 0 {
+                // A send flushing under its queue's lock (the loop thread's, holding the GIL)
+                // waits for this lock: it gets it between rounds, not after up to 64 of them.
+                // Nothing to do when nobody waits.
+                MutexGuard::bump(&mut session);
+            }
             match session.reader().read(&mut buf[filled..]) {
                 Ok(n) => {
                     filled += n;

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -414,9 +414,15 @@ fn adopt(fd: RawFd) -> io::Result<(Listener, Address)> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // SAFETY: borrowed only to be duplicated; a descriptor that is not open fails the
-    // duplication with EBADF.
-    let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    // Duplicated with `fcntl` itself, not through `BorrowedFd::borrow_raw`, whose contract
+    // (the descriptor is open) a caller's number may break: a closed one fails with EBADF here.
+    // SAFETY: `fcntl` reads no memory; a descriptor it returns is new and ours alone.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is open and owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
     let socket = Socket::from(owned);
     let kind = socket.r#type().map_err(|err| match err.raw_os_error() {
         Some(libc::ENOTSOCK) => invalid("the file descriptor is not a socket"),

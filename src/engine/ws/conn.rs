@@ -679,7 +679,7 @@ impl Conn {
     /// The suspended handler ended (`handler_suspended`).
     pub(crate) fn handler_ended(&self) {
         // Release, as `messages_taken`'s.
-        let messages = self.inflight_messages.fetch_sub(1, Ordering::Release);
+        let messages = release(&self.inflight_messages, 1, Ordering::Release);
         if messages >= MAX_INFLIGHT_MESSAGES {
             self.signal(signal::RESUME);
         }
@@ -700,8 +700,8 @@ impl Conn {
     pub fn messages_taken(&self, count: usize, len: usize) {
         // Release: a task that then reads none in flight sees the batch that took them begun
         // (`EventQueue::handled_since`).
-        let messages = self.inflight_messages.fetch_sub(count, Ordering::Release);
-        let bytes = self.inflight_bytes.fetch_sub(len, Ordering::Relaxed);
+        let messages = release(&self.inflight_messages, count, Ordering::Release);
+        let bytes = release(&self.inflight_bytes, len, Ordering::Relaxed);
         // Only when the task may be waiting; it re-checks the caps itself.
         if messages >= MAX_INFLIGHT_MESSAGES || bytes >= MAX_INFLIGHT_BYTES {
             self.signal(signal::RESUME);
@@ -746,9 +746,30 @@ impl Conn {
     /// task's next turn finds reading not paused and parses on.
     pub(crate) fn reading_paused_with(&self, count: usize, len: usize) -> bool {
         self.paused_by_app.load(Ordering::Relaxed)
-            || self.inflight_messages.load(Ordering::Relaxed) + count >= MAX_INFLIGHT_MESSAGES
-            || self.inflight_bytes.load(Ordering::Relaxed) + len >= MAX_INFLIGHT_BYTES
+            || self
+                .inflight_messages
+                .load(Ordering::Relaxed)
+                .saturating_add(count)
+                >= MAX_INFLIGHT_MESSAGES
+            || self
+                .inflight_bytes
+                .load(Ordering::Relaxed)
+                .saturating_add(len)
+                >= MAX_INFLIGHT_BYTES
     }
+}
+
+/// Take `n` off an in-flight count, never below 0; the count before. The releases come from
+/// Python's dispatcher (`_release_parked`, `_release_handler`), whose pairing the engine cannot
+/// check: one release too many wrapped the count to `usize::MAX`, and the connection never read
+/// again (not even the client's close frame). Now it can only let that connection run past its
+/// caps by the difference.
+fn release(count: &AtomicUsize, n: usize, order: Ordering) -> usize {
+    count
+        .fetch_update(order, Ordering::Relaxed, |held| {
+            Some(held.saturating_sub(n))
+        })
+        .unwrap_or_else(|held| held)
 }
 
 /// Payloads up to this size are compressed into the thread's scratch buffer and copied into the
