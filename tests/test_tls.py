@@ -215,7 +215,10 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(
     serve: ServeFn, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Dropped at handshake_timeout, as a handshake that fails, counted in
-    tls_handshakes_failed and logged at INFO on brioche.http."""
+    tls_handshakes_failed and logged at INFO on brioche.http. Each line says why, with rustls's
+    reason when rustls refused: a client that does not trust the certificate (what a renewal
+    gone wrong looks like) is told from garbage. Before, both read "refused by the TLS layer",
+    and a client that gave up with an alert record read "not TLS"."""
     caplog.set_level(logging.INFO, logger="brioche.http")
     srv = await serve(echo_config(), tls=certs.files, handshake_timeout=0.5)
     loop = asyncio.get_running_loop()
@@ -238,7 +241,8 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(
         assert 0.4 <= loop.time() - started < 5
     # Refused at once: a handshake record rustls rejects (it answers with an alert), and bytes
     # that are not TLS at all (dropped); a client that connects and closes is no failure.
-    for sent in (garbage, b"\x00not tls"):
+    alert = b"\x15\x03\x01\x00\x02\x02\x28"  # a fatal handshake_failure alert, and nothing else
+    for sent in (garbage, b"\x00not tls", alert):
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         writer.write(sent)
         try:
@@ -247,6 +251,22 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(
             pass
         finally:
             writer.close()
+    # A client that does not trust the certificate: it answers it with an alert (a blocking
+    # socket writes it before raising), or hangs up (asyncio's may drop the alert unsent).
+    def distrusting_client() -> None:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                ssl.create_default_context().wrap_socket(sock, server_hostname="127.0.0.1")
+
+    await asyncio.to_thread(distrusting_client)
+    # Half a ClientHello, then the end of the stream: a client gone mid-handshake.
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(partial)
+    writer.write_eof()
+    try:
+        assert await read_until_eof(reader) == b""
+    finally:
+        writer.close()
     _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
     writer.close()
     # The server still serves.
@@ -254,14 +274,19 @@ async def test_a_stalled_handshake_is_dropped_at_handshake_timeout(
         await client.send("after")
         assert await asyncio.wait_for(client.recv(), 5) == "after"
     # Counted as each ends; the lines reach `logging` through the loop.
-    assert await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 3, 5)
-    assert srv.stats()["tls_handshakes_failed"] == 3
+    assert await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 6, 5)
+    assert srv.stats()["tls_handshakes_failed"] == 6
     lines = log_lines(caplog, "brioche.http")
     # In any order: each connection's end is logged from its own task, after the client may
     # already have seen it closed and the next connection begun.
-    assert sorted(line.split(" failed: ")[1] for _, line in lines) == [
-        "not TLS", "not done within handshake_timeout", "refused by the TLS layer"
-    ], lines
+    assert sorted(line.split(" failed: ")[1] for _, line in lines) == sorted([
+        "not TLS",
+        "not done within handshake_timeout",
+        "refused by the TLS layer (received corrupt message of type HandshakePayloadTooLarge)",
+        "refused by the TLS layer (received fatal alert: HandshakeFailure)",
+        "refused by the TLS layer (received fatal alert: UnknownCA)",
+        "the client closed the connection mid-handshake",
+    ]), lines
 
 
 async def test_unusable_certificates_are_a_brioche_error_at_serve(tmp_dir: Path, certs: Certs) -> None:

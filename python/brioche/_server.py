@@ -123,6 +123,10 @@ HOLD_AFTER_CONNECTIONS = 256
 HOLD_AFTER_DELIVERIES_PER_CONNECTION = 2
 HOLD_AFTER_WRITES_SECONDS = 0.002
 HOLD_SECONDS = 0.001
+# The core logs at most ten lines of a kind a second; a second after the line that filled its
+# second, the loop asks how many were left out since, and says so in a line of its own if no
+# later line of that kind has said it already.
+LEFT_OUT_AFTER_SECONDS = 1.0
 
 _CoroutineType = types.CoroutineType
 
@@ -262,20 +266,30 @@ class BindError(BriocheError, OSError):
 class Stats(TypedDict):
     """What :meth:`Server.stats` returns: counts since the server started.
 
-    ``messages_out`` and ``bytes_out`` count messages queued for clients (sends and publish
-    deliveries, payload bytes), ``deliveries`` the publish deliveries among them, and
-    ``sends_backpressured`` those queued to a congested socket; ``sends_dropped`` counts sends
-    and deliveries refused. ``handshakes_rejected`` counts WebSocket handshakes the core refused
+    ``messages_in`` and ``bytes_in`` count data messages from clients, ``messages_out`` and
+    ``bytes_out`` messages queued for clients (sends and publish deliveries, one per
+    recipient); the bytes are payload bytes, uncompressed (after inflating, before
+    compressing), without frame headers, control frames or TLS: not a measure of bandwidth.
+    ``deliveries`` counts the publish deliveries among them, and ``sends_backpressured`` those
+    queued to a congested socket; ``sends_dropped`` counts sends and deliveries refused (a
+    publish that reached nobody is no dropped delivery, although its status is
+    ``MessageDropped()``). ``handshakes_rejected`` counts WebSocket handshakes the core refused
     for what makes them handshakes (400, 426, 503), ``requests_rejected`` HTTP requests, a
     handshake among them, it refused before the handler for anything else (400 for the ``Host``
-    or a malformed request, 408, 413, 414, 431), and ``responses_stalled`` HTTP connections it
-    dropped because a response waited ``handshake_timeout`` on a client that read none of it.
-    ``tls_handshakes_failed`` counts TLS connections that sent something but never finished
-    their handshake (not TLS, refused by the TLS layer, or not done within
-    ``handshake_timeout``; plain HTTP to the TLS port is a ``requests_rejected``).
+    or a malformed request, or plain HTTP to the TLS port; 408, 413, 414, 431, 501 for a
+    transfer coding it does not know, 503 for a body over ``max_incoming_bytes``), and
+    ``responses_stalled`` HTTP connections it dropped because a response waited
+    ``handshake_timeout`` on a client that read none of it. ``tls_handshakes_failed`` counts
+    TLS connections that sent something but never finished their handshake (not TLS, refused
+    by the TLS layer, left mid-handshake, or not done within ``handshake_timeout``).
     ``open_connections`` and ``incoming_bytes`` are current values. A connection is counted in
     ``connections_opened`` before its ``on_open`` runs, and in ``connections_closed`` and
-    ``closes_by_code`` before its ``on_close`` runs.
+    ``closes_by_code`` before its ``on_close`` runs; ``closes_by_code`` is keyed by the code
+    ``on_close`` gets (the README's table of them): after the server's ``close()`` (a handler's
+    1011 included) the code the client answers with, or 1006 if no answer came (``close(4002)``
+    answered with 1000 counts 1000); 1008 for a connection dropped over its backpressure limit,
+    although no close frame is sent then. Counters are per process: under ``workers`` each
+    worker has its own.
 
     With :meth:`~brioche.server.Config.pubsub_redis`: ``redis_published`` counts publishes
     written to Redis, ``redis_publishes_lost`` those the other processes never got (Redis down,
@@ -367,7 +381,7 @@ def _log_from_engine(name: str, level: int, message: str, args: tuple[Any, ...],
     if not engine_logger.isEnabledFor(level):
         return
     if left_out:
-        message += " (%d more like this in the last seconds were not logged)"
+        message += " (%d more like this were not logged before it)"
         args = (*args, left_out)
     engine_logger.log(level, message, *args)
 
@@ -405,7 +419,8 @@ class Server(Generic[T]):
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
         "_close_tasks", "_request_tasks", "_stop_cancelled", "_stop_waiters", "_answering",
         "_context", "_ended", "_run",
-        "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "hostname", "unix",
+        "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "_left_out_due",
+        "hostname", "unix",
         "__weakref__",
     )
     _engine: Engine
@@ -438,6 +453,7 @@ class Server(Generic[T]):
     _batch_max: int
     _wake_thread: threading.Thread | None
     _batches_held: int
+    _left_out_due: set[int]
     hostname: str
     """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
     on a Unix socket)."""
@@ -544,6 +560,7 @@ class Server(Generic[T]):
         self._batch_max = FIRST_BATCH_EVENTS
         self._wake_thread = None
         self._batches_held = 0
+        self._left_out_due = set()
         self._fd = engine.fileno()
         try:
             loop.add_reader(self._fd, self._on_wake)
@@ -897,6 +914,31 @@ class Server(Generic[T]):
             ):
                 self._hold()
 
+    def _log(self, event: tuple[Any, ...]) -> None:
+        """A log line from the core; if it filled its second, the count of those left out after
+        it is asked for a second later (``_report_left_out``)."""
+        _, name, level, message, args, left_out, filled = event
+        _log_from_engine(name, level, message, args, left_out)
+        if filled >= 0 and filled not in self._left_out_due:
+            self._left_out_due.add(filled)
+            self._loop.call_later(
+                LEFT_OUT_AFTER_SECONDS, self._report_left_out, filled, name, level, message
+            )
+
+    def _report_left_out(self, kind: int, name: str, level: int, message: str) -> None:
+        """Say how many lines of a kind were left out, unless a later line of it has said so:
+        without this, a flood that stopped was never counted in the log."""
+        self._left_out_due.discard(kind)
+        left_out = self._engine.take_left_out(kind)
+        engine_logger = logging.getLogger(name)
+        if left_out and engine_logger.isEnabledFor(level):
+            engine_logger.log(
+                level,
+                "%d more lines like %r were not logged (at most ten of a kind a second)",
+                left_out,
+                message,
+            )
+
     def _hold(self) -> None:
         """Stop watching the wake-up for HOLD_SECONDS; what arrives meanwhile waits for it.
 
@@ -971,7 +1013,7 @@ class Server(Generic[T]):
                 elif kind == _STOPPED:
                     self._on_stopped()
                 elif kind == _LOG:
-                    _log_from_engine(*event[1:])
+                    self._log(event)
         except BaseException:
             # KeyboardInterrupt, SystemExit...: propagate as from a task, but the events after
             # it are still delivered, in order, once the loop runs again.

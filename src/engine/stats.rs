@@ -3,8 +3,9 @@
 //! Counting must cost the hot path next to nothing: each thread that counts gets a shard of its
 //! own (a cache line per shard), which it updates with a plain load and store instead of a locked
 //! read-modify-write, and nobody else writes. `stats()` adds the shards up. Threads past the
-//! first `EXCLUSIVE_SHARDS` share the last shard, atomically. Sends and deliveries are counted
-//! once per call or per publish, not per recipient (`Shared::publish`).
+//! first `EXCLUSIVE_SHARDS` share the last shard, atomically. The counters are updated once
+//! per send, and once per publish for all its recipients together (`Shared::publish`), though
+//! what they count is per recipient.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -706,14 +706,22 @@ impl PyEngine {
         self.server.shared().set_control_events(pings, pongs);
     }
 
+    /// Log lines of kind `kind` (a number a log event gave) left out since the last one logged:
+    /// the loop reports them a second after the line that filled its second, in case no
+    /// line of that kind comes after them to carry the count.
+    fn take_left_out(&self, kind: usize) -> u32 {
+        self.server.shared().take_left_out(kind)
+    }
+
     fn subscriber_count(&self, topic: &str) -> PyResult<usize> {
         check_topic(topic)?;
         Ok(self.server.shared().subscriber_count(topic))
     }
 }
 
-/// `(EVENT_LOG, logger name, level, format, args, left out)`: the loop formats it only if
-/// that logger is enabled for that level.
+/// `(EVENT_LOG, logger name, level, format, args, left out, kind)`: the loop formats it only
+/// if that logger is enabled for that level. `kind` is the kind's number when the line is the
+/// last its second allows (the loop asks `take_left_out` for the rest a second later), else -1.
 fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, PyAny>> {
     const INFO: u8 = 20;
     const WARNING: u8 = 30;
@@ -739,10 +747,11 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                           drains";
             return codeless_log(py, "brioche.ws", WARNING, format, record);
         }
+        // No close frame goes out (the queue is over its limit): `on_close` gets the code.
         LogKind::BackpressureClose => (
             "brioche.ws",
             WARNING,
-            "closed the connection to %s with %d: %s",
+            "dropped the connection to %s without a close frame (on_close gets %d): %s",
         ),
         LogKind::RedisDown => {
             let format = "Redis pub/sub at %s is down (%s): other processes miss what this one \
@@ -780,6 +789,7 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                 format,
                 (),
                 record.left_out,
+                filled(record),
             );
             return Ok(item.into_pyobject(py)?.into_any());
         }
@@ -799,13 +809,32 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
                 format,
                 args,
                 record.left_out,
+                filled(record),
             );
             return Ok(item.into_pyobject(py)?.into_any());
         }
     };
     let args = (record.peer.as_str(), record.code, record.reason.as_ref());
-    let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
+    let item = (
+        EVENT_LOG,
+        logger,
+        level,
+        format,
+        args,
+        record.left_out,
+        filled(record),
+    )
+        .into_pyobject(py)?;
     Ok(item.into_any())
+}
+
+/// The kind's number if this line filled its second (`LogRecord::fills_second`), else -1.
+fn filled(record: &LogRecord) -> i64 {
+    if record.fills_second {
+        record.kind as i64
+    } else {
+        -1
+    }
 }
 
 /// A line with no code, only the address and what happened.
@@ -817,7 +846,16 @@ fn codeless_log<'py>(
     record: &LogRecord,
 ) -> PyResult<Bound<'py, PyAny>> {
     let args = (record.peer.as_str(), record.reason.as_ref());
-    let item = (EVENT_LOG, logger, level, format, args, record.left_out).into_pyobject(py)?;
+    let item = (
+        EVENT_LOG,
+        logger,
+        level,
+        format,
+        args,
+        record.left_out,
+        filled(record),
+    )
+        .into_pyobject(py)?;
     Ok(item.into_any())
 }
 

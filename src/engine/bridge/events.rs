@@ -136,6 +136,9 @@ pub struct LogRecord {
     pub reason: Cow<'static, str>,
     /// Lines of this kind left out (over the rate limit) since the last one.
     pub left_out: u32,
+    /// The last line of its kind this second allows: the loop asks for the count of those
+    /// left out after it a second later (`Engine.take_left_out`).
+    pub fills_second: bool,
 }
 
 impl<C> Event<C> {

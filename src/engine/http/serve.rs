@@ -1,6 +1,7 @@
 //! HTTP/1.1 with hyper: every request goes to the Python handler through the event queue, and a
 //! handshake the handler accepts becomes a WebSocket connection.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -546,8 +547,9 @@ async fn accept_tls(
             return None;
         }
         sent_something = true;
-        // Every TLS connection opens with a handshake record (content type 22).
-        if first[0] != 0x16 {
+        // Every TLS connection opens with a handshake record (content type 22); a client may
+        // also give up at once with an alert (21), which rustls then names.
+        if !(0x14..=0x17).contains(&first[0]) {
             if first[0].is_ascii_uppercase() {
                 refuse_plain_http(tcp, shared, remote).await;
             } else {
@@ -555,9 +557,32 @@ async fn accept_tls(
             }
             return None;
         }
-        let Ok(tls) = TlsAcceptor::from(config).accept(tcp).await else {
-            tls_failed(shared, remote, "refused by the TLS layer");
-            return None;
+        let tls = match TlsAcceptor::from(config).accept(tcp).await {
+            Ok(tls) => tls,
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                tls_failed(
+                    shared,
+                    remote,
+                    "the client closed the connection mid-handshake",
+                );
+                return None;
+            }
+            Err(err) => {
+                // rustls's reason: a client that refused the certificate ("received fatal
+                // alert: UnknownCA", after a renewal gone wrong) is told from a scanner. Its
+                // errors name rustls's own enums, never the peer's bytes; cut at 200 all the same.
+                let mut why = format!("refused by the TLS layer ({err})");
+                if why.len() > 200 {
+                    let mut end = 199;
+                    while !why.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    why.truncate(end);
+                    why.push('…');
+                }
+                tls_failed(shared, remote, why);
+                return None;
+            }
         };
         let (tcp, session) = tls.into_inner();
         Some(Stream::Tls(Box::new(TlsSocket::new(tcp, session))))
@@ -578,7 +603,7 @@ async fn accept_tls(
 
 /// Count and log a TLS handshake that failed: what a scanner or a broken client costs shows in
 /// `stats()` and the log (rate-limited), not only as connections that vanish.
-fn tls_failed(shared: &Shared, remote: Remote, why: &'static str) {
+fn tls_failed(shared: &Shared, remote: Remote, why: impl Into<Cow<'static, str>>) {
     shared.stats.add(Counter::TlsHandshakesFailed, 1);
     shared.log(LogKind::TlsHandshakeFailed, remote, 0, why);
 }

@@ -264,8 +264,8 @@ impl Conn {
         self.counted(self.send_payload(OP_BINARY, data), data.len())
     }
 
-    /// A message sent by the application is counted in `stats()`; pings, pongs and publishes
-    /// (counted once for all recipients) are not counted here.
+    /// A message sent by the application is counted in `stats()`; pings and pongs are not
+    /// counted, and publishes are counted elsewhere (one update for all their recipients).
     fn counted(&self, status: SendStatus, payload_len: usize) -> SendStatus {
         self.shared.count_send(status, payload_len);
         status

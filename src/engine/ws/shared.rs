@@ -194,15 +194,21 @@ impl Shared {
         code: u16,
         reason: impl Into<Cow<'static, str>>,
     ) {
-        if let Some(left_out) = self.log_limiter.admit(kind) {
+        if let Some(admitted) = self.log_limiter.admit(kind) {
             self.events.push(Event::Log(Box::new(LogRecord {
                 kind,
                 peer: peer.to_string(),
                 code,
                 reason: reason.into(),
-                left_out,
+                left_out: admitted.left_out,
+                fills_second: admitted.fills_second,
             })));
         }
+    }
+
+    /// Lines of the log kind numbered `kind` left out since the last one logged.
+    pub(crate) fn take_left_out(&self, kind: usize) -> u32 {
+        self.log_limiter.take_left_out(kind)
     }
 
     /// Count the outcome of sending one message of `payload_len` bytes.
