@@ -330,7 +330,7 @@ async def test_a_subprotocol_that_is_not_a_str_is_a_type_error(serve: ServeFn) -
 
     def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
         try:
-            srv.upgrade(request, subprotocol=1)  # type: ignore[arg-type]
+            srv.upgrade(request, subprotocol=1)  # type: ignore[call-overload]
         except TypeError as exc:
             errors.append(exc)
         return server.upgrade(srv, request, [], None, server.bad_request)

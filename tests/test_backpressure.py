@@ -24,6 +24,7 @@ from rawws import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    Frame,
     RawWebSocket,
     SendRecord,
     fill,
@@ -336,7 +337,7 @@ async def test_limit_applies_to_what_was_buffered_before_the_message(serve: Serv
         await client.send_text("go")
         await recorder.wait_for(lambda: bool(recorder.of("statuses")))
         client.resume_reading()
-        frames = []
+        frames: list[Frame] = []
         while not frames or frames[-1].payload != b"x":
             frames.append(await client.recv_frame(timeout=10))
             assert len(frames) <= MAX_MESSAGES + 2

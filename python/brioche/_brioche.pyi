@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from contextvars import Context
-from typing import Any, ClassVar, Generic, Literal, TypeVar, final
+from typing import Any, Generic, Literal, TypeVar, final
 
 from typing_extensions import Buffer
 
@@ -43,7 +43,7 @@ class BriocheError(Exception):
 class MessageSent:
     """The message was queued and the socket is not congested."""
 
-    __match_args__: ClassVar[tuple[str]] = ("bytes_sent",)
+    __match_args__ = ("bytes_sent",)
     def __new__(cls, bytes_sent: int) -> MessageSent: ...
     @property
     def bytes_sent(self) -> int:
@@ -56,7 +56,7 @@ class MessageSent:
 class MessageBackpressured:
     """The message was queued, but the socket is congested: slow down until ``on_drain``."""
 
-    __match_args__: ClassVar[tuple[()]] = ()
+    __match_args__ = ()
     def __init__(self) -> None: ...
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
@@ -71,7 +71,7 @@ class MessageDropped:
     The one false status: ``if not ws.send(m)`` finds the drops, as ``if (!ws.send(m))`` does in
     Bun, whose ``send`` returns 0 for them."""
 
-    __match_args__: ClassVar[tuple[()]] = ()
+    __match_args__ = ()
     def __init__(self) -> None: ...
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...

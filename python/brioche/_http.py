@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import json as _json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal, NamedTuple, final
+from typing import Any, Literal, NamedTuple, TypeAlias, final
 
 from brioche._brioche import PendingRequest
 
@@ -173,7 +173,12 @@ def is_token(value: str) -> bool:
     return bool(value) and all(c in _TCHARS for c in value)
 
 
-def header_pairs(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+# What a response's or a 101's headers may be given as: pairs (a name may repeat) or a mapping,
+# each value a str or an int (written in decimal).
+HeaderItems: TypeAlias = "Iterable[tuple[str, str | int]] | Mapping[str, str | int]"
+
+
+def header_pairs(headers: HeaderItems) -> tuple[tuple[str, str], ...]:
     """``headers`` as ``(name, value)`` pairs of ``str``: pairs as given (a name repeated), or
     a mapping's items (``{"content-type": "text/plain"}``, as Starlette and aiohttp take)."""
     items: Iterable[object] = headers.items() if isinstance(headers, Mapping) else headers
@@ -222,7 +227,7 @@ class Response:
     def __init__(
         self,
         status: int = 200,
-        headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+        headers: HeaderItems = (),
         body: str | bytes = b"",
     ) -> None:
         if isinstance(status, bool) or not isinstance(status, int):
@@ -239,9 +244,9 @@ class Response:
         object.__setattr__(self, "headers", header_pairs(headers))
         object.__setattr__(self, "body", body)
 
-    def with_header(self, name: str, value: str) -> Response:
+    def with_header(self, name: str, value: str | int) -> Response:
         """A copy with one more header."""
-        return dataclasses.replace(self, headers=(*self.headers, (name, value)))
+        return Response(self.status, (*self.headers, (name, value)), self.body)
 
     def body_bytes(self) -> bytes:
         """The body as it goes on the wire: a ``str`` body encoded as UTF-8."""

@@ -28,12 +28,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable,
 from functools import partial
 from inspect import CO_COROUTINE, isawaitable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, final, overload
 from urllib.parse import quote
 
 from brioche import _brioche
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
-from brioche._http import Request, Response, SocketAddress, header_pairs, internal_error, text
+from brioche._http import (
+    HeaderItems, Request, Response, SocketAddress, header_pairs, internal_error, text
+)
 from brioche._buffer import Buffer
 from brioche.websocket import Config as WsConfig
 from brioche.websocket import DeflateOptions, SendStatus, _check_seconds
@@ -614,11 +616,29 @@ class Server(Generic[T]):
         stats["batches_held"] = self._batches_held
         return stats  # type: ignore[return-value]
 
+    # A server whose sockets carry data must be given it: ``ws.data`` would be None otherwise.
+    @overload
+    def upgrade(
+        self: Server[None],
+        request: Request,
+        headers: HeaderItems = (),
+        data: None = None,
+        *,
+        subprotocol: str | None = None,
+    ) -> bool: ...
+    @overload
+    def upgrade(
+        self, request: Request, headers: HeaderItems, data: T, *, subprotocol: str | None = None
+    ) -> bool: ...
+    @overload
+    def upgrade(
+        self, request: Request, *, headers: HeaderItems = (), data: T, subprotocol: str | None = None
+    ) -> bool: ...
     def upgrade(
         self,
         request: Request,
-        headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
-        data: T | None = None,
+        headers: HeaderItems = (),
+        data: Any = None,
         *,
         subprotocol: str | None = None,
     ) -> bool:

@@ -23,13 +23,14 @@ import re
 import socket
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from brioche import _brioche, _server
 from brioche import websocket as _websocket
 from brioche._buffer import Buffer
 from brioche.websocket import _check_bool, _check_handler, _check_seconds, _check_size
 from brioche._http import (
+    HeaderItems,
     Headers,
     Request,
     Response,
@@ -99,7 +100,15 @@ __all__ = [
     "workers",
 ]
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    # A server's data type is Any where nothing fixes it (a lambda handler), not unknown: a
+    # checker's strict mode would flag every use of such a config. typing_extensions is the
+    # checker's (PEP 696 defaults), not a dependency.
+    import typing_extensions
+
+    T = typing_extensions.TypeVar("T", default=Any)
+else:
+    T = TypeVar("T")
 
 async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[str]:
     """The addresses to bind for ``host``, every one it resolves to, in the resolver's order.
@@ -670,7 +679,7 @@ def workers(config: Config[T], count: int) -> Config[T]:
 def upgrade(
     srv: Server[T],
     request: Request,
-    headers: Iterable[tuple[str, str]] | Mapping[str, str],
+    headers: HeaderItems,
     data: T,
     fallback: Callable[[], Response],
     *,
