@@ -54,6 +54,22 @@ def fixed(data: bytes) -> bytes:
     return payload[: -len(TAIL)]
 
 
+VARIED = " ".join(str(i * 7919 % 1000) for i in range(3000)).encode()  # a dynamic block
+
+
+def cut_in_a_later_header() -> bytes:
+    """A message of two blocks, cut 12 bytes into the second's (dynamic) header: the first
+    inflates whole, the tail (and an empty stored block after it) are read as more of that
+    header, and nothing fails (zlib's own inflater agrees, below)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    first = compressor.compress(b"first part " * 100) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    second = compressor.compress(VARIED) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    payload = first + second[:12]
+    checked = payload + TAIL + b"\x00\x00\x00\xff\xff"
+    assert zlib.decompressobj(-15).decompress(checked) == b"first part " * 100
+    return payload
+
+
 def finished(data: bytes) -> bytes:
     """One message as a whole deflate stream, its last block final (BFINAL)."""
     compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -286,6 +302,11 @@ async def test_rfc_7692s_own_example_of_a_final_block_is_accepted(serve: ServeFn
         # Cut short inside a Huffman-coded block: its start was delivered, and the stream left
         # inside the block, to fail (or garble) the next message in its stead.
         ([(OP_TEXT, fixed(b"hello world, hello world")[:-2], True, 4), (OP_TEXT, deflate(b"next"), True, 4)], 1007),
+        # Cut short inside a dynamic block's header: it inflated to nothing, no error (the
+        # tail read as more of the header), and was delivered as ""; cut so in a later block,
+        # the blocks before it were delivered as the whole message.
+        ([(OP_TEXT, deflate(VARIED)[:12], True, 4)], 1007),
+        ([(OP_TEXT, cut_in_a_later_header(), True, 4)], 1007),
         # RSV1 belongs on a message's first frame only.
         ([(OP_TEXT, deflate(b"abc"), False, 4), (OP_CONTINUATION, b"", True, 4)], 1002),
         # RSV1 on a control frame, and the bits no extension uses.

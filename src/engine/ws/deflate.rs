@@ -14,10 +14,15 @@
 //! kept: about 256 KiB for a compressor at 15 window bits (`2^(bits+2) + 2^(memLevel+9)`), about
 //! 2^bits plus a few KiB for a decompressor. A connection that never sends (or receives) a
 //! compressed message holds neither.
+//!
+//! Compressing goes through flate2; inflating through `raw_inflate.rs` (the same zlib-rs, by
+//! its zlib API), which says whether a message's stream ended between blocks.
 
 use std::cell::RefCell;
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, FlushCompress};
+
+use super::raw_inflate::{RawInflate, Status};
 
 /// What one connection negotiated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,7 +128,7 @@ thread_local! {
     /// This thread's compressors and decompressors for messages without context takeover, by
     /// window bits (9-15), created on first use.
     static SHARED_DEFLATERS: RefCell<[Option<Deflater>; 7]> = const { RefCell::new([None, None, None, None, None, None, None]) };
-    static SHARED_INFLATERS: RefCell<[Option<Decompress>; 7]> = const { RefCell::new([None, None, None, None, None, None, None]) };
+    static SHARED_INFLATERS: RefCell<[Option<RawInflate>; 7]> = const { RefCell::new([None, None, None, None, None, None, None]) };
 }
 
 /// Run `f` with this thread's compressor for `bits`, which keeps nothing between messages.
@@ -138,7 +143,7 @@ pub(crate) fn with_shared_deflater<R>(bits: u8, f: impl FnOnce(&mut Deflater) ->
 pub(crate) struct Inflater {
     window_bits: u8,
     reset_each_message: bool,
-    stream: Option<Decompress>,
+    stream: Option<RawInflate>,
 }
 
 impl Inflater {
@@ -157,20 +162,18 @@ impl Inflater {
         if self.reset_each_message {
             return SHARED_INFLATERS.with(|all| {
                 let mut all = all.borrow_mut();
-                let stream = all[usize::from(bits - 9)]
-                    .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
+                let stream =
+                    all[usize::from(bits - 9)].get_or_insert_with(|| RawInflate::new(bits));
                 inflate_message(stream, input, limit, true)
             });
         }
-        let stream = self
-            .stream
-            .get_or_insert_with(|| Decompress::new_with_window_bits(false, bits));
+        let stream = self.stream.get_or_insert_with(|| RawInflate::new(bits));
         inflate_message(stream, input, limit, false)
     }
 }
 
 fn inflate_message(
-    stream: &mut Decompress,
+    stream: &mut RawInflate,
     input: &[u8],
     limit: usize,
     reset: bool,
@@ -193,7 +196,7 @@ fn inflate_message(
             .map_err(|_| InflateError::TooBig)?;
         let result = inflate_into(stream, input, &mut out, limit);
         if result.is_err() || reset {
-            stream.reset(false);
+            stream.reset();
         }
         result.map(|()| out)
     }
@@ -223,7 +226,7 @@ fn only_empty_stored_blocks(rest: &[u8]) -> bool {
 }
 
 fn inflate_into(
-    stream: &mut Decompress,
+    stream: &mut RawInflate,
     input: &[u8],
     out: &mut Vec<u8>,
     limit: usize,
@@ -254,14 +257,14 @@ fn inflate_into(
             }
             let (in_before, out_before) = (stream.total_in(), out.len());
             let status = stream
-                .decompress_vec(&part[pos..], out, FlushDecompress::Sync)
+                .decompress_vec(&part[pos..], out)
                 .map_err(|_| InflateError::Invalid)?;
             let consumed = (stream.total_in() - in_before) as usize;
             pos += consumed;
             if status == Status::StreamEnd {
                 // A final block ends the stream: what follows it (the tail we appended) is not
                 // part of it, and the next message starts a new one, as its sender's does.
-                stream.reset(false);
+                stream.reset();
                 if index == 0 && !only_empty_stored_blocks(&part[pos..]) {
                     // Bytes of the message after its stream's end: dropping them would deliver
                     // something other than what another reader of the same frames sees.
@@ -284,7 +287,10 @@ fn inflate_into(
             }
         }
     }
-    if out.len() > before_tail {
+    if out.len() > before_tail || !stream.at_block_boundary() {
+        // Cut short inside a block's header (a dynamic block's tables): the tail was read as
+        // more of the header and gave nothing, and the message's blocks before it would have
+        // been delivered as the whole message.
         return Err(InflateError::Invalid);
     }
     if out.len() > limit {
@@ -430,12 +436,12 @@ mod tests {
             .unwrap();
         assert!(whole.ends_with(&TAIL));
         let message = &whole[..whole.len() - TAIL.len()];
-        let mut stream = Decompress::new_with_window_bits(false, 15);
+        let mut stream = RawInflate::new(15);
         assert_eq!(
             inflate_message(&mut stream, message, 1 << 20, false),
             Ok(vec![b'A'; 1000])
         );
-        let mut stream = Decompress::new_with_window_bits(false, 15);
+        let mut stream = RawInflate::new(15);
         assert_eq!(
             inflate_message(&mut stream, &message[..505], 1 << 20, false),
             Err(InflateError::Invalid)
@@ -443,11 +449,11 @@ mod tests {
     }
 
     #[test]
-    fn a_message_cut_short_in_its_data_is_invalid() {
+    fn a_message_cut_short_is_invalid() {
         // Huffman-coded (fixed codes for a short one, dynamic for a long one), cut at every
-        // byte past the dynamic block's header: none may inflate as if whole. (Cut inside that
-        // header it inflates to nothing, and the stream is left in the header: the next message
-        // fails, with context takeover, or the stream is reset, without.)
+        // byte: none may inflate as if whole. Cut inside the dynamic block's header, it inflated
+        // to nothing, with no error, and the stream was left in the header, to fail the next
+        // message in this one's stead (with context takeover) or to pass unseen (without).
         let short = b"hello world, hello world".to_vec();
         let long: Vec<u8> = (0..3000u32)
             .flat_map(|i| format!("{} ", i * 7919 % 1000).into_bytes())
@@ -459,14 +465,13 @@ mod tests {
                 .compress_vec(&text, &mut whole, FlushCompress::Sync)
                 .unwrap();
             let message = &whole[..whole.len() - TAIL.len()];
-            let mut stream = Decompress::new_with_window_bits(false, 15);
+            let mut stream = RawInflate::new(15);
             assert_eq!(
                 inflate_message(&mut stream, message, 1 << 20, false),
                 Ok(text.clone())
             );
-            let header = if text.len() > 100 { 20 } else { 1 };
-            for cut in header..message.len() {
-                let mut stream = Decompress::new_with_window_bits(false, 15);
+            for cut in 1..message.len() {
+                let mut stream = RawInflate::new(15);
                 let got = inflate_message(&mut stream, &message[..cut], 1 << 20, false);
                 assert_eq!(
                     got,
@@ -476,6 +481,49 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_message_of_several_blocks_cut_in_a_later_header_is_invalid() {
+        // 200,000 bytes of varied text make several dynamic blocks: cut where a later block
+        // starts (and a few bytes into its header), the blocks before it inflated whole, and
+        // were delivered as the whole message.
+        let text: Vec<u8> = (0..40_000u32)
+            .flat_map(|i| format!("{:04} ", i.wrapping_mul(2_654_435_761) % 9973).into_bytes())
+            .collect();
+        let mut compress = Compress::new_with_window_bits(Compression::default(), false, 15);
+        let mut whole = Vec::with_capacity(text.len());
+        compress
+            .compress_vec(&text, &mut whole, FlushCompress::Sync)
+            .unwrap();
+        let message = &whole[..whole.len() - TAIL.len()];
+        let mut stream = RawInflate::new(15);
+        assert_eq!(
+            inflate_message(&mut stream, message, 1 << 20, false),
+            Ok(text.clone())
+        );
+        // Where the blocks start: the input consumed when the output stops growing one block's
+        // worth at a time is not known from outside, so every cut is tried near the front of
+        // each 4 KiB of input, which falls in a later block's header for some.
+        let mut cuts = 0;
+        for start in (4096..message.len()).step_by(4096) {
+            for cut in start..start + 64 {
+                let mut stream = RawInflate::new(15);
+                let got = inflate_message(&mut stream, &message[..cut], 1 << 20, false);
+                assert_eq!(
+                    got,
+                    Err(InflateError::Invalid),
+                    "cut at {cut} of {}",
+                    message.len()
+                );
+                cuts += 1;
+            }
+        }
+        assert!(
+            cuts > 1000,
+            "{cuts} cuts of a message of {} bytes",
+            message.len()
+        );
     }
 }
 

@@ -10,6 +10,7 @@ pub(crate) mod encode;
 pub(crate) mod outbound;
 pub(crate) mod protocol;
 pub(crate) mod publish_run;
+pub(crate) mod raw_inflate;
 pub(crate) mod relay;
 pub(crate) mod report;
 pub(crate) mod shared;
