@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import brioche
-from brioche import MessageSent, server, websocket
+from brioche import MessageBackpressured, MessageSent, server, websocket
 from conftest import Recorder, ServeFn
 from rawws import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, blocking_connect, encode_frame, parse_frames
 
@@ -204,3 +204,34 @@ async def test_terminate_inside_a_cork_still_writes_what_was_sent_first(serve: S
         frames, how = await client.frames_until_end()
     assert [(f.opcode, f.payload) for f in frames] == [(OP_TEXT, b"one"), (OP_BINARY, b"two")]
     assert how == "eof"
+
+
+async def test_a_cork_whose_last_send_passes_the_limit_still_gets_its_on_drain(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Eight sends of 8 KiB in a cork, with a limit of 64 KiB: the fifth passes the high-water
+    mark (Backpressured from then on), and the eighth the limit, so the queue is written at once,
+    inside the cork, and the kernel takes it all. The congestion those statuses reported is
+    over: ``on_drain`` follows, and a send from it is Sent. With the first version of the
+    cork's overflow, the uncork found the queue empty and owed no flush, and only a flush
+    clears the congestion: no ``on_drain``, and every later send Backpressured with nothing
+    queued."""
+
+    def burst(ws: brioche.WebSocket[Any]) -> list[object]:
+        return [ws.send_bytes(bytes([i]) * 8192) for i in range(8)]
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("statuses", ws.cork(burst))
+
+    def on_drain(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("drain", ws.buffered_amount, ws.send("after"))
+
+    srv = await serve(websocket.init().on_text(on_text).on_drain(on_drain).backpressure_limit(65536))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_text("go")
+        frames = [await client.recv_frame(timeout=5) for _ in range(9)]
+    assert [(f.opcode, f.payload) for f in frames] == [
+        *((OP_BINARY, bytes([i]) * 8192) for i in range(8)), (OP_TEXT, b"after")
+    ]
+    assert recorder.of("statuses") == [([MessageSent(8192)] * 4 + [MessageBackpressured()] * 4,)]
+    assert recorder.of("drain") == [(0, MessageSent(5))]

@@ -476,9 +476,11 @@ impl Outbound {
         self.corked.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// True when the last cork is released and frames are waiting.
+    /// True when the last cork is released and a flush is owed: frames wait, or the queue is
+    /// congested (a burst past the limit was written inside the cork, and whatever emptied
+    /// the queue there left the flag, which only a flush clears, with its `on_drain`).
     pub(crate) fn uncork(&self) -> bool {
-        self.corked.fetch_sub(1, Ordering::AcqRel) == 1 && !self.is_empty()
+        self.corked.fetch_sub(1, Ordering::AcqRel) == 1 && (!self.is_empty() || self.is_congested())
     }
 }
 
@@ -550,6 +552,14 @@ mod tests {
         out.cork();
         out.cork();
         assert!(!out.uncork(), "still corked once");
+        assert!(out.uncork());
+        let out = Outbound::default();
+        out.cork();
+        out.set_congested();
+        assert!(
+            out.uncork(),
+            "an empty but congested queue owes the flush that clears it"
+        );
     }
 
     #[test]
