@@ -10,11 +10,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 import brioche
-from brioche import MessageBackpressured, MessageDropped, websocket
+from brioche import MessageBackpressured, MessageDropped, server, websocket
 from conftest import Recorder, ServeFn, log_lines, ws_url
 from test_hostile import exchange as hostile_exchange
 from rawws import OP_TEXT, RawWebSocket, SendRecord, encode_frame, fill, numbered, poll_until
@@ -250,18 +252,37 @@ async def test_protocol_errors_and_idle_timeouts_are_logged_per_connection(
     assert srv.stats()["closes_by_code"] == {1002: 1, 1006: 1}
 
 
+CARRIED = " more like this were not logged before it)"
+SUMMARY = re.compile(r"^(\d+) more lines like 'refused a WebSocket handshake from …: …, …' "
+                     r"were not logged \(at most ten of a kind a second\)$")
+BAD_HANDSHAKE = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n").encode()  # no key: 400
+
+
+def refused_once(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(BAD_HANDSHAKE)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+
+
+def lines_accounted(caplog: pytest.LogCaptureFixture) -> int:
+    """Refusals logged, each line counting itself and the lines it says were left out."""
+    total = 0
+    for _, message in log_lines(caplog, "brioche.http"):
+        if match := SUMMARY.match(message):
+            total += int(match[1])
+        elif message.endswith(CARRIED):
+            total += 1 + int(message.rsplit("(", 1)[1].removesuffix(CARRIED))
+        else:
+            total += 1
+    return total
+
+
 async def test_a_flood_of_bad_clients_gives_ten_lines_a_second_and_a_count_of_the_rest(
     serve: ServeFn, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="brioche")
     srv = await serve(websocket.init())
-    bad = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           "Sec-WebSocket-Version: 13\r\n\r\n").encode()  # no key: 400
-
-    def refused_once() -> None:
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-            sock.sendall(bad)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
 
     async def flush_events() -> None:
         # A request through the same queue: once it is answered, the lines before it are in.
@@ -270,42 +291,55 @@ async def test_a_flood_of_bad_clients_gives_ten_lines_a_second_and_a_count_of_th
 
     started = time.monotonic()
     for _ in range(50):
-        await asyncio.to_thread(refused_once)
+        await asyncio.to_thread(refused_once, srv.port)
     await flush_events()
     spanned = time.monotonic() - started
     first = len(log_lines(caplog, "brioche.http"))
     # 10 a second: the 50 fall in one second or two (more on a machine slow enough that they
     # took a second or more).
     assert 10 <= first <= 10 * (2 + int(spanned)), (first, spanned)
-    carried = " more like this were not logged before it)"
-    summary = re.compile(r"^(\d+) more lines like 'refused a WebSocket handshake from %s: %d, %s' "
-                         r"were not logged \(at most ten of a kind a second\)$")
-
-    def left_out(logged: list[str]) -> list[int]:
-        counts = [int(m.rsplit("(", 1)[1].removesuffix(carried)) for m in logged if m.endswith(carried)]
-        return counts + [int(match[1]) for m in logged if (match := summary.match(m))]
-
-    def accounted() -> bool:
-        logged = [message for _, message in log_lines(caplog, "brioche.http")]
-        summaries = sum(1 for m in logged if summary.match(m))
-        return len(logged) - summaries + sum(left_out(logged)) == 50
-
     # No refusal after the flood: the count of the rest comes in a line of its own, a second
     # after the line that filled its second (the behaviour under test is time). Before, it
     # waited for the next refusal, for ever if none came.
-    assert await poll_until(accounted, 5), log_lines(caplog, "brioche.http")
+    assert await poll_until(lambda: lines_accounted(caplog) == 50, 5), log_lines(caplog, "brioche.http")
     logged = [message for _, message in log_lines(caplog, "brioche.http")]
-    assert any(summary.match(m) for m in logged), logged
-    assert all(n > 0 for n in left_out(logged)), logged
+    assert any(SUMMARY.match(m) for m in logged), logged
     # The next refusal carries no count: the summary took it.
-    await asyncio.to_thread(refused_once)
+    await asyncio.to_thread(refused_once, srv.port)
     await flush_events()
     last_level, last = log_lines(caplog, "brioche.http")[-1]
     assert last_level == logging.INFO
     assert re.fullmatch(r"refused a WebSocket handshake from 127\.0\.0\.1:\d+: 400, "
                         r"missing or invalid Sec-WebSocket-Key", last), last
-    assert not last.endswith(carried), last
     assert srv.stats()["handshakes_rejected"] == 51
+
+
+async def test_a_flood_over_several_seconds_is_counted_to_its_last_line(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals for 2.5 s, about a hundred a second, then none: every second fills, and every
+    refusal is in the log, as a line or in a count, within a second of the flood's end. The
+    first version asked for the count a second after the first line that filled a second and
+    ignored the fills while that was due: the lines a later second left out after the count
+    was taken waited for a line that never came (29 refusals, 24 in the log, in the review's
+    run)."""
+    caplog.set_level(logging.INFO, logger="brioche")
+    srv = await serve(websocket.init())
+
+    def flood() -> int:
+        sent, deadline = 0, time.monotonic() + 2.5
+        while time.monotonic() < deadline and sent < 1000:
+            refused_once(srv.port)
+            sent += 1
+            time.sleep(0.01)  # pacing the client: about a hundred a second
+        return sent
+
+    sent = await asyncio.to_thread(flood)
+    assert sent > 100, sent
+    assert await poll_until(lambda: lines_accounted(caplog) == sent, 5), (
+        sent, lines_accounted(caplog), log_lines(caplog, "brioche.http")[-5:]
+    )
+    assert srv.stats()["handshakes_rejected"] == sent
 
 
 def test_the_demo_documents_its_options() -> None:
@@ -332,3 +366,46 @@ async def test_a_request_cut_off_by_the_deadline_is_one_408_refusal(
     [(level, message)] = log_lines(caplog, "brioche.http")
     assert level == logging.INFO
     assert message.startswith("refused a request from 127.0.0.1:") and message.endswith(": 408, request too slow")
+
+
+async def test_handler_failures_are_counted(serve: ServeFn, caplog: pytest.LogCaptureFixture) -> None:
+    """``handler_errors`` counts what is logged at ERROR for a handler: a WebSocket handler that
+    raised (``on_text``, closing with 1011; ``on_close``), an HTTP handler that raised, or that
+    answered None without upgrading or something other than a ``Response`` (500 each). A
+    handler past its ``srv.timeout`` (503, WARNING) is not one. Before, nothing counted them."""
+    caplog.set_level(logging.INFO, logger="brioche")
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        raise RuntimeError("on_text failed")
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        raise RuntimeError("on_close failed")
+
+    async def handler(request: server.Request, srv: brioche.Server[Any]) -> Any:
+        if request.path == "/ws":
+            return None if srv.upgrade(request) else server.bad_request()
+        if request.path == "/raise":
+            raise RuntimeError("fetch failed")
+        if request.path == "/none":
+            return None
+        if request.path == "/str":
+            return "not a Response"
+        srv.timeout(request, 0.2)
+        await asyncio.sleep(30)  # the slow handler under test: past its timeout
+        return server.text("late")
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close), handler=handler)
+    assert srv.stats()["handler_errors"] == 0
+    async with connect(ws_url(srv)) as client:
+        await client.send("x")
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.recv(), 5)
+        assert client.close_code == 1011
+    async with httpx.AsyncClient() as http:
+        statuses = [(await http.get(f"http://127.0.0.1:{srv.port}{path}", timeout=5)).status_code
+                    for path in ("/raise", "/none", "/str", "/slow")]
+    assert statuses == [500, 500, 500, 503]
+    # on_close ran once the connection was over, maybe after the client saw it end.
+    assert await poll_until(lambda: srv.stats()["handler_errors"] == 5, 5), srv.stats()["handler_errors"]
+    errors = [m for level, m in log_lines(caplog, "brioche") if level == logging.ERROR]
+    assert len(errors) == 5, errors

@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import re
 import select
 import signal
 import sys
@@ -309,6 +310,12 @@ class Stats(TypedDict):
     events because the last batch wrote published messages, two or more to each of 256
     connections or more, and took over 2 ms (a fan-out: the wait lets more messages share each
     connection's next write; see ARCHITECTURE.md).
+
+    ``handler_errors`` counts the handlers that failed: a WebSocket handler that raised (which
+    closes its connection with 1011, unless it was ``on_close``), and an HTTP handler that
+    raised, was cancelled by its own doing, or answered with something that is no valid
+    ``Response`` (each answered 500). Each is also logged at ERROR on ``brioche``. A handler past
+    its ``srv.timeout`` (503) is not among them.
     """
 
     connections_opened: int
@@ -335,6 +342,7 @@ class Stats(TypedDict):
     redis_connected: int
     relay_publishes_lost: int
     batches_held: int
+    handler_errors: int
 
 
 def _deflate_tuple(options: DeflateOptions | None) -> tuple[bool, bool, int, int] | None:
@@ -421,8 +429,8 @@ class Server(Generic[T]):
         "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
         "_close_tasks", "_request_tasks", "_stop_cancelled", "_stop_waiters", "_answering",
         "_context", "_ended", "_run",
-        "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "_left_out_due",
-        "hostname", "unix",
+        "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "_handler_errors",
+        "_left_out_due", "hostname", "unix",
         "__weakref__",
     )
     _engine: Engine
@@ -455,7 +463,8 @@ class Server(Generic[T]):
     _batch_max: int
     _wake_thread: threading.Thread | None
     _batches_held: int
-    _left_out_due: set[int]
+    _handler_errors: int
+    _left_out_due: dict[int, float]
     hostname: str
     """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
     on a Unix socket)."""
@@ -562,7 +571,8 @@ class Server(Generic[T]):
         self._batch_max = FIRST_BATCH_EVENTS
         self._wake_thread = None
         self._batches_held = 0
-        self._left_out_due = set()
+        self._handler_errors = 0
+        self._left_out_due = {}
         self._fd = engine.fileno()
         try:
             loop.add_reader(self._fd, self._on_wake)
@@ -614,6 +624,7 @@ class Server(Generic[T]):
         """
         stats = self._engine.stats()
         stats["batches_held"] = self._batches_held
+        stats["handler_errors"] = self._handler_errors
         return stats  # type: ignore[return-value]
 
     # A server whose sockets carry data must be given it: ``ws.data`` would be None otherwise.
@@ -939,24 +950,32 @@ class Server(Generic[T]):
         it is asked for a second later (``_report_left_out``)."""
         _, name, level, message, args, left_out, filled = event
         _log_from_engine(name, level, message, args, left_out)
-        if filled >= 0 and filled not in self._left_out_due:
-            self._left_out_due.add(filled)
-            self._loop.call_later(
-                LEFT_OUT_AFTER_SECONDS, self._report_left_out, filled, name, level, message
-            )
+        if filled >= 0:
+            # Lines are left out only after a line that filled their second, and within that
+            # second: a second after the latest such line, all of them are counted. A fill
+            # while a report is due moves the report, or the lines of that later second left
+            # out after the report would wait for a line that may never come.
+            due = self._loop.time() + LEFT_OUT_AFTER_SECONDS
+            if filled not in self._left_out_due:
+                self._loop.call_at(due, self._report_left_out, filled, name, level, message)
+            self._left_out_due[filled] = due
 
     def _report_left_out(self, kind: int, name: str, level: int, message: str) -> None:
         """Say how many lines of a kind were left out, unless a later line of it has said so:
         without this, a flood that stopped was never counted in the log."""
-        self._left_out_due.discard(kind)
+        due = self._left_out_due[kind]
+        if self._loop.time() < due:
+            self._loop.call_at(due, self._report_left_out, kind, name, level, message)
+            return
+        del self._left_out_due[kind]
         left_out = self._engine.take_left_out(kind)
         engine_logger = logging.getLogger(name)
         if left_out and engine_logger.isEnabledFor(level):
             engine_logger.log(
                 level,
-                "%d more lines like %r were not logged (at most ten of a kind a second)",
+                "%d more lines like '%s' were not logged (at most ten of a kind a second)",
                 left_out,
-                message,
+                re.sub("%[sd]", "…", message),
             )
 
     def _hold(self) -> None:
@@ -1388,6 +1407,7 @@ class Server(Generic[T]):
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
+        self._handler_errors += 1
         if not isinstance(exc, Exception):
             # KeyboardInterrupt, SystemExit...: the caller lets it propagate, which reports it.
             if kind != _CLOSE:
@@ -1417,11 +1437,13 @@ class Server(Generic[T]):
                 finally:
                     self._answering = False
         except Exception:
+            self._handler_errors += 1
             logger.exception("handler raised for %r", request)
             self._reply(request, internal_error())
             return
         except asyncio.CancelledError:
             # The handler's own doing, as for a task it cancelled itself (`_request_done`).
+            self._handler_errors += 1
             logger.error("handler for %r was cancelled: 500", request)
             self._reply(request, internal_error())
             return
@@ -1429,6 +1451,7 @@ class Server(Generic[T]):
             # KeyboardInterrupt, SystemExit (from the call, or an eager task's first step):
             # answered before it propagates, as a WebSocket handler's closes 1011 first.
             # Unanswered, the request held stop() and run() for ever.
+            self._handler_errors += 1
             self._reply(request, internal_error())
             raise
         if task is None:
@@ -1457,12 +1480,14 @@ class Server(Generic[T]):
                 self._reply(request, _stopping())
             elif not (request._answered or request._pending.upgraded):
                 # srv.timeout's cancel comes after its 503 (and its line).
+                self._handler_errors += 1
                 logger.error("handler for %r was cancelled: 500", request)
                 self._reply(request, internal_error())
             return
         exc = task.exception()
         if exc is not None:
             # A KeyboardInterrupt or SystemExit left the loop already, from the task's step.
+            self._handler_errors += 1
             logger.error("handler raised for %r", request, exc_info=exc)
             self._reply(request, internal_error())
             return
@@ -1485,15 +1510,18 @@ class Server(Generic[T]):
         request._answered = True
         request._task = None
         if result is None:
+            self._handler_errors += 1
             logger.error("handler returned None for %r without upgrading it", request)
             result = internal_error()
         elif not isinstance(result, Response):
+            self._handler_errors += 1
             logger.error("handler returned %s for %r, expected a Response",
                          type(result).__name__, request)
             result = internal_error()
         try:
             pending.respond(result.status, list(result.headers), result.body_bytes())
         except ValueError:
+            self._handler_errors += 1
             logger.exception("invalid response for %r", request)
             fallback = internal_error()
             pending.respond(fallback.status, list(fallback.headers), fallback.body_bytes())

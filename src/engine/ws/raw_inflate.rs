@@ -29,8 +29,9 @@ pub(crate) struct RawInflate {
     strm: Box<z_stream>,
 }
 
-// SAFETY: the stream and its state are owned by this value alone, and zlib-rs keeps nothing tied
-// to a thread; `&self` methods only read plain fields.
+// SAFETY: the `z_stream`'s pointers are set and cleared within each call, and its state (on
+// zlib-rs's heap, through the Rust allocator) is owned by this value alone, with nothing tied to
+// the thread that made it: moving the value to another thread moves all of it.
 unsafe impl Send for RawInflate {}
 
 impl RawInflate {
