@@ -175,7 +175,8 @@ def is_token(value: str) -> bool:
 
 # What a response's or a 101's headers may be given as: pairs (a name may repeat) or a mapping,
 # each value a str or an int (written in decimal).
-HeaderItems: TypeAlias = "Iterable[tuple[str, str | int]] | Mapping[str, str | int]"
+# A value, not a string: typing.get_type_hints resolves it where it is used, too.
+HeaderItems: TypeAlias = Iterable[tuple[str, str | int]] | Mapping[str, str | int]
 
 
 def header_pairs(headers: HeaderItems) -> tuple[tuple[str, str], ...]:

@@ -25,7 +25,7 @@ import threading
 import types
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from functools import partial
 from inspect import CO_COROUTINE, isawaitable
 from time import perf_counter
@@ -126,8 +126,8 @@ HOLD_AFTER_CONNECTIONS = 256
 HOLD_AFTER_DELIVERIES_PER_CONNECTION = 2
 HOLD_AFTER_WRITES_SECONDS = 0.002
 HOLD_SECONDS = 0.001
-# The core logs at most ten lines of a kind a second; a second after the line that filled its
-# second, the loop asks how many were left out since, and says so in a line of its own if no
+# The core logs at most ten lines of a kind a second; a second after the latest line that filled
+# its second, the loop asks how many were left out since, and says so in a line of its own if no
 # later line of that kind has said it already.
 LEFT_OUT_AFTER_SECONDS = 1.0
 

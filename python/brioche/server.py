@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import warnings
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from brioche import _brioche, _server
