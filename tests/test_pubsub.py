@@ -188,6 +188,44 @@ async def test_empty_topic_name_raises_value_error(serve: ServeFn, recorder: Rec
         server.publish(srv, "", b"x")
 
 
+async def test_a_topic_that_is_not_a_str_is_a_type_error_naming_the_call(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """Before, pyo3's own message named neither the call nor the argument: "'int' object is
+    not an instance of 'str'"."""
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        errors = []
+        for name, call in (
+            ("subscribe", lambda: ws.subscribe(1)),  # type: ignore[arg-type]
+            ("unsubscribe", lambda: ws.unsubscribe(b"t")),  # type: ignore[arg-type]
+            ("is_subscribed", lambda: ws.is_subscribed(None)),  # type: ignore[arg-type]
+            ("publish", lambda: ws.publish(1, "x")),  # type: ignore[arg-type]
+            ("publish_bytes", lambda: ws.publish_bytes(1, b"x")),  # type: ignore[arg-type]
+            ("subscribe", lambda: websocket.subscribe(ws, 1)),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError) as raised:
+                call()
+            errors.append((name, str(raised.value)))
+        recorder.add("errors", errors)
+
+    srv = await serve(websocket.init().on_open(on_open))
+    async with connect(ws_url(srv)):
+        await recorder.wait_for(lambda: bool(recorder.of("errors")))
+    assert recorder.of("errors") == [([
+        ("subscribe", "subscribe() takes the topic as a str, got int"),
+        ("unsubscribe", "unsubscribe() takes the topic as a str, got bytes"),
+        ("is_subscribed", "is_subscribed() takes the topic as a str, got NoneType"),
+        ("publish", "publish() takes the topic as a str, got int"),
+        ("publish_bytes", "publish_bytes() takes the topic as a str, got int"),
+        ("subscribe", "subscribe() takes the topic as a str, got int"),
+    ],)]
+    with pytest.raises(TypeError, match=r"^publish\(\) takes the topic as a str, got int$"):
+        srv.publish(1, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^subscriber_count\(\) takes the topic as a str, got int$"):
+        srv.subscriber_count(1)  # type: ignore[arg-type]
+
+
 async def test_server_topic_calls_refuse_an_empty_topic_and_name_a_wrong_message(
     serve: ServeFn, recorder: Recorder
 ) -> None:

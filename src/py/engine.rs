@@ -16,7 +16,7 @@ use super::request::PendingRequest;
 use super::shared::release_sent;
 use super::status;
 use super::text::py_text;
-use super::websocket::{check_topic, str_or_bytes_error, with_bytes, PyWebSocket};
+use super::websocket::{str_or_bytes_error, topic_arg, with_bytes, PyWebSocket};
 use super::{
     EVENT_BYTES, EVENT_BYTES_RUN, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN,
     EVENT_PING, EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT, EVENT_TEXT_RUN,
@@ -673,11 +673,11 @@ impl PyEngine {
     fn publish(
         &self,
         py: Python<'_>,
-        topic: &str,
+        topic: &Bound<'_, PyAny>,
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        check_topic(topic)?;
+        let topic = topic_arg("publish", topic)?;
         let shared = self.server.shared();
         let sent = if let Ok(text) = message.cast::<PyString>() {
             let text = text.to_str()?;
@@ -713,8 +713,8 @@ impl PyEngine {
         self.server.shared().take_left_out(kind)
     }
 
-    fn subscriber_count(&self, topic: &str) -> PyResult<usize> {
-        check_topic(topic)?;
+    fn subscriber_count(&self, topic: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let topic = topic_arg("subscriber_count", topic)?;
         Ok(self.server.shared().subscriber_count(topic))
     }
 }

@@ -185,13 +185,25 @@ fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyR
     with_bytes(data, |b| conn.send_binary(b))
 }
 
-pub(super) fn check_topic(topic: &str) -> PyResult<()> {
+/// `topic` as a non-empty `str`, or the error that names the call: pyo3's own for a wrong type
+/// said only "'int' object is not an instance of 'str'", not which call or argument.
+pub(super) fn topic_arg<'a>(function: &str, topic: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    let Ok(text) = topic.cast::<PyString>() else {
+        let got = topic
+            .get_type()
+            .name()
+            .map_or("?".into(), |n| n.to_string());
+        return Err(PyTypeError::new_err(format!(
+            "{function}() takes the topic as a str, got {got}"
+        )));
+    };
+    let topic = text.to_str()?;
     if topic.is_empty() {
         return Err(value_error(
             "a topic name must be a non-empty string".into(),
         ));
     }
-    Ok(())
+    Ok(topic)
 }
 
 /// Close codes an endpoint may send: the same set brioche accepts from a peer. Any Python int
@@ -379,11 +391,11 @@ impl PyWebSocket {
     fn publish(
         &self,
         py: Python<'_>,
-        topic: &str,
+        topic: &Bound<'_, PyAny>,
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        check_topic(topic)?;
+        let topic = topic_arg("publish", topic)?;
         let sent = match message.cast::<PyString>() {
             Ok(text) if compress => {
                 self.conn
@@ -403,11 +415,11 @@ impl PyWebSocket {
     fn publish_bytes(
         &self,
         py: Python<'_>,
-        topic: &str,
+        topic: &Bound<'_, PyAny>,
         message: &Bound<'_, PyAny>,
         compress: bool,
     ) -> PyResult<Py<PyAny>> {
-        check_topic(topic)?;
+        let topic = topic_arg("publish_bytes", topic)?;
         let sent = publish_binary(&self.conn, topic, message, compress)
             .map_err(|e| bytes_error(e, "publish_bytes", message))?;
         status::to_py(py, sent)
@@ -420,20 +432,20 @@ impl PyWebSocket {
     }
 
     /// Subscribe to `topic`; idempotent. False, a no-op, once the socket is closing or closed.
-    fn subscribe(&self, topic: &str) -> PyResult<bool> {
-        check_topic(topic)?;
+    fn subscribe(&self, topic: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let topic = topic_arg("subscribe", topic)?;
         Ok(self.conn.subscribe(topic))
     }
 
     /// Unsubscribe from `topic`; whether this socket was subscribed to it.
-    fn unsubscribe(&self, topic: &str) -> PyResult<bool> {
-        check_topic(topic)?;
+    fn unsubscribe(&self, topic: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let topic = topic_arg("unsubscribe", topic)?;
         Ok(self.conn.unsubscribe(topic))
     }
 
     /// Whether this socket is subscribed to `topic`.
-    fn is_subscribed(&self, topic: &str) -> PyResult<bool> {
-        check_topic(topic)?;
+    fn is_subscribed(&self, topic: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let topic = topic_arg("is_subscribed", topic)?;
         Ok(self.conn.is_subscribed(topic))
     }
 
