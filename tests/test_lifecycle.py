@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
 import brioche
 from brioche import MessageDropped, MessageSent, server, websocket
-from conftest import Recorder, ServeFn, ws_url
+from conftest import Recorder, ServeFn, log_lines, ws_url
 from rawws import (
     OP_CLOSE,
     OP_PING,
@@ -1083,12 +1083,13 @@ def reset_by_peer(sock: socket.socket, data: bytes) -> bool:
 
 
 async def test_client_that_never_answers_the_close_frame_is_cut_after_the_close_timeout(
-    serve: ServeFn, recorder: Recorder
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The server's close frame goes unanswered: 5 s later (the close timeout) the server lets
     go of the connection, the client's read meets the end of the stream only then, and on_close
     reports 1006, not the code it sent. A frame the client writes after that is answered with
-    a reset."""
+    a reset. The cut is logged, as an idle timeout is (it was not)."""
+    caplog.set_level(logging.INFO, logger="brioche")
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         ws.close(4001, "bye")
@@ -1116,3 +1117,7 @@ async def test_client_that_never_answers_the_close_frame_is_cut_after_the_close_
         assert await asyncio.to_thread(reset_by_peer, sock, encode_frame(OP_CLOSE, close_payload(4001)))
     finally:
         sock.close()
+    assert log_lines(caplog, "brioche.ws") == [(
+        logging.INFO,
+        "closed the connection from 127.0.0.1 (1006): no answer to the close frame within the close timeout",
+    )]

@@ -211,17 +211,20 @@ async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
     many_headers = b"".join(b"X-H%d: v\r\n" % i for i in range(200))  # past hyper's 100
     huge_head = await asyncio.to_thread(exchange, b"GET / HTTP/1.1\r\nHost: x\r\n" + many_headers + b"\r\n")
     assert huge_head.startswith(b"HTTP/1.1 431 ")
+    gzipped = await asyncio.to_thread(exchange, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                      b"3\r\nabc\r\n0\r\n\r\n")
+    assert gzipped.startswith(b"HTTP/1.1 501 ")
     async with connect(ws_url(srv), ping_interval=None):
         full = await asyncio.to_thread(exchange, (upgrade + "Sec-WebSocket-Version: 13\r\n\r\n").encode())
         assert full.startswith(b"HTTP/1.1 503 ")
     # A refusal hyper answers itself (the 431) is counted and logged when its connection ends,
     # after the client has closed; a line reaches `logging` through the event queue. The core
-    # counts each refusal before it sends the line, so with the fourth line all four are counted.
-    await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 5, 5)
+    # counts each refusal before it sends the line, so with the last line all of them are counted.
+    await poll_until(lambda: len(log_lines(caplog, "brioche.http")) >= 6, 5)
     stats = srv.stats()
-    assert (stats["handshakes_rejected"], stats["requests_rejected"]) == (3, 2)
+    assert (stats["handshakes_rejected"], stats["requests_rejected"]) == (3, 3)
     # Each line names its client's own port; the 431's may come after the 503's.
-    bad_version_port, no_version_port, too_big_port, huge_head_port, full_port = client_ports
+    bad_version_port, no_version_port, too_big_port, huge_head_port, gzipped_port, full_port = client_ports
     assert sorted(log_lines(caplog, "brioche.http")) == sorted([
         (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 426, unsupported Sec-WebSocket-Version"
          % bad_version_port),
@@ -229,6 +232,9 @@ async def test_refusals_are_counted_and_logged_with_their_status_and_reason(
          % no_version_port),
         (logging.INFO, "refused a request from 127.0.0.1:%d: 413, body over max_request_body_size" % too_big_port),
         (logging.INFO, "refused a request from 127.0.0.1:%d: 431, request head too large" % huge_head_port),
+        # Why, not the status's phrase again ("Not Implemented", before).
+        (logging.INFO, "refused a request from 127.0.0.1:%d: 501, a transfer coding other than chunked"
+         % gzipped_port),
         (logging.INFO, "refused a WebSocket handshake from 127.0.0.1:%d: 503, max_connections reached" % full_port),
     ])
 

@@ -741,7 +741,9 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
             INFO,
             "closing the connection from %s with %d: %s",
         ),
-        LogKind::IdleTimeout => ("brioche.ws", INFO, "closed the connection from %s (%d): %s"),
+        LogKind::IdleTimeout | LogKind::CloseTimeout => {
+            ("brioche.ws", INFO, "closed the connection from %s (%d): %s")
+        }
         LogKind::BackpressureDrop => {
             let format = "dropping messages to %s: %s; more drops are not logged until its queue \
                           drains";

@@ -118,9 +118,12 @@ pub enum LogKind {
     /// A channel Redis refused (`NOPERM`: an ACL without it) while the link stays up: once per
     /// channel until Redis takes it again.
     RedisRefused,
+    /// The client did not answer the server's close frame within the close timeout: the
+    /// connection ends as the idle timeout ends one, and is logged as it is.
+    CloseTimeout,
 }
 
-pub(crate) const LOG_KINDS: usize = 15;
+pub(crate) const LOG_KINDS: usize = 16;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

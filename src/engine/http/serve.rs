@@ -762,21 +762,28 @@ fn host_for_handler(uri: &hyper::Uri, method: &Method) -> Option<String> {
 }
 
 /// A transfer coding the server does not undo (501, RFC 9112 6.1: the handler would get a
-/// body still encoded), or chunked applied twice (400). hyper refuses the other misuses.
+/// body still encoded), or chunked applied twice (400). hyper refuses the other misuses. The
+/// status, and why, for the log (the body is the status's own phrase).
 fn coding_problem<B>(req: &Request<B>) -> Option<(StatusCode, &'static str)> {
     let mut chunked = 0;
     for value in req.headers().get_all(TRANSFER_ENCODING) {
         let Ok(value) = value.to_str() else {
-            return Some((StatusCode::BAD_REQUEST, "Bad Request"));
+            return Some((
+                StatusCode::BAD_REQUEST,
+                "Transfer-Encoding that is not text",
+            ));
         };
         for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
             if !coding.eq_ignore_ascii_case("chunked") {
-                return Some((StatusCode::NOT_IMPLEMENTED, "Not Implemented"));
+                return Some((
+                    StatusCode::NOT_IMPLEMENTED,
+                    "a transfer coding other than chunked",
+                ));
             }
             chunked += 1;
         }
     }
-    (chunked > 1).then_some((StatusCode::BAD_REQUEST, "Bad Request"))
+    (chunked > 1).then_some((StatusCode::BAD_REQUEST, "chunked applied more than once"))
 }
 
 async fn handle(
@@ -811,7 +818,10 @@ async fn read_and_answer(
     }
     if let Some((status, why)) = coding_problem(&req) {
         reject_request(shared, remote, status, why);
-        return Ok(refusal(status, why));
+        return Ok(refusal(
+            status,
+            status.canonical_reason().unwrap_or("Bad Request"),
+        ));
     }
     // A body declared larger than the limit is refused now, not read first (nor invited by a
     // `100 Continue`, which hyper sends only once the body is read).

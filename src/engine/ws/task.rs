@@ -481,6 +481,14 @@ impl Task {
         // was already read must not be timed out while Python is the one behind.
         self.paused = self.conn.reading_paused();
         if self.close_deadline.is_some_and(|d| now >= d) {
+            // Said, as the idle timeout is: otherwise the only trace of a client that never
+            // answers (or a proxy that swallows the frame) was a 1006 in `closes_by_code`.
+            self.conn.shared.log(
+                LogKind::CloseTimeout,
+                self.conn.remote,
+                1006,
+                "no answer to the close frame within the close timeout",
+            );
             return Some(Ending::abrupt(1006, ""));
         }
         if self.watches_for_peer_end() && self.stream.peer_gone() {
