@@ -725,129 +725,120 @@ impl PyEngine {
 fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, PyAny>> {
     const INFO: u8 = 20;
     const WARNING: u8 = 30;
-    let (logger, level, format) = match record.kind {
+    let (logger, level, format, args) = match record.kind {
         LogKind::HandshakeRejected => (
             "brioche.http",
             INFO,
             "refused a WebSocket handshake from %s: %d, %s",
+            Args::PeerCodeReason,
         ),
-        LogKind::RequestRejected => ("brioche.http", INFO, "refused a request from %s: %d, %s"),
-        LogKind::ResponseStalled => {
-            let format = "dropped the connection from %s: %s";
-            return codeless_log(py, "brioche.http", INFO, format, record);
-        }
+        LogKind::RequestRejected => (
+            "brioche.http",
+            INFO,
+            "refused a request from %s: %d, %s",
+            Args::PeerCodeReason,
+        ),
+        LogKind::ResponseStalled => (
+            "brioche.http",
+            INFO,
+            "dropped the connection from %s: %s",
+            Args::PeerReason,
+        ),
         LogKind::ClientRefused => (
             "brioche.ws",
             INFO,
             "closing the connection from %s with %d: %s",
+            Args::PeerCodeReason,
         ),
-        LogKind::IdleTimeout | LogKind::CloseTimeout => {
-            ("brioche.ws", INFO, "closed the connection from %s (%d): %s")
-        }
-        LogKind::BackpressureDrop => {
-            let format = "dropping messages to %s: %s; more drops are not logged until its queue \
-                          drains";
-            return codeless_log(py, "brioche.ws", WARNING, format, record);
-        }
+        LogKind::IdleTimeout | LogKind::CloseTimeout => (
+            "brioche.ws",
+            INFO,
+            "closed the connection from %s (%d): %s",
+            Args::PeerCodeReason,
+        ),
+        LogKind::BackpressureDrop => (
+            "brioche.ws",
+            WARNING,
+            "dropping messages to %s: %s; more drops are not logged until its queue drains",
+            Args::PeerReason,
+        ),
         // No close frame goes out (the queue is over its limit): `on_close` gets the code.
         LogKind::BackpressureClose => (
             "brioche.ws",
             WARNING,
             "dropped the connection to %s without a close frame (on_close gets %d): %s",
+            Args::PeerCodeReason,
         ),
-        LogKind::RedisDown => {
-            let format = "Redis pub/sub at %s is down (%s): other processes miss what this one \
-                          publishes, and it misses theirs, until it is back; reconnecting";
-            return codeless_log(py, "brioche.redis", WARNING, format, record);
-        }
-        LogKind::RedisRefused => {
-            let format = "Redis pub/sub at %s refused the channel %s: other processes miss what \
-                          this one publishes to its topic, and it misses theirs; the other topics \
-                          still cross";
-            return codeless_log(py, "brioche.redis", WARNING, format, record);
-        }
-        LogKind::RedisUp => {
-            let format = "Redis pub/sub at %s is back (%s): what was published meanwhile did \
-                          not cross between processes";
-            return codeless_log(py, "brioche.redis", INFO, format, record);
-        }
-        LogKind::RelayDrop => {
-            let format = "dropping publishes to the sibling worker %s (%s): its clients miss \
-                          them";
-            return codeless_log(py, "brioche.relay", WARNING, format, record);
-        }
-        LogKind::TlsHandshakeFailed => {
-            let format = "TLS handshake from %s failed: %s";
-            return codeless_log(py, "brioche.http", INFO, format, record);
-        }
-        LogKind::RedisTooBig => {
-            let format = "a publish over 24 MiB was not sent to Redis: Redis would disconnect \
-                          every subscriber of its topic (client-output-buffer-limit pubsub); \
-                          other processes miss it";
-            let item = (
-                EVENT_LOG,
-                "brioche.redis",
-                WARNING,
-                format,
-                (),
-                record.left_out,
-                filled(record),
-            );
-            return Ok(item.into_pyobject(py)?.into_any());
-        }
-        LogKind::RedisBacklog | LogKind::RedisInboundBacklog => {
-            let format = if record.kind == LogKind::RedisBacklog {
-                "dropping publishes to Redis (%s): other processes miss them; more drops are \
-                 not logged until the queue to Redis empties"
-            } else {
-                "dropping messages from Redis (%s): this process's subscribers miss them; more \
-                 drops are not logged until that queue empties"
-            };
-            let args = (record.reason.as_ref(),);
-            let item = (
-                EVENT_LOG,
-                "brioche.redis",
-                WARNING,
-                format,
-                args,
-                record.left_out,
-                filled(record),
-            );
-            return Ok(item.into_pyobject(py)?.into_any());
-        }
+        LogKind::RedisDown => (
+            "brioche.redis",
+            WARNING,
+            "Redis pub/sub at %s is down (%s): other processes miss what this one publishes, \
+             and it misses theirs, until it is back; reconnecting",
+            Args::PeerReason,
+        ),
+        LogKind::RedisRefused => (
+            "brioche.redis",
+            WARNING,
+            "Redis pub/sub at %s refused the channel %s: other processes miss what this one \
+             publishes to its topic, and it misses theirs; the other topics still cross",
+            Args::PeerReason,
+        ),
+        LogKind::RedisUp => (
+            "brioche.redis",
+            INFO,
+            "Redis pub/sub at %s is back (%s): what was published meanwhile did not cross \
+             between processes",
+            Args::PeerReason,
+        ),
+        LogKind::RelayDrop => (
+            "brioche.relay",
+            WARNING,
+            "dropping publishes to the sibling worker %s (%s): its clients miss them",
+            Args::PeerReason,
+        ),
+        LogKind::TlsHandshakeFailed => (
+            "brioche.http",
+            INFO,
+            "TLS handshake from %s failed: %s",
+            Args::PeerReason,
+        ),
+        LogKind::RedisTooBig => (
+            "brioche.redis",
+            WARNING,
+            "a publish over 24 MiB was not sent to Redis: Redis would disconnect every \
+             subscriber of its topic (client-output-buffer-limit pubsub); other processes miss \
+             it",
+            Args::Nothing,
+        ),
+        LogKind::RedisBacklog => (
+            "brioche.redis",
+            WARNING,
+            "dropping publishes to Redis (%s): other processes miss them; more drops are not \
+             logged until the queue to Redis empties",
+            Args::Reason,
+        ),
+        LogKind::RedisInboundBacklog => (
+            "brioche.redis",
+            WARNING,
+            "dropping messages from Redis (%s): this process's subscribers miss them; more \
+             drops are not logged until that queue empties",
+            Args::Reason,
+        ),
     };
-    let args = (record.peer.as_str(), record.code, record.reason.as_ref());
-    let item = (
-        EVENT_LOG,
-        logger,
-        level,
-        format,
-        args,
-        record.left_out,
-        filled(record),
-    )
-        .into_pyobject(py)?;
-    Ok(item.into_any())
-}
-
-/// The kind's number if this line filled its second (`LogRecord::fills_second`), else -1.
-fn filled(record: &LogRecord) -> i64 {
-    if record.fills_second {
+    let peer = record.peer.as_str();
+    let reason = record.reason.as_ref();
+    let args = match args {
+        Args::PeerCodeReason => (peer, record.code, reason).into_pyobject(py)?,
+        Args::PeerReason => (peer, reason).into_pyobject(py)?,
+        Args::Reason => (reason,).into_pyobject(py)?,
+        Args::Nothing => ().into_pyobject(py)?,
+    };
+    // The kind's number if this line filled its second (`LogRecord::fills_second`), else -1.
+    let filled = if record.fills_second {
         record.kind as i64
     } else {
         -1
-    }
-}
-
-/// A line with no code, only the address and what happened.
-fn codeless_log<'py>(
-    py: Python<'py>,
-    logger: &'static str,
-    level: u8,
-    format: &'static str,
-    record: &LogRecord,
-) -> PyResult<Bound<'py, PyAny>> {
-    let args = (record.peer.as_str(), record.reason.as_ref());
+    };
     let item = (
         EVENT_LOG,
         logger,
@@ -855,10 +846,17 @@ fn codeless_log<'py>(
         format,
         args,
         record.left_out,
-        filled(record),
-    )
-        .into_pyobject(py)?;
-    Ok(item.into_any())
+        filled,
+    );
+    Ok(item.into_pyobject(py)?.into_any())
+}
+
+/// Which of a record's fields a line's format takes, in this order.
+enum Args {
+    PeerCodeReason,
+    PeerReason,
+    Reason,
+    Nothing,
 }
 
 /// An empty `contextvars.Context`, for a socket opened without `upgrade` giving one.
