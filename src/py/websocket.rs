@@ -148,11 +148,13 @@ fn wrong_type(error: PyErr, function: &str, takes: &str, message: &Bound<'_, PyA
     if !error.is_instance_of::<PyTypeError>(message.py()) {
         return error;
     }
-    let got = message
-        .get_type()
-        .name()
-        .map_or("?".into(), |n| n.to_string());
+    let got = type_name(message);
     PyTypeError::new_err(format!("{function}() takes {takes}, got {got}"))
+}
+
+/// The name of `obj`'s type, for an error message ("?" if even that fails).
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map_or("?".into(), |n| n.to_string())
 }
 
 fn publish_binary(
@@ -189,10 +191,7 @@ fn send_binary(conn: &Arc<Conn>, data: &Bound<'_, PyAny>, compress: bool) -> PyR
 /// said only "'int' object is not an instance of 'str'", not which call or argument.
 pub(super) fn topic_arg<'a>(function: &str, topic: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
     let Ok(text) = topic.cast::<PyString>() else {
-        let got = topic
-            .get_type()
-            .name()
-            .map_or("?".into(), |n| n.to_string());
+        let got = type_name(topic);
         return Err(PyTypeError::new_err(format!(
             "{function}() takes the topic as a str, got {got}"
         )));
@@ -220,7 +219,7 @@ fn close_code(code: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u16>> {
     if code.is_instance_of::<PyBool>() || !code.is_instance_of::<PyInt>() {
         return Err(PyTypeError::new_err(format!(
             "a close code must be an int, got {}",
-            code.get_type().name()?
+            type_name(code)
         )));
     }
     match code.extract::<u16>() {
