@@ -22,6 +22,8 @@ use std::cell::RefCell;
 
 use flate2::{Compress, Compression, FlushCompress};
 
+#[cfg(test)]
+use super::raw_inflate::sync_flushed;
 use super::raw_inflate::{RawInflate, Status};
 
 /// What one connection negotiated.
@@ -303,6 +305,13 @@ fn inflate_into(
 mod tests {
     use super::*;
 
+    /// A client's message: `text` sync-flushed, its tail stripped.
+    fn message_of(text: &[u8], level: Compression) -> Vec<u8> {
+        let mut whole = sync_flushed(text, level);
+        whole.truncate(whole.len() - TAIL.len());
+        whole
+    }
+
     fn params(client_bits: u8, client_reset: bool) -> DeflateParams {
         DeflateParams {
             server_no_context_takeover: false,
@@ -339,11 +348,7 @@ mod tests {
     #[test]
     fn a_bomb_stops_one_byte_past_the_limit() {
         // What a hostile client sends: zeros at zlib's best level, about 1000 to 1.
-        let mut c = Compress::new_with_window_bits(Compression::new(9), false, 15);
-        let mut bomb = Vec::with_capacity(64 * 1024);
-        c.compress_vec(&vec![0u8; 10 << 20], &mut bomb, FlushCompress::Sync)
-            .unwrap();
-        bomb.truncate(bomb.len() - TAIL.len());
+        let bomb = message_of(&vec![0u8; 10 << 20], Compression::new(9));
         assert!(bomb.len() < 12 * 1024, "{}", bomb.len());
         let mut inflater = Inflater::new(&params(15, false));
         assert_eq!(inflater.inflate(&bomb, 1 << 20), Err(InflateError::TooBig));
@@ -429,13 +434,7 @@ mod tests {
     #[test]
     fn a_message_cut_short_inside_a_stored_block_is_invalid() {
         // Stored blocks (level 0): a cut one took the tail, and the next message, for its data.
-        let mut compress = Compress::new_with_window_bits(Compression::none(), false, 15);
-        let mut whole = Vec::with_capacity(2048);
-        compress
-            .compress_vec(&[b'A'; 1000], &mut whole, FlushCompress::Sync)
-            .unwrap();
-        assert!(whole.ends_with(&TAIL));
-        let message = &whole[..whole.len() - TAIL.len()];
+        let message = &message_of(&[b'A'; 1000], Compression::none());
         let mut stream = RawInflate::new(15);
         assert_eq!(
             inflate_message(&mut stream, message, 1 << 20, false),
@@ -459,12 +458,7 @@ mod tests {
             .flat_map(|i| format!("{} ", i * 7919 % 1000).into_bytes())
             .collect();
         for text in [short, long] {
-            let mut compress = Compress::new_with_window_bits(Compression::default(), false, 15);
-            let mut whole = Vec::with_capacity(text.len() + 64);
-            compress
-                .compress_vec(&text, &mut whole, FlushCompress::Sync)
-                .unwrap();
-            let message = &whole[..whole.len() - TAIL.len()];
+            let message = &message_of(&text, Compression::default());
             let mut stream = RawInflate::new(15);
             assert_eq!(
                 inflate_message(&mut stream, message, 1 << 20, false),
@@ -491,12 +485,7 @@ mod tests {
         let text: Vec<u8> = (0..40_000u32)
             .flat_map(|i| format!("{:04} ", i.wrapping_mul(2_654_435_761) % 9973).into_bytes())
             .collect();
-        let mut compress = Compress::new_with_window_bits(Compression::default(), false, 15);
-        let mut whole = Vec::with_capacity(text.len());
-        compress
-            .compress_vec(&text, &mut whole, FlushCompress::Sync)
-            .unwrap();
-        let message = &whole[..whole.len() - TAIL.len()];
+        let message = &message_of(&text, Compression::default());
         let mut stream = RawInflate::new(15);
         assert_eq!(
             inflate_message(&mut stream, message, 1 << 20, false),

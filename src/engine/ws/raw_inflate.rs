@@ -116,6 +116,22 @@ impl Drop for RawInflate {
     }
 }
 
+/// `text` compressed at `level` and sync-flushed: what a client's deflater gives before the
+/// client strips the tail (RFC 7692 7.2.1).
+#[cfg(test)]
+pub(crate) fn sync_flushed(text: &[u8], level: flate2::Compression) -> Vec<u8> {
+    let mut compress = flate2::Compress::new_with_window_bits(level, false, 15);
+    let mut whole = Vec::with_capacity(text.len() + 64);
+    compress
+        .compress_vec(text, &mut whole, flate2::FlushCompress::Sync)
+        .unwrap();
+    assert!(
+        whole.ends_with(&[0, 0, 0xff, 0xff]),
+        "the output did not fit"
+    );
+    whole
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,15 +158,10 @@ mod tests {
         // A dynamic block (long, varied text at the default level), sync-flushed: whole, it
         // stops between blocks; cut inside its header, with the tail appended, it does not,
         // and some cuts give neither output nor an error (what the boundary check is for).
-        use flate2::{Compress, Compression, FlushCompress};
         let text: Vec<u8> = (0..3000u32)
             .flat_map(|i| format!("{} ", i * 7919 % 1000).into_bytes())
             .collect();
-        let mut compress = Compress::new_with_window_bits(Compression::default(), false, 15);
-        let mut whole = Vec::with_capacity(text.len() + 64);
-        compress
-            .compress_vec(&text, &mut whole, FlushCompress::Sync)
-            .unwrap();
+        let whole = sync_flushed(&text, flate2::Compression::default());
         let mut out = Vec::with_capacity(text.len() + 1);
         let mut stream = RawInflate::new(15);
         assert_eq!(inflate_all(&mut stream, &whole, &mut out), Ok(Status::Ok));
