@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -410,6 +411,24 @@ def test_a_config_that_cannot_be_pickled_is_refused_before_any_worker_starts() -
     config = config.hostname("127.0.0.1").port(0)
     with pytest.raises(TypeError, match="module-level functions"):
         server.run(config, workers=2)
+
+
+def test_a_temporary_directory_too_deep_for_the_relay_sockets_is_named_before_any_worker_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers relay publishes over unix sockets under TMPDIR, whose paths may be 107 bytes
+    at most. Under a deeper TMPDIR each worker failed to bind, with an error that named neither
+    the path nor TMPDIR."""
+    deep = tmp_path / ("d" * max(1, 100 - len(str(tmp_path))))
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    config = server.handler(hello).websocket(websocket.init()).hostname("127.0.0.1").port(0)
+    with pytest.raises(ValueError) as raised:
+        server.run(config, workers=2)
+    message = str(raised.value)
+    assert message.startswith(f"run(..., workers=n) relays publishes between the workers over unix sockets in {deep}/brioche-relay-")
+    assert message.endswith("a unix socket's path is at most 107): set TMPDIR to a shorter directory"), message
+    assert os.listdir(deep) == [], "the relay directory is removed"
 
 
 @pytest.mark.parametrize("reuseport", [False, True])

@@ -464,6 +464,15 @@ def run_workers(
         relay_dir = tempfile.mkdtemp(prefix="brioche-relay-")
         try:
             paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
+            longest = max(len(os.fsencode(path)) for path in paths)
+            if longest >= _SUN_PATH:
+                # Else each worker failed to bind its relay socket, with an error that named
+                # neither the path nor where it comes from.
+                raise ValueError(
+                    f"run(..., workers=n) relays publishes between the workers over unix sockets "
+                    f"in {relay_dir}, and their paths are too long ({longest} bytes; a unix "
+                    f"socket's path is at most {_SUN_PATH - 1}): set TMPDIR to a shorter directory"
+                )
             slots = [
                 WorkerSlot(i, paths[i], tuple(p for p in paths if p != paths[i]))
                 for i in range(workers)
@@ -475,6 +484,10 @@ def run_workers(
     finally:
         for sock in reserved:
             sock.close()
+
+
+# The size of `sockaddr_un.sun_path`, its terminating NUL included.
+_SUN_PATH = 108 if sys.platform.startswith("linux") else 104
 
 
 class _Supervisor:
