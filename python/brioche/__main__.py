@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import brioche
 from brioche import server, websocket
-from brioche._server import BindError, _http_url, _wildcard_note
+from brioche._server import BindError, _http_url, _wildcard_note, run_loop
 
 CHAT = "chat"
 
@@ -184,7 +184,7 @@ def main() -> None:
             await srv.stop(close_active_connections=True)
 
     try:
-        server.run_loop(run(), loop_factory)
+        run_loop(run(), loop_factory)
     except KeyboardInterrupt:
         pass
     except BindError as exc:

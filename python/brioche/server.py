@@ -51,7 +51,7 @@ from brioche._server import (
     _log_hang_up,
     _reload_tls_logged,
     _wildcard_note,
-    run_loop as run_loop,
+    run_loop,
 )
 from brioche._workers import WorkerSlot, run_workers
 
