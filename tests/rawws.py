@@ -169,6 +169,12 @@ class RawWebSocket:
         # The server's 101, head only: what a test checks of the negotiation.
         self.response_head = b""
 
+    @property
+    def local_port(self) -> int:
+        """This client's own port: what the server's log lines name it by, after its IP."""
+        port: int = self.writer.get_extra_info("sockname")[1]
+        return port
+
     @classmethod
     async def connect(
         cls,

@@ -627,6 +627,7 @@ async def test_exception_in_on_text_closes_that_connection_with_1011(
     caplog.set_level(logging.ERROR, logger="brioche")
     srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
     async with connect(ws_url(srv, "/ws?a")) as bad, connect(ws_url(srv, "/ws?b")) as good:
+        bad_port = bad.local_address[1]
         await good.send("before")
         assert await asyncio.wait_for(good.recv(), TIMEOUT) == "before"
         await bad.send("boom")
@@ -639,7 +640,7 @@ async def test_exception_in_on_text_closes_that_connection_with_1011(
             assert await asyncio.wait_for(good.recv(), TIMEOUT) == f"after {i}"
     assert recorder.of("close")[0] == ("a", 1011)
     [(bad_repr,)] = recorder.of("repr")
-    assert re.fullmatch(r"<brioche\.WebSocket #\d+ from 127\.0\.0\.1 state=1>", bad_repr), bad_repr
+    assert re.fullmatch(rf"<brioche\.WebSocket #\d+ from 127\.0\.0\.1:{bad_port} state=1>", bad_repr), bad_repr
     # The line names the connection, as it was when its handler raised.
     failures = [r for r in caplog.records if r.name == "brioche" and r.levelno == logging.ERROR]
     assert [r.getMessage() for r in failures] == [
@@ -795,6 +796,7 @@ async def test_exception_in_on_close_is_logged_and_server_keeps_working(
     caplog.set_level(logging.ERROR, logger="brioche")
     srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
     async with connect(ws_url(srv)) as client:
+        first_port = client.local_address[1]
         await client.close(4000, "x")
     await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
     async with connect(ws_url(srv)) as client:
@@ -802,7 +804,7 @@ async def test_exception_in_on_close_is_logged_and_server_keeps_working(
         assert await asyncio.wait_for(client.recv(), TIMEOUT) == "again"
     # The second client's on_close raises too, maybe after these lines: the first is checked.
     _, closed_repr = recorder.of("close")[0]
-    assert re.fullmatch(r"<brioche\.WebSocket #\d+ from 127\.0\.0\.1 state=3>", closed_repr), closed_repr
+    assert re.fullmatch(rf"<brioche\.WebSocket #\d+ from 127\.0\.0\.1:{first_port} state=3>", closed_repr), closed_repr
     failures = [r for r in caplog.records if r.name == "brioche" and r.levelno == logging.ERROR]
     assert failures[0].getMessage() == f"on_close handler raised for {closed_repr}"
     assert failures[0].exc_info is not None and str(failures[0].exc_info[1]) == "close exploded"
@@ -1099,6 +1101,7 @@ async def test_client_that_never_answers_the_close_frame_is_cut_after_the_close_
 
     srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
     sock = await asyncio.to_thread(blocking_connect, srv.port)
+    client_port = sock.getsockname()[1]
     try:
         await asyncio.to_thread(sock.sendall, encode_frame(OP_TEXT, b"close me"))
         start = time.monotonic()
@@ -1119,5 +1122,6 @@ async def test_client_that_never_answers_the_close_frame_is_cut_after_the_close_
         sock.close()
     assert log_lines(caplog, "brioche.ws") == [(
         logging.INFO,
-        "closed the connection from 127.0.0.1 (1006): no answer to the close frame within the close timeout",
+        f"closed the connection from 127.0.0.1:{client_port} (1006): no answer to the close frame within the close "
+        "timeout",
     )]

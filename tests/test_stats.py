@@ -134,7 +134,7 @@ async def test_drops_and_backpressure_are_counted_and_drops_logged_once_per_epis
             pass
         assert log_lines(caplog, "brioche.ws") == [(
             logging.WARNING,
-            "dropping messages to 127.0.0.1: backpressure limit exceeded; "
+            f"dropping messages to 127.0.0.1:{client.local_port}: backpressure limit exceeded; "
             "more drops are not logged until its queue drains",
         )]
 
@@ -165,6 +165,7 @@ async def test_a_close_for_the_backpressure_limit_is_counted_and_logged_once(
         await client.send_text("go")
         await asyncio.wait_for(done.wait(), 30)
         await recorder.wait_for(lambda: bool(recorder.of("close")))
+        client_port = client.local_port
     assert recorder.of("close") == [(1008, "backpressure limit exceeded")]
     dropped = sum(isinstance(r.status, MessageDropped) for r in records)
     assert dropped > 100
@@ -172,7 +173,7 @@ async def test_a_close_for_the_backpressure_limit_is_counted_and_logged_once(
     assert (stats["sends_dropped"], stats["closes_by_code"]) == (dropped, {1008: 1})
     assert log_lines(caplog, "brioche.ws") == [(
         logging.WARNING,
-        "dropped the connection to 127.0.0.1 without a close frame (on_close gets 1008): "
+        f"dropped the connection to 127.0.0.1:{client_port} without a close frame (on_close gets 1008): "
         "backpressure limit exceeded",
     )]
 
@@ -245,15 +246,19 @@ async def test_protocol_errors_and_idle_timeouts_are_logged_per_connection(
     caplog.set_level(logging.INFO, logger="brioche")
     srv = await serve(echo_config(recorder).idle_timeout(1).send_pings(False))
     async with await RawWebSocket.connect(srv.port) as client:
+        client_port = client.local_port
         await client.send_raw(encode_frame(OP_TEXT, b"unmasked", mask=False))
         assert (await client.expect_close_then_eof()).close_code == 1002
     async with await RawWebSocket.connect(srv.port) as silent:
+        silent_port = silent.local_port
         _, how = await silent.frames_until_end(timeout=5)
         assert how in ("eof", "reset")
     await recorder.wait_for(lambda: len(recorder.of("close")) == 2)
+    # Each names its client by IP and port, as the HTTP lines do: the IP alone did not tell two
+    # clients behind one address (a NAT, a proxy) apart.
     assert log_lines(caplog, "brioche.ws") == [
-        (logging.INFO, "closing the connection from 127.0.0.1 with 1002: protocol error"),
-        (logging.INFO, "closed the connection from 127.0.0.1 (1006): idle timeout"),
+        (logging.INFO, f"closing the connection from 127.0.0.1:{client_port} with 1002: protocol error"),
+        (logging.INFO, f"closed the connection from 127.0.0.1:{silent_port} (1006): idle timeout"),
     ]
     assert srv.stats()["closes_by_code"] == {1002: 1, 1006: 1}
 

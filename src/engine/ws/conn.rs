@@ -834,7 +834,7 @@ mod tests {
             })
         };
         for id in 0..TRIES {
-            let conn = shared.connection(id, Peer::Ip(ip), None);
+            let conn = shared.connection(id, Peer::Ip(ip, 40000), None);
             conn.set_state(ReadyState::Open);
             give.send(conn.clone()).unwrap();
             start.wait();

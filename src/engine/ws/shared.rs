@@ -458,7 +458,7 @@ mod tests {
         let (remote, _inbox) = Remote::new();
         let shared = Arc::new(Shared::new(ServerConfig::default(), Some(remote)).unwrap());
         let conns: Vec<_> = (1..=3)
-            .map(|id| shared.connection(id, Peer::Ip([127, 0, 0, 1].into()), None))
+            .map(|id| shared.connection(id, Peer::Ip([127, 0, 0, 1].into(), 40000), None))
             .collect();
         for conn in &conns {
             // Only an open socket subscribes, as the application sees one from `on_open`.

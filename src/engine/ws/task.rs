@@ -1043,7 +1043,7 @@ mod tests {
     fn messages_are_on_the_budget_when_the_loop_can_take_them() {
         let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-        let conn = shared.connection(7, crate::engine::net::Peer::Ip(ip), None);
+        let conn = shared.connection(7, crate::engine::net::Peer::Ip(ip, 40000), None);
         let mut handed = Handed::default();
         for text in ["hello", "brioche"] {
             let text_bytes = tokio_tungstenite::tungstenite::Utf8Bytes::from_static(text);
@@ -1077,10 +1077,15 @@ mod tests {
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
-            let conn = shared.connection(1, crate::engine::net::Peer::Ip(addr.ip()), None);
+            let conn = shared.connection(
+                1,
+                crate::engine::net::Peer::Ip(addr.ip(), addr.port()),
+                None,
+            );
             shared.register(&conn);
             let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
             // Each carries one pointer for permessage-deflate (8 bytes), `None` unless negotiated.
+            // The `Conn` names its client by IP and port (`Peer`, 20 bytes).
             // The `Conn` also carries two prefetch hints (16 bytes, `Outbound::prefetch_targets`).
             assert!(size_of_future(&task) <= 360, "{}", size_of_future(&task));
             assert!(
