@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 
 import brioche
 from brioche import server, websocket
-from brioche._workers import WorkersFailed, _report_failure, _reserve_ports, _start_error
+from brioche._workers import _SUN_PATH, WorkersFailed, _relay_paths, _report_failure, _reserve_ports, _start_error
 from conftest import hangup_by_default, ignore_sigint
 from rawws import holders_of_server_end, poll_until
 from test_listen import needs_ipv6
@@ -427,8 +427,22 @@ def test_a_temporary_directory_too_deep_for_the_relay_sockets_is_named_before_an
         server.run(config, workers=2)
     message = str(raised.value)
     assert message.startswith(f"run(..., workers=n) relays publishes between the workers over unix sockets in {deep}/brioche-relay-")
-    assert message.endswith("a unix socket's path is at most 107): set TMPDIR to a shorter directory"), message
+    assert message.endswith(
+        f"a unix socket's path is at most {_SUN_PATH - 1}): set TMPDIR to a shorter directory"
+    ), message
     assert os.listdir(deep) == [], "the relay directory is removed"
+
+
+def test_a_relay_socket_path_may_be_as_long_as_a_unix_socket_allows_and_no_longer() -> None:
+    # "/0.sock" is 7 bytes: the longest path is the last worker's, "/9.sock" of ten.
+    fits = "/" + "d" * (_SUN_PATH - 1 - 1 - 7)
+    assert _relay_paths(fits, 10)[-1] == fits + "/9.sock"
+    assert len(_relay_paths(fits, 10)[-1]) == _SUN_PATH - 1
+    with pytest.raises(ValueError, match=rf"\({_SUN_PATH} bytes; a unix socket's path is at most {_SUN_PATH - 1}\)"):
+        _relay_paths(fits + "d", 10)
+    # Eleven workers: "/10.sock" is a byte longer than the rest.
+    with pytest.raises(ValueError, match=rf"\({_SUN_PATH} bytes;"):
+        _relay_paths(fits, 11)
 
 
 @pytest.mark.parametrize("reuseport", [False, True])

@@ -463,16 +463,7 @@ def run_workers(
     try:
         relay_dir = tempfile.mkdtemp(prefix="brioche-relay-")
         try:
-            paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
-            longest = max(len(os.fsencode(path)) for path in paths)
-            if longest >= _SUN_PATH:
-                # Else each worker failed to bind its relay socket, with an error that named
-                # neither the path nor where it comes from.
-                raise ValueError(
-                    f"run(..., workers=n) relays publishes between the workers over unix sockets "
-                    f"in {relay_dir}, and their paths are too long ({longest} bytes; a unix "
-                    f"socket's path is at most {_SUN_PATH - 1}): set TMPDIR to a shorter directory"
-                )
+            paths = _relay_paths(relay_dir, workers)
             slots = [
                 WorkerSlot(i, paths[i], tuple(p for p in paths if p != paths[i]))
                 for i in range(workers)
@@ -488,6 +479,21 @@ def run_workers(
 
 # The size of `sockaddr_un.sun_path`, its terminating NUL included.
 _SUN_PATH = 108 if sys.platform.startswith("linux") else 104
+
+
+def _relay_paths(relay_dir: str, workers: int) -> list[str]:
+    """Each worker's relay socket in ``relay_dir``, or a ``ValueError`` naming the directory if
+    a path is too long for a unix socket: each worker failed to bind, with an error that named
+    neither the path nor where it comes from (the temporary directory: TMPDIR)."""
+    paths = [os.path.join(relay_dir, f"{i}.sock") for i in range(workers)]
+    longest = max(len(os.fsencode(path)) for path in paths)
+    if longest >= _SUN_PATH:
+        raise ValueError(
+            f"run(..., workers=n) relays publishes between the workers over unix sockets in "
+            f"{relay_dir}, and their paths are too long ({longest} bytes; a unix socket's path "
+            f"is at most {_SUN_PATH - 1}): set TMPDIR to a shorter directory"
+        )
+    return paths
 
 
 class _Supervisor:

@@ -457,7 +457,9 @@ class Config(Generic[T]):
         ``loop_factory`` makes the event loop to serve on: ``uvloop.new_event_loop`` for uvloop
         (default: asyncio's own loop). ``workers`` overrides :meth:`workers`: with more than
         one, this process starts that many worker processes, supervises them and returns once
-        they all stopped (a ``TypeError`` first if the config cannot be pickled).
+        they all stopped (a ``TypeError`` first if the config cannot be pickled, a
+        ``ValueError`` if the temporary directory, where the workers' relay sockets go, is too
+        deep for a unix socket's path: set TMPDIR to a shorter one).
         """
         config = self if workers is None else self.workers(workers)
         if config.workers_count == 1:
