@@ -683,7 +683,7 @@ impl Peer {
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            // As `Remote`'s: `[::1]:41234` for IPv6.
+            // As `Remote`'s (`[::1]:41234` for IPv6), without a link-local address's scope.
             Peer::Ip(ip, port) => SocketAddr::new(*ip, *port).fmt(f),
             Peer::Unix => f.write_str(UNIX_PEER),
         }

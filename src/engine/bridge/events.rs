@@ -130,8 +130,8 @@ pub(crate) const LOG_KINDS: usize = 16;
 #[derive(Debug)]
 pub struct LogRecord {
     pub kind: LogKind,
-    /// The client's address (no port for a WebSocket: `Conn` keeps only the IP); for the
-    /// Redis kinds, the Redis server's address; for `RelayDrop`, the sibling's pid.
+    /// The client's address and port (`Remote`'s or `Peer`'s `Display`); for the Redis kinds,
+    /// the Redis server's address; for `RelayDrop`, the sibling's pid.
     pub peer: String,
     /// The HTTP status or the close code.
     pub code: u16,

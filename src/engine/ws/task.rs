@@ -1075,21 +1075,22 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (stream, _) = listener.accept().await.unwrap();
+            let (stream, client) = listener.accept().await.unwrap();
             let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
             let conn = shared.connection(
                 1,
-                crate::engine::net::Peer::Ip(addr.ip(), addr.port()),
+                crate::engine::net::Peer::Ip(client.ip(), client.port()),
                 None,
             );
             shared.register(&conn);
             let task = run(conn.clone(), Stream::Tcp(stream), Vec::new());
             // Each carries one pointer for permessage-deflate (8 bytes), `None` unless negotiated.
-            // The `Conn` names its client by IP and port (`Peer`, 20 bytes).
-            // The `Conn` also carries two prefetch hints (16 bytes, `Outbound::prefetch_targets`).
+            // The `Conn` also carries two prefetch hints (16 bytes, `Outbound::prefetch_targets`)
+            // and its client's IP and port (`Peer`, 20 bytes). In its `Arc` it takes 240 bytes,
+            // in mimalloc's 256-byte size class: 17 more would cost 64 more a connection.
             assert!(size_of_future(&task) <= 360, "{}", size_of_future(&task));
             assert!(
-                std::mem::size_of::<Conn>() <= 232,
+                std::mem::size_of::<Conn>() <= 224,
                 "{}",
                 std::mem::size_of::<Conn>()
             );
