@@ -374,6 +374,20 @@ def server_specs(build_errors: dict[str, str], peers_error: str | None,
     return specs
 
 
+def merged_rows(probed: list[ServerSpec], old_servers: list[dict[str, Any]]) -> list[ServerSpec]:
+    """The Servers table of a ``--merge``: every server known now (probed just now), then those
+    only the old results know (e.g. an --extra-server of an earlier run), brioche's rows first.
+    A row the old run had and ran keeps its note, which names the build of the scenarios not
+    rerun (a rerun scenario names its own under its heading): relabelled with the rerun's
+    commit, every row claimed that build for the whole table."""
+    old = {d["name"]: ServerSpec.from_json(d) for d in old_servers}
+    known = {s.name for s in probed}
+    rows = [old[s.name] if s.name in old and old[s.name].na is None else s for s in probed]
+    rows += [spec for name, spec in old.items() if name not in known]
+    rows.sort(key=lambda s: not s.name.startswith("brioche"))
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1768,10 +1782,7 @@ def main() -> int:
         scenarios = [sc for sc in SCENARIOS if sc.results]
         # Rows: every server known now (probed just now), then those only the old results know
         # (e.g. an --extra-server of an earlier run), brioche's rows first.
-        known = {s.name for s in all_specs}
-        shown = [*all_specs, *(ServerSpec.from_json(d) for d in old.get("servers", [])
-                               if d["name"] not in known)]
-        shown.sort(key=lambda s: not s.name.startswith("brioche"))
+        shown = merged_rows(all_specs, old.get("servers", []))
         meta = {**old["meta"], "reruns": [*old["meta"].get("reruns", []), rerun],
                 "warnings": [*old["meta"].get("warnings", []),
                              *(f"rerun of {', '.join(rerun['scenarios'])}: {w}"

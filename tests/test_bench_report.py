@@ -80,3 +80,25 @@ def test_a_target_follows_the_medians_and_its_rounds_follow_each_round() -> None
     rounds = len(bun["runs"])
     assert after["rounds_met"] == (rounds, rounds)
     assert after["detail"].startswith(f"{bun['p50_us']['median'] - 1:,.0f} µs vs ")
+
+
+def test_a_merge_keeps_the_build_each_row_of_the_table_ran_with() -> None:
+    """A ``--merge`` of one scenario labelled every brioche row of the Servers table with the
+    rerun's commit, though every other scenario's numbers came from the full run's build."""
+    def spec(name: str, note: str, na: str | None = None) -> run.ServerSpec:
+        return run.ServerSpec(name, name, ["python", "server.py"], None, note, na)
+
+    old = [spec("bun", "Bun 1.2").as_json(), spec("brioche-asyncio", "brioche full-run").as_json(),
+           spec("brioche-py312-sync", "", na=".venv-3.12 is missing").as_json(),
+           spec("brioche-old", "brioche earlier --extra-server").as_json()]
+    probed = [spec("bun", "Bun 1.3"), spec("brioche-asyncio", "brioche rerun"),
+              spec("brioche-py312-sync", "brioche rerun 3.12"), spec("picows", "picows")]
+    rows = run.merged_rows(probed, old)
+    assert [(r.name, r.note) for r in rows] == [
+        ("brioche-asyncio", "brioche full-run"),
+        # Not run then: the rerun's row is the only one there is.
+        ("brioche-py312-sync", "brioche rerun 3.12"),
+        ("brioche-old", "brioche earlier --extra-server"),
+        ("bun", "Bun 1.2"),
+        ("picows", "picows"),
+    ]
