@@ -428,7 +428,7 @@ def test_a_temporary_directory_too_deep_for_the_relay_sockets_is_named_before_an
     message = str(raised.value)
     assert message.startswith(f"run(..., workers=n) relays publishes between the workers over unix sockets in {deep}/brioche-relay-")
     assert message.endswith(
-        f"a unix socket's path is at most {_SUN_PATH - 1}): set TMPDIR to a shorter directory"
+        f"a unix socket's path is at most {_SUN_PATH - 1}): set TMPDIR (or tempfile.tempdir) to a shorter directory"
     ), message
     assert os.listdir(deep) == [], "the relay directory is removed"
 

@@ -491,7 +491,8 @@ def _relay_paths(relay_dir: str, workers: int) -> list[str]:
         raise ValueError(
             f"run(..., workers=n) relays publishes between the workers over unix sockets in "
             f"{relay_dir}, and their paths are too long ({longest} bytes; a unix socket's path "
-            f"is at most {_SUN_PATH - 1}): set TMPDIR to a shorter directory"
+            f"is at most {_SUN_PATH - 1}): set TMPDIR (or tempfile.tempdir) to a shorter "
+            "directory"
         )
     return paths
 
