@@ -764,6 +764,33 @@ async def test_a_handshake_not_accepted_ends_its_connection(
     assert after == b""
 
 
+async def fail_handshakes(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+    if request.path == "/raise":
+        raise RuntimeError("the handler failed")
+    srv.timeout(request, 0.2)
+    await asyncio.sleep(30)  # the slow handler under test: past its timeout
+    return server.text("late")
+
+
+@pytest.mark.parametrize(("target", "status"), [("/raise", 500), ("/slow", 503)], ids=["raised", "timed out"])
+async def test_a_handshake_whose_handler_fails_ends_its_connection(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture, target: str, status: int
+) -> None:
+    """The 500 of a handler that raised and the 503 of one past its ``srv.timeout`` are
+    answers other than a 101 too, given by the server rather than the handler: they end the
+    connection as well, and the request pipelined behind the handshake is not served."""
+    caplog.set_level(logging.CRITICAL, logger="brioche")  # the failures' own lines, checked elsewhere
+    srv = await serve(websocket.init(), handler=fail_handshakes)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(request_bytes(srv, target, headers=[*UPGRADE, KEY, VERSION]) + request_bytes(srv, "/second"))
+        await writer.drain()
+        (got_status, got_headers, _), after = await read_then_end(reader)
+    finally:
+        writer.close()
+    assert (got_status, got_headers["connection"], after) == (status, ["close"], b"")
+
+
 @pytest.mark.parametrize(
     "extra",
     [[("Content-Length", "4")], [("Transfer-Encoding", "chunked")],
