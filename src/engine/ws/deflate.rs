@@ -312,6 +312,21 @@ mod tests {
         whole
     }
 
+    /// `message` inflated as the first of a stream with context takeover.
+    fn inflate_first(message: &[u8]) -> Result<Vec<u8>, InflateError> {
+        inflate_message(&mut RawInflate::new(15), message, 1 << 20, false)
+    }
+
+    /// `message` cut after `cut` bytes is refused, not inflated as if whole.
+    fn assert_cut_is_invalid(message: &[u8], cut: usize) {
+        assert_eq!(
+            inflate_first(&message[..cut]),
+            Err(InflateError::Invalid),
+            "cut at {cut} of {}",
+            message.len()
+        );
+    }
+
     fn params(client_bits: u8, client_reset: bool) -> DeflateParams {
         DeflateParams {
             server_no_context_takeover: false,
@@ -435,16 +450,8 @@ mod tests {
     fn a_message_cut_short_inside_a_stored_block_is_invalid() {
         // Stored blocks (level 0): a cut one took the tail, and the next message, for its data.
         let message = &message_of(&[b'A'; 1000], Compression::none());
-        let mut stream = RawInflate::new(15);
-        assert_eq!(
-            inflate_message(&mut stream, message, 1 << 20, false),
-            Ok(vec![b'A'; 1000])
-        );
-        let mut stream = RawInflate::new(15);
-        assert_eq!(
-            inflate_message(&mut stream, &message[..505], 1 << 20, false),
-            Err(InflateError::Invalid)
-        );
+        assert_eq!(inflate_first(message), Ok(vec![b'A'; 1000]));
+        assert_cut_is_invalid(message, 505);
     }
 
     #[test]
@@ -459,20 +466,9 @@ mod tests {
             .collect();
         for text in [short, long] {
             let message = &message_of(&text, Compression::default());
-            let mut stream = RawInflate::new(15);
-            assert_eq!(
-                inflate_message(&mut stream, message, 1 << 20, false),
-                Ok(text.clone())
-            );
+            assert_eq!(inflate_first(message), Ok(text.clone()));
             for cut in 1..message.len() {
-                let mut stream = RawInflate::new(15);
-                let got = inflate_message(&mut stream, &message[..cut], 1 << 20, false);
-                assert_eq!(
-                    got,
-                    Err(InflateError::Invalid),
-                    "cut at {cut} of {}",
-                    message.len()
-                );
+                assert_cut_is_invalid(message, cut);
             }
         }
     }
@@ -486,25 +482,14 @@ mod tests {
             .flat_map(|i| format!("{:04} ", i.wrapping_mul(2_654_435_761) % 9973).into_bytes())
             .collect();
         let message = &message_of(&text, Compression::default());
-        let mut stream = RawInflate::new(15);
-        assert_eq!(
-            inflate_message(&mut stream, message, 1 << 20, false),
-            Ok(text.clone())
-        );
+        assert_eq!(inflate_first(message), Ok(text));
         // Where the blocks start: the input consumed when the output stops growing one block's
         // worth at a time is not known from outside, so every cut is tried near the front of
         // each 4 KiB of input, which falls in a later block's header for some.
         let mut cuts = 0;
         for start in (4096..message.len()).step_by(4096) {
             for cut in start..start + 64 {
-                let mut stream = RawInflate::new(15);
-                let got = inflate_message(&mut stream, &message[..cut], 1 << 20, false);
-                assert_eq!(
-                    got,
-                    Err(InflateError::Invalid),
-                    "cut at {cut} of {}",
-                    message.len()
-                );
+                assert_cut_is_invalid(message, cut);
                 cuts += 1;
             }
         }

@@ -136,7 +136,7 @@ pub(crate) fn sync_flushed(text: &[u8], level: flate2::Compression) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// All of `input`, a block at a time.
+    /// All of `input`, a block at a time, or as much as `out`'s capacity takes.
     fn inflate_all(
         stream: &mut RawInflate,
         input: &[u8],
@@ -144,10 +144,12 @@ mod tests {
     ) -> Result<Status, Corrupt> {
         let mut pos = 0;
         loop {
-            let before = stream.total_in();
+            let (before, written) = (stream.total_in(), out.len());
             let status = stream.decompress_vec(&input[pos..], out)?;
-            pos += (stream.total_in() - before) as usize;
-            if pos == input.len() || status == Status::StreamEnd {
+            let consumed = (stream.total_in() - before) as usize;
+            pos += consumed;
+            let stuck = consumed == 0 && out.len() == written;
+            if pos == input.len() || status == Status::StreamEnd || stuck {
                 return Ok(status);
             }
         }
