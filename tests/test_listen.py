@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -176,6 +177,32 @@ async def test_a_unix_socket_serves_http_and_websocket_clients(
     assert recorder.of("ws") == [("",)]
     # Bun's requestIP is null for a unix socket's request.
     assert recorder.of("ip") == [(None,), (None,)]
+
+
+async def test_a_unix_socket_s_client_is_named_alike_by_every_line(
+    started: list[brioche.Server[Any]], tmp_path: Path
+) -> None:
+    """A request's repr (which the lines about its handler quote) names a Unix socket's client
+    as the core's own lines and a WebSocket's repr do; it said "a Unix socket client" where
+    they say "a unix socket client"."""
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response | None:
+        if request.path == "/ws":
+            return None if srv.upgrade(request) else server.bad_request()
+        return server.text(repr(request))
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        ws.send(repr(ws))
+
+    path = tmp_path / "app.sock"
+    config = server.handler(handler).websocket(websocket.init().on_open(on_open)).unix(path)
+    srv = await serve_config(config, started)
+    assert srv.unix == str(path)
+    async with uds_client(path) as http:
+        reply = await http.get("http://localhost/who?x=1")
+    assert reply.text == "<Request GET /who?x=1 from a unix socket client>"
+    async with unix_connect(str(path), "ws://localhost/ws") as client:
+        named = await asyncio.wait_for(client.recv(), 5)
+    assert re.fullmatch(r"<brioche\.WebSocket #\d+ from a unix socket client state=1>", str(named)), named
 
 
 async def test_stop_removes_the_socket_file(

@@ -160,17 +160,10 @@ class Request:
         return _json.loads(self.body)
 
     def __repr__(self) -> str:
-        # The client too: the lines that name a request (a handler's exception, its 500 or
-        # 503) then say whose it was, as the core's refusals do.
+        # The client too, named as the core's refusals name it: the lines that name a request
+        # (a handler's exception, its 500 or 503) then say whose it was.
         target = f"{self.path}?{self.query}" if self.query else self.path
-        address = self.remote_address
-        if not address:
-            client = "a Unix socket client"
-        elif ":" in address:
-            client = f"[{address}]:{self._pending.remote_port}"
-        else:
-            client = f"{address}:{self._pending.remote_port}"
-        return f"<Request {self.method} {target} from {client}>"
+        return f"<Request {self.method} {target} from {self._pending.client}>"
 
 
 _NO_BODY = frozenset((204, 205, 304))

@@ -61,6 +61,13 @@ impl PendingRequest {
         self.remote.peer().address()
     }
 
+    /// The client as the core's log lines name it (`127.0.0.1:41234`, `[::1]:41234`, or a Unix
+    /// socket's client), for the lines Python writes about the same request.
+    #[getter]
+    fn client(&self) -> String {
+        self.remote.to_string()
+    }
+
     /// The client's TCP port; 0 over a Unix socket.
     #[getter]
     fn remote_port(&self) -> u16 {
