@@ -1405,6 +1405,13 @@ class Server(Generic[T]):
             self._stop_cancelled.add(task)
             task.cancel()
 
+    def _request_failed(self, request: Request, message: str, exc: BaseException | None = None) -> None:
+        """An HTTP handler that failed: counted (``handler_errors``), logged at ERROR as
+        ``message`` (whose ``%r`` is the request, with ``exc``'s traceback) and answered 500."""
+        self._handler_errors += 1
+        logger.error(message, request, exc_info=exc)
+        self._reply(request, internal_error())
+
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
         self._handler_errors += 1
@@ -1436,16 +1443,12 @@ class Server(Generic[T]):
                     task = self._new_task(result, context)
                 finally:
                     self._answering = False
-        except Exception:
-            self._handler_errors += 1
-            logger.exception("handler raised for %r", request)
-            self._reply(request, internal_error())
+        except Exception as exc:
+            self._request_failed(request, "handler raised for %r", exc)
             return
         except asyncio.CancelledError:
             # The handler's own doing, as for a task it cancelled itself (`_request_done`).
-            self._handler_errors += 1
-            logger.error("handler for %r was cancelled: 500", request)
-            self._reply(request, internal_error())
+            self._request_failed(request, "handler for %r was cancelled: 500")
             return
         except BaseException:
             # KeyboardInterrupt, SystemExit (from the call, or an eager task's first step):
@@ -1480,16 +1483,12 @@ class Server(Generic[T]):
                 self._reply(request, _stopping())
             elif not (request._answered or request._pending.upgraded):
                 # srv.timeout's cancel comes after its 503 (and its line).
-                self._handler_errors += 1
-                logger.error("handler for %r was cancelled: 500", request)
-                self._reply(request, internal_error())
+                self._request_failed(request, "handler for %r was cancelled: 500")
             return
         exc = task.exception()
         if exc is not None:
             # A KeyboardInterrupt or SystemExit left the loop already, from the task's step.
-            self._handler_errors += 1
-            logger.error("handler raised for %r", request, exc_info=exc)
-            self._reply(request, internal_error())
+            self._request_failed(request, "handler raised for %r", exc)
             return
         self._reply(request, task.result())
 
