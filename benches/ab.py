@@ -14,7 +14,8 @@ trips, one in flight on each of 100 connections: the p50 in µs stands for the r
 better, and the p99 is printed beside it), s3 (S3's fan-out; s3-1 and s3-256 with 1 and 256
 messages outstanding), s10 (S10's fan-out of 1,024-byte messages, every subscriber reading), s5
 (S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s; s8 its deliveries/s, and a run
-of either prints both), s9 (S9's handshakes/s; s5 and s9 sample no CPU) or one of S7's
+of either prints both), s9 (S9's handshakes/s; s5 and s9 sample no CPU), s9-open (S9's seconds
+to open 10,000 idle connections after its handshakes: lower is better) or one of S7's
 (64k-binary, 64k-text, 1m-binary, 1m-text: 10 connections, 4 in flight each); s1t and s3t are s1
 and s3 over TLS. Every round starts each variant once (run.py's server start, CPU 0; load
 generator on CPU 1; a 1.5 s warm-up, then a 4 s measured window), in turns, the order reversed
@@ -54,6 +55,10 @@ S3 = ("fanout", {"conns": 1000, "window": 32, "size": 32}, "deliveries_per_s")
 S9 = ("churn", {"cycles": 20000, "mark": 2000, "concurrency": 32, "echo": 0, "hold": 60},
       "conns_per_s_rest")
 # S5's connection churn: connect, one echo, close; bounded by its cycles as S9's.
+# S9's second figure: seconds to open 10,000 idle connections, 64 at a time, each with one echo
+# (lower is better; no CPU window either), after S9's handshakes on the same server, as run.py
+# runs it.
+S9_OPEN = ("idle", {"conns": 10_000, "concurrency": 64, "hold": 60}, "connect_s")
 S5 = ("churn", {"cycles": 50000, "mark": 5000, "concurrency": 32, "hold": 60}, "conns_per_s")
 # S8's deliveries/s and its subscribe+unsubscribe rate: one run reports both.
 S8 = ("topics", {"topics": 10_000, "per-topic": 10, "conns": 2_000, "churners": 100,
@@ -65,6 +70,7 @@ S10 = ("fanout", {"conns": 1000, "window": 32, "size": 1024}, "deliveries_per_s"
 # run.py gives every server for S10.
 S10_SLOW = ("fanout", {"conns": 1000, "window": 32, "size": 1024, "slow": 1}, "deliveries_per_s")
 CELLS = {"s1": S1, "s2": S2, "s3": S3, "s5": S5, "s8": S8, "s8-churn": S8_CHURN, "s9": S9,
+         "s9-open": S9_OPEN,
          "s10": S10, "s10-slow": S10_SLOW, **{
     sid.lower(): (S3[0], {**S3[1], "window": window}, S3[2])
     for sid, window in FANOUT_WINDOWS.items()
@@ -124,13 +130,18 @@ def measure(name: str, spec: ServerSpec, cell: tuple[str, dict[str, int], str],
         scenario, args, _ = cell
         if tls:
             args = {**args, **tls_client_args()}
-        timed = scenario != "churn"
+        timed = scenario not in ("churn", "idle")
         sampler = CpuSampler(srv.pid, WARMUP + 0.5, duration - 0.6)
         if timed:
             sampler.start()
             args = {**args, "warmup": WARMUP, "duration": duration}
         # The CPU sampler's window, which the rounds' summary uses too.
         window = time.monotonic() + WARMUP + 0.5
+        if cell is S9_OPEN:
+            before = loadgen(S9[0], srv.port, S9[1], 70)
+            if "error" in before:
+                raise RuntimeError(f"{name}: {before['error']}")
+            time.sleep(0.5)
         r = loadgen(scenario, srv.port, args, 70)
         if timed:
             sampler.join(5)
@@ -199,6 +210,8 @@ def main() -> int:
                         f"{result['churn_ops_per_s']:,.0f} subscribe+unsubscribe/s")
                 if ns.cell == "s8":
                     what += f", {cpu:.3f} CPU µs per delivery"
+            elif ns.cell == "s9-open":
+                what = f"{rate:.3f} s to open them"
             elif ns.cell == "s5":
                 what = f"{rate:,.0f}/s"
             else:
@@ -213,8 +226,9 @@ def main() -> int:
                 print(f"    {result['rounds']}", flush=True)
     print()
     for name in variants:
-        print(f"{name}: rate median {statistics.median(rates[name]):,.0f} "
-              f"({min(rates[name]):,.0f}-{max(rates[name]):,.0f}), CPU µs/msg median "
+        fmt = ",.3f" if ns.cell == "s9-open" else ",.0f"  # seconds there, not a rate
+        print(f"{name}: rate median {statistics.median(rates[name]):{fmt}} "
+              f"({min(rates[name]):{fmt}}-{max(rates[name]):{fmt}}), CPU µs/msg median "
               f"{statistics.median(cpus[name]):.3f} ({min(cpus[name]):.3f}-{max(cpus[name]):.3f})")
     for a, b in itertools.combinations(variants, 2):
         by_rate = statistics.median(x / y for x, y in zip(rates[a], rates[b]))
