@@ -75,9 +75,11 @@ class Supervisor:
         argv: list[str],
         listening: re.Pattern[str],
         preexec_fn: Callable[[], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
+            env=None if env is None else {**os.environ, **env},
         )
         self.lines: list[str] = []
         self.changed = threading.Condition()
@@ -137,10 +139,12 @@ class Supervisor:
 
 
 class AppSupervisor(Supervisor):
-    """``tests/workers_app.py`` with ``workers`` workers; ``args`` follow on its command line."""
+    """``tests/workers_app.py`` with ``workers`` workers; ``args`` follow on its command line, and
+    ``worker_timeout`` (seconds) is set when given."""
 
-    def __init__(self, workers: int, *args: str) -> None:
-        super().__init__([sys.executable, str(APP), str(workers), *args], LISTENING, hangup_by_default)
+    def __init__(self, workers: int, *args: str, worker_timeout: float | None = None) -> None:
+        env = None if worker_timeout is None else {"WORKERS_APP_TIMEOUT": str(worker_timeout)}
+        super().__init__([sys.executable, str(APP), str(workers), *args], LISTENING, hangup_by_default, env)
         try:
             # An operator reads the pids off this line: they must be the workers, all of them.
             assert int(self.listening["workers"]) == workers
@@ -155,8 +159,8 @@ class AppSupervisor(Supervisor):
 def supervisor_of() -> Iterator[Any]:
     started: list[Supervisor] = []
 
-    def start(workers: int) -> Supervisor:
-        sup = AppSupervisor(workers)
+    def start(workers: int, worker_timeout: float | None = None) -> Supervisor:
+        sup = AppSupervisor(workers, worker_timeout=worker_timeout)
         started.append(sup)
         return sup
 
@@ -667,6 +671,110 @@ async def test_a_worker_that_keeps_crashing_once_serving_is_restarted_every_time
     clients = await clients_covering(sup.port, {victim}, at_least=1)
     for ws, _ in clients:
         await ws.close()
+
+
+async def test_a_worker_whose_loop_is_blocked_is_killed_with_its_stack_logged_and_restarted(
+    supervisor_of: Any,
+) -> None:
+    """A handler that blocks its worker's loop (a synchronous call that hangs) left that worker
+    alive and deaf for ever, while the kernel kept giving it its share of the new connections.
+    With ``worker_timeout(1)``, the supervisor says so at ERROR, the worker's Python stack
+    shows the handler that blocked it, and a new worker serves in its place."""
+    sup = supervisor_of(2, worker_timeout=1)
+    clients = await clients_covering(sup.port, sup.pids, 2)
+    victim = min(sup.pids)
+    stuck = next(ws for ws, pid in clients if pid == victim)
+    try:
+        await stuck.send("block 120")
+        silent = sup.wait_for(re.compile(
+            rf"ERROR brioche: worker (\d) \(pid {victim}\) has not run its event loop for 1 s "
+            r"\(a handler blocking it\?\): its clients get no answer; sending it SIGABRT"
+        ))
+        sup.wait_for(re.compile(rf"WARNING brioche: worker {silent[1]} \(pid {victim}\) exited with signal SIGABRT; restarting it$"))
+        restarted = sup.wait_for(re.compile(rf"INFO brioche: worker {silent[1]} restarted \(pid (\d+)\)"))
+        # faulthandler's dump, from the worker's stderr: the handler's frame, in time.sleep.
+        stack = sup.lines[sup.lines.index(silent.string) :]
+        assert any(re.search(r'File ".*workers_app\.py", line \d+ in on_text', line) for line in stack), sup.lines
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(stuck.recv(), 10)
+        assert closed.value.rcvd is None  # cut, no close frame: 1006
+        new_pid = int(restarted[1])
+        sup.pids.add(new_pid)
+        others = await clients_covering(sup.port, {new_pid}, 1)
+        clients += others
+        on_new = next(ws for ws, pid in others if pid == new_pid)
+        await on_new.send("after")
+        assert "after" in await receive(on_new, 1)
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+
+
+async def test_a_worker_busy_for_less_than_its_timeout_is_left_alone(supervisor_of: Any) -> None:
+    """The heartbeat comes from the loop between handlers: a worker whose handlers block it for
+    0.3 s at a time, over more than three times its ``worker_timeout(2)``, keeps its clients."""
+    sup = supervisor_of(2, worker_timeout=2)
+    busy = min(sup.pids)
+    clients = await clients_covering(sup.port, {busy}, 1)
+    ws = next(ws for ws, pid in clients if pid == busy)
+    # The others would not read what this one publishes, and their close would wait for it.
+    for other, _ in clients:
+        if other is not ws:
+            await other.close()
+    try:
+        started = time.monotonic()
+        rounds = 0
+        while time.monotonic() - started < 7 and rounds < 40:
+            await ws.send("block 0.3")
+            # Published to every client; this one gets it once the block is over.
+            assert await receive(ws, 1) == ["block 0.3"]
+            rounds += 1
+        assert time.monotonic() - started >= 7, f"only {rounds} rounds"
+        assert not [line for line in sup.lines if "event loop" in line or "SIGABRT" in line], sup.lines
+        assert spawned_children(sup.proc.pid) == sup.pids
+    finally:
+        await ws.close()
+
+
+async def test_a_supervisor_stopped_with_its_workers_kills_none_of_them_when_resumed(
+    supervisor_of: Any,
+) -> None:
+    """Ctrl+Z stops the supervisor and its workers together (SIGSTOP here, longer than their
+    ``worker_timeout``); resumed, the supervisor must not take the beats nobody could send for
+    a silence, even when it runs before the workers do."""
+    sup = supervisor_of(2, worker_timeout=1)
+    clients = await clients_covering(sup.port, sup.pids, 2)
+    try:
+        everyone = [sup.proc.pid, *sup.pids]
+        for pid in everyone:
+            os.kill(pid, signal.SIGSTOP)
+        # The stop is the scenario itself: 2.5 timeouts long.
+        await asyncio.sleep(2.5)
+        for pid in everyone:
+            os.kill(pid, signal.SIGCONT)
+        # Then more than a timeout of traffic on every worker.
+        started = time.monotonic()
+        while time.monotonic() - started < 2:
+            for ws, _ in clients:
+                await ws.send("ping")
+            for ws, _ in clients:
+                assert await receive(ws, len(clients)) == ["ping"] * len(clients)
+        assert not [line for line in sup.lines if "event loop" in line or "SIGABRT" in line], sup.lines
+        assert spawned_children(sup.proc.pid) == sup.pids
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+
+
+def test_worker_timeout_is_checked_like_every_setter() -> None:
+    config = server.handler(hello)
+    assert config.worker_timeout_seconds == 30.0
+    assert config.worker_timeout(0).worker_timeout_seconds == 0.0
+    assert server.worker_timeout(config, 2.5).worker_timeout_seconds == 2.5
+    with pytest.raises(ValueError, match="worker_timeout must be a number of seconds"):
+        config.worker_timeout(-1)
+    with pytest.raises(TypeError, match="worker_timeout must be a number of seconds, got str"):
+        config.worker_timeout("30")  # type: ignore[arg-type]
 
 
 def exited(pid: int) -> bool:

@@ -1,8 +1,10 @@
 """The app tests/test_workers.py serves with workers: ``python tests/workers_app.py N [REDIS_URL]``.
 
 Every socket subscribes to ``all`` and is told which worker (pid) it landed on; a text message
-is published to ``all``, the sender included. ``GET /exit/<status>`` ends the worker that
-takes it with that exit status. Module-level handlers: the workers unpickle them.
+is published to ``all``, the sender included, after ``block <seconds>`` has kept the worker's
+loop blocked that long. ``GET /exit/<status>`` ends the worker that takes it with that exit
+status. ``WORKERS_APP_TIMEOUT`` in the environment sets ``worker_timeout``. Module-level
+handlers: the workers unpickle them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import brioche
 from brioche import server, websocket
@@ -21,6 +24,9 @@ def on_open(ws: brioche.WebSocket[None]) -> None:
 
 
 def on_text(ws: brioche.WebSocket[None], text: str) -> None:
+    if text.startswith("block "):
+        # A handler that blocks the loop, as a synchronous call that hangs does.
+        time.sleep(float(text.removeprefix("block ")))
     ws.publish("all", text)
 
 
@@ -42,4 +48,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if len(sys.argv) > 2:  # a Redis URL: topics shared through it (tests/test_redis_pubsub.py)
         config = config.pubsub_redis(sys.argv[2])
+    if "WORKERS_APP_TIMEOUT" in os.environ:
+        config = config.worker_timeout(float(os.environ["WORKERS_APP_TIMEOUT"]))
     server.run(config.port(0), workers=int(sys.argv[1]))

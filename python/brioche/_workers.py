@@ -17,10 +17,12 @@ Topics are shared through the engine's relay (``src/engine/ws/relay.rs``): every
 written to each sibling over a Unix socket in a directory made for the run; no broker to run.
 
 The parent (this module, in the process that called ``run``) starts no event loop and no engine:
-it reserves the port, starts the workers, restarts one that dies (logging why, with a backoff),
-and on SIGINT or SIGTERM (or SIGHUP without TLS) sends each worker SIGTERM, which closes its
-connections with 1001 and stops as ``run()`` does in one process (handlers still running after
-its grace period are cancelled); a worker still alive STOP_TIMEOUT after the SIGTERM is killed.
+it reserves the port, starts the workers, restarts one that dies (logging why, with a backoff)
+or whose event loop stopped running (``Config.worker_timeout``: each worker's loop writes a byte
+to the supervisor every second), and on SIGINT or SIGTERM (or SIGHUP without TLS) sends each
+worker SIGTERM, which closes its connections with 1001 and stops as ``run()`` does in one
+process (handlers still running after its grace period are cancelled); a worker still alive
+STOP_TIMEOUT after the SIGTERM is killed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import faulthandler
 import io
 import logging
 import multiprocessing
@@ -90,6 +93,12 @@ STOP_TIMEOUT = STOP_GRACE_SECONDS + 5.0
 # interpreter may take seconds to import, and a worker that reports ready before its links are
 # up loses the first publishes that cross them (seen in CI with 5 s).
 LINK_TIMEOUT = 30.0
+# A serving worker's loop writes a byte to the supervisor this often (or four times per
+# worker_timeout, if that is shorter): a late beat or two is no cause for a kill.
+BEAT_SECONDS = 1.0
+# A worker silent for its worker_timeout gets SIGABRT, which dumps its Python stacks
+# (faulthandler) and ends it; SIGKILL if it is still alive this long after.
+KILL_AFTER_ABORT_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -320,6 +329,12 @@ def _worker_main(
     log_setup: _LogSetup,
 ) -> None:
     _copy_log_setup(log_setup)
+    # The supervisor's SIGABRT to a worker whose loop is stuck then says where it was stuck.
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (RuntimeError, ValueError, OSError):  # no stderr to write to
+            pass
     # Ctrl+C reaches the whole process group; the parent turns it into one SIGTERM per worker,
     # so each worker has a single way to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -370,7 +385,13 @@ async def _serve_worker(
         ):
             await asyncio.sleep(0.005)
         ready.send(("ready", os.getpid()))
-        ready.close()
+        timeout = config.worker_timeout_seconds
+        if timeout > 0:
+            # The same pipe carries the heartbeat from now on, one byte a beat.
+            os.set_blocking(ready.fileno(), False)
+            _beat(loop, ready, min(BEAT_SECONDS, timeout / 4))
+        else:
+            ready.close()
         await stop_requested.wait()
     finally:
         await srv._stop_gracefully()
@@ -384,6 +405,22 @@ async def _serve_worker(
             except OSError:
                 pass
     return True
+
+
+def _beat(
+    loop: asyncio.AbstractEventLoop, pipe: multiprocessing.connection.Connection, interval: float
+) -> None:
+    """Tell the supervisor this worker's loop runs, then again in ``interval`` seconds.
+
+    A timer on the loop, not a thread: a thread would go on beating while the loop is stuck.
+    """
+    try:
+        os.write(pipe.fileno(), b".")
+    except BlockingIOError:
+        pass  # beats the supervisor has not read yet say as much
+    except OSError:
+        return  # the supervisor is gone: _orphaned stops this worker
+    loop.call_later(interval, _beat, loop, pipe, interval)
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
@@ -410,6 +447,12 @@ class _Worker:
     # Why it could not start, as it reported: the exception pickled (None if it could not be),
     # its one-line summary and its traceback.
     failure: tuple[bytes | None, str, str] | None = None
+    # Once serving, with a worker_timeout: the pipe its loop's heartbeat comes on, when the
+    # last beat came, and when it was sent SIGABRT and SIGKILL for its silence.
+    beats: multiprocessing.connection.Connection | None = None
+    alive_at: float = 0.0
+    aborted_at: float | None = None
+    killed: bool = False
 
 
 def run_workers(
@@ -512,6 +555,7 @@ class _Supervisor:
         self.port = port
         self.loop_factory = loop_factory
         self.on_ready = on_ready
+        self.timeout = config.worker_timeout_seconds
         self.all_ready = False
         self.signals = 0
         self.wake_r, self.wake_w = os.pipe()
@@ -576,6 +620,8 @@ class _Supervisor:
         worker.serving = False
         worker.failure = None
         worker.restart_at = None
+        worker.aborted_at = None
+        worker.killed = False
 
     def _supervise(self) -> None:
         while not self.signals:
@@ -585,13 +631,32 @@ class _Supervisor:
                     waitables.append(worker.process.sentinel)
                 if worker.ready is not None:
                     waitables.append(worker.ready)
+                if worker.beats is not None:
+                    waitables.append(worker.beats)
             due = [w.restart_at for w in self.workers if w.restart_at is not None]
-            timeout = max(0.0, min(due) - time.monotonic()) if due else None
-            multiprocessing.connection.wait(waitables, timeout)
+            due += [at for w in self.workers if (at := self._silence_due(w)) is not None]
+            asked = max(0.0, min(due) - time.monotonic()) if due else None
+            before = time.monotonic()
+            multiprocessing.connection.wait(waitables, asked)
             if self.signals:
                 return
+            now = time.monotonic()
+            if asked is not None and now - before > asked + BEAT_SECONDS:
+                # The supervisor itself did not run for a while (stopped with its workers, as
+                # Ctrl+Z stops a terminal's process group): the workers' beats of that while
+                # were not missed, none were sent. Each gets its timeout from now.
+                for worker in self.workers:
+                    worker.alive_at = max(worker.alive_at, now)
             for worker in self.workers:
                 self._check(worker)
+
+    def _silence_due(self, worker: _Worker) -> float | None:
+        """When the supervisor must next look at ``worker``'s heartbeat, if it has one."""
+        if worker.beats is None or worker.killed:
+            return None
+        if worker.aborted_at is None:
+            return worker.alive_at + self.timeout
+        return worker.aborted_at + KILL_AFTER_ABORT_SECONDS
 
     def _check(self, worker: _Worker) -> None:
         if worker.ready is not None and worker.ready.poll():
@@ -603,11 +668,17 @@ class _Supervisor:
                 if message[0] == "ready":
                     worker.serving = True
                     worker.ready_at = time.monotonic()
+                    if self.timeout > 0:
+                        worker.beats, worker.alive_at = worker.ready, worker.ready_at
+                        os.set_blocking(worker.beats.fileno(), False)
                     self._ready(worker)
                 else:
                     worker.failure = message[1:]
-            worker.ready.close()
+            if worker.ready is not worker.beats:
+                worker.ready.close()
             worker.ready = None
+        if worker.beats is not None:
+            self._read_beats(worker)
         process = worker.process
         if process is not None and not process.is_alive():
             process.join()
@@ -615,6 +686,9 @@ class _Supervisor:
             if worker.ready is not None:
                 worker.ready.close()
                 worker.ready = None
+            if worker.beats is not None:
+                worker.beats.close()
+                worker.beats = None
             # Only from a worker that never got as far as serving: 78 is also EX_CONFIG, which
             # an app may exit with for reasons of its own.
             if not worker.serving and process.exitcode == EXIT_RUN_IN_IMPORT:
@@ -654,9 +728,50 @@ class _Supervisor:
                 worker.slot.index, process.pid, why, f" in {delay:.2f} s" if delay else "",
             )
             worker.restart_at = time.monotonic() + delay
+        if process is not None and worker.process is not None:
+            self._check_silence(worker, process)
         if worker.restart_at is not None and time.monotonic() >= worker.restart_at:
             worker.restarts += 1
             self._start(worker)
+
+    def _read_beats(self, worker: _Worker) -> None:
+        assert worker.beats is not None
+        try:
+            beats = os.read(worker.beats.fileno(), 4096)
+        except BlockingIOError:
+            return
+        if beats:
+            worker.alive_at = time.monotonic()
+        else:
+            # The worker's end closed: it exited, and its sentinel says how.
+            worker.beats.close()
+            worker.beats = None
+
+    def _check_silence(self, worker: _Worker, process: BaseProcess) -> None:
+        """SIGABRT for a worker whose loop has not beaten for worker_timeout, SIGKILL after."""
+        due = self._silence_due(worker)
+        if due is None or time.monotonic() < due or process.pid is None:
+            return
+        if worker.aborted_at is None:
+            logger.error(
+                "worker %d (pid %d) has not run its event loop for %g s (a handler blocking "
+                "it?): its clients get no answer; sending it SIGABRT, which writes its Python "
+                "stack to its stderr, then restarting it",
+                worker.slot.index, process.pid, self.timeout,
+            )
+            signum = signal.SIGABRT
+            worker.aborted_at = time.monotonic()
+        else:
+            logger.warning(
+                "worker %d (pid %d) is still alive %g s after its SIGABRT: killing it",
+                worker.slot.index, process.pid, KILL_AFTER_ABORT_SECONDS,
+            )
+            signum = signal.SIGKILL
+            worker.killed = True
+        try:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:  # pragma: no cover - it just exited: its sentinel says so
+            pass
 
     def _ready(self, worker: _Worker) -> None:
         assert worker.process is not None
@@ -710,3 +825,6 @@ class _Supervisor:
             if worker.ready is not None:
                 worker.ready.close()
                 worker.ready = None
+            if worker.beats is not None:
+                worker.beats.close()
+                worker.beats = None

@@ -97,6 +97,7 @@ __all__ = [
     "upgrade",
     "wait_closed",
     "websocket",
+    "worker_timeout",
     "workers",
 ]
 
@@ -202,6 +203,7 @@ class Config(Generic[T]):
     max_incoming_bytes_value: int = 1 << 30
     tls_files: tuple[str, str] | None = None
     workers_count: int = 1
+    worker_timeout_seconds: float = 30.0
     # Set by run(workers=n) in each worker's copy of the config (brioche._workers).
     worker_slot: WorkerSlot | None = dataclasses.field(default=None, repr=False)
     pubsub_redis_value: RedisPubSub | None = None
@@ -222,6 +224,7 @@ class Config(Generic[T]):
         _check_size("max_connections", self.max_connections_value, minimum=0)
         _check_size("max_incoming_bytes", self.max_incoming_bytes_value, minimum=0)
         _check_size("workers", self.workers_count, minimum=1)
+        _check_seconds("worker_timeout", self.worker_timeout_seconds)
 
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
@@ -349,6 +352,23 @@ class Config(Generic[T]):
         """
         value = _check_size("workers", count, minimum=1)
         return dataclasses.replace(self, workers_count=value)
+
+    def worker_timeout(self, seconds: float) -> Config[T]:
+        """Restart a worker whose event loop has not run for ``seconds`` (default 30; 0: never).
+
+        With :meth:`workers`, each worker's loop tells the supervisor that it runs, every
+        second (every quarter of ``seconds`` if that is shorter). A worker silent for
+        ``seconds`` has its loop blocked (a handler that never returns, a synchronous call
+        that hangs): it answers none of its clients while the kernel goes on giving it its
+        share of the new ones. The supervisor logs it at ERROR and sends it SIGABRT, which
+        writes the Python stack of each of its threads to its stderr (``faulthandler``, unless
+        the app enabled it elsewhere), then SIGKILL if it is still alive 5 s later, and restarts
+        it as any worker that died; its clients' connections are cut. As gunicorn's
+        ``--timeout``. Without workers there is no supervisor, and this is unused.
+        """
+        value = _check_seconds("worker_timeout", seconds)
+        return dataclasses.replace(self, worker_timeout_seconds=value)
+
     def pubsub_redis(
         self, url: str, *, sharded: bool = False, namespace: str = "brioche:"
     ) -> Config[T]:
@@ -676,6 +696,11 @@ def run(
 def workers(config: Config[T], count: int) -> Config[T]:
     """Module form of :meth:`Config.workers`."""
     return config.workers(count)
+
+
+def worker_timeout(config: Config[T], seconds: float) -> Config[T]:
+    """Module form of :meth:`Config.worker_timeout`."""
+    return config.worker_timeout(seconds)
 
 
 def upgrade(
