@@ -1,13 +1,11 @@
-"""Counters and logs: /metrics serves `srv.stats()` to Prometheus (with `prometheus_client`), and
-the core's log lines go to stderr at INFO.
+"""Counters and logs: /metrics serves `srv.stats(all_workers=True)` to Prometheus (with
+`prometheus_client`), and the core's log lines go to stderr at INFO.
 
-Every series carries the process's `pid`: under `run(config, workers=n)` each worker counts its
-own clients, and a scrape of the shared port reaches one worker; labelled, each worker's
-counters stay one series (no false resets), and a query sums them:
-`sum without (pid) (rate(brioche_messages_in_total[5m]))`."""
+Under `run(config, workers=n)` each worker counts its own clients and a scrape of the shared
+port reaches one worker: `all_workers=True` has it answer every worker's sum (each as of its
+last second), the same whichever it is. In one process it is `srv.stats()`."""
 
 import logging
-import os
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,19 +24,16 @@ class BriocheCollector:
         self.srv = srv
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.srv.stats()
-        pid = str(os.getpid())
-        closes = CounterMetricFamily("brioche_closes", "Connections closed", labels=["pid", "code"])
+        stats = self.srv.stats(all_workers=True)
+        closes = CounterMetricFamily("brioche_closes", "Connections closed", labels=["code"])
         for code, count in sorted(stats["closes_by_code"].items()):
-            closes.add_metric([pid, str(code)], count)
+            closes.add_metric([str(code)], count)
         yield closes
         for name, value in stats.items():
             if not isinstance(value, int):  # closes_by_code, above
                 continue
             family = GaugeMetricFamily if name in GAUGES else CounterMetricFamily
-            metric = family(f"brioche_{name}", name.replace("_", " "), labels=["pid"])
-            metric.add_metric([pid], value)
-            yield metric
+            yield family(f"brioche_{name}", name.replace("_", " "), value=value)
 
 
 def on_text(ws: brioche.WebSocket[None], text: str) -> None:

@@ -777,6 +777,85 @@ def test_worker_timeout_is_checked_like_every_setter() -> None:
         config.worker_timeout("30")  # type: ignore[arg-type]
 
 
+async def stats_from(port: int, pid: int) -> dict[str, Any]:
+    """``GET /stats`` of worker ``pid``: new connections until the kernel gives one to it."""
+    for _ in range(60):
+        async with httpx.AsyncClient() as http:
+            answer = (await http.get(f"http://127.0.0.1:{port}/stats", timeout=10)).json()
+        if answer["pid"] == pid:
+            return answer  # type: ignore[no-any-return]
+    raise AssertionError(f"60 requests never reached worker {pid}")
+
+
+async def test_stats_of_all_workers_sum_every_worker_s_and_carry_over_a_restart(supervisor_of: Any) -> None:
+    """``stats(all_workers=True)`` answers the whole port's counters from whichever worker a
+    scrape reaches: before, each worker knew only its own, and a scrape of the shared port got
+    one worker's figures at random. A worker killed and restarted counts on from its
+    predecessor's last snapshot, so the sum does not go back (as a counter reset would)."""
+    sup = supervisor_of(2)
+    a, b = sorted(sup.pids)
+    clients = await clients_covering(sup.port, {a, b}, 2)
+    try:
+        on_a = next(ws for ws, pid in clients if pid == a)
+        on_b = next(ws for ws, pid in clients if pid == b)
+        for i in range(3):
+            await on_a.send(f"a{i}")
+        for i in range(5):
+            await on_b.send(f"b{i}")
+        for ws, _ in clients:  # each publish reaches every client: 8 each
+            assert len(await receive(ws, 8)) == 8
+
+        async def settled() -> tuple[dict[str, Any], dict[str, Any]]:
+            # Each worker's file is as of its last second: asked until both have written it.
+            for _ in range(50):
+                from_a, from_b = await stats_from(sup.port, a), await stats_from(sup.port, b)
+                if from_a["all"]["deliveries"] == from_b["all"]["deliveries"] == 8 * len(clients):
+                    return from_a, from_b
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"never settled: {from_a}, {from_b}")
+
+        from_a, from_b = await settled()
+        for answer in (from_a, from_b):
+            total = answer["all"]
+            assert total["messages_in"] == 8
+            assert total["publishes"] == 8
+            assert total["connections_opened"] == len(clients)
+            assert total["open_connections"] == len(clients)
+            # The HTTP requests are no WebSocket handshakes; nothing was refused or failed.
+            assert total["handshakes_rejected"] == total["handler_errors"] == 0
+        assert from_a["own"]["messages_in"] == 3 and from_b["own"]["messages_in"] == 5
+        assert from_a["all"]["closes_by_code"] == from_b["all"]["closes_by_code"] == {}
+
+        os.kill(a, signal.SIGKILL)
+        restarted = sup.wait_for(re.compile(r"INFO brioche: worker \d restarted \(pid (\d+)\)"))
+        new = int(restarted[1])
+        sup.pids.add(new)
+        on_a_gone = sum(1 for _, pid in clients if pid == a)
+        for _ in range(50):
+            from_new = await stats_from(sup.port, new)
+            if from_new["all"]["open_connections"] == len(clients) - on_a_gone:
+                break
+            await asyncio.sleep(0.1)
+        total = from_new["all"]
+        # a's counts, from its last snapshot, and b's; the gauges are the live workers' alone.
+        assert total["messages_in"] == 8 and from_new["own"]["messages_in"] == 0
+        assert total["open_connections"] == len(clients) - on_a_gone
+        assert total["connections_opened"] == len(clients)
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+
+
+def test_stats_of_all_workers_in_one_process_are_its_own() -> None:
+    async def main() -> None:
+        async with server.handler(hello).hostname("127.0.0.1").port(0).serve() as srv:
+            assert srv.stats(all_workers=True) == srv.stats()
+            with pytest.raises(TypeError, match="all_workers must be a bool"):
+                srv.stats(all_workers=1)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
 def exited(pid: int) -> bool:
     """Whether ``pid`` has ended (a zombie its parent has not reaped yet has)."""
     try:

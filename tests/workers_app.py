@@ -3,8 +3,9 @@
 Every socket subscribes to ``all`` and is told which worker (pid) it landed on; a text message
 is published to ``all``, the sender included, after ``block <seconds>`` has kept the worker's
 loop blocked that long. ``GET /exit/<status>`` ends the worker that takes it with that exit
-status. ``WORKERS_APP_TIMEOUT`` in the environment sets ``worker_timeout``. Module-level
-handlers: the workers unpickle them.
+status. ``GET /stats`` answers the worker's pid, its own counters and every worker's
+(``stats(all_workers=True)``). ``WORKERS_APP_TIMEOUT`` in the environment sets
+``worker_timeout``. Module-level handlers: the workers unpickle them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def on_text(ws: brioche.WebSocket[None], text: str) -> None:
 def handler(request: server.Request, srv: brioche.Server[None]) -> server.Response | None:
     if request.path.startswith("/exit/"):
         os._exit(int(request.path.removeprefix("/exit/")))
+    if request.path == "/stats":
+        return server.json({"pid": os.getpid(), "own": srv.stats(), "all": srv.stats(all_workers=True)})
     if srv.upgrade(request):
         return None
     return server.text(str(os.getpid()))

@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import os
 import re
 import select
 import signal
@@ -32,14 +33,14 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, final, overload
 from urllib.parse import quote
 
-from brioche import _brioche
+from brioche import _brioche, _worker_stats
 from brioche._brioche import BriocheError, Engine, PendingRequest, WebSocket
 from brioche._http import (
     HeaderItems, Request, Response, SocketAddress, header_pairs, internal_error, text
 )
 from brioche._buffer import Buffer
 from brioche.websocket import Config as WsConfig
-from brioche.websocket import DeflateOptions, SendStatus, _check_seconds
+from brioche.websocket import DeflateOptions, SendStatus, _check_bool, _check_seconds
 
 if TYPE_CHECKING:
     # brioche.server imports this module, and binds its Config here itself once it is defined.
@@ -292,7 +293,7 @@ class Stats(TypedDict):
     1011 included) the code the client answers with, or 1006 if no answer came (``close(4002)``
     answered with 1000 counts 1000); 1008 for a connection dropped over its backpressure limit,
     although no close frame is sent then. Counters are per process: under ``workers`` each
-    worker has its own.
+    worker has its own, and ``stats(all_workers=True)`` sums them.
 
     With :meth:`~brioche.server.Config.pubsub_redis`: ``redis_published`` counts publishes
     written to Redis, ``redis_publishes_lost`` those the other processes never got (Redis down,
@@ -616,15 +617,28 @@ class Server(Generic[T]):
         handshake counts while its handler runs."""
         return self._engine.pending_requests
 
-    def stats(self) -> Stats:
+    def stats(self, all_workers: bool = False) -> Stats:
         """The server's counters since it started, kept by the core as it works.
 
         Reading them costs a few microseconds; counting costs the hot path a plain add on a
         counter only the counting thread writes. See :class:`Stats` for the keys.
+
+        Under ``run(config, workers=n)`` they are this worker's; ``all_workers=True`` sums every
+        worker's instead, each as of its last second (each worker writes its counters to the
+        run's directory once a second), the current values too (``open_connections`` of the
+        whole port; ``redis_connected`` is then the number of workers connected). Whichever
+        worker a scrape of the shared port reaches, it gets the same figures, and a counter
+        never goes back from one scrape to the next, across a worker's restart too: a restarted
+        worker counts on from where its predecessor's last second left off. In one process it
+        is the same as ``stats()``.
         """
         stats = self._engine.stats()
         stats["batches_held"] = self._batches_held
         stats["handler_errors"] = self._handler_errors
+        slot = self._config.worker_slot
+        if _check_bool("all_workers", all_workers) and slot is not None:
+            directory = os.path.dirname(slot.relay_path)
+            return _worker_stats.total(directory, len(slot.relay_peers) + 1, stats)  # type: ignore[return-value]
         return stats  # type: ignore[return-value]
 
     # A server whose sockets carry data must be given it: ``ws.data`` would be None otherwise.

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from brioche import _worker_stats
 from brioche._server import (
     STOP_GRACE_SECONDS,
     BindError,
@@ -59,6 +60,7 @@ from brioche._server import (
 )
 
 if TYPE_CHECKING:
+    from brioche._server import Server
     from brioche.server import Config
 
 __all__ = ["WorkerSlot", "run_workers"]
@@ -99,6 +101,8 @@ BEAT_SECONDS = 1.0
 # A worker silent for its worker_timeout gets SIGABRT, which dumps its Python stacks
 # (faulthandler) and ends it; SIGKILL if it is still alive this long after.
 KILL_AFTER_ABORT_SECONDS = 5.0
+# How often a worker writes its counters for its siblings' stats(all_workers=True).
+STATS_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,7 +376,9 @@ async def _serve_worker(
         return False
     if config.tls_files is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
+    snapshots = _worker_stats.Snapshots(os.path.dirname(slot.relay_path), slot.index)
     try:
+        _write_stats(loop, srv, snapshots)
         siblings = len(slot.relay_peers)
         deadline = loop.time() + LINK_TIMEOUT
         # Bounded poll: the relay's links come up in the engine's threads, with no event to await.
@@ -397,13 +403,17 @@ async def _serve_worker(
         await srv._stop_gracefully()
         # The engine removed this worker's socket as it stopped. A supervisor killed outright
         # cannot remove the directory: the last of its workers to stop does (a sibling's socket
-        # still there keeps it). Not while the supervisor lives: it would restart a worker that
-        # stopped (a SIGTERM of its own), which binds its socket there.
+        # or counters still there keep it). Not while the supervisor lives: it would restart a
+        # worker that stopped (a SIGTERM of its own), which binds its socket there, and starts
+        # its counters from what this one counted to the end.
         if parent is not None and not parent.is_alive():
+            snapshots.remove()
             try:
                 os.rmdir(os.path.dirname(slot.relay_path))
             except OSError:
                 pass
+        else:
+            snapshots.write(dict(srv.stats()))
     return True
 
 
@@ -421,6 +431,12 @@ def _beat(
     except OSError:
         return  # the supervisor is gone: _orphaned stops this worker
     loop.call_later(interval, _beat, loop, pipe, interval)
+
+
+def _write_stats(loop: asyncio.AbstractEventLoop, srv: Server[Any], snapshots: _worker_stats.Snapshots) -> None:
+    """This worker's counters for stats(all_workers=True), now and every STATS_SECONDS."""
+    snapshots.write(dict(srv.stats()))
+    loop.call_later(STATS_SECONDS, _write_stats, loop, srv, snapshots)
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
