@@ -625,8 +625,9 @@ class Server(Generic[T]):
 
         Under ``run(config, workers=n)`` they are this worker's; ``all_workers=True`` sums every
         worker's instead, each as of its last second (each worker writes its counters to the
-        run's directory once a second), the current values too (``open_connections`` of the
-        whole port; ``redis_connected`` is then the number of workers connected). Whichever
+        run's directory once a second), the current values too (``open_connections`` is then
+        the open WebSockets of every live worker; ``redis_connected`` the number of workers
+        connected to Redis). Whichever
         worker a scrape of the shared port reaches, it gets the same figures, and a counter
         never goes back from one scrape to the next, across a worker's restart too: a restarted
         worker counts on from where its predecessor's last second left off. In one process it

@@ -52,34 +52,51 @@ class Snapshots:
     def __init__(self, directory: str, index: int) -> None:
         self.path = path_of(directory, index)
         self.base: dict[str, Any] = {}
+        self.written: dict[str, Any] | None = None
         previous = _read(self.path)
         if previous is not None:
             _add(self.base, previous, gauges=False)
 
     def write(self, stats: dict[str, Any]) -> None:
-        """Replace the file with ``stats`` plus the base, whole: a reader sees the old or the new."""
+        """Replace the file with ``stats`` plus the base, unless that is what it holds."""
         total: dict[str, Any] = {}
         _add(total, self.base)
         _add(total, stats)
-        total["closes_by_code"] = {str(code): n for code, n in total.get("closes_by_code", {}).items()}
-        partial = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            with open(partial, "w", encoding="utf-8") as f:
-                json.dump(total, f)
-            os.replace(partial, self.path)
-        except OSError:
-            # The directory is gone (the supervisor removed it as the run ended): nothing to
-            # report to.
-            try:
-                os.unlink(partial)
-            except OSError:
-                pass
+        if total != self.written:
+            _write(self.path, total)
+            self.written = total
 
     def remove(self) -> None:
         try:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _write(path: str, stats: dict[str, Any]) -> None:
+    """Replace the file at ``path`` whole: a reader sees the old or the new."""
+    stats = {**stats, "closes_by_code": {str(code): n for code, n in stats.get("closes_by_code", {}).items()}}
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(stats, f)
+        os.replace(partial, path)
+    except OSError:
+        # The directory is gone (the supervisor removed it as the run ended): nothing to
+        # report to.
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+
+
+def zero_gauges(directory: str, index: int) -> None:
+    """The supervisor's, for a worker that died: its counters stay in the sum, its current
+    values (open connections and the like) went with it."""
+    path = path_of(directory, index)
+    stats = _read(path)
+    if stats is not None and any(stats.get(key) for key in GAUGES):
+        _write(path, {**stats, **{key: 0 for key in GAUGES if key in stats}})
 
 
 def total(directory: str, workers: int, template: dict[str, Any]) -> dict[str, Any]:

@@ -98,11 +98,15 @@ LINK_TIMEOUT = 30.0
 # A serving worker's loop writes a byte to the supervisor this often (or four times per
 # worker_timeout, if that is shorter): a late beat or two is no cause for a kill.
 BEAT_SECONDS = 1.0
-# A worker silent for its worker_timeout gets SIGABRT, which dumps its Python stacks
-# (faulthandler) and ends it; SIGKILL if it is still alive this long after.
-KILL_AFTER_ABORT_SECONDS = 5.0
-# How often a worker writes its counters for its siblings' stats(all_workers=True).
+# How often a worker writes its counters (when they changed) for stats(all_workers=True).
 STATS_SECONDS = 1.0
+# The longest the supervisor waits at once: a worker_timeout of days must not overflow the
+# wait's milliseconds.
+MAX_WAIT_SECONDS = 60.0
+
+
+def _beat_interval(timeout: float) -> float:
+    return min(BEAT_SECONDS, timeout / 4) if timeout > 0 else STATS_SECONDS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -333,12 +337,6 @@ def _worker_main(
     log_setup: _LogSetup,
 ) -> None:
     _copy_log_setup(log_setup)
-    # The supervisor's SIGABRT to a worker whose loop is stuck then says where it was stuck.
-    if not faulthandler.is_enabled():
-        try:
-            faulthandler.enable()
-        except (RuntimeError, ValueError, OSError):  # no stderr to write to
-            pass
     # Ctrl+C reaches the whole process group; the parent turns it into one SIGTERM per worker,
     # so each worker has a single way to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -377,8 +375,9 @@ async def _serve_worker(
     if config.tls_files is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
     snapshots = _worker_stats.Snapshots(os.path.dirname(slot.relay_path), slot.index)
+    ticker = _Ticker(loop, srv, snapshots, config.worker_timeout_seconds)
     try:
-        _write_stats(loop, srv, snapshots)
+        ticker.tick()
         siblings = len(slot.relay_peers)
         deadline = loop.time() + LINK_TIMEOUT
         # Bounded poll: the relay's links come up in the engine's threads, with no event to await.
@@ -391,16 +390,20 @@ async def _serve_worker(
         ):
             await asyncio.sleep(0.005)
         ready.send(("ready", os.getpid()))
-        timeout = config.worker_timeout_seconds
-        if timeout > 0:
+        if config.worker_timeout_seconds > 0:
             # The same pipe carries the heartbeat from now on, one byte a beat.
-            os.set_blocking(ready.fileno(), False)
-            _beat(loop, ready, min(BEAT_SECONDS, timeout / 4))
+            ticker.beat_on(ready)
         else:
             ready.close()
         await stop_requested.wait()
     finally:
-        await srv._stop_gracefully()
+        try:
+            # Beating on while stopping: a stop stuck in a handler is as deaf as any.
+            await srv._stop_gracefully()
+        finally:
+            # Before anything else can run on the loop: no stacks dumped, nor counters
+            # written, after this worker's end.
+            ticker.cancel()
         # The engine removed this worker's socket as it stopped. A supervisor killed outright
         # cannot remove the directory: the last of its workers to stop does (a sibling's socket
         # or counters still there keep it). Not while the supervisor lives: it would restart a
@@ -417,26 +420,61 @@ async def _serve_worker(
     return True
 
 
-def _beat(
-    loop: asyncio.AbstractEventLoop, pipe: multiprocessing.connection.Connection, interval: float
-) -> None:
-    """Tell the supervisor this worker's loop runs, then again in ``interval`` seconds.
+class _Ticker:
+    """A serving worker's timer on its loop: its counters for stats(all_workers=True), and,
+    with a worker_timeout, its heartbeat to the supervisor and the watchdog of its stacks.
 
     A timer on the loop, not a thread: a thread would go on beating while the loop is stuck.
+    The watchdog is faulthandler's ``dump_traceback_later``, re-armed at each beat: its own C
+    thread writes every thread's Python stack to stderr once the loop has not re-armed it for
+    worker_timeout, which the supervisor's kill follows (it allows one more beat first). It is
+    process-wide: an app of its own use of it shares it with this one.
     """
-    try:
-        os.write(pipe.fileno(), b".")
-    except BlockingIOError:
-        pass  # beats the supervisor has not read yet say as much
-    except OSError:
-        return  # the supervisor is gone: _orphaned stops this worker
-    loop.call_later(interval, _beat, loop, pipe, interval)
 
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, srv: Server[Any], snapshots: _worker_stats.Snapshots,
+        timeout: float,
+    ) -> None:
+        self.loop, self.srv, self.snapshots, self.timeout = loop, srv, snapshots, timeout
+        self.interval = _beat_interval(timeout)
+        self.pipe: multiprocessing.connection.Connection | None = None
+        self.watchdog = False
+        self.handle: asyncio.TimerHandle | None = None
+        self.written_at = float("-inf")
 
-def _write_stats(loop: asyncio.AbstractEventLoop, srv: Server[Any], snapshots: _worker_stats.Snapshots) -> None:
-    """This worker's counters for stats(all_workers=True), now and every STATS_SECONDS."""
-    snapshots.write(dict(srv.stats()))
-    loop.call_later(STATS_SECONDS, _write_stats, loop, srv, snapshots)
+    def beat_on(self, pipe: multiprocessing.connection.Connection) -> None:
+        os.set_blocking(pipe.fileno(), False)
+        self.pipe, self.watchdog = pipe, True
+        self.tick()
+
+    def tick(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        if self.pipe is not None:
+            try:
+                os.write(self.pipe.fileno(), b".")
+            except BlockingIOError:
+                pass  # beats the supervisor has not read yet say as much
+            except OSError:
+                self.pipe = None  # the supervisor is gone: _orphaned stops this worker
+        if self.watchdog:
+            try:
+                faulthandler.dump_traceback_later(self.timeout)
+            except Exception:  # no stderr with a file descriptor to write to
+                self.watchdog = False
+        now = self.loop.time()
+        if now - self.written_at >= STATS_SECONDS:
+            self.written_at = now
+            self.snapshots.write(dict(self.srv.stats()))
+        self.handle = self.loop.call_later(self.interval, self.tick)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if self.watchdog:
+            faulthandler.cancel_dump_traceback_later()
+            self.watchdog = False
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
@@ -464,10 +502,11 @@ class _Worker:
     # its one-line summary and its traceback.
     failure: tuple[bytes | None, str, str] | None = None
     # Once serving, with a worker_timeout: the pipe its loop's heartbeat comes on, when the
-    # last beat came, and when it was sent SIGABRT and SIGKILL for its silence.
+    # last beat came, since when its silence is suspect (one more beat is allowed for), and
+    # whether it was killed for it.
     beats: multiprocessing.connection.Connection | None = None
     alive_at: float = 0.0
-    aborted_at: float | None = None
+    suspect_at: float | None = None
     killed: bool = False
 
 
@@ -572,6 +611,7 @@ class _Supervisor:
         self.loop_factory = loop_factory
         self.on_ready = on_ready
         self.timeout = config.worker_timeout_seconds
+        self.interval = _beat_interval(self.timeout)
         self.all_ready = False
         self.signals = 0
         self.wake_r, self.wake_w = os.pipe()
@@ -636,7 +676,7 @@ class _Supervisor:
         worker.serving = False
         worker.failure = None
         worker.restart_at = None
-        worker.aborted_at = None
+        worker.suspect_at = None
         worker.killed = False
 
     def _supervise(self) -> None:
@@ -651,18 +691,10 @@ class _Supervisor:
                     waitables.append(worker.beats)
             due = [w.restart_at for w in self.workers if w.restart_at is not None]
             due += [at for w in self.workers if (at := self._silence_due(w)) is not None]
-            asked = max(0.0, min(due) - time.monotonic()) if due else None
-            before = time.monotonic()
+            asked = min(MAX_WAIT_SECONDS, max(0.0, min(due) - time.monotonic())) if due else None
             multiprocessing.connection.wait(waitables, asked)
             if self.signals:
                 return
-            now = time.monotonic()
-            if asked is not None and now - before > asked + BEAT_SECONDS:
-                # The supervisor itself did not run for a while (stopped with its workers, as
-                # Ctrl+Z stops a terminal's process group): the workers' beats of that while
-                # were not missed, none were sent. Each gets its timeout from now.
-                for worker in self.workers:
-                    worker.alive_at = max(worker.alive_at, now)
             for worker in self.workers:
                 self._check(worker)
 
@@ -670,9 +702,9 @@ class _Supervisor:
         """When the supervisor must next look at ``worker``'s heartbeat, if it has one."""
         if worker.beats is None or worker.killed:
             return None
-        if worker.aborted_at is None:
+        if worker.suspect_at is None:
             return worker.alive_at + self.timeout
-        return worker.aborted_at + KILL_AFTER_ABORT_SECONDS
+        return worker.suspect_at + self.interval
 
     def _check(self, worker: _Worker) -> None:
         if worker.ready is not None and worker.ready.poll():
@@ -705,6 +737,8 @@ class _Supervisor:
             if worker.beats is not None:
                 worker.beats.close()
                 worker.beats = None
+            # Its open connections and the like are gone with it, before a successor says so.
+            _worker_stats.zero_gauges(os.path.dirname(worker.slot.relay_path), worker.slot.index)
             # Only from a worker that never got as far as serving: 78 is also EX_CONFIG, which
             # an app may exit with for reasons of its own.
             if not worker.serving and process.exitcode == EXIT_RUN_IN_IMPORT:
@@ -758,34 +792,33 @@ class _Supervisor:
             return
         if beats:
             worker.alive_at = time.monotonic()
+            worker.suspect_at = None
         else:
             # The worker's end closed: it exited, and its sentinel says how.
             worker.beats.close()
             worker.beats = None
 
     def _check_silence(self, worker: _Worker, process: BaseProcess) -> None:
-        """SIGABRT for a worker whose loop has not beaten for worker_timeout, SIGKILL after."""
+        """Kill a worker whose loop has not beaten for worker_timeout and one beat more.
+
+        The beat more: a supervisor stopped with its workers (Ctrl+Z, a frozen container)
+        runs again before they do, and finds every beat late.
+        """
         due = self._silence_due(worker)
-        if due is None or time.monotonic() < due or process.pid is None:
+        now = time.monotonic()
+        if due is None or now < due or process.pid is None:
             return
-        if worker.aborted_at is None:
-            logger.error(
-                "worker %d (pid %d) has not run its event loop for %g s (a handler blocking "
-                "it?): its clients get no answer; sending it SIGABRT, which writes its Python "
-                "stack to its stderr, then restarting it",
-                worker.slot.index, process.pid, self.timeout,
-            )
-            signum = signal.SIGABRT
-            worker.aborted_at = time.monotonic()
-        else:
-            logger.warning(
-                "worker %d (pid %d) is still alive %g s after its SIGABRT: killing it",
-                worker.slot.index, process.pid, KILL_AFTER_ABORT_SECONDS,
-            )
-            signum = signal.SIGKILL
-            worker.killed = True
+        if worker.suspect_at is None:
+            worker.suspect_at = now
+            return
+        logger.error(
+            "worker %d (pid %d) has not run its event loop for %.1f s (a handler blocking it?), "
+            "so its clients got no answer; its Python stack is on its stderr: killing it",
+            worker.slot.index, process.pid, now - worker.alive_at,
+        )
+        worker.killed = True
         try:
-            os.kill(process.pid, signum)
+            os.kill(process.pid, signal.SIGKILL)
         except ProcessLookupError:  # pragma: no cover - it just exited: its sentinel says so
             pass
 

@@ -159,6 +159,14 @@ def _check_port(value: object) -> int:
     return value
 
 
+def _check_worker_timeout(value: object) -> float:
+    seconds = _check_seconds("worker_timeout", value)
+    if 0 < seconds < 1:
+        # A beat every quarter of it: both ends would spin, and any hiccup would kill.
+        raise ValueError(f"worker_timeout must be 0 (never) or at least 1 second, got {value!r}")
+    return seconds
+
+
 def _check_path(name: str, value: object) -> str:
     """A filesystem path given as ``str`` or ``os.PathLike[str]``: TypeError for anything else."""
     path = os.fspath(value) if isinstance(value, os.PathLike) else value
@@ -224,7 +232,7 @@ class Config(Generic[T]):
         _check_size("max_connections", self.max_connections_value, minimum=0)
         _check_size("max_incoming_bytes", self.max_incoming_bytes_value, minimum=0)
         _check_size("workers", self.workers_count, minimum=1)
-        _check_seconds("worker_timeout", self.worker_timeout_seconds)
+        _check_worker_timeout(self.worker_timeout_seconds)
 
     def websocket(self, config: _websocket.Config[T]) -> Config[T]:
         """Accept WebSockets with this configuration (handlers and limits)."""
@@ -354,19 +362,21 @@ class Config(Generic[T]):
         return dataclasses.replace(self, workers_count=value)
 
     def worker_timeout(self, seconds: float) -> Config[T]:
-        """Restart a worker whose event loop has not run for ``seconds`` (default 30; 0: never).
+        """Restart a worker whose event loop has not run for ``seconds`` (default 30, at least
+        1; 0: never), as gunicorn's ``--timeout`` does.
 
-        With :meth:`workers`, each worker's loop tells the supervisor that it runs, every
-        second (every quarter of ``seconds`` if that is shorter). A worker silent for
-        ``seconds`` has its loop blocked (a handler that never returns, a synchronous call
-        that hangs): it answers none of its clients while the kernel goes on giving it its
-        share of the new ones. The supervisor logs it at ERROR and sends it SIGABRT, which
-        writes the Python stack of each of its threads to its stderr (``faulthandler``, unless
-        the app enabled it elsewhere), then SIGKILL if it is still alive 5 s later, and restarts
-        it as any worker that died; its clients' connections are cut. As gunicorn's
-        ``--timeout``. Without workers there is no supervisor, and this is unused.
+        With :meth:`workers`, each serving worker's loop tells the supervisor that it runs,
+        every second (every quarter of ``seconds`` if that is shorter). A worker silent for
+        ``seconds`` has its loop blocked (a handler that never returns, a synchronous call that
+        hangs): it answers none of its clients while the kernel goes on giving it its share of
+        the new ones. It then writes the Python stack of each of its threads to its stderr
+        (faulthandler's ``dump_traceback_later``, from a thread of its own), and, one beat later
+        if still silent, the supervisor logs it at ERROR, kills it (SIGKILL) and restarts it as
+        any worker that died; its clients' connections are cut. A worker stopped (SIGSTOP, a
+        debugger) for that long is killed too: set 0 while debugging one. Without workers
+        there is no supervisor, and this is unused.
         """
-        value = _check_seconds("worker_timeout", seconds)
+        value = _check_worker_timeout(seconds)
         return dataclasses.replace(self, worker_timeout_seconds=value)
 
     def pubsub_redis(
