@@ -62,8 +62,7 @@ class Snapshots:
         total: dict[str, Any] = {}
         _add(total, self.base)
         _add(total, stats)
-        if total != self.written:
-            _write(self.path, total)
+        if total != self.written and _write(self.path, total):
             self.written = total
 
     def remove(self) -> None:
@@ -73,14 +72,16 @@ class Snapshots:
             pass
 
 
-def _write(path: str, stats: dict[str, Any]) -> None:
-    """Replace the file at ``path`` whole: a reader sees the old or the new."""
+def _write(path: str, stats: dict[str, Any]) -> bool:
+    """Replace the file at ``path`` whole: a reader sees the old or the new. False if it could
+    not be written."""
     stats = {**stats, "closes_by_code": {str(code): n for code, n in stats.get("closes_by_code", {}).items()}}
     partial = f"{path}.{os.getpid()}.tmp"
     try:
         with open(partial, "w", encoding="utf-8") as f:
             json.dump(stats, f)
         os.replace(partial, path)
+        return True
     except OSError:
         # The directory is gone (the supervisor removed it as the run ended): nothing to
         # report to.
@@ -88,6 +89,7 @@ def _write(path: str, stats: dict[str, Any]) -> None:
             os.unlink(partial)
         except OSError:
             pass
+        return False
 
 
 def zero_gauges(directory: str, index: int) -> None:

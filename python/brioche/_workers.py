@@ -100,6 +100,10 @@ LINK_TIMEOUT = 30.0
 BEAT_SECONDS = 1.0
 # How often a worker writes its counters (when they changed) for stats(all_workers=True).
 STATS_SECONDS = 1.0
+# What a worker writes on its pipe to the supervisor once serving, after the one framed
+# ("serving", pid) message: a beat (with its stack watchdog armed, or without one: no usable
+# stderr), ready (linked to its siblings), and stopping (its loop is about to end).
+BEAT, BEAT_NO_WATCHDOG, READY, STOPPING = b".", b",", b"r", b"s"
 # The longest the supervisor waits at once: a worker_timeout of days must not overflow the
 # wait's milliseconds.
 MAX_WAIT_SECONDS = 60.0
@@ -375,7 +379,10 @@ async def _serve_worker(
     if config.tls_files is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
     snapshots = _worker_stats.Snapshots(os.path.dirname(slot.relay_path), slot.index)
-    ticker = _Ticker(loop, srv, snapshots, config.worker_timeout_seconds)
+    # Serving from here (the port is shared): the supervisor watches the loop from now on, the
+    # wait for the siblings' links below included, as a handler may block it there too.
+    ready.send(("serving", os.getpid()))
+    ticker = _Ticker(loop, srv, snapshots, config.worker_timeout_seconds, ready)
     try:
         ticker.tick()
         siblings = len(slot.relay_peers)
@@ -389,12 +396,7 @@ async def _serve_worker(
             and not stop_requested.is_set()
         ):
             await asyncio.sleep(0.005)
-        ready.send(("ready", os.getpid()))
-        if config.worker_timeout_seconds > 0:
-            # The same pipe carries the heartbeat from now on, one byte a beat.
-            ticker.beat_on(ready)
-        else:
-            ready.close()
+        ticker.report(READY)
         await stop_requested.wait()
     finally:
         try:
@@ -428,40 +430,50 @@ class _Ticker:
     The watchdog is faulthandler's ``dump_traceback_later``, re-armed at each beat: its own C
     thread writes every thread's Python stack to stderr once the loop has not re-armed it for
     worker_timeout, which the supervisor's kill follows (it allows one more beat first). It is
-    process-wide: an app of its own use of it shares it with this one.
+    process-wide: while it runs it replaces an app's own ``dump_traceback_later``.
     """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, srv: Server[Any], snapshots: _worker_stats.Snapshots,
-        timeout: float,
+        timeout: float, pipe: multiprocessing.connection.Connection,
     ) -> None:
         self.loop, self.srv, self.snapshots, self.timeout = loop, srv, snapshots, timeout
         self.interval = _beat_interval(timeout)
-        self.pipe: multiprocessing.connection.Connection | None = None
-        self.watchdog = False
+        # Raw bytes from here on, never blocking the loop (see BEAT).
+        os.set_blocking(pipe.fileno(), False)
+        self.pipe: multiprocessing.connection.Connection | None = pipe
+        self.watchdog = timeout > 0
+        self.unsent = b""
         self.handle: asyncio.TimerHandle | None = None
         self.written_at = float("-inf")
 
-    def beat_on(self, pipe: multiprocessing.connection.Connection) -> None:
-        os.set_blocking(pipe.fileno(), False)
-        self.pipe, self.watchdog = pipe, True
-        self.tick()
+    def report(self, what: bytes) -> None:
+        """Tell the supervisor ``what`` (READY, STOPPING), at the next tick if the pipe is full."""
+        self.unsent += what
+        self._send()
+
+    def _send(self) -> None:
+        if self.pipe is None or not self.unsent:
+            return
+        try:
+            os.write(self.pipe.fileno(), self.unsent)
+            self.unsent = b""
+        except BlockingIOError:
+            pass  # the supervisor has beats of this worker to read: it knows its loop runs
+        except OSError:
+            self.pipe = None  # the supervisor is gone: _orphaned stops this worker
 
     def tick(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
-        if self.pipe is not None:
-            try:
-                os.write(self.pipe.fileno(), b".")
-            except BlockingIOError:
-                pass  # beats the supervisor has not read yet say as much
-            except OSError:
-                self.pipe = None  # the supervisor is gone: _orphaned stops this worker
         if self.watchdog:
             try:
                 faulthandler.dump_traceback_later(self.timeout)
             except Exception:  # no stderr with a file descriptor to write to
                 self.watchdog = False
+        if self.timeout > 0:
+            self.unsent += BEAT if self.watchdog else BEAT_NO_WATCHDOG
+        self._send()
         now = self.loop.time()
         if now - self.written_at >= STATS_SECONDS:
             self.written_at = now
@@ -469,12 +481,14 @@ class _Ticker:
         self.handle = self.loop.call_later(self.interval, self.tick)
 
     def cancel(self) -> None:
+        """The loop is about to end: no more beats, stacks or counters from it."""
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
         if self.watchdog:
             faulthandler.cancel_dump_traceback_later()
             self.watchdog = False
+        self.report(STOPPING)
 
 
 def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_requested: asyncio.Event) -> None:
@@ -501,12 +515,15 @@ class _Worker:
     # Why it could not start, as it reported: the exception pickled (None if it could not be),
     # its one-line summary and its traceback.
     failure: tuple[bytes | None, str, str] | None = None
-    # Once serving, with a worker_timeout: the pipe its loop's heartbeat comes on, when the
-    # last beat came, since when its silence is suspect (one more beat is allowed for), and
-    # whether it was killed for it.
+    # Once serving: the pipe its loop's beats (with a worker_timeout), ready and stopping come
+    # on, when the last byte came, since when its silence is suspect (one more beat is allowed
+    # for), whether its last beat had the stack watchdog armed, whether it said it is
+    # stopping, and whether it was killed for its silence.
     beats: multiprocessing.connection.Connection | None = None
     alive_at: float = 0.0
     suspect_at: float | None = None
+    watchdog: bool = False
+    stopping: bool = False
     killed: bool = False
 
 
@@ -677,6 +694,7 @@ class _Supervisor:
         worker.failure = None
         worker.restart_at = None
         worker.suspect_at = None
+        worker.stopping = False
         worker.killed = False
 
     def _supervise(self) -> None:
@@ -700,7 +718,7 @@ class _Supervisor:
 
     def _silence_due(self, worker: _Worker) -> float | None:
         """When the supervisor must next look at ``worker``'s heartbeat, if it has one."""
-        if worker.beats is None or worker.killed:
+        if worker.beats is None or worker.killed or self.timeout == 0:
             return None
         if worker.suspect_at is None:
             return worker.alive_at + self.timeout
@@ -713,13 +731,10 @@ class _Supervisor:
             except EOFError:
                 pass  # it died before it was ready: its sentinel says so
             else:
-                if message[0] == "ready":
-                    worker.serving = True
-                    worker.ready_at = time.monotonic()
-                    if self.timeout > 0:
-                        worker.beats, worker.alive_at = worker.ready, worker.ready_at
-                        os.set_blocking(worker.beats.fileno(), False)
-                    self._ready(worker)
+                if message[0] == "serving":
+                    # Raw bytes from here on (see BEAT).
+                    worker.beats, worker.alive_at = worker.ready, time.monotonic()
+                    os.set_blocking(worker.beats.fileno(), False)
                 else:
                     worker.failure = message[1:]
             if worker.ready is not worker.beats:
@@ -793,6 +808,15 @@ class _Supervisor:
         if beats:
             worker.alive_at = time.monotonic()
             worker.suspect_at = None
+            last_beat = max(beats.rfind(BEAT), beats.rfind(BEAT_NO_WATCHDOG))
+            if last_beat >= 0:
+                worker.watchdog = beats[last_beat : last_beat + 1] == BEAT
+            if STOPPING in beats:
+                worker.stopping = True
+            if READY in beats and not worker.serving:
+                worker.serving = True
+                worker.ready_at = worker.alive_at
+                self._ready(worker)
         else:
             # The worker's end closed: it exited, and its sentinel says how.
             worker.beats.close()
@@ -811,11 +835,19 @@ class _Supervisor:
         if worker.suspect_at is None:
             worker.suspect_at = now
             return
-        logger.error(
-            "worker %d (pid %d) has not run its event loop for %.1f s (a handler blocking it?), "
-            "so its clients got no answer; its Python stack is on its stderr: killing it",
-            worker.slot.index, process.pid, now - worker.alive_at,
-        )
+        if worker.stopping:
+            # Its loop ended: what holds it is the interpreter's exit (a thread it joins).
+            logger.error(
+                "worker %d (pid %d) stopped, but has not exited %.1f s later: killing it",
+                worker.slot.index, process.pid, now - worker.alive_at,
+            )
+        else:
+            logger.error(
+                "worker %d (pid %d) has not run its event loop for %.1f s (a handler blocking "
+                "it?), so its clients got no answer%s: killing it",
+                worker.slot.index, process.pid, now - worker.alive_at,
+                "; its Python stack is on its stderr" if worker.watchdog else "",
+            )
         worker.killed = True
         try:
             os.kill(process.pid, signal.SIGKILL)
@@ -826,7 +858,7 @@ class _Supervisor:
         assert worker.process is not None
         if worker.restarts:
             logger.info("worker %d restarted (pid %d)", worker.slot.index, worker.process.pid)
-        if self.all_ready or any(w.ready is not None and w is not worker for w in self.workers):
+        if self.all_ready or any(not w.serving and w is not worker for w in self.workers):
             return
         self.all_ready = True
         pids = [w.process.pid for w in self.workers if w.process is not None and w.process.pid]

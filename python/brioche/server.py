@@ -372,8 +372,11 @@ class Config(Generic[T]):
         the new ones. It then writes the Python stack of each of its threads to its stderr
         (faulthandler's ``dump_traceback_later``, from a thread of its own), and, one beat later
         if still silent, the supervisor logs it at ERROR, kills it (SIGKILL) and restarts it as
-        any worker that died; its clients' connections are cut. A worker stopped (SIGSTOP, a
-        debugger) for that long is killed too: set 0 while debugging one. Without workers
+        any worker that died; its clients' connections are cut. A worker is watched from the
+        moment it serves the port. The watchdog replaces an app's own ``dump_traceback_later``
+        (one per process): set 0 to keep it. A worker stopped (SIGSTOP, a debugger) for that
+        long is killed too (set 0 while debugging one); after a stop of the whole process group
+        (Ctrl+Z) that long, the stacks may be written with no kill following. Without workers
         there is no supervisor, and this is unused.
         """
         value = _check_worker_timeout(seconds)
