@@ -627,11 +627,10 @@ class Server(Generic[T]):
         worker's instead, each as of its last second (each worker writes its counters to the
         run's directory once a second), the current values too (``open_connections`` is then
         the open WebSockets of every live worker; ``redis_connected`` the number of workers
-        connected to Redis). Whichever
-        worker a scrape of the shared port reaches, it gets the same figures, and a counter
-        never goes back from one scrape to the next, across a worker's restart too: a restarted
-        worker counts on from where its predecessor's last second left off. In one process it
-        is the same as ``stats()``.
+        connected to Redis). Whichever worker a scrape of the shared port reaches, it gets the
+        same figures, and a counter never goes back from one scrape to the next, across a
+        worker's restart too: a restarted worker counts on from where its predecessor's last
+        second left off. In one process it is the same as ``stats()``.
         """
         stats = self._engine.stats()
         stats["batches_held"] = self._batches_held
