@@ -814,6 +814,35 @@ async def test_a_worker_blocked_before_it_is_ready_is_found_out_too(supervisor_o
         await asyncio.wait_for(stuck.recv(), 10)
 
 
+async def test_a_worker_that_stopped_but_does_not_exit_is_killed(supervisor_of: Any) -> None:
+    """A worker stopped by a SIGTERM of its own closes its clients and ends its loop, then its
+    interpreter waits for a thread the app started; its place stayed taken for as long (the
+    supervisor restarts a worker once it has exited). Watched to its end, it is killed a
+    ``worker_timeout`` later, and restarted."""
+    sup = supervisor_of(2, worker_timeout=3)
+    victim = min(sup.pids)
+    clients = await clients_covering(sup.port, {victim}, 1)
+    try:
+        lingering = next(ws for ws, pid in clients if pid == victim)
+        await lingering.send("linger 120")
+        assert await receive(lingering, 1) == ["linger 120"]
+        os.kill(victim, signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(lingering.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        stuck = re.compile(
+            rf"ERROR brioche: worker (\d) \(pid {victim}\) stopped, but has not exited ([\d.]+) s "
+            r"later: killing it$"
+        )
+        line = await asyncio.to_thread(sup.wait_for, stuck)
+        assert float(line[2]) >= 3
+        await asyncio.to_thread(sup.wait_for, re.compile(rf"worker {line[1]} \(pid {victim}\) exited with signal SIGKILL; restarting it$"))
+        await asyncio.to_thread(sup.wait_for, re.compile(rf"INFO brioche: worker {line[1]} restarted"))
+    finally:
+        for ws, _ in clients:
+            await ws.close()
+
+
 def test_worker_timeout_is_checked_like_every_setter() -> None:
     config = server.handler(hello)
     assert config.worker_timeout_seconds == 30.0

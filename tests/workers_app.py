@@ -2,8 +2,9 @@
 
 Every socket subscribes to ``all`` and is told which worker (pid) it landed on; a text message
 is published to ``all``, the sender included, after ``block <seconds>`` has kept the worker's
-loop blocked that long. ``GET /exit/<status>`` ends the worker that takes it with that exit
-status. ``GET /stats`` answers the worker's pid, its own counters and every worker's
+loop blocked that long, or ``linger <seconds>`` has started a thread (not a daemon: the worker's
+exit waits for it) that sleeps that long. ``GET /exit/<status>`` ends the worker that takes it
+with that exit status. ``GET /stats`` answers the worker's pid, its own counters and every worker's
 (``stats(all_workers=True)``). ``WORKERS_APP_TIMEOUT`` in the environment sets
 ``worker_timeout``. Module-level handlers: the workers unpickle them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 
 import brioche
@@ -28,6 +30,8 @@ def on_text(ws: brioche.WebSocket[None], text: str) -> None:
     if text.startswith("block "):
         # A handler that blocks the loop, as a synchronous call that hangs does.
         time.sleep(float(text.removeprefix("block ")))
+    elif text.startswith("linger "):
+        threading.Thread(target=time.sleep, args=(float(text.removeprefix("linger ")),)).start()
     ws.publish("all", text)
 
 

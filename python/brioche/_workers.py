@@ -836,7 +836,8 @@ class _Supervisor:
             worker.suspect_at = now
             return
         if worker.stopping:
-            # Its loop ended: what holds it is the interpreter's exit (a thread it joins).
+            # Its loop ended: what holds it is its exit (multiprocessing joins its non-daemon
+            # threads while the process object, and so this pipe, is still open).
             logger.error(
                 "worker %d (pid %d) stopped, but has not exited %.1f s later: killing it",
                 worker.slot.index, process.pid, now - worker.alive_at,
