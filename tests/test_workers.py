@@ -780,8 +780,11 @@ async def test_a_worker_blocked_before_it_is_ready_is_found_out_too(supervisor_o
     """A worker serves the port from its start, before it reports ready (once linked to its
     siblings): a handler that blocks its loop then must be found out as later. Here a
     restarted worker waits for a sibling stopped with SIGSTOP, which cannot link; a client of
-    the restarted one blocks its loop, and it is killed without ever having been ready."""
-    sup = supervisor_of(2, worker_timeout=3)
+    the restarted one blocks its loop, and it is killed without ever having been ready. (The
+    stopped sibling is killed too, a timeout after it stopped, and its successor links with the
+    restarted worker: 6 s leaves the restarted worker's start and the search for it time to
+    block it before it could report ready.)"""
+    sup = supervisor_of(2, worker_timeout=6)
     a, b = sorted(sup.pids)
     os.kill(b, signal.SIGSTOP)
     os.kill(a, signal.SIGKILL)
