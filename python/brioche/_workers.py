@@ -67,11 +67,12 @@ __all__ = ["WorkerSlot", "run_workers"]
 
 logger = logging.getLogger("brioche")
 
-# A worker that served and dies within FAST_CRASH_SECONDS of reporting ready crashed "fast":
-# its restarts back off (0, then 0.25 s doubling, at most MAX_BACKOFF_SECONDS) and go on for
-# as long as it keeps serving between them, since the other workers still serve and a client
-# that can crash one must not take the whole port down. One that dies before it ever reports
-# ready failed to start, however long its imports took: its restarts back off alike, and at
+# A worker that served and dies within FAST_CRASH_SECONDS of reporting ready (or of listening,
+# if it did not get as far as ready) crashed "fast": its restarts back off (0, then 0.25 s
+# doubling, at most MAX_BACKOFF_SECONDS) and go on for as long as it keeps serving between
+# them, since the other workers still serve and a client that can crash one (or block its loop
+# past worker_timeout) must not take the whole port down. One that dies before it ever listens
+# failed to start, however long its imports took: its restarts back off alike, and at
 # GIVE_UP_AFTER in a row everything stops, as a worker that cannot start will not start by
 # retrying. A failure of the first start (a certificate, an address) is raised by run() at once,
 # as in one process.
@@ -100,8 +101,8 @@ LINK_TIMEOUT = 30.0
 BEAT_SECONDS = 1.0
 # How often a worker writes its counters (when they changed) for stats(all_workers=True).
 STATS_SECONDS = 1.0
-# What a worker writes on its pipe to the supervisor once serving, after the one framed
-# ("serving", pid) message: a beat (with its stack watchdog armed, or without one: no usable
+# What a worker writes on its pipe to the supervisor once listening, after the one framed
+# ("listening", pid) message: a beat (with its stack watchdog armed, or without one: no usable
 # stderr), ready (linked to its siblings), and stopping (its loop is about to end).
 BEAT, BEAT_NO_WATCHDOG, READY, STOPPING = b".", b",", b"r", b"s"
 # The longest the supervisor waits at once: a worker_timeout of days must not overflow the
@@ -381,7 +382,10 @@ async def _serve_worker(
     snapshots = _worker_stats.Snapshots(os.path.dirname(slot.relay_path), slot.index)
     # Serving from here (the port is shared): the supervisor watches the loop from now on, the
     # wait for the siblings' links below included, as a handler may block it there too.
-    ready.send(("serving", os.getpid()))
+    try:
+        ready.send(("listening", os.getpid()))
+    except OSError:
+        pass  # the supervisor is gone: _orphaned stops this worker, gracefully
     ticker = _Ticker(loop, srv, snapshots, config.worker_timeout_seconds, ready)
     try:
         ticker.tick()
@@ -456,8 +460,7 @@ class _Ticker:
         if self.pipe is None or not self.unsent:
             return
         try:
-            os.write(self.pipe.fileno(), self.unsent)
-            self.unsent = b""
+            self.unsent = self.unsent[os.write(self.pipe.fileno(), self.unsent) :]
         except BlockingIOError:
             pass  # the supervisor has beats of this worker to read: it knows its loop runs
         except OSError:
@@ -509,13 +512,18 @@ class _Worker:
     failed_starts: int = 0
     restart_at: float | None = None
     restarts: int = 0
-    # Reported ready since its last start. Not `ready is None`: the pipe's end is read (and
-    # the pipe closed) as soon as it comes, which may be before its process is seen dead.
+    # Reported ready since its last start (linked to its siblings). Not `ready is None`: that
+    # pipe's framed messages are read as soon as they come, which may be before its process is
+    # seen dead.
     serving: bool = False
+    # Listening (serving the port) since its last start, and since when: from then on it is
+    # watched, and a death is a crash, not a failure to start.
+    listening: bool = False
+    listening_at: float = 0.0
     # Why it could not start, as it reported: the exception pickled (None if it could not be),
     # its one-line summary and its traceback.
     failure: tuple[bytes | None, str, str] | None = None
-    # Once serving: the pipe its loop's beats (with a worker_timeout), ready and stopping come
+    # Once listening: the pipe its loop's beats (with a worker_timeout), ready and stopping come
     # on, when the last byte came, since when its silence is suspect (one more beat is allowed
     # for), whether its last beat had the stack watchdog armed, whether it said it is
     # stopping, and whether it was killed for its silence.
@@ -690,12 +698,11 @@ class _Supervisor:
         process.start()
         writer.close()
         worker.process, worker.ready = process, reader
-        worker.serving = False
+        worker.serving = worker.listening = False
         worker.failure = None
         worker.restart_at = None
         worker.suspect_at = None
-        worker.stopping = False
-        worker.killed = False
+        worker.watchdog = worker.stopping = worker.killed = False
 
     def _supervise(self) -> None:
         while not self.signals:
@@ -731,9 +738,10 @@ class _Supervisor:
             except EOFError:
                 pass  # it died before it was ready: its sentinel says so
             else:
-                if message[0] == "serving":
+                if message[0] == "listening":
                     # Raw bytes from here on (see BEAT).
-                    worker.beats, worker.alive_at = worker.ready, time.monotonic()
+                    worker.listening, worker.listening_at = True, time.monotonic()
+                    worker.beats, worker.alive_at = worker.ready, worker.listening_at
                     os.set_blocking(worker.beats.fileno(), False)
                 else:
                     worker.failure = message[1:]
@@ -756,16 +764,16 @@ class _Supervisor:
             _worker_stats.zero_gauges(os.path.dirname(worker.slot.relay_path), worker.slot.index)
             # Only from a worker that never got as far as serving: 78 is also EX_CONFIG, which
             # an app may exit with for reasons of its own.
-            if not worker.serving and process.exitcode == EXIT_RUN_IN_IMPORT:
+            if not worker.listening and process.exitcode == EXIT_RUN_IN_IMPORT:
                 logger.error("%s", UNGUARDED_RUN)
                 raise WorkersFailed(UNGUARDED_RUN)
-            if not worker.serving and worker.failure is not None and not self.all_ready:
+            if not worker.listening and worker.failure is not None and not self.all_ready:
                 # The first start: what one process would raise, raised once (the siblings are
                 # stopped as run() unwinds), not a restart loop of tracebacks.
                 raise _start_error(worker.failure)
-            if worker.serving:
+            if worker.listening:
                 worker.failed_starts = 0
-                lived = time.monotonic() - worker.ready_at
+                lived = time.monotonic() - (worker.ready_at if worker.serving else worker.listening_at)
                 worker.fast_crashes = worker.fast_crashes + 1 if lived < FAST_CRASH_SECONDS else 1
                 delay = _backoff(worker.fast_crashes)
                 why = _exit_reason(process.exitcode)
