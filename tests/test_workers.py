@@ -813,6 +813,11 @@ async def test_a_worker_blocked_before_it_is_ready_is_found_out_too(supervisor_o
         rf"ERROR brioche: worker \d \(pid {restarted}\) has not run its event loop for [\d.]+ s"
     ))
     assert not [line for line in sup.lines if f"restarted (pid {restarted})" in line], sup.lines
+    # b, stopped all along, is named for what it is: no stack of it was written.
+    assert sup.wait_for(re.compile(
+        rf"ERROR brioche: worker \d \(pid {b}\) has been stopped \(SIGSTOP, a debugger\) for [\d.]+ s, so "
+        r"its clients got no answer: killing it \(worker_timeout\(0\) while debugging one\)$"
+    ))
     # A crash of a worker that served, not a failure to start (five of which in a row stop the
     # whole server): a client that blocks a worker still waiting for its siblings must not.
     sup.wait_for(re.compile(rf"WARNING brioche: worker \d \(pid {restarted}\) exited with signal SIGKILL; restarting it$"))

@@ -169,6 +169,17 @@ class _MainFinder(pickle.Pickler):
         return NotImplemented
 
 
+def _stopped_by_signal(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, a debugger's ptrace stop), where /proc tells."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # no /proc (not Linux), or it just exited
+        return False
+    # After the command name, which may hold spaces and parentheses: the state.
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"T", b"t")
+
+
 def _exit_reason(code: int | None) -> str:
     if code is None:
         return "an unknown status"
@@ -843,7 +854,14 @@ class _Supervisor:
         if worker.suspect_at is None:
             worker.suspect_at = now
             return
-        if worker.stopping:
+        if _stopped_by_signal(process.pid):
+            # Its watchdog thread is stopped too: no stack to point at.
+            logger.error(
+                "worker %d (pid %d) has been stopped (SIGSTOP, a debugger) for %.1f s, so its "
+                "clients got no answer: killing it (worker_timeout(0) while debugging one)",
+                worker.slot.index, process.pid, now - worker.alive_at,
+            )
+        elif worker.stopping:
             # Its loop ended: what holds it is its exit (multiprocessing joins its non-daemon
             # threads while the process object, and so this pipe, is still open).
             logger.error(
