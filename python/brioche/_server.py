@@ -17,7 +17,6 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
-import os
 import re
 import select
 import signal
@@ -637,8 +636,7 @@ class Server(Generic[T]):
         stats["handler_errors"] = self._handler_errors
         slot = self._config.worker_slot
         if _check_bool("all_workers", all_workers) and slot is not None:
-            directory = os.path.dirname(slot.relay_path)
-            return _worker_stats.total(directory, len(slot.relay_peers) + 1, stats)  # type: ignore[return-value]
+            return _worker_stats.total(slot.directory, slot.workers, stats)  # type: ignore[return-value]
         return stats  # type: ignore[return-value]
 
     # A server whose sockets carry data must be given it: ``ws.data`` would be None otherwise.

@@ -122,6 +122,15 @@ class WorkerSlot:
     relay_path: str
     relay_peers: tuple[str, ...]
 
+    @property
+    def directory(self) -> str:
+        """The run's directory: every worker's relay socket and counters (``_worker_stats``)."""
+        return os.path.dirname(self.relay_path)
+
+    @property
+    def workers(self) -> int:
+        return len(self.relay_peers) + 1
+
 
 class WorkersFailed(RuntimeError):
     """A worker kept failing to start: the server was stopped."""
@@ -177,7 +186,8 @@ def _stopped_by_signal(pid: int) -> bool:
     except OSError:  # no /proc (not Linux), or it just exited
         return False
     # After the command name, which may hold spaces and parentheses: the state.
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"T", b"t")
+    state = stat.rindex(b")") + 2
+    return stat[state : state + 1] in (b"T", b"t")
 
 
 def _exit_reason(code: int | None) -> str:
@@ -390,7 +400,7 @@ async def _serve_worker(
         return False
     if config.tls_files is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
-    snapshots = _worker_stats.Snapshots(os.path.dirname(slot.relay_path), slot.index)
+    snapshots = _worker_stats.Snapshots(slot.directory, slot.index)
     # Serving from here (the port is shared): the supervisor watches the loop from now on, the
     # wait for the siblings' links below included, as a handler may block it there too.
     try:
@@ -429,7 +439,7 @@ async def _serve_worker(
         if parent is not None and not parent.is_alive():
             snapshots.remove()
             try:
-                os.rmdir(os.path.dirname(slot.relay_path))
+                os.rmdir(slot.directory)
             except OSError:
                 pass
         else:
@@ -515,7 +525,9 @@ def _orphaned(loop: asyncio.AbstractEventLoop, parent: BaseProcess, stop_request
 class _Worker:
     slot: WorkerSlot
     process: BaseProcess | None = None
-    ready: multiprocessing.connection.Connection | None = None
+    # Its pipe to the supervisor: framed messages until it listens ("failed", or "listening"),
+    # single bytes after (see BEAT).
+    pipe: multiprocessing.connection.Connection | None = None
     # When it last reported ready.
     ready_at: float = 0.0
     # Crashes in a row within FAST_CRASH_SECONDS of being ready, and failures in a row to start.
@@ -523,9 +535,7 @@ class _Worker:
     failed_starts: int = 0
     restart_at: float | None = None
     restarts: int = 0
-    # Reported ready since its last start (linked to its siblings). Not `ready is None`: that
-    # pipe's framed messages are read as soon as they come, which may be before its process is
-    # seen dead.
+    # Reported ready since its last start (linked to its siblings).
     serving: bool = False
     # Listening (serving the port) since its last start, and since when: from then on it is
     # watched, and a death is a crash, not a failure to start.
@@ -534,11 +544,9 @@ class _Worker:
     # Why it could not start, as it reported: the exception pickled (None if it could not be),
     # its one-line summary and its traceback.
     failure: tuple[bytes | None, str, str] | None = None
-    # Once listening: the pipe its loop's beats (with a worker_timeout), ready and stopping come
-    # on, when the last byte came, since when its silence is suspect (one more beat is allowed
-    # for), whether its last beat had the stack watchdog armed, whether it said it is
-    # stopping, and whether it was killed for its silence.
-    beats: multiprocessing.connection.Connection | None = None
+    # Once listening: when the last byte came on its pipe, since when its silence is suspect
+    # (one more beat is allowed for), whether its last beat had the stack watchdog armed,
+    # whether it said it is stopping, and whether it was killed for its silence.
     alive_at: float = 0.0
     suspect_at: float | None = None
     watchdog: bool = False
@@ -708,7 +716,7 @@ class _Supervisor:
         )
         process.start()
         writer.close()
-        worker.process, worker.ready = process, reader
+        worker.process, worker.pipe = process, reader
         worker.serving = worker.listening = False
         worker.failure = None
         worker.restart_at = None
@@ -721,10 +729,8 @@ class _Supervisor:
             for worker in self.workers:
                 if worker.process is not None:
                     waitables.append(worker.process.sentinel)
-                if worker.ready is not None:
-                    waitables.append(worker.ready)
-                if worker.beats is not None:
-                    waitables.append(worker.beats)
+                if worker.pipe is not None:
+                    waitables.append(worker.pipe)
             due = [w.restart_at for w in self.workers if w.restart_at is not None]
             due += [at for w in self.workers if (at := self._silence_due(w)) is not None]
             asked = min(MAX_WAIT_SECONDS, max(0.0, min(due) - time.monotonic())) if due else None
@@ -736,43 +742,24 @@ class _Supervisor:
 
     def _silence_due(self, worker: _Worker) -> float | None:
         """When the supervisor must next look at ``worker``'s heartbeat, if it has one."""
-        if worker.beats is None or worker.killed or self.timeout == 0:
+        if worker.pipe is None or not worker.listening or worker.killed or self.timeout == 0:
             return None
         if worker.suspect_at is None:
             return worker.alive_at + self.timeout
         return worker.suspect_at + self.interval
 
     def _check(self, worker: _Worker) -> None:
-        if worker.ready is not None and worker.ready.poll():
-            try:
-                message = worker.ready.recv()
-            except EOFError:
-                pass  # it died before it was ready: its sentinel says so
-            else:
-                if message[0] == "listening":
-                    # Raw bytes from here on (see BEAT).
-                    worker.listening, worker.listening_at = True, time.monotonic()
-                    worker.beats, worker.alive_at = worker.ready, worker.listening_at
-                    os.set_blocking(worker.beats.fileno(), False)
-                else:
-                    worker.failure = message[1:]
-            if worker.ready is not worker.beats:
-                worker.ready.close()
-            worker.ready = None
-        if worker.beats is not None:
+        if worker.pipe is not None and not worker.listening and worker.pipe.poll():
+            self._read_message(worker)
+        if worker.pipe is not None and worker.listening:
             self._read_beats(worker)
         process = worker.process
         if process is not None and not process.is_alive():
             process.join()
             worker.process = None
-            if worker.ready is not None:
-                worker.ready.close()
-                worker.ready = None
-            if worker.beats is not None:
-                worker.beats.close()
-                worker.beats = None
+            self._close_pipe(worker)
             # Its open connections and the like are gone with it, before a successor says so.
-            _worker_stats.zero_gauges(os.path.dirname(worker.slot.relay_path), worker.slot.index)
+            _worker_stats.zero_gauges(worker.slot.directory, worker.slot.index)
             # Only from a worker that never got as far as serving: 78 is also EX_CONFIG, which
             # an app may exit with for reasons of its own.
             if not worker.listening and process.exitcode == EXIT_RUN_IN_IMPORT:
@@ -818,10 +805,31 @@ class _Supervisor:
             worker.restarts += 1
             self._start(worker)
 
-    def _read_beats(self, worker: _Worker) -> None:
-        assert worker.beats is not None
+    def _read_message(self, worker: _Worker) -> None:
+        """The one framed message a worker sends: why it could not start, or that it listens."""
+        assert worker.pipe is not None
         try:
-            beats = os.read(worker.beats.fileno(), 4096)
+            message = worker.pipe.recv()
+        except EOFError:
+            self._close_pipe(worker)  # it died before it listened: its sentinel says so
+            return
+        if message[0] == "listening":
+            worker.listening, worker.listening_at = True, time.monotonic()
+            worker.alive_at = worker.listening_at
+            os.set_blocking(worker.pipe.fileno(), False)
+        else:
+            worker.failure = message[1:]
+            self._close_pipe(worker)
+
+    def _close_pipe(self, worker: _Worker) -> None:
+        if worker.pipe is not None:
+            worker.pipe.close()
+            worker.pipe = None
+
+    def _read_beats(self, worker: _Worker) -> None:
+        assert worker.pipe is not None
+        try:
+            beats = os.read(worker.pipe.fileno(), 4096)
         except BlockingIOError:
             return
         if beats:
@@ -838,8 +846,7 @@ class _Supervisor:
                 self._ready(worker)
         else:
             # The worker's end closed: it exited, and its sentinel says how.
-            worker.beats.close()
-            worker.beats = None
+            self._close_pipe(worker)
 
     def _check_silence(self, worker: _Worker, process: BaseProcess) -> None:
         """Kill a worker whose loop has not beaten for worker_timeout and one beat more.
@@ -930,9 +937,4 @@ class _Supervisor:
             if worker.process is not None:
                 worker.process.join()
                 worker.process = None
-            if worker.ready is not None:
-                worker.ready.close()
-                worker.ready = None
-            if worker.beats is not None:
-                worker.beats.close()
-                worker.beats = None
+            self._close_pipe(worker)
