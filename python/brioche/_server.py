@@ -631,12 +631,14 @@ class Server(Generic[T]):
         worker's restart too: a restarted worker counts on from where its predecessor's last
         second left off. In one process it is the same as ``stats()``.
         """
+        slot = self._config.worker_slot
+        if _check_bool("all_workers", all_workers) and slot is not None:
+            # Every worker's file, this one's included: its live counters would be fresher than
+            # the others', and a scrape reaching another worker next could see them go back.
+            return _worker_stats.total(slot.directory, slot.workers, Stats.__required_keys__)  # type: ignore[return-value]
         stats = self._engine.stats()
         stats["batches_held"] = self._batches_held
         stats["handler_errors"] = self._handler_errors
-        slot = self._config.worker_slot
-        if _check_bool("all_workers", all_workers) and slot is not None:
-            return _worker_stats.total(slot.directory, slot.workers, stats)  # type: ignore[return-value]
         return stats  # type: ignore[return-value]
 
     # A server whose sockets carry data must be given it: ``ws.data`` would be None otherwise.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 # Current values, not counts: summed over the workers, never carried over a restart.
@@ -101,9 +102,9 @@ def zero_gauges(directory: str, index: int) -> None:
         _write(path, {**stats, **{key: 0 for key in GAUGES if key in stats}})
 
 
-def total(directory: str, workers: int, template: dict[str, Any]) -> dict[str, Any]:
-    """The sum of every worker's last snapshot; keys ``template`` has and no worker wrote are 0."""
-    result: dict[str, Any] = {key: 0 for key in template}
+def total(directory: str, workers: int, keys: Iterable[str]) -> dict[str, Any]:
+    """The sum of every worker's last snapshot; those of ``keys`` no worker wrote are 0."""
+    result: dict[str, Any] = {key: 0 for key in keys}
     result["closes_by_code"] = {}
     for index in range(workers):
         stats = _read(path_of(directory, index))
