@@ -4,6 +4,7 @@ server-wide `max_incoming_bytes` budget, over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -20,7 +21,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, echo, reset_peak_rss, status_kib
+from conftest import Recorder, ServeFn, echo, log_lines, reset_peak_rss, status_kib
 from rawws import (
     OP_BINARY,
     OP_CLOSE,
@@ -239,6 +240,59 @@ async def test_a_client_that_shut_its_side_after_whole_messages_has_them_handled
         hog.close()
         if sender is not None:
             sender.close()
+
+
+async def test_a_connection_that_stops_reading_for_the_budget_is_counted_and_logged_once_a_minute(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two clients in turn send 1.25 MiB of a 4 MiB message past a 1 MiB budget: each stops
+    being read, and ``reads_paused`` counts both. The first pause is logged at WARNING on
+    brioche.ws with that client's port and the limit; the second, within the minute, is not
+    (a server under pressure pauses and resumes many times a second). A client sending small
+    messages meanwhile is served, and never paused. Before, nothing said why the large messages
+    had stopped arriving."""
+    caplog.set_level(logging.INFO, logger="brioche.ws")
+    srv = await serve(recording_echo(recorder).message_timeout(0), max_incoming_bytes=MIB)
+    size, sent = 4 * MIB, MIB + 256 * 1024
+    key = os.urandom(4)
+    head = struct.pack(">BBQ", 0x82, 0x80 | 127, size) + key
+    hogs: list[socket.socket] = []
+    async with connect(f"ws://127.0.0.1:{srv.port}/ws", max_size=None) as small:
+        try:
+            await echo(small, "before")
+            assert srv.stats()["reads_paused"] == 0
+            for count in (1, 2):
+                hog = await asyncio.to_thread(blocking_connect, srv.port)
+                hog.settimeout(10)  # bounds the send: the kernel's buffers hold what is not read
+                hogs.append(hog)
+                await asyncio.to_thread(hog.sendall, head + key * (sent // 4))
+                assert await poll_until(lambda: srv.stats()["reads_paused"] == count, 10), srv.stats()
+                await echo(small, f"while {count} paused")
+            first_port = hogs[0].getsockname()[1]
+            expected = [(
+                logging.WARNING,
+                f"stopped reading from 127.0.0.1:{first_port}: incoming messages hold more than "
+                f"max_incoming_bytes ({MIB} bytes); connections holding 64 KiB or more of it, and "
+                "compressed messages, wait until handlers have taken enough (logged at most once "
+                'a minute; stats()["reads_paused"] counts every pause)',
+            )]
+            assert await poll_until(lambda: log_lines(caplog, "brioche.ws") != [], 5)
+            # The echo after the second pause went through the same queue as its line would.
+            assert log_lines(caplog, "brioche.ws") == expected
+            # The second goes first: what it gives back leaves the first over the budget, so
+            # nobody reads again (the other order is a third pause: the second client, read
+            # again, sends the rest of its 1.25 MiB). With a reset: its FIN would wait behind
+            # the bytes the server does not read.
+            for hog, connections in ((hogs[1], 2), (hogs[0], 1)):
+                hog.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                hog.close()
+                assert await poll_until(lambda: srv.stats()["open_connections"] == connections, 10)
+        finally:
+            for hog in hogs:
+                hog.close()
+        assert srv.stats()["incoming_bytes"] == 0
+        await echo(small, "after")
+    assert srv.stats()["reads_paused"] == 2
 
 
 async def _stats(port: int) -> dict[str, Any]:

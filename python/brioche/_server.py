@@ -306,6 +306,10 @@ class Stats(TypedDict):
     publishes a sibling worker missed because 64 MiB already waited for it (or the publish alone
     was larger), once per sibling that missed it (always 0 otherwise).
 
+    ``reads_paused`` counts the times a connection stopped reading because incoming messages
+    held more than ``max_incoming_bytes`` (see :meth:`~brioche.server.Config.max_incoming_bytes`;
+    the first such pause in a minute is logged at WARNING on ``brioche.ws``).
+
     ``batches_held`` counts the times the loop waited a millisecond before its next batch of
     events because the last batch wrote published messages, two or more to each of 256
     connections or more, and took over 2 ms (a fan-out: the wait lets more messages share each
@@ -332,6 +336,7 @@ class Stats(TypedDict):
     requests_rejected: int
     responses_stalled: int
     tls_handshakes_failed: int
+    reads_paused: int
     redis_published: int
     redis_publishes_lost: int
     redis_received: int

@@ -344,6 +344,8 @@ class Config(Generic[T]):
         wait, held back by TCP), while those holding less go on; a paused client whose message
         is still incomplete at its ``message_timeout`` is closed with 1008. HTTP request bodies
         count from their first byte until the handler answers; one that does not fit gets 503.
+        Each connection that stops reading counts in ``stats()["reads_paused"]``, and the first
+        in a minute is logged at WARNING on ``brioche.ws`` with the client and the limit.
         """
         value = _check_size("max_incoming_bytes", size, minimum=0)
         return dataclasses.replace(self, max_incoming_bytes_value=value)

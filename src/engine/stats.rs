@@ -45,10 +45,13 @@ pub enum Counter {
     /// TLS connections that sent something but never finished their handshake: not TLS, a
     /// handshake rustls refused, or one not done within `handshake_timeout`.
     TlsHandshakesFailed,
+    /// Times a connection stopped reading because incoming messages held more than
+    /// `max_incoming_bytes` (`ws/budget.rs`).
+    ReadsPaused,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 18] = [
+    pub const ALL: [Counter; 19] = [
         Counter::ConnectionsOpened,
         Counter::ConnectionsClosed,
         Counter::MessagesIn,
@@ -67,6 +70,7 @@ impl Counter {
         Counter::RedisReceived,
         Counter::RedisReceivedLost,
         Counter::TlsHandshakesFailed,
+        Counter::ReadsPaused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +93,7 @@ impl Counter {
             Counter::RedisReceived => "redis_received",
             Counter::RedisReceivedLost => "redis_received_lost",
             Counter::TlsHandshakesFailed => "tls_handshakes_failed",
+            Counter::ReadsPaused => "reads_paused",
         }
     }
 }

@@ -817,6 +817,14 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
              logged until the queue to Redis empties",
             Args::Reason,
         ),
+        LogKind::ReadsPaused => (
+            "brioche.ws",
+            WARNING,
+            "stopped reading from %s: %s; connections holding 64 KiB or more of it, and \
+             compressed messages, wait until handlers have taken enough (logged at most once a \
+             minute; stats()[\"reads_paused\"] counts every pause)",
+            Args::PeerReason,
+        ),
         LogKind::RedisInboundBacklog => (
             "brioche.redis",
             WARNING,

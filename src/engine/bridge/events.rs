@@ -121,9 +121,12 @@ pub enum LogKind {
     /// The client did not answer the server's close frame within the close timeout: the
     /// connection ends as the idle timeout ends one, and is logged as it is.
     CloseTimeout,
+    /// A connection stopped reading because incoming messages held more than
+    /// `max_incoming_bytes`: the first such pause in a minute.
+    ReadsPaused,
 }
 
-pub(crate) const LOG_KINDS: usize = 16;
+pub(crate) const LOG_KINDS: usize = 17;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.

@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -21,6 +22,11 @@ use super::conn::{signal, Conn};
 /// (64 KiB) may take a connection past it: the budget can be overrun by at most about twice
 /// this per connection, against a whole message's size without the floor.
 pub(crate) const PAUSE_FLOOR: usize = 64 * 1024;
+
+/// At most one log line this often says that a connection stopped reading for the budget:
+/// under sustained pressure connections pause and resume many times a second, and
+/// `stats()["reads_paused"]` counts them all.
+const PAUSE_LINE_EVERY: Duration = Duration::from_secs(60);
 
 pub(crate) struct IncomingBudget {
     /// `usize::MAX` when there is no limit.
@@ -37,6 +43,9 @@ pub(crate) struct IncomingBudget {
     any_waiting: AtomicBool,
     /// Bumped at each wake-up: a connection whose registration predates it registers again.
     generation: AtomicU64,
+    started: Instant,
+    /// When a pause was last logged: milliseconds since `started`, plus one; 0 before the first.
+    pause_logged: AtomicU64,
 }
 
 impl IncomingBudget {
@@ -48,7 +57,31 @@ impl IncomingBudget {
             waiting: Mutex::new(Vec::new()),
             any_waiting: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            started: Instant::now(),
+            pause_logged: AtomicU64::new(0),
         }
+    }
+
+    /// The limit, in bytes (`usize::MAX` without one).
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether a connection that just stopped reading for the budget should be logged: the
+    /// first pause, then the first a minute after the last one logged.
+    pub(crate) fn pause_to_log(&self) -> bool {
+        self.pause_to_log_at(self.started.elapsed())
+    }
+
+    fn pause_to_log_at(&self, since_start: Duration) -> bool {
+        let now = since_start.as_millis() as u64 + 1;
+        let last = self.pause_logged.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < PAUSE_LINE_EVERY.as_millis() as u64 {
+            return false;
+        }
+        self.pause_logged
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     pub(crate) fn held(&self) -> usize {
@@ -195,6 +228,18 @@ mod tests {
         assert_eq!(budget.held(), 0);
         budget.adjust(0, PAUSE_FLOOR);
         assert!(!budget.pauses(PAUSE_FLOOR), "not wrapped past the limit");
+    }
+
+    #[test]
+    fn a_pause_is_logged_at_most_once_a_minute() {
+        let budget = IncomingBudget::new(1 << 20);
+        let at = Duration::from_secs;
+        assert!(budget.pause_to_log_at(at(0)), "the first");
+        assert!(!budget.pause_to_log_at(at(1)));
+        assert!(!budget.pause_to_log_at(at(59)));
+        assert!(budget.pause_to_log_at(at(60)), "a minute later");
+        assert!(!budget.pause_to_log_at(at(119)));
+        assert!(budget.pause_to_log_at(at(300)));
     }
 
     #[test]

@@ -301,6 +301,23 @@ impl Task {
         }
     }
 
+    /// A pause for the budget is counted, and the first in a minute logged: a server that
+    /// stops reading its large messages says so (and which limit made it).
+    #[cold]
+    fn note_budget_pause(&self) {
+        let shared = &self.conn.shared;
+        shared.stats.add(Counter::ReadsPaused, 1);
+        if shared.budget.pause_to_log() {
+            let limit = shared.budget.limit();
+            shared.log(
+                LogKind::ReadsPaused,
+                self.conn.remote,
+                0,
+                format!("incoming messages hold more than max_incoming_bytes ({limit} bytes)"),
+            );
+        }
+    }
+
     fn release_budget(&mut self) {
         let budget = &self.conn.shared.budget;
         budget.adjust_awaiting(self.rx.awaiting(), 0);
@@ -412,6 +429,9 @@ impl Task {
         }
         let paused = self.conn.reading_paused();
         let budget_paused = !paused && !self.peer_ended && self.budget_pauses();
+        if budget_paused && !self.budget_paused {
+            self.note_budget_pause();
+        }
         if (self.paused || self.budget_paused) && !(paused || budget_paused) {
             // Time spent not reading is not the client's silence.
             self.last_read = Instant::now();
