@@ -11,7 +11,8 @@ Each variant is NAME=PYTHON:MODE, MODE one of brioche_server.py's handler modes 
 async-sleep0), or NAME=peer:SERVER, SERVER a row of run.py (picows, bun, socketify, ...).
 ``--cell`` is s1 (100 connections, 16 messages of 32 bytes in flight each), s2 (S2's round
 trips, one in flight on each of 100 connections: the p50 in µs stands for the rate, lower is
-better, and the p99 is printed beside it), s3 (S3's fan-out; s3-1 and s3-256 with 1 and 256
+better; the p90, p99, mean and round trips a second are printed beside it: with every
+connection waiting on its one round trip, the mean is the connections over the rate), s3 (S3's fan-out; s3-1 and s3-256 with 1 and 256
 messages outstanding), s10 (S10's fan-out of 1,024-byte messages, every subscriber reading), s5
 (S5's connections/s), s8-churn (S8's subscribes+unsubscribes/s; s8 its deliveries/s, and a run
 of either prints both), s9 (S9's handshakes/s; s5 and s9 sample no CPU), s9-open (S9's seconds
@@ -200,7 +201,9 @@ def main() -> int:
             cpus[name].append(cpu)
             size = CELLS[ns.cell][1].get("size")
             if ns.cell == "s2":
-                what = (f"p50 {rate:,.0f} µs, p99 {result['p99_us']:,.0f} µs, {cpu:.3f} CPU µs "
+                what = (f"p50 {rate:,.0f} µs, p90 {result['p90_us']:,.0f} µs, p99 "
+                        f"{result['p99_us']:,.0f} µs, mean {result['mean_us']:,.0f} µs, "
+                        f"{result['msgs_per_s']:,.0f} round trips/s, {cpu:.3f} CPU µs "
                         "per round trip")
             elif ns.cell == "s9":
                 what = f"{rate:,.0f}/s, connect→101 p99 {result['handshake_p99_us']:,.0f} µs"
