@@ -19,6 +19,7 @@ from conftest import free_port, hangup_by_default, ignore_sigint, kill_if_runnin
 
 SCRIPT = Path(__file__).parent / "scripts" / "run_forever.py"
 SLOW_CLOSE_SCRIPT = Path(__file__).parent / "scripts" / "run_slow_close.py"
+LOOP_END_SCRIPT = Path(__file__).parent / "scripts" / "loop_end.py"
 
 
 async def run_forever(
@@ -115,6 +116,40 @@ async def test_run_logs_where_it_listens_once_it_does() -> None:
     assert proc.returncode == 0, err.decode()
     assert out.decode() == "stopped cleanly\n"
     assert err.decode() == "", "the line is logged once, and nothing else at INFO for a clean run"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_server_still_running_as_its_loop_ends_is_stopped_and_frees_its_port(loop: str) -> None:
+    """A program whose ``main()`` returns without stopping its server (kept in a global): as
+    the runner ends the loop, the server is stopped as ``stop(close_active_connections=True)``
+    stops it. Its client gets 1001, ``on_close`` runs, it is logged, and once the runner has
+    returned the port refuses connections and can be listened on again. Before, the core went
+    on listening with nobody to answer: connections were accepted and hung, and the port
+    stayed taken (``BindError``) for the rest of the program."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(LOOP_END_SCRIPT), loop, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 15))
+        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
+            await client.send("bye")
+            assert await asyncio.wait_for(client.recv(), 10) == "bye"
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        await kill_if_running(proc)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == [
+        f"INFO brioche: the event loop is ending with the server on http://127.0.0.1:{port}/ still "
+        "running: stopping it (its WebSockets get 1001)",
+        "on_close 1001",
+        "runner returned",
+        "refused",
+        "listened again",
+    ]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -25,7 +25,7 @@ import threading
 import types
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterator
 from functools import partial
 from inspect import CO_COROUTINE, isawaitable
 from time import perf_counter
@@ -435,7 +435,7 @@ class Server(Generic[T]):
         "_close_tasks", "_request_tasks", "_stop_cancelled", "_stop_waiters", "_answering",
         "_context", "_ended", "_run",
         "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "_handler_errors",
-        "_left_out_due", "hostname", "unix",
+        "_left_out_due", "_loop_end", "hostname", "unix",
         "__weakref__",
     )
     _engine: Engine
@@ -470,6 +470,8 @@ class Server(Generic[T]):
     _batches_held: int
     _handler_errors: int
     _left_out_due: dict[int, float]
+    # Closed by the loop as it ends (`_stop_at_loop_end`); None once stop() was called.
+    _loop_end: AsyncGenerator[None, None] | None
     hostname: str
     """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
     on a Unix socket)."""
@@ -579,6 +581,7 @@ class Server(Generic[T]):
         self._handler_errors = 0
         self._left_out_due = {}
         self._fd = engine.fileno()
+        self._loop_end = _watch_loop_end(weakref.ref(self))
         try:
             loop.add_reader(self._fd, self._on_wake)
         except NotImplementedError:  # pragma: no cover - loops without add_reader (Proactor)
@@ -854,6 +857,7 @@ class Server(Generic[T]):
                     self._cancel_for_stop(task)
         if not self._stop_called:
             self._stop_called = True
+            self._forget_loop_end()
             self._engine.stop(close_active_connections)
         elif close_active_connections:
             self._engine.stop(True)
@@ -933,6 +937,16 @@ class Server(Generic[T]):
         except asyncio.CancelledError:
             await self.stop(close_active_connections=True)
             raise
+
+    def _forget_loop_end(self) -> None:
+        """The server is being stopped: the loop's end has nothing left to stop. Closed now, so
+        that it is not left to the loop (or to a collection after the loop has closed)."""
+        loop_end, self._loop_end = self._loop_end, None
+        if loop_end is not None:
+            try:
+                loop_end.aclose().send(None)
+            except StopIteration:
+                pass
 
     async def __aenter__(self) -> Server[T]:
         return self
@@ -1585,6 +1599,45 @@ class Server(Generic[T]):
                 handled.clear()
                 self._loop.call_soon_threadsafe(wake)
                 handled.wait()
+
+
+async def _stop_at_loop_end(server: weakref.ref[Server[Any]]) -> AsyncGenerator[None, None]:
+    """Suspended while the loop runs, for the loop to close as it ends (``asyncio.run`` and
+    ``asyncio.Runner`` do, as does any runner calling ``loop.shutdown_asyncgens()``): a server
+    still running then is stopped as ``stop(close_active_connections=True)`` stops it. Without
+    this the core, which does not run on the loop, went on listening once the loop had closed:
+    connections were accepted and never answered, and the port stayed taken."""
+    try:
+        yield
+    finally:
+        srv = server()
+        if srv is not None and srv._loop_end is not None:
+            srv._loop_end = None
+            logger.info(
+                "the event loop is ending with the server on %s still running: stopping it "
+                "(its WebSockets get 1001)", srv.url,
+            )
+            await srv.stop(close_active_connections=True)
+
+
+def _watch_loop_end(server: weakref.ref[Server[Any]]) -> AsyncGenerator[None, None] | None:
+    """``_stop_at_loop_end``, started on the running loop, which keeps it among the async
+    generators it closes as it ends; None where the loop does not track them."""
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+    if firstiter is None:
+        return None
+    loop_end = _stop_at_loop_end(server)
+    # Without the loop's finalizer: it would schedule the close of a generator collected
+    # unclosed on the loop, which may have closed by then; such a generator's server is gone
+    # (the server holds it), so its close has nothing to do and needs no loop.
+    sys.set_asyncgen_hooks(firstiter, None)
+    try:
+        loop_end.asend(None).send(None)
+    except StopIteration:
+        pass
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+    return loop_end
 
 
 Handler: TypeAlias = Callable[

@@ -435,6 +435,9 @@ class Config(Generic[T]):
         ...     print(srv.url.startswith("http://127.0.0.1:"))
         True
         ```
+
+        A server still running when the loop ends (``asyncio.run`` returning, or any runner
+        that calls ``loop.shutdown_asyncgens()``) is stopped then, the same way.
         """
         if self.workers_count > 1:
             raise ValueError(
