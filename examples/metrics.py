@@ -54,6 +54,7 @@ app = server.handler(fetch).websocket(websocket.init().on_text(on_text))
 
 if __name__ == "__main__":
     # INFO shows refused handshakes, protocol-error closes and idle timeouts (at most ten lines
-    # of each kind a second); WARNING and up shows backpressure drops and handler errors.
+    # of each kind a second); WARNING and up shows backpressure drops, reads paused for
+    # max_incoming_bytes and handler errors.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.run()

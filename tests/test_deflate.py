@@ -566,6 +566,8 @@ async def test_compressed_messages_wait_for_the_budget_before_they_are_inflated(
         # Over the budget, a small compressed message still flows: it cannot inflate past the
         # floor below which a connection is read anyway.
         assert held > budget
+        # Each connection whose message waits to be inflated stopped reading for the budget.
+        assert srv.stats()["reads_paused"] >= 1
         chat = await RawWebSocket.connect(srv.port, headers=[("Sec-WebSocket-Extensions", "permessage-deflate")])
         raws.append(chat)
         await chat.send_frame(OP_TEXT, deflate(b"still here"), rsv=4)

@@ -271,10 +271,11 @@ async def test_a_connection_that_stops_reading_for_the_budget_is_counted_and_log
             first_port = hogs[0].getsockname()[1]
             expected = [(
                 logging.WARNING,
-                f"stopped reading from 127.0.0.1:{first_port}: incoming messages hold more than "
-                f"max_incoming_bytes ({MIB} bytes); connections holding 64 KiB or more of it, and "
-                "compressed messages, wait until handlers have taken enough (logged at most once "
-                'a minute; stats()["reads_paused"] counts every pause)',
+                f"stopped reading from 127.0.0.1:{first_port}: the server holds more than "
+                f"max_incoming_bytes ({MIB} bytes) of incoming messages and request bodies; "
+                "connections holding 64 KiB or more, and compressed messages to inflate, wait until "
+                "it is back under the limit (messages handled, bodies answered, connections ended); "
+                'logged at most once a minute per server, stats()["reads_paused"] counts every pause',
             )]
             assert await poll_until(lambda: log_lines(caplog, "brioche.ws") != [], 5)
             # The echo after the second pause went through the same queue as its line would.

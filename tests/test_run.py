@@ -118,16 +118,21 @@ async def test_run_logs_where_it_listens_once_it_does() -> None:
     assert err.decode() == "", "the line is logged once, and nothing else at INFO for a clean run"
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-async def test_a_server_still_running_as_its_loop_ends_is_stopped_and_frees_its_port(loop: str) -> None:
-    """A program whose ``main()`` returns without stopping its server (kept in a global): as
-    the runner ends the loop, the server is stopped as ``stop(close_active_connections=True)``
-    stops it. Its client gets 1001, ``on_close`` runs, it is logged, and once the runner has
-    returned the port refuses connections and can be listened on again. Before, the core went
-    on listening with nobody to answer: connections were accepted and hung, and the port
-    stayed taken (``BindError``) for the rest of the program."""
+@pytest.mark.parametrize(("loop", "mode"), [
+    ("asyncio", "never"), ("uvloop", "never"), ("asyncio", "cut-short"), ("asyncio", "slow-close"),
+])
+async def test_a_server_still_running_as_its_loop_ends_is_stopped_and_frees_its_port(loop: str, mode: str) -> None:
+    """A program whose ``main()`` returns with its server (kept in a global) still running:
+    never stopped, or after a plain ``stop()`` cut short by ``wait_for`` (it waits for the
+    client). As the runner ends the loop, the server is stopped as ``run()`` stops it: its
+    client gets 1001, ``on_close`` runs, it is logged, and once the runner has returned the
+    port refuses connections and can be listened on again. An ``on_close`` that never returns
+    is cancelled after the grace period (0.5 s here) instead of holding the program's end for
+    ever. Before, the core went on listening with nobody to answer: connections were accepted
+    and hung, and the port stayed taken (``BindError``) for the rest of the program."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(LOOP_END_SCRIPT), loop, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, str(LOOP_END_SCRIPT), loop, mode,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -142,10 +147,23 @@ async def test_a_server_still_running_as_its_loop_ends_is_stopped_and_frees_its_
     finally:
         await kill_if_running(proc)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().splitlines() == [
+    stopping = (
         f"INFO brioche: the event loop is ending with the server on http://127.0.0.1:{port}/ still "
-        "running: stopping it (its WebSockets get 1001)",
-        "on_close 1001",
+        "running: stopping it (its WebSockets get 1001)"
+    )
+    closing = {
+        "never": ["on_close 1001"],
+        "cut-short": ["on_close 1001"],
+        "slow-close": [
+            "on_close 1001",
+            "WARNING brioche: stopping: cancelled 1 handler task still running after the 0.5 s grace period",
+            "on_close cancelled",
+        ],
+    }[mode]
+    assert out.decode().splitlines() == [
+        *(["stop cut short"] if mode == "cut-short" else []),
+        stopping,
+        *closing,
         "runner returned",
         "refused",
         "listened again",

@@ -470,7 +470,7 @@ class Server(Generic[T]):
     _batches_held: int
     _handler_errors: int
     _left_out_due: dict[int, float]
-    # Closed by the loop as it ends (`_stop_at_loop_end`); None once stop() was called.
+    # Closed by the loop as it ends (`_stop_at_loop_end`); None once the server has stopped.
     _loop_end: AsyncGenerator[None, None] | None
     hostname: str
     """The address the server listens on, as configured (for ``sock()``, the socket's; ``""``
@@ -857,7 +857,6 @@ class Server(Generic[T]):
                     self._cancel_for_stop(task)
         if not self._stop_called:
             self._stop_called = True
-            self._forget_loop_end()
             self._engine.stop(close_active_connections)
         elif close_active_connections:
             self._engine.stop(True)
@@ -939,8 +938,8 @@ class Server(Generic[T]):
             raise
 
     def _forget_loop_end(self) -> None:
-        """The server is being stopped: the loop's end has nothing left to stop. Closed now, so
-        that it is not left to the loop (or to a collection after the loop has closed)."""
+        """The server has stopped: the loop's end has nothing left to stop. Closed now, so that
+        it is not left to the loop (or to a collection after the loop has closed)."""
         loop_end, self._loop_end = self._loop_end, None
         if loop_end is not None:
             try:
@@ -1574,6 +1573,7 @@ class Server(Generic[T]):
         if not self._tasks:
             if not self._stopped.done():
                 self._stopped.set_result(None)
+                self._forget_loop_end()
             waiting = list(self._stop_waiters.values())
         elif self._tasks <= self._stop_waiters.keys():
             # Every handler left awaits stop(): each would wait for the others for ever.
@@ -1604,9 +1604,12 @@ class Server(Generic[T]):
 async def _stop_at_loop_end(server: weakref.ref[Server[Any]]) -> AsyncGenerator[None, None]:
     """Suspended while the loop runs, for the loop to close as it ends (``asyncio.run`` and
     ``asyncio.Runner`` do, as does any runner calling ``loop.shutdown_asyncgens()``): a server
-    still running then is stopped as ``stop(close_active_connections=True)`` stops it. Without
-    this the core, which does not run on the loop, went on listening once the loop had closed:
-    connections were accepted and never answered, and the port stayed taken."""
+    that has not stopped by then (never asked to, or its ``stop()`` cut short) is stopped as
+    ``run()`` stops it. Without this the core, which does not run on the loop, went on listening
+    once the loop had closed: connections were accepted and never answered, and the port stayed
+    taken. ``run()``'s stop, not a plain ``stop(True)``: the runner has cancelled every task
+    before this, and an ``on_close`` waiting on one of them would hold the loop's end for ever;
+    past the grace period it is cancelled."""
     try:
         yield
     finally:
@@ -1617,14 +1620,20 @@ async def _stop_at_loop_end(server: weakref.ref[Server[Any]]) -> AsyncGenerator[
                 "the event loop is ending with the server on %s still running: stopping it "
                 "(its WebSockets get 1001)", srv.url,
             )
-            await srv.stop(close_active_connections=True)
+            await srv._stop_gracefully()
 
 
 def _watch_loop_end(server: weakref.ref[Server[Any]]) -> AsyncGenerator[None, None] | None:
     """``_stop_at_loop_end``, started on the running loop, which keeps it among the async
     generators it closes as it ends; None where the loop does not track them."""
     firstiter, finalizer = sys.get_asyncgen_hooks()
-    if firstiter is None:
+    loop = asyncio.get_running_loop()
+    # Only with the running loop's own hook (asyncio's and uvloop's are its bound methods), and
+    # not once it has closed its generators for good (a server started in a runner's shutdown:
+    # asyncio would warn, and nothing would close this one; uvloop does not show the flag).
+    if getattr(firstiter, "__self__", None) is not loop or getattr(
+        loop, "_asyncgens_shutdown_called", False
+    ):
         return None
     loop_end = _stop_at_loop_end(server)
     # Without the loop's finalizer: it would schedule the close of a generator collected

@@ -344,8 +344,9 @@ class Config(Generic[T]):
         wait, held back by TCP), while those holding less go on; a paused client whose message
         is still incomplete at its ``message_timeout`` is closed with 1008. HTTP request bodies
         count from their first byte until the handler answers; one that does not fit gets 503.
-        Each connection that stops reading counts in ``stats()["reads_paused"]``, and the first
-        in a minute is logged at WARNING on ``brioche.ws`` with the client and the limit.
+        Each time a connection stops reading for it counts in ``stats()["reads_paused"]``, and
+        the first such pause in a minute is logged at WARNING on ``brioche.ws`` with the client
+        and the limit.
         """
         value = _check_size("max_incoming_bytes", size, minimum=0)
         return dataclasses.replace(self, max_incoming_bytes_value=value)
@@ -437,7 +438,7 @@ class Config(Generic[T]):
         ```
 
         A server still running when the loop ends (``asyncio.run`` returning, or any runner
-        that calls ``loop.shutdown_asyncgens()``) is stopped then, the same way.
+        that calls ``loop.shutdown_asyncgens()``) is stopped then, as ``run()`` stops it.
         """
         if self.workers_count > 1:
             raise ValueError(

@@ -820,9 +820,10 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
         LogKind::ReadsPaused => (
             "brioche.ws",
             WARNING,
-            "stopped reading from %s: %s; connections holding 64 KiB or more of it, and \
-             compressed messages, wait until handlers have taken enough (logged at most once a \
-             minute; stats()[\"reads_paused\"] counts every pause)",
+            "stopped reading from %s: %s; connections holding 64 KiB or more, and compressed \
+             messages to inflate, wait until it is back under the limit (messages handled, \
+             bodies answered, connections ended); logged at most once a minute per server, \
+             stats()[\"reads_paused\"] counts every pause",
             Args::PeerReason,
         ),
         LogKind::RedisInboundBacklog => (

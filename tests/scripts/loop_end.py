@@ -1,9 +1,12 @@
-"""A server its program never stops: ``main()`` returns once a client sends "bye", and the
+"""A server its program does not stop: ``main()`` returns once a client sends "bye", and the
 runner ends the loop with the server still running (tests/test_run.py).
 
-``loop_end.py [asyncio|uvloop]``: prints the port once listening, logs at INFO to stdout, and,
-after the runner has returned, whether the port still takes connections and whether it can be
-listened on again.
+``loop_end.py LOOP MODE``: LOOP is asyncio or uvloop; MODE is ``never`` (no ``stop()`` at
+all), ``cut-short`` (a plain ``stop()``, which waits for the client, given 0.2 s by
+``wait_for``) or ``slow-close`` (no ``stop()``, and an ``on_close`` that never returns, with
+the stop's grace period at 0.5 s). Prints the port once listening, logs at INFO to stdout,
+and, after the runner has returned, whether the port still takes connections and whether it
+can be listened on again.
 """
 
 import asyncio
@@ -16,6 +19,7 @@ import uvloop
 
 import brioche
 from brioche import server, websocket
+from brioche import _server
 from brioche._server import run_loop
 
 # Kept for the whole program, as an application's global would be: nothing collects it.
@@ -37,11 +41,25 @@ async def main() -> int:
     def on_close(ws: brioche.WebSocket[None], code: int, reason: str) -> None:
         print(f"on_close {code}", flush=True)
 
-    config = websocket.init().on_text(on_text).on_close(on_close)
+    async def on_close_never_returning(ws: brioche.WebSocket[None], code: int, reason: str) -> None:
+        print(f"on_close {code}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            print("on_close cancelled", flush=True)
+            raise
+
+    config = websocket.init().on_text(on_text)
+    config = config.on_close(on_close_never_returning if MODE == "slow-close" else on_close)
     srv = await server.handler(handler).websocket(config).hostname("127.0.0.1").port(0).serve()
     SERVERS.append(srv)
     print(srv.port, flush=True)
     await bye.wait()
+    if MODE == "cut-short":
+        try:
+            await asyncio.wait_for(srv.stop(), 0.2)
+        except asyncio.TimeoutError:
+            print("stop cut short", flush=True)
     return srv.port
 
 
@@ -51,7 +69,9 @@ async def listen_again(port: int) -> None:
 
 
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
-factory = uvloop.new_event_loop if sys.argv[1:] == ["uvloop"] else None
+factory = uvloop.new_event_loop if sys.argv[1] == "uvloop" else None
+MODE = sys.argv[2]
+_server.STOP_GRACE_SECONDS = 0.5
 port = run_loop(main(), factory)
 print("runner returned", flush=True)
 probe = socket.socket()

@@ -313,7 +313,10 @@ impl Task {
                 LogKind::ReadsPaused,
                 self.conn.remote,
                 0,
-                format!("incoming messages hold more than max_incoming_bytes ({limit} bytes)"),
+                format!(
+                    "the server holds more than max_incoming_bytes ({limit} bytes) of incoming \
+                     messages and request bodies"
+                ),
             );
         }
     }
@@ -429,7 +432,9 @@ impl Task {
         }
         let paused = self.conn.reading_paused();
         let budget_paused = !paused && !self.peer_ended && self.budget_pauses();
-        if budget_paused && !self.budget_paused {
+        if budget_paused && !self.budget_paused && !self.paused {
+            // It was reading: a connection that goes from the application's pause to the
+            // budget's read nothing in between.
             self.note_budget_pause();
         }
         if (self.paused || self.budget_paused) && !(paused || budget_paused) {
