@@ -1078,7 +1078,7 @@ struct SlotGuard<'a> {
 }
 
 impl SlotGuard<'_> {
-    /// The connection now owns the slot: `Shared::unregister` gives it back, or `open_websocket`
+    /// The connection now owns the slot: its task gives it back as it ends, or `open_websocket`
     /// if the 101 cannot be written.
     fn hand_over(mut self) {
         self.held = false;
@@ -1114,7 +1114,7 @@ async fn open_websocket(on_upgrade: OnUpgrade, conn: Arc<Conn>) {
         }
         None => {
             conn.set_state(ReadyState::Closed);
-            // Never registered, so `unregister` would not give its `max_connections` slot back.
+            // No task, which would give its `max_connections` slot back as it ends.
             conn.shared.release_slot();
             conn.shared.events.push(Event::UpgradeFailed(conn.id));
         }

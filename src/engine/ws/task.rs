@@ -213,6 +213,8 @@ impl Receiver {
 /// attached, `pending_websockets` counting it and `on_close` never called.
 impl Drop for Task {
     fn drop(&mut self) {
+        // Held until now, its queue flushed or given up (`Shared::unregister`).
+        self.conn.shared.release_slot();
         self.release_budget();
         if self.reported {
             return;
