@@ -1368,6 +1368,50 @@ async def test_a_connection_closing_with_its_queue_unread_keeps_its_slot_until_i
     assert [e[0] for e in recorder.of("open")] == ["hog", "after"]
 
 
+async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however_much_it_sends(
+    serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client the server queued 8 MiB for reads none of it, and sends a ping every 0.25 s:
+    with a 2 s idle timeout it is closed (1006, logged) once the kernel has taken none of its
+    queue for 2 s (the timer sees it within 1.5 s, so about 3.5 s in), instead of holding its
+    queue, up to ``backpressure_limit`` and a message, for as long as it goes on sending.
+    Before, the pings kept it alive: only what it sent counted. A client that reads, on the
+    same server, is served throughout."""
+    caplog.set_level(logging.INFO, logger="brioche.ws")
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", ws.data)
+        if ws.data == "hog":
+            ws.send_bytes(b"x" * (8 * MIB))
+
+    srv = await serve(echo_config(recorder).on_open(on_open).idle_timeout(2))
+    hog = await RawWebSocket.connect(srv.port, "/ws?hog")
+    hog_port = hog.writer.get_extra_info("sockname")[1]
+    try:
+        async with connect(ws_url(srv, "/ws?reader")) as reader:
+            for i in range(40):  # paced as the client's pings are: 10 s at most
+                if seen(recorder, "close", "hog"):
+                    break
+                try:
+                    await hog.send_frame(OP_PING, b"")
+                except OSError:
+                    break  # the server has reset it
+                await echo(reader, f"served {i}")
+                await asyncio.sleep(0.25)
+            else:
+                raise AssertionError("the client that reads nothing was still open after 10 s of pings")
+            await recorder.wait_for(lambda: bool(seen(recorder, "close", "hog")), TIMEOUT)
+            await echo(reader, "still served")
+    finally:
+        hog.close()
+    assert seen(recorder, "close", "hog") == [(1006, "idle timeout")]
+    assert log_lines(caplog, "brioche.ws") == [(
+        logging.INFO,
+        f"closed the connection from 127.0.0.1:{hog_port} (1006): it read none of what was queued "
+        "for it within the idle timeout",
+    )]
+
+
 async def test_a_handshake_whose_body_never_comes_holds_no_slot_of_max_connections(
     serve: ServeFn, recorder: Recorder
 ) -> None:

@@ -302,7 +302,14 @@ class Config(Generic[T]):
         return dataclasses.replace(self, close_on_backpressure=value)
 
     def idle_timeout(self, idle_timeout: int) -> Config[T]:
-        """Seconds of silence from the client before the connection is closed (default 120, 0: off)."""
+        """Seconds of silence from the client before the connection is closed (default 120, 0: off).
+
+        A client that reads none of what is queued for it that long is closed too, however much
+        it sends (its pings included): it would otherwise hold its queue, up to
+        ``backpressure_limit`` and one message, for as long as it went on sending. Either way
+        ``on_close`` gets 1006, ``"idle timeout"``, and the close is logged at INFO on
+        ``brioche.ws``.
+        """
         value = _check_size("idle_timeout", idle_timeout, minimum=0, maximum=_MAX_SECONDS)
         return dataclasses.replace(self, idle_timeout_seconds=value)
 

@@ -87,6 +87,9 @@ struct Queue {
     ending: bool,
     /// The write side is shut down: everything up to the seal is written.
     shut_down: bool,
+    /// Bumped at each write the kernel took bytes of (wrapping): whether a queue that is not
+    /// empty moves at all (`write_progress`).
+    progress: u32,
 }
 
 impl Queue {
@@ -313,6 +316,7 @@ impl Outbound {
             socket,
             ending,
             shut_down,
+            progress,
         } = guard;
         let Some(socket) = socket.as_deref() else {
             return Ok(Flushed::Detached);
@@ -364,6 +368,7 @@ impl Outbound {
                 Ok(mut n) => {
                     self.add_buffered(-(n as isize));
                     self.wrote.store(true, Ordering::Relaxed);
+                    *progress = progress.wrapping_add(1);
                     total += n;
                     while n > 0 {
                         let chunk = chunks.front().expect("the kernel took no more than queued");
@@ -418,6 +423,14 @@ impl Outbound {
             socket.shutdown_write();
         }
         Ok(Flushed::Done)
+    }
+
+    /// `None` while nothing is queued, or while a `cork` holds what is (the application's
+    /// doing, not the client's); otherwise a mark that changes each time the kernel takes
+    /// bytes of the queue.
+    pub(crate) fn write_progress(&self) -> Option<u32> {
+        let q = self.queue.lock();
+        (!q.chunks.is_empty() && !self.is_corked()).then_some(q.progress)
     }
 
     /// Whether the kernel took bytes of this queue since the last call.
