@@ -306,9 +306,10 @@ class Stats(TypedDict):
     publishes a sibling worker missed because 64 MiB already waited for it (or the publish alone
     was larger), once per sibling that missed it (always 0 otherwise).
 
-    ``reads_paused`` counts the times a connection stopped reading because incoming messages
-    held more than ``max_incoming_bytes`` (see :meth:`~brioche.server.Config.max_incoming_bytes`;
-    the first such pause in a minute is logged at WARNING on ``brioche.ws``).
+    ``reads_paused`` counts the times a connection stopped reading because the server held more
+    than ``max_incoming_bytes`` of incoming messages and request bodies (see
+    :meth:`~brioche.server.Config.max_incoming_bytes`; the first such pause in a minute is logged
+    at WARNING on ``brioche.ws``).
 
     ``batches_held`` counts the times the loop waited a millisecond before its next batch of
     events because the last batch wrote published messages, two or more to each of 256
