@@ -1346,16 +1346,24 @@ async def test_a_connection_closing_with_its_queue_unread_keeps_its_slot_until_i
     slot stays taken: the next handshake gets 503, until the client resets its socket and the
     connection ends. Before, the slot came back at ``on_close``: a client reconnecting after
     each close held one such queue per cycle (40 cycles held a gigabyte under a limit of 5)."""
+    queued_at_close: list[int] = []
+
     def on_open(ws: brioche.WebSocket[Any]) -> None:
         recorder.add("open", ws.data)
         if ws.data == "hog":
-            ws.send_bytes(b"x" * (8 * MIB))
+            ws.send_bytes(b"x" * (16 * MIB))
 
-    srv = await serve(echo_config(recorder).on_open(on_open), max_connections=1)
-    hog = await RawWebSocket.connect(srv.port, "/ws?hog")
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        queued_at_close.append(ws.buffered_amount)
+        recorder.add("close", ws.data, code, reason)
+
+    srv = await serve(echo_config(recorder).on_open(on_open).on_close(on_close), max_connections=1)
+    # A small receive buffer: most of the 16 MiB stays queued whatever the kernel's own sizes.
+    hog = await RawWebSocket.connect(srv.port, "/ws?hog", rcvbuf=4096)
     try:
         await hog.send_frame(OP_CLOSE, struct.pack(">H", 1000))
         await recorder.wait_for(lambda: bool(recorder.of("close")), TIMEOUT)
+        assert queued_at_close[0] > 8 * MIB, "the test needs a queue the client does not read"
         assert srv.pending_websockets == 0
         assert srv.stats()["open_connections"] == 0
         with pytest.raises(InvalidStatus) as refused:
@@ -1364,16 +1372,19 @@ async def test_a_connection_closing_with_its_queue_unread_keeps_its_slot_until_i
     finally:
         # Unread bytes in its receive buffer: the close is a reset, and the write fails.
         hog.close()
+    reset_at = asyncio.get_running_loop().time()
     assert await _upgraded_within(srv, "/ws?after", "the slot came back as the connection ended")
+    # The reset freed it, not the flush's 5 s deadline.
+    assert asyncio.get_running_loop().time() - reset_at < 3
     assert [e[0] for e in recorder.of("open")] == ["hog", "after"]
 
 
 async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however_much_it_sends(
     serve: ServeFn, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A client the server queued 8 MiB for reads none of it, and sends a ping every 0.25 s:
+    """A client the server queued 16 MiB for reads none of it, and sends a ping every 0.25 s:
     with a 2 s idle timeout it is closed (1006, logged) once the kernel has taken none of its
-    queue for 2 s (the timer sees it within 1.5 s, so about 3.5 s in), instead of holding its
+    queue for 2 s (the timer sees it within 1.5 s, so 3.5 s in or a little later), instead of holding its
     queue, up to ``backpressure_limit`` and a message, for as long as it goes on sending.
     Before, the pings kept it alive: only what it sent counted. A client that reads, on the
     same server, is served throughout."""
@@ -1382,14 +1393,16 @@ async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however
     def on_open(ws: brioche.WebSocket[Any]) -> None:
         recorder.add("open", ws.data)
         if ws.data == "hog":
-            ws.send_bytes(b"x" * (8 * MIB))
+            ws.send_bytes(b"x" * (16 * MIB))
 
     srv = await serve(echo_config(recorder).on_open(on_open).idle_timeout(2))
-    hog = await RawWebSocket.connect(srv.port, "/ws?hog")
+    # A small receive buffer, and more than the kernel's send buffers hold (4 MiB here): most
+    # of the 16 MiB stays queued.
+    hog = await RawWebSocket.connect(srv.port, "/ws?hog", rcvbuf=4096, limit=4096)
     hog_port = hog.writer.get_extra_info("sockname")[1]
     try:
         async with connect(ws_url(srv, "/ws?reader")) as reader:
-            for i in range(40):  # paced as the client's pings are: 10 s at most
+            for i in range(60):  # paced as the client's pings are: 15 s at most
                 if seen(recorder, "close", "hog"):
                     break
                 try:
@@ -1399,7 +1412,7 @@ async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however
                 await echo(reader, f"served {i}")
                 await asyncio.sleep(0.25)
             else:
-                raise AssertionError("the client that reads nothing was still open after 10 s of pings")
+                raise AssertionError("the client that reads nothing was still open after 15 s of pings")
             await recorder.wait_for(lambda: bool(seen(recorder, "close", "hog")), TIMEOUT)
             await echo(reader, "still served")
     finally:
@@ -1410,6 +1423,38 @@ async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however
         f"closed the connection from 127.0.0.1:{hog_port} (1006): it read none of what was queued "
         "for it within the idle timeout",
     )]
+
+
+async def test_a_client_that_reads_slowly_is_not_taken_for_one_that_reads_nothing(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """A client the server queued 4 MiB for reads it at about 40 KiB/s (4 KiB every 0.1 s,
+    through a 4 KiB receive buffer) and pings every 0.5 s: with a 2 s idle timeout it stays
+    connected for 6 s. Writability is reported only once a third of the socket's buffer is
+    free, so such a client can go longer than the timeout with no write offered to it; the
+    check offers the queue again before it decides (without that, it was closed at about
+    3 s)."""
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", ws.data)
+        if ws.data == "slow":
+            ws.send_bytes(b"x" * (4 * MIB))
+
+    srv = await serve(echo_config(recorder).on_open(on_open).idle_timeout(2))
+    slow = await RawWebSocket.connect(srv.port, "/ws?slow", rcvbuf=4096, limit=4096)
+    received = 0
+    try:
+        for i in range(60):  # paced as the client reads: 6 s
+            chunk = await asyncio.wait_for(slow.reader.read(4096), TIMEOUT)
+            assert chunk, f"the server ended the connection after {received} bytes"
+            received += len(chunk)
+            if i % 5 == 0:
+                await slow.send_frame(OP_PING, b"")
+            await asyncio.sleep(0.1)
+        assert seen(recorder, "close", "slow") == []
+        assert received >= 60 * 1024
+    finally:
+        slow.close()
 
 
 async def test_a_handshake_whose_body_never_comes_holds_no_slot_of_max_connections(

@@ -334,8 +334,8 @@ class Config(Generic[T]):
     def max_connections(self, count: int) -> Config[T]:
         """Most WebSockets open at once; past it handshakes get 503 (default 0: no limit).
 
-        A connection counts until it has ended and its close is flushed (at most 5 s after the
-        close), although ``pending_websockets`` stops counting it at ``on_close``: what closing
+        A connection counts until it has ended and its close is flushed (up to about 6 s after
+        ``on_close``), although ``pending_websockets`` stops counting it at ``on_close``: what closing
         connections still have queued counts against this limit too."""
         value = _check_size("max_connections", count, minimum=0)
         return dataclasses.replace(self, max_connections_value=value)

@@ -304,9 +304,12 @@ class Config(Generic[T]):
     def idle_timeout(self, idle_timeout: int) -> Config[T]:
         """Seconds of silence from the client before the connection is closed (default 120, 0: off).
 
-        A client that reads none of what is queued for it that long is closed too, however much
-        it sends (its pings included): it would otherwise hold its queue, up to
-        ``backpressure_limit`` and one message, for as long as it went on sending. Either way
+        A client that reads none of what is queued for it that long (the kernel refusing the
+        queue and taking nothing of it when offered it again) is closed too, however much it
+        sends, its pings included: it would otherwise hold its queue, up to
+        ``backpressure_limit`` and one message, for as long as it went on sending. It is
+        noticed within another ¾ of the timeout (a whole one with ``send_pings(False)``).
+        Either way
         ``on_close`` gets 1006, ``"idle timeout"``, and the close is logged at INFO on
         ``brioche.ws``.
         """

@@ -425,12 +425,13 @@ impl Outbound {
         Ok(Flushed::Done)
     }
 
-    /// `None` while nothing is queued, or while a `cork` holds what is (the application's
-    /// doing, not the client's); otherwise a mark that changes each time the kernel takes
-    /// bytes of the queue.
+    /// A mark that changes each time the kernel takes bytes of the queue, while the kernel
+    /// refuses what is queued; `None` otherwise: nothing queued, nothing tried yet (replies
+    /// wait for the loop's batch to end, a loop a handler blocks included) or a `cork`
+    /// holding it (the application's doing, not the client's).
     pub(crate) fn write_progress(&self) -> Option<u32> {
         let q = self.queue.lock();
-        (!q.chunks.is_empty() && !self.is_corked()).then_some(q.progress)
+        (!q.chunks.is_empty() && self.is_refused() && !self.is_corked()).then_some(q.progress)
     }
 
     /// Whether the kernel took bytes of this queue since the last call.

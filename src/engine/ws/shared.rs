@@ -144,7 +144,14 @@ impl Shared {
 
     pub(crate) fn release_slot(&self) {
         if self.config.max_connections > 0 {
-            self.websocket_slots.fetch_sub(1, Ordering::AcqRel);
+            // Never below 0: a release too many would otherwise wrap the count and refuse
+            // every handshake for good.
+            let released =
+                self.websocket_slots
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                        used.checked_sub(1)
+                    });
+            debug_assert!(released.is_ok(), "a max_connections slot released twice");
         }
     }
 

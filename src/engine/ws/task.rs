@@ -340,21 +340,42 @@ impl Task {
     /// sends: such a client holds its queue (up to `backpressure_limit` and a message) for as
     /// long as it keeps sending, pings included, since only the idle timeout ended it, and
     /// that counts what it sends. Checked by the timer, which runs at least every `ping_after`
-    /// while the client sends, and sooner when a check is due.
+    /// while the client sends, and sooner when a check is due. Not while the server does not
+    /// read the client (Python's pause, the budget's): a client blocked in its own send cannot
+    /// read either, and that is the server's doing.
     fn reads_nothing(&mut self, now: Instant, idle: Duration) -> bool {
-        match self.conn.out.write_progress() {
-            None => {
-                self.unwritten_since = None;
+        if self.paused || self.budget_paused {
+            self.unwritten_since = None;
+            return false;
+        }
+        let Some(mark) = self.conn.out.write_progress() else {
+            self.unwritten_since = None;
+            return false;
+        };
+        match self.unwritten_since {
+            Some(since) if mark == self.unwritten_mark => {
+                if now < since + idle {
+                    return false;
+                }
+                // Writability is reported only once a third of the socket's buffer is free: a
+                // client reading slowly may have made room no write has been offered yet.
+                // Offered now, whatever the kernel takes counts as reading.
+                if self.conn.flush().is_err() {
+                    return false; // the socket failed: the next turn ends the connection
+                }
+                match self.conn.out.write_progress() {
+                    Some(now_mark) if now_mark == mark => true,
+                    _ => {
+                        self.unwritten_since = None;
+                        false
+                    }
+                }
+            }
+            _ => {
+                self.unwritten_since = Some(now);
+                self.unwritten_mark = mark;
                 false
             }
-            Some(mark) => match self.unwritten_since {
-                Some(since) if mark == self.unwritten_mark => now >= since + idle,
-                _ => {
-                    self.unwritten_since = Some(now);
-                    self.unwritten_mark = mark;
-                    false
-                }
-            },
         }
     }
 
