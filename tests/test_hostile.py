@@ -75,6 +75,18 @@ def echo_config(recorder: Recorder | None = None) -> websocket.Config[Any]:
     return websocket.init().on_open(on_open).on_text(on_text).on_bytes(on_bytes).on_close(on_close)
 
 
+def sending_on_open(recorder: Recorder, data: str, size: int) -> Callable[[brioche.WebSocket[Any]], None]:
+    """An ``on_open`` that records each socket and sends ``size`` bytes to the one whose
+    ``ws.data`` is ``data`` (a queue for a client that reads it slowly, or not at all)."""
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        recorder.add("open", ws.data)
+        if ws.data == data:
+            ws.send_bytes(b"x" * size)
+
+    return on_open
+
+
 def seen(recorder: Recorder, kind: str, data: str) -> list[tuple[Any, ...]]:
     """What the handlers of ``kind`` saw for the connection whose ``ws.data`` is ``data``."""
     return [e[1:] for e in recorder.of(kind) if e[0] == data]
@@ -1348,11 +1360,7 @@ async def test_a_connection_closing_with_its_queue_unread_keeps_its_slot_until_i
     each close held one such queue per cycle (40 cycles held a gigabyte under a limit of 5)."""
     queued_at_close: list[int] = []
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        recorder.add("open", ws.data)
-        if ws.data == "hog":
-            ws.send_bytes(b"x" * (16 * MIB))
-
+    on_open = sending_on_open(recorder, "hog", 16 * MIB)
     def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         queued_at_close.append(ws.buffered_amount)
         recorder.add("close", ws.data, code, reason)
@@ -1390,11 +1398,7 @@ async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however
     same server, is served throughout."""
     caplog.set_level(logging.INFO, logger="brioche.ws")
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        recorder.add("open", ws.data)
-        if ws.data == "hog":
-            ws.send_bytes(b"x" * (16 * MIB))
-
+    on_open = sending_on_open(recorder, "hog", 16 * MIB)
     srv = await serve(echo_config(recorder).on_open(on_open).idle_timeout(2))
     # A small receive buffer, and more than the kernel's send buffers hold (4 MiB here): most
     # of the 16 MiB stays queued.
@@ -1435,11 +1439,7 @@ async def test_a_client_that_reads_slowly_is_not_taken_for_one_that_reads_nothin
     check offers the queue again before it decides (without that, it was closed at about
     3 s)."""
 
-    def on_open(ws: brioche.WebSocket[Any]) -> None:
-        recorder.add("open", ws.data)
-        if ws.data == "slow":
-            ws.send_bytes(b"x" * (4 * MIB))
-
+    on_open = sending_on_open(recorder, "slow", 4 * MIB)
     srv = await serve(echo_config(recorder).on_open(on_open).idle_timeout(2))
     slow = await RawWebSocket.connect(srv.port, "/ws?slow", rcvbuf=4096, limit=4096)
     received = 0
