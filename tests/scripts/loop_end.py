@@ -21,6 +21,7 @@ import brioche
 from brioche import server, websocket
 from brioche import _server
 from brioche._server import run_loop
+from slow_close import on_close_never_returning
 
 # Kept for the whole program, as an application's global would be: nothing collects it.
 SERVERS: list[brioche.Server[None]] = []
@@ -40,14 +41,6 @@ async def main() -> int:
 
     def on_close(ws: brioche.WebSocket[None], code: int, reason: str) -> None:
         print(f"on_close {code}", flush=True)
-
-    async def on_close_never_returning(ws: brioche.WebSocket[None], code: int, reason: str) -> None:
-        print(f"on_close {code}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            print("on_close cancelled", flush=True)
-            raise
 
     config = websocket.init().on_text(on_text)
     config = config.on_close(on_close_never_returning if MODE == "slow-close" else on_close)

@@ -6,21 +6,12 @@ worker, which imports this script too. Logs to stderr at INFO; prints what on_cl
 through to stdout.
 """
 
-import asyncio
 import logging
 import sys
 
 import brioche
 from brioche import _server, server, websocket
-
-
-async def on_close(ws: brioche.WebSocket[None], code: int, reason: str) -> None:
-    print(f"on_close {code}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    except asyncio.CancelledError:
-        print("on_close cancelled", flush=True)
-        raise
+from slow_close import on_close_never_returning
 
 
 def handler(request: server.Request, srv: brioche.Server[None]) -> server.Response | None:
@@ -30,7 +21,7 @@ def handler(request: server.Request, srv: brioche.Server[None]) -> server.Respon
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 _server.STOP_GRACE_SECONDS = float(sys.argv[2])
 config = (
-    server.handler(handler).websocket(websocket.init().on_close(on_close))
+    server.handler(handler).websocket(websocket.init().on_close(on_close_never_returning))
     .hostname("127.0.0.1").port(int(sys.argv[1]))
 )
 if __name__ == "__main__":
