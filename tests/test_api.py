@@ -218,13 +218,13 @@ async def test_the_longest_timeouts_serve(serve: ServeFn) -> None:
 
 def test_a_config_built_by_hand_is_checked_as_its_setters_check() -> None:
     with pytest.raises(TypeError, match="^idle_timeout must be an int, got str$"):
-        websocket.Config(idle_timeout_seconds="x")  # type: ignore[arg-type]
+        websocket.Config(idle_timeout_seconds="x")
     with pytest.raises(ValueError, match="^max_payload_length must be >= 1, got -1$"):
         websocket.Config(max_payload_length_bytes=-1)
     with pytest.raises(TypeError, match="^a handler must be callable, got int$"):
         websocket.Config(on_text_message=42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="^send_pings must be a bool, got int$"):
-        websocket.Config(send_pings_enabled=1)  # type: ignore[arg-type]
+        websocket.Config(send_pings_enabled=1)
     with pytest.raises(ValueError, match="^max_connections must be >= 0, got -1$"):
         server.Config(fetch=upgrade_ws_path, max_connections_value=-1)
     with pytest.raises(ValueError, match="^handshake_timeout must be a number of seconds > 0, got 0$"):
@@ -232,6 +232,85 @@ def test_a_config_built_by_hand_is_checked_as_its_setters_check() -> None:
     with pytest.raises(TypeError, match="^a handler must be callable, got int$"):
         server.Config(fetch=42)  # type: ignore[arg-type]
     assert websocket.Config(idle_timeout_seconds=5) == websocket.init().idle_timeout(5)
+
+
+def test_the_specs_constructor_takes_its_labels_as_the_setters_names() -> None:
+    """``websocket.Config(on_text_message=..., on_open=..., idle_timeout=...)`` is the spec's
+    record constructor: each label sets what the setter of that name sets, by name or in the
+    spec's order, and ``None`` keeps the default (the spec's ``Option``). Before, every label
+    but the first two was an unexpected keyword argument."""
+
+    def on_text(ws: Any, text: str) -> None:
+        pass
+
+    def on_bytes(ws: Any, data: bytes) -> None:
+        pass
+
+    def on_open(ws: Any) -> None:
+        pass
+
+    def on_close(ws: Any, code: int, reason: str) -> None:
+        pass
+
+    def on_drain(ws: Any) -> None:
+        pass
+
+    built = (websocket.init().on_text(on_text).on_bytes(on_bytes).on_open(on_open)
+             .on_close(on_close).on_drain(on_drain).max_payload_length(1024)
+             .backpressure_limit(2048).close_on_backpressure_limit(True).idle_timeout(60)
+             .publish_to_self(True).send_pings(False))
+    assert websocket.Config(
+        on_text_message=on_text, on_bytes_message=on_bytes, on_open=on_open, on_close=on_close,
+        on_drain=on_drain, max_payload_length=1024, backpressure_limit=2048,
+        close_on_backpressure_limit=True, idle_timeout=60, publish_to_self=True, send_pings=False,
+    ) == built
+    assert websocket.Config(on_text, on_bytes, on_open, on_close, on_drain, 1024, 2048, True, 60,
+                            True, False) == built
+    assert websocket.Config(
+        on_open=None, max_payload_length=None, backpressure_limit=None,
+        close_on_backpressure_limit=None, idle_timeout=None, publish_to_self=None, send_pings=None,
+    ) == websocket.init()
+    # brioche's own setters are labels too, by name.
+    assert websocket.Config(
+        on_ping=on_bytes, on_pong=on_bytes, message_timeout=2.5, per_message_deflate=True
+    ) == websocket.init().on_ping(on_bytes).on_pong(on_bytes).message_timeout(2.5).per_message_deflate(True)
+    assert websocket.Config(per_message_deflate=False) == websocket.init()
+    assert websocket.Config(idle_timeout=5).idle_timeout_seconds == 5
+
+    # Refused as the setters refuse, in their words.
+    with pytest.raises(TypeError, match="^idle_timeout must be an int, got str$"):
+        websocket.Config(idle_timeout="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^close_on_backpressure_limit must be a bool, got int$"):
+        websocket.Config(close_on_backpressure_limit=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^on_open: the handler is called as handler\(ws\), "):
+        websocket.Config(on_open=on_text)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^per_message_deflate takes a bool or a DeflateOptions, got int$"):
+        websocket.Config(per_message_deflate=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Config\(\) got both idle_timeout= and "
+                       r"idle_timeout_seconds=, which set the same thing$"):
+        websocket.Config(idle_timeout=5, idle_timeout_seconds=5)
+    with pytest.raises(TypeError, match=r"^Config\(\) got an unexpected keyword argument 'idle'$"):
+        websocket.Config(idle=5)
+    with pytest.raises(TypeError):
+        # Only the spec's eleven go by position.
+        websocket.Config(on_text, on_bytes, on_open, on_close, on_drain, 1024, 2048, True, 60,  # type: ignore[call-arg]
+                         True, False, on_bytes)
+
+
+async def test_a_config_from_the_specs_constructor_serves(serve: ServeFn) -> None:
+    config: websocket.Config[None] = websocket.Config(
+        on_text_message=lambda ws, text: ws.send(text.upper()),
+        on_open=lambda ws: ws.send("hello"),
+        max_payload_length=8,
+    )
+    srv = await serve(config)
+    async with connect(ws_url(srv)) as client:
+        assert await asyncio.wait_for(client.recv(), 5) == "hello"
+        await client.send("abc")
+        assert await asyncio.wait_for(client.recv(), 5) == "ABC"
+        await client.send("123456789")
+        await asyncio.wait_for(client.wait_closed(), 5)
+    assert client.close_code == 1009
 
 
 def test_on_text_non_callable_raises_type_error() -> None:

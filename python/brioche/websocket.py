@@ -1,10 +1,11 @@
 """WebSocket configuration and the functions that act on a connected ``WebSocket``.
 
 A ``Config`` is built with :func:`init` and refined with setters; each setter returns a new,
-immutable ``Config``. Both styles work and mean the same::
+immutable ``Config``. Both styles work and mean the same, and so does the spec's constructor::
 
     config = websocket.init().on_text(on_text).idle_timeout(60)
     config = websocket.idle_timeout(websocket.on_text(websocket.init(), on_text), 60)
+    config = websocket.Config(on_text_message=on_text, idle_timeout=60)
 
 Every function below that takes a ``WebSocket`` first is also a method or property of it:
 ``websocket.send(ws, "hi")`` is ``ws.send("hi")``, ``websocket.data(ws)`` is ``ws.data``.
@@ -198,13 +199,48 @@ class DeflateOptions:
                 raise ValueError(f"{name} must be <= 15, got {value}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# The spec's labels of `Config`'s constructor (the setters' names, the spec's and brioche's own)
+# and the fields they set: the fields cannot have the setters' names.
+_LABELS = {
+    "on_open": "on_open_handler",
+    "on_close": "on_close_handler",
+    "on_drain": "on_drain_handler",
+    "on_ping": "on_ping_handler",
+    "on_pong": "on_pong_handler",
+    "max_payload_length": "max_payload_length_bytes",
+    "backpressure_limit": "backpressure_limit_bytes",
+    "close_on_backpressure_limit": "close_on_backpressure",
+    "idle_timeout": "idle_timeout_seconds",
+    "message_timeout": "message_timeout_seconds",
+    "publish_to_self": "publish_to_self_enabled",
+    "send_pings": "send_pings_enabled",
+    "per_message_deflate": "deflate_options",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
 class Config(Generic[T]):
     """How the server treats its WebSockets: the handlers and the limits.
 
-    Create one with :func:`init`. ``T`` is the type of the per-connection context passed to
-    ``server.upgrade`` and read back with ``ws.data``. A handler setter given ``None`` removes
-    that handler, as if it had never been set.
+    Create one with :func:`init` and its setters, or with the spec's constructor, whose
+    labels are the setters' names (but ``on_text_message`` and ``on_bytes_message``, which
+    are ``on_text`` and ``on_bytes``) and do what they do; a label left out or given ``None``
+    keeps Bun's default (the spec's ``Option``)::
+
+        websocket.Config(on_text_message=on_text, on_open=on_open, idle_timeout=60)
+        websocket.init().on_text(on_text).on_open(on_open).idle_timeout(60)  # the same
+
+    The spec's eleven labels can also be given by position, in its order (``on_text_message``,
+    ``on_bytes_message``, ``on_open``, ``on_close``, ``on_drain``, ``max_payload_length``,
+    ``backpressure_limit``, ``close_on_backpressure_limit``, ``idle_timeout``,
+    ``publish_to_self``, ``send_pings``); brioche's own (``on_ping``, ``on_pong``,
+    ``message_timeout``, ``per_message_deflate``) by name only. The fields below hold the
+    values under other names, since the setters have the spec's; they are accepted by name
+    too (``dataclasses.replace`` passes them).
+
+    ``T`` is the type of the per-connection context passed to ``server.upgrade`` and read back
+    with ``ws.data``. A handler setter given ``None`` removes that handler, as if it had never
+    been set.
     """
 
     on_text_message: TextHandler[T] | None = None
@@ -223,7 +259,63 @@ class Config(Generic[T]):
     send_pings_enabled: bool = True
     deflate_options: DeflateOptions | None = None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        on_text_message: TextHandler[T] | None = None,
+        on_bytes_message: BytesHandler[T] | None = None,
+        on_open: SocketHandler[T] | None = None,
+        on_close: CloseHandler[T] | None = None,
+        on_drain: SocketHandler[T] | None = None,
+        max_payload_length: int | None = None,
+        backpressure_limit: int | None = None,
+        close_on_backpressure_limit: bool | None = None,
+        idle_timeout: int | None = None,
+        publish_to_self: bool | None = None,
+        send_pings: bool | None = None,
+        *,
+        on_ping: ControlHandler[T] | None = None,
+        on_pong: ControlHandler[T] | None = None,
+        message_timeout: float | None = None,
+        per_message_deflate: bool | DeflateOptions | None = None,
+        **fields: Any,
+    ) -> None:
+        values: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(self)}
+        for name, value in fields.items():
+            if name not in values:
+                raise TypeError(f"Config() got an unexpected keyword argument {name!r}")
+            values[name] = value
+        values["on_text_message"] = on_text_message
+        values["on_bytes_message"] = on_bytes_message
+        labelled = {
+            "on_open": on_open,
+            "on_close": on_close,
+            "on_drain": on_drain,
+            "on_ping": on_ping,
+            "on_pong": on_pong,
+            "max_payload_length": max_payload_length,
+            "backpressure_limit": backpressure_limit,
+            "close_on_backpressure_limit": close_on_backpressure_limit,
+            "idle_timeout": idle_timeout,
+            "message_timeout": message_timeout,
+            "publish_to_self": publish_to_self,
+            "send_pings": send_pings,
+            "per_message_deflate": per_message_deflate,
+        }
+        for label, value in labelled.items():
+            if value is None:
+                continue
+            field = _LABELS[label]
+            if field in fields:
+                raise TypeError(f"Config() got both {label}= and {field}=, which set the same thing")
+            values[field] = value
+        if per_message_deflate is not None:
+            # As its setter keeps it: True is DeflateOptions(), False none.
+            values["deflate_options"] = _deflate_options(per_message_deflate)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._check()
+
+    def _check(self) -> None:
         # A Config built by hand (or by dataclasses.replace) is checked as the setters check
         # theirs, by the setters' names: a wrong value is refused here, not by serve(). The
         # handler setters rely on it (dataclasses.replace runs it).
@@ -351,15 +443,18 @@ class Config(Generic[T]):
         (``ws.send(msg, compress=True)``, ``publish``), as in Bun. ``ws.per_message_deflate``
         tells whether a connection negotiated it.
         """
-        if isinstance(options, bool):
-            value = DeflateOptions() if options else None
-        elif isinstance(options, DeflateOptions):
-            value = options
-        else:
-            raise TypeError(
-                f"per_message_deflate takes a bool or a DeflateOptions, got {type(options).__name__}"
-            )
-        return dataclasses.replace(self, deflate_options=value)
+        return dataclasses.replace(self, deflate_options=_deflate_options(options))
+
+
+def _deflate_options(options: bool | DeflateOptions) -> DeflateOptions | None:
+    """What ``per_message_deflate(options)`` keeps: ``True`` is ``DeflateOptions()``."""
+    if isinstance(options, bool):
+        return DeflateOptions() if options else None
+    if isinstance(options, DeflateOptions):
+        return options
+    raise TypeError(
+        f"per_message_deflate takes a bool or a DeflateOptions, got {type(options).__name__}"
+    )
 
 
 def init() -> Config[Any]:
