@@ -1421,7 +1421,7 @@ async def test_a_client_that_reads_nothing_is_closed_at_the_idle_timeout_however
             await echo(reader, "still served")
     finally:
         hog.close()
-    assert seen(recorder, "close", "hog") == [(1006, "idle timeout")]
+    assert seen(recorder, "close", "hog") == [(1006, "client not reading")]
     assert log_lines(caplog, "brioche.ws") == [(
         logging.INFO,
         f"closed the connection from 127.0.0.1:{hog_port} (1006): it read none of what was queued "

@@ -352,7 +352,8 @@ class Config(Generic[T]):
         ``code`` and ``reason`` are those of the peer's close frame (1005 and ``""`` for one
         without a code), or the server's own when it ended the connection: 1006 when it ended
         without a close frame (``terminate``, a vanished client, no answer to ``close()``
-        within 5 s, and the idle timeout, whose reason is ``"idle timeout"``); 1002, 1007 or
+        within 5 s, and the idle timeout, whose reason is ``"idle timeout"``, or
+        ``"client not reading"`` for a client that read none of its queue); 1002, 1007 or
         1009 for what the client sent; 1008 for ``message_timeout`` and
         ``close_on_backpressure_limit``. The README's *Closing* table has each case.
         """
@@ -401,9 +402,8 @@ class Config(Generic[T]):
         sends, its pings included: it would otherwise hold its queue, up to
         ``backpressure_limit`` and one message, for as long as it went on sending. It is
         noticed within another ¾ of the timeout (a whole one with ``send_pings(False)``).
-        Either way
-        ``on_close`` gets 1006, ``"idle timeout"``, and the close is logged at INFO on
-        ``brioche.ws``.
+        ``on_close`` gets 1006 and ``"idle timeout"`` (a silent client) or ``"client not
+        reading"``; either close is logged at INFO on ``brioche.ws``.
         """
         value = _check_size("idle_timeout", idle_timeout, minimum=0, maximum=_MAX_SECONDS)
         return dataclasses.replace(self, idle_timeout_seconds=value)

@@ -597,7 +597,8 @@ impl Task {
                 1006,
                 "it read none of what was queued for it within the idle timeout",
             );
-            return Some(Ending::abrupt(1006, "idle timeout"));
+            // A reason of its own: the application can tell it from a silent client.
+            return Some(Ending::abrupt(1006, "client not reading"));
         }
         let next = if idle.is_zero() {
             far_future()
