@@ -605,8 +605,8 @@ async def test_client_ping_gets_pong(serve: ServeFn) -> None:
     srv = await serve(websocket.init())
     async with connect(ws_url(srv)) as client:
         pong_waiter = await client.ping(b"hey")
-        latency = await asyncio.wait_for(pong_waiter, TIMEOUT)
-        assert latency >= 0
+        # websockets resolves the waiter only with a pong of the ping's payload.
+        await asyncio.wait_for(pong_waiter, TIMEOUT)
 
 
 # -- handler errors --------------------------------------------------------------------------

@@ -769,7 +769,9 @@ async def test_a_send_from_another_thread_comes_after_the_publishes_before_it(
         statuses = [srv.publish("t", "a"), srv.publish("t", "b")]
         helper = threading.Thread(target=lambda: statuses.append(paths.sockets["/sub"].send("c")))
         helper.start()
-        helper.join()
+        # Bounded: a send that deadlocked with this thread would otherwise hang the loop.
+        helper.join(10)
+        assert not helper.is_alive(), "the send from another thread blocked"
         recorder.add("statuses", statuses)
 
     paths = Paths(recorder, {"/sub": ("t",)}, act)

@@ -208,7 +208,8 @@ def publish_at_once(port: int, messages: list[bytes]) -> None:
     """PUBLISH ``messages`` to ``brioche:flood`` in one transaction: Redis holds them until
     EXEC and then hands all of them to its subscribers at once, so they arrive as fast as a
     subscriber reads, however slowly this process could send them."""
-    sock = socket.create_connection(("127.0.0.1", port))
+    # A timeout on each operation: this runs in a thread, which no wait_for can stop.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:
         sock.sendall(resp(b"MULTI"))
         for message in messages:

@@ -550,8 +550,9 @@ async def test_a_client_rejected_in_on_open_has_none_of_its_messages_handled(
             raise PermissionError("not allowed")
 
     async def on_open_async(ws: brioche.WebSocket[Any]) -> None:
-        # Until the message is read: it waits behind this handler.
-        await poll_until(lambda: srv.stats()["messages_in"] == 1, TIMEOUT)
+        # Until the message is read: it waits behind this handler (else 1011, not the close
+        # the test expects).
+        assert await poll_until(lambda: srv.stats()["messages_in"] == 1, TIMEOUT)
         reject(ws)
 
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
@@ -666,9 +667,11 @@ async def test_stop_closing_connections_runs_each_async_on_close_to_the_end(
     def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
         ws.send(text)
 
+    cleanup = asyncio.Event()
+
     async def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
         recorder.add("close", ws.data, code)
-        await asyncio.sleep(0.05)  # some asynchronous clean-up; stop() waits for it
+        await cleanup.wait()  # some asynchronous clean-up; stop() waits for it
         recorder.add("close done", ws.data)
 
     srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
@@ -678,7 +681,14 @@ async def test_stop_closing_connections_runs_each_async_on_close_to_the_end(
         for client in clients:
             await client.send("hi")
             assert await asyncio.wait_for(client.recv(), TIMEOUT) == "hi"
-        await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
+        stopping = asyncio.create_task(srv.stop(close_active_connections=True))
+        await recorder.wait_for(lambda: len(recorder.of("close")) == len(ids), TIMEOUT)
+        # Nothing signals "stop() would have returned by now" (that is the bug): a stop() that
+        # does not wait for on_close returns within milliseconds of the closes.
+        done, _ = await asyncio.wait({stopping}, timeout=0.5)
+        assert not done, f"stop() returned while on_close was suspended: {recorder.events}"
+        cleanup.set()
+        await asyncio.wait_for(stopping, 10)
         events = list(recorder.events)
     finally:
         await close_all(clients)
@@ -826,7 +836,7 @@ async def test_stop_waits_for_a_suspended_handler_task(serve: ServeFn, recorder:
     # Nothing signals "stop() would have returned by now" (that is the bug): the engine has no
     # open connection left, so on the old dispatch stop() returns within milliseconds; a handler
     # task still suspended must hold it back for as long as the test cares to look.
-    await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT)
+    assert await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT), srv.stats()
     done, _ = await asyncio.wait({stopping}, timeout=0.5)
     assert not done, f"stop() returned while a handler task was suspended; events: {recorder.events}"
     assert recorder.of("close") == [], "on_close ran before the suspended handler finished"
