@@ -1,6 +1,6 @@
 """``python -m brioche``: a demo server with an echo page and a chat room.
 
-    python -m brioche                 # http://0.0.0.0:3000/  ($PORT overrides the port)
+    python -m brioche                 # every address of this host, port 3000 ($PORT overrides it)
     python -m brioche --port 8080 --host 127.0.0.1 --log-level INFO
     python -m brioche --uvloop        # on uvloop's event loop
     python -m brioche --workers 4     # four processes on one port, chat rooms shared

@@ -212,7 +212,8 @@ class Response:
     ``(name, value)`` pairs (a name may repeat), may be given as a mapping (a ``dict``).
 
     The server sets ``content-length`` from the body. One given in ``headers`` must match it
-    (the answer to a HEAD, and a 304, may give the length of a body they leave out), and
+    (the answer to a HEAD, and a 304, may give the length of a body they leave out; a 204 may
+    give none, RFC 9110 8.6), and
     ``transfer-encoding`` may not be given, nor a 2xx answer a ``CONNECT`` (it would open a
     tunnel): the handler's response is then a ``ValueError``, logged, and the client gets 500.
     A 204, 205 or 304 with a body is a ``ValueError`` here. Header values are sent as

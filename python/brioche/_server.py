@@ -303,7 +303,8 @@ class Stats(TypedDict):
     without Redis).
 
     Under ``run(config, workers=n)`` without Redis: ``relay_publishes_lost`` counts the
-    publishes a sibling worker missed because 64 MiB already waited for it (or the publish alone
+    publishes a sibling worker missed because 64 MiB already waited for it or was being written
+    to it (or the publish alone
     was larger), once per sibling that missed it (always 0 otherwise).
 
     ``reads_paused`` counts the times a connection stopped reading because the server held more
@@ -319,7 +320,8 @@ class Stats(TypedDict):
     ``handler_errors`` counts the handlers that failed: a WebSocket handler that raised (which
     closes its connection with 1011, unless it was ``on_close``), and an HTTP handler that
     raised, was cancelled by its own doing, or answered with something that is no valid
-    ``Response`` (each answered 500). Each is also logged at ERROR on ``brioche``. A handler past
+    ``Response`` (each answered 500). Each is also logged at ERROR on ``brioche``, but for a
+    ``KeyboardInterrupt`` or ``SystemExit``, which is counted and propagates. A handler past
     its ``srv.timeout`` (503) is not among them.
     """
 

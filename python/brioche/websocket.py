@@ -669,7 +669,8 @@ def close(ws: WebSocket[Any], code: int | None = 1000, reason: str = "") -> None
 
     As Bun's ``close``: ``code`` ``None`` is 1000 (Bun's ``undefined``), ``reason`` is cut to 123
     UTF-8 bytes at a character boundary, and 0, 1005 or 1006 (a code ``on_close`` may get) send
-    a close frame without a code. Other codes no frame may carry (1004, 1015, below 1000, 1016-2999, 5000 and above) are a ``ValueError``.
+    a close frame without a code. Other codes no frame may carry (1-999, 1004, 1015, 1016-2999,
+    5000 and above) are a ``ValueError``.
     """
     ws.close(code, reason)
 
