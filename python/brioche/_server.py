@@ -39,7 +39,7 @@ from brioche._http import (
 )
 from brioche._buffer import Buffer
 from brioche.websocket import Config as WsConfig
-from brioche.websocket import DeflateOptions, SendStatus, _check_bool, _check_seconds
+from brioche.websocket import _LABELS, DeflateOptions, SendStatus, _check_bool, _check_seconds
 
 if TYPE_CHECKING:
     # brioche.server imports this module, and binds its Config here itself once it is defined.
@@ -77,18 +77,10 @@ _HANDSHAKE_HEADERS = frozenset((
     "content-length", "transfer-encoding",
 ))
 
-# The websocket settings the engine fixes when the server starts, by the setter that sets them:
-# `reload` refuses a config that differs in one of them rather than ignore it.
-_FIXED_AT_START = {
-    "max_payload_length": "max_payload_length_bytes",
-    "backpressure_limit": "backpressure_limit_bytes",
-    "close_on_backpressure_limit": "close_on_backpressure",
-    "idle_timeout": "idle_timeout_seconds",
-    "message_timeout": "message_timeout_seconds",
-    "publish_to_self": "publish_to_self_enabled",
-    "send_pings": "send_pings_enabled",
-    "per_message_deflate": "deflate_options",
-}
+# The websocket settings the engine fixes when the server starts (all but the handlers), by the
+# setter that sets them: `reload` refuses a config that differs in one of them rather than
+# ignore it.
+_FIXED_AT_START = {setter: field for setter, field in _LABELS.items() if not setter.startswith("on_")}
 
 # What run() (and each worker of run(workers=n)) gives stop(close_active_connections=True) after
 # SIGINT or SIGTERM before it cancels the handler tasks still running, on_close's included: a
