@@ -47,6 +47,19 @@ async def open_clients(srv: brioche.Server[Any], path: str, count: int, timeout:
     return await asyncio.wait_for(asyncio.gather(*(open_one() for _ in range(count))), timeout)
 
 
+async def subscribers_and_sender(
+    stack: AsyncExitStack, srv: brioche.Server[Any], recorder: Recorder, subscribers: int, path: str
+) -> tuple[list[ClientConnection], ClientConnection]:
+    """``subscribers`` clients of ``/sub`` and one of ``path``, closed with ``stack``, once the
+    server has run ``on_open`` (recorded as "open") for all of them."""
+    subs = await open_clients(srv, "/sub", subscribers, 30)
+    for client in subs:
+        stack.push_async_callback(client.close)
+    sender = await stack.enter_async_context(connect(ws_url(srv, path), ping_interval=None))
+    await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 1)
+    return subs, sender
+
+
 async def test_every_subscriber_receives_every_publish_in_order_once(serve: ServeFn, recorder: Recorder) -> None:
     raise_open_file_limit(2 * SUBSCRIBERS + 200)
 
@@ -152,11 +165,7 @@ async def test_a_batchs_replies_are_written_before_its_fan_out(serve: ServeFn, r
     config = websocket.init().on_open(on_open).on_text(on_text).on_drain(on_drain).backpressure_limit(8192)
     srv = await serve(config, handler=upgrade_with_path)
     async with AsyncExitStack() as stack:
-        subs = await open_clients(srv, "/sub", subscribers, 30)
-        for client in subs:
-            stack.push_async_callback(client.close)
-        requester = await stack.enter_async_context(connect(ws_url(srv, "/req"), ping_interval=None))
-        await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 1)
+        subs, requester = await subscribers_and_sender(stack, srv, recorder, subscribers, "/req")
         await requester.send("go")
         received = await asyncio.wait_for(asyncio.gather(*(c.recv() for c in [requester, *subs])), 10)
         received += await asyncio.wait_for(asyncio.gather(*(c.recv() for c in [requester, *subs])), 10)
@@ -255,11 +264,7 @@ async def test_a_fan_out_as_full_as_the_one_before_is_not_held(
 
     srv = await serve(websocket.init().on_open(on_open).on_text(on_text), handler=upgrade_with_path)
     async with AsyncExitStack() as stack:
-        subs = await open_clients(srv, "/sub", subscribers, 30)
-        for client in subs:
-            stack.push_async_callback(client.close)
-        publisher = await stack.enter_async_context(connect(ws_url(srv, "/pub"), ping_interval=None))
-        await recorder.wait_for(lambda: len(recorder.of("open")) == subscribers + 1)
+        subs, publisher = await subscribers_and_sender(stack, srv, recorder, subscribers, "/pub")
 
         async def collect(client: ClientConnection) -> list[str | bytes]:
             return [await client.recv() for _ in range(2)]
