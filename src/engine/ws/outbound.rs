@@ -87,9 +87,6 @@ struct Queue {
     ending: bool,
     /// The write side is shut down: everything up to the seal is written.
     shut_down: bool,
-    /// Bumped at each write the kernel took bytes of (wrapping): whether a queue that is not
-    /// empty moves at all (`write_progress`).
-    progress: u32,
 }
 
 impl Queue {
@@ -120,9 +117,11 @@ pub(crate) struct Outbound {
     /// A send was dropped over the backpressure limit since the queue was last congestion-free:
     /// the drop is logged once per such episode, not once per message.
     dropping: AtomicBool,
-    /// The kernel took bytes since the connection task last asked (`take_wrote`): its client
-    /// reads, however slowly.
-    wrote: AtomicBool,
+    /// Bumped (wrapping) at each write the kernel took bytes of: its client reads, however
+    /// slowly. The connection task compares it with what it last saw, for its automatic replies
+    /// (`writes`) and for a client that reads nothing (`write_progress`). Only written under the
+    /// queue's lock, so a load and a store, not a locked add.
+    writes: AtomicU32,
     corked: AtomicU32,
     /// Where the socket and the first queued chunk are, for `prefetch_targets` to read without
     /// the lock. Hints only: stale or dangling, they cost a wasted prefetch, nothing more.
@@ -316,7 +315,6 @@ impl Outbound {
             socket,
             ending,
             shut_down,
-            progress,
         } = guard;
         let Some(socket) = socket.as_deref() else {
             return Ok(Flushed::Detached);
@@ -367,8 +365,8 @@ impl Outbound {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut n) => {
                     self.add_buffered(-(n as isize));
-                    self.wrote.store(true, Ordering::Relaxed);
-                    *progress = progress.wrapping_add(1);
+                    let writes = self.writes.load(Ordering::Relaxed);
+                    self.writes.store(writes.wrapping_add(1), Ordering::Relaxed);
                     total += n;
                     while n > 0 {
                         let chunk = chunks.front().expect("the kernel took no more than queued");
@@ -431,12 +429,13 @@ impl Outbound {
     /// holding it (the application's doing, not the client's).
     pub(crate) fn write_progress(&self) -> Option<u32> {
         let q = self.queue.lock();
-        (!q.chunks.is_empty() && self.is_refused() && !self.is_corked()).then_some(q.progress)
+        (!q.chunks.is_empty() && self.is_refused() && !self.is_corked()).then(|| self.writes())
     }
 
-    /// Whether the kernel took bytes of this queue since the last call.
-    pub(crate) fn take_wrote(&self) -> bool {
-        self.wrote.swap(false, Ordering::Relaxed)
+    /// The count of writes the kernel took bytes of (wrapping): changed since a caller last
+    /// looked, its client read.
+    pub(crate) fn writes(&self) -> u32 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -118,7 +118,7 @@ pub(crate) fn run(
         feed(
             &task.conn,
             &mut task.rx,
-            &mut task.replies_backed_up,
+            &mut task.replies,
             Input::Bytes(&already_read),
         )
     };
@@ -174,8 +174,8 @@ struct Task {
     peer_ended: bool,
     /// `Event::Close` was pushed: the loop will deliver `on_close`.
     reported: bool,
-    /// Automatic replies queued since the connection was last not backed up (`BACKED_UP`).
-    replies_backed_up: u8,
+    /// What its automatic replies have seen of a backed-up queue (`BACKED_UP`).
+    replies: Replies,
     /// Since when the queue has held bytes the kernel took none of, as last seen by the
     /// timer, and the queue's mark then (`Outbound::write_progress`).
     unwritten_since: Option<Instant>,
@@ -248,7 +248,7 @@ impl Task {
                 pushed_at,
                 budget_generation: u32::MAX,
             },
-            replies_backed_up: 0,
+            replies: Replies::default(),
             unwritten_since: None,
             unwritten_mark: 0,
             phase: Phase::Open,
@@ -510,7 +510,7 @@ impl Task {
             let ended = feed(
                 &self.conn,
                 &mut self.rx,
-                &mut self.replies_backed_up,
+                &mut self.replies,
                 Input::Bytes(&[]),
             );
             self.arm_message_deadline(timer);
@@ -527,20 +527,17 @@ impl Task {
             self.stream.poll_read_ready(cx)
         };
         match ready {
-            Poll::Ready(Ok(())) => match read(
-                &self.conn,
-                &self.stream,
-                &mut self.rx,
-                &mut self.replies_backed_up,
-            ) {
-                Read::Some => {
-                    self.last_read = Instant::now();
-                    self.arm_message_deadline(timer);
-                    Step::Progress
+            Poll::Ready(Ok(())) => {
+                match read(&self.conn, &self.stream, &mut self.rx, &mut self.replies) {
+                    Read::Some => {
+                        self.last_read = Instant::now();
+                        self.arm_message_deadline(timer);
+                        Step::Progress
+                    }
+                    Read::Nothing => Step::Progress,
+                    Read::Ended(ending) => Step::Done(ending),
                 }
-                Read::Nothing => Step::Progress,
-                Read::Ended(ending) => Step::Done(ending),
-            },
+            }
             Poll::Ready(Err(_)) => Step::Done(Ending::abrupt(1006, "")),
             Poll::Pending => step,
         }
@@ -617,7 +614,7 @@ impl Task {
             queue_reply(
                 &self.conn,
                 OutFrame::new(OP_PING, Bytes::new()),
-                &mut self.replies_backed_up,
+                &mut self.replies,
             );
             self.pinged_at = Some(now);
             now + (idle - ping_after)
@@ -828,7 +825,7 @@ enum Read {
 }
 
 /// Read and parse what the socket has, into this worker's buffer.
-fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up: &mut u8) -> Read {
+fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies: &mut Replies) -> Read {
     with_read_buf(|buf| {
         let mut got = Read::Nothing;
         for _ in 0..READS_PER_TURN {
@@ -854,7 +851,7 @@ fn read(conn: &Arc<Conn>, stream: &Stream, rx: &mut Receiver, replies_backed_up:
                         Some(_) => Input::Direct(n),
                         None => Input::Bytes(&buf[..n]),
                     };
-                    if let Some(ending) = feed(conn, rx, replies_backed_up, input) {
+                    if let Some(ending) = feed(conn, rx, replies, input) {
                         return Read::Ended(ending);
                     }
                     if n < direct.unwrap_or(buf.len())
@@ -888,7 +885,7 @@ enum Input<'a> {
 fn feed(
     conn: &Arc<Conn>,
     rx: &mut Receiver,
-    replies_backed_up: &mut u8,
+    replies: &mut Replies,
     input: Input<'_>,
 ) -> Option<Ending> {
     let mut closed: Option<Ending> = None;
@@ -940,7 +937,7 @@ fn feed(
                     Event::Ping(conn.id, payload.clone()),
                     &mut handed,
                 );
-            queue_reply(conn, OutFrame::new(OP_PONG, payload), replies_backed_up);
+            queue_reply(conn, OutFrame::new(OP_PONG, payload), replies);
             go_on
         }
         Incoming::Pong(payload) => {
@@ -1074,20 +1071,34 @@ fn hand_over(conn: &Conn, len: usize, event: Event, handed: &mut Handed) -> bool
     !conn.reading_paused_with(handed.messages, handed.bytes)
 }
 
+/// What the automatic replies of a backed-up connection have seen (`queue_reply`). Packed: five
+/// bytes fit in the task's padding, where eight took it past 384 bytes.
+#[derive(Default)]
+#[repr(C, packed)]
+struct Replies {
+    /// Replies queued since the connection was last not backed up.
+    backed_up: u8,
+    /// `Outbound::writes` at the last reply.
+    writes_seen: u32,
+}
+
 /// An automatic reply (pong, keep-alive ping). A client that pings but never reads must not grow
 /// the queue: once it is backed up, only [`REPLIES_BACKED_UP`] more replies are queued until it
 /// reads again, and never past the backpressure limit; the others are dropped, as RFC 6455
 /// 5.5.3 allows (a pong need not answer every ping). A sealed queue refuses them anyway.
-fn queue_reply(conn: &Conn, frame: OutFrame, backed_up: &mut u8) {
+fn queue_reply(conn: &Conn, frame: OutFrame, replies: &mut Replies) {
     // Read since the last reply: a client that reads slowly while the application keeps its
     // queue full is backed up for good, and lost every pong after its 16th (the newest ping
     // unanswered, which RFC 6455 5.5.3 does not allow).
-    if conn.out.take_wrote() || conn.out.buffered() < BACKED_UP && !conn.out.is_congested() {
-        *backed_up = 0;
-    } else if *backed_up >= REPLIES_BACKED_UP {
+    let writes = conn.out.writes();
+    let read_since = replies.writes_seen != writes;
+    replies.writes_seen = writes;
+    if read_since || conn.out.buffered() < BACKED_UP && !conn.out.is_congested() {
+        replies.backed_up = 0;
+    } else if replies.backed_up >= REPLIES_BACKED_UP {
         return;
     } else {
-        *backed_up += 1;
+        replies.backed_up += 1;
     }
     let limit = match conn.shared.config.ws.backpressure_limit {
         0 => DEFAULT_REPLY_LIMIT,
