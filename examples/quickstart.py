@@ -7,7 +7,7 @@ async def on_open(ws: brioche.WebSocket[str]) -> None:
     ws.send(f"hello {ws.data}")
 
 async def on_text(ws: brioche.WebSocket[str], text: str) -> None:
-    match websocket.send(ws, "echo: " + text):          # seed style: module functions
+    match websocket.send(ws, "echo: " + text):          # the spec's style: module functions
         case MessageSent(bytes_sent=n): ...
         case MessageBackpressured() | MessageDropped(): ...
 
@@ -22,8 +22,8 @@ def ws_config() -> websocket.Config[str]:
 async def handler(request: server.Request, srv: brioche.Server[str]) -> server.Response | None:
     if request.path == "/ws":
         session_id = brioche.random_uuid_v7()
-        # seed style: the last argument is the fallback when the upgrade fails
-        return server.upgrade(srv, request, [("x-session", session_id)], session_id, server.internal_error)
+        # the spec's style: the last argument answers a request that is not a WebSocket handshake
+        return server.upgrade(srv, request, [("x-session", session_id)], session_id, server.bad_request)
     return server.text("hello from brioche")
 
 async def main() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import re
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import ModuleType
@@ -45,9 +46,12 @@ def load_quickstart() -> ModuleType:
     return module
 
 
-def http_get(port: int) -> tuple[int, bytes]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-        return response.status, response.read()
+def http_get(port: int, path: str = "/") -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
 async def test_quick_start_handlers_greet_echo_and_answer_http() -> None:
@@ -66,5 +70,7 @@ async def test_quick_start_handlers_greet_echo_and_answer_http() -> None:
             await client.send(b"\x00\xffbytes")
             assert await asyncio.wait_for(client.recv(), 5) == b"\x00\xffbytes"
         assert await asyncio.to_thread(http_get, srv.port) == (200, b"hello from brioche")
+        # A plain GET of the WebSocket path is the client's mistake, not the server's.
+        assert await asyncio.to_thread(http_get, srv.port, "/ws") == (400, b"Bad Request")
     finally:
         await asyncio.wait_for(srv.stop(close_active_connections=True), 10)
