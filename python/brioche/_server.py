@@ -683,7 +683,8 @@ class Server(Generic[T]):
     ) -> bool:
         """Accept ``request`` as a WebSocket carrying ``data``; False if it cannot be upgraded.
 
-        It cannot when it is not a WebSocket handshake, or when it was already answered. A
+        It cannot when it is not a WebSocket handshake, when it was already answered, or when
+        its client has gone. A
         server without a ``websocket`` config is a ``TypeError``, as Bun's is: the handshake
         would otherwise get the fallback answer, with nothing to say why. ``headers`` (pairs,
         or a mapping) go into the 101 response; the ones the handshake itself sets

@@ -80,7 +80,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 SendStatus: TypeAlias = MessageSent | MessageBackpressured | MessageDropped
-"""What ``send``, ``send_bytes``, ``publish``, ``ping`` and ``pong`` report."""
+"""What ``send``, ``send_bytes``, ``publish``, ``publish_bytes``, ``ping`` and ``pong`` report."""
 
 WebSocketSendStatus: TypeAlias = SendStatus
 """The spec's name for :data:`SendStatus`."""
@@ -381,7 +381,10 @@ class Config(Generic[T]):
         return dataclasses.replace(self, max_payload_length_bytes=value)
 
     def backpressure_limit(self, backpressure_limit: int) -> Config[T]:
-        """Bytes a connection may have queued before sends are dropped (default 16 MiB, 0: none)."""
+        """Bytes a connection may have queued before sends are dropped (default 16 MiB).
+
+        0 is no limit: a client that reads slowly can then make its queue grow without bound.
+        """
         value = _check_size("backpressure_limit", backpressure_limit, minimum=0)
         return dataclasses.replace(self, backpressure_limit_bytes=value)
 
