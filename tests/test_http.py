@@ -441,6 +441,18 @@ async def test_request_without_query_has_empty_query_and_body(serve: ServeFn, re
     assert recorder.of("request") == [("GET", "/plain", "", b"")]
 
 
+async def test_request_path_and_query_are_as_the_client_sent_them(serve: ServeFn, recorder: Recorder) -> None:
+    # As documented on Request: percent-encoded, the query apart (websockets' path carries it).
+    def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
+        recorder.add("request", request.path, request.query)
+        return server.ok()
+
+    srv = await serve(handler=handler)
+    status, _, _ = await http(srv, "/rooms/caf%C3%A9?token=a%20b&x=%2F")
+    assert status == 200
+    assert recorder.of("request") == [("/rooms/caf%C3%A9", "token=a%20b&x=%2F")]
+
+
 async def test_sync_handler_works(serve: ServeFn) -> None:
     def handler(request: server.Request, srv: brioche.Server[Any]) -> server.Response:
         return server.text(f"sync {request.path}")

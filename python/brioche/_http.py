@@ -88,7 +88,12 @@ class Headers(Mapping[str, str]):
 
 @final
 class Request:
-    """An HTTP request: ``method``, ``path``, ``query``, ``headers`` and the whole ``body``."""
+    """An HTTP request: ``method``, ``path``, ``query``, ``headers`` and the whole ``body``.
+
+    ``path`` is the target's path as the client sent it, percent-encoded and without the query
+    (``/rooms/caf%C3%A9``; ``urllib.parse.unquote`` decodes it); ``query`` is what follows the
+    ``?``, undecoded (``urllib.parse.parse_qs`` reads it), or ``""``.
+    """
 
     __slots__ = (
         "_pending", "_timer", "_task", "_answered", "_headers", "_body", "method", "path", "query",
