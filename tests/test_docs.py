@@ -224,6 +224,19 @@ async def test_client_script_against_the_echo_server(started: list[brioche.Serve
     assert out.decode() == "hello\nb'\\x00\\x01'\n"
 
 
+async def test_the_testing_example_passes_under_pytest(tmp_path: Path) -> None:
+    # As a user runs it: pytest's defaults (no asyncio_mode), from a directory of its own.
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+        "-c", str(tmp_path / "pytest.ini"), str(EXAMPLES / "test_echo_app.py"),
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    assert re.search(r"^1 passed\b", out.decode(), flags=re.MULTILINE), out.decode()
+
+
 async def test_chat_rooms(started: list[brioche.Server[Any]]) -> None:
     srv = await serve(load("chat").app, started)
     url = f"ws://127.0.0.1:{srv.port}/rooms"
