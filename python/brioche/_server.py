@@ -684,12 +684,11 @@ class Server(Generic[T]):
         """Accept ``request`` as a WebSocket carrying ``data``; False if it cannot be upgraded.
 
         It cannot when it is not a WebSocket handshake, when it was already answered, or when
-        its client has gone. A
-        server without a ``websocket`` config is a ``TypeError``, as Bun's is: the handshake
-        would otherwise get the fallback answer, with nothing to say why. ``headers`` (pairs,
-        or a mapping) go into the 101 response; the ones the handshake itself sets
-        (``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept``, ``Sec-WebSocket-Extensions``)
-        and the framing headers are a ``ValueError``.
+        its client has gone. A server without a ``websocket`` config is a ``TypeError``, as
+        Bun's is: the handshake would otherwise get the fallback answer, with nothing to say
+        why. ``headers`` (pairs, or a mapping) go into the 101 response; the ones the
+        handshake itself sets (``Upgrade``, ``Connection``, ``Sec-WebSocket-Accept``,
+        ``Sec-WebSocket-Extensions``) and the framing headers are a ``ValueError``.
         ``subprotocol`` is the one of ``request.subprotocols`` the server speaks
         (``ws.subprotocol``); one the client did not offer is a ``ValueError``. A
         ``Sec-WebSocket-Protocol`` in ``headers`` (Bun's way to choose one) is taken as
