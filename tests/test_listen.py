@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -413,3 +414,72 @@ def test_workers_cannot_share_a_unix_socket_or_a_socket_handed_in(tmp_path: Path
         with pytest.raises(ValueError, match=r"workers\(n\) share a TCP port"):
             config.sock(sock).run(workers=2)
     assert not (tmp_path / "app.sock").exists()
+
+
+# A server whose process can open only a few more descriptors once it listens, logging to
+# stderr; it prints its port, then serves until killed.
+OUT_OF_DESCRIPTORS_SERVER = r"""
+import asyncio, logging, os, resource, sys
+from brioche import server, websocket
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    config = server.handler(lambda request, srv: server.text("ok")).websocket(websocket.init())
+    async with config.hostname("127.0.0.1").port(0).handshake_timeout(60).serve() as srv:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        print(srv.port, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def _stderr_until(proc: asyncio.subprocess.Process, pattern: str, seconds: float) -> list[str]:
+    """The lines the process writes to stderr up to the first matching ``pattern``, that one last."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    async with asyncio.timeout(seconds):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            assert line, f"the server exited before logging {pattern!r}: {lines}"
+            lines.append(line)
+            if re.search(pattern, line):
+                return lines
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts its descriptors in /proc")
+async def test_a_listener_out_of_file_descriptors_says_so_once_and_again_when_it_accepts() -> None:
+    # New clients wait in the listen backlog while accept fails: without a log line an operator
+    # sees a server that hangs, with nothing to alert on.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OUT_OF_DESCRIPTORS_SERVER,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 15))
+        for _ in range(20):  # more than the 8 descriptors left; the rest wait in the backlog
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        address = re.escape(f"127.0.0.1:{port}")
+        line = (await _stderr_until(proc, f"cannot accept connections on {address}", 10))[-1]
+        assert line.startswith("brioche.http WARNING "), line
+        assert "Too many open files" in line and "raise LimitNOFILE" in line, line
+        for client in clients:
+            client.close()
+        clients.clear()
+        *before, line = await _stderr_until(proc, f"accepting connections on {address} again", 10)
+        assert re.fullmatch(
+            r"brioche\.http INFO accepting connections on \S+ again, after \d+ failed accepts\n", line
+        ), line
+        # Once an outage, not once a retry (every 10 ms): nothing else was logged in between.
+        assert before == [], before
+        async with httpx.AsyncClient() as http_client:
+            reply = await http_client.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert (reply.status_code, reply.text) == (200, "ok")
+    finally:
+        for client in clients:
+            client.close()
+        proc.kill()
+        await proc.wait()

@@ -16,6 +16,7 @@ use std::time::Duration;
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
+use super::bridge::events::LogKind;
 use super::broker;
 use super::config::ServerConfig;
 use super::http::serve;
@@ -69,6 +70,20 @@ enum Listener {
 }
 
 impl Listener {
+    /// What the log calls this listener: its address, or its socket file's path.
+    fn address(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "a TCP listener".to_owned(), |addr| addr.to_string()),
+            Listener::Unix { listener, .. } => listener
+                .local_addr()
+                .ok()
+                .and_then(|addr| addr.as_pathname().map(|path| path.display().to_string()))
+                .unwrap_or_else(|| "a Unix socket".to_owned()),
+        }
+    }
+
     async fn accept(&self) -> io::Result<(Stream, Remote)> {
         match self {
             Listener::Tcp(listener) => {
@@ -248,15 +263,31 @@ impl Server {
 /// One listener's loop. It owns the listener: when it ends, the listener closes (and a socket
 /// file this server created is removed) before the tracker lets `Event::Stopped` out.
 async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    // Failed accepts since the last one that worked: new clients wait in the listen backlog
+    // meanwhile, which they cannot tell from a slow server, so the operator is told once when
+    // it begins (a retry every 10 ms would flood the log) and once when it ends.
+    let mut failed: u64 = 0;
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
+                    if failed > 0 {
+                        shared.log(LogKind::AcceptResumed, listener.address(), 0, format!(
+                            "after {failed} failed accepts"
+                        ));
+                        failed = 0;
+                    }
                     shared.tracker.spawn(serve::serve_connection(stream, remote, shared.clone()));
                 }
                 // Out of descriptors or memory: back off instead of spinning on the error.
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(err) => {
+                    if failed == 0 {
+                        shared.log(LogKind::AcceptFailed, listener.address(), 0, err.to_string());
+                    }
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         }
     }

@@ -826,6 +826,20 @@ fn log_record<'py>(py: Python<'py>, record: &LogRecord) -> PyResult<Bound<'py, P
              stats()[\"reads_paused\"] counts every pause",
             Args::PeerReason,
         ),
+        LogKind::AcceptFailed => (
+            "brioche.http",
+            WARNING,
+            "cannot accept connections on %s (%s): retrying every 10 ms; until then new \
+             clients wait unanswered (raise LimitNOFILE / ulimit -n if it is out of file \
+             descriptors)",
+            Args::PeerReason,
+        ),
+        LogKind::AcceptResumed => (
+            "brioche.http",
+            INFO,
+            "accepting connections on %s again, %s",
+            Args::PeerReason,
+        ),
         LogKind::RedisInboundBacklog => (
             "brioche.redis",
             WARNING,

@@ -124,9 +124,13 @@ pub enum LogKind {
     /// A connection stopped reading because incoming messages held more than
     /// `max_incoming_bytes`: the first such pause in a minute.
     ReadsPaused,
+    /// A listener could not accept (out of file descriptors or memory): once per outage.
+    AcceptFailed,
+    /// A listener accepts again after `AcceptFailed`.
+    AcceptResumed,
 }
 
-pub(crate) const LOG_KINDS: usize = 17;
+pub(crate) const LOG_KINDS: usize = 19;
 
 /// One line for the `brioche` loggers. Plain values: the loop formats it, and only if the
 /// logger is enabled for its level.
@@ -134,7 +138,8 @@ pub(crate) const LOG_KINDS: usize = 17;
 pub struct LogRecord {
     pub kind: LogKind,
     /// The client's address and port (`Remote`'s or `Peer`'s `Display`); for the Redis kinds,
-    /// the Redis server's address; for `RelayDrop`, the sibling's pid.
+    /// the Redis server's address; for `RelayDrop`, the sibling's pid; for the accept kinds,
+    /// the listener's address.
     pub peer: String,
     /// The HTTP status or the close code.
     pub code: u16,
