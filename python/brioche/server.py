@@ -372,8 +372,9 @@ class Config(Generic[T]):
         """Restart a worker whose event loop has not run for ``seconds`` (default 30, at least
         1; 0: never), as gunicorn's ``--timeout`` does.
 
-        With :meth:`workers`, each serving worker's loop tells the supervisor that it runs,
-        every second (every quarter of ``seconds`` if that is shorter). A worker silent for
+        With :meth:`workers` of 2 or more (with one, nothing watches the process that serves),
+        each serving worker's loop tells the supervisor that it runs, every second (every
+        quarter of ``seconds`` if that is shorter). A worker silent for
         ``seconds`` has its loop blocked (a handler that never returns, a synchronous call that
         hangs): it answers none of its clients while the kernel goes on giving it its share of
         the new ones. It then writes the Python stack of each of its threads to its stderr
