@@ -439,13 +439,14 @@ async def _stderr_until(proc: asyncio.subprocess.Process, pattern: str, seconds:
     """The lines the process writes to stderr up to the first matching ``pattern``, that one last."""
     assert proc.stderr is not None
     lines: list[str] = []
-    async with asyncio.timeout(seconds):
-        while True:
-            line = (await proc.stderr.readline()).decode()
-            assert line, f"the server exited before logging {pattern!r}: {lines}"
-            lines.append(line)
-            if re.search(pattern, line):
-                return lines
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        line = (await asyncio.wait_for(proc.stderr.readline(), max(remaining, 0))).decode()
+        assert line, f"the server exited before logging {pattern!r}: {lines}"
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts its descriptors in /proc")
