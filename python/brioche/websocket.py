@@ -279,6 +279,9 @@ class Config(Generic[T]):
         per_message_deflate: bool | DeflateOptions | None = None,
         **fields: Any,
     ) -> None:
+        # The parameters by name, before any other local: each label's value, which _LABELS
+        # maps to its field (one list of the labels, the signature's, not a second one here).
+        given = locals()
         values: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(self)}
         for name, value in fields.items():
             if name not in values:
@@ -286,31 +289,14 @@ class Config(Generic[T]):
             values[name] = value
         values["on_text_message"] = on_text_message
         values["on_bytes_message"] = on_bytes_message
-        labelled = {
-            "on_open": on_open,
-            "on_close": on_close,
-            "on_drain": on_drain,
-            "on_ping": on_ping,
-            "on_pong": on_pong,
-            "max_payload_length": max_payload_length,
-            "backpressure_limit": backpressure_limit,
-            "close_on_backpressure_limit": close_on_backpressure_limit,
-            "idle_timeout": idle_timeout,
-            "message_timeout": message_timeout,
-            "publish_to_self": publish_to_self,
-            "send_pings": send_pings,
-            "per_message_deflate": per_message_deflate,
-        }
-        for label, value in labelled.items():
+        for label, field in _LABELS.items():
+            value = given[label]
             if value is None:
                 continue
-            field = _LABELS[label]
             if field in fields:
                 raise TypeError(f"Config() got both {label}= and {field}=, which set the same thing")
-            values[field] = value
-        if per_message_deflate is not None:
-            # As its setter keeps it: True is DeflateOptions(), False none.
-            values["deflate_options"] = _deflate_options(per_message_deflate)
+            # As its setter keeps it: per_message_deflate's True is DeflateOptions(), False none.
+            values[field] = _deflate_options(value) if label == "per_message_deflate" else value
         for name, value in values.items():
             object.__setattr__(self, name, value)
         self._check()
