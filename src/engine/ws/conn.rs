@@ -113,7 +113,7 @@ pub struct Conn {
     subscriptions: Mutex<Subscriptions>,
     /// Close code and reason to report to `on_close` when the server ends the connection itself.
     /// Boxed: set once at most, and every idle connection would carry its space otherwise.
-    pub(crate) ending: Mutex<Option<Box<(u16, String)>>>,
+    ending: Mutex<Option<Box<(u16, String)>>>,
     pub(crate) terminated: AtomicBool,
     /// What the connection task is asked to look at (`signal::*`), and how to wake it. Flags and
     /// one waker instead of a `Notify` each: the task stores no future per thing it waits for.
@@ -547,15 +547,28 @@ impl Conn {
         self.terminated.load(Ordering::Relaxed)
     }
 
+    /// The code and reason `end_abruptly` stored, for the task to report; `None` when the
+    /// connection did not end that way (or the task took them already).
+    pub(crate) fn take_ending(&self) -> Option<(u16, String)> {
+        self.ending.lock().take().map(|ended| *ended)
+    }
+
     /// Drop the connection now and report `code`/`reason` to `on_close`.
     pub(crate) fn end_abruptly(&self, code: u16, reason: &str) {
         // What was published before counts as delivered, then is dropped with the queue.
         self.shared.settle_publishes();
-        let state = self.ready_state();
-        if state == ReadyState::Closed || self.terminated.swap(true, Ordering::AcqRel) {
+        let ended = Box::new((code, reason.to_owned()));
+        // The flag is raised and the code stored under one hold of the lock: the task, woken by
+        // the flag (or seeing it on its own turn), takes the code under that lock
+        // (`take_ending`) and so never finds the flag up and the code not yet in, which
+        // reported 1006 for a 1008 now and then.
+        let mut ending = self.ending.lock();
+        if self.ready_state() == ReadyState::Closed || self.terminated.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        *self.ending.lock() = Some(Box::new((code, reason.to_owned())));
+        *ending = Some(ended);
+        drop(ending);
         // Closed at once, as Bun's readyState is after `terminate`: there is no closing
         // handshake to wait for. Not under the subscriptions' lock: a publish that finds this
         // connection over its limit gets here holding the topic's lock, which `finish` takes
@@ -846,6 +859,52 @@ mod tests {
         }
         drop(give);
         loop_side.join().unwrap();
+    }
+
+    /// The task ends a connection it finds terminated with the code `end_abruptly` stored
+    /// (1008 for the backpressure limit): a task that saw the flag before the code was in
+    /// reported 1006. A race, so tried many times, the task's side looking at the flag from
+    /// the moment the two threads are released.
+    #[test]
+    fn a_task_that_sees_the_connection_terminated_finds_its_code() {
+        use crate::engine::config::ServerConfig;
+        use crate::engine::net::Peer;
+        use crate::engine::ws::shared::Shared;
+        use std::sync::{mpsc, Barrier};
+
+        const TRIES: u64 = 20_000;
+        let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let start = Arc::new(Barrier::new(2));
+        let (give, take) = mpsc::channel::<Arc<Conn>>();
+        let sender_side = {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                for conn in take {
+                    start.wait();
+                    conn.end_abruptly(1008, "backpressure limit exceeded");
+                    start.wait();
+                }
+            })
+        };
+        for id in 0..TRIES {
+            let conn = shared.connection(id, Peer::Ip(ip, 40000), None);
+            conn.set_state(ReadyState::Open);
+            give.send(conn.clone()).unwrap();
+            start.wait();
+            while !conn.is_terminated() {
+                std::hint::spin_loop();
+            }
+            let ending = conn.take_ending();
+            start.wait();
+            assert_eq!(
+                ending,
+                Some((1008, "backpressure limit exceeded".to_owned())),
+                "connection {id}"
+            );
+        }
+        drop(give);
+        sender_side.join().unwrap();
     }
 
     #[test]

@@ -714,8 +714,8 @@ impl Task {
         self.release_budget();
         self.rx.reader.abandon();
         let conn = &self.conn;
-        let ending = match conn.ending.lock().take() {
-            Some(ended) => Ending::abrupt(ended.0, &ended.1),
+        let ending = match conn.take_ending() {
+            Some((code, reason)) => Ending::abrupt(code, &reason),
             None => ending,
         };
         conn.finish();
