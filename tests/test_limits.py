@@ -19,12 +19,14 @@ from brioche import websocket
 from conftest import Recorder, ServeFn, reset_peak_rss, status_kib, ws_url
 from rawws import (
     OP_BINARY,
+    OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
     OP_PONG,
     OP_TEXT,
     RawWebSocket,
     blocking_connect,
+    close_payload,
     encode_frame,
 )
 
@@ -215,6 +217,33 @@ async def test_after_an_invalid_large_text_nothing_more_is_handled_and_the_close
     assert recorder.of("close") == [(1007,)]
     assert recorder.of("text") == [("before",), (accented,)]
     assert recorder.of("bytes") == []
+
+
+@pytest.mark.parametrize(
+    "behind",
+    [encode_frame(OP_CLOSE, close_payload(1000)), encode_frame(OP_TEXT, b"bad", rsv=4)],
+    ids=["the-client-s-close", "a-protocol-error"],
+)
+async def test_an_invalid_large_text_followed_by_a_close_or_a_violation_is_closed_with_1007(
+    serve: ServeFn, recorder: Recorder, behind: bytes
+) -> None:
+    """The client's close frame (or a protocol error) right behind an invalid text of 64 KiB or
+    more does not win: the text came first, so the connection fails with 1007, on the client
+    and in ``on_close``, as when nothing follows it. Checked on the loop thread, the text was
+    refused after the connection's task had read what followed it and handed that over to the
+    loop too, which answered it: the client got its own 1000 (or 1002) back."""
+    srv = await serve(recording_echo(recorder))
+    bad = bytearray(b"x" * 100_000)
+    bad[50_000] = 0xFF
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_raw(encode_frame(OP_TEXT, b"before") + encode_frame(OP_TEXT, bytes(bad)) + behind)
+        frames, how = await client.frames_until_end()
+    assert [(f.opcode, f.payload) for f in frames[:1]] == [(OP_TEXT, b"before")]
+    assert [f.close_code for f in frames[1:]] == [1007]
+    assert how == "eof"
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1007,)]
+    assert recorder.of("text") == [("before",)]
 
 
 @pytest.mark.parametrize("size", [10, 100_000], ids=["found-by-the-worker", "found-on-the-loop"])

@@ -270,17 +270,22 @@ impl PyEngine {
                 }
                 None => return Ok(None),
             },
+            // Answered with `close(code, reason)`, in order; the client's close frame as a
+            // violation is. Either came after a large text this loop may have refused since.
             Event::Fail(_, code, reason) => match ws {
-                Some(ws) => (EVENT_FAIL, ws, *code, *reason)
-                    .into_pyobject(py)?
-                    .into_any(),
+                Some(ws) => {
+                    let close = ws.get().conn.refused_text_close();
+                    let (code, reason) = close.unwrap_or((*code, reason));
+                    (EVENT_FAIL, ws, code, reason).into_pyobject(py)?.into_any()
+                }
                 None => return Ok(None),
             },
-            // Answered as a violation is: `close(code, reason)`, in order.
             Event::PeerClose(_, code, reason) => match ws {
-                Some(ws) => (EVENT_FAIL, ws, *code, reason.as_str())
-                    .into_pyobject(py)?
-                    .into_any(),
+                Some(ws) => {
+                    let close = ws.get().conn.refused_text_close();
+                    let (code, reason) = close.unwrap_or((*code, reason.as_str()));
+                    (EVENT_FAIL, ws, code, reason).into_pyobject(py)?.into_any()
+                }
                 None => return Ok(None),
             },
             Event::Close(id, code, reason) => match ws {

@@ -20,7 +20,7 @@ use super::batch;
 use super::deflate::{self, DeflateParams, Deflater};
 use super::encode::OutFrame;
 use super::outbound::{Flushed, Outbound, Pushed};
-use super::protocol::{OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RSV1};
+use super::protocol::{Violation, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RSV1};
 use super::shared::Shared;
 use super::Event;
 use crate::engine::bridge::events::LogKind;
@@ -734,6 +734,17 @@ impl Conn {
     /// invalid one and are to be dropped, not handled (`message_taken` still counts them).
     pub fn text_refused(&self) -> bool {
         self.text_refused.load(Ordering::Relaxed)
+    }
+
+    /// Once `refuse_text` was called, the close the connection ends with, whatever the task
+    /// read after the invalid text: the client's close frame or a violation behind it is handed
+    /// over to the loop (`Event::PeerClose`, `Event::Fail`) while handlers of earlier messages
+    /// have yet to run, and the loop refuses the text after the task has read on. The invalid
+    /// text came first, so the loop answers with its 1007 and the task reports it.
+    pub fn refused_text_close(&self) -> Option<(u16, &'static str)> {
+        let refused = Violation::InvalidUtf8;
+        self.text_refused()
+            .then(|| (refused.close_code(), refused.reason()))
     }
 
     /// Python asks to stop (or resume) reading, e.g. while a suspended handler has events parked.

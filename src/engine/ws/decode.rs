@@ -40,8 +40,8 @@ use crate::engine::mask::{copy_unmasked, unmask_in_place, MaskedBytes};
 
 use super::deflate::{DeflateParams, InflateError, Inflater};
 use super::protocol::{
-    is_control, is_valid_close_code, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG,
-    OP_TEXT,
+    is_control, is_valid_close_code, Violation, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING,
+    OP_PONG, OP_TEXT,
 };
 
 /// A complete message (or control frame) from the client.
@@ -73,35 +73,6 @@ impl PartialEq for Incoming {
             (Ping(a), Ping(b)) | (Pong(a), Pong(b)) => a == b,
             (Close(a), Close(b)) => a == b,
             _ => false,
-        }
-    }
-}
-
-/// Why the client's stream was refused; each maps to the close code RFC 6455 asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Violation {
-    Protocol,
-    InvalidUtf8,
-    TooBig,
-    /// A compressed message that is not a valid deflate stream.
-    BadDeflate,
-}
-
-impl Violation {
-    pub(crate) fn close_code(self) -> u16 {
-        match self {
-            Violation::Protocol => 1002,
-            Violation::InvalidUtf8 | Violation::BadDeflate => 1007,
-            Violation::TooBig => 1009,
-        }
-    }
-
-    pub(crate) fn reason(self) -> &'static str {
-        match self {
-            Violation::Protocol => "protocol error",
-            Violation::InvalidUtf8 => "invalid UTF-8",
-            Violation::TooBig => "message too big",
-            Violation::BadDeflate => "invalid compressed data",
         }
     }
 }

@@ -20,6 +20,35 @@ pub fn is_valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// Why the client's stream was refused; each maps to the close code RFC 6455 asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Violation {
+    Protocol,
+    InvalidUtf8,
+    TooBig,
+    /// A compressed message that is not a valid deflate stream.
+    BadDeflate,
+}
+
+impl Violation {
+    pub(crate) fn close_code(self) -> u16 {
+        match self {
+            Violation::Protocol => 1002,
+            Violation::InvalidUtf8 | Violation::BadDeflate => 1007,
+            Violation::TooBig => 1009,
+        }
+    }
+
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Violation::Protocol => "protocol error",
+            Violation::InvalidUtf8 => "invalid UTF-8",
+            Violation::TooBig => "message too big",
+            Violation::BadDeflate => "invalid compressed data",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,10 +18,10 @@ use smallvec::SmallVec;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::conn::{signal, Conn, ReadyState};
-use super::decode::{Incoming, MessageReader, Violation};
+use super::decode::{Incoming, MessageReader};
 use super::encode::OutFrame;
 use super::outbound::Flushed;
-use super::protocol::{OP_PING, OP_PONG};
+use super::protocol::{Violation, OP_PING, OP_PONG};
 use super::Event;
 use crate::engine::bridge::events::LogKind;
 use crate::engine::net::{with_read_buf, Stream, LINGER, LINGER_BYTES, READ_BUFFER};
@@ -664,6 +664,7 @@ impl Task {
         signals: u8,
         mut timer: Pin<&mut Sleep>,
     ) -> Step<()> {
+        self.hand_over_after_refusal();
         let timed_out = timer.as_mut().poll(cx).is_ready();
         // `Conn::close` moves the state on before it queues its close frame, and finishing seals
         // the queue: finish once that frame is in (the close signals the task then), or it is
@@ -695,6 +696,25 @@ impl Task {
                 Step::Progress
             }
             other => other,
+        }
+    }
+
+    /// The loop refused a large text (`Conn::refused_text_close`) that came before what the
+    /// hand-over is for: the connection ends with the refusal's code, logged as a refusal the
+    /// task finds itself is. Read on every turn, not only on `signal::REFUSE_TEXT`: the loop's
+    /// close that follows the refusal can be seen in the same turn as, or before, the signal.
+    fn hand_over_after_refusal(&mut self) {
+        let Phase::HandOver(ending) = &mut self.phase else {
+            unreachable!("called in the hand-over phase");
+        };
+        if let Some((code, reason)) = self.conn.refused_text_close() {
+            if (ending.code, ending.reason.as_str()) != (code, reason) {
+                self.conn
+                    .shared
+                    .log(LogKind::ClientRefused, self.conn.remote, code, reason);
+                ending.code = code;
+                ending.reason = reason.to_owned();
+            }
         }
     }
 
