@@ -382,13 +382,15 @@ impl Conn {
         }
         if limit > 0 && buffered > limit {
             if limits.close_on_backpressure_limit {
-                self.end_abruptly(1008, "backpressure limit exceeded");
-                self.shared.log(
-                    LogKind::BackpressureClose,
-                    self.remote,
-                    1008,
-                    "backpressure limit exceeded",
-                );
+                // Not when the connection's task finished it first: `on_close` gets its code.
+                if self.end_abruptly(1008, "backpressure limit exceeded") {
+                    self.shared.log(
+                        LogKind::BackpressureClose,
+                        self.remote,
+                        1008,
+                        "backpressure limit exceeded",
+                    );
+                }
             } else if self.out.first_drop() {
                 self.shared.log(
                     LogKind::BackpressureDrop,
@@ -453,7 +455,9 @@ impl Conn {
             Ok(Flushed::Blocked) => self.signal(signal::FLUSH),
             Ok(_) => {}
             // The socket failed: nothing more can be written to it.
-            Err(_) => self.end_abruptly(1006, ""),
+            Err(_) => {
+                self.end_abruptly(1006, "");
+            }
         }
     }
 
@@ -515,8 +519,7 @@ impl Conn {
 
     fn close_with(&self, frame: OutFrame) {
         self.shared.settle_publishes();
-        if self.begin_closing() {
-            self.out.push(&frame, true);
+        if self.begin_closing(&frame) {
             self.signal(signal::STATE | signal::FLUSH);
         }
     }
@@ -547,25 +550,20 @@ impl Conn {
         self.terminated.load(Ordering::Relaxed)
     }
 
-    /// The code and reason `end_abruptly` stored, for the task to report; `None` when the
-    /// connection did not end that way (or the task took them already).
-    pub(crate) fn take_ending(&self) -> Option<(u16, String)> {
-        self.ending.lock().take().map(|ended| *ended)
-    }
-
-    /// Drop the connection now and report `code`/`reason` to `on_close`.
-    pub(crate) fn end_abruptly(&self, code: u16, reason: &str) {
+    /// Drop the connection now and report `code`/`reason` to `on_close`; false when it was
+    /// closed (by its task's `finish`) or ended so before, and `on_close` gets that end's code.
+    pub(crate) fn end_abruptly(&self, code: u16, reason: &str) -> bool {
         // What was published before counts as delivered, then is dropped with the queue.
         self.shared.settle_publishes();
         let ended = Box::new((code, reason.to_owned()));
-        // The flag is raised and the code stored under one hold of the lock: the task, woken by
-        // the flag (or seeing it on its own turn), takes the code under that lock
-        // (`take_ending`) and so never finds the flag up and the code not yet in, which
-        // reported 1006 for a 1008 now and then.
+        // The flag is raised and the code stored under one hold of the lock, which the task's
+        // `finish` takes the code and closes the connection under: a task that saw the flag
+        // never finds the code not yet in (it reported 1006 for a 1008 now and then), and one
+        // finishing on its own (the client gone) is either seen closed here or gets the code.
         let mut ending = self.ending.lock();
         if self.ready_state() == ReadyState::Closed || self.terminated.swap(true, Ordering::AcqRel)
         {
-            return;
+            return false;
         }
         *ending = Some(ended);
         drop(ending);
@@ -579,6 +577,7 @@ impl Conn {
         self.out.seal();
         drop(self.out.detach());
         self.signal(signal::STATE);
+        true
     }
 
     /// Whether the socket is subscribed now (false once closing), as Bun's `subscribe` answers.
@@ -647,22 +646,34 @@ impl Conn {
     /// Open → Closing, and leave every topic, as uWS's `end()` frees the socket's subscriber:
     /// nothing more may be sent to it, and a publish that still found it would report it
     /// dropped, for as long as the client takes to answer (up to the close timeout). False if
-    /// the socket was not open.
-    pub(crate) fn begin_closing(&self) -> bool {
+    /// the socket was not open. `close`, the close frame, is queued (sealing the queue) in the
+    /// same hold of the lock that the task's `begin_closing` and `finish` take: a task that
+    /// finds the state moved as it reads the client's close frame waits there, and finishes
+    /// (sealing the queue itself) only with this frame in. Queued after the lock, the frame
+    /// was now and then refused, and the client got no close frame.
+    pub(crate) fn begin_closing(&self, close: &OutFrame) -> bool {
         // Under the lock `subscribe` checks the state in, so no subscribe comes after this.
         let mut subs = self.subscriptions.lock();
         if !self.transition(ReadyState::Open, ReadyState::Closing) {
             return false;
         }
+        self.out.push(close, true);
         self.leave_topics(&mut subs);
         true
     }
 
-    /// Mark the connection closed and leave every topic. Called once, by the connection task.
-    pub(crate) fn finish(&self) {
+    /// Mark the connection closed and leave every topic. Called once, by the connection task,
+    /// which reports the code and reason `end_abruptly` stored, if it did: taken as the state
+    /// moves to closed, under the lock `end_abruptly` stores them under.
+    pub(crate) fn finish(&self) -> Option<(u16, String)> {
         let mut subs = self.subscriptions.lock();
-        self.set_state(ReadyState::Closed);
+        let ended = {
+            let mut ending = self.ending.lock();
+            self.set_state(ReadyState::Closed);
+            ending.take()
+        };
         self.leave_topics(&mut subs);
+        ended.map(|ended| *ended)
     }
 
     fn leave_topics(&self, subs: &mut Subscriptions) {
@@ -872,12 +883,15 @@ mod tests {
         loop_side.join().unwrap();
     }
 
-    /// The task ends a connection it finds terminated with the code `end_abruptly` stored
-    /// (1008 for the backpressure limit): a task that saw the flag before the code was in
-    /// reported 1006. A race, so tried many times, the task's side looking at the flag from
-    /// the moment the two threads are released.
+    /// `end_abruptly` (a publish over the backpressure limit, on the loop) racing the task's
+    /// `finish`: the task reports the code `end_abruptly` stored (1008) exactly when
+    /// `end_abruptly` says it ended the connection. On the odd tries the task finishes only once
+    /// it sees the connection terminated, as when that wakes it: it found the flag before the
+    /// code was in, and reported 1006. On the even ones it finishes on its own (the client
+    /// gone): it took the code before the state was closed, and a 1008 stored in between was
+    /// never reported. A race, so tried many times, the two threads released together for each.
     #[test]
-    fn a_task_that_sees_the_connection_terminated_finds_its_code() {
+    fn an_abrupt_end_racing_the_task_finishing_is_reported_once_with_its_code() {
         use crate::engine::config::ServerConfig;
         use crate::engine::net::Peer;
         use crate::engine::ws::shared::Shared;
@@ -888,12 +902,14 @@ mod tests {
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         let start = Arc::new(Barrier::new(2));
         let (give, take) = mpsc::channel::<Arc<Conn>>();
+        let (tell, told) = mpsc::channel::<bool>();
         let sender_side = {
             let start = start.clone();
             std::thread::spawn(move || {
                 for conn in take {
                     start.wait();
-                    conn.end_abruptly(1008, "backpressure limit exceeded");
+                    let ended = conn.end_abruptly(1008, "backpressure limit exceeded");
+                    tell.send(ended).unwrap();
                     start.wait();
                 }
             })
@@ -903,19 +919,65 @@ mod tests {
             conn.set_state(ReadyState::Open);
             give.send(conn.clone()).unwrap();
             start.wait();
-            while !conn.is_terminated() {
-                std::hint::spin_loop();
+            if id % 2 == 1 {
+                while !conn.is_terminated() {
+                    std::hint::spin_loop();
+                }
             }
-            let ending = conn.take_ending();
+            let reported = conn.finish();
             start.wait();
-            assert_eq!(
-                ending,
-                Some((1008, "backpressure limit exceeded".to_owned())),
-                "connection {id}"
-            );
+            let ended = told.recv().unwrap();
+            let expected = ended.then(|| (1008, "backpressure limit exceeded".to_owned()));
+            assert_eq!(reported, expected, "connection {id}");
         }
         drop(give);
         sender_side.join().unwrap();
+    }
+
+    /// The loop's `close` racing the task, which finishes (sealing the queue) once it sees the
+    /// state moved, as when it reads the client's close frame then: the loop's close frame is
+    /// in the queue by then. It was queued after the state moved, and a task that sealed the
+    /// queue in between had it refused: the client, which had sent its close, got none back.
+    /// A race, so tried many times, the task's side looking at the state from the moment both
+    /// are released.
+    #[test]
+    fn a_close_racing_the_task_finishing_has_its_frame_queued() {
+        use crate::engine::config::ServerConfig;
+        use crate::engine::net::Peer;
+        use crate::engine::ws::shared::Shared;
+        use std::sync::{mpsc, Barrier};
+
+        const TRIES: u64 = 50_000;
+        let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let start = Arc::new(Barrier::new(2));
+        let (give, take) = mpsc::channel::<Arc<Conn>>();
+        let loop_side = {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                for conn in take {
+                    start.wait();
+                    conn.close(1000, "");
+                    start.wait();
+                }
+            })
+        };
+        let close_frame_len = OutFrame::close(1000, "").wire_len();
+        for id in 0..TRIES {
+            let conn = shared.connection(id, Peer::Ip(ip, 40000), None);
+            conn.set_state(ReadyState::Open);
+            give.send(conn.clone()).unwrap();
+            start.wait();
+            while conn.ready_state() == ReadyState::Open {
+                std::hint::spin_loop();
+            }
+            conn.finish();
+            conn.out.seal();
+            start.wait();
+            assert_eq!(conn.out.buffered(), close_frame_len, "connection {id}");
+        }
+        drop(give);
+        loop_side.join().unwrap();
     }
 
     #[test]

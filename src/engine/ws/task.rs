@@ -734,11 +734,10 @@ impl Task {
         self.release_budget();
         self.rx.reader.abandon();
         let conn = &self.conn;
-        let ending = match conn.take_ending() {
+        let ending = match conn.finish() {
             Some((code, reason)) => Ending::abrupt(code, &reason),
             None => ending,
         };
-        conn.finish();
         conn.out.seal();
         if ending.abrupt {
             conn.terminated.store(true, Ordering::Release);
@@ -997,8 +996,7 @@ fn feed(
             // The client started the handshake: echo its code and reason, as Bun and
             // `websockets` do, unless the loop's `close` started it first (its close frame is
             // the answer then).
-            if conn.begin_closing() {
-                conn.out.push(&OutFrame::close_answer(code, &reason), true);
+            if conn.begin_closing(&OutFrame::close_answer(code, &reason)) {
                 conn.mark(signal::FLUSH);
             }
             closed = Some(Ending::graceful(code, reason));
