@@ -1143,10 +1143,8 @@ fn refuse(conn: &Conn, code: u16, reason: &'static str) -> Ending {
             close_after_handlers: true,
         };
     }
-    if conn.ready_state() == ReadyState::Closing {
-        conn.out.push(&OutFrame::close(code, reason), true);
-        conn.mark(signal::FLUSH);
-    }
+    // Closing: the close frame `begin_closing` queued sealed the queue, and is the last the
+    // client gets; closed: nothing more is written.
     Ending::graceful(code, reason)
 }
 
