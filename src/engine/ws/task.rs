@@ -973,11 +973,14 @@ fn feed(
             let (code, reason) = frame.unwrap_or((1005, String::new()));
             // `handled_since` before the in-flight count: a batch seen handled makes visible
             // what its handlers counted in flight (a message parked, a handler suspended),
-            // which a count read first could have missed.
+            // which a count read first could have missed, and a text it refused
+            // (`refuse_text`), whose signal this turn has not taken yet: that text came first,
+            // so the loop answers this close with its 1007 (`Conn::refused_text_close`).
             if conn.ready_state() == ReadyState::Open
                 && (!handed.events.is_empty()
                     || !conn.shared.events.handled_since(pushed_at)
-                    || conn.has_messages_in_flight())
+                    || conn.has_messages_in_flight()
+                    || conn.text_refused())
             {
                 // Handlers of what came before it (`on_open` too) have not all run, or one is
                 // suspended: the loop answers it once they have (`Event::PeerClose`), so that
