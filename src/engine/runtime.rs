@@ -93,4 +93,65 @@ mod tests {
         // With the LIFO slot: [3, 0, 1, 2].
         assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3]);
     }
+
+    /// A worker that queued the first event after a drain, then runs on without parking (a
+    /// fan-out's flushes, TLS handshakes), does not hold back the loop's wake-up for what
+    /// another worker queues meanwhile: that one wakes the loop as it parks. Only the worker
+    /// that found the queue empty owed it, and the loop slept until the busy one parked.
+    #[test]
+    fn a_busy_worker_does_not_hold_back_the_wake_up_for_another_worker_s_events() {
+        use crate::engine::bridge::events::{Event, EventQueue};
+        use crate::engine::bridge::wake::poll_readable;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+
+        let rt = super::builder(2).build().unwrap();
+        let queue = Arc::new(EventQueue::<()>::new().unwrap());
+        let pushed = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        {
+            let (queue, pushed, done) = (queue.clone(), pushed.clone(), done.clone());
+            // Busy for at most 10 s: long past the 5 s the test waits for the wake-up.
+            rt.spawn(async move {
+                queue.push(Event::Drain(1));
+                pushed.store(true, Ordering::Release);
+                let start = Instant::now();
+                while !done.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(10) {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+        let start = Instant::now();
+        while !pushed.load(Ordering::Acquire) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the first task never ran"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            !poll_readable(queue.fd(), 0),
+            "woken before any worker parked"
+        );
+        {
+            let queue = queue.clone();
+            // The busy worker cannot take it: the other one runs it, and parks.
+            rt.spawn(async move {
+                queue.push(Event::Drain(2));
+            });
+        }
+        let woken = poll_readable(queue.fd(), 5_000);
+        done.store(true, Ordering::Release);
+        assert!(woken, "the loop was not woken while a worker stayed busy");
+        let mut events = Vec::new();
+        queue.drain_into(&mut events);
+        let ids: Vec<u64> = events
+            .iter()
+            .map(|event| match event {
+                Event::Drain(id) => *id,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(ids, [1, 2]);
+    }
 }

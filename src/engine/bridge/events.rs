@@ -169,14 +169,32 @@ const MAX_DEFERRED_EVENTS: usize = 64;
 
 #[derive(Default)]
 struct DeferredWakes {
-    wakeups: Vec<Arc<Wakeup>>,
+    /// Each wake-up this worker owes, with its `Wakeup::clears` after the worker's last push
+    /// (`None`: owed whether or not the loop has drained since, `wake_unless_in_batch`).
+    wakeups: Vec<(Arc<Wakeup>, Option<u32>)>,
     events: usize,
 }
 
 impl DeferredWakes {
+    /// Owe `wakeup` for what was just queued (`pushed_at`: its `clears` read after the push).
+    fn owe(&mut self, wakeup: &Arc<Wakeup>, pushed_at: Option<u32>) {
+        match self
+            .wakeups
+            .iter_mut()
+            .find(|(w, _)| Arc::ptr_eq(w, wakeup))
+        {
+            Some((_, owed)) => *owed = owed.and(pushed_at),
+            None => self.wakeups.push((wakeup.clone(), pushed_at)),
+        }
+    }
+
     fn flush(&mut self) {
-        for wakeup in self.wakeups.drain(..) {
-            wakeup.wake();
+        for (wakeup, pushed_at) in self.wakeups.drain(..) {
+            // Not once the loop has taken what this worker queued (another worker's wake-up
+            // woke it): that wake-up would find an empty queue.
+            if pushed_at.is_none_or(|at| wakeup.clears() == at) {
+                wakeup.wake();
+            }
         }
         self.events = 0;
     }
@@ -279,17 +297,27 @@ impl<C> EventQueue<C> {
     }
 
     /// Wake the loop for `added` events just queued, or owe it the wake-up (a tokio worker).
+    ///
+    /// On a worker, every push owes it, not only one into an empty queue: the worker that
+    /// found the queue empty may run on without parking for as long as its work lasts (a
+    /// fan-out's flushes, TLS handshakes), and what the others queued behind its event waited
+    /// for it. Whichever worker parks first (or reaches the cap) writes the wake-up, once: the
+    /// others find it set (`Wakeup::wake`), or their events taken.
     fn pushed(&self, was_empty: bool, added: usize) {
+        self.owe_wake_up(was_empty, Some(self.wakeup.clears()), added);
+    }
+
+    /// Wake the loop now if `wake` (off the workers), or owe it the wake-up for `added` events
+    /// queued before `clears` was `pushed_at` (`DeferredWakes::owe`).
+    fn owe_wake_up(&self, wake: bool, pushed_at: Option<u32>, added: usize) {
         DEFERRED.with(|d| match d.borrow_mut().as_mut() {
             None => {
-                if was_empty {
+                if wake {
                     self.wakeup.wake();
                 }
             }
             Some(deferred) => {
-                if was_empty {
-                    deferred.wakeups.push(self.wakeup.clone());
-                }
+                deferred.owe(&self.wakeup, pushed_at);
                 deferred.events += added;
                 if deferred.events >= MAX_DEFERRED_EVENTS {
                     deferred.flush();
@@ -332,8 +360,9 @@ impl<C> EventQueue<C> {
     /// as an event's wake-up is. Called by whoever queued that first, after queueing it.
     pub(crate) fn wake_unless_in_batch(&self) {
         if !self.in_batch.load(Ordering::SeqCst) {
-            // As one event pushed into an empty queue.
-            self.pushed(true, 1);
+            // As one event pushed into an empty queue, owed whatever drains come first: no
+            // event of its own says when the loop has seen it.
+            self.owe_wake_up(true, None, 1);
         }
     }
 }
@@ -401,6 +430,47 @@ mod tests {
         assert!(
             readable(q.fd()),
             "a worker that never parks still wakes the loop"
+        );
+        DEFERRED.with(|d| *d.borrow_mut() = None);
+    }
+
+    /// A worker owes the wake-up for every event it queued, and pays it only for those still
+    /// queued: once the loop has taken them (woken by another worker), it writes nothing, so
+    /// the loop is not woken again for an empty queue. And the wake-up is written once until
+    /// the loop clears it, however many times it is paid.
+    #[test]
+    fn a_worker_wakes_the_loop_only_for_events_still_queued_and_once_per_drain() {
+        let q = EventQueue::<()>::new().unwrap();
+        q.push(Event::Drain(0));
+        defer_wakes_on_this_thread();
+        q.push(Event::Drain(1));
+        flush_deferred_wakes();
+        assert!(
+            readable(q.fd()),
+            "owed for a push into a queue that was not empty"
+        );
+        assert_eq!(drained_ids(&q), vec![0, 1]);
+        q.push(Event::Drain(2));
+        assert_eq!(drained_ids(&q), vec![2], "taken before this worker parks");
+        flush_deferred_wakes();
+        assert!(!readable(q.fd()), "nothing left to wake the loop for");
+        q.push(Event::Drain(3));
+        q.wake_unless_in_batch();
+        let _ = drained_ids(&q);
+        flush_deferred_wakes();
+        assert!(
+            readable(q.fd()),
+            "a wake-up with no event is owed after a drain too"
+        );
+        let _ = drained_ids(&q);
+        for id in 0..3 {
+            q.push(Event::Drain(id));
+            flush_deferred_wakes();
+        }
+        assert_eq!(
+            q.wakeup.take_writes(),
+            1,
+            "written once until the loop clears it"
         );
         DEFERRED.with(|d| *d.borrow_mut() = None);
     }

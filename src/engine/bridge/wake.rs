@@ -1,15 +1,21 @@
 //! The wake-up the asyncio loop watches: an eventfd on Linux, a pipe elsewhere (and on Linux
 //! with `BRIOCHE_PORTABLE=1`, `platform.rs`).
 //!
-//! Written at most once per batch (when the event queue goes from empty to non-empty), so its
-//! syscall cost is shared by every event in the batch.
+//! Written at most once per batch (when the event queue goes from empty to non-empty, and
+//! never again until the loop clears it), so its syscall cost is shared by every event in the
+//! batch.
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 pub(crate) struct Wakeup {
     read_fd: RawFd,
     write_fd: RawFd,
+    /// Written since the last `clear`: a wake-up has nothing to write.
+    set: AtomicBool,
+    /// How many times `clear` has begun (`clears`).
+    clears: AtomicU32,
 }
 
 impl Wakeup {
@@ -28,10 +34,7 @@ impl Wakeup {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self {
-            read_fd: fd,
-            write_fd: fd,
-        })
+        Ok(Self::of(fd, fd))
     }
 
     fn pipe() -> io::Result<Self> {
@@ -47,10 +50,23 @@ impl Wakeup {
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
             }
         }
-        Ok(Self {
-            read_fd: fds[0],
-            write_fd: fds[1],
-        })
+        Ok(Self::of(fds[0], fds[1]))
+    }
+
+    fn of(read_fd: RawFd, write_fd: RawFd) -> Self {
+        Self {
+            read_fd,
+            write_fd,
+            set: AtomicBool::new(false),
+            clears: AtomicU32::new(0),
+        }
+    }
+
+    /// Changes when the loop begins to clear the wake-up, which it does before it takes the
+    /// events queued so far (`EventQueue::drain_into`): read after queueing, and read again
+    /// later, a change says those events have been taken, and need no wake-up any more.
+    pub(crate) fn clears(&self) -> u32 {
+        self.clears.load(Ordering::Acquire)
     }
 
     /// The descriptor that becomes readable after [`Wakeup::wake`].
@@ -59,6 +75,10 @@ impl Wakeup {
     }
 
     pub(crate) fn wake(&self) {
+        // Set since the last clear: readable, or about to be (whoever set it writes next).
+        if self.set.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64. A full eventfd/pipe (EAGAIN) already means
         // "readable", which is all a wake-up has to achieve, so the result is ignored.
@@ -69,6 +89,7 @@ impl Wakeup {
 
     /// Consume pending wake-ups so the descriptor stops being readable.
     pub(crate) fn clear(&self) {
+        self.clears.fetch_add(1, Ordering::AcqRel);
         let mut buf = [0u8; 64];
         loop {
             // SAFETY: reads into a live, correctly sized buffer.
@@ -78,6 +99,10 @@ impl Wakeup {
                 break;
             }
         }
+        // After the read, and a swap rather than a store: a wake-up that found the flag set
+        // and wrote nothing (its write taken by this read, or still to come) queued its events
+        // before the swap it is ordered before, and so before the caller takes them.
+        self.set.swap(false, Ordering::AcqRel);
     }
 }
 
@@ -89,6 +114,24 @@ impl Drop for Wakeup {
             if self.write_fd != self.read_fd {
                 libc::close(self.write_fd);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Wakeup {
+    /// How many times the descriptor was written since the last read, which this is.
+    pub(crate) fn take_writes(&self) -> usize {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a live, correctly sized buffer.
+        let n = unsafe { libc::read(self.read_fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            ..=0 => 0,
+            // An eventfd's read is its count; a pipe's, 8 bytes a write.
+            _ if self.read_fd == self.write_fd => {
+                u64::from_ne_bytes(buf[..8].try_into().unwrap()) as usize
+            }
+            n => n as usize / 8,
         }
     }
 }
