@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import re
 import socket
 import statistics
 import subprocess
@@ -523,6 +524,113 @@ async def test_stop_closing_connections_runs_the_handler_of_a_message_parked_beh
     assert recorder.events == [
         ("start", "stubborn"), ("cancelled", "stubborn"), ("start", "queued-after"), ("end", "queued-after")
     ]
+
+
+@pytest.mark.parametrize("turns", range(5))
+async def test_stop_closing_connections_cancels_no_handler_before_its_first_line(
+    serve: ServeFn, recorder: Recorder, turns: int
+) -> None:
+    """A client goes away while the handler of its first message is suspended, with two more
+    messages behind it; the handler ends, the second message's task is made, and stop(True)
+    comes ``turns`` loop turns later. The messages are handled in order, none skipped: a
+    handler's task is cancelled at its first await, never before its first line. On 3.10 and
+    3.11, which start no task eagerly, stop(True) cancelled the second message's new task
+    before its first step: its handler ran no line, while the third message's ran."""
+    release = asyncio.Event()
+
+    async def handle(ws: brioche.WebSocket[Any], text: str) -> None:
+        recorder.add("start", text)
+        if text == "a":
+            await release.wait()
+        await asyncio.sleep(0)
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> Awaitable[None] | None:
+        if text == "c":
+            recorder.add("start", text)  # a plain handler's message, after two async ones
+            return None
+        return handle(ws, text)
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("close", code)
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    client = await RawWebSocket.connect(srv.port)
+    await client.send_raw(b"".join(encode_frame(OP_TEXT, text) for text in (b"a", b"b", b"c")))
+    await recorder.wait_for(lambda: bool(recorder.of("start")), TIMEOUT)
+    assert await poll_until(lambda: srv.stats()["messages_in"] == 3, TIMEOUT)
+    await client.aclose()
+    assert await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT)
+    release.set()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(srv.stop(close_active_connections=True), TIMEOUT)
+    assert recorder.events == [("start", "a"), ("start", "b"), ("start", "c"), ("close", 1006)]
+
+
+async def test_an_async_on_close_that_starts_after_run_s_grace_period_runs_its_first_line(
+    serve: ServeFn, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``run()``'s grace period every handler task is cancelled, on_close's included, so
+    that nothing holds the stop up; one that starts then is cancelled at its first await, as
+    the others were, not before its first line. On 3.10 and 3.11 it was cancelled before its
+    first step: the connection's clean-up ran no line."""
+    monkeypatch.setattr(brioche._server, "STOP_GRACE_SECONDS", 0.2)
+
+    async def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        try:
+            await asyncio.Event().wait()  # holds the stop past the grace period
+        except asyncio.CancelledError:
+            recorder.add("on_text cancelled")
+            raise
+
+    async def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        recorder.add("on_close", code)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            recorder.add("on_close cancelled")
+            raise
+
+    srv = await serve(websocket.init().on_text(on_text).on_close(on_close))
+    async with await RawWebSocket.connect(srv.port) as client:
+        await client.send_text("hold")
+        assert await poll_until(lambda: srv.stats()["messages_in"] == 1, TIMEOUT)
+        stopping = asyncio.ensure_future(srv._stop_gracefully())
+        assert (await client.recv_frame(TIMEOUT)).close_code == 1001
+        await recorder.wait_for(lambda: bool(recorder.of("on_text cancelled")), TIMEOUT)
+        await client.send_close(1001)  # answered only once the grace period has passed
+        await asyncio.wait_for(stopping, TIMEOUT)
+    assert recorder.events == [("on_text cancelled",), ("on_close", 1001), ("on_close cancelled",)]
+
+
+async def test_a_plain_handler_that_raises_cancelled_error_is_reported_as_cancelled_and_its_connection_goes_on(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain handler that raises ``CancelledError`` (the result of a cancelled future) is
+    reported as an async handler cancelled that way is: one WARNING on ``brioche.ws``, no
+    handler error, the connection open. It closed the connection with 1011, and the error
+    surfaced as the loop's unhandled exception, with nothing logged on ``brioche``."""
+
+    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+        if text == "cancel":
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            future.result()
+        ws.send(text)
+
+    srv = await serve(websocket.init().on_text(on_text))
+    with caplog.at_level(logging.WARNING):
+        async with connect(ws_url(srv)) as client:
+            await client.send("cancel")
+            await client.send("after")
+            assert await asyncio.wait_for(client.recv(), TIMEOUT) == "after"
+    assert srv.stats()["handler_errors"] == 0
+    [record] = caplog.records
+    assert (record.name, record.levelname) == ("brioche", "WARNING")
+    assert re.fullmatch(
+        r"on_text handler for <brioche\.WebSocket #\d+ from 127\.0\.0\.1:\d+ state=1> was cancelled",
+        record.getMessage(),
+    )
 
 
 # -- a connection the application closes: no handler gets its messages after ---------------------

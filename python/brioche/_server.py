@@ -70,6 +70,9 @@ _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: 
 _CLOSED = 3
 # The message kind of each run kind.
 _KIND_OF_RUN = {_TEXT_RUN: _TEXT, _BYTES_RUN: _BYTES}
+# What a plain handler may raise and the dispatch goes on after, reported (`_handler_failed`);
+# anything else (KeyboardInterrupt, SystemExit, ...) propagates once reported.
+_REPORTED = (Exception, asyncio.CancelledError)
 # What the engine writes in a 101 itself: given again, the client would see two values, or an
 # extension the server never negotiated (and fail the connection at its first message).
 _HANDSHAKE_HEADERS = frozenset((
@@ -1081,7 +1084,7 @@ class Server(Generic[T]):
                             result = event[3].run(fn, ws, event[2])
                         except BaseException as exc:
                             self._handler_failed(ws, kind, exc)
-                            if not isinstance(exc, Exception):
+                            if not isinstance(exc, _REPORTED):
                                 raise
                             continue
                         if result is not None:
@@ -1189,7 +1192,7 @@ class Server(Generic[T]):
         """A handler of a run raised: report it (an Exception closes with 1011, and the run goes
         on); anything else parks the rest of the run and propagates."""
         self._handler_failed(ws, kind, exc)
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, _REPORTED):
             self._park_rest(ws, kind, messages, context)
             raise exc
 
@@ -1220,7 +1223,7 @@ class Server(Generic[T]):
                 result = ws._context.run(fn, *event[1:])
         except BaseException as exc:
             self._handler_failed(ws, kind, exc)
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, _REPORTED):
                 raise
             return False
         if result is None:
@@ -1274,19 +1277,16 @@ class Server(Generic[T]):
             # on_close runs to its end, even while stopping: it is the connection's clean-up.
             self._close_tasks.add(task)
         if self._cancelling_all:
-            # Past run()'s grace period nothing may hold the stop up, on_close included.
-            task.cancel()
+            # Past run()'s grace period nothing may hold the stop up, on_close included; it
+            # still runs its first step (`_cancel_for_stop`), as on_close is the clean-up.
+            self._loop.call_soon(task.cancel)
         elif (
             kind != _CLOSE
             and self._closing_all
             and ws.ready_state == _CLOSED
             and task not in self._stop_waiters
         ):
-            # After its first step, which the loop runs first: cancelled before it (3.10 and
-            # 3.11 start no task eagerly), the handler of an accepted message ran no line.
-            # Marked now, so that `_cancel_closed` does not cancel it sooner meanwhile.
-            self._stop_cancelled.add(task)
-            self._loop.call_soon(task.cancel)
+            self._cancel_for_stop(task)
 
     def _finished(self, ws: WebSocket[T], kind: int, task: asyncio.Task[Any]) -> None:
         """Report how a handler task ended: an exception closes the connection with 1011.
@@ -1443,10 +1443,18 @@ class Server(Generic[T]):
     def _cancel_for_stop(self, task: asyncio.Task[Any]) -> None:
         """Cancel ``task`` for ``stop(True)``, once: a handler that catches the cancel to clean
         up is not cancelled again by each close, nor by the end of the last connection, that
-        follow (only ``run()``'s grace period, once over, cancels again)."""
+        follow (only ``run()``'s grace period, once over, cancels again).
+
+        A WebSocket handler's task is cancelled after its first step, which the loop runs first
+        (3.10 and 3.11 start no task eagerly): its message was accepted, and cancelled before
+        that step, its handler ran no line while the connection's later messages were handled.
+        An HTTP handler's is cancelled at once: its request is answered 503 instead."""
         if task not in self._stop_cancelled:
             self._stop_cancelled.add(task)
-            task.cancel()
+            if task in self._request_tasks:
+                task.cancel()
+            else:
+                self._loop.call_soon(task.cancel)
 
     def _request_failed(self, request: Request, message: str, exc: BaseException | None = None) -> None:
         """An HTTP handler that failed: counted (``handler_errors``), logged at ERROR as
@@ -1457,6 +1465,12 @@ class Server(Generic[T]):
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
         name = _EVENT_NAMES.get(kind, "handler")
+        if isinstance(exc, asyncio.CancelledError):
+            # From a plain handler (the result of a cancelled future): cancelled, as an async
+            # one is that awaits it, and said the same way (`_finished`); the connection stays
+            # open. Raised on, it closed with 1011 and surfaced as the loop's unhandled error.
+            logger.warning("%s handler for %s was cancelled", name, repr(ws))
+            return
         self._handler_errors += 1
         if not isinstance(exc, Exception):
             # KeyboardInterrupt, SystemExit...: the caller lets it propagate, which reports it.
