@@ -169,14 +169,14 @@ const MAX_DEFERRED_EVENTS: usize = 64;
 
 #[derive(Default)]
 struct DeferredWakes {
-    /// Each wake-up this worker owes, with its `Wakeup::clears` after the worker's last push
+    /// Each wake-up this worker owes, with its `Wakeup::drains` at the worker's last push
     /// (`None`: owed whether or not the loop has drained since, `wake_unless_in_batch`).
     wakeups: Vec<(Arc<Wakeup>, Option<u32>)>,
     events: usize,
 }
 
 impl DeferredWakes {
-    /// Owe `wakeup` for what was just queued (`pushed_at`: its `clears` read after the push).
+    /// Owe `wakeup` for what was just queued (`pushed_at`: its `drains` read in the push).
     fn owe(&mut self, wakeup: &Arc<Wakeup>, pushed_at: Option<u32>) {
         match self
             .wakeups
@@ -192,7 +192,7 @@ impl DeferredWakes {
         for (wakeup, pushed_at) in self.wakeups.drain(..) {
             // Not once the loop has taken what this worker queued (another worker's wake-up
             // woke it): that wake-up would find an empty queue.
-            if pushed_at.is_none_or(|at| wakeup.clears() == at) {
+            if pushed_at.is_none_or(|at| wakeup.drains.load(Ordering::Relaxed) == at) {
                 wakeup.wake();
             }
         }
@@ -223,9 +223,6 @@ pub struct EventQueue<C> {
     wakeup: Arc<Wakeup>,
     /// The loop is between `drain()` and the release at the end of its batch (`py/engine.rs`).
     in_batch: AtomicBool,
-    /// How many times the queue was drained: an event pushed when this was `n` is taken by
-    /// drain `n + 1` (`handled_since`).
-    drains: AtomicU32,
     /// The last drain whose events have all been handled: its batch, and any batch its
     /// consumer kept events over for, has ended (`all_drained_handled`).
     handled: AtomicU32,
@@ -237,7 +234,6 @@ impl<C> EventQueue<C> {
             events: Mutex::new(Vec::with_capacity(256)),
             wakeup: Arc::new(Wakeup::new()?),
             in_batch: AtomicBool::new(false),
-            drains: AtomicU32::new(0),
             handled: AtomicU32::new(0),
         })
     }
@@ -248,9 +244,9 @@ impl<C> EventQueue<C> {
             let mut events = self.events.lock();
             let was_empty = events.is_empty();
             events.push(event);
-            (was_empty, self.drains.load(Ordering::Relaxed))
+            (was_empty, self.wakeup.drains.load(Ordering::Relaxed))
         };
-        self.pushed(was_empty, 1);
+        self.pushed(was_empty, 1, drains);
         drains
     }
 
@@ -272,7 +268,7 @@ impl<C> EventQueue<C> {
     /// calls this when a batch ends with none kept over.
     pub(crate) fn all_drained_handled(&self) {
         self.handled
-            .store(self.drains.load(Ordering::Relaxed), Ordering::SeqCst);
+            .store(self.wakeup.drains.load(Ordering::Relaxed), Ordering::SeqCst);
     }
 
     /// Queue `batch` in order, as one push: a read's messages take the lock and the wake-up's
@@ -287,11 +283,11 @@ impl<C> EventQueue<C> {
             (
                 before == 0,
                 events.len() - before,
-                self.drains.load(Ordering::Relaxed),
+                self.wakeup.drains.load(Ordering::Relaxed),
             )
         };
         if added > 0 {
-            self.pushed(was_empty, added);
+            self.pushed(was_empty, added, drains);
         }
         drains
     }
@@ -303,12 +299,12 @@ impl<C> EventQueue<C> {
     /// fan-out's flushes, TLS handshakes), and what the others queued behind its event waited
     /// for it. Whichever worker parks first (or reaches the cap) writes the wake-up, once: the
     /// others find it set (`Wakeup::wake`), or their events taken.
-    fn pushed(&self, was_empty: bool, added: usize) {
-        self.owe_wake_up(was_empty, Some(self.wakeup.clears()), added);
+    fn pushed(&self, was_empty: bool, added: usize, drains: u32) {
+        self.owe_wake_up(was_empty, Some(drains), added);
     }
 
     /// Wake the loop now if `wake` (off the workers), or owe it the wake-up for `added` events
-    /// queued before `clears` was `pushed_at` (`DeferredWakes::owe`).
+    /// queued while the drains were `pushed_at` (`DeferredWakes::owe`).
     fn owe_wake_up(&self, wake: bool, pushed_at: Option<u32>, added: usize) {
         DEFERRED.with(|d| match d.borrow_mut().as_mut() {
             None => {
@@ -335,7 +331,7 @@ impl<C> EventQueue<C> {
         self.wakeup.clear();
         let mut events = self.events.lock();
         // Under the lock the pushes read it in (`handled_since`).
-        self.drains.fetch_add(1, Ordering::Relaxed);
+        self.wakeup.drains.fetch_add(1, Ordering::Relaxed);
         std::mem::swap(&mut *events, out);
     }
 
@@ -404,7 +400,7 @@ mod tests {
         q.all_drained_handled();
         assert!(q.handled_since(first) && q.handled_since(second));
         // Across the count's wrap.
-        q.drains.store(u32::MAX, Ordering::Relaxed);
+        q.wakeup.drains.store(u32::MAX, Ordering::Relaxed);
         q.all_drained_handled();
         assert!(q.handled_since(u32::MAX - 1) && !q.handled_since(u32::MAX));
         q.drain_into(&mut out);

@@ -14,8 +14,13 @@ pub(crate) struct Wakeup {
     write_fd: RawFd,
     /// Written since the last `clear`: a wake-up has nothing to write.
     set: AtomicBool,
-    /// How many times `clear` has begun (`clears`).
-    clears: AtomicU32,
+    /// How many times the loop has taken the events it is woken for (`EventQueue::drain_into`
+    /// counts them, under the queue's lock): an event pushed when this was `n` is taken by
+    /// drain `n + 1` (`EventQueue::handled_since`), so read in a push and again later, a change
+    /// says the push's events have been taken and need no wake-up any more. Kept here, not
+    /// beside the queue, for the workers that owe a wake-up (`DeferredWakes`), which hold the
+    /// wake-up only.
+    pub(crate) drains: AtomicU32,
 }
 
 impl Wakeup {
@@ -58,15 +63,8 @@ impl Wakeup {
             read_fd,
             write_fd,
             set: AtomicBool::new(false),
-            clears: AtomicU32::new(0),
+            drains: AtomicU32::new(0),
         }
-    }
-
-    /// Changes when the loop begins to clear the wake-up, which it does before it takes the
-    /// events queued so far (`EventQueue::drain_into`): read after queueing, and read again
-    /// later, a change says those events have been taken, and need no wake-up any more.
-    pub(crate) fn clears(&self) -> u32 {
-        self.clears.load(Ordering::Acquire)
     }
 
     /// The descriptor that becomes readable after [`Wakeup::wake`].
@@ -89,7 +87,6 @@ impl Wakeup {
 
     /// Consume pending wake-ups so the descriptor stops being readable.
     pub(crate) fn clear(&self) {
-        self.clears.fetch_add(1, Ordering::AcqRel);
         let mut buf = [0u8; 64];
         loop {
             // SAFETY: reads into a live, correctly sized buffer.
