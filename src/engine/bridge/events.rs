@@ -437,7 +437,14 @@ mod tests {
     #[test]
     fn a_worker_wakes_the_loop_only_for_events_still_queued_and_once_per_drain() {
         let q = EventQueue::<()>::new().unwrap();
-        q.push(Event::Drain(0));
+        std::thread::scope(|s| {
+            // A worker that found the queue empty, and runs on without parking.
+            s.spawn(|| {
+                defer_wakes_on_this_thread();
+                q.push(Event::Drain(0));
+            });
+        });
+        assert!(!readable(q.fd()));
         defer_wakes_on_this_thread();
         q.push(Event::Drain(1));
         flush_deferred_wakes();
