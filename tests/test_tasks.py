@@ -607,7 +607,7 @@ async def test_a_plain_handler_that_raises_cancelled_error_is_reported_as_cancel
     serve: ServeFn, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A plain handler that raises ``CancelledError`` (the result of a cancelled future) is
-    reported as an async handler cancelled that way is: one WARNING on ``brioche.ws``, no
+    reported as an async handler cancelled that way is: one WARNING on ``brioche``, no
     handler error, the connection open. It closed the connection with 1011, and the error
     surfaced as the loop's unhandled exception, with nothing logged on ``brioche``."""
 

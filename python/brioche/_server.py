@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterator
 from functools import partial
-from inspect import CO_COROUTINE, isawaitable
+from inspect import CO_COROUTINE, CORO_CREATED, getcoroutinestate, isawaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, final, overload
 from urllib.parse import quote
@@ -901,7 +901,10 @@ class Server(Generic[T]):
         self._cancelling_all = True
         running = [task for task in self._tasks if not task.done()]
         for task in running:
-            task.cancel()
+            if task in self._request_tasks:
+                task.cancel()
+            else:
+                self._cancel_from_first_step(task)
         return len(running)
 
     async def _stop_gracefully(self) -> None:
@@ -1189,8 +1192,9 @@ class Server(Generic[T]):
         messages: Iterator[object],
         context: contextvars.Context,
     ) -> None:
-        """A handler of a run raised: report it (an Exception closes with 1011, and the run goes
-        on); anything else parks the rest of the run and propagates."""
+        """A handler of a run raised: report it (an Exception closes with 1011, a CancelledError
+        is said and changes nothing, and the run goes on); anything else parks the rest of the
+        run and propagates."""
         self._handler_failed(ws, kind, exc)
         if not isinstance(exc, _REPORTED):
             self._park_rest(ws, kind, messages, context)
@@ -1277,9 +1281,9 @@ class Server(Generic[T]):
             # on_close runs to its end, even while stopping: it is the connection's clean-up.
             self._close_tasks.add(task)
         if self._cancelling_all:
-            # Past run()'s grace period nothing may hold the stop up, on_close included; it
-            # still runs its first step (`_cancel_for_stop`), as on_close is the clean-up.
-            self._loop.call_soon(task.cancel)
+            # Past run()'s grace period nothing may hold the stop up, on_close included; from
+            # its first line on, as on_close is the clean-up.
+            self._cancel_from_first_step(task)
         elif (
             kind != _CLOSE
             and self._closing_all
@@ -1445,16 +1449,28 @@ class Server(Generic[T]):
         up is not cancelled again by each close, nor by the end of the last connection, that
         follow (only ``run()``'s grace period, once over, cancels again).
 
-        A WebSocket handler's task is cancelled after its first step, which the loop runs first
-        (3.10 and 3.11 start no task eagerly): its message was accepted, and cancelled before
-        that step, its handler ran no line while the connection's later messages were handled.
-        An HTTP handler's is cancelled at once: its request is answered 503 instead."""
+        A WebSocket handler's task is cancelled from its first line on
+        (`_cancel_from_first_step`): its message was accepted. An HTTP handler's is cancelled
+        at once, started or not: its request is answered 503 instead."""
         if task not in self._stop_cancelled:
             self._stop_cancelled.add(task)
             if task in self._request_tasks:
                 task.cancel()
             else:
-                self._loop.call_soon(task.cancel)
+                self._cancel_from_first_step(task)
+
+    def _cancel_from_first_step(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` at the await it is suspended in; one whose first step the loop has
+        yet to run (3.10 and 3.11 start no task eagerly) once that step has run, as cancelled
+        before it, its handler ran no line: the message skipped while the connection's next
+        ones were handled, or the clean-up of an ``on_close`` never begun. Not every task
+        after a step of its own: one already woken would run on past the await it was
+        cancelled in, up to its next."""
+        coro = task.get_coro()
+        if type(coro) is _CoroutineType and getcoroutinestate(coro) == CORO_CREATED:
+            self._loop.call_soon(task.cancel)
+        else:
+            task.cancel()
 
     def _request_failed(self, request: Request, message: str, exc: BaseException | None = None) -> None:
         """An HTTP handler that failed: counted (``handler_errors``), logged at ERROR as

@@ -1,9 +1,10 @@
 //! Rust-to-Python events: one queue per server, drained by the asyncio loop in batches.
 //!
-//! Tokio threads push and never wait for the GIL. The wake-up fd is written only when the queue
-//! goes from empty to non-empty, so a burst of N events costs one syscall and one loop wake-up.
+//! Tokio threads push and never wait for the GIL. The wake-up fd is written once until the loop
+//! clears it, as it takes the queue, so a burst of N events costs one syscall and one loop
+//! wake-up.
 //!
-//! On a tokio worker the write is deferred further, to the moment the worker runs out of work
+//! On a tokio worker the write is deferred, to the moment the worker runs out of work
 //! (`on_thread_park`) or has queued `MAX_DEFERRED_EVENTS`: waking the loop thread in the middle of
 //! a poll cycle let it preempt the worker (on a shared core) after the first event of a burst,
 //! so every batch held one event and paid one context switch.
@@ -240,13 +241,12 @@ impl<C> EventQueue<C> {
 
     /// Queue `event`; returns the drain it waits for (`handled_since`).
     pub(crate) fn push(&self, event: Event<C>) -> u32 {
-        let (was_empty, drains) = {
+        let drains = {
             let mut events = self.events.lock();
-            let was_empty = events.is_empty();
             events.push(event);
-            (was_empty, self.wakeup.drains.load(Ordering::Relaxed))
+            self.wakeup.drains.load(Ordering::Relaxed)
         };
-        self.pushed(was_empty, 1, drains);
+        self.pushed(1, Some(drains));
         drains
     }
 
@@ -276,42 +276,32 @@ impl<C> EventQueue<C> {
     /// of S1's CPU when pushed one by one).
     /// Returns the drain they wait for (`handled_since`).
     pub(crate) fn push_all(&self, batch: impl IntoIterator<Item = Event<C>>) -> u32 {
-        let (was_empty, added, drains) = {
+        let (added, drains) = {
             let mut events = self.events.lock();
             let before = events.len();
             events.extend(batch);
             (
-                before == 0,
                 events.len() - before,
                 self.wakeup.drains.load(Ordering::Relaxed),
             )
         };
         if added > 0 {
-            self.pushed(was_empty, added, drains);
+            self.pushed(added, Some(drains));
         }
         drains
     }
 
-    /// Wake the loop for `added` events just queued, or owe it the wake-up (a tokio worker).
+    /// Wake the loop for `added` events just queued while the drains were `pushed_at` (`None`:
+    /// a wake-up with no event), or owe it the wake-up (a tokio worker, `DeferredWakes::owe`).
     ///
-    /// On a worker, every push owes it, not only one into an empty queue: the worker that
-    /// found the queue empty may run on without parking for as long as its work lasts (a
-    /// fan-out's flushes, TLS handshakes), and what the others queued behind its event waited
-    /// for it. Whichever worker parks first (or reaches the cap) writes the wake-up, once: the
-    /// others find it set (`Wakeup::wake`), or their events taken.
-    fn pushed(&self, was_empty: bool, added: usize, drains: u32) {
-        self.owe_wake_up(was_empty, Some(drains), added);
-    }
-
-    /// Wake the loop now if `wake` (off the workers), or owe it the wake-up for `added` events
-    /// queued while the drains were `pushed_at` (`DeferredWakes::owe`).
-    fn owe_wake_up(&self, wake: bool, pushed_at: Option<u32>, added: usize) {
+    /// Every push wakes it, or owes it, not only one into an empty queue: the worker that found
+    /// the queue empty may run on without parking for as long as its work lasts (a fan-out's
+    /// flushes, TLS handshakes), and what the others queued behind its event waited for it.
+    /// Whoever wakes it first writes the wake-up, once: the others find it set
+    /// (`Wakeup::wake`), or (a worker, as it parks) their events taken.
+    fn pushed(&self, added: usize, pushed_at: Option<u32>) {
         DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-            None => {
-                if wake {
-                    self.wakeup.wake();
-                }
-            }
+            None => self.wakeup.wake(),
             Some(deferred) => {
                 deferred.owe(&self.wakeup, pushed_at);
                 deferred.events += added;
@@ -356,9 +346,9 @@ impl<C> EventQueue<C> {
     /// as an event's wake-up is. Called by whoever queued that first, after queueing it.
     pub(crate) fn wake_unless_in_batch(&self) {
         if !self.in_batch.load(Ordering::SeqCst) {
-            // As one event pushed into an empty queue, owed whatever drains come first: no
-            // event of its own says when the loop has seen it.
-            self.owe_wake_up(true, None, 1);
+            // As one event pushed, owed whatever drains come first: no event of its own says
+            // when the loop has seen it.
+            self.pushed(1, None);
         }
     }
 }
@@ -476,6 +466,24 @@ mod tests {
             "written once until the loop clears it"
         );
         DEFERRED.with(|d| *d.borrow_mut() = None);
+    }
+
+    /// A push off the workers (the loop's own: an `Event::Drain` from its flushes, a log line)
+    /// wakes the loop at once, even into a queue whose wake-up a busy worker owes and has not
+    /// paid: it woke the loop only into an empty queue, and waited for that worker to park.
+    #[test]
+    fn a_push_off_the_workers_wakes_the_loop_though_a_busy_worker_owes_it() {
+        let q = EventQueue::<()>::new().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                defer_wakes_on_this_thread();
+                q.push(Event::Drain(0));
+            });
+        });
+        assert!(!readable(q.fd()));
+        q.push(Event::Drain(1));
+        assert!(readable(q.fd()));
+        assert_eq!(drained_ids(&q), vec![0, 1]);
     }
 
     #[test]
