@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterator
 from functools import partial
-from inspect import CO_COROUTINE, CORO_CREATED, getcoroutinestate, isawaitable
+from inspect import CO_COROUTINE, CORO_CREATED, GEN_CREATED, getcoroutinestate, getgeneratorstate, isawaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, final, overload
 from urllib.parse import quote
@@ -1467,10 +1467,15 @@ class Server(Generic[T]):
         after a step of its own: one already woken would run on past the await it was
         cancelled in, up to its next."""
         coro = task.get_coro()
-        if type(coro) is _CoroutineType and getcoroutinestate(coro) == CORO_CREATED:
-            self._loop.call_soon(task.cancel)
+        if type(coro) is _CoroutineType:
+            started = getcoroutinestate(coro) != CORO_CREATED
         else:
+            # 3.10's `_in_context`, a generator around the coroutine.
+            started = type(coro) is not types.GeneratorType or getgeneratorstate(coro) != GEN_CREATED
+        if started:
             task.cancel()
+        else:
+            self._loop.call_soon(task.cancel)
 
     def _request_failed(self, request: Request, message: str, exc: BaseException | None = None) -> None:
         """An HTTP handler that failed: counted (``handler_errors``), logged at ERROR as
