@@ -420,6 +420,17 @@ mod tests {
         DEFERRED.with(|d| *d.borrow_mut() = None);
     }
 
+    /// Queue `Event::Drain(id)` from a worker that owes the wake-up for it and never pays:
+    /// one that found the queue empty and runs on without parking.
+    fn owed_by_a_busy_worker(q: &EventQueue<()>, id: u64) {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                defer_wakes_on_this_thread();
+                q.push(Event::Drain(id));
+            });
+        });
+    }
+
     /// A worker owes the wake-up for every event it queued, and pays it only for those still
     /// queued: once the loop has taken them (woken by another worker), it writes nothing, so
     /// the loop is not woken again for an empty queue. And the wake-up is written once until
@@ -427,13 +438,7 @@ mod tests {
     #[test]
     fn a_worker_wakes_the_loop_only_for_events_still_queued_and_once_per_drain() {
         let q = EventQueue::<()>::new().unwrap();
-        std::thread::scope(|s| {
-            // A worker that found the queue empty, and runs on without parking.
-            s.spawn(|| {
-                defer_wakes_on_this_thread();
-                q.push(Event::Drain(0));
-            });
-        });
+        owed_by_a_busy_worker(&q, 0);
         assert!(!readable(q.fd()));
         defer_wakes_on_this_thread();
         q.push(Event::Drain(1));
@@ -474,12 +479,7 @@ mod tests {
     #[test]
     fn a_push_off_the_workers_wakes_the_loop_though_a_busy_worker_owes_it() {
         let q = EventQueue::<()>::new().unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                defer_wakes_on_this_thread();
-                q.push(Event::Drain(0));
-            });
-        });
+        owed_by_a_busy_worker(&q, 0);
         assert!(!readable(q.fd()));
         q.push(Event::Drain(1));
         assert!(readable(q.fd()));

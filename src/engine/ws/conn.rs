@@ -843,44 +843,61 @@ mod tests {
         assert_eq!(high_water_mark(1), 1);
     }
 
-    /// `terminate` (the loop, or a failed write) racing the task's `finish` (the client gone):
-    /// whichever comes last, the connection ends `Closed`, and subscribes to nothing after.
-    /// A race, so tried many times; the two threads are released together for each.
-    #[test]
-    fn an_abrupt_end_racing_the_task_finishing_leaves_it_closed() {
+    /// Race `other_side` (the loop, or a publish, on a thread of its own) against `this_side`
+    /// (the connection's task, here) on a fresh open connection, `tries` times, the two threads
+    /// released together for each; `check` gets what each side returned once both are done.
+    fn race<R: Send + 'static, T>(
+        tries: u64,
+        other_side: impl Fn(&Conn) -> R + Send + 'static,
+        mut this_side: impl FnMut(u64, &Arc<Conn>) -> T,
+        mut check: impl FnMut(u64, &Shared, &Arc<Conn>, T, R),
+    ) {
         use crate::engine::config::ServerConfig;
         use crate::engine::net::Peer;
-        use crate::engine::ws::shared::Shared;
         use std::sync::{mpsc, Barrier};
 
-        const TRIES: u64 = 20_000;
         let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         let start = Arc::new(Barrier::new(2));
         let (give, take) = mpsc::channel::<Arc<Conn>>();
-        let loop_side = {
+        let (tell, told) = mpsc::channel::<R>();
+        let other = {
             let start = start.clone();
             std::thread::spawn(move || {
                 for conn in take {
                     start.wait();
-                    conn.terminate();
+                    tell.send(other_side(&conn)).unwrap();
                     start.wait();
                 }
             })
         };
-        for id in 0..TRIES {
+        for id in 0..tries {
             let conn = shared.connection(id, Peer::Ip(ip, 40000), None);
             conn.set_state(ReadyState::Open);
             give.send(conn.clone()).unwrap();
             start.wait();
-            conn.finish();
+            let here = this_side(id, &conn);
             start.wait();
-            assert_eq!(conn.ready_state(), ReadyState::Closed, "connection {id}");
-            conn.subscribe("t");
-            assert_eq!(shared.subscriber_count("t"), 0, "connection {id}");
+            check(id, &shared, &conn, here, told.recv().unwrap());
         }
         drop(give);
-        loop_side.join().unwrap();
+        other.join().unwrap();
+    }
+
+    /// `terminate` (the loop, or a failed write) racing the task's `finish` (the client gone):
+    /// whichever comes last, the connection ends `Closed`, and subscribes to nothing after.
+    #[test]
+    fn an_abrupt_end_racing_the_task_finishing_leaves_it_closed() {
+        race(
+            20_000,
+            |conn| conn.terminate(),
+            |_, conn| conn.finish(),
+            |id, shared, conn, _, _| {
+                assert_eq!(conn.ready_state(), ReadyState::Closed, "connection {id}");
+                conn.subscribe("t");
+                assert_eq!(shared.subscriber_count("t"), 0, "connection {id}");
+            },
+        );
     }
 
     /// `end_abruptly` (a publish over the backpressure limit, on the loop) racing the task's
@@ -889,95 +906,48 @@ mod tests {
     /// it sees the connection terminated, as when that wakes it: it found the flag before the
     /// code was in, and reported 1006. On the even ones it finishes on its own (the client
     /// gone): it took the code before the state was closed, and a 1008 stored in between was
-    /// never reported. A race, so tried many times, the two threads released together for each.
+    /// never reported.
     #[test]
     fn an_abrupt_end_racing_the_task_finishing_is_reported_once_with_its_code() {
-        use crate::engine::config::ServerConfig;
-        use crate::engine::net::Peer;
-        use crate::engine::ws::shared::Shared;
-        use std::sync::{mpsc, Barrier};
-
-        const TRIES: u64 = 20_000;
-        let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
-        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-        let start = Arc::new(Barrier::new(2));
-        let (give, take) = mpsc::channel::<Arc<Conn>>();
-        let (tell, told) = mpsc::channel::<bool>();
-        let sender_side = {
-            let start = start.clone();
-            std::thread::spawn(move || {
-                for conn in take {
-                    start.wait();
-                    let ended = conn.end_abruptly(1008, "backpressure limit exceeded");
-                    tell.send(ended).unwrap();
-                    start.wait();
+        race(
+            20_000,
+            |conn| conn.end_abruptly(1008, "backpressure limit exceeded"),
+            |id, conn| {
+                if id % 2 == 1 {
+                    while !conn.is_terminated() {
+                        std::hint::spin_loop();
+                    }
                 }
-            })
-        };
-        for id in 0..TRIES {
-            let conn = shared.connection(id, Peer::Ip(ip, 40000), None);
-            conn.set_state(ReadyState::Open);
-            give.send(conn.clone()).unwrap();
-            start.wait();
-            if id % 2 == 1 {
-                while !conn.is_terminated() {
-                    std::hint::spin_loop();
-                }
-            }
-            let reported = conn.finish();
-            start.wait();
-            let ended = told.recv().unwrap();
-            let expected = ended.then(|| (1008, "backpressure limit exceeded".to_owned()));
-            assert_eq!(reported, expected, "connection {id}");
-        }
-        drop(give);
-        sender_side.join().unwrap();
+                conn.finish()
+            },
+            |id, _, _, reported, ended| {
+                let expected = ended.then(|| (1008, "backpressure limit exceeded".to_owned()));
+                assert_eq!(reported, expected, "connection {id}");
+            },
+        );
     }
 
     /// The loop's `close` racing the task, which finishes (sealing the queue) once it sees the
     /// state moved, as when it reads the client's close frame then: the loop's close frame is
     /// in the queue by then. It was queued after the state moved, and a task that sealed the
     /// queue in between had it refused: the client, which had sent its close, got none back.
-    /// A race, so tried many times, the task's side looking at the state from the moment both
-    /// are released.
     #[test]
     fn a_close_racing_the_task_finishing_has_its_frame_queued() {
-        use crate::engine::config::ServerConfig;
-        use crate::engine::net::Peer;
-        use crate::engine::ws::shared::Shared;
-        use std::sync::{mpsc, Barrier};
-
-        const TRIES: u64 = 50_000;
-        let shared = Arc::new(Shared::new(ServerConfig::default(), None).unwrap());
-        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-        let start = Arc::new(Barrier::new(2));
-        let (give, take) = mpsc::channel::<Arc<Conn>>();
-        let loop_side = {
-            let start = start.clone();
-            std::thread::spawn(move || {
-                for conn in take {
-                    start.wait();
-                    conn.close(1000, "");
-                    start.wait();
-                }
-            })
-        };
         let close_frame_len = OutFrame::close(1000, "").wire_len();
-        for id in 0..TRIES {
-            let conn = shared.connection(id, Peer::Ip(ip, 40000), None);
-            conn.set_state(ReadyState::Open);
-            give.send(conn.clone()).unwrap();
-            start.wait();
-            while conn.ready_state() == ReadyState::Open {
-                std::hint::spin_loop();
-            }
-            conn.finish();
-            conn.out.seal();
-            start.wait();
-            assert_eq!(conn.out.buffered(), close_frame_len, "connection {id}");
-        }
-        drop(give);
-        loop_side.join().unwrap();
+        race(
+            50_000,
+            |conn| conn.close(1000, ""),
+            |_, conn| {
+                while conn.ready_state() == ReadyState::Open {
+                    std::hint::spin_loop();
+                }
+                conn.finish();
+                conn.out.seal();
+            },
+            |id, _, conn, _, _| {
+                assert_eq!(conn.out.buffered(), close_frame_len, "connection {id}");
+            },
+        );
     }
 
     #[test]
