@@ -226,6 +226,11 @@ else:
 _AnyTask: Any = asyncio.Task
 
 
+def _log_cancelled(ws: WebSocket[Any], kind: int) -> None:
+    """A WebSocket handler was cancelled, not by a stop: its connection stays open."""
+    logger.warning("%s handler for %s was cancelled", _EVENT_NAMES.get(kind, "handler"), repr(ws))
+
+
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
@@ -1305,9 +1310,7 @@ class Server(Generic[T]):
                 # cancelled under it (a pool shut down). Said, as the HTTP handler's is, since
                 # what it did not do (an `on_open`'s set-up) was otherwise skipped unseen; the
                 # connection stays open, as the cancel may be the app's intent.
-                logger.warning(
-                    "%s handler for %s was cancelled", _EVENT_NAMES.get(kind, "handler"), repr(ws)
-                )
+                _log_cancelled(ws, kind)
             return
         exc = task.exception()
         if exc is None:
@@ -1485,13 +1488,13 @@ class Server(Generic[T]):
         self._reply(request, internal_error())
 
     def _handler_failed(self, ws: WebSocket[T], kind: int, exc: BaseException) -> None:
-        name = _EVENT_NAMES.get(kind, "handler")
         if isinstance(exc, asyncio.CancelledError):
             # From a plain handler (the result of a cancelled future): cancelled, as an async
             # one is that awaits it, and said the same way (`_finished`); the connection stays
             # open. Raised on, it closed with 1011 and surfaced as the loop's unhandled error.
-            logger.warning("%s handler for %s was cancelled", name, repr(ws))
+            _log_cancelled(ws, kind)
             return
+        name = _EVENT_NAMES.get(kind, "handler")
         self._handler_errors += 1
         if not isinstance(exc, Exception):
             # KeyboardInterrupt, SystemExit...: the caller lets it propagate, which reports it.

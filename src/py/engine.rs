@@ -271,23 +271,9 @@ impl PyEngine {
                 None => return Ok(None),
             },
             // Answered with `close(code, reason)`, in order; the client's close frame as a
-            // violation is. Either came after a large text this loop may have refused since.
-            Event::Fail(_, code, reason) => match ws {
-                Some(ws) => {
-                    let close = ws.get().conn.refused_text_close();
-                    let (code, reason) = close.unwrap_or((*code, reason));
-                    (EVENT_FAIL, ws, code, reason).into_pyobject(py)?.into_any()
-                }
-                None => return Ok(None),
-            },
-            Event::PeerClose(_, code, reason) => match ws {
-                Some(ws) => {
-                    let close = ws.get().conn.refused_text_close();
-                    let (code, reason) = close.unwrap_or((*code, reason.as_str()));
-                    (EVENT_FAIL, ws, code, reason).into_pyobject(py)?.into_any()
-                }
-                None => return Ok(None),
-            },
+            // violation is.
+            Event::Fail(_, code, reason) => return fail_item(py, ws, *code, reason),
+            Event::PeerClose(_, code, reason) => return fail_item(py, ws, *code, reason),
             Event::Close(id, code, reason) => match ws {
                 Some(ws) => {
                     let item = (EVENT_CLOSE, ws, *code, reason.as_str()).into_pyobject(py)?;
@@ -901,6 +887,24 @@ impl Drop for PyEngine {
         // Nobody can handle this server's events any more: stop it rather than leak its sockets.
         self.server.stop(true);
     }
+}
+
+/// `(EVENT_FAIL, ws, code, reason)`: the loop closes `ws` with them once its earlier handlers
+/// have run. The violation or the client's close came after a large text this loop may have
+/// refused since, whose 1007 then wins (`Conn::refused_text_close`).
+fn fail_item<'py>(
+    py: Python<'py>,
+    ws: Option<Py<PyWebSocket>>,
+    code: u16,
+    reason: &str,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let Some(ws) = ws else {
+        return Ok(None);
+    };
+    let (code, reason) = ws.get().conn.refused_text_close().unwrap_or((code, reason));
+    Ok(Some(
+        (EVENT_FAIL, ws, code, reason).into_pyobject(py)?.into_any(),
+    ))
 }
 
 /// A message of a connection whose stream was refused on this thread (`Conn::refuse_text`),

@@ -555,7 +555,6 @@ impl Conn {
     pub(crate) fn end_abruptly(&self, code: u16, reason: &str) -> bool {
         // What was published before counts as delivered, then is dropped with the queue.
         self.shared.settle_publishes();
-        let ended = Box::new((code, reason.to_owned()));
         // The flag is raised and the code stored under one hold of the lock, which the task's
         // `finish` takes the code and closes the connection under: a task that saw the flag
         // never finds the code not yet in (it reported 1006 for a 1008 now and then), and one
@@ -565,7 +564,7 @@ impl Conn {
         {
             return false;
         }
-        *ending = Some(ended);
+        *ending = Some(Box::new((code, reason.to_owned())));
         drop(ending);
         // Closed at once, as Bun's readyState is after `terminate`: there is no closing
         // handshake to wait for. Not under the subscriptions' lock: a publish that finds this
