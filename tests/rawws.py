@@ -477,6 +477,12 @@ def unread_by_server(port: int) -> int:
     return unread
 
 
+async def loop_turns(count: int) -> None:
+    """Let the loop run ``count`` turns: what was due a turn or two away has run by then."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def poll_until(predicate: Callable[[], bool], timeout: float) -> bool:
     """Check ``predicate`` every millisecond for up to ``timeout`` seconds; whether it held.
 

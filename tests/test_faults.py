@@ -332,9 +332,8 @@ async def test_handler_that_never_returns_holds_back_only_its_own_connection(
                 await echo(other, f"other {i}")
                 if i % 20 == 0:
                     await echo(bystander, f"bystander {i}")
-        # The stuck connection's later messages wait (the elapsed time is the point here).
-        with pytest.raises(asyncio.TimeoutError):
-            await stuck.recv_data_frame(timeout=0.5)
+        # The stuck connection's later messages wait: no handler saw them, and once released
+        # "hang"'s answer comes first (below).
         assert [t for who, t in handled if who == "stuck"] == ["hang"]
         assert srv.pending_websockets == 2  # stuck and the bystander
         # Released, everything it held back follows in order.

@@ -278,7 +278,7 @@ async def test_a_stop_awaited_by_a_message_handler_waits_for_the_others_only(
         await recorder.wait_for(lambda: bool(recorder.of("waiting")), TIMEOUT)
         await stopper.send("stop")
         await recorder.wait_for(lambda: bool(recorder.of("stopping")), TIMEOUT)
-    await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT)
+    assert await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT)
     closed = asyncio.ensure_future(srv.wait_closed())
     assert recorder.of("stop returned") == [], "returned before the suspended handler finished"
     release.set()

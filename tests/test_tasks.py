@@ -37,7 +37,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import brioche
 from brioche import MessageBackpressured, server, websocket
 from conftest import Recorder, ServeFn, app_process, server_starter, ws_url
-from rawws import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket, encode_frame, fill, numbered, poll_until
+from rawws import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket, encode_frame, fill, loop_turns, numbered, poll_until
 
 TIMEOUT = 5
 
@@ -791,10 +791,11 @@ async def test_stop_closing_connections_runs_each_async_on_close_to_the_end(
             assert await asyncio.wait_for(client.recv(), TIMEOUT) == "hi"
         stopping = asyncio.create_task(srv.stop(close_active_connections=True))
         await recorder.wait_for(lambda: len(recorder.of("close")) == len(ids), TIMEOUT)
-        # Nothing signals "stop() would have returned by now" (that is the bug): a stop() that
-        # does not wait for on_close returns within milliseconds of the closes.
-        done, _ = await asyncio.wait({stopping}, timeout=0.5)
-        assert not done, f"stop() returned while on_close was suspended: {recorder.events}"
+        # A stop() that does not wait for on_close returns a loop turn or two after the engine
+        # has stopped (every connection ended): give it ten.
+        assert await poll_until(lambda: srv._engine_stopped, TIMEOUT), srv.stats()
+        await loop_turns(10)
+        assert not stopping.done(), f"stop() returned while on_close was suspended: {recorder.events}"
         cleanup.set()
         await asyncio.wait_for(stopping, 10)
         events = list(recorder.events)
@@ -941,12 +942,11 @@ async def test_stop_waits_for_a_suspended_handler_task(serve: ServeFn, recorder:
         await client.close(4000, "leaving")
     finally:
         await client.close()
-    # Nothing signals "stop() would have returned by now" (that is the bug): the engine has no
-    # open connection left, so on the old dispatch stop() returns within milliseconds; a handler
-    # task still suspended must hold it back for as long as the test cares to look.
-    assert await poll_until(lambda: srv.pending_websockets == 0, TIMEOUT), srv.stats()
-    done, _ = await asyncio.wait({stopping}, timeout=0.5)
-    assert not done, f"stop() returned while a handler task was suspended; events: {recorder.events}"
+    # On the old dispatch stop() returns a loop turn or two after the engine has stopped (no
+    # open connection left); a handler task still suspended must hold it back: give it ten.
+    assert await poll_until(lambda: srv._engine_stopped, TIMEOUT), srv.stats()
+    await loop_turns(10)
+    assert not stopping.done(), f"stop() returned while a handler task was suspended; events: {recorder.events}"
     assert recorder.of("close") == [], "on_close ran before the suspended handler finished"
     release.set()
     await asyncio.wait_for(stopping, TIMEOUT)

@@ -402,19 +402,25 @@ async def test_sighup_under_run_reloads_the_certificate(tmp_dir: Path, certs: Ce
         if workers > 1:
             # Every worker has its certificate and its SIGHUP handler once the supervisor says
             # they all listen; a worker still starting would read the renewed files itself.
-            while b"workers listening on port" not in (
-                line := await asyncio.wait_for(proc.stderr.readline(), 30)
-            ):
+            for _ in range(1000):
+                line = await asyncio.wait_for(proc.stderr.readline(), 30)
                 assert line, "the server's stderr ended"
+                if b"workers listening on port" in line:
+                    break
+            else:
+                raise AssertionError("no 'workers listening' in the server's first 1,000 lines")
         renewed = Certs(tmp_dir, "renewed")
         os.replace(renewed.cert_file, certs.cert_file)
         os.replace(renewed.key_file, certs.key_file)
         proc.send_signal(signal.SIGHUP)
         reloaded = 0
-        while reloaded < workers:  # each worker says so; bounded by the timeout
+        for _ in range(1000):  # each worker says so
+            if reloaded == workers:
+                break
             line = await asyncio.wait_for(proc.stderr.readline(), 10)
             assert line, "the server's stderr ended"
             reloaded += b"SIGHUP: TLS certificate reloaded" in line
+        assert reloaded == workers
         # Under workers, several connections: the kernel spreads them over the workers.
         for i in range(4 * workers):
             async with connect(url, ssl=renewed.client_context(), open_timeout=5) as client:
