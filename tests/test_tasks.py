@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -603,22 +603,37 @@ async def test_an_async_on_close_that_starts_after_run_s_grace_period_runs_its_f
     assert recorder.events == [("on_text cancelled",), ("on_close", 1001), ("on_close cancelled",)]
 
 
-async def test_a_plain_handler_that_raises_cancelled_error_is_reported_as_cancelled_and_its_connection_goes_on(
-    serve: ServeFn, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("shape", ["plain", "async", "returns a coroutine"])
+async def test_a_handler_that_raises_cancelled_error_before_it_suspends_is_reported_as_cancelled_and_its_connection_goes_on(
+    serve: ServeFn, caplog: pytest.LogCaptureFixture, shape: str
 ) -> None:
-    """A plain handler that raises ``CancelledError`` (the result of a cancelled future) is
-    reported as an async handler cancelled that way is: one WARNING on ``brioche``, no
-    handler error, the connection open. It closed the connection with 1011, and the error
-    surfaced as the loop's unhandled exception, with nothing logged on ``brioche``."""
+    """A handler that raises ``CancelledError`` before it suspends (the result of a cancelled
+    future) is reported as a handler cancelled later is: one WARNING on ``brioche``, no
+    handler error, the connection open. A plain one closed the connection with 1011, and the
+    error surfaced as the loop's unhandled exception, with nothing logged on ``brioche``; on
+    3.12+ an async one, cancelled within its eager first step, went unsaid (on 3.10 and 3.11
+    that step runs later, in the task, and was said)."""
 
-    def on_text(ws: brioche.WebSocket[Any], text: str) -> None:
+    def cancelled() -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        future.result()
+
+    def on_text_plain(ws: brioche.WebSocket[Any], text: str) -> None:
         if text == "cancel":
-            future = asyncio.get_running_loop().create_future()
-            future.cancel()
-            future.result()
+            cancelled()
         ws.send(text)
 
-    srv = await serve(websocket.init().on_text(on_text))
+    async def on_text_async(ws: brioche.WebSocket[Any], text: str) -> None:
+        on_text_plain(ws, text)
+
+    def on_text_coroutine(ws: brioche.WebSocket[Any], text: str) -> Coroutine[Any, Any, None]:
+        return on_text_async(ws, text)
+
+    handlers: dict[str, Callable[..., Any]] = {
+        "plain": on_text_plain, "async": on_text_async, "returns a coroutine": on_text_coroutine
+    }
+    srv = await serve(websocket.init().on_text(handlers[shape]))
     with caplog.at_level(logging.WARNING):
         async with connect(ws_url(srv)) as client:
             await client.send("cancel")

@@ -70,6 +70,9 @@ _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: 
 _CLOSED = 3
 # The message kind of each run kind.
 _KIND_OF_RUN = {_TEXT_RUN: _TEXT, _BYTES_RUN: _BYTES}
+# A Task's `_state` (asyncio.base_futures' values, the C Task's too).
+_PENDING = "PENDING"
+_FINISHED = "FINISHED"
 # What a plain handler may raise and the dispatch goes on after, reported (`_handler_failed`);
 # anything else (KeyboardInterrupt, SystemExit, ...) propagates once reported.
 _REPORTED = (Exception, asyncio.CancelledError)
@@ -1173,21 +1176,22 @@ class Server(Generic[T]):
                 # SystemExit from the eager first step, which the Task re-raises.
                 self._failed_in_run(ws, kind, exc, messages, context)
                 continue
-            if task.done():
-                # A result or a cancellation: `_exception` (asyncio's own field, in its C and
-                # Python Tasks alike) is None for both. One attribute read instead of two calls,
-                # on the path every await-free message takes.
-                if task._exception is None:
-                    continue
-                try:
-                    self._finished(ws, kind, task)
-                except BaseException:
-                    self._park_rest(ws, kind, messages, context)
-                    raise
+            # asyncio's own fields, in its C and Python Tasks alike: attribute reads instead of
+            # calls, on the path every await-free message takes.
+            state = task._state
+            if state == _PENDING:
+                self._track(ws, kind, task)
+                self._park_rest(ws, kind, messages, context)
+                return
+            if state == _FINISHED and task._exception is None:
                 continue
-            self._track(ws, kind, task)
-            self._park_rest(ws, kind, messages, context)
-            return
+            # It raised, or it was cancelled within its first step: said, as it is on 3.10 and
+            # 3.11, where that step runs later, from the loop.
+            try:
+                self._finished(ws, kind, task)
+            except BaseException:
+                self._park_rest(ws, kind, messages, context)
+                raise
 
     def _failed_in_run(
         self,
@@ -1264,8 +1268,8 @@ class Server(Generic[T]):
         if task is None:
             return False
         if task.done():
-            # Finished in its eager first step (3.12+): report it only if it raised.
-            if not task.cancelled() and task.exception() is not None:
+            # Finished in its eager first step (3.12+): report it if it raised or was cancelled.
+            if task.cancelled() or task.exception() is not None:
                 self._finished(ws, kind, task)
             return False
         self._track(ws, kind, task)
