@@ -13,7 +13,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 
 import brioche
-from brioche import websocket
+from brioche import MessageBackpressured, MessageSent, websocket
 from conftest import Recorder, ServeFn, ws_url
 from rawws import OP_CLOSE, OP_PING, OP_TEXT, RawWebSocket, encode_frame, poll_until
 
@@ -54,6 +54,36 @@ async def test_client_that_answers_pings_stays_connected(serve: ServeFn, recorde
         await client.send("still here")
         assert await asyncio.wait_for(client.recv(), 5) == "still here"
         assert recorder.of("close") == []
+
+
+async def test_a_client_reading_a_long_backlog_is_not_idle_though_the_ping_waits_behind_it(
+    serve: ServeFn, recorder: Recorder
+) -> None:
+    """The server queues 300 messages of 64 KiB (19 MiB, all accepted under a 64 MiB
+    backpressure limit); the client sends nothing and reads them steadily, about 4 MB/s, for
+    longer than the 2 s idle timeout. The server's keep-alive ping waits behind that backlog, so
+    the client cannot answer it in the timeout's last quarter; but the kernel taking the bytes
+    it had refused says the client is there (uWS resets its idle timer on every write that
+    drains backpressure). Before, the client was dropped with 1006 "idle timeout" at 2 s, about
+    70 messages short, and the rest of what the server had accepted was lost."""
+    count, size = 300, 64 * 1024
+
+    def on_open(ws: brioche.WebSocket[Any]) -> None:
+        for i in range(count):
+            assert isinstance(ws.send(i.to_bytes(4, "big") * (size // 4)), (MessageSent, MessageBackpressured))
+
+    srv = await serve(config(recorder).on_open(on_open).backpressure_limit(64 * 1024 * 1024))
+    got: list[int] = []
+    async with connect(ws_url(srv), ping_interval=None, max_size=None, max_queue=2) as client:
+        for _ in range(count):
+            message = await asyncio.wait_for(client.recv(), IDLE + 3)
+            assert isinstance(message, bytes) and len(message) == size
+            got.append(int.from_bytes(message[:4], "big"))
+            await asyncio.sleep(0.015)  # the pace of a slow reader, the behaviour under test
+        assert recorder.of("close") == []
+    assert got == list(range(count))
+    await recorder.wait_for(lambda: bool(recorder.of("close")))
+    assert recorder.of("close") == [(1000,)]
 
 
 async def test_client_that_never_answers_pings_is_dropped_with_1006(serve: ServeFn, recorder: Recorder) -> None:

@@ -160,7 +160,10 @@ struct Task {
     stream: Arc<Stream>,
     rx: Receiver,
     phase: Phase,
-    last_read: Instant,
+    /// When the client last showed it is there: bytes read from it, or its socket turning
+    /// writable again after the kernel refused bytes (it read part of its backlog, behind which
+    /// a ping may wait: uWS resets its idle timer on every write that drains backpressure).
+    last_heard: Instant,
     pinged_at: Option<Instant>,
     close_deadline: Option<Instant>,
     /// The kernel refused bytes: wait for writability before flushing again.
@@ -252,7 +255,7 @@ impl Task {
             unwritten_since: None,
             unwritten_mark: 0,
             phase: Phase::Open,
-            last_read: Instant::now(),
+            last_heard: Instant::now(),
             pinged_at: None,
             close_deadline: None,
             write_blocked: false,
@@ -490,7 +493,7 @@ impl Task {
         }
         if (self.paused || self.budget_paused) && !(paused || budget_paused) {
             // Time spent not reading is not the client's silence.
-            self.last_read = Instant::now();
+            self.last_heard = Instant::now();
         }
         self.paused = paused;
         self.budget_paused = budget_paused;
@@ -530,7 +533,7 @@ impl Task {
             Poll::Ready(Ok(())) => {
                 match read(&self.conn, &self.stream, &mut self.rx, &mut self.replies) {
                     Read::Some => {
-                        self.last_read = Instant::now();
+                        self.last_heard = Instant::now();
                         self.arm_message_deadline(timer);
                         Step::Progress
                     }
@@ -583,7 +586,7 @@ impl Task {
             // those holding most.
             self.rx.since = Some(now);
         }
-        if self.pinged_at.is_some_and(|at| self.last_read > at) {
+        if self.pinged_at.is_some_and(|at| self.last_heard > at) {
             self.pinged_at = None;
         }
         if !idle.is_zero() && self.reads_nothing(now, idle) {
@@ -607,7 +610,7 @@ impl Task {
                 return Some(self.idle_timeout());
             }
             give_up
-        } else if now >= self.last_read + ping_after {
+        } else if now >= self.last_heard + ping_after {
             if !send_pings {
                 return Some(self.idle_timeout());
             }
@@ -619,7 +622,7 @@ impl Task {
             self.pinged_at = Some(now);
             now + (idle - ping_after)
         } else {
-            self.last_read + ping_after
+            self.last_heard + ping_after
         };
         let next = self.close_deadline.map_or(next, |d| d.min(next));
         let next = self
@@ -808,7 +811,11 @@ impl Task {
     fn poll_write(&mut self, cx: &mut Context<'_>, signals: u8) -> Step<()> {
         if self.write_blocked {
             match self.stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => self.write_blocked = false,
+                Poll::Ready(Ok(())) => {
+                    self.write_blocked = false;
+                    // Room the kernel refused is free again: the client read (`last_heard`).
+                    self.last_heard = Instant::now();
+                }
                 Poll::Ready(Err(_)) => return Step::Done(()),
                 Poll::Pending => return Step::Idle,
             }
