@@ -287,6 +287,8 @@ impl TlsSocket {
         let mut session = self.session.lock();
         let mut filled = 0;
         let mut result = Ok(());
+        // Every round used without a stop: records may still wait in the socket.
+        let mut rounds_spent = true;
         for round in 0..TLS_READS_PER_CALL {
             if round > 0 {
                 // A send flushing under its queue's lock (the loop thread's, holding the GIL)
@@ -299,15 +301,20 @@ impl TlsSocket {
                     filled += n;
                     // 0 with room left: the peer's close_notify, nothing comes after it.
                     if n == 0 || filled == buf.len() {
+                        rounds_spent = false;
                         break;
                     }
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The peer closed without close_notify: the end, as for a plain socket.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    rounds_spent = false;
+                    break;
+                }
                 Err(e) => {
                     result = Err(e);
+                    rounds_spent = false;
                     break;
                 }
             }
@@ -319,6 +326,7 @@ impl TlsSocket {
                 Ok(_) => {}
                 Err(e) => {
                     result = Err(e);
+                    rounds_spent = false;
                     break;
                 }
             }
@@ -326,6 +334,7 @@ impl TlsSocket {
                 // The alert rustls queued for it, best effort: the connection is over.
                 let _ = self.write_records(&mut session);
                 result = Err(io::Error::new(io::ErrorKind::InvalidData, err));
+                rounds_spent = false;
                 break;
             }
             if session.wants_write() {
@@ -334,9 +343,22 @@ impl TlsSocket {
                 let _ = self.write_records(&mut session);
             }
         }
+        if rounds_spent {
+            // The last round's records may have brought plaintext, which the socket will not
+            // announce again. What still waits in the socket keeps it readable.
+            match session.reader().read(&mut buf[filled..]) {
+                Ok(0) => rounds_spent = false,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => rounds_spent = false,
+            }
+        }
         self.more_plaintext
             .store(filled == buf.len() && filled > 0, Ordering::Relaxed);
         match result {
+            // Records without plaintext (padding, key updates) used every round: not the end
+            // of the stream, which only a close_notify or the peer's close is.
+            Ok(()) if filled == 0 && rounds_spent => Err(io::ErrorKind::WouldBlock.into()),
             Ok(()) => Ok(filled),
             Err(_) if filled > 0 => Ok(filled),
             Err(e) => Err(e),
