@@ -16,7 +16,8 @@ from websockets.asyncio.client import connect
 
 import brioche
 from brioche import server, websocket
-from conftest import Recorder, ServeFn, app_process, ws_url
+from conftest import Recorder, ServeFn, app_process, log_lines, ws_url
+from rawws import poll_until
 
 TIMEOUT = 5
 
@@ -934,3 +935,26 @@ async def test_header_values_are_iso_8859_1_both_ways(serve: ServeFn, caplog: py
     logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "brioche" and r.exc_info]
     reason = "characters above U+00FF and ASCII control characters other than tab cannot be sent"
     assert logged == [f"invalid value for header x-wide: {reason}", f"invalid value for header x-split: {reason}"]
+
+
+async def test_an_http2_preface_gets_505_and_is_logged_as_such(serve: ServeFn, caplog: pytest.LogCaptureFixture) -> None:
+    """An h2c client with prior knowledge opens with HTTP/2's preface. hyper ends such a
+    connection without a word, and it was counted and logged as "400, malformed request",
+    which the client never got; now it gets a 505 that says why, and the line says 505."""
+    caplog.set_level(logging.INFO, logger="brioche.http")
+    srv = await serve(websocket.init())
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    assert answer == (b"HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                      b"content-length: 22\r\nconnection: close\r\n\r\nHTTP/1.1 only, no h2c\n")
+    assert await poll_until(lambda: bool(log_lines(caplog, "brioche.http")), TIMEOUT)
+    assert log_lines(caplog, "brioche.http") == [
+        (logging.INFO, f"refused a request from 127.0.0.1:{port}: 505, an HTTP/2 connection preface: HTTP/1.1 only")
+    ]
+    assert srv.stats()["requests_rejected"] == 1

@@ -482,7 +482,13 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         // The connection, and with it the socket unless upgraded, is dropped here.
     };
     // try_recv, not await: an upgraded socket is elsewhere by now, and its sender with it.
-    if let Ok(stream) = given_back.try_recv() {
+    if let Ok(mut stream) = given_back.try_recv() {
+        if matches!(&served, Err(err) if err.is_parse_version_h2()) {
+            // hyper ends a connection that opens with HTTP/2's preface without a word: say why,
+            // as the other refusals do. Bounded: the socket is fresh, the answer small.
+            let answer = tokio::io::AsyncWriteExt::write_all(&mut stream, H2_PREFACE_ANSWER);
+            let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+        }
         // hyper ended the connection before the client closed its side: typically a refusal
         // (431, 400, 408) sent while the client was still sending. Not while stopping: stop()
         // must not wait on clients.
@@ -518,6 +524,13 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
                 )
             };
             reject_request(&shared, remote, status, why);
+        } else if err.is_parse_version_h2() {
+            reject_request(
+                &shared,
+                remote,
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "an HTTP/2 connection preface: HTTP/1.1 only",
+            );
         } else if err.is_parse() {
             reject_request(
                 &shared,
@@ -528,6 +541,12 @@ pub(crate) async fn serve_connection(stream: Stream, remote: Remote, shared: Arc
         }
     }
 }
+
+/// The answer to a connection that opens with HTTP/2's preface (an h2c client with prior
+/// knowledge): this server speaks HTTP/1.1 only.
+const H2_PREFACE_ANSWER: &[u8] = b"HTTP/1.1 505 HTTP Version Not Supported\r\n\
+    content-type: text/plain; charset=utf-8\r\ncontent-length: 22\r\nconnection: close\r\n\r\n\
+    HTTP/1.1 only, no h2c\n";
 
 /// The TLS handshake, by `deadline`. A client that speaks plain HTTP gets a plain 400 saying
 /// why; one that fails or stalls in the handshake is dropped, having cost at most rustls's
