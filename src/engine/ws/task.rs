@@ -161,8 +161,9 @@ struct Task {
     rx: Receiver,
     phase: Phase,
     /// When the client last showed it is there: bytes read from it, or its socket turning
-    /// writable again after the kernel refused bytes (it read part of its backlog, behind which
-    /// a ping may wait: uWS resets its idle timer on every write that drains backpressure).
+    /// writable again after the kernel refused bytes (its TCP stack took part of a backlog,
+    /// behind which a ping may wait: uWS resets its idle timer on every write that drains
+    /// backpressure). A backlog the kernels' buffers hold whole is not seen this way.
     last_heard: Instant,
     pinged_at: Option<Instant>,
     close_deadline: Option<Instant>,
