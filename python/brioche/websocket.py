@@ -389,6 +389,7 @@ class Config(Generic[T]):
         What the client sends counts, and so does its TCP stack taking bytes the kernel had
         refused (its answer to a keep-alive ping waits behind that backlog); what the server
         sends into a socket with room does not.
+
         A client that reads none of what is queued for it that long (the kernel refusing the
         queue and taking nothing of it when offered it again) is closed too, however much it
         sends, its pings included: it would otherwise hold its queue, up to

@@ -814,7 +814,8 @@ impl Task {
             match self.stream.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     self.write_blocked = false;
-                    // Room the kernel refused is free again: the client read (`last_heard`).
+                    // Room the kernel refused is free again: the client's side took bytes
+                    // (`last_heard`).
                     self.last_heard = Instant::now();
                 }
                 Poll::Ready(Err(_)) => return Step::Done(()),
