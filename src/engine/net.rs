@@ -287,78 +287,68 @@ impl TlsSocket {
         let mut session = self.session.lock();
         let mut filled = 0;
         let mut result = Ok(());
-        // Every round used without a stop: records may still wait in the socket.
-        let mut rounds_spent = true;
-        for round in 0..TLS_READS_PER_CALL {
-            if round > 0 {
-                // A send flushing under its queue's lock (the loop thread's, holding the GIL)
-                // waits for this lock: it gets it between rounds, not after up to 64 of them.
-                // Nothing to do when nobody waits.
-                MutexGuard::bump(&mut session);
-            }
-            match session.reader().read(&mut buf[filled..]) {
-                Ok(n) => {
-                    filled += n;
-                    // 0 with room left: the peer's close_notify, nothing comes after it.
-                    if n == 0 || filled == buf.len() {
-                        rounds_spent = false;
-                        break;
+        // Whether every round was used without a stop: records may still wait in the socket.
+        let spent = 'rounds: {
+            for round in 0..=TLS_READS_PER_CALL {
+                if round > 0 {
+                    // A send flushing under its queue's lock (the loop thread's, holding the
+                    // GIL) waits for this lock: it gets it between rounds, not after up to 64.
+                    // Nothing to do when nobody waits.
+                    MutexGuard::bump(&mut session);
+                }
+                match session.reader().read(&mut buf[filled..]) {
+                    Ok(n) => {
+                        filled += n;
+                        // 0 with room left: the peer's close_notify, nothing comes after it.
+                        if n == 0 || filled == buf.len() {
+                            break 'rounds false;
+                        }
+                        continue;
                     }
-                    continue;
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The peer closed without close_notify: the end, as for a plain socket.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break 'rounds false,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'rounds false;
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // The peer closed without close_notify: the end, as for a plain socket.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    rounds_spent = false;
-                    break;
+                if round == TLS_READS_PER_CALL {
+                    // The look above took what the last round's records brought, which the
+                    // socket will not announce again; what still waits there keeps it readable.
+                    break 'rounds true;
                 }
-                Err(e) => {
-                    result = Err(e);
-                    rounds_spent = false;
-                    break;
+                match self.read_records(&mut session) {
+                    Ok(0) => {
+                        // rustls now knows of the end: the next `reader().read` reports it.
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break 'rounds false;
+                    }
+                }
+                if let Err(err) = session.process_new_packets() {
+                    // The alert rustls queued for it, best effort: the connection is over.
+                    let _ = self.write_records(&mut session);
+                    result = Err(io::Error::new(io::ErrorKind::InvalidData, err));
+                    break 'rounds false;
+                }
+                if session.wants_write() {
+                    // A reply the peer's records asked for (a key update): out with the next
+                    // write if the socket is full now.
+                    let _ = self.write_records(&mut session);
                 }
             }
-            match self.read_records(&mut session) {
-                Ok(0) => {
-                    // rustls now knows of the end: the next `reader().read` reports it.
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    result = Err(e);
-                    rounds_spent = false;
-                    break;
-                }
-            }
-            if let Err(err) = session.process_new_packets() {
-                // The alert rustls queued for it, best effort: the connection is over.
-                let _ = self.write_records(&mut session);
-                result = Err(io::Error::new(io::ErrorKind::InvalidData, err));
-                rounds_spent = false;
-                break;
-            }
-            if session.wants_write() {
-                // A reply the peer's records asked for (a key update): out with the next write
-                // if the socket is full now.
-                let _ = self.write_records(&mut session);
-            }
-        }
-        if rounds_spent {
-            // The last round's records may have brought plaintext, which the socket will not
-            // announce again. What still waits in the socket keeps it readable.
-            match session.reader().read(&mut buf[filled..]) {
-                Ok(0) => rounds_spent = false,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => rounds_spent = false,
-            }
-        }
+            true
+        };
         self.more_plaintext
             .store(filled == buf.len() && filled > 0, Ordering::Relaxed);
         match result {
             // Records without plaintext (padding, key updates) used every round: not the end
             // of the stream, which only a close_notify or the peer's close is.
-            Ok(()) if filled == 0 && rounds_spent => Err(io::ErrorKind::WouldBlock.into()),
+            Ok(()) if filled == 0 && spent => Err(io::ErrorKind::WouldBlock.into()),
             Ok(()) => Ok(filled),
             Err(_) if filled > 0 => Ok(filled),
             Err(e) => Err(e),
