@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from rawws import RawWebSocket
 from test_workers import LISTENING, Supervisor, clients_covering
 
 APP = Path(__file__).with_name("relay_app.py")
@@ -116,3 +117,58 @@ async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(
     assert (await stats(b))["relay_publishes_lost"] == 0
     for ws in mine.values():
         await ws.close()
+
+
+async def test_a_relayed_publish_queued_for_a_client_that_does_not_read_holds_only_its_own_bytes() -> None:
+    """A client that reads nothing, in the worker the publishes are relayed to, subscribed to a
+    topic that one publish in sixty goes to: its queue fills to its backpressure limit (2 MiB)
+    and its worker's memory grows by about that much, as a local publisher's would. Before, each
+    relayed payload was a slice of the relay's 64 KiB read buffer, and each queued one kept its
+    whole buffer: about 60 times the limit (+120 MiB in the reviewer's run)."""
+    started = Supervisor(
+        [sys.executable, str(APP), "2"], LISTENING, env={"RELAY_APP_BACKPRESSURE": str(2 * MIB)}
+    )
+    try:
+        clients = await clients_covering(started.port, started.pids, 2, client_on)
+        mine: dict[int, ClientConnection] = {}
+        for ws, pid in clients:
+            if pid in mine:
+                await ws.close()
+            else:
+                mine[pid] = ws
+        (pa, publisher), (pb, probe) = sorted(mine.items())
+        slow = None
+        for _ in range(60):
+            raw = await RawWebSocket.connect(started.port, "/", rcvbuf=4096)
+            greeting = await raw.recv_data_frame()
+            if greeting.payload == f"pid {pb}".encode():
+                slow = raw
+                break
+            await raw.aclose()
+        assert slow is not None, "60 clients never reached the second worker"
+        await slow.send_text("sub sparse")
+        assert (await slow.recv_data_frame()).payload == b"subscribed"
+        slow.pause_reading()
+
+        async def rss() -> int:
+            await probe.send("rss")
+            return int(await asyncio.wait_for(probe.recv(), 10))
+
+        before = await rss()
+        # In parts, each relayed whole before the next (the probe gets the mark behind it), so
+        # that no more than 64 MiB ever wait for B in A's relay.
+        for part in range(24):
+            await publisher.send("spread 15000 1100 60")
+            assert await asyncio.wait_for(publisher.recv(), 30) == "done"
+            await publisher.send(f"pub mark {part}")
+            assert await asyncio.wait_for(probe.recv(), 30) == f"mark {part}"
+        grown = await rss() - before
+        dropped = (await stats(probe))["sends_dropped"]
+        assert dropped > 0, "the slow client's queue never reached its limit: the test proves nothing"
+        assert (await stats(publisher))["relay_publishes_lost"] == 0
+        assert grown < 24 * 1024, f"B's memory grew by {grown} KiB for a 2 MiB limit"
+        slow.close()
+        for ws in mine.values():
+            await ws.close()
+    finally:
+        started.stop()

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -271,6 +271,10 @@ async fn read_publishes(mut stream: UnixStream, shared: &Shared) {
             let len = frame.payload().len();
             shared.publish_local(&topic, frame, len, None, compress);
         }
+        if buf.is_empty() && buf.capacity() > KEPT_CAPACITY {
+            // Grown for one large publish: not kept for the link's life.
+            buf = BytesMut::with_capacity(64 * 1024);
+        }
     }
 }
 
@@ -288,8 +292,13 @@ fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame, bool)> {
     }
     let opcode = buf[8];
     buf.advance(HEADER);
-    let topic = String::from_utf8_lossy(&buf.split_to(topic_len)).into_owned();
-    let payload = buf.split_to(payload_len).freeze();
+    let topic = String::from_utf8_lossy(&buf[..topic_len]).into_owned();
+    buf.advance(topic_len);
+    // A copy of its own: a payload cut out of `buf` would keep the whole read buffer alive for
+    // as long as any subscriber's queue holds it, and a client that reads nothing, subscribed
+    // to a topic that one publish in sixty goes to, held 64 KiB per 1 KiB its limit counted.
+    let payload = Bytes::copy_from_slice(&buf[..payload_len]);
+    buf.advance(payload_len);
     Some((
         topic,
         OutFrame::new(opcode & !RSV1, payload),
@@ -375,6 +384,35 @@ mod tests {
             assert!(got[1].2, "to be compressed");
         }
         assert_eq!(relay.dropped(), 0);
+    }
+
+    #[test]
+    fn a_relayed_payload_is_a_copy_that_keeps_no_part_of_the_read_buffer() {
+        let (relay, outlet) = relay_with_one_sibling();
+        let shared = shared();
+        for _ in 0..50 {
+            relay.forward(
+                &shared,
+                "t",
+                &OutFrame::new(OP_BINARY, vec![7u8; 1100].into()),
+                false,
+            );
+        }
+        let wire = outlet.pending.lock().bytes.split().freeze();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        buf.extend_from_slice(&wire);
+        let read_buffer = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+        let mut payloads = 0;
+        while let Some((_, frame, _)) = next_publish(&mut buf) {
+            assert_eq!(frame.payload(), &[7u8; 1100][..]);
+            let at = frame.payload().as_ptr() as usize;
+            assert!(
+                !read_buffer.contains(&at),
+                "a slice of the read buffer would keep it all"
+            );
+            payloads += 1;
+        }
+        assert_eq!(payloads, 50);
     }
 
     #[test]
