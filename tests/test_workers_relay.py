@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake
 
 from rawws import RawWebSocket
 from test_workers import LISTENING, Supervisor, clients_covering
@@ -117,6 +118,48 @@ async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(
     assert (await stats(b))["relay_publishes_lost"] == 0
     for ws in mine.values():
         await ws.close()
+
+
+async def test_a_restarted_worker_accepts_once_linked_so_its_first_clients_publish_to_every_sibling(
+    sup: Supervisor,
+) -> None:
+    """A worker killed and restarted by the supervisor listens at once but accepts clients only
+    once its siblings have linked to it (they reconnect every 200 ms at most): a client that
+    lands on it and publishes at once reaches the siblings' subscribers. Before, the kernel
+    handed it clients as soon as it listened, and what they published before the links came up
+    reached no sibling, and was not counted."""
+    clients = await clients_covering(sup.port, sup.pids, 2, client_on)
+    mine: dict[int, ClientConnection] = {}
+    for ws, pid in clients:
+        if pid in mine:
+            await ws.close()
+        else:
+            mine[pid] = ws
+    (pa, a), (victim, b) = sorted(mine.items())
+    await b.close()
+    loop = asyncio.get_running_loop()
+    for trial in range(2):
+        os.kill(victim, signal.SIGKILL)
+        # Connections land on A until the new worker listens; then the kernel spreads them.
+        landed = None
+        deadline = loop.time() + 30
+        for _ in range(5000):
+            assert loop.time() < deadline, "no client reached the restarted worker within 30 s"
+            try:
+                ws, pid = await client_on(sup.port)
+            except (OSError, InvalidHandshake):
+                continue  # queued in the killed worker's listen backlog as it died: closed unread
+            if pid not in (pa, victim):
+                landed = (ws, pid)
+                break
+            await ws.close()
+        assert landed is not None
+        new, victim = landed
+        await new.send(f"pub hello {trial}")
+        assert await asyncio.wait_for(a.recv(), 10) == f"hello {trial}"
+        assert (await stats(new))["relay_publishes_lost"] == 0
+        await new.close()
+    await a.close()
 
 
 async def test_a_relayed_publish_queued_for_a_client_that_does_not_read_holds_only_its_own_bytes() -> None:

@@ -401,8 +401,9 @@ async def _serve_worker(
     if config.tls_files is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload_tls_logged, srv)
     snapshots = _worker_stats.Snapshots(slot.directory, slot.index)
-    # Serving from here (the port is shared): the supervisor watches the loop from now on, the
-    # wait for the siblings' links below included, as a handler may block it there too.
+    # Listening from here (the port is shared; the engine accepts clients once the siblings'
+    # links are up, or a second on): the supervisor watches the loop from now on, the wait for
+    # the links below included, as a handler may block it there too.
     try:
         ready.send(("listening", os.getpid()))
     except OSError:
@@ -414,7 +415,7 @@ async def _serve_worker(
         deadline = loop.time() + LINK_TIMEOUT
         # Bounded poll: the relay's links come up in the engine's threads, with no event to await.
         # A SIGTERM meanwhile (a sibling that died starting never links) ends the wait: this
-        # worker already serves, and must stop as gracefully as any.
+        # worker serves a second on at the latest, and must stop as gracefully as any.
         while (
             srv._engine.relay_links != (siblings, siblings)
             and loop.time() < deadline

@@ -163,9 +163,23 @@ impl Server {
         }
         if let Some(paths) = &shared.config.relay {
             relay::start(&shared, paths)?;
-        }
-        for listener in listeners {
-            shared.tracker.spawn(accept_loop(listener, shared.clone()));
+            // Listening already (clients wait in the backlog), accepting once linked: the first
+            // clients of a restarted worker publish as they arrive, and before its siblings had
+            // reconnected to it (up to 200 ms) what they published reached none of them.
+            let linked = shared.clone();
+            shared.tracker.spawn(async move {
+                relay::linked(&linked, relay::ACCEPT_WITHOUT_LINKS_AFTER).await;
+                if linked.shutdown.is_cancelled() {
+                    return;
+                }
+                for listener in listeners {
+                    linked.tracker.spawn(accept_loop(listener, linked.clone()));
+                }
+            });
+        } else {
+            for listener in listeners {
+                shared.tracker.spawn(accept_loop(listener, shared.clone()));
+            }
         }
         if let (Some(redis), Some(inbox)) = (redis, inbox) {
             shared

@@ -5,8 +5,10 @@
 //! Each worker listens on its own socket path; each connects to every sibling's path and reads
 //! what that sibling publishes. A worker thus receives its siblings' publishes as soon as its own
 //! connections are up, which is what a (re)started worker waits for before it reports ready.
-//! Delivery is at most once, as with Redis pub/sub: a sibling that is down, or so far behind
-//! that `OUTLET_LIMIT` bytes wait for it, misses the publishes meanwhile.
+//! Delivery is at most once, as with Redis pub/sub: a sibling that is down (or not yet linked),
+//! or so far behind that `OUTLET_LIMIT` bytes wait for it, misses the publishes meanwhile, and
+//! each miss is counted. A (re)started worker accepts clients only once its links are up (or
+//! after `ACCEPT_WITHOUT_LINKS_AFTER`), so that its first clients' publishes reach every sibling.
 //!
 //! Wire format of one publish: topic length (u32 LE), payload length (u32 LE), opcode (u8),
 //! topic, payload.
@@ -40,6 +42,11 @@ const KEPT_CAPACITY: usize = 1024 * 1024;
 /// Reconnecting to a sibling that went away (restarted): fast at first, then every 200 ms.
 const FIRST_RETRY: Duration = Duration::from_millis(5);
 const MAX_RETRY: Duration = Duration::from_millis(200);
+/// How long a (re)started worker waits for its links before it accepts clients without them: the
+/// siblings retry every `MAX_RETRY` at most, so live siblings link well within it, and one that
+/// is stuck (stopped, wedged) does not keep this worker from serving for longer. Clients the
+/// kernel hands this worker meanwhile wait in its listen backlog.
+pub(crate) const ACCEPT_WITHOUT_LINKS_AFTER: Duration = Duration::from_secs(1);
 
 /// One sibling reading our publishes: what waits for it, and the wake-up of its writer task.
 struct Outlet {
@@ -62,11 +69,16 @@ struct Pending {
 
 #[derive(Default)]
 pub struct Relay {
+    /// How many siblings there are, linked or not.
+    siblings: usize,
     outlets: Mutex<Vec<Arc<Outlet>>>,
     /// Siblings we receive from (our connections to them are up).
     receiving: AtomicUsize,
-    /// Publishes not written to a sibling because they would have passed `OUTLET_LIMIT`, once
-    /// per sibling that missed it (`relay_publishes_lost`).
+    /// A link came up (an outlet or a connection of ours): `linked` looks again.
+    links_changed: Notify,
+    /// Publishes a sibling missed, once per sibling that missed each (`relay_publishes_lost`):
+    /// not written to it because they would have passed `OUTLET_LIMIT`, or made while it had no
+    /// link to us (down, restarting, not yet connected).
     dropped: AtomicU64,
 }
 
@@ -75,12 +87,27 @@ const BEHIND: &str = "64 MiB already wait for it; more are not logged until it r
 const TOO_LARGE: &str = "a publish over 64 MiB";
 
 impl Relay {
+    pub(crate) fn new(siblings: usize) -> Self {
+        Self {
+            siblings,
+            ..Self::default()
+        }
+    }
+
     /// Queue a publish for every sibling; the writer tasks send it. Called on the publishing
     /// thread (the loop's, in a handler), so it only copies and signals.
     /// `compress` (the publisher asked for permessage-deflate) travels as RSV1 in the opcode byte.
     /// A sibling that misses it is counted, and logged through `shared` when its drops start.
     pub(crate) fn forward(&self, shared: &Shared, topic: &str, frame: &OutFrame, compress: bool) {
         let outlets = self.outlets.lock();
+        // A sibling with no link to us misses it as surely as one too far behind, and is
+        // counted so: a worker's crash, or the moment a restarted one took to link, left no
+        // trace but in the supervisor's log. (A sibling that restarted may briefly have two
+        // outlets, the old one's end not yet seen: it is not counted as missing then.)
+        let missing = self.siblings.saturating_sub(outlets.len());
+        if missing > 0 {
+            self.dropped.fetch_add(missing as u64, Ordering::Relaxed);
+        }
         if outlets.is_empty() {
             return;
         }
@@ -158,6 +185,27 @@ fn relay_of(shared: &Shared) -> &Relay {
         .expect("relay tasks run only with a relay")
 }
 
+/// Return once every sibling is linked both ways, the server stops, or `wait` has passed.
+pub(crate) async fn linked(shared: &Shared, wait: Duration) {
+    let relay = relay_of(shared);
+    let all_linked = async {
+        loop {
+            // Registered before the look, so that a link coming up in between still wakes it.
+            let changed = relay.links_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if relay.receiving() >= relay.siblings && relay.sending() >= relay.siblings {
+                return;
+            }
+            changed.await;
+        }
+    };
+    tokio::select! {
+        _ = shared.shutdown.cancelled() => {}
+        _ = tokio::time::timeout(wait, all_linked) => {}
+    }
+}
+
 async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shared>) {
     loop {
         tokio::select! {
@@ -166,7 +214,9 @@ async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shar
                 Ok((stream, _)) => {
                     let pid = stream.peer_cred().ok().and_then(|cred| cred.pid()).unwrap_or(0);
                     let outlet = Arc::new(Outlet { pending: Mutex::default(), ready: Notify::new(), pid });
-                    relay_of(&shared).outlets.lock().push(outlet.clone());
+                    let relay = relay_of(&shared);
+                    relay.outlets.lock().push(outlet.clone());
+                    relay.links_changed.notify_waiters();
                     shared.tracker.spawn(feed(stream, outlet, shared.clone()));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -240,6 +290,7 @@ async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
                 retry = FIRST_RETRY;
                 let relay = relay_of(&shared);
                 relay.receiving.fetch_add(1, Ordering::AcqRel);
+                relay.links_changed.notify_waiters();
                 let stopped = tokio::select! {
                     _ = shared.shutdown.cancelled() => true,
                     _ = read_publishes(stream, &shared) => false,
@@ -310,18 +361,24 @@ fn next_publish(buf: &mut BytesMut) -> Option<(String, OutFrame, bool)> {
 mod tests {
     use super::*;
     use crate::engine::bridge::events::Event;
-    use crate::engine::config::ServerConfig;
+    use crate::engine::config::{RelayPaths, ServerConfig};
     use crate::engine::ws::protocol::{OP_BINARY, OP_TEXT};
 
     fn relay_with_one_sibling() -> (Relay, Arc<Outlet>) {
-        let relay = Relay::default();
+        let relay = Relay::new(1);
+        let outlet = outlet_of(&relay);
+        (relay, outlet)
+    }
+
+    /// A sibling linked to `relay`.
+    fn outlet_of(relay: &Relay) -> Arc<Outlet> {
         let outlet = Arc::new(Outlet {
             pending: Mutex::default(),
             ready: Notify::new(),
             pid: 42,
         });
         relay.outlets.lock().push(outlet.clone());
-        (relay, outlet)
+        outlet
     }
 
     fn shared() -> Shared {
@@ -387,6 +444,34 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_is_counted_missed_by_each_sibling_with_no_link() {
+        let relay = Relay::new(3);
+        let linked = outlet_of(&relay);
+        let shared = shared();
+        let frame = OutFrame::new(OP_TEXT, "hi".into());
+        relay.forward(&shared, "t", &frame, false);
+        assert_eq!(relay.dropped(), 2, "two of the three siblings have no link");
+        assert!(
+            !linked.pending.lock().bytes.is_empty(),
+            "the linked one gets it"
+        );
+        relay.outlets.lock().clear();
+        relay.forward(&shared, "t", &frame, false);
+        assert_eq!(relay.dropped(), 5, "none linked: all three miss it");
+        // A sibling that restarted and linked again before its old link's end was seen.
+        outlet_of(&relay);
+        outlet_of(&relay);
+        outlet_of(&relay);
+        outlet_of(&relay);
+        relay.forward(&shared, "t", &frame, false);
+        assert_eq!(relay.dropped(), 5);
+        assert!(
+            logged(&shared).is_empty(),
+            "counted, not logged: the supervisor says why"
+        );
+    }
+
+    #[test]
     fn a_relayed_payload_is_a_copy_that_keeps_no_part_of_the_read_buffer() {
         let (relay, outlet) = relay_with_one_sibling();
         let shared = shared();
@@ -413,6 +498,61 @@ mod tests {
             payloads += 1;
         }
         assert_eq!(payloads, 50);
+    }
+
+    #[test]
+    fn accepting_waits_for_every_link_both_ways_or_the_stop() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let config = ServerConfig {
+                relay: Some(RelayPaths {
+                    listen: "/nonexistent/a".into(),
+                    peers: vec!["/nonexistent/b".into(), "/nonexistent/c".into()],
+                }),
+                ..ServerConfig::default()
+            };
+            let shared = Arc::new(Shared::new(config, None).unwrap());
+            let relay = relay_of(&shared);
+            let waiting = tokio::spawn({
+                let shared = shared.clone();
+                async move { linked(&shared, Duration::from_secs(600)).await }
+            });
+            let link = |outlet: bool| {
+                if outlet {
+                    outlet_of(relay);
+                } else {
+                    relay.receiving.fetch_add(1, Ordering::AcqRel);
+                }
+                relay.links_changed.notify_waiters();
+            };
+            // Each link but the last: still waiting.
+            for outlet in [true, false, true] {
+                link(outlet);
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished());
+            }
+            link(false);
+            tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("linked both ways: accepting starts")
+                .unwrap();
+            // A sibling that never links: the stop ends the wait.
+            relay.receiving.fetch_sub(1, Ordering::AcqRel);
+            let waiting = tokio::spawn({
+                let shared = shared.clone();
+                async move { linked(&shared, Duration::from_secs(600)).await }
+            });
+            tokio::task::yield_now().await;
+            assert!(!waiting.is_finished());
+            shared.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(10), waiting)
+                .await
+                .expect("the stop ends the wait")
+                .unwrap();
+        });
     }
 
     #[test]

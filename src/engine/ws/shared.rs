@@ -72,7 +72,10 @@ impl Shared {
         Ok(Self {
             remote,
             budget: IncomingBudget::new(config.max_incoming_bytes),
-            relay: config.relay.as_ref().map(|_| Relay::default()),
+            relay: config
+                .relay
+                .as_ref()
+                .map(|paths| Relay::new(paths.peers.len())),
             tls: config.tls.clone().map(Certs::new).transpose()?,
             config,
             events: EventQueue::new()?,
