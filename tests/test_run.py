@@ -237,6 +237,33 @@ async def test_demo_module_prints_its_address_and_echoes(host_args: list[str], o
     assert proc.returncode == 0
 
 
+async def test_demo_module_stops_on_sighup_as_on_sigterm() -> None:
+    """SIGHUP (the demo's terminal closed) stops the demo gracefully, as it stops ``run()`` and
+    ``--workers``: its client gets 1001 and it exits 0. Before, the signal was left to its
+    default in one process: the demo died with 129 and its client got 1006."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "brioche", "--host", "127.0.0.1", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=hangup_by_default,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+        match = re.match(r"brioche demo listening on http://127\.0\.0\.1:(\d+)/ ", line)
+        assert match, line
+        async with connect(f"ws://127.0.0.1:{match.group(1)}/echo") as client:
+            await client.send("before")
+            assert await client.recv() == "before"
+            proc.send_signal(signal.SIGHUP)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await kill_if_running(proc)
+    assert proc.returncode == 0, err.decode()
+    assert "SIGHUP: nothing to reload without tls(): stopping, as on SIGTERM" in err.decode()
+
+
 async def test_demo_module_says_what_is_wrong_with_port_and_still_shows_its_help() -> None:
     async def demo(*args: str, port_env: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(

@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import brioche
 from brioche import server, websocket
-from brioche._server import BindError, _http_url, _wildcard_note, run_loop
+from brioche._server import BindError, _hang_up_stops, _http_url, _wildcard_note, run_loop
 
 CHAT = "chat"
 
@@ -170,11 +170,15 @@ def main() -> None:
     async def run() -> None:
         # Ctrl+C and SIGTERM are handled by the loop, not left to KeyboardInterrupt: they stop
         # the server the same way on every loop and CPython, and a SIGINT the parent process
-        # ignored (a shell's background job, some CI runners) still stops the demo.
+        # ignored (a shell's background job, some CI runners) still stops the demo. SIGHUP (its
+        # terminal closed) too, as under `run()` and `--workers`, unless started ignoring it
+        # (`nohup`): left to its default, it ended the demo with no close frame to anyone.
         stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop_requested.set)
+        if _hang_up_stops():
+            loop.add_signal_handler(signal.SIGHUP, server._hang_up, stop_requested)
         srv = await config().hostname(args.host).port(args.port).serve()
         on = "uvloop; " if args.uvloop else ""
         print(f"brioche demo listening on {srv.url}{_wildcard_note(args.host)} ({on}Ctrl+C to stop)", flush=True)
