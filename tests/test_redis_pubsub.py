@@ -359,6 +359,50 @@ async def test_two_processes_share_a_topic_exactly_once_and_in_order(
     await b_control.close()
 
 
+@pytest.mark.parametrize("close_active", [False, True], ids=["stop", "stop-closing-all"])
+async def test_what_clients_publish_while_their_server_stops_reaches_the_other_processes(
+    redis: Redis,
+    serve: ServeFn,
+    peer: Callable[..., Awaitable[Peer]],
+    clients: Callable[[str], Awaitable[Collector]],
+    close_active: bool,
+) -> None:
+    """A server's link to Redis lasts until its last connection has ended, not only until the
+    stop begins: what a client publishes during a graceful ``stop()`` (which waits for the
+    clients to leave), or what ``on_close`` publishes as ``stop(close_active_connections=True)``
+    closes every socket or as the last client leaves (a user who left), reaches the other
+    processes. Before, the link ended as the stop began, and those publishes were counted lost."""
+    config = topics_config()
+
+    def on_close(ws: brioche.WebSocket[Any], code: int, reason: str) -> None:
+        if ws.data == "leaver":
+            ws.publish("chat", f"left {code}")
+
+    srv = await serve(config.on_close(on_close), pubsub_redis=redis.url)
+    other = await peer(redis.url)
+    remote = await clients(other.url("/ws?chat"))
+    await until(_equals(redis, "brioche:chat", 1), "the peer to subscribe")
+    leaver = await clients(ws_url(srv, "/ws?leaver"))
+    await leaver.client.send("pub chat before")
+    await until(lambda: remote.messages == ["before"], "the publish before the stop")
+
+    stopping = asyncio.ensure_future(srv.stop(close_active_connections=close_active))
+    if close_active:
+        await asyncio.wait_for(stopping, 10)
+        await until(lambda: remote.messages == ["before", "left 1001"], "on_close's publish during the stop")
+    else:
+        await until(lambda: srv._stop_called, "the stop to begin")
+        assert srv.stats()["open_connections"] == 1
+        await leaver.client.send("pub chat during")
+        await until(lambda: remote.messages == ["before", "during"], "the publish during the stop")
+        await leaver.client.close()
+        await asyncio.wait_for(stopping, 10)
+        await until(lambda: remote.messages == ["before", "during", "left 1000"], "on_close's publish")
+    stats = srv.stats()
+    assert stats["redis_publishes_lost"] == 0
+    assert stats["redis_published"] == len(remote.messages)
+
+
 @pytest.mark.once
 async def test_redis_restart_mid_stream(
     redis: Redis,

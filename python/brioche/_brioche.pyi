@@ -12,7 +12,7 @@ __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "check_redis_url", "EVENT_OPEN", "EVENT_TEXT",
     "EVENT_BYTES", "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG",
-    "EVENT_TEXT_RUN", "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG",
+    "EVENT_TEXT_RUN", "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG", "EVENT_LINKS_ENDED",
     "__version__",
 ]
 
@@ -35,6 +35,7 @@ EVENT_BYTES_RUN: int
 EVENT_REQUEST: int
 EVENT_STOPPED: int
 EVENT_LOG: int
+EVENT_LINKS_ENDED: int
 
 class BriocheError(Exception):
     """Root of the exceptions brioche raises."""
@@ -248,6 +249,7 @@ class Engine:
     def drain(self, max_events: int) -> list[tuple[Any, ...]]: ...
     def end_batch(self) -> tuple[int, int]: ...
     def stop(self, close_active_connections: bool) -> None: ...
+    def end_links(self) -> bool: ...
     def publish(
         self, topic: str, message: str | Buffer, compress: bool = False
     ) -> _SendStatus: ...

@@ -64,6 +64,7 @@ _TEXT_RUN = _brioche.EVENT_TEXT_RUN
 _BYTES_RUN = _brioche.EVENT_BYTES_RUN
 _REQUEST = _brioche.EVENT_REQUEST
 _STOPPED = _brioche.EVENT_STOPPED
+_LINKS_ENDED = _brioche.EVENT_LINKS_ENDED
 _LOG = _brioche.EVENT_LOG
 _EVENT_NAMES = {_OPEN: "on_open", _TEXT: "on_text", _BYTES: "on_bytes", _DRAIN: "on_drain",
                 _CLOSE: "on_close", _PING: "on_ping", _PONG: "on_pong"}
@@ -445,7 +446,7 @@ class Server(Generic[T]):
 
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
-        "_stopped", "_engine_stopped", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
+        "_stopped", "_engine_stopped", "_links_ending", "_links_ended", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
         "_close_tasks", "_request_tasks", "_stop_cancelled", "_stop_waiters", "_answering",
         "_context", "_ended", "_run",
         "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "_fan_out_peak", "_handler_errors",
@@ -463,6 +464,8 @@ class Server(Generic[T]):
     _paused: set[WebSocket[T]]
     _stopped: asyncio.Future[None]
     _engine_stopped: bool
+    _links_ending: bool
+    _links_ended: bool
     _stop_called: bool
     _closing_all: bool
     _cancelling_all: bool
@@ -576,6 +579,8 @@ class Server(Generic[T]):
         self._paused = set()
         self._stopped = loop.create_future()
         self._engine_stopped = False
+        self._links_ending = False
+        self._links_ended = False
         self._stop_called = False
         self._closing_all = False
         self._cancelling_all = False
@@ -1039,14 +1044,14 @@ class Server(Generic[T]):
         """Stop watching the wake-up for HOLD_SECONDS; what arrives meanwhile waits for it.
 
         Never called while held: with the reader removed, ``_on_wake`` does not run."""
-        if self._wake_thread is not None or self._engine_stopped:
+        if self._wake_thread is not None or self._links_ended:
             return
         self._loop.remove_reader(self._fd)
         self._batches_held += 1
         self._loop.call_later(HOLD_SECONDS, self._unhold)
 
     def _unhold(self) -> None:
-        if not self._engine_stopped:
+        if not self._links_ended:
             self._loop.add_reader(self._fd, self._on_wake)
 
     def _size_next_batch(self, count: int, seconds: float, writes: float) -> None:
@@ -1108,6 +1113,8 @@ class Server(Generic[T]):
                     self._on_request(event[1])
                 elif kind == _STOPPED:
                     self._on_stopped()
+                elif kind == _LINKS_ENDED:
+                    self._on_links_ended()
                 elif kind == _LOG:
                     self._log(event)
         except BaseException:
@@ -1611,19 +1618,38 @@ class Server(Generic[T]):
             pending.respond(fallback.status, list(fallback.headers), fallback.body_bytes())
 
     def _on_stopped(self) -> None:
-        """Every connection has ended: stop watching, and finish once the handlers have."""
-        if self._wake_thread is None:
-            self._loop.remove_reader(self._fd)
+        """Every connection has ended: finish once the handlers have, and then the links to
+        other processes (``_check_stopped``)."""
         self._engine_stopped = True
         if self._closing_all:
             for task in self._tasks - self._close_tasks - self._stop_waiters.keys():
                 self._cancel_for_stop(task)
         self._check_stopped()
 
+    def _on_links_ended(self) -> None:
+        self._links_ended = True
+        self._stop_watching()
+        self._check_stopped()
+
+    def _stop_watching(self) -> None:
+        if self._wake_thread is None:
+            self._loop.remove_reader(self._fd)
+
     def _check_stopped(self) -> None:
         if not self._engine_stopped:
             return
         if not self._tasks:
+            if not self._links_ended:
+                # Every handler has run, on_close's included: what they published for other
+                # processes (Redis, sibling workers) goes out before the stop is over, and the
+                # links end after it (EVENT_LINKS_ENDED), still watched for.
+                if not self._links_ending:
+                    self._links_ending = True
+                    if not self._engine.end_links():
+                        self._links_ended = True
+                        self._stop_watching()
+                if not self._links_ended:
+                    return
             if not self._stopped.done():
                 self._stopped.set_result(None)
                 self._forget_loop_end()

@@ -183,7 +183,7 @@ impl Server {
         }
         if let (Some(redis), Some(inbox)) = (redis, inbox) {
             shared
-                .tracker
+                .link_tracker
                 .spawn(broker::run(shared.clone(), redis, inbox));
         }
         Ok(Server { shared, addresses })
@@ -271,6 +271,28 @@ impl Server {
                 shared.events.push(Event::Stopped);
             });
         }
+    }
+
+    /// End the links to other processes (Redis, sibling workers), once the server has stopped
+    /// and the application has handled every event (`on_close` may publish): they send what is
+    /// queued, end, and `Event::LinksEnded` follows. Until then they run on, or a stop lost what
+    /// its closing clients published for the other processes. False when there are none (no
+    /// event follows).
+    pub fn end_links(&self) -> bool {
+        let shared = &self.shared;
+        if shared.link_tracker.is_empty() {
+            return false;
+        }
+        if !shared.links_end.is_cancelled() {
+            shared.links_end.cancel();
+            shared.link_tracker.close();
+            let shared = shared.clone();
+            runtime().spawn(async move {
+                shared.link_tracker.wait().await;
+                shared.events.push(Event::LinksEnded);
+            });
+        }
+        true
     }
 }
 

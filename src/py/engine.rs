@@ -18,8 +18,9 @@ use super::status;
 use super::text::py_text;
 use super::websocket::{str_or_bytes_error, topic_arg, with_bytes, PyWebSocket};
 use super::{
-    EVENT_BYTES, EVENT_BYTES_RUN, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LOG, EVENT_OPEN,
-    EVENT_PING, EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT, EVENT_TEXT_RUN,
+    EVENT_BYTES, EVENT_BYTES_RUN, EVENT_CLOSE, EVENT_DRAIN, EVENT_FAIL, EVENT_LINKS_ENDED,
+    EVENT_LOG, EVENT_OPEN, EVENT_PING, EVENT_PONG, EVENT_REQUEST, EVENT_STOPPED, EVENT_TEXT,
+    EVENT_TEXT_RUN,
 };
 use crate::engine::{
     begin_send_batch, end_send_batch, Address, DeflateConfig, Event, Listen, LogKind, LogRecord,
@@ -110,9 +111,11 @@ impl PyEngine {
                 | Event::PeerClose(id, ..) => (Some(id), false),
                 Event::Close(id, ..) => (Some(id), true),
                 Event::Open(_) => (None, true),
-                Event::Request(_) | Event::UpgradeFailed(_) | Event::Stopped | Event::Log(_) => {
-                    (None, false)
-                }
+                Event::Request(_)
+                | Event::UpgradeFailed(_)
+                | Event::Stopped
+                | Event::LinksEnded
+                | Event::Log(_) => (None, false),
             };
             // A reference count taken, no object made: nothing here can call back into us.
             out.push(id.and_then(|id| sockets.get(id)).map(|ws| ws.clone_ref(py)));
@@ -290,6 +293,7 @@ impl PyEngine {
                 return Ok(None);
             }
             Event::Stopped => (EVENT_STOPPED,).into_pyobject(py)?.into_any(),
+            Event::LinksEnded => (EVENT_LINKS_ENDED,).into_pyobject(py)?.into_any(),
             Event::Log(record) => log_record(py, record)?,
             Event::Request(_) => unreachable!("taken by event_to_py"),
         };
@@ -658,6 +662,13 @@ impl PyEngine {
         release_sent(py);
     }
 
+    /// Once stopped and every event handled: end the links to other processes (Redis, sibling
+    /// workers) after what is queued for them is sent; `EVENT_LINKS_ENDED` follows. False when
+    /// the server has none (no event follows).
+    fn end_links(&self) -> bool {
+        self.server.end_links()
+    }
+
     /// Send `message` (text for `str`, binary otherwise) to every subscriber of `topic`;
     /// `compress` as `WebSocket.publish`'s.
     #[pyo3(signature = (topic, message, compress = false))]
@@ -884,8 +895,10 @@ fn new_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
 
 impl Drop for PyEngine {
     fn drop(&mut self) {
-        // Nobody can handle this server's events any more: stop it rather than leak its sockets.
+        // Nobody can handle this server's events any more: stop it rather than leak its sockets,
+        // and its links to other processes.
         self.server.stop(true);
+        self.server.end_links();
     }
 }
 

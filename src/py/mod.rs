@@ -31,6 +31,7 @@ pub const EVENT_BYTES_RUN: u8 = 9;
 pub const EVENT_REQUEST: u8 = 10;
 pub const EVENT_STOPPED: u8 = 11;
 pub const EVENT_LOG: u8 = 12;
+pub const EVENT_LINKS_ENDED: u8 = 13;
 
 /// A random, time-ordered UUID (RFC 9562 version 7) as a string.
 #[pyfunction]
@@ -80,6 +81,7 @@ fn _brioche(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EVENT_BYTES_RUN", EVENT_BYTES_RUN)?;
     m.add("EVENT_REQUEST", EVENT_REQUEST)?;
     m.add("EVENT_STOPPED", EVENT_STOPPED)?;
+    m.add("EVENT_LINKS_ENDED", EVENT_LINKS_ENDED)?;
     m.add("EVENT_LOG", EVENT_LOG)?;
     Ok(())
 }

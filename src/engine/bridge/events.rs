@@ -80,6 +80,9 @@ pub enum Event<C> {
     UpgradeFailed(u64),
     /// The server stopped: its listener is closed and every connection has ended.
     Stopped,
+    /// After `Server::end_links`: the links to other processes (Redis, sibling workers) have
+    /// sent what the connections published and ended.
+    LinksEnded,
     /// A line for Python's `logging`.
     Log(Box<LogRecord>),
 }

@@ -104,6 +104,8 @@ const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Publishes (or topic changes) written to Redis in one pipeline.
 const BATCH: usize = 1024;
+/// How long a stopped server's link may take to send the last publishes of its connections.
+const LAST_PUBLISHES: Duration = Duration::from_secs(2);
 /// Origins (on a cluster, origins in a slot) remembered for duplicate checks; each restarted
 /// process is a new one, so the map is emptied when it grows past this rather than growing for
 /// ever.
@@ -142,7 +144,9 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
         seq: 0,
         arrived: Arrivals::new(false),
     };
-    let shutdown = link.shared.shutdown.clone();
+    // Not the stop's start: the link carries what the server's connections publish while they
+    // close (an `on_close` saying a user left), and ends once they all have (`Server::stop`).
+    let shutdown = link.shared.links_end.clone();
     let mut backoff = MIN_BACKOFF;
     let mut down = false;
     // Redis's code in the last line that said the link is down (`Down::code`).
@@ -160,19 +164,16 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
                     down = false;
                 }
                 backoff = MIN_BACKOFF;
-                let ended = tokio::select! {
-                    _ = shutdown.cancelled() => None,
-                    lost = link.serve(&mut conn, &mut pushes, &mut inbox) => Some(lost),
-                };
+                // Not raced against the end: `serve` ends at it between two pipelines, with what
+                // is queued sent, where dropping it would lose a pipeline on its way.
+                let reason = link.serve(&mut conn, &mut pushes, &mut inbox).await;
                 link.remote().set_connected(false);
-                match ended {
-                    None => return,
-                    Some(reason) => {
-                        link.fan_out_left(&mut pushes);
-                        link.subscribed.clear();
-                        reason
-                    }
+                if shutdown.is_cancelled() {
+                    return;
                 }
+                link.fan_out_left(&mut pushes);
+                link.subscribed.clear();
+                reason
             }
             Err(reason) => reason,
         };
@@ -857,6 +858,42 @@ impl Link {
                     }
                 }
                 Some(e) = failed.recv() => return why("no answer to PING", &e),
+                _ = shared.links_end.cancelled() => {
+                    self.publish_last(conn, inbox, &mut outgoing).await;
+                    return "server stopped".into();
+                }
+            }
+        }
+    }
+
+    /// The server has stopped and its connections have all ended: send what they published
+    /// that is still queued, within `LAST_PUBLISHES` (a Redis that does not answer must not
+    /// hold the stop), and count what is not sent as lost.
+    async fn publish_last(
+        &mut self,
+        conn: &mut Conn,
+        inbox: &mut RemoteInbox,
+        outgoing: &mut Vec<Outgoing>,
+    ) {
+        // A publish from here on (the application's own, after its stop) is refused as lost,
+        // not queued where nothing would take it.
+        self.remote().set_connected(false);
+        while let Ok(out) = inbox.outgoing.try_recv() {
+            outgoing.push(out);
+        }
+        let deadline = tokio::time::Instant::now() + LAST_PUBLISHES;
+        while !outgoing.is_empty() {
+            let batch = self.prepare(conn, outgoing);
+            let replies = tokio::time::timeout_at(deadline, self.send(conn, &batch))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(
+                        io::Error::new(io::ErrorKind::TimedOut, "no answer as the server stopped")
+                            .into(),
+                    )
+                });
+            if self.settle(batch, replies).is_err() {
+                self.lose(outgoing);
             }
         }
     }

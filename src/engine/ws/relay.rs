@@ -47,6 +47,8 @@ const MAX_RETRY: Duration = Duration::from_millis(200);
 /// is stuck (stopped, wedged) does not keep this worker from serving for longer. Clients the
 /// kernel hands this worker meanwhile wait in its listen backlog.
 pub(crate) const ACCEPT_WITHOUT_LINKS_AFTER: Duration = Duration::from_secs(1);
+/// How long a stopped server's sibling may take to read the last publishes of its connections.
+const LAST_PUBLISHES: Duration = Duration::from_secs(2);
 
 /// One sibling reading our publishes: what waits for it, and the wake-up of its writer task.
 struct Outlet {
@@ -165,14 +167,14 @@ pub(crate) fn start(shared: &Arc<Shared>, config: &RelayPaths) -> io::Result<()>
     let listener = StdUnixListener::bind(&config.listen)?;
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)?;
-    shared.tracker.spawn(accept_siblings(
+    shared.link_tracker.spawn(accept_siblings(
         listener,
         config.listen.clone(),
         shared.clone(),
     ));
     for peer in &config.peers {
         shared
-            .tracker
+            .link_tracker
             .spawn(receive_from(peer.clone(), shared.clone()));
     }
     Ok(())
@@ -209,7 +211,7 @@ pub(crate) async fn linked(shared: &Shared, wait: Duration) {
 async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shared>) {
     loop {
         tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
+            _ = shared.links_end.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let pid = stream.peer_cred().ok().and_then(|cred| cred.pid()).unwrap_or(0);
@@ -217,7 +219,7 @@ async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shar
                     let relay = relay_of(&shared);
                     relay.outlets.lock().push(outlet.clone());
                     relay.links_changed.notify_waiters();
-                    shared.tracker.spawn(feed(stream, outlet, shared.clone()));
+                    shared.link_tracker.spawn(feed(stream, outlet, shared.clone()));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
@@ -226,17 +228,28 @@ async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shar
     let _ = std::fs::remove_file(path);
 }
 
-/// Write our publishes to one sibling until it goes away or we stop.
+/// Write our publishes to one sibling until it goes away or we stop. Once the server's
+/// connections have all ended (`links_end`), what they published is written, then the task
+/// ends; a sibling that does not take it within `LAST_PUBLISHES` (stopped, wedged) does not
+/// hold the stop longer.
 async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
     let (mut reader, mut writer) = stream.into_split();
     let mut probe = [0u8; 1];
     let mut chunk = BytesMut::new();
+    let given_up = async {
+        shared.links_end.cancelled().await;
+        tokio::time::sleep(LAST_PUBLISHES).await;
+    };
+    tokio::pin!(given_up);
+    let mut ending = false;
     loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            // A sibling never writes: readable means it closed (died or stopped).
-            _ = reader.read(&mut probe) => break,
-            _ = outlet.ready.notified() => {}
+        if !ending {
+            tokio::select! {
+                _ = shared.links_end.cancelled() => ending = true,
+                // A sibling never writes: readable means it closed (died or stopped).
+                _ = reader.read(&mut probe) => break,
+                _ = outlet.ready.notified() => {}
+            }
         }
         {
             let mut pending = outlet.pending.lock();
@@ -244,13 +257,16 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
             pending.in_flight = chunk.len();
         }
         if chunk.is_empty() {
+            if ending {
+                break;
+            }
             continue;
         }
-        // Raced against the stop and the sibling's end, as the wait above: a sibling that is
-        // stopped (SIGSTOP, a debugger) would otherwise hold this write, and the server's stop
-        // that waits for this task, for as long as it stays so.
+        // Raced against the sibling's end, as the wait above: a sibling that is stopped
+        // (SIGSTOP, a debugger) would otherwise hold this write, and once this server has
+        // stopped, the stop that waits for this task, for as long as it stays so.
         let written = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
+            _ = &mut given_up => break,
             _ = reader.read(&mut probe) => break,
             written = writer.write_all(&chunk) => written,
         };
@@ -282,7 +298,7 @@ async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
     let mut retry = FIRST_RETRY;
     loop {
         let connected = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.links_end.cancelled() => return,
             connected = UnixStream::connect(&path) => connected,
         };
         match connected {
@@ -292,7 +308,7 @@ async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
                 relay.receiving.fetch_add(1, Ordering::AcqRel);
                 relay.links_changed.notify_waiters();
                 let stopped = tokio::select! {
-                    _ = shared.shutdown.cancelled() => true,
+                    _ = shared.links_end.cancelled() => true,
                     _ = read_publishes(stream, &shared) => false,
                 };
                 relay.receiving.fetch_sub(1, Ordering::AcqRel);
@@ -302,7 +318,7 @@ async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
             }
             Err(_) => {
                 tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
+                    _ = shared.links_end.cancelled() => return,
                     _ = tokio::time::sleep(retry) => {}
                 }
                 retry = (retry * 2).min(MAX_RETRY);

@@ -52,6 +52,13 @@ pub struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Every task of this server: the accept loop, HTTP connections, WebSocket connections.
     pub(crate) tracker: TaskTracker,
+    /// Every task of `tracker` has ended, after a stop: the links to other processes (Redis,
+    /// sibling workers) send what the connections published while they closed, then end.
+    pub(crate) links_end: CancellationToken,
+    /// The tasks of those links (`broker::run`, the relay's), which outlive `tracker`'s, so that
+    /// a client's publish during a graceful stop (an `on_close` saying it left) still reaches
+    /// the other processes.
+    pub(crate) link_tracker: TaskTracker,
     /// `stop(close_active_connections=True)` was called: sockets opening late close at once.
     pub(crate) closing_all: AtomicBool,
     /// The same, for HTTP connections: none waits on its client any longer (`http/serve.rs`).
@@ -89,6 +96,8 @@ impl Shared {
             next_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            links_end: CancellationToken::new(),
+            link_tracker: TaskTracker::new(),
             closing_all: AtomicBool::new(false),
             force_stop: CancellationToken::new(),
             stopping: AtomicBool::new(false),
