@@ -12,7 +12,8 @@ __all__ = [
     "BriocheError", "MessageSent", "MessageBackpressured", "MessageDropped", "WebSocket",
     "PendingRequest", "Engine", "random_uuid_v7", "check_redis_url", "EVENT_OPEN", "EVENT_TEXT",
     "EVENT_BYTES", "EVENT_DRAIN", "EVENT_CLOSE", "EVENT_FAIL", "EVENT_PING", "EVENT_PONG",
-    "EVENT_TEXT_RUN", "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG", "EVENT_LINKS_ENDED",
+    "EVENT_TEXT_RUN", "EVENT_BYTES_RUN", "EVENT_REQUEST", "EVENT_STOPPED", "EVENT_LOG",
+    "EVENT_LINKS_ENDED",
     "__version__",
 ]
 

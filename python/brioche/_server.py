@@ -446,8 +446,9 @@ class Server(Generic[T]):
 
     __slots__ = (
         "_engine", "_config", "_loop", "_fd", "_handlers", "_eager", "_busy", "_running", "_paused",
-        "_stopped", "_engine_stopped", "_links_ending", "_links_ended", "_stop_called", "_closing_all", "_cancelling_all", "_tasks",
-        "_close_tasks", "_request_tasks", "_stop_cancelled", "_stop_waiters", "_answering",
+        "_stopped", "_engine_stopped", "_links_ending", "_links_ended", "_stop_called",
+        "_closing_all", "_cancelling_all", "_tasks", "_close_tasks", "_request_tasks",
+        "_stop_cancelled", "_stop_waiters", "_answering",
         "_context", "_ended", "_run",
         "_loop_thread", "_batch_max", "_wake_thread", "_batches_held", "_fan_out_peak", "_handler_errors",
         "_left_out_due", "_loop_end", "hostname", "unix",
