@@ -315,8 +315,9 @@ class Stats(TypedDict):
 
     Under ``run(config, workers=n)`` without Redis: ``relay_publishes_lost`` counts the
     publishes a sibling worker missed because 64 MiB already waited for it or was being written
-    to it (or the publish alone was larger), or because it had no link to this worker (down,
-    restarting, not yet connected), once per sibling that missed it (always 0 otherwise).
+    to it (or the publish alone was larger), or because it had no link to this worker (it died,
+    or was restarting or not yet connected; not one that stopped gracefully, which had no client
+    left), once per sibling that missed it (always 0 otherwise).
 
     ``reads_paused`` counts the times a connection stopped reading because the server held more
     than ``max_incoming_bytes`` of incoming messages and request bodies (see

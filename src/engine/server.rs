@@ -296,6 +296,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// Nothing can ask for the links' end any more: they end now, or they would run on for the
+    /// process's life after a stop.
+    fn drop(&mut self) {
+        self.end_links();
+    }
+}
+
 /// One listener's loop. It owns the listener: when it ends, the listener closes (and a socket
 /// file this server created is removed) before the tracker lets `Event::Stopped` out.
 async fn accept_loop(listener: Listener, shared: Arc<Shared>) {

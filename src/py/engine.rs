@@ -895,10 +895,9 @@ fn new_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
 
 impl Drop for PyEngine {
     fn drop(&mut self) {
-        // Nobody can handle this server's events any more: stop it rather than leak its sockets,
-        // and its links to other processes.
+        // Nobody can handle this server's events any more: stop it rather than leak its sockets
+        // (its links to other processes end as it drops).
         self.server.stop(true);
-        self.server.end_links();
     }
 }
 

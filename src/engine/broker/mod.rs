@@ -153,7 +153,7 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
     let mut logged_code = None;
     loop {
         let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return link.lose_queued(&mut inbox, true),
             connected = link.connect(&client, &info) => connected,
         };
         let reason = match connected {
@@ -169,7 +169,9 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
                 let reason = link.serve(&mut conn, &mut pushes, &mut inbox).await;
                 link.remote().set_connected(false);
                 if shutdown.is_cancelled() {
-                    return;
+                    // Whatever ended `serve` (the end, or Redis failing during the last
+                    // publishes), nothing queued is left uncounted.
+                    return link.lose_queued(&mut inbox, true);
                 }
                 link.fan_out_left(&mut pushes);
                 link.subscribed.clear();
@@ -190,15 +192,9 @@ pub(crate) async fn run(shared: Arc<Shared>, config: RedisConfig, mut inbox: Rem
             down = true;
         }
         // Queued before the link dropped: never sent, and too old to send after the outage.
-        let (mut lost, mut size) = (0, 0);
-        while let Ok(out) = inbox.outgoing.try_recv() {
-            lost += 1;
-            size += out.size();
-        }
-        link.remote().release(size);
-        link.shared.stats.add(Counter::RedisPublishesLost, lost);
+        link.lose_queued(&mut inbox, false);
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return link.lose_queued(&mut inbox, true),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -831,6 +827,11 @@ impl Link {
                         return "server dropped".into();
                     }
                     while !outgoing.is_empty() {
+                        if shared.links_end.is_cancelled() {
+                            // The rest goes with `publish_last`, within its bound, not each
+                            // pipeline within its own.
+                            break;
+                        }
                         let batch = self.prepare(conn, &mut outgoing);
                         let down = match unless(&mut failed, self.send(conn, &batch)).await {
                             Ok(replies) => self
@@ -876,8 +877,10 @@ impl Link {
         outgoing: &mut Vec<Outgoing>,
     ) {
         // A publish from here on (the application's own, after its stop) is refused as lost,
-        // not queued where nothing would take it.
+        // not queued where nothing would take it: one that found the link up just before is
+        // refused by the closed queue, or is in it, and taken below.
         self.remote().set_connected(false);
+        inbox.outgoing.close();
         while let Ok(out) = inbox.outgoing.try_recv() {
             outgoing.push(out);
         }
@@ -1046,6 +1049,21 @@ impl Link {
             self.refuse(&topic, &e);
         }
         Ok(())
+    }
+
+    /// Count what is queued for Redis as lost and release it: the link dropped, or the server
+    /// stopped (`closed`: nothing is queued after it either).
+    fn lose_queued(&self, inbox: &mut RemoteInbox, closed: bool) {
+        if closed {
+            inbox.outgoing.close();
+        }
+        let (mut lost, mut size) = (0, 0);
+        while let Ok(out) = inbox.outgoing.try_recv() {
+            lost += 1;
+            size += out.size();
+        }
+        self.remote().release(size);
+        self.shared.stats.add(Counter::RedisPublishesLost, lost);
     }
 
     /// Count `batch` lost and release what it holds: taken off the queue for pipelines that

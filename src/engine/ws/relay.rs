@@ -36,6 +36,8 @@ use crate::engine::config::RelayPaths;
 /// behind (or stuck) must not make this process hold an unbounded backlog.
 const OUTLET_LIMIT: usize = 64 * 1024 * 1024;
 const HEADER: usize = 9;
+/// The one byte a worker writes to a sibling's relay socket, as its link ends at its stop.
+const BYE: u8 = 0xB7;
 /// A write buffer larger than this (a burst's, a stall's) is given back once written; one of
 /// this size or less is reused, as a steady stream of publishes needs.
 const KEPT_CAPACITY: usize = 1024 * 1024;
@@ -76,11 +78,15 @@ pub struct Relay {
     outlets: Mutex<Vec<Arc<Outlet>>>,
     /// Siblings we receive from (our connections to them are up).
     receiving: AtomicUsize,
+    /// Siblings that said they stopped (`BYE`) as their link ended, not yet linked again: they
+    /// had no client left, so they miss nothing (the whole run stopping, or one worker stopped
+    /// alone, whose replacement accepts clients only once linked).
+    departed: AtomicUsize,
     /// A link came up (an outlet or a connection of ours): `linked` looks again.
     links_changed: Notify,
     /// Publishes a sibling missed, once per sibling that missed each (`relay_publishes_lost`):
     /// not written to it because they would have passed `OUTLET_LIMIT`, or made while it had no
-    /// link to us (down, restarting, not yet connected).
+    /// link to us (died, restarting, not yet connected; not `departed`).
     dropped: AtomicU64,
 }
 
@@ -106,7 +112,8 @@ impl Relay {
         // counted so: a worker's crash, or the moment a restarted one took to link, left no
         // trace but in the supervisor's log. (A sibling that restarted may briefly have two
         // outlets, the old one's end not yet seen: it is not counted as missing then.)
-        let missing = self.siblings.saturating_sub(outlets.len());
+        let linked_or_departed = outlets.len() + self.departed.load(Ordering::Acquire);
+        let missing = self.siblings.saturating_sub(linked_or_departed);
         if missing > 0 {
             self.dropped.fetch_add(missing as u64, Ordering::Relaxed);
         }
@@ -217,7 +224,16 @@ async fn accept_siblings(listener: UnixListener, path: PathBuf, shared: Arc<Shar
                     let pid = stream.peer_cred().ok().and_then(|cred| cred.pid()).unwrap_or(0);
                     let outlet = Arc::new(Outlet { pending: Mutex::default(), ready: Notify::new(), pid });
                     let relay = relay_of(&shared);
-                    relay.outlets.lock().push(outlet.clone());
+                    {
+                        let mut outlets = relay.outlets.lock();
+                        // A sibling that departed and came back, most likely.
+                        let _ = relay.departed.fetch_update(
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                            |n| n.checked_sub(1),
+                        );
+                        outlets.push(outlet.clone());
+                    }
                     relay.links_changed.notify_waiters();
                     shared.link_tracker.spawn(feed(stream, outlet, shared.clone()));
                 }
@@ -242,12 +258,17 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
     };
     tokio::pin!(given_up);
     let mut ending = false;
+    // The sibling said it stopped (`BYE`) before its link closed.
+    let mut departed = false;
     loop {
         if !ending {
             tokio::select! {
                 _ = shared.links_end.cancelled() => ending = true,
-                // A sibling never writes: readable means it closed (died or stopped).
-                _ = reader.read(&mut probe) => break,
+                // A sibling never writes but `BYE`: readable means it closed (died or stopped).
+                read = reader.read(&mut probe) => {
+                    departed = matches!(read, Ok(1)) && probe[0] == BYE;
+                    break;
+                }
                 _ = outlet.ready.notified() => {}
             }
         }
@@ -267,7 +288,10 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
         // stopped, the stop that waits for this task, for as long as it stays so.
         let written = tokio::select! {
             _ = &mut given_up => break,
-            _ = reader.read(&mut probe) => break,
+            read = reader.read(&mut probe) => {
+                departed = matches!(read, Ok(1)) && probe[0] == BYE;
+                break;
+            }
             written = writer.write_all(&chunk) => written,
         };
         if written.is_err() {
@@ -287,10 +311,12 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
         pending.in_flight = 0;
         pending.dropping = false;
     }
-    relay_of(&shared)
-        .outlets
-        .lock()
-        .retain(|o| !Arc::ptr_eq(o, &outlet));
+    let relay = relay_of(&shared);
+    let mut outlets = relay.outlets.lock();
+    if departed {
+        relay.departed.fetch_add(1, Ordering::AcqRel);
+    }
+    outlets.retain(|o| !Arc::ptr_eq(o, &outlet));
 }
 
 /// Receive one sibling's publishes, reconnecting whenever it goes away, until we stop.
@@ -302,17 +328,22 @@ async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
             connected = UnixStream::connect(&path) => connected,
         };
         match connected {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 retry = FIRST_RETRY;
                 let relay = relay_of(&shared);
                 relay.receiving.fetch_add(1, Ordering::AcqRel);
                 relay.links_changed.notify_waiters();
                 let stopped = tokio::select! {
                     _ = shared.links_end.cancelled() => true,
-                    _ = read_publishes(stream, &shared) => false,
+                    _ = read_publishes(&mut stream, &shared) => false,
                 };
                 relay.receiving.fetch_sub(1, Ordering::AcqRel);
                 if stopped {
+                    // Said before the link closes: this worker has no client left, so the
+                    // sibling's publishes from now on miss no one here (`Relay::departed`).
+                    // Never written otherwise, so one byte cannot be mistaken; and a socket
+                    // this side never wrote to has room for it.
+                    let _ = stream.try_write(&[BYE]);
                     return;
                 }
             }
@@ -327,19 +358,23 @@ async fn receive_from(path: PathBuf, shared: Arc<Shared>) {
     }
 }
 
-async fn read_publishes(mut stream: UnixStream, shared: &Shared) {
+async fn read_publishes(stream: &mut UnixStream, shared: &Shared) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         match stream.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        // Looked at before the publishes are taken: taking them moves the buffer's start on,
+        // and its capacity shrinks with what is left after it.
+        let grown = buf.capacity() > KEPT_CAPACITY;
         while let Some((topic, frame, compress)) = next_publish(&mut buf) {
             let len = frame.payload().len();
             shared.publish_local(&topic, frame, len, None, compress);
         }
-        if buf.is_empty() && buf.capacity() > KEPT_CAPACITY {
-            // Grown for one large publish: not kept for the link's life.
+        if grown && buf.is_empty() {
+            // Grown for one large publish: not kept for the link's life (the next `reserve`
+            // would take the whole allocation back).
             buf = BytesMut::with_capacity(64 * 1024);
         }
     }
@@ -485,6 +520,48 @@ mod tests {
             logged(&shared).is_empty(),
             "counted, not logged: the supervisor says why"
         );
+    }
+
+    #[test]
+    fn a_sibling_that_said_it_stopped_misses_nothing_and_one_that_vanished_is_counted() {
+        let config = ServerConfig {
+            relay: Some(RelayPaths {
+                listen: "/nonexistent/a".into(),
+                peers: vec!["/nonexistent/b".into()],
+            }),
+            ..ServerConfig::default()
+        };
+        let shared = Arc::new(Shared::new(config, None).unwrap());
+        let relay = relay_of(&shared);
+        let frame = OutFrame::new(OP_TEXT, "left".into());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for says_bye in [true, false] {
+            let outlet = outlet_of(relay);
+            runtime.block_on(async {
+                let (ours, mut theirs) = UnixStream::pair().unwrap();
+                let feeding = tokio::spawn(feed(ours, outlet, shared.clone()));
+                if says_bye {
+                    theirs.write_all(&[BYE]).await.unwrap();
+                }
+                drop(theirs);
+                tokio::time::timeout(Duration::from_secs(10), feeding)
+                    .await
+                    .expect("the link's end ends its writer")
+                    .unwrap();
+            });
+            assert!(relay.outlets.lock().is_empty());
+            let before = relay.dropped();
+            relay.forward(&shared, "t", &frame, false);
+            assert_eq!(
+                relay.dropped() - before,
+                u64::from(!says_bye),
+                "BYE said: {says_bye}"
+            );
+            relay.departed.store(0, Ordering::Release);
+        }
     }
 
     #[test]
