@@ -297,9 +297,10 @@ impl Server {
 }
 
 impl Drop for Server {
-    /// Nothing can ask for the links' end any more: they end now, or they would run on for the
-    /// process's life after a stop.
+    /// Nobody can handle its events any more: it stops rather than leak its sockets, and its
+    /// links end, or they would run on for the process's life.
     fn drop(&mut self) {
+        self.stop(true);
         self.end_links();
     }
 }

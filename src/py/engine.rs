@@ -893,14 +893,6 @@ fn new_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
         .unbind())
 }
 
-impl Drop for PyEngine {
-    fn drop(&mut self) {
-        // Nobody can handle this server's events any more: stop it rather than leak its sockets
-        // (its links to other processes end as it drops).
-        self.server.stop(true);
-    }
-}
-
 /// `(EVENT_FAIL, ws, code, reason)`: the loop closes `ws` with them once its earlier handlers
 /// have run. The violation or the client's close came after a large text this loop may have
 /// refused since, whose 1007 then wins (`Conn::refused_text_close`).

@@ -829,8 +829,9 @@ impl Link {
                     while !outgoing.is_empty() {
                         if shared.links_end.is_cancelled() {
                             // The rest goes with `publish_last`, within its bound, not each
-                            // pipeline within its own.
-                            break;
+                            // pipeline within its own (and is counted, whatever happens).
+                            self.publish_last(conn, inbox, &mut outgoing).await;
+                            return "server stopped".into();
                         }
                         let batch = self.prepare(conn, &mut outgoing);
                         let down = match unless(&mut failed, self.send(conn, &batch)).await {

@@ -178,10 +178,15 @@ impl Remote {
                 opcode,
                 payload,
             };
-            if self.outgoing.try_send(out).is_ok() {
-                return Ok(());
+            match self.outgoing.try_send(out) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The server stopped as this publish found the link up (`publish_last`).
+                    self.queued.release(size);
+                    return Err(Lost::Down);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => self.queued.release(size),
             }
-            self.queued.release(size);
         }
         Err(Lost::Full {
             first: self.queued.lost(),
