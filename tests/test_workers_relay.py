@@ -60,6 +60,18 @@ async def client_on(port: int) -> tuple[ClientConnection, int]:
     return ws, int(greeting[4:])
 
 
+async def one_client_per_worker(port: int, pids: set[int]) -> dict[int, ClientConnection]:
+    """One client on each worker, by pid; the others it took to reach them closed (any other
+    would be one more subscriber to feed)."""
+    mine: dict[int, ClientConnection] = {}
+    for ws, pid in await clients_covering(port, pids, 2, client_on):
+        if pid in mine:
+            await ws.close()
+        else:
+            mine[pid] = ws
+    return mine
+
+
 async def stats(ws: ClientConnection) -> dict[str, Any]:
     """The worker's stats: ``ws`` must have nothing else to read."""
     await ws.send("stats")
@@ -70,14 +82,7 @@ async def stats(ws: ClientConnection) -> dict[str, Any]:
 
 
 async def test_publishes_a_sibling_misses_are_counted_and_logged_once_per_stall(sup: Supervisor) -> None:
-    clients = await clients_covering(sup.port, sup.pids, 2, client_on)
-    # One socket per worker: any other would be one more subscriber to feed.
-    mine: dict[int, ClientConnection] = {}
-    for ws, pid in clients:
-        if pid in mine:
-            await ws.close()
-        else:
-            mine[pid] = ws
+    mine = await one_client_per_worker(sup.port, sup.pids)
     (pa, a), (pb, b) = sorted(mine.items())
     assert (await stats(a))["relay_publishes_lost"] == 0
 
@@ -128,13 +133,7 @@ async def test_a_restarted_worker_accepts_once_linked_so_its_first_clients_publi
     lands on it and publishes at once reaches the siblings' subscribers. Before, the kernel
     handed it clients as soon as it listened, and what they published before the links came up
     reached no sibling, and was not counted."""
-    clients = await clients_covering(sup.port, sup.pids, 2, client_on)
-    mine: dict[int, ClientConnection] = {}
-    for ws, pid in clients:
-        if pid in mine:
-            await ws.close()
-        else:
-            mine[pid] = ws
+    mine = await one_client_per_worker(sup.port, sup.pids)
     (pa, a), (victim, b) = sorted(mine.items())
     await b.close()
     loop = asyncio.get_running_loop()
@@ -172,13 +171,7 @@ async def test_a_relayed_publish_queued_for_a_client_that_does_not_read_holds_on
         [sys.executable, str(APP), "2"], LISTENING, env={"RELAY_APP_BACKPRESSURE": str(2 * MIB)}
     )
     try:
-        clients = await clients_covering(started.port, started.pids, 2, client_on)
-        mine: dict[int, ClientConnection] = {}
-        for ws, pid in clients:
-            if pid in mine:
-                await ws.close()
-            else:
-                mine[pid] = ws
+        mine = await one_client_per_worker(started.port, started.pids)
         (pa, publisher), (pb, probe) = sorted(mine.items())
         slow = None
         for _ in range(60):
