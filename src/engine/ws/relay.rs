@@ -318,10 +318,27 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
     let departed = departed || said_bye(&reader);
     let relay = relay_of(&shared);
     let mut outlets = relay.outlets.lock();
+    outlets.retain(|o| !Arc::ptr_eq(o, &outlet));
     if departed {
         relay.departed.fetch_add(1, Ordering::AcqRel);
+    } else {
+        // What was queued for it and never reached it (a chunk not written whole counts whole):
+        // missed, as what is published once its link is gone is. Nothing is queued for it from
+        // here on: publishes queue under the lock held here, to the outlets left.
+        let unsent = publishes_in(&chunk) + publishes_in(&outlet.pending.lock().bytes);
+        relay.dropped.fetch_add(unsent, Ordering::Relaxed);
     }
-    outlets.retain(|o| !Arc::ptr_eq(o, &outlet));
+}
+
+/// How many publishes `bytes`, in the wire format, holds.
+fn publishes_in(bytes: &[u8]) -> u64 {
+    let (mut at, mut count) = (0, 0);
+    while bytes.len() >= at + HEADER {
+        let len = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        at += HEADER + len(at) + len(at + 4);
+        count += 1;
+    }
+    count
 }
 
 /// Whether `BYE` waits to be read on `reader`: a read that does not wait, whatever tokio last
@@ -581,6 +598,28 @@ mod tests {
                 u64::from(!says_bye),
                 "BYE said: {says_bye}"
             );
+            relay.departed.store(0, Ordering::Release);
+        }
+        // A sibling gone without BYE while publishes wait for it: they are counted as missed.
+        for says_bye in [false, true] {
+            let outlet = outlet_of(relay);
+            // Queued with no writer running: they wait for it.
+            for _ in 0..3 {
+                relay.forward(&shared, "t", &frame, false);
+            }
+            let before = relay.dropped();
+            runtime.block_on(async {
+                let (ours, mut theirs) = UnixStream::pair().unwrap();
+                if says_bye {
+                    theirs.write_all(&[BYE]).await.unwrap();
+                }
+                drop(theirs);
+                tokio::time::timeout(Duration::from_secs(10), feed(ours, outlet, shared.clone()))
+                    .await
+                    .expect("the link's end ends its writer");
+            });
+            let expected = if says_bye { 0 } else { 3 };
+            assert_eq!(relay.dropped() - before, expected, "BYE said: {says_bye}");
             relay.departed.store(0, Ordering::Release);
         }
         // BYE, then the close, while the writer has publishes to write: the write fails as the
