@@ -206,6 +206,23 @@ async def test_run_cancels_an_on_close_still_running_after_the_grace_period(work
     ], err.decode()
 
 
+async def start_demo(
+    *args: str, preexec_fn: Callable[[], None]
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``python -m brioche`` on a free port, and the line it printed first (where it listens)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "brioche", *args, "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=preexec_fn,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+    except BaseException:
+        await kill_if_running(proc)
+        raise
+    return proc, line
+
+
 @pytest.mark.parametrize(("host_args", "on"), [
     (["--host", "127.0.0.1"], ""),
     # The default, 0.0.0.0: the line said only the loopback's URL, which reads as a server no
@@ -215,13 +232,8 @@ async def test_run_cancels_an_on_close_still_running_after_the_grace_period(work
 async def test_demo_module_prints_its_address_and_echoes(host_args: list[str], on: str) -> None:
     # Started with SIGINT ignored, as a shell's background job (and some CI runners) start it:
     # Ctrl+C still stops the demo, which handles the signal itself.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "brioche", *host_args, "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=ignore_sigint,
-    )
+    proc, line = await start_demo(*host_args, preexec_fn=ignore_sigint)
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
         match = re.fullmatch(rf"brioche demo listening on http://127\.0\.0\.1:(\d+)/{on} \(Ctrl\+C to stop\)\n",
                              line)
         assert match, line
@@ -241,13 +253,8 @@ async def test_demo_module_stops_on_sighup_as_on_sigterm() -> None:
     """SIGHUP (the demo's terminal closed) stops the demo gracefully, as it stops ``run()`` and
     ``--workers``: its client gets 1001 and it exits 0. Before, the signal was left to its
     default in one process: the demo died with 129 and its client got 1006."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "brioche", "--host", "127.0.0.1", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=hangup_by_default,
-    )
+    proc, line = await start_demo("--host", "127.0.0.1", preexec_fn=hangup_by_default)
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
         match = re.match(r"brioche demo listening on http://127\.0\.0\.1:(\d+)/ ", line)
         assert match, line
         async with connect(f"ws://127.0.0.1:{match.group(1)}/echo") as client:
