@@ -268,7 +268,7 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
                 _ = shared.links_end.cancelled() => ending = true,
                 // A sibling never writes but `BYE`: readable means it closed (died or stopped).
                 read = reader.read(&mut probe) => {
-                    departed = matches!(read, Ok(1)) && probe[0] == BYE;
+                    departed = is_bye(read, probe);
                     break;
                 }
                 _ = outlet.ready.notified() => {}
@@ -291,7 +291,7 @@ async fn feed(stream: UnixStream, outlet: Arc<Outlet>, shared: Arc<Shared>) {
         let written = tokio::select! {
             _ = &mut given_up => break,
             read = reader.read(&mut probe) => {
-                departed = matches!(read, Ok(1)) && probe[0] == BYE;
+                departed = is_bye(read, probe);
                 break;
             }
             written = writer.write_all(&chunk) => written,
@@ -339,6 +339,11 @@ fn publishes_in(bytes: &[u8]) -> u64 {
         count += 1;
     }
     count
+}
+
+/// Whether the sibling's one read byte was `BYE`.
+fn is_bye(read: io::Result<usize>, byte: [u8; 1]) -> bool {
+    matches!(read, Ok(1)) && byte[0] == BYE
 }
 
 /// Whether `BYE` waits to be read on `reader`: a read that does not wait, whatever tokio last
